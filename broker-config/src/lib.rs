@@ -1,0 +1,204 @@
+//! The JetStream streams and KV buckets of `DESIGN.md`, and the one function
+//! every service calls at start to make the broker match them.
+//!
+//! [`apply`] is idempotent: it creates what is missing, updates what differs
+//! in the settings agentmesh owns, and never deletes a stream, a bucket or a
+//! message.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv, stream};
+use schemas::subjects;
+
+/// Settings that vary between deployments.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
+    /// Replicas of every stream and bucket (1 for one server, 3 for a cluster).
+    pub replicas: usize,
+    /// How long events are kept in every `MESH_*` stream.
+    pub max_age: Duration,
+    /// Window within which a repeated `Nats-Msg-Id` is dropped.
+    pub duplicate_window: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            duplicate_window: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+/// What [`apply`] did to one stream or bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// It did not exist and was created.
+    Created,
+    /// It existed with other settings and was updated.
+    Updated,
+    /// It already matched.
+    Unchanged,
+}
+
+/// Why the broker could not be brought in line.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApplyError {
+    /// A stream could not be read, created or updated.
+    #[error("stream `{stream}`: {source} (is JetStream enabled? start nats-server with `-js`)")]
+    Stream {
+        /// The stream name.
+        stream: String,
+        /// The broker's answer.
+        source: async_nats::Error,
+    },
+    /// A KV bucket could not be read or created.
+    #[error("KV bucket `{bucket}`: {source} (is JetStream enabled? start nats-server with `-js`)")]
+    Bucket {
+        /// The bucket name.
+        bucket: String,
+        /// The broker's answer.
+        source: async_nats::Error,
+    },
+}
+
+/// The stream definitions of `DESIGN.md` for these options.
+pub fn streams(options: &Options) -> Vec<stream::Config> {
+    let def = |name: &str, subject: &str, description: &str| stream::Config {
+        name: name.to_owned(),
+        description: Some(description.to_owned()),
+        subjects: vec![subject.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas,
+        max_age: options.max_age,
+        duplicate_window: options.duplicate_window,
+        discard: stream::DiscardPolicy::Old,
+        ..Default::default()
+    };
+    vec![
+        def(subjects::STREAM_INGRESS, "mesh.ingress.>", "every event agents publish, before policy"),
+        def(subjects::STREAM_DELIVER, "mesh.deliver.>", "approved events, by target and source"),
+        def(subjects::STREAM_DECISION, "mesh.decision.>", "one decision receipt per ingress event"),
+        def(subjects::STREAM_DEAD, "mesh.dead.>", "denied and invalid events with the reason"),
+        def(subjects::STREAM_GPU, "mesh.gpu.lease.>", "GPU lease grants and releases"),
+    ]
+}
+
+/// The KV bucket definitions of `DESIGN.md` for these options.
+pub fn buckets(options: &Options) -> Vec<kv::Config> {
+    vec![
+        kv::Config {
+            bucket: subjects::BUCKET_AGENTS.to_owned(),
+            description: "agent cards, key = agent id".to_owned(),
+            history: 5,
+            num_replicas: options.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        },
+        kv::Config {
+            bucket: subjects::BUCKET_GPU_LEASES.to_owned(),
+            description: "GPU leases, one key per leased GPU".to_owned(),
+            history: 10,
+            num_replicas: options.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        },
+    ]
+}
+
+/// Whether `current` already has every setting agentmesh owns in `wanted`.
+fn matches(current: &stream::Config, wanted: &stream::Config) -> bool {
+    current.subjects == wanted.subjects
+        && current.retention == wanted.retention
+        && current.num_replicas == wanted.num_replicas
+        && current.max_age == wanted.max_age
+        && current.duplicate_window == wanted.duplicate_window
+        && current.discard == wanted.discard
+        && current.description == wanted.description
+}
+
+/// Brings the broker in line with the definitions: creates missing streams
+/// and buckets, updates streams whose owned settings differ (keeping every
+/// other setting and all data), and returns what changed, by name.
+pub async fn apply(
+    js: &jetstream::Context,
+    options: &Options,
+) -> Result<Vec<(String, Change)>, ApplyError> {
+    let mut changes = Vec::new();
+    for wanted in streams(options) {
+        let name = wanted.name.clone();
+        let err = |source: async_nats::Error| ApplyError::Stream {
+            stream: name.clone(),
+            source,
+        };
+        let change = match find_stream(js, &name).await.map_err(|e| err(e.into()))? {
+            Some(mut existing) => {
+                let info = existing.info().await.map_err(|e| err(e.into()))?;
+                if matches(&info.config, &wanted) {
+                    Change::Unchanged
+                } else {
+                    // Keep whatever else an operator set (limits, placement,
+                    // storage, which cannot change in place) and only move
+                    // the settings agentmesh owns.
+                    let updated = stream::Config {
+                        subjects: wanted.subjects.clone(),
+                        retention: wanted.retention,
+                        num_replicas: wanted.num_replicas,
+                        max_age: wanted.max_age,
+                        duplicate_window: wanted.duplicate_window,
+                        discard: wanted.discard,
+                        description: wanted.description.clone(),
+                        ..info.config.clone()
+                    };
+                    js.update_stream(updated).await.map_err(|e| err(e.into()))?;
+                    tracing::info!(stream = %name, "Stream settings updated.");
+                    Change::Updated
+                }
+            }
+            None => {
+                js.create_stream(wanted).await.map_err(|e| err(e.into()))?;
+                tracing::info!(stream = %name, "Stream created.");
+                Change::Created
+            }
+        };
+        changes.push((name, change));
+    }
+    for wanted in buckets(options) {
+        let bucket = wanted.bucket.clone();
+        let err = |source: async_nats::Error| ApplyError::Bucket {
+            bucket: bucket.clone(),
+            source,
+        };
+        let change = match find_stream(js, &format!("KV_{bucket}")).await.map_err(|e| err(e.into()))? {
+            Some(_) => Change::Unchanged,
+            None => {
+                js.create_key_value(wanted).await.map_err(|e| err(e.into()))?;
+                tracing::info!(%bucket, "KV bucket created.");
+                Change::Created
+            }
+        };
+        changes.push((bucket, change));
+    }
+    Ok(changes)
+}
+
+/// The stream called `name`, or `None` when the broker says it does not exist.
+async fn find_stream(
+    js: &jetstream::Context,
+    name: &str,
+) -> Result<Option<stream::Stream>, jetstream::context::GetStreamError> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(Some(stream)),
+        Err(e) => match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                Ok(None)
+            }
+            _ => Err(e),
+        },
+    }
+}

@@ -1,0 +1,32 @@
+//! The agentmesh wire contract: CloudEvents over NATS in both modes of the
+//! CloudEvents NATS binding, the event-type catalogue, validation of mesh
+//! events, W3C `traceparent`, decision receipts and the subject names of
+//! `DESIGN.md`.
+//!
+//! Every service and the SDK speak through this crate, so the contract lives
+//! in one place.
+
+mod agent;
+mod binding;
+mod catalogue;
+mod mesh;
+mod receipt;
+pub mod subjects;
+mod traceparent;
+
+/// Protobuf payloads (prost) for the catalogue types, package `agentmesh.v1`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/agentmesh.v1.rs"));
+}
+
+pub use agent::{AgentId, InvalidAgentId};
+pub use binding::{
+    BindingError, ContentMode, STRUCTURED_CONTENT_TYPE, decode, encode_binary, encode_structured,
+    percent_decode_header, percent_encode_header,
+};
+pub use catalogue::{EventType, TYPE_PREFIX, UnknownEventType};
+pub use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
+pub use mesh::{DEFAULT_MAX_EVENT_BYTES, Invalid, Limits, MeshEvent, ext};
+pub use receipt::{Decision, DecisionReceipt, headers};
+pub use traceparent::{InvalidTraceParent, TraceParent};

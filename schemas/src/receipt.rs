@@ -1,0 +1,98 @@
+//! Decisions and the decision receipt published on `mesh.decision.<source>`.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The outcome for one ingress event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decision {
+    /// Policy permits it; routed when it has a `target`.
+    Allow,
+    /// Policy forbids it, or evaluation failed (fail closed).
+    Deny,
+    /// Not a well-formed mesh event.
+    Invalid,
+}
+
+impl Decision {
+    /// `allow`, `deny` or `invalid`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The receipt for one ingress event (JSON, contract fields first).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionReceipt {
+    /// The id of the decided event (empty when the event had none).
+    pub event_id: String,
+    /// The workflow's trace id, 32 hex characters.
+    pub trace_id: String,
+    /// `allow`, `deny` or `invalid`.
+    pub decision: Decision,
+    /// Ids of the policies that determined the decision.
+    pub reasons: Vec<String>,
+    /// Evaluation or validation errors.
+    pub errors: Vec<String>,
+    /// Hash of the policy set that decided.
+    pub policy_hash: String,
+    /// Unique id of this decision.
+    #[serde(default)]
+    pub decision_id: String,
+    /// The publishing agent (the ingress subject's agent token).
+    #[serde(default)]
+    pub agent: String,
+    /// The event's `type`.
+    #[serde(default, rename = "type")]
+    pub event_type: String,
+    /// The event's `target`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The event's `subject` (the tool of a tool call), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// The event's `causationid`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    /// Whether the trace id was derived because the event had no `traceparent`.
+    #[serde(default)]
+    pub trace_derived: bool,
+    /// When the decision was made (RFC 3339, UTC, microseconds).
+    #[serde(default)]
+    pub decided_at: String,
+    /// Time spent deciding, in microseconds.
+    #[serde(default)]
+    pub eval_micros: u64,
+    /// The ingress subject the event arrived on.
+    #[serde(default)]
+    pub ingress_subject: String,
+}
+
+/// Headers the mesh adds to delivered and dead-lettered events.
+pub mod headers {
+    /// The decision id, on deliveries and dead letters.
+    pub const DECISION_ID: &str = "Mesh-Decision-Id";
+    /// The hash of the policy set that decided.
+    pub const POLICY_HASH: &str = "Mesh-Policy-Hash";
+    /// The workflow's trace id (useful when the event had no `traceparent`).
+    pub const TRACE_ID: &str = "Mesh-Trace-Id";
+    /// `deny` or `invalid`, on dead letters.
+    pub const DECISION: &str = "Mesh-Decision";
+    /// Why, on dead letters (percent-encoded like `ce-*` values).
+    pub const REASON: &str = "Mesh-Reason";
+    /// Comma-separated ids of the determining policies, on dead letters.
+    pub const POLICIES: &str = "Mesh-Policies";
+    /// The ingress subject, on dead letters.
+    pub const INGRESS_SUBJECT: &str = "Mesh-Ingress-Subject";
+}

@@ -1,0 +1,76 @@
+//! Subject and stream names of `DESIGN.md` (contract).
+
+/// Stream of every ingress event: `mesh.ingress.>`.
+pub const STREAM_INGRESS: &str = "MESH_INGRESS";
+/// Stream of approved, routed events: `mesh.deliver.>`.
+pub const STREAM_DELIVER: &str = "MESH_DELIVER";
+/// Stream of decision receipts: `mesh.decision.>`.
+pub const STREAM_DECISION: &str = "MESH_DECISION";
+/// Stream of denied and invalid events: `mesh.dead.>`.
+pub const STREAM_DEAD: &str = "MESH_DEAD";
+/// Stream of GPU lease events: `mesh.gpu.lease.>`.
+pub const STREAM_GPU: &str = "MESH_GPU";
+/// KV bucket of agent cards, key = agent id.
+pub const BUCKET_AGENTS: &str = "mesh-agents";
+/// KV bucket of GPU leases, one key per leased GPU.
+pub const BUCKET_GPU_LEASES: &str = "mesh-gpu-leases";
+
+/// Subject an agent publishes a step on: `mesh.ingress.<agent>.<step>`.
+pub fn ingress(agent: &str, step: &str) -> String {
+    format!("mesh.ingress.{agent}.{step}")
+}
+
+/// Subject of an approved event for `target`: `mesh.deliver.<target>.<source>`.
+pub fn deliver(target: &str, source: &str) -> String {
+    format!("mesh.deliver.{target}.{source}")
+}
+
+/// Subject of the decision receipts for `source`: `mesh.decision.<source>`.
+pub fn decision(source: &str) -> String {
+    format!("mesh.decision.{source}")
+}
+
+/// Subject of dead letters from `source`: `mesh.dead.<source>`.
+pub fn dead(source: &str) -> String {
+    format!("mesh.dead.{source}")
+}
+
+/// Subject of GPU lease events for `pool`: `mesh.gpu.lease.<pool>`.
+pub fn gpu_lease(pool: &str) -> String {
+    format!("mesh.gpu.lease.{pool}")
+}
+
+/// The parts of an ingress subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngressSubject<'a> {
+    /// The agent token (not yet validated as an agent id).
+    pub agent: &'a str,
+    /// The step token(s) after the agent; empty when the subject has none.
+    pub step: &'a str,
+}
+
+/// Splits `mesh.ingress.<agent>.<step...>`; `None` for any other subject.
+pub fn parse_ingress(subject: &str) -> Option<IngressSubject<'_>> {
+    let rest = subject.strip_prefix("mesh.ingress.")?;
+    let (agent, step) = rest.split_once('.').unwrap_or((rest, ""));
+    (!agent.is_empty()).then_some(IngressSubject { agent, step })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingress_parts() {
+        assert_eq!(
+            parse_ingress("mesh.ingress.coder.tool_call"),
+            Some(IngressSubject { agent: "coder", step: "tool_call" })
+        );
+        assert_eq!(
+            parse_ingress("mesh.ingress.coder"),
+            Some(IngressSubject { agent: "coder", step: "" })
+        );
+        assert_eq!(parse_ingress("mesh.deliver.coder.x"), None);
+        assert_eq!(deliver("coder", "planner"), "mesh.deliver.coder.planner");
+    }
+}
