@@ -103,6 +103,23 @@ pub struct Verdict {
     pub errors: Vec<String>,
 }
 
+/// `n` synthetic policies over the shipped schema, for benchmarks: each
+/// names one principal and one action (a tenth of them forbids), the shape
+/// large policy sets tend to have.
+pub fn generated_policies(n: usize) -> String {
+    let actions = ["message", "task.handoff", "tool.result", "output", "reasoning"];
+    let mut text = String::new();
+    for i in 0..n {
+        let action = actions[i % actions.len()];
+        let effect = if i % 10 == 0 { "forbid" } else { "permit" };
+        text.push_str(&format!(
+            "@id(\"generated-{i}\")\n{effect} (principal == Agent::\"generated-agent-{i}\", action == Action::\"io.agentmesh.{action}\", resource in Role::\"member\")\nwhen {{ context.size < {} && context.step != \"never-{i}\" }};\n",
+            1_000 + i
+        ));
+    }
+    text
+}
+
 /// 1-based line and column of a byte offset in `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
