@@ -1,1 +1,82 @@
-//! placeholder
+//! Write an agentmesh agent in twenty lines.
+//!
+//! An [`Agent`] is a NATS connection under an agent id. It publishes the
+//! steps of a [`Workflow`] (prompt, reasoning, action, observation, memory
+//! update, output, handoffs, messages, tool calls) as CloudEvents on
+//! `mesh.ingress.<agent>.<step>`, with `source`, `traceparent` and
+//! `causationid` set; the policy worker decides on each and routes the
+//! approved ones. It receives what the mesh routes to it from its own
+//! durable consumer ([`Agent::deliveries`]), serves tools registered on its
+//! [`AgentBuilder`], and describes itself with an [`AgentCard`] in the
+//! `mesh-agents` bucket, where others find it ([`Directory`]).
+//!
+//! Everything here is the raw contract of `DESIGN.md` underneath: agents
+//! written with any NATS client interoperate with agents written with this.
+//!
+//! A tool-serving agent:
+//!
+//! ```no_run
+//! use agents_sdk::{Agent, ToolCall, ToolError, ToolSpec};
+//! use serde_json::json;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let agent = Agent::builder("coder")
+//!         .description("Counts words")
+//!         .tool(
+//!             ToolSpec::new("text.count_words")
+//!                 .input_schema(json!({"type": "object", "properties": {"text": {"type": "string"}}})),
+//!             |call: ToolCall| async move {
+//!                 let text: String = call.arg("text")?;
+//!                 Ok::<_, ToolError>(json!({"words": text.split_whitespace().count()}))
+//!             },
+//!         )
+//!         .connect("nats://127.0.0.1:4222")
+//!         .await?;
+//!     agent.serve(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! And its caller:
+//!
+//! ```no_run
+//! use agents_sdk::Agent;
+//! use serde_json::json;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let agent = Agent::connect("planner", "nats://127.0.0.1:4222").await?;
+//!     let wf = agent.workflow();
+//!     wf.prompt("How long is this sentence?").await?;
+//!     let count = wf.call_tool("text.count_words", json!({"text": "How long is this sentence?"})).await?;
+//!     wf.output(format!("{count}")).await?;
+//!     println!("meshctl trace {}", wf.trace_id());
+//!     Ok(())
+//! }
+//! ```
+
+mod agent;
+mod call;
+mod card;
+mod delivery;
+mod error;
+pub mod payload;
+mod tools;
+mod workflow;
+
+pub use agent::{
+    Agent, AgentBuilder, DEFAULT_ACK_WAIT, DEFAULT_CALL_TIMEOUT, Published, consumer_name,
+};
+pub use call::{DecisionWait, Request, ToolCallRequest};
+pub use card::{AgentCard, CardChange, CardWatch, Directory, Skill, ToolSpec};
+pub use delivery::{Deliveries, Delivery, Received};
+pub use error::{
+    BoxError, CallError, CallErrorKind, ConnectError, ConnectErrorKind, DecisionError,
+    DecisionErrorKind, DeliveryError, DeliveryErrorKind, DirectoryError, DirectoryErrorKind, Error,
+    PublishError, PublishErrorKind,
+};
+pub use tools::{ToolCall, ToolError};
+pub use workflow::{BoxFuture, Step, Workflow, step_token};
+
+pub use schemas::{AgentId, Decision, DecisionReceipt, EventType, TraceParent};
