@@ -43,7 +43,6 @@ pub(crate) struct Settings {
     pub(crate) max_deliver: i64,
     pub(crate) nak_delay: Duration,
     pub(crate) call_timeout: Duration,
-    pub(crate) prefetch: usize,
     pub(crate) max_concurrent_tools: usize,
     pub(crate) shutdown_grace: Duration,
 }
@@ -55,7 +54,6 @@ impl Default for Settings {
             max_deliver: -1,
             nak_delay: Duration::from_secs(1),
             call_timeout: DEFAULT_CALL_TIMEOUT,
-            prefetch: 8,
             max_concurrent_tools: 16,
             shutdown_grace: Duration::from_secs(10),
         }
@@ -230,13 +228,6 @@ impl AgentBuilder {
     /// The default timeout of tool calls and requests (default 30 s).
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.settings.call_timeout = timeout;
-        self
-    }
-
-    /// How many deliveries are pulled ahead of the one being handled
-    /// (default 8).
-    pub fn prefetch(mut self, prefetch: usize) -> Self {
-        self.settings.prefetch = prefetch.max(1);
         self
     }
 

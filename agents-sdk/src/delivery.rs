@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::pull::Batch;
 use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, Stream, StreamExt};
 use schemas::{AgentId, AttributesReader, Event, EventType, Invalid, MeshEvent, TraceParent};
@@ -304,6 +305,42 @@ fn tool_arguments(call: &Received) -> Value {
     }
 }
 
+/// Ticks every half ack wait: when to tell JetStream a delivery is still
+/// being worked on.
+fn keepalive_timer(ack_wait: Duration) -> tokio::time::Interval {
+    tokio::time::interval((ack_wait / 2).max(Duration::from_millis(100)))
+}
+
+/// Restarts `message`'s ack wait.
+async fn progress(message: &jetstream::Message) {
+    if let Err(e) = message.ack_with(AckKind::Progress).await {
+        tracing::debug!(error = %e, "Could not extend the ack wait of a delivery being worked on.");
+    }
+}
+
+/// Runs `work`, keeping `message` from being delivered again meanwhile.
+async fn with_keepalive<T>(
+    message: &jetstream::Message,
+    ack_wait: Duration,
+    work: impl Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    let mut keepalive = keepalive_timer(ack_wait);
+    // The first tick is immediate; the delivery was just received.
+    keepalive.tick().await;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = keepalive.tick() => progress(message).await,
+        }
+    }
+}
+
+/// How long one pull for the next delivery waits at the server.
+const PULL_EXPIRES: Duration = Duration::from_secs(10);
+/// How long the delivery stream waits after a failed pull.
+const PULL_RETRY: Duration = Duration::from_secs(1);
+
 /// The stream of [`Agent::deliveries`].
 pub struct Deliveries {
     inner: Pin<Box<dyn Stream<Item = Result<Delivery, DeliveryError>> + Send>>,
@@ -332,38 +369,60 @@ impl Agent {
     /// SDK while the stream is polled (concurrently, up to
     /// `max_concurrent_tools`); answers to this process's own calls and
     /// requests are consumed by those. Everything else is yielded, to be
-    /// acknowledged by the caller. Errors are transient: the stream goes on.
+    /// acknowledged by the caller within the ack wait (or kept alive with
+    /// [`Delivery::in_progress`]). Errors are transient: the stream goes on.
     pub async fn deliveries(&self) -> Result<Deliveries, DeliveryError> {
-        let messages = self
-            .inner
-            .consumer
-            .stream()
-            .max_messages_per_batch(self.inner.settings.prefetch)
-            .messages()
-            .await
-            .map_err(|e| {
-                DeliveryError::with_source(
-                    DeliveryErrorKind::Pull(self.inner.consumer_name.clone()),
-                    e,
-                )
-            })?;
+        // One message is pulled only when the previous one has been routed:
+        // a message buffered behind a slow handler would sit out its ack
+        // wait and be delivered again, so nothing is fetched ahead.
         let stream = futures::stream::unfold(
-            (self.clone(), messages),
-            |(agent, mut messages)| async move {
+            (self.clone(), None::<Batch>, false),
+            |(agent, mut batch, mut failing)| async move {
                 loop {
-                    let message = match messages.next().await? {
-                        Ok(message) => message,
-                        Err(e) => {
+                    if failing {
+                        // The broker is away: do not spin.
+                        tokio::time::sleep(PULL_RETRY).await;
+                        failing = false;
+                    }
+                    let pending = match batch.as_mut() {
+                        Some(pending) => pending,
+                        None => match agent
+                            .inner
+                            .consumer
+                            .batch()
+                            .max_messages(1)
+                            .expires(PULL_EXPIRES)
+                            .messages()
+                            .await
+                        {
+                            Ok(pending) => batch.insert(pending),
+                            Err(e) => {
+                                let err = DeliveryError::with_source(
+                                    DeliveryErrorKind::Pull(agent.inner.consumer_name.clone()),
+                                    e,
+                                );
+                                return Some((Err(err), (agent, None, true)));
+                            }
+                        },
+                    };
+                    let message = match pending.next().await {
+                        // The pull expired empty: ask again.
+                        None => {
+                            batch = None;
+                            continue;
+                        }
+                        Some(Err(e)) => {
                             let err = DeliveryError::with_source(
                                 DeliveryErrorKind::Pull(agent.inner.consumer_name.clone()),
                                 e,
                             );
-                            return Some((Err(err), (agent, messages)));
+                            return Some((Err(err), (agent, None, true)));
                         }
+                        Some(Ok(message)) => message,
                     };
-                    match agent.route(message).await {
-                        Routed::Yield(delivery) => return Some((Ok(*delivery), (agent, messages))),
-                        Routed::Handled => {}
+                    batch = None;
+                    if let Routed::Yield(delivery) = agent.route(message).await {
+                        return Some((Ok(*delivery), (agent, None, false)));
                     }
                 }
             },
@@ -435,20 +494,7 @@ impl Agent {
                 tool: tool.clone(),
             };
             let run = std::panic::AssertUnwindSafe(handler.call(call)).catch_unwind();
-            tokio::pin!(run);
-            // Keep the call from being redelivered while a slow tool works.
-            let mut keepalive = tokio::time::interval((agent.inner.settings.ack_wait / 2).max(Duration::from_millis(100)));
-            keepalive.tick().await;
-            let result = loop {
-                tokio::select! {
-                    result = &mut run => break result,
-                    _ = keepalive.tick() => {
-                        if let Err(e) = message.ack_with(AckKind::Progress).await {
-                            tracing::debug!(error = %e, "Could not extend the ack wait of a running tool call.");
-                        }
-                    }
-                }
-            };
+            let result = with_keepalive(&message, agent.inner.settings.ack_wait, run).await;
             let result = result.unwrap_or_else(|_| Err(ToolError::new(format!("tool `{tool}` panicked"))));
             if let Err(e) = &result {
                 tracing::debug!(%tool, caller = %received.sender(), error = %e, "Tool failed.");
@@ -511,7 +557,10 @@ impl Agent {
     /// Handles every delivery with `handler` until `shutdown` completes:
     /// acknowledged when it returns `Ok` (unless it settled the delivery
     /// itself), delivered again after the nak delay when it returns `Err`.
-    /// Registered tools are served meanwhile.
+    /// Deliveries are handled one at a time, in order. While the handler
+    /// runs, the delivery's ack wait is extended, so a slow handler (a model
+    /// call) is not raced by a redelivery, and registered tools go on being
+    /// served.
     ///
     /// ```no_run
     /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
@@ -540,32 +589,70 @@ impl Agent {
     {
         let mut deliveries = self.deliveries().await?;
         tokio::pin!(shutdown);
+        // A delivery pulled while the handler was busy with another.
+        let mut waiting: Option<Delivery> = None;
+        let mut ended = false;
         loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                next = deliveries.next() => match next {
-                    None => break,
-                    Some(Err(e)) => tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself."),
-                    Some(Ok(delivery)) => {
-                        let id = delivery.id().to_owned();
-                        let message = delivery.message.clone();
-                        let acked = delivery.acked.clone();
-                        let outcome = handler(delivery).await;
-                        if acked.load(Ordering::SeqCst) {
+            if (&mut shutdown).now_or_never().is_some() {
+                break;
+            }
+            let delivery = match waiting.take() {
+                Some(delivery) => delivery,
+                None if ended => {
+                    return Err(DeliveryErrorKind::Pull(self.inner.consumer_name.clone()).into());
+                }
+                None => tokio::select! {
+                    () = &mut shutdown => break,
+                    next = deliveries.next() => match next {
+                        None => {
+                            ended = true;
                             continue;
                         }
-                        let kind = match &outcome {
-                            Ok(()) => AckKind::Ack,
-                            Err(e) => {
-                                tracing::warn!(%id, error = %e, "Handler failed; the delivery will be delivered again.");
-                                AckKind::Nak(Some(self.inner.settings.nak_delay))
-                            }
-                        };
-                        if let Err(e) = message.ack_with(kind).await {
-                            tracing::warn!(%id, error = %e, "Could not settle the delivery.");
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself.");
+                            continue;
+                        }
+                        Some(Ok(delivery)) => delivery,
+                    },
+                },
+            };
+            let id = delivery.id().to_owned();
+            let message = delivery.message.clone();
+            let acked = delivery.acked.clone();
+            let work = handler(delivery);
+            tokio::pin!(work);
+            let mut keepalive = keepalive_timer(self.inner.settings.ack_wait);
+            keepalive.tick().await;
+            // Keep polling while the handler works, so tool calls are served
+            // meanwhile; hold (and keep alive) the next other delivery.
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut work => break outcome,
+                    _ = keepalive.tick() => {
+                        progress(&message).await;
+                        if let Some(next) = &waiting {
+                            progress(&next.message).await;
                         }
                     }
-                },
+                    next = deliveries.next(), if waiting.is_none() && !ended => match next {
+                        None => ended = true,
+                        Some(Err(e)) => tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself."),
+                        Some(Ok(next)) => waiting = Some(next),
+                    },
+                }
+            };
+            if acked.load(Ordering::SeqCst) {
+                continue;
+            }
+            let kind = match &outcome {
+                Ok(()) => AckKind::Ack,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "Handler failed; the delivery will be delivered again.");
+                    AckKind::Nak(Some(self.inner.settings.nak_delay))
+                }
+            };
+            if let Err(e) = message.ack_with(kind).await {
+                tracing::warn!(%id, error = %e, "Could not settle the delivery.");
             }
         }
         drop(deliveries);
