@@ -63,7 +63,7 @@ impl Default for Settings {
 /// Configures and connects an [`Agent`].
 ///
 /// ```no_run
-/// use agents_sdk::{Agent, Skill, ToolCall, ToolError, ToolSpec};
+/// use agents_sdk::{Agent, Skill, ToolCall, ToolSpec};
 /// use serde_json::json;
 /// use std::time::Duration;
 ///
@@ -73,7 +73,7 @@ impl Default for Settings {
 ///     .skill(Skill::new("rust", "Rust programming").tag("code"))
 ///     .tool(ToolSpec::new("repo.read"), |call: ToolCall| async move {
 ///         let path: String = call.arg("path")?;
-///         Ok::<_, ToolError>(json!({ "text": std::fs::read_to_string(path)? }))
+///         Ok(json!({ "text": std::fs::read_to_string(path)? }))
 ///     })
 ///     .credentials_file("/etc/agentmesh/coder.creds")
 ///     .ack_wait(Duration::from_secs(60))
@@ -497,6 +497,18 @@ impl Agent {
 
     /// Continues an existing trace; the next step follows `after` (an event
     /// id) when given, else it is a root step.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
+    /// // A trace started elsewhere, e.g. by an HTTP front end.
+    /// let trace: agents_sdk::TraceParent =
+    ///     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse()?;
+    /// let wf = agent.continue_trace(trace, None);
+    /// wf.prompt("from the web form").await?;
+    /// assert_eq!(wf.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn continue_trace(&self, trace: TraceParent, after: Option<String>) -> Workflow {
         Workflow::new(self.clone(), trace, after)
     }

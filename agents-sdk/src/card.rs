@@ -315,6 +315,22 @@ impl Directory {
     }
 
     /// Every current card, then every change as it happens.
+    ///
+    /// ```no_run
+    /// # async fn demo(directory: agents_sdk::Directory) -> Result<(), Box<dyn std::error::Error>> {
+    /// use agents_sdk::CardChange;
+    /// use futures::StreamExt;
+    ///
+    /// let mut changes = directory.watch().await?;
+    /// while let Some(change) = changes.next().await {
+    ///     match change? {
+    ///         CardChange::Registered(card) => println!("{} serves {:?}", card.id, card.tools),
+    ///         CardChange::Removed(id) => println!("{id} is gone"),
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn watch(&self) -> Result<CardWatch, DirectoryError> {
         let watch = self
             .kv

@@ -523,11 +523,11 @@ impl Agent {
     ///
     /// ```no_run
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    /// use agents_sdk::{Agent, ToolCall, ToolError, ToolSpec};
+    /// use agents_sdk::{Agent, ToolCall, ToolSpec};
     ///
     /// let agent = Agent::builder("clock")
     ///     .tool(ToolSpec::new("clock.now"), |_call: ToolCall| async move {
-    ///         Ok::<_, ToolError>(std::time::SystemTime::now()
+    ///         Ok(std::time::SystemTime::now()
     ///             .duration_since(std::time::UNIX_EPOCH)?
     ///             .as_secs())
     ///     })

@@ -13,22 +13,25 @@
 //! Everything here is the raw contract of `DESIGN.md` underneath: agents
 //! written with any NATS client interoperate with agents written with this.
 //!
-//! A tool-serving agent:
+//! A tool-serving agent (`coder` and `code.search` are registered in the
+//! shipped example policies; see `docs/sdk.md` for your own):
 //!
 //! ```no_run
-//! use agents_sdk::{Agent, ToolCall, ToolError, ToolSpec};
+//! use agents_sdk::{Agent, ToolCall, ToolSpec};
 //! use serde_json::json;
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let agent = Agent::builder("coder")
-//!         .description("Counts words")
+//!         .description("Searches the README")
 //!         .tool(
-//!             ToolSpec::new("text.count_words")
-//!                 .input_schema(json!({"type": "object", "properties": {"text": {"type": "string"}}})),
+//!             ToolSpec::new("code.search")
+//!                 .input_schema(json!({"type": "object", "properties": {"query": {"type": "string"}}})),
 //!             |call: ToolCall| async move {
-//!                 let text: String = call.arg("text")?;
-//!                 Ok::<_, ToolError>(json!({"words": text.split_whitespace().count()}))
+//!                 let query: String = call.arg("query")?;
+//!                 let text = std::fs::read_to_string("README.md")?;
+//!                 let lines: Vec<&str> = text.lines().filter(|l| l.contains(&query)).collect();
+//!                 Ok(json!({ "matches": lines }))
 //!             },
 //!         )
 //!         .connect("nats://127.0.0.1:4222")
@@ -48,9 +51,9 @@
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let agent = Agent::connect("planner", "nats://127.0.0.1:4222").await?;
 //!     let wf = agent.workflow();
-//!     wf.prompt("How long is this sentence?").await?;
-//!     let count = wf.call_tool("text.count_words", json!({"text": "How long is this sentence?"})).await?;
-//!     wf.output(format!("{count}")).await?;
+//!     wf.prompt("Where does the README talk about NATS?").await?;
+//!     let found = wf.call_tool("code.search", json!({"query": "NATS"})).await?;
+//!     wf.output(found.to_string()).await?;
 //!     println!("meshctl trace {}", wf.trace_id());
 //!     Ok(())
 //! }
@@ -80,3 +83,9 @@ pub use tools::{ToolCall, ToolError};
 pub use workflow::{BoxFuture, Step, Workflow, step_token};
 
 pub use schemas::{AgentId, Decision, DecisionReceipt, EventType, TraceParent};
+
+/// The guide `docs/sdk.md` ("Write an agent"), compiled with the doctests so
+/// its code keeps working.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/sdk.md")]
+pub struct WriteAnAgent;

@@ -13,6 +13,34 @@ use crate::delivery::Received;
 use crate::workflow::{BoxFuture, Workflow};
 
 /// One `tool.call` delivered to this agent, as its handler sees it.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use agents_sdk::{Agent, ToolCall, ToolError, ToolSpec};
+/// use serde::Deserialize;
+/// use serde_json::json;
+///
+/// #[derive(Deserialize)]
+/// struct Args {
+///     suite: String,
+/// }
+///
+/// let agent = Agent::builder("coder")
+///     .tool(ToolSpec::new("tests.run"), |call: ToolCall| async move {
+///         let args: Args = call.args()?;
+///         if args.suite.is_empty() {
+///             return Err(ToolError::new("`suite` is empty"));
+///         }
+///         // Steps recorded here join the caller's trace, after the call.
+///         call.workflow().reasoning(format!("{} asked for {}", call.caller(), args.suite)).await?;
+///         Ok(json!({"suite": args.suite, "passed": true}))
+///     })
+///     .connect("nats://127.0.0.1:4222")
+///     .await?;
+/// # let _ = agent;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct ToolCall {
     pub(crate) agent: Agent,

@@ -218,6 +218,18 @@ impl Workflow {
     /// Sends `body` to agent `target` as an `io.agentmesh.message` and waits
     /// for the reply (a message from `target` whose `causationid` is the
     /// request's id; see [`Delivery::reply`](crate::Delivery::reply)).
+    ///
+    /// ```no_run
+    /// # async fn demo(wf: agents_sdk::Workflow) -> Result<(), Box<dyn std::error::Error>> {
+    /// use agents_sdk::payload;
+    /// use serde_json::json;
+    ///
+    /// let reply = wf.request("reviewer", json!({"diff": "+ fn parse() {}"})).await?;
+    /// let answer: payload::Message = reply.json()?;
+    /// println!("{} says {}", reply.sender(), answer.body);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn request(&self, target: impl Into<String>, body: impl Serialize) -> Request {
         Request::new(self.message(target, body))
     }
@@ -236,6 +248,23 @@ enum Causation {
 
 /// One step to publish; await it (or call [`publish`](Step::publish)) to
 /// send it. Until then it can be refined.
+///
+/// ```no_run
+/// # async fn demo(wf: agents_sdk::Workflow) -> Result<(), Box<dyn std::error::Error>> {
+/// use agents_sdk::EventType;
+/// use serde_json::json;
+///
+/// // A typed step with an extra field.
+/// wf.reasoning("Two options").with("tokens", 512).await?;
+/// // Any catalogue type with any JSON data, following an explicit event.
+/// let first = wf.observation("build green").await?;
+/// wf.step(EventType::Action)
+///     .data(json!({"name": "deploy", "env": "staging"}))
+///     .caused_by(&first.id)
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
 #[must_use = "a step is only published when awaited"]
 #[derive(Debug, Clone)]
 pub struct Step {

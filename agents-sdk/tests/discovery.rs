@@ -6,7 +6,7 @@
 
 mod support;
 
-use agents_sdk::{Agent, AgentCard, CardChange, Directory, Skill, ToolCall, ToolError, ToolSpec};
+use agents_sdk::{Agent, AgentCard, CardChange, Directory, Skill, ToolCall, ToolSpec};
 use futures::StreamExt;
 use serde_json::json;
 use support::*;
@@ -29,7 +29,7 @@ fn coder() -> agents_sdk::AgentBuilder {
                     "properties": {"query": {"type": "string"}},
                     "required": ["query"]
                 })),
-            |_call: ToolCall| async move { Ok::<_, ToolError>(json!([])) },
+            |_call: ToolCall| async move { Ok(json!([])) },
         )
 }
 

@@ -138,9 +138,14 @@ fn code_search_agent(calls: Arc<AtomicUsize>) -> agents_sdk::AgentBuilder {
                 }
             },
         )
+        .tool(ToolSpec::new("tests.run"), |call: ToolCall| async move {
+            let crash: bool = call.arg("crash").unwrap_or(true);
+            assert!(!crash, "the test runner crashed");
+            Ok(json!({"passed": 1}))
+        })
         // `shell.exec` is listed and served, yet policy forbids calling it.
         .tool(ToolSpec::new("shell.exec"), |_call: ToolCall| async move {
-            Ok::<_, ToolError>(json!("this must never run"))
+            Ok(json!("this must never run"))
         })
 }
 
@@ -221,9 +226,19 @@ async fn tool_call_round_trips_through_the_policy_worker() {
         }
     );
 
+    // So does a panic.
+    let err = wf.call_tool("tests.run", json!({})).await.unwrap_err();
+    assert_eq!(
+        err.kind(),
+        CallErrorKind::ToolFailed {
+            tool: "tests.run".into(),
+            message: "tool `tests.run` panicked".into()
+        }
+    );
+
     // The planner's own delivery stream does not see the results again.
     let mut deliveries = planner.deliveries().await.unwrap();
-    drains_silently(&mesh, &mut deliveries, "mesh.deliver.planner.coder", 2).await;
+    drains_silently(&mesh, &mut deliveries, "mesh.deliver.planner.coder", 3).await;
 
     stop.cancel();
     served.await.unwrap();
@@ -292,12 +307,36 @@ async fn denied_tool_call_is_a_typed_denial_with_the_policy_reasons() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_no_card_lists_is_reported_after_policy_allowed_it() {
+    let mesh = Mesh::with_worker().await;
+    let planner = mesh.agent(Agent::builder("planner")).await;
+    let err = planner
+        .workflow()
+        .call_tool("tests.run", json!({}))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        CallErrorKind::NoProvider("tests.run".into()),
+        "{err}"
+    );
+    // The attempt is on record all the same.
+    let call = mesh
+        .messages_on(subjects::STREAM_INGRESS, "mesh.ingress.planner.tool_call")
+        .await;
+    assert_eq!(call.len(), 1);
+    assert_eq!(header(&call[0], "ce-target"), None);
+    let receipt = mesh.receipt(&header(&call[0], "ce-id").unwrap()).await;
+    assert_eq!(receipt.decision, Decision::Allow);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tool_that_never_answers_times_out_cleanly() {
     let mesh = Mesh::with_worker().await;
     // The coder lists `tests.run` in its card but is not serving yet.
     let coder_builder = || {
         Agent::builder("coder").tool(ToolSpec::new("tests.run"), |_call: ToolCall| async move {
-            Ok::<_, ToolError>(json!({"passed": 12}))
+            Ok(json!({"passed": 12}))
         })
     };
     let coder = mesh.agent(coder_builder()).await;
