@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::card::{AgentCard, Directory, Skill, ToolSpec};
 use crate::error::{BoxError, ConnectError, ConnectErrorKind, PublishError, PublishErrorKind};
+use crate::inbox::Inbox;
 use crate::tools::{ToolCall, ToolError, ToolHandler};
 use crate::workflow::Workflow;
 
@@ -342,6 +343,7 @@ impl AgentBuilder {
                 card,
                 tools: self.tools,
                 awaited: Mutex::new(Awaited::default()),
+                inbox: Inbox::default(),
                 tasks: TaskTracker::new(),
                 settings: self.settings,
             }),
@@ -400,9 +402,16 @@ pub(crate) struct Inner {
     pub(crate) card: AgentCard,
     pub(crate) tools: HashMap<String, Arc<dyn ToolHandler>>,
     pub(crate) awaited: Mutex<Awaited>,
+    pub(crate) inbox: Inbox,
     pub(crate) tasks: TaskTracker,
     pub(crate) tool_slots: Arc<Semaphore>,
     pub(crate) settings: Settings,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.inbox.stop();
+    }
 }
 
 /// A connected agent. Cheap to clone: clones share the connection.

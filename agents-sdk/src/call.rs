@@ -1,16 +1,15 @@
 //! Calls that wait for the mesh: tool calls, requests, and decision receipts.
 //!
-//! A call listens before it publishes: it opens ordered consumers on its own
-//! receipts (`mesh.decision.<self>`) and on deliveries from the callee
-//! (`mesh.deliver.<self>.<callee>`), both starting at new messages, then
-//! publishes. A deny or invalid receipt for the call's id ends it with the
-//! receipt; an answer whose `causationid` is the call's id ends it with the
+//! A call listens before it publishes: it registers with the agent's inbox
+//! (receipts and deliveries, see `inbox.rs`), then publishes. A deny or
+//! invalid receipt for the call's id ends it with the receipt; an answer
+//! from the callee whose `causationid` is the call's id ends it with the
 //! answer; otherwise it times out.
 
 use std::future::IntoFuture;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::Ordered};
+use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
 use schemas::{Decision, DecisionReceipt, EventType, subjects};
 use serde_json::Value;
@@ -18,6 +17,7 @@ use serde_json::Value;
 use crate::agent::Agent;
 use crate::delivery::Received;
 use crate::error::{CallError, CallErrorKind, DecisionError, DecisionErrorKind};
+use crate::inbox::Arrival;
 use crate::payload;
 use crate::workflow::{BoxFuture, Step, Workflow};
 
@@ -160,15 +160,6 @@ impl IntoFuture for Request {
     }
 }
 
-async fn next_or_pending(
-    stream: &mut Option<Ordered>,
-) -> Option<<Ordered as futures::Stream>::Item> {
-    match stream {
-        Some(s) => s.next().await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Publishes `step` and waits for its answer of type `answer_type` from the
 /// step's target. `Ok(None)`: policy allowed a step without a target, so no
 /// answer can come.
@@ -179,33 +170,14 @@ async fn exchange(
 ) -> Result<Option<Received>, CallError> {
     let prepared = step.prepare()?;
     let agent = prepared.wf.agent.clone();
-    let me = agent.id().to_string();
     let id = prepared.id().to_owned();
     let target = prepared.target.clone();
     agent.remember_call(&id, answer_type);
-
-    let broker = |e| CallError::with_source(CallErrorKind::Broker, e);
-    let mut decisions = agent
-        .ordered(
-            subjects::STREAM_DECISION,
-            subjects::decision(&me),
-            DeliverPolicy::New,
-        )
+    // Listen before publishing, so neither receipt nor answer can be missed.
+    let mut waiting = agent
+        .wait_for(&id)
         .await
-        .map_err(broker)?;
-    let mut answers = match &target {
-        Some(target) => Some(
-            agent
-                .ordered(
-                    subjects::STREAM_DELIVER,
-                    subjects::deliver(&me, target),
-                    DeliverPolicy::New,
-                )
-                .await
-                .map_err(broker)?,
-        ),
-        None => None,
-    };
+        .map_err(|e| CallError::with_source(CallErrorKind::Broker, e))?;
     let wf = prepared.wf.clone();
     prepared.send().await?;
 
@@ -213,47 +185,32 @@ async fn exchange(
     tokio::pin!(deadline);
     let mut decision: Option<Decision> = None;
     loop {
-        tokio::select! {
+        let arrival = tokio::select! {
             () = &mut deadline => {
                 return Err(CallErrorKind::TimedOut { after: timeout, decision }.into());
             }
-            next = decisions.next(), if decision.is_none() => match next {
-                Some(Ok(message)) => {
-                    let Ok(receipt) = serde_json::from_slice::<DecisionReceipt>(&message.payload) else {
-                        tracing::warn!(subject = %message.subject, "Ignoring a decision receipt that does not parse.");
-                        continue;
-                    };
-                    if receipt.event_id != id {
-                        continue;
-                    }
-                    match receipt.decision {
-                        Decision::Allow if answers.is_none() => return Ok(None),
-                        Decision::Allow => decision = Some(Decision::Allow),
-                        Decision::Deny | Decision::Invalid => {
-                            return Err(CallErrorKind::Denied(Box::new(receipt)).into());
-                        }
-                    }
-                }
-                Some(Err(e)) => tracing::debug!(error = %e, "Receipt consumer hiccup; it resumes by itself."),
+            arrival = waiting.arrivals.recv() => match arrival {
+                Some(arrival) => arrival,
                 None => return Err(CallErrorKind::Broker.into()),
             },
-            next = next_or_pending(&mut answers) => match next {
-                Some(Ok(message)) => {
-                    let answer = match Received::from_delivery(&message.subject, message.headers.as_ref(), &message.payload) {
-                        Ok(answer) => answer,
-                        Err(e) => {
-                            tracing::warn!(subject = %message.subject, error = %e, "Ignoring a delivery that is not a valid mesh event.");
-                            continue;
-                        }
-                    };
-                    if answer.event_type() == answer_type && answer.causation_id() == Some(id.as_str()) {
-                        wf.set_last(answer.id());
-                        return Ok(Some(answer));
-                    }
+        };
+        match arrival {
+            Arrival::Decision(receipt) => match receipt.decision {
+                Decision::Allow if target.is_none() => return Ok(None),
+                Decision::Allow => decision = Some(Decision::Allow),
+                Decision::Deny | Decision::Invalid => {
+                    return Err(CallErrorKind::Denied(receipt).into());
                 }
-                Some(Err(e)) => tracing::debug!(error = %e, "Answer consumer hiccup; it resumes by itself."),
-                None => return Err(CallErrorKind::Broker.into()),
             },
+            Arrival::Answer(answer) => {
+                // Only the callee answers, with the expected type.
+                if answer.event_type() == answer_type
+                    && Some(answer.sender().as_str()) == target.as_deref()
+                {
+                    wf.set_last(answer.id());
+                    return Ok(Some(*answer));
+                }
+            }
         }
     }
 }

@@ -64,6 +64,7 @@ mod call;
 mod card;
 mod delivery;
 mod error;
+mod inbox;
 pub mod payload;
 mod tools;
 mod workflow;

@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::future::IntoFuture;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -631,6 +632,32 @@ async fn slow_handlers_are_not_raced_by_redeliveries_and_tools_stay_served() {
     .unwrap();
     assert_eq!(tool_runs.load(Ordering::SeqCst), 1);
     assert_eq!(handled.load(Ordering::SeqCst), 1);
+    stop.cancel();
+    served.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_each_get_their_own_answer() {
+    let mesh = Mesh::with_worker().await;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let coder = mesh.agent(code_search_agent(calls.clone())).await;
+    let (stop, served) = serve(&coder);
+    let planner = mesh.agent(Agent::builder("planner")).await;
+
+    let wfs: Vec<_> = (0..20).map(|_| planner.workflow()).collect();
+    let results = futures::future::join_all(wfs.iter().enumerate().map(|(i, wf)| {
+        wf.call_tool("code.search", json!({"query": format!("q{i}")}))
+            .on("coder")
+            .into_future()
+    }))
+    .await;
+    for (i, result) in results.into_iter().enumerate() {
+        assert_eq!(
+            result.unwrap()["matches"],
+            json!([format!("src/parser.rs: fn q{i}")])
+        );
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 20);
     stop.cancel();
     served.await.unwrap();
 }
