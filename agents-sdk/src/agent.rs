@@ -158,9 +158,12 @@ impl AgentBuilder {
         self
     }
 
-    /// Replaces the whole card (its id is set to the agent id).
+    /// Uses `card` as the agent's card (its id becomes the agent id). Tools
+    /// registered with [`tool`](Self::tool), before or after, stay listed,
+    /// replacing same-named entries of `card`.
     pub fn card(mut self, card: AgentCard) -> Self {
-        self.card = card;
+        let served = std::mem::take(&mut self.card.tools);
+        self.card = served.into_iter().fold(card, AgentCard::tool);
         self
     }
 
@@ -369,15 +372,16 @@ pub fn consumer_name(id: &AgentId) -> String {
 /// that a call already consumed. Bounded: the oldest ids are forgotten.
 #[derive(Debug, Default)]
 pub(crate) struct Awaited {
-    types: HashMap<String, EventType>,
+    /// Call id -> (answer type, answering agent).
+    types: HashMap<String, (EventType, String)>,
     order: VecDeque<String>,
 }
 
 const AWAITED_CAPACITY: usize = 4096;
 
 impl Awaited {
-    pub(crate) fn insert(&mut self, id: String, answer: EventType) {
-        if self.types.insert(id.clone(), answer).is_none() {
+    pub(crate) fn insert(&mut self, id: String, answer: EventType, from: String) {
+        if self.types.insert(id.clone(), (answer, from)).is_none() {
             self.order.push_back(id);
         }
         while self.order.len() > AWAITED_CAPACITY {
@@ -387,8 +391,10 @@ impl Awaited {
         }
     }
 
-    pub(crate) fn answers(&self, causation: &str, ty: EventType) -> bool {
-        self.types.get(causation) == Some(&ty)
+    pub(crate) fn answers(&self, causation: &str, ty: EventType, from: &str) -> bool {
+        self.types
+            .get(causation)
+            .is_some_and(|(answer, callee)| *answer == ty && callee == from)
     }
 }
 
@@ -589,17 +595,17 @@ impl Agent {
         self.inner.tools.get(tool).cloned()
     }
 
-    pub(crate) fn remember_call(&self, id: &str, answer: EventType) {
+    pub(crate) fn remember_call(&self, id: &str, answer: EventType, from: &str) {
         if let Ok(mut awaited) = self.inner.awaited.lock() {
-            awaited.insert(id.to_owned(), answer);
+            awaited.insert(id.to_owned(), answer, from.to_owned());
         }
     }
 
-    pub(crate) fn was_awaited(&self, causation: &str, answer: EventType) -> bool {
+    pub(crate) fn was_awaited(&self, causation: &str, answer: EventType, from: &str) -> bool {
         self.inner
             .awaited
             .lock()
-            .map(|a| a.answers(causation, answer))
+            .map(|a| a.answers(causation, answer, from))
             .unwrap_or(false)
     }
 }
@@ -614,16 +620,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_whole_card_keeps_the_served_tools() {
+        let builder = Agent::builder("coder")
+            .tool(
+                ToolSpec::new("code.search").description("served"),
+                |_call: ToolCall| async move { Ok(1) },
+            )
+            .card(
+                AgentCard::new("ignored")
+                    .description("from the card")
+                    .tool(ToolSpec::new("code.search").description("claimed"))
+                    .tool(ToolSpec::new("docs.read")),
+            );
+        assert_eq!(builder.card.description, "from the card");
+        let tools: Vec<_> = builder
+            .card
+            .tools
+            .iter()
+            .map(|t| (t.name.as_str(), t.description.as_str()))
+            .collect();
+        assert_eq!(tools, [("docs.read", ""), ("code.search", "served")]);
+        assert!(builder.tools.contains_key("code.search"));
+    }
+
+    #[test]
     fn awaited_is_bounded_and_typed() {
         let mut a = Awaited::default();
-        a.insert("c1".into(), EventType::ToolResult);
-        assert!(a.answers("c1", EventType::ToolResult));
-        assert!(!a.answers("c1", EventType::Message));
+        a.insert("c1".into(), EventType::ToolResult, "coder".into());
+        assert!(a.answers("c1", EventType::ToolResult, "coder"));
+        assert!(!a.answers("c1", EventType::ToolResult, "mallory"));
+        assert!(!a.answers("c1", EventType::Message, "coder"));
         for i in 0..AWAITED_CAPACITY {
-            a.insert(format!("x{i}"), EventType::Message);
+            a.insert(format!("x{i}"), EventType::Message, "reviewer".into());
         }
-        assert!(!a.answers("c1", EventType::ToolResult));
-        assert!(a.answers(&format!("x{}", AWAITED_CAPACITY - 1), EventType::Message));
+        assert!(!a.answers("c1", EventType::ToolResult, "coder"));
+        assert!(a.answers(
+            &format!("x{}", AWAITED_CAPACITY - 1),
+            EventType::Message,
+            "reviewer"
+        ));
         assert_eq!(a.order.len(), AWAITED_CAPACITY);
     }
 }

@@ -172,7 +172,9 @@ async fn exchange(
     let agent = prepared.wf.agent.clone();
     let id = prepared.id().to_owned();
     let target = prepared.target.clone();
-    agent.remember_call(&id, answer_type);
+    if let Some(target) = &target {
+        agent.remember_call(&id, answer_type, target);
+    }
     // Listen before publishing, so neither receipt nor answer can be missed.
     let mut waiting = agent
         .wait_for(&id)

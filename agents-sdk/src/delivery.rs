@@ -449,7 +449,7 @@ impl Agent {
             }
         };
         if let Some(causation) = received.causation_id()
-            && self.was_awaited(causation, received.event_type())
+            && self.was_awaited(causation, received.event_type(), received.sender().as_str())
         {
             tracing::debug!(id = received.id(), %causation, "Answer already consumed by its call; acknowledging.");
             if let Err(e) = message.ack().await {
