@@ -284,3 +284,39 @@ async fn credentials_are_passed_to_nats() {
         ConnectErrorKind::Credentials("/nonexistent/planner.creds".into())
     );
 }
+
+#[tokio::test]
+async fn nkey_authentication() {
+    init_tracing();
+    let user = nkeys::KeyPair::new_user();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("nats.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "authorization {{ users = [ {{ nkey: {} }} ] }}\n",
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let server = CustomServer::start(&["-c", config.to_str().unwrap()]).await;
+    let seed = user.seed().unwrap();
+    let admin = async_nats::ConnectOptions::with_nkey(seed.clone())
+        .connect(server.url())
+        .await
+        .unwrap();
+    apply_streams(admin).await;
+
+    let err = Agent::connect("planner", server.url()).await.unwrap_err();
+    assert!(matches!(err.kind(), ConnectErrorKind::Connect(_)), "{err}");
+    let agent = Agent::builder("planner")
+        .nkey(seed)
+        .connect(server.url())
+        .await
+        .unwrap();
+    agent
+        .workflow()
+        .prompt("signed in with an nkey")
+        .await
+        .unwrap();
+}
