@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream::{self, stream};
 use schemas::subjects;
 
 /// Settings that vary between deployments.
@@ -79,33 +79,63 @@ pub fn streams(options: &Options) -> Vec<stream::Config> {
         ..Default::default()
     };
     vec![
-        def(subjects::STREAM_INGRESS, "mesh.ingress.>", "every event agents publish, before policy"),
-        def(subjects::STREAM_DELIVER, "mesh.deliver.>", "approved events, by target and source"),
-        def(subjects::STREAM_DECISION, "mesh.decision.>", "one decision receipt per ingress event"),
-        def(subjects::STREAM_DEAD, "mesh.dead.>", "denied and invalid events with the reason"),
-        def(subjects::STREAM_GPU, "mesh.gpu.lease.>", "GPU lease grants and releases"),
+        def(
+            subjects::STREAM_INGRESS,
+            "mesh.ingress.>",
+            "every event agents publish, before policy",
+        ),
+        def(
+            subjects::STREAM_DELIVER,
+            "mesh.deliver.>",
+            "approved events, by target and source",
+        ),
+        def(
+            subjects::STREAM_DECISION,
+            "mesh.decision.>",
+            "one decision receipt per ingress event",
+        ),
+        def(
+            subjects::STREAM_DEAD,
+            "mesh.dead.>",
+            "denied and invalid events with the reason",
+        ),
+        def(
+            subjects::STREAM_GPU,
+            "mesh.gpu.lease.>",
+            "GPU lease grants and releases",
+        ),
     ]
 }
 
-/// The KV bucket definitions of `DESIGN.md` for these options.
-pub fn buckets(options: &Options) -> Vec<kv::Config> {
+/// The KV bucket definitions of `DESIGN.md` for these options, as the
+/// streams that back them (`KV_<bucket>`, laid out as the JetStream KV
+/// design specifies).
+///
+/// The buckets are created as streams rather than through
+/// `create_key_value`, because that call first reads the account info, which
+/// this client cannot parse from nats-server 2.9; the resulting bucket is the
+/// same and opens with `get_key_value`.
+pub fn buckets(options: &Options) -> Vec<stream::Config> {
+    let kv = |bucket: &str, description: &str, history: i64| stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some(description.to_owned()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: history,
+        storage: stream::StorageType::File,
+        num_replicas: options.replicas,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        ..Default::default()
+    };
     vec![
-        kv::Config {
-            bucket: subjects::BUCKET_AGENTS.to_owned(),
-            description: "agent cards, key = agent id".to_owned(),
-            history: 5,
-            num_replicas: options.replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        },
-        kv::Config {
-            bucket: subjects::BUCKET_GPU_LEASES.to_owned(),
-            description: "GPU leases, one key per leased GPU".to_owned(),
-            history: 10,
-            num_replicas: options.replicas,
-            storage: stream::StorageType::File,
-            ..Default::default()
-        },
+        kv(subjects::BUCKET_AGENTS, "agent cards, key = agent id", 5),
+        kv(
+            subjects::BUCKET_GPU_LEASES,
+            "GPU leases, one key per leased GPU",
+            10,
+        ),
     ]
 }
 
@@ -167,15 +197,18 @@ pub async fn apply(
         changes.push((name, change));
     }
     for wanted in buckets(options) {
-        let bucket = wanted.bucket.clone();
+        let bucket = wanted.name.trim_start_matches("KV_").to_owned();
         let err = |source: async_nats::Error| ApplyError::Bucket {
             bucket: bucket.clone(),
             source,
         };
-        let change = match find_stream(js, &format!("KV_{bucket}")).await.map_err(|e| err(e.into()))? {
+        let change = match find_stream(js, &wanted.name)
+            .await
+            .map_err(|e| err(e.into()))?
+        {
             Some(_) => Change::Unchanged,
             None => {
-                js.create_key_value(wanted).await.map_err(|e| err(e.into()))?;
+                js.create_stream(wanted).await.map_err(|e| err(e.into()))?;
                 tracing::info!(%bucket, "KV bucket created.");
                 Change::Created
             }

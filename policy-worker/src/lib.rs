@@ -1,1 +1,167 @@
-//! placeholder
+//! The policy worker: a durable pull consumer on `MESH_INGRESS` that decides
+//! every event with Cedar, publishes exactly one receipt per event, routes
+//! approved events to their target byte for byte and dead-letters the rest.
+//!
+//! `main.rs` parses flags into a [`Config`] and calls [`run`]; tests start
+//! the same `run` in-process.
+
+mod policy;
+mod reload;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use policy::{ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, Verdict};
+
+/// Everything the worker needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// NATS server URL.
+    pub nats_url: String,
+    /// Directory with `schema.cedarschema`, `entities.json` and `*.cedar`.
+    pub policies: PathBuf,
+    /// Validation limits (event size).
+    pub limits: schemas::Limits,
+    /// Durable consumer name on `MESH_INGRESS`; replicas share it.
+    pub consumer: String,
+    /// Messages requested per pull.
+    pub batch: usize,
+    /// Events being decided and published at once.
+    pub max_in_flight: usize,
+    /// How long JetStream waits for an ack before redelivering.
+    pub ack_wait: Duration,
+    /// Watch the policy directory and reload on change.
+    pub watch_policies: bool,
+    /// Created once the worker is consuming; removed on exit.
+    pub ready_file: Option<PathBuf>,
+    /// Stream settings applied at start.
+    pub broker: broker_config::Options,
+    /// How long in-flight events may take to finish at shutdown.
+    pub grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            policies: PathBuf::from("policies"),
+            limits: schemas::Limits::default(),
+            consumer: "policy-worker".into(),
+            batch: 256,
+            max_in_flight: 512,
+            ack_wait: Duration::from_secs(30),
+            watch_policies: true,
+            ready_file: None,
+            broker: broker_config::Options::default(),
+            grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the worker stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The policy set was refused at start.
+    #[error("policies in `{}` refused: {source}", dir.display())]
+    Policies {
+        /// The policy directory.
+        dir: PathBuf,
+        /// The first problem.
+        source: LoadError,
+    },
+    /// NATS could not be reached.
+    #[error(
+        "cannot connect to NATS at `{url}`: {source} (is nats-server running? `meshctl up` starts one; set NATS_URL or --nats-url to point elsewhere)"
+    )]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// The client error.
+        source: async_nats::ConnectError,
+    },
+    /// Streams could not be applied.
+    #[error(transparent)]
+    Broker(#[from] broker_config::ApplyError),
+    /// The durable consumer could not be created or read.
+    #[error("consumer `{name}` on `MESH_INGRESS`: {source}")]
+    Consumer {
+        /// The consumer name.
+        name: String,
+        /// The broker's answer.
+        source: async_nats::Error,
+    },
+    /// The policy directory could not be watched.
+    #[error("cannot watch `{}` for policy changes: {source}", dir.display())]
+    Watch {
+        /// The policy directory.
+        dir: PathBuf,
+        /// The watcher error.
+        source: notify::Error,
+    },
+    /// The ready file could not be written.
+    #[error("cannot write the ready file `{}`: {source}", path.display())]
+    ReadyFile {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the worker until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let bundle = PolicyBundle::load(&config.policies).map_err(|source| Error::Policies {
+        dir: config.policies.clone(),
+        source,
+    })?;
+    tracing::info!(policy_hash = bundle.hash(), policies = bundle.len(), dir = %config.policies.display(), "Policies loaded.");
+    let (policies_tx, policies_rx) = watch::channel(Arc::new(bundle));
+
+    let client = async_nats::ConnectOptions::new()
+        .name("policy-worker")
+        .connect(&config.nats_url)
+        .await
+        .map_err(|source| Error::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(config.max_in_flight * 2)
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    broker_config::apply(&js, &config.broker).await?;
+
+    let consumer = worker::ingress_consumer(&js, &config).await?;
+    let _reloader = reload::spawn(
+        config.policies.clone(),
+        config.watch_policies,
+        policies_tx,
+        shutdown.clone(),
+    )?;
+
+    if let Some(path) = &config.ready_file {
+        std::fs::write(path, b"ready\n").map_err(|source| Error::ReadyFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    tracing::info!(consumer = %config.consumer, "Policy worker ready.");
+
+    let worker = worker::Worker::new(js, policies_rx, &config);
+    worker.consume(consumer, shutdown).await;
+
+    if let Some(path) = &config.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    // Make sure every ack we sent reached the server before we go.
+    let _ = client.flush().await;
+    tracing::info!("Policy worker stopped.");
+    Ok(())
+}

@@ -1,1 +1,120 @@
-fn main() {}
+//! `policy-worker`: parse flags, start logging, run until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+/// Decides every agentmesh ingress event with Cedar policies.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Policy directory: `schema.cedarschema`, `entities.json`, `*.cedar`.
+    #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
+    policies: PathBuf,
+    /// Largest accepted event (headers + payload) in bytes.
+    #[arg(long, env = "AGENTMESH_MAX_EVENT_BYTES", default_value_t = schemas::DEFAULT_MAX_EVENT_BYTES)]
+    max_event_bytes: usize,
+    /// Durable consumer name on MESH_INGRESS (replicas share one name).
+    #[arg(
+        long,
+        env = "AGENTMESH_WORKER_CONSUMER",
+        default_value = "policy-worker"
+    )]
+    consumer: String,
+    /// Messages requested per pull.
+    #[arg(long, env = "AGENTMESH_WORKER_BATCH", default_value_t = 256)]
+    batch: usize,
+    /// Events decided and published concurrently.
+    #[arg(long, env = "AGENTMESH_WORKER_IN_FLIGHT", default_value_t = 512)]
+    max_in_flight: usize,
+    /// Seconds JetStream waits for an ack before redelivering an event.
+    #[arg(long, env = "AGENTMESH_ACK_WAIT_SECS", default_value_t = 30)]
+    ack_wait_secs: u64,
+    /// Do not watch the policy directory (reload on SIGHUP only).
+    #[arg(long)]
+    no_watch: bool,
+    /// Replicas of the MESH_* streams when they are created or updated.
+    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
+    /// File created once the worker is consuming, removed on exit.
+    #[arg(long, env = "AGENTMESH_READY_FILE")]
+    ready_file: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, env = "AGENTMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+
+    let config = policy_worker::Config {
+        nats_url: args.nats_url,
+        policies: args.policies,
+        limits: schemas::Limits {
+            max_event_bytes: args.max_event_bytes,
+        },
+        consumer: args.consumer,
+        batch: args.batch,
+        max_in_flight: args.max_in_flight,
+        ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
+        watch_policies: !args.no_watch,
+        ready_file: args.ready_file,
+        broker: broker_config::Options {
+            replicas: args.stream_replicas,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    match policy_worker::run(config, shutdown).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error}");
+            eprintln!("policy-worker: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM.
+async fn signal_shutdown(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        } else {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("Shutting down.");
+    shutdown.cancel();
+}

@@ -82,7 +82,18 @@ mod tests {
         for ok in ["a", "planner", "coder-2", "x_y", "0", &"a".repeat(63)] {
             assert!(AgentId::is_valid(ok), "{ok}");
         }
-        for bad in ["", "-a", "_a", "A", "a.b", "a b", "a*", "a>", &"a".repeat(64), "é"] {
+        for bad in [
+            "",
+            "-a",
+            "_a",
+            "A",
+            "a.b",
+            "a b",
+            "a*",
+            "a>",
+            &"a".repeat(64),
+            "é",
+        ] {
             assert!(!AgentId::is_valid(bad), "{bad}");
         }
     }

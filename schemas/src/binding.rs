@@ -38,7 +38,9 @@ impl ContentMode {
 #[non_exhaustive]
 pub enum BindingError {
     /// No `ce-specversion` header and no structured `Content-Type`.
-    #[error("not a CloudEvent: no `ce-specversion` header (binary mode) and no `Content-Type: application/cloudevents+json` (structured mode)")]
+    #[error(
+        "not a CloudEvent: no `ce-specversion` header (binary mode) and no `Content-Type: application/cloudevents+json` (structured mode)"
+    )]
     NotACloudEvent,
     /// A specversion other than 1.0.
     #[error("unsupported specversion `{0}`: agentmesh accepts `1.0`")]
@@ -100,7 +102,11 @@ pub fn percent_decode_header(name: &str, value: &str) -> Result<String, BindingE
         let mut chars = inner.chars();
         while let Some(c) = chars.next() {
             match c {
-                '\\' => s.push(chars.next().ok_or_else(|| malformed("quoted string ends in a lone backslash"))?),
+                '\\' => s.push(
+                    chars
+                        .next()
+                        .ok_or_else(|| malformed("quoted string ends in a lone backslash"))?,
+                ),
                 '"' => return Err(malformed("unescaped double-quote inside a quoted string")),
                 c => s.push(c),
             }
@@ -149,7 +155,10 @@ fn is_structured(headers: Option<&HeaderMap>) -> bool {
 
 /// Decodes a NATS message (headers and payload) into a CloudEvent, in
 /// whichever mode it was sent.
-pub fn decode(headers: Option<&HeaderMap>, payload: &[u8]) -> Result<(Event, ContentMode), BindingError> {
+pub fn decode(
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+) -> Result<(Event, ContentMode), BindingError> {
     if is_structured(headers) {
         return decode_structured(payload).map(|e| (e, ContentMode::Structured));
     }
@@ -170,19 +179,28 @@ fn decode_structured(payload: &[u8]) -> Result<Event, BindingError> {
         None => return Err(BindingError::MissingAttribute("specversion")),
         Some(serde_json::Value::String(v)) if v == "1.0" => {}
         Some(other) => {
-            let v = other.as_str().map(str::to_owned).unwrap_or_else(|| other.to_string());
+            let v = other
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| other.to_string());
             return Err(BindingError::UnsupportedSpecVersion(v));
         }
     }
-    let event: Event = serde_json::from_slice(payload).map_err(|e| BindingError::Structured(e.to_string()))?;
+    let event: Event =
+        serde_json::from_slice(payload).map_err(|e| BindingError::Structured(e.to_string()))?;
     if event.specversion() != SpecVersion::V10 {
-        return Err(BindingError::UnsupportedSpecVersion(event.specversion().to_string()));
+        return Err(BindingError::UnsupportedSpecVersion(
+            event.specversion().to_string(),
+        ));
     }
     Ok(event)
 }
 
 fn is_extension_name(name: &str) -> bool {
-    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 fn decode_binary(headers: &HeaderMap, payload: &[u8]) -> Result<Event, BindingError> {
@@ -193,7 +211,9 @@ fn decode_binary(headers: &HeaderMap, payload: &[u8]) -> Result<Event, BindingEr
     let mut seen: Vec<String> = Vec::with_capacity(12);
     for (name, values) in headers.iter() {
         let name: &str = name.as_ref();
-        let Some(prefix) = name.get(..3) else { continue };
+        let Some(prefix) = name.get(..3) else {
+            continue;
+        };
         if !prefix.eq_ignore_ascii_case("ce-") {
             continue;
         }
@@ -246,9 +266,12 @@ fn decode_binary(headers: &HeaderMap, payload: &[u8]) -> Result<Event, BindingEr
         };
     } else if let Some(schema) = dataschema {
         // A schema with neither data nor content type still has to be a URI.
-        builder = builder.data_with_schema("application/octet-stream", schema, Data::Binary(Vec::new()));
+        builder =
+            builder.data_with_schema("application/octet-stream", schema, Data::Binary(Vec::new()));
     }
-    builder.build().map_err(|e| BindingError::InvalidAttribute(e.to_string()))
+    builder
+        .build()
+        .map_err(|e| BindingError::InvalidAttribute(e.to_string()))
 }
 
 fn data_bytes(data: Option<&Data>) -> Bytes {
@@ -264,7 +287,10 @@ fn data_bytes(data: Option<&Data>) -> Bytes {
 pub fn encode_binary(event: &Event) -> (HeaderMap, Bytes) {
     let mut headers = HeaderMap::new();
     for (name, value) in event.iter() {
-        headers.insert(format!("ce-{name}").as_str(), percent_encode_header(&value.to_string()));
+        headers.insert(
+            format!("ce-{name}").as_str(),
+            percent_encode_header(&value.to_string()),
+        );
     }
     (headers, data_bytes(event.data()))
 }
@@ -298,7 +324,10 @@ mod tests {
             .subject("héllo wörld \"quoted\" 100%")
             .time("2026-01-02T03:04:05Z")
             .extension("target", "coder")
-            .extension("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .extension(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
             .data("application/json", json!({"task": "write tests"}))
             .build()
             .unwrap()
@@ -323,7 +352,10 @@ mod tests {
         // Unnecessary encoding is accepted.
         assert_eq!(percent_decode_header("h", "%61bc").unwrap(), "abc");
         // Quoted strings from older senders, with backslash escapes.
-        assert_eq!(percent_decode_header("h", r#""a b \"c\"""#).unwrap(), r#"a b "c""#);
+        assert_eq!(
+            percent_decode_header("h", r#""a b \"c\"""#).unwrap(),
+            r#"a b "c""#
+        );
         // Overlong encoding of U+0020 is rejected.
         assert!(percent_decode_header("h", "%C0%A0").is_err());
         // Lone continuation byte and truncated escapes are rejected.
@@ -343,7 +375,10 @@ mod tests {
         );
         for (_, values) in headers.iter() {
             for v in values {
-                assert!(v.as_str().bytes().all(|b| (0x21..=0x7e).contains(&b)), "{v}");
+                assert!(
+                    v.as_str().bytes().all(|b| (0x21..=0x7e).contains(&b)),
+                    "{v}"
+                );
             }
         }
         let (decoded, mode) = decode(Some(&headers), &payload).unwrap();
@@ -382,8 +417,12 @@ mod tests {
     #[test]
     fn structured_detected_case_insensitively() {
         let mut headers = HeaderMap::new();
-        headers.insert("content-type", "Application/CloudEvents+JSON; charset=utf-8");
-        let body = br#"{"specversion":"1.0","id":"1","source":"/agents/a","type":"io.agentmesh.prompt"}"#;
+        headers.insert(
+            "content-type",
+            "Application/CloudEvents+JSON; charset=utf-8",
+        );
+        let body =
+            br#"{"specversion":"1.0","id":"1","source":"/agents/a","type":"io.agentmesh.prompt"}"#;
         let (_, mode) = decode(Some(&headers), body).unwrap();
         assert_eq!(mode, ContentMode::Structured);
     }
@@ -394,30 +433,50 @@ mod tests {
 
         let mut headers = HeaderMap::new();
         headers.insert("ce-specversion", "0.3");
-        assert!(matches!(decode(Some(&headers), b""), Err(BindingError::UnsupportedSpecVersion(v)) if v == "0.3"));
+        assert!(
+            matches!(decode(Some(&headers), b""), Err(BindingError::UnsupportedSpecVersion(v)) if v == "0.3")
+        );
 
         let mut headers = HeaderMap::new();
         headers.insert("ce-specversion", "1.0");
         headers.insert("ce-source", "/agents/a");
         headers.insert("ce-type", "t");
-        assert_eq!(decode(Some(&headers), b""), Err(BindingError::MissingAttribute("id")));
+        assert_eq!(
+            decode(Some(&headers), b""),
+            Err(BindingError::MissingAttribute("id"))
+        );
 
         headers.insert("ce-id", "%C0%A0");
-        assert!(matches!(decode(Some(&headers), b""), Err(BindingError::MalformedHeader { .. })));
+        assert!(matches!(
+            decode(Some(&headers), b""),
+            Err(BindingError::MalformedHeader { .. })
+        ));
 
         headers.insert("ce-id", "1");
         headers.insert("ce-time", "yesterday");
-        assert!(matches!(decode(Some(&headers), b""), Err(BindingError::InvalidAttribute(_))));
+        assert!(matches!(
+            decode(Some(&headers), b""),
+            Err(BindingError::InvalidAttribute(_))
+        ));
 
         let mut structured = HeaderMap::new();
         structured.insert("Content-Type", STRUCTURED_CONTENT_TYPE);
-        assert!(matches!(decode(Some(&structured), b"not json"), Err(BindingError::Structured(_))));
         assert!(matches!(
-            decode(Some(&structured), br#"{"specversion":"0.3","id":"1","source":"/a","type":"t"}"#),
+            decode(Some(&structured), b"not json"),
+            Err(BindingError::Structured(_))
+        ));
+        assert!(matches!(
+            decode(
+                Some(&structured),
+                br#"{"specversion":"0.3","id":"1","source":"/a","type":"t"}"#
+            ),
             Err(BindingError::UnsupportedSpecVersion(_))
         ));
         assert!(matches!(
-            decode(Some(&structured), br#"{"specversion":"1.0","source":"/a","type":"t"}"#),
+            decode(
+                Some(&structured),
+                br#"{"specversion":"1.0","source":"/a","type":"t"}"#
+            ),
             Err(BindingError::Structured(_))
         ));
     }

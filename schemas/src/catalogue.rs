@@ -33,7 +33,9 @@ pub enum EventType {
 
 /// The error for a type outside the catalogue.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("event type `{0}` is not in the catalogue (expected `io.agentmesh.` followed by one of prompt, reasoning, action, observation, tool.call, tool.result, memory.update, task.handoff, message, output)")]
+#[error(
+    "event type `{0}` is not in the catalogue (expected `io.agentmesh.` followed by one of prompt, reasoning, action, observation, tool.call, tool.result, memory.update, task.handoff, message, output)"
+)]
 pub struct UnknownEventType(pub String);
 
 impl EventType {

@@ -129,7 +129,10 @@ pub fn message_size(headers: Option<&HeaderMap>, payload: &[u8]) -> usize {
             h.iter()
                 .map(|(name, values)| {
                     let name: &str = name.as_ref();
-                    values.iter().map(|v| name.len() + v.as_str().len() + 4).sum::<usize>()
+                    values
+                        .iter()
+                        .map(|v| name.len() + v.as_str().len() + 4)
+                        .sum::<usize>()
                 })
                 .sum()
         })
@@ -160,7 +163,12 @@ impl MeshEvent {
     }
 
     /// Validates a decoded event against the agent token of its subject.
-    pub fn validate(subject_agent: &str, event: Event, mode: ContentMode, size: usize) -> Result<Self, Invalid> {
+    pub fn validate(
+        subject_agent: &str,
+        event: Event,
+        mode: ContentMode,
+        size: usize,
+    ) -> Result<Self, Invalid> {
         let agent = AgentId::new(subject_agent)?;
         let source = binding::source_str(&event);
         if source.strip_prefix("/agents/") != Some(agent.as_str()) {
@@ -252,20 +260,50 @@ mod tests {
     #[test]
     fn invalid_events() {
         let s = "mesh.ingress.planner.x";
-        assert!(matches!(check(s, event("/agents/coder", "io.agentmesh.prompt")), Err(Invalid::SourceMismatch { .. })));
-        assert!(matches!(check(s, event("planner", "io.agentmesh.prompt")), Err(Invalid::SourceMismatch { .. })));
-        assert!(matches!(check(s, event("/agents/planner", "io.agentmesh.bogus")), Err(Invalid::Type(_))));
-        assert!(matches!(check(s, event("/agents/planner", "io.agentmesh.tool.call")), Err(Invalid::MissingTool)));
         assert!(matches!(
-            check(s, event("/agents/planner", "io.agentmesh.prompt").extension("target", "Bad Target")),
+            check(s, event("/agents/coder", "io.agentmesh.prompt")),
+            Err(Invalid::SourceMismatch { .. })
+        ));
+        assert!(matches!(
+            check(s, event("planner", "io.agentmesh.prompt")),
+            Err(Invalid::SourceMismatch { .. })
+        ));
+        assert!(matches!(
+            check(s, event("/agents/planner", "io.agentmesh.bogus")),
+            Err(Invalid::Type(_))
+        ));
+        assert!(matches!(
+            check(s, event("/agents/planner", "io.agentmesh.tool.call")),
+            Err(Invalid::MissingTool)
+        ));
+        assert!(matches!(
+            check(
+                s,
+                event("/agents/planner", "io.agentmesh.prompt").extension("target", "Bad Target")
+            ),
             Err(Invalid::Target(_))
         ));
         assert!(matches!(
-            check(s, event("/agents/planner", "io.agentmesh.prompt").extension("traceparent", "nope")),
+            check(
+                s,
+                event("/agents/planner", "io.agentmesh.prompt").extension("traceparent", "nope")
+            ),
             Err(Invalid::TraceParent(_))
         ));
-        assert!(matches!(check("mesh.ingress.planner", event("/agents/planner", "io.agentmesh.prompt")), Err(Invalid::Subject(_))));
-        assert!(matches!(check("mesh.ingress.Planner.x", event("/agents/Planner", "io.agentmesh.prompt")), Err(Invalid::Agent(_))));
+        assert!(matches!(
+            check(
+                "mesh.ingress.planner",
+                event("/agents/planner", "io.agentmesh.prompt")
+            ),
+            Err(Invalid::Subject(_))
+        ));
+        assert!(matches!(
+            check(
+                "mesh.ingress.Planner.x",
+                event("/agents/Planner", "io.agentmesh.prompt")
+            ),
+            Err(Invalid::Agent(_))
+        ));
     }
 
     #[test]
@@ -275,7 +313,14 @@ mod tests {
             .build()
             .unwrap();
         let (h, p) = encode_binary(&e);
-        let r = MeshEvent::from_message("mesh.ingress.planner.x", Some(&h), &p, Limits { max_event_bytes: 1000 });
+        let r = MeshEvent::from_message(
+            "mesh.ingress.planner.x",
+            Some(&h),
+            &p,
+            Limits {
+                max_event_bytes: 1000,
+            },
+        );
         assert!(matches!(r, Err(Invalid::TooLarge { limit: 1000, .. })));
     }
 }

@@ -64,11 +64,17 @@ mod tests {
     fn ingress_parts() {
         assert_eq!(
             parse_ingress("mesh.ingress.coder.tool_call"),
-            Some(IngressSubject { agent: "coder", step: "tool_call" })
+            Some(IngressSubject {
+                agent: "coder",
+                step: "tool_call"
+            })
         );
         assert_eq!(
             parse_ingress("mesh.ingress.coder"),
-            Some(IngressSubject { agent: "coder", step: "" })
+            Some(IngressSubject {
+                agent: "coder",
+                step: ""
+            })
         );
         assert_eq!(parse_ingress("mesh.deliver.coder.x"), None);
         assert_eq!(deliver("coder", "planner"), "mesh.deliver.coder.planner");

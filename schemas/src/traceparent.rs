@@ -73,14 +73,20 @@ impl TraceParent {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn parse_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    if s.len() != N * 2 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if s.len() != N * 2
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     let mut out = [0u8; N];
@@ -104,7 +110,8 @@ impl FromStr for TraceParent {
         else {
             return Err(err("expected `version-traceid-parentid-flags`"));
         };
-        let version: [u8; 1] = parse_hex(version).ok_or_else(|| err("version is not 2 lowercase hex digits"))?;
+        let version: [u8; 1] =
+            parse_hex(version).ok_or_else(|| err("version is not 2 lowercase hex digits"))?;
         if version[0] == 0xff {
             return Err(err("version `ff` is forbidden"));
         }
@@ -112,9 +119,12 @@ impl FromStr for TraceParent {
         if version[0] == 0 && parts.next().is_some() {
             return Err(err("version 00 has exactly four fields"));
         }
-        let trace_id: [u8; 16] = parse_hex(trace).ok_or_else(|| err("trace id is not 32 lowercase hex digits"))?;
-        let parent_id: [u8; 8] = parse_hex(parent).ok_or_else(|| err("parent id is not 16 lowercase hex digits"))?;
-        let flags: [u8; 1] = parse_hex(flags).ok_or_else(|| err("flags are not 2 lowercase hex digits"))?;
+        let trace_id: [u8; 16] =
+            parse_hex(trace).ok_or_else(|| err("trace id is not 32 lowercase hex digits"))?;
+        let parent_id: [u8; 8] =
+            parse_hex(parent).ok_or_else(|| err("parent id is not 16 lowercase hex digits"))?;
+        let flags: [u8; 1] =
+            parse_hex(flags).ok_or_else(|| err("flags are not 2 lowercase hex digits"))?;
         if trace_id == [0; 16] {
             return Err(err("trace id is all zeros"));
         }
@@ -174,7 +184,10 @@ mod tests {
     #[test]
     fn derive_is_stable() {
         assert_eq!(TraceParent::derive("e1"), TraceParent::derive("e1"));
-        assert_ne!(TraceParent::derive("e1").trace_id, TraceParent::derive("e2").trace_id);
+        assert_ne!(
+            TraceParent::derive("e1").trace_id,
+            TraceParent::derive("e2").trace_id
+        );
     }
 
     #[test]

@@ -80,7 +80,14 @@ impl NatsServer {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let child = Command::new(&self.binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -88,13 +95,29 @@ impl NatsServer {
             .with_context(|| format!("starting `{}`", self.binary.display()))?;
         self.child = Some(child);
         let url = self.url();
-        eventually(Duration::from_secs(20), "nats-server with JetStream", || {
-            let url = url.clone();
-            async move {
-                let client = async_nats::connect(&url).await.ok()?;
-                async_nats::jetstream::new(client).query_account().await.ok()
-            }
-        })
+        eventually(
+            Duration::from_secs(20),
+            "nats-server with JetStream",
+            || {
+                let url = url.clone();
+                async move {
+                    let client = async_nats::connect(&url).await.ok()?;
+                    // Any JetStream API answer will do; "stream not found" is one.
+                    // (Account info is not used: this client cannot parse 2.9's.)
+                    match async_nats::jetstream::new(client)
+                        .get_stream("READINESS_PROBE")
+                        .await
+                    {
+                        Ok(_) => Some(()),
+                        Err(e) => matches!(
+                            e.kind(),
+                            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
+                        )
+                        .then_some(()),
+                    }
+                }
+            },
+        )
         .await?;
         Ok(())
     }
@@ -125,7 +148,9 @@ impl NatsServer {
 
     /// A connected client.
     pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
-        async_nats::connect(self.url()).await.context("connecting to the test nats-server")
+        async_nats::connect(self.url())
+            .await
+            .context("connecting to the test nats-server")
     }
 }
 

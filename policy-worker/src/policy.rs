@@ -1,0 +1,348 @@
+//! Loading, validating and evaluating a Cedar policy set.
+//!
+//! A policy directory holds `schema.cedarschema` (the Cedar schema),
+//! `entities.json` (agents, roles, tools) and any number of `*.cedar` policy
+//! files. Every policy is validated against the schema at load; the first
+//! problem refuses the whole set with the file, line and column.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
+    PolicySet, Request, Schema, ValidationMode, Validator,
+};
+use miette::Diagnostic;
+use schemas::{EventType, MeshEvent};
+use sha2::{Digest, Sha256};
+
+/// The schema file in a policy directory.
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+/// The entities file in a policy directory.
+pub const ENTITIES_FILE: &str = "entities.json";
+
+/// Why a policy directory was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// A file could not be read.
+    #[error("cannot read `{}`: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file is not valid (syntax, schema, entity or validation error).
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line of the problem.
+        line: usize,
+        /// 1-based column of the problem.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// The directory has no policy files.
+    #[error("no `*.cedar` policy files in `{}`", .0.display())]
+    NoPolicies(PathBuf),
+}
+
+/// A validated policy set with its schema and entities, ready to decide.
+pub struct PolicyBundle {
+    policies: PolicySet,
+    schema: Schema,
+    entities: Entities,
+    hash: String,
+    authorizer: Authorizer,
+    names: Names,
+}
+
+impl fmt::Debug for PolicyBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyBundle")
+            .field("hash", &self.hash)
+            .field("policies", &self.policies.policies().count())
+            .finish()
+    }
+}
+
+/// Entity type names, parsed once.
+struct Names {
+    agent: EntityTypeName,
+    tool: EntityTypeName,
+    workflow: EntityTypeName,
+    action: EntityTypeName,
+}
+
+impl Names {
+    fn new() -> Self {
+        let parse = |s: &str| EntityTypeName::from_str(s);
+        // INVARIANT: these literals are valid Cedar type names.
+        #[allow(clippy::unwrap_used)]
+        Self {
+            agent: parse("Agent").unwrap(),
+            tool: parse("Tool").unwrap(),
+            workflow: parse("Workflow").unwrap(),
+            action: parse("Action").unwrap(),
+        }
+    }
+}
+
+/// The result of evaluating one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the policies permit the event.
+    pub allowed: bool,
+    /// Ids of the determining policies.
+    pub reasons: Vec<String>,
+    /// Evaluation errors; any evaluation error denies the event.
+    pub errors: Vec<String>,
+}
+
+/// 1-based line and column of a byte offset in `text`.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+/// Turns a miette diagnostic into a `LoadError::Invalid` pointing into `text`.
+fn invalid(path: &Path, text: &str, diag: &dyn Diagnostic, fallback: String) -> LoadError {
+    let offset = diag
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .map(|label| label.offset());
+    let (line, column) = offset.map_or((1, 1), |o| line_col(text, o));
+    let mut message = fallback;
+    if let Some(help) = diag.help() {
+        message.push_str(&format!(" (help: {help})"));
+    }
+    LoadError::Invalid {
+        path: path.to_owned(),
+        line,
+        column,
+        message,
+    }
+}
+
+fn read(path: &Path) -> Result<String, LoadError> {
+    std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl PolicyBundle {
+    /// Loads and validates the policy directory `dir`.
+    pub fn load(dir: &Path) -> Result<Self, LoadError> {
+        let schema_path = dir.join(SCHEMA_FILE);
+        let schema_text = read(&schema_path)?;
+        let schema = match Schema::from_cedarschema_str(&schema_text) {
+            Ok((schema, _warnings)) => schema,
+            Err(e) => return Err(invalid(&schema_path, &schema_text, &e, e.to_string())),
+        };
+
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|source| LoadError::Read {
+                path: dir.to_owned(),
+                source,
+            })?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "cedar"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(LoadError::NoPolicies(dir.to_owned()));
+        }
+
+        let mut hasher = Sha256::new();
+        hasher.update(schema_text.as_bytes());
+        let mut policies = PolicySet::new();
+        // Which file and text each policy came from, to locate validation errors.
+        let mut origin: BTreeMap<String, (PathBuf, usize)> = BTreeMap::new();
+        let mut texts: Vec<(PathBuf, String)> = Vec::new();
+        for path in &files {
+            let text = read(path)?;
+            hasher.update(
+                path.file_name()
+                    .map(|n| n.as_encoded_bytes())
+                    .unwrap_or_default(),
+            );
+            hasher.update(text.as_bytes());
+            let set =
+                PolicySet::from_str(&text).map_err(|e| invalid(path, &text, &e, e.to_string()))?;
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("policies");
+            for (n, policy) in set.policies().enumerate() {
+                // Policies are named by their `@id` annotation when they have
+                // one (that name appears in receipts), else `<file>.<n>`.
+                let id = policy
+                    .annotation("id")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("{stem}.{n}"));
+                let renamed: Policy = policy.new_id(PolicyId::new(&id));
+                if origin.contains_key(&id) {
+                    let (first, _) = &origin[&id];
+                    return Err(LoadError::Invalid {
+                        path: path.clone(),
+                        line: 1,
+                        column: 1,
+                        message: format!(
+                            "policy id `{id}` is used twice (first in `{}`)",
+                            first.display()
+                        ),
+                    });
+                }
+                policies.add(renamed).map_err(|e| LoadError::Invalid {
+                    path: path.clone(),
+                    line: 1,
+                    column: 1,
+                    message: e.to_string(),
+                })?;
+                origin.insert(id, (path.clone(), texts.len()));
+            }
+            texts.push((path.clone(), text));
+        }
+
+        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        if let Some(error) = validation.validation_errors().next() {
+            let id = error.policy_id().to_string();
+            let (path, text) = origin
+                .get(&id)
+                .map(|(p, i)| (p.clone(), texts[*i].1.as_str()))
+                .unwrap_or_else(|| (dir.to_owned(), ""));
+            return Err(invalid(
+                &path,
+                text,
+                error,
+                format!("policy `{id}`: {error}"),
+            ));
+        }
+
+        let entities_path = dir.join(ENTITIES_FILE);
+        let entities_text = read(&entities_path)?;
+        hasher.update(entities_text.as_bytes());
+        let entities = Entities::from_json_str(&entities_text, Some(&schema))
+            .map_err(|e| invalid(&entities_path, &entities_text, &e, e.to_string()))?;
+
+        let digest = hasher.finalize();
+        Ok(Self {
+            policies,
+            schema,
+            entities,
+            hash: hex::encode(&digest[..8]),
+            authorizer: Authorizer::new(),
+            names: Names::new(),
+        })
+    }
+
+    /// The hash of the schema, policy files and entities (16 hex characters).
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// How many policies the set has.
+    pub fn len(&self) -> usize {
+        self.policies.policies().count()
+    }
+
+    /// Whether the set has no policies (never true for a loaded set).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Evaluates one validated event. Any failure to form the request denies
+    /// (fail closed) and is reported in `errors`.
+    pub fn decide(&self, event: &MeshEvent, step: &str) -> Verdict {
+        let deny = |error: String| Verdict {
+            allowed: false,
+            reasons: Vec::new(),
+            errors: vec![error],
+        };
+        let principal = EntityUid::from_type_name_and_id(
+            self.names.agent.clone(),
+            EntityId::new(event.agent.as_str()),
+        );
+        let action = EntityUid::from_type_name_and_id(
+            self.names.action.clone(),
+            EntityId::new(event.event_type.as_str()),
+        );
+        let resource = match (event.event_type, event.tool(), &event.target) {
+            (EventType::ToolCall, Some(tool), _) => {
+                EntityUid::from_type_name_and_id(self.names.tool.clone(), EntityId::new(tool))
+            }
+            (_, _, Some(target)) => EntityUid::from_type_name_and_id(
+                self.names.agent.clone(),
+                EntityId::new(target.as_str()),
+            ),
+            _ => EntityUid::from_type_name_and_id(
+                self.names.workflow.clone(),
+                EntityId::new(event.trace.trace_id_hex()),
+            ),
+        };
+        let mut context = serde_json::json!({
+            "trace_id": event.trace.trace_id_hex(),
+            "step": step,
+            "mode": event.mode.as_str(),
+            "size": event.size as i64,
+            "has_causation": event.causation_id.is_some(),
+        });
+        if let Some(target) = &event.target {
+            context["target"] = target.as_str().into();
+        }
+        if let Some(subject) = schemas::AttributesReader::subject(&event.event) {
+            context["subject"] = subject.into();
+        }
+        if let Some(ct) = schemas::AttributesReader::datacontenttype(&event.event) {
+            context["datacontenttype"] = ct.into();
+        }
+        let context = match Context::from_json_value(context, Some((&self.schema, &action))) {
+            Ok(c) => c,
+            Err(e) => return deny(format!("context does not match the schema: {e}")),
+        };
+        let request = match Request::new(
+            principal.clone(),
+            action,
+            resource,
+            context,
+            Some(&self.schema),
+        ) {
+            Ok(r) => r,
+            Err(e) => return deny(format!("request does not match the schema: {e}")),
+        };
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &self.entities);
+        let mut errors: Vec<String> = response
+            .diagnostics()
+            .errors()
+            .map(|e| e.to_string())
+            .collect();
+        // Cedar skips a policy whose evaluation errors; a skipped `forbid`
+        // could let a `permit` through, so any error denies (fail closed).
+        let allowed = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+        if self.entities.get(&principal).is_none() {
+            errors.push(format!(
+                "agent `{}` is not registered in {ENTITIES_FILE}",
+                event.agent
+            ));
+        }
+        Verdict {
+            allowed,
+            reasons: response
+                .diagnostics()
+                .reason()
+                .map(|id| id.to_string())
+                .collect(),
+            errors,
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! The per-event path: decode and validate, decide, publish the receipt and
+//! the routed or dead-lettered copy, then ack the ingress message.
+//!
+//! Throughput comes from batched pulls and many events in flight at once:
+//! publishes are sent asynchronously and their JetStream acks awaited
+//! together, so no event blocks on another's round trip.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::PublishMessage};
+use futures::StreamExt;
+use schemas::{Decision, DecisionReceipt, MeshEvent, TraceParent, headers, subjects};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::policy::PolicyBundle;
+use crate::{Config, Error};
+
+/// Creates (or finds) the durable pull consumer on `MESH_INGRESS`.
+pub(crate) async fn ingress_consumer(
+    js: &jetstream::Context,
+    config: &Config,
+) -> Result<PullConsumer, Error> {
+    let err = |source: async_nats::Error| Error::Consumer {
+        name: config.consumer.clone(),
+        source,
+    };
+    let stream = js
+        .get_stream(subjects::STREAM_INGRESS)
+        .await
+        .map_err(|e| err(e.into()))?;
+    stream
+        .get_or_create_consumer(
+            &config.consumer,
+            jetstream::consumer::pull::Config {
+                durable_name: Some(config.consumer.clone()),
+                description: Some("policy worker: one decision per ingress event".into()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: config.ack_wait,
+                max_ack_pending: (config.max_in_flight * 4).max(1024) as i64,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| err(e.into()))
+}
+
+/// Shared state of the per-event path.
+pub(crate) struct Worker {
+    js: jetstream::Context,
+    policies: watch::Receiver<Arc<PolicyBundle>>,
+    limits: schemas::Limits,
+    batch: usize,
+    max_in_flight: usize,
+    grace: Duration,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        js: jetstream::Context,
+        policies: watch::Receiver<Arc<PolicyBundle>>,
+        config: &Config,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            js,
+            policies,
+            limits: config.limits,
+            batch: config.batch.max(1),
+            max_in_flight: config.max_in_flight.max(1),
+            grace: config.grace,
+        })
+    }
+
+    /// Consumes until `shutdown`, then lets in-flight events finish within
+    /// the grace period.
+    pub(crate) async fn consume(
+        self: Arc<Self>,
+        consumer: PullConsumer,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        while !shutdown.is_cancelled() {
+            let messages = match consumer
+                .stream()
+                .max_messages_per_batch(self.batch)
+                .heartbeat(Duration::from_secs(5))
+                .expires(Duration::from_secs(30))
+                .messages()
+                .await
+            {
+                Ok(messages) => {
+                    backoff = Duration::from_millis(100);
+                    messages
+                }
+                Err(error) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "Cannot pull from MESH_INGRESS; retrying.");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let work = messages
+                .take_until(shutdown.clone().cancelled_owned())
+                .filter_map(|message| async move {
+                    match message {
+                        Ok(message) => Some(message),
+                        Err(error) => {
+                            tracing::warn!(%error, "Pull from MESH_INGRESS failed; continuing.");
+                            None
+                        }
+                    }
+                })
+                .map(|message| this.clone().handle(message))
+                .buffer_unordered(self.max_in_flight)
+                .for_each(|()| async {});
+            let grace = self.grace;
+            let deadline = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+            };
+            tokio::select! {
+                () = work => {}
+                () = deadline => {
+                    tracing::warn!(?grace, "In-flight events did not finish within the grace period; terminating now (they will be redelivered).");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Decides one ingress message and acks it once every publish is stored.
+    async fn handle(self: Arc<Self>, message: jetstream::Message) {
+        let started = Instant::now();
+        let subject = message.subject.as_str().to_owned();
+        let seq = message
+            .info()
+            .map(|i| i.stream_sequence)
+            .unwrap_or_default();
+        let token = subjects::parse_ingress(&subject)
+            .map_or("unknown", |p| p.agent)
+            .to_owned();
+        let bundle = self.policies.borrow().clone();
+        let parsed = MeshEvent::from_message(
+            &subject,
+            message.headers.as_ref(),
+            &message.payload,
+            self.limits,
+        );
+
+        let mut receipt = DecisionReceipt {
+            event_id: String::new(),
+            trace_id: String::new(),
+            decision: Decision::Invalid,
+            reasons: Vec::new(),
+            errors: Vec::new(),
+            policy_hash: bundle.hash().to_owned(),
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            agent: token.clone(),
+            event_type: String::new(),
+            target: None,
+            subject: None,
+            causation_id: None,
+            trace_derived: false,
+            decided_at: String::new(),
+            eval_micros: 0,
+            ingress_subject: subject.clone(),
+        };
+        let mut target = None;
+        match &parsed {
+            Ok(event) => {
+                let step = subjects::parse_ingress(&subject).map_or("", |p| p.step);
+                let verdict = bundle.decide(event, step);
+                receipt.event_id = event.id().to_owned();
+                receipt.trace_id = event.trace.trace_id_hex();
+                receipt.trace_derived = event.trace_derived;
+                receipt.event_type = event.event_type.as_str().to_owned();
+                receipt.target = event.target.as_ref().map(|t| t.to_string());
+                receipt.subject =
+                    schemas::AttributesReader::subject(&event.event).map(str::to_owned);
+                receipt.causation_id = event.causation_id.clone();
+                receipt.decision = if verdict.allowed {
+                    Decision::Allow
+                } else {
+                    Decision::Deny
+                };
+                receipt.reasons = verdict.reasons;
+                receipt.errors = verdict.errors;
+                if verdict.allowed {
+                    target = event.target.clone();
+                }
+            }
+            Err(invalid) => {
+                let (id, ty) = best_effort_attributes(message.headers.as_ref(), &message.payload);
+                receipt.trace_id =
+                    TraceParent::derive(if id.is_empty() { &subject } else { &id }).trace_id_hex();
+                receipt.trace_derived = true;
+                receipt.event_id = id;
+                receipt.event_type = ty;
+                receipt.errors = vec![invalid.to_string()];
+            }
+        }
+        receipt.eval_micros = started.elapsed().as_micros() as u64;
+        receipt.decided_at =
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+
+        // A repeated event id collapses to one receipt and one delivery via
+        // `Nats-Msg-Id`. Invalid events may lack an id (or reuse one a later
+        // valid event needs), so theirs is keyed by the ingress sequence.
+        let dedup_id = match receipt.decision {
+            Decision::Invalid => format!("invalid-{seq}"),
+            _ => receipt.event_id.clone(),
+        };
+        match self
+            .publish(&message, &token, &receipt, &dedup_id, target.as_ref())
+            .await
+        {
+            Ok(()) => {
+                if let Err(error) = message.ack().await {
+                    tracing::warn!(event_id = %receipt.event_id, %error, "Ack failed; the event will be redelivered and deduplicated.");
+                }
+                tracing::debug!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, decision = %receipt.decision, "Event decided.");
+            }
+            Err(error) => {
+                tracing::warn!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, %error, "Publishing the decision failed; the event will be redelivered.");
+                let _ = message
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                    .await;
+            }
+        }
+    }
+
+    /// Publishes the receipt and the delivery or dead letter, and waits until
+    /// JetStream has stored both.
+    async fn publish(
+        &self,
+        message: &jetstream::Message,
+        token: &str,
+        receipt: &DecisionReceipt,
+        dedup_id: &str,
+        target: Option<&schemas::AgentId>,
+    ) -> Result<(), async_nats::Error> {
+        // INVARIANT: a receipt is plain strings and numbers; it always serialises.
+        let body = serde_json::to_vec(receipt)?;
+        let receipt_ack = self
+            .js
+            .send_publish(
+                subjects::decision(token),
+                PublishMessage::build()
+                    .payload(body.into())
+                    .message_id(dedup_id),
+            )
+            .await?;
+
+        let mut forward = forwarded_headers(message.headers.as_ref());
+        forward.insert(headers::DECISION_ID, receipt.decision_id.as_str());
+        forward.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
+        forward.insert(headers::TRACE_ID, receipt.trace_id.as_str());
+        let copy = match (receipt.decision, target) {
+            (Decision::Allow, Some(target)) => Some(subjects::deliver(target.as_str(), token)),
+            (Decision::Allow, None) => None,
+            (Decision::Deny | Decision::Invalid, _) => {
+                forward.insert(headers::DECISION, receipt.decision.as_str());
+                let reason = receipt.errors.first().cloned().unwrap_or_else(|| {
+                    if receipt.reasons.is_empty() {
+                        "no policy permits this event".to_owned()
+                    } else {
+                        format!("forbidden by {}", receipt.reasons.join(", "))
+                    }
+                });
+                forward.insert(headers::REASON, schemas::percent_encode_header(&reason));
+                if !receipt.reasons.is_empty() {
+                    forward.insert(headers::POLICIES, receipt.reasons.join(","));
+                }
+                forward.insert(headers::INGRESS_SUBJECT, message.subject.as_str());
+                Some(subjects::dead(token))
+            }
+        };
+        let copy_ack = match copy {
+            Some(subject) => Some(
+                self.js
+                    .send_publish(
+                        subject,
+                        PublishMessage::build()
+                            .headers(forward)
+                            .payload(message.payload.clone())
+                            .message_id(dedup_id),
+                    )
+                    .await?,
+            ),
+            None => None,
+        };
+        receipt_ack.await?;
+        if let Some(ack) = copy_ack {
+            ack.await?;
+        }
+        Ok(())
+    }
+}
+
+/// The event's headers minus JetStream control headers (`Nats-*`), which
+/// belong to the agent's publish, not to the event.
+fn forwarded_headers(original: Option<&HeaderMap>) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(original) = original {
+        for (name, values) in original.iter() {
+            let key: &str = name.as_ref();
+            if key.len() >= 5 && key[..5].eq_ignore_ascii_case("nats-") {
+                continue;
+            }
+            for value in values {
+                out.append(name.clone(), value.clone());
+            }
+        }
+    }
+    out
+}
+
+/// `id` and `type` of a message that failed validation, where they can be read.
+fn best_effort_attributes(headers: Option<&HeaderMap>, payload: &[u8]) -> (String, String) {
+    let header = |attr: &str| {
+        headers.and_then(|h| {
+            h.iter().find_map(|(name, values)| {
+                let name: &str = name.as_ref();
+                (name.len() == attr.len() + 3
+                    && name[..3].eq_ignore_ascii_case("ce-")
+                    && name[3..].eq_ignore_ascii_case(attr))
+                .then(|| values.first())
+                .flatten()
+                .and_then(|v| schemas::percent_decode_header(name, v.as_str()).ok())
+            })
+        })
+    };
+    if let (Some(id), ty) = (header("id"), header("type")) {
+        return (id, ty.unwrap_or_default());
+    }
+    let json: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
+    let field = |f: &str| {
+        json.as_ref()
+            .and_then(|j| j.get(f))
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    (field("id"), field("type"))
+}

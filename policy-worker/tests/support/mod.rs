@@ -1,0 +1,235 @@
+//! Shared helpers for the policy-worker tests: a real nats-server, the real
+//! `policy-worker` binary, and readers for what landed in each stream.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, stream::Stream};
+use bytes::Bytes;
+use schemas::{DecisionReceipt, EventBuilder, EventBuilderV10, encode_binary};
+use testkit::{NatsServer, eventually};
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A copy of the shipped `policies/` in a temp dir the test may edit.
+pub fn policies_copy() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    for entry in std::fs::read_dir(shipped).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    dir
+}
+
+/// The `policy-worker` binary, running against a test server.
+pub struct WorkerProcess {
+    child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+impl WorkerProcess {
+    pub async fn start(nats_url: &str, policies: &Path, extra: &[&str]) -> Self {
+        let ready = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+        let ready_path: PathBuf = ready.to_path_buf();
+        std::fs::remove_file(&ready_path).ok();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_policy-worker"))
+            .args(["--nats-url", nats_url, "--policies"])
+            .arg(policies)
+            .arg("--ready-file")
+            .arg(&ready_path)
+            .args(["--ack-wait-secs", "2"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut worker = Self { child, log };
+        let check = ready_path.clone();
+        let exited = eventually(WAIT, "the policy worker to become ready", || {
+            let ready = check.exists();
+            let exited = worker.child.try_wait().unwrap().is_some();
+            async move { (ready || exited).then_some(exited) }
+        })
+        .await
+        .unwrap();
+        assert!(
+            !exited,
+            "policy-worker exited at start:\n{}",
+            worker.log_text()
+        );
+        worker
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub async fn wait_for_log(&self, needle: &str) {
+        let log = self.log.clone();
+        eventually(WAIT, needle, || {
+            let found = log.lock().unwrap().iter().any(|l| l.contains(needle));
+            async move { found.then_some(()) }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log_text()));
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, signal: &str) {
+        Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Mesh {
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl Mesh {
+    /// A fresh server with the streams applied.
+    pub async fn start() -> Self {
+        let nats = NatsServer::start().await.unwrap();
+        let client = nats.connect().await.unwrap();
+        let js = jetstream::new(client.clone());
+        broker_config::apply(&js, &broker_config::Options::default())
+            .await
+            .unwrap();
+        Self { nats, client, js }
+    }
+
+    pub async fn publish(&self, subject: &str, headers: HeaderMap, payload: impl Into<Bytes>) {
+        self.js
+            .publish_with_headers(subject.to_owned(), headers, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    pub async fn publish_event(&self, subject: &str, event: &schemas::Event) {
+        let (headers, payload) = encode_binary(event);
+        self.publish(subject, headers, payload).await;
+    }
+
+    pub async fn stream(&self, name: &str) -> Stream {
+        self.js.get_stream(name).await.unwrap()
+    }
+
+    /// Every message stored in `stream`, in order.
+    pub async fn messages(&self, name: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
+        let mut stream = self.stream(name).await;
+        let state = stream.info().await.unwrap().state.clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return out;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    pub async fn count(&self, name: &str) -> u64 {
+        self.stream(name).await.info().await.unwrap().state.messages
+    }
+
+    /// Waits until `stream` holds at least `n` messages and returns them.
+    pub async fn wait_messages(
+        &self,
+        name: &str,
+        n: u64,
+    ) -> Vec<async_nats::jetstream::message::StreamMessage> {
+        eventually(WAIT, &format!("{n} messages in {name}"), || async move {
+            (self.count(name).await >= n).then_some(())
+        })
+        .await
+        .unwrap();
+        self.messages(name).await
+    }
+
+    /// Waits for the receipt of `event_id` and returns it.
+    pub async fn receipt(&self, event_id: &str) -> DecisionReceipt {
+        eventually(
+            WAIT,
+            &format!("the receipt of `{event_id}`"),
+            || async move {
+                self.receipts()
+                    .await
+                    .into_iter()
+                    .find(|r| r.event_id == event_id)
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    pub async fn receipts(&self) -> Vec<DecisionReceipt> {
+        self.messages(schemas::subjects::STREAM_DECISION)
+            .await
+            .iter()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect()
+    }
+}
+
+pub fn event(id: &str, agent: &str, ty: &str) -> EventBuilderV10 {
+    EventBuilderV10::new()
+        .id(id)
+        .source(format!("/agents/{agent}"))
+        .ty(format!("io.agentmesh.{ty}"))
+}
+
+pub fn handoff(id: &str) -> schemas::Event {
+    event(id, "planner", "task.handoff")
+        .extension("target", "coder")
+        .extension(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .data(
+            "application/json",
+            serde_json::json!({"task": "implement the parser"}),
+        )
+        .build()
+        .unwrap()
+}
+
+/// Header values of `name` (exact case), for assertions.
+pub fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).map(|v| v.as_str().to_owned())
+}
