@@ -1,1 +1,3 @@
+//! Placeholder until the binary lands.
+
 fn main() {}

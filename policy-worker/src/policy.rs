@@ -80,15 +80,14 @@ struct Names {
 }
 
 impl Names {
+    // INVARIANT: these literals are valid Cedar type names.
+    #[allow(clippy::unwrap_used)]
     fn new() -> Self {
-        let parse = |s: &str| EntityTypeName::from_str(s);
-        // INVARIANT: these literals are valid Cedar type names.
-        #[allow(clippy::unwrap_used)]
         Self {
-            agent: parse("Agent").unwrap(),
-            tool: parse("Tool").unwrap(),
-            workflow: parse("Workflow").unwrap(),
-            action: parse("Action").unwrap(),
+            agent: "Agent".parse().unwrap(),
+            tool: "Tool".parse().unwrap(),
+            workflow: "Workflow".parse().unwrap(),
+            action: "Action".parse().unwrap(),
         }
     }
 }
