@@ -18,6 +18,8 @@ use crate::servers::{self, Endpoints, NatsState};
 
 /// The services, in start order.
 pub const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scaler"];
+/// Services the stack runs without when they cannot start.
+const OPTIONAL: [&str; 1] = ["gpu-scaler"];
 /// Everything `down` may stop, in stop order: services (the sink last, so
 /// it flushes what the others produced), then the servers.
 const STOP_ORDER: [&str; 5] = [
@@ -265,7 +267,7 @@ async fn bring_up(
     let deadline = Instant::now() + options.timeout;
     for name in waiting {
         let ready = home.ready_file(name);
-        loop {
+        let failure = loop {
             if ready.exists() {
                 let pid = procs::read_pid(home, name)
                     .map(|r| r.pid)
@@ -275,26 +277,42 @@ async fn bring_up(
                     "ready",
                     format_args!("pid {pid}, log {}", home.log_file(name).display()),
                 );
-                break;
+                break None;
             }
-            if let Some((_, child)) = started.children.iter_mut().find(|(n, _)| *n == name)
-                && let Ok(Some(status)) = child.try_wait()
+            if let Some(pos) = started.children.iter().position(|(n, _)| *n == name)
+                && let Ok(Some(status)) = started.children[pos].1.try_wait()
             {
+                started.children.remove(pos);
                 let _ = std::fs::remove_file(home.pid_file(name));
-                bail!(
+                break Some(format!(
                     "`{name}` exited ({status}) before it was ready; its log ({}) ends with:\n{}",
                     home.log_file(name).display(),
                     procs::log_tail(home, name, 2000)
-                );
+                ));
             }
             if Instant::now() >= deadline {
-                bail!(
+                break Some(format!(
                     "`{name}` was not ready within {:?}; see {}",
                     options.timeout,
                     home.log_file(name).display()
-                );
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match failure {
+            None => {}
+            // The mesh runs without GPU leasing (most machines have no GPU),
+            // so a scaler that cannot start is reported, not fatal.
+            Some(why) if OPTIONAL.contains(&name) => {
+                if let Some(pos) = started.children.iter().position(|(n, _)| *n == name) {
+                    let (_, mut child) = started.children.remove(pos);
+                    let _ = procs::stop(home, name, Duration::from_secs(5));
+                    let _ = child.wait();
+                }
+                line(name, "failed", "warning: continuing without it (optional)");
+                eprintln!("{why}");
+            }
+            Some(why) => bail!(why),
         }
     }
     Ok(())

@@ -386,9 +386,7 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
     }
     let tmp = tempfile::tempdir()?;
     let stack = LocalStack::new(&tmp.path().join("state"))?;
-    let up = stack
-        .run(&["up", "--detach", "--without", "gpu-scaler"])
-        .await?;
+    let up = stack.run(&["up", "--detach"]).await?;
     let out = text(&up.stdout);
     if !up.status.success() {
         let _ = stack.run(&["down"]).await;
