@@ -289,3 +289,37 @@ async fn schema_creation_is_idempotent() -> anyhow::Result<()> {
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[tokio::test]
+async fn restart_with_other_consumer_settings_keeps_the_cursor() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let trace = TraceParent::mint();
+    let steps = chain("cur", 4);
+    let sink = h.spawn_sink(h.config()).await?;
+    h.publish(&steps[0].message(&trace)).await?;
+    h.wait_rows("events", 1).await?;
+    sink.stop().await?;
+
+    // Published while the sink is down, then picked up by a sink whose
+    // consumer settings (ack wait, max ack pending) differ.
+    for step in &steps[1..] {
+        h.publish(&step.message(&trace)).await?;
+    }
+    let mut config = h.config();
+    config.ack_wait_ms = 7_000;
+    config.batch_rows = 50;
+    let sink = h.spawn_sink(config).await?;
+    h.wait_rows("events", 4).await?;
+    assert_eq!(h.count_final("events").await?, 4);
+    let mut consumer =
+        h.js.get_stream(subjects::STREAM_INGRESS)
+            .await?
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>("audit-sink-events")
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let info = consumer.info().await?;
+    // The server took the new settings for the same durable cursor.
+    assert_eq!(info.config.ack_wait, std::time::Duration::from_secs(7));
+    assert_eq!(info.config.max_ack_pending, 100);
+    sink.stop().await
+}

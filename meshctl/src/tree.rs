@@ -81,7 +81,10 @@ fn what(node: &Node) -> String {
 }
 
 fn verdict(node: &Node) -> String {
-    let policies = node.reasons.join(", ");
+    // Cedar reports the determining policies as a set: sort for a stable line.
+    let mut reasons = node.reasons.clone();
+    reasons.sort();
+    let policies = reasons.join(", ");
     match node.decision.as_str() {
         "allow" if policies.is_empty() => "allow".to_owned(),
         "allow" => format!("allow  ({policies})"),

@@ -148,7 +148,8 @@ async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> 
     let denied: Vec<&String> = steps.iter().filter(|l| l.contains("DENY")).collect();
     assert_eq!(denied.len(), 1);
     assert!(
-        denied[0].contains("tool.call shell.exec") && denied[0].contains("by forbid-shell-exec"),
+        denied[0].contains("tool.call shell.exec")
+            && denied[0].contains("DENY   by forbid-high-risk-tools, forbid-shell-exec"),
         "{}",
         denied[0]
     );
