@@ -18,6 +18,8 @@ use miette::Diagnostic;
 use schemas::{EventType, MeshEvent};
 use sha2::{Digest, Sha256};
 
+use crate::guard::{GuardMeta, Guards};
+
 /// The schema file in a policy directory.
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
 /// The entities file in a policy directory.
@@ -60,6 +62,7 @@ pub struct PolicyBundle {
     hash: String,
     authorizer: Authorizer,
     names: Names,
+    guard: GuardMeta,
 }
 
 impl fmt::Debug for PolicyBundle {
@@ -107,7 +110,13 @@ pub struct Verdict {
 /// names one principal and one action (a tenth of them forbids), the shape
 /// large policy sets tend to have.
 pub fn generated_policies(n: usize) -> String {
-    let actions = ["message", "task.handoff", "tool.result", "output", "reasoning"];
+    let actions = [
+        "message",
+        "task.handoff",
+        "tool.result",
+        "output",
+        "reasoning",
+    ];
     let mut text = String::new();
     for i in 0..n {
         let action = actions[i % actions.len()];
@@ -243,6 +252,18 @@ impl PolicyBundle {
             ));
         }
 
+        let guard = GuardMeta::of(&schema, &policies).map_err(|(id, message)| {
+            let path = origin
+                .get(&id)
+                .map_or_else(|| dir.to_owned(), |(p, _)| p.clone());
+            LoadError::Invalid {
+                path,
+                line: 1,
+                column: 1,
+                message: format!("policy `{id}`: {message}"),
+            }
+        })?;
+
         let entities_path = dir.join(ENTITIES_FILE);
         let entities_text = read(&entities_path)?;
         hasher.update(entities_text.as_bytes());
@@ -257,7 +278,14 @@ impl PolicyBundle {
             hash: hex::encode(&digest[..8]),
             authorizer: Authorizer::new(),
             names: Names::new(),
+            guard,
         })
+    }
+
+    /// What the schema declares and the policies read of the guardrail
+    /// context, and which permits require an approval.
+    pub fn guard(&self) -> &GuardMeta {
+        &self.guard
     }
 
     /// The hash of the schema, policy files and entities (16 hex characters).
@@ -275,9 +303,21 @@ impl PolicyBundle {
         self.len() == 0
     }
 
-    /// Evaluates one validated event. Any failure to form the request denies
-    /// (fail closed) and is reported in `errors`.
+    /// Evaluates one validated event with its payload scanned when a policy
+    /// reads `context.detectors`, and rate and budget counters at zero (the
+    /// worker counts; see [`PolicyBundle::decide_with`]).
     pub fn decide(&self, event: &MeshEvent, step: &str) -> Verdict {
+        let mut guards = Guards::default();
+        if self.guard.reads_detectors() {
+            guards.findings = crate::detect::Detector::shared().scan_event(event);
+        }
+        self.decide_with(event, step, &guards)
+    }
+
+    /// Evaluates one validated event with the given guardrail attributes.
+    /// Any failure to form the request denies (fail closed) and is reported
+    /// in `errors`.
+    pub fn decide_with(&self, event: &MeshEvent, step: &str, guards: &Guards) -> Verdict {
         let deny = |error: String| Verdict {
             allowed: false,
             reasons: Vec::new(),
@@ -320,6 +360,7 @@ impl PolicyBundle {
         if let Some(ct) = schemas::AttributesReader::datacontenttype(&event.event) {
             context["datacontenttype"] = ct.into();
         }
+        self.guard.extend(&mut context, guards);
         let context = match Context::from_json_value(context, Some((&self.schema, &action))) {
             Ok(c) => c,
             Err(e) => return deny(format!("context does not match the schema: {e}")),
