@@ -4,6 +4,8 @@
 //! `approvals.sql` answer from them, and a `decisions` table created by an
 //! older release gains the columns without losing rows.
 
+#![allow(clippy::expect_used)]
+
 mod common;
 
 use audit_sink::queries;
