@@ -134,7 +134,8 @@ pub async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> anyhow::Re
 
 /// Every request in the bucket, with its revision.
 async fn all_states(store: &kv::Store) -> anyhow::Result<Vec<(u64, ApprovalState)>> {
-    let keys: Vec<String> = store
+    // A key updated while listing is listed twice: a set keeps one.
+    let keys: std::collections::BTreeSet<String> = store
         .keys()
         .await
         .context("listing approval requests")?
@@ -143,14 +144,23 @@ async fn all_states(store: &kv::Store) -> anyhow::Result<Vec<(u64, ApprovalState
         .context("listing approval requests")?;
     let mut out = Vec::new();
     for key in keys {
-        if let Some(entry) = store.entry(&key).await?
-            && entry.operation == kv::Operation::Put
-            && let Ok(state) = serde_json::from_slice::<ApprovalState>(&entry.value)
-        {
-            out.push((entry.revision, state));
+        if let Some(state) = state(store, &key).await? {
+            out.push(state);
         }
     }
     Ok(out)
+}
+
+/// The request stored under `id`, with its revision.
+async fn state(store: &kv::Store, id: &str) -> anyhow::Result<Option<(u64, ApprovalState)>> {
+    Ok(match store.entry(id).await? {
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            serde_json::from_slice::<ApprovalState>(&entry.value)
+                .ok()
+                .map(|s| (entry.revision, s))
+        }
+        _ => None,
+    })
 }
 
 /// The request whose id starts with `prefix`.
@@ -298,7 +308,9 @@ async fn answer(
     };
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     loop {
-        let (_, now) = resolve(store, &state.id).await?;
+        let (_, now) = self::state(store, &state.id)
+            .await?
+            .context("the approval request disappeared")?;
         if now.status != ApprovalStatus::Pending {
             let verb = match now.status {
                 ApprovalStatus::Approved => "released",

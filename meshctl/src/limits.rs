@@ -61,6 +61,7 @@ pub async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow::Resul
                         .filter_map(|k| k.strip_prefix("agent.").map(str::to_owned))
                         .collect();
                     keys.sort();
+                    keys.dedup();
                     keys
                 }
             };

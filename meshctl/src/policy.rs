@@ -496,8 +496,8 @@ struct EventRow {
     receipt: String,
 }
 
-fn datetime_literal(t: DateTime<Utc>) -> String {
-    format!("'{}'", t.format("%Y-%m-%d %H:%M:%S"))
+fn micros(t: DateTime<Utc>) -> u64 {
+    u64::try_from(t.timestamp_micros()).unwrap_or(0)
 }
 
 /// The event of a row, encoded as it arrived in binary mode.
@@ -557,7 +557,8 @@ async fn replay_clickhouse(
     until: DateTime<Utc>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let (from, to) = (datetime_literal(since), datetime_literal(until));
+    // Microseconds: a range ending now must include events of this second.
+    let (from, to) = (micros(since), micros(until));
     let sql = format!(
         "SELECT event_id, trace_id, agent, type, target, subject, source, traceparent, parent_id, \
             datacontenttype, data, data_encoding, ingress_subject, received_us, receipt \
@@ -565,12 +566,12 @@ async fn replay_clickhouse(
             SELECT event_id, trace_id, agent, type, target, subject, source, traceparent, parent_id, \
                 datacontenttype, data, data_encoding, ingress_subject, received_us \
             FROM events FINAL \
-            WHERE valid = 1 AND received_at >= {from} AND received_at < {to} \
+            WHERE valid = 1 AND received_us >= {from} AND received_us < {to} \
          ) AS e \
          ANY LEFT JOIN ( \
             SELECT event_id, receipt FROM decisions FINAL \
             WHERE valid = 1 AND event_id IN ( \
-                SELECT event_id FROM events WHERE received_at >= {from} AND received_at < {to}) \
+                SELECT event_id FROM events WHERE received_us >= {from} AND received_us < {to}) \
          ) AS d USING event_id \
          ORDER BY received_us, event_id"
     );
@@ -616,7 +617,7 @@ async fn replay_clickhouse(
 }
 
 /// Every message of `stream` stored from `since` up to its last message
-/// now, in order, with the time the broker stored it.
+/// now, in order, with the time the broker stored it (microseconds).
 async fn read_stream(
     js: &jetstream::Context,
     stream: &str,
@@ -643,7 +644,8 @@ async fn read_stream(
         let Ok(Some(message)) = next else { break };
         let message = message?;
         let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let (seq, at) = (info.stream_sequence, info.published.unix_timestamp());
+        let at = i64::try_from(info.published.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX);
+        let seq = info.stream_sequence;
         out.push((message, at));
         if seq >= last {
             break;
@@ -671,10 +673,11 @@ async fn replay_jetstream(
             receipts.insert(r.event_id.clone(), r);
         }
     }
-    for (message, at) in read_stream(&js, subjects::STREAM_INGRESS, since).await? {
-        if at >= until.timestamp() {
+    for (message, at_us) in read_stream(&js, subjects::STREAM_INGRESS, since).await? {
+        if at_us >= until.timestamp_micros() {
             break;
         }
+        let at = at_us.div_euclid(1_000_000);
         let Ok(event) = schemas::MeshEvent::from_message(
             &message.subject,
             message.headers.as_ref(),
