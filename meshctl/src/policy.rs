@@ -138,8 +138,8 @@ pub async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow::Resul
                     Source::Clickhouse => format!("ClickHouse `{}`", endpoints.database),
                     Source::Jetstream => format!("JetStream `{}`", subjects::STREAM_INGRESS),
                 },
-                since: since.to_rfc3339(),
-                until: until.to_rfc3339(),
+                since: since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                until: until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 policies: policies.display().to_string(),
                 policy_hash: replayer.bundle().hash().to_owned(),
             };
