@@ -1,1 +1,302 @@
-//! placeholder
+//! The audit sink: every ingress event, every decision receipt and every GPU
+//! lease event, written to ClickHouse (database `agentmesh`, tables
+//! `events`, `decisions`, `gpu_leases` of `DESIGN.md`).
+//!
+//! Each table has its own durable pull consumer (`audit-sink-events` on
+//! `MESH_INGRESS`, `audit-sink-decisions` on `MESH_DECISION`,
+//! `audit-sink-gpu` on `MESH_GPU`), so the sink sees every message whatever
+//! else is down. Rows are inserted in batches with the `clickhouse` crate's
+//! `Inserter` (flushed by rows, bytes or period), and a message is acked only
+//! once the insert holding it succeeded: at-least-once, with duplicates
+//! collapsing in the `ReplacingMergeTree` tables.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clickhouse::Client;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod pipeline;
+pub mod queries;
+pub mod rows;
+pub mod schema;
+
+/// Default NATS server.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Default ClickHouse HTTP endpoint.
+pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
+
+/// The sink's settings (flags, or the environment variables named).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "audit-sink",
+    version,
+    about = "Writes every mesh event and decision to ClickHouse"
+)]
+pub struct Config {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+    pub nats_url: String,
+    /// ClickHouse HTTP URL.
+    #[arg(long, env = "CLICKHOUSE_URL", default_value = DEFAULT_CLICKHOUSE_URL)]
+    pub clickhouse_url: String,
+    /// ClickHouse user.
+    #[arg(long, env = "CLICKHOUSE_USER", default_value = "default")]
+    pub clickhouse_user: String,
+    /// ClickHouse password.
+    #[arg(
+        long,
+        env = "CLICKHOUSE_PASSWORD",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub clickhouse_password: String,
+    /// Database of the audit tables (created if missing).
+    #[arg(long, env = "AGENTMESH_AUDIT_DATABASE", default_value = schema::DEFAULT_DATABASE)]
+    pub database: String,
+    /// Flush a batch once it holds this many rows.
+    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_ROWS", default_value_t = 10_000)]
+    pub batch_rows: u64,
+    /// Flush a batch once it holds this many bytes (uncompressed).
+    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub batch_bytes: u64,
+    /// Flush a batch at least this often, in milliseconds.
+    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_PERIOD_MS", default_value_t = 1000)]
+    pub batch_period_ms: u64,
+    /// Give up on one insert after this long, in milliseconds (then retry).
+    #[arg(
+        long,
+        env = "AGENTMESH_AUDIT_INSERT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub insert_timeout_ms: u64,
+    /// JetStream ack wait of the sink's consumers, in milliseconds.
+    #[arg(long, env = "AGENTMESH_AUDIT_ACK_WAIT_MS", default_value_t = 30_000)]
+    pub ack_wait_ms: u64,
+    /// Longest wait between insert retries while ClickHouse fails, in milliseconds.
+    #[arg(long, env = "AGENTMESH_AUDIT_RETRY_MAX_MS", default_value_t = 5_000)]
+    pub retry_max_ms: u64,
+    /// Drop rows older than this many days (TTL; 0 keeps them; needs ClickHouse 20.1+).
+    #[arg(long, env = "AGENTMESH_AUDIT_RETENTION_DAYS", default_value_t = 0)]
+    pub retention_days: u32,
+    /// On shutdown, keep trying to insert the open batch this long, in milliseconds.
+    #[arg(
+        long,
+        env = "AGENTMESH_AUDIT_SHUTDOWN_GRACE_MS",
+        default_value_t = 10_000
+    )]
+    pub shutdown_grace_ms: u64,
+    /// Create this file once ready (schema and consumers in place); removed on exit.
+    #[arg(long, env = "AGENTMESH_AUDIT_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The defaults, pointed at these servers.
+    pub fn new(nats_url: impl Into<String>, clickhouse_url: impl Into<String>) -> Self {
+        Self {
+            nats_url: nats_url.into(),
+            clickhouse_url: clickhouse_url.into(),
+            clickhouse_user: "default".into(),
+            clickhouse_password: String::new(),
+            database: schema::DEFAULT_DATABASE.into(),
+            batch_rows: 10_000,
+            batch_bytes: 8 * 1024 * 1024,
+            batch_period_ms: 1000,
+            insert_timeout_ms: 30_000,
+            ack_wait_ms: 30_000,
+            retry_max_ms: 5_000,
+            retention_days: 0,
+            shutdown_grace_ms: 10_000,
+            ready_file: None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), Error> {
+        schema::check_database(&self.database)
+            .map_err(|e| Error::Config(format!("--database: {e}")))?;
+        let positive = [
+            ("--batch-rows", self.batch_rows),
+            ("--batch-bytes", self.batch_bytes),
+            ("--batch-period-ms", self.batch_period_ms),
+            ("--insert-timeout-ms", self.insert_timeout_ms),
+            ("--ack-wait-ms", self.ack_wait_ms),
+            ("--retry-max-ms", self.retry_max_ms),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return Err(Error::Config(format!("{flag} must be greater than 0")));
+            }
+        }
+        if !self.clickhouse_url.starts_with("http://")
+            && !self.clickhouse_url.starts_with("https://")
+        {
+            return Err(Error::Config(format!(
+                "--clickhouse-url `{}` must be the HTTP interface, e.g. `{DEFAULT_CLICKHOUSE_URL}`",
+                self.clickhouse_url
+            )));
+        }
+        Ok(())
+    }
+
+    /// A ClickHouse client for this config, without a default database.
+    pub fn clickhouse_client(&self) -> Client {
+        Client::default()
+            .with_url(&self.clickhouse_url)
+            .with_user(&self.clickhouse_user)
+            .with_password(&self.clickhouse_password)
+            // 18.16 has no RowBinaryWithNamesAndTypes.
+            .with_validation(false)
+    }
+}
+
+/// Why the sink stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A setting is wrong.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// NATS could not be reached.
+    #[error("cannot connect to NATS at `{url}`: {source}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// The client's error.
+        source: async_nats::ConnectError,
+    },
+    /// The streams could not be applied.
+    #[error(transparent)]
+    Broker(#[from] broker_config::ApplyError),
+    /// A durable consumer could not be created.
+    #[error("consumer `{durable}`: {source}")]
+    Consumer {
+        /// The durable name.
+        durable: &'static str,
+        /// The broker's answer.
+        source: async_nats::Error,
+    },
+    /// The ready file could not be written.
+    #[error("cannot write the ready file `{path}`: {source}")]
+    ReadyFile {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the sink until `shutdown` is cancelled: applies the streams, waits
+/// for ClickHouse and creates the schema, creates the consumers, writes the
+/// ready file, then moves messages into tables; on shutdown inserts what it
+/// holds (within the grace period) and returns.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    config.validate()?;
+    let nats = async_nats::connect(&config.nats_url)
+        .await
+        .map_err(|source| Error::Connect {
+            url: config.nats_url.clone(),
+            source,
+        })?;
+    let js = async_nats::jetstream::new(nats);
+    broker_config::apply(&js, &broker_config::Options::default()).await?;
+
+    let ddl_client = config.clickhouse_client();
+    let client = ddl_client.clone().with_database(&config.database);
+    let Some(features) = wait_for_schema(&ddl_client, &config, &shutdown).await else {
+        return Ok(());
+    };
+    if config.retention_days > 0 && !features.ttl {
+        tracing::warn!(version = %features.version, "Retention needs ClickHouse 20.1+ (TTL); rows are kept.");
+    }
+
+    let settings = pipeline::Settings {
+        database: config.database.clone(),
+        clickhouse_url: config.clickhouse_url.clone(),
+        retention_days: config.retention_days,
+        batch_rows: config.batch_rows,
+        batch_bytes: config.batch_bytes,
+        batch_period: Duration::from_millis(config.batch_period_ms),
+        insert_timeout: Duration::from_millis(config.insert_timeout_ms),
+        ack_wait: Duration::from_millis(config.ack_wait_ms),
+        retry_max: Duration::from_millis(config.retry_max_ms),
+        shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+    };
+    let events = pipeline::consumer::<pipeline::Events>(&js, &settings).await?;
+    let decisions = pipeline::consumer::<pipeline::Decisions>(&js, &settings).await?;
+    let gpu = pipeline::consumer::<pipeline::GpuLeases>(&js, &settings).await?;
+
+    let tracker = TaskTracker::new();
+    tracker.spawn(pipeline::run::<pipeline::Events>(
+        events,
+        client.clone(),
+        ddl_client.clone(),
+        settings.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(pipeline::run::<pipeline::Decisions>(
+        decisions,
+        client.clone(),
+        ddl_client.clone(),
+        settings.clone(),
+        shutdown.clone(),
+    ));
+    tracker.spawn(pipeline::run::<pipeline::GpuLeases>(
+        gpu,
+        client,
+        ddl_client,
+        settings,
+        shutdown.clone(),
+    ));
+    tracker.close();
+
+    if let Some(path) = &config.ready_file {
+        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
+            Error::ReadyFile {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+    tracing::info!(
+        nats = %config.nats_url,
+        clickhouse = %config.clickhouse_url,
+        database = %config.database,
+        version = %features.version,
+        "Audit sink ready."
+    );
+    tracker.wait().await;
+    if let Some(path) = &config.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("Audit sink stopped.");
+    Ok(())
+}
+
+/// Creates the schema, retrying with backoff while ClickHouse is not there;
+/// `None` when shut down first.
+async fn wait_for_schema(
+    client: &Client,
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Option<schema::ServerFeatures> {
+    let mut backoff = Duration::from_millis(100);
+    let max = Duration::from_millis(config.retry_max_ms);
+    loop {
+        match schema::ensure(client, &config.database, config.retention_days).await {
+            Ok(features) => return Some(features),
+            Err(e) => tracing::warn!(
+                clickhouse = %config.clickhouse_url,
+                error = %e,
+                retry_in = ?backoff,
+                "Waiting for ClickHouse to create the audit schema."
+            ),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(max);
+    }
+}

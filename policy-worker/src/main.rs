@@ -92,7 +92,6 @@ async fn main() -> std::process::ExitCode {
     match policy_worker::run(config, shutdown).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error}");
             eprintln!("policy-worker: {error}");
             std::process::ExitCode::FAILURE
         }

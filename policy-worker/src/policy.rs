@@ -80,15 +80,14 @@ struct Names {
 }
 
 impl Names {
+    // INVARIANT: these literals are valid Cedar type names.
+    #[allow(clippy::unwrap_used)]
     fn new() -> Self {
-        let parse = |s: &str| EntityTypeName::from_str(s);
-        // INVARIANT: these literals are valid Cedar type names.
-        #[allow(clippy::unwrap_used)]
         Self {
-            agent: parse("Agent").unwrap(),
-            tool: parse("Tool").unwrap(),
-            workflow: parse("Workflow").unwrap(),
-            action: parse("Action").unwrap(),
+            agent: "Agent".parse().unwrap(),
+            tool: "Tool".parse().unwrap(),
+            workflow: "Workflow".parse().unwrap(),
+            action: "Action".parse().unwrap(),
         }
     }
 }
@@ -102,6 +101,23 @@ pub struct Verdict {
     pub reasons: Vec<String>,
     /// Evaluation errors; any evaluation error denies the event.
     pub errors: Vec<String>,
+}
+
+/// `n` synthetic policies over the shipped schema, for benchmarks: each
+/// names one principal and one action (a tenth of them forbids), the shape
+/// large policy sets tend to have.
+pub fn generated_policies(n: usize) -> String {
+    let actions = ["message", "task.handoff", "tool.result", "output", "reasoning"];
+    let mut text = String::new();
+    for i in 0..n {
+        let action = actions[i % actions.len()];
+        let effect = if i % 10 == 0 { "forbid" } else { "permit" };
+        text.push_str(&format!(
+            "@id(\"generated-{i}\")\n{effect} (principal == Agent::\"generated-agent-{i}\", action == Action::\"io.agentmesh.{action}\", resource in Role::\"member\")\nwhen {{ context.size < {} && context.step != \"never-{i}\" }};\n",
+            1_000 + i
+        ));
+    }
+    text
 }
 
 /// 1-based line and column of a byte offset in `text`.

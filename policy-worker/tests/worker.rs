@@ -1,6 +1,8 @@
 //! End-to-end tests of the policy worker against a real nats-server: the
 //! real binary decides events that tests publish like any NATS client.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use async_nats::HeaderMap;

@@ -1,7 +1,7 @@
 //! Shared helpers for the policy-worker tests: a real nats-server, the real
 //! `policy-worker` binary, and readers for what landed in each stream.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

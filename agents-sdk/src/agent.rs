@@ -1,0 +1,664 @@
+//! The agent: a NATS connection under an agent id, its durable delivery
+//! consumer on `MESH_DELIVER`, its card in `mesh-agents`, its tool handlers,
+//! and the one place events are published to `mesh.ingress.<self>.<step>`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use async_nats::{Client, ConnectOptions};
+use schemas::{AgentId, AttributesReader, Event, EventType, TraceParent, subjects};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::card::{AgentCard, Directory, Skill, ToolSpec};
+use crate::error::{BoxError, ConnectError, ConnectErrorKind, PublishError, PublishErrorKind};
+use crate::inbox::Inbox;
+use crate::tools::{ToolCall, ToolError, ToolHandler};
+use crate::workflow::Workflow;
+
+/// The default for [`AgentBuilder::ack_wait`].
+pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
+/// The default for [`AgentBuilder::call_timeout`].
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the agent authenticates to NATS.
+#[derive(Debug, Clone)]
+enum Credentials {
+    None,
+    File(PathBuf),
+    NKey(String),
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// Tunables shared by every part of the agent.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) ack_wait: Duration,
+    pub(crate) max_deliver: i64,
+    pub(crate) nak_delay: Duration,
+    pub(crate) call_timeout: Duration,
+    pub(crate) max_concurrent_tools: usize,
+    pub(crate) shutdown_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            ack_wait: DEFAULT_ACK_WAIT,
+            max_deliver: -1,
+            nak_delay: Duration::from_secs(1),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            max_concurrent_tools: 16,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Configures and connects an [`Agent`].
+///
+/// ```no_run
+/// use agents_sdk::{Agent, Skill, ToolCall, ToolSpec};
+/// use serde_json::json;
+/// use std::time::Duration;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let agent = Agent::builder("coder")
+///     .description("Reads the repository")
+///     .skill(Skill::new("rust", "Rust programming").tag("code"))
+///     .tool(ToolSpec::new("repo.read"), |call: ToolCall| async move {
+///         let path: String = call.arg("path")?;
+///         Ok(json!({ "text": std::fs::read_to_string(path)? }))
+///     })
+///     .credentials_file("/etc/agentmesh/coder.creds")
+///     .ack_wait(Duration::from_secs(60))
+///     .connect("nats://127.0.0.1:4222")
+///     .await?;
+/// # let _ = agent;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use = "an AgentBuilder does nothing until `connect` is awaited"]
+pub struct AgentBuilder {
+    id: String,
+    card: AgentCard,
+    credentials: Credentials,
+    options: Option<ConnectOptions>,
+    tools: HashMap<String, Arc<dyn ToolHandler>>,
+    settings: Settings,
+    register_card: bool,
+}
+
+impl AgentBuilder {
+    fn new(id: impl Into<String>) -> Self {
+        let id = id.into();
+        Self {
+            card: AgentCard::new(id.clone()),
+            id,
+            credentials: Credentials::None,
+            options: None,
+            tools: HashMap::new(),
+            settings: Settings::default(),
+            register_card: true,
+        }
+    }
+
+    /// Sets the card's human-readable name (default: the agent id).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.card = self.card.name(name);
+        self
+    }
+
+    /// Sets the card's description.
+    pub fn description(mut self, description: impl Into<String>) -> Self {
+        self.card = self.card.description(description);
+        self
+    }
+
+    /// Sets the card's version (default `0.1.0`).
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.card = self.card.version(version);
+        self
+    }
+
+    /// Adds a skill to the card.
+    pub fn skill(mut self, skill: Skill) -> Self {
+        self.card = self.card.skill(skill);
+        self
+    }
+
+    /// Serves a tool: lists it in the card and answers every `tool.call`
+    /// for it with `handler`'s result as a `tool.result` to the caller.
+    ///
+    /// The handler gets the call and returns any serialisable result, or a
+    /// [`ToolError`] (any `std::error::Error` converts with `?`), which the
+    /// caller receives as [`CallErrorKind::ToolFailed`](crate::CallErrorKind::ToolFailed).
+    pub fn tool<F, Fut, T>(mut self, spec: ToolSpec, handler: F) -> Self
+    where
+        F: Fn(ToolCall) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<T, ToolError>> + Send + 'static,
+        T: Serialize + 'static,
+    {
+        let handler = move |call: ToolCall| {
+            let fut = handler(call);
+            async move {
+                let value = fut.await?;
+                serde_json::to_value(value)
+                    .map_err(|e| ToolError::new(format!("the result is not JSON: {e}")))
+            }
+        };
+        self.tools.insert(spec.name.clone(), Arc::new(handler));
+        self.card = self.card.tool(spec);
+        self
+    }
+
+    /// Uses `card` as the agent's card (its id becomes the agent id). Tools
+    /// registered with [`tool`](Self::tool), before or after, stay listed,
+    /// replacing same-named entries of `card`.
+    pub fn card(mut self, card: AgentCard) -> Self {
+        let served = std::mem::take(&mut self.card.tools);
+        self.card = served.into_iter().fold(card, AgentCard::tool);
+        self
+    }
+
+    /// Whether to write the card to `mesh-agents` on connect (default: yes).
+    pub fn register_card(mut self, register: bool) -> Self {
+        self.register_card = register;
+        self
+    }
+
+    /// Authenticates with a NATS credentials file (JWT and NKey seed).
+    pub fn credentials_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.credentials = Credentials::File(path.into());
+        self
+    }
+
+    /// Authenticates with an NKey seed.
+    pub fn nkey(mut self, seed: impl Into<String>) -> Self {
+        self.credentials = Credentials::NKey(seed.into());
+        self
+    }
+
+    /// Authenticates with a user and password.
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
+        self.credentials = Credentials::UserPassword(user.into(), password.into());
+        self
+    }
+
+    /// Authenticates with a token.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.credentials = Credentials::Token(token.into());
+        self
+    }
+
+    /// Starts from these async-nats options (TLS, timeouts, callbacks); the
+    /// credentials set on this builder are applied on top.
+    pub fn connect_options(mut self, options: ConnectOptions) -> Self {
+        self.options = Some(options);
+        self
+    }
+
+    /// How long JetStream waits for an acknowledgement before it delivers a
+    /// message again (default 30 s). Tool handlers that run longer keep their
+    /// call alive automatically.
+    pub fn ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.settings.ack_wait = ack_wait;
+        self
+    }
+
+    /// How many times a delivery is attempted (default: no limit).
+    pub fn max_deliver(mut self, max_deliver: i64) -> Self {
+        self.settings.max_deliver = max_deliver;
+        self
+    }
+
+    /// How long a failed delivery waits before it is delivered again
+    /// (default 1 s).
+    pub fn nak_delay(mut self, delay: Duration) -> Self {
+        self.settings.nak_delay = delay;
+        self
+    }
+
+    /// The default timeout of tool calls and requests (default 30 s).
+    pub fn call_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.call_timeout = timeout;
+        self
+    }
+
+    /// How many tool calls run at once (default 16).
+    pub fn max_concurrent_tools(mut self, max: usize) -> Self {
+        self.settings.max_concurrent_tools = max.max(1);
+        self
+    }
+
+    /// How long [`Agent::serve`] waits for running tool calls on shutdown
+    /// (default 10 s); calls still running then are delivered again later.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.settings.shutdown_grace = grace;
+        self
+    }
+
+    /// Connects to the NATS server(s) at `url` and sets the agent up.
+    pub async fn connect(mut self, url: impl AsRef<str>) -> Result<Agent, ConnectError> {
+        let url = url.as_ref();
+        let id = AgentId::new(&self.id)
+            .map_err(|_| ConnectErrorKind::InvalidAgentId(self.id.clone()))?;
+        let mut options = self.options.take().unwrap_or_default();
+        options = match &self.credentials {
+            Credentials::None => options,
+            Credentials::File(path) => options.credentials_file(path).await.map_err(|e| {
+                ConnectError::with_source(
+                    ConnectErrorKind::Credentials(path.display().to_string()),
+                    e,
+                )
+            })?,
+            Credentials::NKey(seed) => options.nkey(seed.clone()),
+            Credentials::UserPassword(user, pass) => {
+                options.user_and_password(user.clone(), pass.clone())
+            }
+            Credentials::Token(token) => options.token(token.clone()),
+        };
+        let client = options
+            .name(format!("agentmesh-agent-{id}"))
+            .connect(url)
+            .await
+            .map_err(|e| ConnectError::with_source(ConnectErrorKind::Connect(url.to_owned()), e))?;
+        self.setup(id, client).await
+    }
+
+    /// Sets the agent up on an existing connection (credentials and connect
+    /// options on this builder are ignored).
+    pub async fn connect_with(self, client: Client) -> Result<Agent, ConnectError> {
+        let id = AgentId::new(&self.id)
+            .map_err(|_| ConnectErrorKind::InvalidAgentId(self.id.clone()))?;
+        self.setup(id, client).await
+    }
+
+    async fn setup(self, id: AgentId, client: Client) -> Result<Agent, ConnectError> {
+        let js = jetstream::new(client.clone());
+        for stream in [
+            subjects::STREAM_INGRESS,
+            subjects::STREAM_DELIVER,
+            subjects::STREAM_DECISION,
+        ] {
+            match js.get_stream(stream).await {
+                Ok(_) => {}
+                Err(e) if is_stream_not_found(&e) => {
+                    return Err(ConnectErrorKind::MissingStream(stream.to_owned()).into());
+                }
+                Err(e) => return Err(ConnectError::with_source(ConnectErrorKind::Broker, e)),
+            }
+        }
+        let consumer_name = consumer_name(&id);
+        let consumer: consumer::PullConsumer = js
+            .create_consumer_on_stream(
+                consumer::pull::Config {
+                    durable_name: Some(consumer_name.clone()),
+                    description: Some(format!("deliveries to agent `{id}`")),
+                    filter_subject: format!("mesh.deliver.{id}.>"),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.settings.ack_wait,
+                    max_deliver: self.settings.max_deliver,
+                    max_ack_pending: 1000,
+                    ..Default::default()
+                },
+                subjects::STREAM_DELIVER,
+            )
+            .await
+            .map_err(|e| {
+                ConnectError::with_source(ConnectErrorKind::Consumer(consumer_name.clone()), e)
+            })?;
+        let directory = Directory::open(&js).await.map_err(|e| match e.kind_ref() {
+            crate::error::DirectoryErrorKind::MissingBucket => ConnectError::new(
+                ConnectErrorKind::MissingStream(subjects::BUCKET_AGENTS.to_owned()),
+            ),
+            _ => ConnectError::with_source(ConnectErrorKind::Broker, e),
+        })?;
+        let mut card = self.card;
+        card.id = id.to_string();
+        if self.register_card {
+            directory
+                .register(&card)
+                .await
+                .map_err(|e| ConnectError::with_source(ConnectErrorKind::Card, e))?;
+        }
+        tracing::debug!(agent = %id, consumer = %consumer_name, "Agent connected.");
+        Ok(Agent {
+            inner: Arc::new(Inner {
+                tool_slots: Arc::new(Semaphore::new(self.settings.max_concurrent_tools)),
+                id,
+                client,
+                js,
+                consumer,
+                consumer_name,
+                directory,
+                card,
+                tools: self.tools,
+                awaited: Mutex::new(Awaited::default()),
+                inbox: Inbox::default(),
+                tasks: TaskTracker::new(),
+                settings: self.settings,
+            }),
+        })
+    }
+}
+
+pub(crate) fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// The durable consumer an agent reads its deliveries from: `agent-<id>`.
+pub fn consumer_name(id: &AgentId) -> String {
+    format!("agent-{id}")
+}
+
+/// Ids of calls this process waits (or waited) for, with the type of the
+/// answer, so the delivery stream can drop the durable copy of an answer
+/// that a call already consumed. Bounded: the oldest ids are forgotten.
+#[derive(Debug, Default)]
+pub(crate) struct Awaited {
+    /// Call id -> (answer type, answering agent).
+    types: HashMap<String, (EventType, String)>,
+    order: VecDeque<String>,
+}
+
+const AWAITED_CAPACITY: usize = 4096;
+
+impl Awaited {
+    pub(crate) fn insert(&mut self, id: String, answer: EventType, from: String) {
+        if self.types.insert(id.clone(), (answer, from)).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > AWAITED_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.types.remove(&old);
+            }
+        }
+    }
+
+    pub(crate) fn answers(&self, causation: &str, ty: EventType, from: &str) -> bool {
+        self.types
+            .get(causation)
+            .is_some_and(|(answer, callee)| *answer == ty && callee == from)
+    }
+}
+
+pub(crate) struct Inner {
+    pub(crate) id: AgentId,
+    pub(crate) client: Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) consumer: consumer::PullConsumer,
+    pub(crate) consumer_name: String,
+    pub(crate) directory: Directory,
+    pub(crate) card: AgentCard,
+    pub(crate) tools: HashMap<String, Arc<dyn ToolHandler>>,
+    pub(crate) awaited: Mutex<Awaited>,
+    pub(crate) inbox: Inbox,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) tool_slots: Arc<Semaphore>,
+    pub(crate) settings: Settings,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.inbox.stop();
+    }
+}
+
+/// A connected agent. Cheap to clone: clones share the connection.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let agent = agents_sdk::Agent::connect("planner", "nats://127.0.0.1:4222").await?;
+/// let workflow = agent.workflow();
+/// workflow.prompt("Add a test for the parser").await?;
+/// workflow.handoff("coder", "write the test").await?;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Agent {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("id", &self.inner.id)
+            .field("consumer", &self.inner.consumer_name)
+            .field("tools", &self.inner.tools.keys().collect::<HashSet<_>>())
+            .finish()
+    }
+}
+
+/// What JetStream said about a published event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The event id (a UUIDv7).
+    pub id: String,
+    /// The event's `traceparent`: the workflow's trace id and this step's span.
+    pub trace: TraceParent,
+    /// The ingress subject it was published on.
+    pub subject: String,
+    /// Its sequence in `MESH_INGRESS`.
+    pub sequence: u64,
+    /// Whether JetStream had already stored an event with this id.
+    pub duplicate: bool,
+}
+
+impl Agent {
+    /// Starts configuring agent `id` (card, tools, credentials, tunables).
+    pub fn builder(id: impl Into<String>) -> AgentBuilder {
+        AgentBuilder::new(id)
+    }
+
+    /// Connects agent `id` to the NATS server at `url` with defaults.
+    pub async fn connect(
+        id: impl Into<String>,
+        url: impl AsRef<str>,
+    ) -> Result<Agent, ConnectError> {
+        Self::builder(id).connect(url).await
+    }
+
+    /// The agent id.
+    pub fn id(&self) -> &AgentId {
+        &self.inner.id
+    }
+
+    /// The NATS connection.
+    pub fn client(&self) -> &Client {
+        &self.inner.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.inner.js
+    }
+
+    /// The card this agent registered (or would have).
+    pub fn card(&self) -> &AgentCard {
+        &self.inner.card
+    }
+
+    /// The agent directory (`mesh-agents`).
+    pub fn directory(&self) -> &Directory {
+        &self.inner.directory
+    }
+
+    /// The name of the agent's durable delivery consumer (`agent-<id>`).
+    pub fn consumer_name(&self) -> &str {
+        &self.inner.consumer_name
+    }
+
+    /// A new workflow: mints a trace whose first step is its root.
+    pub fn workflow(&self) -> Workflow {
+        Workflow::new(self.clone(), TraceParent::mint(), None)
+    }
+
+    /// Continues an existing trace; the next step follows `after` (an event
+    /// id) when given, else it is a root step.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
+    /// // A trace started elsewhere, e.g. by an HTTP front end.
+    /// let trace: agents_sdk::TraceParent =
+    ///     "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse()?;
+    /// let wf = agent.continue_trace(trace, None);
+    /// wf.prompt("from the web form").await?;
+    /// assert_eq!(wf.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn continue_trace(&self, trace: TraceParent, after: Option<String>) -> Workflow {
+        Workflow::new(self.clone(), trace, after)
+    }
+
+    /// Flushes what is buffered and waits for running tool calls (up to the
+    /// shutdown grace).
+    pub async fn close(&self) -> Result<(), BoxError> {
+        self.inner.tasks.close();
+        let _ =
+            tokio::time::timeout(self.inner.settings.shutdown_grace, self.inner.tasks.wait()).await;
+        self.inner.tasks.reopen();
+        self.inner.client.flush().await?;
+        Ok(())
+    }
+
+    /// Publishes `event` on `mesh.ingress.<self>.<step>` through JetStream
+    /// and waits for the stream's acknowledgement.
+    pub(crate) async fn publish_event(
+        &self,
+        step: &str,
+        event: &Event,
+        trace: TraceParent,
+    ) -> Result<Published, PublishError> {
+        let subject = subjects::ingress(self.inner.id.as_str(), step);
+        let (mut headers, payload) = schemas::encode_binary(event);
+        // Lets JetStream drop a re-sent copy of the same event.
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id());
+        let ack = self
+            .inner
+            .js
+            .publish_with_headers(subject.clone(), headers, payload)
+            .await
+            .map_err(|e| PublishError::with_source(PublishErrorKind::Publish(subject.clone()), e))?
+            .await
+            .map_err(|e| PublishError::with_source(PublishErrorKind::Ack(subject.clone()), e))?;
+        tracing::debug!(%subject, id = event.id(), r#type = event.ty(), "Event published.");
+        Ok(Published {
+            id: event.id().to_owned(),
+            trace,
+            subject,
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    /// Creates an ordered consumer on `stream` filtered on `filter`.
+    pub(crate) async fn ordered(
+        &self,
+        stream: &str,
+        filter: String,
+        deliver_policy: consumer::DeliverPolicy,
+    ) -> Result<consumer::pull::Ordered, BoxError> {
+        let consumer: consumer::OrderedPullConsumer = self
+            .inner
+            .js
+            .create_consumer_on_stream(
+                consumer::pull::OrderedConfig {
+                    filter_subject: filter,
+                    deliver_policy,
+                    ..Default::default()
+                },
+                stream,
+            )
+            .await?;
+        Ok(consumer.messages().await?)
+    }
+
+    pub(crate) fn tool_handler(&self, tool: &str) -> Option<Arc<dyn ToolHandler>> {
+        self.inner.tools.get(tool).cloned()
+    }
+
+    pub(crate) fn remember_call(&self, id: &str, answer: EventType, from: &str) {
+        if let Ok(mut awaited) = self.inner.awaited.lock() {
+            awaited.insert(id.to_owned(), answer, from.to_owned());
+        }
+    }
+
+    pub(crate) fn was_awaited(&self, causation: &str, answer: EventType, from: &str) -> bool {
+        self.inner
+            .awaited
+            .lock()
+            .map(|a| a.answers(causation, answer, from))
+            .unwrap_or(false)
+    }
+}
+
+/// The JSON value of `data`, or why it could not be made.
+pub(crate) fn to_json(data: impl Serialize) -> Result<Value, String> {
+    serde_json::to_value(data).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_whole_card_keeps_the_served_tools() {
+        let builder = Agent::builder("coder")
+            .tool(
+                ToolSpec::new("code.search").description("served"),
+                |_call: ToolCall| async move { Ok(1) },
+            )
+            .card(
+                AgentCard::new("ignored")
+                    .description("from the card")
+                    .tool(ToolSpec::new("code.search").description("claimed"))
+                    .tool(ToolSpec::new("docs.read")),
+            );
+        assert_eq!(builder.card.description, "from the card");
+        let tools: Vec<_> = builder
+            .card
+            .tools
+            .iter()
+            .map(|t| (t.name.as_str(), t.description.as_str()))
+            .collect();
+        assert_eq!(tools, [("docs.read", ""), ("code.search", "served")]);
+        assert!(builder.tools.contains_key("code.search"));
+    }
+
+    #[test]
+    fn awaited_is_bounded_and_typed() {
+        let mut a = Awaited::default();
+        a.insert("c1".into(), EventType::ToolResult, "coder".into());
+        assert!(a.answers("c1", EventType::ToolResult, "coder"));
+        assert!(!a.answers("c1", EventType::ToolResult, "mallory"));
+        assert!(!a.answers("c1", EventType::Message, "coder"));
+        for i in 0..AWAITED_CAPACITY {
+            a.insert(format!("x{i}"), EventType::Message, "reviewer".into());
+        }
+        assert!(!a.answers("c1", EventType::ToolResult, "coder"));
+        assert!(a.answers(
+            &format!("x{}", AWAITED_CAPACITY - 1),
+            EventType::Message,
+            "reviewer"
+        ));
+        assert_eq!(a.order.len(), AWAITED_CAPACITY);
+    }
+}

@@ -1,0 +1,338 @@
+//! Calls that wait for the mesh: tool calls, requests, and decision receipts.
+//!
+//! A call listens before it publishes: it registers with the agent's inbox
+//! (receipts and deliveries, see `inbox.rs`), then publishes. A deny or
+//! invalid receipt for the call's id ends it with the receipt; an answer
+//! from the callee whose `causationid` is the call's id ends it with the
+//! answer; otherwise it times out.
+
+use std::future::IntoFuture;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use futures::StreamExt;
+use schemas::{Decision, DecisionReceipt, EventType, subjects};
+use serde_json::Value;
+
+use crate::agent::Agent;
+use crate::delivery::Received;
+use crate::error::{CallError, CallErrorKind, DecisionError, DecisionErrorKind};
+use crate::inbox::Arrival;
+use crate::payload;
+use crate::workflow::{BoxFuture, Step, Workflow};
+
+/// How far before an event's UUIDv7 time [`Agent::await_decision`] starts
+/// reading receipts, to allow for clock skew between agent and broker.
+const DECISION_LOOKBACK: Duration = Duration::from_secs(60);
+
+/// A tool call being prepared; await it for the tool's result.
+#[must_use = "a tool call is only made when awaited"]
+#[derive(Debug)]
+pub struct ToolCallRequest {
+    wf: Workflow,
+    tool: String,
+    args: Result<Value, String>,
+    provider: Option<String>,
+    timeout: Duration,
+}
+
+impl ToolCallRequest {
+    pub(crate) fn new(wf: Workflow, tool: String, args: Result<Value, String>) -> Self {
+        let timeout = wf.agent.inner.settings.call_timeout;
+        Self {
+            wf,
+            tool,
+            args,
+            provider: None,
+            timeout,
+        }
+    }
+
+    /// Sends the call to this agent instead of looking the tool up in
+    /// `mesh-agents`.
+    pub fn on(mut self, agent: impl Into<String>) -> Self {
+        self.provider = Some(agent.into());
+        self
+    }
+
+    /// How long to wait for the result (default: the agent's call timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn run(self) -> Result<Value, CallError> {
+        let provider = match self.provider {
+            Some(provider) => Some(provider),
+            None => self
+                .wf
+                .agent
+                .directory()
+                .find_by_tool(&self.tool)
+                .await
+                .map_err(|e| CallError::with_source(CallErrorKind::Broker, e))?
+                .into_iter()
+                .next()
+                .map(|card| card.id),
+        };
+        let args = self.args.map_err(|e| {
+            CallError::new(CallErrorKind::Publish(crate::PublishErrorKind::Data(e)))
+        })?;
+        let mut step = self
+            .wf
+            .step(EventType::ToolCall)
+            .data(payload::ToolCall {
+                tool: self.tool.clone(),
+                arguments: args,
+            })
+            .subject(self.tool.clone());
+        if let Some(provider) = provider {
+            step = step.target(provider);
+        }
+        let Some(answer) = exchange(step, EventType::ToolResult, self.timeout).await? else {
+            return Err(CallErrorKind::NoProvider(self.tool).into());
+        };
+        let result: payload::ToolResult = answer
+            .json()
+            .map_err(|e| CallError::with_source(CallErrorKind::InvalidAnswer, e))?;
+        if result.ok {
+            Ok(result.result.unwrap_or(Value::Null))
+        } else {
+            Err(CallErrorKind::ToolFailed {
+                tool: self.tool,
+                message: result
+                    .error
+                    .unwrap_or_else(|| "the tool reported an error without a message".to_owned()),
+            }
+            .into())
+        }
+    }
+}
+
+impl IntoFuture for ToolCallRequest {
+    type Output = Result<Value, CallError>;
+    type IntoFuture = BoxFuture<Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+/// A request (a message that expects a reply) being prepared; await it for
+/// the reply.
+#[must_use = "a request is only sent when awaited"]
+#[derive(Debug)]
+pub struct Request {
+    step: Step,
+    timeout: Duration,
+}
+
+impl Request {
+    pub(crate) fn new(step: Step) -> Self {
+        Self {
+            timeout: step.workflow().agent.inner.settings.call_timeout,
+            step,
+        }
+    }
+
+    /// How long to wait for the reply (default: the agent's call timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn run(self) -> Result<Received, CallError> {
+        match exchange(self.step, EventType::Message, self.timeout).await? {
+            Some(reply) => Ok(reply),
+            // `message` always has a target, so an allow without one cannot
+            // happen; treat it as the broker misbehaving.
+            None => Err(CallErrorKind::Broker.into()),
+        }
+    }
+}
+
+impl IntoFuture for Request {
+    type Output = Result<Received, CallError>;
+    type IntoFuture = BoxFuture<Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+/// Publishes `step` and waits for its answer of type `answer_type` from the
+/// step's target. `Ok(None)`: policy allowed a step without a target, so no
+/// answer can come.
+async fn exchange(
+    step: Step,
+    answer_type: EventType,
+    timeout: Duration,
+) -> Result<Option<Received>, CallError> {
+    let prepared = step.prepare()?;
+    let agent = prepared.wf.agent.clone();
+    let id = prepared.id().to_owned();
+    let target = prepared.target.clone();
+    if let Some(target) = &target {
+        agent.remember_call(&id, answer_type, target);
+    }
+    // Listen before publishing, so neither receipt nor answer can be missed.
+    let mut waiting = agent
+        .wait_for(&id)
+        .await
+        .map_err(|e| CallError::with_source(CallErrorKind::Broker, e))?;
+    let wf = prepared.wf.clone();
+    prepared.send().await?;
+
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    let mut decision: Option<Decision> = None;
+    loop {
+        let arrival = tokio::select! {
+            () = &mut deadline => {
+                return Err(CallErrorKind::TimedOut { after: timeout, decision }.into());
+            }
+            arrival = waiting.arrivals.recv() => match arrival {
+                Some(arrival) => arrival,
+                None => return Err(CallErrorKind::Broker.into()),
+            },
+        };
+        match arrival {
+            Arrival::Decision(receipt) => match receipt.decision {
+                Decision::Allow if target.is_none() => return Ok(None),
+                Decision::Allow => decision = Some(Decision::Allow),
+                Decision::Deny | Decision::Invalid => {
+                    return Err(CallErrorKind::Denied(receipt).into());
+                }
+            },
+            Arrival::Answer(answer) => {
+                // Only the callee answers, with the expected type.
+                if answer.event_type() == answer_type
+                    && Some(answer.sender().as_str()) == target.as_deref()
+                {
+                    wf.set_last(answer.id());
+                    return Ok(Some(*answer));
+                }
+            }
+        }
+    }
+}
+
+/// A wait for the decision receipt of an event this agent published; await
+/// it for the [`DecisionReceipt`].
+#[must_use = "a decision wait does nothing until awaited"]
+#[derive(Debug)]
+pub struct DecisionWait {
+    agent: Agent,
+    event_id: String,
+    timeout: Duration,
+}
+
+impl DecisionWait {
+    /// How long to wait (default: the agent's call timeout).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    async fn run(self) -> Result<DecisionReceipt, DecisionError> {
+        // Receipts are kept in `MESH_DECISION`, so one that came before the
+        // wait is still there: start a little before the event was minted
+        // (its UUIDv7 time), or at the beginning for ids without a time.
+        let deliver_policy = start_of(&self.event_id)
+            .map(|start_time| DeliverPolicy::ByStartTime { start_time })
+            .unwrap_or(DeliverPolicy::All);
+        let me = self.agent.id().to_string();
+        let mut receipts = self
+            .agent
+            .ordered(
+                subjects::STREAM_DECISION,
+                subjects::decision(&me),
+                deliver_policy,
+            )
+            .await
+            .map_err(|e| DecisionError::with_source(DecisionErrorKind::Broker, e))?;
+        let wait = async {
+            while let Some(next) = receipts.next().await {
+                match next {
+                    Ok(message) => {
+                        match serde_json::from_slice::<DecisionReceipt>(&message.payload) {
+                            Ok(receipt) if receipt.event_id == self.event_id => return Ok(receipt),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "Ignoring a decision receipt that does not parse.")
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "Receipt consumer hiccup; it resumes by itself.")
+                    }
+                }
+            }
+            Err(DecisionError::new(DecisionErrorKind::Broker))
+        };
+        match tokio::time::timeout(self.timeout, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(DecisionErrorKind::TimedOut {
+                event_id: self.event_id,
+                after: self.timeout,
+            }
+            .into()),
+        }
+    }
+}
+
+impl IntoFuture for DecisionWait {
+    type Output = Result<DecisionReceipt, DecisionError>;
+    type IntoFuture = BoxFuture<Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+/// Where to start reading receipts for `event_id`: its UUIDv7 time minus the
+/// lookback, or `None` when the id carries no time.
+fn start_of(event_id: &str) -> Option<async_nats::datetime::DateTime> {
+    let uuid = uuid::Uuid::parse_str(event_id).ok()?;
+    if uuid.get_version_num() != 7 {
+        return None;
+    }
+    let (secs, nanos) = uuid.get_timestamp()?.to_unix();
+    let at = i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+    let start = at - DECISION_LOOKBACK.as_nanos() as i128;
+    async_nats::datetime::from_nanos(start.max(0)).ok()
+}
+
+impl Agent {
+    /// Waits for the decision receipt of event `event_id`, which this agent
+    /// published. Works whether the receipt came before or after the wait.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
+    /// let published = agent.workflow().handoff("coder", "write tests").await?;
+    /// let receipt = agent.await_decision(&published.id).await?;
+    /// println!("{}: {:?}", receipt.decision, receipt.reasons);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn await_decision(&self, event_id: impl Into<String>) -> DecisionWait {
+        DecisionWait {
+            agent: self.clone(),
+            event_id: event_id.into(),
+            timeout: self.inner.settings.call_timeout,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_comes_from_uuid_v7() {
+        let id = uuid::Uuid::now_v7().to_string();
+        assert!(start_of(&id).is_some());
+        assert!(start_of(&uuid::Uuid::new_v4().to_string()).is_none());
+        assert!(start_of("not-a-uuid").is_none());
+    }
+}

@@ -1,0 +1,107 @@
+//! The JSON data the SDK puts in each catalogue type (`datacontenttype:
+//! application/json`). The fields mirror the protobuf messages of
+//! `schemas/proto/agentmesh/v1/events.proto`, with JSON values where the
+//! protobuf carries a JSON string.
+//!
+//! Any NATS client may send other data; the SDK reads these shapes leniently
+//! (see [`Received::json`](crate::Received::json)).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// `io.agentmesh.prompt`: input given to an agent.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Prompt {
+    /// The prompt text.
+    pub text: String,
+    /// Who speaks (`user`, `system`, ...), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+}
+
+/// `io.agentmesh.reasoning`: an intermediate thinking step.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Reasoning {
+    /// The reasoning text.
+    pub text: String,
+    /// Model tokens spent on this step, when the agent reports them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u64>,
+}
+
+/// `io.agentmesh.action`: a decision to act.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Action {
+    /// The action's name.
+    pub name: String,
+    /// What it is meant to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// `io.agentmesh.observation`: what an agent observed.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Observation {
+    /// The observation.
+    pub text: String,
+}
+
+/// `io.agentmesh.tool.call`: a request to call a tool (also named by the
+/// event's `subject`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The tool.
+    pub tool: String,
+    /// The arguments, a JSON document matching the tool's input schema.
+    #[serde(default)]
+    pub arguments: Value,
+}
+
+/// `io.agentmesh.tool.result`: the answer to a tool call (`causationid` =
+/// the call's id).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ToolResult {
+    /// The tool.
+    pub tool: String,
+    /// Whether the tool succeeded.
+    pub ok: bool,
+    /// The result when `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The error message when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `io.agentmesh.memory.update`: a change to an agent's memory.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct MemoryUpdate {
+    /// The memory key.
+    pub key: String,
+    /// The new value.
+    pub value: Value,
+}
+
+/// `io.agentmesh.task.handoff`: work handed to the `target` agent.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TaskHandoff {
+    /// The task.
+    pub task: String,
+    /// Anything the target needs to do it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<Value>,
+}
+
+/// `io.agentmesh.message`: a free-form message to the `target` agent.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Message {
+    /// The body: any JSON.
+    pub body: Value,
+}
+
+/// `io.agentmesh.output`: a final result.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Output {
+    /// The result.
+    pub text: String,
+}

@@ -1,0 +1,191 @@
+//! Serving tools: what a tool handler receives ([`ToolCall`]) and returns
+//! on failure ([`ToolError`]).
+
+use std::fmt;
+use std::future::Future;
+
+use schemas::{AgentId, TraceParent};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::agent::Agent;
+use crate::delivery::Received;
+use crate::workflow::{BoxFuture, Workflow};
+
+/// One `tool.call` delivered to this agent, as its handler sees it.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use agents_sdk::{Agent, ToolCall, ToolError, ToolSpec};
+/// use serde::Deserialize;
+/// use serde_json::json;
+///
+/// #[derive(Deserialize)]
+/// struct Args {
+///     suite: String,
+/// }
+///
+/// let agent = Agent::builder("coder")
+///     .tool(ToolSpec::new("tests.run"), |call: ToolCall| async move {
+///         let args: Args = call.args()?;
+///         if args.suite.is_empty() {
+///             return Err(ToolError::new("`suite` is empty"));
+///         }
+///         // Steps recorded here join the caller's trace, after the call.
+///         call.workflow().reasoning(format!("{} asked for {}", call.caller(), args.suite)).await?;
+///         Ok(json!({"suite": args.suite, "passed": true}))
+///     })
+///     .connect("nats://127.0.0.1:4222")
+///     .await?;
+/// # let _ = agent;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ToolCall {
+    pub(crate) agent: Agent,
+    pub(crate) received: Received,
+    pub(crate) tool: String,
+    pub(crate) arguments: Value,
+}
+
+impl ToolCall {
+    /// The tool called (the event's `subject`).
+    pub fn tool(&self) -> &str {
+        &self.tool
+    }
+
+    /// The calling agent.
+    pub fn caller(&self) -> &AgentId {
+        self.received.sender()
+    }
+
+    /// The call's event id (the result's `causationid`).
+    pub fn id(&self) -> &str {
+        self.received.id()
+    }
+
+    /// The call's trace.
+    pub fn trace(&self) -> TraceParent {
+        self.received.trace()
+    }
+
+    /// The whole call event.
+    pub fn received(&self) -> &Received {
+        &self.received
+    }
+
+    /// The arguments as JSON.
+    pub fn arguments(&self) -> &Value {
+        &self.arguments
+    }
+
+    /// The arguments as `T`.
+    pub fn args<T: DeserializeOwned>(&self) -> Result<T, ToolError> {
+        serde_json::from_value(self.arguments.clone())
+            .map_err(|e| ToolError::new(format!("invalid arguments for `{}`: {e}", self.tool)))
+    }
+
+    /// One named argument as `T`.
+    pub fn arg<T: DeserializeOwned>(&self, name: &str) -> Result<T, ToolError> {
+        let value = self.arguments.get(name).ok_or_else(|| {
+            ToolError::new(format!("missing argument `{name}` for `{}`", self.tool))
+        })?;
+        serde_json::from_value(value.clone()).map_err(|e| {
+            ToolError::new(format!(
+                "invalid argument `{name}` for `{}`: {e}",
+                self.tool
+            ))
+        })
+    }
+
+    /// The serving agent.
+    pub fn agent(&self) -> &Agent {
+        &self.agent
+    }
+
+    /// The caller's workflow, continued by the serving agent: steps published
+    /// on it (reasoning, its own tool calls) join the caller's trace and
+    /// follow the call.
+    pub fn workflow(&self) -> Workflow {
+        self.agent
+            .continue_trace(self.received.trace(), Some(self.received.id().to_owned()))
+    }
+}
+
+/// Why a tool failed; the caller receives the message as
+/// [`CallErrorKind::ToolFailed`](crate::CallErrorKind::ToolFailed).
+///
+/// Any `std::error::Error` converts into it, so `?` works in handlers:
+///
+/// ```
+/// use agents_sdk::ToolError;
+///
+/// fn parse(n: &str) -> Result<u32, ToolError> {
+///     if n.is_empty() {
+///         return Err(ToolError::new("`n` is empty"));
+///     }
+///     Ok(n.parse::<u32>()?)
+/// }
+/// assert_eq!(parse("x").unwrap_err().message(), "invalid digit found in string");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct ToolError {
+    message: String,
+}
+
+impl ToolError {
+    /// A failure with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+
+    /// The message the caller receives.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Debug for ToolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ToolError").field(&self.message).finish()
+    }
+}
+
+impl fmt::Display for ToolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+// INVARIANT: `ToolError` does not implement `std::error::Error`, or this
+// blanket conversion would overlap `From<T> for T`.
+impl<E: std::error::Error> From<E> for ToolError {
+    fn from(err: E) -> Self {
+        let mut message = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            message.push_str(": ");
+            message.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        Self { message }
+    }
+}
+
+/// A registered tool handler, type-erased.
+pub(crate) trait ToolHandler: Send + Sync + 'static {
+    fn call(&self, call: ToolCall) -> BoxFuture<Result<Value, ToolError>>;
+}
+
+impl<F, Fut> ToolHandler for F
+where
+    F: Fn(ToolCall) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, ToolError>> + Send + 'static,
+{
+    fn call(&self, call: ToolCall) -> BoxFuture<Result<Value, ToolError>> {
+        Box::pin(self(call))
+    }
+}

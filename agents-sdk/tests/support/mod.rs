@@ -1,0 +1,230 @@
+//! Shared helpers for the SDK tests: a real nats-server with the mesh's
+//! streams, optionally the real policy worker (in-process, on the shipped
+//! `policies/`), and readers for what landed in each stream.
+
+// Test harness: a panic is how a test fails.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use agents_sdk::{Agent, AgentBuilder};
+use async_nats::jetstream::{self, message::StreamMessage};
+use schemas::DecisionReceipt;
+use testkit::{NatsServer, eventually};
+use tokio_util::sync::CancellationToken;
+
+/// The longest any test waits for something to happen.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The shipped example policies.
+pub fn shipped_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// A nats-server with the mesh's streams and buckets, and (optionally) the
+/// policy worker running in this process.
+pub struct Mesh {
+    pub nats: NatsServer,
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    worker: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+    _ready_dir: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// A fresh server with the streams applied; no policy worker.
+    pub async fn start() -> Self {
+        init_tracing();
+        let nats = NatsServer::start().await.unwrap();
+        let client = nats.connect().await.unwrap();
+        let js = jetstream::new(client.clone());
+        broker_config::apply(&js, &broker_config::Options::default())
+            .await
+            .unwrap();
+        Self {
+            nats,
+            client,
+            js,
+            worker: None,
+            _ready_dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A fresh server and the policy worker on the shipped policies.
+    pub async fn with_worker() -> Self {
+        let mut mesh = Self::start().await;
+        let ready = mesh._ready_dir.path().join("worker.ready");
+        let config = policy_worker::Config {
+            nats_url: mesh.nats.url(),
+            policies: shipped_policies(),
+            watch_policies: false,
+            ready_file: Some(ready.clone()),
+            ack_wait: Duration::from_secs(2),
+            grace: Duration::from_secs(1),
+            ..Default::default()
+        };
+        let token = CancellationToken::new();
+        let handle = tokio::spawn({
+            let token = token.clone();
+            async move {
+                if let Err(e) = policy_worker::run(config, token).await {
+                    panic!("policy worker failed: {e}");
+                }
+            }
+        });
+        eventually(WAIT, "the policy worker to become ready", || {
+            let ready = ready.exists();
+            let finished = handle.is_finished();
+            async move { (ready || finished).then_some(()) }
+        })
+        .await
+        .unwrap();
+        assert!(!handle.is_finished(), "the policy worker stopped at start");
+        mesh.worker = Some((token, handle));
+        mesh
+    }
+
+    pub fn url(&self) -> String {
+        self.nats.url()
+    }
+
+    /// Connects an agent configured by `builder`.
+    pub async fn agent(&self, builder: AgentBuilder) -> Agent {
+        builder.connect(self.url()).await.unwrap()
+    }
+
+    /// Every message stored in `stream`, in order.
+    pub async fn messages(&self, name: &str) -> Vec<StreamMessage> {
+        let mut stream = self.js.get_stream(name).await.unwrap();
+        let state = stream.info().await.unwrap().state.clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return out;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push(m);
+            }
+        }
+        out
+    }
+
+    /// The messages of `stream` on exactly `subject`.
+    pub async fn messages_on(&self, stream: &str, subject: &str) -> Vec<StreamMessage> {
+        self.messages(stream)
+            .await
+            .into_iter()
+            .filter(|m| m.subject.as_str() == subject)
+            .collect()
+    }
+
+    /// The message at `sequence` of `MESH_INGRESS`.
+    pub async fn ingress(&self, sequence: u64) -> StreamMessage {
+        self.js
+            .get_stream(schemas::subjects::STREAM_INGRESS)
+            .await
+            .unwrap()
+            .get_raw_message(sequence)
+            .await
+            .unwrap()
+    }
+
+    /// Waits for the receipt of `event_id` and returns it.
+    pub async fn receipt(&self, event_id: &str) -> DecisionReceipt {
+        eventually(
+            WAIT,
+            &format!("the receipt of `{event_id}`"),
+            || async move {
+                self.messages(schemas::subjects::STREAM_DECISION)
+                    .await
+                    .iter()
+                    .filter_map(|m| serde_json::from_slice::<DecisionReceipt>(&m.payload).ok())
+                    .find(|r| r.event_id == event_id)
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Pending and unacknowledged counts of agent `id`'s delivery consumer.
+    pub async fn backlog(&self, id: &str) -> (u64, usize) {
+        let stream = self
+            .js
+            .get_stream(schemas::subjects::STREAM_DELIVER)
+            .await
+            .unwrap();
+        let info = stream.consumer_info(format!("agent-{id}")).await.unwrap();
+        (info.num_pending, info.num_ack_pending)
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if let Some((token, _)) = &self.worker {
+            token.cancel();
+        }
+    }
+}
+
+/// A header value, for assertions.
+pub fn header(m: &StreamMessage, name: &str) -> Option<String> {
+    m.headers.get(name).map(|v| v.as_str().to_owned())
+}
+
+/// A `nats-server -js` started with extra arguments (e.g. authentication),
+/// killed on drop.
+pub struct CustomServer {
+    child: Child,
+    pub port: u16,
+    _store: tempfile::TempDir,
+}
+
+impl CustomServer {
+    pub async fn start(extra: &[&str]) -> Self {
+        let binary = testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server").unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let port = testkit::free_port().unwrap();
+        let child = Command::new(binary)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store.path())
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually(WAIT, "nats-server to listen", || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        })
+        .await
+        .unwrap();
+        Self {
+            child,
+            port,
+            _store: store,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for CustomServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

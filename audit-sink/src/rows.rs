@@ -1,0 +1,784 @@
+//! Rows of the audit tables, built from NATS messages.
+//!
+//! Building a row never fails: whatever arrives gets one. What could not be
+//! understood is recorded (`valid = 0`, `error` says why) next to whatever
+//! could be recovered, so a bad message is stored, never dropped, and never
+//! holds up the batch it came in. Payloads are kept whole: as text when they
+//! are UTF-8, else as lowercase hex (`data_encoding` says which; `unhex(data)`
+//! gives the bytes back on every ClickHouse version).
+
+use async_nats::HeaderMap;
+use chrono::{DateTime, Utc};
+use cloudevents::event::ExtensionValue;
+use schemas::{
+    AttributesReader, ContentMode, Data, DecisionReceipt, Event, Limits, MeshEvent, TraceParent,
+    ext, subjects,
+};
+use serde::Serialize;
+
+/// Where a message sat in its stream and when the broker received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    /// The stream it was read from.
+    pub stream: String,
+    /// Its stream sequence number.
+    pub stream_seq: u64,
+    /// When the broker stored it, in microseconds since the Unix epoch.
+    pub received_us: i64,
+}
+
+impl Meta {
+    /// The identity of a message that has no id of its own: `<stream>/<seq>`.
+    fn msg_key(&self) -> String {
+        format!("{}/{}", self.stream, self.stream_seq)
+    }
+}
+
+/// `utf8` for text payloads, `hex` for the rest.
+pub const ENCODING_UTF8: &str = "utf8";
+/// Payloads that are not UTF-8, stored as lowercase hex.
+pub const ENCODING_HEX: &str = "hex";
+
+/// A payload as a `String` column: UTF-8 text as is, anything else as hex.
+pub fn encode_bytes(bytes: &[u8]) -> (String, &'static str) {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => (text.to_owned(), ENCODING_UTF8),
+        Err(_) => (hex::encode(bytes), ENCODING_HEX),
+    }
+}
+
+/// `DateTime` columns hold seconds since the epoch as `UInt32`.
+fn datetime_secs(micros: i64) -> u32 {
+    (micros.div_euclid(1_000_000)).clamp(0, i64::from(u32::MAX)) as u32
+}
+
+fn micros_u64(micros: i64) -> u64 {
+    micros.max(0) as u64
+}
+
+fn parse_rfc3339_us(s: &str) -> Option<i64> {
+    DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(|t| t.with_timezone(&Utc).timestamp_micros())
+}
+
+/// One row of `events`: one ingress event.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize)]
+pub struct EventRow {
+    /// The CloudEvents `id` ('' when absent).
+    pub event_id: String,
+    /// The workflow: from `traceparent`, else derived from the id.
+    pub trace_id: String,
+    /// `causationid`, '' for a root step.
+    pub parent_id: String,
+    /// The subject's agent token.
+    pub agent: String,
+    /// The CloudEvents `type`.
+    pub r#type: String,
+    /// `target`, '' when absent.
+    pub target: String,
+    /// The CloudEvents `subject` (the tool of a tool call).
+    pub subject: String,
+    /// The event's `time`, else when the broker received it (seconds).
+    pub time: u32,
+    /// The same instant in microseconds.
+    pub time_us: u64,
+    /// The CloudEvents `source`.
+    pub source: String,
+    /// The `traceparent` as sent ('' when absent).
+    pub traceparent: String,
+    /// 1 when `trace_id` was derived from the id.
+    pub trace_derived: u8,
+    /// `binary`, `structured`, or '' when not a CloudEvent.
+    pub content_mode: String,
+    /// The `datacontenttype`.
+    pub datacontenttype: String,
+    /// The `dataschema`.
+    pub dataschema: String,
+    /// The data, whole (see `data_encoding`).
+    pub data: String,
+    /// `utf8` or `hex`.
+    pub data_encoding: String,
+    /// 1 when the event passed the mesh's validation.
+    pub valid: u8,
+    /// Why it did not, '' when valid.
+    pub error: String,
+    /// The subject it arrived on.
+    pub ingress_subject: String,
+    /// Its `MESH_INGRESS` sequence number.
+    pub stream_seq: u64,
+    /// When the broker received it (seconds).
+    pub received_at: u32,
+    /// When the broker received it (microseconds).
+    pub received_us: u64,
+    /// '' for events with an id; `<stream>/<seq>` for those without.
+    pub msg_key: String,
+}
+
+/// Attributes recovered from a message that is not a valid mesh event.
+#[derive(Default)]
+struct Attributes {
+    id: String,
+    ty: String,
+    source: String,
+    subject: String,
+    time: String,
+    traceparent: String,
+    causationid: String,
+    target: String,
+    datacontenttype: String,
+    dataschema: String,
+}
+
+fn ext_string(event: &Event, name: &str) -> String {
+    match event.extension(name) {
+        Some(ExtensionValue::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => String::new(),
+    }
+}
+
+fn event_data(event: &Event) -> Vec<u8> {
+    match event.data() {
+        None => Vec::new(),
+        Some(Data::Binary(b)) => b.clone(),
+        Some(Data::String(s)) => s.as_bytes().to_vec(),
+        Some(Data::Json(v)) => serde_json::to_vec(v).unwrap_or_default(),
+    }
+}
+
+impl Attributes {
+    fn from_event(event: &Event) -> Self {
+        Self {
+            id: event.id().to_owned(),
+            ty: event.ty().to_owned(),
+            source: event.source().to_string(),
+            subject: event.subject().unwrap_or_default().to_owned(),
+            time: event.time().map(|t| t.to_rfc3339()).unwrap_or_default(),
+            traceparent: ext_string(event, ext::TRACEPARENT),
+            causationid: ext_string(event, ext::CAUSATIONID),
+            target: ext_string(event, ext::TARGET),
+            datacontenttype: event.datacontenttype().unwrap_or_default().to_owned(),
+            dataschema: event
+                .dataschema()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Best effort from `ce-*` headers, or from a structured payload's JSON
+    /// object, when the message does not decode as a CloudEvent.
+    fn from_raw(headers: Option<&HeaderMap>, payload: &[u8], structured: bool) -> Self {
+        let mut a = Self::default();
+        let mut set = |name: &str, value: String| match name {
+            "id" => a.id = value,
+            "type" => a.ty = value,
+            "source" => a.source = value,
+            "subject" => a.subject = value,
+            "time" => a.time = value,
+            "traceparent" => a.traceparent = value,
+            "causationid" => a.causationid = value,
+            "target" => a.target = value,
+            "datacontenttype" => a.datacontenttype = value,
+            "dataschema" => a.dataschema = value,
+            _ => {}
+        };
+        if structured {
+            if let Ok(serde_json::Value::Object(map)) =
+                serde_json::from_slice::<serde_json::Value>(payload)
+            {
+                for (name, value) in map {
+                    let value = match value {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    set(&name, value);
+                }
+            }
+        } else if let Some(headers) = headers {
+            for (name, values) in headers.iter() {
+                let name: &str = name.as_ref();
+                let Some(attr) = name
+                    .get(..3)
+                    .filter(|p| p.eq_ignore_ascii_case("ce-"))
+                    .map(|_| &name[3..])
+                else {
+                    continue;
+                };
+                let raw = values.first().map(|v| v.as_str()).unwrap_or_default();
+                let value =
+                    schemas::percent_decode_header(name, raw).unwrap_or_else(|_| raw.to_owned());
+                set(&attr.to_ascii_lowercase(), value);
+            }
+        }
+        a
+    }
+}
+
+fn is_structured(headers: Option<&HeaderMap>) -> bool {
+    headers.is_some_and(|h| {
+        h.iter().any(|(name, values)| {
+            let name: &str = name.as_ref();
+            name.eq_ignore_ascii_case("content-type")
+                && values.iter().any(|v| {
+                    v.as_str()
+                        .to_ascii_lowercase()
+                        .starts_with(schemas::STRUCTURED_CONTENT_TYPE)
+                })
+        })
+    })
+}
+
+/// The row for one message of `MESH_INGRESS`.
+pub fn event_row(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    meta: &Meta,
+) -> EventRow {
+    let agent = subjects::parse_ingress(subject)
+        .map(|p| p.agent.to_owned())
+        .unwrap_or_default();
+    let received_us = meta.received_us;
+    let base = |attrs: Attributes, data: &[u8], mode: Option<ContentMode>, error: String| {
+        let (trace_id, trace_derived) = match attrs.traceparent.parse::<TraceParent>() {
+            Ok(tp) => (tp.trace_id_hex(), 0),
+            // As the policy worker derives it for an event it cannot use.
+            Err(_) => {
+                let key = if attrs.id.is_empty() {
+                    subject
+                } else {
+                    &attrs.id
+                };
+                (TraceParent::derive(key).trace_id_hex(), 1)
+            }
+        };
+        let time_us = parse_rfc3339_us(&attrs.time).unwrap_or(received_us);
+        let (data, data_encoding) = encode_bytes(data);
+        let msg_key = if attrs.id.is_empty() {
+            meta.msg_key()
+        } else {
+            String::new()
+        };
+        EventRow {
+            event_id: attrs.id,
+            trace_id,
+            parent_id: attrs.causationid,
+            agent: agent.clone(),
+            r#type: attrs.ty,
+            target: attrs.target,
+            subject: attrs.subject,
+            time: datetime_secs(time_us),
+            time_us: micros_u64(time_us),
+            source: attrs.source,
+            traceparent: attrs.traceparent,
+            trace_derived,
+            content_mode: mode.map(|m| m.as_str().to_owned()).unwrap_or_default(),
+            datacontenttype: attrs.datacontenttype,
+            dataschema: attrs.dataschema,
+            data,
+            data_encoding: data_encoding.to_owned(),
+            valid: u8::from(error.is_empty()),
+            error,
+            ingress_subject: subject.to_owned(),
+            stream_seq: meta.stream_seq,
+            received_at: datetime_secs(received_us),
+            received_us: micros_u64(received_us),
+            msg_key,
+        }
+    };
+    match MeshEvent::from_message(subject, headers, payload, Limits::default()) {
+        Ok(event) => {
+            let attrs = Attributes::from_event(&event.event);
+            let mut row = base(attrs, &event.data_bytes(), Some(event.mode), String::new());
+            // Same trace as the policy worker computes (derived when absent).
+            row.trace_id = event.trace.trace_id_hex();
+            row.trace_derived = u8::from(event.trace_derived);
+            row
+        }
+        Err(invalid) => {
+            let error = invalid.to_string();
+            match schemas::decode(headers, payload) {
+                Ok((event, mode)) => base(
+                    Attributes::from_event(&event),
+                    &event_data(&event),
+                    Some(mode),
+                    error,
+                ),
+                Err(_) => {
+                    let structured = is_structured(headers);
+                    let attrs = Attributes::from_raw(headers, payload, structured);
+                    base(attrs, payload, None, error)
+                }
+            }
+        }
+    }
+}
+
+/// One row of `decisions`: one decision receipt.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize)]
+pub struct DecisionRow {
+    /// The decided event's id.
+    pub event_id: String,
+    /// The workflow's trace id.
+    pub trace_id: String,
+    /// The decision's own id.
+    pub decision_id: String,
+    /// The publishing agent.
+    pub agent: String,
+    /// The event's `type`.
+    pub r#type: String,
+    /// The event's `target`.
+    pub target: String,
+    /// The event's `subject` (the tool of a tool call).
+    pub subject: String,
+    /// The event's `causationid`.
+    pub parent_id: String,
+    /// `allow`, `deny` or `invalid` ('' when the receipt did not parse).
+    pub decision: String,
+    /// Ids of the determining policies.
+    pub reasons: Vec<String>,
+    /// Evaluation or validation errors.
+    pub errors: Vec<String>,
+    /// Hash of the policy set that decided.
+    pub policy_hash: String,
+    /// When it was decided, else when the broker received the receipt (seconds).
+    pub time: u32,
+    /// The same instant in microseconds.
+    pub time_us: u64,
+    /// Time spent deciding, in microseconds.
+    pub eval_micros: u64,
+    /// The ingress subject of the decided event.
+    pub ingress_subject: String,
+    /// 1 when the trace id was derived because the event had no `traceparent`.
+    pub trace_derived: u8,
+    /// The receipt as received (see `receipt_encoding`).
+    pub receipt: String,
+    /// `utf8` or `hex`.
+    pub receipt_encoding: String,
+    /// 1 when the receipt parsed.
+    pub valid: u8,
+    /// Why it did not, '' when it did.
+    pub error: String,
+    /// Its `MESH_DECISION` sequence number.
+    pub stream_seq: u64,
+    /// When the broker received it (seconds).
+    pub received_at: u32,
+    /// When the broker received it (microseconds).
+    pub received_us: u64,
+    /// '' for receipts naming an event id; `<stream>/<seq>` otherwise.
+    pub msg_key: String,
+}
+
+/// The row for one message of `MESH_DECISION`.
+pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
+    let (receipt, receipt_encoding) = encode_bytes(payload);
+    let received_us = meta.received_us;
+    let mut row = DecisionRow {
+        event_id: String::new(),
+        trace_id: String::new(),
+        decision_id: String::new(),
+        agent: subject
+            .strip_prefix("mesh.decision.")
+            .unwrap_or_default()
+            .to_owned(),
+        r#type: String::new(),
+        target: String::new(),
+        subject: String::new(),
+        parent_id: String::new(),
+        decision: String::new(),
+        reasons: Vec::new(),
+        errors: Vec::new(),
+        policy_hash: String::new(),
+        time: datetime_secs(received_us),
+        time_us: micros_u64(received_us),
+        eval_micros: 0,
+        ingress_subject: String::new(),
+        trace_derived: 0,
+        receipt,
+        receipt_encoding: receipt_encoding.to_owned(),
+        valid: 0,
+        error: String::new(),
+        stream_seq: meta.stream_seq,
+        received_at: datetime_secs(received_us),
+        received_us: micros_u64(received_us),
+        msg_key: meta.msg_key(),
+    };
+    match serde_json::from_slice::<DecisionReceipt>(payload) {
+        Ok(r) => {
+            let time_us = parse_rfc3339_us(&r.decided_at).unwrap_or(received_us);
+            if !r.event_id.is_empty() {
+                row.msg_key = String::new();
+            }
+            if !r.agent.is_empty() {
+                row.agent = r.agent;
+            }
+            row.event_id = r.event_id;
+            row.trace_id = r.trace_id;
+            row.decision_id = r.decision_id;
+            row.r#type = r.event_type;
+            row.target = r.target.unwrap_or_default();
+            row.subject = r.subject.unwrap_or_default();
+            row.parent_id = r.causation_id.unwrap_or_default();
+            row.decision = r.decision.as_str().to_owned();
+            row.reasons = r.reasons;
+            row.errors = r.errors;
+            row.policy_hash = r.policy_hash;
+            row.time = datetime_secs(time_us);
+            row.time_us = micros_u64(time_us);
+            row.eval_micros = r.eval_micros;
+            row.ingress_subject = r.ingress_subject;
+            row.trace_derived = u8::from(r.trace_derived);
+            row.valid = 1;
+        }
+        Err(e) => row.error = format!("receipt is not a decision receipt: {e}"),
+    }
+    row
+}
+
+/// CloudEvents type of a lease grant.
+pub const GPU_LEASE_GRANTED: &str = "io.agentmesh.gpu.lease.granted";
+/// CloudEvents type of a lease release.
+pub const GPU_LEASE_RELEASED: &str = "io.agentmesh.gpu.lease.released";
+
+/// One row of `gpu_leases`: one grant or release.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize)]
+pub struct GpuLeaseRow {
+    /// The CloudEvents `id`.
+    pub event_id: String,
+    /// The agent pool (data `pool`, else the subject token).
+    pub pool: String,
+    /// The GPU (data `gpu`).
+    pub gpu: String,
+    /// `granted` or `released` ('' when the type is neither).
+    pub action: String,
+    /// Who holds the lease (data `holder`).
+    pub holder: String,
+    /// When the lease expires (data `expires_at`; 0 when absent).
+    pub expires_at: u32,
+    /// The event's `time`, else when the broker received it (seconds).
+    pub time: u32,
+    /// The same instant in microseconds.
+    pub time_us: u64,
+    /// The CloudEvents `source`, e.g. `/gpu-scaler/<instance>`.
+    pub source: String,
+    /// The CloudEvents `type`.
+    pub r#type: String,
+    /// The data, whole (see `data_encoding`).
+    pub data: String,
+    /// `utf8` or `hex`.
+    pub data_encoding: String,
+    /// 1 when the event and its data were understood.
+    pub valid: u8,
+    /// What was wrong, '' when valid.
+    pub error: String,
+    /// The subject it arrived on.
+    pub lease_subject: String,
+    /// Its `MESH_GPU` sequence number.
+    pub stream_seq: u64,
+    /// When the broker received it (seconds).
+    pub received_at: u32,
+    /// When the broker received it (microseconds).
+    pub received_us: u64,
+    /// '' for events with an id; `<stream>/<seq>` for those without.
+    pub msg_key: String,
+}
+
+/// The data of a lease event.
+#[derive(serde::Deserialize)]
+struct LeaseData {
+    pool: Option<serde_json::Value>,
+    gpu: Option<serde_json::Value>,
+    holder: Option<serde_json::Value>,
+    expires_at: Option<String>,
+}
+
+fn json_string(v: Option<serde_json::Value>) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s,
+        Some(other) => other.to_string(),
+    }
+}
+
+/// The row for one message of `MESH_GPU`.
+pub fn gpu_lease_row(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    meta: &Meta,
+) -> GpuLeaseRow {
+    let received_us = meta.received_us;
+    let subject_pool = subject
+        .strip_prefix("mesh.gpu.lease.")
+        .unwrap_or_default()
+        .to_owned();
+    let mut errors = Vec::new();
+    let (attrs, data) = match schemas::decode(headers, payload) {
+        Ok((event, _)) => (Attributes::from_event(&event), event_data(&event)),
+        Err(e) => {
+            errors.push(e.to_string());
+            (
+                Attributes::from_raw(headers, payload, is_structured(headers)),
+                payload.to_vec(),
+            )
+        }
+    };
+    let action = match attrs.ty.as_str() {
+        GPU_LEASE_GRANTED => "granted",
+        GPU_LEASE_RELEASED => "released",
+        other => {
+            errors.push(format!(
+                "type `{other}` is neither `{GPU_LEASE_GRANTED}` nor `{GPU_LEASE_RELEASED}`"
+            ));
+            ""
+        }
+    };
+    let mut lease = LeaseData {
+        pool: None,
+        gpu: None,
+        holder: None,
+        expires_at: None,
+    };
+    match serde_json::from_slice::<LeaseData>(&data) {
+        Ok(parsed) => lease = parsed,
+        Err(e) => errors.push(format!("data is not the lease JSON: {e}")),
+    }
+    let pool = Some(json_string(lease.pool))
+        .filter(|p| !p.is_empty())
+        .unwrap_or(subject_pool);
+    let expires_us = lease
+        .expires_at
+        .as_deref()
+        .and_then(parse_rfc3339_us)
+        .unwrap_or(0);
+    let time_us = parse_rfc3339_us(&attrs.time).unwrap_or(received_us);
+    let (data, data_encoding) = encode_bytes(&data);
+    let msg_key = if attrs.id.is_empty() {
+        meta.msg_key()
+    } else {
+        String::new()
+    };
+    GpuLeaseRow {
+        event_id: attrs.id,
+        pool,
+        gpu: json_string(lease.gpu),
+        action: action.to_owned(),
+        holder: json_string(lease.holder),
+        expires_at: datetime_secs(expires_us),
+        time: datetime_secs(time_us),
+        time_us: micros_u64(time_us),
+        source: attrs.source,
+        r#type: attrs.ty,
+        data,
+        data_encoding: data_encoding.to_owned(),
+        valid: u8::from(errors.is_empty()),
+        error: errors.join("; "),
+        lease_subject: subject.to_owned(),
+        stream_seq: meta.stream_seq,
+        received_at: datetime_secs(received_us),
+        received_us: micros_u64(received_us),
+        msg_key,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::{EventBuilder, EventBuilderV10, encode_binary, encode_structured};
+    use serde_json::json;
+
+    fn meta() -> Meta {
+        Meta {
+            stream: "MESH_INGRESS".into(),
+            stream_seq: 7,
+            received_us: 1_767_225_600_000_000, // 2026-01-01T00:00:00Z
+        }
+    }
+
+    #[test]
+    fn valid_event() {
+        let tp = TraceParent::mint();
+        let event = EventBuilderV10::new()
+            .id("e1")
+            .source("/agents/coder")
+            .ty("io.agentmesh.tool.call")
+            .subject("fs.read")
+            .time("2026-02-03T04:05:06.123456Z")
+            .extension("traceparent", tp.to_string())
+            .extension("causationid", "e0")
+            .data("application/json", json!({"path": "/tmp/x"}))
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        let row = event_row("mesh.ingress.coder.tool_call", Some(&h), &p, &meta());
+        assert_eq!(row.valid, 1, "{}", row.error);
+        assert_eq!(row.event_id, "e1");
+        assert_eq!(row.trace_id, tp.trace_id_hex());
+        assert_eq!(row.parent_id, "e0");
+        assert_eq!(row.agent, "coder");
+        assert_eq!(row.subject, "fs.read");
+        assert_eq!(row.time_us, 1_770_091_506_123_456);
+        assert_eq!(row.time, 1_770_091_506);
+        assert_eq!(row.data, r#"{"path":"/tmp/x"}"#);
+        assert_eq!(row.data_encoding, "utf8");
+        assert_eq!(row.content_mode, "binary");
+        assert_eq!(row.msg_key, "");
+        assert_eq!(row.received_us, 1_767_225_600_000_000);
+    }
+
+    #[test]
+    fn structured_event_without_traceparent_gets_derived_trace() {
+        let event = EventBuilderV10::new()
+            .id("e2")
+            .source("/agents/planner")
+            .ty("io.agentmesh.prompt")
+            .data("application/json", json!({"text": "hi"}))
+            .build()
+            .unwrap();
+        let (h, p) = encode_structured(&event);
+        let row = event_row("mesh.ingress.planner.prompt", Some(&h), &p, &meta());
+        assert_eq!(row.valid, 1);
+        assert_eq!(row.trace_id, TraceParent::derive("e2").trace_id_hex());
+        assert_eq!(row.trace_derived, 1);
+        assert_eq!(row.content_mode, "structured");
+        assert_eq!(row.time_us, 1_767_225_600_000_000, "no time: broker time");
+    }
+
+    #[test]
+    fn non_utf8_data_is_kept_as_hex() {
+        let event = EventBuilderV10::new()
+            .id("e3")
+            .source("/agents/coder")
+            .ty("io.agentmesh.observation")
+            .data("application/octet-stream", vec![0xff, 0x00, 0xfe])
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        let row = event_row("mesh.ingress.coder.obs", Some(&h), &p, &meta());
+        assert_eq!(row.valid, 1);
+        assert_eq!(
+            (row.data.as_str(), row.data_encoding.as_str()),
+            ("ff00fe", "hex")
+        );
+    }
+
+    #[test]
+    fn invalid_events_still_get_rows() {
+        // Source mismatch: decodes, fails validation.
+        let event = EventBuilderV10::new()
+            .id("e4")
+            .source("/agents/mallory")
+            .ty("io.agentmesh.prompt")
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        let row = event_row("mesh.ingress.coder.x", Some(&h), &p, &meta());
+        assert_eq!(row.valid, 0);
+        assert!(row.error.contains("does not match"), "{}", row.error);
+        assert_eq!((row.event_id.as_str(), row.agent.as_str()), ("e4", "coder"));
+        assert_eq!(row.trace_id, TraceParent::derive("e4").trace_id_hex());
+
+        // Not a CloudEvent at all: payload kept, keyed by stream position.
+        let row = event_row("mesh.ingress.coder.x", None, b"\xffnot an event", &meta());
+        assert_eq!(row.valid, 0);
+        assert_eq!(row.event_id, "");
+        assert_eq!(row.msg_key, "MESH_INGRESS/7");
+        assert_eq!(row.data, hex::encode(b"\xffnot an event"));
+
+        // Binary mode with a broken header: attributes recovered from headers.
+        let mut h = HeaderMap::new();
+        h.insert("ce-specversion", "1.0");
+        h.insert("ce-id", "e5");
+        h.insert("ce-source", "/agents/coder");
+        h.insert("ce-type", "io.agentmesh.prompt");
+        h.insert("ce-time", "yesterday");
+        h.insert(
+            "ce-traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        let row = event_row("mesh.ingress.coder.x", Some(&h), b"hello", &meta());
+        assert_eq!(row.valid, 0);
+        assert_eq!(row.event_id, "e5");
+        assert_eq!(row.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(row.data, "hello");
+        assert_eq!(row.time_us, 1_767_225_600_000_000);
+
+        // Structured mode that is not the JSON event format.
+        let mut h = HeaderMap::new();
+        h.insert("Content-Type", "application/cloudevents+json");
+        let row = event_row(
+            "mesh.ingress.coder.x",
+            Some(&h),
+            br#"{"id":"e6","specversion":"1.0"}"#,
+            &meta(),
+        );
+        assert_eq!((row.valid, row.event_id.as_str()), (0, "e6"));
+    }
+
+    #[test]
+    fn receipts() {
+        let receipt = json!({
+            "event_id": "e1", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736", "decision": "deny",
+            "reasons": ["forbid-shell-exec"], "errors": [], "policy_hash": "abc",
+            "decision_id": "d1", "agent": "coder", "type": "io.agentmesh.tool.call",
+            "subject": "shell.exec", "causation_id": "e0",
+            "decided_at": "2026-02-03T04:05:06.000001Z", "eval_micros": 42,
+            "ingress_subject": "mesh.ingress.coder.tool_call"
+        });
+        let m = Meta {
+            stream: "MESH_DECISION".into(),
+            ..meta()
+        };
+        let row = decision_row("mesh.decision.coder", receipt.to_string().as_bytes(), &m);
+        assert_eq!(row.valid, 1);
+        assert_eq!(row.decision, "deny");
+        assert_eq!(row.reasons, vec!["forbid-shell-exec"]);
+        assert_eq!(row.parent_id, "e0");
+        assert_eq!(row.time_us, 1_770_091_506_000_001);
+        assert_eq!(row.eval_micros, 42);
+        assert_eq!(row.msg_key, "");
+
+        let row = decision_row("mesh.decision.coder", b"{oops", &m);
+        assert_eq!(
+            (row.valid, row.agent.as_str(), row.msg_key.as_str()),
+            (0, "coder", "MESH_DECISION/7")
+        );
+        assert_eq!(row.receipt, "{oops");
+    }
+
+    #[test]
+    fn gpu_leases() {
+        let event = EventBuilderV10::new()
+            .id("g1")
+            .source("/gpu-scaler/a")
+            .ty(GPU_LEASE_GRANTED)
+            .time("2026-02-03T04:05:06Z")
+            .data(
+                "application/json",
+                json!({"pool": "coder", "gpu": "GPU-1234", "holder": "coder-7", "expires_at": "2026-02-03T05:05:06Z"}),
+            )
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        let m = Meta {
+            stream: "MESH_GPU".into(),
+            ..meta()
+        };
+        let row = gpu_lease_row("mesh.gpu.lease.coder", Some(&h), &p, &m);
+        assert_eq!(row.valid, 1, "{}", row.error);
+        assert_eq!(
+            (row.pool.as_str(), row.gpu.as_str(), row.action.as_str()),
+            ("coder", "GPU-1234", "granted")
+        );
+        assert_eq!(row.holder, "coder-7");
+        assert_eq!(row.expires_at, 1_770_095_106);
+        assert_eq!(row.time, 1_770_091_506);
+
+        let row = gpu_lease_row("mesh.gpu.lease.coder", None, b"junk", &m);
+        assert_eq!(
+            (row.valid, row.pool.as_str(), row.msg_key.as_str()),
+            (0, "coder", "MESH_GPU/7")
+        );
+    }
+}

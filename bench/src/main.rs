@@ -1,0 +1,305 @@
+//! `mesh-bench`: measures the policy worker against a raw JetStream hop on
+//! the same servers in the same run, and prints events/s, latency
+//! percentiles, peak RSS and CPU per 10k events. It never fails on timing.
+//!
+//! `mesh-bench run` starts a private `nats-server -js` unless `NATS_URL` is
+//! set; the services run as child processes found next to this binary
+//! (`cargo build --release -p bench -p policy-worker`).
+
+mod forwarder;
+mod load;
+mod procstat;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+
+/// Benchmarks for agentmesh.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Raw forwarder vs policy worker (shipped and generated policies), closed and open loop.
+    Run(RunArgs),
+    /// Run the raw forwarder (used by `run` as a child process).
+    Forward {
+        /// NATS server URL.
+        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// Messages requested per pull.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Events in flight.
+        #[arg(long, default_value_t = 512)]
+        max_in_flight: usize,
+        /// File created once consuming.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Use this NATS server instead of starting a private one. Its MESH_* streams are purged.
+    #[arg(long, env = "NATS_URL")]
+    nats_url: Option<String>,
+    /// Events in each closed-loop phase.
+    #[arg(long, default_value_t = 50_000)]
+    events: u64,
+    /// Seconds of each open-loop phase.
+    #[arg(long, default_value_t = 5)]
+    open_secs: u64,
+    /// Event data sizes in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "512,4096")]
+    sizes: Vec<usize>,
+    /// Generated policies added to the shipped set for the second worker run (0 to skip).
+    #[arg(long, default_value_t = 1000)]
+    generated: usize,
+    /// The shipped policy directory.
+    #[arg(long, default_value = "policies")]
+    policies: PathBuf,
+    /// Unacknowledged publishes the load generator keeps open.
+    #[arg(long, default_value_t = 2048)]
+    window: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Forward {
+            nats_url,
+            batch,
+            max_in_flight,
+            ready_file,
+        } => forwarder::run(&nats_url, batch, max_in_flight, ready_file).await,
+        Cmd::Run(args) => run(args).await,
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Raw,
+    Worker { label: String, policies: PathBuf },
+}
+
+impl Target {
+    fn label(&self) -> &str {
+        match self {
+            Self::Raw => "raw forwarder",
+            Self::Worker { label, .. } => label,
+        }
+    }
+    fn consumer(&self) -> &'static str {
+        match self {
+            Self::Raw => forwarder::CONSUMER,
+            Self::Worker { .. } => "policy-worker",
+        }
+    }
+}
+
+/// A service under test, as a child process.
+struct Service {
+    child: Child,
+    _ready: tempfile::TempDir,
+}
+
+impl Service {
+    async fn start(target: &Target, nats_url: &str) -> anyhow::Result<Self> {
+        let ready_dir = tempfile::tempdir()?;
+        let ready = ready_dir.path().join("ready");
+        let me = std::env::current_exe()?;
+        let mut cmd = match target {
+            Target::Raw => {
+                let mut c = Command::new(&me);
+                c.args(["forward", "--nats-url", nats_url]);
+                c
+            }
+            Target::Worker { policies, .. } => {
+                let worker = sibling(&me, "policy-worker")?;
+                let mut c = Command::new(worker);
+                c.args(["--nats-url", nats_url, "--no-watch", "--policies"]).arg(policies);
+                c.env("RUST_LOG", "warn");
+                c
+            }
+        };
+        let mut child = cmd
+            .arg("--ready-file")
+            .arg(&ready)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the service under test")?;
+        let started = testkit::eventually(Duration::from_secs(30), "the service to become ready", || {
+            let ready = ready.exists();
+            let exited = child.try_wait().ok().flatten().is_some();
+            async move { (ready || exited).then_some(ready) }
+        })
+        .await?;
+        if !started {
+            bail!("{} exited at start", target.label());
+        }
+        Ok(Self {
+            child,
+            _ready: ready_dir,
+        })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn sibling(me: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = me.with_file_name(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        bail!(
+            "`{}` not found next to mesh-bench: build both with `cargo build --release -p bench -p policy-worker`",
+            path.display()
+        )
+    }
+}
+
+/// Purges the MESH_* streams and removes the consumer of the last phase,
+/// so every phase starts from empty streams.
+async fn reset(js: &async_nats::jetstream::Context, consumer: &str) -> anyhow::Result<()> {
+    use schemas::subjects::*;
+    for name in [STREAM_INGRESS, STREAM_DELIVER, STREAM_DECISION, STREAM_DEAD] {
+        let stream = js.get_stream(name).await?;
+        stream.purge().await?;
+        let _ = stream.delete_consumer(consumer).await;
+    }
+    Ok(())
+}
+
+fn generate_policies(shipped: &Path, n: usize) -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    for entry in std::fs::read_dir(shipped).with_context(|| format!("reading `{}`", shipped.display()))? {
+        let path = entry?.path();
+        if path.is_file() {
+            if let Some(name) = path.file_name() {
+                std::fs::copy(&path, dir.path().join(name))?;
+            }
+        }
+    }
+    let text = policy_worker::generated_policies(n);
+    std::fs::write(dir.path().join("generated.cedar"), text)?;
+    Ok(dir)
+}
+
+fn percentiles(h: &Histogram<u64>) -> String {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    format!("{:>8.2} {:>8.2} {:>8.2} {:>8.2}", ms(0.5), ms(0.9), ms(0.99), ms(0.999))
+}
+
+struct Row {
+    label: String,
+    closed: load::PhaseResult,
+    open: load::PhaseResult,
+    rss_mib: f64,
+    cpu_per_10k: f64,
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let server = match &args.nats_url {
+        Some(_) => None,
+        None => Some(testkit::NatsServer::start().await?),
+    };
+    let nats_url = args
+        .nats_url
+        .clone()
+        .or_else(|| server.as_ref().map(|s| s.url()))
+        .context("no NATS server")?;
+    let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
+    broker_config::apply(&js, &broker_config::Options::default()).await?;
+
+    let generated = (args.generated > 0)
+        .then(|| generate_policies(&args.policies, args.generated))
+        .transpose()?;
+    let mut targets = vec![
+        Target::Raw,
+        Target::Worker {
+            label: "policy worker, shipped policies".into(),
+            policies: args.policies.clone(),
+        },
+    ];
+    if let Some(dir) = &generated {
+        targets.push(Target::Worker {
+            label: format!("policy worker, +{} policies", args.generated),
+            policies: dir.path().to_owned(),
+        });
+    }
+
+    println!("mesh-bench: nats {nats_url}, {} events per closed-loop phase, {} s open loop, window {}", args.events, args.open_secs, args.window);
+    let clock = load::Clock::new();
+    for &size in &args.sizes {
+        println!("\n== {size} B events");
+        println!("{:<36} {:>10} {:>8} {:>8} {:>8} {:>8}   {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>11}",
+            "target", "closed ev/s", "p50 ms", "p90", "p99", "p99.9", "open ev/s", "p50 ms", "p90", "p99", "p99.9", "peak RSS", "CPU s/10k");
+        let mut rows = Vec::new();
+        for target in &targets {
+            reset(&js, target.consumer()).await?;
+            let service = Service::start(target, &nats_url).await?;
+            let cpu_before = procstat::cpu_seconds(service.pid()).unwrap_or(0.0);
+            let receiver = load::Receiver::start(&nats_url, clock.clone()).await?;
+            let mut publisher = load::Publisher::new(&nats_url, size, args.window, clock.clone()).await?;
+            // A short warm-up so connections and caches are hot.
+            load::closed_phase(&mut publisher, &receiver, (args.events / 20).max(100)).await?;
+            let closed = load::closed_phase(&mut publisher, &receiver, args.events).await?;
+            let open = load::open_phase(&mut publisher, &receiver, closed.rate() / 2.0, Duration::from_secs(args.open_secs)).await?;
+            let cpu = procstat::cpu_seconds(service.pid()).unwrap_or(0.0) - cpu_before;
+            let total = (args.events / 20).max(100) + closed.events + open.events;
+            let row = Row {
+                label: target.label().to_owned(),
+                rss_mib: procstat::peak_rss(service.pid()).unwrap_or(0) as f64 / (1024.0 * 1024.0),
+                cpu_per_10k: cpu / total as f64 * 10_000.0,
+                closed,
+                open,
+            };
+            println!(
+                "{:<36} {:>10.0} {}   {:>10.0} {} {:>6.1} MiB {:>11.3}",
+                row.label,
+                row.closed.rate(),
+                percentiles(&row.closed.latency_us),
+                row.open.rate(),
+                percentiles(&row.open.latency_us),
+                row.rss_mib,
+                row.cpu_per_10k
+            );
+            rows.push(row);
+            drop(service);
+        }
+        if let Some(raw) = rows.first() {
+            for row in rows.iter().skip(1) {
+                let added = |q: f64| {
+                    (row.open.latency_us.value_at_quantile(q) as f64 - raw.open.latency_us.value_at_quantile(q) as f64) / 1000.0
+                };
+                println!(
+                    "{:<36} throughput ratio to raw {:.2}; added latency at half load p50 {:+.2} ms, p99 {:+.2} ms",
+                    row.label,
+                    row.closed.rate() / raw.closed.rate(),
+                    added(0.5),
+                    added(0.99)
+                );
+            }
+        }
+    }
+    Ok(())
+}

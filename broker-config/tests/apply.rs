@@ -1,0 +1,51 @@
+//! `apply` against a real nats-server: creates, is idempotent, updates in
+//! place without losing data.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use broker_config::{Change, Options, apply};
+
+#[tokio::test]
+async fn apply_is_idempotent_and_keeps_data() {
+    let nats = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+
+    let first = apply(&js, &Options::default()).await.unwrap();
+    assert_eq!(first.len(), 7);
+    assert!(
+        first.iter().all(|(_, c)| *c == Change::Created),
+        "{first:?}"
+    );
+
+    js.publish("mesh.ingress.planner.x", "kept".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let kv = js.get_key_value("mesh-agents").await.unwrap();
+    kv.put("planner", "card".into()).await.unwrap();
+
+    let second = apply(&js, &Options::default()).await.unwrap();
+    assert!(
+        second.iter().all(|(_, c)| *c == Change::Unchanged),
+        "{second:?}"
+    );
+
+    let longer = Options {
+        max_age: Duration::from_secs(30 * 24 * 3600),
+        ..Options::default()
+    };
+    let third = apply(&js, &longer).await.unwrap();
+    assert_eq!(
+        third.iter().filter(|(_, c)| *c == Change::Updated).count(),
+        5,
+        "{third:?}"
+    );
+
+    let mut ingress = js.get_stream("MESH_INGRESS").await.unwrap();
+    let info = ingress.info().await.unwrap();
+    assert_eq!(info.state.messages, 1, "update must not lose data");
+    assert_eq!(info.config.max_age, longer.max_age);
+    assert_eq!(kv.get("planner").await.unwrap().unwrap(), "card");
+}

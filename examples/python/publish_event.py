@@ -1,0 +1,79 @@
+"""Publish one binary-mode CloudEvent to agentmesh from plain nats-py and
+print its decision receipt (and the delivered copy, when it was routed).
+
+    pip install nats-py
+    python3 publish_event.py [--nats-url nats://127.0.0.1:4222] [--tool shell.exec]
+
+Nothing here is agentmesh-specific code: any NATS client can do the same.
+"""
+
+import argparse
+import asyncio
+import json
+import urllib.parse
+import uuid
+
+import nats
+
+
+def pct(value: str) -> str:
+    """Percent-encode a header value as the CloudEvents NATS binding says:
+    space, double-quote, percent and everything outside printable ASCII."""
+    return urllib.parse.quote(value, safe="!#$&'()*+,-./:;<=>?@[\\]^_`{|}~")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    parser.add_argument("--tool", help="send a tool.call for this tool instead of a handoff")
+    args = parser.parse_args()
+
+    nc = await nats.connect(args.nats_url)
+    js = nc.jetstream()
+
+    event_id = str(uuid.uuid4())
+    trace_id = uuid.uuid4().hex
+    headers = {
+        "ce-specversion": "1.0",
+        "ce-id": event_id,
+        "ce-source": "/agents/planner",
+        "ce-traceparent": f"00-{trace_id}-{uuid.uuid4().hex[:16]}-01",
+        "ce-datacontenttype": "application/json",
+        "ce-target": "coder",
+    }
+    if args.tool:
+        headers["ce-type"] = "io.agentmesh.tool.call"
+        headers["ce-subject"] = pct(args.tool)
+        subject = "mesh.ingress.planner.tool_call"
+        data = {"arguments": {"query": "parser"}}
+    else:
+        headers["ce-type"] = "io.agentmesh.task.handoff"
+        headers["ce-subject"] = pct("Implement the parser — “fast”")
+        subject = "mesh.ingress.planner.handoff"
+        data = {"task": "implement the parser"}
+
+    # Subscribe to the receipts first (a JetStream consumer would also see
+    # receipts published earlier).
+    receipts = await nc.subscribe("mesh.decision.planner")
+    ack = await js.publish(subject, json.dumps(data).encode(), headers=headers)
+    print(f"published {event_id} to {subject} (stream {ack.stream}, seq {ack.seq})")
+
+    while True:
+        msg = await receipts.next_msg(timeout=10)
+        receipt = json.loads(msg.data)
+        if receipt["event_id"] == event_id:
+            break
+    print("receipt:", json.dumps({k: receipt[k] for k in ("event_id", "trace_id", "decision", "reasons", "policy_hash")}))
+
+    if receipt["decision"] == "allow":
+        sub = await js.subscribe("mesh.deliver.coder.planner", ordered_consumer=True)
+        while True:
+            delivered = await sub.next_msg(timeout=10)
+            if delivered.headers.get("ce-id") == event_id:
+                break
+        print("delivered:", delivered.subject, delivered.data.decode())
+    await nc.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

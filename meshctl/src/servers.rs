@@ -1,0 +1,329 @@
+//! NATS and ClickHouse for the local stack: is one reachable at the
+//! configured URL, and if not (and the URL is on this machine), start one
+//! from `PATH` with its data under `.agentmesh/`.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::procs::{self, Home};
+
+/// Where the stack's servers are.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    /// NATS URL.
+    pub nats_url: String,
+    /// ClickHouse HTTP URL.
+    pub clickhouse_url: String,
+    /// ClickHouse user.
+    pub clickhouse_user: String,
+    /// ClickHouse password.
+    pub clickhouse_password: String,
+    /// The audit database.
+    pub database: String,
+}
+
+impl Endpoints {
+    /// A ClickHouse client without a default database.
+    pub fn clickhouse(&self) -> clickhouse::Client {
+        clickhouse::Client::default()
+            .with_url(&self.clickhouse_url)
+            .with_user(&self.clickhouse_user)
+            .with_password(&self.clickhouse_password)
+            .with_validation(false)
+    }
+
+    /// A ClickHouse client in the audit database.
+    pub fn audit_db(&self) -> clickhouse::Client {
+        self.clickhouse().with_database(&self.database)
+    }
+}
+
+/// What answers at a NATS URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsState {
+    /// A NATS server with JetStream.
+    JetStream,
+    /// A NATS server without JetStream.
+    NoJetStream,
+    /// Nothing (or nothing that speaks NATS).
+    Unreachable,
+}
+
+/// Connects briefly to see what answers at `url`.
+pub async fn nats_state(url: &str) -> NatsState {
+    let connect = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url);
+    let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
+        return NatsState::Unreachable;
+    };
+    let js = async_nats::jetstream::new(client);
+    let probe = tokio::time::timeout(Duration::from_secs(3), js.get_stream("MESHCTL_PROBE")).await;
+    match probe {
+        Ok(Ok(_)) => NatsState::JetStream,
+        Ok(Err(e)) => match e.kind() {
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                NatsState::JetStream
+            }
+            _ => NatsState::NoJetStream,
+        },
+        Err(_) => NatsState::NoJetStream,
+    }
+}
+
+/// `SELECT version()`, or `None` when nothing answers.
+pub async fn clickhouse_version(client: &clickhouse::Client) -> Option<String> {
+    let query = client.query("SELECT version()").fetch_one::<String>();
+    tokio::time::timeout(Duration::from_secs(3), query)
+        .await
+        .ok()?
+        .ok()
+}
+
+/// The port of `url` when its host is this machine (`127.0.0.1`,
+/// `localhost`, `::1`), else `None`.
+pub fn loopback_port(url: &str, default_port: u16) -> Option<u16> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if !matches!(host, "127.0.0.1" | "localhost" | "::1") {
+        return None;
+    }
+    match port {
+        None | Some("") => Some(default_port),
+        Some(p) => p.parse().ok(),
+    }
+}
+
+/// Whether nothing listens on `127.0.0.1:<port>`.
+pub fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+async fn wait_started(
+    home: &Home,
+    name: &str,
+    child: &mut Child,
+    timeout: Duration,
+    mut ready: impl AsyncFnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if ready().await {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let _ = std::fs::remove_file(home.pid_file(name));
+            bail!(
+                "`{name}` exited ({status}) while starting; its log ({}) ends with:\n{}",
+                home.log_file(name).display(),
+                procs::log_tail(home, name, 2000)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "`{name}` did not become ready within {timeout:?}; see {}",
+                home.log_file(name).display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Starts `nats-server -js` on `127.0.0.1:<port>`, store under
+/// `.agentmesh/nats`, and waits until JetStream answers.
+pub async fn start_nats(home: &Home, url: &str, port: u16) -> anyhow::Result<Child> {
+    let binary = procs::find_server("nats-server", "NATS_SERVER_BIN", "nats-server", "NATS_URL")?;
+    if !port_free(port) {
+        bail!(
+            "port {port} on 127.0.0.1 is taken by a program that is not a NATS server with JetStream: stop it, or set NATS_URL to your NATS server"
+        );
+    }
+    let store = home.root().join("nats");
+    std::fs::create_dir_all(&store).with_context(|| format!("creating `{}`", store.display()))?;
+    let args = vec![
+        "-js".to_owned(),
+        "-a".to_owned(),
+        "127.0.0.1".to_owned(),
+        "-p".to_owned(),
+        port.to_string(),
+        "-sd".to_owned(),
+        store.display().to_string(),
+    ];
+    let mut child = procs::spawn(home, "nats-server", &binary, &args)?;
+    wait_started(
+        home,
+        "nats-server",
+        &mut child,
+        Duration::from_secs(20),
+        async || nats_state(url).await == NatsState::JetStream,
+    )
+    .await?;
+    Ok(child)
+}
+
+/// Writes a ClickHouse config under `.agentmesh/clickhouse/`, starts
+/// `clickhouse-server` with it (HTTP on `127.0.0.1:<http_port>`) and waits
+/// until it answers. Returns the child and the native-protocol port.
+pub async fn start_clickhouse(
+    home: &Home,
+    endpoints: &Endpoints,
+    http_port: u16,
+) -> anyhow::Result<(Child, u16)> {
+    let binary = procs::find_server(
+        "clickhouse-server",
+        "CLICKHOUSE_SERVER_BIN",
+        "clickhouse-server",
+        "CLICKHOUSE_URL",
+    )?;
+    if !port_free(http_port) {
+        bail!(
+            "port {http_port} on 127.0.0.1 is taken by a program that is not a ClickHouse server answering at {}: stop it, or set CLICKHOUSE_URL to your ClickHouse server",
+            endpoints.clickhouse_url
+        );
+    }
+    // The native port clickhouse-client uses by default, when it is free
+    // (`AGENTMESH_CLICKHOUSE_TCP_PORT` picks another).
+    let wanted = std::env::var("AGENTMESH_CLICKHOUSE_TCP_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(9000);
+    let tcp_port = if http_port != wanted && port_free(wanted) {
+        wanted
+    } else {
+        TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .context("finding a free port for ClickHouse's native protocol")?
+    };
+    let dir = home.root().join("clickhouse");
+    let config = write_clickhouse_config(&dir, http_port, tcp_port)?;
+    let args = vec![format!("--config-file={}", config.display())];
+    let mut child = procs::spawn(home, "clickhouse-server", &binary, &args)?;
+    let client = endpoints.clickhouse();
+    wait_started(
+        home,
+        "clickhouse-server",
+        &mut child,
+        Duration::from_secs(60),
+        async || clickhouse_version(&client).await.is_some(),
+    )
+    .await?;
+    Ok((child, tcp_port))
+}
+
+/// Writes `config.xml` and `users.xml` into `dir` (data, tmp, user files,
+/// format schemas and logs below it; 127.0.0.1 only; user `default`
+/// without password). The `<yandex>` root is what 18.16 reads; current
+/// servers accept it too.
+pub fn write_clickhouse_config(
+    dir: &Path,
+    http_port: u16,
+    tcp_port: u16,
+) -> anyhow::Result<std::path::PathBuf> {
+    for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+        let path = dir.join(sub);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating `{}`", path.display()))?;
+    }
+    let dir =
+        std::fs::canonicalize(dir).with_context(|| format!("resolving `{}`", dir.display()))?;
+    let d = dir.display();
+    let config = format!(
+        r#"<?xml version="1.0"?>
+<!-- Written by `meshctl up`; rewritten on every start. -->
+<yandex>
+    <logger>
+        <level>warning</level>
+        <log>{d}/log/clickhouse-server.log</log>
+        <errorlog>{d}/log/clickhouse-server.err.log</errorlog>
+        <console>0</console>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>{http_port}</http_port>
+    <tcp_port>{tcp_port}</tcp_port>
+    <path>{d}/data/</path>
+    <tmp_path>{d}/tmp/</tmp_path>
+    <user_files_path>{d}/user_files/</user_files_path>
+    <format_schema_path>{d}/format_schemas/</format_schema_path>
+    <users_config>{d}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>268435456</mark_cache_size>
+    <max_concurrent_queries>100</max_concurrent_queries>
+</yandex>
+"#
+    );
+    let users = r#"<?xml version="1.0"?>
+<!-- Written by `meshctl up`: user `default`, no password, 127.0.0.1 only. -->
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks>
+                <ip>127.0.0.1</ip>
+                <ip>::1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+"#;
+    let config_path = dir.join("config.xml");
+    std::fs::write(&config_path, config)
+        .with_context(|| format!("writing `{}`", config_path.display()))?;
+    std::fs::write(dir.join("users.xml"), users).context("writing users.xml")?;
+    Ok(config_path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_ports() {
+        assert_eq!(loopback_port("nats://127.0.0.1:4222", 4222), Some(4222));
+        assert_eq!(loopback_port("nats://localhost", 4222), Some(4222));
+        assert_eq!(loopback_port("127.0.0.1:14222", 4222), Some(14222));
+        assert_eq!(
+            loopback_port("http://user:pw@127.0.0.1:18123/", 8123),
+            Some(18123)
+        );
+        assert_eq!(loopback_port("http://[::1]:8124", 8123), Some(8124));
+        assert_eq!(loopback_port("nats://nats.example:4222", 4222), None);
+        assert_eq!(loopback_port("http://10.0.0.5:8123", 8123), None);
+    }
+}

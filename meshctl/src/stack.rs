@@ -1,0 +1,524 @@
+//! `meshctl up`, `down` and `status`: the local stack of `DESIGN.md`.
+//!
+//! `up` starts what is missing — nats-server (JetStream) and
+//! clickhouse-server from `PATH`, data under `.agentmesh/` — applies the
+//! streams and the audit schema, then runs policy-worker, audit-sink and
+//! gpu-scaler (found next to `meshctl` first, then on `PATH`). Whatever it
+//! starts gets a pid file, which is how `down` finds it again.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+
+use crate::procs::{self, Home, Stopped};
+use crate::servers::{self, Endpoints, NatsState};
+
+/// The services, in start order.
+pub const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scaler"];
+/// Services the stack runs without when they cannot start.
+const OPTIONAL: [&str; 1] = ["gpu-scaler"];
+/// Everything `down` may stop, in stop order: services (the sink last, so
+/// it flushes what the others produced), then the servers.
+const STOP_ORDER: [&str; 5] = [
+    "gpu-scaler",
+    "policy-worker",
+    "audit-sink",
+    "clickhouse-server",
+    "nats-server",
+];
+
+/// The file every policy directory has (the policy worker's Cedar schema).
+const POLICY_SCHEMA: &str = "schema.cedarschema";
+
+/// Options of `meshctl up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Return once everything is ready, leaving it running.
+    pub detach: bool,
+    /// The policy directory for the worker.
+    pub policies: PathBuf,
+    /// Services not to start.
+    pub without: Vec<String>,
+    /// How long to wait for everything to be ready.
+    pub timeout: Duration,
+}
+
+/// What this `up` started (stopped again on failure or, in the foreground,
+/// on Ctrl-C).
+#[derive(Default)]
+struct Started {
+    children: Vec<(&'static str, Child)>,
+}
+
+impl Started {
+    fn stop_all(&mut self, home: &Home) {
+        for name in STOP_ORDER {
+            if let Some(pos) = self.children.iter().position(|(n, _)| *n == name) {
+                let (name, mut child) = self.children.remove(pos);
+                match procs::stop(home, name, Duration::from_secs(15)) {
+                    Ok(Some(Stopped::Killed)) => {
+                        line(name, "killed", "did not stop within 15s of SIGTERM")
+                    }
+                    Ok(Some(Stopped::NotRunning)) => line(name, "exited", ""),
+                    Ok(_) => line(name, "stopped", ""),
+                    Err(e) => eprintln!("{name:<18} {e:#}"),
+                }
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn line(name: &str, state: &str, detail: impl std::fmt::Display) {
+    println!("{name:<18} {state:<8} {detail}");
+}
+
+/// `meshctl up`.
+pub async fn up(home: &Home, endpoints: &Endpoints, options: &UpOptions) -> anyhow::Result<()> {
+    for name in &options.without {
+        if !SERVICES.contains(&name.as_str()) {
+            bail!(
+                "--without `{name}`: not a service (one of {})",
+                SERVICES.join(", ")
+            );
+        }
+    }
+    let policies = if options.without.iter().any(|w| w == "policy-worker") {
+        None
+    } else {
+        let dir = &options.policies;
+        if !dir.join(POLICY_SCHEMA).is_file() {
+            bail!(
+                "policy directory `{}` has no `{POLICY_SCHEMA}`: run meshctl from the repository root or pass --policies DIR",
+                dir.display(),
+            );
+        }
+        Some(std::fs::canonicalize(dir).with_context(|| format!("resolving `{}`", dir.display()))?)
+    };
+    home.create()?;
+    let mut started = Started::default();
+    match bring_up(home, endpoints, options, policies, &mut started).await {
+        Ok(()) => {}
+        Err(e) => {
+            if !started.children.is_empty() {
+                eprintln!("Start failed; stopping what this command started.");
+                started.stop_all(home);
+            }
+            return Err(e);
+        }
+    }
+    if options.detach {
+        println!("\nThe stack is up. `meshctl demo` runs the demo; `meshctl down` stops it.");
+        // The children run on in their own process groups.
+        return Ok(());
+    }
+    println!("\nThe stack is up. Ctrl-C stops what this command started.");
+    wait_in_foreground(home, &mut started).await;
+    started.stop_all(home);
+    Ok(())
+}
+
+async fn bring_up(
+    home: &Home,
+    endpoints: &Endpoints,
+    options: &UpOptions,
+    policies: Option<PathBuf>,
+    started: &mut Started,
+) -> anyhow::Result<()> {
+    // NATS.
+    match servers::nats_state(&endpoints.nats_url).await {
+        NatsState::JetStream => line("nats-server", "running", &endpoints.nats_url),
+        NatsState::NoJetStream => bail!(
+            "the NATS server at {} has no JetStream: restart it with `-js`, or set NATS_URL to one that has",
+            endpoints.nats_url
+        ),
+        NatsState::Unreachable => {
+            let Some(port) = servers::loopback_port(&endpoints.nats_url, 4222) else {
+                bail!(
+                    "no NATS server answers at {} (NATS_URL), and it is not on this machine: start it, or unset NATS_URL to run one locally",
+                    endpoints.nats_url
+                );
+            };
+            let child = servers::start_nats(home, &endpoints.nats_url, port).await?;
+            line(
+                "nats-server",
+                "started",
+                format_args!(
+                    "{} (pid {}, log {})",
+                    endpoints.nats_url,
+                    child.id(),
+                    home.log_file("nats-server").display()
+                ),
+            );
+            started.children.push(("nats-server", child));
+        }
+    }
+
+    // ClickHouse.
+    let client = endpoints.clickhouse();
+    match servers::clickhouse_version(&client).await {
+        Some(version) => line(
+            "clickhouse-server",
+            "running",
+            format_args!("{}, ClickHouse {version}", endpoints.clickhouse_url),
+        ),
+        None => {
+            let Some(port) = servers::loopback_port(&endpoints.clickhouse_url, 8123) else {
+                bail!(
+                    "no ClickHouse answers at {} (CLICKHOUSE_URL), and it is not on this machine: start it, or unset CLICKHOUSE_URL to run one locally",
+                    endpoints.clickhouse_url
+                );
+            };
+            let (child, tcp_port) = servers::start_clickhouse(home, endpoints, port).await?;
+            line(
+                "clickhouse-server",
+                "started",
+                format_args!(
+                    "{} (native port {tcp_port}, pid {}, log {})",
+                    endpoints.clickhouse_url,
+                    child.id(),
+                    home.log_file("clickhouse-server").display()
+                ),
+            );
+            started.children.push(("clickhouse-server", child));
+        }
+    }
+
+    // Streams and schema.
+    let nats = async_nats::connect(&endpoints.nats_url)
+        .await
+        .with_context(|| format!("connecting to NATS at {}", endpoints.nats_url))?;
+    let js = async_nats::jetstream::new(nats);
+    let changes = broker_config::apply(&js, &broker_config::Options::default()).await?;
+    let created = changes
+        .iter()
+        .filter(|(_, c)| *c == broker_config::Change::Created)
+        .count();
+    line(
+        "streams",
+        "applied",
+        format_args!("{} streams and buckets, {created} created", changes.len()),
+    );
+    let features = audit_sink::schema::ensure(&client, &endpoints.database, 0)
+        .await
+        .with_context(|| {
+            format!(
+                "creating the audit schema in ClickHouse at {}",
+                endpoints.clickhouse_url
+            )
+        })?;
+    line(
+        "schema",
+        "applied",
+        format_args!(
+            "database `{}`: events, decisions, gpu_leases (ClickHouse {})",
+            endpoints.database, features.version
+        ),
+    );
+
+    // Services.
+    let mut waiting = Vec::new();
+    for name in SERVICES {
+        if options.without.iter().any(|w| w == name) {
+            line(name, "skipped", "--without");
+            continue;
+        }
+        if let Some(recorded) = procs::read_pid(home, name).filter(procs::is_running) {
+            line(name, "running", format_args!("pid {}", recorded.pid));
+            continue;
+        }
+        let Some(binary) = procs::find_service(name) else {
+            line(
+                name,
+                "skipped",
+                format_args!(
+                    "warning: `{name}` not found next to meshctl or on PATH (build it: `cargo build -p {name}`)"
+                ),
+            );
+            continue;
+        };
+        let ready = home.ready_file(name);
+        let _ = std::fs::remove_file(&ready);
+        let mut args = vec!["--nats-url".to_owned(), endpoints.nats_url.clone()];
+        match name {
+            "policy-worker" => {
+                if let Some(dir) = &policies {
+                    args.extend(["--policies".to_owned(), dir.display().to_string()]);
+                }
+            }
+            "audit-sink" => args.extend([
+                "--clickhouse-url".to_owned(),
+                endpoints.clickhouse_url.clone(),
+                "--database".to_owned(),
+                endpoints.database.clone(),
+            ]),
+            _ => {}
+        }
+        args.extend(["--ready-file".to_owned(), ready.display().to_string()]);
+        let child = procs::spawn(home, name, &binary, &args)?;
+        waiting.push(name);
+        started.children.push((name, child));
+    }
+
+    // Ready files.
+    let deadline = Instant::now() + options.timeout;
+    for name in waiting {
+        let ready = home.ready_file(name);
+        let failure = loop {
+            if ready.exists() {
+                let pid = procs::read_pid(home, name)
+                    .map(|r| r.pid)
+                    .unwrap_or_default();
+                line(
+                    name,
+                    "ready",
+                    format_args!("pid {pid}, log {}", home.log_file(name).display()),
+                );
+                break None;
+            }
+            if let Some(pos) = started.children.iter().position(|(n, _)| *n == name)
+                && let Ok(Some(status)) = started.children[pos].1.try_wait()
+            {
+                started.children.remove(pos);
+                let _ = std::fs::remove_file(home.pid_file(name));
+                break Some(format!(
+                    "`{name}` exited ({status}) before it was ready; its log ({}) ends with:\n{}",
+                    home.log_file(name).display(),
+                    procs::log_tail(home, name, 2000)
+                ));
+            }
+            if Instant::now() >= deadline {
+                break Some(format!(
+                    "`{name}` was not ready within {:?}; see {}",
+                    options.timeout,
+                    home.log_file(name).display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match failure {
+            None => {}
+            // The mesh runs without GPU leasing (most machines have no GPU),
+            // so a scaler that cannot start is reported, not fatal.
+            Some(why) if OPTIONAL.contains(&name) => {
+                if let Some(pos) = started.children.iter().position(|(n, _)| *n == name) {
+                    let (_, mut child) = started.children.remove(pos);
+                    let _ = procs::stop(home, name, Duration::from_secs(5));
+                    let _ = child.wait();
+                }
+                line(name, "failed", "warning: continuing without it (optional)");
+                eprintln!("{why}");
+            }
+            Some(why) => bail!(why),
+        }
+    }
+    Ok(())
+}
+
+async fn wait_in_foreground(home: &Home, started: &mut Started) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("cannot listen for signals; use `meshctl down` to stop the stack");
+        return;
+    };
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = check.tick() => {
+                started.children.retain_mut(|(name, child)| match child.try_wait() {
+                    Ok(Some(status)) => {
+                        eprintln!("{name} exited ({status}); see {}", home.log_file(name).display());
+                        let _ = std::fs::remove_file(home.pid_file(name));
+                        false
+                    }
+                    _ => true,
+                });
+            }
+        }
+    }
+    println!();
+}
+
+/// `meshctl down`: stops what `up` started, as its pid files record.
+pub fn down(home: &Home) -> anyhow::Result<()> {
+    let mut any = false;
+    for name in STOP_ORDER {
+        match procs::stop(home, name, Duration::from_secs(15))? {
+            None => {}
+            Some(Stopped::Gracefully) => {
+                any = true;
+                line(name, "stopped", "");
+            }
+            Some(Stopped::Killed) => {
+                any = true;
+                line(name, "killed", "did not stop within 15s of SIGTERM");
+            }
+            Some(Stopped::NotRunning) => {
+                any = true;
+                line(name, "gone", "was not running (stale pid file removed)");
+            }
+        }
+    }
+    if !any {
+        println!(
+            "Nothing to stop: `meshctl up` started nothing under {}.",
+            home.root().display()
+        );
+    }
+    Ok(())
+}
+
+/// `meshctl status`: each component up or down, stream depths, rows per
+/// table. Returns whether NATS and ClickHouse both answer.
+pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> {
+    let started_by = |name: &str| {
+        procs::read_pid(home, name)
+            .filter(procs::is_running)
+            .map(|r| format!(" (pid {}, started by meshctl)", r.pid))
+            .unwrap_or_default()
+    };
+    println!("{:<18} {:<8} detail", "component", "state");
+    let nats = servers::nats_state(&endpoints.nats_url).await;
+    match nats {
+        NatsState::JetStream => line(
+            "nats-server",
+            "up",
+            format_args!("{}{}", endpoints.nats_url, started_by("nats-server")),
+        ),
+        NatsState::NoJetStream => line(
+            "nats-server",
+            "degraded",
+            format_args!("{} has no JetStream", endpoints.nats_url),
+        ),
+        NatsState::Unreachable => line(
+            "nats-server",
+            "down",
+            format_args!("nothing answers at {}", endpoints.nats_url),
+        ),
+    }
+    let client = endpoints.clickhouse();
+    let version = servers::clickhouse_version(&client).await;
+    match &version {
+        Some(v) => line(
+            "clickhouse-server",
+            "up",
+            format_args!(
+                "{}, ClickHouse {v}{}",
+                endpoints.clickhouse_url,
+                started_by("clickhouse-server")
+            ),
+        ),
+        None => line(
+            "clickhouse-server",
+            "down",
+            format_args!("nothing answers at {}", endpoints.clickhouse_url),
+        ),
+    }
+
+    // Consumers tell whether a service runs even when meshctl did not start it.
+    let mut consumers: Vec<(String, String, u64, usize, usize)> = Vec::new();
+    let mut streams: Vec<(String, u64)> = Vec::new();
+    if nats == NatsState::JetStream {
+        let client = async_nats::connect(&endpoints.nats_url).await?;
+        let js = async_nats::jetstream::new(client);
+        for config in broker_config::streams(&broker_config::Options::default()) {
+            let Ok(mut stream) = js.get_stream(&config.name).await else {
+                streams.push((config.name.clone(), 0));
+                continue;
+            };
+            let messages = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
+            streams.push((config.name.clone(), messages));
+            let mut list = stream.consumers();
+            while let Some(Ok(info)) = list.next().await {
+                consumers.push((
+                    config.name.clone(),
+                    info.name.clone(),
+                    info.num_pending,
+                    info.num_ack_pending,
+                    info.num_waiting,
+                ));
+            }
+        }
+    }
+    for name in SERVICES {
+        let consumer = match name {
+            "policy-worker" => Some("policy-worker"),
+            "audit-sink" => Some("audit-sink-events"),
+            _ => None,
+        };
+        let pulling = consumer.is_some_and(|c| {
+            consumers
+                .iter()
+                .any(|(_, n, _, _, waiting)| n == c && *waiting > 0)
+        });
+        if let Some(recorded) = procs::read_pid(home, name).filter(procs::is_running) {
+            line(
+                name,
+                "up",
+                format_args!(
+                    "pid {}, log {}",
+                    recorded.pid,
+                    home.log_file(name).display()
+                ),
+            );
+        } else if pulling {
+            line(
+                name,
+                "up",
+                format_args!(
+                    "not started by meshctl; its consumer `{}` is pulling",
+                    consumer.unwrap_or_default()
+                ),
+            );
+        } else {
+            line(name, "down", "");
+        }
+    }
+
+    if nats == NatsState::JetStream {
+        println!(
+            "\n{:<18} {:>8}  consumers (pending / unacked)",
+            "stream", "messages"
+        );
+        for (stream, messages) in &streams {
+            let mut of_stream: Vec<String> = consumers
+                .iter()
+                .filter(|(s, ..)| s == stream)
+                .map(|(_, name, pending, unacked, _)| format!("{name} {pending}/{unacked}"))
+                .collect();
+            of_stream.sort();
+            println!("{stream:<18} {messages:>8}  {}", of_stream.join(", "));
+        }
+    }
+    if version.is_some() {
+        println!(
+            "\n{:<18} {:>8}",
+            format!("table ({})", endpoints.database),
+            "rows"
+        );
+        let db = endpoints.audit_db();
+        for table in [
+            audit_sink::schema::EVENTS,
+            audit_sink::schema::DECISIONS,
+            audit_sink::schema::GPU_LEASES,
+        ] {
+            let rows = db
+                .query(&format!("SELECT count() FROM `{table}` FINAL"))
+                .fetch_one::<u64>()
+                .await;
+            match rows {
+                Ok(n) => println!("{table:<18} {n:>8}"),
+                Err(_) => println!("{table:<18} {:>8}", "missing"),
+            }
+        }
+    }
+    Ok(nats == NatsState::JetStream && version.is_some())
+}

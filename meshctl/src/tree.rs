@@ -1,0 +1,262 @@
+//! A workflow's decision tree, read from ClickHouse with the shipped
+//! `decision_tree.sql` and drawn one line per step, indented by causation.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::Context;
+use serde::Deserialize;
+
+/// One step of the tree: the columns of `audit-sink/sql/decision_tree.sql`.
+#[derive(Debug, Clone, PartialEq, Deserialize, clickhouse::Row)]
+pub struct Node {
+    /// The event id.
+    pub event_id: String,
+    /// The causing event (`''` for a root).
+    pub parent_id: String,
+    /// The publishing agent.
+    pub agent: String,
+    /// The CloudEvents type.
+    pub r#type: String,
+    /// The target agent.
+    pub target: String,
+    /// The CloudEvents subject (the tool of a tool call).
+    pub subject: String,
+    /// Event time, seconds.
+    pub time: u32,
+    /// Event time, microseconds.
+    pub time_us: u64,
+    /// `allow`, `deny`, `invalid`, or `''` before the receipt is in.
+    pub decision: String,
+    /// The determining policies.
+    pub reasons: Vec<String>,
+    /// Evaluation or validation errors.
+    pub errors: Vec<String>,
+    /// The deciding policy set.
+    pub policy_hash: String,
+    /// Whether the event passed validation.
+    pub valid: u8,
+    /// Why not.
+    pub error: String,
+}
+
+/// Checks a trace id: 32 lowercase hex characters.
+pub fn check_trace_id(trace_id: &str) -> anyhow::Result<()> {
+    if trace_id.len() == 32
+        && trace_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        anyhow::bail!("`{trace_id}` is not a trace id: expected 32 lowercase hex characters")
+    }
+}
+
+/// The steps of `trace_id`, oldest first.
+pub async fn fetch(client: &clickhouse::Client, trace_id: &str) -> anyhow::Result<Vec<Node>> {
+    let params = BTreeMap::from([("trace_id".to_owned(), trace_id.to_owned())]);
+    let sql = audit_sink::queries::render(audit_sink::queries::DECISION_TREE.sql, &params)?;
+    client
+        .query_raw(&sql)
+        .fetch_all::<Node>()
+        .await
+        .context("reading the decision tree from ClickHouse")
+}
+
+fn short_type(ty: &str) -> &str {
+    ty.strip_prefix(schemas::TYPE_PREFIX).unwrap_or(ty)
+}
+
+fn what(node: &Node) -> String {
+    let mut s = format!("{:<9} {}", node.agent, short_type(&node.r#type));
+    if node.r#type == schemas::EventType::ToolCall.as_str() && !node.subject.is_empty() {
+        s.push(' ');
+        s.push_str(&node.subject);
+    }
+    if !node.target.is_empty() {
+        s.push_str(" → ");
+        s.push_str(&node.target);
+    }
+    s
+}
+
+fn verdict(node: &Node) -> String {
+    // Cedar reports the determining policies as a set: sort for a stable line.
+    let mut reasons = node.reasons.clone();
+    reasons.sort();
+    let policies = reasons.join(", ");
+    match node.decision.as_str() {
+        "allow" if policies.is_empty() => "allow".to_owned(),
+        "allow" => format!("allow  ({policies})"),
+        "deny" if policies.is_empty() => {
+            format!("DENY   (fail closed: {})", node.errors.join("; "))
+        }
+        "deny" => format!("DENY   by {policies}"),
+        "invalid" => format!("INVALID ({})", node.errors.join("; ")),
+        "" => "…      no decision yet".to_owned(),
+        other => other.to_owned(),
+    }
+}
+
+/// Draws the tree: roots are steps without a parent in this trace; children
+/// follow their parent, oldest first; the decision column is aligned.
+pub fn render(trace_id: &str, nodes: &[Node]) -> String {
+    let index: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.event_id.as_str(), i))
+        .collect();
+    let mut children: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    let mut roots = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        match index.get(node.parent_id.as_str()) {
+            Some(&p) if p != i && !node.parent_id.is_empty() => children[p].push(i),
+            _ => roots.push(i),
+        }
+    }
+    // (left part, verdict) per line, in drawing order.
+    let mut lines: Vec<(String, String)> = Vec::with_capacity(nodes.len());
+    let mut seen = vec![false; nodes.len()];
+    // Depth-first from each root, then from any step a causation cycle left
+    // unreached, so every step is drawn exactly once.
+    let starts: Vec<usize> = roots.iter().copied().chain(0..nodes.len()).collect();
+    for start in starts {
+        // (node, prefix for its children, its own branch)
+        let mut stack = vec![(start, String::new(), String::new())];
+        while let Some((i, prefix, branch)) = stack.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            lines.push((format!("{branch}{}", what(&nodes[i])), verdict(&nodes[i])));
+            let kids = &children[i];
+            for (k, &child) in kids.iter().enumerate().rev() {
+                let last = k + 1 == kids.len();
+                let branch = format!("{prefix}{}", if last { "└─ " } else { "├─ " });
+                let next = format!("{prefix}{}", if last { "   " } else { "│  " });
+                stack.push((child, next, branch));
+            }
+        }
+    }
+    let width = lines
+        .iter()
+        .map(|(l, _)| l.chars().count())
+        .max()
+        .unwrap_or(0);
+    let denied = nodes.iter().filter(|n| n.decision == "deny").count();
+    let undecided = nodes.iter().filter(|n| n.decision.is_empty()).count();
+    let mut out = format!(
+        "Decision tree of trace {trace_id}: {} steps, {denied} denied{}\n",
+        nodes.len(),
+        if undecided > 0 {
+            format!(", {undecided} without decision")
+        } else {
+            String::new()
+        }
+    );
+    for (left, verdict) in lines {
+        let pad = width - left.chars().count();
+        out.push_str(&format!("  {left}{}  {verdict}\n", " ".repeat(pad)));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[allow(clippy::too_many_arguments)]
+    fn node(
+        id: &str,
+        parent: &str,
+        agent: &str,
+        ty: &str,
+        target: &str,
+        tool: &str,
+        decision: &str,
+        reasons: &[&str],
+    ) -> Node {
+        Node {
+            event_id: id.into(),
+            parent_id: parent.into(),
+            agent: agent.into(),
+            r#type: format!("io.agentmesh.{ty}"),
+            target: target.into(),
+            subject: tool.into(),
+            time: 0,
+            time_us: 0,
+            decision: decision.into(),
+            reasons: reasons.iter().map(|s| s.to_string()).collect(),
+            errors: Vec::new(),
+            policy_hash: String::new(),
+            valid: 1,
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn draws_by_causation() {
+        let nodes = vec![
+            node("a", "", "planner", "prompt", "", "", "allow", &["p1"]),
+            node(
+                "b",
+                "a",
+                "planner",
+                "task.handoff",
+                "coder",
+                "",
+                "allow",
+                &[],
+            ),
+            node(
+                "c",
+                "b",
+                "coder",
+                "tool.call",
+                "",
+                "code.search",
+                "allow",
+                &[],
+            ),
+            node(
+                "d",
+                "b",
+                "coder",
+                "tool.call",
+                "",
+                "shell.exec",
+                "deny",
+                &["forbid-shell-exec"],
+            ),
+            node("e", "c", "coder", "tool.result", "coder", "", "", &[]),
+        ];
+        let text = render("t", &nodes);
+        let expected = "\
+Decision tree of trace t: 5 steps, 1 denied, 1 without decision
+  planner   prompt                        allow  (p1)
+  └─ planner   task.handoff → coder       allow
+     ├─ coder     tool.call code.search   allow
+     │  └─ coder     tool.result → coder  …      no decision yet
+     └─ coder     tool.call shell.exec    DENY   by forbid-shell-exec
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn orphans_and_cycles_are_drawn_once() {
+        let nodes = vec![
+            node("a", "missing", "planner", "prompt", "", "", "allow", &[]),
+            node("b", "c", "coder", "reasoning", "", "", "allow", &[]),
+            node("c", "b", "coder", "reasoning", "", "", "allow", &[]),
+        ];
+        let text = render("t", &nodes);
+        // `a` is a root (its parent is not in the trace); the b/c cycle has
+        // no root but each of its steps is still drawn once.
+        let expected = "\
+Decision tree of trace t: 3 steps, 0 denied
+  planner   prompt        allow
+  coder     reasoning     allow
+  └─ coder     reasoning  allow
+";
+        assert_eq!(text, expected);
+    }
+}

@@ -1,0 +1,417 @@
+//! `meshctl` as a user runs it: the demo's decision tree and `meshctl
+//! trace`, against a real policy worker, audit sink, NATS and ClickHouse;
+//! `up --detach` / `status` / `down` on ports of the test's own; the errors
+//! for a taken port and a missing server binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use testkit::{ClickHouseServer, NatsServer, eventually, free_port};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `meshctl <args>` with the environment pointing at the test's servers.
+fn meshctl(env: &[(&str, &str)], args: &[&str]) -> std::io::Result<Output> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshctl"));
+    cmd.args(args).current_dir(workspace());
+    for var in [
+        "NATS_URL",
+        "CLICKHOUSE_URL",
+        "AGENTMESH_AUDIT_DATABASE",
+        "AGENTMESH_HOME",
+        "NATS_SERVER_BIN",
+        "CLICKHOUSE_SERVER_BIN",
+    ] {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The tree block of meshctl's output: the header and the step lines.
+fn tree_block(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("Decision tree of trace"))
+        .take_while(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> {
+    let nats = NatsServer::start().await?;
+    let ch = ClickHouseServer::start().await?;
+    let db = ch.unique_database("meshctl");
+    let tmp = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+
+    let worker_ready = tmp.path().join("worker.ready");
+    let worker = tokio::spawn(policy_worker::run(
+        policy_worker::Config {
+            nats_url: nats.url(),
+            policies: workspace().join("policies"),
+            ready_file: Some(worker_ready.clone()),
+            watch_policies: false,
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    let sink_ready = tmp.path().join("sink.ready");
+    let mut sink_config = audit_sink::Config::new(nats.url(), ch.url());
+    sink_config.database = db.clone();
+    sink_config.batch_period_ms = 100;
+    sink_config.ready_file = Some(sink_ready.clone());
+    let sink = tokio::spawn(audit_sink::run(sink_config, shutdown.clone()));
+    for ready in [&worker_ready, &sink_ready] {
+        eventually(WAIT, "the services' ready files", || async {
+            ready.exists().then_some(())
+        })
+        .await?;
+    }
+
+    let (nats_url, ch_url) = (nats.url(), ch.url());
+    let home = tmp.path().join("home");
+    let home = home.to_string_lossy();
+    let env = [
+        ("NATS_URL", nats_url.as_str()),
+        ("CLICKHOUSE_URL", ch_url.as_str()),
+        ("AGENTMESH_AUDIT_DATABASE", db.as_str()),
+        ("AGENTMESH_HOME", &home),
+    ];
+    let demo = tokio::task::spawn_blocking({
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move || {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            meshctl(&env, &["demo", "--timeout-secs", "60"])
+        }
+    })
+    .await??;
+    let stdout = text(&demo.stdout);
+    assert!(
+        demo.status.success(),
+        "meshctl demo failed:\n{stdout}\n{}",
+        text(&demo.stderr)
+    );
+
+    let tree = tree_block(&stdout);
+    assert!(tree[0].contains(": 11 steps, 1 denied"), "{stdout}");
+    let steps = &tree[1..];
+    assert_eq!(steps.len(), 11, "{stdout}");
+    // One line per step, in causation order, with agent, type, target/tool.
+    let what: Vec<String> = steps
+        .iter()
+        .map(|l| {
+            let l = l.trim_start_matches([' ', '│', '├', '└', '─']);
+            l.split("  ")
+                .filter(|s| !s.is_empty())
+                .take(2)
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    assert_eq!(
+        what,
+        vec![
+            "planner prompt",
+            "planner reasoning",
+            "planner task.handoff → coder",
+            "coder reasoning",
+            "coder tool.call code.search",
+            "coder tool.result → coder",
+            "coder memory.update",
+            "coder task.handoff → reviewer",
+            "reviewer reasoning",
+            "reviewer output",
+            "coder tool.call shell.exec",
+        ],
+        "{stdout}"
+    );
+    // The denied call, with the policy that denied it; everything else allowed.
+    let denied: Vec<&String> = steps.iter().filter(|l| l.contains("DENY")).collect();
+    assert_eq!(denied.len(), 1);
+    assert!(
+        denied[0].contains("tool.call shell.exec")
+            && denied[0].contains("DENY   by forbid-high-risk-tools, forbid-shell-exec"),
+        "{}",
+        denied[0]
+    );
+    assert_eq!(
+        steps.iter().filter(|l| l.contains(" allow")).count(),
+        10,
+        "{stdout}"
+    );
+    // Indented by causation: the shell.exec call hangs off the coder's
+    // reasoning, as does the code search; the output is deepest.
+    let depth = |l: &str| l.chars().take_while(|c| !c.is_alphabetic()).count();
+    assert_eq!(depth(&steps[10]), depth(&steps[4]));
+    assert!(depth(&steps[9]) > depth(&steps[8]) && depth(&steps[4]) > depth(&steps[3]));
+
+    let trace_id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Again: meshctl trace "))
+        .ok_or_else(|| anyhow::anyhow!("demo names no trace:\n{stdout}"))?
+        .trim()
+        .to_owned();
+    let again = meshctl(&env, &["trace", &trace_id])?;
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    assert_eq!(
+        tree_block(&text(&again.stdout)),
+        tree,
+        "meshctl trace prints the demo's tree"
+    );
+
+    let missing = meshctl(&env, &["trace", "0123456789abcdef0123456789abcdef"])?;
+    assert!(!missing.status.success());
+    assert!(text(&missing.stderr).contains("no steps of trace 0123456789abcdef0123456789abcdef"));
+    let bad = meshctl(&env, &["trace", "not-a-trace"])?;
+    assert!(text(&bad.stderr).contains("is not a trace id"));
+
+    shutdown.cancel();
+    worker.await??;
+    sink.await??;
+    Ok(())
+}
+
+/// Environment for a stack of the test's own under `home`.
+struct LocalStack {
+    nats_url: String,
+    ch_url: String,
+    home: String,
+    tcp_port: String,
+}
+
+impl LocalStack {
+    fn new(home: &Path) -> anyhow::Result<Self> {
+        Ok(Self {
+            nats_url: format!("nats://127.0.0.1:{}", free_port()?),
+            ch_url: format!("http://127.0.0.1:{}", free_port()?),
+            home: home.to_string_lossy().into_owned(),
+            tcp_port: free_port()?.to_string(),
+        })
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        vec![
+            ("NATS_URL", self.nats_url.as_str()),
+            ("CLICKHOUSE_URL", self.ch_url.as_str()),
+            ("AGENTMESH_HOME", self.home.as_str()),
+            ("AGENTMESH_CLICKHOUSE_TCP_PORT", self.tcp_port.as_str()),
+        ]
+    }
+
+    async fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let env: Vec<(String, String)> = self
+            .env()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Ok(tokio::task::spawn_blocking(move || {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            meshctl(&env, &args)
+        })
+        .await??)
+    }
+}
+
+#[tokio::test]
+async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let stack = LocalStack::new(&tmp.path().join("state"))?;
+    let without = [
+        "--without",
+        "policy-worker",
+        "--without",
+        "audit-sink",
+        "--without",
+        "gpu-scaler",
+    ];
+    let mut args = vec!["up", "--detach"];
+    args.extend(without);
+    let up = stack.run(&args).await?;
+    let out = text(&up.stdout);
+    assert!(up.status.success(), "{out}\n{}", text(&up.stderr));
+    assert!(out.contains("nats-server        started"), "{out}");
+    assert!(out.contains("clickhouse-server  started"), "{out}");
+    assert!(out.contains("schema             applied"), "{out}");
+
+    // Both answer, with JetStream streams and the audit tables in place.
+    let js = async_nats::jetstream::new(async_nats::connect(&stack.nats_url).await?);
+    js.get_stream(schemas::subjects::STREAM_INGRESS).await?;
+    let client = clickhouse::Client::default()
+        .with_url(&stack.ch_url)
+        .with_validation(false);
+    let tables = testkit::clickhouse::query_text(
+        &client,
+        "SELECT name FROM system.tables WHERE database = 'agentmesh' ORDER BY name",
+    )
+    .await?;
+    assert_eq!(tables, "decisions\nevents\ngpu_leases\n");
+    // The ClickHouse config meshctl wrote lives under the state directory.
+    assert!(
+        Path::new(&stack.home)
+            .join("clickhouse/config.xml")
+            .is_file()
+    );
+
+    // A second `up` finds them running and starts nothing.
+    let again = stack.run(&args).await?;
+    let out = text(&again.stdout);
+    assert!(again.status.success(), "{out}");
+    assert!(
+        out.contains("nats-server        running") && out.contains("clickhouse-server  running"),
+        "{out}"
+    );
+
+    let status = stack.run(&["status"]).await?;
+    let out = text(&status.stdout);
+    assert!(status.status.success(), "{out}");
+    assert!(
+        out.contains("nats-server        up") && out.contains("started by meshctl"),
+        "{out}"
+    );
+    assert!(out.contains("clickhouse-server  up"), "{out}");
+    assert!(out.contains("policy-worker      down"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("MESH_INGRESS") && l.contains(" 0")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("events") && l.trim_end().ends_with(" 0")),
+        "{out}"
+    );
+
+    // Taken port: a server of ours is on the NATS port, but a second stack
+    // pointed at it as ClickHouse finds a program that is not ClickHouse.
+    let other = tempfile::tempdir()?;
+    let nats_port = stack
+        .nats_url
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let taken = Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["up", "--detach"])
+        .args(without)
+        .env("NATS_URL", &stack.nats_url)
+        .env("CLICKHOUSE_URL", format!("http://127.0.0.1:{nats_port}"))
+        .env("AGENTMESH_HOME", other.path())
+        .current_dir(workspace())
+        .output()?;
+    assert!(!taken.status.success());
+    let err = text(&taken.stderr);
+    assert!(
+        err.contains(&format!("port {nats_port} on 127.0.0.1 is taken")),
+        "{err}"
+    );
+
+    let down = stack.run(&["down"]).await?;
+    let out = text(&down.stdout);
+    assert!(down.status.success(), "{out}");
+    assert!(
+        out.contains("clickhouse-server  stopped") && out.contains("nats-server        stopped"),
+        "{out}"
+    );
+    let status = stack.run(&["status"]).await?;
+    assert!(
+        !status.status.success(),
+        "status fails with the servers down"
+    );
+    let out = text(&status.stdout);
+    assert!(
+        out.contains("nats-server        down") && out.contains("clickhouse-server  down"),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn missing_server_binary_names_the_package() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let stack = LocalStack::new(tmp.path())?;
+    let mut env = stack.env();
+    env.push(("NATS_SERVER_BIN", "/nonexistent/nats-server"));
+    let out = tokio::task::spawn_blocking({
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move || {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            meshctl(&env, &["up", "--detach"])
+        }
+    })
+    .await??;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("sudo apt-get install nats-server"), "{err}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
+    let dir = Path::new(env!("CARGO_BIN_EXE_meshctl"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let present = |name: &str| dir.join(name).is_file();
+    if !(present("policy-worker") && present("audit-sink")) {
+        eprintln!(
+            "skipped: build policy-worker and audit-sink (`cargo build --workspace`, or `cargo test --workspace`) to run the whole stack"
+        );
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    let stack = LocalStack::new(&tmp.path().join("state"))?;
+    let up = stack.run(&["up", "--detach"]).await?;
+    let out = text(&up.stdout);
+    if !up.status.success() {
+        let _ = stack.run(&["down"]).await;
+        panic!("meshctl up failed:\n{out}\n{}", text(&up.stderr));
+    }
+    assert!(
+        out.contains("policy-worker      ready") && out.contains("audit-sink         ready"),
+        "{out}"
+    );
+
+    let demo = stack.run(&["demo"]).await?;
+    let down = stack.run(&["down"]).await?;
+    let out = text(&demo.stdout);
+    assert!(demo.status.success(), "{out}\n{}", text(&demo.stderr));
+    let tree = tree_block(&out);
+    assert!(tree[0].contains(": 11 steps, 1 denied"), "{out}");
+    let out = text(&down.stdout);
+    for name in [
+        "policy-worker",
+        "audit-sink",
+        "clickhouse-server",
+        "nats-server",
+    ] {
+        assert!(out.contains(&format!("{name:<18} stopped")), "{out}");
+    }
+    Ok(())
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what agentmesh's stack and tests need on a Debian machine:
+# nats-server (JetStream), clickhouse-server + client, docker-compose (to
+# validate compose.yaml) and the Python client nats-py for interop tests.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
+
+missing=()
+have nats-server || missing+=(nats-server)
+have clickhouse-server || missing+=(clickhouse-server)
+have clickhouse-client || missing+=(clickhouse-client)
+have docker-compose || missing+=(docker-compose)
+have python3 || missing+=(python3 python3-pip)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "==> installing ${missing[*]} (Debian packages)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if ! python3 -c 'import nats' 2>/dev/null; then
+  echo "==> installing nats-py (PyPI) for the interop test"
+  python3 -m pip install -q --disable-pip-version-check nats-py 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages nats-py
+fi
+
+case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac
+echo "==> dependencies ready: $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version)"

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The test command: installs the servers the tests start (nats-server,
+# clickhouse-server), checks formatting, lints, validates compose.yaml when
+# present, and runs every test of the workspace against real servers.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/install-deps.sh
+export PATH="$PATH:/usr/sbin"
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if [ -f compose.yaml ]; then
+  echo "==> docker-compose config"
+  docker-compose -f compose.yaml config -q
+fi
+echo "==> cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo ends on the last doc-test
+# binary's own count, often 0).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"

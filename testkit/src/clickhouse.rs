@@ -1,0 +1,366 @@
+//! A `clickhouse-server` of the test's own: a config written into a temporary
+//! directory (free HTTP and TCP ports on 127.0.0.1, data, tmp and user files
+//! in that directory, a `default` user without password), started and awaited
+//! until `SELECT 1` answers over HTTP, killed on drop.
+//!
+//! `CLICKHOUSE_SERVER_BIN` overrides the binary (default: `clickhouse-server`
+//! from `PATH` or `/usr/sbin`). `CLICKHOUSE_URL` points the tests at an
+//! external server instead: nothing is started, and each test keeps to a
+//! database of its own ([`ClickHouseServer::unique_database`]).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::{eventually, find_binary, free_port};
+
+/// How long a server may take to answer `SELECT 1` after it was spawned.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A ClickHouse server for one test: local (spawned) or external (`CLICKHOUSE_URL`).
+pub struct ClickHouseServer {
+    mode: Mode,
+}
+
+enum Mode {
+    Local(Local),
+    External { url: String },
+}
+
+struct Local {
+    child: Option<Child>,
+    binary: PathBuf,
+    http_port: u16,
+    tcp_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl ClickHouseServer {
+    /// Starts a fresh server on free ports (or attaches to `CLICKHOUSE_URL`)
+    /// and waits until it answers `SELECT 1`.
+    pub async fn start() -> anyhow::Result<Self> {
+        if let Ok(url) = std::env::var("CLICKHOUSE_URL")
+            && !url.is_empty()
+        {
+            let mut server = Self {
+                mode: Mode::External { url },
+            };
+            server.wait_ready(None).await?;
+            return Ok(server);
+        }
+        let binary = find_binary(
+            "clickhouse-server",
+            "CLICKHOUSE_SERVER_BIN",
+            "clickhouse-server",
+        )?;
+        let dir = tempfile::tempdir().context("creating the ClickHouse directory")?;
+        let http_port = free_port()?;
+        let mut tcp_port = free_port()?;
+        while tcp_port == http_port {
+            tcp_port = free_port()?;
+        }
+        write_config(dir.path(), http_port, tcp_port)?;
+        let mut server = Self {
+            mode: Mode::Local(Local {
+                child: None,
+                binary,
+                http_port,
+                tcp_port,
+                dir,
+            }),
+        };
+        server.start_again().await?;
+        Ok(server)
+    }
+
+    /// `http://127.0.0.1:<http port>` (or `CLICKHOUSE_URL`).
+    pub fn url(&self) -> String {
+        match &self.mode {
+            Mode::Local(local) => format!("http://127.0.0.1:{}", local.http_port),
+            Mode::External { url } => url.clone(),
+        }
+    }
+
+    /// The native-protocol port (for `clickhouse-client --port`), when local.
+    pub fn tcp_port(&self) -> Option<u16> {
+        match &self.mode {
+            Mode::Local(local) => Some(local.tcp_port),
+            Mode::External { .. } => None,
+        }
+    }
+
+    /// Whether this is an external server (`CLICKHOUSE_URL`) that the test
+    /// cannot stop or restart.
+    pub fn is_external(&self) -> bool {
+        matches!(self.mode, Mode::External { .. })
+    }
+
+    /// A database name no other test uses: `<prefix>_<random>`.
+    pub fn unique_database(&self, prefix: &str) -> String {
+        format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+    }
+
+    /// A client for this server (validation off: ClickHouse 18.16 has no
+    /// `RowBinaryWithNamesAndTypes`).
+    pub fn client(&self) -> ::clickhouse::Client {
+        ::clickhouse::Client::default()
+            .with_url(self.url())
+            .with_validation(false)
+    }
+
+    /// Runs `sql` and returns the result as TabSeparated text.
+    pub async fn query_text(&self, sql: &str) -> anyhow::Result<String> {
+        query_text(&self.client(), sql).await
+    }
+
+    /// `SELECT version()`, e.g. `18.16.1`.
+    pub async fn version(&self) -> anyhow::Result<String> {
+        Ok(self.query_text("SELECT version()").await?.trim().to_owned())
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit; ports and data
+    /// stay for [`ClickHouseServer::start_again`].
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        match &mut self.mode {
+            Mode::Local(local) => {
+                local.kill();
+                Ok(())
+            }
+            Mode::External { .. } => {
+                bail!("cannot stop the external ClickHouse at `CLICKHOUSE_URL`")
+            }
+        }
+    }
+
+    /// Starts the server again on the same ports and data (a no-op wait for
+    /// readiness when it is running) and waits until it answers.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        let Mode::Local(local) = &mut self.mode else {
+            bail!("cannot start the external ClickHouse at `CLICKHOUSE_URL`");
+        };
+        if local.child.is_none() {
+            let config = local.dir.path().join("config.xml");
+            let child = Command::new(&local.binary)
+                .arg(format!("--config-file={}", config.display()))
+                .current_dir(local.dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting `{}`", local.binary.display()))?;
+            local.child = Some(child);
+        }
+        let log = local.dir.path().join("log/error.log");
+        self.wait_ready(Some(&log)).await
+    }
+
+    async fn wait_ready(&mut self, error_log: Option<&Path>) -> anyhow::Result<()> {
+        let client = self.client();
+        let url = self.url();
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            if let Mode::Local(local) = &mut self.mode
+                && let Some(child) = local.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                local.child = None;
+                let log = error_log
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .map(|s| tail(&s, 2000))
+                    .unwrap_or_default();
+                bail!("clickhouse-server exited with {status} before answering:\n{log}");
+            }
+            if let Ok(1) = client.query("SELECT 1").fetch_one::<u8>().await {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "timed out after {START_TIMEOUT:?} waiting for ClickHouse at {url} to answer `SELECT 1`"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Polls `SELECT count()` of `sql_from_where` (e.g. `db.events FINAL`)
+    /// until it is at least `rows`, returning the count.
+    pub async fn wait_for_rows(
+        &self,
+        from: &str,
+        rows: u64,
+        timeout: Duration,
+    ) -> anyhow::Result<u64> {
+        let client = self.client();
+        let sql = format!("SELECT count() FROM {from}");
+        eventually(timeout, &format!("{rows} rows in `{from}`"), || {
+            let client = client.clone();
+            let sql = sql.clone();
+            async move {
+                let n = client.query(&sql).fetch_one::<u64>().await.ok()?;
+                (n >= rows).then_some(n)
+            }
+        })
+        .await
+    }
+}
+
+impl Local {
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ClickHouseServer {
+    fn drop(&mut self) {
+        if let Mode::Local(local) = &mut self.mode {
+            local.kill();
+        }
+    }
+}
+
+/// Runs `sql` with `client` and returns the result as TabSeparated text.
+pub async fn query_text(client: &::clickhouse::Client, sql: &str) -> anyhow::Result<String> {
+    let mut cursor = client
+        .query_raw(sql)
+        .fetch_bytes("TabSeparated")
+        .with_context(|| format!("running `{sql}`"))?;
+    let bytes = cursor
+        .collect()
+        .await
+        .with_context(|| format!("running `{sql}`"))?;
+    String::from_utf8(bytes.to_vec()).context("ClickHouse answered with bytes that are not UTF-8")
+}
+
+fn tail(s: &str, max: usize) -> String {
+    let start = s.len().saturating_sub(max);
+    let start = (start..s.len())
+        .find(|&i| s.is_char_boundary(i))
+        .unwrap_or(s.len());
+    s[start..].to_owned()
+}
+
+/// Writes `config.xml` and `users.xml` for a server listening on 127.0.0.1
+/// with everything it stores under `dir`. The `<yandex>` root is what 18.16
+/// reads; current servers still accept it.
+fn write_config(dir: &Path, http_port: u16, tcp_port: u16) -> anyhow::Result<()> {
+    for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
+    }
+    let d = dir.display();
+    let config = format!(
+        r#"<?xml version="1.0"?>
+<yandex>
+    <logger>
+        <level>warning</level>
+        <log>{d}/log/server.log</log>
+        <errorlog>{d}/log/error.log</errorlog>
+        <console>0</console>
+    </logger>
+    <listen_host>127.0.0.1</listen_host>
+    <http_port>{http_port}</http_port>
+    <tcp_port>{tcp_port}</tcp_port>
+    <path>{d}/data/</path>
+    <tmp_path>{d}/tmp/</tmp_path>
+    <user_files_path>{d}/user_files/</user_files_path>
+    <format_schema_path>{d}/format_schemas/</format_schema_path>
+    <users_config>{d}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <timezone>UTC</timezone>
+    <mark_cache_size>268435456</mark_cache_size>
+    <max_concurrent_queries>100</max_concurrent_queries>
+</yandex>
+"#
+    );
+    let users = r#"<?xml version="1.0"?>
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            <networks>
+                <ip>127.0.0.1</ip>
+                <ip>::1</ip>
+            </networks>
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>
+    <quotas>
+        <default>
+            <interval>
+                <duration>3600</duration>
+                <queries>0</queries>
+                <errors>0</errors>
+                <result_rows>0</result_rows>
+                <read_rows>0</read_rows>
+                <execution_time>0</execution_time>
+            </interval>
+        </default>
+    </quotas>
+</yandex>
+"#;
+    std::fs::write(dir.join("config.xml"), config).context("writing config.xml")?;
+    std::fs::write(dir.join("users.xml"), users).context("writing users.xml")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn starts_stops_and_keeps_data() {
+        let mut server = ClickHouseServer::start().await.unwrap();
+        let version = server.version().await.unwrap();
+        assert!(
+            version.chars().next().is_some_and(|c| c.is_ascii_digit()),
+            "{version}"
+        );
+        if server.is_external() {
+            return;
+        }
+        let db = server.unique_database("testkit");
+        server
+            .query_text(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        server
+            .query_text(&format!(
+                "CREATE TABLE {db}.t (x UInt32) ENGINE = MergeTree() ORDER BY x"
+            ))
+            .await
+            .unwrap();
+        server
+            .query_text(&format!("INSERT INTO {db}.t VALUES (1), (2)"))
+            .await
+            .unwrap();
+        server.stop().unwrap();
+        assert!(server.query_text("SELECT 1").await.is_err());
+        server.start_again().await.unwrap();
+        assert_eq!(
+            server
+                .query_text(&format!("SELECT sum(x) FROM {db}.t"))
+                .await
+                .unwrap(),
+            "3\n"
+        );
+        assert_eq!(
+            server
+                .wait_for_rows(&format!("{db}.t"), 2, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            2
+        );
+    }
+}
