@@ -389,6 +389,14 @@ max_gpus = 1
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let config = Config::from_toml(include_str!("../examples/pools.toml")).unwrap();
+        assert_eq!(config.gpus.len(), 4);
+        assert_eq!(config.pools.len(), 3);
+        assert_eq!(config.pools["coder"].cooldown, DEFAULT_COOLDOWN);
+    }
+
+    #[test]
     fn json_round_trip() {
         let config = Config::from_toml(SAMPLE).unwrap();
         let json = serde_json::to_string(&config).unwrap();

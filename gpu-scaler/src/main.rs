@@ -14,9 +14,10 @@ struct Args {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
-    /// Pools config file (TOML, or JSON for a `.json` file).
+    /// Pools config file (TOML, or JSON for a `.json` file); without one
+    /// there are no pools and nothing is leased.
     #[arg(long, env = "GPU_SCALER_CONFIG")]
-    config: PathBuf,
+    config: Option<PathBuf>,
     /// File created once the scaler is ready, removed on exit.
     #[arg(long, env = "GPU_SCALER_READY_FILE")]
     ready_file: Option<PathBuf>,
@@ -36,7 +37,13 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
         )
         .init();
-    let config = gpu_scaler::Config::load(&args.config)?;
+    let config = match &args.config {
+        Some(path) => gpu_scaler::Config::load(path)?,
+        None => {
+            tracing::warn!("No --config given: no pools, nothing will be leased.");
+            gpu_scaler::Config::default()
+        }
+    };
     let settings = gpu_scaler::Settings {
         nats_url: args.nats_url,
         config,

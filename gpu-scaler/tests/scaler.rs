@@ -584,5 +584,28 @@ max_gpus = 1
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cooldwon"), "{stderr}");
+
+    // Started as `meshctl up` does (no config): ready, leasing nothing.
+    let mut bare = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
+        .env_remove("GPU_SCALER_CONFIG")
+        .arg("--nats-url")
+        .arg(mesh.server.url())
+        .arg("--ready-file")
+        .arg(&ready)
+        .spawn()?;
+    eventually(WAIT, "the bare scaler's ready file", || async {
+        ready.exists().then_some(())
+    })
+    .await?;
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(bare.id().to_string())
+        .status()?;
+    let exit = eventually(WAIT, "the bare scaler to exit", || {
+        let done = bare.try_wait().ok().flatten();
+        async move { done }
+    })
+    .await?;
+    assert!(exit.success(), "exit status {exit}");
     Ok(())
 }
