@@ -171,13 +171,27 @@ impl Scaler {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut interval = tokio::time::interval(self.config.poll_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The error of the last failed round: an outage is logged once when
+        // it starts (or changes) and once when it ends, not every interval.
+        let mut failing: Option<String> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = interval.tick() => {}
             }
-            if let Err(e) = self.round().await {
-                tracing::warn!(instance = %self.instance, error = %e, "Scaling round skipped.");
+            match self.round().await {
+                Ok(_) => {
+                    if failing.take().is_some() {
+                        tracing::info!(instance = %self.instance, "Scaling rounds running again.");
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if failing.as_deref() != Some(message.as_str()) {
+                        tracing::warn!(instance = %self.instance, error = %message, "Scaling round skipped; retrying every interval.");
+                    }
+                    failing = Some(message);
+                }
             }
         }
         if !self.outbox.is_empty() {

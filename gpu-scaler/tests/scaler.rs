@@ -609,3 +609,37 @@ max_gpus = 1
     assert!(exit.success(), "exit status {exit}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_scaler_rides_out_a_broker_restart() -> anyhow::Result<()> {
+    let mut mesh = mesh().await?;
+    let _consumer = work_consumer(&mesh.js, "coder").await?;
+    let cfg = config(
+        2,
+        Duration::from_millis(100),
+        Duration::from_secs(15),
+        &[("coder", pool("coder", 10, 0, 2, LONG))],
+    );
+    let running = spawn_scaler(&mesh, &cfg, "scaler-a").await?;
+    publish_work(&mesh.js, "coder", 5).await?;
+    eventually(WAIT, "1 lease", || async {
+        (leases_of(&mesh.js, "coder").await.ok()?.len() == 1).then_some(())
+    })
+    .await?;
+
+    mesh.server.restart().await?;
+    // The scaler's client reconnects on its own; so does the test's.
+    eventually(WAIT, "the test client to publish again", || async {
+        publish_work(&mesh.js, "coder", 10).await.ok()
+    })
+    .await?;
+    let held = eventually(WAIT, "2 leases after the restart", || async {
+        let held = leases_of(&mesh.js, "coder").await.ok()?;
+        (held.len() == 2).then_some(held)
+    })
+    .await?;
+    assert!(held.iter().all(|l| l.holder == "scaler-a"));
+    assert!(!running.task.is_finished());
+    running.stop().await;
+    Ok(())
+}
