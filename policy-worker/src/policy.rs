@@ -107,7 +107,13 @@ pub struct Verdict {
 /// names one principal and one action (a tenth of them forbids), the shape
 /// large policy sets tend to have.
 pub fn generated_policies(n: usize) -> String {
-    let actions = ["message", "task.handoff", "tool.result", "output", "reasoning"];
+    let actions = [
+        "message",
+        "task.handoff",
+        "tool.result",
+        "output",
+        "reasoning",
+    ];
     let mut text = String::new();
     for i in 0..n {
         let action = actions[i % actions.len()];
