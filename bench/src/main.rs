@@ -217,10 +217,10 @@ fn generate_policies(shipped: &Path, n: usize) -> anyhow::Result<tempfile::TempD
         std::fs::read_dir(shipped).with_context(|| format!("reading `{}`", shipped.display()))?
     {
         let path = entry?.path();
-        if path.is_file() {
-            if let Some(name) = path.file_name() {
-                std::fs::copy(&path, dir.path().join(name))?;
-            }
+        if path.is_file()
+            && let Some(name) = path.file_name()
+        {
+            std::fs::copy(&path, dir.path().join(name))?;
         }
     }
     let text = policy_worker::generated_policies(n);

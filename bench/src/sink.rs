@@ -52,10 +52,10 @@ pub async fn publish_backlog(
 ) -> anyhow::Result<()> {
     let mut pending = FuturesUnordered::new();
     for i in 0..n {
-        if pending.len() >= 2048 {
-            if let Some(ack) = pending.next().await {
-                ack?;
-            }
+        if pending.len() >= 2048
+            && let Some(ack) = pending.next().await
+        {
+            ack?;
         }
         let (headers, payload) = event(&format!("{prefix}-{i}"), size);
         let ack = js
