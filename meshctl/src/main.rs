@@ -4,6 +4,7 @@
 
 mod approvals;
 mod demo;
+mod gpus;
 mod limits;
 mod policy;
 mod procs;
@@ -75,6 +76,13 @@ enum Command {
         /// Seconds to wait for every component to be ready.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
+        /// Pool config for the GPU scaler (skipped when the file does not exist).
+        #[arg(
+            long,
+            env = "GPU_SCALER_CONFIG",
+            default_value = "gpu-scaler/examples/pools.toml"
+        )]
+        gpu_config: PathBuf,
     },
     /// Stop what `meshctl up` started.
     Down,
@@ -105,6 +113,12 @@ enum Command {
     Limits {
         #[command(subcommand)]
         command: limits::LimitsCommand,
+    },
+    /// GPU inventory, leases and per-pool demand.
+    Gpus {
+        /// The GPU scaler's pool config, for each pool's demand when no scaler answers.
+        #[arg(long, env = "GPU_SCALER_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -142,6 +156,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach,
             policies,
             without,
+            gpu_config,
             timeout_secs,
         } => {
             let options = stack::UpOptions {
@@ -149,6 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 policies,
                 without,
                 timeout: Duration::from_secs(timeout_secs),
+                gpu_config: Some(gpu_config),
             };
             stack::up(&home, &endpoints, &options).await?;
         }
@@ -161,6 +177,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { timeout_secs } => {
             run_demo(&endpoints, Duration::from_secs(timeout_secs)).await?
         }
+        Command::Gpus { config } => gpus::run(&endpoints.nats_url, config.as_deref()).await?,
         Command::Trace { trace_id } => {
             tree::check_trace_id(&trace_id)?;
             let nodes = tree::fetch(&endpoints.audit_db(), &trace_id).await?;
@@ -208,16 +225,5 @@ async fn run_demo(endpoints: &servers::Endpoints, timeout: Duration) -> anyhow::
     let nats = async_nats::connect(&endpoints.nats_url).await?;
     let js = async_nats::jetstream::new(nats);
     broker_config::apply(&js, &broker_config::Options::default()).await?;
-    let steps = demo::workflow();
-    let (trace, ids) = demo::publish(&js, &steps).await?;
-    let trace_id = trace.trace_id_hex();
-    println!(
-        "Published {} steps of trace {trace_id}; waiting for their decisions in ClickHouse…",
-        ids.len()
-    );
-    let nodes = demo::wait_for_tree(endpoints, &trace_id, &ids, timeout).await?;
-    println!();
-    print!("{}", tree::render(&trace_id, &nodes));
-    println!("\nAgain: meshctl trace {trace_id}");
-    Ok(())
+    demo::run(endpoints, timeout).await
 }
