@@ -263,3 +263,119 @@ impl Runtime {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
+
+    use crate::policy::{LoadError, PolicyBundle};
+
+    fn shipped_copy(skip: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        for entry in std::fs::read_dir(shipped).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if path.is_file() && !skip.contains(&name.as_str()) {
+                std::fs::copy(&path, dir.path().join(name)).unwrap();
+            }
+        }
+        dir
+    }
+
+    fn tool_call(tool: &str, data: serde_json::Value) -> MeshEvent {
+        let event = EventBuilderV10::new()
+            .id("e1")
+            .source("/agents/coder")
+            .ty("io.agentmesh.tool.call")
+            .subject(tool)
+            .data("application/json", data)
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        MeshEvent::from_message(
+            "mesh.ingress.coder.tool_call",
+            Some(&h),
+            &p,
+            Limits::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn shipped_set_reads_detectors_and_gates_deploys() {
+        let dir = shipped_copy(&[]);
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+        let meta = bundle.guard();
+        assert!(meta.reads_detectors());
+        assert!(!meta.reads_counters(), "limits are an example, not loaded");
+        assert_eq!(
+            meta.approval_policies().collect::<Vec<_>>(),
+            vec!["deploys-need-approval"]
+        );
+        let pii = tool_call("web.search", serde_json::json!({"q": "bob@example.com"}));
+        let verdict = bundle.decide(&pii, "tool_call");
+        assert!(!verdict.allowed);
+        assert_eq!(verdict.reasons, vec!["forbid-pii-to-external-tools"]);
+        let deploy = tool_call("deploy.prod", serde_json::json!({"v": 1}));
+        let verdict = bundle.decide(&deploy, "tool_call");
+        assert!(verdict.allowed && meta.requires_approval(&verdict.reasons));
+    }
+
+    #[test]
+    fn approval_annotation_is_checked_at_load() {
+        for (text, expected) in [
+            (
+                "@id(\"x\")\n@approval(\"maybe\")\npermit (principal, action, resource);\n",
+                "the only value is",
+            ),
+            (
+                "@id(\"x\")\n@approval(\"required\")\nforbid (principal, action, resource);\n",
+                "only applies to a `permit`",
+            ),
+        ] {
+            let dir = shipped_copy(&[]);
+            std::fs::write(dir.path().join("bad.cedar"), text).unwrap();
+            match PolicyBundle::load(dir.path()) {
+                Err(LoadError::Invalid { path, message, .. }) => {
+                    assert!(path.ends_with("bad.cedar"), "{path:?}");
+                    assert!(message.contains(expected), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_schema_without_the_guardrail_records_keeps_working() {
+        // A policy directory from before the guardrails: the context has no
+        // `detectors`, `rate` or `budget`, and no policy reads them.
+        let dir = shipped_copy(&["payload.cedar"]);
+        let schema_path = dir.path().join("schema.cedarschema");
+        let schema = std::fs::read_to_string(&schema_path).unwrap();
+        let old: String = schema
+            .lines()
+            .filter(|l| {
+                ![
+                    "  detectors: Detectors,",
+                    "  rate: Rate,",
+                    "  budget: Budget,",
+                ]
+                .contains(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(schema.lines().count() - old.lines().count(), 3);
+        std::fs::write(&schema_path, old).unwrap();
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+        assert!(!bundle.guard().reads_detectors());
+        let verdict = bundle.decide(
+            &tool_call("code.search", serde_json::json!({})),
+            "tool_call",
+        );
+        assert!(verdict.allowed, "{verdict:?}");
+        assert!(verdict.errors.is_empty(), "{verdict:?}");
+    }
+}
