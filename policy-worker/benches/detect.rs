@@ -23,7 +23,7 @@ fn payload(kib: usize, filler: &str, sprinkle: &str) -> Vec<u8> {
     while text.len() < kib * 1024 {
         text.push_str(filler);
         i += 1;
-        if !sprinkle.is_empty() && i % 8 == 0 {
+        if !sprinkle.is_empty() && i % 4 == 1 {
             text.push_str(sprinkle);
         }
     }
