@@ -2,15 +2,21 @@
 //! of 1, 16 and 256 KiB — clean prose, prose with PII and secrets in it,
 //! JSON with escapes (decoded before scanning) and non-UTF-8 bytes.
 //! Criterion reports time and throughput; the `ns/KiB` lines come from
-//! timing repeated scans of each payload.
+//! timing repeated scans of each payload. A second group prices the whole
+//! guardrail context in a decision: `PolicyBundle::decide` on the shipped
+//! set against the same set with the `detectors`/`rate`/`budget` records
+//! taken out of the schema (and `payload.cedar`, which reads them).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::hint::black_box;
 use std::time::Instant;
 
+use std::path::Path;
+
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use policy_worker::Detector;
+use policy_worker::{Detector, PolicyBundle};
+use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
 
 const PROSE: &str = "The coder searched the repository for the signup handler, ran the \
     tests and found two failures in the validation module; the reviewer asked for clearer \
@@ -80,5 +86,87 @@ fn detect(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, detect);
+/// The shipped policies; `plain` drops the guardrail records and the
+/// policies that read them.
+fn bundle(plain: bool) -> (tempfile::TempDir, PolicyBundle) {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    for entry in std::fs::read_dir(shipped).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if path.is_file() && !(plain && name == "payload.cedar") {
+            std::fs::copy(&path, dir.path().join(&name)).unwrap();
+        }
+    }
+    if plain {
+        let schema = dir.path().join("schema.cedarschema");
+        let text: String = std::fs::read_to_string(&schema)
+            .unwrap()
+            .lines()
+            .filter(|l| {
+                ![
+                    "  detectors: Detectors,",
+                    "  rate: Rate,",
+                    "  budget: Budget,",
+                ]
+                .contains(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&schema, text).unwrap();
+    }
+    let bundle = PolicyBundle::load(dir.path()).unwrap();
+    (dir, bundle)
+}
+
+fn context(c: &mut Criterion) {
+    let event = EventBuilderV10::new()
+        .id("e1")
+        .source("/agents/planner")
+        .ty("io.agentmesh.task.handoff")
+        .extension("target", "coder")
+        .data(
+            "application/json",
+            serde_json::json!({"task": "Validate email and password length in signup.rs", "acceptance": "tests pass"}),
+        )
+        .build()
+        .unwrap();
+    let (h, p) = encode_binary(&event);
+    let event = MeshEvent::from_message(
+        "mesh.ingress.planner.handoff",
+        Some(&h),
+        &p,
+        Limits::default(),
+    )
+    .unwrap();
+    let mut group = c.benchmark_group("decide_with_guardrails");
+    for (name, plain) in [
+        ("shipped, guardrail context", false),
+        ("without guardrail records", true),
+    ] {
+        let (_dir, bundle) = bundle(plain);
+        assert!(bundle.decide(&event, "handoff").allowed);
+        let mut samples: Vec<u64> = (0..20_000)
+            .map(|_| {
+                let t = Instant::now();
+                black_box(bundle.decide(black_box(&event), "handoff"));
+                t.elapsed().as_nanos() as u64
+            })
+            .collect();
+        samples.sort_unstable();
+        let q = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize] as f64 / 1000.0;
+        println!(
+            "decide {name} ({} policies): p50 {:.1} µs, p99 {:.1} µs",
+            bundle.len(),
+            q(0.5),
+            q(0.99)
+        );
+        group.bench_function(name, |b| {
+            b.iter(|| bundle.decide(black_box(&event), "handoff"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, detect, context);
 criterion_main!(benches);

@@ -23,6 +23,8 @@ use aho_corasick::AhoCorasick;
 use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use schemas::{Data, MeshEvent};
 
+use crate::guard::{Field, record_json};
+
 /// What the detectors found in one event's data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Findings {
@@ -58,14 +60,19 @@ impl Findings {
     }
 
     /// The `context.detectors` record.
+    pub(crate) fn fields(&self) -> Vec<(&'static str, Field)> {
+        vec![
+            ("pii", Field::Bool(self.pii())),
+            ("secret", Field::Bool(self.secret())),
+            ("injection", Field::Bool(self.injection())),
+            ("findings", Field::Strings(self.names())),
+            ("data_bytes", Field::count(self.data_bytes as u64)),
+        ]
+    }
+
+    /// The `context.detectors` record as JSON.
     pub fn to_context(&self) -> serde_json::Value {
-        serde_json::json!({
-            "pii": self.pii(),
-            "secret": self.secret(),
-            "injection": self.injection(),
-            "findings": self.kinds.iter().collect::<Vec<_>>(),
-            "data_bytes": i64::try_from(self.data_bytes).unwrap_or(i64::MAX),
-        })
+        record_json(&self.fields())
     }
 }
 

@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use cedar_policy::{Effect, PolicySet, Schema, ValidationMode, Validator};
+use cedar_policy::{Effect, PolicySet, RestrictedExpression, Schema, ValidationMode, Validator};
 use schemas::{Decision, DecisionReceipt, MeshEvent};
 use tokio::sync::watch;
 
@@ -119,17 +119,79 @@ impl GuardMeta {
     }
 
     /// Adds the attributes the schema declares to a Cedar context.
-    pub(crate) fn extend(&self, context: &mut serde_json::Value, guards: &Guards) {
+    pub(crate) fn extend(
+        &self,
+        context: &mut Vec<(String, RestrictedExpression)>,
+        guards: &Guards,
+    ) {
+        let mut add = |name: &str, fields: Vec<(&'static str, Field)>| {
+            // Keys are distinct constants, so building the record cannot
+            // fail; were it to, the attribute is missing and the request
+            // fails validation: denied.
+            if let Ok(record) = RestrictedExpression::new_record(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.expression())),
+            ) {
+                context.push((name.to_owned(), record));
+            }
+        };
         if self.provides_detectors {
-            context["detectors"] = guards.findings.to_context();
+            add("detectors", guards.findings.fields());
         }
         if self.provides_rate {
-            context["rate"] = guards.tallies.rate_context();
+            add("rate", guards.tallies.rate_fields());
         }
         if self.provides_budget {
-            context["budget"] = guards.tallies.budget_context();
+            add("budget", guards.tallies.budget_fields());
         }
     }
+}
+
+/// One attribute value of a guardrail record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Field {
+    Bool(bool),
+    Long(i64),
+    Strings(Vec<String>),
+}
+
+impl Field {
+    /// A count as a Cedar `Long` (saturating).
+    pub(crate) fn count(n: u64) -> Self {
+        Self::Long(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+
+    /// The Cedar value. Built directly rather than parsed from JSON: that
+    /// parse costs tens of microseconds per decision.
+    pub(crate) fn expression(self) -> RestrictedExpression {
+        match self {
+            Self::Bool(b) => RestrictedExpression::new_bool(b),
+            Self::Long(n) => RestrictedExpression::new_long(n),
+            Self::Strings(items) => RestrictedExpression::new_set(
+                items.into_iter().map(RestrictedExpression::new_string),
+            ),
+        }
+    }
+
+    /// The JSON form (for logs and tests).
+    pub(crate) fn json(&self) -> serde_json::Value {
+        match self {
+            Self::Bool(b) => (*b).into(),
+            Self::Long(n) => (*n).into(),
+            Self::Strings(items) => items.clone().into(),
+        }
+    }
+}
+
+/// A record's JSON form.
+pub(crate) fn record_json(fields: &[(&'static str, Field)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.json()))
+            .collect(),
+    )
 }
 
 /// The guard attributes of one event.

@@ -29,6 +29,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::guard::{Field, record_json};
+
 /// What an event reports it consumed, from its JSON data.
 ///
 /// `usage.total_tokens`, else `usage.input_tokens` + `usage.output_tokens`
@@ -217,32 +219,44 @@ pub struct Tallies {
     pub workflow: WorkflowTally,
 }
 
-fn long(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 impl Tallies {
     /// The `context.rate` record.
-    pub fn rate_context(&self) -> serde_json::Value {
-        serde_json::json!({
-            "per_minute": long(self.agent.per_minute),
-            "per_hour": long(self.agent.per_hour),
-            "per_day": long(self.agent.per_day),
-        })
+    pub(crate) fn rate_fields(&self) -> Vec<(&'static str, Field)> {
+        vec![
+            ("per_minute", Field::count(self.agent.per_minute)),
+            ("per_hour", Field::count(self.agent.per_hour)),
+            ("per_day", Field::count(self.agent.per_day)),
+        ]
     }
 
     /// The `context.budget` record.
+    pub(crate) fn budget_fields(&self) -> Vec<(&'static str, Field)> {
+        vec![
+            ("tokens", Field::count(self.usage.tokens)),
+            ("cost_micros", Field::count(self.usage.cost_micros)),
+            ("tokens_used", Field::count(self.agent.tokens_day)),
+            ("cost_used_micros", Field::count(self.agent.cost_micros_day)),
+            ("workflow_events", Field::count(self.workflow.events)),
+            (
+                "workflow_tool_calls",
+                Field::count(self.workflow.tool_calls),
+            ),
+            ("workflow_tokens", Field::count(self.workflow.tokens)),
+            (
+                "workflow_cost_micros",
+                Field::count(self.workflow.cost_micros),
+            ),
+        ]
+    }
+
+    /// The `context.rate` record as JSON.
+    pub fn rate_context(&self) -> serde_json::Value {
+        record_json(&self.rate_fields())
+    }
+
+    /// The `context.budget` record as JSON.
     pub fn budget_context(&self) -> serde_json::Value {
-        serde_json::json!({
-            "tokens": long(self.usage.tokens),
-            "cost_micros": long(self.usage.cost_micros),
-            "tokens_used": long(self.agent.tokens_day),
-            "cost_used_micros": long(self.agent.cost_micros_day),
-            "workflow_events": long(self.workflow.events),
-            "workflow_tool_calls": long(self.workflow.tool_calls),
-            "workflow_tokens": long(self.workflow.tokens),
-            "workflow_cost_micros": long(self.workflow.cost_micros),
-        })
+        record_json(&self.budget_fields())
     }
 }
 
