@@ -334,7 +334,7 @@ impl AgentBuilder {
                 .map_err(|e| ConnectError::with_source(ConnectErrorKind::Card, e))?;
         }
         tracing::debug!(agent = %id, consumer = %consumer_name, "Agent connected.");
-        Ok(Agent {
+        let agent = Agent {
             inner: Arc::new(Inner {
                 tool_slots: Arc::new(Semaphore::new(self.settings.max_concurrent_tools)),
                 id,
@@ -350,7 +350,12 @@ impl AgentBuilder {
                 tasks: TaskTracker::new(),
                 settings: self.settings,
             }),
-        })
+        };
+        agent
+            .start_receipts()
+            .await
+            .map_err(|e| ConnectError::with_source(ConnectErrorKind::Broker, e))?;
+        Ok(agent)
     }
 }
 
@@ -567,28 +572,6 @@ impl Agent {
             sequence: ack.sequence,
             duplicate: ack.duplicate,
         })
-    }
-
-    /// Creates an ordered consumer on `stream` filtered on `filter`.
-    pub(crate) async fn ordered(
-        &self,
-        stream: &str,
-        filter: String,
-        deliver_policy: consumer::DeliverPolicy,
-    ) -> Result<consumer::pull::Ordered, BoxError> {
-        let consumer: consumer::OrderedPullConsumer = self
-            .inner
-            .js
-            .create_consumer_on_stream(
-                consumer::pull::OrderedConfig {
-                    filter_subject: filter,
-                    deliver_policy,
-                    ..Default::default()
-                },
-                stream,
-            )
-            .await?;
-        Ok(consumer.messages().await?)
     }
 
     pub(crate) fn tool_handler(&self, tool: &str) -> Option<Arc<dyn ToolHandler>> {
