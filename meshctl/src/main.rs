@@ -2,6 +2,7 @@
 //! `status`), the demo workflow and decision trees from ClickHouse.
 
 mod demo;
+mod gpus;
 mod procs;
 mod servers;
 mod stack;
@@ -71,6 +72,13 @@ enum Command {
         /// Seconds to wait for every component to be ready.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
+        /// Pool config for the GPU scaler (skipped when the file does not exist).
+        #[arg(
+            long,
+            env = "GPU_SCALER_CONFIG",
+            default_value = "gpu-scaler/examples/pools.toml"
+        )]
+        gpu_config: PathBuf,
     },
     /// Stop what `meshctl up` started.
     Down,
@@ -86,6 +94,12 @@ enum Command {
     Trace {
         /// The workflow's trace id (32 hex characters).
         trace_id: String,
+    },
+    /// GPU inventory, leases and per-pool demand.
+    Gpus {
+        /// The GPU scaler's pool config, for each pool's demand when no scaler answers.
+        #[arg(long, env = "GPU_SCALER_CONFIG")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -123,6 +137,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach,
             policies,
             without,
+            gpu_config,
             timeout_secs,
         } => {
             let options = stack::UpOptions {
@@ -130,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 policies,
                 without,
                 timeout: Duration::from_secs(timeout_secs),
+                gpu_config: Some(gpu_config),
             };
             stack::up(&home, &endpoints, &options).await?;
         }
@@ -142,6 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Demo { timeout_secs } => {
             run_demo(&endpoints, Duration::from_secs(timeout_secs)).await?
         }
+        Command::Gpus { config } => gpus::run(&endpoints.nats_url, config.as_deref()).await?,
         Command::Trace { trace_id } => {
             tree::check_trace_id(&trace_id)?;
             let nodes = tree::fetch(&endpoints.audit_db(), &trace_id).await?;
@@ -176,16 +193,5 @@ async fn run_demo(endpoints: &servers::Endpoints, timeout: Duration) -> anyhow::
     let nats = async_nats::connect(&endpoints.nats_url).await?;
     let js = async_nats::jetstream::new(nats);
     broker_config::apply(&js, &broker_config::Options::default()).await?;
-    let steps = demo::workflow();
-    let (trace, ids) = demo::publish(&js, &steps).await?;
-    let trace_id = trace.trace_id_hex();
-    println!(
-        "Published {} steps of trace {trace_id}; waiting for their decisions in ClickHouse…",
-        ids.len()
-    );
-    let nodes = demo::wait_for_tree(endpoints, &trace_id, &ids, timeout).await?;
-    println!();
-    print!("{}", tree::render(&trace_id, &nodes));
-    println!("\nAgain: meshctl trace {trace_id}");
-    Ok(())
+    demo::run(endpoints, timeout).await
 }

@@ -44,6 +44,8 @@ pub struct UpOptions {
     pub without: Vec<String>,
     /// How long to wait for everything to be ready.
     pub timeout: Duration,
+    /// The GPU scaler's pool config; without one the scaler leases nothing.
+    pub gpu_config: Option<PathBuf>,
 }
 
 /// What this `up` started (stopped again on failure or, in the foreground,
@@ -247,6 +249,13 @@ async fn bring_up(
             "policy-worker" => {
                 if let Some(dir) = &policies {
                     args.extend(["--policies".to_owned(), dir.display().to_string()]);
+                }
+            }
+            "gpu-scaler" => {
+                if let Some(config) = options.gpu_config.as_ref().filter(|c| c.is_file()) {
+                    let config = std::fs::canonicalize(config)
+                        .with_context(|| format!("resolving `{}`", config.display()))?;
+                    args.extend(["--config".to_owned(), config.display().to_string()]);
                 }
             }
             "audit-sink" => args.extend([
