@@ -221,8 +221,8 @@ impl ToolSpec {
 /// # }
 /// ```
 ///
-/// Listing and watching read the bucket's stream information and subscribe
-/// to its subjects rather than creating consumers, which an agent on a mesh
+/// Listing and watching read the bucket's stream (stream information and
+/// direct gets) rather than creating consumers, which an agent on a mesh
 /// with authorization may not do.
 #[derive(Debug, Clone)]
 pub struct Directory {
@@ -353,18 +353,63 @@ impl Directory {
     /// # }
     /// ```
     pub async fn watch(&self) -> Result<CardWatch, DirectoryError> {
-        // Subscribe first, then list: a change made while listing shows up
-        // (perhaps twice) rather than not at all.
-        let changes = self
+        let broker =
+            |e: crate::error::BoxError| DirectoryError::with_source(DirectoryErrorKind::Broker, e);
+        // Changes are read from the bucket's stream in order, by sequence
+        // (direct gets, no consumer). A subscription on the cards' subjects
+        // wakes the reader early; it does not see every change (on a mesh
+        // with authorization, other agents' writes reach this account only
+        // through the stream), so the reader also looks every second.
+        let mut wake = self
             .client
             .subscribe(format!("{}>", self.kv.prefix))
             .await
-            .map_err(|e| DirectoryError::with_source(DirectoryErrorKind::Broker, e))?;
+            .map_err(|e| broker(e.into()))?;
+        let mut stream = self.kv.stream.clone();
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| broker(e.into()))?
+            .state
+            .last_sequence;
         let current = self.list().await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
         let prefix = self.kv.prefix.clone();
-        let changes = changes.filter_map(move |message| {
-            let change = card_change(&prefix, &message);
-            async move { change }
+        tokio::spawn(async move {
+            let filter = format!("{prefix}>");
+            let mut next = last + 1;
+            loop {
+                loop {
+                    match stream
+                        .direct_get_next_for_subject(&filter, Some(next))
+                        .await
+                    {
+                        Ok(message) => {
+                            next = message.sequence + 1;
+                            if let Some(change) = card_change(&prefix, &message)
+                                && tx.send(change).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "Reading card changes failed; retrying.");
+                            break;
+                        }
+                    }
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    woke = wake.next() => if woke.is_none() { return },
+                    () = tokio::time::sleep(WATCH_POLL) => {}
+                }
+            }
+        });
+        let changes = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|change| (change, rx))
         });
         let all = futures::stream::iter(
             current
@@ -378,17 +423,19 @@ impl Directory {
     }
 }
 
-/// The change a message on a card's subject makes; `None` for one that is
+/// How often [`Directory::watch`] looks for changes when nothing woke it.
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The change a stored message of the bucket makes; `None` for one that is
 /// not about a card or does not parse.
 fn card_change(
     prefix: &str,
-    message: &async_nats::Message,
+    message: &jetstream::message::StreamMessage,
 ) -> Option<Result<CardChange, DirectoryError>> {
     let key = message.subject.as_str().strip_prefix(prefix)?.to_owned();
     let operation = message
         .headers
-        .as_ref()
-        .and_then(|h| h.get("KV-Operation"))
+        .get("KV-Operation")
         .map(|v| v.as_str().to_owned());
     match operation.as_deref() {
         Some("DEL") | Some("PURGE") => Some(Ok(CardChange::Removed(key))),

@@ -249,7 +249,9 @@ pub fn grants(principal: &Principal) -> Grants {
                     info(subjects::STREAM_DELIVER),
                     info(subjects::STREAM_DECISION),
                     info(&kv_agents),
-                    // Cards are public: read any.
+                    // Cards are public: read any, by key or by sequence
+                    // (the directory's list and watch).
+                    format!("$JS.API.DIRECT.GET.{kv_agents}"),
                     format!("$JS.API.DIRECT.GET.{kv_agents}.>"),
                     // Its own durable, created by the operator: the create
                     // subject pins name and filter, so re-sending the

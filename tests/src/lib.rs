@@ -160,6 +160,14 @@ impl SecureNats {
             .with_context(|| format!("no key for `{name}`"))
     }
 
+    /// Writes the seed of `name` to a file only its owner can read (what a
+    /// service's `--nats-nkey-seed-file` takes); returns the path.
+    pub fn seed_file(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let path = self.dir.path().join("keys").join(format!("{name}.nk"));
+        broker_config::credentials::write_seed_file(&path, &self.seed(name)?)?;
+        Ok(path)
+    }
+
     /// A connection authenticated as `name`, with its server errors recorded.
     pub async fn connect_as(&self, name: &str) -> anyhow::Result<(async_nats::Client, Events)> {
         self.connect_with_seed(&self.seed(name)?).await

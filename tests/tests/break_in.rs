@@ -373,6 +373,12 @@ async fn an_agent_cannot_read_another_agents_deliveries_or_receipts() -> anyhow:
             "$JS.API.DIRECT.GET.MESH_DECISION.mesh.decision.coder".to_owned(),
             vec![],
         ),
+        (
+            "$JS.API.DIRECT.GET.MESH_DELIVER".to_owned(),
+            serde_json::to_vec(
+                &serde_json::json!({"seq": 1, "next_by_subj": "mesh.deliver.coder.>"}),
+            )?,
+        ),
     ] {
         // A refused request is dropped by the server: no answer can come.
         refused(&mallory, &events, &subject, body).await?;
