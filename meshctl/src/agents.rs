@@ -176,6 +176,14 @@ impl AuthState {
         {
             return Ok(false);
         }
+        self.new_key(registry, role, name)?;
+        Ok(true)
+    }
+
+    /// Gives `name` a new key (seed file and registry), whatever it had.
+    fn new_key(&self, registry: &mut Registry, role: Role, name: &str) -> anyhow::Result<()> {
+        let seed_file = self.seed_file(role, name);
+        let entry = registry.principals.iter().position(|e| e.name == name);
         let key = credentials::generate_user_key()?;
         write_seed_file(&seed_file, &key.seed)?;
         let new = Entry {
@@ -187,7 +195,21 @@ impl AuthState {
             Some(i) => registry.principals[i] = new,
             None => registry.principals.push(new),
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// Replaces agent `id`'s key with a new one.
+    pub fn rotate_agent(&self, id: &str) -> anyhow::Result<()> {
+        let mut registry = self.load()?;
+        if !registry
+            .principals
+            .iter()
+            .any(|e| e.name == id && e.role == Role::Agent.as_str())
+        {
+            bail!("no agent `{id}` is registered (`meshctl agents list`)");
+        }
+        self.new_key(&mut registry, Role::Agent, id)?;
+        self.save(&registry)
     }
 
     /// Creates the keys of the operator and the services that lack one;
@@ -621,6 +643,38 @@ pub async fn add(
         "connect it with the seed file, e.g. agents_sdk::Agent::builder(\"{id}\").nkey(seed), or NATS_NKEY_SEED_FILE={}",
         seed_file.display()
     );
+    Ok(())
+}
+
+/// `meshctl agents rotate`: a new key for agent `id`; the old one is
+/// refused (and its connections closed) once the server reloaded. The
+/// agent's entity, durable consumer and card stay.
+pub async fn rotate(home: &Home, endpoints: &Endpoints, id: &str) -> anyhow::Result<()> {
+    let state = AuthState::new(home);
+    let seed_file = state.seed_file(Role::Agent, id);
+    let old = read_seed_file(&seed_file).ok().map(|(seed, _)| seed);
+    state.rotate_agent(id)?;
+    let (seed, _) = read_seed_file(&seed_file)?;
+    println!("agent `{id}`: new key in {}", seed_file.display());
+    let url = endpoints.nats_url.clone();
+    let switched = || {
+        let (url, seed, old) = (url.clone(), seed.clone(), old.clone());
+        async move {
+            let old_refused = match &old {
+                Some(old) => is_refused(&url, old).await,
+                None => true,
+            };
+            old_refused && can_reach_jetstream(&url, &seed).await
+        }
+    };
+    match reload_nats(home, endpoints, &state, switched).await? {
+        Applied::Reloaded => println!(
+            "nats-server reloaded: the old key is refused and its connections closed; restart `{id}` with the new seed"
+        ),
+        Applied::NotRunning => {
+            println!("no nats-server of `meshctl up` runs: the next `meshctl up` uses the new key")
+        }
+    }
     Ok(())
 }
 

@@ -148,6 +148,11 @@ enum AgentsCommand {
         #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
         policies: PathBuf,
     },
+    /// Give an agent a new key: the old one is refused and its connections closed; entity, consumer and card stay.
+    Rotate {
+        /// The agent id.
+        id: String,
+    },
     /// List agents: role, whether entities.json has them, key and seed file.
     List {
         /// Policy directory to read entities.json from.
@@ -241,6 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             AgentsCommand::Remove { id, policies } => {
                 agents::remove(&home, &endpoints, &policies, &id).await?
             }
+            AgentsCommand::Rotate { id } => agents::rotate(&home, &endpoints, &id).await?,
             AgentsCommand::List { policies } => agents::list(&home, &policies)?,
         },
         Command::Demo { timeout_secs } => {

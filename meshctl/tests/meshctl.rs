@@ -764,6 +764,28 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
             );
         }
 
+        // Rotation: the old key is refused, the new one works, the durable stays.
+        let old_seed = std::fs::read_to_string(&seed_file)?;
+        let rotate = stack.run(&["agents", "rotate", "analyst"]).await?;
+        let out = text(&rotate.stdout);
+        assert!(rotate.status.success(), "{out}\n{}", text(&rotate.stderr));
+        assert!(out.contains("the old key is refused"), "{out}");
+        assert_ne!(std::fs::read_to_string(&seed_file)?, old_seed);
+        eventually(WAIT, "the old connection to close", || async {
+            (analyst.connection_state() != async_nats::connection::State::Connected).then_some(())
+        })
+        .await?;
+        let (analyst, _) = connect_with_seed_file(&stack.nats_url, &seed_file).await?;
+        async_nats::jetstream::new(analyst.clone())
+            .publish("mesh.ingress.analyst.step", "{}".into())
+            .await?
+            .await?;
+        admin
+            .get_stream("MESH_DELIVER")
+            .await?
+            .consumer_info("agent-analyst")
+            .await?;
+
         let remove = stack
             .run(&["agents", "remove", "analyst", "--policies", &policies_arg])
             .await?;
