@@ -286,14 +286,24 @@ impl AgentBuilder {
 
     async fn setup(self, id: AgentId, client: Client) -> Result<Agent, ConnectError> {
         let js = jetstream::new(client.clone());
-        for stream in [
-            subjects::STREAM_INGRESS,
-            subjects::STREAM_DELIVER,
-            subjects::STREAM_DECISION,
+        // Which stream holds each of the agent's subjects: stream names only
+        // (an agent on a mesh with authorization may not read the streams'
+        // information, which lists who exchanged how many messages).
+        for (stream, subject) in [
+            (
+                subjects::STREAM_INGRESS,
+                subjects::ingress(id.as_str(), "step"),
+            ),
+            (
+                subjects::STREAM_DELIVER,
+                subjects::deliver(id.as_str(), "any"),
+            ),
+            (subjects::STREAM_DECISION, subjects::decision(id.as_str())),
         ] {
-            match js.get_stream(stream).await {
-                Ok(_) => {}
-                Err(e) if is_stream_not_found(&e) => {
+            match js.stream_by_subject(subject).await {
+                Ok(name) if name == stream => {}
+                Ok(_) => return Err(ConnectErrorKind::MissingStream(stream.to_owned()).into()),
+                Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
                     return Err(ConnectErrorKind::MissingStream(stream.to_owned()).into());
                 }
                 Err(e) => return Err(ConnectError::with_source(ConnectErrorKind::Broker, e)),
@@ -357,14 +367,6 @@ impl AgentBuilder {
             .map_err(|e| ConnectError::with_source(ConnectErrorKind::Broker, e))?;
         Ok(agent)
     }
-}
-
-pub(crate) fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
-    matches!(
-        e.kind(),
-        jetstream::context::GetStreamErrorKind::JetStream(j)
-            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-    )
 }
 
 /// The durable consumer an agent reads its deliveries from: `agent-<id>`.

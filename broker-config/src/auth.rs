@@ -244,10 +244,12 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("mesh.ingress.{name}.>"),
                     // Its own card (put and delete), and nobody else's.
                     format!("$KV.{}.{name}", subjects::BUCKET_AGENTS),
-                    // The SDK's start-up checks and the card directory.
-                    info(subjects::STREAM_INGRESS),
-                    info(subjects::STREAM_DELIVER),
-                    info(subjects::STREAM_DECISION),
+                    // The SDK's start-up check (which stream holds a
+                    // subject: names only) and the card directory (whose
+                    // stream information lists the cards' keys). Not the
+                    // MESH_* streams' information: with a subjects filter
+                    // it tells who exchanged how many messages.
+                    "$JS.API.STREAM.NAMES".into(),
                     info(&kv_agents),
                     // Cards are public: read any, by key or by sequence
                     // (the directory's list and watch).

@@ -564,7 +564,7 @@ pub async fn can_reach_jetstream(url: &str, seed: &str) -> bool {
     let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
         return false;
     };
-    let request = client.request("$JS.API.STREAM.INFO.MESH_INGRESS", "".into());
+    let request = client.request("$JS.API.STREAM.INFO.KV_mesh-agents", "".into());
     matches!(
         tokio::time::timeout(Duration::from_secs(2), request).await,
         Ok(Ok(_))

@@ -227,7 +227,7 @@ impl SecureNats {
                 || async {
                     let (client, _) = self.connect_as(id).await.ok()?;
                     client
-                        .request("$JS.API.STREAM.INFO.MESH_INGRESS", "".into())
+                        .request("$JS.API.STREAM.INFO.KV_mesh-agents", "".into())
                         .await
                         .ok()
                 },

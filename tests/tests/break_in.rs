@@ -146,7 +146,7 @@ async fn an_agent_cannot_smuggle_server_answers_into_another_agents_subjects() -
                 "$JS.API.DIRECT.GET.KV_mesh-agents.$KV.mesh-agents.mallory",
                 vec![],
             ),
-            ("$JS.API.STREAM.INFO.MESH_DELIVER", vec![]),
+            ("$JS.API.STREAM.INFO.KV_mesh-agents", vec![]),
             ("mesh.ingress.mallory.step", b"{}".to_vec()),
             (
                 "$JS.API.CONSUMER.MSG.NEXT.MESH_DELIVER.agent-mallory",
@@ -169,7 +169,7 @@ async fn an_agent_cannot_smuggle_server_answers_into_another_agents_subjects() -
         )
         .await?;
     mallory
-        .request("$JS.API.STREAM.INFO.MESH_DELIVER", "".into())
+        .request("$JS.API.STREAM.INFO.KV_mesh-agents", "".into())
         .await?;
     // A marker through the legitimate path, stored after the answers.
     deliver_as_worker(&mesh, "coder").await?;
@@ -372,6 +372,11 @@ async fn an_agent_cannot_read_another_agents_deliveries_or_receipts() -> anyhow:
         (
             "$JS.API.DIRECT.GET.MESH_DECISION.mesh.decision.coder".to_owned(),
             vec![],
+        ),
+        (
+            // With a subjects filter: who exchanged how many messages.
+            "$JS.API.STREAM.INFO.MESH_DELIVER".to_owned(),
+            serde_json::to_vec(&serde_json::json!({"subjects_filter": "mesh.deliver.coder.>"}))?,
         ),
         (
             "$JS.API.DIRECT.GET.MESH_DELIVER".to_owned(),
@@ -656,9 +661,13 @@ async fn services_hold_only_their_own_rights() -> anyhow::Result<()> {
 async fn an_agent_has_what_the_sdk_needs() -> anyhow::Result<()> {
     let mesh = SecureNats::start(&["coder", "planner"]).await?;
     let js = mesh.jetstream("coder").await?;
-    // Start-up checks.
-    for stream in ["MESH_INGRESS", "MESH_DELIVER", "MESH_DECISION"] {
-        js.get_stream(stream).await?;
+    // Start-up checks: which stream holds its subjects (names only).
+    for (subject, stream) in [
+        ("mesh.ingress.coder.step", "MESH_INGRESS"),
+        ("mesh.deliver.coder.any", "MESH_DELIVER"),
+        ("mesh.decision.coder", "MESH_DECISION"),
+    ] {
+        assert_eq!(js.stream_by_subject(subject).await?, stream);
     }
     // Its durable, its deliveries, acks.
     let durable: consumer::PullConsumer = js
