@@ -80,6 +80,8 @@ pub enum Error {
 pub struct Settings {
     /// NATS server URL.
     pub nats_url: String,
+    /// How to authenticate to NATS (none by default).
+    pub credentials: broker_config::NatsCredentials,
     /// The parsed config file.
     pub config: Config,
     /// This instance's name: the lease holder and the event source.
@@ -126,7 +128,16 @@ pub fn default_instance() -> String {
 /// opens the inventory, runs a first round, writes the ready file, then
 /// runs rounds every `poll_interval`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
-    let client = async_nats::connect(&settings.nats_url)
+    let options = settings
+        .credentials
+        .apply(async_nats::ConnectOptions::new().name("gpu-scaler"))
+        .await
+        .map_err(|e| Error::Connect {
+            url: settings.nats_url.clone(),
+            message: e.to_string(),
+        })?;
+    let client = options
+        .connect(&settings.nats_url)
         .await
         .map_err(|e| Error::Connect {
             url: settings.nats_url.clone(),

@@ -55,14 +55,10 @@ pub struct AnswerArgs {
 
 /// Runs a `meshctl approvals` command; `Ok(false)` means exit status 1.
 pub async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
-    let client = async_nats::connect(&endpoints.nats_url)
+    let client = endpoints
+        .connect_nats()
         .await
-        .with_context(|| {
-            format!(
-                "connecting to NATS at {} (start the stack with `meshctl up --detach`)",
-                endpoints.nats_url
-            )
-        })?;
+        .context("start the stack with `meshctl up --detach`")?;
     let js = jetstream::new(client);
     let store = js
         .get_key_value(subjects::BUCKET_APPROVALS)

@@ -36,9 +36,7 @@ pub enum LimitsCommand {
 
 /// Runs a `meshctl limits` command.
 pub async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
-    let client = async_nats::connect(&endpoints.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", endpoints.nats_url))?;
+    let client = endpoints.connect_nats().await?;
     let js = jetstream::new(client);
     let store = js
         .get_key_value(subjects::BUCKET_LIMITS)

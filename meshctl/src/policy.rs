@@ -661,9 +661,7 @@ async fn replay_jetstream(
     until: DateTime<Utc>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let client = async_nats::connect(&endpoints.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", endpoints.nats_url))?;
+    let client = endpoints.connect_nats().await?;
     let js = jetstream::new(client);
     let mut receipts: HashMap<String, DecisionReceipt> = HashMap::new();
     for (message, _) in read_stream(&js, subjects::STREAM_DECISION, since).await? {

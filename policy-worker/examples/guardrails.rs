@@ -1,7 +1,7 @@
 //! A walk through the guardrails against a running stack (`meshctl up`):
 //! publishes the events of `docs/guardrails.md` and prints the receipt of
 //! each — payload detectors, rate limits and budgets (when
-//! `policies/examples/limits.cedar` is in the worker's policy directory),
+//! `examples/policies/limits.cedar` is in the worker's policy directory),
 //! the shadow set's decision (when the worker runs one), and a deploy that
 //! waits for `meshctl approvals approve`.
 //!
@@ -210,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    println!("\n3. Budgets and rate limits (policies/examples/limits.cedar)");
+    println!("\n3. Budgets and rate limits (examples/policies/limits.cedar)");
     let id = mesh
         .publish("planner", "reasoning", None, None,
             json!({"text": "plan", "usage": {"input_tokens": 1200, "output_tokens": 300, "cost_usd": 0.0042}}))
@@ -241,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
             denied.len()
         ),
         None => println!(
-            "35 tool calls by the coder this minute: all allowed (copy policies/examples/limits.cedar into the policy directory to limit them)"
+            "35 tool calls by the coder this minute: all allowed (copy examples/policies/limits.cedar into the policy directory to limit them)"
         ),
     }
 

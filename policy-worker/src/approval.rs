@@ -439,17 +439,12 @@ pub(crate) async fn spawn(
     shutdown: CancellationToken,
 ) -> Result<(), async_nats::Error> {
     let stream = approvals.js.get_stream(subjects::STREAM_APPROVALS).await?;
+    // Under broker authorization the operator provisions this durable with
+    // the same settings; the worker's create is then a no-op update.
     let consumer: PullConsumer = stream
         .get_or_create_consumer(
             &consumer_name,
-            jetstream::consumer::pull::Config {
-                durable_name: Some(consumer_name.clone()),
-                description: Some("policy worker: approval answers".into()),
-                filter_subject: subjects::APPROVAL_ANSWERS.into(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                ..Default::default()
-            },
+            broker_config::approvals_consumer_config(&consumer_name),
         )
         .await?;
     tokio::spawn(answers(approvals.clone(), consumer, shutdown.clone()));
@@ -499,67 +494,93 @@ async fn answers(
     }
 }
 
-/// Watches `mesh-approvals` and sends an `expire` answer for every pending
+/// Tails `mesh-approvals` and sends an `expire` answer for every pending
 /// request past its deadline. Every replica does; the answers deduplicate
 /// and only the first one settles the request.
+///
+/// The bucket is read by sequence with direct gets (no consumer: under
+/// broker authorization the worker creates none but its own durables).
 async fn expiries(approvals: std::sync::Arc<Approvals>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
-        let mut watch = match approvals.kv.watch_with_history(">").await {
-            Ok(w) => w,
-            Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "Cannot watch approval requests; retrying.");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+    let stream_name = format!("KV_{}", subjects::BUCKET_APPROVALS);
+    let prefix = format!("$KV.{}.", subjects::BUCKET_APPROVALS);
+    let filter = format!("{prefix}>");
+    let mut pending: HashMap<String, ApprovalState> = HashMap::new();
+    let mut next: u64 = 1;
+    let mut stream = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if stream.is_none() {
+            match approvals.js.get_stream_no_info(&stream_name).await {
+                Ok(s) => stream = Some(s),
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot read approval requests; retrying.");
+                    continue;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
             }
-        };
-        backoff = Duration::from_millis(100);
-        let mut pending: HashMap<String, ApprovalState> = HashMap::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        }
+        let Some(s) = &stream else { continue };
+        // Everything written since the last look, in order: the last write
+        // of a key wins.
         loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                entry = watch.next() => match entry {
-                    Some(Ok(entry)) => {
-                        let state = (entry.operation == kv::Operation::Put)
-                            .then(|| serde_json::from_slice::<ApprovalState>(&entry.value).ok())
-                            .flatten()
-                            .filter(|s| s.status == ApprovalStatus::Pending);
-                        match state {
-                            Some(state) => { pending.insert(entry.key, state); }
-                            None => { pending.remove(&entry.key); }
+            match s
+                .direct_get_next_for_subject(filter.as_str(), Some(next))
+                .await
+            {
+                Ok(message) => {
+                    next = message.sequence + 1;
+                    let key = message
+                        .subject
+                        .strip_prefix(prefix.as_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let removed = message
+                        .headers
+                        .get("KV-Operation")
+                        .is_some_and(|op| op.as_str() != "PUT");
+                    let state = (!removed)
+                        .then(|| serde_json::from_slice::<ApprovalState>(&message.payload).ok())
+                        .flatten()
+                        .filter(|s| s.status == ApprovalStatus::Pending);
+                    match state {
+                        Some(state) => {
+                            pending.insert(key, state);
+                        }
+                        None => {
+                            pending.remove(&key);
                         }
                     }
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "Watch of approval requests failed; watching again.");
-                        break;
-                    }
-                    None => break,
-                },
-                _ = tick.tick() => {
-                    let now = Utc::now();
-                    let due: Vec<ApprovalState> = pending
-                        .values()
-                        .filter(|s| s.expires().is_none_or(|t| t <= now))
-                        .cloned()
-                        .collect();
-                    for state in due {
-                        let answer = Answer {
-                            id: state.id.clone(),
-                            action: AnswerAction::Expire,
-                            approver: String::new(),
-                            comment: format!("no answer by {}", state.expires_at),
-                            at: rfc3339(now),
-                        };
-                        match send_answer(&approvals.js, &state.agent, &answer).await {
-                            Ok(()) => { pending.remove(&state.id); }
-                            Err(error) => tracing::warn!(approval_id = %state.id, %error, "Cannot send the expiry; retrying."),
-                        }
-                    }
+                }
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(error) => {
+                    tracing::warn!(%error, "Reading approval requests failed; retrying.");
+                    break;
+                }
+            }
+        }
+        let now = Utc::now();
+        let due: Vec<ApprovalState> = pending
+            .values()
+            .filter(|s| s.expires().is_none_or(|t| t <= now))
+            .cloned()
+            .collect();
+        for state in due {
+            let answer = Answer {
+                id: state.id.clone(),
+                action: AnswerAction::Expire,
+                approver: String::new(),
+                comment: format!("no answer by {}", state.expires_at),
+                at: rfc3339(now),
+            };
+            match send_answer(&approvals.js, &state.agent, &answer).await {
+                Ok(()) => {
+                    pending.remove(&state.id);
+                }
+                Err(error) => {
+                    tracing::warn!(approval_id = %state.id, %error, "Cannot send the expiry; retrying.")
                 }
             }
         }

@@ -387,6 +387,17 @@ mod tests {
     }
 
     #[test]
+    fn example_limits_load_with_the_shipped_set() {
+        let dir = shipped_copy(&[]);
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies/limits.cedar");
+        std::fs::copy(example, dir.path().join("limits.cedar")).unwrap();
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+        assert!(bundle.guard().reads_counters());
+        assert_eq!(bundle.len(), 17);
+    }
+
+    #[test]
     fn approval_annotation_is_checked_at_load() {
         for (text, expected) in [
             (

@@ -42,6 +42,8 @@ pub use replay::{Outcome, Replayed, Replayer};
 pub struct Config {
     /// NATS server URL.
     pub nats_url: String,
+    /// How to authenticate to NATS (none by default).
+    pub credentials: broker_config::NatsCredentials,
     /// Directory with `schema.cedarschema`, `entities.json` and `*.cedar`.
     pub policies: PathBuf,
     /// Validation limits (event size).
@@ -73,6 +75,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            credentials: broker_config::NatsCredentials::default(),
             policies: PathBuf::from("policies"),
             limits: schemas::Limits::default(),
             consumer: "policy-worker".into(),
@@ -111,6 +114,9 @@ pub enum Error {
         /// The client error.
         source: async_nats::ConnectError,
     },
+    /// The NATS credentials could not be read.
+    #[error("NATS credentials: {0}")]
+    Credentials(#[from] broker_config::credentials::CredentialsError),
     /// Streams could not be applied.
     #[error(transparent)]
     Broker(#[from] broker_config::ApplyError),
@@ -163,8 +169,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     tracing::info!(policy_hash = bundle.hash(), policies = bundle.len(), dir = %config.policies.display(), "Policies loaded.");
     let (policies_tx, policies_rx) = watch::channel(Arc::new(bundle));
 
-    let client = async_nats::ConnectOptions::new()
-        .name("policy-worker")
+    let options = config
+        .credentials
+        .apply(async_nats::ConnectOptions::new().name("policy-worker"))
+        .await?;
+    let client = options
         .connect(&config.nats_url)
         .await
         .map_err(|source| Error::Connect {
