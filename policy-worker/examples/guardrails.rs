@@ -9,25 +9,70 @@
 //! cargo run -p policy-worker --example guardrails
 //! ```
 //!
-//! `NATS_URL` points it at another server (default `nats://127.0.0.1:4222`).
+//! Each agent publishes with its own key when `meshctl up` made one
+//! (`$AGENTMESH_HOME/auth/agents/<agent>.nk`, home `.agentmesh` by
+//! default), and reads its receipts on `mesh.decision.<agent>` as any agent
+//! may. `NATS_URL` points it at another server (default
+//! `nats://127.0.0.1:4222`).
 
 #![allow(missing_docs)]
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use async_nats::jetstream;
+use futures::StreamExt;
 use schemas::{DecisionReceipt, EventBuilder, EventBuilderV10, TraceParent, subjects};
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 struct Mesh {
-    js: jetstream::Context,
+    agents: HashMap<&'static str, jetstream::Context>,
     trace: TraceParent,
-    receipts: jetstream::consumer::pull::Ordered,
+    receipts: mpsc::UnboundedReceiver<DecisionReceipt>,
     seen: Vec<DecisionReceipt>,
 }
 
 impl Mesh {
+    /// Connects as each of `agents` (with its key where one exists) and
+    /// listens to its receipts.
+    async fn connect(url: &str, agents: &[&'static str]) -> anyhow::Result<Self> {
+        let home =
+            PathBuf::from(std::env::var("AGENTMESH_HOME").unwrap_or_else(|_| ".agentmesh".into()));
+        let (tx, receipts) = mpsc::unbounded_channel();
+        let mut connections = HashMap::new();
+        for agent in agents {
+            let seed_file = home.join("auth/agents").join(format!("{agent}.nk"));
+            let mut options = async_nats::ConnectOptions::new().name(format!("guardrails-{agent}"));
+            if let Ok(seed) = std::fs::read_to_string(&seed_file) {
+                options = options.nkey(seed.trim().to_owned());
+            }
+            let client = options.connect(url).await.with_context(|| {
+                format!(
+                    "connecting to {url} as `{agent}` (start the stack with `meshctl up --detach`)"
+                )
+            })?;
+            let mut sub = client.subscribe(subjects::decision(agent)).await?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                while let Some(message) = sub.next().await {
+                    if let Ok(r) = serde_json::from_slice(&message.payload) {
+                        let _ = tx.send(r);
+                    }
+                }
+            });
+            connections.insert(*agent, jetstream::new(client));
+        }
+        Ok(Self {
+            agents: connections,
+            trace: TraceParent::mint(),
+            receipts,
+            seen: Vec::new(),
+        })
+    }
+
     /// Publishes one event and returns its id.
     async fn publish(
         &self,
@@ -52,8 +97,11 @@ impl Mesh {
         }
         let (headers, payload) = schemas::encode_binary(&b.build()?);
         let step = ty.replace('.', "_");
-        self.js
-            .publish_with_headers(subjects::ingress(agent, &step), headers, payload)
+        let js = self
+            .agents
+            .get(agent)
+            .context("not connected as that agent")?;
+        js.publish_with_headers(subjects::ingress(agent, &step), headers, payload)
             .await?
             .await
             .context("JetStream did not store the event")?;
@@ -61,30 +109,16 @@ impl Mesh {
     }
 
     /// Waits for the receipt of `id`, or `None` when none comes in `wait`.
-    async fn receipt(
-        &mut self,
-        id: &str,
-        wait: Duration,
-    ) -> anyhow::Result<Option<DecisionReceipt>> {
-        use futures::StreamExt;
+    async fn receipt(&mut self, id: &str, wait: Duration) -> Option<DecisionReceipt> {
         let deadline = Instant::now() + wait;
         loop {
             if let Some(r) = self.seen.iter().find(|r| r.event_id == id) {
-                return Ok(Some(r.clone()));
+                return Some(r.clone());
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Ok(None);
-            }
-            match tokio::time::timeout(left, self.receipts.next()).await {
-                Ok(Some(message)) => {
-                    let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
-                    if let Ok(r) = serde_json::from_slice(&message.payload) {
-                        self.seen.push(r);
-                    }
-                }
-                Ok(None) => bail!("the receipt stream ended"),
-                Err(_) => return Ok(None),
+            match tokio::time::timeout(left, self.receipts.recv()).await {
+                Ok(Some(r)) => self.seen.push(r),
+                _ => return None,
             }
         }
     }
@@ -111,26 +145,7 @@ fn show(label: &str, r: &DecisionReceipt) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let client = async_nats::connect(&url).await.with_context(|| {
-        format!("connecting to {url} (start the stack with `meshctl up --detach`)")
-    })?;
-    let js = jetstream::new(client);
-    let receipts = js
-        .get_stream(subjects::STREAM_DECISION)
-        .await?
-        .create_consumer(jetstream::consumer::pull::OrderedConfig {
-            deliver_policy: jetstream::consumer::DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
-    let mut mesh = Mesh {
-        js,
-        trace: TraceParent::mint(),
-        receipts,
-        seen: Vec::new(),
-    };
+    let mut mesh = Mesh::connect(&url, &["planner", "coder"]).await?;
     let wait = Duration::from_secs(10);
     println!("Workflow (trace) {}\n", mesh.trace.trace_id_hex());
 
@@ -178,7 +193,7 @@ async fn main() -> anyhow::Result<()> {
         ),
     ] {
         let id = mesh.publish(agent, ty, tool, target, data).await?;
-        match mesh.receipt(&id, wait).await? {
+        match mesh.receipt(&id, wait).await {
             Some(r) => show(label, &r),
             None => {
                 println!("{label:<46} no receipt within {wait:?}: is the policy worker running?")
@@ -196,7 +211,7 @@ async fn main() -> anyhow::Result<()> {
             json!({"service": "signup", "version": "1.4.2"}),
         )
         .await?;
-    match mesh.receipt(&id, Duration::from_secs(3)).await? {
+    match mesh.receipt(&id, Duration::from_secs(3)).await {
         Some(r) => show("coder deploy.prod", &r),
         None => {
             println!(
@@ -215,7 +230,7 @@ async fn main() -> anyhow::Result<()> {
         .publish("planner", "reasoning", None, None,
             json!({"text": "plan", "usage": {"input_tokens": 1200, "output_tokens": 300, "cost_usd": 0.0042}}))
         .await?;
-    if let Some(r) = mesh.receipt(&id, wait).await? {
+    if let Some(r) = mesh.receipt(&id, wait).await {
         show("planner reasoning reporting 1500 tokens", &r);
     }
     let mut denied = Vec::new();
@@ -229,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
                 json!({"run": i}),
             )
             .await?;
-        if let Some(r) = mesh.receipt(&id, wait).await?
+        if let Some(r) = mesh.receipt(&id, wait).await
             && r.decision == schemas::Decision::Deny
         {
             denied.push((i, r.reasons.join(",")));
