@@ -341,6 +341,7 @@ mod tests {
             decided_at: String::new(),
             eval_micros: 1,
             ingress_subject: String::new(),
+            ..Default::default()
         }
     }
 

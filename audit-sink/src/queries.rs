@@ -42,8 +42,26 @@ pub const SLOWEST_DECISIONS: Query = Query {
     sql: include_str!("../sql/slowest_decisions.sql"),
 };
 
+/// Events the shadow policy set decides differently: `{from:DateTime}`, `{to:DateTime}`.
+pub const SHADOW_DISAGREEMENTS: Query = Query {
+    name: "shadow_disagreements",
+    sql: include_str!("../sql/shadow_disagreements.sql"),
+};
+/// Decisions that waited for a human, with the approver: `{from:DateTime}`, `{to:DateTime}`.
+pub const APPROVALS: Query = Query {
+    name: "approvals",
+    sql: include_str!("../sql/approvals.sql"),
+};
+
 /// Every shipped query.
-pub const ALL: [Query; 4] = [DECISION_TREE, DENIALS, TOOLS_BY_AGENT, SLOWEST_DECISIONS];
+pub const ALL: [Query; 6] = [
+    DECISION_TREE,
+    DENIALS,
+    TOOLS_BY_AGENT,
+    SLOWEST_DECISIONS,
+    SHADOW_DISAGREEMENTS,
+    APPROVALS,
+];
 
 /// Why a query could not be rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

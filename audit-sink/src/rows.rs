@@ -368,6 +368,24 @@ pub struct DecisionRow {
     pub received_us: u64,
     /// '' for receipts naming an event id; `<stream>/<seq>` otherwise.
     pub msg_key: String,
+    /// What the payload detectors found (e.g. `pii.email`).
+    pub findings: Vec<String>,
+    /// The shadow policy set's decision, '' when none ran.
+    pub shadow_decision: String,
+    /// The shadow set's determining policies.
+    pub shadow_reasons: Vec<String>,
+    /// The shadow set's evaluation errors.
+    pub shadow_errors: Vec<String>,
+    /// Hash of the shadow set, '' when none ran.
+    pub shadow_policy_hash: String,
+    /// The approval id, '' when the decision did not wait for a human.
+    pub approval_id: String,
+    /// `approved`, `rejected` or `expired`, '' without an approval.
+    pub approval_status: String,
+    /// Who approved or rejected.
+    pub approver: String,
+    /// The approver's comment, or why the request expired.
+    pub approval_comment: String,
 }
 
 /// The row for one message of `MESH_DECISION`.
@@ -403,6 +421,15 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
         received_at: datetime_secs(received_us),
         received_us: micros_u64(received_us),
         msg_key: meta.msg_key(),
+        findings: Vec::new(),
+        shadow_decision: String::new(),
+        shadow_reasons: Vec::new(),
+        shadow_errors: Vec::new(),
+        shadow_policy_hash: String::new(),
+        approval_id: String::new(),
+        approval_status: String::new(),
+        approver: String::new(),
+        approval_comment: String::new(),
     };
     match serde_json::from_slice::<DecisionReceipt>(payload) {
         Ok(r) => {
@@ -429,6 +456,20 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
             row.eval_micros = r.eval_micros;
             row.ingress_subject = r.ingress_subject;
             row.trace_derived = u8::from(r.trace_derived);
+            row.findings = r.findings;
+            row.shadow_decision = r
+                .shadow_decision
+                .map(|d| d.as_str().to_owned())
+                .unwrap_or_default();
+            row.shadow_reasons = r.shadow_reasons;
+            row.shadow_errors = r.shadow_errors;
+            row.shadow_policy_hash = r.shadow_policy_hash.unwrap_or_default();
+            if let Some(approval) = r.approval {
+                row.approval_id = approval.id;
+                row.approval_status = approval.status.as_str().to_owned();
+                row.approver = approval.approver;
+                row.approval_comment = approval.comment;
+            }
             row.valid = 1;
         }
         Err(e) => row.error = format!("receipt is not a decision receipt: {e}"),
@@ -738,6 +779,39 @@ mod tests {
         assert_eq!(row.time_us, 1_770_091_506_000_001);
         assert_eq!(row.eval_micros, 42);
         assert_eq!(row.msg_key, "");
+
+        assert_eq!(row.shadow_decision, "");
+        assert!(row.findings.is_empty());
+
+        // Guardrail fields: shadow decision, findings, approval.
+        let mut guarded = receipt.clone();
+        guarded["findings"] = json!(["pii.email"]);
+        guarded["shadow_decision"] = json!("allow");
+        guarded["shadow_reasons"] = json!(["members-call-low-risk-tools"]);
+        guarded["shadow_policy_hash"] = json!("def");
+        guarded["approval"] = json!({
+            "id": "a1", "status": "rejected", "approver": "bob", "comment": "not now",
+            "requested_at": "2026-02-03T04:05:00Z", "answered_at": "2026-02-03T04:05:06Z"
+        });
+        let row = decision_row("mesh.decision.coder", guarded.to_string().as_bytes(), &m);
+        assert_eq!(row.findings, vec!["pii.email"]);
+        assert_eq!(
+            (
+                row.shadow_decision.as_str(),
+                row.shadow_policy_hash.as_str()
+            ),
+            ("allow", "def")
+        );
+        assert_eq!(row.shadow_reasons, vec!["members-call-low-risk-tools"]);
+        assert_eq!(
+            (
+                row.approval_id.as_str(),
+                row.approval_status.as_str(),
+                row.approver.as_str(),
+                row.approval_comment.as_str()
+            ),
+            ("a1", "rejected", "bob", "not now")
+        );
 
         let row = decision_row("mesh.decision.coder", b"{oops", &m);
         assert_eq!(

@@ -78,13 +78,40 @@ pub fn check_database(name: &str) -> Result<(), InvalidDatabase> {
     }
 }
 
-/// The statements that create the database and the three tables.
-pub fn ddl(database: &str, features: &ServerFeatures, retention_days: u32) -> Vec<String> {
-    let lc = if features.low_cardinality {
+fn low_cardinality(features: &ServerFeatures) -> &'static str {
+    if features.low_cardinality {
         "LowCardinality(String)"
     } else {
         "String"
-    };
+    }
+}
+
+/// Columns of `decisions` added after its first release (guardrails):
+/// created with the table, and added to an existing table by [`ensure`].
+/// Every one defaults to empty, which is what a receipt without the field
+/// means.
+pub fn decision_guard_columns(features: &ServerFeatures) -> Vec<(&'static str, String)> {
+    let lc = low_cardinality(features);
+    vec![
+        ("findings", "Array(String)".to_owned()),
+        ("shadow_decision", lc.to_owned()),
+        ("shadow_reasons", "Array(String)".to_owned()),
+        ("shadow_errors", "Array(String)".to_owned()),
+        ("shadow_policy_hash", lc.to_owned()),
+        ("approval_id", "String".to_owned()),
+        ("approval_status", lc.to_owned()),
+        ("approver", "String".to_owned()),
+        ("approval_comment", "String".to_owned()),
+    ]
+}
+
+/// The statements that create the database and the three tables.
+pub fn ddl(database: &str, features: &ServerFeatures, retention_days: u32) -> Vec<String> {
+    let lc = low_cardinality(features);
+    let guard_columns: String = decision_guard_columns(features)
+        .iter()
+        .map(|(name, ty)| format!(",\n    {name} {ty}"))
+        .collect();
     let ttl = |column: &str| {
         if features.ttl && retention_days > 0 {
             format!("\nTTL {column} + INTERVAL {retention_days} DAY")
@@ -152,7 +179,7 @@ ORDER BY (trace_id, event_id, msg_key){}",
     stream_seq UInt64,
     received_at DateTime,
     received_us UInt64,
-    msg_key String
+    msg_key String{guard_columns}
 ) ENGINE = ReplacingMergeTree()
 PARTITION BY toYYYYMM(time)
 ORDER BY (trace_id, event_id, msg_key){}",
@@ -239,7 +266,36 @@ pub async fn ensure(
     {
         client.query_raw(&statement).execute().await?;
     }
+    add_missing_columns(client, database, &features).await?;
     Ok(features)
+}
+
+/// Adds the columns a `decisions` table created by an older release lacks.
+/// (`ADD COLUMN IF NOT EXISTS` is not on every supported server; asking
+/// `system.columns` is.)
+async fn add_missing_columns(
+    client: &Client,
+    database: &str,
+    features: &ServerFeatures,
+) -> Result<(), clickhouse::error::Error> {
+    let existing: Vec<String> = client
+        .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
+        .bind(database)
+        .bind(DECISIONS)
+        .fetch_all()
+        .await?;
+    for (name, ty) in decision_guard_columns(features) {
+        if !existing.iter().any(|c| c == name) {
+            client
+                .query_raw(&format!(
+                    "ALTER TABLE `{database}`.`{DECISIONS}` ADD COLUMN {name} {ty}"
+                ))
+                .execute()
+                .await?;
+            tracing::info!(table = DECISIONS, column = name, "Audit column added.");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -48,6 +48,8 @@ pub const AUDIT_SINK: &str = "audit-sink";
 pub const GPU_SCALER: &str = "gpu-scaler";
 /// The policy worker's durable consumer on `MESH_INGRESS`.
 pub const POLICY_WORKER_CONSUMER: &str = "policy-worker";
+/// The policy worker's durable consumer of approval answers on `MESH_APPROVALS`.
+pub const POLICY_WORKER_APPROVALS_CONSUMER: &str = "policy-worker-approvals";
 /// The audit sink's durable consumers: (stream, durable).
 pub const AUDIT_SINK_CONSUMERS: [(&str, &str); 3] = [
     (subjects::STREAM_INGRESS, "audit-sink-events"),
@@ -172,6 +174,10 @@ pub fn grants(principal: &Principal) -> Grants {
         Role::PolicyWorker => {
             let stream = subjects::STREAM_INGRESS;
             let consumer = POLICY_WORKER_CONSUMER;
+            let approvals = subjects::STREAM_APPROVALS;
+            let answers = POLICY_WORKER_APPROVALS_CONSUMER;
+            let kv_limits = format!("KV_{}", subjects::BUCKET_LIMITS);
+            let kv_approvals = format!("KV_{}", subjects::BUCKET_APPROVALS);
             Grants {
                 account: MESH_ACCOUNT.to_owned(),
                 publish: vec![
@@ -187,6 +193,25 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"),
                     format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
                     format!("$JS.ACK.{stream}.{consumer}.>"),
+                    // Guardrails (docs/guardrails.md): events parked for
+                    // approval and the worker's own `expire` answers; the
+                    // parked event read back when it is answered.
+                    "mesh.approval.>".into(),
+                    format!("$JS.API.STREAM.MSG.GET.{approvals}"),
+                    // Its own durable of approval answers.
+                    format!("$JS.API.CONSUMER.INFO.{approvals}.{answers}"),
+                    format!("$JS.API.CONSUMER.CREATE.{approvals}.{answers}"),
+                    format!("$JS.API.CONSUMER.CREATE.{approvals}.{answers}.>"),
+                    format!("$JS.API.CONSUMER.MSG.NEXT.{approvals}.{answers}"),
+                    format!("$JS.ACK.{approvals}.{answers}.>"),
+                    // Rate and budget counters, approval state: written with
+                    // compare-and-set, read (and tailed) with direct gets.
+                    format!("$KV.{}.>", subjects::BUCKET_LIMITS),
+                    format!("$KV.{}.>", subjects::BUCKET_APPROVALS),
+                    format!("$JS.API.DIRECT.GET.{kv_limits}"),
+                    format!("$JS.API.DIRECT.GET.{kv_limits}.>"),
+                    format!("$JS.API.DIRECT.GET.{kv_approvals}"),
+                    format!("$JS.API.DIRECT.GET.{kv_approvals}.>"),
                 ],
                 subscribe: vec!["_INBOX.>".into()],
                 ..Grants::default()

@@ -16,8 +16,8 @@ mod provision;
 
 pub use credentials::NatsCredentials;
 pub use provision::{
-    ProvisionError, agent_consumer_config, ensure_consumer, provision_agent, provision_services,
-    remove_agent, service_consumer_configs,
+    ProvisionError, agent_consumer_config, approvals_consumer_config, ensure_consumer,
+    provision_agent, provision_services, remove_agent, service_consumer_configs,
 };
 
 use std::time::Duration;
@@ -119,6 +119,11 @@ pub fn streams(options: &Options) -> Vec<stream::Config> {
             "mesh.gpu.lease.>",
             "GPU lease grants and releases",
         ),
+        def(
+            subjects::STREAM_APPROVALS,
+            "mesh.approval.>",
+            "events parked for human approval, and the answers",
+        ),
     ]
 }
 
@@ -131,11 +136,12 @@ pub fn streams(options: &Options) -> Vec<stream::Config> {
 /// this client cannot parse from nats-server 2.9; the resulting bucket is the
 /// same and opens with `get_key_value`.
 pub fn buckets(options: &Options) -> Vec<stream::Config> {
-    let kv = |bucket: &str, description: &str, history: i64| stream::Config {
+    let kv = |bucket: &str, description: &str, history: i64, max_age: Duration| stream::Config {
         name: format!("KV_{bucket}"),
         description: Some(description.to_owned()),
         subjects: vec![format!("$KV.{bucket}.>")],
         max_messages_per_subject: history,
+        max_age,
         storage: stream::StorageType::File,
         num_replicas: options.replicas,
         allow_rollup: true,
@@ -144,12 +150,33 @@ pub fn buckets(options: &Options) -> Vec<stream::Config> {
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     };
+    let forever = Duration::ZERO;
     vec![
-        kv(subjects::BUCKET_AGENTS, "agent cards, key = agent id", 5),
+        kv(
+            subjects::BUCKET_AGENTS,
+            "agent cards, key = agent id",
+            5,
+            forever,
+        ),
         kv(
             subjects::BUCKET_GPU_LEASES,
             "GPU leases, one key per leased GPU",
             10,
+            forever,
+        ),
+        // Counters of a workflow nobody touched for `max_age` are dropped;
+        // the agent counters' longest window is a day.
+        kv(
+            subjects::BUCKET_LIMITS,
+            "rate and budget counters: agent.<agent>, workflow.<trace id>",
+            1,
+            options.max_age,
+        ),
+        kv(
+            subjects::BUCKET_APPROVALS,
+            "approval requests and their state, key = approval id",
+            5,
+            options.max_age,
         ),
     ]
 }

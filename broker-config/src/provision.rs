@@ -12,7 +12,10 @@ use async_nats::jetstream::{self, consumer};
 use schemas::subjects;
 
 use crate::Change;
-use crate::auth::{AUDIT_SINK_CONSUMERS, POLICY_WORKER_CONSUMER, agent_consumer, agent_filter};
+use crate::auth::{
+    AUDIT_SINK_CONSUMERS, POLICY_WORKER_APPROVALS_CONSUMER, POLICY_WORKER_CONSUMER, agent_consumer,
+    agent_filter,
+};
 
 /// Why a consumer could not be provisioned or removed.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,19 @@ pub fn agent_consumer_config(id: &str) -> consumer::pull::Config {
         ack_wait: Duration::from_secs(30),
         max_deliver: -1,
         max_ack_pending: 1000,
+        ..Default::default()
+    }
+}
+
+/// The settings of the policy worker's durable `name` of approval answers
+/// on `MESH_APPROVALS`, as the worker creates it.
+pub fn approvals_consumer_config(name: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(name.to_owned()),
+        description: Some("policy worker: approval answers".into()),
+        filter_subject: subjects::APPROVAL_ANSWERS.into(),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
         ..Default::default()
     }
 }
@@ -74,6 +90,10 @@ pub fn service_consumer_configs() -> Vec<(&'static str, consumer::pull::Config)>
             },
         ));
     }
+    configs.push((
+        subjects::STREAM_APPROVALS,
+        approvals_consumer_config(POLICY_WORKER_APPROVALS_CONSUMER),
+    ));
     configs
 }
 

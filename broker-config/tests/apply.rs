@@ -12,7 +12,7 @@ async fn apply_is_idempotent_and_keeps_data() {
     let js = jetstream::new(nats.connect().await.unwrap());
 
     let first = apply(&js, &Options::default()).await.unwrap();
-    assert_eq!(first.len(), 7);
+    assert_eq!(first.len(), 10);
     assert!(
         first.iter().all(|(_, c)| *c == Change::Created),
         "{first:?}"
@@ -39,7 +39,7 @@ async fn apply_is_idempotent_and_keeps_data() {
     let third = apply(&js, &longer).await.unwrap();
     assert_eq!(
         third.iter().filter(|(_, c)| *c == Change::Updated).count(),
-        5,
+        6,
         "{third:?}"
     );
 

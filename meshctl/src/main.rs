@@ -1,10 +1,14 @@
 //! `meshctl`: the operator CLI of agentmesh — the local stack (`up`, `down`,
 //! `status`), agent identities (`agents`), the demo workflow and decision
-//! trees from ClickHouse.
+//! trees from ClickHouse, and the guardrails (`policy`, `approvals`,
+//! `limits`).
 
 mod agents;
+mod approvals;
 mod demo;
 mod gpus;
+mod limits;
+mod policy;
 mod procs;
 mod servers;
 mod stack;
@@ -115,6 +119,21 @@ enum Command {
     Trace {
         /// The workflow's trace id (32 hex characters).
         trace_id: String,
+    },
+    /// Check, promote (shadow → active) and replay policy sets.
+    Policy {
+        #[command(subcommand)]
+        command: policy::PolicyCommand,
+    },
+    /// List, approve and reject events waiting for a human approval.
+    Approvals {
+        #[command(subcommand)]
+        command: approvals::ApprovalsCommand,
+    },
+    /// Show and reset the rate and budget counters.
+    Limits {
+        #[command(subcommand)]
+        command: limits::LimitsCommand,
     },
     /// GPU inventory, leases and per-pool demand.
     Gpus {
@@ -270,8 +289,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             print!("{}", tree::render(&trace_id, &nodes));
         }
+        Command::Policy { command } => return exit(policy::run(command, &endpoints).await?),
+        Command::Approvals { command } => {
+            return exit(approvals::run(command, &endpoints).await?);
+        }
+        Command::Limits { command } => return exit(limits::run(command, &endpoints).await?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn exit(ok: bool) -> anyhow::Result<ExitCode> {
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 async fn run_demo(

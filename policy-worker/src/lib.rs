@@ -4,9 +4,20 @@
 //!
 //! `main.rs` parses flags into a [`Config`] and calls [`run`]; tests start
 //! the same `run` in-process.
+//!
+//! Guardrails around each decision (`docs/guardrails.md`): payload
+//! detectors ([`Detector`]), rate and budget counters in JetStream KV, a
+//! shadow policy set evaluated without effect, human approval for permits
+//! annotated `@approval("required")`, and [`Replayer`] for deciding recorded
+//! events with a candidate set.
 
+mod approval;
+mod detect;
+mod guard;
+mod limits;
 mod policy;
 mod reload;
+mod replay;
 mod worker;
 
 use std::path::PathBuf;
@@ -17,9 +28,14 @@ use async_nats::jetstream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use approval::{Answer, AnswerAction, ApprovalState, approval_id, send_answer};
+pub use detect::{Detector, Findings, KINDS as DETECTOR_KINDS};
+pub use guard::{APPROVAL_ANNOTATION, GuardMeta, Guards};
+pub use limits::{AgentTally, Tallies, Usage, WorkflowTally, agent_key, workflow_key};
 pub use policy::{
     ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, Verdict, generated_policies,
 };
+pub use replay::{Outcome, Replayed, Replayer};
 
 /// Everything the worker needs to run.
 #[derive(Debug, Clone)]
@@ -48,6 +64,11 @@ pub struct Config {
     pub broker: broker_config::Options,
     /// How long in-flight events may take to finish at shutdown.
     pub grace: Duration,
+    /// A second policy directory evaluated on every event without effect;
+    /// receipts record its decision.
+    pub shadow_policies: Option<PathBuf>,
+    /// How long a parked event waits for an approval before it is denied.
+    pub approval_timeout: Duration,
 }
 
 impl Default for Config {
@@ -65,6 +86,8 @@ impl Default for Config {
             ready_file: None,
             broker: broker_config::Options::default(),
             grace: Duration::from_secs(10),
+            shadow_policies: None,
+            approval_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -113,6 +136,20 @@ pub enum Error {
         /// The watcher error.
         source: notify::Error,
     },
+    /// A KV bucket of the guardrails could not be opened.
+    #[error("KV bucket `{bucket}`: {source}")]
+    Bucket {
+        /// The bucket.
+        bucket: String,
+        /// The broker's answer.
+        source: async_nats::Error,
+    },
+    /// The approval answer consumer could not be started.
+    #[error("approval answers on `MESH_APPROVALS`: {source}")]
+    Approvals {
+        /// The broker's answer.
+        source: async_nats::Error,
+    },
     /// The ready file could not be written.
     #[error("cannot write the ready file `{}`: {source}", path.display())]
     ReadyFile {
@@ -156,6 +193,42 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         policies_tx,
         shutdown.clone(),
     )?;
+    let (shadow, _shadow_reloader) = match &config.shadow_policies {
+        Some(dir) => {
+            let bundle = PolicyBundle::load(dir).map_err(|source| Error::Policies {
+                dir: dir.clone(),
+                source,
+            })?;
+            tracing::info!(shadow_policy_hash = bundle.hash(), policies = bundle.len(), dir = %dir.display(), "Shadow policies loaded; they decide without effect.");
+            let (tx, rx) = watch::channel(Arc::new(bundle));
+            let reloader = reload::spawn(dir.clone(), config.watch_policies, tx, shutdown.clone())?;
+            (Some(rx), Some(reloader))
+        }
+        None => (None, None),
+    };
+    let bucket = |name: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_key_value(name).await.map_err(|e| Error::Bucket {
+                bucket: name.to_owned(),
+                source: e.into(),
+            })
+        }
+    };
+    let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
+    let approvals = Arc::new(approval::Approvals::new(
+        js.clone(),
+        bucket(schemas::subjects::BUCKET_APPROVALS).await?,
+        config.approval_timeout,
+    ));
+    approval::spawn(
+        approvals.clone(),
+        format!("{}-approvals", config.consumer),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|source| Error::Approvals { source })?;
+    let guard = guard::Runtime::new(counters, shadow, approvals);
 
     if let Some(path) = &config.ready_file {
         std::fs::write(path, b"ready\n").map_err(|source| Error::ReadyFile {
@@ -165,7 +238,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     tracing::info!(consumer = %config.consumer, "Policy worker ready.");
 
-    let worker = worker::Worker::new(js, policies_rx, &config);
+    let worker = worker::Worker::new(js, policies_rx, guard, &config);
     worker.consume(consumer, shutdown).await;
 
     if let Some(path) = &config.ready_file {

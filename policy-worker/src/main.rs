@@ -50,6 +50,12 @@ struct Args {
     /// File created once the worker is consuming, removed on exit.
     #[arg(long, env = "AGENTMESH_READY_FILE")]
     ready_file: Option<PathBuf>,
+    /// Shadow policy directory: decided on every event without effect, recorded in receipts.
+    #[arg(long, env = "AGENTMESH_SHADOW_POLICIES")]
+    shadow_policies: Option<PathBuf>,
+    /// Seconds an event parked for approval waits before it is denied.
+    #[arg(long, env = "AGENTMESH_APPROVAL_TIMEOUT_SECS", default_value_t = 3600)]
+    approval_timeout_secs: u64,
     /// Log format.
     #[arg(long, env = "AGENTMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -90,6 +96,8 @@ async fn main() -> std::process::ExitCode {
         ack_wait: Duration::from_secs(args.ack_wait_secs.max(1)),
         watch_policies: !args.no_watch,
         ready_file: args.ready_file,
+        shadow_policies: args.shadow_policies,
+        approval_timeout: Duration::from_secs(args.approval_timeout_secs.max(1)),
         broker: broker_config::Options {
             replicas: args.stream_replicas,
             ..Default::default()

@@ -12,11 +12,14 @@ use std::str::FromStr;
 
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, Policy,
-    PolicyId, PolicySet, PrincipalConstraint, Request, Schema, ValidationMode, Validator,
+    PolicyId, PolicySet, PrincipalConstraint, Request, RestrictedExpression, Schema,
+    ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use schemas::{EventType, MeshEvent};
 use sha2::{Digest, Sha256};
+
+use crate::guard::{GuardMeta, Guards};
 
 /// The schema file in a policy directory.
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
@@ -61,6 +64,7 @@ pub struct PolicyBundle {
     hash: String,
     authorizer: Authorizer,
     names: Names,
+    guard: GuardMeta,
 }
 
 impl fmt::Debug for PolicyBundle {
@@ -370,6 +374,18 @@ impl PolicyBundle {
             ));
         }
 
+        let guard = GuardMeta::of(&schema, &policies).map_err(|(id, message)| {
+            let path = origin
+                .get(&id)
+                .map_or_else(|| dir.to_owned(), |(p, _)| p.clone());
+            LoadError::Invalid {
+                path,
+                line: 1,
+                column: 1,
+                message: format!("policy `{id}`: {message}"),
+            }
+        })?;
+
         let entities_path = dir.join(ENTITIES_FILE);
         let entities_text = read(&entities_path)?;
         hasher.update(entities_text.as_bytes());
@@ -386,7 +402,14 @@ impl PolicyBundle {
             hash: hex::encode(&digest[..8]),
             authorizer: Authorizer::new(),
             names,
+            guard,
         })
+    }
+
+    /// What the schema declares and the policies read of the guardrail
+    /// context, and which permits require an approval.
+    pub fn guard(&self) -> &GuardMeta {
+        &self.guard
     }
 
     /// The hash of the schema, policy files and entities (16 hex characters).
@@ -404,9 +427,21 @@ impl PolicyBundle {
         self.len() == 0
     }
 
-    /// Evaluates one validated event. Any failure to form the request denies
-    /// (fail closed) and is reported in `errors`.
+    /// Evaluates one validated event with its payload scanned when a policy
+    /// reads `context.detectors`, and rate and budget counters at zero (the
+    /// worker counts; see [`PolicyBundle::decide_with`]).
     pub fn decide(&self, event: &MeshEvent, step: &str) -> Verdict {
+        let mut guards = Guards::default();
+        if self.guard.reads_detectors() {
+            guards.findings = crate::detect::Detector::shared().scan_event(event);
+        }
+        self.decide_with(event, step, &guards)
+    }
+
+    /// Evaluates one validated event with the given guardrail attributes.
+    /// Any failure to form the request denies (fail closed) and is reported
+    /// in `errors`.
+    pub fn decide_with(&self, event: &MeshEvent, step: &str, guards: &Guards) -> Verdict {
         let deny = |error: String| Verdict {
             allowed: false,
             reasons: Vec::new(),
@@ -433,23 +468,33 @@ impl PolicyBundle {
                 EntityId::new(event.trace.trace_id_hex()),
             ),
         };
-        let mut context = serde_json::json!({
-            "trace_id": event.trace.trace_id_hex(),
-            "step": step,
-            "mode": event.mode.as_str(),
-            "size": event.size as i64,
-            "has_causation": event.causation_id.is_some(),
-        });
+        // Built as Cedar values: parsing a JSON context costs tens of
+        // microseconds per decision.
+        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
+        let mut context: Vec<(String, RestrictedExpression)> = vec![
+            ("trace_id".into(), string(&event.trace.trace_id_hex())),
+            ("step".into(), string(step)),
+            ("mode".into(), string(event.mode.as_str())),
+            (
+                "size".into(),
+                RestrictedExpression::new_long(event.size as i64),
+            ),
+            (
+                "has_causation".into(),
+                RestrictedExpression::new_bool(event.causation_id.is_some()),
+            ),
+        ];
         if let Some(target) = &event.target {
-            context["target"] = target.as_str().into();
+            context.push(("target".into(), string(target.as_str())));
         }
         if let Some(subject) = schemas::AttributesReader::subject(&event.event) {
-            context["subject"] = subject.into();
+            context.push(("subject".into(), string(subject)));
         }
         if let Some(ct) = schemas::AttributesReader::datacontenttype(&event.event) {
-            context["datacontenttype"] = ct.into();
+            context.push(("datacontenttype".into(), string(ct)));
         }
-        let context = match Context::from_json_value(context, Some((&self.schema, &action))) {
+        self.guard.extend(&mut context, guards);
+        let context = match Context::from_pairs(context) {
             Ok(c) => c,
             Err(e) => return deny(format!("context does not match the schema: {e}")),
         };

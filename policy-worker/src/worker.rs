@@ -15,6 +15,7 @@ use schemas::{Decision, DecisionReceipt, MeshEvent, TraceParent, headers, subjec
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::guard;
 use crate::policy::PolicyBundle;
 use crate::{Config, Error};
 
@@ -51,6 +52,7 @@ pub(crate) async fn ingress_consumer(
 pub(crate) struct Worker {
     js: jetstream::Context,
     policies: watch::Receiver<Arc<PolicyBundle>>,
+    guard: guard::Runtime,
     limits: schemas::Limits,
     batch: usize,
     max_in_flight: usize,
@@ -61,11 +63,13 @@ impl Worker {
     pub(crate) fn new(
         js: jetstream::Context,
         policies: watch::Receiver<Arc<PolicyBundle>>,
+        guard: guard::Runtime,
         config: &Config,
     ) -> Arc<Self> {
         Arc::new(Self {
             js,
             policies,
+            guard,
             limits: config.limits,
             batch: config.batch.max(1),
             max_in_flight: config.max_in_flight.max(1),
@@ -170,12 +174,15 @@ impl Worker {
             decided_at: String::new(),
             eval_micros: 0,
             ingress_subject: subject.clone(),
+            ..Default::default()
         };
         let mut target = None;
+        let mut park = false;
         match &parsed {
             Ok(event) => {
                 let step = subjects::parse_ingress(&subject).map_or("", |p| p.step);
-                let verdict = bundle.decide(event, step);
+                let verdict;
+                (verdict, park) = self.guard.decide(&bundle, event, step, &mut receipt).await;
                 receipt.event_id = event.id().to_owned();
                 receipt.trace_id = event.trace.trace_id_hex();
                 receipt.trace_derived = event.trace_derived;
@@ -203,6 +210,7 @@ impl Worker {
                 receipt.event_id = id;
                 receipt.event_type = ty;
                 receipt.errors = vec![invalid.to_string()];
+                self.guard.mark_invalid(&mut receipt);
             }
         }
         receipt.eval_micros = started.elapsed().as_micros() as u64;
@@ -216,10 +224,14 @@ impl Worker {
             Decision::Invalid => format!("invalid-{seq}"),
             _ => receipt.event_id.clone(),
         };
-        match self
-            .publish(&message, &token, &receipt, &dedup_id, target.as_ref())
-            .await
-        {
+        // An event waiting for a human gets its receipt once answered.
+        let done = if park {
+            self.guard.approvals.park(&message, &token, &receipt).await
+        } else {
+            self.publish(&message, &token, &receipt, &dedup_id, target.as_ref())
+                .await
+        };
+        match done {
             Ok(()) => {
                 if let Err(error) = message.ack().await {
                     tracing::warn!(event_id = %receipt.event_id, %error, "Ack failed; the event will be redelivered and deduplicated.");

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 /// The outcome for one ingress event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Decision {
     /// Policy permits it; routed when it has a `target`.
@@ -12,6 +12,7 @@ pub enum Decision {
     /// Policy forbids it, or evaluation failed (fail closed).
     Deny,
     /// Not a well-formed mesh event.
+    #[default]
     Invalid,
 }
 
@@ -33,7 +34,10 @@ impl fmt::Display for Decision {
 }
 
 /// The receipt for one ingress event (JSON, contract fields first).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Fields after `ingress_subject` are optional extensions (guardrails): they
+/// are left out of the JSON when empty, and a receipt without them parses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DecisionReceipt {
     /// The id of the decided event (empty when the event had none).
     pub event_id: String,
@@ -77,6 +81,79 @@ pub struct DecisionReceipt {
     /// The ingress subject the event arrived on.
     #[serde(default)]
     pub ingress_subject: String,
+    /// What the payload detectors found in the event's data (e.g.
+    /// `pii.email`, `secret.aws_access_key`); empty when nothing was found
+    /// or no policy reads `context.detectors`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub findings: Vec<String>,
+    /// The shadow policy set's decision, when the worker runs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_decision: Option<Decision>,
+    /// Ids of the shadow set's determining policies.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow_reasons: Vec<String>,
+    /// The shadow set's evaluation errors.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow_errors: Vec<String>,
+    /// Hash of the shadow policy set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_policy_hash: Option<String>,
+    /// The human approval this decision waited for, when a permit required one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<Approval>,
+}
+
+/// Where an approval request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApprovalStatus {
+    /// Waiting for an approver (never in a receipt: receipts are final).
+    Pending,
+    /// An approver released the event: the decision is `allow`.
+    Approved,
+    /// An approver rejected the event: the decision is `deny`.
+    Rejected,
+    /// Nobody answered in time: the decision is `deny`.
+    Expired,
+}
+
+impl ApprovalStatus {
+    /// `pending`, `approved`, `rejected` or `expired`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Approved => "approved",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for ApprovalStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// The human approval recorded in a receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Approval {
+    /// The approval id (`meshctl approvals` lists it).
+    pub id: String,
+    /// `approved`, `rejected` or `expired`.
+    pub status: ApprovalStatus,
+    /// Who answered (empty when it expired).
+    #[serde(default)]
+    pub approver: String,
+    /// The approver's comment, if any.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub comment: String,
+    /// When the event was parked (RFC 3339, UTC).
+    #[serde(default)]
+    pub requested_at: String,
+    /// When it was answered or expired (RFC 3339, UTC).
+    #[serde(default)]
+    pub answered_at: String,
 }
 
 /// Headers the mesh adds to delivered and dead-lettered events.
@@ -93,6 +170,12 @@ pub mod headers {
     pub const REASON: &str = "Mesh-Reason";
     /// Comma-separated ids of the determining policies, on dead letters.
     pub const POLICIES: &str = "Mesh-Policies";
-    /// The ingress subject, on dead letters.
+    /// The ingress subject, on dead letters and approval requests.
     pub const INGRESS_SUBJECT: &str = "Mesh-Ingress-Subject";
+    /// The approval id, on approval requests and on what they released.
+    pub const APPROVAL_ID: &str = "Mesh-Approval-Id";
+    /// Who approved, on deliveries of approved events.
+    pub const APPROVER: &str = "Mesh-Approver";
+    /// When an approval request expires (RFC 3339), on approval requests.
+    pub const APPROVAL_EXPIRES: &str = "Mesh-Approval-Expires";
 }

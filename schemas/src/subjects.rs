@@ -14,6 +14,13 @@ pub const STREAM_GPU: &str = "MESH_GPU";
 pub const BUCKET_AGENTS: &str = "mesh-agents";
 /// KV bucket of GPU leases, one key per leased GPU.
 pub const BUCKET_GPU_LEASES: &str = "mesh-gpu-leases";
+/// Stream of events parked for human approval and the answers to them:
+/// `mesh.approval.>`.
+pub const STREAM_APPROVALS: &str = "MESH_APPROVALS";
+/// KV bucket of rate and budget counters (`agent.<agent>`, `workflow.<trace id>`).
+pub const BUCKET_LIMITS: &str = "mesh-limits";
+/// KV bucket of approval requests and their state, key = approval id.
+pub const BUCKET_APPROVALS: &str = "mesh-approvals";
 
 /// Subject an agent publishes a step on: `mesh.ingress.<agent>.<step>`.
 pub fn ingress(agent: &str, step: &str) -> String {
@@ -39,6 +46,21 @@ pub fn dead(source: &str) -> String {
 pub fn gpu_lease(pool: &str) -> String {
     format!("mesh.gpu.lease.{pool}")
 }
+
+/// Subject of an event parked for approval:
+/// `mesh.approval.request.<source>.<approval id>`.
+pub fn approval_request(source: &str, approval_id: &str) -> String {
+    format!("mesh.approval.request.{source}.{approval_id}")
+}
+
+/// Subject of an answer (approve, reject, expire) to a parked event:
+/// `mesh.approval.answer.<source>.<approval id>`.
+pub fn approval_answer(source: &str, approval_id: &str) -> String {
+    format!("mesh.approval.answer.{source}.{approval_id}")
+}
+
+/// Filter of every approval answer: `mesh.approval.answer.>`.
+pub const APPROVAL_ANSWERS: &str = "mesh.approval.answer.>";
 
 /// The parts of an ingress subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

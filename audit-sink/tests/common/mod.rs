@@ -283,6 +283,7 @@ impl Step {
             decided_at: self.time.clone(),
             eval_micros,
             ingress_subject: subjects::ingress(self.agent, self.step),
+            ..Default::default()
         };
         Message {
             subject: subjects::decision(self.agent),

@@ -1,0 +1,748 @@
+//! `meshctl policy`: check a policy directory the way the worker loads it,
+//! promote the shadow set to the active one, and replay recorded events
+//! (from ClickHouse or JetStream) against a candidate set to see what would
+//! change before enforcing it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use clap::{Subcommand, ValueEnum};
+use futures::StreamExt;
+use policy_worker::{ENTITIES_FILE, Outcome, PolicyBundle, Replayer, SCHEMA_FILE};
+use schemas::{DecisionReceipt, EventBuilder, EventBuilderV10, subjects};
+use serde::{Deserialize, Serialize};
+
+use crate::servers::Endpoints;
+
+/// `meshctl policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy directory as the worker loads it and print its hash.
+    Check {
+        /// The policy directory.
+        dir: PathBuf,
+    },
+    /// Make the shadow set the active one (each file replaced atomically; a running worker reloads it).
+    Promote {
+        /// The shadow policy directory.
+        #[arg(long, env = "AGENTMESH_SHADOW_POLICIES")]
+        shadow: PathBuf,
+        /// The active policy directory, replaced by the shadow set.
+        #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
+        policies: PathBuf,
+        /// Copy the replaced active files into this directory first.
+        #[arg(long)]
+        backup: Option<PathBuf>,
+    },
+    /// Decide recorded events again with a candidate set and print what would change.
+    Replay {
+        /// The candidate policy directory.
+        #[arg(long)]
+        policies: PathBuf,
+        /// Start of the range: RFC 3339, `YYYY-MM-DD[ HH:MM:SS]` (UTC), or an age such as `30m`, `6h`, `2d`.
+        #[arg(long)]
+        since: String,
+        /// End of the range (same forms; default now).
+        #[arg(long)]
+        until: Option<String>,
+        /// Where the recorded events and decisions come from.
+        #[arg(long, value_enum, default_value_t = Source::Clickhouse)]
+        from: Source,
+        /// Examples printed per kind of change.
+        #[arg(long, default_value_t = 5)]
+        examples: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit with status 1 when any decision would change (for CI).
+        #[arg(long)]
+        fail_on_change: bool,
+    },
+}
+
+/// Where replay reads recorded events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Source {
+    /// The audit tables (`events` and `decisions`).
+    Clickhouse,
+    /// The `MESH_INGRESS` and `MESH_DECISION` streams.
+    Jetstream,
+}
+
+/// Runs a `meshctl policy` command; `Ok(false)` means exit status 1.
+pub async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
+    match command {
+        PolicyCommand::Check { dir } => {
+            let bundle = load(&dir)?;
+            println!(
+                "{}: {} policies, policy hash {}",
+                dir.display(),
+                bundle.len(),
+                bundle.hash()
+            );
+            let approvals: Vec<&str> = bundle.guard().approval_policies().collect();
+            if !approvals.is_empty() {
+                println!("  require approval: {}", approvals.join(", "));
+            }
+            if bundle.guard().reads_detectors() {
+                println!("  reads payload detectors (context.detectors)");
+            }
+            if bundle.guard().reads_counters() {
+                println!("  reads rate and budget counters (context.rate, context.budget)");
+            }
+            Ok(true)
+        }
+        PolicyCommand::Promote {
+            shadow,
+            policies,
+            backup,
+        } => {
+            promote(&shadow, &policies, backup.as_deref())?;
+            Ok(true)
+        }
+        PolicyCommand::Replay {
+            policies,
+            since,
+            until,
+            from,
+            examples,
+            json,
+            fail_on_change,
+        } => {
+            let now = Utc::now();
+            let since = parse_time(&since, now)?;
+            let until = until
+                .map(|u| parse_time(&u, now))
+                .transpose()?
+                .unwrap_or(now);
+            if since >= until {
+                bail!("--since {since} is not before --until {until}");
+            }
+            let replayer = Replayer::new(load(&policies)?, schemas::Limits::default());
+            let mut report = Report::new(examples);
+            match from {
+                Source::Clickhouse => {
+                    replay_clickhouse(endpoints, &replayer, since, until, &mut report).await?
+                }
+                Source::Jetstream => {
+                    replay_jetstream(endpoints, &replayer, since, until, &mut report).await?
+                }
+            }
+            let header = Header {
+                source: match from {
+                    Source::Clickhouse => format!("ClickHouse `{}`", endpoints.database),
+                    Source::Jetstream => format!("JetStream `{}`", subjects::STREAM_INGRESS),
+                },
+                since: since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                until: until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                policies: policies.display().to_string(),
+                policy_hash: replayer.bundle().hash().to_owned(),
+            };
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report.json(&header))?;
+                writeln!(out)?;
+            } else {
+                report.print(&header, &mut out)?;
+            }
+            Ok(!(fail_on_change && report.changed() > 0))
+        }
+    }
+}
+
+fn load(dir: &Path) -> anyhow::Result<PolicyBundle> {
+    PolicyBundle::load(dir).with_context(|| format!("policies in `{}` refused", dir.display()))
+}
+
+/// Parses an RFC 3339 time, `YYYY-MM-DD[ HH:MM:SS]` in UTC, or an age
+/// (`90s`, `30m`, `6h`, `2d`) before `now`.
+pub fn parse_time(text: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+    let t = text.trim();
+    if let Some(unit) = t.chars().last().filter(|c| "smhd".contains(*c))
+        && let Ok(n) = t[..t.len() - 1].parse::<i64>()
+    {
+        let secs = n * match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => 86_400,
+        };
+        return Ok(now - chrono::Duration::seconds(secs));
+    }
+    if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
+        return Ok(dt.with_timezone(&Utc));
+    }
+    if let Ok(dt) = NaiveDateTime::parse_from_str(t, "%Y-%m-%d %H:%M:%S") {
+        return Ok(dt.and_utc());
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).unwrap_or_default().and_utc());
+    }
+    bail!(
+        "`{text}` is not a time: use RFC 3339, `YYYY-MM-DD HH:MM:SS` (UTC) or an age like `30m`, `6h`, `2d`"
+    )
+}
+
+/// The files a policy directory is made of.
+fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading `{}`", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && (p.extension().is_some_and(|e| e == "cedar")
+                    || p.file_name()
+                        .is_some_and(|n| n == SCHEMA_FILE || n == ENTITIES_FILE))
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Copies the shadow set over the active one: every file is written to a
+/// temporary name in the active directory and renamed into place (atomic
+/// per file), then active policy files the shadow set lacks are removed.
+/// The worker reloads once the directory has been quiet for a moment, so it
+/// loads the whole new set; were it to look in between, it would refuse a
+/// mixed set and keep the old one.
+fn promote(shadow: &Path, active: &Path, backup: Option<&Path>) -> anyhow::Result<()> {
+    let new = load(shadow)?;
+    let old_hash = PolicyBundle::load(active).ok().map(|b| b.hash().to_owned());
+    if old_hash.as_deref() == Some(new.hash()) {
+        println!(
+            "`{}` already holds the shadow set (policy hash {}); nothing to promote.",
+            active.display(),
+            new.hash()
+        );
+        return Ok(());
+    }
+    std::fs::create_dir_all(active).with_context(|| format!("creating `{}`", active.display()))?;
+    let current = policy_files(active)?;
+    if let Some(backup) = backup {
+        std::fs::create_dir_all(backup)
+            .with_context(|| format!("creating `{}`", backup.display()))?;
+        for file in &current {
+            let to = backup.join(file.file_name().unwrap_or_default());
+            std::fs::copy(file, &to)
+                .with_context(|| format!("backing up to `{}`", to.display()))?;
+        }
+    }
+    let incoming = policy_files(shadow)?;
+    let mut staged = Vec::new();
+    for file in &incoming {
+        let name = file.file_name().unwrap_or_default();
+        let tmp = active.join(format!(".promote-{}.tmp", name.to_string_lossy()));
+        let bytes = std::fs::read(file).with_context(|| format!("reading `{}`", file.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("writing `{}`", tmp.display()))?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        staged.push((tmp, active.join(name)));
+    }
+    for (tmp, to) in &staged {
+        std::fs::rename(tmp, to).with_context(|| format!("replacing `{}`", to.display()))?;
+    }
+    for file in current {
+        let name = file.file_name().unwrap_or_default();
+        if !incoming.iter().any(|i| i.file_name() == Some(name)) {
+            std::fs::remove_file(&file)
+                .with_context(|| format!("removing `{}`", file.display()))?;
+        }
+    }
+    let now_active = load(active)?;
+    if now_active.hash() != new.hash() {
+        bail!(
+            "`{}` now has policy hash {}, not the shadow set's {}: was it changed meanwhile?",
+            active.display(),
+            now_active.hash(),
+            new.hash()
+        );
+    }
+    println!(
+        "Promoted `{}` to `{}`: policy hash {} (was {}).",
+        shadow.display(),
+        active.display(),
+        new.hash(),
+        old_hash.as_deref().unwrap_or("none")
+    );
+    println!(
+        "A running policy worker reloads it within a second; receipts then carry policy_hash {}.",
+        new.hash()
+    );
+    Ok(())
+}
+
+/// What the report header says about the replay.
+struct Header {
+    source: String,
+    since: String,
+    until: String,
+    policies: String,
+    policy_hash: String,
+}
+
+/// One changed decision, for the examples.
+#[derive(Debug, Clone, Serialize)]
+struct Example {
+    event_id: String,
+    trace_id: String,
+    agent: String,
+    r#type: String,
+    target: String,
+    subject: String,
+    recorded: String,
+    recorded_reasons: Vec<String>,
+    candidate: String,
+    candidate_reasons: Vec<String>,
+    candidate_errors: Vec<String>,
+}
+
+/// Counts and examples of a replay.
+struct Report {
+    examples_per_change: usize,
+    events: u64,
+    unrecorded: u64,
+    recorded_hashes: BTreeMap<String, u64>,
+    transitions: BTreeMap<(String, String), u64>,
+    examples: BTreeMap<(String, String), Vec<Example>>,
+}
+
+/// What one recorded event looked like, whichever the source.
+struct Recorded<'a> {
+    event_id: &'a str,
+    trace_id: &'a str,
+    agent: &'a str,
+    r#type: &'a str,
+    target: &'a str,
+    subject: &'a str,
+    receipt: Option<&'a DecisionReceipt>,
+}
+
+impl Report {
+    fn new(examples_per_change: usize) -> Self {
+        Self {
+            examples_per_change,
+            events: 0,
+            unrecorded: 0,
+            recorded_hashes: BTreeMap::new(),
+            transitions: BTreeMap::new(),
+            examples: BTreeMap::new(),
+        }
+    }
+
+    fn add(&mut self, recorded: Recorded<'_>, replayed: policy_worker::Replayed) {
+        self.events += 1;
+        let Some(receipt) = recorded.receipt else {
+            self.unrecorded += 1;
+            return;
+        };
+        *self
+            .recorded_hashes
+            .entry(receipt.policy_hash.clone())
+            .or_default() += 1;
+        let was = Outcome::of_receipt(receipt).as_str().to_owned();
+        let now = replayed.outcome.as_str().to_owned();
+        let key = (was.clone(), now.clone());
+        *self.transitions.entry(key.clone()).or_default() += 1;
+        if was != now {
+            let list = self.examples.entry(key).or_default();
+            if list.len() < self.examples_per_change {
+                list.push(Example {
+                    event_id: recorded.event_id.to_owned(),
+                    trace_id: recorded.trace_id.to_owned(),
+                    agent: recorded.agent.to_owned(),
+                    r#type: recorded.r#type.to_owned(),
+                    target: recorded.target.to_owned(),
+                    subject: recorded.subject.to_owned(),
+                    recorded: was,
+                    recorded_reasons: receipt.reasons.clone(),
+                    candidate: now,
+                    candidate_reasons: replayed.reasons,
+                    candidate_errors: replayed.errors,
+                });
+            }
+        }
+    }
+
+    fn changed(&self) -> u64 {
+        self.transitions
+            .iter()
+            .filter(|((a, b), _)| a != b)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn unchanged(&self) -> u64 {
+        self.transitions
+            .iter()
+            .filter(|((a, b), _)| a == b)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn json(&self, h: &Header) -> serde_json::Value {
+        serde_json::json!({
+            "source": h.source,
+            "since": h.since,
+            "until": h.until,
+            "policies": h.policies,
+            "policy_hash": h.policy_hash,
+            "events": self.events,
+            "without_recorded_decision": self.unrecorded,
+            "unchanged": self.unchanged(),
+            "changed": self.changed(),
+            "recorded_policy_hashes": self.recorded_hashes,
+            "transitions": self.transitions.iter()
+                .map(|((a, b), n)| serde_json::json!({"recorded": a, "candidate": b, "events": n}))
+                .collect::<Vec<_>>(),
+            "examples": self.examples.values().flatten().collect::<Vec<_>>(),
+        })
+    }
+
+    fn print(&self, h: &Header, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        writeln!(
+            out,
+            "Replayed {} events from {} ({} – {}) against `{}` (policy hash {}).",
+            self.events, h.source, h.since, h.until, h.policies, h.policy_hash
+        )?;
+        if !self.recorded_hashes.is_empty() {
+            let hashes: Vec<String> = self
+                .recorded_hashes
+                .iter()
+                .map(|(hash, n)| format!("{hash} ({n})"))
+                .collect();
+            writeln!(out, "Recorded under policy hash {}.", hashes.join(", "))?;
+        }
+        writeln!(out, "  unchanged  {:>6}", self.unchanged())?;
+        writeln!(out, "  changed    {:>6}", self.changed())?;
+        for ((a, b), n) in &self.transitions {
+            if a != b {
+                writeln!(out, "    {:<22} {n:>6}", format!("{a} → {b}"))?;
+            }
+        }
+        if self.unrecorded > 0 {
+            writeln!(
+                out,
+                "  no recorded decision {:>6} (not decided yet, or the receipt is outside the range)",
+                self.unrecorded
+            )?;
+        }
+        if self.changed() > 0 {
+            writeln!(out, "\nExamples of changed decisions:")?;
+            for ((a, b), list) in &self.examples {
+                for e in list {
+                    let mut what = format!(
+                        "{} {}",
+                        e.agent,
+                        e.r#type
+                            .strip_prefix(schemas::TYPE_PREFIX)
+                            .unwrap_or(&e.r#type)
+                    );
+                    if !e.subject.is_empty() {
+                        what.push(' ');
+                        what.push_str(&e.subject);
+                    }
+                    if !e.target.is_empty() {
+                        what.push_str(" → ");
+                        what.push_str(&e.target);
+                    }
+                    writeln!(out, "  {:<20} {what}", format!("{a} → {b}"))?;
+                    writeln!(out, "      event {}  trace {}", e.event_id, e.trace_id)?;
+                    writeln!(out, "      recorded:  {}", reasons(&e.recorded_reasons))?;
+                    let mut candidate = reasons(&e.candidate_reasons);
+                    if !e.candidate_errors.is_empty() {
+                        candidate.push_str(&format!("  errors: {}", e.candidate_errors.join("; ")));
+                    }
+                    writeln!(out, "      candidate: {candidate}")?;
+                }
+            }
+        } else {
+            writeln!(out, "\nNo decision would change.")?;
+        }
+        Ok(())
+    }
+}
+
+fn reasons(r: &[String]) -> String {
+    if r.is_empty() {
+        "(no policy)".to_owned()
+    } else {
+        r.join(", ")
+    }
+}
+
+/// One event row with its receipt, as replay reads them from ClickHouse.
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct EventRow {
+    event_id: String,
+    trace_id: String,
+    agent: String,
+    r#type: String,
+    target: String,
+    subject: String,
+    source: String,
+    traceparent: String,
+    parent_id: String,
+    datacontenttype: String,
+    data: String,
+    data_encoding: String,
+    ingress_subject: String,
+    received_us: u64,
+    receipt: String,
+}
+
+fn micros(t: DateTime<Utc>) -> u64 {
+    u64::try_from(t.timestamp_micros()).unwrap_or(0)
+}
+
+/// The event of a row, encoded as it arrived in binary mode.
+fn rebuild(row: &EventRow) -> anyhow::Result<(async_nats::HeaderMap, bytes::Bytes)> {
+    let mut builder = EventBuilderV10::new()
+        .id(row.event_id.clone())
+        .source(row.source.clone())
+        .ty(row.r#type.clone());
+    for (name, value) in [
+        (schemas::ext::TRACEPARENT, &row.traceparent),
+        (schemas::ext::CAUSATIONID, &row.parent_id),
+        (schemas::ext::TARGET, &row.target),
+    ] {
+        if !value.is_empty() {
+            builder = builder.extension(name, value.clone());
+        }
+    }
+    if !row.subject.is_empty() {
+        builder = builder.subject(row.subject.clone());
+    }
+    let data = if row.data_encoding == audit_sink::rows::ENCODING_HEX {
+        hex_decode(&row.data)?
+    } else {
+        row.data.clone().into_bytes()
+    };
+    // `dataschema` is left out: no policy context reads it.
+    if !row.datacontenttype.is_empty() {
+        builder = builder.data(row.datacontenttype.clone(), data.clone());
+    }
+    let mut event = builder
+        .build()
+        .with_context(|| format!("event `{}` cannot be rebuilt", row.event_id))?;
+    if row.datacontenttype.is_empty() && !data.is_empty() {
+        event.set_data_unchecked(data);
+    }
+    Ok(schemas::encode_binary(&event))
+}
+
+fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
+    let bytes = text.as_bytes();
+    if !bytes.len().is_multiple_of(2) {
+        bail!("odd-length hex data");
+    }
+    bytes
+        .chunks(2)
+        .map(|pair| {
+            let s = std::str::from_utf8(pair)?;
+            Ok(u8::from_str_radix(s, 16)?)
+        })
+        .collect()
+}
+
+async fn replay_clickhouse(
+    endpoints: &Endpoints,
+    replayer: &Replayer,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    // Microseconds: a range ending now must include events of this second.
+    let (from, to) = (micros(since), micros(until));
+    let sql = format!(
+        "SELECT event_id, trace_id, agent, type, target, subject, source, traceparent, parent_id, \
+            datacontenttype, data, data_encoding, ingress_subject, received_us, receipt \
+         FROM ( \
+            SELECT event_id, trace_id, agent, type, target, subject, source, traceparent, parent_id, \
+                datacontenttype, data, data_encoding, ingress_subject, received_us \
+            FROM events FINAL \
+            WHERE valid = 1 AND received_us >= {from} AND received_us < {to} \
+         ) AS e \
+         ANY LEFT JOIN ( \
+            SELECT event_id, receipt FROM decisions FINAL \
+            WHERE valid = 1 AND event_id IN ( \
+                SELECT event_id FROM events WHERE received_us >= {from} AND received_us < {to}) \
+         ) AS d USING event_id \
+         ORDER BY received_us, event_id"
+    );
+    let mut cursor = endpoints
+        .audit_db()
+        .query(&sql)
+        .fetch::<EventRow>()
+        .context("reading recorded events from ClickHouse")?;
+    while let Some(row) = cursor
+        .next()
+        .await
+        .with_context(|| format!("reading `{}.events` from ClickHouse", endpoints.database))?
+    {
+        let receipt: Option<DecisionReceipt> = serde_json::from_str(&row.receipt).ok();
+        let at = i64::try_from(row.received_us / 1_000_000).unwrap_or(0);
+        let replayed = match rebuild(&row) {
+            Ok((headers, payload)) => {
+                replayer
+                    .replay_message(&row.ingress_subject, Some(&headers), &payload, at)
+                    .await
+            }
+            Err(e) => policy_worker::Replayed {
+                outcome: Outcome::Invalid,
+                reasons: Vec::new(),
+                errors: vec![format!("{e:#}")],
+                findings: Vec::new(),
+            },
+        };
+        report.add(
+            Recorded {
+                event_id: &row.event_id,
+                trace_id: &row.trace_id,
+                agent: &row.agent,
+                r#type: &row.r#type,
+                target: &row.target,
+                subject: &row.subject,
+                receipt: receipt.as_ref(),
+            },
+            replayed,
+        );
+    }
+    Ok(())
+}
+
+/// Every message of `stream` stored from `since` up to its last message
+/// now, in order, with the time the broker stored it (microseconds).
+async fn read_stream(
+    js: &jetstream::Context,
+    stream: &str,
+    since: DateTime<Utc>,
+) -> anyhow::Result<Vec<(async_nats::jetstream::Message, i64)>> {
+    let mut s = js
+        .get_stream(stream)
+        .await
+        .with_context(|| format!("stream `{stream}`"))?;
+    let last = s.info().await?.state.last_sequence;
+    let start_time = time::OffsetDateTime::from_unix_timestamp(since.timestamp())
+        .context("--since out of range")?;
+    let consumer = s
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("reading `{stream}`"))?;
+    let mut messages = consumer.messages().await?;
+    let mut out = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(2), messages.next()).await;
+        let Ok(Some(message)) = next else { break };
+        let message = message?;
+        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let at = i64::try_from(info.published.unix_timestamp_nanos() / 1000).unwrap_or(i64::MAX);
+        let seq = info.stream_sequence;
+        out.push((message, at));
+        if seq >= last {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+async fn replay_jetstream(
+    endpoints: &Endpoints,
+    replayer: &Replayer,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let client = endpoints.connect_nats().await?;
+    let js = jetstream::new(client);
+    let mut receipts: HashMap<String, DecisionReceipt> = HashMap::new();
+    for (message, _) in read_stream(&js, subjects::STREAM_DECISION, since).await? {
+        if let Ok(r) = serde_json::from_slice::<DecisionReceipt>(&message.payload)
+            && !r.event_id.is_empty()
+        {
+            receipts.insert(r.event_id.clone(), r);
+        }
+    }
+    for (message, at_us) in read_stream(&js, subjects::STREAM_INGRESS, since).await? {
+        if at_us >= until.timestamp_micros() {
+            break;
+        }
+        let at = at_us.div_euclid(1_000_000);
+        let Ok(event) = schemas::MeshEvent::from_message(
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+            schemas::Limits::default(),
+        ) else {
+            // Invalid whatever the policies say: not replayed.
+            continue;
+        };
+        let replayed = replayer
+            .replay_message(
+                &message.subject,
+                message.headers.as_ref(),
+                &message.payload,
+                at,
+            )
+            .await;
+        let id = event.id().to_owned();
+        let trace_id = event.trace.trace_id_hex();
+        let target = event
+            .target
+            .as_ref()
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let subject = schemas::AttributesReader::subject(&event.event)
+            .unwrap_or_default()
+            .to_owned();
+        report.add(
+            Recorded {
+                event_id: &id,
+                trace_id: &trace_id,
+                agent: event.agent.as_str(),
+                r#type: event.event_type.as_str(),
+                target: &target,
+                subject: &subject,
+                receipt: receipts.get(&id),
+            },
+            replayed,
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        let now = DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let t = |s: &str| parse_time(s, now).unwrap().to_rfc3339();
+        assert_eq!(t("30m"), "2026-03-01T11:30:00+00:00");
+        assert_eq!(t("2d"), "2026-02-27T12:00:00+00:00");
+        assert_eq!(t("90s"), "2026-03-01T11:58:30+00:00");
+        assert_eq!(t("2026-02-01T10:00:00+02:00"), "2026-02-01T08:00:00+00:00");
+        assert_eq!(t("2026-02-01 10:00:00"), "2026-02-01T10:00:00+00:00");
+        assert_eq!(t("2026-02-01"), "2026-02-01T00:00:00+00:00");
+        assert!(parse_time("yesterday", now).is_err());
+        assert!(parse_time("5w", now).is_err());
+    }
+
+    #[test]
+    fn hex() {
+        assert_eq!(hex_decode("00ff10").unwrap(), vec![0, 255, 16]);
+        assert!(hex_decode("0").is_err());
+        assert!(hex_decode("zz").is_err());
+    }
+}

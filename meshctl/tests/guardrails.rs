@@ -1,0 +1,687 @@
+//! The guardrail commands as an operator runs them, against a real policy
+//! worker, audit sink, NATS and ClickHouse: shadow disagreements in the
+//! audit table and `meshctl policy promote`; `meshctl policy replay` from
+//! ClickHouse and from JetStream; `meshctl approvals` list / approve /
+//! reject with the approver in the audit; `meshctl limits` show / reset.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use schemas::{Decision, DecisionReceipt, EventBuilder, EventBuilderV10, subjects};
+use serde_json::json;
+use testkit::{ClickHouseServer, NatsServer, eventually};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A copy of the shipped `policies/` (files only) with `extra` policy files.
+fn policies(extra: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(workspace().join("policies")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    for (name, text) in extra {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+const FORBID_CODE_SEARCH: &str = "@id(\"forbid-code-search\")\nforbid (principal, action == Action::\"io.agentmesh.tool.call\", resource == Tool::\"code.search\");\n";
+const PERMIT_CODER_TO_PLANNER: &str = "@id(\"coder-reports-to-planner\")\npermit (principal == Agent::\"coder\", action == Action::\"io.agentmesh.task.handoff\", resource == Agent::\"planner\");\n";
+
+/// NATS, ClickHouse, the policy worker and the audit sink, in-process.
+struct Stack {
+    nats: NatsServer,
+    ch: ClickHouseServer,
+    db: String,
+    js: jetstream::Context,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    tmp: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start(worker: policy_worker::Config, with_sink: bool) -> Self {
+        let nats = NatsServer::start().await.unwrap();
+        let ch = ClickHouseServer::start().await.unwrap();
+        let db = ch.unique_database("guard");
+        let js = jetstream::new(nats.connect().await.unwrap());
+        let tmp = tempfile::tempdir().unwrap();
+        let shutdown = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let mut ready = Vec::new();
+
+        let worker_ready = tmp.path().join("worker.ready");
+        let config = policy_worker::Config {
+            nats_url: nats.url(),
+            ready_file: Some(worker_ready.clone()),
+            ..worker
+        };
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            policy_worker::run(config, token).await.unwrap();
+        }));
+        ready.push(worker_ready);
+        if with_sink {
+            let sink_ready = tmp.path().join("sink.ready");
+            let mut sink = audit_sink::Config::new(nats.url(), ch.url());
+            sink.database = db.clone();
+            sink.batch_period_ms = 100;
+            sink.ready_file = Some(sink_ready.clone());
+            let token = shutdown.clone();
+            tasks.push(tokio::spawn(async move {
+                audit_sink::run(sink, token).await.unwrap();
+            }));
+            ready.push(sink_ready);
+        }
+        for r in &ready {
+            eventually(WAIT, "the services' ready files", || async {
+                r.exists().then_some(())
+            })
+            .await
+            .unwrap();
+        }
+        Self {
+            nats,
+            ch,
+            db,
+            js,
+            shutdown,
+            tasks,
+            tmp,
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("NATS_URL".into(), self.nats.url()),
+            ("CLICKHOUSE_URL".into(), self.ch.url()),
+            ("AGENTMESH_AUDIT_DATABASE".into(), self.db.clone()),
+            (
+                "AGENTMESH_HOME".into(),
+                self.tmp.path().join("home").to_string_lossy().into_owned(),
+            ),
+        ]
+    }
+
+    /// `meshctl <args>` against this stack.
+    async fn meshctl(&self, args: &[&str]) -> Output {
+        let env = self.env();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
+            cmd.args(&args).current_dir(workspace());
+            for var in [
+                "AGENTMESH_POLICIES",
+                "AGENTMESH_SHADOW_POLICIES",
+                "AGENTMESH_APPROVER",
+            ] {
+                cmd.env_remove(var);
+            }
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            cmd.output().unwrap()
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn publish(&self, agent: &str, step: &str, event: &schemas::Event) {
+        let (headers, payload) = schemas::encode_binary(event);
+        self.js
+            .publish_with_headers(subjects::ingress(agent, step), headers, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    async fn receipts(&self) -> Vec<DecisionReceipt> {
+        let mut stream = self.js.get_stream(subjects::STREAM_DECISION).await.unwrap();
+        let state = stream.info().await.unwrap().state.clone();
+        let mut out = Vec::new();
+        if state.messages == 0 {
+            return out;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            if let Ok(m) = stream.get_raw_message(seq).await {
+                out.push(serde_json::from_slice(&m.payload).unwrap());
+            }
+        }
+        out
+    }
+
+    async fn receipt(&self, event_id: &str) -> DecisionReceipt {
+        eventually(WAIT, &format!("the receipt of {event_id}"), || async {
+            self.receipts()
+                .await
+                .into_iter()
+                .find(|r| r.event_id == event_id)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// TSV of `sql` in the audit database.
+    async fn query(&self, sql: &str) -> String {
+        let client = self.ch.client().with_database(&self.db);
+        testkit::clickhouse::query_text(&client, sql).await.unwrap()
+    }
+
+    /// Waits until `decisions` has a row for each of `ids`.
+    async fn wait_decisions(&self, ids: &[&str]) {
+        let list: Vec<String> = ids.iter().map(|i| format!("'{i}'")).collect();
+        let sql = format!(
+            "SELECT count() FROM decisions FINAL WHERE event_id IN ({})",
+            list.join(",")
+        );
+        eventually(WAIT, "the decisions in ClickHouse", || async {
+            let n: usize = self.query(&sql).await.trim().parse().ok()?;
+            (n >= ids.len()).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+
+    /// A shipped query over the last and next hour.
+    async fn shipped(&self, query: audit_sink::queries::Query) -> Vec<String> {
+        let now = chrono::Utc::now();
+        let fmt = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+        let params = BTreeMap::from([
+            ("from".to_owned(), fmt(now - chrono::Duration::hours(1))),
+            ("to".to_owned(), fmt(now + chrono::Duration::hours(1))),
+        ]);
+        let sql = audit_sink::queries::render(query.sql, &params).unwrap();
+        self.query(&sql).await.lines().map(str::to_owned).collect()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        for t in self.tasks {
+            tokio::time::timeout(WAIT, t).await.unwrap().unwrap();
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "meshctl failed ({}):\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+const TRACE: &str = "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+fn tool_call(id: &str, agent: &str, tool: &str) -> schemas::Event {
+    EventBuilderV10::new()
+        .id(id)
+        .source(format!("/agents/{agent}"))
+        .ty("io.agentmesh.tool.call")
+        .subject(tool)
+        .extension("traceparent", TRACE)
+        .data("application/json", json!({"args": format!("for {id}")}))
+        .build()
+        .unwrap()
+}
+
+fn handoff(id: &str, from: &str, to: &str) -> schemas::Event {
+    EventBuilderV10::new()
+        .id(id)
+        .source(format!("/agents/{from}"))
+        .ty("io.agentmesh.task.handoff")
+        .extension("target", to)
+        .extension("traceparent", TRACE)
+        .data("application/json", json!({"task": "next step"}))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn shadow_disagreements_reach_clickhouse_and_promote_enforces_the_shadow_set() {
+    let active = policies(&[]);
+    let shadow = policies(&[("next.cedar", FORBID_CODE_SEARCH)]);
+    let stack = Stack::start(
+        policy_worker::Config {
+            policies: active.path().to_owned(),
+            shadow_policies: Some(shadow.path().to_owned()),
+            ..Default::default()
+        },
+        true,
+    )
+    .await;
+    stack
+        .publish(
+            "coder",
+            "tool_call",
+            &tool_call("s1", "coder", "code.search"),
+        )
+        .await;
+    stack
+        .publish("planner", "handoff", &handoff("s2", "planner", "coder"))
+        .await;
+    stack.wait_decisions(&["s1", "s2"]).await;
+    let rows = stack
+        .shipped(audit_sink::queries::SHADOW_DISAGREEMENTS)
+        .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let f: Vec<&str> = rows[0].split('\t').collect();
+    assert_eq!(
+        (f[11], f[5], f[7], f[8]),
+        ("s1", "allow", "deny", "['forbid-code-search']")
+    );
+
+    let check = ok(&stack
+        .meshctl(&["policy", "check", &shadow.path().to_string_lossy()])
+        .await);
+    let shadow_hash = policy_worker::PolicyBundle::load(shadow.path())
+        .unwrap()
+        .hash()
+        .to_owned();
+    assert!(check.contains(&shadow_hash), "{check}");
+    assert!(
+        check.contains("require approval: deploys-need-approval"),
+        "{check}"
+    );
+    let backup = stack.tmp.path().join("backup");
+    let promoted = ok(&stack
+        .meshctl(&[
+            "policy",
+            "promote",
+            "--shadow",
+            &shadow.path().to_string_lossy(),
+            "--policies",
+            &active.path().to_string_lossy(),
+            "--backup",
+            &backup.to_string_lossy(),
+        ])
+        .await);
+    assert!(
+        promoted.contains(&format!("policy hash {shadow_hash}")),
+        "{promoted}"
+    );
+    assert!(backup.join("mesh.cedar").is_file());
+    assert!(active.path().join("next.cedar").is_file());
+    // The running worker reloads: a new code.search call is now denied.
+    let mut n = 0;
+    let receipt = eventually(WAIT, "a receipt under the promoted set", || {
+        n += 1;
+        let id = format!("after-{n}");
+        let stack = &stack;
+        let shadow_hash = &shadow_hash;
+        async move {
+            stack
+                .publish(
+                    "coder",
+                    "tool_call",
+                    &tool_call(&id, "coder", "code.search"),
+                )
+                .await;
+            let r = stack.receipt(&id).await;
+            (&r.policy_hash == shadow_hash).then_some(r)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(receipt.decision, Decision::Deny);
+    assert_eq!(receipt.reasons, vec!["forbid-code-search"]);
+    assert_eq!(receipt.shadow_decision, Some(Decision::Deny));
+    // Promoting again finds nothing to do.
+    let again = ok(&stack
+        .meshctl(&[
+            "policy",
+            "promote",
+            "--shadow",
+            &shadow.path().to_string_lossy(),
+            "--policies",
+            &active.path().to_string_lossy(),
+        ])
+        .await);
+    assert!(again.contains("nothing to promote"), "{again}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn replay_reports_what_a_candidate_set_would_change() {
+    let shipped = policies(&[]);
+    let stack = Stack::start(
+        policy_worker::Config {
+            policies: shipped.path().to_owned(),
+            ..Default::default()
+        },
+        true,
+    )
+    .await;
+    stack
+        .publish(
+            "coder",
+            "tool_call",
+            &tool_call("e1", "coder", "code.search"),
+        )
+        .await;
+    stack
+        .publish("coder", "handoff", &handoff("e2", "coder", "planner"))
+        .await;
+    stack
+        .publish("planner", "handoff", &handoff("e3", "planner", "coder"))
+        .await;
+    stack
+        .publish(
+            "coder",
+            "tool_call",
+            &tool_call("e4", "coder", "shell.exec"),
+        )
+        .await;
+    // Parked for approval: no receipt yet.
+    stack
+        .publish(
+            "coder",
+            "tool_call",
+            &tool_call("e5", "coder", "deploy.prod"),
+        )
+        .await;
+    stack.wait_decisions(&["e1", "e2", "e3", "e4"]).await;
+    eventually(WAIT, "five events in ClickHouse", || async {
+        let n: u64 = stack
+            .query("SELECT count() FROM events FINAL")
+            .await
+            .trim()
+            .parse()
+            .ok()?;
+        (n >= 5).then_some(())
+    })
+    .await
+    .unwrap();
+
+    let candidate = policies(&[
+        ("next.cedar", FORBID_CODE_SEARCH),
+        ("more.cedar", PERMIT_CODER_TO_PLANNER),
+    ]);
+    let cand = candidate.path().to_string_lossy().into_owned();
+    for from in ["clickhouse", "jetstream"] {
+        let out = ok(&stack
+            .meshctl(&[
+                "policy",
+                "replay",
+                "--policies",
+                &cand,
+                "--since",
+                "1h",
+                "--from",
+                from,
+                "--json",
+            ])
+            .await);
+        let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(report["events"], 5, "{from}: {out}");
+        assert_eq!(report["without_recorded_decision"], 1, "{from}");
+        assert_eq!(report["changed"], 2, "{from}");
+        assert_eq!(report["unchanged"], 2, "{from}");
+        let mut changes: Vec<(String, String, String)> = report["examples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["event_id"].as_str().unwrap().to_owned(),
+                    format!("{} -> {}", e["recorded"], e["candidate"]),
+                    e["candidate_reasons"].to_string(),
+                )
+            })
+            .collect();
+        changes.sort();
+        assert_eq!(
+            changes,
+            vec![
+                (
+                    "e1".to_owned(),
+                    "\"allow\" -> \"deny\"".to_owned(),
+                    "[\"forbid-code-search\"]".to_owned()
+                ),
+                (
+                    "e2".to_owned(),
+                    "\"deny\" -> \"allow\"".to_owned(),
+                    "[\"coder-reports-to-planner\"]".to_owned()
+                ),
+            ],
+            "{from}"
+        );
+    }
+
+    let out = ok(&stack
+        .meshctl(&["policy", "replay", "--policies", &cand, "--since", "1h"])
+        .await);
+    assert!(out.contains("Replayed 5 events from ClickHouse"), "{out}");
+    assert!(out.contains("allow → deny"), "{out}");
+    assert!(out.contains("deny → allow"), "{out}");
+    assert!(out.contains("candidate: forbid-code-search"), "{out}");
+    assert!(
+        out.contains("recorded:  members-call-low-risk-tools"),
+        "{out}"
+    );
+
+    let gate = stack
+        .meshctl(&[
+            "policy",
+            "replay",
+            "--policies",
+            &cand,
+            "--since",
+            "1h",
+            "--fail-on-change",
+        ])
+        .await;
+    assert_eq!(gate.status.code(), Some(1));
+
+    let same = ok(&stack
+        .meshctl(&[
+            "policy",
+            "replay",
+            "--policies",
+            &shipped.path().to_string_lossy(),
+            "--since",
+            "1h",
+            "--fail-on-change",
+        ])
+        .await);
+    assert!(same.contains("No decision would change."), "{same}");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn approvals_are_listed_approved_and_rejected_with_the_approver_audited() {
+    let shipped = policies(&[]);
+    let stack = Stack::start(
+        policy_worker::Config {
+            policies: shipped.path().to_owned(),
+            ..Default::default()
+        },
+        true,
+    )
+    .await;
+    stack
+        .publish(
+            "coder",
+            "tool_call",
+            &tool_call("p1", "coder", "deploy.prod"),
+        )
+        .await;
+    stack
+        .publish(
+            "coder",
+            "tool_call",
+            &tool_call("p2", "coder", "deploy.prod"),
+        )
+        .await;
+    let listed = eventually(WAIT, "two pending approvals", || async {
+        let out = stack.meshctl(&["approvals", "list"]).await;
+        let text = text(&out.stdout);
+        (text.lines().filter(|l| l.contains(" pending ")).count() == 2).then_some(text)
+    })
+    .await
+    .unwrap();
+    assert!(listed.contains("coder tool.call deploy.prod"), "{listed}");
+    assert!(listed.contains("deploys-need-approval"), "{listed}");
+
+    let p1 = policy_worker::approval_id("p1");
+    let p2 = policy_worker::approval_id("p2");
+    let shown = ok(&stack.meshctl(&["approvals", "show", &p1[..8]]).await);
+    assert!(shown.contains("for p1"), "{shown}");
+
+    let approved = ok(&stack
+        .meshctl(&[
+            "approvals",
+            "approve",
+            &p1[..8],
+            "--approver",
+            "alice",
+            "--comment",
+            "ship it",
+        ])
+        .await);
+    assert!(approved.starts_with("approved"), "{approved}");
+    let rejected = ok(&stack
+        .meshctl(&[
+            "approvals",
+            "reject",
+            &p2,
+            "--approver",
+            "bob",
+            "--comment",
+            "not on a friday",
+        ])
+        .await);
+    assert!(rejected.starts_with("rejected"), "{rejected}");
+    let again = stack
+        .meshctl(&["approvals", "approve", &p2, "--approver", "alice"])
+        .await;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(
+        text(&again.stderr).contains("already rejected"),
+        "{}",
+        text(&again.stderr)
+    );
+
+    assert_eq!(
+        ok(&stack.meshctl(&["approvals", "list"]).await),
+        "No approval requests.\n"
+    );
+    let all = ok(&stack.meshctl(&["approvals", "list", "--all"]).await);
+    assert!(all.contains("approved by alice"), "{all}");
+    assert!(all.contains("rejected by bob"), "{all}");
+
+    let r1 = stack.receipt("p1").await;
+    assert_eq!(r1.decision, Decision::Allow);
+    assert_eq!(r1.approval.as_ref().unwrap().approver, "alice");
+    stack.wait_decisions(&["p1", "p2"]).await;
+    let rows = stack.shipped(audit_sink::queries::APPROVALS).await;
+    let cols: Vec<String> = rows
+        .iter()
+        .map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            format!("{} {} {} {} {}", f[11], f[5], f[6], f[7], f[8])
+        })
+        .collect();
+    assert_eq!(
+        cols,
+        vec![
+            "p1 approved alice ship it allow",
+            "p2 rejected bob not on a friday deny"
+        ]
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn limits_are_shown_and_reset() {
+    let limited = policies(&[(
+        "limits.cedar",
+        "@id(\"two-an-hour\")\nforbid (principal == Agent::\"reviewer\", action, resource) when { context.rate.per_hour > 2 };\n",
+    )]);
+    let stack = Stack::start(
+        policy_worker::Config {
+            policies: limited.path().to_owned(),
+            ..Default::default()
+        },
+        false,
+    )
+    .await;
+    // One minute (and hour) for the whole test, so the windows do not roll.
+    while {
+        use chrono::Timelike;
+        let now = chrono::Utc::now();
+        now.second() > 45 || (now.minute() == 59 && now.second() > 30)
+    } {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let step = |id: &str| {
+        EventBuilderV10::new()
+            .id(id)
+            .source("/agents/reviewer")
+            .ty("io.agentmesh.reasoning")
+            .extension("traceparent", TRACE)
+            .data("application/json", json!({"usage": {"total_tokens": 250}}))
+            .build()
+            .unwrap()
+    };
+    for (id, decision) in [
+        ("l1", Decision::Allow),
+        ("l2", Decision::Allow),
+        ("l3", Decision::Deny),
+    ] {
+        stack.publish("reviewer", "reasoning", &step(id)).await;
+        assert_eq!(stack.receipt(id).await.decision, decision, "{id}");
+    }
+    let shown = ok(&stack
+        .meshctl(&[
+            "limits",
+            "show",
+            "--workflow",
+            "5bf92f3577b34da6a3ce929d0e0e4736",
+        ])
+        .await);
+    let line = shown
+        .lines()
+        .find(|l| l.starts_with("reviewer"))
+        .unwrap_or_else(|| panic!("{shown}"));
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&cols[1..5], ["3", "3", "3", "750"], "{shown}");
+    assert!(
+        shown.contains("3 events, 0 tool calls, 750 tokens"),
+        "{shown}"
+    );
+
+    let reset = ok(&stack.meshctl(&["limits", "reset", "reviewer"]).await);
+    assert!(reset.contains("agent.reviewer"), "{reset}");
+    stack.publish("reviewer", "reasoning", &step("l4")).await;
+    assert_eq!(stack.receipt("l4").await.decision, Decision::Allow);
+    let shown = ok(&stack.meshctl(&["limits", "show", "reviewer"]).await);
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>()[..4] == ["reviewer", "1", "1", "1"]),
+        "{shown}"
+    );
+    stack.stop().await;
+}

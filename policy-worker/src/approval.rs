@@ -1,0 +1,663 @@
+//! Human approval: an event allowed by a permit annotated
+//! `@approval("required")` is parked instead of delivered, and gets its one
+//! receipt only once a human answered or the request expired.
+//!
+//! Parking stores the event byte for byte on
+//! `mesh.approval.request.<source>.<approval id>` (stream `MESH_APPROVALS`)
+//! and its state — the tentative receipt, when it expires — under the
+//! approval id in the KV bucket `mesh-approvals`. Answers
+//! (`meshctl approvals approve|reject`, or the worker itself when a request
+//! expires) are JSON messages on `mesh.approval.answer.<source>.<approval
+//! id>`; the worker consumes them through one durable consumer shared by
+//! its replicas, moves the state from `pending` to the outcome with a
+//! compare-and-set (the first answer wins, later ones are ignored), and then
+//! publishes the final receipt — `allow` with the approver, or `deny` — and
+//! the delivery or the dead letter. Publishing again after a crash is
+//! harmless: every publish carries the event id as `Nats-Msg-Id`.
+//!
+//! An answer that arrives after the request's deadline expires it, whatever
+//! it asked for. The decision released is the one made when the event
+//! arrived; policies are not evaluated again.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, consumer::PullConsumer, kv, message::PublishMessage};
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use schemas::{Approval, ApprovalStatus, Decision, DecisionReceipt, headers, subjects};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+/// The approval id of an event: 32 hex digits of SHA-256 over its id, so a
+/// redelivered event parks under the same id.
+pub fn approval_id(event_id: &str) -> String {
+    let digest = Sha256::digest(format!("approval\n{event_id}").as_bytes());
+    hex::encode(&digest[..16])
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// An approval request and where it stands: the value of its key in
+/// `mesh-approvals`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalState {
+    /// The approval id (also the key).
+    pub id: String,
+    /// `pending` until answered or expired.
+    pub status: ApprovalStatus,
+    /// The publishing agent.
+    pub agent: String,
+    /// Where the parked event is stored in `MESH_APPROVALS`.
+    pub request_subject: String,
+    /// When the event was parked (RFC 3339, UTC).
+    pub requested_at: String,
+    /// When an unanswered request turns into a denial (RFC 3339, UTC).
+    pub expires_at: String,
+    /// Who answered ('' while pending or when it expired).
+    #[serde(default)]
+    pub approver: String,
+    /// The approver's comment, or why it expired.
+    #[serde(default)]
+    pub comment: String,
+    /// When it was answered or expired.
+    #[serde(default)]
+    pub answered_at: String,
+    /// The receipt the event gets once answered (decision filled in then).
+    pub receipt: DecisionReceipt,
+}
+
+impl ApprovalState {
+    /// When the request expires (`None` if the stored time is unreadable).
+    pub fn expires(&self) -> Option<DateTime<Utc>> {
+        parse_time(&self.expires_at)
+    }
+
+    /// The state after `answer`, given at `now`. An answer after the
+    /// deadline expires the request whatever it asked.
+    pub fn answered(&self, answer: &Answer, now: DateTime<Utc>) -> ApprovalState {
+        let late = self.expires().is_none_or(|deadline| now >= deadline);
+        let mut next = self.clone();
+        next.answered_at = rfc3339(now);
+        match answer.action {
+            AnswerAction::Expire => {
+                next.status = ApprovalStatus::Expired;
+                next.comment = answer.comment.clone();
+            }
+            _ if late => {
+                next.status = ApprovalStatus::Expired;
+                next.comment = format!(
+                    "{} by `{}` came after the deadline {}",
+                    answer.action.as_str(),
+                    answer.approver,
+                    self.expires_at
+                );
+            }
+            AnswerAction::Approve | AnswerAction::Reject => {
+                next.status = if answer.action == AnswerAction::Approve {
+                    ApprovalStatus::Approved
+                } else {
+                    ApprovalStatus::Rejected
+                };
+                next.approver = answer.approver.clone();
+                next.comment = answer.comment.clone();
+            }
+        }
+        next
+    }
+
+    /// The one receipt of the event, once the request is answered or expired.
+    pub fn final_receipt(&self) -> DecisionReceipt {
+        let mut receipt = self.receipt.clone();
+        receipt.decision = if self.status == ApprovalStatus::Approved {
+            Decision::Allow
+        } else {
+            Decision::Deny
+        };
+        receipt.decided_at = self.answered_at.clone();
+        receipt.approval = Some(Approval {
+            id: self.id.clone(),
+            status: self.status,
+            approver: self.approver.clone(),
+            comment: self.comment.clone(),
+            requested_at: self.requested_at.clone(),
+            answered_at: self.answered_at.clone(),
+        });
+        receipt
+    }
+
+    /// Why a rejected or expired event was denied, for its dead letter.
+    fn denial_reason(&self) -> String {
+        let mut reason = match self.status {
+            ApprovalStatus::Rejected => format!("approval rejected by `{}`", self.approver),
+            _ => "approval expired".to_owned(),
+        };
+        if !self.comment.is_empty() {
+            reason.push_str(": ");
+            reason.push_str(&self.comment);
+        }
+        reason
+    }
+}
+
+/// What an answer asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnswerAction {
+    /// Release the event (`allow`).
+    Approve,
+    /// Deny it.
+    Reject,
+    /// Deny it because nobody answered in time (sent by the worker).
+    Expire,
+}
+
+impl AnswerAction {
+    /// `approve`, `reject` or `expire`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Approve => "approve",
+            Self::Reject => "reject",
+            Self::Expire => "expire",
+        }
+    }
+}
+
+/// An answer to an approval request, as JSON on
+/// `mesh.approval.answer.<source>.<approval id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    /// The approval id.
+    pub id: String,
+    /// What to do.
+    pub action: AnswerAction,
+    /// Who answers (recorded in the receipt and the audit).
+    #[serde(default)]
+    pub approver: String,
+    /// Why, optional.
+    #[serde(default)]
+    pub comment: String,
+    /// When it was sent (RFC 3339).
+    #[serde(default)]
+    pub at: String,
+}
+
+/// Publishes `answer` for an event of `agent` and waits until JetStream
+/// stored it. The same action twice within the duplicate window is stored
+/// once.
+pub async fn send_answer(
+    js: &jetstream::Context,
+    agent: &str,
+    answer: &Answer,
+) -> Result<(), async_nats::Error> {
+    let body = serde_json::to_vec(answer)?;
+    js.send_publish(
+        subjects::approval_answer(agent, &answer.id),
+        PublishMessage::build()
+            .payload(body.into())
+            .message_id(format!("{}-{}", answer.action.as_str(), answer.id)),
+    )
+    .await?
+    .await?;
+    Ok(())
+}
+
+/// Headers the worker adds to a parked event that a delivery does not carry.
+const REQUEST_ONLY: &[&str] = &[
+    headers::APPROVAL_EXPIRES,
+    headers::POLICIES,
+    headers::INGRESS_SUBJECT,
+];
+
+/// `original` minus JetStream's `Nats-*` headers and the names in `drop`.
+fn headers_without(original: &HeaderMap, drop: &[&str]) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in original.iter() {
+        let key: &str = name.as_ref();
+        if (key.len() >= 5 && key[..5].eq_ignore_ascii_case("nats-"))
+            || drop.iter().any(|d| d.eq_ignore_ascii_case(key))
+        {
+            continue;
+        }
+        for value in values {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// Parks events and applies answers.
+pub(crate) struct Approvals {
+    js: jetstream::Context,
+    kv: kv::Store,
+    timeout: Duration,
+}
+
+impl Approvals {
+    pub(crate) fn new(js: jetstream::Context, kv: kv::Store, timeout: Duration) -> Self {
+        Self { js, kv, timeout }
+    }
+
+    /// Stores the event and its pending state; the ingress message may be
+    /// acked once this returns `Ok`.
+    pub(crate) async fn park(
+        &self,
+        message: &jetstream::Message,
+        token: &str,
+        receipt: &DecisionReceipt,
+    ) -> Result<(), async_nats::Error> {
+        let id = approval_id(&receipt.event_id);
+        let now = Utc::now();
+        let expires = now + chrono::Duration::from_std(self.timeout).unwrap_or_default();
+        let subject = subjects::approval_request(token, &id);
+
+        let mut h = headers_without(message.headers.as_ref().unwrap_or(&HeaderMap::new()), &[]);
+        h.insert(headers::DECISION_ID, receipt.decision_id.as_str());
+        h.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
+        h.insert(headers::TRACE_ID, receipt.trace_id.as_str());
+        h.insert(headers::APPROVAL_ID, id.as_str());
+        h.insert(headers::APPROVAL_EXPIRES, rfc3339(expires).as_str());
+        h.insert(headers::POLICIES, receipt.reasons.join(",").as_str());
+        h.insert(headers::INGRESS_SUBJECT, message.subject.as_str());
+        self.js
+            .send_publish(
+                subject.clone(),
+                PublishMessage::build()
+                    .headers(h)
+                    .payload(message.payload.clone())
+                    .message_id(format!("approval-{}", receipt.event_id)),
+            )
+            .await?
+            .await?;
+
+        let state = ApprovalState {
+            id: id.clone(),
+            status: ApprovalStatus::Pending,
+            agent: token.to_owned(),
+            request_subject: subject,
+            requested_at: rfc3339(now),
+            expires_at: rfc3339(expires),
+            approver: String::new(),
+            comment: String::new(),
+            answered_at: String::new(),
+            receipt: receipt.clone(),
+        };
+        match self
+            .kv
+            .create(&id, serde_json::to_vec(&state)?.into())
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(approval_id = %id, event_id = %receipt.event_id, policies = ?receipt.reasons, expires_at = %state.expires_at, "Event parked for approval.");
+                Ok(())
+            }
+            // A redelivered event: its request is already there (pending or answered).
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Applies one answer message. `Ok` means ack it.
+    async fn apply(&self, message: &jetstream::Message) -> Result<(), async_nats::Error> {
+        let id = message
+            .subject
+            .rsplit('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let answer: Answer = match serde_json::from_slice(&message.payload) {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(subject = %message.subject, %error, "Not an approval answer; dropped.");
+                return Ok(());
+            }
+        };
+        if answer.id != id {
+            tracing::warn!(subject = %message.subject, answer_id = %answer.id, "Answer names another approval than its subject; dropped.");
+            return Ok(());
+        }
+        loop {
+            let entry = self.kv.entry(&id).await?;
+            let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                tracing::warn!(approval_id = %id, "Answer to an unknown approval; dropped.");
+                return Ok(());
+            };
+            let state: ApprovalState = match serde_json::from_slice(&entry.value) {
+                Ok(s) => s,
+                Err(error) => {
+                    tracing::error!(approval_id = %id, %error, "Approval state unreadable; answer dropped.");
+                    return Ok(());
+                }
+            };
+            let next = state.answered(&answer, Utc::now());
+            if state.status == ApprovalStatus::Pending {
+                match self
+                    .kv
+                    .update(&id, serde_json::to_vec(&next)?.into(), entry.revision)
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::info!(approval_id = %id, status = %next.status, approver = %next.approver, event_id = %next.receipt.event_id, "Approval answered.");
+                        return self.release(&next).await;
+                    }
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            } else if state.status == next.status {
+                // The same outcome again (a redelivered answer): publish again,
+                // deduplicated by the event id.
+                return self.release(&state).await;
+            } else {
+                tracing::info!(approval_id = %id, status = %state.status, action = answer.action.as_str(), "Approval already settled; answer ignored.");
+                return Ok(());
+            }
+        }
+    }
+
+    /// Publishes the final receipt and the delivery or dead letter of an
+    /// answered request.
+    async fn release(&self, state: &ApprovalState) -> Result<(), async_nats::Error> {
+        let request = self
+            .js
+            .get_stream(subjects::STREAM_APPROVALS)
+            .await?
+            .get_last_raw_message_by_subject(&state.request_subject)
+            .await;
+        let mut receipt = state.final_receipt();
+        let request = match request {
+            Ok(r) => Some(r),
+            Err(error) => {
+                // Without the event there is nothing to deliver: deny.
+                tracing::error!(approval_id = %state.id, %error, "Parked event no longer stored; the decision is deny.");
+                receipt.decision = Decision::Deny;
+                receipt.errors.push(format!(
+                    "the parked event is no longer in `{}`: {error}",
+                    subjects::STREAM_APPROVALS
+                ));
+                None
+            }
+        };
+        let agent = state.agent.as_str();
+        let body = serde_json::to_vec(&receipt)?;
+        let receipt_ack = self
+            .js
+            .send_publish(
+                subjects::decision(agent),
+                PublishMessage::build()
+                    .payload(body.into())
+                    .message_id(receipt.event_id.as_str()),
+            )
+            .await?;
+        let copy = match (&request, receipt.decision, &receipt.target) {
+            (Some(request), Decision::Allow, Some(target)) => {
+                let mut h = headers_without(&request.headers, REQUEST_ONLY);
+                h.insert(headers::APPROVER, state.approver.as_str());
+                Some((subjects::deliver(target, agent), h, request.payload.clone()))
+            }
+            (Some(request), Decision::Deny, _) => {
+                let mut h = headers_without(&request.headers, &[headers::APPROVAL_EXPIRES]);
+                h.insert(headers::DECISION, Decision::Deny.as_str());
+                h.insert(
+                    headers::REASON,
+                    schemas::percent_encode_header(&state.denial_reason()),
+                );
+                Some((subjects::dead(agent), h, request.payload.clone()))
+            }
+            _ => None,
+        };
+        if let Some((subject, h, payload)) = copy {
+            self.js
+                .send_publish(
+                    subject,
+                    PublishMessage::build()
+                        .headers(h)
+                        .payload(payload)
+                        .message_id(receipt.event_id.as_str()),
+                )
+                .await?
+                .await?;
+        }
+        receipt_ack.await?;
+        Ok(())
+    }
+}
+
+/// Starts the answer consumer and the expiry watch; both stop with `shutdown`.
+pub(crate) async fn spawn(
+    approvals: std::sync::Arc<Approvals>,
+    consumer_name: String,
+    shutdown: CancellationToken,
+) -> Result<(), async_nats::Error> {
+    let stream = approvals.js.get_stream(subjects::STREAM_APPROVALS).await?;
+    // Under broker authorization the operator provisions this durable with
+    // the same settings; the worker's create is then a no-op update.
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(
+            &consumer_name,
+            broker_config::approvals_consumer_config(&consumer_name),
+        )
+        .await?;
+    tokio::spawn(answers(approvals.clone(), consumer, shutdown.clone()));
+    tokio::spawn(expiries(approvals, shutdown));
+    Ok(())
+}
+
+/// Applies answers one at a time, acking each once its outcome is published.
+async fn answers(
+    approvals: std::sync::Arc<Approvals>,
+    consumer: PullConsumer,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let mut messages = match consumer.messages().await {
+            Ok(m) => {
+                backoff = Duration::from_millis(100);
+                Box::pin(m.take_until(shutdown.clone().cancelled_owned()))
+            }
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "Cannot pull approval answers; retrying.");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        while let Some(message) = messages.next().await {
+            let Ok(message) = message else { continue };
+            match approvals.apply(&message).await {
+                Ok(()) => {
+                    if let Err(error) = message.ack().await {
+                        tracing::warn!(%error, "Ack of an approval answer failed; it will be applied again.");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(subject = %message.subject, %error, "Applying an approval answer failed; retrying.");
+                    let _ = message
+                        .ack_with(jetstream::AckKind::Nak(Some(Duration::from_millis(500))))
+                        .await;
+                }
+            }
+        }
+    }
+}
+
+/// Tails `mesh-approvals` and sends an `expire` answer for every pending
+/// request past its deadline. Every replica does; the answers deduplicate
+/// and only the first one settles the request.
+///
+/// The bucket is read by sequence with direct gets (no consumer: under
+/// broker authorization the worker creates none but its own durables).
+async fn expiries(approvals: std::sync::Arc<Approvals>, shutdown: CancellationToken) {
+    let stream_name = format!("KV_{}", subjects::BUCKET_APPROVALS);
+    let prefix = format!("$KV.{}.", subjects::BUCKET_APPROVALS);
+    let filter = format!("{prefix}>");
+    let mut pending: HashMap<String, ApprovalState> = HashMap::new();
+    let mut next: u64 = 1;
+    let mut stream = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if stream.is_none() {
+            match approvals.js.get_stream_no_info(&stream_name).await {
+                Ok(s) => stream = Some(s),
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot read approval requests; retrying.");
+                    continue;
+                }
+            }
+        }
+        let Some(s) = &stream else { continue };
+        // Everything written since the last look, in order: the last write
+        // of a key wins.
+        loop {
+            match s
+                .direct_get_next_for_subject(filter.as_str(), Some(next))
+                .await
+            {
+                Ok(message) => {
+                    next = message.sequence + 1;
+                    let key = message
+                        .subject
+                        .strip_prefix(prefix.as_str())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let removed = message
+                        .headers
+                        .get("KV-Operation")
+                        .is_some_and(|op| op.as_str() != "PUT");
+                    let state = (!removed)
+                        .then(|| serde_json::from_slice::<ApprovalState>(&message.payload).ok())
+                        .flatten()
+                        .filter(|s| s.status == ApprovalStatus::Pending);
+                    match state {
+                        Some(state) => {
+                            pending.insert(key, state);
+                        }
+                        None => {
+                            pending.remove(&key);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+                Err(error) => {
+                    tracing::warn!(%error, "Reading approval requests failed; retrying.");
+                    break;
+                }
+            }
+        }
+        let now = Utc::now();
+        let due: Vec<ApprovalState> = pending
+            .values()
+            .filter(|s| s.expires().is_none_or(|t| t <= now))
+            .cloned()
+            .collect();
+        for state in due {
+            let answer = Answer {
+                id: state.id.clone(),
+                action: AnswerAction::Expire,
+                approver: String::new(),
+                comment: format!("no answer by {}", state.expires_at),
+                at: rfc3339(now),
+            };
+            match send_answer(&approvals.js, &state.agent, &answer).await {
+                Ok(()) => {
+                    pending.remove(&state.id);
+                }
+                Err(error) => {
+                    tracing::warn!(approval_id = %state.id, %error, "Cannot send the expiry; retrying.")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(expires_in: i64) -> ApprovalState {
+        let now = Utc::now();
+        ApprovalState {
+            id: approval_id("e1"),
+            status: ApprovalStatus::Pending,
+            agent: "coder".into(),
+            request_subject: "mesh.approval.request.coder.x".into(),
+            requested_at: rfc3339(now),
+            expires_at: rfc3339(now + chrono::Duration::seconds(expires_in)),
+            approver: String::new(),
+            comment: String::new(),
+            answered_at: String::new(),
+            receipt: DecisionReceipt {
+                event_id: "e1".into(),
+                decision: Decision::Allow,
+                reasons: vec!["deploys-need-approval".into()],
+                ..Default::default()
+            },
+        }
+    }
+
+    fn answer(action: AnswerAction) -> Answer {
+        Answer {
+            id: approval_id("e1"),
+            action,
+            approver: "alice".into(),
+            comment: "ok".into(),
+            at: String::new(),
+        }
+    }
+
+    #[test]
+    fn ids_are_stable_tokens() {
+        let id = approval_id("0192-abc.def *>");
+        assert_eq!(id, approval_id("0192-abc.def *>"));
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(id, approval_id("other"));
+    }
+
+    #[test]
+    fn answers_settle_the_receipt() {
+        let approved = state(60).answered(&answer(AnswerAction::Approve), Utc::now());
+        let receipt = approved.final_receipt();
+        assert_eq!(receipt.decision, Decision::Allow);
+        let approval = receipt.approval.unwrap();
+        assert_eq!(
+            (approval.status, approval.approver.as_str()),
+            (ApprovalStatus::Approved, "alice")
+        );
+        assert_eq!(receipt.reasons, vec!["deploys-need-approval"]);
+
+        let rejected = state(60).answered(&answer(AnswerAction::Reject), Utc::now());
+        assert_eq!(rejected.final_receipt().decision, Decision::Deny);
+        assert_eq!(rejected.denial_reason(), "approval rejected by `alice`: ok");
+    }
+
+    #[test]
+    fn late_answers_expire() {
+        let late = state(-1).answered(&answer(AnswerAction::Approve), Utc::now());
+        assert_eq!(late.status, ApprovalStatus::Expired);
+        assert_eq!(late.approver, "");
+        assert!(
+            late.comment.contains("after the deadline"),
+            "{}",
+            late.comment
+        );
+        assert_eq!(late.final_receipt().decision, Decision::Deny);
+    }
+}

@@ -1,0 +1,454 @@
+//! The guardrails around a Cedar decision: what they add to the context
+//! (`context.detectors`, `context.rate`, `context.budget`), which of it a
+//! policy set needs, and the worker's per-event hook that computes it once
+//! for the active and the shadow set, decides with both, and says whether
+//! the event waits for a human (`@approval("required")`).
+//!
+//! A policy set gets the attributes its schema declares (checked once at
+//! load with Cedar's validator, so an older schema without them keeps
+//! working), and the worker only does the work its policies read: payload
+//! scanning when a policy reads `detectors`, KV counters when one reads
+//! `rate` or `budget`; otherwise the attributes are zeros.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use cedar_policy::{Effect, PolicySet, RestrictedExpression, Schema, ValidationMode, Validator};
+use schemas::{Decision, DecisionReceipt, MeshEvent};
+use tokio::sync::watch;
+
+use crate::approval::Approvals;
+use crate::detect::{Detector, Findings};
+use crate::limits::{Counters, Tallies};
+use crate::policy::{PolicyBundle, Verdict};
+
+/// The annotation that makes a permit wait for a human: `@approval("required")`.
+pub const APPROVAL_ANNOTATION: &str = "approval";
+
+/// What a policy set's schema declares and its policies read, found at load.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuardMeta {
+    provides_detectors: bool,
+    provides_rate: bool,
+    provides_budget: bool,
+    reads_detectors: bool,
+    reads_counters: bool,
+    approval_policies: BTreeSet<String>,
+}
+
+/// Probe policies: each validates only when the schema declares the whole
+/// record for every action.
+const PROBE_DETECTORS: &str = r#"permit (principal, action, resource) when {
+  context.detectors.pii && context.detectors.secret && context.detectors.injection &&
+  context.detectors.findings.contains("") && context.detectors.data_bytes >= 0 };"#;
+const PROBE_RATE: &str = r#"permit (principal, action, resource) when {
+  context.rate.per_minute >= 0 && context.rate.per_hour >= 0 && context.rate.per_day >= 0 };"#;
+const PROBE_BUDGET: &str = r#"permit (principal, action, resource) when {
+  context.budget.tokens >= 0 && context.budget.cost_micros >= 0 &&
+  context.budget.tokens_used >= 0 && context.budget.cost_used_micros >= 0 &&
+  context.budget.workflow_events >= 0 && context.budget.workflow_tool_calls >= 0 &&
+  context.budget.workflow_tokens >= 0 && context.budget.workflow_cost_micros >= 0 };"#;
+
+fn schema_has(schema: &Schema, probe: &str) -> bool {
+    let Ok(set) = PolicySet::from_str(probe) else {
+        return false;
+    };
+    Validator::new(schema.clone())
+        .validate(&set, ValidationMode::Strict)
+        .validation_passed()
+}
+
+impl GuardMeta {
+    /// Reads `schema` and `policies`. `Err((policy id, message))` when an
+    /// `@approval` annotation is misused.
+    pub(crate) fn of(schema: &Schema, policies: &PolicySet) -> Result<Self, (String, String)> {
+        let mut meta = Self {
+            provides_detectors: schema_has(schema, PROBE_DETECTORS),
+            provides_rate: schema_has(schema, PROBE_RATE),
+            provides_budget: schema_has(schema, PROBE_BUDGET),
+            ..Self::default()
+        };
+        for policy in policies.policies() {
+            let id = policy.id().to_string();
+            // The JSON form names every attribute a policy reads as `"attr":"<name>"`.
+            let json = policy.to_json().map(|j| j.to_string()).unwrap_or_default();
+            meta.reads_detectors |= json.contains(r#""attr":"detectors""#);
+            meta.reads_counters |=
+                json.contains(r#""attr":"rate""#) || json.contains(r#""attr":"budget""#);
+            if let Some(value) = policy.annotation(APPROVAL_ANNOTATION) {
+                if value != "required" {
+                    return Err((
+                        id,
+                        format!("`@approval(\"{value}\")`: the only value is `\"required\"`"),
+                    ));
+                }
+                if policy.effect() != Effect::Permit {
+                    return Err((
+                        id,
+                        "`@approval` only applies to a `permit` (a forbid cannot be approved)"
+                            .into(),
+                    ));
+                }
+                meta.approval_policies.insert(id);
+            }
+        }
+        Ok(meta)
+    }
+
+    /// Whether a policy reads `context.detectors` (the payload is scanned).
+    pub fn reads_detectors(&self) -> bool {
+        self.reads_detectors && self.provides_detectors
+    }
+
+    /// Whether a policy reads `context.rate` or `context.budget` (the
+    /// counters are kept).
+    pub fn reads_counters(&self) -> bool {
+        self.reads_counters && (self.provides_rate || self.provides_budget)
+    }
+
+    /// Whether an allow with these determining policies waits for a human:
+    /// any of them is annotated `@approval("required")`.
+    pub fn requires_approval(&self, reasons: &[String]) -> bool {
+        reasons.iter().any(|r| self.approval_policies.contains(r))
+    }
+
+    /// The ids of the permits annotated `@approval("required")`.
+    pub fn approval_policies(&self) -> impl Iterator<Item = &str> {
+        self.approval_policies.iter().map(String::as_str)
+    }
+
+    /// Adds the attributes the schema declares to a Cedar context.
+    pub(crate) fn extend(
+        &self,
+        context: &mut Vec<(String, RestrictedExpression)>,
+        guards: &Guards,
+    ) {
+        let mut add = |name: &str, fields: Vec<(&'static str, Field)>| {
+            // Keys are distinct constants, so building the record cannot
+            // fail; were it to, the attribute is missing and the request
+            // fails validation: denied.
+            if let Ok(record) = RestrictedExpression::new_record(
+                fields
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v.expression())),
+            ) {
+                context.push((name.to_owned(), record));
+            }
+        };
+        if self.provides_detectors {
+            add("detectors", guards.findings.fields());
+        }
+        if self.provides_rate {
+            add("rate", guards.tallies.rate_fields());
+        }
+        if self.provides_budget {
+            add("budget", guards.tallies.budget_fields());
+        }
+    }
+}
+
+/// One attribute value of a guardrail record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Field {
+    Bool(bool),
+    Long(i64),
+    Strings(Vec<String>),
+}
+
+impl Field {
+    /// A count as a Cedar `Long` (saturating).
+    pub(crate) fn count(n: u64) -> Self {
+        Self::Long(i64::try_from(n).unwrap_or(i64::MAX))
+    }
+
+    /// The Cedar value. Built directly rather than parsed from JSON: that
+    /// parse costs tens of microseconds per decision.
+    pub(crate) fn expression(self) -> RestrictedExpression {
+        match self {
+            Self::Bool(b) => RestrictedExpression::new_bool(b),
+            Self::Long(n) => RestrictedExpression::new_long(n),
+            Self::Strings(items) => RestrictedExpression::new_set(
+                items.into_iter().map(RestrictedExpression::new_string),
+            ),
+        }
+    }
+
+    /// The JSON form (for logs and tests).
+    pub(crate) fn json(&self) -> serde_json::Value {
+        match self {
+            Self::Bool(b) => (*b).into(),
+            Self::Long(n) => (*n).into(),
+            Self::Strings(items) => items.clone().into(),
+        }
+    }
+}
+
+/// A record's JSON form.
+pub(crate) fn record_json(fields: &[(&'static str, Field)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        fields
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.json()))
+            .collect(),
+    )
+}
+
+/// The guard attributes of one event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Guards {
+    /// What the detectors found (empty when no policy reads them).
+    pub findings: Findings,
+    /// The rate and budget counters (zeros when no policy reads them).
+    pub tallies: Tallies,
+}
+
+/// One set's decision on an event, with the guardrails applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    /// The Cedar verdict (denied when the counters failed).
+    pub verdict: Verdict,
+    /// Whether the allow waits for a human approval.
+    pub approval: bool,
+}
+
+/// Computes the guard attributes `metas` need for `event` at `now`
+/// (seconds). A counter failure is returned next to zero counters so the
+/// caller can fail closed.
+pub(crate) async fn prepare(
+    metas: &[&GuardMeta],
+    detector: &Detector,
+    counters: Option<&Counters>,
+    event: &MeshEvent,
+    now: i64,
+) -> (Guards, Option<String>) {
+    let mut guards = Guards::default();
+    if metas.iter().any(|m| m.reads_detectors()) {
+        guards.findings = detector.scan_event(event);
+    }
+    let mut error = None;
+    if metas.iter().any(|m| m.reads_counters()) {
+        match counters {
+            Some(counters) => match counters.add(event, now).await {
+                Ok(tallies) => guards.tallies = tallies,
+                Err(e) => error = Some(e.to_string()),
+            },
+            None => error = Some("rate and budget counters are not configured".into()),
+        }
+    }
+    (guards, error)
+}
+
+/// Decides `event` with `bundle` and the prepared guards.
+pub(crate) fn evaluate(
+    bundle: &PolicyBundle,
+    event: &MeshEvent,
+    step: &str,
+    guards: &Guards,
+    error: Option<&str>,
+) -> Evaluation {
+    let mut verdict = bundle.decide_with(event, step, guards);
+    if let Some(error) = error
+        && bundle.guard().reads_counters()
+    {
+        verdict.allowed = false;
+        verdict.errors.push(error.to_owned());
+    }
+    let approval = verdict.allowed && bundle.guard().requires_approval(&verdict.reasons);
+    Evaluation { verdict, approval }
+}
+
+/// The worker's guardrail state: detectors, counters, the shadow set and
+/// the approval requests.
+pub(crate) struct Runtime {
+    detector: &'static Detector,
+    counters: Counters,
+    shadow: Option<watch::Receiver<Arc<PolicyBundle>>>,
+    /// Parks events that wait for a human.
+    pub(crate) approvals: Arc<Approvals>,
+}
+
+impl Runtime {
+    pub(crate) fn new(
+        counters: Counters,
+        shadow: Option<watch::Receiver<Arc<PolicyBundle>>>,
+        approvals: Arc<Approvals>,
+    ) -> Self {
+        Self {
+            detector: Detector::shared(),
+            counters,
+            shadow,
+            approvals,
+        }
+    }
+
+    /// Decides `event` with the active set (and the shadow set, recorded in
+    /// `receipt`), and says whether the allow must wait for an approval.
+    pub(crate) async fn decide(
+        &self,
+        bundle: &PolicyBundle,
+        event: &MeshEvent,
+        step: &str,
+        receipt: &mut DecisionReceipt,
+    ) -> (Verdict, bool) {
+        let shadow = self.shadow.as_ref().map(|rx| rx.borrow().clone());
+        let mut metas = vec![bundle.guard()];
+        if let Some(shadow) = &shadow {
+            metas.push(shadow.guard());
+        }
+        let now = chrono::Utc::now().timestamp();
+        let (guards, error) =
+            prepare(&metas, self.detector, Some(&self.counters), event, now).await;
+        let active = evaluate(bundle, event, step, &guards, error.as_deref());
+        if let Some(shadow) = &shadow {
+            let s = evaluate(shadow, event, step, &guards, error.as_deref());
+            receipt.shadow_decision = Some(if s.verdict.allowed {
+                Decision::Allow
+            } else {
+                Decision::Deny
+            });
+            receipt.shadow_reasons = s.verdict.reasons;
+            receipt.shadow_errors = s.verdict.errors;
+            receipt.shadow_policy_hash = Some(shadow.hash().to_owned());
+        }
+        receipt.findings = guards.findings.names();
+        (active.verdict, active.approval)
+    }
+
+    /// Records on the receipt of an invalid event (which never reaches
+    /// Cedar) that the shadow set, too, would have found it invalid.
+    pub(crate) fn mark_invalid(&self, receipt: &mut DecisionReceipt) {
+        if let Some(rx) = &self.shadow {
+            receipt.shadow_decision = Some(Decision::Invalid);
+            receipt.shadow_errors = receipt.errors.clone();
+            receipt.shadow_policy_hash = Some(rx.borrow().hash().to_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
+
+    use crate::policy::{LoadError, PolicyBundle};
+
+    fn shipped_copy(skip: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        for entry in std::fs::read_dir(shipped).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+            if path.is_file() && !skip.contains(&name.as_str()) {
+                std::fs::copy(&path, dir.path().join(name)).unwrap();
+            }
+        }
+        dir
+    }
+
+    fn tool_call(tool: &str, data: serde_json::Value) -> MeshEvent {
+        let event = EventBuilderV10::new()
+            .id("e1")
+            .source("/agents/coder")
+            .ty("io.agentmesh.tool.call")
+            .subject(tool)
+            .data("application/json", data)
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        MeshEvent::from_message(
+            "mesh.ingress.coder.tool_call",
+            Some(&h),
+            &p,
+            Limits::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn shipped_set_reads_detectors_and_gates_deploys() {
+        let dir = shipped_copy(&[]);
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+        let meta = bundle.guard();
+        assert!(meta.reads_detectors());
+        assert!(!meta.reads_counters(), "limits are an example, not loaded");
+        assert_eq!(
+            meta.approval_policies().collect::<Vec<_>>(),
+            vec!["deploys-need-approval"]
+        );
+        let pii = tool_call("web.search", serde_json::json!({"q": "bob@example.com"}));
+        let verdict = bundle.decide(&pii, "tool_call");
+        assert!(!verdict.allowed);
+        assert_eq!(verdict.reasons, vec!["forbid-pii-to-external-tools"]);
+        let deploy = tool_call("deploy.prod", serde_json::json!({"v": 1}));
+        let verdict = bundle.decide(&deploy, "tool_call");
+        assert!(verdict.allowed && meta.requires_approval(&verdict.reasons));
+    }
+
+    #[test]
+    fn example_limits_load_with_the_shipped_set() {
+        let dir = shipped_copy(&[]);
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies/limits.cedar");
+        std::fs::copy(example, dir.path().join("limits.cedar")).unwrap();
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+        assert!(bundle.guard().reads_counters());
+        assert_eq!(bundle.len(), 17);
+    }
+
+    #[test]
+    fn approval_annotation_is_checked_at_load() {
+        for (text, expected) in [
+            (
+                "@id(\"x\")\n@approval(\"maybe\")\npermit (principal, action, resource);\n",
+                "the only value is",
+            ),
+            (
+                "@id(\"x\")\n@approval(\"required\")\nforbid (principal, action, resource);\n",
+                "only applies to a `permit`",
+            ),
+        ] {
+            let dir = shipped_copy(&[]);
+            std::fs::write(dir.path().join("bad.cedar"), text).unwrap();
+            match PolicyBundle::load(dir.path()) {
+                Err(LoadError::Invalid { path, message, .. }) => {
+                    assert!(path.ends_with("bad.cedar"), "{path:?}");
+                    assert!(message.contains(expected), "{message}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_schema_without_the_guardrail_records_keeps_working() {
+        // A policy directory from before the guardrails: the context has no
+        // `detectors`, `rate` or `budget`, and no policy reads them.
+        let dir = shipped_copy(&["payload.cedar"]);
+        let schema_path = dir.path().join("schema.cedarschema");
+        let schema = std::fs::read_to_string(&schema_path).unwrap();
+        let old: String = schema
+            .lines()
+            .filter(|l| {
+                ![
+                    "  detectors: Detectors,",
+                    "  rate: Rate,",
+                    "  budget: Budget,",
+                ]
+                .contains(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(schema.lines().count() - old.lines().count(), 3);
+        std::fs::write(&schema_path, old).unwrap();
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+        assert!(!bundle.guard().reads_detectors());
+        let verdict = bundle.decide(
+            &tool_call("code.search", serde_json::json!({})),
+            "tool_call",
+        );
+        assert!(verdict.allowed, "{verdict:?}");
+        assert!(verdict.errors.is_empty(), "{verdict:?}");
+    }
+}

@@ -1,0 +1,665 @@
+//! Rate limits and budgets: per-agent event counts in clock-aligned windows
+//! (minute, hour, UTC day), tokens and cost an agent reported today, and
+//! per-workflow totals — exposed to Cedar as `context.rate` and
+//! `context.budget`, so limits are written as policies.
+//!
+//! The counters live in the JetStream KV bucket `mesh-limits` (one JSON value
+//! per agent, `agent.<agent>`, and per workflow, `workflow.<trace id>`), so
+//! they survive a restart and are shared by every worker replica. Each
+//! update is a compare-and-set on the key's revision: a replica whose
+//! revision is stale re-reads and re-applies, so no increment is lost and
+//! every event sees a distinct count. Events of one key that arrive while an
+//! update is in flight are folded into the next update (one round trip for
+//! the whole batch), so a busy agent costs one KV write per batch, not per
+//! event.
+//!
+//! Accuracy: every valid event is counted once before it is decided (denied
+//! ones too: an agent that keeps sending stays throttled until the window
+//! rolls). An event redelivered after a worker crashed between counting and
+//! acking is counted again, so counts can run high by the events in flight
+//! at a crash, never low. Windows are fixed: an agent can send up to twice a
+//! per-minute limit across a minute boundary.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_nats::jetstream::kv;
+use schemas::{Data, EventType, MeshEvent};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use crate::guard::{Field, record_json};
+
+/// What an event reports it consumed, from its JSON data.
+///
+/// `usage.total_tokens`, else `usage.input_tokens` + `usage.output_tokens`
+/// (or OpenAI's `prompt_tokens` + `completion_tokens`); cost from
+/// `usage.cost_usd`, counted in micro-dollars. Anything else counts as 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Tokens this event reports.
+    pub tokens: u64,
+    /// Cost this event reports, in millionths of a US dollar.
+    pub cost_micros: u64,
+}
+
+fn number(value: Option<&serde_json::Value>) -> Option<f64> {
+    value
+        .and_then(serde_json::Value::as_f64)
+        .filter(|n| n.is_finite() && *n >= 0.0)
+}
+
+fn saturating(n: f64) -> u64 {
+    if n >= u64::MAX as f64 {
+        u64::MAX
+    } else {
+        n.round() as u64
+    }
+}
+
+impl Usage {
+    /// The usage in a JSON value (its `usage` object).
+    pub fn of_json(value: &serde_json::Value) -> Self {
+        let Some(usage) = value.get("usage") else {
+            return Self::default();
+        };
+        let field = |name: &str| number(usage.get(name));
+        let tokens = field("total_tokens").or_else(|| {
+            let input = field("input_tokens").or_else(|| field("prompt_tokens"));
+            let output = field("output_tokens").or_else(|| field("completion_tokens"));
+            (input.is_some() || output.is_some())
+                .then(|| input.unwrap_or(0.0) + output.unwrap_or(0.0))
+        });
+        Self {
+            tokens: tokens.map_or(0, saturating),
+            cost_micros: field("cost_usd").map_or(0, |usd| saturating(usd * 1e6)),
+        }
+    }
+
+    /// The usage an event's data reports.
+    pub fn of_event(event: &MeshEvent) -> Self {
+        #[derive(Deserialize)]
+        struct Top {
+            usage: Option<serde_json::Value>,
+        }
+        let from_bytes = |bytes: &[u8]| {
+            serde_json::from_slice::<Top>(bytes)
+                .ok()
+                .and_then(|t| t.usage)
+                .map(|usage| Self::of_json(&serde_json::json!({ "usage": usage })))
+                .unwrap_or_default()
+        };
+        match event.event.data() {
+            Some(Data::Json(value)) => Self::of_json(value),
+            Some(Data::Binary(bytes)) => from_bytes(bytes),
+            Some(Data::String(text)) => from_bytes(text.as_bytes()),
+            None => Self::default(),
+        }
+    }
+}
+
+/// One agent's counters (the value of `agent.<agent>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentTally {
+    /// The minute (seconds since the epoch / 60) `per_minute` counts.
+    pub minute: i64,
+    /// Events in that minute.
+    pub per_minute: u64,
+    /// The hour `per_hour` counts.
+    pub hour: i64,
+    /// Events in that hour.
+    pub per_hour: u64,
+    /// The UTC day the day counters count.
+    pub day: i64,
+    /// Events that day.
+    pub per_day: u64,
+    /// Tokens reported that day.
+    pub tokens_day: u64,
+    /// Cost reported that day, micro-dollars.
+    pub cost_micros_day: u64,
+}
+
+/// Moves a window forward when `now` is past it. A replica whose clock is
+/// behind the stored window counts into the stored one, so skewed clocks
+/// never make a window flap back.
+fn roll(window: &mut i64, counts: &mut [&mut u64], now: i64) {
+    if now > *window {
+        *window = now;
+        for c in counts.iter_mut() {
+            **c = 0;
+        }
+    }
+}
+
+impl AgentTally {
+    /// Counts one event at `now` (seconds since the epoch).
+    pub fn add(&mut self, now: i64, usage: Usage) -> AgentTally {
+        self.roll(now);
+        self.per_minute += 1;
+        self.per_hour += 1;
+        self.per_day += 1;
+        self.tokens_day = self.tokens_day.saturating_add(usage.tokens);
+        self.cost_micros_day = self.cost_micros_day.saturating_add(usage.cost_micros);
+        self.clone()
+    }
+
+    /// The counters as they stand at `now` (windows rolled, nothing added).
+    pub fn at(&self, now: i64) -> AgentTally {
+        let mut t = self.clone();
+        t.roll(now);
+        t
+    }
+
+    fn roll(&mut self, now: i64) {
+        roll(
+            &mut self.minute,
+            &mut [&mut self.per_minute],
+            now.div_euclid(60),
+        );
+        roll(
+            &mut self.hour,
+            &mut [&mut self.per_hour],
+            now.div_euclid(3600),
+        );
+        roll(
+            &mut self.day,
+            &mut [
+                &mut self.per_day,
+                &mut self.tokens_day,
+                &mut self.cost_micros_day,
+            ],
+            now.div_euclid(86_400),
+        );
+    }
+}
+
+/// One workflow's counters (the value of `workflow.<trace id>`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkflowTally {
+    /// Events in the workflow.
+    pub events: u64,
+    /// `tool.call` events in the workflow.
+    pub tool_calls: u64,
+    /// Tokens reported in the workflow.
+    pub tokens: u64,
+    /// Cost reported in the workflow, micro-dollars.
+    pub cost_micros: u64,
+}
+
+impl WorkflowTally {
+    /// Counts one event.
+    pub fn add(&mut self, tool_call: bool, usage: Usage) -> WorkflowTally {
+        self.events += 1;
+        self.tool_calls += u64::from(tool_call);
+        self.tokens = self.tokens.saturating_add(usage.tokens);
+        self.cost_micros = self.cost_micros.saturating_add(usage.cost_micros);
+        *self
+    }
+}
+
+/// The key of an agent's counters.
+pub fn agent_key(agent: &str) -> String {
+    format!("agent.{agent}")
+}
+
+/// The key of a workflow's counters.
+pub fn workflow_key(trace_id: &str) -> String {
+    format!("workflow.{trace_id}")
+}
+
+/// What one event sees: the counts including itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tallies {
+    /// This event's reported usage.
+    pub usage: Usage,
+    /// The agent's counters after this event.
+    pub agent: AgentTally,
+    /// The workflow's counters after this event.
+    pub workflow: WorkflowTally,
+}
+
+impl Tallies {
+    /// The `context.rate` record.
+    pub(crate) fn rate_fields(&self) -> Vec<(&'static str, Field)> {
+        vec![
+            ("per_minute", Field::count(self.agent.per_minute)),
+            ("per_hour", Field::count(self.agent.per_hour)),
+            ("per_day", Field::count(self.agent.per_day)),
+        ]
+    }
+
+    /// The `context.budget` record.
+    pub(crate) fn budget_fields(&self) -> Vec<(&'static str, Field)> {
+        vec![
+            ("tokens", Field::count(self.usage.tokens)),
+            ("cost_micros", Field::count(self.usage.cost_micros)),
+            ("tokens_used", Field::count(self.agent.tokens_day)),
+            ("cost_used_micros", Field::count(self.agent.cost_micros_day)),
+            ("workflow_events", Field::count(self.workflow.events)),
+            (
+                "workflow_tool_calls",
+                Field::count(self.workflow.tool_calls),
+            ),
+            ("workflow_tokens", Field::count(self.workflow.tokens)),
+            (
+                "workflow_cost_micros",
+                Field::count(self.workflow.cost_micros),
+            ),
+        ]
+    }
+
+    /// The `context.rate` record as JSON.
+    pub fn rate_context(&self) -> serde_json::Value {
+        record_json(&self.rate_fields())
+    }
+
+    /// The `context.budget` record as JSON.
+    pub fn budget_context(&self) -> serde_json::Value {
+        record_json(&self.budget_fields())
+    }
+}
+
+/// Why the counters could not be updated; the event is denied (fail closed).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("rate and budget counters unavailable: {0}")]
+pub struct CounterError(String);
+
+/// Counters: in the KV bucket (the worker) or in memory (policy replay).
+pub(crate) enum Counters {
+    /// Shared, durable: the `mesh-limits` bucket.
+    Kv {
+        agents: Arc<Cells<AgentTally>>,
+        workflows: Arc<Cells<WorkflowTally>>,
+    },
+    /// One process, replaying recorded events in order.
+    Memory(Mutex<MemoryCounters>),
+}
+
+#[derive(Default)]
+pub(crate) struct MemoryCounters {
+    agents: HashMap<String, AgentTally>,
+    workflows: HashMap<String, WorkflowTally>,
+}
+
+impl Counters {
+    /// Counters in `bucket`.
+    pub(crate) fn kv(store: kv::Store) -> Self {
+        Self::Kv {
+            agents: Arc::new(Cells::new(store.clone())),
+            workflows: Arc::new(Cells::new(store)),
+        }
+    }
+
+    /// Counters in memory.
+    pub(crate) fn memory() -> Self {
+        Self::Memory(Mutex::default())
+    }
+
+    /// Counts `event` at `now` (seconds since the epoch) and returns what it sees.
+    pub(crate) async fn add(&self, event: &MeshEvent, now: i64) -> Result<Tallies, CounterError> {
+        let usage = Usage::of_event(event);
+        let tool_call = event.event_type == EventType::ToolCall;
+        let trace_id = event.trace.trace_id_hex();
+        match self {
+            Self::Kv { agents, workflows } => {
+                let (agent, workflow) = tokio::join!(
+                    agents.add(agent_key(event.agent.as_str()), (now, usage)),
+                    workflows.add(workflow_key(&trace_id), (tool_call, usage)),
+                );
+                Ok(Tallies {
+                    usage,
+                    agent: agent?,
+                    workflow: workflow?,
+                })
+            }
+            Self::Memory(memory) => {
+                let mut m = memory.lock().map_err(|_| CounterError("poisoned".into()))?;
+                let agent = m
+                    .agents
+                    .entry(event.agent.to_string())
+                    .or_default()
+                    .add(now, usage);
+                let workflow = m
+                    .workflows
+                    .entry(trace_id)
+                    .or_default()
+                    .add(tool_call, usage);
+                Ok(Tallies {
+                    usage,
+                    agent,
+                    workflow,
+                })
+            }
+        }
+    }
+}
+
+/// A counter value that knows how to count.
+pub(crate) trait Tally:
+    Serialize + DeserializeOwned + Default + Clone + Send + Sync + 'static
+{
+    type Delta: Copy + Send + 'static;
+    type Seen: Send + 'static;
+    fn apply(&mut self, delta: Self::Delta) -> Self::Seen;
+}
+
+impl Tally for AgentTally {
+    type Delta = (i64, Usage);
+    type Seen = AgentTally;
+    fn apply(&mut self, (now, usage): Self::Delta) -> AgentTally {
+        self.add(now, usage)
+    }
+}
+
+impl Tally for WorkflowTally {
+    type Delta = (bool, Usage);
+    type Seen = WorkflowTally;
+    fn apply(&mut self, (tool_call, usage): Self::Delta) -> WorkflowTally {
+        self.add(tool_call, usage)
+    }
+}
+
+/// How many times one batch retries after losing a compare-and-set race.
+const MAX_CONFLICTS: usize = 64;
+/// Slots kept for their cached revision before idle ones are dropped.
+const MAX_SLOTS: usize = 10_000;
+
+type Waiter<T> = (
+    <T as Tally>::Delta,
+    oneshot::Sender<Result<<T as Tally>::Seen, CounterError>>,
+);
+
+/// KV-backed counters of one kind, with one slot per key.
+pub(crate) struct Cells<T: Tally> {
+    store: kv::Store,
+    slots: Mutex<HashMap<String, Arc<Mutex<Slot<T>>>>>,
+}
+
+struct Slot<T: Tally> {
+    /// Increments waiting for the next write.
+    pending: Vec<Waiter<T>>,
+    /// Whether a task is writing this key.
+    running: bool,
+    /// The last value written or read, with its revision.
+    cached: Option<(u64, T)>,
+}
+
+impl<T: Tally> Cells<T> {
+    fn new(store: kv::Store) -> Self {
+        Self {
+            store,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, key: &str) -> Result<Arc<Mutex<Slot<T>>>, CounterError> {
+        let mut slots = self
+            .slots
+            .lock()
+            .map_err(|_| CounterError("poisoned".into()))?;
+        if let Some(slot) = slots.get(key) {
+            return Ok(slot.clone());
+        }
+        if slots.len() >= MAX_SLOTS {
+            slots.retain(|_, s| s.lock().map(|s| s.running).unwrap_or(false));
+        }
+        let slot = Arc::new(Mutex::new(Slot {
+            pending: Vec::new(),
+            running: false,
+            cached: None,
+        }));
+        slots.insert(key.to_owned(), slot.clone());
+        Ok(slot)
+    }
+
+    /// Adds `delta` to `key`; resolves once the write holding it is stored.
+    async fn add(self: &Arc<Self>, key: String, delta: T::Delta) -> Result<T::Seen, CounterError> {
+        let slot = self.slot(&key)?;
+        let (tx, rx) = oneshot::channel();
+        let lead = {
+            let mut s = slot.lock().map_err(|_| CounterError("poisoned".into()))?;
+            s.pending.push((delta, tx));
+            !std::mem::replace(&mut s.running, true)
+        };
+        if lead {
+            tokio::spawn(drain(self.store.clone(), key, slot));
+        }
+        rx.await
+            .map_err(|_| CounterError("counter task stopped".into()))?
+    }
+}
+
+/// Writes the pending increments of one key, batch after batch, until none
+/// are left.
+async fn drain<T: Tally>(store: kv::Store, key: String, slot: Arc<Mutex<Slot<T>>>) {
+    loop {
+        let (batch, mut cached) = {
+            let Ok(mut s) = slot.lock() else { return };
+            if s.pending.is_empty() {
+                s.running = false;
+                return;
+            }
+            (std::mem::take(&mut s.pending), s.cached.take())
+        };
+        let mut conflicts = 0;
+        let result = loop {
+            let (revision, base) = match cached.take() {
+                Some(c) => c,
+                None => match read::<T>(&store, &key).await {
+                    Ok(c) => c,
+                    Err(e) => break Err(e),
+                },
+            };
+            let mut next = base;
+            let seen: Vec<T::Seen> = batch.iter().map(|(d, _)| next.apply(*d)).collect();
+            match write(&store, &key, &next, revision).await {
+                Ok(revision) => break Ok((revision, next, seen)),
+                Err(Write::Conflict) if conflicts < MAX_CONFLICTS => conflicts += 1,
+                Err(Write::Conflict) => {
+                    break Err(CounterError(format!(
+                        "key `{key}`: {MAX_CONFLICTS} compare-and-set conflicts in a row"
+                    )));
+                }
+                Err(Write::Failed(e)) => break Err(e),
+            }
+        };
+        match result {
+            Ok((revision, value, seen)) => {
+                if let Ok(mut s) = slot.lock() {
+                    s.cached = Some((revision, value));
+                }
+                for ((_, tx), seen) in batch.into_iter().zip(seen) {
+                    let _ = tx.send(Ok(seen));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%key, %error, "Counter update failed; the events are denied.");
+                for (_, tx) in batch {
+                    let _ = tx.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// The current value and revision of `key` (revision 0: never written).
+async fn read<T: Tally>(store: &kv::Store, key: &str) -> Result<(u64, T), CounterError> {
+    let entry = store
+        .entry(key)
+        .await
+        .map_err(|e| CounterError(format!("reading `{key}`: {e}")))?;
+    Ok(match entry {
+        None => (0, T::default()),
+        Some(entry) if entry.operation == kv::Operation::Put => {
+            let value = serde_json::from_slice(&entry.value).unwrap_or_else(|error| {
+                tracing::warn!(%key, %error, "Counter value unreadable; starting it again.");
+                T::default()
+            });
+            (entry.revision, value)
+        }
+        // Deleted or purged (`meshctl limits reset`): start from zero.
+        Some(entry) => (entry.revision, T::default()),
+    })
+}
+
+enum Write {
+    Conflict,
+    Failed(CounterError),
+}
+
+async fn write<T: Tally>(
+    store: &kv::Store,
+    key: &str,
+    value: &T,
+    revision: u64,
+) -> Result<u64, Write> {
+    let bytes = serde_json::to_vec(value)
+        .map_err(|e| Write::Failed(CounterError(e.to_string())))?
+        .into();
+    if revision == 0 {
+        store.create(key, bytes).await.map_err(|e| match e.kind() {
+            kv::CreateErrorKind::AlreadyExists => Write::Conflict,
+            _ => Write::Failed(CounterError(format!("creating `{key}`: {e}"))),
+        })
+    } else {
+        store
+            .update(key, bytes, revision)
+            .await
+            .map_err(|e| match e.kind() {
+                kv::UpdateErrorKind::WrongLastRevision => Write::Conflict,
+                _ => Write::Failed(CounterError(format!("updating `{key}`: {e}"))),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn usage_fields() {
+        assert_eq!(
+            Usage::of_json(&json!({"usage": {"total_tokens": 1500, "cost_usd": 0.0123}})),
+            Usage {
+                tokens: 1500,
+                cost_micros: 12_300
+            }
+        );
+        assert_eq!(
+            Usage::of_json(&json!({"usage": {"input_tokens": 1000, "output_tokens": 200}})).tokens,
+            1200
+        );
+        assert_eq!(
+            Usage::of_json(&json!({"usage": {"prompt_tokens": 10, "completion_tokens": 5}})).tokens,
+            15
+        );
+        for nothing in [
+            json!({"tokens": 5}),
+            json!({"usage": {"total_tokens": "many"}}),
+            json!({"usage": {"total_tokens": -4}}),
+            json!([1, 2]),
+        ] {
+            assert_eq!(Usage::of_json(&nothing), Usage::default(), "{nothing}");
+        }
+    }
+
+    #[test]
+    fn windows_roll_at_clock_boundaries() {
+        let t0 = 1_770_000_000 - 1_770_000_000 % 86_400; // 00:00:00 UTC
+        let mut a = AgentTally::default();
+        let u = Usage {
+            tokens: 100,
+            cost_micros: 5,
+        };
+        for s in 0..3 {
+            a.add(t0 + s, u);
+        }
+        let seen = a.add(t0 + 59, u);
+        assert_eq!(
+            (
+                seen.per_minute,
+                seen.per_hour,
+                seen.per_day,
+                seen.tokens_day
+            ),
+            (4, 4, 4, 400)
+        );
+        // Next minute: the minute count starts again, the others go on.
+        let seen = a.add(t0 + 60, u);
+        assert_eq!((seen.per_minute, seen.per_hour, seen.per_day), (1, 5, 5));
+        // Next hour.
+        let seen = a.add(t0 + 3600, u);
+        assert_eq!((seen.per_minute, seen.per_hour, seen.per_day), (1, 1, 6));
+        // Next day: tokens and cost too.
+        let seen = a.add(t0 + 86_400, u);
+        assert_eq!(
+            (
+                seen.per_minute,
+                seen.per_hour,
+                seen.per_day,
+                seen.tokens_day,
+                seen.cost_micros_day
+            ),
+            (1, 1, 1, 100, 5)
+        );
+        // A replica with a clock a minute behind counts into the current window.
+        let seen = a.add(t0 + 86_400 - 60, u);
+        assert_eq!((seen.per_minute, seen.per_day), (2, 2));
+        // Reading later rolls without counting.
+        assert_eq!(a.at(t0 + 2 * 86_400).per_day, 0);
+    }
+
+    #[test]
+    fn workflow_counts() {
+        let mut w = WorkflowTally::default();
+        w.add(false, Usage::default());
+        let seen = w.add(
+            true,
+            Usage {
+                tokens: 7,
+                cost_micros: 1,
+            },
+        );
+        assert_eq!(
+            seen,
+            WorkflowTally {
+                events: 2,
+                tool_calls: 1,
+                tokens: 7,
+                cost_micros: 1
+            }
+        );
+    }
+
+    #[test]
+    fn context_records() {
+        let t = Tallies {
+            usage: Usage {
+                tokens: 3,
+                cost_micros: 4,
+            },
+            agent: AgentTally {
+                per_minute: 1,
+                per_hour: 2,
+                per_day: 3,
+                tokens_day: 30,
+                cost_micros_day: 40,
+                ..Default::default()
+            },
+            workflow: WorkflowTally {
+                events: 5,
+                tool_calls: 1,
+                tokens: 9,
+                cost_micros: 8,
+            },
+        };
+        assert_eq!(
+            t.rate_context(),
+            json!({"per_minute": 1, "per_hour": 2, "per_day": 3})
+        );
+        assert_eq!(t.budget_context()["tokens_used"], 30);
+        assert_eq!(t.budget_context()["workflow_tool_calls"], 1);
+    }
+}

@@ -1,0 +1,179 @@
+//! The guardrails on a broker with authorization: the policy worker, with
+//! its own key and only the permissions its role template grants, keeps
+//! rate counters in `mesh-limits` (compare-and-set), parks an event for
+//! approval, applies an answer the operator sends, and expires an
+//! unanswered request — all with agents publishing under their own keys.
+
+use std::path::Path;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use broker_config::auth::{ADMIN, POLICY_WORKER};
+use e2e::{SecureNats, WAIT};
+use schemas::{ApprovalStatus, Decision, DecisionReceipt, EventBuilder, EventBuilderV10, subjects};
+use serde_json::json;
+use testkit::eventually;
+use tokio_util::sync::CancellationToken;
+
+/// The shipped policies plus a small rate limit on the reviewer.
+fn policies() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir()?;
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    for entry in std::fs::read_dir(shipped)? {
+        let path = entry?.path();
+        if let (true, Some(name)) = (path.is_file(), path.file_name()) {
+            std::fs::copy(&path, dir.path().join(name))?;
+        }
+    }
+    std::fs::write(
+        dir.path().join("limits.cedar"),
+        "@id(\"reviewer-hourly\")\nforbid (principal == Agent::\"reviewer\", action, resource) when { context.rate.per_hour > 2 };\n",
+    )?;
+    Ok(dir)
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    agent: &str,
+    step: &str,
+    event: schemas::Event,
+) -> anyhow::Result<()> {
+    let (headers, payload) = schemas::encode_binary(&event);
+    js.publish_with_headers(subjects::ingress(agent, step), headers, payload)
+        .await?
+        .await?;
+    Ok(())
+}
+
+async fn receipts(admin: &jetstream::Context) -> anyhow::Result<Vec<DecisionReceipt>> {
+    let mut stream = admin.get_stream(subjects::STREAM_DECISION).await?;
+    let state = stream.info().await?.state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if state.messages == 0 {
+            break;
+        }
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(serde_json::from_slice(&m.payload)?);
+        }
+    }
+    Ok(out)
+}
+
+async fn receipt(admin: &jetstream::Context, id: &str) -> anyhow::Result<DecisionReceipt> {
+    eventually(WAIT, &format!("the receipt of {id}"), || async {
+        receipts(admin)
+            .await
+            .ok()?
+            .into_iter()
+            .find(|r| r.event_id == id)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_approvals_work_under_the_worker_role_template() -> anyhow::Result<()> {
+    let mesh = SecureNats::start(&["planner", "coder", "reviewer"]).await?;
+    let admin = mesh.jetstream(ADMIN).await?;
+    let policies = policies()?;
+    let tmp = tempfile::tempdir()?;
+    let ready = tmp.path().join("worker.ready");
+    let shutdown = CancellationToken::new();
+    let worker = tokio::spawn(policy_worker::run(
+        policy_worker::Config {
+            nats_url: mesh.url(),
+            credentials: broker_config::NatsCredentials {
+                nkey_seed_file: Some(mesh.seed_file(POLICY_WORKER)?),
+                creds_file: None,
+            },
+            policies: policies.path().to_owned(),
+            watch_policies: false,
+            ready_file: Some(ready.clone()),
+            approval_timeout: Duration::from_secs(4),
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    eventually(WAIT, "the policy worker to become ready", || async {
+        (ready.exists() || worker.is_finished()).then_some(())
+    })
+    .await?;
+    anyhow::ensure!(!worker.is_finished(), "the policy worker stopped at start");
+
+    // Counters: the reviewer's third event this hour is denied.
+    let reviewer = mesh.jetstream("reviewer").await?;
+    for i in 1..=3 {
+        let event = EventBuilderV10::new()
+            .id(format!("r{i}"))
+            .source("/agents/reviewer")
+            .ty("io.agentmesh.reasoning")
+            .data("application/json", json!({"n": i}))
+            .build()?;
+        publish(&reviewer, "reviewer", "reasoning", event).await?;
+    }
+    let mut decisions = Vec::new();
+    for i in 1..=3 {
+        decisions.push(receipt(&admin, &format!("r{i}")).await?.decision);
+    }
+    decisions.sort_by_key(|d| d.as_str());
+    assert_eq!(
+        decisions,
+        vec![Decision::Allow, Decision::Allow, Decision::Deny]
+    );
+    let limits = admin.get_key_value(subjects::BUCKET_LIMITS).await?;
+    let tally: policy_worker::AgentTally = serde_json::from_slice(
+        &limits
+            .get(policy_worker::agent_key("reviewer"))
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("no counters for the reviewer"))?,
+    )?;
+    assert_eq!(tally.per_hour, 3);
+
+    // Approvals: one released by the operator, one left to expire.
+    let coder = mesh.jetstream("coder").await?;
+    for id in ["d-approved", "d-expired"] {
+        let event = EventBuilderV10::new()
+            .id(id)
+            .source("/agents/coder")
+            .ty("io.agentmesh.tool.call")
+            .subject("deploy.prod")
+            .data("application/json", json!({"service": id}))
+            .build()?;
+        publish(&coder, "coder", "tool_call", event).await?;
+    }
+    let approvals = admin.get_key_value(subjects::BUCKET_APPROVALS).await?;
+    let approved_id = policy_worker::approval_id("d-approved");
+    eventually(WAIT, "the parked deploy", || async {
+        approvals.get(&approved_id).await.ok()?.map(|_| ())
+    })
+    .await?;
+    policy_worker::send_answer(
+        &admin,
+        "coder",
+        &policy_worker::Answer {
+            id: approved_id.clone(),
+            action: policy_worker::AnswerAction::Approve,
+            approver: "alice".into(),
+            comment: String::new(),
+            at: String::new(),
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let approved = receipt(&admin, "d-approved").await?;
+    assert_eq!(approved.decision, Decision::Allow);
+    assert_eq!(
+        approved.approval.map(|a| (a.status, a.approver)),
+        Some((ApprovalStatus::Approved, "alice".to_owned()))
+    );
+    let expired = receipt(&admin, "d-expired").await?;
+    assert_eq!(expired.decision, Decision::Deny);
+    assert_eq!(
+        expired.approval.map(|a| a.status),
+        Some(ApprovalStatus::Expired)
+    );
+
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, worker).await???;
+    Ok(())
+}
