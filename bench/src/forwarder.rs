@@ -16,8 +16,15 @@ use schemas::subjects;
 pub const CONSUMER: &str = "raw-forwarder";
 
 /// Runs the forwarder until the process is killed.
-pub async fn run(nats_url: &str, batch: usize, in_flight: usize, ready_file: Option<PathBuf>) -> anyhow::Result<()> {
-    let client = async_nats::connect(nats_url).await.context("connecting to NATS")?;
+pub async fn run(
+    nats_url: &str,
+    batch: usize,
+    in_flight: usize,
+    ready_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let client = async_nats::connect(nats_url)
+        .await
+        .context("connecting to NATS")?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(in_flight * 2)
         .backpressure_on_inflight(true)
@@ -37,7 +44,11 @@ pub async fn run(nats_url: &str, batch: usize, in_flight: usize, ready_file: Opt
             },
         )
         .await?;
-    let messages = consumer.stream().max_messages_per_batch(batch).messages().await?;
+    let messages = consumer
+        .stream()
+        .max_messages_per_batch(batch)
+        .messages()
+        .await?;
     if let Some(path) = ready_file {
         std::fs::write(path, "ready\n")?;
     }
@@ -46,9 +57,16 @@ pub async fn run(nats_url: &str, batch: usize, in_flight: usize, ready_file: Opt
         .map(|message| {
             let js = js.clone();
             async move {
-                let agent = subjects::parse_ingress(&message.subject).map_or("unknown", |p| p.agent).to_owned();
+                let agent = subjects::parse_ingress(&message.subject)
+                    .map_or("unknown", |p| p.agent)
+                    .to_owned();
                 let headers = message.headers.clone().unwrap_or_default();
-                let raw = |name: &str| headers.get(name).map(|v| v.as_str().to_owned()).unwrap_or_default();
+                let raw = |name: &str| {
+                    headers
+                        .get(name)
+                        .map(|v| v.as_str().to_owned())
+                        .unwrap_or_default()
+                };
                 let (target, id) = (raw("ce-target"), raw("ce-id"));
                 let mut forward = HeaderMap::new();
                 for (name, values) in headers.iter() {
@@ -60,7 +78,10 @@ pub async fn run(nats_url: &str, batch: usize, in_flight: usize, ready_file: Opt
                     .headers(forward)
                     .payload(message.payload.clone())
                     .message_id(id);
-                let stored = match js.send_publish(subjects::deliver(&target, &agent), publish).await {
+                let stored = match js
+                    .send_publish(subjects::deliver(&target, &agent), publish)
+                    .await
+                {
                     Ok(ack) => ack.await.is_ok(),
                     Err(_) => false,
                 };

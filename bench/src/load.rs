@@ -86,7 +86,10 @@ impl Receiver {
     /// Waits until `n` deliveries in total have arrived (or `timeout`).
     pub async fn wait_for(&self, n: u64, timeout: Duration) -> anyhow::Result<()> {
         let what = format!("{n} deliveries (have {})", self.delivered());
-        testkit::eventually(timeout, &what, || async move { (self.delivered() >= n).then_some(()) }).await
+        testkit::eventually(timeout, &what, || async move {
+            (self.delivered() >= n).then_some(())
+        })
+        .await
     }
 
     /// Takes the latencies recorded so far and starts a fresh histogram.
@@ -126,8 +129,15 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub async fn new(nats_url: &str, size: usize, window: usize, clock: Clock) -> anyhow::Result<Self> {
-        let client = async_nats::connect(nats_url).await.context("publisher connect")?;
+    pub async fn new(
+        nats_url: &str,
+        size: usize,
+        window: usize,
+        clock: Clock,
+    ) -> anyhow::Result<Self> {
+        let client = async_nats::connect(nats_url)
+            .await
+            .context("publisher connect")?;
         let js = jetstream::new(client);
         let mut template = HeaderMap::new();
         for (k, v) in [
@@ -136,7 +146,10 @@ impl Publisher {
             ("ce-type", "io.agentmesh.task.handoff"),
             ("ce-target", "coder"),
             ("ce-datacontenttype", "application/json"),
-            ("ce-traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            (
+                "ce-traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
         ] {
             template.insert(k, v);
         }
@@ -165,8 +178,13 @@ impl Publisher {
         self.next_id += 1;
         let mut headers = self.template.clone();
         headers.insert("ce-id", format!("{}-{}", self.run, self.next_id));
-        let publish = PublishMessage::build().headers(headers).payload(self.payload(sent_ns));
-        Ok(self.js.send_publish("mesh.ingress.planner.handoff", publish).await?)
+        let publish = PublishMessage::build()
+            .headers(headers)
+            .payload(self.payload(sent_ns));
+        Ok(self
+            .js
+            .send_publish("mesh.ingress.planner.handoff", publish)
+            .await?)
     }
 
     /// Publishes `n` events as fast as the window of unacknowledged
@@ -232,7 +250,9 @@ pub async fn closed_phase(
     let _ = receiver.take_histogram().await;
     let started = Instant::now();
     publisher.closed_loop(n).await?;
-    receiver.wait_for(base + n, Duration::from_secs(300)).await?;
+    receiver
+        .wait_for(base + n, Duration::from_secs(300))
+        .await?;
     let seconds = started.elapsed().as_secs_f64();
     Ok(PhaseResult {
         events: n,
@@ -252,7 +272,9 @@ pub async fn open_phase(
     let _ = receiver.take_histogram().await;
     let started = Instant::now();
     let n = publisher.open_loop(rate, duration).await?;
-    receiver.wait_for(base + n, Duration::from_secs(300)).await?;
+    receiver
+        .wait_for(base + n, Duration::from_secs(300))
+        .await?;
     Ok(PhaseResult {
         events: n,
         seconds: started.elapsed().as_secs_f64(),

@@ -126,7 +126,8 @@ impl Service {
             Target::Worker { policies, .. } => {
                 let worker = sibling(&me, "policy-worker")?;
                 let mut c = Command::new(worker);
-                c.args(["--nats-url", nats_url, "--no-watch", "--policies"]).arg(policies);
+                c.args(["--nats-url", nats_url, "--no-watch", "--policies"])
+                    .arg(policies);
                 c.env("RUST_LOG", "warn");
                 c
             }
@@ -138,11 +139,15 @@ impl Service {
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting the service under test")?;
-        let started = testkit::eventually(Duration::from_secs(30), "the service to become ready", || {
-            let ready = ready.exists();
-            let exited = child.try_wait().ok().flatten().is_some();
-            async move { (ready || exited).then_some(ready) }
-        })
+        let started = testkit::eventually(
+            Duration::from_secs(30),
+            "the service to become ready",
+            || {
+                let ready = ready.exists();
+                let exited = child.try_wait().ok().flatten().is_some();
+                async move { (ready || exited).then_some(ready) }
+            },
+        )
         .await?;
         if !started {
             bail!("{} exited at start", target.label());
@@ -191,7 +196,9 @@ async fn reset(js: &async_nats::jetstream::Context, consumer: &str) -> anyhow::R
 
 fn generate_policies(shipped: &Path, n: usize) -> anyhow::Result<tempfile::TempDir> {
     let dir = tempfile::tempdir()?;
-    for entry in std::fs::read_dir(shipped).with_context(|| format!("reading `{}`", shipped.display()))? {
+    for entry in
+        std::fs::read_dir(shipped).with_context(|| format!("reading `{}`", shipped.display()))?
+    {
         let path = entry?.path();
         if path.is_file() {
             if let Some(name) = path.file_name() {
@@ -206,7 +213,13 @@ fn generate_policies(shipped: &Path, n: usize) -> anyhow::Result<tempfile::TempD
 
 fn percentiles(h: &Histogram<u64>) -> String {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    format!("{:>8.2} {:>8.2} {:>8.2} {:>8.2}", ms(0.5), ms(0.9), ms(0.99), ms(0.999))
+    format!(
+        "{:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        ms(0.999)
+    )
 }
 
 struct Row {
@@ -247,23 +260,47 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
-    println!("mesh-bench: nats {nats_url}, {} events per closed-loop phase, {} s open loop, window {}", args.events, args.open_secs, args.window);
+    println!(
+        "mesh-bench: nats {nats_url}, {} events per closed-loop phase, {} s open loop, window {}",
+        args.events, args.open_secs, args.window
+    );
     let clock = load::Clock::new();
     for &size in &args.sizes {
         println!("\n== {size} B events");
-        println!("{:<36} {:>10} {:>8} {:>8} {:>8} {:>8}   {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>11}",
-            "target", "closed ev/s", "p50 ms", "p90", "p99", "p99.9", "open ev/s", "p50 ms", "p90", "p99", "p99.9", "peak RSS", "CPU s/10k");
+        println!(
+            "{:<36} {:>10} {:>8} {:>8} {:>8} {:>8}   {:>10} {:>8} {:>8} {:>8} {:>8} {:>9} {:>11}",
+            "target",
+            "closed ev/s",
+            "p50 ms",
+            "p90",
+            "p99",
+            "p99.9",
+            "open ev/s",
+            "p50 ms",
+            "p90",
+            "p99",
+            "p99.9",
+            "peak RSS",
+            "CPU s/10k"
+        );
         let mut rows = Vec::new();
         for target in &targets {
             reset(&js, target.consumer()).await?;
             let service = Service::start(target, &nats_url).await?;
             let cpu_before = procstat::cpu_seconds(service.pid()).unwrap_or(0.0);
             let receiver = load::Receiver::start(&nats_url, clock.clone()).await?;
-            let mut publisher = load::Publisher::new(&nats_url, size, args.window, clock.clone()).await?;
+            let mut publisher =
+                load::Publisher::new(&nats_url, size, args.window, clock.clone()).await?;
             // A short warm-up so connections and caches are hot.
             load::closed_phase(&mut publisher, &receiver, (args.events / 20).max(100)).await?;
             let closed = load::closed_phase(&mut publisher, &receiver, args.events).await?;
-            let open = load::open_phase(&mut publisher, &receiver, closed.rate() / 2.0, Duration::from_secs(args.open_secs)).await?;
+            let open = load::open_phase(
+                &mut publisher,
+                &receiver,
+                closed.rate() / 2.0,
+                Duration::from_secs(args.open_secs),
+            )
+            .await?;
             let cpu = procstat::cpu_seconds(service.pid()).unwrap_or(0.0) - cpu_before;
             let total = (args.events / 20).max(100) + closed.events + open.events;
             let row = Row {
@@ -289,7 +326,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(raw) = rows.first() {
             for row in rows.iter().skip(1) {
                 let added = |q: f64| {
-                    (row.open.latency_us.value_at_quantile(q) as f64 - raw.open.latency_us.value_at_quantile(q) as f64) / 1000.0
+                    (row.open.latency_us.value_at_quantile(q) as f64
+                        - raw.open.latency_us.value_at_quantile(q) as f64)
+                        / 1000.0
                 };
                 println!(
                     "{:<36} throughput ratio to raw {:.2}; added latency at half load p50 {:+.2} ms, p99 {:+.2} ms",

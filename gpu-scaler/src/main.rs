@@ -1,3 +1,82 @@
-//! Placeholder until the binary lands.
+//! `gpu-scaler`: parses flags, loads the config, starts logging, and runs
+//! [`gpu_scaler::run`] until SIGINT or SIGTERM.
 
-fn main() {}
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+/// Leases GPUs to agent pools from their JetStream backlog.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// NATS server URL.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Pools config file (TOML, or JSON for a `.json` file); without one
+    /// there are no pools and nothing is leased.
+    #[arg(long, env = "GPU_SCALER_CONFIG")]
+    config: Option<PathBuf>,
+    /// File created once the scaler is ready, removed on exit.
+    #[arg(long, env = "GPU_SCALER_READY_FILE")]
+    ready_file: Option<PathBuf>,
+    /// Instance name: lease holder and event source (default: the host name).
+    #[arg(long, env = "GPU_SCALER_INSTANCE")]
+    instance: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
+        )
+        .init();
+    let config = match &args.config {
+        Some(path) => gpu_scaler::Config::load(path)?,
+        None => {
+            tracing::warn!("No --config given: no pools, nothing will be leased.");
+            gpu_scaler::Config::default()
+        }
+    };
+    let settings = gpu_scaler::Settings {
+        nats_url: args.nats_url,
+        config,
+        instance: args.instance.unwrap_or_else(gpu_scaler::default_instance),
+        ready_file: args.ready_file,
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    gpu_scaler::run(settings, shutdown)
+        .await
+        .context("gpu-scaler")
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("Shutdown requested.");
+    shutdown.cancel();
+}

@@ -176,16 +176,5 @@ async fn run_demo(endpoints: &servers::Endpoints, timeout: Duration) -> anyhow::
     let nats = async_nats::connect(&endpoints.nats_url).await?;
     let js = async_nats::jetstream::new(nats);
     broker_config::apply(&js, &broker_config::Options::default()).await?;
-    let steps = demo::workflow();
-    let (trace, ids) = demo::publish(&js, &steps).await?;
-    let trace_id = trace.trace_id_hex();
-    println!(
-        "Published {} steps of trace {trace_id}; waiting for their decisions in ClickHouse…",
-        ids.len()
-    );
-    let nodes = demo::wait_for_tree(endpoints, &trace_id, &ids, timeout).await?;
-    println!();
-    print!("{}", tree::render(&trace_id, &nodes));
-    println!("\nAgain: meshctl trace {trace_id}");
-    Ok(())
+    demo::run(endpoints, timeout).await
 }

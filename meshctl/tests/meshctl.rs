@@ -50,6 +50,56 @@ fn tree_block(stdout: &str) -> Vec<String> {
         .collect()
 }
 
+/// The demo's tree, all of it but the trace id: one line per step, indented
+/// by causation (the two tool calls hang off the coder's reasoning; the
+/// memory update follows the tool's result), with agent, type, target/tool
+/// and the decision; the denial marked with the policies that made it.
+fn expected_tree(trace_id: &str) -> Vec<String> {
+    vec![
+        format!("Decision tree of trace {trace_id}: 11 steps, 1 denied"),
+        "  planner   prompt                                        allow  (members-record-steps)".to_owned(),
+        "  └─ planner   reasoning                                  allow  (members-record-steps)".to_owned(),
+        "     └─ planner   task.handoff → coder                    allow  (orchestrators-hand-off)".to_owned(),
+        "        └─ coder     reasoning                            allow  (members-record-steps)".to_owned(),
+        "           ├─ coder     tool.call code.search → coder     allow  (members-call-low-risk-tools)".to_owned(),
+        "           │  └─ coder     tool.result → coder            allow  (members-message-members)".to_owned(),
+        "           │     └─ coder     memory.update               allow  (members-record-steps)".to_owned(),
+        "           │        └─ coder     task.handoff → reviewer  allow  (workers-hand-off-to-review)".to_owned(),
+        "           │           └─ reviewer  reasoning             allow  (members-record-steps)".to_owned(),
+        "           │              └─ reviewer  output             allow  (members-record-steps)".to_owned(),
+        "           └─ coder     tool.call shell.exec              DENY   by forbid-high-risk-tools, forbid-shell-exec".to_owned(),
+    ]
+}
+
+/// Runs `meshctl demo` and returns what it printed, failing if it failed.
+async fn run_demo(env: &[(&str, &str)]) -> anyhow::Result<String> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let demo = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        meshctl(&env, &["demo", "--timeout-secs", "60"])
+    })
+    .await??;
+    let stdout = text(&demo.stdout);
+    anyhow::ensure!(
+        demo.status.success(),
+        "meshctl demo failed:\n{stdout}\n{}",
+        text(&demo.stderr)
+    );
+    Ok(stdout)
+}
+
+fn trace_of(stdout: &str) -> anyhow::Result<String> {
+    Ok(stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("Again: meshctl trace "))
+        .ok_or_else(|| anyhow::anyhow!("demo names no trace:\n{stdout}"))?
+        .trim()
+        .to_owned())
+}
+
 #[tokio::test]
 async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> {
     let nats = NatsServer::start().await?;
@@ -91,85 +141,83 @@ async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> 
         ("AGENTMESH_AUDIT_DATABASE", db.as_str()),
         ("AGENTMESH_HOME", &home),
     ];
-    let demo = tokio::task::spawn_blocking({
-        let env: Vec<(String, String)> = env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move || {
-            let env: Vec<(&str, &str)> =
-                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-            meshctl(&env, &["demo", "--timeout-secs", "60"])
-        }
-    })
-    .await??;
-    let stdout = text(&demo.stdout);
-    assert!(
-        demo.status.success(),
-        "meshctl demo failed:\n{stdout}\n{}",
-        text(&demo.stderr)
-    );
+    // Work of another workflow waiting for `coder` before the demo starts:
+    // the demo's coder must leave it for the real one, not consume it.
+    let earlier = agents_sdk::Agent::connect("planner", nats.url()).await?;
+    let stale = earlier
+        .workflow()
+        .handoff("coder", "an earlier task")
+        .await?;
+    let receipt = earlier.await_decision(&stale.id).await?;
+    assert_eq!(receipt.decision, agents_sdk::Decision::Allow);
+    drop(earlier);
 
+    let stdout = run_demo(&env).await?;
+    let trace_id = trace_of(&stdout)?;
+
+    // What the SDK agents did, as they did it: the planner's handoff was
+    // allowed, the coder's own tool handler answered code.search, shell.exec
+    // came back as the SDK's typed denial, the reviewer approved.
+    for line in [
+        format!("Trace {trace_id}: planner → coder → reviewer, agents-sdk agents"),
+        "  planner   task.handoff → coder: allowed by orchestrators-hand-off".to_owned(),
+        "  coder     code.search \"fn signup\" → src/handlers/signup.rs:11 (served by coder)"
+            .to_owned(),
+        "  coder     shell.exec denied by forbid-high-risk-tools, forbid-shell-exec (the SDK's typed denial)"
+            .to_owned(),
+        "  reviewer  approved: Validation of the email and password added to src/handlers/signup.rs."
+            .to_owned(),
+        format!("Published 11 steps of trace {trace_id}; waiting for their decisions in ClickHouse…"),
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "missing `{line}`:\n{stdout}");
+    }
+
+    // The whole tree.
     let tree = tree_block(&stdout);
-    assert!(tree[0].contains(": 11 steps, 1 denied"), "{stdout}");
-    let steps = &tree[1..];
-    assert_eq!(steps.len(), 11, "{stdout}");
-    // One line per step, in causation order, with agent, type, target/tool.
-    let what: Vec<String> = steps
-        .iter()
-        .map(|l| {
-            let l = l.trim_start_matches([' ', '│', '├', '└', '─']);
-            l.split("  ")
-                .filter(|s| !s.is_empty())
-                .take(2)
-                .map(str::trim)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    assert_eq!(
-        what,
-        vec![
-            "planner prompt",
-            "planner reasoning",
-            "planner task.handoff → coder",
-            "coder reasoning",
-            "coder tool.call code.search",
-            "coder tool.result → coder",
-            "coder memory.update",
-            "coder task.handoff → reviewer",
-            "reviewer reasoning",
-            "reviewer output",
-            "coder tool.call shell.exec",
-        ],
-        "{stdout}"
-    );
-    // The denied call, with the policy that denied it; everything else allowed.
-    let denied: Vec<&String> = steps.iter().filter(|l| l.contains("DENY")).collect();
-    assert_eq!(denied.len(), 1);
-    assert!(
-        denied[0].contains("tool.call shell.exec")
-            && denied[0].contains("DENY   by forbid-high-risk-tools, forbid-shell-exec"),
-        "{}",
-        denied[0]
-    );
-    assert_eq!(
-        steps.iter().filter(|l| l.contains(" allow")).count(),
-        10,
-        "{stdout}"
-    );
-    // Indented by causation: the shell.exec call hangs off the coder's
-    // reasoning, as does the code search; the output is deepest.
-    let depth = |l: &str| l.chars().take_while(|c| !c.is_alphabetic()).count();
-    assert_eq!(depth(&steps[10]), depth(&steps[4]));
-    assert!(depth(&steps[9]) > depth(&steps[8]) && depth(&steps[4]) > depth(&steps[3]));
+    assert_eq!(tree, expected_tree(&trace_id), "{stdout}");
 
-    let trace_id = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("Again: meshctl trace "))
-        .ok_or_else(|| anyhow::anyhow!("demo names no trace:\n{stdout}"))?
-        .trim()
-        .to_owned();
+    // Published by the agents themselves on their own ingress subjects, and
+    // the tool result is what the coder's tool handler computed.
+    let client = clickhouse::Client::default()
+        .with_url(ch.url())
+        .with_validation(false);
+    let subjects = testkit::clickhouse::query_text(
+        &client,
+        &format!(
+            "SELECT agent, ingress_subject FROM `{db}`.events FINAL WHERE trace_id = '{trace_id}' ORDER BY time_us"
+        ),
+    )
+    .await?;
+    let expected_subjects = "\
+planner\tmesh.ingress.planner.prompt
+planner\tmesh.ingress.planner.reasoning
+planner\tmesh.ingress.planner.task_handoff
+coder\tmesh.ingress.coder.reasoning
+coder\tmesh.ingress.coder.tool_call
+coder\tmesh.ingress.coder.tool_result
+coder\tmesh.ingress.coder.tool_call
+coder\tmesh.ingress.coder.memory_update
+coder\tmesh.ingress.coder.task_handoff
+reviewer\tmesh.ingress.reviewer.reasoning
+reviewer\tmesh.ingress.reviewer.output
+";
+    assert_eq!(subjects, expected_subjects);
+    let result = testkit::clickhouse::query_text(
+        &client,
+        &format!(
+            "SELECT data FROM `{db}`.events FINAL WHERE trace_id = '{trace_id}' AND type = 'io.agentmesh.tool.result'"
+        ),
+    )
+    .await?;
+    // TabSeparated escapes only tabs, newlines and backslashes, which this
+    // JSON does not contain.
+    let result: serde_json::Value = serde_json::from_str(result.trim())?;
+    assert_eq!(result["ok"], true, "{result}");
+    assert_eq!(
+        result["result"]["matches"][0]["file"], "src/handlers/signup.rs",
+        "{result}"
+    );
+
     let again = meshctl(&env, &["trace", &trace_id])?;
     assert!(again.status.success(), "{}", text(&again.stderr));
     assert_eq!(
@@ -183,6 +231,31 @@ async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> 
     assert!(text(&missing.stderr).contains("no steps of trace 0123456789abcdef0123456789abcdef"));
     let bad = meshctl(&env, &["trace", "not-a-trace"])?;
     assert!(text(&bad.stderr).contains("is not a trace id"));
+
+    // The earlier workflow's handoff is still waiting for the real coder.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await?);
+    let mut coder = js
+        .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
+            "agent-coder",
+            schemas::subjects::STREAM_DELIVER,
+        )
+        .await?;
+    let info = coder.info().await?;
+    assert_eq!(
+        info.num_pending + info.num_ack_pending as u64,
+        1,
+        "the demo's coder consumed another workflow's delivery: {info:?}"
+    );
+
+    // Again, on the same mesh: same durable consumers, a new trace, the same tree.
+    let second = run_demo(&env).await?;
+    let second_trace = trace_of(&second)?;
+    assert_ne!(second_trace, trace_id);
+    assert_eq!(
+        tree_block(&second),
+        expected_tree(&second_trace),
+        "{second}"
+    );
 
     shutdown.cancel();
     worker.await??;
@@ -404,6 +477,12 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
     assert!(demo.status.success(), "{out}\n{}", text(&demo.stderr));
     let tree = tree_block(&out);
     assert!(tree[0].contains(": 11 steps, 1 denied"), "{out}");
+    assert!(
+        tree.last()
+            .is_some_and(|l| l.contains("tool.call shell.exec")
+                && l.contains("DENY   by forbid-high-risk-tools, forbid-shell-exec")),
+        "{out}"
+    );
     let out = text(&down.stdout);
     for name in [
         "policy-worker",

@@ -21,7 +21,11 @@ fn bundle(extra: usize) -> (tempfile::TempDir, PolicyBundle) {
             std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
         }
     }
-    std::fs::write(dir.path().join("generated.cedar"), generated_policies(extra)).unwrap();
+    std::fs::write(
+        dir.path().join("generated.cedar"),
+        generated_policies(extra),
+    )
+    .unwrap();
     let bundle = PolicyBundle::load(dir.path()).unwrap();
     (dir, bundle)
 }
@@ -42,13 +46,19 @@ fn events() -> Vec<(&'static str, MeshEvent)> {
         .subject("shell.exec")
         .build()
         .unwrap();
-    [("handoff (allow)", "mesh.ingress.planner.handoff", handoff), ("shell.exec (deny)", "mesh.ingress.coder.tool_call", tool)]
-        .into_iter()
-        .map(|(name, subject, event)| {
-            let (h, p) = encode_binary(&event);
-            (name, MeshEvent::from_message(subject, Some(&h), &p, Limits::default()).unwrap())
-        })
-        .collect()
+    [
+        ("handoff (allow)", "mesh.ingress.planner.handoff", handoff),
+        ("shell.exec (deny)", "mesh.ingress.coder.tool_call", tool),
+    ]
+    .into_iter()
+    .map(|(name, subject, event)| {
+        let (h, p) = encode_binary(&event);
+        (
+            name,
+            MeshEvent::from_message(subject, Some(&h), &p, Limits::default()).unwrap(),
+        )
+    })
+    .collect()
 }
 
 fn decide(c: &mut Criterion) {

@@ -17,7 +17,9 @@ use async_nats::jetstream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use policy::{ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, Verdict, generated_policies};
+pub use policy::{
+    ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, Verdict, generated_policies,
+};
 
 /// Everything the worker needs to run.
 #[derive(Debug, Clone)]

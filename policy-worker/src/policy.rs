@@ -5,14 +5,14 @@
 //! files. Every policy is validated against the schema at load; the first
 //! problem refuses the whole set with the file, line and column.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use cedar_policy::{
-    Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
-    PolicySet, Request, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
+    PolicySet, PrincipalConstraint, Request, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use schemas::{EventType, MeshEvent};
@@ -55,6 +55,7 @@ pub enum LoadError {
 /// A validated policy set with its schema and entities, ready to decide.
 pub struct PolicyBundle {
     policies: PolicySet,
+    index: PolicyIndex,
     schema: Schema,
     entities: Entities,
     hash: String,
@@ -107,7 +108,13 @@ pub struct Verdict {
 /// names one principal and one action (a tenth of them forbids), the shape
 /// large policy sets tend to have.
 pub fn generated_policies(n: usize) -> String {
-    let actions = ["message", "task.handoff", "tool.result", "output", "reasoning"];
+    let actions = [
+        "message",
+        "task.handoff",
+        "tool.result",
+        "output",
+        "reasoning",
+    ];
     let mut text = String::new();
     for i in 0..n {
         let action = actions[i % actions.len()];
@@ -118,6 +125,119 @@ pub fn generated_policies(n: usize) -> String {
         ));
     }
     text
+}
+
+/// The policies that can apply to a request, by action and principal.
+///
+/// Cedar evaluates every policy of the set it is given, so decision time
+/// grows with the number of policies. A policy whose scope names another
+/// action, or `principal ==` another agent, can never match, so it is left
+/// out of that request's candidate set; what remains decides exactly as the
+/// whole set would. Scopes that cannot be resolved statically (`action in` a
+/// group, `principal in` / `is`) keep the policy in every candidate set.
+struct PolicyIndex {
+    by_action: HashMap<String, Partition>,
+}
+
+/// The candidates for one action.
+struct Partition {
+    /// Policies whose principal scope is not `==` one agent.
+    generic: PolicySet,
+    /// For each agent named by `principal ==`: `generic` plus those policies.
+    by_principal: HashMap<String, PolicySet>,
+}
+
+impl PolicyIndex {
+    fn build(policies: &PolicySet, names: &Names) -> Self {
+        let actions: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
+        let action_id = |uid: &EntityUid| {
+            (uid.type_name() == &names.action)
+                .then(|| uid.id().unescaped().to_owned())
+                .filter(|id| actions.contains(&id.as_str()))
+        };
+        let mut generic: HashMap<&str, Vec<Policy>> = HashMap::new();
+        let mut specific: HashMap<&str, HashMap<String, Vec<Policy>>> = HashMap::new();
+        for policy in policies.policies() {
+            // The catalogue actions this policy's scope can match.
+            let applies: Vec<&str> = match policy.action_constraint() {
+                ActionConstraint::Any => actions.clone(),
+                ActionConstraint::Eq(uid) => match action_id(&uid) {
+                    Some(id) => actions.iter().copied().filter(|a| *a == id).collect(),
+                    None => Vec::new(),
+                },
+                ActionConstraint::In(uids) => {
+                    let ids: Vec<Option<String>> = uids.iter().map(action_id).collect();
+                    if ids.iter().any(Option::is_none) {
+                        // An action group (or an unknown action): keep it everywhere.
+                        actions.clone()
+                    } else {
+                        actions
+                            .iter()
+                            .copied()
+                            .filter(|a| ids.iter().flatten().any(|id| id == a))
+                            .collect()
+                    }
+                }
+            };
+            let principal = match policy.principal_constraint() {
+                PrincipalConstraint::Eq(uid) if uid.type_name() == &names.agent => Some(uid.id().unescaped().to_owned()),
+                _ => None,
+            };
+            for action in applies {
+                match &principal {
+                    Some(agent) => specific
+                        .entry(action)
+                        .or_default()
+                        .entry(agent.clone())
+                        .or_default()
+                        .push(policy.clone()),
+                    None => generic.entry(action).or_default().push(policy.clone()),
+                }
+            }
+        }
+        let set = |list: &[Policy]| {
+            let mut set = PolicySet::new();
+            for policy in list {
+                // INVARIANT: ids are unique in the source set, so in every subset.
+                let _ = set.add(policy.clone());
+            }
+            set
+        };
+        let by_action = actions
+            .iter()
+            .map(|action| {
+                let generic_list = generic.get(action).map(Vec::as_slice).unwrap_or_default();
+                let by_principal = specific
+                    .get(action)
+                    .map(|agents| {
+                        agents
+                            .iter()
+                            .map(|(agent, own)| {
+                                let mut list = generic_list.to_vec();
+                                list.extend(own.iter().cloned());
+                                (agent.clone(), set(&list))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (
+                    (*action).to_owned(),
+                    Partition {
+                        generic: set(generic_list),
+                        by_principal,
+                    },
+                )
+            })
+            .collect();
+        Self { by_action }
+    }
+
+    /// The candidate set for `action` by `agent`; `None` for an action the
+    /// index does not know (then the whole set is used).
+    fn candidates(&self, action: &str, agent: &str) -> Option<&PolicySet> {
+        let partition = self.by_action.get(action)?;
+        Some(partition.by_principal.get(agent).unwrap_or(&partition.generic))
+    }
 }
 
 /// 1-based line and column of a byte offset in `text`.
@@ -250,13 +370,15 @@ impl PolicyBundle {
             .map_err(|e| invalid(&entities_path, &entities_text, &e, e.to_string()))?;
 
         let digest = hasher.finalize();
+        let names = Names::new();
         Ok(Self {
+            index: PolicyIndex::build(&policies, &names),
             policies,
             schema,
             entities,
             hash: hex::encode(&digest[..8]),
             authorizer: Authorizer::new(),
-            names: Names::new(),
+            names,
         })
     }
 
@@ -334,9 +456,13 @@ impl PolicyBundle {
             Ok(r) => r,
             Err(e) => return deny(format!("request does not match the schema: {e}")),
         };
+        let candidates = self
+            .index
+            .candidates(event.event_type.as_str(), event.agent.as_str())
+            .unwrap_or(&self.policies);
         let response = self
             .authorizer
-            .is_authorized(&request, &self.policies, &self.entities);
+            .is_authorized(&request, candidates, &self.entities);
         let mut errors: Vec<String> = response
             .diagnostics()
             .errors()

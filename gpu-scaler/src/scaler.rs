@@ -1,0 +1,432 @@
+//! The control loop: every `poll_interval`, read the inventory, the demand
+//! and the leases, decide ([`crate::decide::plan`]), carry the plan out with
+//! conditional KV writes, and report each grant and release as an event.
+//!
+//! The loop also answers status requests on [`STATUS_SUBJECT`] with what it
+//! saw and decided last (for `meshctl gpus`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::Error;
+use crate::config::Config;
+use crate::decide::{self, Action, PoolDecision, PoolInput, Stabilizer};
+use crate::demand::{self, PoolDemand};
+use crate::events::{LeaseAction, Outbox, lease_event};
+use crate::inventory::{GpuInfo, Inventory};
+use crate::lease::{Lease, LeaseStore, WriteError};
+
+/// Core NATS subject on which every running scaler answers with its [`Status`] (JSON).
+pub const STATUS_SUBJECT: &str = "mesh.gpu.status";
+
+/// How long the last events may take to reach the broker at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// One pool in a status report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    /// Decision figures.
+    #[serde(flatten)]
+    pub decision: PoolDecision,
+    /// `min_gpus`.
+    pub min_gpus: u32,
+    /// `max_gpus`.
+    pub max_gpus: u32,
+    /// `target_backlog_per_gpu`.
+    pub target_backlog_per_gpu: u64,
+    /// `cooldown` in milliseconds.
+    pub cooldown_ms: u64,
+    /// Where the backlog came from.
+    pub demand: Option<PoolDemand>,
+    /// Why the backlog could not be read.
+    pub demand_error: Option<String>,
+}
+
+/// What a scaler saw and decided in its last round.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    /// The instance name.
+    pub instance: String,
+    /// `nvml` or `declared`.
+    pub inventory_source: String,
+    /// When the round ran (RFC 3339), empty before the first.
+    pub updated_at: String,
+    /// Poll interval in milliseconds.
+    pub poll_interval_ms: u64,
+    /// The GPUs.
+    pub gpus: Vec<GpuInfo>,
+    /// The pools.
+    pub pools: Vec<PoolStatus>,
+    /// Lease events waiting for the broker.
+    pub outbox: usize,
+    /// What went wrong in the round, if anything.
+    pub errors: Vec<String>,
+}
+
+/// What one round did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    /// Leases granted.
+    pub granted: usize,
+    /// Leases released.
+    pub released: usize,
+    /// Leases renewed.
+    pub renewed: usize,
+    /// Conditional writes that lost to another writer.
+    pub conflicts: usize,
+}
+
+/// A running scaler's state between rounds.
+pub struct Scaler {
+    js: jetstream::Context,
+    store: LeaseStore,
+    config: Config,
+    instance: String,
+    inventory: Arc<dyn Inventory>,
+    last_gpus: Vec<GpuInfo>,
+    stabilizers: BTreeMap<String, Stabilizer>,
+    last_desired: BTreeMap<String, u32>,
+    seeded: bool,
+    outbox: Outbox,
+    status: watch::Sender<Status>,
+    _responder: AbortOnDropHandle<()>,
+}
+
+impl Scaler {
+    /// A scaler for `config` named `instance` leasing the GPUs of
+    /// `inventory`. The broker must already have the lease bucket and the
+    /// `MESH_GPU` stream (`broker_config::apply`). Starts answering status
+    /// requests at once.
+    pub async fn new(
+        client: async_nats::Client,
+        config: Config,
+        instance: String,
+        inventory: Arc<dyn Inventory>,
+    ) -> Result<Self, Error> {
+        if !crate::is_valid_instance(&instance) {
+            return Err(Error::InvalidInstance(instance));
+        }
+        config.validate().map_err(Error::Config)?;
+        let js = jetstream::new(client.clone());
+        let store = LeaseStore::open(&js).await?;
+        let (status, status_rx) = watch::channel(Status {
+            instance: instance.clone(),
+            inventory_source: inventory.source().to_owned(),
+            poll_interval_ms: config.poll_interval.as_millis() as u64,
+            ..Status::default()
+        });
+        let subscription = client
+            .subscribe(STATUS_SUBJECT)
+            .await
+            .map_err(|e| Error::Broker {
+                what: format!("subscribing to `{STATUS_SUBJECT}`"),
+                message: e.to_string(),
+            })?;
+        // The subscription must reach the server before anyone asks.
+        client.flush().await.map_err(|e| Error::Broker {
+            what: format!("subscribing to `{STATUS_SUBJECT}`"),
+            message: e.to_string(),
+        })?;
+        let responder =
+            AbortOnDropHandle::new(tokio::spawn(answer_status(client, subscription, status_rx)));
+        let stabilizers = config
+            .pools
+            .iter()
+            .map(|(name, pool)| (name.clone(), Stabilizer::new(pool.cooldown)))
+            .collect();
+        Ok(Self {
+            js,
+            store,
+            config,
+            instance,
+            inventory,
+            last_gpus: Vec::new(),
+            stabilizers,
+            last_desired: BTreeMap::new(),
+            seeded: false,
+            outbox: Outbox::default(),
+            status,
+            _responder: responder,
+        })
+    }
+
+    /// The instance name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// Runs rounds every `poll_interval` until `shutdown`, then gives the
+    /// last lease events a bounded time to reach the broker. Leases are kept
+    /// at shutdown: a scaler restarted under the same instance name adopts
+    /// them; otherwise they lapse after `lease_ttl` and are reclaimed.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut interval = tokio::time::interval(self.config.poll_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The error of the last failed round: an outage is logged once when
+        // it starts (or changes) and once when it ends, not every interval.
+        let mut failing: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = interval.tick() => {}
+            }
+            match self.round().await {
+                Ok(_) => {
+                    if failing.take().is_some() {
+                        tracing::info!(instance = %self.instance, "Scaling rounds running again.");
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if failing.as_deref() != Some(message.as_str()) {
+                        tracing::warn!(instance = %self.instance, error = %message, "Scaling round skipped; retrying every interval.");
+                    }
+                    failing = Some(message);
+                }
+            }
+        }
+        if !self.outbox.is_empty() {
+            let js = self.js.clone();
+            if tokio::time::timeout(SHUTDOWN_GRACE, self.outbox.flush(&js))
+                .await
+                .is_err()
+                || !self.outbox.is_empty()
+            {
+                tracing::warn!(
+                    lost = self.outbox.len(),
+                    "Terminating with lease events the broker did not acknowledge."
+                );
+            }
+        }
+        tracing::info!(instance = %self.instance, "GPU scaler stopped; leases left to lapse or to be adopted.");
+    }
+
+    /// One round: observe, decide, act, report.
+    pub async fn round(&mut self) -> Result<RoundReport, Error> {
+        let started = Instant::now();
+        let now = Utc::now();
+        let mut errors = Vec::new();
+
+        let inventory = Arc::clone(&self.inventory);
+        match tokio::task::spawn_blocking(move || inventory.snapshot()).await {
+            Ok(Ok(gpus)) => self.last_gpus = gpus,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Inventory unreadable; deciding on the last one seen.");
+                errors.push(e.to_string());
+            }
+            Err(e) => errors.push(format!("inventory task: {e}")),
+        }
+        let demands = demand::read_demand(&self.js, &self.config.pools).await;
+        let snapshot = self.store.snapshot().await?;
+
+        if !self.seeded {
+            // What is leased now was wanted a moment ago: hold it for a
+            // cooldown rather than release it on a restart.
+            for (name, pool) in &self.config.pools {
+                let held = snapshot.live_leases(Some(name), now).count() as u32;
+                let held = held.clamp(pool.min_gpus, pool.max_gpus);
+                if let Some(st) = self.stabilizers.get_mut(name) {
+                    st.observe(started, held);
+                }
+            }
+            self.seeded = true;
+        }
+
+        let mut inputs = Vec::new();
+        let mut decisions = Vec::new();
+        for (name, pool) in &self.config.pools {
+            let backlog = match &demands[name] {
+                Ok(d) => Some(d.backlog),
+                Err(e) => {
+                    errors.push(format!("pool `{name}`: {e}"));
+                    None
+                }
+            };
+            let raw = backlog.map(|b| decide::raw_desired(b, pool));
+            let st = self
+                .stabilizers
+                .entry(name.clone())
+                .or_insert_with(|| Stabilizer::new(pool.cooldown));
+            let desired = match raw {
+                Some(raw) => st.observe(started, raw),
+                // Demand unknown: hold what was decided last.
+                None => st
+                    .current(started)
+                    .or_else(|| self.last_desired.get(name).copied())
+                    .unwrap_or(pool.min_gpus),
+            };
+            self.last_desired.insert(name.clone(), desired);
+            inputs.push(PoolInput {
+                pool: name.clone(),
+                min: pool.min_gpus,
+                desired,
+                backlog: backlog.unwrap_or(0),
+            });
+            decisions.push((name.clone(), backlog, raw.unwrap_or(desired), desired));
+        }
+
+        let plan = decide::plan(&decide::PlanInput {
+            now,
+            me: &self.instance,
+            ttl: self.config.lease_ttl,
+            gpus: &self.last_gpus,
+            slots: &snapshot.slots,
+            pools: &inputs,
+        });
+
+        let pools = decisions
+            .into_iter()
+            .map(|(name, backlog, raw_desired, desired)| {
+                let pool = &self.config.pools[&name];
+                let (demand, demand_error) = match &demands[&name] {
+                    Ok(d) => (Some(d.clone()), None),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                PoolStatus {
+                    decision: PoolDecision {
+                        target: plan.targets.get(&name).copied().unwrap_or(0),
+                        holding: plan.holding.get(&name).copied().unwrap_or(0),
+                        pool: name,
+                        backlog,
+                        raw_desired,
+                        desired,
+                    },
+                    min_gpus: pool.min_gpus,
+                    max_gpus: pool.max_gpus,
+                    target_backlog_per_gpu: pool.target_backlog_per_gpu,
+                    cooldown_ms: pool.cooldown.as_millis() as u64,
+                    demand,
+                    demand_error,
+                }
+            })
+            .collect();
+        let gpus = self.last_gpus.clone();
+        // Published before acting, so a reader who sees this round's lease
+        // writes also sees the decision behind them.
+        self.status.send_modify(|s| {
+            s.updated_at = now.to_rfc3339_opts(SecondsFormat::Micros, true);
+            s.gpus = gpus;
+            s.pools = pools;
+            s.errors = errors;
+        });
+
+        let report = self.execute(&plan.actions).await;
+        self.outbox.flush(&self.js).await;
+        let outbox = self.outbox.len();
+        self.status.send_modify(|s| s.outbox = outbox);
+        Ok(report)
+    }
+
+    async fn execute(&mut self, actions: &[Action]) -> RoundReport {
+        let mut report = RoundReport::default();
+        let mut grants_blocked = false;
+        for action in actions {
+            let now = Utc::now();
+            match action {
+                Action::Release {
+                    lease,
+                    revision,
+                    reason,
+                } => match self.store.release(&lease.gpu, *revision).await {
+                    Ok(()) => {
+                        tracing::info!(gpu = %lease.gpu, pool = %lease.pool, holder = %lease.holder, reason = reason.as_str(), "GPU lease released.");
+                        self.emit(LeaseAction::Released(*reason), lease, now);
+                        report.released += 1;
+                    }
+                    Err(e) => self.write_failed(&e, &mut report),
+                },
+                Action::Grant {
+                    gpu,
+                    pool,
+                    revision,
+                } => {
+                    if grants_blocked {
+                        continue;
+                    }
+                    let lease = Lease {
+                        pool: pool.clone(),
+                        gpu: gpu.clone(),
+                        holder: self.instance.clone(),
+                        granted_at: now,
+                        expires_at: expiry(now, self.config.lease_ttl),
+                    };
+                    match self.store.grant(&lease, *revision).await {
+                        Ok(_) => {
+                            tracing::info!(%gpu, %pool, expires_at = %lease.expires_at, "GPU lease granted.");
+                            self.emit(LeaseAction::Granted, &lease, now);
+                            report.granted += 1;
+                        }
+                        Err(e) => {
+                            // Another scaler moved first: decide again on
+                            // fresh state next round instead of grabbing
+                            // another GPU for the same need.
+                            grants_blocked = true;
+                            self.write_failed(&e, &mut report);
+                        }
+                    }
+                }
+                Action::Renew { lease, revision } => {
+                    let renewed = Lease {
+                        expires_at: expiry(now, self.config.lease_ttl),
+                        ..lease.clone()
+                    };
+                    match self.store.renew(&renewed, *revision).await {
+                        Ok(_) => {
+                            tracing::debug!(gpu = %lease.gpu, pool = %lease.pool, "GPU lease renewed.");
+                            report.renewed += 1;
+                        }
+                        Err(e) => self.write_failed(&e, &mut report),
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    fn write_failed(&self, e: &WriteError, report: &mut RoundReport) {
+        match e {
+            WriteError::Conflict(key) => {
+                tracing::debug!(gpu = %key, "Lease changed by another writer; deciding again next round.");
+                report.conflicts += 1;
+            }
+            WriteError::Broker { .. } => tracing::warn!(error = %e, "Lease write failed."),
+        }
+    }
+
+    fn emit(&mut self, action: LeaseAction, lease: &Lease, now: DateTime<Utc>) {
+        match lease_event(&self.instance, action, lease, now) {
+            Ok(event) => self.outbox.push(&lease.pool, event),
+            Err(e) => {
+                tracing::error!(error = %e, gpu = %lease.gpu, "Lease event could not be built.")
+            }
+        }
+    }
+}
+
+fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(15))
+}
+
+async fn answer_status(
+    client: async_nats::Client,
+    mut requests: async_nats::Subscriber,
+    status: watch::Receiver<Status>,
+) {
+    while let Some(request) = requests.next().await {
+        let Some(reply) = request.reply else { continue };
+        // INVARIANT: `Status` is plain data, so serialising cannot fail.
+        let body = serde_json::to_vec(&*status.borrow()).unwrap_or_default();
+        if let Err(e) = client.publish(reply, body.into()).await {
+            tracing::debug!(error = %e, "Status reply not sent.");
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The NVML path on a real NVIDIA GPU: discovery (uuid, name, memory,
+//! utilisation, health) and a lease on the real uuid. Where NVML is absent
+//! the GPU checks are skipped with a message, and the fallback to the
+//! declared GPUs is checked instead.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpu_scaler::{
+    Config, Inventory, InventoryMode, NvmlInventory, assigned_gpus, cuda_visible_devices,
+};
+
+#[tokio::test]
+async fn nvml_discovers_real_gpus_and_the_scaler_leases_one() -> anyhow::Result<()> {
+    let nvml = match NvmlInventory::open() {
+        Ok(nvml) => nvml,
+        Err(e) => {
+            println!(
+                "SKIPPED: no NVIDIA GPU here ({e}); this test runs where libnvidia-ml.so.1 loads"
+            );
+            return Ok(());
+        }
+    };
+    let gpus = nvml.snapshot()?;
+    if gpus.is_empty() {
+        println!("SKIPPED: NVML loaded but sees no GPU");
+        return Ok(());
+    }
+    println!(
+        "NVML driver {:?}, {} GPU(s):",
+        nvml.driver_version(),
+        gpus.len()
+    );
+    for gpu in &gpus {
+        println!(
+            "  #{:?} {} `{}` memory {:?}/{} MiB utilisation {:?}% healthy {} {:?}",
+            gpu.index,
+            gpu.uuid,
+            gpu.name,
+            gpu.memory_used_mib,
+            gpu.memory_total_mib,
+            gpu.utilization_percent,
+            gpu.healthy,
+            gpu.problem
+        );
+        assert!(
+            gpu.uuid.starts_with("GPU-") || gpu.uuid.starts_with("MIG-"),
+            "{}",
+            gpu.uuid
+        );
+        assert!(!gpu.name.is_empty());
+        assert!(gpu.memory_total_mib > 0);
+        assert!(
+            gpu.memory_used_mib
+                .is_some_and(|u| u <= gpu.memory_total_mib)
+        );
+        assert!(gpu.utilization_percent.is_none_or(|u| u <= 100));
+        assert!(gpu.index.is_some());
+    }
+    let auto = gpu_scaler::inventory::open(&Config::default())?;
+    assert_eq!(auto.source(), "nvml", "auto mode picks NVML where it loads");
+
+    // A lease on the real GPU, when a nats-server is at hand.
+    if let Err(e) = testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server") {
+        println!("lease part SKIPPED: {e}");
+        return Ok(());
+    }
+    let mesh = common::mesh().await?;
+    let mut config = common::config(
+        0,
+        Duration::from_millis(250),
+        Duration::from_secs(15),
+        &[(
+            "gpu-check",
+            common::pool("gpu-check", 10, 1, 1, Duration::from_secs(60)),
+        )],
+    );
+    config.inventory = InventoryMode::Nvml;
+    let mut scaler = gpu_scaler::Scaler::new(
+        mesh.client.clone(),
+        config,
+        "nvml-check".into(),
+        Arc::new(nvml),
+    )
+    .await?;
+    let report = scaler.round().await?;
+    assert_eq!(report.granted, 1, "min_gpus = 1 leases one real GPU");
+    let assigned = assigned_gpus(&mesh.js, "gpu-check").await?;
+    let healthy: Vec<_> = gpus.iter().filter(|g| g.healthy).collect();
+    assert_eq!(assigned.len(), 1);
+    assert_eq!(assigned[0].uuid, healthy[0].uuid);
+    println!(
+        "leased: CUDA_VISIBLE_DEVICES={}",
+        cuda_visible_devices(&assigned)
+    );
+    Ok(())
+}
+
+#[test]
+fn without_nvml_auto_mode_uses_the_declared_gpus() -> anyhow::Result<()> {
+    if NvmlInventory::open().is_ok() {
+        println!("SKIPPED: NVML is present here; the fallback is for hosts without it");
+        return Ok(());
+    }
+    let mut config = Config {
+        gpus: common::declared(2),
+        ..Config::default()
+    };
+    let inventory = gpu_scaler::inventory::open(&config)?;
+    assert_eq!(inventory.source(), "declared");
+    assert_eq!(inventory.snapshot()?.len(), 2);
+    config.inventory = InventoryMode::Nvml;
+    let err = gpu_scaler::inventory::open(&config)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.starts_with("NVML is not available"), "{err}");
+    Ok(())
+}
