@@ -380,9 +380,9 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(
-            text.contains("agentmesh_gpu_scaling_decisions_total{")
-                && text.contains("pool=\"coder\"")
-                && text.contains("action=\"granted\""),
+            text.contains(
+                "agentmesh_gpu_scaling_decisions_total{action=\"granted\",pool=\"coder\"} 1\n"
+            ),
             "{text}"
         );
     }

@@ -306,6 +306,9 @@ fn sample<'a, T: Sample>(
         }
         out.push('"');
     };
+    // Sorted, so a series always reads the same whatever order it was bound in.
+    let mut attributes: Vec<&KeyValue> = attributes.collect();
+    attributes.sort_by(|a, b| a.key.as_str().cmp(b.key.as_str()));
     for kv in attributes {
         match &kv.value {
             Value::String(s) => label(out, kv.key.as_str(), s.as_str()),

@@ -103,6 +103,20 @@ pub fn join(span: &Span, traceparent: &TraceParent, tracestate: Option<&str>) {
     let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
 }
 
+/// Makes `span` a child of the trace `event` carries (its `traceparent` and
+/// `tracestate`, or the trace derived from its id when it has none).
+pub fn join_event(span: &Span, event: &schemas::MeshEvent) {
+    if span.is_disabled() {
+        return;
+    }
+    let tracestate = event
+        .event
+        .extension(schemas::ext::TRACESTATE)
+        .map(|v| v.to_string())
+        .filter(|_| !event.trace_derived);
+    join(span, &event.trace, tracestate.as_deref());
+}
+
 /// Records the outcome on a `policy.decision` span.
 pub fn record_decision(
     span: &Span,
@@ -122,14 +136,13 @@ pub fn record_decision(
 
 /// The `policy.delivery` span: publishing the receipt and the routed or
 /// dead-lettered copy, as a child of the decision.
-pub fn delivery(decision: &Span, destination: Option<&str>) -> Span {
+pub fn delivery(decision: &Span) -> Span {
     tracing::info_span!(
         target: TARGET,
         parent: decision,
         "policy.delivery",
         otel.kind = "producer",
         messaging.system = "nats",
-        messaging.destination.name = destination.unwrap_or(""),
     )
 }
 
