@@ -65,6 +65,9 @@ pub enum Error {
     /// The instance name cannot be used in a CloudEvents source.
     #[error("instance name `{0}` is invalid: use letters, digits, `.`, `_` or `-` (at most 64)")]
     InvalidInstance(String),
+    /// The health and metrics server or the OTLP exporter could not start.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::Error),
     /// The ready file could not be written.
     #[error("ready file `{path}`: {source}")]
     ReadyFile {
@@ -86,6 +89,8 @@ pub struct Settings {
     pub instance: String,
     /// File created once the first round has run, removed on exit.
     pub ready_file: Option<PathBuf>,
+    /// Health and metrics server, OTLP export (off by default).
+    pub ops: telemetry::OpsConfig,
 }
 
 /// Whether `name` can name an instance: `[A-Za-z0-9._-]{1,64}`.
@@ -126,17 +131,26 @@ pub fn default_instance() -> String {
 /// opens the inventory, runs a first round, writes the ready file, then
 /// runs rounds every `poll_interval`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+    // First, so /healthz answers while the scaler starts.
+    let ops = telemetry::Ops::start("gpu-scaler", &settings.ops).await?;
+    let running = ops.health().flag("rounds", false);
     let client = async_nats::connect(&settings.nats_url)
         .await
         .map_err(|e| Error::Connect {
             url: settings.nats_url.clone(),
             message: e.to_string(),
         })?;
+    let state = client.clone();
+    ops.health().probe("nats", move || {
+        state.connection_state() == async_nats::connection::State::Connected
+    });
     let js = async_nats::jetstream::new(client.clone());
     broker_config::apply(&js, &broker_config::Options::default()).await?;
     let inventory: Arc<dyn Inventory> = inventory::open(&settings.config)?;
     let pools = settings.config.pools.len();
-    let mut scaler = Scaler::new(client, settings.config, settings.instance, inventory).await?;
+    let mut scaler = Scaler::new(client, settings.config, settings.instance, inventory)
+        .await?
+        .with_metrics(telemetry::ScalerMetrics::new(ops.metrics()));
     if let Err(e) = scaler.round().await {
         tracing::warn!(error = %e, "First scaling round failed; retrying every interval.");
     }
@@ -144,8 +158,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Some(path) => Some(ReadyFile::create(path.clone())?),
         None => None,
     };
+    running.set(true);
     tracing::info!(instance = %scaler.instance(), pools, "GPU scaler ready.");
     scaler.run(shutdown).await;
+    running.set(false);
+    ops.shutdown().await;
     Ok(())
 }
 
