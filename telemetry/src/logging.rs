@@ -4,8 +4,8 @@
 //! over OTLP/HTTP in batches.
 //!
 //! The two outputs are filtered separately: log lines never carry the mesh's
-//! spans (they would repeat the fields every event line already has), and
-//! `RUST_LOG=warn` does not switch tracing off.
+//! spans or span events (they would repeat the fields every event line
+//! already has), and `RUST_LOG=warn` does not switch tracing off.
 
 use std::sync::OnceLock;
 
@@ -76,8 +76,8 @@ pub(crate) fn resource(service: &'static str) -> Resource {
 /// inside the Tokio runtime; keep the guard and `shutdown` it on exit.
 pub fn init_tracing(service: &'static str, config: &OpsConfig) -> Result<TracingGuard, Error> {
     let env_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Log lines only: the mesh's spans are for the trace backend.
-    let not_mesh_spans = filter_fn(|meta| !(meta.is_span() && meta.target() == spans::TARGET));
+    // Log lines only: the mesh's spans (and their events) are for the trace backend.
+    let not_mesh_spans = filter_fn(|meta| meta.target() != spans::TARGET);
     let logs = match config.log_format {
         LogFormat::Text => fmt::layer()
             .with_writer(std::io::stderr)
