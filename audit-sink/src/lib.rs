@@ -87,6 +87,10 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub shutdown_grace_ms: u64,
+    /// Replicas of the MESH_* streams when they are created or updated (3 on
+    /// a 3-node cluster; every service must say the same).
+    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
     /// Create this file once ready (schema and consumers in place); removed on exit.
     #[arg(long, env = "AGENTMESH_AUDIT_READY_FILE")]
     pub ready_file: Option<PathBuf>,
@@ -112,6 +116,7 @@ impl Config {
             retry_max_ms: 5_000,
             retention_days: 0,
             shutdown_grace_ms: 10_000,
+            stream_replicas: 1,
             ready_file: None,
             ops: telemetry::OpsConfig::default(),
         }
@@ -215,7 +220,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         state.connection_state() == async_nats::connection::State::Connected
     });
     let js = async_nats::jetstream::new(nats);
-    broker_config::apply(&js, &broker_config::Options::default()).await?;
+    let broker = broker_config::Options {
+        replicas: config.stream_replicas.max(1),
+        ..broker_config::Options::default()
+    };
+    broker_config::apply(&js, &broker).await?;
 
     let ddl_client = config.clickhouse_client();
     let client = ddl_client.clone().with_database(&config.database);

@@ -89,6 +89,9 @@ pub struct Settings {
     pub instance: String,
     /// File created once the first round has run, removed on exit.
     pub ready_file: Option<PathBuf>,
+    /// Replicas of the MESH_* streams when they are created or updated (3 on
+    /// a 3-node cluster; every service must say the same).
+    pub stream_replicas: usize,
     /// Health and metrics server, OTLP export (off by default).
     pub ops: telemetry::OpsConfig,
 }
@@ -145,7 +148,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         state.connection_state() == async_nats::connection::State::Connected
     });
     let js = async_nats::jetstream::new(client.clone());
-    broker_config::apply(&js, &broker_config::Options::default()).await?;
+    let broker = broker_config::Options {
+        replicas: settings.stream_replicas.max(1),
+        ..broker_config::Options::default()
+    };
+    broker_config::apply(&js, &broker).await?;
     let inventory: Arc<dyn Inventory> = inventory::open(&settings.config)?;
     let pools = settings.config.pools.len();
     let mut scaler = Scaler::new(client, settings.config, settings.instance, inventory)

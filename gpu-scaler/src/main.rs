@@ -24,6 +24,9 @@ struct Args {
     /// Instance name: lease holder and event source (default: the host name).
     #[arg(long, env = "GPU_SCALER_INSTANCE")]
     instance: Option<String>,
+    /// Replicas of the MESH_* streams when they are created or updated.
+    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
     /// Health and metrics server, log format, OTLP export.
     #[command(flatten)]
     ops: telemetry::OpsConfig,
@@ -45,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         config,
         instance: args.instance.unwrap_or_else(gpu_scaler::default_instance),
         ready_file: args.ready_file,
+        stream_replicas: args.stream_replicas,
         ops: args.ops,
     };
     let shutdown = CancellationToken::new();
