@@ -23,10 +23,10 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import nats' 2>/dev/null; then
-  echo "==> installing nats-py (PyPI) for the interop test"
-  python3 -m pip install -q --disable-pip-version-check nats-py 2>/dev/null \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages nats-py
+if ! python3 -c 'import nats, nkeys' 2>/dev/null; then
+  echo "==> installing nats-py and nkeys (PyPI) for the interop test and the Python example"
+  python3 -m pip install -q --disable-pip-version-check nats-py nkeys 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages nats-py nkeys
 fi
 
 case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac

@@ -286,14 +286,24 @@ impl AgentBuilder {
 
     async fn setup(self, id: AgentId, client: Client) -> Result<Agent, ConnectError> {
         let js = jetstream::new(client.clone());
-        for stream in [
-            subjects::STREAM_INGRESS,
-            subjects::STREAM_DELIVER,
-            subjects::STREAM_DECISION,
+        // Which stream holds each of the agent's subjects: stream names only
+        // (an agent on a mesh with authorization may not read the streams'
+        // information, which lists who exchanged how many messages).
+        for (stream, subject) in [
+            (
+                subjects::STREAM_INGRESS,
+                subjects::ingress(id.as_str(), "step"),
+            ),
+            (
+                subjects::STREAM_DELIVER,
+                subjects::deliver(id.as_str(), "any"),
+            ),
+            (subjects::STREAM_DECISION, subjects::decision(id.as_str())),
         ] {
-            match js.get_stream(stream).await {
-                Ok(_) => {}
-                Err(e) if is_stream_not_found(&e) => {
+            match js.stream_by_subject(subject).await {
+                Ok(name) if name == stream => {}
+                Ok(_) => return Err(ConnectErrorKind::MissingStream(stream.to_owned()).into()),
+                Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
                     return Err(ConnectErrorKind::MissingStream(stream.to_owned()).into());
                 }
                 Err(e) => return Err(ConnectError::with_source(ConnectErrorKind::Broker, e)),
@@ -334,7 +344,7 @@ impl AgentBuilder {
                 .map_err(|e| ConnectError::with_source(ConnectErrorKind::Card, e))?;
         }
         tracing::debug!(agent = %id, consumer = %consumer_name, "Agent connected.");
-        Ok(Agent {
+        let agent = Agent {
             inner: Arc::new(Inner {
                 tool_slots: Arc::new(Semaphore::new(self.settings.max_concurrent_tools)),
                 id,
@@ -350,16 +360,13 @@ impl AgentBuilder {
                 tasks: TaskTracker::new(),
                 settings: self.settings,
             }),
-        })
+        };
+        agent
+            .start_receipts()
+            .await
+            .map_err(|e| ConnectError::with_source(ConnectErrorKind::Broker, e))?;
+        Ok(agent)
     }
-}
-
-pub(crate) fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
-    matches!(
-        e.kind(),
-        jetstream::context::GetStreamErrorKind::JetStream(j)
-            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-    )
 }
 
 /// The durable consumer an agent reads its deliveries from: `agent-<id>`.
@@ -567,28 +574,6 @@ impl Agent {
             sequence: ack.sequence,
             duplicate: ack.duplicate,
         })
-    }
-
-    /// Creates an ordered consumer on `stream` filtered on `filter`.
-    pub(crate) async fn ordered(
-        &self,
-        stream: &str,
-        filter: String,
-        deliver_policy: consumer::DeliverPolicy,
-    ) -> Result<consumer::pull::Ordered, BoxError> {
-        let consumer: consumer::OrderedPullConsumer = self
-            .inner
-            .js
-            .create_consumer_on_stream(
-                consumer::pull::OrderedConfig {
-                    filter_subject: filter,
-                    deliver_policy,
-                    ..Default::default()
-                },
-                stream,
-            )
-            .await?;
-        Ok(consumer.messages().await?)
     }
 
     pub(crate) fn tool_handler(&self, tool: &str) -> Option<Arc<dyn ToolHandler>> {

@@ -9,9 +9,7 @@
 use std::future::IntoFuture;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::DeliverPolicy;
-use futures::StreamExt;
-use schemas::{Decision, DecisionReceipt, EventType, subjects};
+use schemas::{Decision, DecisionReceipt, EventType};
 use serde_json::Value;
 
 use crate::agent::Agent;
@@ -20,10 +18,6 @@ use crate::error::{CallError, CallErrorKind, DecisionError, DecisionErrorKind};
 use crate::inbox::Arrival;
 use crate::payload;
 use crate::workflow::{BoxFuture, Step, Workflow};
-
-/// How far before an event's UUIDv7 time [`Agent::await_decision`] starts
-/// reading receipts, to allow for clock skew between agent and broker.
-const DECISION_LOOKBACK: Duration = Duration::from_secs(60);
 
 /// A tool call being prepared; await it for the tool's result.
 #[must_use = "a tool call is only made when awaited"]
@@ -177,7 +171,7 @@ async fn exchange(
     }
     // Listen before publishing, so neither receipt nor answer can be missed.
     let mut waiting = agent
-        .wait_for(&id)
+        .wait_for(&id, true)
         .await
         .map_err(|e| CallError::with_source(CallErrorKind::Broker, e))?;
     let wf = prepared.wf.clone();
@@ -235,37 +229,20 @@ impl DecisionWait {
     }
 
     async fn run(self) -> Result<DecisionReceipt, DecisionError> {
-        // Receipts are kept in `MESH_DECISION`, so one that came before the
-        // wait is still there: start a little before the event was minted
-        // (its UUIDv7 time), or at the beginning for ids without a time.
-        let deliver_policy = start_of(&self.event_id)
-            .map(|start_time| DeliverPolicy::ByStartTime { start_time })
-            .unwrap_or(DeliverPolicy::All);
-        let me = self.agent.id().to_string();
-        let mut receipts = self
+        // The inbox has read this agent's receipts since it connected and
+        // keeps the recent ones, so a receipt that came before the wait is
+        // handed over at once.
+        let mut waiting = self
             .agent
-            .ordered(
-                subjects::STREAM_DECISION,
-                subjects::decision(&me),
-                deliver_policy,
-            )
+            .wait_for(&self.event_id, false)
             .await
             .map_err(|e| DecisionError::with_source(DecisionErrorKind::Broker, e))?;
         let wait = async {
-            while let Some(next) = receipts.next().await {
-                match next {
-                    Ok(message) => {
-                        match serde_json::from_slice::<DecisionReceipt>(&message.payload) {
-                            Ok(receipt) if receipt.event_id == self.event_id => return Ok(receipt),
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, "Ignoring a decision receipt that does not parse.")
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "Receipt consumer hiccup; it resumes by itself.")
-                    }
+            while let Some(arrival) = waiting.arrivals.recv().await {
+                if let Arrival::Decision(receipt) = arrival
+                    && receipt.event_id == self.event_id
+                {
+                    return Ok(*receipt);
                 }
             }
             Err(DecisionError::new(DecisionErrorKind::Broker))
@@ -290,22 +267,10 @@ impl IntoFuture for DecisionWait {
     }
 }
 
-/// Where to start reading receipts for `event_id`: its UUIDv7 time minus the
-/// lookback, or `None` when the id carries no time.
-fn start_of(event_id: &str) -> Option<async_nats::datetime::DateTime> {
-    let uuid = uuid::Uuid::parse_str(event_id).ok()?;
-    if uuid.get_version_num() != 7 {
-        return None;
-    }
-    let (secs, nanos) = uuid.get_timestamp()?.to_unix();
-    let at = i128::from(secs) * 1_000_000_000 + i128::from(nanos);
-    let start = at - DECISION_LOOKBACK.as_nanos() as i128;
-    async_nats::datetime::from_nanos(start.max(0)).ok()
-}
-
 impl Agent {
     /// Waits for the decision receipt of event `event_id`, which this agent
-    /// published. Works whether the receipt came before or after the wait.
+    /// published since it connected. Works whether the receipt came before
+    /// or after the wait (the agent keeps its most recent 4096 receipts).
     ///
     /// ```no_run
     /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
@@ -321,18 +286,5 @@ impl Agent {
             event_id: event_id.into(),
             timeout: self.inner.settings.call_timeout,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn start_time_comes_from_uuid_v7() {
-        let id = uuid::Uuid::now_v7().to_string();
-        assert!(start_of(&id).is_some());
-        assert!(start_of(&uuid::Uuid::new_v4().to_string()).is_none());
-        assert!(start_of("not-a-uuid").is_none());
     }
 }

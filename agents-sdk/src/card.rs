@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use async_nats::jetstream::{self, kv};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{Stream, StreamExt};
 use schemas::{AgentId, subjects};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -220,16 +220,24 @@ impl ToolSpec {
 /// # Ok(())
 /// # }
 /// ```
+///
+/// Listing and watching read the bucket's stream (stream information and
+/// direct gets) rather than creating consumers, which an agent on a mesh
+/// with authorization may not do.
 #[derive(Debug, Clone)]
 pub struct Directory {
     kv: kv::Store,
+    client: async_nats::Client,
 }
 
 impl Directory {
     /// Opens the `mesh-agents` bucket.
     pub async fn open(js: &jetstream::Context) -> Result<Self, DirectoryError> {
         match js.get_key_value(subjects::BUCKET_AGENTS).await {
-            Ok(kv) => Ok(Self { kv }),
+            Ok(kv) => Ok(Self {
+                kv,
+                client: js.client(),
+            }),
             Err(e) => {
                 let missing = matches!(e.kind(), jetstream::context::KeyValueErrorKind::GetBucket)
                     && e.to_string().contains("not found");
@@ -274,17 +282,30 @@ impl Directory {
         value.map(|bytes| parse_card(id, &bytes)).transpose()
     }
 
+    /// The keys that have (or had) a card: the subjects of the bucket's
+    /// stream, read from its stream information.
+    async fn keys(&self) -> Result<Vec<String>, DirectoryError> {
+        let broker = |e| DirectoryError::with_source(DirectoryErrorKind::Broker, e);
+        let mut listing = self
+            .kv
+            .stream
+            .info_with_subjects(format!("{}>", self.kv.prefix))
+            .await
+            .map_err(broker)?;
+        let mut keys = Vec::new();
+        while let Some(entry) = listing.next().await {
+            let (subject, _count) = entry.map_err(broker)?;
+            if let Some(key) = subject.strip_prefix(self.kv.prefix.as_str()) {
+                keys.push(key.to_owned());
+            }
+        }
+        Ok(keys)
+    }
+
     /// Every card, sorted by agent id. Cards that do not parse are skipped
     /// (and logged): one bad writer must not hide every other agent.
     pub async fn list(&self) -> Result<Vec<AgentCard>, DirectoryError> {
-        let keys: Vec<String> = self
-            .kv
-            .keys()
-            .await
-            .map_err(|e| DirectoryError::with_source(DirectoryErrorKind::Broker, e))?
-            .try_collect()
-            .await
-            .map_err(|e| DirectoryError::with_source(DirectoryErrorKind::Broker, e))?;
+        let keys = self.keys().await?;
         let mut cards = Vec::with_capacity(keys.len());
         for key in keys {
             match self.get(&key).await {
@@ -332,29 +353,99 @@ impl Directory {
     /// # }
     /// ```
     pub async fn watch(&self) -> Result<CardWatch, DirectoryError> {
-        let watch = self
-            .kv
-            .watch_with_history(">")
+        let broker =
+            |e: crate::error::BoxError| DirectoryError::with_source(DirectoryErrorKind::Broker, e);
+        // Changes are read from the bucket's stream in order, by sequence
+        // (direct gets, no consumer). A subscription on the cards' subjects
+        // wakes the reader early; it does not see every change (on a mesh
+        // with authorization, other agents' writes reach this account only
+        // through the stream), so the reader also looks every second.
+        let mut wake = self
+            .client
+            .subscribe(format!("{}>", self.kv.prefix))
             .await
-            .map_err(|e| DirectoryError::with_source(DirectoryErrorKind::Broker, e))?;
-        let changes = watch.filter_map(|entry| async move {
-            match entry {
-                Err(e) => Some(Err(DirectoryError::with_source(DirectoryErrorKind::Broker, e))),
-                Ok(entry) => match entry.operation {
-                    kv::Operation::Delete | kv::Operation::Purge => Some(Ok(CardChange::Removed(entry.key))),
-                    kv::Operation::Put => match parse_card(&entry.key, &entry.value) {
-                        Ok(card) => Some(Ok(CardChange::Registered(card))),
-                        Err(e) => {
-                            tracing::warn!(agent = %entry.key, error = %e, "Skipping an agent card that does not parse.");
-                            None
+            .map_err(|e| broker(e.into()))?;
+        let mut stream = self.kv.stream.clone();
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| broker(e.into()))?
+            .state
+            .last_sequence;
+        let current = self.list().await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let prefix = self.kv.prefix.clone();
+        tokio::spawn(async move {
+            let filter = format!("{prefix}>");
+            let mut next = last + 1;
+            loop {
+                loop {
+                    match stream
+                        .direct_get_next_for_subject(&filter, Some(next))
+                        .await
+                    {
+                        Ok(message) => {
+                            next = message.sequence + 1;
+                            if let Some(change) = card_change(&prefix, &message)
+                                && tx.send(change).await.is_err()
+                            {
+                                return;
+                            }
                         }
-                    },
-                },
+                        Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "Reading card changes failed; retrying.");
+                            break;
+                        }
+                    }
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    woke = wake.next() => if woke.is_none() { return },
+                    () = tokio::time::sleep(WATCH_POLL) => {}
+                }
             }
         });
+        let changes = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|change| (change, rx))
+        });
+        let all = futures::stream::iter(
+            current
+                .into_iter()
+                .map(|card| Ok(CardChange::Registered(card))),
+        )
+        .chain(changes);
         Ok(CardWatch {
-            inner: Box::pin(changes),
+            inner: Box::pin(all),
         })
+    }
+}
+
+/// How often [`Directory::watch`] looks for changes when nothing woke it.
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The change a stored message of the bucket makes; `None` for one that is
+/// not about a card or does not parse.
+fn card_change(
+    prefix: &str,
+    message: &jetstream::message::StreamMessage,
+) -> Option<Result<CardChange, DirectoryError>> {
+    let key = message.subject.as_str().strip_prefix(prefix)?.to_owned();
+    let operation = message
+        .headers
+        .get("KV-Operation")
+        .map(|v| v.as_str().to_owned());
+    match operation.as_deref() {
+        Some("DEL") | Some("PURGE") => Some(Ok(CardChange::Removed(key))),
+        _ => match parse_card(&key, &message.payload) {
+            Ok(card) => Some(Ok(CardChange::Registered(card))),
+            Err(e) => {
+                tracing::warn!(agent = %key, error = %e, "Skipping an agent card that does not parse.");
+                None
+            }
+        },
     }
 }
 

@@ -49,7 +49,7 @@ impl Received {
             .and_then(|rest| rest.split('.').nth(1))
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Invalid::Subject(subject.to_owned()))?;
-        let size = message_size(headers, payload);
+        let size = schemas::message_size(headers, payload);
         let (event, mode) = schemas::decode(headers, payload)?;
         Ok(Self {
             event: MeshEvent::validate(source, event, mode, size)?,
@@ -117,24 +117,6 @@ impl Received {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_slice(&self.data())
     }
-}
-
-/// Header names, values and payload, in bytes (as the mesh counts size).
-fn message_size(headers: Option<&HeaderMap>, payload: &[u8]) -> usize {
-    let header_bytes: usize = headers
-        .map(|h| {
-            h.iter()
-                .map(|(name, values)| {
-                    let name: &str = name.as_ref();
-                    values
-                        .iter()
-                        .map(|v| name.len() + v.as_str().len() + 4)
-                        .sum::<usize>()
-                })
-                .sum()
-        })
-        .unwrap_or(0);
-    header_bytes + payload.len()
 }
 
 /// One delivery: a [`Received`] event and its JetStream acknowledgement.

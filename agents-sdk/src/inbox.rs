@@ -1,17 +1,20 @@
-//! The agent's inbox for calls in flight: one ordered consumer on its
-//! receipts (`mesh.decision.<self>`) and one on its deliveries
-//! (`mesh.deliver.<self>.>`), read by one task that hands each receipt and
-//! each answer to the call waiting for it, by event id.
+//! The agent's inbox for calls in flight: a subscription on its receipts
+//! (`mesh.decision.<self>`, from connect on) and, from the first call on,
+//! one on its deliveries (`mesh.deliver.<self>.>`), each read by one task
+//! that hands every receipt and every answer to the call waiting for it, by
+//! event id. Recent receipts are kept, so a wait that starts after its
+//! receipt arrived still finds it.
 //!
-//! Started on the first call, before that call is published, so no receipt
-//! or answer can slip past; shared by every later call, so a call costs no
-//! consumer of its own. The agent's durable consumer is not touched: it
-//! still gets (and the delivery stream drops) the answers.
+//! Plain subscriptions, not JetStream consumers: on a mesh with
+//! authorization an agent may subscribe to its own subjects but may not
+//! create consumers (see `docs/security.md`). A subscription made before a
+//! call is published sees everything the call can get back; the agent's
+//! durable consumer is not touched: it still gets (and the delivery stream
+//! drops) the answers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
-use async_nats::jetstream::consumer::DeliverPolicy;
 use futures::StreamExt;
 use schemas::{DecisionReceipt, subjects};
 use tokio::sync::mpsc;
@@ -32,19 +35,51 @@ pub(crate) enum Arrival {
 
 type Waiters = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Arrival>>>>;
 
+/// How many receipts the inbox keeps for waits that start late.
+const RECENT_RECEIPTS: usize = 4096;
+
+/// The receipts that arrived most recently, by event id.
+#[derive(Debug, Default)]
+struct Recent {
+    receipts: HashMap<String, DecisionReceipt>,
+    order: VecDeque<String>,
+}
+
+impl Recent {
+    fn insert(&mut self, receipt: DecisionReceipt) {
+        let id = receipt.event_id.clone();
+        if self.receipts.insert(id.clone(), receipt).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > RECENT_RECEIPTS {
+            if let Some(old) = self.order.pop_front() {
+                self.receipts.remove(&old);
+            }
+        }
+    }
+}
+
 /// The running inbox of one agent.
 #[derive(Default)]
 pub(crate) struct Inbox {
     waiters: Waiters,
-    /// Whether the reading task runs; restarted by the next call if not.
-    running: tokio::sync::Mutex<Option<CancellationToken>>,
+    recent: Arc<Mutex<Recent>>,
+    /// The receipt reader, started when the agent connects.
+    receipts: Mutex<Option<CancellationToken>>,
+    /// The answer reader; restarted by the next call if it ended.
+    answers: tokio::sync::Mutex<Option<CancellationToken>>,
 }
 
 impl Inbox {
-    /// Stops the reading task (the agent is going away).
+    /// Stops the reading tasks (the agent is going away).
     pub(crate) fn stop(&self) {
-        if let Ok(running) = self.running.try_lock()
-            && let Some(token) = running.as_ref()
+        if let Ok(receipts) = self.receipts.lock()
+            && let Some(token) = receipts.as_ref()
+        {
+            token.cancel();
+        }
+        if let Ok(answers) = self.answers.try_lock()
+            && let Some(token) = answers.as_ref()
         {
             token.cancel();
         }
@@ -66,20 +101,77 @@ impl Drop for Waiting {
     }
 }
 
+fn hand_over(waiters: &Waiters, id: &str, arrival: Arrival) {
+    if let Ok(waiters) = waiters.lock()
+        && let Some(tx) = waiters.get(id)
+    {
+        let _ = tx.send(arrival);
+    }
+}
+
 impl Agent {
-    /// Registers a wait for event `id`'s receipt and answers, starting the
-    /// inbox first if it is not running.
-    pub(crate) async fn wait_for(&self, id: &str) -> Result<Waiting, BoxError> {
+    /// Subscribes to the agent's receipts; called once, at connect, so
+    /// every receipt of an event this agent publishes is seen.
+    pub(crate) async fn start_receipts(&self) -> Result<(), BoxError> {
+        let mut receipts = self
+            .inner
+            .client
+            .subscribe(subjects::decision(self.id().as_str()))
+            .await?;
+        let token = CancellationToken::new();
+        let stop = token.clone();
+        let waiters = self.inner.inbox.waiters.clone();
+        let recent = self.inner.inbox.recent.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    next = receipts.next() => match next {
+                        Some(message) => match serde_json::from_slice::<DecisionReceipt>(&message.payload) {
+                            Ok(receipt) => {
+                                if let Ok(mut recent) = recent.lock() {
+                                    recent.insert(receipt.clone());
+                                }
+                                let id = receipt.event_id.clone();
+                                hand_over(&waiters, &id, Arrival::Decision(Box::new(receipt)));
+                            }
+                            Err(e) => tracing::warn!(subject = %message.subject, error = %e, "Ignoring a decision receipt that does not parse."),
+                        },
+                        None => break,
+                    },
+                }
+            }
+        });
+        if let Ok(mut running) = self.inner.inbox.receipts.lock() {
+            *running = Some(token);
+        }
+        Ok(())
+    }
+
+    /// Registers a wait for event `id`'s receipt (and, with `answers`, for
+    /// deliveries that answer it, starting that subscription first if it
+    /// is not running). A receipt that already came is handed over at once.
+    pub(crate) async fn wait_for(&self, id: &str, answers: bool) -> Result<Waiting, BoxError> {
         let inbox = &self.inner.inbox;
-        {
-            let mut running = inbox.running.lock().await;
+        if answers {
+            let mut running = inbox.answers.lock().await;
             if running.as_ref().is_none_or(CancellationToken::is_cancelled) {
-                *running = Some(self.start_inbox().await?);
+                *running = Some(self.start_answers().await?);
             }
         }
         let (tx, arrivals) = mpsc::unbounded_channel();
         if let Ok(mut waiters) = inbox.waiters.lock() {
             waiters.insert(id.to_owned(), tx);
+        }
+        // A receipt that came before the registration (one that comes now
+        // may be handed over twice; waits take the first).
+        let earlier = inbox
+            .recent
+            .lock()
+            .ok()
+            .and_then(|recent| recent.receipts.get(id).cloned());
+        if let Some(receipt) = earlier {
+            hand_over(&inbox.waiters, id, Arrival::Decision(Box::new(receipt)));
         }
         Ok(Waiting {
             id: id.to_owned(),
@@ -88,62 +180,36 @@ impl Agent {
         })
     }
 
-    async fn start_inbox(&self) -> Result<CancellationToken, BoxError> {
+    async fn start_answers(&self) -> Result<CancellationToken, BoxError> {
         let me = self.id().to_string();
-        let mut receipts = self
-            .ordered(
-                subjects::STREAM_DECISION,
-                subjects::decision(&me),
-                DeliverPolicy::New,
-            )
-            .await?;
         let mut answers = self
-            .ordered(
-                subjects::STREAM_DELIVER,
-                format!("mesh.deliver.{me}.>"),
-                DeliverPolicy::New,
-            )
+            .inner
+            .client
+            .subscribe(format!("mesh.deliver.{me}.>"))
             .await?;
+        // The subscription is in place on the server before the call is
+        // published (same connection, in order).
         let token = CancellationToken::new();
         let stop = token.clone();
         let waiters = self.inner.inbox.waiters.clone();
-        let deliver = move |id: &str, arrival: Arrival| {
-            if let Ok(waiters) = waiters.lock()
-                && let Some(tx) = waiters.get(id)
-            {
-                let _ = tx.send(arrival);
-            }
-        };
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    next = receipts.next() => match next {
-                        Some(Ok(message)) => match serde_json::from_slice::<DecisionReceipt>(&message.payload) {
-                            Ok(receipt) => {
-                                let id = receipt.event_id.clone();
-                                deliver(&id, Arrival::Decision(Box::new(receipt)));
-                            }
-                            Err(e) => tracing::warn!(subject = %message.subject, error = %e, "Ignoring a decision receipt that does not parse."),
-                        },
-                        Some(Err(e)) => tracing::debug!(error = %e, "Receipt consumer hiccup; it resumes by itself."),
-                        None => break,
-                    },
                     next = answers.next() => match next {
-                        Some(Ok(message)) => match Received::from_delivery(&message.subject, message.headers.as_ref(), &message.payload) {
+                        Some(message) => match Received::from_delivery(&message.subject, message.headers.as_ref(), &message.payload) {
                             Ok(answer) => {
                                 if let Some(causation) = answer.causation_id().map(str::to_owned) {
-                                    deliver(&causation, Arrival::Answer(Box::new(answer)));
+                                    hand_over(&waiters, &causation, Arrival::Answer(Box::new(answer)));
                                 }
                             }
                             Err(e) => tracing::debug!(subject = %message.subject, error = %e, "Ignoring a delivery that is not a valid mesh event."),
                         },
-                        Some(Err(e)) => tracing::debug!(error = %e, "Answer consumer hiccup; it resumes by itself."),
                         None => break,
                     },
                 }
             }
-            // Ended: the next call starts a new inbox.
+            // Ended: the next call starts a new subscription.
             stop.cancel();
         });
         Ok(token)

@@ -38,6 +38,12 @@ pub struct Config {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
     pub nats_url: String,
+    /// File holding this service's NATS nkey seed (`SU…`, mode 0600), for a broker with authorization.
+    #[arg(long, env = "NATS_NKEY_SEED_FILE")]
+    pub nats_nkey_seed_file: Option<PathBuf>,
+    /// NATS `.creds` file (user JWT and seed), for a broker in operator mode.
+    #[arg(long, env = "NATS_CREDS", conflicts_with = "nats_nkey_seed_file")]
+    pub nats_creds: Option<PathBuf>,
     /// ClickHouse HTTP URL.
     #[arg(long, env = "CLICKHOUSE_URL", default_value = DEFAULT_CLICKHOUSE_URL)]
     pub clickhouse_url: String,
@@ -104,6 +110,8 @@ impl Config {
     pub fn new(nats_url: impl Into<String>, clickhouse_url: impl Into<String>) -> Self {
         Self {
             nats_url: nats_url.into(),
+            nats_nkey_seed_file: None,
+            nats_creds: None,
             clickhouse_url: clickhouse_url.into(),
             clickhouse_user: "default".into(),
             clickhouse_password: String::new(),
@@ -175,6 +183,9 @@ pub enum Error {
         /// The client's error.
         source: async_nats::ConnectError,
     },
+    /// The NATS credentials could not be read.
+    #[error("NATS credentials: {0}")]
+    Credentials(#[from] broker_config::credentials::CredentialsError),
     /// The streams could not be applied.
     #[error(transparent)]
     Broker(#[from] broker_config::ApplyError),
@@ -209,7 +220,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let ops = telemetry::Ops::start("audit-sink", &config.ops).await?;
     let consuming = ops.health().flag("consumers", false);
     let clickhouse_up = ops.health().flag("clickhouse", false);
-    let nats = async_nats::connect(&config.nats_url)
+    let credentials = broker_config::NatsCredentials {
+        nkey_seed_file: config.nats_nkey_seed_file.clone(),
+        creds_file: config.nats_creds.clone(),
+    };
+    let options = credentials
+        .apply(async_nats::ConnectOptions::new().name("audit-sink"))
+        .await?;
+    let nats = options
+        .connect(&config.nats_url)
         .await
         .map_err(|source| Error::Connect {
             url: config.nats_url.clone(),

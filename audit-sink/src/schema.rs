@@ -208,7 +208,8 @@ fn retention_updates(
 }
 
 /// Creates the database and the tables where missing (never drops or
-/// rewrites data) and applies the configured retention where supported.
+/// rewrites data; runs no DDL when all three exist) and applies the
+/// configured retention where supported.
 /// `client` must not have a default database set that might not exist yet.
 pub async fn ensure(
     client: &Client,
@@ -216,9 +217,25 @@ pub async fn ensure(
     retention_days: u32,
 ) -> Result<ServerFeatures, clickhouse::error::Error> {
     let features = ServerFeatures::detect(client).await?;
-    for statement in ddl(database, &features, retention_days)
-        .into_iter()
-        .chain(retention_updates(database, &features, retention_days))
+    // Only what is missing: a writer without DDL rights (the audit sink's
+    // insert-only user) gets through when the operator created the schema.
+    let existing: Vec<String> = client
+        .query("SELECT name FROM system.tables WHERE database = ?")
+        .bind(database)
+        .fetch_all()
+        .await?;
+    let complete = [EVENTS, DECISIONS, GPU_LEASES]
+        .iter()
+        .all(|t| existing.iter().any(|e| e == t));
+    let creates = if complete {
+        Vec::new()
+    } else {
+        ddl(database, &features, retention_days)
+    };
+    for statement in
+        creates
+            .into_iter()
+            .chain(retention_updates(database, &features, retention_days))
     {
         client.query_raw(&statement).execute().await?;
     }

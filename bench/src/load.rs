@@ -192,10 +192,10 @@ impl Publisher {
     pub async fn closed_loop(&mut self, n: u64) -> anyhow::Result<()> {
         let mut pending = FuturesUnordered::new();
         for _ in 0..n {
-            if pending.len() >= self.window {
-                if let Some(ack) = pending.next().await {
-                    ack?;
-                }
+            if pending.len() >= self.window
+                && let Some(ack) = pending.next().await
+            {
+                ack?;
             }
             let now = self.clock.now_ns();
             pending.push(self.send(now).await?.into_future());

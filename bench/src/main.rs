@@ -6,9 +6,11 @@
 //! set; the services run as child processes found next to this binary
 //! (`cargo build --release -p bench -p policy-worker`).
 
+mod faults;
 mod forwarder;
 mod load;
 mod procstat;
+mod sink;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,6 +32,10 @@ struct Cli {
 enum Cmd {
     /// Raw forwarder vs policy worker (shipped and generated policies), closed and open loop.
     Run(RunArgs),
+    /// The audit sink's rows/s into ClickHouse and the delay until a row is queryable.
+    Sink(sink::SinkArgs),
+    /// Fault run: kill -9 the policy worker, stop ClickHouse, restart nats-server, under load; count what arrived.
+    Faults(faults::FaultArgs),
     /// Run the raw forwarder (used by `run` as a child process).
     Forward {
         /// NATS server URL.
@@ -82,6 +88,8 @@ async fn main() -> anyhow::Result<()> {
             ready_file,
         } => forwarder::run(&nats_url, batch, max_in_flight, ready_file).await,
         Cmd::Run(args) => run(args).await,
+        Cmd::Sink(args) => sink::run(args).await,
+        Cmd::Faults(args) => faults::run(args).await,
     }
 }
 
@@ -114,33 +122,37 @@ struct Service {
 
 impl Service {
     async fn start(target: &Target, nats_url: &str) -> anyhow::Result<Self> {
-        let ready_dir = tempfile::tempdir()?;
-        let ready = ready_dir.path().join("ready");
         let me = std::env::current_exe()?;
-        let mut cmd = match target {
+        let cmd = match target {
             Target::Raw => {
                 let mut c = Command::new(&me);
                 c.args(["forward", "--nats-url", nats_url]);
                 c
             }
             Target::Worker { policies, .. } => {
-                let worker = sibling(&me, "policy-worker")?;
-                let mut c = Command::new(worker);
+                let mut c = Command::new(sibling(&me, "policy-worker")?);
                 c.args(["--nats-url", nats_url, "--no-watch", "--policies"])
                     .arg(policies);
-                c.env("RUST_LOG", "warn");
                 c
             }
         };
+        Self::spawn(target.label(), cmd).await
+    }
+
+    /// Starts `cmd --ready-file <tmp>` and waits for the ready file.
+    async fn spawn(label: &str, mut cmd: Command) -> anyhow::Result<Self> {
+        let ready_dir = tempfile::tempdir()?;
+        let ready = ready_dir.path().join("ready");
         let mut child = cmd
             .arg("--ready-file")
             .arg(&ready)
+            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("starting the service under test")?;
+            .with_context(|| format!("starting {label}"))?;
         let started = testkit::eventually(
-            Duration::from_secs(30),
+            Duration::from_secs(60),
             "the service to become ready",
             || {
                 let ready = ready.exists();
@@ -150,12 +162,18 @@ impl Service {
         )
         .await?;
         if !started {
-            bail!("{} exited at start", target.label());
+            bail!("{label} exited at start");
         }
         Ok(Self {
             child,
             _ready: ready_dir,
         })
+    }
+
+    /// SIGKILL, as a crash.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     fn pid(&self) -> u32 {
@@ -165,8 +183,7 @@ impl Service {
 
 impl Drop for Service {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -200,10 +217,10 @@ fn generate_policies(shipped: &Path, n: usize) -> anyhow::Result<tempfile::TempD
         std::fs::read_dir(shipped).with_context(|| format!("reading `{}`", shipped.display()))?
     {
         let path = entry?.path();
-        if path.is_file() {
-            if let Some(name) = path.file_name() {
-                std::fs::copy(&path, dir.path().join(name))?;
-            }
+        if path.is_file()
+            && let Some(name) = path.file_name()
+        {
+            std::fs::copy(&path, dir.path().join(name))?;
         }
     }
     let text = policy_worker::generated_policies(n);

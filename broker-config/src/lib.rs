@@ -4,6 +4,21 @@
 //! [`apply`] is idempotent: it creates what is missing, updates what differs
 //! in the settings agentmesh owns, and never deletes a stream, a bucket or a
 //! message.
+//!
+//! Identities and permissions live here too: [`auth`] holds the per-role
+//! permission templates and renders the nats-server authorization config,
+//! [`credentials`] makes and reads nkeys, and the `provision_*` functions
+//! create the durable consumers that agents may not create themselves.
+
+pub mod auth;
+pub mod credentials;
+mod provision;
+
+pub use credentials::NatsCredentials;
+pub use provision::{
+    ProvisionError, agent_consumer_config, ensure_consumer, provision_agent, provision_services,
+    remove_agent, service_consumer_configs,
+};
 
 use std::time::Duration;
 

@@ -3,6 +3,11 @@ print its decision receipt (and the delivered copy, when it was routed).
 
     pip install nats-py
     python3 publish_event.py [--nats-url nats://127.0.0.1:4222] [--tool shell.exec]
+                             [--nkey-seed .agentmesh/auth/agents/planner.nk]
+
+With `meshctl up` (authorization on) connect with the planner's key
+(`pip install nkeys` too); an agent may read only its own deliveries, so the
+delivered copy is then not read. `meshctl up --insecure` needs no key.
 
 Nothing here is agentmesh-specific code: any NATS client can do the same.
 """
@@ -26,9 +31,13 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nats-url", default="nats://127.0.0.1:4222")
     parser.add_argument("--tool", help="send a tool.call for this tool instead of a handoff")
+    parser.add_argument("--nkey-seed", help="the planner's seed file, when the broker requires keys")
     args = parser.parse_args()
 
-    nc = await nats.connect(args.nats_url)
+    if args.nkey_seed:
+        nc = await nats.connect(args.nats_url, nkeys_seed=args.nkey_seed)
+    else:
+        nc = await nats.connect(args.nats_url)
     js = nc.jetstream()
 
     event_id = str(uuid.uuid4())
@@ -65,7 +74,9 @@ async def main() -> None:
             break
     print("receipt:", json.dumps({k: receipt[k] for k in ("event_id", "trace_id", "decision", "reasons", "policy_hash")}))
 
-    if receipt["decision"] == "allow":
+    if receipt["decision"] == "allow" and args.nkey_seed:
+        print("delivered copy not read: as planner this client may read only its own deliveries")
+    elif receipt["decision"] == "allow":
         sub = await js.subscribe("mesh.deliver.coder.planner", ordered_consumer=True)
         while True:
             delivered = await sub.next_msg(timeout=10)

@@ -88,7 +88,11 @@ pub fn pool_demand(pool: &PoolConfig, consumers: &[jetstream::consumer::Info]) -
     let mut demand = PoolDemand::default();
     for info in consumers {
         let named = pool.consumers.contains(&info.name);
-        let by_subject = !info.config.filter_subject.is_empty()
+        // Matching by subject counts durable consumers only: ephemeral ones
+        // (ordered consumers of an agent's inbox, `nats` CLI inspections)
+        // see the same messages without being work that waits for a GPU.
+        let by_subject = info.config.durable_name.is_some()
+            && !info.config.filter_subject.is_empty()
             && pool
                 .subjects
                 .iter()
@@ -138,6 +142,47 @@ pub fn subject_within(filter: &str, pattern: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn info(name: &str, durable: bool, pending: u64) -> jetstream::consumer::Info {
+        let mut config = serde_json::json!({
+            "filter_subject": "mesh.deliver.coder.>",
+            "ack_policy": "explicit",
+            "deliver_policy": "all",
+            "replay_policy": "instant",
+        });
+        if durable {
+            config["durable_name"] = name.into();
+        }
+        serde_json::from_value(serde_json::json!({
+            "type": "io.nats.jetstream.api.v1.consumer_info_response",
+            "stream_name": "MESH_DELIVER",
+            "name": name,
+            "created": "2026-01-01T00:00:00Z",
+            "config": config,
+            "delivered": {"consumer_seq": 0, "stream_seq": 0},
+            "ack_floor": {"consumer_seq": 0, "stream_seq": 0},
+            "num_ack_pending": 0,
+            "num_redelivered": 0,
+            "num_waiting": 0,
+            "num_pending": pending,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn subject_match_counts_durable_consumers_only() {
+        let pool: PoolConfig = toml::from_str(
+            "subjects = [\"mesh.deliver.coder.>\"]\ntarget_backlog_per_gpu = 10\nmax_gpus = 3\n",
+        )
+        .unwrap();
+        let demand = pool_demand(
+            &pool,
+            &[info("agent-coder", true, 25), info("inbox", false, 25)],
+        );
+        assert_eq!(demand.backlog, 25);
+        assert_eq!(demand.consumers.len(), 1);
+        assert_eq!(demand.consumers[0].name, "agent-coder");
+    }
 
     #[test]
     fn within() {

@@ -83,6 +83,8 @@ pub enum Error {
 pub struct Settings {
     /// NATS server URL.
     pub nats_url: String,
+    /// How to authenticate to NATS (none by default).
+    pub credentials: broker_config::NatsCredentials,
     /// The parsed config file.
     pub config: Config,
     /// This instance's name: the lease holder and the event source.
@@ -137,7 +139,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     // First, so /healthz answers while the scaler starts.
     let ops = telemetry::Ops::start("gpu-scaler", &settings.ops).await?;
     let running = ops.health().flag("rounds", false);
-    let client = async_nats::connect(&settings.nats_url)
+    let options = settings
+        .credentials
+        .apply(async_nats::ConnectOptions::new().name("gpu-scaler"))
+        .await
+        .map_err(|e| Error::Connect {
+            url: settings.nats_url.clone(),
+            message: e.to_string(),
+        })?;
+    let client = options
+        .connect(&settings.nats_url)
         .await
         .map_err(|e| Error::Connect {
             url: settings.nats_url.clone(),

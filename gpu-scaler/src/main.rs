@@ -14,6 +14,12 @@ struct Args {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// File holding this service's NATS nkey seed (`SU…`, mode 0600), for a broker with authorization.
+    #[arg(long, env = "NATS_NKEY_SEED_FILE")]
+    nats_nkey_seed_file: Option<PathBuf>,
+    /// NATS `.creds` file (user JWT and seed), for a broker in operator mode.
+    #[arg(long, env = "NATS_CREDS", conflicts_with = "nats_nkey_seed_file")]
+    nats_creds: Option<PathBuf>,
     /// Pools config file (TOML, or JSON for a `.json` file); without one
     /// there are no pools and nothing is leased.
     #[arg(long, env = "GPU_SCALER_CONFIG")]
@@ -45,6 +51,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let settings = gpu_scaler::Settings {
         nats_url: args.nats_url,
+        credentials: broker_config::NatsCredentials {
+            nkey_seed_file: args.nats_nkey_seed_file,
+            creds_file: args.nats_creds,
+        },
         config,
         instance: args.instance.unwrap_or_else(gpu_scaler::default_instance),
         ready_file: args.ready_file,

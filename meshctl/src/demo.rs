@@ -452,6 +452,9 @@ fn sorted(reasons: &[String]) -> Vec<String> {
     reasons
 }
 
+/// The nkey seed an agent connects with (`None`: no credentials).
+pub type SeedOf<'a> = dyn Fn(&str) -> anyhow::Result<Option<String>> + 'a;
+
 /// The finished workflow: its trace and the ids of all its events.
 #[derive(Debug, Clone)]
 pub struct Ran {
@@ -463,9 +466,20 @@ pub struct Ran {
 
 /// Runs the workflow with the three agents against the mesh at `nats_url`,
 /// printing what each does, until the reviewer's output or `deadline`.
-pub async fn run_workflow(nats_url: &str, deadline: Instant) -> anyhow::Result<Ran> {
+pub async fn run_workflow(
+    nats_url: &str,
+    seed_of: &SeedOf<'_>,
+    deadline: Instant,
+) -> anyhow::Result<Ran> {
     let remaining = || deadline.saturating_duration_since(Instant::now());
-    let planner = Agent::builder(PLANNER)
+    // On a mesh with authorization each agent signs in with its own nkey.
+    let keyed = |id: &str, builder: agents_sdk::AgentBuilder| -> anyhow::Result<_> {
+        Ok(match seed_of(id)? {
+            Some(seed) => builder.nkey(seed),
+            None => builder,
+        })
+    };
+    let planner = keyed(PLANNER, Agent::builder(PLANNER))?
         .description("Breaks a request down and hands the parts to the right agents")
         .skill(Skill::new("planning", "Planning").tag("orchestration"))
         .connect(nats_url)
@@ -477,7 +491,7 @@ pub async fn run_workflow(nats_url: &str, deadline: Instant) -> anyhow::Result<R
 
     let served = ledger.clone();
     let our_trace = trace_id.clone();
-    let coder = Agent::builder(CODER)
+    let coder = keyed(CODER, Agent::builder(CODER))?
         .description("Writes code in the demo repository")
         .skill(Skill::new("rust", "Rust programming").tag("code"))
         .tool(
@@ -502,7 +516,7 @@ pub async fn run_workflow(nats_url: &str, deadline: Instant) -> anyhow::Result<R
         .connect(nats_url)
         .await
         .context("connecting the coder")?;
-    let reviewer = Agent::builder(REVIEWER)
+    let reviewer = keyed(REVIEWER, Agent::builder(REVIEWER))?
         .description("Reviews changes and gives the verdict")
         .skill(Skill::new("review", "Code review").tag("code"))
         .connect(nats_url)
@@ -603,9 +617,13 @@ fn print_note(agent: &str, line: &str) {
 
 /// `meshctl demo` once NATS and ClickHouse answer: runs the workflow,
 /// waits for its rows in ClickHouse and prints the decision tree.
-pub async fn run(endpoints: &Endpoints, timeout: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    endpoints: &Endpoints,
+    seed_of: &SeedOf<'_>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
-    let ran = run_workflow(&endpoints.nats_url, deadline).await?;
+    let ran = run_workflow(&endpoints.nats_url, seed_of, deadline).await?;
     println!(
         "Published {} steps of trace {}; waiting for their decisions in ClickHouse…",
         ran.ids.len(),

@@ -15,11 +15,15 @@ const STATUS_WAIT: Duration = Duration::from_millis(300);
 
 /// Prints inventory, leases and per-pool demand. `config` is the scaler's
 /// pools file, used only when no scaler answers.
-pub async fn run(nats_url: &str, config: Option<&Path>) -> anyhow::Result<()> {
+pub async fn run(
+    endpoints: &crate::servers::Endpoints,
+    config: Option<&Path>,
+) -> anyhow::Result<()> {
     let config = config.map(gpu_scaler::Config::load).transpose()?;
-    let client = async_nats::connect(nats_url).await.with_context(|| {
-        format!("connecting to NATS at `{nats_url}` (is the mesh up? `meshctl up`)")
-    })?;
+    let client = endpoints
+        .connect_nats()
+        .await
+        .context("is the mesh up? `meshctl up`")?;
     let overview = gpu_scaler::overview::gather(&client, config.as_ref(), STATUS_WAIT).await?;
     print!("{overview}");
     Ok(())

@@ -1,7 +1,10 @@
 //! `meshctl`: the operator CLI of agentmesh — the local stack (`up`, `down`,
-//! `status`), the demo workflow and decision trees from ClickHouse.
+//! `status`), agent identities (`agents`), the demo workflow and decision
+//! trees from ClickHouse.
 
+mod agents;
 mod demo;
+mod gpus;
 mod procs;
 mod servers;
 mod stack;
@@ -43,6 +46,17 @@ struct Cli {
     /// Database of the audit tables.
     #[arg(long, global = true, env = "AGENTMESH_AUDIT_DATABASE", default_value = audit_sink::schema::DEFAULT_DATABASE)]
     database: String,
+    /// NATS nkey seed file meshctl connects with (default: the operator key of a stack with authorization, `.agentmesh/auth/keys/meshctl.nk`).
+    #[arg(long, global = true, env = "NATS_NKEY_SEED_FILE")]
+    nats_nkey_seed_file: Option<PathBuf>,
+    /// NATS `.creds` file meshctl connects with (servers in operator mode).
+    #[arg(
+        long,
+        global = true,
+        env = "NATS_CREDS",
+        conflicts_with = "nats_nkey_seed_file"
+    )]
+    nats_creds: Option<PathBuf>,
     /// State directory: server data, logs, pid files.
     #[arg(
         long,
@@ -71,6 +85,21 @@ enum Command {
         /// Seconds to wait for every component to be ready.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
+        /// Pool config for the GPU scaler (skipped when the file does not exist).
+        #[arg(
+            long,
+            env = "GPU_SCALER_CONFIG",
+            default_value = "gpu-scaler/examples/pools.toml"
+        )]
+        gpu_config: PathBuf,
+        /// Run NATS and ClickHouse without authorization: any client may connect and publish on any subject (development only).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Agent identities: nkeys, broker permissions and Cedar entities.
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
     },
     /// Stop what `meshctl up` started.
     Down,
@@ -86,6 +115,49 @@ enum Command {
     Trace {
         /// The workflow's trace id (32 hex characters).
         trace_id: String,
+    },
+    /// GPU inventory, leases and per-pool demand.
+    Gpus {
+        /// The GPU scaler's pool config, for each pool's demand when no scaler answers.
+        #[arg(long, env = "GPU_SCALER_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// Register an agent: a new nkey (seed in `.agentmesh/auth/agents/<id>.nk`), broker permissions for its own subjects, a Cedar entity with its role; reloads the running nats-server.
+    Add {
+        /// The agent id (`[a-z0-9][a-z0-9_-]{0,62}`).
+        id: String,
+        /// Its role: a `Role` entity of entities.json (e.g. orchestrator, worker, reviewer).
+        #[arg(long)]
+        role: String,
+        /// An entity attribute, KEY=VALUE (repeatable; the shipped schema needs `team`).
+        #[arg(long = "attr", value_name = "KEY=VALUE")]
+        attrs: Vec<String>,
+        /// Policy directory whose entities.json gets the agent.
+        #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
+        policies: PathBuf,
+    },
+    /// Revoke an agent: its key (open connections are closed), its entity, its durable consumer and its card.
+    Remove {
+        /// The agent id.
+        id: String,
+        /// Policy directory whose entities.json loses the agent.
+        #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
+        policies: PathBuf,
+    },
+    /// Give an agent a new key: the old one is refused and its connections closed; entity, consumer and card stay.
+    Rotate {
+        /// The agent id.
+        id: String,
+    },
+    /// List agents: role, whether entities.json has them, key and seed file.
+    List {
+        /// Policy directory to read entities.json from.
+        #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
+        policies: PathBuf,
     },
 }
 
@@ -111,25 +183,50 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     audit_sink::schema::check_database(&cli.database)?;
     let home = procs::Home::new(cli.home);
-    let endpoints = servers::Endpoints {
+    let insecure = matches!(cli.command, Command::Up { insecure: true, .. });
+    let mut endpoints = servers::Endpoints {
         nats_url: cli.nats_url,
+        nats_credentials: broker_config::NatsCredentials {
+            nkey_seed_file: cli.nats_nkey_seed_file,
+            creds_file: cli.nats_creds,
+        },
         clickhouse_url: cli.clickhouse_url,
         clickhouse_user: cli.clickhouse_user,
         clickhouse_password: cli.clickhouse_password,
         database: cli.database,
     };
+    // On a local stack with authorization meshctl is the operator, and
+    // reads ClickHouse as the read-only user (`up` picks its own).
+    let state = agents::AuthState::new(&home);
+    if !insecure && !endpoints.nats_credentials.is_set() && state.admin_seed_file().is_file() {
+        endpoints.nats_credentials.nkey_seed_file = Some(state.admin_seed_file());
+    }
+    let is_up = matches!(cli.command, Command::Up { .. });
+    if !is_up
+        && stack::auth_mode(&home)
+        && endpoints.clickhouse_user == "default"
+        && endpoints.clickhouse_password.is_empty()
+        && let Some(secrets) = state.clickhouse_secrets()
+    {
+        endpoints.clickhouse_user = agents::CLICKHOUSE_READER_USER.to_owned();
+        endpoints.clickhouse_password = secrets.reader;
+    }
     match cli.command {
         Command::Up {
             detach,
             policies,
             without,
+            gpu_config,
             timeout_secs,
+            insecure,
         } => {
             let options = stack::UpOptions {
                 detach,
                 policies,
                 without,
                 timeout: Duration::from_secs(timeout_secs),
+                gpu_config: Some(gpu_config),
+                insecure,
             };
             stack::up(&home, &endpoints, &options).await?;
         }
@@ -139,9 +236,29 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Agents { command } => match command {
+            AgentsCommand::Add {
+                id,
+                role,
+                attrs,
+                policies,
+            } => agents::add(&home, &endpoints, &policies, &id, &role, &attrs).await?,
+            AgentsCommand::Remove { id, policies } => {
+                agents::remove(&home, &endpoints, &policies, &id).await?
+            }
+            AgentsCommand::Rotate { id } => agents::rotate(&home, &endpoints, &id).await?,
+            AgentsCommand::List { policies } => agents::list(&home, &policies)?,
+        },
         Command::Demo { timeout_secs } => {
-            run_demo(&endpoints, Duration::from_secs(timeout_secs)).await?
+            let seeds = stack::auth_mode(&home).then(|| state.clone());
+            run_demo(
+                &endpoints,
+                seeds.as_ref(),
+                Duration::from_secs(timeout_secs),
+            )
+            .await?
         }
+        Command::Gpus { config } => gpus::run(&endpoints, config.as_deref()).await?,
         Command::Trace { trace_id } => {
             tree::check_trace_id(&trace_id)?;
             let nodes = tree::fetch(&endpoints.audit_db(), &trace_id).await?;
@@ -157,12 +274,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn run_demo(endpoints: &servers::Endpoints, timeout: Duration) -> anyhow::Result<()> {
-    if servers::nats_state(&endpoints.nats_url).await != servers::NatsState::JetStream {
-        anyhow::bail!(
+async fn run_demo(
+    endpoints: &servers::Endpoints,
+    seeds: Option<&agents::AuthState>,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    match servers::nats_state(endpoints).await {
+        servers::NatsState::JetStream => {}
+        servers::NatsState::Refused => anyhow::bail!(
+            "the NATS server at {} refuses meshctl's credentials: is it the stack of this `.agentmesh/` (`meshctl status`)?",
+            endpoints.nats_url
+        ),
+        _ => anyhow::bail!(
             "no NATS server with JetStream answers at {}: start the stack with `meshctl up --detach`",
             endpoints.nats_url
-        );
+        ),
     }
     if servers::clickhouse_version(&endpoints.clickhouse())
         .await
@@ -173,8 +299,20 @@ async fn run_demo(endpoints: &servers::Endpoints, timeout: Duration) -> anyhow::
             endpoints.clickhouse_url
         );
     }
-    let nats = async_nats::connect(&endpoints.nats_url).await?;
-    let js = async_nats::jetstream::new(nats);
+    let js = async_nats::jetstream::new(endpoints.connect_nats().await?);
     broker_config::apply(&js, &broker_config::Options::default()).await?;
-    demo::run(endpoints, timeout).await
+    // Each demo agent connects with its own key on a stack with authorization.
+    let seed_of = |id: &str| -> anyhow::Result<Option<String>> {
+        let Some(state) = seeds else {
+            return Ok(None);
+        };
+        let file = state.seed_file(broker_config::auth::Role::Agent, id);
+        let (seed, _) = broker_config::credentials::read_seed_file(&file).map_err(|e| {
+            anyhow::anyhow!(
+                "agent `{id}` has no usable key ({e}): `meshctl up` registers the agents of entities.json, or `meshctl agents add {id} --role …`"
+            )
+        })?;
+        Ok(Some(seed))
+    };
+    demo::run(endpoints, &seed_of, timeout).await
 }

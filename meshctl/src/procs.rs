@@ -111,6 +111,19 @@ pub fn is_running(recorded: &Recorded) -> bool {
 /// does not reach it and `meshctl` decides the order of shutdown), with its
 /// output appended to `<name>.log`, and records it in `<name>.pid`.
 pub fn spawn(home: &Home, name: &str, program: &Path, args: &[String]) -> anyhow::Result<Child> {
+    spawn_with_env(home, name, program, args, &[])
+}
+
+/// [`spawn`] with environment changes: `Some` sets a variable, `None`
+/// removes it (credentials go here rather than on the command line, where
+/// every user of the machine can read them).
+pub fn spawn_with_env(
+    home: &Home,
+    name: &str,
+    program: &Path,
+    args: &[String],
+    env: &[(&str, Option<String>)],
+) -> anyhow::Result<Child> {
     use std::os::unix::process::CommandExt;
     home.create()?;
     let log_path = home.log_file(name);
@@ -120,7 +133,14 @@ pub fn spawn(home: &Home, name: &str, program: &Path, args: &[String]) -> anyhow
         .open(&log_path)
         .with_context(|| format!("opening `{}`", log_path.display()))?;
     let err_log = log.try_clone().context("duplicating the log file handle")?;
-    let child = Command::new(program)
+    let mut command = Command::new(program);
+    for (key, value) in env {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
+    let child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(log)

@@ -9,13 +9,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+use crate::agents::{CLICKHOUSE_READER_USER, CLICKHOUSE_SINK_USER, ClickHouseSecrets};
 use crate::procs::{self, Home};
 
-/// Where the stack's servers are.
+/// Where the stack's servers are, and how meshctl authenticates to them.
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     /// NATS URL.
     pub nats_url: String,
+    /// meshctl's NATS credentials (the operator's seed on a local stack
+    /// with authorization; none for `--insecure`).
+    pub nats_credentials: broker_config::NatsCredentials,
     /// ClickHouse HTTP URL.
     pub clickhouse_url: String,
     /// ClickHouse user.
@@ -40,6 +44,23 @@ impl Endpoints {
     pub fn audit_db(&self) -> clickhouse::Client {
         self.clickhouse().with_database(&self.database)
     }
+
+    /// Connect options with meshctl's NATS credentials.
+    pub async fn nats_options(&self) -> anyhow::Result<async_nats::ConnectOptions> {
+        Ok(self
+            .nats_credentials
+            .apply(async_nats::ConnectOptions::new().name("meshctl"))
+            .await?)
+    }
+
+    /// A NATS connection with meshctl's credentials.
+    pub async fn connect_nats(&self) -> anyhow::Result<async_nats::Client> {
+        self.nats_options()
+            .await?
+            .connect(&self.nats_url)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", self.nats_url))
+    }
 }
 
 /// What answers at a NATS URL.
@@ -49,17 +70,27 @@ pub enum NatsState {
     JetStream,
     /// A NATS server without JetStream.
     NoJetStream,
+    /// A NATS server that refused meshctl's credentials (or their absence).
+    Refused,
     /// Nothing (or nothing that speaks NATS).
     Unreachable,
 }
 
-/// Connects briefly to see what answers at `url`.
-pub async fn nats_state(url: &str) -> NatsState {
-    let connect = async_nats::ConnectOptions::new()
+/// Connects briefly with `endpoints`' credentials to see what answers.
+pub async fn nats_state(endpoints: &Endpoints) -> NatsState {
+    let Ok(options) = endpoints.nats_options().await else {
+        return NatsState::Refused;
+    };
+    let connect = options
         .connection_timeout(Duration::from_secs(2))
-        .connect(url);
-    let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
-        return NatsState::Unreachable;
+        .max_reconnects(1)
+        .connect(&endpoints.nats_url);
+    let client = match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Ok(Ok(client)) => client,
+        Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
+            return NatsState::Refused;
+        }
+        _ => return NatsState::Unreachable,
     };
     let js = async_nats::jetstream::new(client);
     let probe = tokio::time::timeout(Duration::from_secs(3), js.get_stream("MESHCTL_PROBE")).await;
@@ -146,8 +177,15 @@ async fn wait_started(
 }
 
 /// Starts `nats-server -js` on `127.0.0.1:<port>`, store under
-/// `.agentmesh/nats`, and waits until JetStream answers.
-pub async fn start_nats(home: &Home, url: &str, port: u16) -> anyhow::Result<Child> {
+/// `.agentmesh/nats`, and waits until JetStream answers. With `config`
+/// (the rendered authorization config, which names the same port and
+/// store) the server reads that file instead of flags.
+pub async fn start_nats(
+    home: &Home,
+    endpoints: &Endpoints,
+    port: u16,
+    config: Option<&Path>,
+) -> anyhow::Result<Child> {
     let binary = procs::find_server("nats-server", "NATS_SERVER_BIN", "nats-server", "NATS_URL")?;
     if !port_free(port) {
         bail!(
@@ -156,22 +194,25 @@ pub async fn start_nats(home: &Home, url: &str, port: u16) -> anyhow::Result<Chi
     }
     let store = home.root().join("nats");
     std::fs::create_dir_all(&store).with_context(|| format!("creating `{}`", store.display()))?;
-    let args = vec![
-        "-js".to_owned(),
-        "-a".to_owned(),
-        "127.0.0.1".to_owned(),
-        "-p".to_owned(),
-        port.to_string(),
-        "-sd".to_owned(),
-        store.display().to_string(),
-    ];
+    let args = match config {
+        Some(config) => vec!["-c".to_owned(), config.display().to_string()],
+        None => vec![
+            "-js".to_owned(),
+            "-a".to_owned(),
+            "127.0.0.1".to_owned(),
+            "-p".to_owned(),
+            port.to_string(),
+            "-sd".to_owned(),
+            store.display().to_string(),
+        ],
+    };
     let mut child = procs::spawn(home, "nats-server", &binary, &args)?;
     wait_started(
         home,
         "nats-server",
         &mut child,
         Duration::from_secs(20),
-        async || nats_state(url).await == NatsState::JetStream,
+        async || nats_state(endpoints).await == NatsState::JetStream,
     )
     .await?;
     Ok(child)
@@ -184,6 +225,7 @@ pub async fn start_clickhouse(
     home: &Home,
     endpoints: &Endpoints,
     http_port: u16,
+    users: Option<&ClickHouseSecrets>,
 ) -> anyhow::Result<(Child, u16)> {
     let binary = procs::find_server(
         "clickhouse-server",
@@ -212,7 +254,7 @@ pub async fn start_clickhouse(
             .context("finding a free port for ClickHouse's native protocol")?
     };
     let dir = home.root().join("clickhouse");
-    let config = write_clickhouse_config(&dir, http_port, tcp_port)?;
+    let config = write_clickhouse_config(&dir, http_port, tcp_port, users, &endpoints.database)?;
     let args = vec![format!("--config-file={}", config.display())];
     let mut child = procs::spawn(home, "clickhouse-server", &binary, &args)?;
     let client = endpoints.clickhouse();
@@ -228,13 +270,18 @@ pub async fn start_clickhouse(
 }
 
 /// Writes `config.xml` and `users.xml` into `dir` (data, tmp, user files,
-/// format schemas and logs below it; 127.0.0.1 only; user `default`
-/// without password). The `<yandex>` root is what 18.16 reads; current
-/// servers accept it too.
+/// format schemas and logs below it; 127.0.0.1 only). Without `users`,
+/// user `default` has no password; with them, `default` (the operator,
+/// DDL) has a password and two more users exist: `agentmesh_sink`, which
+/// may write but not run DDL, and `agentmesh_reader`, read-only — each
+/// limited to `database` (see [`users_xml`]). The `<yandex>` root is what
+/// 18.16 reads; current servers accept it too.
 pub fn write_clickhouse_config(
     dir: &Path,
     http_port: u16,
     tcp_port: u16,
+    users: Option<&ClickHouseSecrets>,
+    database: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
     for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
         let path = dir.join(sub);
@@ -269,25 +316,48 @@ pub fn write_clickhouse_config(
 </yandex>
 "#
     );
-    let users = r#"<?xml version="1.0"?>
-<!-- Written by `meshctl up`: user `default`, no password, 127.0.0.1 only. -->
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-        </default>
-    </profiles>
-    <users>
-        <default>
-            <password></password>
-            <networks>
-                <ip>127.0.0.1</ip>
-                <ip>::1</ip>
-            </networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-    </users>
+    let users = users_xml(users, database);
+    let config_path = dir.join("config.xml");
+    std::fs::write(&config_path, config)
+        .with_context(|| format!("writing `{}`", config_path.display()))?;
+    write_private(&dir.join("users.xml"), &users)?;
+    Ok(config_path)
+}
+
+/// Writes `text` to `path` readable by its owner only (it names password
+/// hashes).
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing `{}`", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing `{}`", path.display()))
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// `users.xml` for the local server.
+///
+/// ClickHouse 18.16 has no `GRANT`: what it can enforce per user is a
+/// password, the client networks, the databases (`allow_databases`; the
+/// `system` database stays readable) and the profile settings. `readonly =
+/// 1` is enforced (no writes, no DDL, no changing settings), so the reader
+/// is truly read-only. The sink's profile sets `allow_ddl = 0`, but with
+/// `readonly = 0` a client may change that setting per query, so on 18.16
+/// the sink's password can still run DDL inside its database; only
+/// `GRANT INSERT` on a current server (see `docs/security.md`) makes it
+/// insert-only.
+pub fn users_xml(users: Option<&ClickHouseSecrets>, database: &str) -> String {
+    let quota = r#"
     <quotas>
         <default>
             <interval>
@@ -299,14 +369,81 @@ pub fn write_clickhouse_config(
                 <execution_time>0</execution_time>
             </interval>
         </default>
-    </quotas>
+    </quotas>"#;
+    let networks = "<networks><ip>127.0.0.1</ip><ip>::1</ip></networks>";
+    let Some(users) = users else {
+        return format!(
+            r#"<?xml version="1.0"?>
+<!-- Written by `meshctl up` in insecure mode: user `default`, no password, 127.0.0.1 only. -->
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+        </default>
+    </profiles>
+    <users>
+        <default>
+            <password></password>
+            {networks}
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+    </users>{quota}
 </yandex>
-"#;
-    let config_path = dir.join("config.xml");
-    std::fs::write(&config_path, config)
-        .with_context(|| format!("writing `{}`", config_path.display()))?;
-    std::fs::write(dir.join("users.xml"), users).context("writing users.xml")?;
-    Ok(config_path)
+"#
+        );
+    };
+    let (admin, sink, reader) = (
+        sha256_hex(&users.admin),
+        sha256_hex(&users.sink),
+        sha256_hex(&users.reader),
+    );
+    format!(
+        r#"<?xml version="1.0"?>
+<!-- Written by `meshctl up`: passwords in .agentmesh/auth/clickhouse.json; 127.0.0.1 only. -->
+<yandex>
+    <profiles>
+        <default>
+            <max_memory_usage>4000000000</max_memory_usage>
+        </default>
+        <!-- The audit sink: writes rows; no DDL by default (18.16 lets a writer re-enable it per query). -->
+        <agentmesh_writer>
+            <max_memory_usage>4000000000</max_memory_usage>
+            <readonly>0</readonly>
+            <allow_ddl>0</allow_ddl>
+        </agentmesh_writer>
+        <!-- Readers: SELECT only; cannot change settings. -->
+        <agentmesh_reader>
+            <max_memory_usage>4000000000</max_memory_usage>
+            <readonly>1</readonly>
+        </agentmesh_reader>
+    </profiles>
+    <users>
+        <!-- The operator (`meshctl up`): creates the schema. -->
+        <default>
+            <password_sha256_hex>{admin}</password_sha256_hex>
+            {networks}
+            <profile>default</profile>
+            <quota>default</quota>
+        </default>
+        <{CLICKHOUSE_SINK_USER}>
+            <password_sha256_hex>{sink}</password_sha256_hex>
+            {networks}
+            <profile>agentmesh_writer</profile>
+            <quota>default</quota>
+            <allow_databases><database>{database}</database></allow_databases>
+        </{CLICKHOUSE_SINK_USER}>
+        <{CLICKHOUSE_READER_USER}>
+            <password_sha256_hex>{reader}</password_sha256_hex>
+            {networks}
+            <profile>agentmesh_reader</profile>
+            <quota>default</quota>
+            <allow_databases><database>{database}</database></allow_databases>
+        </{CLICKHOUSE_READER_USER}>
+    </users>{quota}
+</yandex>
+"#
+    )
 }
 
 #[cfg(test)]

@@ -5,6 +5,14 @@
 //! streams and the audit schema, then runs policy-worker, audit-sink and
 //! gpu-scaler (found next to `meshctl` first, then on `PATH`). Whatever it
 //! starts gets a pid file, which is how `down` finds it again.
+//!
+//! Authorization is on unless `--insecure`: `up` gives the operator, every
+//! service and every agent of the policy directory's `entities.json` an
+//! nkey (`agents.rs`), starts nats-server with the config `broker-config`
+//! renders from them (or reloads the one it started before), creates the
+//! agents' and services' durable consumers, starts ClickHouse with a
+//! password for `default`, an insert user for the sink and a read-only
+//! user, and hands each service its own credentials.
 
 use std::path::PathBuf;
 use std::process::Child;
@@ -13,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use futures::StreamExt;
 
+use crate::agents::{self, AuthState, CLICKHOUSE_SINK_USER, ClickHouseSecrets};
 use crate::procs::{self, Home, Stopped};
 use crate::servers::{self, Endpoints, NatsState};
 
@@ -44,6 +53,20 @@ pub struct UpOptions {
     pub without: Vec<String>,
     /// How long to wait for everything to be ready.
     pub timeout: Duration,
+    /// The GPU scaler's pool config; without one the scaler leases nothing.
+    pub gpu_config: Option<PathBuf>,
+    /// Run without authorization (anyone may connect and publish anywhere).
+    pub insecure: bool,
+}
+
+/// The file that records whether the running stack has authorization.
+pub fn mode_file(home: &Home) -> PathBuf {
+    home.run_dir().join("stack-mode")
+}
+
+/// Whether the last `meshctl up` here turned authorization on.
+pub fn auth_mode(home: &Home) -> bool {
+    std::fs::read_to_string(mode_file(home)).is_ok_and(|m| m.trim() == "auth")
 }
 
 /// What this `up` started (stopped again on failure or, in the foreground,
@@ -99,8 +122,32 @@ pub async fn up(home: &Home, endpoints: &Endpoints, options: &UpOptions) -> anyh
         Some(std::fs::canonicalize(dir).with_context(|| format!("resolving `{}`", dir.display()))?)
     };
     home.create()?;
+    let mut endpoints = endpoints.clone();
+    let auth = if options.insecure {
+        None
+    } else {
+        Some(set_up_identities(home, &mut endpoints, options)?)
+    };
+    std::fs::write(
+        mode_file(home),
+        if auth.is_some() {
+            "auth\n"
+        } else {
+            "insecure\n"
+        },
+    )
+    .with_context(|| format!("writing `{}`", mode_file(home).display()))?;
     let mut started = Started::default();
-    match bring_up(home, endpoints, options, policies, &mut started).await {
+    match bring_up(
+        home,
+        &endpoints,
+        options,
+        policies,
+        auth.as_ref(),
+        &mut started,
+    )
+    .await
+    {
         Ok(()) => {}
         Err(e) => {
             if !started.children.is_empty() {
@@ -121,16 +168,105 @@ pub async fn up(home: &Home, endpoints: &Endpoints, options: &UpOptions) -> anyh
     Ok(())
 }
 
+/// The identities of an authorized stack.
+struct Auth {
+    state: AuthState,
+    /// Set when the ClickHouse of this stack is local (meshctl's users).
+    clickhouse: Option<ClickHouseSecrets>,
+}
+
+/// Keys for the operator, the services and the agents of `entities.json`;
+/// meshctl's own credentials (unless given); the ClickHouse passwords when
+/// ClickHouse is local and no user was given.
+fn set_up_identities(
+    home: &Home,
+    endpoints: &mut Endpoints,
+    options: &UpOptions,
+) -> anyhow::Result<Auth> {
+    let state = AuthState::new(home);
+    let created = state.ensure_services()?;
+    if !created.is_empty() {
+        line(
+            "identities",
+            "created",
+            format_args!(
+                "{} (keys in {})",
+                created.join(", "),
+                home.root().join("auth").display()
+            ),
+        );
+    }
+    // Registered agents are those with keys; the agents of the policy
+    // directory get one, so the shipped demo agents can connect.
+    if options.policies.join(POLICY_SCHEMA).is_file() {
+        for (id, _) in agents::entity_agents(&options.policies)? {
+            if !schemas::AgentId::is_valid(&id) {
+                continue;
+            }
+            if state.ensure_agent(&id)? {
+                line(
+                    "identities",
+                    "created",
+                    format_args!(
+                        "agent `{id}` (from entities.json; seed {})",
+                        state
+                            .seed_file(broker_config::auth::Role::Agent, &id)
+                            .display()
+                    ),
+                );
+            }
+        }
+    }
+    if !endpoints.nats_credentials.is_set() {
+        endpoints.nats_credentials.nkey_seed_file = Some(state.admin_seed_file());
+    }
+    let local_clickhouse = servers::loopback_port(&endpoints.clickhouse_url, 8123).is_some();
+    let clickhouse = if local_clickhouse
+        && endpoints.clickhouse_user == "default"
+        && endpoints.clickhouse_password.is_empty()
+    {
+        let secrets = state.ensure_clickhouse_secrets()?;
+        endpoints.clickhouse_password = secrets.admin.clone();
+        Some(secrets)
+    } else {
+        None
+    };
+    Ok(Auth { state, clickhouse })
+}
+
 async fn bring_up(
     home: &Home,
     endpoints: &Endpoints,
     options: &UpOptions,
     policies: Option<PathBuf>,
+    auth: Option<&Auth>,
     started: &mut Started,
 ) -> anyhow::Result<()> {
     // NATS.
-    match servers::nats_state(&endpoints.nats_url).await {
-        NatsState::JetStream => line("nats-server", "running", &endpoints.nats_url),
+    match servers::nats_state(endpoints).await {
+        NatsState::JetStream => {
+            line("nats-server", "running", &endpoints.nats_url);
+            if let Some(auth) = auth {
+                let client = endpoints.connect_nats().await?;
+                if !client.server_info().auth_required {
+                    bail!(
+                        "the NATS server at {} runs without authorization (started with `--insecure`?): stop it (`meshctl down`) and run `meshctl up` again, or pass --insecure",
+                        endpoints.nats_url
+                    );
+                }
+                reload_with_every_agent(home, endpoints, &auth.state).await?;
+            }
+        }
+        NatsState::Refused => bail!(
+            "the NATS server at {} refused meshctl's credentials{}: it runs with other keys (another `.agentmesh/`?) or with authorization where --insecure was asked; stop it (`meshctl down`), or pass its operator seed with --nats-nkey-seed-file",
+            endpoints.nats_url,
+            endpoints
+                .nats_credentials
+                .nkey_seed_file
+                .as_ref()
+                .map(|p| format!(" ({})", p.display()))
+                .unwrap_or_default()
+        ),
         NatsState::NoJetStream => bail!(
             "the NATS server at {} has no JetStream: restart it with `-js`, or set NATS_URL to one that has",
             endpoints.nats_url
@@ -142,7 +278,11 @@ async fn bring_up(
                     endpoints.nats_url
                 );
             };
-            let child = servers::start_nats(home, &endpoints.nats_url, port).await?;
+            let config = match auth {
+                Some(auth) => Some(auth.state.write_nats_config(home, port)?),
+                None => None,
+            };
+            let child = servers::start_nats(home, endpoints, port, config.as_deref()).await?;
             line(
                 "nats-server",
                 "started",
@@ -172,7 +312,21 @@ async fn bring_up(
                     endpoints.clickhouse_url
                 );
             };
-            let (child, tcp_port) = servers::start_clickhouse(home, endpoints, port).await?;
+            let users = auth.and_then(|a| a.clickhouse.as_ref());
+            if users.is_some() {
+                let mut anonymous = endpoints.clone();
+                anonymous.clickhouse_password.clear();
+                if servers::clickhouse_version(&anonymous.clickhouse())
+                    .await
+                    .is_some()
+                {
+                    bail!(
+                        "ClickHouse at {} runs without the users `meshctl up` writes (started with `--insecure`?): stop it (`meshctl down`) and run `meshctl up` again, or pass --insecure",
+                        endpoints.clickhouse_url
+                    );
+                }
+            }
+            let (child, tcp_port) = servers::start_clickhouse(home, endpoints, port, users).await?;
             line(
                 "clickhouse-server",
                 "started",
@@ -188,9 +342,7 @@ async fn bring_up(
     }
 
     // Streams and schema.
-    let nats = async_nats::connect(&endpoints.nats_url)
-        .await
-        .with_context(|| format!("connecting to NATS at {}", endpoints.nats_url))?;
+    let nats = endpoints.connect_nats().await?;
     let js = async_nats::jetstream::new(nats);
     let changes = broker_config::apply(&js, &broker_config::Options::default()).await?;
     let created = changes
@@ -202,6 +354,27 @@ async fn bring_up(
         "applied",
         format_args!("{} streams and buckets, {created} created", changes.len()),
     );
+    if let Some(auth) = auth {
+        broker_config::provision_services(&js).await?;
+        let agents = auth.state.agents()?;
+        for agent in &agents {
+            broker_config::provision_agent(&js, &agent.name).await?;
+        }
+        line(
+            "identities",
+            "applied",
+            format_args!(
+                "{} agents ({}), durable consumers in place; config {}",
+                agents.len(),
+                agents
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                AuthState::nats_config_path(home).display()
+            ),
+        );
+    }
     let features = audit_sink::schema::ensure(&client, &endpoints.database, 0)
         .await
         .with_context(|| {
@@ -249,6 +422,13 @@ async fn bring_up(
                     args.extend(["--policies".to_owned(), dir.display().to_string()]);
                 }
             }
+            "gpu-scaler" => {
+                if let Some(config) = options.gpu_config.as_ref().filter(|c| c.is_file()) {
+                    let config = std::fs::canonicalize(config)
+                        .with_context(|| format!("resolving `{}`", config.display()))?;
+                    args.extend(["--config".to_owned(), config.display().to_string()]);
+                }
+            }
             "audit-sink" => args.extend([
                 "--clickhouse-url".to_owned(),
                 endpoints.clickhouse_url.clone(),
@@ -258,7 +438,23 @@ async fn bring_up(
             _ => {}
         }
         args.extend(["--ready-file".to_owned(), ready.display().to_string()]);
-        let child = procs::spawn(home, name, &binary, &args)?;
+        // Credentials go in the environment, not on the command line.
+        let mut env: Vec<(&str, Option<String>)> = Vec::new();
+        if let Some(auth) = auth {
+            let seed = auth
+                .state
+                .service_seed_file(name)
+                .with_context(|| format!("no identity for `{name}`"))?;
+            env.push(("NATS_NKEY_SEED_FILE", Some(seed.display().to_string())));
+            env.push(("NATS_CREDS", None));
+            if name == "audit-sink"
+                && let Some(secrets) = &auth.clickhouse
+            {
+                env.push(("CLICKHOUSE_USER", Some(CLICKHOUSE_SINK_USER.to_owned())));
+                env.push(("CLICKHOUSE_PASSWORD", Some(secrets.sink.clone())));
+            }
+        }
+        let child = procs::spawn_with_env(home, name, &binary, &args, &env)?;
         waiting.push(name);
         started.children.push((name, child));
     }
@@ -314,6 +510,43 @@ async fn bring_up(
             }
             Some(why) => bail!(why),
         }
+    }
+    Ok(())
+}
+
+/// Rewrites the config of the nats-server `up` started before and reloads
+/// it until every registered agent reaches JetStream (a server not started
+/// by meshctl is left alone).
+async fn reload_with_every_agent(
+    home: &Home,
+    endpoints: &Endpoints,
+    state: &AuthState,
+) -> anyhow::Result<()> {
+    let mut seeds = Vec::new();
+    for agent in state.agents()? {
+        let file = state.seed_file(broker_config::auth::Role::Agent, &agent.name);
+        let (seed, _) = broker_config::credentials::read_seed_file(&file)?;
+        seeds.push(seed);
+    }
+    let url = endpoints.nats_url.clone();
+    let all_reach = || {
+        let seeds = seeds.clone();
+        let url = url.clone();
+        async move {
+            for seed in &seeds {
+                if !agents::can_reach_jetstream(&url, seed).await {
+                    return false;
+                }
+            }
+            true
+        }
+    };
+    if agents::reload_nats(home, endpoints, state, all_reach).await? == agents::Applied::Reloaded {
+        line(
+            "nats-server",
+            "reloaded",
+            format_args!("{}", AuthState::nats_config_path(home).display()),
+        );
     }
     Ok(())
 }
@@ -386,7 +619,7 @@ pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> 
             .unwrap_or_default()
     };
     println!("{:<18} {:<8} detail", "component", "state");
-    let nats = servers::nats_state(&endpoints.nats_url).await;
+    let nats = servers::nats_state(endpoints).await;
     match nats {
         NatsState::JetStream => line(
             "nats-server",
@@ -398,11 +631,42 @@ pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> 
             "degraded",
             format_args!("{} has no JetStream", endpoints.nats_url),
         ),
+        NatsState::Refused => line(
+            "nats-server",
+            "refused",
+            format_args!(
+                "{} refuses meshctl's credentials (pass the operator seed: --nats-nkey-seed-file)",
+                endpoints.nats_url
+            ),
+        ),
         NatsState::Unreachable => line(
             "nats-server",
             "down",
             format_args!("nothing answers at {}", endpoints.nats_url),
         ),
+    }
+    if auth_mode(home) {
+        let state = AuthState::new(home);
+        let agents = state.agents().unwrap_or_default();
+        line(
+            "authorization",
+            "on",
+            format_args!(
+                "{} agents ({}); `meshctl agents list`",
+                agents.len(),
+                agents
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    } else if mode_file(home).is_file() {
+        line(
+            "authorization",
+            "off",
+            "started with --insecure: anyone may connect and publish anywhere",
+        );
     }
     let client = endpoints.clickhouse();
     let version = servers::clickhouse_version(&client).await;
@@ -427,7 +691,7 @@ pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> 
     let mut consumers: Vec<(String, String, u64, usize, usize)> = Vec::new();
     let mut streams: Vec<(String, u64)> = Vec::new();
     if nats == NatsState::JetStream {
-        let client = async_nats::connect(&endpoints.nats_url).await?;
+        let client = endpoints.connect_nats().await?;
         let js = async_nats::jetstream::new(client);
         for config in broker_config::streams(&broker_config::Options::default()) {
             let Ok(mut stream) = js.get_stream(&config.name).await else {

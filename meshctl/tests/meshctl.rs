@@ -1,10 +1,13 @@
 //! `meshctl` as a user runs it: the demo's decision tree and `meshctl
 //! trace`, against a real policy worker, audit sink, NATS and ClickHouse;
-//! `up --detach` / `status` / `down` on ports of the test's own; the errors
-//! for a taken port and a missing server binary.
+//! `up --detach` / `status` / `down` on ports of the test's own, with
+//! authorization (the default: the demo with per-agent keys, refused
+//! anonymous clients, `agents add|remove|list` on the running broker) and
+//! `--insecure`; the errors for a taken port and a missing server binary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use testkit::{ClickHouseServer, NatsServer, eventually, free_port};
@@ -27,6 +30,11 @@ fn meshctl(env: &[(&str, &str)], args: &[&str]) -> std::io::Result<Output> {
         "AGENTMESH_HOME",
         "NATS_SERVER_BIN",
         "CLICKHOUSE_SERVER_BIN",
+        "NATS_NKEY_SEED_FILE",
+        "NATS_CREDS",
+        "CLICKHOUSE_USER",
+        "CLICKHOUSE_PASSWORD",
+        "AGENTMESH_POLICIES",
     ] {
         cmd.env_remove(var);
     }
@@ -320,7 +328,8 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
         "--without",
         "gpu-scaler",
     ];
-    let mut args = vec!["up", "--detach"];
+    // The stack as it was before authorization: --insecure.
+    let mut args = vec!["up", "--detach", "--insecure"];
     args.extend(without);
     let up = stack.run(&args).await?;
     let out = text(&up.stdout);
@@ -387,7 +396,7 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
         .unwrap_or_default()
         .to_owned();
     let taken = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(["up", "--detach"])
+        .args(["up", "--detach", "--insecure"])
         .args(without)
         .env("NATS_URL", &stack.nats_url)
         .env("CLICKHOUSE_URL", format!("http://127.0.0.1:{nats_port}"))
@@ -445,8 +454,33 @@ async fn missing_server_binary_names_the_package() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
+/// A connection with the seed in `file`, recording server errors.
+async fn connect_with_seed_file(
+    url: &str,
+    file: &Path,
+) -> anyhow::Result<(async_nats::Client, Arc<Mutex<Vec<String>>>)> {
+    let (seed, _) = broker_config::credentials::read_seed_file(file)?;
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let sink = errors.clone();
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .max_reconnects(1)
+        .event_callback(move |event| {
+            let sink = sink.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event
+                    && let Ok(mut v) = sink.lock()
+                {
+                    v.push(e.to_string());
+                }
+            }
+        })
+        .connect(url)
+        .await?;
+    Ok((client, errors))
+}
+
+fn services_built() -> bool {
     let dir = Path::new(env!("CARGO_BIN_EXE_meshctl"))
         .parent()
         .map(Path::to_path_buf)
@@ -456,6 +490,14 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
         eprintln!(
             "skipped: build policy-worker and audit-sink (`cargo build --workspace`, or `cargo test --workspace`) to run the whole stack"
         );
+        return false;
+    }
+    true
+}
+
+#[tokio::test]
+async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
+    if !services_built() {
         return Ok(());
     }
     let tmp = tempfile::tempdir()?;
@@ -466,23 +508,94 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
         let _ = stack.run(&["down"]).await;
         panic!("meshctl up failed:\n{out}\n{}", text(&up.stderr));
     }
-    assert!(
-        out.contains("policy-worker      ready") && out.contains("audit-sink         ready"),
-        "{out}"
-    );
+    let checks = async {
+        assert!(
+            out.contains("policy-worker      ready") && out.contains("audit-sink         ready"),
+            "{out}"
+        );
+        // Authorization is on by default: keys for the operator, the
+        // services and the agents of entities.json.
+        assert!(
+            out.contains("identities         applied  3 agents (coder, planner, reviewer)"),
+            "{out}"
+        );
+        let auth = Path::new(&stack.home).join("auth");
+        let status = stack.run(&["status"]).await?;
+        let status_out = text(&status.stdout);
+        assert!(status.status.success(), "{status_out}");
+        assert!(status_out.contains("authorization      on"), "{status_out}");
 
-    let demo = stack.run(&["demo"]).await?;
+        // Without a key nobody gets in.
+        let anonymous = async_nats::ConnectOptions::new()
+            .max_reconnects(1)
+            .connect(&stack.nats_url)
+            .await;
+        assert!(anonymous.is_err(), "an anonymous client connected");
+        // ClickHouse: `default` needs its password, the reader cannot write.
+        let secrets: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(auth.join("clickhouse.json"))?)?;
+        let anonymous = clickhouse::Client::default()
+            .with_url(&stack.ch_url)
+            .with_validation(false);
+        assert!(
+            testkit::clickhouse::query_text(&anonymous, "SELECT 1")
+                .await
+                .is_err()
+        );
+        let reader = anonymous
+            .clone()
+            .with_user("agentmesh_reader")
+            .with_password(secrets["reader"].as_str().unwrap_or_default());
+        let insert = reader
+            .query("INSERT INTO agentmesh.gpu_leases (pool) VALUES ('forged')")
+            .execute()
+            .await;
+        assert!(insert.is_err(), "the reader inserted");
+
+        // The demo runs with each agent's own key.
+        let demo = stack.run(&["demo"]).await?;
+        let demo_out = text(&demo.stdout);
+        assert!(demo.status.success(), "{demo_out}\n{}", text(&demo.stderr));
+        let tree = tree_block(&demo_out);
+        assert!(tree[0].contains(": 11 steps, 1 denied"), "{demo_out}");
+        assert!(
+            tree.last()
+                .is_some_and(|l| l.contains("tool.call shell.exec")
+                    && l.contains("DENY   by forbid-high-risk-tools, forbid-shell-exec")),
+            "{demo_out}"
+        );
+        let rows = testkit::clickhouse::query_text(
+            &reader,
+            "SELECT count() FROM agentmesh.decisions FINAL",
+        )
+        .await?;
+        assert!(rows.trim().parse::<u64>()? >= 11, "{rows}");
+
+        // The coder's key publishes as the coder only.
+        let (coder, errors) =
+            connect_with_seed_file(&stack.nats_url, &auth.join("agents/coder.nk")).await?;
+        coder
+            .publish("mesh.ingress.planner.handoff", "{}".into())
+            .await?;
+        coder.flush().await?;
+        eventually(WAIT, "the broker's permission error", || async {
+            errors
+                .lock()
+                .ok()?
+                .iter()
+                .any(|e| {
+                    e.contains(
+                        "Permissions Violation for Publish to \"mesh.ingress.planner.handoff\"",
+                    )
+                })
+                .then_some(())
+        })
+        .await?;
+        anyhow::Ok(())
+    }
+    .await;
     let down = stack.run(&["down"]).await?;
-    let out = text(&demo.stdout);
-    assert!(demo.status.success(), "{out}\n{}", text(&demo.stderr));
-    let tree = tree_block(&out);
-    assert!(tree[0].contains(": 11 steps, 1 denied"), "{out}");
-    assert!(
-        tree.last()
-            .is_some_and(|l| l.contains("tool.call shell.exec")
-                && l.contains("DENY   by forbid-high-risk-tools, forbid-shell-exec")),
-        "{out}"
-    );
+    checks?;
     let out = text(&down.stdout);
     for name in [
         "policy-worker",
@@ -493,4 +606,218 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
         assert!(out.contains(&format!("{name:<18} stopped")), "{out}");
     }
     Ok(())
+}
+
+#[tokio::test]
+async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    for entry in std::fs::read_dir(workspace().join("policies"))? {
+        let path = entry?.path();
+        if let Some(name) = path.file_name() {
+            std::fs::copy(&path, policies.join(name))?;
+        }
+    }
+    let policies_arg = policies.display().to_string();
+    let stack = LocalStack::new(&tmp.path().join("state"))?;
+    let up = stack
+        .run(&[
+            "up",
+            "--detach",
+            "--policies",
+            &policies_arg,
+            "--without",
+            "policy-worker",
+            "--without",
+            "audit-sink",
+            "--without",
+            "gpu-scaler",
+        ])
+        .await?;
+    if !up.status.success() {
+        let _ = stack.run(&["down"]).await;
+        panic!(
+            "meshctl up failed:\n{}\n{}",
+            text(&up.stdout),
+            text(&up.stderr)
+        );
+    }
+    let home = PathBuf::from(&stack.home);
+    let checks = async {
+        let admin = connect_with_seed_file(&stack.nats_url, &home.join("auth/keys/meshctl.nk"))
+            .await?
+            .0;
+        let admin = async_nats::jetstream::new(admin);
+        let entities = || -> anyhow::Result<String> {
+            Ok(std::fs::read_to_string(policies.join("entities.json"))?)
+        };
+        let original = entities()?;
+
+        // Refused before anything is written: an attribute the schema needs
+        // is missing, or the role does not exist.
+        let bad = stack
+            .run(&[
+                "agents",
+                "add",
+                "analyst",
+                "--role",
+                "worker",
+                "--policies",
+                &policies_arg,
+            ])
+            .await?;
+        assert!(!bad.status.success());
+        let err = text(&bad.stderr);
+        assert!(
+            err.contains("do not validate") && err.contains("does not conform to the schema"),
+            "{err}"
+        );
+        let bad = stack
+            .run(&[
+                "agents",
+                "add",
+                "analyst",
+                "--role",
+                "wizard",
+                "--attr",
+                "team=data",
+                "--policies",
+                &policies_arg,
+            ])
+            .await?;
+        assert!(
+            text(&bad.stderr).contains("is not a role"),
+            "{}",
+            text(&bad.stderr)
+        );
+        assert_eq!(entities()?, original);
+        assert!(!home.join("auth/agents/analyst.nk").exists());
+
+        let add = stack
+            .run(&[
+                "agents",
+                "add",
+                "analyst",
+                "--role",
+                "worker",
+                "--attr",
+                "team=data",
+                "--policies",
+                &policies_arg,
+            ])
+            .await?;
+        let out = text(&add.stdout);
+        assert!(add.status.success(), "{out}\n{}", text(&add.stderr));
+        assert!(out.contains("nats-server reloaded"), "{out}");
+        let seed_file = home.join("auth/agents/analyst.nk");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&seed_file)?.permissions().mode() & 0o777,
+            0o600
+        );
+        let added: serde_json::Value = serde_json::from_str(&entities()?)?;
+        let analyst = added
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["uid"]["id"] == "analyst"))
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(
+            analyst["attrs"],
+            serde_json::json!({"role": "worker", "team": "data"})
+        );
+        // The new key works at once (no restart), with its durable in place.
+        let (analyst, _) = connect_with_seed_file(&stack.nats_url, &seed_file).await?;
+        let ack = async_nats::jetstream::new(analyst.clone())
+            .publish("mesh.ingress.analyst.step", "{}".into())
+            .await?
+            .await?;
+        assert_eq!(ack.stream, "MESH_INGRESS");
+        admin
+            .get_stream("MESH_DELIVER")
+            .await?
+            .consumer_info("agent-analyst")
+            .await?;
+        let again = stack
+            .run(&[
+                "agents",
+                "add",
+                "analyst",
+                "--role",
+                "worker",
+                "--attr",
+                "team=data",
+                "--policies",
+                &policies_arg,
+            ])
+            .await?;
+        assert!(text(&again.stderr).contains("already registered"));
+
+        let list = stack
+            .run(&["agents", "list", "--policies", &policies_arg])
+            .await?;
+        let out = text(&list.stdout);
+        for id in ["analyst", "coder", "planner", "reviewer"] {
+            assert!(
+                out.lines().any(|l| l.starts_with(id) && l.contains(".nk")),
+                "{out}"
+            );
+        }
+
+        // Rotation: the old key is refused, the new one works, the durable stays.
+        let old_seed = std::fs::read_to_string(&seed_file)?;
+        let rotate = stack.run(&["agents", "rotate", "analyst"]).await?;
+        let out = text(&rotate.stdout);
+        assert!(rotate.status.success(), "{out}\n{}", text(&rotate.stderr));
+        assert!(out.contains("the old key is refused"), "{out}");
+        assert_ne!(std::fs::read_to_string(&seed_file)?, old_seed);
+        eventually(WAIT, "the old connection to close", || async {
+            (analyst.connection_state() != async_nats::connection::State::Connected).then_some(())
+        })
+        .await?;
+        let (analyst, _) = connect_with_seed_file(&stack.nats_url, &seed_file).await?;
+        async_nats::jetstream::new(analyst.clone())
+            .publish("mesh.ingress.analyst.step", "{}".into())
+            .await?
+            .await?;
+        admin
+            .get_stream("MESH_DELIVER")
+            .await?
+            .consumer_info("agent-analyst")
+            .await?;
+
+        let remove = stack
+            .run(&["agents", "remove", "analyst", "--policies", &policies_arg])
+            .await?;
+        let out = text(&remove.stdout);
+        assert!(remove.status.success(), "{out}\n{}", text(&remove.stderr));
+        assert!(out.contains("key is refused"), "{out}");
+        assert_eq!(
+            entities()?,
+            serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(&original)?)?
+                + "\n"
+        );
+        assert!(!seed_file.exists());
+        // The open connection was closed, and the consumer is gone.
+        eventually(WAIT, "the analyst's connection to close", || async {
+            (analyst.connection_state() != async_nats::connection::State::Connected).then_some(())
+        })
+        .await?;
+        assert!(
+            admin
+                .get_stream("MESH_DELIVER")
+                .await?
+                .consumer_info("agent-analyst")
+                .await
+                .is_err()
+        );
+        let list = stack
+            .run(&["agents", "list", "--policies", &policies_arg])
+            .await?;
+        assert!(!text(&list.stdout).contains("analyst"));
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = stack.run(&["down"]).await?;
+    checks
 }

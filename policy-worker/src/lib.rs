@@ -29,6 +29,8 @@ const LAG_POLL: Duration = Duration::from_secs(5);
 pub struct Config {
     /// NATS server URL.
     pub nats_url: String,
+    /// How to authenticate to NATS (none by default).
+    pub credentials: broker_config::NatsCredentials,
     /// Directory with `schema.cedarschema`, `entities.json` and `*.cedar`.
     pub policies: PathBuf,
     /// Validation limits (event size).
@@ -57,6 +59,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            credentials: broker_config::NatsCredentials::default(),
             policies: PathBuf::from("policies"),
             limits: schemas::Limits::default(),
             consumer: "policy-worker".into(),
@@ -94,6 +97,9 @@ pub enum Error {
         /// The client error.
         source: async_nats::ConnectError,
     },
+    /// The NATS credentials could not be read.
+    #[error("NATS credentials: {0}")]
+    Credentials(#[from] broker_config::credentials::CredentialsError),
     /// Streams could not be applied.
     #[error(transparent)]
     Broker(#[from] broker_config::ApplyError),
@@ -140,8 +146,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // A refused reload keeps the active set, so once loaded they stay loaded.
     ops.health().flag("policies", true);
 
-    let client = async_nats::ConnectOptions::new()
-        .name("policy-worker")
+    let options = config
+        .credentials
+        .apply(async_nats::ConnectOptions::new().name("policy-worker"))
+        .await?;
+    let client = options
         .connect(&config.nats_url)
         .await
         .map_err(|source| Error::Connect {

@@ -13,6 +13,12 @@ struct Args {
     /// NATS server URL.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
+    /// File holding this service's NATS nkey seed (`SU…`, mode 0600), for a broker with authorization.
+    #[arg(long, env = "NATS_NKEY_SEED_FILE")]
+    nats_nkey_seed_file: Option<PathBuf>,
+    /// NATS `.creds` file (user JWT and seed), for a broker in operator mode.
+    #[arg(long, env = "NATS_CREDS", conflicts_with = "nats_nkey_seed_file")]
+    nats_creds: Option<PathBuf>,
     /// Policy directory: `schema.cedarschema`, `entities.json`, `*.cedar`.
     #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
     policies: PathBuf,
@@ -62,6 +68,10 @@ async fn main() -> std::process::ExitCode {
 
     let config = policy_worker::Config {
         nats_url: args.nats_url,
+        credentials: broker_config::NatsCredentials {
+            nkey_seed_file: args.nats_nkey_seed_file,
+            creds_file: args.nats_creds,
+        },
         policies: args.policies,
         limits: schemas::Limits {
             max_event_bytes: args.max_event_bytes,

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, Policy, PolicyId,
-    PolicySet, PrincipalConstraint, Request, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Entities, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, PrincipalConstraint, Request, Schema, ValidationMode, Validator,
 };
 use miette::Diagnostic;
 use schemas::{EventType, MeshEvent};
@@ -180,7 +180,9 @@ impl PolicyIndex {
                 }
             };
             let principal = match policy.principal_constraint() {
-                PrincipalConstraint::Eq(uid) if uid.type_name() == &names.agent => Some(uid.id().unescaped().to_owned()),
+                PrincipalConstraint::Eq(uid) if uid.type_name() == &names.agent => {
+                    Some(uid.id().unescaped().to_owned())
+                }
                 _ => None,
             };
             for action in applies {
@@ -236,7 +238,12 @@ impl PolicyIndex {
     /// index does not know (then the whole set is used).
     fn candidates(&self, action: &str, agent: &str) -> Option<&PolicySet> {
         let partition = self.by_action.get(action)?;
-        Some(partition.by_principal.get(agent).unwrap_or(&partition.generic))
+        Some(
+            partition
+                .by_principal
+                .get(agent)
+                .unwrap_or(&partition.generic),
+        )
     }
 }
 

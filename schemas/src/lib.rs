@@ -27,6 +27,6 @@ pub use binding::{
 };
 pub use catalogue::{EventType, TYPE_PREFIX, UnknownEventType};
 pub use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
-pub use mesh::{DEFAULT_MAX_EVENT_BYTES, Invalid, Limits, MeshEvent, ext};
+pub use mesh::{DEFAULT_MAX_EVENT_BYTES, Invalid, Limits, MeshEvent, ext, message_size};
 pub use receipt::{Decision, DecisionReceipt, headers};
 pub use traceparent::{InvalidTraceParent, TraceParent};

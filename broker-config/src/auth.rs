@@ -1,0 +1,606 @@
+//! Who may do what on the broker: one NATS identity (an nkey user) per
+//! agent and per service, and the per-role permission templates that are
+//! rendered into the nats-server authorization config.
+//!
+//! # The shape of the rendered config
+//!
+//! Account `MESH` holds JetStream (every `MESH_*` stream and both KV
+//! buckets), the operator (`meshctl`, full rights) and the policy worker.
+//! Every other principal — each agent, the audit sink, the GPU scaler — gets
+//! an account of its own that imports from `MESH` exactly the subjects its
+//! role needs, and its user is further limited by publish/subscribe
+//! permissions inside that account.
+//!
+//! Why accounts and not only user permissions: a NATS server sends its
+//! answer to a request (a JetStream API call, a publish acknowledgement, a
+//! pulled message) to whatever reply subject the requester named, without
+//! checking the requester's publish permissions on it. In one shared account
+//! an agent could name `mesh.deliver.<other>.x` as the reply of its own
+//! request and the answer would be stored in `MESH_DELIVER`. Across an
+//! account import the reply is rewritten into the requester's own account,
+//! where no stream listens.
+//!
+//! Why agents may not create consumers: a consumer's configuration is the
+//! request payload, which permissions cannot inspect, so a client allowed to
+//! create one could make it a push consumer whose deliver subject is any
+//! subject of `MESH`. Each agent's durable `agent-<id>` is therefore created
+//! by the operator ([`crate::provision_agent`]) as a pull consumer; the agent
+//! may only re-send the same create request for it (the server refuses to
+//! turn a pull consumer into a push one or to change its deliver policy, and
+//! the create subject pins the name and filter).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use schemas::{AgentId, subjects};
+use serde_json::{Value, json};
+
+/// The account that holds JetStream, the operator and the policy worker.
+pub const MESH_ACCOUNT: &str = "MESH";
+/// The identity of the operator (`meshctl`).
+pub const ADMIN: &str = "meshctl";
+/// The identity of the policy worker.
+pub const POLICY_WORKER: &str = "policy-worker";
+/// The identity of the audit sink.
+pub const AUDIT_SINK: &str = "audit-sink";
+/// The identity of the GPU scaler.
+pub const GPU_SCALER: &str = "gpu-scaler";
+/// The policy worker's durable consumer on `MESH_INGRESS`.
+pub const POLICY_WORKER_CONSUMER: &str = "policy-worker";
+/// The audit sink's durable consumers: (stream, durable).
+pub const AUDIT_SINK_CONSUMERS: [(&str, &str); 3] = [
+    (subjects::STREAM_INGRESS, "audit-sink-events"),
+    (subjects::STREAM_DECISION, "audit-sink-decisions"),
+    (subjects::STREAM_GPU, "audit-sink-gpu"),
+];
+/// The subject on which the GPU scaler answers status requests.
+pub const GPU_STATUS_SUBJECT: &str = "mesh.gpu.status";
+
+/// The role of a principal: which permission template applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// The operator: every subject of `MESH`, streams and consumers included.
+    Admin,
+    /// Decides ingress events; the only publisher of deliveries, receipts and dead letters.
+    PolicyWorker,
+    /// Reads what it audits (ingress, decisions, GPU leases) and nothing more.
+    AuditSink,
+    /// Publishes GPU lease events and is the only writer of `mesh-gpu-leases`.
+    GpuScaler,
+    /// An agent: its own ingress subjects, deliveries, receipts and card.
+    Agent,
+}
+
+impl Role {
+    /// The role's name as written in registries and docs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::PolicyWorker => "policy-worker",
+            Role::AuditSink => "audit-sink",
+            Role::GpuScaler => "gpu-scaler",
+            Role::Agent => "agent",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One NATS identity: a name (agent id or service name), its role and the
+/// public half of its nkey (`U…`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The agent id, or the service name ([`ADMIN`], [`POLICY_WORKER`], …).
+    pub name: String,
+    /// Which template applies.
+    pub role: Role,
+    /// The user's public nkey.
+    pub public_key: String,
+}
+
+impl Principal {
+    /// Agent `id` with public key `public_key`.
+    pub fn agent(id: impl Into<String>, public_key: impl Into<String>) -> Self {
+        Self {
+            name: id.into(),
+            role: Role::Agent,
+            public_key: public_key.into(),
+        }
+    }
+
+    /// The service of `role` (its fixed name) with public key `public_key`.
+    pub fn service(role: Role, public_key: impl Into<String>) -> Self {
+        let name = match role {
+            Role::Admin => ADMIN,
+            Role::PolicyWorker => POLICY_WORKER,
+            Role::AuditSink => AUDIT_SINK,
+            Role::GpuScaler => GPU_SCALER,
+            Role::Agent => "agent",
+        };
+        Self {
+            name: name.to_owned(),
+            role,
+            public_key: public_key.into(),
+        }
+    }
+}
+
+/// What one principal is granted: its account, the imports that account
+/// takes from `MESH`, and its user's permissions inside the account.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Grants {
+    /// The account the user lives in.
+    pub account: String,
+    /// Subjects the user may publish to (nothing else).
+    pub publish: Vec<String>,
+    /// Subjects the user may subscribe to (nothing else).
+    pub subscribe: Vec<String>,
+    /// Whether the user may answer requests it received (reply subjects).
+    pub allow_responses: bool,
+    /// Services the account imports from `MESH` (requests go to `MESH`,
+    /// answers come back to this account).
+    pub service_imports: Vec<String>,
+    /// Streams the account imports from `MESH` (messages of `MESH` copied
+    /// into this account).
+    pub stream_imports: Vec<String>,
+    /// Services this account offers to `MESH` (e.g. the scaler's status).
+    pub service_exports: Vec<String>,
+    /// Full rights (the operator): no permission lists, no imports.
+    pub unrestricted: bool,
+}
+
+/// The JetStream API prefix every account imports from `MESH`.
+const JS_API: &str = "$JS.API.>";
+
+/// The grants of `principal`: the per-role templates, filled in.
+pub fn grants(principal: &Principal) -> Grants {
+    let name = principal.name.as_str();
+    let info = |stream: &str| format!("$JS.API.STREAM.INFO.{stream}");
+    let kv_agents = format!("KV_{}", subjects::BUCKET_AGENTS);
+    let kv_leases = format!("KV_{}", subjects::BUCKET_GPU_LEASES);
+    match principal.role {
+        Role::Admin => Grants {
+            account: MESH_ACCOUNT.to_owned(),
+            unrestricted: true,
+            ..Grants::default()
+        },
+        Role::PolicyWorker => {
+            let stream = subjects::STREAM_INGRESS;
+            let consumer = POLICY_WORKER_CONSUMER;
+            Grants {
+                account: MESH_ACCOUNT.to_owned(),
+                publish: vec![
+                    // What only the worker may write.
+                    "mesh.deliver.>".into(),
+                    "mesh.decision.>".into(),
+                    "mesh.dead.>".into(),
+                    // `broker_config::apply` at start: reads every stream
+                    // (creating or changing one is the operator's job).
+                    "$JS.API.STREAM.INFO.*".into(),
+                    // Its own durable on MESH_INGRESS.
+                    format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"),
+                    format!("$JS.API.CONSUMER.CREATE.{stream}.{consumer}"),
+                    format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"),
+                    format!("$JS.ACK.{stream}.{consumer}.>"),
+                ],
+                subscribe: vec!["_INBOX.>".into()],
+                ..Grants::default()
+            }
+        }
+        Role::AuditSink => {
+            let mut publish = vec!["$JS.API.STREAM.INFO.*".to_owned()];
+            let mut service_imports = vec![JS_API.to_owned()];
+            for (stream, durable) in AUDIT_SINK_CONSUMERS {
+                publish.push(format!("$JS.API.CONSUMER.INFO.{stream}.{durable}"));
+                publish.push(format!("$JS.API.CONSUMER.CREATE.{stream}.{durable}"));
+                publish.push(format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"));
+                publish.push(format!("$JS.ACK.{stream}.{durable}.>"));
+                service_imports.push(format!("$JS.ACK.{stream}.{durable}.>"));
+            }
+            Grants {
+                account: "AUDIT".to_owned(),
+                publish,
+                subscribe: vec!["_INBOX.>".into()],
+                service_imports,
+                ..Grants::default()
+            }
+        }
+        Role::GpuScaler => Grants {
+            account: "GPU_SCALER".to_owned(),
+            publish: vec![
+                // Lease events and the lease bucket: the scaler alone writes them.
+                "mesh.gpu.lease.>".into(),
+                format!("$KV.{}.>", subjects::BUCKET_GPU_LEASES),
+                "$JS.API.STREAM.INFO.*".into(),
+                // Queue depth: the consumers of the streams its pools watch.
+                "$JS.API.CONSUMER.LIST.*".into(),
+                "$JS.API.CONSUMER.NAMES.*".into(),
+                "$JS.API.CONSUMER.INFO.*.*".into(),
+                format!("$JS.API.DIRECT.GET.{kv_leases}.>"),
+                format!("$JS.API.STREAM.MSG.GET.{kv_leases}"),
+            ],
+            subscribe: vec!["_INBOX.>".into(), GPU_STATUS_SUBJECT.into()],
+            allow_responses: true,
+            service_imports: vec![
+                JS_API.into(),
+                "mesh.gpu.lease.>".into(),
+                format!("$KV.{}.>", subjects::BUCKET_GPU_LEASES),
+            ],
+            service_exports: vec![GPU_STATUS_SUBJECT.into()],
+            ..Grants::default()
+        },
+        Role::Agent => {
+            let deliver = subjects::STREAM_DELIVER;
+            let durable = agent_consumer(name);
+            Grants {
+                account: agent_account(name),
+                publish: vec![
+                    // Its own events, and nobody else's.
+                    format!("mesh.ingress.{name}.>"),
+                    // Its own card (put and delete), and nobody else's.
+                    format!("$KV.{}.{name}", subjects::BUCKET_AGENTS),
+                    // The SDK's start-up check (which stream holds a
+                    // subject: names only) and the card directory (whose
+                    // stream information lists the cards' keys). Not the
+                    // MESH_* streams' information: with a subjects filter
+                    // it tells who exchanged how many messages.
+                    "$JS.API.STREAM.NAMES".into(),
+                    info(&kv_agents),
+                    // Cards are public: read any, by key or by sequence
+                    // (the directory's list and watch).
+                    format!("$JS.API.DIRECT.GET.{kv_agents}"),
+                    format!("$JS.API.DIRECT.GET.{kv_agents}.>"),
+                    // Its own durable, created by the operator: the create
+                    // subject pins name and filter, so re-sending the
+                    // create can only touch this consumer.
+                    format!(
+                        "$JS.API.CONSUMER.CREATE.{deliver}.{durable}.{}",
+                        agent_filter(name)
+                    ),
+                    format!("$JS.API.CONSUMER.INFO.{deliver}.{durable}"),
+                    format!("$JS.API.CONSUMER.MSG.NEXT.{deliver}.{durable}"),
+                    format!("$JS.ACK.{deliver}.{durable}.>"),
+                ],
+                subscribe: vec![
+                    // Replies to its own requests (its account's inboxes are its own).
+                    "_INBOX.>".into(),
+                    // Its receipts and deliveries as they are published.
+                    subjects::decision(name),
+                    agent_filter(name),
+                    // Card changes.
+                    format!("$KV.{}.>", subjects::BUCKET_AGENTS),
+                ],
+                service_imports: vec![
+                    JS_API.into(),
+                    format!("mesh.ingress.{name}.>"),
+                    format!("$KV.{}.{name}", subjects::BUCKET_AGENTS),
+                    format!("$JS.ACK.{deliver}.{durable}.>"),
+                ],
+                stream_imports: vec![
+                    subjects::decision(name),
+                    agent_filter(name),
+                    format!("$KV.{}.>", subjects::BUCKET_AGENTS),
+                ],
+                ..Grants::default()
+            }
+        }
+    }
+}
+
+/// The account of agent `id`.
+pub fn agent_account(id: &str) -> String {
+    format!("AGENT_{id}")
+}
+
+/// The durable consumer agent `id` reads its deliveries from (`agent-<id>`,
+/// the name the agents SDK uses).
+pub fn agent_consumer(id: &str) -> String {
+    format!("agent-{id}")
+}
+
+/// The filter of agent `id`'s durable: `mesh.deliver.<id>.>`.
+pub fn agent_filter(id: &str) -> String {
+    format!("mesh.deliver.{id}.>")
+}
+
+/// Why a set of principals cannot be rendered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// An agent id is not a valid agent id.
+    #[error("`{0}` is not a valid agent id (lowercase letters, digits, `_` and `-`, at most 63)")]
+    InvalidAgentId(String),
+    /// A public key is not a NATS user public key.
+    #[error("the key of `{name}` is not a NATS user public key (`U…`): `{key}`")]
+    InvalidKey {
+        /// The principal.
+        name: String,
+        /// The key given.
+        key: String,
+    },
+    /// Two principals share a name.
+    #[error("`{0}` is registered twice")]
+    DuplicateName(String),
+    /// Two principals share a key.
+    #[error("`{first}` and `{second}` have the same key")]
+    DuplicateKey {
+        /// The first holder.
+        first: String,
+        /// The second holder.
+        second: String,
+    },
+    /// A service role appears twice, or a service name is used by an agent.
+    #[error("more than one `{0}` identity")]
+    DuplicateService(Role),
+    /// There is no operator identity, so nobody could manage streams.
+    #[error("no `admin` identity: the operator (`meshctl`) needs one to manage streams")]
+    NoAdmin,
+}
+
+/// Checks names, keys and uniqueness.
+pub fn validate(principals: &[Principal]) -> Result<(), AuthError> {
+    let mut names = BTreeSet::new();
+    let mut services = BTreeSet::new();
+    let mut keys: Vec<(&str, &str)> = Vec::new();
+    for p in principals {
+        if p.role == Role::Agent && !AgentId::is_valid(&p.name) {
+            return Err(AuthError::InvalidAgentId(p.name.clone()));
+        }
+        if p.role != Role::Agent && !services.insert(p.role) {
+            return Err(AuthError::DuplicateService(p.role));
+        }
+        let valid_key =
+            p.public_key.starts_with('U') && nkeys::KeyPair::from_public_key(&p.public_key).is_ok();
+        if !valid_key {
+            return Err(AuthError::InvalidKey {
+                name: p.name.clone(),
+                key: p.public_key.clone(),
+            });
+        }
+        // Agents and services live in one name space (agent accounts are
+        // prefixed, but logs and registries show bare names).
+        if !names.insert(p.name.as_str()) {
+            return Err(AuthError::DuplicateName(p.name.clone()));
+        }
+        if let Some((first, _)) = keys.iter().find(|(_, k)| *k == p.public_key) {
+            return Err(AuthError::DuplicateKey {
+                first: (*first).to_owned(),
+                second: p.name.clone(),
+            });
+        }
+        keys.push((&p.name, &p.public_key));
+    }
+    if !services.contains(&Role::Admin) {
+        return Err(AuthError::NoAdmin);
+    }
+    Ok(())
+}
+
+/// The `accounts { … }` block for these principals (JSON syntax, which
+/// nats-server's config format accepts).
+pub fn render_accounts(principals: &[Principal]) -> Result<Value, AuthError> {
+    validate(principals)?;
+    let mut mesh_users = Vec::new();
+    let mut mesh_exports = vec![json!({"service": JS_API, "response_type": "stream"})];
+    let mut mesh_imports = Vec::new();
+    let mut accounts = serde_json::Map::new();
+    // Stable output: services first, then agents by id.
+    let mut sorted: Vec<&Principal> = principals.iter().collect();
+    sorted.sort_by(|a, b| (a.role, &a.name).cmp(&(b.role, &b.name)));
+    for p in sorted {
+        let g = grants(p);
+        let user = user_entry(p, &g);
+        if g.account == MESH_ACCOUNT {
+            mesh_users.push(user);
+            continue;
+        }
+        let mut imports = Vec::new();
+        for subject in &g.service_imports {
+            imports.push(json!({"service": {"account": MESH_ACCOUNT, "subject": subject}}));
+            if subject != JS_API {
+                mesh_exports.push(json!({"service": subject, "accounts": [g.account]}));
+            }
+        }
+        for subject in &g.stream_imports {
+            imports.push(json!({"stream": {"account": MESH_ACCOUNT, "subject": subject}}));
+            mesh_exports.push(json!({"stream": subject, "accounts": [g.account]}));
+        }
+        let mut exports = Vec::new();
+        for subject in &g.service_exports {
+            exports.push(json!({"service": subject, "accounts": [MESH_ACCOUNT]}));
+            mesh_imports.push(json!({"service": {"account": g.account, "subject": subject}}));
+        }
+        let mut account = serde_json::Map::new();
+        account.insert("users".into(), json!([user]));
+        account.insert("imports".into(), Value::Array(imports));
+        if !exports.is_empty() {
+            account.insert("exports".into(), Value::Array(exports));
+        }
+        accounts.insert(g.account.clone(), Value::Object(account));
+    }
+    let mut mesh = serde_json::Map::new();
+    mesh.insert("jetstream".into(), json!("enabled"));
+    mesh.insert("users".into(), Value::Array(mesh_users));
+    mesh.insert("exports".into(), Value::Array(mesh_exports));
+    if !mesh_imports.is_empty() {
+        mesh.insert("imports".into(), Value::Array(mesh_imports));
+    }
+    let mut all = serde_json::Map::new();
+    all.insert(MESH_ACCOUNT.into(), Value::Object(mesh));
+    all.extend(accounts);
+    Ok(Value::Object(all))
+}
+
+fn user_entry(p: &Principal, g: &Grants) -> Value {
+    if g.unrestricted {
+        return json!({"nkey": p.public_key});
+    }
+    let mut permissions = json!({
+        "publish": {"allow": g.publish},
+        "subscribe": {"allow": g.subscribe},
+    });
+    if g.allow_responses {
+        permissions["allow_responses"] = json!(true);
+    }
+    json!({"nkey": p.public_key, "permissions": permissions})
+}
+
+/// Settings of a nats-server config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Interface to listen on, e.g. `127.0.0.1`.
+    pub host: String,
+    /// Client port.
+    pub port: u16,
+    /// JetStream store directory.
+    pub store_dir: PathBuf,
+    /// The identities; `None` runs without authorization (everything in
+    /// the global account, anyone may connect).
+    pub principals: Option<Vec<Principal>>,
+}
+
+/// The whole nats-server config file for `config`.
+pub fn render_server_config(config: &ServerConfig) -> Result<String, AuthError> {
+    let mut out = String::from(
+        "# nats-server config written by agentmesh (broker-config); rewritten on every change.\n\
+         # Reload after editing: nats-server --signal reload=<pid> (or SIGHUP).\n",
+    );
+    let listen = json!(format!("{}:{}", config.host, config.port));
+    let store = json!(config.store_dir.display().to_string());
+    let _ = writeln!(out, "listen: {listen}");
+    let _ = writeln!(out, "jetstream: {{store_dir: {store}}}");
+    if let Some(principals) = &config.principals {
+        let accounts = render_accounts(principals)?;
+        let text = serde_json::to_string_pretty(&accounts).unwrap_or_default();
+        let _ = writeln!(out, "accounts: {text}");
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> String {
+        nkeys::KeyPair::new_user().public_key()
+    }
+
+    fn principals() -> Vec<Principal> {
+        vec![
+            Principal::service(Role::Admin, key()),
+            Principal::service(Role::PolicyWorker, key()),
+            Principal::service(Role::AuditSink, key()),
+            Principal::service(Role::GpuScaler, key()),
+            Principal::agent("planner", key()),
+            Principal::agent("coder", key()),
+        ]
+    }
+
+    #[test]
+    fn agent_template_names_only_its_own_subjects() {
+        let g = grants(&Principal::agent("coder", key()));
+        assert_eq!(g.account, "AGENT_coder");
+        for subject in g.publish.iter().chain(&g.subscribe) {
+            let foreign = [
+                "planner",
+                "mesh.deliver.>",
+                "mesh.decision.>",
+                "STREAM.CREATE",
+            ]
+            .iter()
+            .any(|f| subject.contains(f));
+            assert!(!foreign, "{subject}");
+        }
+        assert!(g.publish.contains(&"mesh.ingress.coder.>".to_owned()));
+        assert!(g.publish.contains(
+            &"$JS.API.CONSUMER.CREATE.MESH_DELIVER.agent-coder.mesh.deliver.coder.>".to_owned()
+        ));
+        assert!(
+            !g.publish
+                .iter()
+                .any(|s| s.contains("DELETE") || s.contains("PURGE"))
+        );
+        assert!(
+            !g.publish
+                .iter()
+                .any(|s| s.starts_with("mesh.deliver") || s.starts_with("mesh.decision"))
+        );
+    }
+
+    #[test]
+    fn only_the_worker_publishes_deliveries_receipts_and_dead_letters() {
+        for p in principals() {
+            let g = grants(&p);
+            let writes_worker_subjects = g.publish.iter().any(|s| {
+                ["mesh.deliver", "mesh.decision", "mesh.dead"]
+                    .iter()
+                    .any(|w| s.starts_with(w))
+            });
+            assert_eq!(
+                writes_worker_subjects,
+                p.role == Role::PolicyWorker,
+                "{}",
+                p.name
+            );
+            let writes_leases = g.publish.iter().any(|s| s.contains("mesh-gpu-leases.>"));
+            assert_eq!(writes_leases, p.role == Role::GpuScaler, "{}", p.name);
+        }
+    }
+
+    #[test]
+    fn renders_accounts_with_private_exports() {
+        let text = render_server_config(&ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 4222,
+            store_dir: "/tmp/js".into(),
+            principals: Some(principals()),
+        })
+        .unwrap();
+        assert!(text.contains("listen: \"127.0.0.1:4222\""), "{text}");
+        let accounts = render_accounts(&principals()).unwrap();
+        let exports = accounts["MESH"]["exports"].as_array().unwrap();
+        assert!(
+            exports
+                .contains(&json!({"service": "mesh.ingress.coder.>", "accounts": ["AGENT_coder"]}))
+        );
+        assert!(
+            exports
+                .contains(&json!({"stream": "mesh.deliver.coder.>", "accounts": ["AGENT_coder"]}))
+        );
+        assert_eq!(accounts["MESH"]["users"].as_array().unwrap().len(), 2);
+        assert!(accounts["AGENT_planner"]["users"][0]["permissions"].is_object());
+        assert_eq!(
+            accounts["MESH"]["imports"][0]["service"]["subject"],
+            json!(GPU_STATUS_SUBJECT)
+        );
+    }
+
+    #[test]
+    fn refuses_bad_sets() {
+        let mut bad = principals();
+        bad.push(Principal::agent("Bad Id", key()));
+        assert!(matches!(validate(&bad), Err(AuthError::InvalidAgentId(_))));
+        let mut dup = principals();
+        dup.push(Principal::agent("coder", key()));
+        assert!(matches!(validate(&dup), Err(AuthError::DuplicateName(_))));
+        let mut same_key = principals();
+        let k = same_key[4].public_key.clone();
+        same_key.push(Principal::agent("reviewer", k));
+        assert!(matches!(
+            validate(&same_key),
+            Err(AuthError::DuplicateKey { .. })
+        ));
+        let mut seed_as_key = principals();
+        seed_as_key.push(Principal::agent("reviewer", "SUAB"));
+        assert!(matches!(
+            validate(&seed_as_key),
+            Err(AuthError::InvalidKey { .. })
+        ));
+        assert_eq!(validate(&principals()[1..]), Err(AuthError::NoAdmin));
+    }
+}

@@ -1,0 +1,212 @@
+//! NATS credentials on disk: generating a user nkey, writing its seed to a
+//! file only its owner can read, and turning a service's credential flags
+//! (`--nats-nkey-seed-file`, `--nats-creds`) into connect options.
+
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+
+/// A freshly generated user nkey.
+#[derive(Clone)]
+pub struct UserKey {
+    /// The public key (`U…`), what the server config names.
+    pub public_key: String,
+    /// The seed (`SU…`), the secret the client signs with.
+    pub seed: String,
+}
+
+impl std::fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserKey")
+            .field("public_key", &self.public_key)
+            .field("seed", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Why credentials could not be made, read or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialsError {
+    /// The key library failed.
+    #[error("cannot generate an nkey: {0}")]
+    Generate(String),
+    /// A file could not be read or written.
+    #[error("`{}`: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A seed file others may read.
+    #[error(
+        "`{}` is readable by others (mode {mode:o}): it holds a secret; `chmod 600` it",
+        path.display()
+    )]
+    Exposed {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// A seed file that holds no user seed.
+    #[error("`{}` does not hold a NATS user seed (`SU…`)", path.display())]
+    NotASeed {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Both a seed file and a creds file were given.
+    #[error("give either --nats-nkey-seed-file or --nats-creds, not both")]
+    Both,
+}
+
+/// Generates a new user nkey.
+pub fn generate_user_key() -> Result<UserKey, CredentialsError> {
+    let pair = nkeys::KeyPair::new_user();
+    let seed = pair
+        .seed()
+        .map_err(|e| CredentialsError::Generate(e.to_string()))?;
+    Ok(UserKey {
+        public_key: pair.public_key(),
+        seed,
+    })
+}
+
+/// Writes `seed` to `path` with mode 0600 (its directory created 0700 if
+/// missing), replacing the file atomically.
+pub fn write_seed_file(path: &Path, seed: &str) -> Result<(), CredentialsError> {
+    let io = |source| CredentialsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    file.write_all(seed.as_bytes()).map_err(io)?;
+    file.write_all(b"\n").map_err(io)?;
+    file.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Reads a seed file: refuses one that group or others may read, or that
+/// holds no user seed. Returns the seed and its public key.
+pub fn read_seed_file(path: &Path) -> Result<(String, String), CredentialsError> {
+    let io = |source| CredentialsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CredentialsError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU"))
+        .ok_or_else(|| CredentialsError::NotASeed {
+            path: path.to_owned(),
+        })?;
+    let pair = nkeys::KeyPair::from_seed(seed).map_err(|_| CredentialsError::NotASeed {
+        path: path.to_owned(),
+    })?;
+    Ok((seed.to_owned(), pair.public_key()))
+}
+
+/// How a service authenticates to NATS (both `None`: it does not).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsCredentials {
+    /// A file holding the user's nkey seed (`SU…`), mode 0600.
+    pub nkey_seed_file: Option<PathBuf>,
+    /// A `.creds` file (user JWT and seed), for servers run in operator mode.
+    pub creds_file: Option<PathBuf>,
+}
+
+impl NatsCredentials {
+    /// Whether any credential is configured.
+    pub fn is_set(&self) -> bool {
+        self.nkey_seed_file.is_some() || self.creds_file.is_some()
+    }
+
+    /// `options` with these credentials.
+    pub async fn apply(
+        &self,
+        options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, CredentialsError> {
+        match (&self.nkey_seed_file, &self.creds_file) {
+            (Some(_), Some(_)) => Err(CredentialsError::Both),
+            (Some(seed_file), None) => {
+                let (seed, _) = read_seed_file(seed_file)?;
+                Ok(options.nkey(seed))
+            }
+            (None, Some(creds)) => {
+                options
+                    .credentials_file(creds)
+                    .await
+                    .map_err(|source| CredentialsError::Io {
+                        path: creds.clone(),
+                        source,
+                    })
+            }
+            (None, None) => Ok(options),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_files_are_private_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys/coder.nk");
+        let key = generate_user_key().unwrap();
+        assert!(key.public_key.starts_with('U') && key.seed.starts_with("SU"));
+        assert!(!format!("{key:?}").contains(&key.seed));
+        write_seed_file(&path, &key.seed).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        let (seed, public) = read_seed_file(&path).unwrap();
+        assert_eq!((seed, public), (key.seed.clone(), key.public_key.clone()));
+
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_seed_file(&path).unwrap_err();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+
+        std::fs::write(dir.path().join("junk"), "hello").unwrap();
+        std::fs::set_permissions(
+            dir.path().join("junk"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        assert!(matches!(
+            read_seed_file(&dir.path().join("junk")),
+            Err(CredentialsError::NotASeed { .. })
+        ));
+    }
+}

@@ -1,0 +1,162 @@
+//! Durable consumers the operator creates for principals that may not
+//! create their own (see `auth.rs` for why): each agent's `agent-<id>` on
+//! `MESH_DELIVER`, and the audit sink's and policy worker's durables.
+//!
+//! They are created as pull consumers with the settings their owners ask
+//! for, so the owner's own create request later is an update the server
+//! accepts; it cannot turn them into push consumers.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer};
+use schemas::subjects;
+
+use crate::Change;
+use crate::auth::{AUDIT_SINK_CONSUMERS, POLICY_WORKER_CONSUMER, agent_consumer, agent_filter};
+
+/// Why a consumer could not be provisioned or removed.
+#[derive(Debug, thiserror::Error)]
+#[error("consumer `{consumer}` on `{stream}`: {source}")]
+pub struct ProvisionError {
+    /// The stream.
+    pub stream: String,
+    /// The durable name.
+    pub consumer: String,
+    /// The broker's answer.
+    pub source: async_nats::Error,
+}
+
+/// The settings of agent `id`'s durable, as the agents SDK creates it.
+pub fn agent_consumer_config(id: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(agent_consumer(id)),
+        description: Some(format!("deliveries to agent `{id}`")),
+        filter_subject: agent_filter(id),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 1000,
+        ..Default::default()
+    }
+}
+
+/// Every durable the services read from, with the settings they use by
+/// default: (stream, config).
+pub fn service_consumer_configs() -> Vec<(&'static str, consumer::pull::Config)> {
+    let mut configs = vec![(
+        subjects::STREAM_INGRESS,
+        consumer::pull::Config {
+            durable_name: Some(POLICY_WORKER_CONSUMER.to_owned()),
+            description: Some("policy worker: one decision per ingress event".into()),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 2048,
+            ..Default::default()
+        },
+    )];
+    for (stream, durable) in AUDIT_SINK_CONSUMERS {
+        let table = match stream {
+            subjects::STREAM_INGRESS => "events",
+            subjects::STREAM_DECISION => "decisions",
+            _ => "gpu_leases",
+        };
+        configs.push((
+            stream,
+            consumer::pull::Config {
+                durable_name: Some(durable.to_owned()),
+                description: Some(format!("audit sink: every message into `{table}`")),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_deliver: -1,
+                max_ack_pending: 20_000,
+                ..Default::default()
+            },
+        ));
+    }
+    configs
+}
+
+/// Creates `config` on `stream` unless a consumer of that name exists
+/// (an existing one is left as it is: its owner may have tuned it).
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    config: consumer::pull::Config,
+) -> Result<Change, ProvisionError> {
+    let name = config.durable_name.clone().unwrap_or_default();
+    let err = |source: async_nats::Error| ProvisionError {
+        stream: stream.to_owned(),
+        consumer: name.clone(),
+        source,
+    };
+    let handle = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| err(e.into()))?;
+    match handle.consumer_info(&name).await {
+        Ok(_) => Ok(Change::Unchanged),
+        Err(e) if is_not_found(&e) => {
+            handle
+                .create_consumer(config)
+                .await
+                .map_err(|e| err(e.into()))?;
+            tracing::info!(%stream, consumer = %name, "Consumer provisioned.");
+            Ok(Change::Created)
+        }
+        Err(e) => Err(err(e.into())),
+    }
+}
+
+/// Creates agent `id`'s durable delivery consumer if it is missing.
+pub async fn provision_agent(js: &jetstream::Context, id: &str) -> Result<Change, ProvisionError> {
+    ensure_consumer(js, subjects::STREAM_DELIVER, agent_consumer_config(id)).await
+}
+
+/// Creates the services' durables that are missing.
+pub async fn provision_services(
+    js: &jetstream::Context,
+) -> Result<Vec<(String, Change)>, ProvisionError> {
+    let mut changes = Vec::new();
+    for (stream, config) in service_consumer_configs() {
+        let name = config.durable_name.clone().unwrap_or_default();
+        changes.push((name, ensure_consumer(js, stream, config).await?));
+    }
+    Ok(changes)
+}
+
+/// Deletes agent `id`'s durable (its undelivered messages stay in the
+/// stream until they age out). `false` when there was none.
+pub async fn remove_agent(js: &jetstream::Context, id: &str) -> Result<bool, ProvisionError> {
+    let name = agent_consumer(id);
+    let err = |source: async_nats::Error| ProvisionError {
+        stream: subjects::STREAM_DELIVER.to_owned(),
+        consumer: name.clone(),
+        source,
+    };
+    let handle = js
+        .get_stream_no_info(subjects::STREAM_DELIVER)
+        .await
+        .map_err(|e| err(e.into()))?;
+    match handle.delete_consumer(&name).await {
+        Ok(_) => Ok(true),
+        Err(e) => match e.kind() {
+            jetstream::stream::ConsumerErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
+            {
+                Ok(false)
+            }
+            _ => Err(err(e.into())),
+        },
+    }
+}
+
+fn is_not_found(e: &jetstream::context::ConsumerInfoError) -> bool {
+    match e.kind() {
+        jetstream::context::ConsumerInfoErrorKind::NotFound => true,
+        jetstream::context::ConsumerInfoErrorKind::JetStream(j) => {
+            j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+        }
+        _ => false,
+    }
+}
