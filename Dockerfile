@@ -13,6 +13,8 @@
 
 ARG RUST_VERSION=1.95
 
+# Bookworm, like the runtime (distroless cc-debian12): the binaries link
+# against glibc and must not need a newer one than the runtime has.
 FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 COPY . .
