@@ -93,9 +93,16 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub shutdown_grace_ms: u64,
+    /// Replicas of the MESH_* streams when they are created or updated (3 on
+    /// a 3-node cluster; every service must say the same).
+    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = 1)]
+    pub stream_replicas: usize,
     /// Create this file once ready (schema and consumers in place); removed on exit.
     #[arg(long, env = "AGENTMESH_AUDIT_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Health and metrics server, log format, OTLP export.
+    #[command(flatten)]
+    pub ops: telemetry::OpsConfig,
 }
 
 impl Config {
@@ -117,7 +124,9 @@ impl Config {
             retry_max_ms: 5_000,
             retention_days: 0,
             shutdown_grace_ms: 10_000,
+            stream_replicas: 1,
             ready_file: None,
+            ops: telemetry::OpsConfig::default(),
         }
     }
 
@@ -188,6 +197,9 @@ pub enum Error {
         /// The broker's answer.
         source: async_nats::Error,
     },
+    /// The health and metrics server or the OTLP exporter could not start.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::Error),
     /// The ready file could not be written.
     #[error("cannot write the ready file `{path}`: {source}")]
     ReadyFile {
@@ -204,6 +216,10 @@ pub enum Error {
 /// holds (within the grace period) and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     config.validate()?;
+    // First, so /healthz answers while the sink waits for its servers.
+    let ops = telemetry::Ops::start("audit-sink", &config.ops).await?;
+    let consuming = ops.health().flag("consumers", false);
+    let clickhouse_up = ops.health().flag("clickhouse", false);
     let credentials = broker_config::NatsCredentials {
         nkey_seed_file: config.nats_nkey_seed_file.clone(),
         creds_file: config.nats_creds.clone(),
@@ -218,14 +234,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             url: config.nats_url.clone(),
             source,
         })?;
+    let state = nats.clone();
+    ops.health().probe("nats", move || {
+        state.connection_state() == async_nats::connection::State::Connected
+    });
     let js = async_nats::jetstream::new(nats);
-    broker_config::apply(&js, &broker_config::Options::default()).await?;
+    let broker = broker_config::Options {
+        replicas: config.stream_replicas.max(1),
+        ..broker_config::Options::default()
+    };
+    broker_config::apply(&js, &broker).await?;
 
     let ddl_client = config.clickhouse_client();
     let client = ddl_client.clone().with_database(&config.database);
     let Some(features) = wait_for_schema(&ddl_client, &config, &shutdown).await else {
         return Ok(());
     };
+    clickhouse_up.set(true);
+    let pinger = tokio::spawn(ping_clickhouse(
+        ddl_client.clone(),
+        clickhouse_up,
+        shutdown.clone(),
+    ));
     if config.retention_days > 0 && !features.ttl {
         tracing::warn!(version = %features.version, "Retention needs ClickHouse 20.1+ (TTL); rows are kept.");
     }
@@ -241,10 +271,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         ack_wait: Duration::from_millis(config.ack_wait_ms),
         retry_max: Duration::from_millis(config.retry_max_ms),
         shutdown_grace: Duration::from_millis(config.shutdown_grace_ms),
+        metrics: telemetry::SinkMetrics::new(ops.metrics()),
     };
     let events = pipeline::consumer::<pipeline::Events>(&js, &settings).await?;
     let decisions = pipeline::consumer::<pipeline::Decisions>(&js, &settings).await?;
     let gpu = pipeline::consumer::<pipeline::GpuLeases>(&js, &settings).await?;
+    let lag = telemetry::ConsumerLag::new(ops.metrics());
+    let watchers = [
+        lag.watch(
+            events.clone(),
+            schemas::subjects::STREAM_INGRESS,
+            LAG_POLL,
+            shutdown.clone(),
+        ),
+        lag.watch(
+            decisions.clone(),
+            schemas::subjects::STREAM_DECISION,
+            LAG_POLL,
+            shutdown.clone(),
+        ),
+        lag.watch(
+            gpu.clone(),
+            schemas::subjects::STREAM_GPU,
+            LAG_POLL,
+            shutdown.clone(),
+        ),
+    ];
 
     let tracker = TaskTracker::new();
     tracker.spawn(pipeline::run::<pipeline::Events>(
@@ -285,12 +337,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         version = %features.version,
         "Audit sink ready."
     );
+    consuming.set(true);
     tracker.wait().await;
+    consuming.set(false);
+    pinger.abort();
+    for watcher in watchers {
+        watcher.abort();
+    }
+    ops.shutdown().await;
     if let Some(path) = &config.ready_file {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("Audit sink stopped.");
     Ok(())
+}
+
+/// How often the consumers' lag is read for `agentmesh.consumer.pending`.
+const LAG_POLL: Duration = Duration::from_secs(5);
+
+/// Keeps the `clickhouse` readiness check current: `SELECT 1` every few
+/// seconds, failing after a short timeout.
+async fn ping_clickhouse(client: Client, up: telemetry::ReadyFlag, shutdown: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(5);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(EVERY) => {}
+        }
+        let ping = tokio::time::timeout(Duration::from_secs(3), client.query("SELECT 1").execute());
+        let ok = matches!(ping.await, Ok(Ok(())));
+        if ok != up.get() {
+            tracing::info!(clickhouse_reachable = ok, "ClickHouse readiness changed.");
+        }
+        up.set(ok);
+    }
 }
 
 /// Creates the schema, retrying with backoff while ClickHouse is not there;

@@ -7,16 +7,18 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = audit_sink::Config::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let tracing = match telemetry::init_tracing("audit-sink", &config.ops) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("audit-sink: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    match audit_sink::run(config, shutdown).await {
+    let result = audit_sink::run(config, shutdown).await;
+    tracing.shutdown().await;
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "Audit sink failed.");

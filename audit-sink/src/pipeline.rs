@@ -33,6 +33,7 @@ pub(crate) struct Settings {
     pub ack_wait: Duration,
     pub retry_max: Duration,
     pub shutdown_grace: Duration,
+    pub metrics: telemetry::SinkMetrics,
 }
 
 /// What differs between the three tables.
@@ -47,6 +48,10 @@ pub(crate) trait Table: Send + Sync + 'static {
     const DURABLE: &'static str;
     /// Builds the row for one message; never fails.
     fn row(subject: &str, headers: Option<&HeaderMap>, payload: &[u8], meta: &Meta) -> Self::Row;
+    /// The trace context the row's message carried, linked from the batch span.
+    fn traceparent(_row: &Self::Row) -> Option<schemas::TraceParent> {
+        None
+    }
 }
 
 /// `events` from `MESH_INGRESS`.
@@ -58,6 +63,9 @@ impl Table for Events {
     const DURABLE: &'static str = "audit-sink-events";
     fn row(subject: &str, headers: Option<&HeaderMap>, payload: &[u8], meta: &Meta) -> Self::Row {
         rows::event_row(subject, headers, payload, meta)
+    }
+    fn traceparent(row: &Self::Row) -> Option<schemas::TraceParent> {
+        row.traceparent.parse().ok()
     }
 }
 
@@ -135,11 +143,16 @@ struct Writer<R: RowOwned + RowWrite + serde::Serialize> {
     inserter: Option<Inserter<R>>,
     rows: Vec<R>,
     acks: Vec<Acker>,
+    metrics: telemetry::TableMetrics,
+    /// The open batch's `audit.batch` span and how many links it has.
+    span: Option<(tracing::Span, usize)>,
 }
 
 impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
     fn new(client: Client, ddl_client: Client, table: &'static str, settings: Settings) -> Self {
         Self {
+            metrics: settings.metrics.table(table),
+            span: None,
             client,
             ddl_client,
             table,
@@ -171,7 +184,23 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
 
     /// Adds one message's row; commits when a limit is reached. `Err` means
     /// the insert failed and [`Writer::recover`] must run.
-    async fn push(&mut self, row: R, ack: Acker) -> Result<(), clickhouse::error::Error> {
+    async fn push(
+        &mut self,
+        row: R,
+        ack: Acker,
+        trace: Option<schemas::TraceParent>,
+    ) -> Result<(), clickhouse::error::Error> {
+        self.metrics.received();
+        let table = self.table;
+        let (span, links) = self
+            .span
+            .get_or_insert_with(|| (telemetry::spans::sink_batch(table), 0));
+        if let Some(tp) = trace
+            && *links < telemetry::spans::MAX_LINKS
+        {
+            telemetry::spans::link(span, &tp);
+            *links += 1;
+        }
         let written = self.inserter().write(&row).await;
         // Kept before anything can fail, so a replay includes it.
         self.rows.push(row);
@@ -199,6 +228,11 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
                     bytes = q.bytes,
                     "Batch inserted."
                 );
+                self.metrics.inserted(q.rows);
+                if let Some((span, _)) = self.span.take() {
+                    // Dropped here: the span ends once the batch is in.
+                    span.record("rows", q.rows);
+                }
                 self.acknowledge().await;
                 Ok(())
             }
@@ -251,6 +285,10 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
         let progress_every = (self.settings.ack_wait / 3).max(Duration::from_millis(200));
         let mut next_progress = Instant::now();
         loop {
+            self.metrics.insert_failed();
+            if let Some((span, _)) = &self.span {
+                span.record("insert_errors", attempt);
+            }
             tracing::warn!(
                 table = self.table,
                 clickhouse = %self.settings.clickhouse_url,
@@ -387,7 +425,8 @@ pub(crate) async fn run<T: Table>(
                     };
                     let (message, acker) = message.split();
                     let row = T::row(message.subject.as_str(), message.headers.as_ref(), &message.payload, &meta);
-                    writer.push(row, acker).await
+                    let trace = T::traceparent(&row);
+                    writer.push(row, acker, trace).await
                 }
                 Some(Err(e)) => {
                     tracing::warn!(durable = T::DURABLE, error = %e, "Pull interrupted; reopening.");

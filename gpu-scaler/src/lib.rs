@@ -65,6 +65,9 @@ pub enum Error {
     /// The instance name cannot be used in a CloudEvents source.
     #[error("instance name `{0}` is invalid: use letters, digits, `.`, `_` or `-` (at most 64)")]
     InvalidInstance(String),
+    /// The health and metrics server or the OTLP exporter could not start.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::Error),
     /// The ready file could not be written.
     #[error("ready file `{path}`: {source}")]
     ReadyFile {
@@ -88,6 +91,11 @@ pub struct Settings {
     pub instance: String,
     /// File created once the first round has run, removed on exit.
     pub ready_file: Option<PathBuf>,
+    /// Replicas of the MESH_* streams when they are created or updated (3 on
+    /// a 3-node cluster; every service must say the same).
+    pub stream_replicas: usize,
+    /// Health and metrics server, OTLP export (off by default).
+    pub ops: telemetry::OpsConfig,
 }
 
 /// Whether `name` can name an instance: `[A-Za-z0-9._-]{1,64}`.
@@ -128,6 +136,9 @@ pub fn default_instance() -> String {
 /// opens the inventory, runs a first round, writes the ready file, then
 /// runs rounds every `poll_interval`.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+    // First, so /healthz answers while the scaler starts.
+    let ops = telemetry::Ops::start("gpu-scaler", &settings.ops).await?;
+    let running = ops.health().flag("rounds", false);
     let options = settings
         .credentials
         .apply(async_nats::ConnectOptions::new().name("gpu-scaler"))
@@ -143,11 +154,21 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             url: settings.nats_url.clone(),
             message: e.to_string(),
         })?;
+    let state = client.clone();
+    ops.health().probe("nats", move || {
+        state.connection_state() == async_nats::connection::State::Connected
+    });
     let js = async_nats::jetstream::new(client.clone());
-    broker_config::apply(&js, &broker_config::Options::default()).await?;
+    let broker = broker_config::Options {
+        replicas: settings.stream_replicas.max(1),
+        ..broker_config::Options::default()
+    };
+    broker_config::apply(&js, &broker).await?;
     let inventory: Arc<dyn Inventory> = inventory::open(&settings.config)?;
     let pools = settings.config.pools.len();
-    let mut scaler = Scaler::new(client, settings.config, settings.instance, inventory).await?;
+    let mut scaler = Scaler::new(client, settings.config, settings.instance, inventory)
+        .await?
+        .with_metrics(telemetry::ScalerMetrics::new(ops.metrics()));
     if let Err(e) = scaler.round().await {
         tracing::warn!(error = %e, "First scaling round failed; retrying every interval.");
     }
@@ -155,8 +176,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         Some(path) => Some(ReadyFile::create(path.clone())?),
         None => None,
     };
+    running.set(true);
     tracing::info!(instance = %scaler.instance(), pools, "GPU scaler ready.");
     scaler.run(shutdown).await;
+    running.set(false);
+    ops.shutdown().await;
     Ok(())
 }
 

@@ -30,19 +30,18 @@ struct Args {
     /// Instance name: lease holder and event source (default: the host name).
     #[arg(long, env = "GPU_SCALER_INSTANCE")]
     instance: Option<String>,
+    /// Replicas of the MESH_* streams when they are created or updated.
+    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = 1)]
+    stream_replicas: usize,
+    /// Health and metrics server, log format, OTLP export.
+    #[command(flatten)]
+    ops: telemetry::OpsConfig,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
-        )
-        .init();
+    let tracing = telemetry::init_tracing("gpu-scaler", &args.ops)?;
     let config = match &args.config {
         Some(path) => gpu_scaler::Config::load(path)?,
         None => {
@@ -59,12 +58,14 @@ async fn main() -> anyhow::Result<()> {
         config,
         instance: args.instance.unwrap_or_else(gpu_scaler::default_instance),
         ready_file: args.ready_file,
+        stream_replicas: args.stream_replicas,
+        ops: args.ops,
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
-    gpu_scaler::run(settings, shutdown)
-        .await
-        .context("gpu-scaler")
+    let result = gpu_scaler::run(settings, shutdown).await;
+    tracing.shutdown().await;
+    result.context("gpu-scaler")
 }
 
 async fn cancel_on_signal(shutdown: CancellationToken) {

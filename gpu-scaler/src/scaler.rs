@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 
 use crate::Error;
 use crate::config::Config;
@@ -99,6 +100,7 @@ pub struct Scaler {
     outbox: Outbox,
     status: watch::Sender<Status>,
     _responder: AbortOnDropHandle<()>,
+    metrics: Option<telemetry::ScalerMetrics>,
 }
 
 impl Scaler {
@@ -156,7 +158,14 @@ impl Scaler {
             outbox: Outbox::default(),
             status,
             _responder: responder,
+            metrics: None,
         })
+    }
+
+    /// Records rounds, leases per pool and lease decisions on `metrics`.
+    pub fn with_metrics(mut self, metrics: telemetry::ScalerMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The instance name.
@@ -210,8 +219,21 @@ impl Scaler {
         tracing::info!(instance = %self.instance, "GPU scaler stopped; leases left to lapse or to be adopted.");
     }
 
-    /// One round: observe, decide, act, report.
+    /// One round: observe, decide, act, report — in a `gpu.scaling` span.
     pub async fn round(&mut self) -> Result<RoundReport, Error> {
+        let span = telemetry::spans::scaling_round(&self.instance);
+        let result = self.observe_decide_act().instrument(span.clone()).await;
+        if let Ok(report) = &result {
+            span.record("granted", report.granted);
+            span.record("released", report.released);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.round();
+        }
+        result
+    }
+
+    async fn observe_decide_act(&mut self) -> Result<RoundReport, Error> {
         let started = Instant::now();
         let now = Utc::now();
         let mut errors = Vec::new();
@@ -227,6 +249,11 @@ impl Scaler {
         }
         let demands = demand::read_demand(&self.js, &self.config.pools).await;
         let snapshot = self.store.snapshot().await?;
+        if let Some(metrics) = &self.metrics {
+            for name in self.config.pools.keys() {
+                metrics.leases(name, snapshot.live_leases(Some(name), now).count() as u64);
+            }
+        }
 
         if !self.seeded {
             // What is leased now was wanted a moment ago: hold it for a
@@ -340,6 +367,7 @@ impl Scaler {
                     Ok(()) => {
                         tracing::info!(gpu = %lease.gpu, pool = %lease.pool, holder = %lease.holder, reason = reason.as_str(), "GPU lease released.");
                         self.emit(LeaseAction::Released(*reason), lease, now);
+                        self.decided(&lease.pool, &lease.gpu, "released");
                         report.released += 1;
                     }
                     Err(e) => self.write_failed(&e, &mut report),
@@ -363,6 +391,7 @@ impl Scaler {
                         Ok(_) => {
                             tracing::info!(%gpu, %pool, expires_at = %lease.expires_at, "GPU lease granted.");
                             self.emit(LeaseAction::Granted, &lease, now);
+                            self.decided(pool, gpu, "granted");
                             report.granted += 1;
                         }
                         Err(e) => {
@@ -390,6 +419,14 @@ impl Scaler {
             }
         }
         report
+    }
+
+    /// A lease decision carried out: counted, and an event on the round's span.
+    fn decided(&self, pool: &str, gpu: &str, action: &'static str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.decision(pool, action);
+        }
+        telemetry::spans::scaling_decision(pool, gpu, action);
     }
 
     fn write_failed(&self, e: &WriteError, report: &mut RoundReport) {

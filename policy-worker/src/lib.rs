@@ -37,6 +37,9 @@ pub use policy::{
 };
 pub use replay::{Outcome, Replayed, Replayer};
 
+/// How often the consumer's lag is read for `agentmesh.consumer.pending`.
+const LAG_POLL: Duration = Duration::from_secs(5);
+
 /// Everything the worker needs to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -69,6 +72,8 @@ pub struct Config {
     pub shadow_policies: Option<PathBuf>,
     /// How long a parked event waits for an approval before it is denied.
     pub approval_timeout: Duration,
+    /// Health and metrics server, OTLP export (off by default).
+    pub ops: telemetry::OpsConfig,
 }
 
 impl Default for Config {
@@ -88,6 +93,7 @@ impl Default for Config {
             grace: Duration::from_secs(10),
             shadow_policies: None,
             approval_timeout: Duration::from_secs(3600),
+            ops: telemetry::OpsConfig::default(),
         }
     }
 }
@@ -150,6 +156,9 @@ pub enum Error {
         /// The broker's answer.
         source: async_nats::Error,
     },
+    /// The health and metrics server or the OTLP exporter could not start.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::Error),
     /// The ready file could not be written.
     #[error("cannot write the ready file `{}`: {source}", path.display())]
     ReadyFile {
@@ -162,12 +171,17 @@ pub enum Error {
 
 /// Runs the worker until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    // First, so /healthz answers while the worker starts.
+    let ops = telemetry::Ops::start("policy-worker", &config.ops).await?;
+    let consuming = ops.health().flag("consumer", false);
     let bundle = PolicyBundle::load(&config.policies).map_err(|source| Error::Policies {
         dir: config.policies.clone(),
         source,
     })?;
     tracing::info!(policy_hash = bundle.hash(), policies = bundle.len(), dir = %config.policies.display(), "Policies loaded.");
     let (policies_tx, policies_rx) = watch::channel(Arc::new(bundle));
+    // A refused reload keeps the active set, so once loaded they stay loaded.
+    ops.health().flag("policies", true);
 
     let options = config
         .credentials
@@ -180,6 +194,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             url: config.nats_url.clone(),
             source,
         })?;
+    let nats = client.clone();
+    ops.health().probe("nats", move || {
+        nats.connection_state() == async_nats::connection::State::Connected
+    });
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(config.max_in_flight * 2)
         .backpressure_on_inflight(true)
@@ -187,6 +205,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     broker_config::apply(&js, &config.broker).await?;
 
     let consumer = worker::ingress_consumer(&js, &config).await?;
+    let lag = telemetry::ConsumerLag::new(ops.metrics()).watch(
+        consumer.clone(),
+        schemas::subjects::STREAM_INGRESS,
+        LAG_POLL,
+        shutdown.clone(),
+    );
     let _reloader = reload::spawn(
         config.policies.clone(),
         config.watch_policies,
@@ -236,16 +260,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             source,
         })?;
     }
+    consuming.set(true);
     tracing::info!(consumer = %config.consumer, "Policy worker ready.");
 
-    let worker = worker::Worker::new(js, policies_rx, guard, &config);
+    let metrics = telemetry::WorkerMetrics::new(ops.metrics());
+    let worker = worker::Worker::new(js, policies_rx, guard, &config, metrics);
     worker.consume(consumer, shutdown).await;
+    consuming.set(false);
+    lag.abort();
 
     if let Some(path) = &config.ready_file {
         let _ = std::fs::remove_file(path);
     }
     // Make sure every ack we sent reached the server before we go.
     let _ = client.flush().await;
+    ops.shutdown().await;
     tracing::info!("Policy worker stopped.");
     Ok(())
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 /// Decides every agentmesh ingress event with Cedar policies.
@@ -56,29 +56,21 @@ struct Args {
     /// Seconds an event parked for approval waits before it is denied.
     #[arg(long, env = "AGENTMESH_APPROVAL_TIMEOUT_SECS", default_value_t = 3600)]
     approval_timeout_secs: u64,
-    /// Log format.
-    #[arg(long, env = "AGENTMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
+    /// Health and metrics server, log format, OTLP export.
+    #[command(flatten)]
+    ops: telemetry::OpsConfig,
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let tracing = match telemetry::init_tracing("policy-worker", &args.ops) {
+        Ok(guard) => guard,
+        Err(error) => {
+            eprintln!("policy-worker: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
 
     let config = policy_worker::Config {
         nats_url: args.nats_url,
@@ -102,12 +94,15 @@ async fn main() -> std::process::ExitCode {
             replicas: args.stream_replicas,
             ..Default::default()
         },
+        ops: args.ops,
         ..Default::default()
     };
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
-    match policy_worker::run(config, shutdown).await {
+    let result = policy_worker::run(config, shutdown).await;
+    tracing.shutdown().await;
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("policy-worker: {error}");

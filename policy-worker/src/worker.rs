@@ -14,6 +14,7 @@ use futures::StreamExt;
 use schemas::{Decision, DecisionReceipt, MeshEvent, TraceParent, headers, subjects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::guard;
 use crate::policy::PolicyBundle;
@@ -57,6 +58,7 @@ pub(crate) struct Worker {
     batch: usize,
     max_in_flight: usize,
     grace: Duration,
+    metrics: telemetry::WorkerMetrics,
 }
 
 impl Worker {
@@ -65,6 +67,7 @@ impl Worker {
         policies: watch::Receiver<Arc<PolicyBundle>>,
         guard: guard::Runtime,
         config: &Config,
+        metrics: telemetry::WorkerMetrics,
     ) -> Arc<Self> {
         Arc::new(Self {
             js,
@@ -74,6 +77,7 @@ impl Worker {
             batch: config.batch.max(1),
             max_in_flight: config.max_in_flight.max(1),
             grace: config.grace,
+            metrics,
         })
     }
 
@@ -142,6 +146,9 @@ impl Worker {
     async fn handle(self: Arc<Self>, message: jetstream::Message) {
         let started = Instant::now();
         let subject = message.subject.as_str().to_owned();
+        self.metrics.received();
+        // Joined to the event's trace below, once its traceparent is read.
+        let span = telemetry::spans::decision(&subject);
         let seq = message
             .info()
             .map(|i| i.stream_sequence)
@@ -181,6 +188,7 @@ impl Worker {
         match &parsed {
             Ok(event) => {
                 let step = subjects::parse_ingress(&subject).map_or("", |p| p.step);
+                telemetry::spans::join_event(&span, event);
                 let verdict;
                 (verdict, park) = self.guard.decide(&bundle, event, step, &mut receipt).await;
                 receipt.event_id = event.id().to_owned();
@@ -204,8 +212,9 @@ impl Worker {
             }
             Err(invalid) => {
                 let (id, ty) = best_effort_attributes(message.headers.as_ref(), &message.payload);
-                receipt.trace_id =
-                    TraceParent::derive(if id.is_empty() { &subject } else { &id }).trace_id_hex();
+                let derived = TraceParent::derive(if id.is_empty() { &subject } else { &id });
+                telemetry::spans::join(&span, &derived, None);
+                receipt.trace_id = derived.trace_id_hex();
                 receipt.trace_derived = true;
                 receipt.event_id = id;
                 receipt.event_type = ty;
@@ -213,7 +222,22 @@ impl Worker {
                 self.guard.mark_invalid(&mut receipt);
             }
         }
-        receipt.eval_micros = started.elapsed().as_micros() as u64;
+        let evaluation = started.elapsed();
+        receipt.eval_micros = evaluation.as_micros() as u64;
+        self.metrics.decided(receipt.decision, evaluation);
+        telemetry::spans::record_decision(
+            &span,
+            &receipt.event_id,
+            &receipt.trace_id,
+            receipt.decision.as_str(),
+            &receipt.policy_hash,
+        );
+        let published = match (receipt.decision, &target) {
+            _ if park => telemetry::Published::Parked,
+            (Decision::Allow, Some(_)) => telemetry::Published::Delivery,
+            (Decision::Allow, None) => telemetry::Published::ReceiptOnly,
+            (Decision::Deny | Decision::Invalid, _) => telemetry::Published::DeadLetter,
+        };
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
 
@@ -226,19 +250,26 @@ impl Worker {
         };
         // An event waiting for a human gets its receipt once answered.
         let done = if park {
-            self.guard.approvals.park(&message, &token, &receipt).await
+            self.guard
+                .approvals
+                .park(&message, &token, &receipt)
+                .instrument(telemetry::spans::delivery(&span))
+                .await
         } else {
             self.publish(&message, &token, &receipt, &dedup_id, target.as_ref())
+                .instrument(telemetry::spans::delivery(&span))
                 .await
         };
         match done {
             Ok(()) => {
+                self.metrics.published(published);
                 if let Err(error) = message.ack().await {
-                    tracing::warn!(event_id = %receipt.event_id, %error, "Ack failed; the event will be redelivered and deduplicated.");
+                    tracing::warn!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, %error, "Ack failed; the event will be redelivered and deduplicated.");
                 }
                 tracing::debug!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, decision = %receipt.decision, "Event decided.");
             }
             Err(error) => {
+                self.metrics.publish_failed();
                 tracing::warn!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, %error, "Publishing the decision failed; the event will be redelivered.");
                 let _ = message
                     .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))

@@ -1,0 +1,386 @@
+//! Operating the policy worker, against a real nats-server and the real
+//! binary: `/healthz`, `/readyz` and `/metrics`, JSON logs that name the
+//! event and its trace, spans exported over OTLP that join the event's
+//! trace, and two replicas sharing one durable consumer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use schemas::{EventBuilder, TraceParent, subjects};
+use support::{Mesh, WAIT, event, handoff, policies_copy};
+use telemetry::testing::{OtlpReceiver, http_get};
+use testkit::{eventually, free_port};
+
+/// The `policy-worker` binary with its health server on a port of its own.
+struct Worker {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Worker {
+    /// Starts the binary and waits until `/readyz` answers 200.
+    async fn start(
+        mesh: &Mesh,
+        policies: &std::path::Path,
+        extra: &[&str],
+        rust_log: &str,
+    ) -> Self {
+        let port = free_port().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_policy-worker"))
+            .args(["--nats-url", &mesh.nats.url(), "--policies"])
+            .arg(policies)
+            .args(["--http-port", &port.to_string(), "--http-host", "127.0.0.1"])
+            .args(extra)
+            .env("RUST_LOG", rust_log)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("AGENTMESH_LOG_FORMAT")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut worker = Self { child, addr, log };
+        let ready = eventually(WAIT, "the worker's /readyz to answer 200", || {
+            let exited = worker.child.try_wait().unwrap().is_some();
+            async move {
+                if exited {
+                    return Some(false);
+                }
+                matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(true)
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            ready,
+            "policy-worker exited at start:\n{}",
+            worker.log_text()
+        );
+        worker
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// The value of one sample on `/metrics` (`name{labels}` as rendered), 0 when absent.
+    async fn metric(&self, sample: &str) -> f64 {
+        let (status, body) = http_get(self.addr, "/metrics").await.unwrap();
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn terminate(&self) {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `tool.call` of `shell.exec`, which the shipped policies forbid.
+fn shell_exec(id: &str, traceparent: &TraceParent) -> schemas::Event {
+    event(id, "coder", "tool.call")
+        .subject("shell.exec")
+        .extension("traceparent", traceparent.to_string())
+        .data("application/json", serde_json::json!({"cmd": "rm -rf /"}))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn two_replicas_on_one_durable_decide_every_event_exactly_once() {
+    let mesh = Mesh::start().await;
+    let policies = policies_copy();
+    // Small pulls so both replicas keep asking while events arrive.
+    let flags = ["--batch", "5", "--max-in-flight", "8"];
+    let a = Worker::start(&mesh, policies.path(), &flags, "info").await;
+    let b = Worker::start(&mesh, policies.path(), &flags, "info").await;
+
+    const N: usize = 400;
+    let mut ids = BTreeSet::new();
+    let mut denied = 0;
+    for i in 0..N {
+        let id = format!("scale-{i:04}");
+        if i % 4 == 0 {
+            let tp = TraceParent::mint();
+            mesh.publish_event(
+                &subjects::ingress("coder", "tool_call"),
+                &shell_exec(&id, &tp),
+            )
+            .await;
+            denied += 1;
+        } else {
+            mesh.publish_event(&subjects::ingress("planner", "handoff"), &handoff(&id))
+                .await;
+        }
+        ids.insert(id);
+    }
+
+    // One receipt per event, each id once.
+    let receipts = mesh
+        .wait_messages(subjects::STREAM_DECISION, N as u64)
+        .await;
+    let mut seen = BTreeMap::new();
+    for m in &receipts {
+        let r: schemas::DecisionReceipt = serde_json::from_slice(&m.payload).unwrap();
+        *seen.entry(r.event_id).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), N, "receipts for {} distinct events", seen.len());
+    assert!(seen.values().all(|&n| n == 1), "an event has two receipts");
+    assert_eq!(seen.keys().cloned().collect::<BTreeSet<_>>(), ids);
+
+    // Each event was pulled by exactly one replica, and both did work.
+    let received = "agentmesh_worker_events_received_total";
+    let (in_a, in_b) = eventually(WAIT, "both replicas' counts to add up to N", || async {
+        let (x, y) = (a.metric(received).await, b.metric(received).await);
+        (x + y == N as f64).then_some((x, y))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        in_a > 0.0 && in_b > 0.0,
+        "one replica did all the work: {in_a} + {in_b}"
+    );
+
+    let deny = "agentmesh_worker_decisions_total{decision=\"deny\"}";
+    let allow = "agentmesh_worker_decisions_total{decision=\"allow\"}";
+    assert_eq!(a.metric(deny).await + b.metric(deny).await, denied as f64);
+    assert_eq!(
+        a.metric(allow).await + b.metric(allow).await,
+        (N - denied) as f64
+    );
+    let dead = "agentmesh_worker_events_published_total{kind=\"dead\"}";
+    assert_eq!(a.metric(dead).await + b.metric(dead).await, denied as f64);
+    // Lag is read from the shared consumer's info: both report the same consumer.
+    let (_, body) = http_get(a.addr, "/metrics").await.unwrap();
+    assert!(
+        body.contains(
+            "agentmesh_consumer_pending{consumer=\"policy-worker\",stream=\"MESH_INGRESS\"}"
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains("agentmesh_worker_evaluation_duration_seconds_count"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn health_follows_nats_and_json_logs_name_the_event_and_its_trace() {
+    let mut mesh = Mesh::start().await;
+    let policies = policies_copy();
+    let worker = Worker::start(
+        &mesh,
+        policies.path(),
+        &["--log-format", "json"],
+        "info,policy_worker=debug",
+    )
+    .await;
+
+    assert_eq!(
+        http_get(worker.addr, "/healthz").await.unwrap(),
+        (200, "ok\n".into())
+    );
+    let (status, body) = http_get(worker.addr, "/readyz").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body, "consumer: ok\npolicies: ok\nnats: ok\n");
+
+    let allowed = handoff("json-allowed");
+    let tp = TraceParent::mint();
+    let denied = shell_exec("json-denied", &tp);
+    mesh.publish_event(&subjects::ingress("planner", "handoff"), &allowed)
+        .await;
+    mesh.publish_event(&subjects::ingress("coder", "tool_call"), &denied)
+        .await;
+    // Not a CloudEvent: invalid, with a trace derived from its id.
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("ce-id", "json-invalid");
+    mesh.publish(&subjects::ingress("coder", "step"), headers, "x")
+        .await;
+    let receipts = [
+        mesh.receipt("json-allowed").await,
+        mesh.receipt("json-denied").await,
+        mesh.receipt("json-invalid").await,
+    ];
+
+    let lines = eventually(WAIT, "a log line for each event", || {
+        let lines = worker.log.lock().unwrap().clone();
+        let receipts = &receipts;
+        async move {
+            let all = receipts
+                .iter()
+                .all(|r| lines.iter().any(|l| l.contains(&r.event_id)));
+            all.then_some(lines)
+        }
+    })
+    .await
+    .unwrap();
+    for line in &lines {
+        let json: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        assert!(
+            json.get("level").is_some() && json.get("message").is_some(),
+            "{line}"
+        );
+        if json.get("event_id").is_some() {
+            assert!(
+                json.get("trace_id").is_some(),
+                "event line without trace_id: {line}"
+            );
+        }
+    }
+    for r in &receipts {
+        let line = lines
+            .iter()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|j| j["event_id"] == r.event_id.as_str())
+            .unwrap();
+        assert_eq!(line["trace_id"], r.trace_id.as_str(), "{line}");
+    }
+    assert_eq!(receipts[1].trace_id, tp.trace_id_hex());
+
+    // NATS gone: alive, not ready. Back: ready again.
+    mesh.nats.kill();
+    let failing = eventually(WAIT, "/readyz to fail without NATS", || async {
+        match http_get(worker.addr, "/readyz").await {
+            Ok((503, body)) => Some(body),
+            _ => None,
+        }
+    })
+    .await
+    .unwrap();
+    assert!(failing.contains("nats: failing"), "{failing}");
+    assert_eq!(http_get(worker.addr, "/healthz").await.unwrap().0, 200);
+    mesh.nats.restart().await.unwrap();
+    eventually(WAIT, "/readyz to pass once NATS is back", || async {
+        matches!(http_get(worker.addr, "/readyz").await, Ok((200, _))).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
+    let receiver = OtlpReceiver::start().await.unwrap();
+    let mesh = Mesh::start().await;
+    let policies = policies_copy();
+    let endpoint = receiver.endpoint();
+    let worker = Worker::start(
+        &mesh,
+        policies.path(),
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-metrics-interval-ms",
+            "200",
+        ],
+        "info",
+    )
+    .await;
+
+    // The agent's span that published the event: its trace, its span id.
+    let agent: TraceParent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        .parse()
+        .unwrap();
+    let allowed = handoff("otel-allowed");
+    assert_eq!(
+        allowed.extension("traceparent").unwrap().to_string(),
+        agent.to_string()
+    );
+    let denier = TraceParent::mint();
+    mesh.publish_event(&subjects::ingress("planner", "handoff"), &allowed)
+        .await;
+    mesh.publish_event(
+        &subjects::ingress("coder", "tool_call"),
+        &shell_exec("otel-denied", &denier),
+    )
+    .await;
+    mesh.receipt("otel-allowed").await;
+    mesh.receipt("otel-denied").await;
+
+    let span_of = |event_id: &'static str| {
+        let receiver = &receiver;
+        async move {
+            eventually(
+                WAIT,
+                &format!("the decision span of `{event_id}`"),
+                || async {
+                    receiver.spans().into_iter().find(|s| {
+                        s.name == "policy.decision"
+                            && s.attributes.get("event_id").map(String::as_str) == Some(event_id)
+                    })
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let decision = span_of("otel-allowed").await;
+    assert_eq!(decision.service, "policy-worker");
+    assert_eq!(decision.trace_id, agent.trace_id_hex());
+    assert_eq!(decision.parent_span_id, agent.parent_id_hex());
+    assert_eq!(decision.attributes["decision"], "allow");
+    assert_eq!(decision.attributes["trace_id"], agent.trace_id_hex());
+    let delivery = eventually(WAIT, "the delivery span", || async {
+        receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.name == "policy.delivery" && s.parent_span_id == decision.span_id)
+    })
+    .await
+    .unwrap();
+    assert_eq!(delivery.trace_id, agent.trace_id_hex());
+
+    let denied = span_of("otel-denied").await;
+    assert_eq!(denied.trace_id, denier.trace_id_hex());
+    assert_eq!(denied.parent_span_id, denier.parent_id_hex());
+    assert_eq!(denied.attributes["decision"], "deny");
+
+    // The same instruments reach the collector over OTLP.
+    let point = eventually(WAIT, "worker metrics over OTLP", || async {
+        receiver
+            .points()
+            .into_iter()
+            .find(|p| p.metric == "agentmesh.worker.events.received" && p.value >= 2.0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(point.service, "policy-worker");
+
+    // A graceful stop flushes what is left and exits cleanly.
+    worker.terminate();
+    let mut worker = worker;
+    let status = eventually(WAIT, "the worker to exit", || {
+        let status = worker.child.try_wait().unwrap();
+        async move { status }
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{}", worker.log_text());
+}

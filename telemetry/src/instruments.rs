@@ -1,0 +1,400 @@
+//! The instruments of each service, created once and bound to their
+//! attributes at start, so recording on the per-event path is an atomic
+//! update: no attribute lookup and no allocation.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{Consumer, IntoConsumerConfig};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{BoundCounter, BoundGauge, BoundHistogram, Counter, Gauge};
+use schemas::Decision;
+use tokio_util::sync::CancellationToken;
+
+use crate::Metrics;
+
+/// Latency buckets (seconds) from 10 µs to 1 s: a Cedar decision takes tens
+/// of microseconds, a slow one milliseconds.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// Batch-size buckets (rows).
+const BATCH_BUCKETS: [f64; 12] = [
+    1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 50_000.0, 100_000.0,
+];
+
+/// What the policy worker published besides the receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Only the receipt (an allowed event without a target).
+    ReceiptOnly,
+    /// The receipt and the copy routed to the target.
+    Delivery,
+    /// The receipt and the dead-lettered copy.
+    DeadLetter,
+    /// Parked on `mesh.approval.request.<id>` for a human; its receipt and
+    /// delivery follow the answer.
+    Parked,
+}
+
+/// The policy worker's instruments.
+#[derive(Debug, Clone)]
+pub struct WorkerMetrics {
+    received: BoundCounter<u64>,
+    allow: BoundCounter<u64>,
+    deny: BoundCounter<u64>,
+    invalid: BoundCounter<u64>,
+    receipts: BoundCounter<u64>,
+    deliveries: BoundCounter<u64>,
+    dead: BoundCounter<u64>,
+    parked: BoundCounter<u64>,
+    publish_failures: BoundCounter<u64>,
+    evaluation: BoundHistogram<f64>,
+}
+
+impl WorkerMetrics {
+    /// Creates the instruments on `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let meter = metrics.meter();
+        let received = meter
+            .u64_counter("agentmesh.worker.events.received")
+            .with_description("Ingress events pulled from MESH_INGRESS (redeliveries included).")
+            .with_unit("{event}")
+            .build();
+        let decisions = meter
+            .u64_counter("agentmesh.worker.decisions")
+            .with_description("Decisions made, by outcome.")
+            .with_unit("{decision}")
+            .build();
+        let published = meter
+            .u64_counter("agentmesh.worker.events.published")
+            .with_description("Messages the worker published and JetStream stored, by kind (receipt, delivery, dead, parked).")
+            .with_unit("{event}")
+            .build();
+        let failures = meter
+            .u64_counter("agentmesh.worker.publish.failures")
+            .with_description("Events whose publishes failed; each is redelivered.")
+            .with_unit("{event}")
+            .build();
+        let evaluation = meter
+            .f64_histogram("agentmesh.worker.evaluation.duration")
+            .with_description(
+                "Time from receiving an event to its decision (decode, validate, Cedar).",
+            )
+            .with_unit("s")
+            .with_boundaries(LATENCY_BUCKETS.to_vec())
+            .build();
+        let outcome = |d: &'static str| decisions.bind(&[KeyValue::new("decision", d)]);
+        let kind = |k: &'static str| published.bind(&[KeyValue::new("kind", k)]);
+        Self {
+            received: received.bind(&[]),
+            allow: outcome("allow"),
+            deny: outcome("deny"),
+            invalid: outcome("invalid"),
+            receipts: kind("receipt"),
+            deliveries: kind("delivery"),
+            dead: kind("dead"),
+            parked: kind("parked"),
+            publish_failures: failures.bind(&[]),
+            evaluation: evaluation.bind(&[]),
+        }
+    }
+
+    /// One event pulled.
+    pub fn received(&self) {
+        self.received.add(1);
+    }
+
+    /// One event decided, `evaluation` after it was received.
+    pub fn decided(&self, decision: Decision, evaluation: Duration) {
+        match decision {
+            Decision::Allow => self.allow.add(1),
+            Decision::Deny => self.deny.add(1),
+            Decision::Invalid => self.invalid.add(1),
+        }
+        self.evaluation.record(evaluation.as_secs_f64());
+    }
+
+    /// One event's publishes stored.
+    pub fn published(&self, what: Published) {
+        match what {
+            Published::ReceiptOnly => self.receipts.add(1),
+            Published::Delivery => {
+                self.receipts.add(1);
+                self.deliveries.add(1);
+            }
+            Published::DeadLetter => {
+                self.receipts.add(1);
+                self.dead.add(1);
+            }
+            Published::Parked => self.parked.add(1),
+        }
+    }
+
+    /// One event's publishes failed.
+    pub fn publish_failed(&self) {
+        self.publish_failures.add(1);
+    }
+}
+
+/// The audit sink's instruments; bind one [`TableMetrics`] per table.
+#[derive(Debug, Clone)]
+pub struct SinkMetrics {
+    received: Counter<u64>,
+    inserted: Counter<u64>,
+    errors: Counter<u64>,
+    batch_rows: opentelemetry::metrics::Histogram<u64>,
+}
+
+/// The audit sink's instruments bound to one table.
+#[derive(Debug, Clone)]
+pub struct TableMetrics {
+    received: BoundCounter<u64>,
+    inserted: BoundCounter<u64>,
+    errors: BoundCounter<u64>,
+    batch_rows: BoundHistogram<u64>,
+}
+
+impl SinkMetrics {
+    /// Creates the instruments on `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let meter = metrics.meter();
+        Self {
+            received: meter
+                .u64_counter("agentmesh.sink.messages.received")
+                .with_description("Messages pulled for a table (redeliveries included).")
+                .with_unit("{message}")
+                .build(),
+            inserted: meter
+                .u64_counter("agentmesh.sink.rows.inserted")
+                .with_description("Rows inserted into ClickHouse and acked.")
+                .with_unit("{row}")
+                .build(),
+            errors: meter
+                .u64_counter("agentmesh.sink.insert.errors")
+                .with_description("Failed insert attempts (each is retried).")
+                .with_unit("{error}")
+                .build(),
+            batch_rows: meter
+                .u64_histogram("agentmesh.sink.batch.rows")
+                .with_description("Rows per inserted batch.")
+                .with_unit("{row}")
+                .with_boundaries(BATCH_BUCKETS.to_vec())
+                .build(),
+        }
+    }
+
+    /// The instruments for `table`.
+    pub fn table(&self, table: &'static str) -> TableMetrics {
+        let attrs = [KeyValue::new("table", table)];
+        TableMetrics {
+            received: self.received.bind(&attrs),
+            inserted: self.inserted.bind(&attrs),
+            errors: self.errors.bind(&attrs),
+            batch_rows: self.batch_rows.bind(&attrs),
+        }
+    }
+}
+
+impl TableMetrics {
+    /// One message pulled.
+    pub fn received(&self) {
+        self.received.add(1);
+    }
+
+    /// One batch of `rows` inserted.
+    pub fn inserted(&self, rows: u64) {
+        self.inserted.add(rows);
+        self.batch_rows.record(rows);
+    }
+
+    /// One insert attempt failed.
+    pub fn insert_failed(&self) {
+        self.errors.add(1);
+    }
+}
+
+/// The GPU scaler's instruments.
+#[derive(Debug, Clone)]
+pub struct ScalerMetrics {
+    leases: Gauge<u64>,
+    decisions: Counter<u64>,
+    rounds: BoundCounter<u64>,
+}
+
+impl ScalerMetrics {
+    /// Creates the instruments on `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let meter = metrics.meter();
+        Self {
+            leases: meter
+                .u64_gauge("agentmesh.gpu.leases")
+                .with_description("GPUs leased to each pool after the last round.")
+                .with_unit("{gpu}")
+                .build(),
+            decisions: meter
+                .u64_counter("agentmesh.gpu.scaling.decisions")
+                .with_description("Lease decisions, by pool and action (granted, released).")
+                .with_unit("{decision}")
+                .build(),
+            rounds: meter
+                .u64_counter("agentmesh.gpu.scaling.rounds")
+                .with_description("Scaling rounds run.")
+                .with_unit("{round}")
+                .build()
+                .bind(&[]),
+        }
+    }
+
+    /// One scaling round ran.
+    pub fn round(&self) {
+        self.rounds.add(1);
+    }
+
+    /// `pool` holds `gpus` leases now.
+    pub fn leases(&self, pool: &str, gpus: u64) {
+        self.leases
+            .record(gpus, &[KeyValue::new("pool", pool.to_owned())]);
+    }
+
+    /// A lease of `pool` was granted or released (`action`).
+    pub fn decision(&self, pool: &str, action: &'static str) {
+        self.decisions.add(
+            1,
+            &[
+                KeyValue::new("pool", pool.to_owned()),
+                KeyValue::new("action", action),
+            ],
+        );
+    }
+}
+
+/// Consumer lag: what a durable consumer has not yet been handed
+/// (`num_pending`) and what it holds unacked (`num_ack_pending`), polled
+/// from the consumer's info.
+#[derive(Debug, Clone)]
+pub struct ConsumerLag {
+    pending: Gauge<u64>,
+    ack_pending: Gauge<u64>,
+}
+
+impl ConsumerLag {
+    /// Creates the instruments on `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let meter = metrics.meter();
+        Self {
+            pending: meter
+                .u64_gauge("agentmesh.consumer.pending")
+                .with_description(
+                    "Messages in the stream not yet delivered to the durable consumer (its lag).",
+                )
+                .with_unit("{message}")
+                .build(),
+            ack_pending: meter
+                .u64_gauge("agentmesh.consumer.ack_pending")
+                .with_description("Messages delivered to the durable consumer and not yet acked.")
+                .with_unit("{message}")
+                .build(),
+        }
+    }
+
+    /// Polls `consumer` every `interval` until `shutdown`; a failed poll is
+    /// skipped (the gauges keep their last value).
+    pub fn watch<C>(
+        &self,
+        consumer: Consumer<C>,
+        stream: &'static str,
+        interval: Duration,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        C: IntoConsumerConfig + Send + Sync + 'static,
+        Consumer<C>: Send + Sync,
+    {
+        let name = consumer
+            .cached_info()
+            .config
+            .durable_name
+            .clone()
+            .unwrap_or_else(|| consumer.cached_info().name.clone());
+        let attrs = [
+            KeyValue::new("stream", stream),
+            KeyValue::new("consumer", name),
+        ];
+        let pending: BoundGauge<u64> = self.pending.bind(&attrs);
+        let ack_pending: BoundGauge<u64> = self.ack_pending.bind(&attrs);
+        tokio::spawn(async move {
+            loop {
+                if let Ok(info) = consumer.get_info().await {
+                    pending.record(info.num_pending);
+                    ack_pending.record(info.num_ack_pending as u64);
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_metrics_render_by_outcome_and_kind() {
+        let metrics = Metrics::local("test");
+        let worker = WorkerMetrics::new(&metrics);
+        worker.received();
+        worker.received();
+        worker.decided(Decision::Allow, Duration::from_micros(30));
+        worker.decided(Decision::Deny, Duration::from_millis(2));
+        worker.published(Published::Delivery);
+        worker.published(Published::DeadLetter);
+        let text = metrics.prometheus_text();
+        for line in [
+            "agentmesh_worker_events_received_total 2\n",
+            "agentmesh_worker_decisions_total{decision=\"allow\"} 1\n",
+            "agentmesh_worker_decisions_total{decision=\"deny\"} 1\n",
+            "agentmesh_worker_events_published_total{kind=\"receipt\"} 2\n",
+            "agentmesh_worker_events_published_total{kind=\"delivery\"} 1\n",
+            "agentmesh_worker_events_published_total{kind=\"dead\"} 1\n",
+            "agentmesh_worker_evaluation_duration_seconds_bucket{le=\"0.00005\"} 1\n",
+            "agentmesh_worker_evaluation_duration_seconds_count 2\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn sink_and_scaler_metrics_render() {
+        let metrics = Metrics::local("test");
+        let events = SinkMetrics::new(&metrics).table("events");
+        events.received();
+        events.inserted(7);
+        events.insert_failed();
+        let scaler = ScalerMetrics::new(&metrics);
+        scaler.round();
+        scaler.leases("coder", 2);
+        scaler.decision("coder", "granted");
+        let text = metrics.prometheus_text();
+        for line in [
+            "agentmesh_sink_messages_received_total{table=\"events\"} 1\n",
+            "agentmesh_sink_rows_inserted_total{table=\"events\"} 7\n",
+            "agentmesh_sink_insert_errors_total{table=\"events\"} 1\n",
+            "agentmesh_sink_batch_rows_bucket{table=\"events\",le=\"10\"} 1\n",
+            "agentmesh_gpu_leases{pool=\"coder\"} 2\n",
+            "agentmesh_gpu_scaling_rounds_total 1\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert!(
+            text.contains(
+                "agentmesh_gpu_scaling_decisions_total{action=\"granted\",pool=\"coder\"} 1\n"
+            ),
+            "{text}"
+        );
+    }
+}
