@@ -353,6 +353,7 @@ mod tests {
         worker.decided(Decision::Deny, Duration::from_millis(2));
         worker.published(Published::Delivery);
         worker.published(Published::DeadLetter);
+        worker.published(Published::Parked);
         let text = metrics.prometheus_text();
         for line in [
             "agentmesh_worker_events_received_total 2\n",
@@ -361,6 +362,7 @@ mod tests {
             "agentmesh_worker_events_published_total{kind=\"receipt\"} 2\n",
             "agentmesh_worker_events_published_total{kind=\"delivery\"} 1\n",
             "agentmesh_worker_events_published_total{kind=\"dead\"} 1\n",
+            "agentmesh_worker_events_published_total{kind=\"parked\"} 1\n",
             "agentmesh_worker_evaluation_duration_seconds_bucket{le=\"0.00005\"} 1\n",
             "agentmesh_worker_evaluation_duration_seconds_count 2\n",
         ] {
