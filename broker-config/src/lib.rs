@@ -206,36 +206,7 @@ pub async fn apply(
             stream: name.clone(),
             source,
         };
-        let change = match find_stream(js, &name).await.map_err(|e| err(e.into()))? {
-            Some(mut existing) => {
-                let info = existing.info().await.map_err(|e| err(e.into()))?;
-                if matches(&info.config, &wanted) {
-                    Change::Unchanged
-                } else {
-                    // Keep whatever else an operator set (limits, placement,
-                    // storage, which cannot change in place) and only move
-                    // the settings agentmesh owns.
-                    let updated = stream::Config {
-                        subjects: wanted.subjects.clone(),
-                        retention: wanted.retention,
-                        num_replicas: wanted.num_replicas,
-                        max_age: wanted.max_age,
-                        duplicate_window: wanted.duplicate_window,
-                        discard: wanted.discard,
-                        description: wanted.description.clone(),
-                        ..info.config.clone()
-                    };
-                    js.update_stream(updated).await.map_err(|e| err(e.into()))?;
-                    tracing::info!(stream = %name, "Stream settings updated.");
-                    Change::Updated
-                }
-            }
-            None => {
-                js.create_stream(wanted).await.map_err(|e| err(e.into()))?;
-                tracing::info!(stream = %name, "Stream created.");
-                Change::Created
-            }
-        };
+        let change = apply_stream(js, wanted).await.map_err(err)?;
         changes.push((name, change));
     }
     for wanted in buckets(options) {
@@ -249,15 +220,66 @@ pub async fn apply(
             .map_err(|e| err(e.into()))?
         {
             Some(_) => Change::Unchanged,
-            None => {
-                js.create_stream(wanted).await.map_err(|e| err(e.into()))?;
-                tracing::info!(%bucket, "KV bucket created.");
-                Change::Created
-            }
+            None => match js.create_stream(wanted.clone()).await {
+                Ok(_) => {
+                    tracing::info!(%bucket, "KV bucket created.");
+                    Change::Created
+                }
+                // Another service applying at the same moment created it.
+                Err(_) if find_stream(js, &wanted.name).await.ok().flatten().is_some() => {
+                    Change::Unchanged
+                }
+                Err(e) => return Err(err(e.into())),
+            },
         };
         changes.push((bucket, change));
     }
     Ok(changes)
+}
+
+/// Creates `wanted` or brings the existing stream's owned settings in line.
+///
+/// Services start together and apply the same definitions: when a create
+/// fails because another one created the stream a moment earlier (the
+/// broker answers "already in use" or "subjects overlap"), the stream is
+/// compared and updated like one that was there before.
+async fn apply_stream(
+    js: &jetstream::Context,
+    wanted: stream::Config,
+) -> Result<Change, async_nats::Error> {
+    let name = wanted.name.clone();
+    let mut existing = match find_stream(js, &name).await? {
+        Some(existing) => existing,
+        None => match js.create_stream(wanted.clone()).await {
+            Ok(_) => {
+                tracing::info!(stream = %name, "Stream created.");
+                return Ok(Change::Created);
+            }
+            Err(error) => match find_stream(js, &name).await? {
+                Some(existing) => existing,
+                None => return Err(error.into()),
+            },
+        },
+    };
+    let info = existing.info().await?;
+    if matches(&info.config, &wanted) {
+        return Ok(Change::Unchanged);
+    }
+    // Keep whatever else an operator set (limits, placement, storage, which
+    // cannot change in place) and only move the settings agentmesh owns.
+    let updated = stream::Config {
+        subjects: wanted.subjects.clone(),
+        retention: wanted.retention,
+        num_replicas: wanted.num_replicas,
+        max_age: wanted.max_age,
+        duplicate_window: wanted.duplicate_window,
+        discard: wanted.discard,
+        description: wanted.description.clone(),
+        ..info.config.clone()
+    };
+    js.update_stream(updated).await?;
+    tracing::info!(stream = %name, "Stream settings updated.");
+    Ok(Change::Updated)
 }
 
 /// The stream called `name`, or `None` when the broker says it does not exist.

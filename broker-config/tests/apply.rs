@@ -49,3 +49,31 @@ async fn apply_is_idempotent_and_keeps_data() {
     assert_eq!(info.config.max_age, longer.max_age);
     assert_eq!(kv.get("planner").await.unwrap().unwrap(), "card");
 }
+
+/// Services start together and apply at the same moment; none may fail
+/// because another created a stream or bucket between its lookup and its
+/// create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_applies_all_succeed() {
+    for round in 0..5 {
+        let nats = testkit::NatsServer::start().await.unwrap();
+        let mut contexts = Vec::new();
+        for _ in 0..6 {
+            contexts.push(jetstream::new(nats.connect().await.unwrap()));
+        }
+        let applies = contexts
+            .iter()
+            .map(|js| async move { apply(js, &Options::default()).await });
+        let results = futures::future::join_all(applies).await;
+        for result in results {
+            let changes = result.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(changes.len(), 10, "{changes:?}");
+        }
+        // A later apply finds everything in place.
+        let again = apply(&contexts[0], &Options::default()).await.unwrap();
+        assert!(
+            again.iter().all(|(_, c)| *c == Change::Unchanged),
+            "{again:?}"
+        );
+    }
+}
