@@ -359,6 +359,7 @@ mod tests {
             approver: String::new(),
             comment: String::new(),
             answered_at: String::new(),
+            decision_span: String::new(),
             receipt: schemas::DecisionReceipt {
                 event_type: "io.agentmesh.tool.call".into(),
                 subject: Some("deploy.prod".into()),

@@ -30,6 +30,7 @@ use schemas::{Approval, ApprovalStatus, Decision, DecisionReceipt, headers, subj
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// The approval id of an event: 32 hex digits of SHA-256 over its id, so a
 /// redelivered event parks under the same id.
@@ -75,6 +76,11 @@ pub struct ApprovalState {
     pub answered_at: String,
     /// The receipt the event gets once answered (decision filled in then).
     pub receipt: DecisionReceipt,
+    /// The W3C `traceparent` of the worker's `policy.decision` span for the
+    /// event ('' when spans are not exported): the `policy.approval` span of
+    /// the release is its child, in the event's trace.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub decision_span: String,
 }
 
 impl ApprovalState {
@@ -255,6 +261,7 @@ impl Approvals {
         message: &jetstream::Message,
         token: &str,
         receipt: &DecisionReceipt,
+        decision_span: Option<schemas::TraceParent>,
     ) -> Result<(), async_nats::Error> {
         let id = approval_id(&receipt.event_id);
         let now = Utc::now();
@@ -291,6 +298,7 @@ impl Approvals {
             comment: String::new(),
             answered_at: String::new(),
             receipt: receipt.clone(),
+            decision_span: decision_span.map(|tp| tp.to_string()).unwrap_or_default(),
         };
         match self
             .kv
@@ -365,8 +373,20 @@ impl Approvals {
     }
 
     /// Publishes the final receipt and the delivery or dead letter of an
-    /// answered request.
+    /// answered request, in a `policy.approval` span of the event's trace.
     async fn release(&self, state: &ApprovalState) -> Result<(), async_nats::Error> {
+        let decision_span = state.decision_span.parse().ok();
+        let span = telemetry::spans::approval(
+            decision_span.as_ref(),
+            &state.id,
+            state.status.as_str(),
+            &state.receipt.event_id,
+            &state.receipt.trace_id,
+        );
+        self.publish_outcome(state).instrument(span).await
+    }
+
+    async fn publish_outcome(&self, state: &ApprovalState) -> Result<(), async_nats::Error> {
         let request = self
             .js
             .get_stream(subjects::STREAM_APPROVALS)
@@ -603,6 +623,7 @@ mod tests {
             approver: String::new(),
             comment: String::new(),
             answered_at: String::new(),
+            decision_span: String::new(),
             receipt: DecisionReceipt {
                 event_id: "e1".into(),
                 decision: Decision::Allow,

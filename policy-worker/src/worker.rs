@@ -252,7 +252,12 @@ impl Worker {
         let done = if park {
             self.guard
                 .approvals
-                .park(&message, &token, &receipt)
+                .park(
+                    &message,
+                    &token,
+                    &receipt,
+                    telemetry::spans::traceparent(&span),
+                )
                 .instrument(telemetry::spans::delivery(&span))
                 .await
         } else {

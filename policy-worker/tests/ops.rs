@@ -362,6 +362,62 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     assert_eq!(denied.parent_span_id, denier.parent_id_hex());
     assert_eq!(denied.attributes["decision"], "deny");
 
+    // An event parked for a human: its release, whenever the answer comes,
+    // is a `policy.approval` span under the event's decision span.
+    let deployer = TraceParent::mint();
+    let deploy = event("otel-parked", "coder", "tool.call")
+        .subject("deploy.prod")
+        .extension("traceparent", deployer.to_string())
+        .data("application/json", serde_json::json!({"release": "v2"}))
+        .build()
+        .unwrap();
+    mesh.publish_event(&subjects::ingress("coder", "tool_call"), &deploy)
+        .await;
+    let parked = span_of("otel-parked").await;
+    assert_eq!(parked.trace_id, deployer.trace_id_hex());
+    let approval_id = policy_worker::approval_id("otel-parked");
+    let kv = mesh
+        .js
+        .get_key_value(subjects::BUCKET_APPROVALS)
+        .await
+        .unwrap();
+    let state: policy_worker::ApprovalState = eventually(WAIT, "the approval request", || async {
+        serde_json::from_slice(&kv.get(&approval_id).await.ok()??).ok()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        state.decision_span,
+        format!("00-{}-{}-01", deployer.trace_id_hex(), parked.span_id),
+        "the parked state keeps the decision span's context"
+    );
+    policy_worker::send_answer(
+        &mesh.js,
+        "coder",
+        &policy_worker::Answer {
+            id: approval_id.clone(),
+            action: policy_worker::AnswerAction::Approve,
+            approver: "ops-oncall".into(),
+            comment: "release window".into(),
+            at: chrono::Utc::now().to_rfc3339(),
+        },
+    )
+    .await
+    .unwrap();
+    let released = mesh.receipt("otel-parked").await;
+    assert_eq!(released.decision, schemas::Decision::Allow);
+    let approval = eventually(WAIT, "the approval span", || async {
+        receiver
+            .spans()
+            .into_iter()
+            .find(|s| s.name == "policy.approval" && s.parent_span_id == parked.span_id)
+    })
+    .await
+    .unwrap();
+    assert_eq!(approval.trace_id, deployer.trace_id_hex());
+    assert_eq!(approval.attributes["approval_status"], "approved");
+    assert_eq!(approval.attributes["approval_id"], approval_id);
+
     // The same instruments reach the collector over OTLP.
     let point = eventually(WAIT, "worker metrics over OTLP", || async {
         receiver

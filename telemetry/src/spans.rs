@@ -146,6 +146,35 @@ pub fn delivery(decision: &Span) -> Span {
     )
 }
 
+/// The `policy.approval` span: publishing the receipt and the delivery or
+/// dead letter of a parked event once it is answered or expired. A child of
+/// the event's `policy.decision` span when that span's context was kept when
+/// the event was parked (`decision`), so the release lands in the event's
+/// trace however much later it comes; a root otherwise.
+pub fn approval(
+    decision: Option<&TraceParent>,
+    approval_id: &str,
+    status: &str,
+    event_id: &str,
+    trace_id: &str,
+) -> Span {
+    let span = tracing::info_span!(
+        target: TARGET,
+        parent: None,
+        "policy.approval",
+        otel.kind = "producer",
+        messaging.system = "nats",
+        approval_id,
+        approval_status = status,
+        event_id,
+        trace_id,
+    );
+    if let Some(decision) = decision {
+        join(&span, decision, None);
+    }
+    span
+}
+
 /// The `audit.batch` span of one table's batch: create it when the batch
 /// opens, [`link`] each event to it, drop it once the batch is inserted.
 pub fn sink_batch(table: &'static str) -> Span {
