@@ -19,7 +19,12 @@ FROM rust:${RUST_VERSION}-slim-bookworm AS build
 WORKDIR /src
 COPY . .
 # Dependencies and build outputs are cached between builds (BuildKit);
-# the binaries are copied out of the cache mount in the same step.
+# the binaries are copied out of the cache mount in the same step. The
+# image's binaries carry no debug info and no symbols (the workspace keeps
+# line tables in release builds for profiling): policy-worker 18 MiB instead
+# of 126 MiB.
+ENV CARGO_PROFILE_RELEASE_DEBUG=false \
+    CARGO_PROFILE_RELEASE_STRIP=symbols
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
