@@ -167,8 +167,13 @@ impl<E: std::error::Error> From<E> for ToolError {
         let mut message = err.to_string();
         let mut source = err.source();
         while let Some(cause) = source {
-            message.push_str(": ");
-            message.push_str(&cause.to_string());
+            // The SDK's `Error` and async-nats errors already print
+            // `kind: source`; appending that cause again would repeat it.
+            let text = cause.to_string();
+            if !message.ends_with(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
             source = cause.source();
         }
         Self { message }
@@ -187,5 +192,49 @@ where
 {
     fn call(&self, call: ToolCall) -> BoxFuture<Result<Value, ToolError>> {
         Box::pin(self(call))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{error::Error as StdError, fmt, io};
+
+    use super::ToolError;
+    use crate::{CallError, CallErrorKind};
+
+    /// An error that prints only its own text, leaving its cause to `source()`.
+    #[derive(Debug)]
+    struct Outer(io::Error);
+
+    impl fmt::Display for Outer {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("reading the suite failed")
+        }
+    }
+
+    impl StdError for Outer {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_cause_already_printed_is_not_repeated() {
+        let err = CallError::with_source(
+            CallErrorKind::Broker,
+            io::Error::new(io::ErrorKind::TimedOut, "timed out"),
+        );
+        let printed = err.to_string();
+        assert!(printed.ends_with(": timed out"), "{printed}");
+        assert_eq!(ToolError::from(err).message(), printed);
+    }
+
+    #[test]
+    fn a_cause_not_printed_is_appended() {
+        let err = Outer(io::Error::new(io::ErrorKind::NotFound, "no such file"));
+        assert_eq!(
+            ToolError::from(err).message(),
+            "reading the suite failed: no such file"
+        );
     }
 }
