@@ -686,19 +686,33 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rejects_source_mismatch_and_bad_subjects() {
+    fn message_from(source: &str) -> (HeaderMap, bytes::Bytes) {
         let event = EventBuilderV10::new()
             .id("c1")
-            .source("/agents/mallory")
+            .source(source)
             .ty("io.agentmesh.message")
             .build()
             .unwrap();
-        let (headers, payload) = schemas::encode_binary(&event);
+        schemas::encode_binary(&event)
+    }
+
+    #[test]
+    fn rejects_source_mismatch_and_bad_subjects() {
+        let (headers, payload) = message_from("/agents/mallory");
+        let err = Received::from_delivery("mesh.deliver.coder.planner", Some(&headers), &payload)
+            .unwrap_err();
+        assert!(matches!(err, Invalid::SourceMismatch { .. }), "{err:?}");
+
+        // A valid event, so only the subject can be at fault.
+        let (headers, payload) = message_from("/agents/planner");
         assert!(
-            Received::from_delivery("mesh.deliver.coder.planner", Some(&headers), &payload)
-                .is_err()
+            Received::from_delivery("mesh.deliver.coder.planner", Some(&headers), &payload).is_ok()
         );
-        assert!(Received::from_delivery("mesh.deliver.coder", Some(&headers), &payload).is_err());
+        let err =
+            Received::from_delivery("mesh.deliver.coder", Some(&headers), &payload).unwrap_err();
+        assert!(
+            matches!(&err, Invalid::Subject(subject) if subject == "mesh.deliver.coder"),
+            "{err:?}"
+        );
     }
 }
