@@ -118,7 +118,15 @@ async fn handoff_is_delivered_to_the_target_in_the_same_trace() {
     .unwrap();
 }
 
-fn code_search_agent(calls: Arc<AtomicUsize>) -> agents_sdk::AgentBuilder {
+/// How many times each of `code_search_agent`'s handlers ran.
+#[derive(Clone, Default)]
+struct Runs {
+    search: Arc<AtomicUsize>,
+    shell: Arc<AtomicUsize>,
+}
+
+fn code_search_agent(runs: Runs) -> agents_sdk::AgentBuilder {
+    let Runs { search, shell } = runs;
     Agent::builder("coder")
         .tool(
             ToolSpec::new("code.search").input_schema(json!({
@@ -126,9 +134,9 @@ fn code_search_agent(calls: Arc<AtomicUsize>) -> agents_sdk::AgentBuilder {
                 "properties": {"query": {"type": "string"}}
             })),
             move |call: ToolCall| {
-                let calls = calls.clone();
+                let search = search.clone();
                 async move {
-                    calls.fetch_add(1, Ordering::SeqCst);
+                    search.fetch_add(1, Ordering::SeqCst);
                     let query: String = call.arg("query")?;
                     if query.is_empty() {
                         return Err(ToolError::new("`query` is empty"));
@@ -145,16 +153,17 @@ fn code_search_agent(calls: Arc<AtomicUsize>) -> agents_sdk::AgentBuilder {
             Ok(json!({"passed": 1}))
         })
         // `shell.exec` is listed and served, yet policy forbids calling it.
-        .tool(ToolSpec::new("shell.exec"), |_call: ToolCall| async move {
-            Ok(json!("this must never run"))
+        .tool(ToolSpec::new("shell.exec"), move |_call: ToolCall| {
+            shell.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(json!("this must never run")) }
         })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_call_round_trips_through_the_policy_worker() {
     let mesh = Mesh::with_worker().await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let coder = mesh.agent(code_search_agent(calls.clone())).await;
+    let runs = Runs::default();
+    let coder = mesh.agent(code_search_agent(runs.clone())).await;
     let (stop, served) = serve(&coder);
     let planner = mesh.agent(Agent::builder("planner")).await;
 
@@ -169,7 +178,7 @@ async fn tool_call_round_trips_through_the_policy_worker() {
         result,
         json!({"matches": ["src/parser.rs: fn parse"], "caller": "planner"})
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(runs.search.load(Ordering::SeqCst), 1);
 
     // On the wire: call and result linked by causation, in one trace.
     let ingress = mesh.messages(subjects::STREAM_INGRESS).await;
@@ -249,8 +258,8 @@ async fn tool_call_round_trips_through_the_policy_worker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_tool_call_is_a_typed_denial_with_the_policy_reasons() {
     let mesh = Mesh::with_worker().await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let coder = mesh.agent(code_search_agent(calls.clone())).await;
+    let runs = Runs::default();
+    let coder = mesh.agent(code_search_agent(runs.clone())).await;
     let (stop, served) = serve(&coder);
     let planner = mesh.agent(Agent::builder("planner")).await;
 
@@ -287,7 +296,8 @@ async fn denied_tool_call_is_a_typed_denial_with_the_policy_reasons() {
             .await
             .is_empty()
     );
-    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(runs.shell.load(Ordering::SeqCst), 0);
+    assert_eq!(runs.search.load(Ordering::SeqCst), 0);
 
     // A step from an agent the operator never registered is denied too.
     let stranger = mesh.agent(Agent::builder("stranger")).await;
@@ -639,8 +649,8 @@ async fn slow_handlers_are_not_raced_by_redeliveries_and_tools_stay_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_calls_each_get_their_own_answer() {
     let mesh = Mesh::with_worker().await;
-    let calls = Arc::new(AtomicUsize::new(0));
-    let coder = mesh.agent(code_search_agent(calls.clone())).await;
+    let runs = Runs::default();
+    let coder = mesh.agent(code_search_agent(runs.clone())).await;
     let (stop, served) = serve(&coder);
     let planner = mesh.agent(Agent::builder("planner")).await;
 
@@ -657,7 +667,7 @@ async fn concurrent_calls_each_get_their_own_answer() {
             json!([format!("src/parser.rs: fn q{i}")])
         );
     }
-    assert_eq!(calls.load(Ordering::SeqCst), 20);
+    assert_eq!(runs.search.load(Ordering::SeqCst), 20);
     stop.cancel();
     served.await.unwrap();
 }
