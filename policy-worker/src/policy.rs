@@ -5,7 +5,7 @@
 //! files. Every policy is validated against the schema at load; the first
 //! problem refuses the whole set with the file, line and column.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -135,10 +135,11 @@ pub fn generated_policies(n: usize) -> String {
 ///
 /// Cedar evaluates every policy of the set it is given, so decision time
 /// grows with the number of policies. A policy whose scope names another
-/// action, or `principal ==` another agent, can never match, so it is left
-/// out of that request's candidate set; what remains decides exactly as the
-/// whole set would. Scopes that cannot be resolved statically (`action in` a
-/// group, `principal in` / `is`) keep the policy in every candidate set.
+/// action (`action ==` it, or `action in` a group the schema does not put the
+/// action in), or `principal ==` another agent, can never match, so it is
+/// left out of that request's candidate set; what remains decides exactly as
+/// the whole set would. Principal scopes that need the entities (`principal
+/// in` / `is`) keep the policy in every candidate set of its actions.
 struct PolicyIndex {
     by_action: HashMap<String, Partition>,
 }
@@ -152,44 +153,45 @@ struct Partition {
 }
 
 impl PolicyIndex {
-    fn build(policies: &PolicySet, names: &Names) -> Self {
+    fn build(policies: &PolicySet, schema: &Schema, names: &Names) -> Self {
         let actions: Vec<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
-        let action_id = |uid: &EntityUid| {
-            (uid.type_name() == &names.action)
-                .then(|| uid.id().unescaped().to_owned())
-                .filter(|id| actions.contains(&id.as_str()))
-        };
+        // Each catalogue action with the groups the schema puts it in
+        // (`action "a" in ["g"]`), directly or through other groups: `action
+        // in G` matches the action when G is the action or one of these.
+        // `None` where the schema does not say (then `action in` any group
+        // keeps the policy).
+        let hierarchy = schema.action_entities().ok();
+        let lineage: Vec<(&str, EntityUid, Option<HashSet<EntityUid>>)> = actions
+            .iter()
+            .map(|action| {
+                let uid =
+                    EntityUid::from_type_name_and_id(names.action.clone(), EntityId::new(*action));
+                let groups = hierarchy
+                    .as_ref()
+                    .and_then(|h| h.ancestors(&uid))
+                    .map(|groups| groups.cloned().collect());
+                (*action, uid, groups)
+            })
+            .collect();
         let mut generic: HashMap<&str, Vec<Policy>> = HashMap::new();
         let mut specific: HashMap<&str, HashMap<String, Vec<Policy>>> = HashMap::new();
         for policy in policies.policies() {
+            let scope = policy.action_constraint();
             // The catalogue actions this policy's scope can match.
-            let applies: Vec<&str> = match policy.action_constraint() {
-                ActionConstraint::Any => actions.clone(),
-                ActionConstraint::Eq(uid) => match action_id(&uid) {
-                    Some(id) => actions.iter().copied().filter(|a| *a == id).collect(),
-                    None => Vec::new(),
-                },
-                ActionConstraint::In(uids) => {
-                    let ids: Vec<Option<String>> = uids.iter().map(action_id).collect();
-                    if ids.iter().any(Option::is_none) {
-                        // An action group (or an unknown action): keep it everywhere.
-                        actions.clone()
-                    } else {
-                        actions
-                            .iter()
-                            .copied()
-                            .filter(|a| ids.iter().flatten().any(|id| id == a))
-                            .collect()
-                    }
-                }
-            };
+            let applies = lineage.iter().filter(|(_, uid, groups)| match &scope {
+                ActionConstraint::Any => true,
+                ActionConstraint::Eq(scope) => scope == uid,
+                ActionConstraint::In(scopes) => scopes
+                    .iter()
+                    .any(|scope| scope == uid || groups.as_ref().is_none_or(|g| g.contains(scope))),
+            });
             let principal = match policy.principal_constraint() {
                 PrincipalConstraint::Eq(uid) if uid.type_name() == &names.agent => {
                     Some(uid.id().unescaped().to_owned())
                 }
                 _ => None,
             };
-            for action in applies {
+            for &(action, _, _) in applies {
                 match &principal {
                     Some(agent) => specific
                         .entry(action)
@@ -395,7 +397,7 @@ impl PolicyBundle {
         let digest = hasher.finalize();
         let names = Names::new();
         Ok(Self {
-            index: PolicyIndex::build(&policies, &names),
+            index: PolicyIndex::build(&policies, &schema, &names),
             policies,
             schema,
             entities,
@@ -538,5 +540,94 @@ impl PolicyBundle {
                 .collect(),
             errors,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
+
+    use super::*;
+
+    fn event(ty: &str) -> MeshEvent {
+        let event = EventBuilderV10::new()
+            .id("e1")
+            .source("/agents/coder")
+            .ty(ty)
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        MeshEvent::from_message("mesh.ingress.coder.step", Some(&h), &p, Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn action_in_a_group_applies_to_the_actions_the_schema_puts_in_it() {
+        // `observation` is in `output` (a catalogue action), `reasoning` in
+        // `steps`, and `steps` in `output`.
+        let schema = r#"
+            entity Agent;
+            entity Workflow;
+            type Ctx = {
+              trace_id: String, step: String, mode: String, size: Long,
+              has_causation: Bool, target?: String, subject?: String,
+              datacontenttype?: String,
+            };
+            action "steps" in ["io.agentmesh.output"];
+            action "io.agentmesh.output", "io.agentmesh.prompt"
+              appliesTo { principal: Agent, resource: [Agent, Workflow], context: Ctx };
+            action "io.agentmesh.observation" in ["io.agentmesh.output"]
+              appliesTo { principal: Agent, resource: [Agent, Workflow], context: Ctx };
+            action "io.agentmesh.reasoning" in ["steps"]
+              appliesTo { principal: Agent, resource: [Agent, Workflow], context: Ctx };
+        "#;
+        let policies = r#"
+            @id("all") permit (principal, action, resource);
+            @id("no-output") forbid (principal, action in Action::"io.agentmesh.output", resource);
+            @id("no-steps") forbid (principal == Agent::"coder", action in [Action::"steps"], resource);
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SCHEMA_FILE), schema).unwrap();
+        std::fs::write(dir.path().join("p.cedar"), policies).unwrap();
+        std::fs::write(
+            dir.path().join(ENTITIES_FILE),
+            r#"[{ "uid": { "type": "Agent", "id": "coder" }, "attrs": {}, "parents": [] }]"#,
+        )
+        .unwrap();
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+
+        for (ty, reasons) in [
+            ("io.agentmesh.output", vec!["no-output"]),
+            ("io.agentmesh.observation", vec!["no-output"]),
+            ("io.agentmesh.reasoning", vec!["no-output", "no-steps"]),
+        ] {
+            let verdict = bundle.decide(&event(ty), "step");
+            assert!(!verdict.allowed, "{ty}: {verdict:?}");
+            let mut got = verdict.reasons.clone();
+            got.sort();
+            assert_eq!(got, reasons, "{ty}");
+            assert!(verdict.errors.is_empty(), "{ty}: {verdict:?}");
+        }
+        let verdict = bundle.decide(&event("io.agentmesh.prompt"), "step");
+        assert!(verdict.allowed && verdict.errors.is_empty(), "{verdict:?}");
+        assert_eq!(verdict.reasons, vec!["all"]);
+
+        // The index stays exact: neither forbid is a candidate for `prompt`.
+        let ids = |action: &str| {
+            let mut ids: Vec<String> = bundle
+                .index
+                .candidates(action, "coder")
+                .unwrap()
+                .policies()
+                .map(|p| p.id().to_string())
+                .collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(ids("io.agentmesh.prompt"), vec!["all"]);
+        assert_eq!(ids("io.agentmesh.observation"), vec!["all", "no-output"]);
+        assert_eq!(
+            ids("io.agentmesh.reasoning"),
+            vec!["all", "no-output", "no-steps"]
+        );
     }
 }
