@@ -354,7 +354,15 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             return;
         }
         let deadline = Instant::now() + self.settings.shutdown_grace;
-        if let Err(e) = self.commit(true).await {
+        // After a failed insert (shutdown came while `recover` waited) no
+        // inserter is open and the rows are only in `self.rows`: a fresh
+        // inserter would commit nothing, so they are replayed.
+        let first = if self.inserter.is_some() {
+            self.commit(true).await
+        } else {
+            self.replay().await
+        };
+        if let Err(e) = first {
             let never = CancellationToken::new();
             if !self.recover(e, &never, Some(deadline)).await {
                 tracing::warn!(
