@@ -226,7 +226,7 @@ const REQUEST_ONLY: &[&str] = &[
 ];
 
 /// `original` minus JetStream's `Nats-*` headers and the names in `drop`.
-fn headers_without(original: &HeaderMap, drop: &[&str]) -> HeaderMap {
+pub(crate) fn headers_without(original: &HeaderMap, drop: &[&str]) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, values) in original.iter() {
         let key: &str = name.as_ref();

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::approval::headers_without;
 use crate::guard;
 use crate::policy::PolicyBundle;
 use crate::{Config, Error};
@@ -165,21 +166,11 @@ impl Worker {
         );
 
         let mut receipt = DecisionReceipt {
-            event_id: String::new(),
-            trace_id: String::new(),
+            // Stays so when the event does not parse.
             decision: Decision::Invalid,
-            reasons: Vec::new(),
-            errors: Vec::new(),
             policy_hash: bundle.hash().to_owned(),
             decision_id: uuid::Uuid::now_v7().to_string(),
             agent: token.clone(),
-            event_type: String::new(),
-            target: None,
-            subject: None,
-            causation_id: None,
-            trace_derived: false,
-            decided_at: String::new(),
-            eval_micros: 0,
             ingress_subject: subject.clone(),
             ..Default::default()
         };
@@ -305,14 +296,25 @@ impl Worker {
             )
             .await?;
 
-        let mut forward = forwarded_headers(message.headers.as_ref());
-        forward.insert(headers::DECISION_ID, receipt.decision_id.as_str());
-        forward.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
-        forward.insert(headers::TRACE_ID, receipt.trace_id.as_str());
+        // The event's headers minus JetStream's `Nats-*` (they belong to the
+        // agent's publish, not to the event), plus the decision's.
+        let forwarded = || {
+            let mut forward = message
+                .headers
+                .as_ref()
+                .map_or_else(HeaderMap::new, |h| headers_without(h, &[]));
+            forward.insert(headers::DECISION_ID, receipt.decision_id.as_str());
+            forward.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
+            forward.insert(headers::TRACE_ID, receipt.trace_id.as_str());
+            forward
+        };
         let copy = match (receipt.decision, target) {
-            (Decision::Allow, Some(target)) => Some(subjects::deliver(target.as_str(), token)),
+            (Decision::Allow, Some(target)) => {
+                Some((subjects::deliver(target.as_str(), token), forwarded()))
+            }
             (Decision::Allow, None) => None,
             (Decision::Deny | Decision::Invalid, _) => {
+                let mut forward = forwarded();
                 forward.insert(headers::DECISION, receipt.decision.as_str());
                 let reason = receipt.errors.first().cloned().unwrap_or_else(|| {
                     if receipt.reasons.is_empty() {
@@ -326,11 +328,11 @@ impl Worker {
                     forward.insert(headers::POLICIES, receipt.reasons.join(","));
                 }
                 forward.insert(headers::INGRESS_SUBJECT, message.subject.as_str());
-                Some(subjects::dead(token))
+                Some((subjects::dead(token), forward))
             }
         };
         let copy_ack = match copy {
-            Some(subject) => Some(
+            Some((subject, forward)) => Some(
                 self.js
                     .send_publish(
                         subject,
@@ -349,24 +351,6 @@ impl Worker {
         }
         Ok(())
     }
-}
-
-/// The event's headers minus JetStream control headers (`Nats-*`), which
-/// belong to the agent's publish, not to the event.
-fn forwarded_headers(original: Option<&HeaderMap>) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    if let Some(original) = original {
-        for (name, values) in original.iter() {
-            let key: &str = name.as_ref();
-            if key.len() >= 5 && key[..5].eq_ignore_ascii_case("nats-") {
-                continue;
-            }
-            for value in values {
-                out.append(name.clone(), value.clone());
-            }
-        }
-    }
-    out
 }
 
 /// `id` and `type` of a message that failed validation, where they can be read.
