@@ -150,6 +150,60 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
     .unwrap();
 }
 
+#[tokio::test]
+async fn with_no_watch_only_sighup_reloads() {
+    let mesh = Mesh::start().await;
+    let policies = policies_copy();
+    let worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &["--no-watch"]).await;
+    let search = |id: &str| {
+        event(id, "coder", "tool.call")
+            .subject("code.search")
+            .extension("target", "reviewer")
+            .build()
+            .unwrap()
+    };
+    mesh.publish_event("mesh.ingress.coder.tool_call", &search("before"))
+        .await;
+    let before = mesh.receipt("before").await;
+    assert_eq!(before.decision, Decision::Allow);
+
+    // A valid change on disk is not picked up on its own.
+    std::fs::write(
+        policies.path().join("extra.cedar"),
+        "@id(\"forbid-code-search\")\nforbid (principal, action == Action::\"io.agentmesh.tool.call\", resource == Tool::\"code.search\");\n",
+    )
+    .unwrap();
+    mesh.publish_event("mesh.ingress.coder.tool_call", &search("unwatched"))
+        .await;
+    let unwatched = mesh.receipt("unwatched").await;
+    assert_eq!(unwatched.decision, Decision::Allow);
+    assert_eq!(unwatched.policy_hash, before.policy_hash);
+
+    // SIGHUP loads it; the one reload names the signal as its cause (a
+    // watcher would have queued its file change well before the signal).
+    worker.signal("HUP");
+    let after = testkit::eventually(WAIT, "the new policies after SIGHUP", || async {
+        mesh.publish_event(
+            "mesh.ingress.coder.tool_call",
+            &search(&uuid::Uuid::now_v7().to_string()),
+        )
+        .await;
+        let last = mesh.receipts().await.pop()?;
+        (last.policy_hash != before.policy_hash).then_some(last)
+    })
+    .await
+    .unwrap();
+    assert_eq!(after.decision, Decision::Deny);
+    assert_eq!(after.reasons, vec!["forbid-code-search".to_owned()]);
+    let log = worker.log_text();
+    let reloads: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("Policies reloaded."))
+        .collect();
+    assert_eq!(reloads.len(), 1, "{log}");
+    assert!(reloads[0].contains("SIGHUP"), "{log}");
+}
+
 #[test]
 fn invalid_policies_refuse_to_start_naming_file_and_line() {
     let policies = policies_copy();
