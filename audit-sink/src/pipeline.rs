@@ -320,17 +320,22 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
                     break;
                 }
             }
-            // The server may have come back empty (or someone dropped the
-            // table): make sure the schema is there before replaying.
-            let result = match schema::ensure(
-                &self.ddl_client,
-                &self.settings.database,
-                self.settings.retention_days,
-            )
-            .await
-            {
-                Ok(_) => self.replay().await,
-                Err(e) => Err(e),
+            let result = match self.replay().await {
+                Ok(()) => Ok(()),
+                // The server may have come back empty (or someone dropped the
+                // table): create what is missing, then replay once more. Only
+                // after a failed replay, so a working insert needs no schema
+                // queries (nor `MODIFY TTL`) before it.
+                Err(e) => match schema::ensure(
+                    &self.ddl_client,
+                    &self.settings.database,
+                    self.settings.retention_days,
+                )
+                .await
+                {
+                    Ok(_) => self.replay().await,
+                    Err(_) => Err(e),
+                },
             };
             match result {
                 Ok(()) => {

@@ -214,24 +214,42 @@ ORDER BY (pool, gpu, event_id, msg_key){}",
     ]
 }
 
-/// Statements that bring the retention of existing tables in line (only
-/// where the server has TTL and a retention is configured).
-fn retention_updates(
+/// Statements that bring the retention of existing tables in line: only
+/// where the server has TTL, a retention is configured and a table's TTL is
+/// not already that one (a `MODIFY TTL` can rewrite the table's parts).
+async fn retention_updates(
+    client: &Client,
     database: &str,
     features: &ServerFeatures,
     retention_days: u32,
-) -> Vec<String> {
+) -> Result<Vec<String>, clickhouse::error::Error> {
     if !features.ttl || retention_days == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    [EVENTS, DECISIONS, GPU_LEASES]
+    let engines: Vec<(String, String)> = client
+        .query("SELECT name, engine_full FROM system.tables WHERE database = ?")
+        .bind(database)
+        .fetch_all()
+        .await?;
+    Ok([EVENTS, DECISIONS, GPU_LEASES]
         .iter()
+        .filter(|t| {
+            !engines
+                .iter()
+                .any(|(name, engine)| name == *t && has_retention(engine, retention_days))
+        })
         .map(|t| {
             format!(
                 "ALTER TABLE `{database}`.`{t}` MODIFY TTL time + INTERVAL {retention_days} DAY"
             )
         })
-        .collect()
+        .collect())
+}
+
+/// Whether a table's `engine_full` shows the TTL that [`ddl`] gives it
+/// (the server writes `INTERVAL n DAY` back as `toIntervalDay(n)`).
+fn has_retention(engine_full: &str, retention_days: u32) -> bool {
+    engine_full.contains(&format!("TTL time + toIntervalDay({retention_days})"))
 }
 
 /// Creates the database and the tables where missing (never drops or
@@ -259,11 +277,10 @@ pub async fn ensure(
     } else {
         ddl(database, &features, retention_days)
     };
-    for statement in
-        creates
-            .into_iter()
-            .chain(retention_updates(database, &features, retention_days))
-    {
+    for statement in creates {
+        client.query_raw(&statement).execute().await?;
+    }
+    for statement in retention_updates(client, database, &features, retention_days).await? {
         client.query_raw(&statement).execute().await?;
     }
     add_missing_columns(client, database, &features).await?;
@@ -323,6 +340,17 @@ mod tests {
         assert!(new[1].contains("TTL time + INTERVAL 30 DAY"));
         let forever = ddl("agentmesh", &ServerFeatures::from_version("25.3.1"), 0);
         assert!(forever.iter().all(|s| !s.contains("TTL")));
+    }
+
+    #[test]
+    fn retention_read_back_from_engine_full() {
+        let engine = "ReplacingMergeTree PARTITION BY toYYYYMM(time) \
+            ORDER BY (trace_id, event_id, msg_key) TTL time + toIntervalDay(30) \
+            SETTINGS index_granularity = 8192";
+        assert!(has_retention(engine, 30));
+        assert!(!has_retention(engine, 3));
+        assert!(!has_retention(engine, 300));
+        assert!(!has_retention("ReplacingMergeTree ORDER BY event_id", 30));
     }
 
     #[test]

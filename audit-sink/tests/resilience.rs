@@ -289,3 +289,20 @@ async fn shutdown_during_an_outage_inserts_the_held_batch_within_the_grace_perio
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_dropped_table_is_created_again_and_the_held_batch_inserted() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let sink = h.spawn_sink(h.config()).await?;
+    let trace = TraceParent::mint();
+    let steps = chain("dropped", 2);
+    h.publish(&steps[0].message(&trace)).await?;
+    h.wait_rows("events", 1).await?;
+
+    h.query("DROP TABLE events").await?;
+    h.publish(&steps[1].message(&trace)).await?;
+    h.wait_rows("events", 1).await?;
+    let ids = h.query("SELECT event_id FROM events FINAL").await?;
+    assert_eq!(ids.trim(), "dropped-00001");
+    sink.stop().await
+}
