@@ -47,6 +47,15 @@ pub fn encode_bytes(bytes: &[u8]) -> (String, &'static str) {
     }
 }
 
+/// [`encode_bytes`] for a payload already owned: UTF-8 text is kept without
+/// a copy.
+fn encode_vec(bytes: Vec<u8>) -> (String, &'static str) {
+    match String::from_utf8(bytes) {
+        Ok(text) => (text, ENCODING_UTF8),
+        Err(e) => (hex::encode(e.as_bytes()), ENCODING_HEX),
+    }
+}
+
 /// `DateTime` columns hold seconds since the epoch as `UInt32`.
 fn datetime_secs(micros: i64) -> u32 {
     (micros.div_euclid(1_000_000)).clamp(0, i64::from(u32::MAX)) as u32
@@ -240,21 +249,24 @@ pub fn event_row(
         .map(|p| p.agent.to_owned())
         .unwrap_or_default();
     let received_us = meta.received_us;
-    let base = |attrs: Attributes, data: &[u8], mode: Option<ContentMode>, error: String| {
-        let (trace_id, trace_derived) = match attrs.traceparent.parse::<TraceParent>() {
-            Ok(tp) => (tp.trace_id_hex(), 0),
-            // As the policy worker derives it for an event it cannot use.
-            Err(_) => {
-                let key = if attrs.id.is_empty() {
-                    subject
-                } else {
-                    &attrs.id
-                };
-                (TraceParent::derive(key).trace_id_hex(), 1)
-            }
-        };
+    // The trace of an event the policy worker could not use: as it derives it.
+    let fallback_trace = |attrs: &Attributes| match attrs.traceparent.parse::<TraceParent>() {
+        Ok(tp) => (tp.trace_id_hex(), 0),
+        Err(_) => {
+            let key = if attrs.id.is_empty() {
+                subject
+            } else {
+                &attrs.id
+            };
+            (TraceParent::derive(key).trace_id_hex(), 1)
+        }
+    };
+    let base = |attrs: Attributes,
+                (trace_id, trace_derived): (String, u8),
+                (data, data_encoding): (String, &'static str),
+                mode: Option<ContentMode>,
+                error: String| {
         let time_us = parse_rfc3339_us(&attrs.time).unwrap_or(received_us);
-        let (data, data_encoding) = encode_bytes(data);
         let msg_key = if attrs.id.is_empty() {
             meta.msg_key()
         } else {
@@ -290,25 +302,35 @@ pub fn event_row(
     match MeshEvent::from_message(subject, headers, payload, Limits::default()) {
         Ok(event) => {
             let attrs = Attributes::from_event(&event.event);
-            let mut row = base(attrs, &event.data_bytes(), Some(event.mode), String::new());
             // Same trace as the policy worker computes (derived when absent).
-            row.trace_id = event.trace.trace_id_hex();
-            row.trace_derived = u8::from(event.trace_derived);
-            row
+            let trace = (event.trace.trace_id_hex(), u8::from(event.trace_derived));
+            base(
+                attrs,
+                trace,
+                encode_vec(event.data_bytes()),
+                Some(event.mode),
+                String::new(),
+            )
         }
         Err(invalid) => {
             let error = invalid.to_string();
             match schemas::decode(headers, payload) {
-                Ok((event, mode)) => base(
-                    Attributes::from_event(&event),
-                    &event_data(&event),
-                    Some(mode),
-                    error,
-                ),
+                Ok((event, mode)) => {
+                    let attrs = Attributes::from_event(&event);
+                    let trace = fallback_trace(&attrs);
+                    base(
+                        attrs,
+                        trace,
+                        encode_vec(event_data(&event)),
+                        Some(mode),
+                        error,
+                    )
+                }
                 Err(_) => {
                     let structured = is_structured(headers);
                     let attrs = Attributes::from_raw(headers, payload, structured);
-                    base(attrs, payload, None, error)
+                    let trace = fallback_trace(&attrs);
+                    base(attrs, trace, encode_bytes(payload), None, error)
                 }
             }
         }
@@ -594,7 +616,7 @@ pub fn gpu_lease_row(
         .and_then(parse_rfc3339_us)
         .unwrap_or(0);
     let time_us = parse_rfc3339_us(&attrs.time).unwrap_or(received_us);
-    let (data, data_encoding) = encode_bytes(&data);
+    let (data, data_encoding) = encode_vec(data);
     let msg_key = if attrs.id.is_empty() {
         meta.msg_key()
     } else {
