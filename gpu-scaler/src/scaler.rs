@@ -93,7 +93,8 @@ pub struct Scaler {
     config: Config,
     instance: String,
     inventory: Arc<dyn Inventory>,
-    last_gpus: Vec<GpuInfo>,
+    /// The last inventory read; `None` until one read succeeded.
+    last_gpus: Option<Vec<GpuInfo>>,
     stabilizers: BTreeMap<String, Stabilizer>,
     last_desired: BTreeMap<String, u32>,
     seeded: bool,
@@ -151,7 +152,7 @@ impl Scaler {
             config,
             instance,
             inventory,
-            last_gpus: Vec::new(),
+            last_gpus: None,
             stabilizers,
             last_desired: BTreeMap::new(),
             seeded: false,
@@ -240,12 +241,23 @@ impl Scaler {
 
         let inventory = Arc::clone(&self.inventory);
         match tokio::task::spawn_blocking(move || inventory.snapshot()).await {
-            Ok(Ok(gpus)) => self.last_gpus = gpus,
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "Inventory unreadable; deciding on the last one seen.");
-                errors.push(e.to_string());
-            }
+            Ok(Ok(gpus)) => self.last_gpus = Some(gpus),
+            Ok(Err(e)) => errors.push(e.to_string()),
             Err(e) => errors.push(format!("inventory task: {e}")),
+        }
+        // INVARIANT: a plan is made only on an inventory that was read. On
+        // none, every lease this instance holds would look gone and be
+        // released.
+        let Some(last_gpus) = &self.last_gpus else {
+            tracing::warn!(error = %errors.join("; "), "Inventory unreadable and none seen yet; not acting this round.");
+            self.status.send_modify(|s| {
+                s.updated_at = now.to_rfc3339_opts(SecondsFormat::Micros, true);
+                s.errors = errors;
+            });
+            return Ok(RoundReport::default());
+        };
+        if let Some(error) = errors.first() {
+            tracing::warn!(%error, "Inventory unreadable; deciding on the last one seen.");
         }
         let demands = demand::read_demand(&self.js, &self.config.pools).await;
         let snapshot = self.store.snapshot().await?;
@@ -305,7 +317,7 @@ impl Scaler {
             now,
             me: &self.instance,
             ttl: self.config.lease_ttl,
-            gpus: &self.last_gpus,
+            gpus: last_gpus,
             slots: &snapshot.slots,
             pools: &inputs,
         });
@@ -336,7 +348,7 @@ impl Scaler {
                 }
             })
             .collect();
-        let gpus = self.last_gpus.clone();
+        let gpus = last_gpus.clone();
         // Published before acting, so a reader who sees this round's lease
         // writes also sees the decision behind them.
         self.status.send_modify(|s| {
@@ -465,5 +477,114 @@ async fn answer_status(
         if let Err(e) = client.publish(reply, body.into()).await {
             tracing::debug!(error = %e, "Status reply not sent.");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::config::{DeclaredGpu, InventoryMode, PoolConfig};
+    use crate::inventory::{DeclaredInventory, InventoryError};
+    use crate::lease::SlotState;
+
+    /// Declared GPUs whose reads fail while `failing` is set, as NVML can.
+    struct Flaky {
+        gpus: DeclaredInventory,
+        failing: AtomicBool,
+    }
+
+    impl Inventory for Flaky {
+        fn source(&self) -> &'static str {
+            "declared"
+        }
+
+        fn snapshot(&self) -> Result<Vec<GpuInfo>, InventoryError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(InventoryError::Nvml("transient".into()));
+            }
+            self.gpus.snapshot()
+        }
+    }
+
+    fn config() -> Config {
+        let pool = PoolConfig {
+            stream: "MESH_DELIVER".into(),
+            consumers: vec![],
+            subjects: vec!["mesh.deliver.coder.>".into()],
+            target_backlog_per_gpu: 10,
+            min_gpus: 1,
+            max_gpus: 1,
+            cooldown: Duration::from_secs(60),
+        };
+        Config {
+            poll_interval: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(15),
+            inventory: InventoryMode::Declared,
+            gpus: vec![DeclaredGpu {
+                uuid: "GPU-00000000-0000-4000-8000-000000000000".into(),
+                name: "declared-0".into(),
+                memory_total_mib: 81920,
+                healthy: true,
+            }],
+            pools: [("coder".to_owned(), pool)].into_iter().collect(),
+        }
+    }
+
+    async fn held_by(js: &jetstream::Context, instance: &str) -> usize {
+        let snapshot = LeaseStore::open(js)
+            .await
+            .unwrap()
+            .snapshot()
+            .await
+            .unwrap();
+        snapshot
+            .slots
+            .values()
+            .filter(|s| matches!(&s.state, SlotState::Leased(l) if l.holder == instance && l.is_live(Utc::now())))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_restart_with_an_unreadable_inventory_keeps_its_leases() {
+        let server = testkit::NatsServer::start().await.unwrap();
+        let client = server.connect().await.unwrap();
+        let js = jetstream::new(client.clone());
+        broker_config::apply(&js, &broker_config::Options::default())
+            .await
+            .unwrap();
+        let config = config();
+        let inventory = Arc::new(Flaky {
+            gpus: DeclaredInventory::new(&config.gpus),
+            failing: AtomicBool::new(false),
+        });
+
+        let mut first = Scaler::new(
+            client.clone(),
+            config.clone(),
+            "scaler-a".into(),
+            inventory.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(first.round().await.unwrap().granted, 1, "min_gpus = 1");
+        drop(first);
+
+        // Restarted under the same name while NVML fails: nothing is known
+        // of the GPUs, so nothing is released.
+        inventory.failing.store(true, Ordering::SeqCst);
+        let mut restarted = Scaler::new(client, config, "scaler-a".into(), inventory.clone())
+            .await
+            .unwrap();
+        let report = restarted.round().await.unwrap();
+        assert_eq!(report.released, 0);
+        assert_eq!(held_by(&js, "scaler-a").await, 1);
+
+        // Once read, the inventory still has the GPU and the lease is kept.
+        inventory.failing.store(false, Ordering::SeqCst);
+        let report = restarted.round().await.unwrap();
+        assert_eq!((report.released, report.granted), (0, 0));
+        assert_eq!(held_by(&js, "scaler-a").await, 1);
     }
 }
