@@ -15,9 +15,9 @@
 //!
 //! Accuracy: every valid event is counted once before it is decided (denied
 //! ones too: an agent that keeps sending stays throttled until the window
-//! rolls). An event redelivered after a worker crashed between counting and
-//! acking is counted again, so counts can run high by the events in flight
-//! at a crash, never low. Windows are fixed: an agent can send up to twice a
+//! rolls). An event redelivered after it was counted (a worker crash, a
+//! failed publish or ack, or the ack wait exceeded) is counted again, so
+//! counts can run high by such redeliveries, never low. Windows are fixed: an agent can send up to twice a
 //! per-minute limit across a minute boundary.
 
 use std::collections::HashMap;
