@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use schemas::subjects;
@@ -68,14 +67,8 @@ pub async fn run(
                         .unwrap_or_default()
                 };
                 let (target, id) = (raw("ce-target"), raw("ce-id"));
-                let mut forward = HeaderMap::new();
-                for (name, values) in headers.iter() {
-                    for value in values {
-                        forward.append(name.clone(), value.clone());
-                    }
-                }
                 let publish = PublishMessage::build()
-                    .headers(forward)
+                    .headers(headers)
                     .payload(message.payload.clone())
                     .message_id(id);
                 let stored = match js

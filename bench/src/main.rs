@@ -193,7 +193,7 @@ fn sibling(me: &Path, name: &str) -> anyhow::Result<PathBuf> {
         Ok(path)
     } else {
         bail!(
-            "`{}` not found next to mesh-bench: build both with `cargo build --release -p bench -p policy-worker`",
+            "`{}` not found next to mesh-bench: build both with `cargo build --release -p bench -p {name}`",
             path.display()
         )
     }

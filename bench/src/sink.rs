@@ -155,15 +155,18 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
         }
         delays.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    delays.sort_by(f64::total_cmp);
-    let q = |p: f64| delays[((delays.len() - 1) as f64 * p) as usize];
-    println!(
-        "delay publish -> row queryable ({} probes, default flush period 1 s): p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms",
-        delays.len(),
-        q(0.5),
-        q(0.9),
-        q(1.0)
-    );
+    // `--probes 0` measures throughput only.
+    if !delays.is_empty() {
+        delays.sort_by(f64::total_cmp);
+        let q = |p: f64| delays[((delays.len() - 1) as f64 * p) as usize];
+        println!(
+            "delay publish -> row queryable ({} probes, default flush period 1 s): p50 {:.0} ms, p90 {:.0} ms, max {:.0} ms",
+            delays.len(),
+            q(0.5),
+            q(0.9),
+            q(1.0)
+        );
+    }
     drop(sink);
     drop(ch);
     drop(nats);
