@@ -89,18 +89,30 @@ pub fn write_seed_file(path: &Path, seed: &str) -> Result<(), CredentialsError> 
             .create(dir)
             .map_err(io)?;
     }
-    let tmp = path.with_extension("tmp");
+    write_private_file(path, format!("{seed}\n").as_bytes()).map_err(io)
+}
+
+/// Writes `contents` to `path` readable by its owner only (mode 0600),
+/// replacing the file atomically: a reader sees the old file or the new
+/// one, never a part, and never one with wider permissions.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(seed.as_bytes()).map_err(io)?;
-    file.write_all(b"\n").map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+        .open(&tmp)?;
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Reads a seed file: refuses one that group or others may read, or that
@@ -208,5 +220,22 @@ mod tests {
             read_seed_file(&dir.path().join("junk")),
             Err(CredentialsError::NotASeed { .. })
         ));
+    }
+
+    #[test]
+    fn private_files_replace_what_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.xml");
+        std::fs::write(&path, "old, and readable by all").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private_file(&path, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "new");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["users.xml"], "no temporary file left behind");
     }
 }

@@ -308,7 +308,6 @@ impl AuthState {
     /// Renders the nats-server config for the local server on `port` with
     /// every registered identity; returns its path.
     pub fn write_nats_config(&self, home: &Home, port: u16) -> anyhow::Result<PathBuf> {
-        use std::os::unix::fs::OpenOptionsExt as _;
         let store = home.root().join("nats");
         std::fs::create_dir_all(&store)
             .with_context(|| format!("creating `{}`", store.display()))?;
@@ -320,16 +319,8 @@ impl AuthState {
             principals: Some(self.principals()?),
         })?;
         let path = Self::nats_config_path(home);
-        let tmp = path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing `{}`", tmp.display()))?;
-        std::io::Write::write_all(&mut file, text.as_bytes())?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing `{}`", path.display()))?;
+        credentials::write_private_file(&path, text.as_bytes())
+            .with_context(|| format!("writing `{}`", path.display()))?;
         Ok(path)
     }
 
@@ -361,10 +352,9 @@ impl AuthState {
             reader: password(),
         };
         self.create_dir()?;
-        write_seed_file(
-            &self.clickhouse_path(),
-            &serde_json::to_string_pretty(&secrets)?,
-        )?;
+        let path = self.clickhouse_path();
+        credentials::write_private_file(&path, serde_json::to_string_pretty(&secrets)?.as_bytes())
+            .with_context(|| format!("writing `{}`", path.display()))?;
         Ok(secrets)
     }
 }
@@ -564,7 +554,11 @@ pub async fn can_reach_jetstream(url: &str, seed: &str) -> bool {
     let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
         return false;
     };
-    let request = client.request("$JS.API.STREAM.INFO.KV_mesh-agents", "".into());
+    let subject = format!(
+        "$JS.API.STREAM.INFO.KV_{}",
+        schemas::subjects::BUCKET_AGENTS
+    );
+    let request = client.request(subject, "".into());
     matches!(
         tokio::time::timeout(Duration::from_secs(2), request).await,
         Ok(Ok(_))

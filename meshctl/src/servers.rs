@@ -320,24 +320,11 @@ pub fn write_clickhouse_config(
     let config_path = dir.join("config.xml");
     std::fs::write(&config_path, config)
         .with_context(|| format!("writing `{}`", config_path.display()))?;
-    write_private(&dir.join("users.xml"), &users)?;
+    // Readable by its owner only: it names password hashes.
+    let users_path = dir.join("users.xml");
+    broker_config::credentials::write_private_file(&users_path, users.as_bytes())
+        .with_context(|| format!("writing `{}`", users_path.display()))?;
     Ok(config_path)
-}
-
-/// Writes `text` to `path` readable by its owner only (it names password
-/// hashes).
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let _ = std::fs::remove_file(path);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing `{}`", path.display()))?;
-    file.write_all(text.as_bytes())
-        .with_context(|| format!("writing `{}`", path.display()))
 }
 
 fn sha256_hex(text: &str) -> String {
