@@ -19,7 +19,10 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use broker_config::auth::{AUDIT_SINK_CONSUMERS, POLICY_WORKER_CONSUMER};
 use futures::StreamExt;
+use policy_worker::SCHEMA_FILE;
+use schemas::subjects;
 
 use crate::agents::{self, AuthState, CLICKHOUSE_SINK_USER, ClickHouseSecrets};
 use crate::procs::{self, Home, Stopped};
@@ -38,9 +41,6 @@ const STOP_ORDER: [&str; 5] = [
     "clickhouse-server",
     "nats-server",
 ];
-
-/// The file every policy directory has (the policy worker's Cedar schema).
-const POLICY_SCHEMA: &str = "schema.cedarschema";
 
 /// Options of `meshctl up`.
 #[derive(Debug, Clone)]
@@ -113,9 +113,9 @@ pub async fn up(home: &Home, endpoints: &Endpoints, options: &UpOptions) -> anyh
         None
     } else {
         let dir = &options.policies;
-        if !dir.join(POLICY_SCHEMA).is_file() {
+        if !dir.join(SCHEMA_FILE).is_file() {
             bail!(
-                "policy directory `{}` has no `{POLICY_SCHEMA}`: run meshctl from the repository root or pass --policies DIR",
+                "policy directory `{}` has no `{SCHEMA_FILE}`: run meshctl from the repository root or pass --policies DIR",
                 dir.display(),
             );
         }
@@ -198,7 +198,7 @@ fn set_up_identities(
     }
     // Registered agents are those with keys; the agents of the policy
     // directory get one, so the shipped demo agents can connect.
-    if options.policies.join(POLICY_SCHEMA).is_file() {
+    if options.policies.join(SCHEMA_FILE).is_file() {
         for (id, _) in agents::entity_agents(&options.policies)? {
             if !schemas::AgentId::is_valid(&id) {
                 continue;
@@ -447,12 +447,19 @@ async fn bring_up(
                 .with_context(|| format!("no identity for `{name}`"))?;
             env.push(("NATS_NKEY_SEED_FILE", Some(seed.display().to_string())));
             env.push(("NATS_CREDS", None));
-            if name == "audit-sink"
-                && let Some(secrets) = &auth.clickhouse
-            {
-                env.push(("CLICKHOUSE_USER", Some(CLICKHOUSE_SINK_USER.to_owned())));
-                env.push(("CLICKHOUSE_PASSWORD", Some(secrets.sink.clone())));
-            }
+        }
+        if name == "audit-sink" {
+            // The sink's own insert user where meshctl wrote the users;
+            // otherwise the user meshctl was given.
+            let (user, password) = match auth.and_then(|a| a.clickhouse.as_ref()) {
+                Some(secrets) => (CLICKHOUSE_SINK_USER.to_owned(), secrets.sink.clone()),
+                None => (
+                    endpoints.clickhouse_user.clone(),
+                    endpoints.clickhouse_password.clone(),
+                ),
+            };
+            env.push(("CLICKHOUSE_USER", Some(user)));
+            env.push(("CLICKHOUSE_PASSWORD", Some(password)));
         }
         let child = procs::spawn_with_env(home, name, &binary, &args, &env)?;
         waiting.push(name);
@@ -714,8 +721,11 @@ pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> 
     }
     for name in SERVICES {
         let consumer = match name {
-            "policy-worker" => Some("policy-worker"),
-            "audit-sink" => Some("audit-sink-events"),
+            "policy-worker" => Some(POLICY_WORKER_CONSUMER),
+            "audit-sink" => AUDIT_SINK_CONSUMERS
+                .iter()
+                .find(|(stream, _)| *stream == subjects::STREAM_INGRESS)
+                .map(|(_, durable)| *durable),
             _ => None,
         };
         let pulling = consumer.is_some_and(|c| {
