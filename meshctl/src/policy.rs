@@ -519,7 +519,8 @@ fn rebuild(row: &EventRow) -> anyhow::Result<(async_nats::HeaderMap, bytes::Byte
         builder = builder.subject(row.subject.clone());
     }
     let data = if row.data_encoding == audit_sink::rows::ENCODING_HEX {
-        hex_decode(&row.data)?
+        hex::decode(&row.data)
+            .with_context(|| format!("event `{}` has bad hex data", row.event_id))?
     } else {
         row.data.clone().into_bytes()
     };
@@ -534,20 +535,6 @@ fn rebuild(row: &EventRow) -> anyhow::Result<(async_nats::HeaderMap, bytes::Byte
         event.set_data_unchecked(data);
     }
     Ok(schemas::encode_binary(&event))
-}
-
-fn hex_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    let bytes = text.as_bytes();
-    if !bytes.len().is_multiple_of(2) {
-        bail!("odd-length hex data");
-    }
-    bytes
-        .chunks(2)
-        .map(|pair| {
-            let s = std::str::from_utf8(pair)?;
-            Ok(u8::from_str_radix(s, 16)?)
-        })
-        .collect()
 }
 
 async fn replay_clickhouse(
@@ -685,14 +672,8 @@ async fn replay_jetstream(
             // Invalid whatever the policies say: not replayed.
             continue;
         };
-        let replayed = replayer
-            .replay_message(
-                &message.subject,
-                message.headers.as_ref(),
-                &message.payload,
-                at,
-            )
-            .await;
+        let step = subjects::parse_ingress(&message.subject).map_or("", |p| p.step);
+        let replayed = replayer.replay_event(&event, step, at).await;
         let id = event.id().to_owned();
         let trace_id = event.trace.trace_id_hex();
         let target = event
@@ -737,12 +718,5 @@ mod tests {
         assert_eq!(t("2026-02-01"), "2026-02-01T00:00:00+00:00");
         assert!(parse_time("yesterday", now).is_err());
         assert!(parse_time("5w", now).is_err());
-    }
-
-    #[test]
-    fn hex() {
-        assert_eq!(hex_decode("00ff10").unwrap(), vec![0, 255, 16]);
-        assert!(hex_decode("0").is_err());
-        assert!(hex_decode("zz").is_err());
     }
 }
