@@ -238,6 +238,7 @@ reviewer\tmesh.ingress.reviewer.output
     assert!(!missing.status.success());
     assert!(text(&missing.stderr).contains("no steps of trace 0123456789abcdef0123456789abcdef"));
     let bad = meshctl(&env, &["trace", "not-a-trace"])?;
+    assert!(!bad.status.success());
     assert!(text(&bad.stderr).contains("is not a trace id"));
 
     // The earlier workflow's handoff is still waiting for the real coder.
@@ -313,6 +314,22 @@ impl LocalStack {
         })
         .await??)
     }
+
+    /// Runs `checks` on the running stack, then `meshctl down` whether they
+    /// passed, failed or panicked (no servers outlive a failed test);
+    /// returns what `down` printed once the checks passed.
+    async fn down_after(
+        &self,
+        checks: impl std::future::Future<Output = anyhow::Result<()>>,
+    ) -> anyhow::Result<Output> {
+        let checks = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(checks)).await;
+        let down = self.run(&["down"]).await;
+        match checks {
+            Ok(result) => result?,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+        down
+    }
 }
 
 #[tokio::test]
@@ -333,84 +350,92 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
     args.extend(without);
     let up = stack.run(&args).await?;
     let out = text(&up.stdout);
-    assert!(up.status.success(), "{out}\n{}", text(&up.stderr));
-    assert!(out.contains("nats-server        started"), "{out}");
-    assert!(out.contains("clickhouse-server  started"), "{out}");
-    assert!(out.contains("schema             applied"), "{out}");
+    if !up.status.success() {
+        let _ = stack.run(&["down"]).await;
+        panic!("meshctl up failed:\n{out}\n{}", text(&up.stderr));
+    }
+    let checks = async {
+        assert!(out.contains("nats-server        started"), "{out}");
+        assert!(out.contains("clickhouse-server  started"), "{out}");
+        assert!(out.contains("schema             applied"), "{out}");
 
-    // Both answer, with JetStream streams and the audit tables in place.
-    let js = async_nats::jetstream::new(async_nats::connect(&stack.nats_url).await?);
-    js.get_stream(schemas::subjects::STREAM_INGRESS).await?;
-    let client = clickhouse::Client::default()
-        .with_url(&stack.ch_url)
-        .with_validation(false);
-    let tables = testkit::clickhouse::query_text(
-        &client,
-        "SELECT name FROM system.tables WHERE database = 'agentmesh' ORDER BY name",
-    )
-    .await?;
-    assert_eq!(tables, "decisions\nevents\ngpu_leases\n");
-    // The ClickHouse config meshctl wrote lives under the state directory.
-    assert!(
-        Path::new(&stack.home)
-            .join("clickhouse/config.xml")
-            .is_file()
-    );
+        // Both answer, with JetStream streams and the audit tables in place.
+        let js = async_nats::jetstream::new(async_nats::connect(&stack.nats_url).await?);
+        js.get_stream(schemas::subjects::STREAM_INGRESS).await?;
+        let client = clickhouse::Client::default()
+            .with_url(&stack.ch_url)
+            .with_validation(false);
+        let tables = testkit::clickhouse::query_text(
+            &client,
+            "SELECT name FROM system.tables WHERE database = 'agentmesh' ORDER BY name",
+        )
+        .await?;
+        assert_eq!(tables, "decisions\nevents\ngpu_leases\n");
+        // The ClickHouse config meshctl wrote lives under the state directory.
+        assert!(
+            Path::new(&stack.home)
+                .join("clickhouse/config.xml")
+                .is_file()
+        );
 
-    // A second `up` finds them running and starts nothing.
-    let again = stack.run(&args).await?;
-    let out = text(&again.stdout);
-    assert!(again.status.success(), "{out}");
-    assert!(
-        out.contains("nats-server        running") && out.contains("clickhouse-server  running"),
-        "{out}"
-    );
+        // A second `up` finds them running and starts nothing.
+        let again = stack.run(&args).await?;
+        let out = text(&again.stdout);
+        assert!(again.status.success(), "{out}");
+        assert!(
+            out.contains("nats-server        running")
+                && out.contains("clickhouse-server  running"),
+            "{out}"
+        );
 
-    let status = stack.run(&["status"]).await?;
-    let out = text(&status.stdout);
-    assert!(status.status.success(), "{out}");
-    assert!(
-        out.contains("nats-server        up") && out.contains("started by meshctl"),
-        "{out}"
-    );
-    assert!(out.contains("clickhouse-server  up"), "{out}");
-    assert!(out.contains("policy-worker      down"), "{out}");
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("MESH_INGRESS") && l.contains(" 0")),
-        "{out}"
-    );
-    assert!(
-        out.lines()
-            .any(|l| l.starts_with("events") && l.trim_end().ends_with(" 0")),
-        "{out}"
-    );
+        let status = stack.run(&["status"]).await?;
+        let out = text(&status.stdout);
+        assert!(status.status.success(), "{out}");
+        assert!(
+            out.contains("nats-server        up") && out.contains("started by meshctl"),
+            "{out}"
+        );
+        assert!(out.contains("clickhouse-server  up"), "{out}");
+        assert!(out.contains("policy-worker      down"), "{out}");
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("MESH_INGRESS") && l.contains(" 0")),
+            "{out}"
+        );
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("events") && l.trim_end().ends_with(" 0")),
+            "{out}"
+        );
 
-    // Taken port: a server of ours is on the NATS port, but a second stack
-    // pointed at it as ClickHouse finds a program that is not ClickHouse.
-    let other = tempfile::tempdir()?;
-    let nats_port = stack
-        .nats_url
-        .rsplit(':')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
-    let taken = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(["up", "--detach", "--insecure"])
-        .args(without)
-        .env("NATS_URL", &stack.nats_url)
-        .env("CLICKHOUSE_URL", format!("http://127.0.0.1:{nats_port}"))
-        .env("AGENTMESH_HOME", other.path())
-        .current_dir(workspace())
-        .output()?;
-    assert!(!taken.status.success());
-    let err = text(&taken.stderr);
-    assert!(
-        err.contains(&format!("port {nats_port} on 127.0.0.1 is taken")),
-        "{err}"
-    );
-
-    let down = stack.run(&["down"]).await?;
+        // Taken port: a server of ours is on the NATS port, but a second stack
+        // pointed at it as ClickHouse finds a program that is not ClickHouse.
+        let other = tempfile::tempdir()?;
+        let nats_port = stack
+            .nats_url
+            .rsplit(':')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let not_clickhouse = format!("http://127.0.0.1:{nats_port}");
+        let other_home = other.path().to_string_lossy();
+        let taken = meshctl(
+            &[
+                ("NATS_URL", stack.nats_url.as_str()),
+                ("CLICKHOUSE_URL", not_clickhouse.as_str()),
+                ("AGENTMESH_HOME", &other_home),
+            ],
+            &args,
+        )?;
+        assert!(!taken.status.success());
+        let err = text(&taken.stderr);
+        assert!(
+            err.contains(&format!("port {nats_port} on 127.0.0.1 is taken")),
+            "{err}"
+        );
+        anyhow::Ok(())
+    };
+    let down = stack.down_after(checks).await?;
     let out = text(&down.stdout);
     assert!(down.status.success(), "{out}");
     assert!(
@@ -480,26 +505,25 @@ async fn connect_with_seed_file(
     Ok((client, errors))
 }
 
-fn services_built() -> bool {
+/// Fails unless policy-worker and audit-sink were built beside meshctl
+/// (`cargo test --workspace` builds them).
+fn services_built() -> anyhow::Result<()> {
     let dir = Path::new(env!("CARGO_BIN_EXE_meshctl"))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let present = |name: &str| dir.join(name).is_file();
-    if !(present("policy-worker") && present("audit-sink")) {
-        eprintln!(
-            "skipped: build policy-worker and audit-sink (`cargo build --workspace`, or `cargo test --workspace`) to run the whole stack"
-        );
-        return false;
-    }
-    true
+    anyhow::ensure!(
+        present("policy-worker") && present("audit-sink"),
+        "policy-worker and audit-sink are not built beside meshctl in `{}`: build them (`cargo build --workspace`, or run `cargo test --workspace`) to run the whole stack",
+        dir.display()
+    );
+    Ok(())
 }
 
 #[tokio::test]
 async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
-    if !services_built() {
-        return Ok(());
-    }
+    services_built()?;
     let tmp = tempfile::tempdir()?;
     let stack = LocalStack::new(&tmp.path().join("state"))?;
     let up = stack.run(&["up", "--detach"]).await?;
@@ -591,11 +615,49 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
                 .then_some(())
         })
         .await?;
+
+        // A second stack, `--insecure`, on this ClickHouse as `default`
+        // with its password given as flags: the audit sink it starts
+        // connects with them too.
+        let other = LocalStack {
+            ch_url: stack.ch_url.clone(),
+            ..LocalStack::new(&tmp.path().join("other"))?
+        };
+        let password = secrets["admin"].as_str().unwrap_or_default();
+        let other_up = other
+            .run(&[
+                "--clickhouse-user",
+                "default",
+                "--clickhouse-password",
+                password,
+                "up",
+                "--detach",
+                "--insecure",
+                "--without",
+                "policy-worker",
+                "--without",
+                "gpu-scaler",
+            ])
+            .await?;
+        other
+            .down_after(async {
+                let other_out = text(&other_up.stdout);
+                assert!(
+                    other_up.status.success(),
+                    "{other_out}\n{}",
+                    text(&other_up.stderr)
+                );
+                assert!(
+                    other_out.contains("clickhouse-server  running")
+                        && other_out.contains("audit-sink         ready"),
+                    "{other_out}"
+                );
+                anyhow::Ok(())
+            })
+            .await?;
         anyhow::Ok(())
-    }
-    .await;
-    let down = stack.run(&["down"]).await?;
-    checks?;
+    };
+    let down = stack.down_after(checks).await?;
     let out = text(&down.stdout);
     for name in [
         "policy-worker",
@@ -816,8 +878,7 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
             .await?;
         assert!(!text(&list.stdout).contains("analyst"));
         anyhow::Ok(())
-    }
-    .await;
-    let _ = stack.run(&["down"]).await?;
-    checks
+    };
+    stack.down_after(checks).await?;
+    Ok(())
 }
