@@ -15,7 +15,8 @@ have nats-server || missing+=(nats-server)
 have clickhouse-server || missing+=(clickhouse-server)
 have clickhouse-client || missing+=(clickhouse-client)
 have docker-compose || missing+=(docker-compose)
-have python3 || missing+=(python3 python3-pip)
+have python3 || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "==> installing ${missing[*]} (Debian packages)"
