@@ -156,8 +156,9 @@ async fn detectors_deny_secrets_pii_to_external_tools_and_injection() {
     );
 }
 
-/// Waits until the current minute has at least `secs` seconds left, so a
-/// test that needs one window is not cut by a boundary.
+/// Waits until the current minute (`period` 60) or hour (`period` 3600) has
+/// more than `secs` seconds left, so a test that needs one window is not cut
+/// by a boundary.
 async fn room_in_window(period: u32, secs: u32) {
     loop {
         let now = chrono::Utc::now();
@@ -264,6 +265,10 @@ async fn per_minute_limit_resets_when_the_minute_rolls() {
         "@id(\"two-a-minute\")\nforbid (principal, action, resource) when { context.rate.per_minute > 2 };\n",
     );
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+    // The test spans two minutes of one hour (`per_hour` is checked at the
+    // end): with 90 s left in the hour, the minute wait below leaves at
+    // least 75 s, so the next minute is still in this hour.
+    room_in_window(3600, 90).await;
     room_in_window(60, 15).await;
     let minute = chrono::Utc::now().minute();
     let trace = "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -308,9 +313,23 @@ async fn counters_stay_exact_with_two_replicas() {
         "@id(\"twenty-an-hour\")\nforbid (principal, action, resource) when { context.rate.per_hour > 20 };\n",
     );
     room_in_window(3600, 60).await;
-    let small = ["--batch", "4", "--max-in-flight", "8"];
-    let _a = WorkerProcess::start(&mesh.nats.url(), policies.path(), &small).await;
-    let _b = WorkerProcess::start(&mesh.nats.url(), policies.path(), &small).await;
+    // Each replica serves /metrics on a port of its own, to show both decided.
+    let (port_a, port_b) = (
+        testkit::free_port().unwrap().to_string(),
+        testkit::free_port().unwrap().to_string(),
+    );
+    let small = [
+        "--batch",
+        "4",
+        "--max-in-flight",
+        "8",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+    ];
+    let url = mesh.nats.url();
+    let _a = WorkerProcess::start(&url, policies.path(), &[&small[..], &[&port_a]].concat()).await;
+    let _b = WorkerProcess::start(&url, policies.path(), &[&small[..], &[&port_b]].concat()).await;
     let trace = "00-2af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     const N: usize = 60;
     for i in 0..N {
@@ -348,6 +367,32 @@ async fn counters_stay_exact_with_two_replicas() {
     )
     .unwrap();
     assert_eq!(workflow.events, N as u64);
+
+    // Both replicas decided events, so the exact counts above were kept by
+    // two processes sharing the KV entries, not by one replica alone.
+    let decided = |port: &str| {
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port.parse().unwrap()).into();
+        async move {
+            let (status, body) = telemetry::testing::http_get(addr, "/metrics")
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+            body.lines()
+                .filter_map(|l| l.strip_prefix("agentmesh_worker_decisions_total{"))
+                .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+                .sum::<f64>()
+        }
+    };
+    let (by_a, by_b) = eventually(WAIT, "both replicas' decisions to add up to N", || async {
+        let (a, b) = (decided(&port_a).await, decided(&port_b).await);
+        (a + b == N as f64).then_some((a, b))
+    })
+    .await
+    .unwrap();
+    assert!(
+        by_a > 0.0 && by_b > 0.0,
+        "one replica decided every event: {by_a} + {by_b}"
+    );
 }
 
 #[tokio::test]
@@ -533,6 +578,22 @@ async fn answer(mesh: &Mesh, event_id: &str, action: AnswerAction, approver: &st
     .unwrap();
 }
 
+/// Waits until the worker has taken and acknowledged every answer sent so
+/// far, so what an answer changed (or must not change) can be asserted.
+async fn answers_consumed(mesh: &Mesh) {
+    eventually(WAIT, "the answers to be consumed", || async {
+        let info = mesh
+            .stream(subjects::STREAM_APPROVALS)
+            .await
+            .consumer_info(broker_config::auth::POLICY_WORKER_APPROVALS_CONSUMER)
+            .await
+            .ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn approval_releases_or_rejects_a_parked_event() {
     let mesh = Mesh::start().await;
@@ -564,11 +625,18 @@ async fn approval_releases_or_rejects_a_parked_event() {
     );
     pending_state(&mesh, "a-reject").await;
     // Parked: stored in MESH_APPROVALS, no receipt and no delivery yet.
+    // The two were decided in one batch, concurrently: stored in either order.
     let parked = mesh.wait_messages(subjects::STREAM_APPROVALS, 2).await;
-    assert_eq!(parked[0].payload, payload);
-    assert_eq!(
-        header(&parked[0].headers, headers::APPROVAL_ID),
-        Some(approval_id("a-release"))
+    let parked_release = parked
+        .iter()
+        .find(|m| header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("a-release")))
+        .expect("the parked event carries its approval id");
+    assert_eq!(parked_release.payload, payload);
+    assert!(
+        parked
+            .iter()
+            .any(|m| header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("a-reject"))),
+        "both events are parked"
     );
     let receipts = mesh.receipts().await;
     assert!(
@@ -628,17 +696,7 @@ async fn approval_releases_or_rejects_a_parked_event() {
 
     // A second answer changes nothing: one receipt per event.
     answer(&mesh, "a-release", AnswerAction::Reject, "mallory").await;
-    let state = eventually(WAIT, "the late answer to be consumed", || async {
-        let consumer_info = mesh
-            .stream(subjects::STREAM_APPROVALS)
-            .await
-            .consumer_info("policy-worker-approvals")
-            .await
-            .ok()?;
-        (consumer_info.num_pending == 0 && consumer_info.num_ack_pending == 0).then_some(())
-    })
-    .await;
-    assert!(state.is_ok());
+    answers_consumed(&mesh).await;
     assert_eq!(
         pending_state(&mesh, "a-release").await.status,
         ApprovalStatus::Approved
@@ -679,6 +737,7 @@ async fn unanswered_approval_expires_into_a_denial() {
     );
     // Approving now is too late.
     answer(&mesh, "a-expire", AnswerAction::Approve, "alice").await;
+    answers_consumed(&mesh).await;
     assert_eq!(
         pending_state(&mesh, "a-expire").await.status,
         ApprovalStatus::Expired
