@@ -47,11 +47,23 @@ impl Events {
         self.0.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
-    /// Whether the server reported a permissions violation naming `subject`.
+    /// Whether the server reported a permissions violation naming exactly
+    /// `subject` (nats-server quotes it: `... for Publish to "<subject>"`),
+    /// not a longer subject that merely contains it.
     pub fn violation(&self, subject: &str) -> bool {
+        self.any_violation(&format!("\"{subject}\""))
+    }
+
+    /// Whether the server refused a subscription to exactly `subject`.
+    pub fn subscription_violation(&self, subject: &str) -> bool {
+        self.any_violation(&format!("subscription to \"{subject}\""))
+    }
+
+    fn any_violation(&self, needle: &str) -> bool {
+        let needle = needle.to_lowercase();
         self.all().iter().any(|e| {
-            e.to_lowercase().contains("permissions violation")
-                && e.to_lowercase().contains(&subject.to_lowercase())
+            let e = e.to_lowercase();
+            e.contains("permissions violation") && e.contains(&needle)
         })
     }
 }

@@ -43,10 +43,23 @@ async fn pending(js: &jetstream::Context, stream: &str, consumer: &str) -> anyho
 
 /// Waits until `events` holds a permissions violation naming `subject`.
 async fn violation(events: &e2e::Events, subject: &str) -> anyhow::Result<()> {
+    reported(events, subject, e2e::Events::violation).await
+}
+
+/// Waits until `events` holds a refused subscription to `subject`.
+async fn subscription_refused(events: &e2e::Events, subject: &str) -> anyhow::Result<()> {
+    reported(events, subject, e2e::Events::subscription_violation).await
+}
+
+async fn reported(
+    events: &e2e::Events,
+    subject: &str,
+    found: fn(&e2e::Events, &str) -> bool,
+) -> anyhow::Result<()> {
     eventually(
         WAIT,
         &format!("a permissions violation for `{subject}`"),
-        || async { events.violation(subject).then_some(()) },
+        || async { found(events, subject).then_some(()) },
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}; events: {:?}", events.all()))
@@ -134,7 +147,10 @@ async fn an_agent_cannot_smuggle_server_answers_into_another_agents_subjects() -
     // ...and names other agents' subjects as the reply of requests she may
     // make: the server answers to the reply subject, which in a shared
     // account would be stored by the stream listening there.
-    let next = serde_json::to_vec(&serde_json::json!({"batch": 1, "expires": 1_000_000_000}))?;
+    // `no_wait`: with no message left the server answers a pull at once
+    // (404) rather than when a wait expires, so the pulls are answered by
+    // the time her own pull below is.
+    let next = serde_json::to_vec(&serde_json::json!({"batch": 1, "no_wait": true}))?;
     for reply in [
         "mesh.deliver.coder.mallory",
         "mesh.ingress.coder.step",
@@ -171,6 +187,20 @@ async fn an_agent_cannot_smuggle_server_answers_into_another_agents_subjects() -
     mallory
         .request("$JS.API.STREAM.INFO.KV_mesh-agents", "".into())
         .await?;
+    // A pull is answered with her delivery (whose subject is not the inbox,
+    // so not through `request`) or, none left, at once with a 404.
+    let inbox = mallory.new_inbox();
+    let mut pulled = mallory.subscribe(inbox.clone()).await?;
+    mallory
+        .publish_with_reply(
+            "$JS.API.CONSUMER.MSG.NEXT.MESH_DELIVER.agent-mallory",
+            inbox,
+            next.into(),
+        )
+        .await?;
+    tokio::time::timeout(WAIT, pulled.next())
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no answer to her own pull"))?;
     // A marker through the legitimate path, stored after the answers.
     deliver_as_worker(&mesh, "coder").await?;
 
@@ -319,7 +349,7 @@ async fn an_agent_cannot_read_another_agents_deliveries_or_receipts() -> anyhow:
     }
     mallory.flush().await?;
     for (subject, _) in &attempts {
-        violation(&events, &format!("subscription to \"{subject}\"")).await?;
+        subscription_refused(&events, subject).await?;
     }
 
     deliver_as_worker(&mesh, "coder").await?;
