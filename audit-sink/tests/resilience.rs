@@ -182,15 +182,7 @@ async fn clickhouse_stopped_mid_stream_and_restarted_loses_nothing() -> anyhow::
     assert_complete(&h, &traces, 400).await?;
 
     // Everything is acked once it is in.
-    eventually(WAIT, "the sink's consumer fully acked", || async {
-        let mut consumer = stream
-            .get_consumer::<jetstream::consumer::pull::Config>("audit-sink-events")
-            .await
-            .ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
-    })
-    .await?;
+    events_fully_acked(&stream).await?;
     sink.stop().await
 }
 
@@ -278,15 +270,7 @@ async fn shutdown_during_an_outage_inserts_the_held_batch_within_the_grace_perio
     stopping.await??;
     assert_eq!(h.count_final("events").await?, 3);
     let stream = h.js.get_stream(schemas::subjects::STREAM_INGRESS).await?;
-    eventually(WAIT, "the sink's consumer fully acked", || async {
-        let mut consumer = stream
-            .get_consumer::<jetstream::consumer::pull::Config>("audit-sink-events")
-            .await
-            .ok()?;
-        let info = consumer.info().await.ok()?;
-        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
-    })
-    .await?;
+    events_fully_acked(&stream).await?;
     Ok(())
 }
 
@@ -305,4 +289,18 @@ async fn a_dropped_table_is_created_again_and_the_held_batch_inserted() -> anyho
     let ids = h.query("SELECT event_id FROM events FINAL").await?;
     assert_eq!(ids.trim(), "dropped-00001");
     sink.stop().await
+}
+
+/// Waits until the sink's `events` consumer has nothing pending or unacked.
+async fn events_fully_acked(stream: &jetstream::stream::Stream) -> anyhow::Result<()> {
+    eventually(WAIT, "the sink's consumer fully acked", || async {
+        let mut consumer = stream
+            .get_consumer::<jetstream::consumer::pull::Config>("audit-sink-events")
+            .await
+            .ok()?;
+        let info = consumer.info().await.ok()?;
+        (info.num_ack_pending == 0 && info.num_pending == 0).then_some(())
+    })
+    .await?;
+    Ok(())
 }

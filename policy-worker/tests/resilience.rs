@@ -89,26 +89,15 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
     let policies = policies_copy();
     let worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
-    let search = |id: &str| {
-        event(id, "coder", "tool.call")
-            .subject("code.search")
-            .extension("target", "reviewer")
-            .build()
-            .unwrap()
-    };
-    mesh.publish_event("mesh.ingress.coder.tool_call", &search("before"))
+    mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("before"))
         .await;
     let before = mesh.receipt("before").await;
     assert_eq!(before.decision, Decision::Allow);
 
     // A valid change: forbid code.search. Receipts switch to the new hash.
-    std::fs::write(
-        policies.path().join("extra.cedar"),
-        "@id(\"forbid-code-search\")\nforbid (principal, action == Action::\"io.agentmesh.tool.call\", resource == Tool::\"code.search\");\n",
-    )
-    .unwrap();
+    std::fs::write(policies.path().join("extra.cedar"), FORBID_CODE_SEARCH).unwrap();
     worker.wait_for_log("Policies reloaded.").await;
-    mesh.publish_event("mesh.ingress.coder.tool_call", &search("after-valid"))
+    mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("after-valid"))
         .await;
     let after = mesh.receipt("after-valid").await;
     assert_eq!(after.decision, Decision::Deny);
@@ -127,8 +116,11 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
         "the refusal names file and line:\n{}",
         worker.log_text()
     );
-    mesh.publish_event("mesh.ingress.coder.tool_call", &search("after-invalid"))
-        .await;
+    mesh.publish_event(
+        "mesh.ingress.coder.tool_call",
+        &code_search("after-invalid"),
+    )
+    .await;
     let kept = mesh.receipt("after-invalid").await;
     assert_eq!(kept.decision, Decision::Deny);
     assert_eq!(kept.policy_hash, after.policy_hash);
@@ -140,7 +132,7 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
     testkit::eventually(WAIT, "the original policies back", || async {
         mesh.publish_event(
             "mesh.ingress.coder.tool_call",
-            &search(&uuid::Uuid::now_v7().to_string()),
+            &code_search(&uuid::Uuid::now_v7().to_string()),
         )
         .await;
         let last = mesh.receipts().await.pop()?;
@@ -155,25 +147,14 @@ async fn with_no_watch_only_sighup_reloads() {
     let mesh = Mesh::start().await;
     let policies = policies_copy();
     let worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &["--no-watch"]).await;
-    let search = |id: &str| {
-        event(id, "coder", "tool.call")
-            .subject("code.search")
-            .extension("target", "reviewer")
-            .build()
-            .unwrap()
-    };
-    mesh.publish_event("mesh.ingress.coder.tool_call", &search("before"))
+    mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("before"))
         .await;
     let before = mesh.receipt("before").await;
     assert_eq!(before.decision, Decision::Allow);
 
     // A valid change on disk is not picked up on its own.
-    std::fs::write(
-        policies.path().join("extra.cedar"),
-        "@id(\"forbid-code-search\")\nforbid (principal, action == Action::\"io.agentmesh.tool.call\", resource == Tool::\"code.search\");\n",
-    )
-    .unwrap();
-    mesh.publish_event("mesh.ingress.coder.tool_call", &search("unwatched"))
+    std::fs::write(policies.path().join("extra.cedar"), FORBID_CODE_SEARCH).unwrap();
+    mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("unwatched"))
         .await;
     let unwatched = mesh.receipt("unwatched").await;
     assert_eq!(unwatched.decision, Decision::Allow);
@@ -185,7 +166,7 @@ async fn with_no_watch_only_sighup_reloads() {
     let after = testkit::eventually(WAIT, "the new policies after SIGHUP", || async {
         mesh.publish_event(
             "mesh.ingress.coder.tool_call",
-            &search(&uuid::Uuid::now_v7().to_string()),
+            &code_search(&uuid::Uuid::now_v7().to_string()),
         )
         .await;
         let last = mesh.receipts().await.pop()?;
@@ -234,4 +215,16 @@ fn invalid_policies_refuse_to_start_naming_file_and_line() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("typo.cedar:"), "{stderr}");
+}
+
+/// A policy that forbids `code.search`, for the reload tests.
+const FORBID_CODE_SEARCH: &str = "@id(\"forbid-code-search\")\nforbid (principal, action == Action::\"io.agentmesh.tool.call\", resource == Tool::\"code.search\");\n";
+
+/// The coder's `code.search` call to the reviewer (allowed by the shipped set).
+fn code_search(id: &str) -> schemas::Event {
+    event(id, "coder", "tool.call")
+        .subject("code.search")
+        .extension("target", "reviewer")
+        .build()
+        .unwrap()
 }
