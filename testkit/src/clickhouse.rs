@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::{eventually, find_binary, free_port};
+use crate::{eventually, find_binary, free_port, log_tail};
 
 /// How long a server may take to answer `SELECT 1` after it was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -55,24 +55,39 @@ impl ClickHouseServer {
             "CLICKHOUSE_SERVER_BIN",
             "clickhouse-server",
         )?;
-        let dir = tempfile::tempdir().context("creating the ClickHouse directory")?;
-        let http_port = free_port()?;
-        let mut tcp_port = free_port()?;
-        while tcp_port == http_port {
-            tcp_port = free_port()?;
+        // Ports are picked before the server binds them; should another
+        // process take one in between, the server exits and gets new ones.
+        let mut attempt = 1;
+        loop {
+            let dir = tempfile::tempdir().context("creating the ClickHouse directory")?;
+            let http_port = free_port()?;
+            let mut tcp_port = free_port()?;
+            while tcp_port == http_port {
+                tcp_port = free_port()?;
+            }
+            write_config(dir.path(), http_port, tcp_port)?;
+            let mut server = Self {
+                mode: Mode::Local(Local {
+                    child: None,
+                    binary: binary.clone(),
+                    http_port,
+                    tcp_port,
+                    dir,
+                }),
+            };
+            match server.start_again().await {
+                Ok(()) => return Ok(server),
+                Err(e)
+                    if attempt < 3
+                        && format!("{e:#}")
+                            .to_lowercase()
+                            .contains("address already in use") =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
         }
-        write_config(dir.path(), http_port, tcp_port)?;
-        let mut server = Self {
-            mode: Mode::Local(Local {
-                child: None,
-                binary,
-                http_port,
-                tcp_port,
-                dir,
-            }),
-        };
-        server.start_again().await?;
-        Ok(server)
     }
 
     /// `http://127.0.0.1:<http port>` (or `CLICKHOUSE_URL`).
@@ -166,10 +181,7 @@ impl ClickHouseServer {
                 && let Ok(Some(status)) = child.try_wait()
             {
                 local.child = None;
-                let log = error_log
-                    .and_then(|p| std::fs::read_to_string(p).ok())
-                    .map(|s| tail(&s, 2000))
-                    .unwrap_or_default();
+                let log = error_log.map(log_tail).unwrap_or_default();
                 bail!("clickhouse-server exited with {status} before answering:\n{log}");
             }
             if let Ok(1) = client.query("SELECT 1").fetch_one::<u8>().await {
@@ -234,14 +246,6 @@ pub async fn query_text(client: &::clickhouse::Client, sql: &str) -> anyhow::Res
         .await
         .with_context(|| format!("running `{sql}`"))?;
     String::from_utf8(bytes.to_vec()).context("ClickHouse answered with bytes that are not UTF-8")
-}
-
-fn tail(s: &str, max: usize) -> String {
-    let start = s.len().saturating_sub(max);
-    let start = (start..s.len())
-        .find(|&i| s.is_char_boundary(i))
-        .unwrap_or(s.len());
-    s[start..].to_owned()
 }
 
 /// Writes `config.xml` and `users.xml` for a server listening on 127.0.0.1
@@ -361,6 +365,22 @@ mod tests {
                 .await
                 .unwrap(),
             2
+        );
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_is_reported_in_the_servers_words() {
+        let mut server = ClickHouseServer::start().await.unwrap();
+        let Some(port) = server.tcp_port() else {
+            return;
+        };
+        server.stop().unwrap();
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        // What `start` retries on when another process took a port first.
+        let error = format!("{:#}", server.start_again().await.unwrap_err());
+        assert!(
+            error.to_lowercase().contains("address already in use"),
+            "{error}"
         );
     }
 }

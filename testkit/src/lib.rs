@@ -5,7 +5,6 @@
 //! `NATS_SERVER_BIN` overrides the `nats-server` binary (default: from `PATH`).
 
 use std::future::Future;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,10 +14,13 @@ use anyhow::{Context, bail};
 pub mod clickhouse;
 pub use self::clickhouse::ClickHouseServer;
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, for a server a test starts.
+///
+/// Picked at random below the kernel's ephemeral range (`portpicker`), so
+/// the outgoing connections of other tests, which take their local ports
+/// from that range, cannot take it before the server binds it.
 pub fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding a free port")?;
-    Ok(listener.local_addr()?.port())
+    portpicker::pick_unused_port().context("no free TCP port on 127.0.0.1")
 }
 
 /// Polls `check` every 20 ms until it yields `Some`, or fails after `timeout`
@@ -54,24 +56,30 @@ pub fn find_binary(name: &str, env_override: &str, package: &str) -> anyhow::Res
         .with_context(|| format!("`{name}` not found on PATH: install it (`apt-get install {package}`) or set `{env_override}`"))
 }
 
-/// A `nats-server -js` of the test's own.
+/// How long a nats-server may take to answer JetStream requests.
+const NATS_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A `nats-server -js` of the test's own; its log is `nats-server.log` in
+/// [`NatsServer::dir`].
 pub struct NatsServer {
     child: Option<Child>,
-    port: u16,
-    store: tempfile::TempDir,
+    /// The client port, once the server has bound one.
+    port: Option<u16>,
+    dir: tempfile::TempDir,
     binary: PathBuf,
 }
 
 impl NatsServer {
-    /// Starts a fresh server with JetStream on a free port and waits until
-    /// JetStream answers.
+    /// Starts a fresh server with JetStream on a port of its choosing
+    /// (`-p -1`, read back from its ports file, so no other process can take
+    /// the port in between) and waits until JetStream answers.
     pub async fn start() -> anyhow::Result<Self> {
         let binary = find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")?;
-        let store = tempfile::tempdir().context("creating the JetStream store directory")?;
+        let dir = tempfile::tempdir().context("creating the nats-server directory")?;
         let mut server = Self {
             child: None,
-            port: free_port()?,
-            store,
+            port: None,
+            dir,
             binary,
         };
         server.spawn().await?;
@@ -79,57 +87,73 @@ impl NatsServer {
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = self.log_path();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let ports_dir = self.dir.path().join("ports");
+        // A restart keeps the port the clients know; the first start lets the
+        // server pick one.
+        let port = self.port.map_or_else(|| "-1".to_owned(), |p| p.to_string());
+        let _ = std::fs::remove_dir_all(&ports_dir);
+        std::fs::create_dir_all(&ports_dir)
+            .with_context(|| format!("creating {}", ports_dir.display()))?;
         let child = Command::new(&self.binary)
-            .args([
-                "-js",
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-sd",
-            ])
-            .arg(self.store.path())
+            .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
+            .arg(self.store_dir())
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log_file)
             .spawn()
             .with_context(|| format!("starting `{}`", self.binary.display()))?;
         self.child = Some(child);
-        let url = self.url();
-        eventually(
-            Duration::from_secs(20),
-            "nats-server with JetStream",
-            || {
-                let url = url.clone();
-                async move {
-                    let client = async_nats::connect(&url).await.ok()?;
-                    // Any JetStream API answer will do; "stream not found" is one.
-                    // (Account info is not used: this client cannot parse 2.9's.)
-                    match async_nats::jetstream::new(client)
-                        .get_stream("READINESS_PROBE")
-                        .await
-                    {
-                        Ok(_) => Some(()),
-                        Err(e) => matches!(
-                            e.kind(),
-                            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
-                        )
-                        .then_some(()),
-                    }
-                }
-            },
-        )
-        .await?;
-        Ok(())
+        let deadline = Instant::now() + NATS_START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                bail!(
+                    "nats-server exited with {status} before it was ready; the end of {}:\n{}",
+                    log.display(),
+                    log_tail(&log)
+                );
+            }
+            if self.port.is_none() {
+                self.port = read_ports_file(&ports_dir);
+            }
+            if let Some(port) = self.port
+                && jetstream_answers(port).await
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "timed out after {NATS_START_TIMEOUT:?} waiting for nats-server with JetStream; the end of {}:\n{}",
+                    log.display(),
+                    log_tail(&log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats-server.log")
     }
 
     /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://127.0.0.1:{}", self.port.unwrap_or_default())
     }
 
     /// The JetStream store directory.
-    pub fn store_dir(&self) -> &Path {
-        self.store.path()
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit.
@@ -157,5 +181,84 @@ impl NatsServer {
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The client port in the `<name>_<pid>.ports` file nats-server writes into
+/// `dir` once it listens: `{"nats":["nats://127.0.0.1:4222"]}`.
+fn read_ports_file(dir: &Path) -> Option<u16> {
+    let entry = std::fs::read_dir(dir).ok()?.flatten().next()?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    let rest = &text[text.find("nats://")? + "nats://".len()..];
+    let end = rest.find('"')?;
+    let (_, port) = rest[..end].rsplit_once(':')?;
+    port.parse().ok()
+}
+
+/// Whether a JetStream request to the server on `port` gets an answer; any
+/// JetStream answer will do ("stream not found" is one). Account info is not
+/// used: this client cannot parse 2.9's.
+async fn jetstream_answers(port: u16) -> bool {
+    let Ok(client) = async_nats::connect(format!("nats://127.0.0.1:{port}")).await else {
+        return false;
+    };
+    match async_nats::jetstream::new(client)
+        .get_stream("READINESS_PROBE")
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => matches!(
+            e.kind(),
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
+        ),
+    }
+}
+
+/// The last 2,000 bytes of the file at `path` (empty when unreadable).
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(2000);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    text[start..].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn reads_the_client_port_from_the_ports_file() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_ports_file(dir.path()), None);
+        std::fs::write(
+            dir.path().join("nats-server_42.ports"),
+            r#"{"nats":["nats://127.0.0.1:42107"],"monitoring":["http://127.0.0.1:8222"]}"#,
+        )
+        .unwrap();
+        assert_eq!(read_ports_file(dir.path()), Some(42107));
+    }
+
+    #[tokio::test]
+    async fn nats_server_restarts_on_its_port_and_reports_why_it_could_not() {
+        let mut server = NatsServer::start().await.unwrap();
+        let url = server.url();
+        assert_ne!(url, "nats://127.0.0.1:0");
+        server.restart().await.unwrap();
+        assert_eq!(server.url(), url);
+        server.connect().await.unwrap();
+
+        // Another process takes the port while the server is down: the
+        // restart fails at once with the server's own words.
+        server.kill();
+        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+        let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let started = Instant::now();
+        let error = format!("{:#}", server.restart().await.unwrap_err());
+        assert!(error.contains("address already in use"), "{error}");
+        assert!(started.elapsed() < NATS_START_TIMEOUT, "{error}");
     }
 }

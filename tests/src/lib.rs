@@ -85,29 +85,75 @@ impl SecureNats {
         let mut server = Self {
             child: None,
             binary,
-            port: testkit::free_port()?,
+            port: 0,
             dir: tempfile::tempdir()?,
             keys,
         };
-        server.write_config()?;
-        let child = Command::new(&server.binary)
-            .arg("-c")
-            .arg(server.config_path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting `{}`", server.binary.display()))?;
-        server.child = Some(child);
-        let js = testkit::eventually(WAIT, "nats-server with the rendered config", || async {
-            server.jetstream(auth::ADMIN).await.ok()
-        })
-        .await?;
+        // The port is picked before the server binds it; should another
+        // process take it in between, the server exits and gets a new one.
+        let mut attempt = 1;
+        let js = loop {
+            server.port = testkit::free_port()?;
+            server.write_config()?;
+            match server.spawn().await {
+                Ok(js) => break js,
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         broker_config::apply(&js, &broker_config::Options::default()).await?;
         broker_config::provision_services(&js).await?;
         for agent in agents {
             broker_config::provision_agent(&js, agent).await?;
         }
         Ok(server)
+    }
+
+    /// Starts the server on the written config and waits until the
+    /// operator's JetStream requests are answered; fails with the end of the
+    /// server's log when it exits first.
+    async fn spawn(&mut self) -> anyhow::Result<async_nats::jetstream::Context> {
+        let log = self.log_path();
+        let log_file =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(self.config_path())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting `{}`", self.binary.display()))?;
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                anyhow::bail!(
+                    "nats-server exited with {status} before it was ready; the end of {}:\n{}",
+                    log.display(),
+                    testkit::log_tail(&log)
+                );
+            }
+            if let Ok(js) = self.jetstream(auth::ADMIN).await {
+                return Ok(js);
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {WAIT:?} waiting for nats-server with the rendered config; the end of {}:\n{}",
+                log.display(),
+                testkit::log_tail(&log)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("nats-server.log")
     }
 
     fn config_path(&self) -> PathBuf {
