@@ -9,10 +9,8 @@
 
 use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
-use cloudevents::event::ExtensionValue;
 use schemas::{
-    AttributesReader, ContentMode, Data, DecisionReceipt, Event, Limits, MeshEvent, TraceParent,
-    ext, subjects,
+    ContentMode, Data, DecisionReceipt, Event, Limits, MeshEvent, RawAttributes, subjects,
 };
 use serde::Serialize;
 
@@ -124,29 +122,6 @@ pub struct EventRow {
     pub msg_key: String,
 }
 
-/// Attributes recovered from a message that is not a valid mesh event.
-#[derive(Default)]
-struct Attributes {
-    id: String,
-    ty: String,
-    source: String,
-    subject: String,
-    time: String,
-    traceparent: String,
-    causationid: String,
-    target: String,
-    datacontenttype: String,
-    dataschema: String,
-}
-
-fn ext_string(event: &Event, name: &str) -> String {
-    match event.extension(name) {
-        Some(ExtensionValue::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-        None => String::new(),
-    }
-}
-
 fn event_data(event: &Event) -> Vec<u8> {
     match event.data() {
         None => Vec::new(),
@@ -154,88 +129,6 @@ fn event_data(event: &Event) -> Vec<u8> {
         Some(Data::String(s)) => s.as_bytes().to_vec(),
         Some(Data::Json(v)) => serde_json::to_vec(v).unwrap_or_default(),
     }
-}
-
-impl Attributes {
-    fn from_event(event: &Event) -> Self {
-        Self {
-            id: event.id().to_owned(),
-            ty: event.ty().to_owned(),
-            source: event.source().to_string(),
-            subject: event.subject().unwrap_or_default().to_owned(),
-            time: event.time().map(|t| t.to_rfc3339()).unwrap_or_default(),
-            traceparent: ext_string(event, ext::TRACEPARENT),
-            causationid: ext_string(event, ext::CAUSATIONID),
-            target: ext_string(event, ext::TARGET),
-            datacontenttype: event.datacontenttype().unwrap_or_default().to_owned(),
-            dataschema: event
-                .dataschema()
-                .map(|s| s.to_string())
-                .unwrap_or_default(),
-        }
-    }
-
-    /// Best effort from `ce-*` headers, or from a structured payload's JSON
-    /// object, when the message does not decode as a CloudEvent.
-    fn from_raw(headers: Option<&HeaderMap>, payload: &[u8], structured: bool) -> Self {
-        let mut a = Self::default();
-        let mut set = |name: &str, value: String| match name {
-            "id" => a.id = value,
-            "type" => a.ty = value,
-            "source" => a.source = value,
-            "subject" => a.subject = value,
-            "time" => a.time = value,
-            "traceparent" => a.traceparent = value,
-            "causationid" => a.causationid = value,
-            "target" => a.target = value,
-            "datacontenttype" => a.datacontenttype = value,
-            "dataschema" => a.dataschema = value,
-            _ => {}
-        };
-        if structured {
-            if let Ok(serde_json::Value::Object(map)) =
-                serde_json::from_slice::<serde_json::Value>(payload)
-            {
-                for (name, value) in map {
-                    let value = match value {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    set(&name, value);
-                }
-            }
-        } else if let Some(headers) = headers {
-            for (name, values) in headers.iter() {
-                let name: &str = name.as_ref();
-                let Some(attr) = name
-                    .get(..3)
-                    .filter(|p| p.eq_ignore_ascii_case("ce-"))
-                    .map(|_| &name[3..])
-                else {
-                    continue;
-                };
-                let raw = values.first().map(|v| v.as_str()).unwrap_or_default();
-                let value =
-                    schemas::percent_decode_header(name, raw).unwrap_or_else(|_| raw.to_owned());
-                set(&attr.to_ascii_lowercase(), value);
-            }
-        }
-        a
-    }
-}
-
-fn is_structured(headers: Option<&HeaderMap>) -> bool {
-    headers.is_some_and(|h| {
-        h.iter().any(|(name, values)| {
-            let name: &str = name.as_ref();
-            name.eq_ignore_ascii_case("content-type")
-                && values.iter().any(|v| {
-                    v.as_str()
-                        .to_ascii_lowercase()
-                        .starts_with(schemas::STRUCTURED_CONTENT_TYPE)
-                })
-        })
-    })
 }
 
 /// The row for one message of `MESH_INGRESS`.
@@ -249,19 +142,12 @@ pub fn event_row(
         .map(|p| p.agent.to_owned())
         .unwrap_or_default();
     let received_us = meta.received_us;
-    // The trace of an event the policy worker could not use: as it derives it.
-    let fallback_trace = |attrs: &Attributes| match attrs.traceparent.parse::<TraceParent>() {
-        Ok(tp) => (tp.trace_id_hex(), 0),
-        Err(_) => {
-            let key = if attrs.id.is_empty() {
-                subject
-            } else {
-                &attrs.id
-            };
-            (TraceParent::derive(key).trace_id_hex(), 1)
-        }
+    // The trace of an event the policy worker could not use: as it records it.
+    let fallback_trace = |attrs: &RawAttributes| {
+        let (trace, derived) = attrs.trace(subject);
+        (trace.trace_id_hex(), u8::from(derived))
     };
-    let base = |attrs: Attributes,
+    let base = |attrs: RawAttributes,
                 (trace_id, trace_derived): (String, u8),
                 (data, data_encoding): (String, &'static str),
                 mode: Option<ContentMode>,
@@ -301,7 +187,7 @@ pub fn event_row(
     };
     match MeshEvent::from_message(subject, headers, payload, Limits::default()) {
         Ok(event) => {
-            let attrs = Attributes::from_event(&event.event);
+            let attrs = RawAttributes::from_event(&event.event);
             // Same trace as the policy worker computes (derived when absent).
             let trace = (event.trace.trace_id_hex(), u8::from(event.trace_derived));
             base(
@@ -316,7 +202,7 @@ pub fn event_row(
             let error = invalid.to_string();
             match schemas::decode(headers, payload) {
                 Ok((event, mode)) => {
-                    let attrs = Attributes::from_event(&event);
+                    let attrs = RawAttributes::from_event(&event);
                     let trace = fallback_trace(&attrs);
                     base(
                         attrs,
@@ -327,8 +213,7 @@ pub fn event_row(
                     )
                 }
                 Err(_) => {
-                    let structured = is_structured(headers);
-                    let attrs = Attributes::from_raw(headers, payload, structured);
+                    let attrs = RawAttributes::from_raw(headers, payload);
                     let trace = fallback_trace(&attrs);
                     base(attrs, trace, encode_bytes(payload), None, error)
                 }
@@ -578,13 +463,10 @@ pub fn gpu_lease_row(
         .to_owned();
     let mut errors = Vec::new();
     let (attrs, data) = match schemas::decode(headers, payload) {
-        Ok((event, _)) => (Attributes::from_event(&event), event_data(&event)),
+        Ok((event, _)) => (RawAttributes::from_event(&event), event_data(&event)),
         Err(e) => {
             errors.push(e.to_string());
-            (
-                Attributes::from_raw(headers, payload, is_structured(headers)),
-                payload.to_vec(),
-            )
+            (RawAttributes::from_raw(headers, payload), payload.to_vec())
         }
     };
     let action = match attrs.ty.as_str() {
@@ -648,7 +530,7 @@ pub fn gpu_lease_row(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use schemas::{EventBuilder, EventBuilderV10, encode_binary, encode_structured};
+    use schemas::{EventBuilder, EventBuilderV10, TraceParent, encode_binary, encode_structured};
     use serde_json::json;
 
     fn meta() -> Meta {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::PublishMessage};
 use futures::StreamExt;
-use schemas::{Decision, DecisionReceipt, MeshEvent, TraceParent, headers, subjects};
+use schemas::{Decision, DecisionReceipt, MeshEvent, RawAttributes, headers, subjects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -202,13 +202,14 @@ impl Worker {
                 }
             }
             Err(invalid) => {
-                let (id, ty) = best_effort_attributes(message.headers.as_ref(), &message.payload);
-                let derived = TraceParent::derive(if id.is_empty() { &subject } else { &id });
-                telemetry::spans::join(&span, &derived, None);
-                receipt.trace_id = derived.trace_id_hex();
-                receipt.trace_derived = true;
-                receipt.event_id = id;
-                receipt.event_type = ty;
+                // The id and trace the audit sink records for this message too.
+                let attrs = RawAttributes::read(message.headers.as_ref(), &message.payload);
+                let (trace, derived) = attrs.trace(&subject);
+                telemetry::spans::join(&span, &trace, None);
+                receipt.trace_id = trace.trace_id_hex();
+                receipt.trace_derived = derived;
+                receipt.event_id = attrs.id;
+                receipt.event_type = attrs.ty;
                 receipt.errors = vec![invalid.to_string()];
                 self.guard.mark_invalid(&mut receipt);
             }
@@ -351,33 +352,4 @@ impl Worker {
         }
         Ok(())
     }
-}
-
-/// `id` and `type` of a message that failed validation, where they can be read.
-fn best_effort_attributes(headers: Option<&HeaderMap>, payload: &[u8]) -> (String, String) {
-    let header = |attr: &str| {
-        headers.and_then(|h| {
-            h.iter().find_map(|(name, values)| {
-                let name: &str = name.as_ref();
-                (name.len() == attr.len() + 3
-                    && name[..3].eq_ignore_ascii_case("ce-")
-                    && name[3..].eq_ignore_ascii_case(attr))
-                .then(|| values.first())
-                .flatten()
-                .and_then(|v| schemas::percent_decode_header(name, v.as_str()).ok())
-            })
-        })
-    };
-    if let (Some(id), ty) = (header("id"), header("type")) {
-        return (id, ty.unwrap_or_default());
-    }
-    let json: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
-    let field = |f: &str| {
-        json.as_ref()
-            .and_then(|j| j.get(f))
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-            .unwrap_or_default()
-    };
-    (field("id"), field("type"))
 }

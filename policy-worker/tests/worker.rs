@@ -6,7 +6,7 @@
 mod support;
 
 use async_nats::HeaderMap;
-use schemas::{Decision, EventBuilder, headers, subjects};
+use schemas::{Decision, EventBuilder, TraceParent, headers, subjects};
 use support::*;
 
 fn same_headers_except_mesh(original: &HeaderMap, delivered: &HeaderMap) {
@@ -190,10 +190,14 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
         .build()
         .unwrap();
     mesh.publish_event("mesh.ingress.planner.x", &big).await;
-    // Unknown type.
+    // Unknown type, in a trace the agent started.
+    let agents_trace = TraceParent::mint();
     mesh.publish_event(
         "mesh.ingress.planner.x",
-        &event("bad-type", "planner", "teleport").build().unwrap(),
+        &event("bad-type", "planner", "teleport")
+            .extension("traceparent", agents_trace.to_string())
+            .build()
+            .unwrap(),
     )
     .await;
     // Unregistered agent (well-formed, so it is decided by policy: deny).
@@ -239,6 +243,16 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
     assert!(by_id("bad-size").errors[0].contains("over the limit of 4096"));
     assert!(by_id("bad-type").errors[0].contains("not in the catalogue"));
     assert!(by_id("bad-utf8").errors[0].contains("not valid UTF-8"));
+    // An invalid event stays in the agent's trace when its traceparent
+    // parses (the audit sink records the same); otherwise its trace is
+    // derived from its id.
+    assert_eq!(by_id("bad-type").trace_id, agents_trace.trace_id_hex());
+    assert!(!by_id("bad-type").trace_derived);
+    assert_eq!(
+        by_id("bad-version").trace_id,
+        TraceParent::derive("bad-version").trace_id_hex()
+    );
+    assert!(by_id("bad-version").trace_derived);
     let unregistered = by_id("unregistered");
     assert_eq!(unregistered.decision, Decision::Deny);
     assert!(

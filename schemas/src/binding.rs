@@ -139,7 +139,7 @@ pub fn percent_decode_header(name: &str, value: &str) -> Result<String, BindingE
     String::from_utf8(out).map_err(|_| malformed("percent-decoded bytes are not valid UTF-8"))
 }
 
-fn is_structured(headers: Option<&HeaderMap>) -> bool {
+pub(crate) fn is_structured(headers: Option<&HeaderMap>) -> bool {
     headers.is_some_and(|h| {
         h.iter().any(|(name, values)| {
             let name: &str = name.as_ref();

@@ -11,6 +11,7 @@ mod binding;
 mod catalogue;
 mod mesh;
 mod receipt;
+mod salvage;
 pub mod subjects;
 mod traceparent;
 
@@ -29,4 +30,5 @@ pub use catalogue::{EventType, TYPE_PREFIX, UnknownEventType};
 pub use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
 pub use mesh::{DEFAULT_MAX_EVENT_BYTES, Invalid, Limits, MeshEvent, ext, message_size};
 pub use receipt::{Approval, ApprovalStatus, Decision, DecisionReceipt, headers};
+pub use salvage::RawAttributes;
 pub use traceparent::{InvalidTraceParent, TraceParent};
