@@ -135,30 +135,27 @@ pub fn quote(value: &str) -> String {
     out
 }
 
-/// A `DateTime` value as ClickHouse parses it: `YYYY-MM-DD hh:mm:ss` (UTC),
-/// from that form, RFC 3339 or a Unix timestamp.
+/// The SQL for a `DateTime` parameter. An instant — RFC 3339 with its
+/// offset, or Unix seconds — becomes `toDateTime(<seconds>)`, the same
+/// instant whatever the server's time zone; a wall-clock time without a zone
+/// (`YYYY-MM-DD hh:mm:ss` or `YYYY-MM-DD`) stays a quoted string, which
+/// ClickHouse reads in the server's time zone.
 fn datetime_literal(value: &str) -> Option<String> {
     let v = value.trim();
+    let instant = |secs: i64| (secs >= 0).then(|| format!("toDateTime({secs})"));
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
-        return Some(
-            t.with_timezone(&chrono::Utc)
-                .format("%Y-%m-%d %H:%M:%S")
-                .to_string(),
-        );
-    }
-    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(v, "%Y-%m-%d %H:%M:%S") {
-        return Some(t.format("%Y-%m-%d %H:%M:%S").to_string());
-    }
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d") {
-        return d
-            .and_hms_opt(0, 0, 0)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+        return instant(t.timestamp());
     }
     if let Ok(secs) = v.parse::<i64>() {
-        return chrono::DateTime::from_timestamp(secs, 0)
-            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+        return instant(secs);
     }
-    None
+    if let Ok(t) = chrono::NaiveDateTime::parse_from_str(v, "%Y-%m-%d %H:%M:%S") {
+        return Some(quote(&t.format("%Y-%m-%d %H:%M:%S").to_string()));
+    }
+    chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| quote(&t.format("%Y-%m-%d %H:%M:%S").to_string()))
 }
 
 /// Replaces every `{name:Type}` in `sql` by the literal for `params[name]`.
@@ -186,7 +183,7 @@ pub fn render(sql: &str, params: &BTreeMap<String, String>) -> Result<String, Re
         };
         let literal = match ty {
             "String" => quote(value),
-            "DateTime" => quote(&datetime_literal(value).ok_or_else(bad)?),
+            "DateTime" => datetime_literal(value).ok_or_else(bad)?,
             t if t.starts_with("UInt") && t[4..].parse::<u8>().is_ok() => {
                 value.trim().parse::<u64>().map_err(|_| bad())?.to_string()
             }
@@ -248,15 +245,24 @@ mod tests {
         .unwrap();
         assert_eq!(
             out,
-            r"a = 'it\'s \\ ok' AND t >= '2026-01-02 02:04:05' LIMIT 20 -- {not a placeholder}"
+            r"a = 'it\'s \\ ok' AND t >= toDateTime(1767319445) LIMIT 20 -- {not a placeholder}"
+        );
+        // 2026-01-02T02:04:05Z: the same instant in any zone.
+        assert_eq!(
+            render("{t:DateTime}", &params(&[("t", "2026-01-02T02:04:05Z")])).unwrap(),
+            "toDateTime(1767319445)"
         );
         assert_eq!(
             render("{t:DateTime}", &params(&[("t", "2026-01-02")])).unwrap(),
             "'2026-01-02 00:00:00'"
         );
         assert_eq!(
+            render("{t:DateTime}", &params(&[("t", "2026-01-02 03:04:05")])).unwrap(),
+            "'2026-01-02 03:04:05'"
+        );
+        assert_eq!(
             render("{t:DateTime}", &params(&[("t", "0")])).unwrap(),
-            "'1970-01-01 00:00:00'"
+            "toDateTime(0)"
         );
     }
 

@@ -122,6 +122,21 @@ async fn shipped_queries_answer_auditors_questions() -> anyhow::Result<()> {
             "reviewer | forbid-shell-exec | 2026-03-01 10:00:05 | r1 | shell.exec",
         ]
     );
+    // The same hour as instants (rendered as `toDateTime(<seconds>)`), from
+    // another zone and as Unix seconds.
+    for instants in [
+        [
+            ("from", "2026-03-01T11:00:00+01:00"),
+            ("to", "2026-03-01T12:00:00+01:00"),
+        ],
+        [("from", "1772359200"), ("to", "1772362800")],
+    ] {
+        assert_eq!(
+            h.shipped(queries::DENIALS, &instants).await?,
+            denials,
+            "{instants:?}"
+        );
+    }
     let all_day = [("from", "2026-03-01"), ("to", "2026-03-02")];
     assert_eq!(
         h.shipped(queries::DENIALS, &all_day).await?.len(),
