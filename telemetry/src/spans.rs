@@ -12,9 +12,7 @@
 //! lines leave these spans out. When tracing is off the spans are disabled
 //! and every helper here returns at once.
 
-use opentelemetry::propagation::{Extractor, TextMapPropagator};
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use schemas::TraceParent;
 use tracing::Span;
 use tracing::field::Empty;
@@ -26,42 +24,22 @@ pub const TARGET: &str = "agentmesh";
 /// The most links one `audit.batch` span carries.
 pub const MAX_LINKS: usize = 128;
 
-/// A carrier holding only the W3C headers of one event.
-struct W3cCarrier<'a> {
-    traceparent: &'a str,
-    tracestate: Option<&'a str>,
-}
-
-impl Extractor for W3cCarrier<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        match key {
-            "traceparent" => Some(self.traceparent),
-            "tracestate" => self.tracestate,
-            _ => None,
-        }
-    }
-    fn keys(&self) -> Vec<&str> {
-        let mut keys = vec!["traceparent"];
-        if self.tracestate.is_some() {
-            keys.push("tracestate");
-        }
-        keys
-    }
-}
-
 /// The remote span context an event's `traceparent` (and `tracestate`)
-/// names, read by the W3C Trace Context propagator.
+/// names: what the W3C Trace Context propagator reads from them, built from
+/// the parsed `TraceParent` without formatting and parsing it again. Only
+/// the sampled flag is kept, as the propagator does; a `tracestate` that
+/// does not parse is dropped.
 pub fn remote_context(traceparent: &TraceParent, tracestate: Option<&str>) -> SpanContext {
-    let value = traceparent.to_string();
-    let carrier = W3cCarrier {
-        traceparent: &value,
-        tracestate,
-    };
-    TraceContextPropagator::new()
-        .extract(&carrier)
-        .span()
-        .span_context()
-        .clone()
+    let state = tracestate
+        .and_then(|s| s.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    SpanContext::new(
+        TraceId::from_bytes(traceparent.trace_id),
+        SpanId::from_bytes(traceparent.parent_id),
+        TraceFlags::new(traceparent.flags) & TraceFlags::SAMPLED,
+        true,
+        state,
+    )
 }
 
 /// The span context of a `TraceParent` without parsing text (for links).
@@ -237,7 +215,70 @@ pub fn traceparent(span: &Span) -> Option<TraceParent> {
 
 #[cfg(test)]
 mod tests {
+    use opentelemetry::propagation::{Extractor, TextMapPropagator};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
     use super::*;
+
+    /// A carrier holding only the W3C headers of one event.
+    struct W3cCarrier<'a> {
+        traceparent: &'a str,
+        tracestate: Option<&'a str>,
+    }
+
+    impl Extractor for W3cCarrier<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            match key {
+                "traceparent" => Some(self.traceparent),
+                "tracestate" => self.tracestate,
+                _ => None,
+            }
+        }
+        fn keys(&self) -> Vec<&str> {
+            let mut keys = vec!["traceparent"];
+            if self.tracestate.is_some() {
+                keys.push("tracestate");
+            }
+            keys
+        }
+    }
+
+    /// What the W3C propagator reads from the two headers.
+    fn propagated(traceparent: &str, tracestate: Option<&str>) -> SpanContext {
+        TraceContextPropagator::new()
+            .extract(&W3cCarrier {
+                traceparent,
+                tracestate,
+            })
+            .span()
+            .span_context()
+            .clone()
+    }
+
+    #[test]
+    fn remote_context_is_what_the_propagator_reads() {
+        for (traceparent, tracestate) in [
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                Some("vendor=1,other=two"),
+            ),
+            (
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                None,
+            ),
+            (
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03",
+                Some("not a state"),
+            ),
+        ] {
+            let tp: TraceParent = traceparent.parse().unwrap();
+            assert_eq!(
+                remote_context(&tp, tracestate),
+                propagated(traceparent, tracestate),
+                "{traceparent} {tracestate:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_propagator_reads_the_events_traceparent() {
