@@ -307,8 +307,15 @@ impl Directory {
     pub async fn list(&self) -> Result<Vec<AgentCard>, DirectoryError> {
         let keys = self.keys().await?;
         let mut cards = Vec::with_capacity(keys.len());
-        for key in keys {
-            match self.get(&key).await {
+        // The cards are read CARD_READS at a time rather than one by one.
+        let mut reads = futures::stream::iter(keys)
+            .map(|key| async move {
+                let card = self.get(&key).await;
+                (key, card)
+            })
+            .buffer_unordered(CARD_READS);
+        while let Some((key, card)) = reads.next().await {
+            match card {
                 Ok(Some(card)) => cards.push(card),
                 Ok(None) => {}
                 Err(e) if matches!(e.kind_ref(), DirectoryErrorKind::Decode(_)) => {
@@ -422,6 +429,9 @@ impl Directory {
         })
     }
 }
+
+/// How many cards [`Directory::list`] reads at once.
+const CARD_READS: usize = 16;
 
 /// How often [`Directory::watch`] looks for changes when nothing woke it.
 const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
