@@ -15,7 +15,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(signals(shutdown.clone()));
+    tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
     let result = audit_sink::run(config, shutdown).await;
     tracing.shutdown().await;
     match result {
@@ -26,22 +26,4 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Cancels `shutdown` on the first SIGINT or SIGTERM.
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::warn!("Cannot listen for signals; stop with SIGKILL.");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("Shutting down.");
-    shutdown.cancel();
 }

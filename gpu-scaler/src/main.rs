@@ -11,15 +11,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// File holding this service's NATS nkey seed (`SU…`, mode 0600), for a broker with authorization.
-    #[arg(long, env = "NATS_NKEY_SEED_FILE")]
-    nats_nkey_seed_file: Option<PathBuf>,
-    /// NATS `.creds` file (user JWT and seed), for a broker in operator mode.
-    #[arg(long, env = "NATS_CREDS", conflicts_with = "nats_nkey_seed_file")]
-    nats_creds: Option<PathBuf>,
+    /// NATS URL and credentials.
+    #[command(flatten)]
+    nats: telemetry::NatsArgs,
     /// Pools config file (TOML, or JSON for a `.json` file); without one
     /// there are no pools and nothing is leased.
     #[arg(long, env = "GPU_SCALER_CONFIG")]
@@ -50,10 +44,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let settings = gpu_scaler::Settings {
-        nats_url: args.nats_url,
+        nats_url: args.nats.nats_url,
         credentials: broker_config::NatsCredentials {
-            nkey_seed_file: args.nats_nkey_seed_file,
-            creds_file: args.nats_creds,
+            nkey_seed_file: args.nats.nats_nkey_seed_file,
+            creds_file: args.nats.nats_creds,
         },
         config,
         instance: args.instance.unwrap_or_else(gpu_scaler::default_instance),
@@ -62,32 +56,8 @@ async fn main() -> anyhow::Result<()> {
         ops: args.ops,
     };
     let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
     let result = gpu_scaler::run(settings, shutdown).await;
     tracing.shutdown().await;
     result.context("gpu-scaler")
-}
-
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("Shutdown requested.");
-    shutdown.cancel();
 }

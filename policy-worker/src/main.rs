@@ -10,15 +10,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// File holding this service's NATS nkey seed (`SU…`, mode 0600), for a broker with authorization.
-    #[arg(long, env = "NATS_NKEY_SEED_FILE")]
-    nats_nkey_seed_file: Option<PathBuf>,
-    /// NATS `.creds` file (user JWT and seed), for a broker in operator mode.
-    #[arg(long, env = "NATS_CREDS", conflicts_with = "nats_nkey_seed_file")]
-    nats_creds: Option<PathBuf>,
+    /// NATS URL and credentials.
+    #[command(flatten)]
+    nats: telemetry::NatsArgs,
     /// Policy directory: `schema.cedarschema`, `entities.json`, `*.cedar`.
     #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
     policies: PathBuf,
@@ -73,10 +67,10 @@ async fn main() -> std::process::ExitCode {
     };
 
     let config = policy_worker::Config {
-        nats_url: args.nats_url,
+        nats_url: args.nats.nats_url,
         credentials: broker_config::NatsCredentials {
-            nkey_seed_file: args.nats_nkey_seed_file,
-            creds_file: args.nats_creds,
+            nkey_seed_file: args.nats.nats_nkey_seed_file,
+            creds_file: args.nats.nats_creds,
         },
         policies: args.policies,
         limits: schemas::Limits {
@@ -99,7 +93,7 @@ async fn main() -> std::process::ExitCode {
     };
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(signal_shutdown(shutdown.clone()));
+    tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
     let result = policy_worker::run(config, shutdown).await;
     tracing.shutdown().await;
     match result {
@@ -109,24 +103,4 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// Cancels `shutdown` on SIGINT or SIGTERM.
-async fn signal_shutdown(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        } else {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
-    tracing::info!("Shutting down.");
-    shutdown.cancel();
 }
