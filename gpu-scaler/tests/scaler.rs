@@ -17,7 +17,7 @@ use gpu_scaler::{Lease, LeaseStore, cuda_visible_devices, overview, watch_pool};
 use testkit::eventually;
 
 const LONG: Duration = Duration::from_secs(60);
-const WAIT: Duration = Duration::from_secs(10);
+const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn rising_backlog_is_leased_in_one_round_and_each_grant_is_an_event() -> anyhow::Result<()> {
