@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::hint::black_box;
-use std::path::Path;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -13,14 +12,7 @@ use policy_worker::{PolicyBundle, generated_policies};
 use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
 
 fn bundle(extra: usize) -> (tempfile::TempDir, PolicyBundle) {
-    let dir = tempfile::tempdir().unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    for entry in std::fs::read_dir(shipped).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    let dir = testkit::policies_copy().unwrap();
     std::fs::write(
         dir.path().join("generated.cedar"),
         generated_policies(extra),

@@ -12,8 +12,6 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use std::path::Path;
-
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use policy_worker::{Detector, PolicyBundle};
 use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
@@ -89,14 +87,9 @@ fn detect(c: &mut Criterion) {
 /// The shipped policies; `plain` drops the guardrail records and the
 /// policies that read them.
 fn bundle(plain: bool) -> (tempfile::TempDir, PolicyBundle) {
-    let dir = tempfile::tempdir().unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    for entry in std::fs::read_dir(shipped).unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        if path.is_file() && !(plain && name == "payload.cedar") {
-            std::fs::copy(&path, dir.path().join(&name)).unwrap();
-        }
+    let dir = testkit::policies_copy().unwrap();
+    if plain {
+        std::fs::remove_file(dir.path().join("payload.cedar")).unwrap();
     }
     if plain {
         let schema = dir.path().join("schema.cedarschema");

@@ -8,21 +8,18 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 
 use schemas::{EventBuilder, TraceParent, subjects};
 use support::{Mesh, WAIT, event, handoff, policies_copy};
 use telemetry::testing::{OtlpReceiver, http_get};
-use testkit::{eventually, free_port};
+use testkit::{Service, eventually, free_port, sample_value};
 
 /// The `policy-worker` binary with its health server on a port of its own.
 struct Worker {
-    child: Child,
+    service: Service,
     addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Worker {
@@ -34,72 +31,40 @@ impl Worker {
         rust_log: &str,
     ) -> Self {
         let port = free_port().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_policy-worker"))
-            .args(["--nats-url", &mesh.nats.url(), "--policies"])
-            .arg(policies)
-            .args(["--http-port", &port.to_string(), "--http-host", "127.0.0.1"])
-            .args(extra)
-            .env("RUST_LOG", rust_log)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .env_remove("AGENTMESH_LOG_FORMAT")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut worker = Self { child, addr, log };
-        let ready = eventually(WAIT, "the worker's /readyz to answer 200", || {
-            let exited = worker.child.try_wait().unwrap().is_some();
-            async move {
-                if exited {
-                    return Some(false);
-                }
-                matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(true)
-            }
-        })
-        .await
+        let mut service = Service::spawn(
+            Command::new(env!("CARGO_BIN_EXE_policy-worker"))
+                .args(["--nats-url", &mesh.nats.url(), "--policies"])
+                .arg(policies)
+                .args(["--http-port", &port.to_string(), "--http-host", "127.0.0.1"])
+                .args(extra)
+                .env("RUST_LOG", rust_log)
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .env_remove("AGENTMESH_LOG_FORMAT"),
+        )
         .unwrap();
-        assert!(
-            ready,
-            "policy-worker exited at start:\n{}",
-            worker.log_text()
-        );
-        worker
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        service
+            .wait_until(WAIT, "the worker's /readyz to answer 200", || async move {
+                matches!(http_get(addr, "/readyz").await, Ok((200, _))).then_some(())
+            })
+            .await
+            .unwrap_or_else(|e| panic!("policy-worker exited at start: {e}"));
+        Self { service, addr }
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.service.log_text()
     }
 
     /// The value of one sample on `/metrics` (`name{labels}` as rendered), 0 when absent.
     async fn metric(&self, sample: &str) -> f64 {
         let (status, body) = http_get(self.addr, "/metrics").await.unwrap();
         assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        sample_value(&body, sample)
     }
 
     fn terminate(&self) {
-        Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.service.signal("TERM").unwrap();
     }
 }
 
@@ -230,7 +195,7 @@ async fn health_follows_nats_and_json_logs_name_the_event_and_its_trace() {
     ];
 
     let lines = eventually(WAIT, "a log line for each event", || {
-        let lines = worker.log.lock().unwrap().clone();
+        let lines = worker.service.log().lines();
         let receipts = &receipts;
         async move {
             let all = receipts
@@ -432,11 +397,6 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     // A graceful stop flushes what is left and exits cleanly.
     worker.terminate();
     let mut worker = worker;
-    let status = eventually(WAIT, "the worker to exit", || {
-        let status = worker.child.try_wait().unwrap();
-        async move { status }
-    })
-    .await
-    .unwrap();
+    let status = worker.service.wait_exit(WAIT).await.unwrap();
     assert!(status.success(), "{}", worker.log_text());
 }

@@ -262,3 +262,12 @@ mod tests {
         assert!(started.elapsed() < NATS_START_TIMEOUT, "{error}");
     }
 }
+
+pub mod metrics;
+pub mod policies;
+pub mod process;
+pub mod streams;
+pub use self::metrics::sample_value;
+pub use self::policies::{policies_copy, shipped_policies};
+pub use self::process::{LogLines, Service};
+pub use self::streams::{stream_messages, subject_messages};

@@ -3,37 +3,26 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, stream::Stream};
 use bytes::Bytes;
 use schemas::{DecisionReceipt, EventBuilder, EventBuilderV10, encode_binary};
-use testkit::{NatsServer, eventually};
+use testkit::{NatsServer, Service, eventually};
 
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A copy of the shipped `policies/` in a temp dir the test may edit.
 pub fn policies_copy() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    for entry in std::fs::read_dir(shipped).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    dir
+    testkit::policies_copy().unwrap()
 }
 
 /// The `policy-worker` binary, running against a test server.
 pub struct WorkerProcess {
-    child: Child,
-    pub log: Arc<Mutex<Vec<String>>>,
+    service: Service,
 }
 
 impl WorkerProcess {
@@ -41,74 +30,47 @@ impl WorkerProcess {
         let ready = tempfile::NamedTempFile::new().unwrap().into_temp_path();
         let ready_path: PathBuf = ready.to_path_buf();
         std::fs::remove_file(&ready_path).ok();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_policy-worker"))
-            .args(["--nats-url", nats_url, "--policies"])
-            .arg(policies)
-            .arg("--ready-file")
-            .arg(&ready_path)
-            .args(["--ack-wait-secs", "2"])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let mut worker = Self { child, log };
-        let check = ready_path.clone();
-        let exited = eventually(WAIT, "the policy worker to become ready", || {
-            let ready = check.exists();
-            let exited = worker.child.try_wait().unwrap().is_some();
-            async move { (ready || exited).then_some(exited) }
-        })
-        .await
+        let mut service = Service::spawn(
+            Command::new(env!("CARGO_BIN_EXE_policy-worker"))
+                .args(["--nats-url", nats_url, "--policies"])
+                .arg(policies)
+                .arg("--ready-file")
+                .arg(&ready_path)
+                .args(["--ack-wait-secs", "2"])
+                .args(extra)
+                .env("RUST_LOG", "info"),
+        )
         .unwrap();
-        assert!(
-            !exited,
-            "policy-worker exited at start:\n{}",
-            worker.log_text()
-        );
-        worker
+        let check = ready_path.clone();
+        service
+            .wait_until(WAIT, "the policy worker to become ready", || {
+                let ready = check.exists();
+                async move { ready.then_some(()) }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("policy-worker exited at start: {e}"));
+        Self { service }
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.service.log_text()
     }
 
     pub async fn wait_for_log(&self, needle: &str) {
-        let log = self.log.clone();
-        eventually(WAIT, needle, || {
-            let found = log.lock().unwrap().iter().any(|l| l.contains(needle));
-            async move { found.then_some(()) }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}; log:\n{}", self.log_text()));
+        self.service
+            .log()
+            .wait_for(WAIT, needle)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// SIGKILL, as a crash.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.service.kill();
     }
 
     pub fn signal(&self, signal: &str) {
-        Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.service.signal(signal).unwrap();
     }
 }
 
@@ -150,18 +112,7 @@ impl Mesh {
 
     /// Every message stored in `stream`, in order.
     pub async fn messages(&self, name: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
-        let mut stream = self.stream(name).await;
-        let state = stream.info().await.unwrap().state.clone();
-        let mut out = Vec::new();
-        if state.messages == 0 {
-            return out;
-        }
-        for seq in state.first_sequence..=state.last_sequence {
-            if let Ok(m) = stream.get_raw_message(seq).await {
-                out.push(m);
-            }
-        }
-        out
+        testkit::stream_messages(&self.js, name).await.unwrap()
     }
 
     pub async fn count(&self, name: &str) -> u64 {

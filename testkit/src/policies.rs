@@ -1,0 +1,27 @@
+//! The example policies shipped in the repository's `policies/`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+/// The shipped `policies/` directory.
+pub fn shipped_policies() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))
+}
+
+/// A copy of the files of the shipped `policies/` in a fresh temporary
+/// directory, which the caller may edit.
+pub fn policies_copy() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::tempdir().context("creating a directory for the policies")?;
+    let shipped = shipped_policies();
+    for entry in
+        std::fs::read_dir(&shipped).with_context(|| format!("reading {}", shipped.display()))?
+    {
+        let path = entry?.path();
+        if let (true, Some(name)) = (path.is_file(), path.file_name()) {
+            std::fs::copy(&path, dir.path().join(name))
+                .with_context(|| format!("copying {}", path.display()))?;
+        }
+    }
+    Ok(dir)
+}

@@ -1,0 +1,45 @@
+//! Reading back what landed in a JetStream stream.
+
+use anyhow::Context;
+use async_nats::jetstream::{self, message::StreamMessage};
+
+/// Every message stored in stream `name`, in sequence order; sequences that
+/// are gone (deleted or purged) are passed over.
+pub async fn stream_messages(
+    js: &jetstream::Context,
+    name: &str,
+) -> anyhow::Result<Vec<StreamMessage>> {
+    let mut stream = js
+        .get_stream(name)
+        .await
+        .with_context(|| format!("getting stream {name}"))?;
+    let state = stream
+        .info()
+        .await
+        .with_context(|| format!("reading the state of stream {name}"))?
+        .state
+        .clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    Ok(out)
+}
+
+/// The messages of stream `name` on exactly `subject`, in sequence order.
+pub async fn subject_messages(
+    js: &jetstream::Context,
+    name: &str,
+    subject: &str,
+) -> anyhow::Result<Vec<StreamMessage>> {
+    Ok(stream_messages(js, name)
+        .await?
+        .into_iter()
+        .filter(|m| m.subject.as_str() == subject)
+        .collect())
+}
