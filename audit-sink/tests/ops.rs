@@ -8,89 +8,61 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 
 use common::{Harness, WAIT, chain};
 use schemas::TraceParent;
 use telemetry::testing::{OtlpReceiver, http_get};
-use testkit::{eventually, free_port};
+use testkit::{Service, eventually, free_port, sample_value};
 
 /// The `audit-sink` binary with its health server on a port of its own.
 struct SinkProcess {
-    child: Child,
+    service: Service,
     addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl SinkProcess {
     async fn start(harness: &Harness, otlp: &str) -> Self {
         let config = harness.config();
         let port = free_port().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_audit-sink"))
-            .args(["--nats-url", &config.nats_url])
-            .args(["--clickhouse-url", &config.clickhouse_url])
-            .args(["--database", &config.database])
-            .args(["--batch-rows", "20", "--batch-period-ms", "100"])
-            .args(["--retry-max-ms", "300", "--ack-wait-ms", "5000"])
-            .args(["--http-port", &port.to_string(), "--http-host", "127.0.0.1"])
-            .args(["--otlp-endpoint", otlp, "--otlp-metrics-interval-ms", "200"])
-            .args(["--log-format", "json"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let mut service = Service::spawn(
+            Command::new(env!("CARGO_BIN_EXE_audit-sink"))
+                .args(["--nats-url", &config.nats_url])
+                .args(["--clickhouse-url", &config.clickhouse_url])
+                .args(["--database", &config.database])
+                .args(["--batch-rows", "20", "--batch-period-ms", "100"])
+                .args(["--retry-max-ms", "300", "--ack-wait-ms", "5000"])
+                .args(["--http-port", &port.to_string(), "--http-host", "127.0.0.1"])
+                .args(["--otlp-endpoint", otlp, "--otlp-metrics-interval-ms", "200"])
+                .args(["--log-format", "json"])
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null()),
+        )
+        .unwrap();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let mut sink = Self { child, addr, log };
-        let body = eventually(WAIT, "the sink's /readyz to answer 200", || {
-            let exited = sink.child.try_wait().unwrap().is_some();
-            async move {
-                if exited {
-                    return Some(None);
-                }
+        let body = service
+            .wait_until(WAIT, "the sink's /readyz to answer 200", || async move {
                 match http_get(addr, "/readyz").await {
-                    Ok((200, body)) => Some(Some(body)),
+                    Ok((200, body)) => Some(body),
                     _ => None,
                 }
-            }
-        })
-        .await
-        .unwrap();
-        let body = body.unwrap_or_else(|| panic!("audit-sink exited:\n{}", sink.log_text()));
+            })
+            .await
+            .unwrap_or_else(|e| panic!("audit-sink exited: {e}"));
         assert_eq!(body, "consumers: ok\nclickhouse: ok\nnats: ok\n");
-        sink
+        Self { service, addr }
     }
 
     fn log_text(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.service.log_text()
     }
 
     /// The value of one sample on `/metrics`, 0 when absent.
     async fn metric(&self, sample: &str) -> f64 {
         let (status, body) = http_get(self.addr, "/metrics").await.unwrap();
         assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    }
-}
-
-impl Drop for SinkProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        sample_value(&body, sample)
     }
 }
 
