@@ -7,30 +7,19 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use telemetry::testing::{OtlpReceiver, http_get};
-use testkit::{eventually, free_port};
+use testkit::{Service, eventually, free_port, sample_value};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The value of one sample on `/metrics`, 0 when absent.
 async fn metric(addr: SocketAddr, sample: &str) -> f64 {
     let (status, body) = http_get(addr, "/metrics").await.unwrap();
     assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    sample_value(&body, sample)
 }
 
 #[tokio::test]
@@ -67,7 +56,7 @@ cooldown = "100ms"
     let consumer = common::work_consumer(&mesh.js, "coder").await.unwrap();
     let port = free_port().unwrap();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let _scaler = Killed(
+    let mut scaler = Service::spawn(
         Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
             .args(["--nats-url", &mesh.server.url()])
             .arg("--config")
@@ -76,20 +65,18 @@ cooldown = "100ms"
             .args(["--http-port", &port.to_string(), "--http-host", "127.0.0.1"])
             .args(["--otlp-endpoint", &receiver.endpoint()])
             .args(["--otlp-metrics-interval-ms", "200"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let body = eventually(WAIT, "the scaler's /readyz to answer 200", || async {
-        match http_get(addr, "/readyz").await {
-            Ok((200, body)) => Some(body),
-            _ => None,
-        }
-    })
-    .await
+            .env("RUST_LOG", "warn"),
+    )
     .unwrap();
+    let body = scaler
+        .wait_until(WAIT, "the scaler's /readyz to answer 200", || async {
+            match http_get(addr, "/readyz").await {
+                Ok((200, body)) => Some(body),
+                _ => None,
+            }
+        })
+        .await
+        .unwrap();
     assert_eq!(body, "rounds: ok\nnats: ok\n");
 
     common::publish_work(&mesh.js, "coder", 25).await.unwrap();
