@@ -151,18 +151,12 @@ impl Stack {
     }
 
     async fn receipts(&self) -> Vec<DecisionReceipt> {
-        let mut stream = self.js.get_stream(subjects::STREAM_DECISION).await.unwrap();
-        let state = stream.info().await.unwrap().state.clone();
-        let mut out = Vec::new();
-        if state.messages == 0 {
-            return out;
-        }
-        for seq in state.first_sequence..=state.last_sequence {
-            if let Ok(m) = stream.get_raw_message(seq).await {
-                out.push(serde_json::from_slice(&m.payload).unwrap());
-            }
-        }
-        out
+        testkit::stream_messages(&self.js, subjects::STREAM_DECISION)
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| serde_json::from_slice(&m.payload).unwrap())
+            .collect()
     }
 
     async fn receipt(&self, event_id: &str) -> DecisionReceipt {

@@ -4,7 +4,6 @@
 //! approval, applies an answer the operator sends, and expires an
 //! unanswered request — all with agents publishing under their own keys.
 
-use std::path::Path;
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -17,14 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 /// The shipped policies plus a small rate limit on the reviewer.
 fn policies() -> anyhow::Result<tempfile::TempDir> {
-    let dir = tempfile::tempdir()?;
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    for entry in std::fs::read_dir(shipped)? {
-        let path = entry?.path();
-        if let (true, Some(name)) = (path.is_file(), path.file_name()) {
-            std::fs::copy(&path, dir.path().join(name))?;
-        }
-    }
+    let dir = testkit::policies_copy()?;
     std::fs::write(
         dir.path().join("limits.cedar"),
         "@id(\"reviewer-hourly\")\nforbid (principal == Agent::\"reviewer\", action, resource) when { context.rate.per_hour > 2 };\n",
@@ -46,18 +38,11 @@ async fn publish(
 }
 
 async fn receipts(admin: &jetstream::Context) -> anyhow::Result<Vec<DecisionReceipt>> {
-    let mut stream = admin.get_stream(subjects::STREAM_DECISION).await?;
-    let state = stream.info().await?.state.clone();
-    let mut out = Vec::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        if state.messages == 0 {
-            break;
-        }
-        if let Ok(m) = stream.get_raw_message(seq).await {
-            out.push(serde_json::from_slice(&m.payload)?);
-        }
-    }
-    Ok(out)
+    testkit::stream_messages(admin, subjects::STREAM_DECISION)
+        .await?
+        .iter()
+        .map(|m| Ok(serde_json::from_slice(&m.payload)?))
+        .collect()
 }
 
 async fn receipt(admin: &jetstream::Context, id: &str) -> anyhow::Result<DecisionReceipt> {

@@ -5,8 +5,6 @@
 //! subject token is the key's agent (broker), the `source` attribute must
 //! match it (policy worker).
 
-use std::path::Path;
-
 use agents_sdk::{Agent, CardChange, Decision, ToolCall, ToolSpec};
 use async_nats::HeaderMap;
 use e2e::{SecureNats, WAIT};
@@ -16,7 +14,7 @@ use testkit::eventually;
 use tokio_util::sync::CancellationToken;
 
 fn policies() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+    testkit::shipped_policies()
 }
 
 /// Starts the policy worker with its own key; returns its stop token.

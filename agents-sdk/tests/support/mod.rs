@@ -5,7 +5,7 @@
 // Test harness: a panic is how a test fails.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 
 /// The shipped example policies.
 pub fn shipped_policies() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+    testkit::shipped_policies()
 }
 
 /// Logs to the test output when `RUST_LOG` is set.
@@ -105,27 +105,14 @@ impl Mesh {
 
     /// Every message stored in `stream`, in order.
     pub async fn messages(&self, name: &str) -> Vec<StreamMessage> {
-        let mut stream = self.js.get_stream(name).await.unwrap();
-        let state = stream.info().await.unwrap().state.clone();
-        let mut out = Vec::new();
-        if state.messages == 0 {
-            return out;
-        }
-        for seq in state.first_sequence..=state.last_sequence {
-            if let Ok(m) = stream.get_raw_message(seq).await {
-                out.push(m);
-            }
-        }
-        out
+        testkit::stream_messages(&self.js, name).await.unwrap()
     }
 
     /// The messages of `stream` on exactly `subject`.
     pub async fn messages_on(&self, stream: &str, subject: &str) -> Vec<StreamMessage> {
-        self.messages(stream)
+        testkit::subject_messages(&self.js, stream, subject)
             .await
-            .into_iter()
-            .filter(|m| m.subject.as_str() == subject)
-            .collect()
+            .unwrap()
     }
 
     /// The message at `sequence` of `MESH_INGRESS`.
