@@ -54,10 +54,6 @@ impl SinkProcess {
         Self { service, addr }
     }
 
-    fn log_text(&self) -> String {
-        self.service.log_text()
-    }
-
     /// The value of one sample on `/metrics`, 0 when absent.
     async fn metric(&self, sample: &str) -> f64 {
         let (status, body) = http_get(self.addr, "/metrics").await.unwrap();
@@ -173,7 +169,12 @@ async fn two_replicas_share_the_tables_link_batches_to_traces_and_report_clickho
         .unwrap();
     }
     harness.wait_rows("events", N as u64 + 1).await.unwrap();
-    for line in a.log_text().lines().chain(b.log_text().lines()) {
+    for line in a
+        .service
+        .log_text()
+        .lines()
+        .chain(b.service.log_text().lines())
+    {
         serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
     }

@@ -52,10 +52,6 @@ impl Worker {
         Self { service, addr }
     }
 
-    fn log_text(&self) -> String {
-        self.service.log_text()
-    }
-
     /// The value of one sample on `/metrics` (`name{labels}` as rendered), 0 when absent.
     async fn metric(&self, sample: &str) -> f64 {
         let (status, body) = http_get(self.addr, "/metrics").await.unwrap();
@@ -398,5 +394,5 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     worker.terminate();
     let mut worker = worker;
     let status = worker.service.wait_exit(WAIT).await.unwrap();
-    assert!(status.success(), "{}", worker.log_text());
+    assert!(status.success(), "{}", worker.service.log_text());
 }
