@@ -90,8 +90,6 @@ fn bundle(plain: bool) -> (tempfile::TempDir, PolicyBundle) {
     let dir = testkit::policies_copy().unwrap();
     if plain {
         std::fs::remove_file(dir.path().join("payload.cedar")).unwrap();
-    }
-    if plain {
         let schema = dir.path().join("schema.cedarschema");
         let text: String = std::fs::read_to_string(&schema)
             .unwrap()
