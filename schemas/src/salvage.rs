@@ -83,18 +83,27 @@ impl RawAttributes {
                 }
             }
         } else if let Some(headers) = headers {
-            for (name, values) in headers.iter() {
-                let name: &str = name.as_ref();
-                let Some(attr) = name
-                    .get(..3)
-                    .filter(|p| p.eq_ignore_ascii_case("ce-"))
-                    .and_then(|_| name.get(3..))
-                else {
-                    continue;
-                };
-                let raw = values.first().map(|v| v.as_str()).unwrap_or_default();
+            // Header names are case-sensitive in the map and its order differs
+            // from process to process: where one attribute comes in several
+            // spellings (`ce-id`, `CE-ID`), the first by name wins, so every
+            // reader of the message picks the same value.
+            let mut found: Vec<(String, &str, &str)> = headers
+                .iter()
+                .filter_map(|(name, values)| {
+                    let name: &str = name.as_ref();
+                    let attr = name
+                        .get(..3)
+                        .filter(|p| p.eq_ignore_ascii_case("ce-"))
+                        .and_then(|_| name.get(3..))?;
+                    let raw = values.first().map(|v| v.as_str()).unwrap_or_default();
+                    Some((attr.to_ascii_lowercase(), name, raw))
+                })
+                .collect();
+            found.sort_unstable();
+            found.dedup_by(|later, first| later.0 == first.0);
+            for (attr, name, raw) in found {
                 let value = percent_decode_header(name, raw).unwrap_or_else(|_| raw.to_owned());
-                a.set(&attr.to_ascii_lowercase(), value);
+                a.set(&attr, value);
             }
         }
         a
@@ -178,6 +187,15 @@ mod tests {
         let (trace, derived) = a.trace("mesh.ingress.x.y");
         assert_eq!(trace, TraceParent::derive("mesh.ingress.x.y"));
         assert!(derived);
+    }
+
+    #[test]
+    fn one_attribute_in_two_spellings_reads_the_same_everywhere() {
+        let h = headers(&[("ce-id", "lower"), ("CE-ID", "upper"), ("Ce-Id", "mixed")]);
+        // `CE-ID` < `Ce-Id` < `ce-id` by bytes.
+        assert_eq!(RawAttributes::read(Some(&h), b"").id, "upper");
+        let h = headers(&[("Ce-Id", "mixed"), ("ce-id", "lower")]);
+        assert_eq!(RawAttributes::read(Some(&h), b"").id, "mixed");
     }
 
     #[test]
