@@ -59,7 +59,7 @@ impl Worker {
         sample_value(&body, sample)
     }
 
-    fn terminate(&self) {
+    fn terminate(&mut self) {
         self.service.signal("TERM").unwrap();
     }
 }
@@ -252,7 +252,7 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     let mesh = Mesh::start().await;
     let policies = policies_copy();
     let endpoint = receiver.endpoint();
-    let worker = Worker::start(
+    let mut worker = Worker::start(
         &mesh,
         policies.path(),
         &[

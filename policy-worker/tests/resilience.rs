@@ -87,7 +87,7 @@ async fn killed_mid_stream_and_restarted_loses_nothing_and_delivers_once() {
 async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
     let mesh = Mesh::start().await;
     let policies = policies_copy();
-    let worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+    let mut worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
     mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("before"))
         .await;
@@ -146,7 +146,7 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
 async fn with_no_watch_only_sighup_reloads() {
     let mesh = Mesh::start().await;
     let policies = policies_copy();
-    let worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &["--no-watch"]).await;
+    let mut worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &["--no-watch"]).await;
     mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("before"))
         .await;
     let before = mesh.receipt("before").await;

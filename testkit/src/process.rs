@@ -28,11 +28,18 @@ impl LogLines {
         let log = Self::default();
         let sink = log.clone();
         std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Bytes, not `lines()`: a line that is not UTF-8 must not stop the
+            // reading (the pipe would fill and block the process).
+            let mut reader = BufReader::new(stderr);
+            let mut line = Vec::new();
+            while matches!(reader.read_until(b'\n', &mut line), Ok(n) if n > 0) {
+                let text = String::from_utf8_lossy(&line);
+                let text = text.trim_end_matches(['\n', '\r']).to_owned();
                 sink.0
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
-                    .push(line);
+                    .push(text);
+                line.clear();
             }
         });
         Ok(log)
@@ -161,11 +168,22 @@ impl Service {
     }
 
     /// Sends `signal` (a name as `kill -<signal>` takes it: `TERM`, `HUP`).
-    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
-        Command::new("kill")
+    pub fn signal(&mut self, signal: &str) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait().context("waiting on the child")? {
+            anyhow::bail!(
+                "`{}` already exited with {status}; not sending SIG{signal}",
+                self.name
+            );
+        }
+        let status = Command::new("kill")
             .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status()
             .context("running `kill`")?;
+        anyhow::ensure!(
+            status.success(),
+            "`kill -{signal}` on `{}` failed: {status}",
+            self.name
+        );
         Ok(())
     }
 

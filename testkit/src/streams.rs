@@ -1,10 +1,11 @@
 //! Reading back what landed in a JetStream stream.
 
 use anyhow::Context;
-use async_nats::jetstream::{self, message::StreamMessage};
+use async_nats::jetstream::{self, message::StreamMessage, stream::RawMessageErrorKind};
 
 /// Every message stored in stream `name`, in sequence order; sequences that
-/// are gone (deleted or purged) are passed over.
+/// are gone (deleted or purged) are passed over; any other failure to read
+/// one is an error.
 pub async fn stream_messages(
     js: &jetstream::Context,
     name: &str,
@@ -24,8 +25,12 @@ pub async fn stream_messages(
         return Ok(out);
     }
     for seq in state.first_sequence..=state.last_sequence {
-        if let Ok(m) = stream.get_raw_message(seq).await {
-            out.push(m);
+        match stream.get_raw_message(seq).await {
+            Ok(m) => out.push(m),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading message {seq} of stream {name}"));
+            }
         }
     }
     Ok(out)

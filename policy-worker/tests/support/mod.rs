@@ -69,7 +69,7 @@ impl WorkerProcess {
         self.service.kill();
     }
 
-    pub fn signal(&self, signal: &str) {
+    pub fn signal(&mut self, signal: &str) {
         self.service.signal(signal).unwrap();
     }
 }
