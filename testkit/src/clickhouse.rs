@@ -1,7 +1,9 @@
 //! A `clickhouse-server` of the test's own: a config written into a temporary
 //! directory (free HTTP and TCP ports on 127.0.0.1, data, tmp and user files
 //! in that directory, a `default` user without password), started and awaited
-//! until `SELECT 1` answers over HTTP, killed on drop.
+//! until it answers over HTTP with the instance id written into its config
+//! (so another test's server on the same port cannot pass for it), killed on
+//! drop.
 //!
 //! `CLICKHOUSE_SERVER_BIN` overrides the binary (default: `clickhouse-server`
 //! from `PATH` or `/usr/sbin`). `CLICKHOUSE_URL` points the tests at an
@@ -34,12 +36,15 @@ struct Local {
     binary: PathBuf,
     http_port: u16,
     tcp_port: u16,
+    /// Written into the config (`system.macros`), to tell this server from
+    /// another one on the same port.
+    instance: String,
     dir: tempfile::TempDir,
 }
 
 impl ClickHouseServer {
     /// Starts a fresh server on free ports (or attaches to `CLICKHOUSE_URL`)
-    /// and waits until it answers `SELECT 1`.
+    /// and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
         if let Ok(url) = std::env::var("CLICKHOUSE_URL")
             && !url.is_empty()
@@ -65,26 +70,21 @@ impl ClickHouseServer {
             while tcp_port == http_port {
                 tcp_port = free_port()?;
             }
-            write_config(dir.path(), http_port, tcp_port)?;
+            let instance = uuid::Uuid::new_v4().simple().to_string();
+            write_config(dir.path(), http_port, tcp_port, &instance)?;
             let mut server = Self {
                 mode: Mode::Local(Local {
                     child: None,
                     binary: binary.clone(),
                     http_port,
                     tcp_port,
+                    instance,
                     dir,
                 }),
             };
             match server.start_again().await {
                 Ok(()) => return Ok(server),
-                Err(e)
-                    if attempt < 3
-                        && format!("{e:#}")
-                            .to_lowercase()
-                            .contains("address already in use") =>
-                {
-                    attempt += 1;
-                }
+                Err(_) if attempt < 3 && server.port_was_taken() => attempt += 1,
                 Err(e) => return Err(e),
             }
         }
@@ -171,9 +171,25 @@ impl ClickHouseServer {
         self.wait_ready(Some(&log)).await
     }
 
+    /// Whether the local server's error log says a port was taken.
+    fn port_was_taken(&self) -> bool {
+        let Mode::Local(local) = &self.mode else {
+            return false;
+        };
+        std::fs::read_to_string(local.dir.path().join("log/error.log"))
+            .is_ok_and(|log| log.to_lowercase().contains("address already in use"))
+    }
+
+    /// Waits until the server answers: a local one with the instance id in
+    /// its config (so a server of another test that holds the port does
+    /// not pass for this one), an external one `SELECT 1`.
     async fn wait_ready(&mut self, error_log: Option<&Path>) -> anyhow::Result<()> {
         let client = self.client();
         let url = self.url();
+        let instance = match &self.mode {
+            Mode::Local(local) => Some(local.instance.clone()),
+            Mode::External { .. } => None,
+        };
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             if let Mode::Local(local) = &mut self.mode
@@ -184,7 +200,17 @@ impl ClickHouseServer {
                 let log = error_log.map(log_tail).unwrap_or_default();
                 bail!("clickhouse-server exited with {status} before answering:\n{log}");
             }
-            if let Ok(1) = client.query("SELECT 1").fetch_one::<u8>().await {
+            let answered = match &instance {
+                Some(id) => client
+                    .query(
+                        "SELECT substitution FROM system.macros WHERE macro = 'testkit_instance'",
+                    )
+                    .fetch_one::<String>()
+                    .await
+                    .is_ok_and(|found| found == *id),
+                None => matches!(client.query("SELECT 1").fetch_one::<u8>().await, Ok(1)),
+            };
+            if answered {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
@@ -251,7 +277,7 @@ pub async fn query_text(client: &::clickhouse::Client, sql: &str) -> anyhow::Res
 /// Writes `config.xml` and `users.xml` for a server listening on 127.0.0.1
 /// with everything it stores under `dir`. The `<yandex>` root is what 18.16
 /// reads; current servers still accept it.
-fn write_config(dir: &Path, http_port: u16, tcp_port: u16) -> anyhow::Result<()> {
+fn write_config(dir: &Path, http_port: u16, tcp_port: u16, instance: &str) -> anyhow::Result<()> {
     for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
         std::fs::create_dir_all(dir.join(sub))
             .with_context(|| format!("creating {}", dir.join(sub).display()))?;
@@ -279,6 +305,9 @@ fn write_config(dir: &Path, http_port: u16, tcp_port: u16) -> anyhow::Result<()>
     <timezone>UTC</timezone>
     <mark_cache_size>268435456</mark_cache_size>
     <max_concurrent_queries>100</max_concurrent_queries>
+    <macros>
+        <testkit_instance>{instance}</testkit_instance>
+    </macros>
 </yandex>
 "#
     );

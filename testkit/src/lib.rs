@@ -60,7 +60,7 @@ pub fn find_binary(name: &str, env_override: &str, package: &str) -> anyhow::Res
 const NATS_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A `nats-server -js` of the test's own; its log is `nats-server.log` in
-/// [`NatsServer::dir`].
+/// [`NatsServer::log_path`].
 pub struct NatsServer {
     child: Option<Child>,
     /// The client port, once the server has bound one.

@@ -138,7 +138,9 @@ impl SecureNats {
                     testkit::log_tail(&log)
                 );
             }
-            if let Ok(js) = self.jetstream(auth::ADMIN).await {
+            if let Ok(js) = self.jetstream(auth::ADMIN).await
+                && jetstream_answers(&js).await
+            {
                 return Ok(js);
             }
             anyhow::ensure!(
@@ -341,5 +343,17 @@ impl Drop for SecureNats {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Whether a JetStream request gets an answer; any JetStream answer will do
+/// ("stream not found" is one).
+async fn jetstream_answers(js: &async_nats::jetstream::Context) -> bool {
+    match js.get_stream("READINESS_PROBE").await {
+        Ok(_) => true,
+        Err(e) => matches!(
+            e.kind(),
+            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
+        ),
     }
 }
