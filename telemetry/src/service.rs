@@ -21,29 +21,34 @@ pub struct NatsArgs {
 }
 
 /// Cancels `shutdown` on the first SIGINT or SIGTERM (on Ctrl-C elsewhere),
-/// logging that the service is shutting down. Spawn it before `run`.
+/// logging that the service is shutting down. Spawn it before `run`. A
+/// signal that cannot be listened for is logged and left out; the service
+/// keeps running on the other.
 pub async fn shutdown_on_signal(shutdown: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
+        let wait = |kind: SignalKind, name: &'static str| async move {
+            match signal(kind) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "Cannot listen for {name}; stop the service another way.");
+                    std::future::pending::<()>().await;
                 }
             }
-            _ => {
-                tracing::warn!("Cannot listen for SIGTERM; stop with SIGINT or SIGKILL.");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+        };
+        tokio::select! {
+            () = wait(SignalKind::terminate(), "SIGTERM") => {}
+            () = wait(SignalKind::interrupt(), "SIGINT") => {}
         }
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    if let Err(error) = tokio::signal::ctrl_c().await {
+        tracing::warn!(%error, "Cannot listen for Ctrl-C; stop the service another way.");
+        std::future::pending::<()>().await;
+    }
     tracing::info!("Shutting down.");
     shutdown.cancel();
 }
