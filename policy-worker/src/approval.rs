@@ -247,11 +247,22 @@ pub(crate) struct Approvals {
     js: jetstream::Context,
     kv: kv::Store,
     timeout: Duration,
+    metrics: telemetry::WorkerMetrics,
 }
 
 impl Approvals {
-    pub(crate) fn new(js: jetstream::Context, kv: kv::Store, timeout: Duration) -> Self {
-        Self { js, kv, timeout }
+    pub(crate) fn new(
+        js: jetstream::Context,
+        kv: kv::Store,
+        timeout: Duration,
+        metrics: telemetry::WorkerMetrics,
+    ) -> Self {
+        Self {
+            js,
+            kv,
+            timeout,
+            metrics,
+        }
     }
 
     /// Stores the event and its pending state; the ingress message may be
@@ -418,10 +429,12 @@ impl Approvals {
                     .message_id(receipt.event_id.as_str()),
             )
             .await?;
+        let mut published = telemetry::Published::ReceiptOnly;
         let copy = match (&request, receipt.decision, &receipt.target) {
             (Some(request), Decision::Allow, Some(target)) => {
                 let mut h = headers_without(&request.headers, REQUEST_ONLY);
                 h.insert(headers::APPROVER, state.approver.as_str());
+                published = telemetry::Published::Delivery;
                 Some((subjects::deliver(target, agent), h, request.payload.clone()))
             }
             (Some(request), Decision::Deny, _) => {
@@ -431,6 +444,7 @@ impl Approvals {
                     headers::REASON,
                     schemas::percent_encode_header(&state.denial_reason()),
                 );
+                published = telemetry::Published::DeadLetter;
                 Some((subjects::dead(agent), h, request.payload.clone()))
             }
             _ => None,
@@ -448,6 +462,7 @@ impl Approvals {
                 .await?;
         }
         receipt_ack.await?;
+        self.metrics.published(published);
         Ok(())
     }
 }

@@ -239,11 +239,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             })
         }
     };
+    let metrics = telemetry::WorkerMetrics::new(ops.metrics());
     let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
     let approvals = Arc::new(approval::Approvals::new(
         js.clone(),
         bucket(schemas::subjects::BUCKET_APPROVALS).await?,
         config.approval_timeout,
+        metrics.clone(),
     ));
     approval::spawn(
         approvals.clone(),
@@ -263,7 +265,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     consuming.set(true);
     tracing::info!(consumer = %config.consumer, "Policy worker ready.");
 
-    let metrics = telemetry::WorkerMetrics::new(ops.metrics());
     let worker = worker::Worker::new(js, policies_rx, guard, &config, metrics);
     worker.consume(consumer, shutdown).await;
     consuming.set(false);

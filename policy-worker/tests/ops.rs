@@ -352,6 +352,11 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
         format!("00-{}-{}-01", deployer.trace_id_hex(), parked.span_id),
         "the parked state keeps the decision span's context"
     );
+    // It has no `target`: answered, it gets a receipt and nothing else.
+    const RECEIPTS: &str = "agentmesh_worker_events_published_total{kind=\"receipt\"}";
+    const PARKED: &str = "agentmesh_worker_events_published_total{kind=\"parked\"}";
+    assert_eq!(worker.metric(PARKED).await, 1.0);
+    let receipts_before = worker.metric(RECEIPTS).await;
     policy_worker::send_answer(
         &mesh.js,
         "coder",
@@ -367,6 +372,13 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     .unwrap();
     let released = mesh.receipt("otel-parked").await;
     assert_eq!(released.decision, schemas::Decision::Allow);
+    // The release's receipt is counted once it is stored.
+    eventually(WAIT, "the release's receipt counted", || async {
+        (worker.metric(RECEIPTS).await == receipts_before + 1.0).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(worker.metric(PARKED).await, 1.0);
     let approval = eventually(WAIT, "the approval span", || async {
         receiver
             .spans()
