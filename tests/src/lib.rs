@@ -34,6 +34,9 @@ pub struct SecureNats {
     port: u16,
     dir: tempfile::TempDir,
     keys: BTreeMap<String, (Role, UserKey)>,
+    /// The `server_name` in its config: readiness checks it, so a server of
+    /// another test on the same port cannot pass for this one.
+    name: String,
 }
 
 /// Server and client errors a connection received (permission violations
@@ -88,6 +91,7 @@ impl SecureNats {
             port: 0,
             dir: tempfile::tempdir()?,
             keys,
+            name: format!("e2e-{}", uuid::Uuid::new_v4().simple()),
         };
         // The port is picked before the server binds it; should another
         // process take it in between, the server exits and gets a new one.
@@ -139,6 +143,7 @@ impl SecureNats {
                 );
             }
             if let Ok(js) = self.jetstream(auth::ADMIN).await
+                && js.client().server_info().server_name == self.name
                 && jetstream_answers(&js).await
             {
                 return Ok(js);
@@ -186,6 +191,7 @@ impl SecureNats {
             store_dir: self.dir.path().join("jetstream"),
             principals: Some(self.principals()),
         })?;
+        let text = format!("{text}\nserver_name: \"{}\"\n", self.name);
         std::fs::write(self.config_path(), text)?;
         Ok(())
     }
