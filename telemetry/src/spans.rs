@@ -42,17 +42,6 @@ pub fn remote_context(traceparent: &TraceParent, tracestate: Option<&str>) -> Sp
     )
 }
 
-/// The span context of a `TraceParent` without parsing text (for links).
-fn span_context(tp: &TraceParent) -> SpanContext {
-    SpanContext::new(
-        TraceId::from_bytes(tp.trace_id),
-        SpanId::from_bytes(tp.parent_id),
-        TraceFlags::new(tp.flags),
-        true,
-        TraceState::default(),
-    )
-}
-
 /// The `policy.decision` span of one ingress event, not yet joined to a
 /// trace: create it when the event arrives, [`join`] it once the event's
 /// trace is known, before entering it.
@@ -174,7 +163,7 @@ pub fn link(span: &Span, tp: &TraceParent) {
     if span.is_disabled() {
         return;
     }
-    span.add_link(span_context(tp));
+    span.add_link(remote_context(tp, None));
 }
 
 /// The `gpu.scaling` span of one scaling round (a root: rounds follow queue
@@ -292,7 +281,6 @@ mod tests {
         assert_eq!(sc.trace_id().to_bytes(), tp.trace_id);
         assert_eq!(sc.span_id().to_bytes(), tp.parent_id);
         assert_eq!(sc.trace_state().get("vendor"), Some("1"));
-        assert_eq!(span_context(&tp).trace_id(), sc.trace_id());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::{eventually, find_binary, free_port, log_tail};
+use crate::{eventually, find_binary, free_port, log_tail, until_ready};
 
 /// How long a server may take to answer `SELECT 1` after it was spawned.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -190,36 +190,42 @@ impl ClickHouseServer {
             Mode::Local(local) => Some(local.instance.clone()),
             Mode::External { .. } => None,
         };
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            if let Mode::Local(local) = &mut self.mode
-                && let Some(child) = local.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                local.child = None;
-                let log = error_log.map(log_tail).unwrap_or_default();
-                bail!("clickhouse-server exited with {status} before answering:\n{log}");
-            }
-            let answered = match &instance {
-                Some(id) => client
-                    .query(
-                        "SELECT substitution FROM system.macros WHERE macro = 'testkit_instance'",
-                    )
-                    .fetch_one::<String>()
-                    .await
-                    .is_ok_and(|found| found == *id),
-                None => matches!(client.query("SELECT 1").fetch_one::<u8>().await, Ok(1)),
-            };
-            if answered {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "timed out after {START_TIMEOUT:?} waiting for ClickHouse at {url} to answer `SELECT 1`"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let child = match &mut self.mode {
+            Mode::Local(local) => local.child.as_mut(),
+            Mode::External { .. } => None,
+        };
+        let ready = until_ready(
+            child,
+            START_TIMEOUT,
+            &format!("ClickHouse at {url} answered"),
+            || error_log.map(log_tail).unwrap_or_default(),
+            || {
+                let (client, instance) = (client.clone(), instance.clone());
+                async move {
+                    let answered = match instance {
+                        Some(id) => client
+                            .query("SELECT substitution FROM system.macros WHERE macro = 'testkit_instance'")
+                            .fetch_one::<String>()
+                            .await
+                            .is_ok_and(|found| found == id),
+                        None => matches!(client.query("SELECT 1").fetch_one::<u8>().await, Ok(1)),
+                    };
+                    answered.then_some(())
+                }
+            },
+        )
+        .await
+        .context("clickhouse-server");
+        // An exited server is started again by `start_again`.
+        if let Mode::Local(local) = &mut self.mode
+            && local
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+        {
+            local.child = None;
         }
+        ready
     }
 
     /// Polls `SELECT count()` of `sql_from_where` (e.g. `db.events FINAL`)

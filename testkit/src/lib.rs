@@ -42,6 +42,39 @@ where
     }
 }
 
+/// Polls `check` like [`eventually`] until it yields `Some`, but fails at
+/// once when `child` exits first; either failure ends with `log()` (what the
+/// process wrote), so a server that could not start says why.
+pub async fn until_ready<T, F, Fut>(
+    mut child: Option<&mut Child>,
+    timeout: Duration,
+    what: &str,
+    log: impl Fn() -> String,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let outcome = eventually(timeout, what, || {
+        let exited = child.as_mut().map(|c| c.try_wait());
+        let pending = check();
+        async move {
+            match exited {
+                Some(Ok(Some(status))) => {
+                    Some(Err(anyhow::anyhow!("exited with {status} before {what}")))
+                }
+                Some(Err(e)) => Some(Err(anyhow::anyhow!("cannot be waited on: {e}"))),
+                _ => pending.await.map(Ok),
+            }
+        }
+    })
+    .await;
+    outcome
+        .and_then(|result| result)
+        .map_err(|e| anyhow::anyhow!("{e}; its log:\n{}", log()))
+}
+
 /// Finds `name` on `PATH` (or the path in `env_override`), with an error that
 /// names the package to install.
 pub fn find_binary(name: &str, env_override: &str, package: &str) -> anyhow::Result<PathBuf> {
@@ -110,35 +143,24 @@ impl NatsServer {
             .spawn()
             .with_context(|| format!("starting `{}`", self.binary.display()))?;
         self.child = Some(child);
-        let deadline = Instant::now() + NATS_START_TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.child = None;
-                bail!(
-                    "nats-server exited with {status} before it was ready; the end of {}:\n{}",
-                    log.display(),
-                    log_tail(&log)
-                );
-            }
-            if self.port.is_none() {
-                self.port = read_ports_file(&ports_dir);
-            }
-            if let Some(port) = self.port
-                && jetstream_answers(port).await
-            {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "timed out after {NATS_START_TIMEOUT:?} waiting for nats-server with JetStream; the end of {}:\n{}",
-                    log.display(),
-                    log_tail(&log)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let known = self.port;
+        let port = until_ready(
+            self.child.as_mut(),
+            NATS_START_TIMEOUT,
+            "nats-server answered JetStream requests",
+            || format!("{}:\n{}", log.display(), log_tail(&log)),
+            || {
+                let port = known.or_else(|| read_ports_file(&ports_dir));
+                async move {
+                    let port = port?;
+                    jetstream_answers(port).await.then_some(port)
+                }
+            },
+        )
+        .await
+        .context("nats-server")?;
+        self.port = Some(port);
+        Ok(())
     }
 
     /// The server's log file.
@@ -195,17 +217,19 @@ fn read_ports_file(dir: &Path) -> Option<u16> {
     port.parse().ok()
 }
 
-/// Whether a JetStream request to the server on `port` gets an answer; any
-/// JetStream answer will do ("stream not found" is one). Account info is not
-/// used: this client cannot parse 2.9's.
+/// Whether a JetStream request to the server on `port` gets an answer.
 async fn jetstream_answers(port: u16) -> bool {
-    let Ok(client) = async_nats::connect(format!("nats://127.0.0.1:{port}")).await else {
-        return false;
-    };
-    match async_nats::jetstream::new(client)
-        .get_stream("READINESS_PROBE")
-        .await
-    {
+    match async_nats::connect(format!("nats://127.0.0.1:{port}")).await {
+        Ok(client) => js_answers(&async_nats::jetstream::new(client)).await,
+        Err(_) => false,
+    }
+}
+
+/// Whether a JetStream request on `js` gets an answer; any JetStream answer
+/// will do ("stream not found" is one). Account info is not used: this
+/// client cannot parse nats-server 2.9's.
+pub async fn js_answers(js: &async_nats::jetstream::Context) -> bool {
+    match js.get_stream("READINESS_PROBE").await {
         Ok(_) => true,
         Err(e) => matches!(
             e.kind(),

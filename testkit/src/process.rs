@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 
-use crate::eventually;
+use crate::{eventually, until_ready};
 
 /// The lines a process has written to stderr so far, shared with the thread
 /// that reads them.
@@ -128,32 +128,16 @@ impl Service {
         &mut self,
         timeout: Duration,
         what: &str,
-        mut check: F,
+        check: F,
     ) -> anyhow::Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Option<T>>,
     {
-        let child = &mut self.child;
-        let outcome = eventually(timeout, what, || {
-            let exited = child.try_wait();
-            let pending = check();
-            async move {
-                match exited {
-                    Ok(Some(status)) => Some(Err(anyhow!("exited with {status}"))),
-                    Err(e) => Some(Err(anyhow!("cannot be waited on: {e}"))),
-                    Ok(None) => pending.await.map(Ok),
-                }
-            }
-        })
-        .await;
-        outcome.and_then(|result| result).map_err(|e| {
-            anyhow!(
-                "`{}` {e} (waiting for {what}); its log:\n{}",
-                self.name,
-                self.log.text()
-            )
-        })
+        let log = &self.log;
+        until_ready(Some(&mut self.child), timeout, what, || log.text(), check)
+            .await
+            .with_context(|| format!("`{}`", self.name))
     }
 
     /// Waits until the process exits, for at most `timeout`.

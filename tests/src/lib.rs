@@ -130,32 +130,22 @@ impl SecureNats {
             .spawn()
             .with_context(|| format!("starting `{}`", self.binary.display()))?;
         self.child = Some(child);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.child = None;
-                anyhow::bail!(
-                    "nats-server exited with {status} before it was ready; the end of {}:\n{}",
-                    log.display(),
-                    testkit::log_tail(&log)
-                );
-            }
-            if let Ok(js) = self.jetstream(auth::ADMIN).await
-                && js.client().server_info().server_name == self.name
-                && jetstream_answers(&js).await
-            {
-                return Ok(js);
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "timed out after {WAIT:?} waiting for nats-server with the rendered config; the end of {}:\n{}",
-                log.display(),
-                testkit::log_tail(&log)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Held outside `self` while the check borrows `self` to connect.
+        let mut child = self.child.take();
+        let ready = testkit::until_ready(
+            child.as_mut(),
+            WAIT,
+            "nats-server with the rendered config answered",
+            || format!("{}:\n{}", log.display(), testkit::log_tail(&log)),
+            || async {
+                let js = self.jetstream(auth::ADMIN).await.ok()?;
+                let ours = js.client().server_info().server_name == self.name;
+                (ours && testkit::js_answers(&js).await).then_some(js)
+            },
+        )
+        .await;
+        self.child = child;
+        ready
     }
 
     /// The server's log file.
@@ -349,17 +339,5 @@ impl Drop for SecureNats {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// Whether a JetStream request gets an answer; any JetStream answer will do
-/// ("stream not found" is one).
-async fn jetstream_answers(js: &async_nats::jetstream::Context) -> bool {
-    match js.get_stream("READINESS_PROBE").await {
-        Ok(_) => true,
-        Err(e) => matches!(
-            e.kind(),
-            async_nats::jetstream::context::GetStreamErrorKind::JetStream(_)
-        ),
     }
 }
