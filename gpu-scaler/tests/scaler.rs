@@ -124,7 +124,13 @@ async fn running_scaler_grants_within_an_interval_and_releases_only_after_the_co
         "released after {kept_for:?}, before the cooldown"
     );
 
-    let events = lease_events(&mesh.js).await?;
+    // The events of a round are published after its leases are written.
+    let events = eventually(WAIT, "the two release events", || async {
+        let events = lease_events(&mesh.js).await.ok()?;
+        let released = events.iter().filter(|e| e.1 == TYPE_RELEASED).count();
+        (released >= 2).then_some(events)
+    })
+    .await?;
     let released: Vec<_> = events.iter().filter(|e| e.1 == TYPE_RELEASED).collect();
     assert_eq!(released.len(), 2);
     assert!(
@@ -301,7 +307,17 @@ async fn a_killed_scalers_leases_expire_and_are_reclaimed() -> anyhow::Result<()
     let gpus = |ls: &[Lease]| ls.iter().map(|l| l.gpu.clone()).collect::<Vec<_>>();
     assert_eq!(gpus(&reclaimed), gpus(&before));
 
-    let events = lease_events(&mesh.js).await?;
+    // The lease events go out through the scaler's outbox after the leases
+    // are written: wait until scaler-b's two grants are in the stream.
+    let events = eventually(WAIT, "scaler-b's two grant events", || async {
+        let events = lease_events(&mesh.js).await.ok()?;
+        let granted = events
+            .iter()
+            .filter(|e| e.1 == TYPE_GRANTED && e.3.holder == "scaler-b")
+            .count();
+        (granted >= 2).then_some(events)
+    })
+    .await?;
     let expired: Vec<_> = events
         .iter()
         .filter(|e| e.1 == TYPE_RELEASED && e.3.reason.as_deref() == Some("expired"))
