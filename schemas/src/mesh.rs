@@ -22,6 +22,10 @@ pub mod ext {
     pub const TRACESTATE: &str = "tracestate";
     /// The id of the event this step answers or follows.
     pub const CAUSATIONID: &str = "causationid";
+    /// The `source` of the event named by `causationid` (e.g.
+    /// `/agents/planner`): with it, a causation link stays exact when two
+    /// agents use the same event id. Optional; agents-sdk sets it.
+    pub const CAUSATIONSOURCE: &str = "causationsource";
     /// The recipient agent id: present means "route on approval".
     pub const TARGET: &str = "target";
 }
@@ -82,6 +86,9 @@ pub enum Invalid {
     /// `target` is not a valid agent id.
     #[error("target `{0}` is not a valid agent id")]
     Target(String),
+    /// `causationsource` is not `/agents/<agent>`.
+    #[error("causationsource `{0}` is not `/agents/<agent>` with a valid agent id")]
+    CausationSource(String),
     /// A `tool.call` without `subject`.
     #[error("a `io.agentmesh.tool.call` event must name its tool in `subject`")]
     MissingTool,
@@ -107,6 +114,8 @@ pub struct MeshEvent {
     pub trace_derived: bool,
     /// `causationid`, when present.
     pub causation_id: Option<String>,
+    /// The agent of `causationsource` (`/agents/<agent>`), when present.
+    pub causation_agent: Option<String>,
     /// `target`, when present.
     pub target: Option<AgentId>,
     /// Headers and payload, in bytes.
@@ -186,6 +195,14 @@ impl MeshEvent {
             None => (TraceParent::derive(event.id()), true),
         };
         let causation_id = string_ext(&event, ext::CAUSATIONID)?.map(str::to_owned);
+        let causation_agent = string_ext(&event, ext::CAUSATIONSOURCE)?
+            .map(|s| {
+                s.strip_prefix("/agents/")
+                    .and_then(|a| AgentId::new(a).ok())
+                    .map(|a| a.to_string())
+                    .ok_or_else(|| Invalid::CausationSource(s.to_owned()))
+            })
+            .transpose()?;
         let target = string_ext(&event, ext::TARGET)?
             .map(|t| AgentId::new(t).map_err(|_| Invalid::Target(t.to_owned())))
             .transpose()?;
@@ -200,6 +217,7 @@ impl MeshEvent {
             trace,
             trace_derived,
             causation_id,
+            causation_agent,
             target,
             size,
         })

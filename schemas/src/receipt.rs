@@ -69,6 +69,9 @@ pub struct DecisionReceipt {
     /// The event's `causationid`, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub causation_id: Option<String>,
+    /// The agent of the event's `causationsource`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_agent: Option<String>,
     /// Whether the trace id was derived because the event had no `traceparent`.
     #[serde(default)]
     pub trace_derived: bool,
@@ -156,8 +159,19 @@ pub struct Approval {
     pub answered_at: String,
 }
 
-/// Headers the mesh adds to delivered and dead-lettered events.
+/// Headers the mesh adds to delivered and dead-lettered events. Every
+/// header whose name starts with [`headers::PREFIX`] (any case) belongs to
+/// the mesh: the policy worker drops what an agent sends under it.
 pub mod headers {
+    /// The prefix of every mesh header, compared without case.
+    pub const PREFIX: &str = "Mesh-";
+
+    /// Whether `name` is a mesh header (`Mesh-*`, any case).
+    pub fn is_mesh(name: &str) -> bool {
+        name.get(..PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(PREFIX))
+    }
+
     /// The decision id, on deliveries and dead letters.
     pub const DECISION_ID: &str = "Mesh-Decision-Id";
     /// The hash of the policy set that decided.

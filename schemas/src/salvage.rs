@@ -27,6 +27,8 @@ pub struct RawAttributes {
     pub traceparent: String,
     /// The `causationid` extension.
     pub causationid: String,
+    /// The `causationsource` extension.
+    pub causationsource: String,
     /// The `target` extension.
     pub target: String,
     /// `datacontenttype`.
@@ -46,6 +48,7 @@ impl RawAttributes {
             time: event.time().map(|t| t.to_rfc3339()).unwrap_or_default(),
             traceparent: extension(event, ext::TRACEPARENT),
             causationid: extension(event, ext::CAUSATIONID),
+            causationsource: extension(event, ext::CAUSATIONSOURCE),
             target: extension(event, ext::TARGET),
             datacontenttype: event.datacontenttype().unwrap_or_default().to_owned(),
             dataschema: event
@@ -118,6 +121,7 @@ impl RawAttributes {
             "time" => &mut self.time,
             "traceparent" => &mut self.traceparent,
             "causationid" => &mut self.causationid,
+            "causationsource" => &mut self.causationsource,
             "target" => &mut self.target,
             "datacontenttype" => &mut self.datacontenttype,
             "dataschema" => &mut self.dataschema,

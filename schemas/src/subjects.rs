@@ -62,6 +62,15 @@ pub fn approval_answer(source: &str, approval_id: &str) -> String {
 /// Filter of every approval answer: `mesh.approval.answer.>`.
 pub const APPROVAL_ANSWERS: &str = "mesh.approval.answer.>";
 
+/// The `Nats-Msg-Id` of every publish the policy worker makes for one
+/// event (receipt, delivery or dead letter, approval copies): `<agent>/<id>`.
+/// An event is identified by its source and id, so two agents' events with
+/// the same id never collapse, and the same agent's re-publish of one event
+/// lands once. Agent ids contain no `/`, so the key is unambiguous.
+pub fn event_key(agent: &str, event_id: &str) -> String {
+    format!("{agent}/{event_id}")
+}
+
 /// The parts of an ingress subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IngressSubject<'a> {
