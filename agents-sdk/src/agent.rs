@@ -20,7 +20,7 @@ use crate::card::{AgentCard, Directory, Skill, ToolSpec};
 use crate::error::{BoxError, ConnectError, ConnectErrorKind, PublishError, PublishErrorKind};
 use crate::inbox::Inbox;
 use crate::tools::{ToolCall, ToolError, ToolHandler};
-use crate::workflow::Workflow;
+use crate::workflow::{Cause, Workflow};
 
 /// The default for [`AgentBuilder::ack_wait`].
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
@@ -532,7 +532,13 @@ impl Agent {
     /// # }
     /// ```
     pub fn continue_trace(&self, trace: TraceParent, after: Option<String>) -> Workflow {
-        Workflow::new(self.clone(), trace, after)
+        Workflow::new(self.clone(), trace, after.map(Cause::id))
+    }
+
+    /// Continues `trace` after event `id` of `agent` (a delivery or call
+    /// this agent received): the next step names both as its cause.
+    pub(crate) fn continue_after(&self, trace: TraceParent, id: &str, agent: &str) -> Workflow {
+        Workflow::new(self.clone(), trace, Some(Cause::of(id, agent)))
     }
 
     /// Flushes what is buffered and waits for running tool calls (up to the
@@ -557,7 +563,10 @@ impl Agent {
         let subject = subjects::ingress(self.inner.id.as_str(), step);
         let (mut headers, payload) = schemas::encode_binary(event);
         // Lets JetStream drop a re-sent copy of the same event.
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id());
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            subjects::event_key(self.inner.id.as_str(), event.id()),
+        );
         let ack = self
             .inner
             .js

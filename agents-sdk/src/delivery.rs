@@ -222,8 +222,11 @@ impl Delivery {
     /// The sender's workflow, continued by this agent: steps published on it
     /// share the delivery's trace, and the first follows the delivery.
     pub fn workflow(&self) -> Workflow {
-        self.agent
-            .continue_trace(self.received.trace(), Some(self.received.id().to_owned()))
+        self.agent.continue_after(
+            self.received.trace(),
+            self.received.id(),
+            self.received.sender().as_str(),
+        )
     }
 
     /// Answers the sender: an `io.agentmesh.message` to it, in the same
@@ -267,7 +270,7 @@ async fn answer_tool(
         },
     };
     agent
-        .continue_trace(call.trace(), Some(call.id().to_owned()))
+        .continue_after(call.trace(), call.id(), call.sender().as_str())
         .step(EventType::ToolResult)
         .target(call.sender().to_string())
         .subject(tool)

@@ -108,8 +108,11 @@ impl ToolCall {
     /// on it (reasoning, its own tool calls) join the caller's trace and
     /// follow the call.
     pub fn workflow(&self) -> Workflow {
-        self.agent
-            .continue_trace(self.received.trace(), Some(self.received.id().to_owned()))
+        self.agent.continue_after(
+            self.received.trace(),
+            self.received.id(),
+            self.received.sender().as_str(),
+        )
     }
 }
 

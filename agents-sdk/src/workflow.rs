@@ -40,7 +40,30 @@ pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub struct Workflow {
     pub(crate) agent: Agent,
     trace: TraceParent,
-    last: Arc<Mutex<Option<String>>>,
+    last: Arc<Mutex<Option<Cause>>>,
+}
+
+/// An event a step follows: its id and, when known, its agent (sent as
+/// `causationsource`, so the link stays exact when two agents use one id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Cause {
+    pub(crate) id: String,
+    pub(crate) agent: Option<String>,
+}
+
+impl Cause {
+    /// An event of `agent`.
+    pub(crate) fn of(id: &str, agent: &str) -> Self {
+        Self {
+            id: id.to_owned(),
+            agent: Some(agent.to_owned()),
+        }
+    }
+
+    /// An event whose agent is not known here.
+    pub(crate) fn id(id: String) -> Self {
+        Self { id, agent: None }
+    }
 }
 
 impl std::fmt::Debug for Workflow {
@@ -54,7 +77,7 @@ impl std::fmt::Debug for Workflow {
 }
 
 impl Workflow {
-    pub(crate) fn new(agent: Agent, trace: TraceParent, after: Option<String>) -> Self {
+    pub(crate) fn new(agent: Agent, trace: TraceParent, after: Option<Cause>) -> Self {
         Self {
             agent,
             trace,
@@ -80,12 +103,17 @@ impl Workflow {
     /// The id of the last step published (or answer received), which the
     /// next step follows.
     pub fn last_event_id(&self) -> Option<String> {
+        self.last_cause().map(|c| c.id)
+    }
+
+    fn last_cause(&self) -> Option<Cause> {
         self.last.lock().ok().and_then(|l| l.clone())
     }
 
-    pub(crate) fn set_last(&self, id: &str) {
+    /// Records `id`, published by `agent`, as the event the next step follows.
+    pub(crate) fn set_last(&self, id: &str, agent: &str) {
         if let Ok(mut last) = self.last.lock() {
-            *last = Some(id.to_owned());
+            *last = Some(Cause::of(id, agent));
         }
     }
 
@@ -240,8 +268,8 @@ impl Workflow {
 enum Causation {
     /// The workflow's last event, if any.
     Follow,
-    /// This event id.
-    After(String),
+    /// This event.
+    After(Cause),
     /// None: a root step.
     Root,
 }
@@ -328,7 +356,7 @@ impl Step {
 
     /// Makes this step follow event `id` instead of the workflow's last step.
     pub fn caused_by(mut self, id: impl Into<String>) -> Self {
-        self.causation = Causation::After(id.into());
+        self.causation = Causation::After(Cause::id(id.into()));
         self
     }
 
@@ -362,8 +390,8 @@ impl Step {
         let id = uuid::Uuid::now_v7().to_string();
         let trace = self.wf.trace.child();
         let causation = match self.causation {
-            Causation::Follow => self.wf.last_event_id(),
-            Causation::After(id) => Some(id),
+            Causation::Follow => self.wf.last_cause(),
+            Causation::After(cause) => Some(cause),
             Causation::Root => None,
         };
         let mut builder = EventBuilderV10::new()
@@ -373,8 +401,11 @@ impl Step {
             .time(chrono::Utc::now())
             .extension(ext::TRACEPARENT, trace.to_string())
             .data("application/json", data);
-        if let Some(causation) = causation {
-            builder = builder.extension(ext::CAUSATIONID, causation);
+        if let Some(cause) = causation {
+            builder = builder.extension(ext::CAUSATIONID, cause.id);
+            if let Some(agent) = cause.agent {
+                builder = builder.extension(ext::CAUSATIONSOURCE, format!("/agents/{agent}"));
+            }
         }
         if let Some(target) = &self.target {
             builder = builder.extension(ext::TARGET, target.clone());
@@ -406,7 +437,7 @@ impl Prepared {
             .agent
             .publish_event(&self.step, &self.event, self.trace)
             .await?;
-        self.wf.set_last(&published.id);
+        self.wf.set_last(&published.id, self.wf.agent.id().as_str());
         Ok(published)
     }
 }

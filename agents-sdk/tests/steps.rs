@@ -91,7 +91,7 @@ async fn each_step_type_lands_on_ingress_with_its_attributes() {
         let id = header(&m, "ce-id").unwrap();
         assert_eq!(id, published.id);
         assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 7);
-        assert_eq!(header(&m, "Nats-Msg-Id"), Some(id.clone()));
+        assert_eq!(header(&m, "Nats-Msg-Id"), Some(format!("planner/{id}")));
 
         // One trace, one new span per step.
         let tp: TraceParent = header(&m, "ce-traceparent").unwrap().parse().unwrap();

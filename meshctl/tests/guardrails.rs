@@ -538,8 +538,8 @@ async fn approvals_are_listed_approved_and_rejected_with_the_approver_audited() 
     assert!(listed.contains("coder tool.call deploy.prod"), "{listed}");
     assert!(listed.contains("deploys-need-approval"), "{listed}");
 
-    let p1 = policy_worker::approval_id("p1");
-    let p2 = policy_worker::approval_id("p2");
+    let p1 = policy_worker::approval_id("coder", "p1");
+    let p2 = policy_worker::approval_id("coder", "p2");
     let shown = ok(&stack.meshctl(&["approvals", "show", &p1[..8]]).await);
     assert!(shown.contains("for p1"), "{shown}");
 

@@ -32,10 +32,11 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// The approval id of an event: 32 hex digits of SHA-256 over its id, so a
-/// redelivered event parks under the same id.
-pub fn approval_id(event_id: &str) -> String {
-    let digest = Sha256::digest(format!("approval\n{event_id}").as_bytes());
+/// The approval id of an event: 32 hex digits of SHA-256 over its agent and
+/// id (an event is identified by both), so a redelivered event parks under
+/// the same id and two agents' events with one id park apart.
+pub fn approval_id(agent: &str, event_id: &str) -> String {
+    let digest = Sha256::digest(format!("approval\n{agent}\n{event_id}").as_bytes());
     hex::encode(&digest[..16])
 }
 
@@ -225,13 +226,35 @@ const REQUEST_ONLY: &[&str] = &[
     headers::INGRESS_SUBJECT,
 ];
 
-/// `original` minus JetStream's `Nats-*` headers and the names in `drop`.
+/// An ingress event's headers as the mesh forwards them: without JetStream's
+/// `Nats-*` (they belong to the agent's publish, not to the event) and
+/// without any `Mesh-*` header (any case): those are the mesh's own, and an
+/// agent must not be able to pass one off as the worker's.
+pub(crate) fn forwardable(original: Option<&HeaderMap>) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
+        let key: &str = name.as_ref();
+        if is_nats(key) || headers::is_mesh(key) {
+            continue;
+        }
+        for value in values {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+fn is_nats(name: &str) -> bool {
+    name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+}
+
+/// `original` (a parked request, whose `Mesh-*` headers are the worker's)
+/// minus JetStream's `Nats-*` headers and the names in `drop`.
 pub(crate) fn headers_without(original: &HeaderMap, drop: &[&str]) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, values) in original.iter() {
         let key: &str = name.as_ref();
-        if (key.len() >= 5 && key[..5].eq_ignore_ascii_case("nats-"))
-            || drop.iter().any(|d| d.eq_ignore_ascii_case(key))
+        if is_nats(key) || drop.iter().any(|d| d.eq_ignore_ascii_case(key))
         {
             continue;
         }
@@ -274,12 +297,12 @@ impl Approvals {
         receipt: &DecisionReceipt,
         decision_span: Option<schemas::TraceParent>,
     ) -> Result<(), async_nats::Error> {
-        let id = approval_id(&receipt.event_id);
+        let id = approval_id(token, &receipt.event_id);
         let now = Utc::now();
         let expires = now + chrono::Duration::from_std(self.timeout).unwrap_or_default();
         let subject = subjects::approval_request(token, &id);
 
-        let mut h = headers_without(message.headers.as_ref().unwrap_or(&HeaderMap::new()), &[]);
+        let mut h = forwardable(message.headers.as_ref());
         h.insert(headers::DECISION_ID, receipt.decision_id.as_str());
         h.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
         h.insert(headers::TRACE_ID, receipt.trace_id.as_str());
@@ -293,7 +316,10 @@ impl Approvals {
                 PublishMessage::build()
                     .headers(h)
                     .payload(message.payload.clone())
-                    .message_id(format!("approval-{}", receipt.event_id)),
+                    .message_id(format!(
+                        "approval-{}",
+                        subjects::event_key(token, &receipt.event_id)
+                    )),
             )
             .await?
             .await?;
@@ -419,6 +445,7 @@ impl Approvals {
             }
         };
         let agent = state.agent.as_str();
+        let key = subjects::event_key(agent, &receipt.event_id);
         let body = serde_json::to_vec(&receipt)?;
         let receipt_ack = self
             .js
@@ -426,7 +453,7 @@ impl Approvals {
                 subjects::decision(agent),
                 PublishMessage::build()
                     .payload(body.into())
-                    .message_id(receipt.event_id.as_str()),
+                    .message_id(key.as_str()),
             )
             .await?;
         let mut published = telemetry::Published::ReceiptOnly;
@@ -456,7 +483,7 @@ impl Approvals {
                     PublishMessage::build()
                         .headers(h)
                         .payload(payload)
-                        .message_id(receipt.event_id.as_str()),
+                        .message_id(key.as_str()),
                 )
                 .await?
                 .await?;
@@ -629,7 +656,7 @@ mod tests {
     fn state(expires_in: i64) -> ApprovalState {
         let now = Utc::now();
         ApprovalState {
-            id: approval_id("e1"),
+            id: approval_id("planner", "e1"),
             status: ApprovalStatus::Pending,
             agent: "coder".into(),
             request_subject: "mesh.approval.request.coder.x".into(),
@@ -650,7 +677,7 @@ mod tests {
 
     fn answer(action: AnswerAction) -> Answer {
         Answer {
-            id: approval_id("e1"),
+            id: approval_id("planner", "e1"),
             action,
             approver: "alice".into(),
             comment: "ok".into(),
@@ -660,11 +687,12 @@ mod tests {
 
     #[test]
     fn ids_are_stable_tokens() {
-        let id = approval_id("0192-abc.def *>");
-        assert_eq!(id, approval_id("0192-abc.def *>"));
+        let id = approval_id("planner", "0192-abc.def *>");
+        assert_eq!(id, approval_id("planner", "0192-abc.def *>"));
+        assert_ne!(id, approval_id("coder", "0192-abc.def *>"));
         assert_eq!(id.len(), 32);
         assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_ne!(id, approval_id("other"));
+        assert_ne!(id, approval_id("planner", "other"));
     }
 
     #[test]

@@ -33,7 +33,8 @@ pub use detect::{Detector, Findings, KINDS as DETECTOR_KINDS};
 pub use guard::{APPROVAL_ANNOTATION, GuardMeta, Guards};
 pub use limits::{AgentTally, Tallies, Usage, WorkflowTally, agent_key, workflow_key};
 pub use policy::{
-    ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, Verdict, generated_policies,
+    ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, UNREGISTERED_AGENT, Verdict,
+    generated_policies,
 };
 pub use replay::{Outcome, Replayed, Replayer};
 

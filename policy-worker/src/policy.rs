@@ -25,6 +25,9 @@ use crate::guard::{GuardMeta, Guards};
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
 /// The entities file in a policy directory.
 pub const ENTITIES_FILE: &str = "entities.json";
+/// The reason of the worker's own denial of an agent missing from the
+/// entities (in a receipt's `reasons`, where policy ids go otherwise).
+pub const UNREGISTERED_AGENT: &str = "unregistered-agent";
 
 /// Why a policy directory was refused.
 #[derive(Debug, thiserror::Error)]
@@ -453,6 +456,19 @@ impl PolicyBundle {
             self.names.agent.clone(),
             EntityId::new(event.agent.as_str()),
         );
+        // Registration is the worker's rule, not the policies': an agent
+        // missing from the entities is denied before Cedar runs, whatever
+        // the loaded policies permit.
+        if self.entities.get(&principal).is_none() {
+            return Verdict {
+                allowed: false,
+                reasons: vec![UNREGISTERED_AGENT.to_owned()],
+                errors: vec![format!(
+                    "agent `{}` is not registered in {ENTITIES_FILE}: add it (`meshctl agents add {} --role <role>`)",
+                    event.agent, event.agent
+                )],
+            };
+        }
         let action = EntityUid::from_type_name_and_id(
             self.names.action.clone(),
             EntityId::new(event.event_type.as_str()),
@@ -517,7 +533,7 @@ impl PolicyBundle {
         let response = self
             .authorizer
             .is_authorized(&request, candidates, &self.entities);
-        let mut errors: Vec<String> = response
+        let errors: Vec<String> = response
             .diagnostics()
             .errors()
             .map(|e| e.to_string())
@@ -525,12 +541,6 @@ impl PolicyBundle {
         // Cedar skips a policy whose evaluation errors; a skipped `forbid`
         // could let a `permit` through, so any error denies (fail closed).
         let allowed = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
-        if self.entities.get(&principal).is_none() {
-            errors.push(format!(
-                "agent `{}` is not registered in {ENTITIES_FILE}",
-                event.agent
-            ));
-        }
         Verdict {
             allowed,
             reasons: response

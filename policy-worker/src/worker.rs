@@ -8,7 +8,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::PublishMessage};
 use futures::StreamExt;
 use schemas::{Decision, DecisionReceipt, MeshEvent, RawAttributes, headers, subjects};
@@ -16,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::approval::headers_without;
+use crate::approval::forwardable;
 use crate::guard;
 use crate::policy::PolicyBundle;
 use crate::{Config, Error};
@@ -190,6 +189,7 @@ impl Worker {
                 receipt.subject =
                     schemas::AttributesReader::subject(&event.event).map(str::to_owned);
                 receipt.causation_id = event.causation_id.clone();
+                receipt.causation_agent = event.causation_agent.clone();
                 receipt.decision = if verdict.allowed {
                     Decision::Allow
                 } else {
@@ -233,12 +233,14 @@ impl Worker {
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
 
-        // A repeated event id collapses to one receipt and one delivery via
-        // `Nats-Msg-Id`. Invalid events may lack an id (or reuse one a later
-        // valid event needs), so theirs is keyed by the ingress sequence.
+        // An event is its agent and id: the same agent's repeated event
+        // collapses to one receipt and one delivery via `Nats-Msg-Id`, and
+        // another agent's event with the same id does not. Invalid events
+        // may lack an id (or reuse one a later valid event needs), so theirs
+        // is keyed by the ingress sequence.
         let dedup_id = match receipt.decision {
             Decision::Invalid => format!("invalid-{seq}"),
-            _ => receipt.event_id.clone(),
+            _ => subjects::event_key(&token, &receipt.event_id),
         };
         // An event waiting for a human gets its receipt once answered.
         let done = if park {
@@ -297,13 +299,10 @@ impl Worker {
             )
             .await?;
 
-        // The event's headers minus JetStream's `Nats-*` (they belong to the
-        // agent's publish, not to the event), plus the decision's.
+        // The event's headers minus JetStream's `Nats-*` and whatever the
+        // agent sent as `Mesh-*`, plus the decision's.
         let forwarded = || {
-            let mut forward = message
-                .headers
-                .as_ref()
-                .map_or_else(HeaderMap::new, |h| headers_without(h, &[]));
+            let mut forward = forwardable(message.headers.as_ref());
             forward.insert(headers::DECISION_ID, receipt.decision_id.as_str());
             forward.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
             forward.insert(headers::TRACE_ID, receipt.trace_id.as_str());

@@ -549,7 +549,7 @@ async fn pending_state(mesh: &Mesh, event_id: &str) -> ApprovalState {
         .get_key_value(subjects::BUCKET_APPROVALS)
         .await
         .unwrap();
-    let id = approval_id(event_id);
+    let id = approval_id("planner", event_id);
     eventually(WAIT, "the approval request", || {
         let kv = kv.clone();
         let id = id.clone();
@@ -567,7 +567,7 @@ async fn answer(mesh: &Mesh, event_id: &str, action: AnswerAction, approver: &st
         &mesh.js,
         "planner",
         &Answer {
-            id: approval_id(event_id),
+            id: approval_id("planner", event_id),
             action,
             approver: approver.into(),
             comment: format!("{approver} says {}", action.as_str()),
@@ -629,13 +629,13 @@ async fn approval_releases_or_rejects_a_parked_event() {
     let parked = mesh.wait_messages(subjects::STREAM_APPROVALS, 2).await;
     let parked_release = parked
         .iter()
-        .find(|m| header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("a-release")))
+        .find(|m| header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("planner", "a-release")))
         .expect("the parked event carries its approval id");
     assert_eq!(parked_release.payload, payload);
     assert!(
         parked
             .iter()
-            .any(|m| header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("a-reject"))),
+            .any(|m| header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("planner", "a-reject"))),
         "both events are parked"
     );
     let receipts = mesh.receipts().await;

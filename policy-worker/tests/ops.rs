@@ -336,7 +336,7 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
         .await;
     let parked = span_of("otel-parked").await;
     assert_eq!(parked.trace_id, deployer.trace_id_hex());
-    let approval_id = policy_worker::approval_id("otel-parked");
+    let approval_id = policy_worker::approval_id("coder", "otel-parked");
     let kv = mesh
         .js
         .get_key_value(subjects::BUCKET_APPROVALS)

@@ -57,7 +57,7 @@ async fn approved_binary_event_is_delivered_byte_for_byte() {
     same_headers_except_mesh(&original_headers, &d.headers);
     assert_eq!(
         header(&d.headers, "Nats-Msg-Id").as_deref(),
-        Some("e-binary")
+        Some("planner/e-binary")
     );
     assert_eq!(
         header(&d.headers, headers::POLICY_HASH),
@@ -127,7 +127,7 @@ async fn denied_tool_call_is_dead_lettered_not_delivered() {
     assert_eq!(delivered.len(), 1, "only the handoff may be delivered");
     assert_eq!(
         header(&delivered[0].headers, "Nats-Msg-Id").as_deref(),
-        Some("e-after")
+        Some("planner/e-after")
     );
 
     let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await;
@@ -255,6 +255,7 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
     assert!(by_id("bad-version").trace_derived);
     let unregistered = by_id("unregistered");
     assert_eq!(unregistered.decision, Decision::Deny);
+    assert_eq!(unregistered.reasons, vec!["unregistered-agent".to_owned()]);
     assert!(
         unregistered
             .errors
@@ -300,6 +301,14 @@ async fn duplicate_event_id_is_delivered_once() {
         .await;
     mesh.receipt("marker").await;
     // The worker has consumed all four ingress messages once it acks them.
+    worker_caught_up(&mesh).await;
+    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await, 2);
+    let receipts = mesh.receipts().await;
+    assert_eq!(receipts.iter().filter(|r| r.event_id == "dup").count(), 1);
+}
+
+/// The consumer `policy-worker` has acked every ingress message.
+async fn worker_caught_up(mesh: &Mesh) {
     let consumer_done = || async {
         let mut c = mesh
             .stream(subjects::STREAM_INGRESS)
@@ -313,7 +322,206 @@ async fn duplicate_event_id_is_delivered_once() {
     testkit::eventually(WAIT, "the worker to ack every ingress event", consumer_done)
         .await
         .unwrap();
-    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await, 2);
-    let receipts = mesh.receipts().await;
-    assert_eq!(receipts.iter().filter(|r| r.event_id == "dup").count(), 1);
+}
+
+#[tokio::test]
+async fn two_agents_counting_ids_from_one_each_get_every_receipt_and_delivery() {
+    let mesh = Mesh::start().await;
+    let policies = policies_copy();
+    let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+
+    // Both agents number their events 1, 2, 3, as hand-written clients do.
+    let trace = TraceParent::mint().to_string();
+    for n in ["1", "2", "3"] {
+        let to_coder = event(n, "planner", "task.handoff")
+            .extension("target", "coder")
+            .extension("traceparent", trace.clone())
+            .data("application/json", serde_json::json!({"task": n}))
+            .build()
+            .unwrap();
+        mesh.publish_event("mesh.ingress.planner.handoff", &to_coder)
+            .await;
+        let to_planner = event(n, "coder", "message")
+            .extension("target", "planner")
+            .extension("traceparent", trace.clone())
+            .extension("causationid", n)
+            .extension("causationsource", "/agents/planner")
+            .data("application/json", serde_json::json!({"text": n}))
+            .build()
+            .unwrap();
+        mesh.publish_event("mesh.ingress.coder.message", &to_planner)
+            .await;
+    }
+    // The same agent sending the same event again is one event.
+    mesh.publish_event(
+        "mesh.ingress.planner.handoff",
+        &event("1", "planner", "task.handoff")
+            .extension("target", "coder")
+            .extension("traceparent", trace.clone())
+            .data("application/json", serde_json::json!({"task": "1"}))
+            .build()
+            .unwrap(),
+    )
+    .await;
+    worker_caught_up(&mesh).await;
+
+    let receipts = mesh.wait_messages(subjects::STREAM_DECISION, 6).await;
+    let mut keys: Vec<String> = receipts
+        .iter()
+        .map(|m| {
+            let r: schemas::DecisionReceipt = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(r.decision, Decision::Allow, "{r:?}");
+            assert_eq!(
+                header(&m.headers, "Nats-Msg-Id"),
+                Some(format!("{}/{}", r.agent, r.event_id))
+            );
+            format!("{}/{}", r.agent, r.event_id)
+        })
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["coder/1", "coder/2", "coder/3", "planner/1", "planner/2", "planner/3"],
+        "exactly one stored receipt per (agent, id)"
+    );
+    let coders = mesh.receipts().await;
+    let coder_1 = coders
+        .iter()
+        .find(|r| r.agent == "coder" && r.event_id == "1")
+        .unwrap();
+    assert_eq!(coder_1.causation_agent.as_deref(), Some("planner"));
+
+    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 6).await;
+    let mut routes: Vec<String> = delivered
+        .iter()
+        .map(|d| {
+            let id = header(&d.headers, "ce-id").unwrap();
+            format!("{} {id}", d.subject)
+        })
+        .collect();
+    routes.sort();
+    assert_eq!(
+        routes,
+        [
+            "mesh.deliver.coder.planner 1",
+            "mesh.deliver.coder.planner 2",
+            "mesh.deliver.coder.planner 3",
+            "mesh.deliver.planner.coder 1",
+            "mesh.deliver.planner.coder 2",
+            "mesh.deliver.planner.coder 3",
+        ],
+        "exactly one stored delivery per approved (agent, id)"
+    );
+}
+
+/// Whether `headers` holds `name` in any case.
+fn has_header_any_case(headers: &HeaderMap, name: &str) -> bool {
+    headers
+        .iter()
+        .any(|(n, _)| AsRef::<str>::as_ref(n).eq_ignore_ascii_case(name))
+}
+
+#[tokio::test]
+async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_letter() {
+    let mesh = Mesh::start().await;
+    let policies = policies_copy();
+    let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+
+    let forged = |headers: &mut HeaderMap| {
+        headers.insert("Mesh-Approver", "forged-approver");
+        headers.insert("Mesh-Decision", "forged");
+        headers.insert("mesh-policy-hash", "forged");
+        headers.insert("MESH-DECISION-ID", "forged");
+        headers.insert("x-kept", "kept");
+    };
+    let (mut h, payload) = schemas::encode_binary(&handoff("forged-allow"));
+    forged(&mut h);
+    mesh.publish("mesh.ingress.planner.handoff", h, payload)
+        .await;
+    let shell = event("forged-deny", "coder", "tool.call")
+        .subject("shell.exec")
+        .data("application/json", serde_json::json!({"cmd": "id"}))
+        .build()
+        .unwrap();
+    let (mut h, payload) = schemas::encode_binary(&shell);
+    forged(&mut h);
+    mesh.publish("mesh.ingress.coder.tool_call", h, payload)
+        .await;
+
+    let allowed = mesh.receipt("forged-allow").await;
+    let denied = mesh.receipt("forged-deny").await;
+    assert_eq!(allowed.decision, Decision::Allow);
+    assert_eq!(denied.decision, Decision::Deny);
+
+    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 1).await;
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await;
+    for (copy, receipt) in [(&delivered[0], &allowed), (&dead[0], &denied)] {
+        let h = &copy.headers;
+        for (name, _) in h.iter() {
+            let name: &str = name.as_ref();
+            let values: Vec<_> = h.get_all(name).map(|v| v.as_str().to_owned()).collect();
+            assert!(
+                !values.iter().any(|v| v.contains("forged")),
+                "{}: `{name}` still carries a forged value: {values:?}",
+                copy.subject
+            );
+        }
+        assert!(!has_header_any_case(h, "mesh-approver"), "{}", copy.subject);
+        assert_eq!(header(h, "x-kept").as_deref(), Some("kept"));
+        assert_eq!(
+            h.get_all(headers::POLICY_HASH).count(),
+            1,
+            "one policy hash, the worker's"
+        );
+        assert_eq!(header(h, headers::POLICY_HASH), Some(receipt.policy_hash.clone()));
+        assert_eq!(header(h, headers::DECISION_ID), Some(receipt.decision_id.clone()));
+    }
+    assert!(!has_header_any_case(&delivered[0].headers, "mesh-decision"));
+    assert_eq!(header(&dead[0].headers, headers::DECISION).as_deref(), Some("deny"));
+}
+
+#[tokio::test]
+async fn an_unregistered_agent_is_denied_even_when_the_policies_permit_everything() {
+    let mesh = Mesh::start().await;
+    let policies = policies_copy();
+    // Only a permit-all policy: Cedar alone would allow anyone anything.
+    for entry in std::fs::read_dir(policies.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "cedar") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    std::fs::write(
+        policies.path().join("open.cedar"),
+        "@id(\"permit-all\")\npermit (principal, action, resource);\n",
+    )
+    .unwrap();
+    let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+
+    let to_coder = event("from-mallory", "mallory", "task.handoff")
+        .extension("target", "coder")
+        .build()
+        .unwrap();
+    mesh.publish_event("mesh.ingress.mallory.handoff", &to_coder)
+        .await;
+    mesh.publish_event("mesh.ingress.planner.handoff", &handoff("from-planner"))
+        .await;
+
+    let registered = mesh.receipt("from-planner").await;
+    assert_eq!(registered.decision, Decision::Allow);
+    assert_eq!(registered.reasons, vec!["permit-all".to_owned()]);
+    let mallory = mesh.receipt("from-mallory").await;
+    assert_eq!(mallory.decision, Decision::Deny, "{mallory:?}");
+    assert_eq!(mallory.reasons, vec!["unregistered-agent".to_owned()]);
+    assert!(
+        mallory.errors[0].contains("agent `mallory` is not registered in entities.json"),
+        "{:?}",
+        mallory.errors
+    );
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await;
+    assert_eq!(dead[0].subject.as_str(), "mesh.dead.mallory");
+    worker_caught_up(&mesh).await;
+    let delivered = mesh.messages(subjects::STREAM_DELIVER).await;
+    assert_eq!(delivered.len(), 1, "only the planner's handoff is delivered");
+    assert_eq!(delivered[0].subject.as_str(), "mesh.deliver.coder.planner");
 }

@@ -127,7 +127,7 @@ async fn limits_and_approvals_work_under_the_worker_role_template() -> anyhow::R
         publish(&coder, "coder", "tool_call", event).await?;
     }
     let approvals = admin.get_key_value(subjects::BUCKET_APPROVALS).await?;
-    let approved_id = policy_worker::approval_id("d-approved");
+    let approved_id = policy_worker::approval_id("coder", "d-approved");
     eventually(WAIT, "the parked deploy", || async {
         approvals.get(&approved_id).await.ok()?.map(|_| ())
     })
