@@ -434,11 +434,11 @@ async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_lett
         headers.insert("MESH-DECISION-ID", "forged");
         headers.insert("x-kept", "kept");
     };
-    let (mut h, payload) = schemas::encode_binary(&handoff("forged-allow"));
+    let (mut h, payload) = schemas::encode_binary(&handoff("h-allow"));
     forged(&mut h);
     mesh.publish("mesh.ingress.planner.handoff", h, payload)
         .await;
-    let shell = event("forged-deny", "coder", "tool.call")
+    let shell = event("h-deny", "coder", "tool.call")
         .subject("shell.exec")
         .data("application/json", serde_json::json!({"cmd": "id"}))
         .build()
@@ -448,8 +448,8 @@ async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_lett
     mesh.publish("mesh.ingress.coder.tool_call", h, payload)
         .await;
 
-    let allowed = mesh.receipt("forged-allow").await;
-    let denied = mesh.receipt("forged-deny").await;
+    let allowed = mesh.receipt("h-allow").await;
+    let denied = mesh.receipt("h-deny").await;
     assert_eq!(allowed.decision, Decision::Allow);
     assert_eq!(denied.decision, Decision::Deny);
 
