@@ -101,6 +101,11 @@ async fn handoff_is_delivered_to_the_target_in_the_same_trace() {
     let m = mesh.ingress(out.sequence).await;
     assert_eq!(header(&m, "ce-source").as_deref(), Some("/agents/coder"));
     assert_eq!(header(&m, "ce-causationid"), Some(handoff.id.clone()));
+    // ...and names the planner as its cause's source.
+    assert_eq!(
+        header(&m, "ce-causationsource").as_deref(),
+        Some("/agents/planner")
+    );
     assert_eq!(out.trace.trace_id_hex(), wf.trace_id());
 
     // Receipts for events this agent published, awaited after the fact.
@@ -194,6 +199,10 @@ async fn tool_call_round_trips_through_the_policy_worker() {
     assert_eq!(header(call, "ce-subject").as_deref(), Some("code.search"));
     assert_eq!(header(call, "ce-target").as_deref(), Some("coder"));
     assert_eq!(header(result_msg, "ce-causationid"), Some(call_id.clone()));
+    assert_eq!(
+        header(result_msg, "ce-causationsource").as_deref(),
+        Some("/agents/planner")
+    );
     assert_eq!(header(result_msg, "ce-target").as_deref(), Some("planner"));
     assert_eq!(
         header(result_msg, "ce-subject").as_deref(),
@@ -217,9 +226,12 @@ async fn tool_call_round_trips_through_the_policy_worker() {
     let result_id = header(result_msg, "ce-id").unwrap();
     assert_eq!(wf.last_event_id(), Some(result_id.clone()));
     let obs = wf.observation("found it").await.unwrap();
+    let obs = mesh.ingress(obs.sequence).await;
+    assert_eq!(header(&obs, "ce-causationid"), Some(result_id));
+    // The answer came from the coder: the planner's step names it.
     assert_eq!(
-        header(&mesh.ingress(obs.sequence).await, "ce-causationid"),
-        Some(result_id)
+        header(&obs, "ce-causationsource").as_deref(),
+        Some("/agents/coder")
     );
 
     // A tool error comes back as a typed failure.

@@ -102,6 +102,11 @@ async fn each_step_type_lands_on_ingress_with_its_attributes() {
 
         // Each step follows the one before; the first is the root.
         assert_eq!(header(&m, "ce-causationid"), previous, "{token}");
+        assert_eq!(
+            header(&m, "ce-causationsource").as_deref(),
+            previous.as_ref().map(|_| "/agents/planner"),
+            "{token}"
+        );
         previous = Some(id);
     }
     assert_eq!(wf.last_event_id(), previous);
@@ -174,10 +179,10 @@ async fn handoffs_and_messages_name_their_target() {
         .caused_by(&handoff.id)
         .await
         .unwrap();
-    assert_eq!(
-        header(&mesh.ingress(side.sequence).await, "ce-causationid"),
-        Some(handoff.id.clone())
-    );
+    let side = mesh.ingress(side.sequence).await;
+    assert_eq!(header(&side, "ce-causationid"), Some(handoff.id.clone()));
+    // An id given by hand has no known source.
+    assert_eq!(header(&side, "ce-causationsource"), None);
     let root = wf.prompt("new question").root().await.unwrap();
     assert_eq!(
         header(&mesh.ingress(root.sequence).await, "ce-causationid"),

@@ -245,7 +245,8 @@ pub(crate) fn forwardable(original: Option<&HeaderMap>) -> HeaderMap {
 }
 
 fn is_nats(name: &str) -> bool {
-    name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
+    name.get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
 }
 
 /// `original` (a parked request, whose `Mesh-*` headers are the worker's)
@@ -254,8 +255,7 @@ pub(crate) fn headers_without(original: &HeaderMap, drop: &[&str]) -> HeaderMap 
     let mut out = HeaderMap::new();
     for (name, values) in original.iter() {
         let key: &str = name.as_ref();
-        if is_nats(key) || drop.iter().any(|d| d.eq_ignore_ascii_case(key))
-        {
+        if is_nats(key) || drop.iter().any(|d| d.eq_ignore_ascii_case(key)) {
             continue;
         }
         for value in values {

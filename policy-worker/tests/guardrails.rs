@@ -629,13 +629,16 @@ async fn approval_releases_or_rejects_a_parked_event() {
     let parked = mesh.wait_messages(subjects::STREAM_APPROVALS, 2).await;
     let parked_release = parked
         .iter()
-        .find(|m| header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("planner", "a-release")))
+        .find(|m| {
+            header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("planner", "a-release"))
+        })
         .expect("the parked event carries its approval id");
     assert_eq!(parked_release.payload, payload);
     assert!(
         parked
             .iter()
-            .any(|m| header(&m.headers, headers::APPROVAL_ID) == Some(approval_id("planner", "a-reject"))),
+            .any(|m| header(&m.headers, headers::APPROVAL_ID)
+                == Some(approval_id("planner", "a-reject"))),
         "both events are parked"
     );
     let receipts = mesh.receipts().await;

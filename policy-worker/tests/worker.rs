@@ -381,7 +381,14 @@ async fn two_agents_counting_ids_from_one_each_get_every_receipt_and_delivery() 
     keys.sort();
     assert_eq!(
         keys,
-        ["coder/1", "coder/2", "coder/3", "planner/1", "planner/2", "planner/3"],
+        [
+            "coder/1",
+            "coder/2",
+            "coder/3",
+            "planner/1",
+            "planner/2",
+            "planner/3"
+        ],
         "exactly one stored receipt per (agent, id)"
     );
     let coders = mesh.receipts().await;
@@ -473,11 +480,20 @@ async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_lett
             1,
             "one policy hash, the worker's"
         );
-        assert_eq!(header(h, headers::POLICY_HASH), Some(receipt.policy_hash.clone()));
-        assert_eq!(header(h, headers::DECISION_ID), Some(receipt.decision_id.clone()));
+        assert_eq!(
+            header(h, headers::POLICY_HASH),
+            Some(receipt.policy_hash.clone())
+        );
+        assert_eq!(
+            header(h, headers::DECISION_ID),
+            Some(receipt.decision_id.clone())
+        );
     }
     assert!(!has_header_any_case(&delivered[0].headers, "mesh-decision"));
-    assert_eq!(header(&dead[0].headers, headers::DECISION).as_deref(), Some("deny"));
+    assert_eq!(
+        header(&dead[0].headers, headers::DECISION).as_deref(),
+        Some("deny")
+    );
 }
 
 #[tokio::test]
@@ -522,6 +538,10 @@ async fn an_unregistered_agent_is_denied_even_when_the_policies_permit_everythin
     assert_eq!(dead[0].subject.as_str(), "mesh.dead.mallory");
     worker_caught_up(&mesh).await;
     let delivered = mesh.messages(subjects::STREAM_DELIVER).await;
-    assert_eq!(delivered.len(), 1, "only the planner's handoff is delivered");
+    assert_eq!(
+        delivered.len(),
+        1,
+        "only the planner's handoff is delivered"
+    );
     assert_eq!(delivered[0].subject.as_str(), "mesh.deliver.coder.planner");
 }
