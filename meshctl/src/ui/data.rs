@@ -84,8 +84,10 @@ pub struct TraceRow {
 /// A step's payload as the audit sink stored it.
 #[derive(Debug, Clone, Deserialize, clickhouse::Row)]
 pub struct EventData {
-    agent: String,
-    event_id: String,
+    /// The publishing agent.
+    pub agent: String,
+    /// The event id.
+    pub event_id: String,
     /// As sent.
     pub datacontenttype: String,
     /// The data, whole (`hex` when not UTF-8).
@@ -99,8 +101,10 @@ pub struct EventData {
 /// A step's receipt and what the shadow set and an approver said.
 #[derive(Debug, Clone, Default, Deserialize, clickhouse::Row)]
 pub struct Receipt {
-    agent: String,
-    event_id: String,
+    /// The decided event's agent.
+    pub agent: String,
+    /// The decided event's id.
+    pub event_id: String,
     /// The receipt JSON as received.
     pub receipt: String,
     /// The shadow set's decision, `''` without a shadow set.

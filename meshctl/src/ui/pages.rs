@@ -420,3 +420,80 @@ pub fn error(status: hyper::StatusCode, message: &str) -> String {
     );
     page(&title, Nav::None, &body, false)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ui::data::Receipt;
+
+    fn node(id: &str, parent: &str, subject: &str, decision: &str) -> Node {
+        Node {
+            event_id: id.into(),
+            parent_id: parent.into(),
+            agent: "coder".into(),
+            r#type: "io.agentmesh.tool.call".into(),
+            target: String::new(),
+            subject: subject.into(),
+            time: 0,
+            time_us: 0,
+            decision: decision.into(),
+            reasons: vec!["p2".into(), "p1".into()],
+            errors: Vec::new(),
+            policy_hash: "h".into(),
+            valid: 1,
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn draws_nested_steps_with_shadow_approval_and_pending() {
+        let mut trace = Trace {
+            nodes: vec![
+                node("a", "", "web.search", "allow"),
+                node("b", "a", "deploy.prod", "allow"),
+                node("c", "a", "<script>x</script>", ""),
+            ],
+            ..Trace::default()
+        };
+        let receipt = |id: &str, shadow: &str, status: &str| Receipt {
+            agent: "coder".into(),
+            event_id: id.into(),
+            shadow_decision: shadow.into(),
+            shadow_reasons: vec!["no-web-search".into()],
+            approval_status: status.into(),
+            approver: "alice".into(),
+            receipt: r#"{"decision":"allow"}"#.into(),
+            ..Receipt::default()
+        };
+        for r in [receipt("a", "deny", ""), receipt("b", "", "approved")] {
+            trace
+                .receipts
+                .insert(("coder".into(), r.event_id.clone()), r);
+        }
+        let html = tree_fragment(&trace);
+        // a holds b and c, one level down; c waits without a receipt.
+        let steps: Vec<&str> = html
+            .lines()
+            .filter(|l| l.starts_with("<li") || *l == "<ul>" || *l == "</ul>")
+            .collect();
+        assert_eq!(steps.len(), 6, "{html}");
+        assert!(steps[0].starts_with("<li class=\"step allow\" id=\"step-coder/a\""));
+        assert_eq!(steps[1], "<ul>");
+        assert!(steps[2].starts_with("<li class=\"step allow\" id=\"step-coder/b\""));
+        assert!(steps[3].starts_with("<li class=\"step pending\" id=\"step-coder/c\""));
+        assert_eq!(steps[4..], ["</ul>", "</ul>"], "{html}");
+        assert!(
+            html.contains("<span class=\"reasons\">p1, p2</span>"),
+            "{html}"
+        );
+        assert!(html.contains("shadow differs"), "{html}");
+        assert!(html.contains("shadow: deny no-web-search"), "{html}");
+        assert!(html.contains("approval approved by alice"), "{html}");
+        assert!(html.contains("&lt;script&gt;x&lt;/script&gt;"), "{html}");
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(
+            html.contains("&quot;decision&quot;: &quot;allow&quot;"),
+            "{html}"
+        );
+    }
+}
