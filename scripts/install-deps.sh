@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what agentmesh's stack and tests need on a Debian machine:
 # nats-server (JetStream), clickhouse-server + client, docker-compose (to
-# validate compose.yaml) and the Python client nats-py for interop tests.
+# validate compose.yaml), chromium + chromium-driver (the `meshctl ui`
+# browser test) and the Python client nats-py for interop tests.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -15,6 +16,8 @@ have nats-server || missing+=(nats-server)
 have clickhouse-server || missing+=(clickhouse-server)
 have clickhouse-client || missing+=(clickhouse-client)
 have docker-compose || missing+=(docker-compose)
+have chromium || missing+=(chromium)
+have chromedriver || missing+=(chromium-driver)
 have python3 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 

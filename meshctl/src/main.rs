@@ -1,7 +1,7 @@
 //! `meshctl`: the operator CLI of agentmesh — the local stack (`up`, `down`,
 //! `status`), agent identities (`agents`), the demo workflow and decision
-//! trees from ClickHouse, and the guardrails (`policy`, `approvals`,
-//! `limits`).
+//! trees from ClickHouse (`trace`, and the web view `ui`), and the
+//! guardrails (`policy`, `approvals`, `limits`).
 
 mod agents;
 mod approvals;
@@ -13,7 +13,9 @@ mod procs;
 mod servers;
 mod stack;
 mod tree;
+mod ui;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -119,6 +121,15 @@ enum Command {
     Trace {
         /// The workflow's trace id (32 hex characters).
         trace_id: String,
+    },
+    /// Serve a web view of the audit: recent traces, decision trees (live), denials.
+    Ui {
+        /// Port to serve on (0: any free port).
+        #[arg(long, env = "AGENTMESH_UI_PORT", default_value_t = 8080)]
+        port: u16,
+        /// Address to bind; the default keeps the UI on this machine.
+        #[arg(long, env = "AGENTMESH_UI_BIND", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+        bind: IpAddr,
     },
     /// Check, promote (shadow → active) and replay policy sets.
     Policy {
@@ -289,6 +300,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             print!("{}", tree::render(&trace_id, &nodes));
         }
+        Command::Ui { port, bind } => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            ui::run(&endpoints, SocketAddr::new(bind, port), shutdown).await?
+        }
         Command::Policy { command } => return exit(policy::run(command, &endpoints).await?),
         Command::Approvals { command } => {
             return exit(approvals::run(command, &endpoints).await?);
@@ -296,6 +312,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Limits { command } => return exit(limits::run(command, &endpoints).await?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Cancels `token` on Ctrl-C or SIGTERM.
+async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    token.cancel();
 }
 
 fn exit(ok: bool) -> anyhow::Result<ExitCode> {

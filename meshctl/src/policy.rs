@@ -166,13 +166,21 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc
     if let Some(unit) = t.chars().last().filter(|c| "smhd".contains(*c))
         && let Ok(n) = t[..t.len() - 1].parse::<i64>()
     {
-        let secs = n * match unit {
+        let unit_secs = match unit {
             's' => 1,
             'm' => 60,
             'h' => 3600,
             _ => 86_400,
         };
-        return Ok(now - chrono::Duration::seconds(secs));
+        // An age too large for a date is refused, not a panic.
+        if let Some(t) = n
+            .checked_mul(unit_secs)
+            .and_then(chrono::Duration::try_seconds)
+            .and_then(|age| now.checked_sub_signed(age))
+        {
+            return Ok(t);
+        }
+        bail!("`{text}` is too long ago to be a time");
     }
     if let Ok(dt) = DateTime::parse_from_rfc3339(t) {
         return Ok(dt.with_timezone(&Utc));
@@ -718,5 +726,7 @@ mod tests {
         assert_eq!(t("2026-02-01"), "2026-02-01T00:00:00+00:00");
         assert!(parse_time("yesterday", now).is_err());
         assert!(parse_time("5w", now).is_err());
+        assert!(parse_time("99999999999999999d", now).is_err());
+        assert!(parse_time("9223372036854775807s", now).is_err());
     }
 }

@@ -98,9 +98,19 @@ fn verdict(node: &Node) -> String {
     }
 }
 
-/// Draws the tree: roots are steps without a parent in this trace; children
-/// follow their parent, oldest first; the decision column is aligned.
-pub fn render(trace_id: &str, nodes: &[Node]) -> String {
+/// The causation edges of a trace's steps, as indexes into its `nodes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Links {
+    /// Steps without a parent in this trace, oldest first.
+    pub roots: Vec<usize>,
+    /// Each step's children, oldest first.
+    pub children: Vec<Vec<usize>>,
+}
+
+/// Links each step to its parent: roots are steps without a parent in this
+/// trace; children follow their parent in the order of `nodes`. (Steps of a
+/// causation cycle are in no root's subtree: drawers start from them too.)
+pub fn links(nodes: &[Node]) -> Links {
     let index: HashMap<&str, usize> = nodes
         .iter()
         .enumerate()
@@ -114,6 +124,13 @@ pub fn render(trace_id: &str, nodes: &[Node]) -> String {
             _ => roots.push(i),
         }
     }
+    Links { roots, children }
+}
+
+/// Draws the tree: roots are steps without a parent in this trace; children
+/// follow their parent, oldest first; the decision column is aligned.
+pub fn render(trace_id: &str, nodes: &[Node]) -> String {
+    let Links { roots, children } = links(nodes);
     // (left part, verdict) per line, in drawing order.
     let mut lines: Vec<(String, String)> = Vec::with_capacity(nodes.len());
     let mut seen = vec![false; nodes.len()];

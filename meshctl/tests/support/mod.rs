@@ -1,0 +1,3 @@
+//! Helpers shared by the UI tests.
+
+pub mod webdriver;
