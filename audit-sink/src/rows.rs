@@ -10,7 +10,7 @@
 use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
 use schemas::{
-    ContentMode, Data, DecisionReceipt, Event, Limits, MeshEvent, RawAttributes, subjects,
+    AgentId, ContentMode, Data, DecisionReceipt, Event, Limits, MeshEvent, RawAttributes, subjects,
 };
 use serde::Serialize;
 
@@ -78,6 +78,9 @@ pub struct EventRow {
     pub trace_id: String,
     /// `causationid`, '' for a root step.
     pub parent_id: String,
+    /// The agent of `causationsource` (the parent's agent), '' when the
+    /// event did not say.
+    pub parent_agent: String,
     /// The subject's agent token.
     pub agent: String,
     /// The CloudEvents `type`.
@@ -131,6 +134,13 @@ fn event_data(event: &Event) -> Vec<u8> {
     }
 }
 
+/// The agent of a `/agents/<agent>` source, '' for any other.
+fn source_agent(source: &str) -> String {
+    AgentId::from_source(source)
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
 /// The row for one message of `MESH_INGRESS`.
 pub fn event_row(
     subject: &str,
@@ -149,6 +159,7 @@ pub fn event_row(
     };
     let base = |attrs: RawAttributes,
                 (trace_id, trace_derived): (String, u8),
+                parent_agent: String,
                 (data, data_encoding): (String, &'static str),
                 mode: Option<ContentMode>,
                 error: String| {
@@ -162,6 +173,7 @@ pub fn event_row(
             event_id: attrs.id,
             trace_id,
             parent_id: attrs.causationid,
+            parent_agent,
             agent: agent.clone(),
             r#type: attrs.ty,
             target: attrs.target,
@@ -190,9 +202,11 @@ pub fn event_row(
             let attrs = RawAttributes::from_event(&event.event);
             // Same trace as the policy worker computes (derived when absent).
             let trace = (event.trace.trace_id_hex(), u8::from(event.trace_derived));
+            let parent_agent = event.causation_agent.clone().unwrap_or_default();
             base(
                 attrs,
                 trace,
+                parent_agent,
                 encode_vec(event.data_bytes()),
                 Some(event.mode),
                 String::new(),
@@ -204,9 +218,11 @@ pub fn event_row(
                 Ok((event, mode)) => {
                     let attrs = RawAttributes::from_event(&event);
                     let trace = fallback_trace(&attrs);
+                    let parent_agent = source_agent(&attrs.causationsource);
                     base(
                         attrs,
                         trace,
+                        parent_agent,
                         encode_vec(event_data(&event)),
                         Some(mode),
                         error,
@@ -215,7 +231,15 @@ pub fn event_row(
                 Err(_) => {
                     let attrs = RawAttributes::from_raw(headers, payload);
                     let trace = fallback_trace(&attrs);
-                    base(attrs, trace, encode_bytes(payload), None, error)
+                    let parent_agent = source_agent(&attrs.causationsource);
+                    base(
+                        attrs,
+                        trace,
+                        parent_agent,
+                        encode_bytes(payload),
+                        None,
+                        error,
+                    )
                 }
             }
         }
@@ -241,6 +265,8 @@ pub struct DecisionRow {
     pub subject: String,
     /// The event's `causationid`.
     pub parent_id: String,
+    /// The agent of the event's `causationsource`, '' when it had none.
+    pub parent_agent: String,
     /// `allow`, `deny` or `invalid` ('' when the receipt did not parse).
     pub decision: String,
     /// Ids of the determining policies.
@@ -311,6 +337,7 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
         target: String::new(),
         subject: String::new(),
         parent_id: String::new(),
+        parent_agent: String::new(),
         decision: String::new(),
         reasons: Vec::new(),
         errors: Vec::new(),
@@ -354,6 +381,7 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
             row.target = r.target.unwrap_or_default();
             row.subject = r.subject.unwrap_or_default();
             row.parent_id = r.causation_id.unwrap_or_default();
+            row.parent_agent = r.causation_agent.unwrap_or_default();
             row.decision = r.decision.as_str().to_owned();
             row.reasons = r.reasons;
             row.errors = r.errors;

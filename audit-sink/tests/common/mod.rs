@@ -223,6 +223,8 @@ pub struct Step {
     pub step: &'static str,
     pub ty: &'static str,
     pub parent: Option<String>,
+    /// The parent's agent, sent as `causationsource`.
+    pub parent_agent: Option<&'static str>,
     pub target: Option<&'static str>,
     pub tool: Option<&'static str>,
     pub time: String,
@@ -242,6 +244,9 @@ impl Step {
             );
         if let Some(p) = &self.parent {
             b = b.extension("causationid", p.clone());
+        }
+        if let Some(a) = self.parent_agent {
+            b = b.extension("causationsource", format!("/agents/{a}"));
         }
         if let Some(t) = self.target {
             b = b.extension("target", t);
@@ -279,6 +284,7 @@ impl Step {
             target: self.target.map(str::to_owned),
             subject: self.tool.map(str::to_owned),
             causation_id: self.parent.clone(),
+            causation_agent: self.parent_agent.map(str::to_owned),
             trace_derived: false,
             decided_at: self.time.clone(),
             eval_micros,
@@ -317,6 +323,7 @@ pub fn chain(prefix: &str, n: usize) -> Vec<Step> {
                     "io.agentmesh.reasoning"
                 },
                 parent: (i > 0).then(|| format!("{prefix}-{:05}", i - 1)),
+                parent_agent: None,
                 target: None,
                 tool: tool.then_some("fs.read"),
                 time: at(u32::try_from(i).unwrap_or(0) % 3600),
