@@ -555,6 +555,89 @@ pub fn gpu_lease_row(
     }
 }
 
+/// One row of `rejected`: a row ClickHouse refused, with the server's error
+/// and the message it was built from, so it can be inspected, and inserted
+/// again (`row` is the JSON of one row, `INSERT … FORMAT JSONEachRow`) or
+/// republished (`subject`, `headers`, `payload`) once the cause is fixed.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize)]
+pub struct RejectedRow {
+    /// The table that refused it.
+    pub table: String,
+    /// ClickHouse's error.
+    pub error: String,
+    /// The refused row as a JSON object, one column per key.
+    pub row: String,
+    /// The stream the message was read from.
+    pub stream: String,
+    /// The subject it arrived on.
+    pub subject: String,
+    /// Its stream sequence number.
+    pub stream_seq: u64,
+    /// When the broker received it (seconds).
+    pub received_at: u32,
+    /// When the broker received it (microseconds).
+    pub received_us: u64,
+    /// The message's headers as a JSON object of name to list of values.
+    pub headers: String,
+    /// The message's payload (see `payload_encoding`).
+    pub payload: String,
+    /// `utf8` or `hex`.
+    pub payload_encoding: String,
+    /// When the sink quarantined it (seconds).
+    pub time: u32,
+    /// The same instant in microseconds.
+    pub time_us: u64,
+}
+
+/// The message a row was built from, kept with the row until it is in.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The subject it arrived on.
+    pub subject: String,
+    /// Its headers.
+    pub headers: Option<HeaderMap>,
+    /// Its payload.
+    pub payload: bytes::Bytes,
+    /// Where it sat in its stream.
+    pub meta: Meta,
+}
+
+/// The `rejected` row for `row` of `table`, refused with `error`, built
+/// from `origin`, quarantined at `now_us`.
+pub fn rejected_row<R: Serialize>(
+    table: &str,
+    row: &R,
+    error: &str,
+    origin: &Origin,
+    now_us: i64,
+) -> RejectedRow {
+    let headers: serde_json::Map<String, serde_json::Value> = origin
+        .headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .map(|(name, values)| {
+            let values = values.iter().map(|v| v.as_str().into()).collect();
+            (name.to_string(), serde_json::Value::Array(values))
+        })
+        .collect();
+    let (payload, payload_encoding) = encode_bytes(&origin.payload);
+    RejectedRow {
+        table: table.to_owned(),
+        error: error.to_owned(),
+        row: serde_json::to_string(row).unwrap_or_default(),
+        stream: origin.meta.stream.clone(),
+        subject: origin.subject.clone(),
+        stream_seq: origin.meta.stream_seq,
+        received_at: datetime_secs(origin.meta.received_us),
+        received_us: micros_u64(origin.meta.received_us),
+        headers: serde_json::Value::Object(headers).to_string(),
+        payload,
+        payload_encoding: payload_encoding.to_owned(),
+        time: datetime_secs(now_us),
+        time_us: micros_u64(now_us),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

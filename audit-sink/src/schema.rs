@@ -32,8 +32,10 @@ pub const EVENTS: &str = "events";
 pub const DECISIONS: &str = "decisions";
 /// Table of GPU lease grants and releases.
 pub const GPU_LEASES: &str = "gpu_leases";
+/// Quarantine of the rows ClickHouse refused, with its error.
+pub const REJECTED: &str = "rejected";
 /// Every audit table, in creation order.
-pub const TABLES: [&str; 3] = [EVENTS, DECISIONS, GPU_LEASES];
+pub const TABLES: [&str; 4] = [EVENTS, DECISIONS, GPU_LEASES, REJECTED];
 
 /// The sorting key of `events` and `decisions`: the workflow, then the
 /// event's identity (agent and id; `msg_key` for messages without an id).
@@ -277,6 +279,26 @@ ORDER BY {EVENT_KEY}{}",
 PARTITION BY toYYYYMM(time)
 ORDER BY (pool, gpu, event_id, msg_key){}",
             ttl(ttl_column(GPU_LEASES))
+        ),
+        REJECTED => format!(
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
+    `table` {lc},
+    error String,
+    row String,
+    stream {lc},
+    subject String,
+    stream_seq UInt64,
+    received_at DateTime,
+    received_us UInt64,
+    headers String,
+    payload String,
+    payload_encoding {lc},
+    time DateTime,
+    time_us UInt64
+) ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMM(time)
+ORDER BY (`table`, stream_seq, received_us){}",
+            ttl(ttl_column(REJECTED))
         ),
         _ => return None,
     };

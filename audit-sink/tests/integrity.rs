@@ -1,15 +1,24 @@
 //! The audit keeps every row whatever the agents send: two agents' events
-//! with the same id both survive and link to the right parents, and tables
-//! of the old layout are migrated without losing a row. Against real NATS
-//! and ClickHouse servers.
+//! with the same id both survive and link to the right parents, tables of
+//! the old layout are migrated without losing a row, a row ClickHouse
+//! refuses is quarantined without holding up the rows after it, and agent
+//! times spread over many months do not matter. Against real NATS and
+//! ClickHouse servers.
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
-use audit_sink::queries;
-use common::{Harness, Step, at};
+use std::time::Duration;
+
+use audit_sink::{Config, queries, schema};
+use common::{Harness, Message, Step, at};
 use schemas::{Decision, TraceParent};
+use telemetry::testing::http_get;
+use testkit::{eventually, sample_value};
+
+/// How long a row may take to be queryable once the sink is running.
+const SOON: Duration = Duration::from_secs(20);
 
 #[allow(clippy::too_many_arguments)]
 fn step(
@@ -33,6 +42,25 @@ fn step(
         tool,
         time: at(offset),
     }
+}
+
+/// Publishes `message` and returns its stream sequence.
+async fn publish_seq(h: &Harness, message: &Message) -> anyhow::Result<u64> {
+    let ack = match &message.headers {
+        Some(headers) => {
+            h.js.publish_with_headers(
+                message.subject.clone(),
+                headers.clone(),
+                message.payload.clone(),
+            )
+            .await?
+        }
+        None => {
+            h.js.publish(message.subject.clone(), message.payload.clone())
+                .await?
+        }
+    };
+    Ok(ack.await?.sequence)
 }
 
 #[tokio::test]
@@ -239,7 +267,8 @@ async fn tables_of_the_old_layout_are_migrated_without_losing_rows() -> anyhow::
             "decisions_old_layout",
             "events",
             "events_old_layout",
-            "gpu_leases"
+            "gpu_leases",
+            "rejected"
         ]
     );
     // Every old row is in the new tables, values kept, new columns empty.
@@ -304,7 +333,200 @@ async fn tables_of_the_old_layout_are_migrated_without_losing_rows() -> anyhow::
             "SELECT count() FROM system.tables WHERE database = '{db}'"
         ))
         .await?;
-    assert_eq!(tables, "5\n");
+    assert_eq!(tables, "6\n");
     assert_eq!(h.count_final("events").await?, 5);
+    sink.stop().await
+}
+
+#[tokio::test]
+async fn a_refused_row_is_quarantined_and_the_rows_after_it_go_on() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    // The schema first, then a column that makes the server refuse one
+    // agent's rows (18.16 has `throwIf`).
+    schema::ensure(&h.ch.client(), &h.db, 0).await?;
+    h.query("ALTER TABLE events ADD COLUMN guard UInt8 MATERIALIZED throwIf(agent = 'poison')")
+        .await?;
+    let trace = TraceParent::mint();
+    let good = |i: u32| {
+        step(
+            &format!("g{i}"),
+            "planner",
+            "io.agentmesh.reasoning",
+            None,
+            None,
+            None,
+            None,
+            i,
+        )
+    };
+    let poison = step(
+        "bad",
+        "poison",
+        "io.agentmesh.reasoning",
+        None,
+        None,
+        None,
+        None,
+        5,
+    );
+    // Published before the sink starts, so they share its first batch.
+    for i in 0..5 {
+        publish_seq(&h, &good(i).message(&trace)).await?;
+    }
+    let poison_seq = publish_seq(&h, &poison.message(&trace)).await?;
+    for i in 5..10 {
+        publish_seq(&h, &good(i).message(&trace)).await?;
+    }
+
+    let config: Config = Harness::with_metrics(h.config())?;
+    let metrics = Harness::metrics_addr(&config).expect("metrics port");
+    let sink = h.spawn_sink(config).await?;
+    let count = || async {
+        h.query("SELECT count() FROM events FINAL")
+            .await
+            .ok()?
+            .trim()
+            .parse::<u64>()
+            .ok()
+    };
+    eventually(SOON, "the 10 good events", || async {
+        (count().await? >= 10).then_some(())
+    })
+    .await?;
+    // The good rows go in while the batch is split, the refused one after.
+    let rejected = eventually(SOON, "the quarantined row", || async {
+        let rows = h
+            .query(
+                "SELECT `table`, stream, subject, stream_seq, error, row, payload_encoding \
+                 FROM rejected FINAL",
+            )
+            .await
+            .ok()?;
+        (!rows.is_empty()).then_some(rows)
+    })
+    .await?;
+    let fields: Vec<&str> = rejected.trim_end().split('\t').collect();
+    assert_eq!(fields.len(), 7, "one quarantined row: {rejected}");
+    assert_eq!(
+        fields[..4],
+        [
+            "events",
+            "MESH_INGRESS",
+            "mesh.ingress.poison.step",
+            &poison_seq.to_string()
+        ]
+    );
+    assert!(
+        fields[4].starts_with("Code: 395") && fields[4].contains("throwIf"),
+        "the server's error: {}",
+        fields[4]
+    );
+    assert!(
+        fields[5].contains(r#""event_id":"bad""#) && fields[5].contains(r#""agent":"poison""#),
+        "the row as JSON: {}",
+        fields[5]
+    );
+    assert_eq!(fields[6], "utf8");
+    assert_eq!(
+        h.query("SELECT count() FROM events FINAL WHERE agent = 'poison'")
+            .await?,
+        "0\n"
+    );
+
+    // The events after it are not held up.
+    for i in 10..13 {
+        h.publish(&good(i).message(&trace)).await?;
+    }
+    eventually(SOON, "the 3 later events", || async {
+        (count().await? >= 13).then_some(())
+    })
+    .await?;
+    let quarantined = eventually(SOON, "the quarantine metric", || async move {
+        let (_, body) = http_get(metrics, "/metrics").await.ok()?;
+        let n = sample_value(
+            &body,
+            "agentmesh_sink_rows_quarantined_total{table=\"events\"}",
+        );
+        (n >= 1.0).then_some(n)
+    })
+    .await?;
+    assert_eq!(quarantined, 1.0);
+
+    // Once the cause is gone, the row goes back in from its JSON, as
+    // docs/audit.md shows.
+    h.query("ALTER TABLE events DROP COLUMN guard").await?;
+    let row = h
+        .query("SELECT row FROM rejected FINAL WHERE `table` = 'events' FORMAT TabSeparatedRaw")
+        .await?;
+    h.ch.client()
+        .with_database(&h.db)
+        .query_raw(&format!(
+            "INSERT INTO events FORMAT JSONEachRow {}",
+            row.trim_end()
+        ))
+        .execute()
+        .await?;
+    assert_eq!(
+        h.query("SELECT event_id, agent, stream_seq FROM events FINAL WHERE agent = 'poison'")
+            .await?,
+        format!("bad\tpoison\t{poison_seq}\n")
+    );
+    assert_eq!(count().await, Some(14));
+    sink.stop().await
+}
+
+#[tokio::test]
+async fn agent_times_over_150_months_neither_stall_nor_split_the_table() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    let sink = h.spawn_sink(h.config()).await?;
+    let trace = TraceParent::mint();
+    let start = chrono::DateTime::parse_from_rfc3339("2010-01-15T12:00:00Z")?;
+    for i in 0..150u32 {
+        let mut s = step(
+            &format!("m{i:03}"),
+            "coder",
+            "io.agentmesh.reasoning",
+            None,
+            None,
+            None,
+            None,
+            0,
+        );
+        let time = start
+            .checked_add_months(chrono::Months::new(i))
+            .expect("in range");
+        s.time = time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        h.publish(&s.message(&trace)).await?;
+    }
+    eventually(SOON, "150 events", || async {
+        let n: u64 = h
+            .query("SELECT count() FROM events FINAL")
+            .await
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        (n >= 150).then_some(())
+    })
+    .await?;
+    // The agents' times are kept as they wrote them…
+    assert_eq!(
+        h.query("SELECT min(time), max(time), uniqExact(toYYYYMM(time)) FROM events FINAL")
+            .await?,
+        "2010-01-15 12:00:00\t2022-06-15 12:00:00\t150\n"
+    );
+    // …but the table is partitioned by when the mesh received them: one or
+    // two months (should the test cross a month's end), not 150 (a current
+    // ClickHouse refuses an insert into more than 100 partitions).
+    let partitions: u64 = h
+        .query(&format!(
+            "SELECT uniqExact(partition) FROM system.parts \
+             WHERE database = '{}' AND table = 'events' AND active",
+            h.db
+        ))
+        .await?
+        .trim()
+        .parse()?;
+    assert!(partitions <= 2, "{partitions} partitions");
     sink.stop().await
 }

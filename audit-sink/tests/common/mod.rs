@@ -156,6 +156,21 @@ impl Harness {
         Ok(self.query(&sql).await?.lines().map(str::to_owned).collect())
     }
 
+    /// Where the sink serves `/metrics` when started with [`Harness::with_metrics`].
+    pub fn metrics_addr(config: &Config) -> Option<std::net::SocketAddr> {
+        config
+            .ops
+            .http_port
+            .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// `config` with the health and metrics server on a free local port.
+    pub fn with_metrics(mut config: Config) -> anyhow::Result<Config> {
+        config.ops.http_port = Some(testkit::free_port()?);
+        config.ops.http_host = std::net::IpAddr::from([127, 0, 0, 1]);
+        Ok(config)
+    }
+
     /// `SELECT count() FROM <table> FINAL`.
     pub async fn count_final(&self, table: &str) -> anyhow::Result<u64> {
         Ok(self
