@@ -370,7 +370,7 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
             "SELECT name FROM system.tables WHERE database = 'agentmesh' ORDER BY name",
         )
         .await?;
-        assert_eq!(tables, "decisions\nevents\ngpu_leases\n");
+        assert_eq!(tables, "decisions\nevents\ngpu_leases\nrejected\n");
         // The ClickHouse config meshctl wrote lives under the state directory.
         assert!(
             Path::new(&stack.home)
