@@ -923,7 +923,15 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
     let trace = schemas::TraceParent::mint();
     let trace_id = trace.trace_id_hex();
     // (agent, id, type, target, causationid, causationsource)
-    let steps: [(&str, &str, &str, Option<&str>, Option<&str>, Option<&str>); 6] = [
+    type Step<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let steps: [Step; 6] = [
         ("planner", "1", "prompt", None, None, None),
         (
             "planner",
