@@ -304,14 +304,14 @@ impl CacheMetrics {
             entries: meter
                 .u64_gauge("agentmesh.worker.cache.entries")
                 .with_description(
-                    "Messages in the `mesh-tool-cache` bucket: results, and calls in flight.",
+                    "Tool results stored in the `mesh-tool-cache` bucket.",
                 )
                 .with_unit("{entry}")
                 .build()
                 .bind(&[]),
             bytes: meter
                 .u64_gauge("agentmesh.worker.cache.bytes")
-                .with_description("Bytes stored in the `mesh-tool-cache` bucket.")
+                .with_description("Bytes stored in the `mesh-tool-cache` bucket (results and the records of calls in flight).")
                 .with_unit("By")
                 .build()
                 .bind(&[]),

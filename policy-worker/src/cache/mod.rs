@@ -147,6 +147,23 @@ pub async fn purge(js: &jetstream::Context, tool: Option<&str>) -> Result<u64, a
     Ok(purged.purged)
 }
 
+/// How many results `mesh-tool-cache` holds (read from its stream, one
+/// subject per result), and the bucket's bytes (results and the records of
+/// calls in flight).
+pub async fn size(bucket: &jetstream::stream::Stream) -> Result<(u64, u64), async_nats::Error> {
+    use futures::StreamExt as _;
+    let mut info = bucket
+        .info_with_subjects(format!("$KV.{}.r.>", subjects::BUCKET_TOOL_CACHE))
+        .await?;
+    let bytes = info.info.state.bytes;
+    let mut entries = 0;
+    while let Some(subject) = info.next().await {
+        subject?;
+        entries += 1;
+    }
+    Ok((entries, bytes))
+}
+
 fn call_token(call: &str) -> String {
     format!("p.{}", sha_hex(&format!("call\n{call}"), 32))
 }
@@ -302,9 +319,8 @@ impl ToolCache {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok(status) = this.kv.status().await {
-                    this.metrics
-                        .size(status.info.state.messages, status.info.state.bytes);
+                if let Ok((entries, bytes)) = size(&this.kv.stream).await {
+                    this.metrics.size(entries, bytes);
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
