@@ -446,6 +446,29 @@ mod tests {
     }
 
     #[test]
+    fn cache_metrics_render() {
+        let metrics = Metrics::local("test");
+        let cache = CacheMetrics::new(&metrics);
+        cache.hit();
+        cache.hit();
+        cache.miss();
+        cache.bypass();
+        cache.stored();
+        cache.size(3, 4096);
+        let text = metrics.prometheus_text();
+        for line in [
+            "agentmesh_worker_cache_lookups_total{result=\"hit\"} 2\n",
+            "agentmesh_worker_cache_lookups_total{result=\"miss\"} 1\n",
+            "agentmesh_worker_cache_lookups_total{result=\"bypass\"} 1\n",
+            "agentmesh_worker_cache_stored_total 1\n",
+            "agentmesh_worker_cache_entries 3\n",
+            "agentmesh_worker_cache_bytes 4096\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
     fn sink_and_scaler_metrics_render() {
         let metrics = Metrics::local("test");
         let events = SinkMetrics::new(&metrics).table("events");
