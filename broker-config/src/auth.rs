@@ -28,6 +28,13 @@
 //! may only re-send the same create request for it (the server refuses to
 //! turn a pull consumer into a push one or to change its deliver policy, and
 //! the create subject pins the name and filter).
+//!
+//! Receipts are read the same way: the operator creates each agent's
+//! `receipts-<id>` on `MESH_DECISION` as a pull consumer, and the agent may
+//! re-send its create request (pinned to `mesh.decision.<id>`), read and
+//! ack it. A core subscription would also see the receipts the stream
+//! deduplicated, so receipts are read from the stream. The agent may not
+//! delete it: a deleted consumer could be created again as a push one.
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -268,6 +275,8 @@ pub fn grants(principal: &Principal) -> Grants {
         Role::Agent => {
             let deliver = subjects::STREAM_DELIVER;
             let durable = agent_consumer(name);
+            let decision = subjects::STREAM_DECISION;
+            let receipts = receipts_consumer(name);
             Grants {
                 account: agent_account(name),
                 publish: vec![
@@ -296,6 +305,16 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("$JS.API.CONSUMER.INFO.{deliver}.{durable}"),
                     format!("$JS.API.CONSUMER.MSG.NEXT.{deliver}.{durable}"),
                     format!("$JS.ACK.{deliver}.{durable}.>"),
+                    // Its receipts consumer, likewise: create (pinned to
+                    // its own decision subject), info, next, ack. No
+                    // delete: it could then be created as a push consumer.
+                    format!(
+                        "$JS.API.CONSUMER.CREATE.{decision}.{receipts}.{}",
+                        subjects::decision(name)
+                    ),
+                    format!("$JS.API.CONSUMER.INFO.{decision}.{receipts}"),
+                    format!("$JS.API.CONSUMER.MSG.NEXT.{decision}.{receipts}"),
+                    format!("$JS.ACK.{decision}.{receipts}.>"),
                 ],
                 subscribe: vec![
                     // Replies to its own requests (its account's inboxes are its own).
@@ -311,6 +330,7 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("mesh.ingress.{name}.>"),
                     format!("$KV.{}.{name}", subjects::BUCKET_AGENTS),
                     format!("$JS.ACK.{deliver}.{durable}.>"),
+                    format!("$JS.ACK.{decision}.{receipts}.>"),
                 ],
                 stream_imports: vec![
                     subjects::decision(name),
@@ -332,6 +352,12 @@ pub fn agent_account(id: &str) -> String {
 /// the name the agents SDK uses).
 pub fn agent_consumer(id: &str) -> String {
     format!("agent-{id}")
+}
+
+/// The durable consumer agent `id` reads its receipts from on
+/// `MESH_DECISION` (`receipts-<id>`, filtered to `mesh.decision.<id>`).
+pub fn receipts_consumer(id: &str) -> String {
+    format!("receipts-{id}")
 }
 
 /// The filter of agent `id`'s durable: `mesh.deliver.<id>.>`.
@@ -560,6 +586,79 @@ mod tests {
             !g.publish
                 .iter()
                 .any(|s| s.starts_with("mesh.deliver") || s.starts_with("mesh.decision"))
+        );
+    }
+
+    #[test]
+    fn an_agent_reads_its_receipts_through_one_pinned_consumer() {
+        let g = grants(&Principal::agent("planner", key()));
+        let on_decisions: Vec<&str> = g
+            .publish
+            .iter()
+            .filter(|s| s.contains("MESH_DECISION"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            on_decisions,
+            [
+                "$JS.API.CONSUMER.CREATE.MESH_DECISION.receipts-planner.mesh.decision.planner",
+                "$JS.API.CONSUMER.INFO.MESH_DECISION.receipts-planner",
+                "$JS.API.CONSUMER.MSG.NEXT.MESH_DECISION.receipts-planner",
+                "$JS.ACK.MESH_DECISION.receipts-planner.>",
+            ]
+        );
+        assert!(
+            g.service_imports
+                .contains(&"$JS.ACK.MESH_DECISION.receipts-planner.>".to_owned())
+        );
+        // Every consumer subject names one stream and one of its own two
+        // consumers: no wildcard before the filter or the ack's tail.
+        let own = [agent_consumer("planner"), receipts_consumer("planner")];
+        for subject in g
+            .publish
+            .iter()
+            .filter(|s| s.starts_with("$JS.API.CONSUMER.") || s.starts_with("$JS.ACK."))
+        {
+            let rest = [
+                "$JS.ACK.",
+                "$JS.API.CONSUMER.MSG.NEXT.",
+                "$JS.API.CONSUMER.",
+            ]
+            .iter()
+            .find_map(|p| subject.strip_prefix(p))
+            .unwrap();
+            let mut tokens = rest.split('.');
+            if subject.starts_with("$JS.API.CONSUMER.") && !subject.contains(".MSG.NEXT.") {
+                tokens.next(); // CREATE, INFO
+            }
+            let (stream, consumer) = (tokens.next().unwrap(), tokens.next().unwrap());
+            assert!(!stream.contains(['*', '>']), "{subject}");
+            assert!(own.iter().any(|c| c == consumer), "{subject}");
+        }
+        // The services' consumers are not an agent's.
+        for subject in g.publish.iter().chain(&g.service_imports) {
+            assert!(
+                !subject.contains(AUDIT_SINK) && !subject.contains(POLICY_WORKER),
+                "{subject}"
+            );
+        }
+        // The ack service is exported to this agent's account alone.
+        let accounts = render_accounts(&principals()).unwrap();
+        let exports = accounts["MESH"]["exports"].as_array().unwrap();
+        let receipt_acks: Vec<&Value> = exports
+            .iter()
+            .filter(|e| {
+                e["service"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("receipts-"))
+            })
+            .collect();
+        assert_eq!(
+            receipt_acks,
+            [
+                &json!({"service": "$JS.ACK.MESH_DECISION.receipts-coder.>", "accounts": ["AGENT_coder"]}),
+                &json!({"service": "$JS.ACK.MESH_DECISION.receipts-planner.>", "accounts": ["AGENT_planner"]}),
+            ]
         );
     }
 

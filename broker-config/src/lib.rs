@@ -17,7 +17,8 @@ mod provision;
 pub use credentials::NatsCredentials;
 pub use provision::{
     ProvisionError, agent_consumer_config, approvals_consumer_config, ensure_consumer,
-    provision_agent, provision_services, remove_agent, service_consumer_configs,
+    provision_agent, provision_services, receipts_consumer_config, remove_agent,
+    service_consumer_configs,
 };
 
 use std::time::Duration;

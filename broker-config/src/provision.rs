@@ -1,6 +1,7 @@
 //! Durable consumers the operator creates for principals that may not
 //! create their own (see `auth.rs` for why): each agent's `agent-<id>` on
-//! `MESH_DELIVER`, and the audit sink's and policy worker's durables.
+//! `MESH_DELIVER` and `receipts-<id>` on `MESH_DECISION`, and the audit
+//! sink's and policy worker's durables.
 //!
 //! They are created as pull consumers with the settings their owners ask
 //! for, so the owner's own create request later is an update the server
@@ -14,7 +15,7 @@ use schemas::subjects;
 use crate::Change;
 use crate::auth::{
     AUDIT_SINK_CONSUMERS, POLICY_WORKER_APPROVALS_CONSUMER, POLICY_WORKER_CONSUMER, agent_consumer,
-    agent_filter,
+    agent_filter, receipts_consumer,
 };
 
 /// Why a consumer could not be provisioned or removed.
@@ -35,6 +36,23 @@ pub fn agent_consumer_config(id: &str) -> consumer::pull::Config {
         durable_name: Some(agent_consumer(id)),
         description: Some(format!("deliveries to agent `{id}`")),
         filter_subject: agent_filter(id),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 1000,
+        ..Default::default()
+    }
+}
+
+/// The settings of agent `id`'s receipts durable on `MESH_DECISION`, as a
+/// client creates it (`examples/python/publish_event.py` does): pull, every
+/// receipt from the start, explicit acks.
+pub fn receipts_consumer_config(id: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(receipts_consumer(id)),
+        description: Some(format!("decision receipts of agent `{id}`")),
+        filter_subject: subjects::decision(id),
         deliver_policy: consumer::DeliverPolicy::All,
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(30),
@@ -128,9 +146,20 @@ pub async fn ensure_consumer(
     }
 }
 
-/// Creates agent `id`'s durable delivery consumer if it is missing.
+/// Creates agent `id`'s durables (deliveries and receipts) that are
+/// missing: [`Change::Created`] when either was.
 pub async fn provision_agent(js: &jetstream::Context, id: &str) -> Result<Change, ProvisionError> {
-    ensure_consumer(js, subjects::STREAM_DELIVER, agent_consumer_config(id)).await
+    let deliveries =
+        ensure_consumer(js, subjects::STREAM_DELIVER, agent_consumer_config(id)).await?;
+    let receipts =
+        ensure_consumer(js, subjects::STREAM_DECISION, receipts_consumer_config(id)).await?;
+    Ok(
+        if deliveries == Change::Created || receipts == Change::Created {
+            Change::Created
+        } else {
+            Change::Unchanged
+        },
+    )
 }
 
 /// Creates the services' durables that are missing.
@@ -145,17 +174,27 @@ pub async fn provision_services(
     Ok(changes)
 }
 
-/// Deletes agent `id`'s durable (its undelivered messages stay in the
-/// stream until they age out). `false` when there was none.
+/// Deletes agent `id`'s durables, deliveries and receipts (their messages
+/// stay in the streams until they age out). `false` when there was neither.
 pub async fn remove_agent(js: &jetstream::Context, id: &str) -> Result<bool, ProvisionError> {
-    let name = agent_consumer(id);
+    let deliveries = delete_consumer(js, subjects::STREAM_DELIVER, agent_consumer(id)).await?;
+    let receipts = delete_consumer(js, subjects::STREAM_DECISION, receipts_consumer(id)).await?;
+    Ok(deliveries || receipts)
+}
+
+/// Deletes consumer `name` of `stream`; `false` when there was none.
+async fn delete_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    name: String,
+) -> Result<bool, ProvisionError> {
     let err = |source: async_nats::Error| ProvisionError {
-        stream: subjects::STREAM_DELIVER.to_owned(),
+        stream: stream.to_owned(),
         consumer: name.clone(),
         source,
     };
     let handle = js
-        .get_stream_no_info(subjects::STREAM_DELIVER)
+        .get_stream_no_info(stream)
         .await
         .map_err(|e| err(e.into()))?;
     match handle.delete_consumer(&name).await {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use broker_config::auth::{self, Principal, Role};
 use broker_config::credentials::{UserKey, generate_user_key};
+use tokio_util::sync::CancellationToken;
 
 /// How long the harness waits for the server to start or reload.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -323,6 +324,37 @@ impl SecureNats {
         .await?;
         Ok(key.seed)
     }
+}
+
+/// Starts the policy worker in-process with its own key and the shipped
+/// policies; returns its stop token once it is ready.
+pub async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken> {
+    let ready = mesh
+        .dir
+        .path()
+        .join(format!("worker-{}.ready", uuid::Uuid::new_v4().simple()));
+    let config = policy_worker::Config {
+        nats_url: mesh.url(),
+        credentials: broker_config::NatsCredentials {
+            nkey_seed_file: Some(mesh.seed_file(auth::POLICY_WORKER)?),
+            creds_file: None,
+        },
+        policies: testkit::shipped_policies(),
+        watch_policies: false,
+        ready_file: Some(ready.clone()),
+        ..Default::default()
+    };
+    let token = CancellationToken::new();
+    let handle = tokio::spawn(policy_worker::run(config, token.clone()));
+    testkit::eventually(WAIT, "the policy worker to become ready", || async {
+        (ready.exists() || handle.is_finished()).then_some(())
+    })
+    .await?;
+    if handle.is_finished() {
+        let result = handle.await?;
+        anyhow::bail!("the policy worker stopped at start: {result:?}");
+    }
+    Ok(token)
 }
 
 /// A JetStream context on `client` that gives up on an answer after 2 s

@@ -7,44 +7,10 @@
 
 use agents_sdk::{Agent, CardChange, Decision, ToolCall, ToolSpec};
 use async_nats::HeaderMap;
-use e2e::{SecureNats, WAIT};
+use e2e::{SecureNats, WAIT, start_worker};
 use futures::StreamExt as _;
 use serde_json::json;
-use testkit::eventually;
 use tokio_util::sync::CancellationToken;
-
-fn policies() -> std::path::PathBuf {
-    testkit::shipped_policies()
-}
-
-/// Starts the policy worker with its own key; returns its stop token.
-async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken> {
-    let dir = tempfile::tempdir()?;
-    let ready = dir.path().join("worker.ready");
-    let config = policy_worker::Config {
-        nats_url: mesh.url(),
-        credentials: broker_config::NatsCredentials {
-            nkey_seed_file: Some(mesh.seed_file(broker_config::auth::POLICY_WORKER)?),
-            creds_file: None,
-        },
-        policies: policies(),
-        watch_policies: false,
-        ready_file: Some(ready.clone()),
-        ..Default::default()
-    };
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(policy_worker::run(config, token.clone()));
-    eventually(WAIT, "the policy worker to become ready", || async {
-        (ready.exists() || handle.is_finished()).then_some(())
-    })
-    .await?;
-    if handle.is_finished() {
-        let result = handle.await?;
-        anyhow::bail!("the policy worker stopped at start: {result:?}");
-    }
-    std::mem::forget(dir);
-    Ok(token)
-}
 
 async fn agent(
     mesh: &SecureNats,
