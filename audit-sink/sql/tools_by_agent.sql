@@ -1,7 +1,7 @@
 -- Which tools each agent called in [{from:DateTime}, {to:DateTime}): calls
 -- per agent and tool (the tool is the subject of an io.agentmesh.tool.call),
 -- with how many the policy allowed, denied or found invalid, and how many
--- have no decision yet.
+-- have no decision yet. Events and decisions match on agent + event_id.
 -- Run in database agentmesh; see docs/audit.md for the parameter syntax.
 SELECT
     agent,
@@ -21,13 +21,13 @@ FROM
 ) AS e
 ANY LEFT JOIN
 (
-    SELECT event_id, decision
+    SELECT agent, event_id, decision
     FROM decisions FINAL
-    WHERE event_id IN
+    WHERE (agent, event_id) IN
     (
-        SELECT event_id FROM events
+        SELECT agent, event_id FROM events
         WHERE type = 'io.agentmesh.tool.call' AND time >= {from:DateTime} AND time < {to:DateTime}
     )
-) AS d USING event_id
+) AS d USING (agent, event_id)
 GROUP BY agent, tool
 ORDER BY agent, calls DESC, tool

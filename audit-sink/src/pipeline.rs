@@ -7,6 +7,16 @@
 //! the insert is retried with exponential backoff. Once it succeeds the batch
 //! is acked. If the sink dies meanwhile, the unacked messages are redelivered
 //! to the next run; the rows that made it twice collapse (ReplacingMergeTree).
+//!
+//! A batch the server refuses because of its data (a server exception that
+//! retrying cannot fix, see [`refusal`]) is tried once more on its own and
+//! then bisected: the halves are inserted on their own until each refused
+//! row stands alone; those rows go
+//! to the `rejected` table with the server's error and their message, the
+//! rest into the table, and then the whole batch is acked. So one bad row
+//! never stops the rows after it. Should the server fail otherwise on the
+//! way (down, timeout), the batch is held and retried as above; the rows
+//! that made it meanwhile collapse with their retry.
 
 use std::time::Duration;
 
@@ -17,7 +27,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::rows::{self, Meta};
+use crate::rows::{self, Meta, Origin};
 use crate::{Error, schema};
 
 /// Batching and retry settings shared by the three tables.
@@ -133,8 +143,85 @@ pub(crate) async fn consumer<T: Table>(
     }
 }
 
+/// ClickHouse error codes of a failed insert that are no fault of the rows
+/// (the server, its resources, its configuration or the schema being
+/// created or changed): the batch is held and retried, never bisected.
+const RETRY_CODES: &[u32] = &[
+    3,    // UNEXPECTED_END_OF_FILE: the body was cut
+    8,    // THERE_IS_NO_COLUMN
+    10,   // NOT_FOUND_COLUMN_IN_BLOCK
+    16,   // NO_SUCH_COLUMN_IN_TABLE: a column still to be added
+    32,   // ATTEMPT_TO_READ_AFTER_EOF: the body was cut
+    33,   // CANNOT_READ_ALL_DATA: the body was cut, or the table's types differ
+    47,   // UNKNOWN_IDENTIFIER
+    60,   // UNKNOWN_TABLE: the schema is being created
+    81,   // UNKNOWN_DATABASE: likewise
+    159,  // TIMEOUT_EXCEEDED
+    160,  // TOO_SLOW
+    164,  // READONLY
+    173,  // CANNOT_ALLOCATE_MEMORY
+    192,  // UNKNOWN_USER
+    193,  // WRONG_PASSWORD
+    194,  // REQUIRED_PASSWORD
+    195,  // IP_ADDRESS_NOT_ALLOWED
+    201,  // QUOTA_EXPIRED
+    202,  // TOO_MANY_SIMULTANEOUS_QUERIES
+    203,  // NO_FREE_CONNECTION
+    209,  // SOCKET_TIMEOUT
+    210,  // NETWORK_ERROR
+    225,  // NO_ZOOKEEPER
+    236,  // ABORTED
+    241,  // MEMORY_LIMIT_EXCEEDED
+    242,  // TABLE_IS_READ_ONLY
+    243,  // NOT_ENOUGH_SPACE
+    252,  // TOO_MANY_PARTS (but see `refusal`: too many partitions in one block)
+    285,  // TOO_FEW_LIVE_REPLICAS
+    286,  // UNSATISFIED_QUORUM_FOR_PREVIOUS_WRITE
+    319,  // UNKNOWN_STATUS_OF_INSERT
+    394,  // QUERY_WAS_CANCELLED
+    425,  // SYSTEM_ERROR
+    439,  // CANNOT_SCHEDULE_TASK
+    497,  // ACCESS_DENIED
+    516,  // AUTHENTICATION_FAILED
+    999,  // KEEPER_EXCEPTION
+    1000, // POCO_EXCEPTION
+];
+
+/// Whether a failed insert is ClickHouse refusing the data: a server
+/// exception (`Code: N`) that is not in [`RETRY_CODES`]. Transport errors,
+/// timeouts and answers without an exception code are not: retrying may fix
+/// them. Too many partitions in one insert block is a refusal (smaller
+/// inserts fix it) although it shares its code with too many parts.
+pub(crate) fn refusal(error: &clickhouse::error::Error) -> bool {
+    let clickhouse::error::Error::BadResponse(text) = error else {
+        return false;
+    };
+    let Some(code) = exception_code(text) else {
+        return false;
+    };
+    text.contains("Too many partitions for single INSERT block") || !RETRY_CODES.contains(&code)
+}
+
+/// What the server said, for `rejected.error`: the exception text of a
+/// refusal, else the client's description.
+fn server_error(error: &clickhouse::error::Error) -> String {
+    match error {
+        clickhouse::error::Error::BadResponse(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The `N` of a server exception text that starts `Code: N`.
+fn exception_code(text: &str) -> Option<u32> {
+    let digits = text.trim_start().strip_prefix("Code:")?.trim_start();
+    let end = digits
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(digits.len());
+    digits[..end].parse().ok()
+}
+
 /// The open batch: rows written to the current insert, kept to replay it,
-/// and the acks to send once it is committed.
+/// the messages they came from, and the acks to send once it is committed.
 struct Writer<R: RowOwned + RowWrite + serde::Serialize> {
     client: Client,
     ddl_client: Client,
@@ -142,6 +229,7 @@ struct Writer<R: RowOwned + RowWrite + serde::Serialize> {
     settings: Settings,
     inserter: Option<Inserter<R>>,
     rows: Vec<R>,
+    origins: Vec<Origin>,
     acks: Vec<Acker>,
     metrics: telemetry::TableMetrics,
     /// The open batch's `audit.batch` span and how many links it has.
@@ -159,6 +247,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             settings,
             inserter: None,
             rows: Vec::new(),
+            origins: Vec::new(),
             acks: Vec::new(),
         }
     }
@@ -187,6 +276,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
     async fn push(
         &mut self,
         row: R,
+        origin: Origin,
         ack: Acker,
         trace: Option<schemas::TraceParent>,
     ) -> Result<(), clickhouse::error::Error> {
@@ -204,6 +294,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
         let written = self.inserter().write(&row).await;
         // Kept before anything can fail, so a replay includes it.
         self.rows.push(row);
+        self.origins.push(origin);
         self.acks.push(ack);
         if let Err(e) = written {
             self.inserter = None;
@@ -248,6 +339,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
 
     async fn acknowledge(&mut self) {
         self.rows.clear();
+        self.origins.clear();
         for ack in self.acks.drain(..) {
             if let Err(e) = ack.ack().await {
                 // Not fatal: JetStream redelivers it and the row collapses.
@@ -285,6 +377,12 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
         let progress_every = (self.settings.ack_wait / 3).max(Duration::from_millis(200));
         let mut next_progress = Instant::now();
         loop {
+            if refusal(&error) {
+                match self.isolate().await {
+                    Ok(()) => return true,
+                    Err(e) => error = e,
+                }
+            }
             self.metrics.insert_failed();
             if let Some((span, _)) = &self.span {
                 span.record("insert_errors", attempt);
@@ -353,6 +451,80 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
         }
     }
 
+    /// Inserts the open batch that the server refused as a whole: tries it
+    /// once more, then bisects it until every refused row stands alone,
+    /// inserting the rest; writes the
+    /// refused rows to `rejected` with their error; then acks the batch.
+    /// `Err` (nothing acked) when an insert fails otherwise than by a
+    /// refusal, or the quarantine insert fails.
+    async fn isolate(&mut self) -> Result<(), clickhouse::error::Error> {
+        self.inserter = None;
+        let mut refused: Vec<(usize, String)> = Vec::new();
+        let mut inserted = 0u64;
+        // Ranges still to insert, the next one last. The whole batch is
+        // tried once more on its own first: a refusal that does not come
+        // again was no refusal of these rows.
+        let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
+        todo.push(0..self.rows.len());
+        let progress_every = (self.settings.ack_wait / 3).max(Duration::from_millis(200));
+        let mut next_progress = Instant::now() + progress_every;
+        while let Some(range) = todo.pop() {
+            if Instant::now() >= next_progress {
+                // Many refused rows take many inserts: keep the batch ours.
+                for ack in &self.acks {
+                    let _ = ack.ack_with(AckKind::Progress).await;
+                }
+                next_progress = Instant::now() + progress_every;
+            }
+            let error = match insert(
+                &self.client,
+                self.table,
+                self.settings.insert_timeout,
+                &self.rows[range.clone()],
+            )
+            .await
+            {
+                Ok(()) => {
+                    inserted += range.len() as u64;
+                    continue;
+                }
+                Err(e) if refusal(&e) => server_error(&e),
+                Err(e) => return Err(e),
+            };
+            if range.len() <= 1 {
+                refused.extend(range.map(|i| (i, error.clone())));
+            } else {
+                let mid = range.start + range.len() / 2;
+                todo.push(mid..range.end);
+                todo.push(range.start..mid);
+            }
+        }
+        quarantine(
+            &self.client,
+            self.table,
+            self.settings.insert_timeout,
+            &self.rows,
+            &self.origins,
+            &refused,
+        )
+        .await?;
+        // INVARIANT: every row of the batch is now in its table or in
+        // `rejected`; only now is anything acked.
+        self.metrics.inserted(inserted);
+        self.metrics.quarantined(refused.len() as u64);
+        if let Some((span, _)) = self.span.take() {
+            span.record("rows", inserted);
+        }
+        tracing::info!(
+            table = self.table,
+            inserted,
+            quarantined = refused.len(),
+            "Refused batch inserted apart from the rows refused again; acked."
+        );
+        self.acknowledge().await;
+        Ok(())
+    }
+
     /// Commits what is open, retrying until the grace period ends.
     async fn finish(&mut self) {
         if self.rows.is_empty() {
@@ -378,6 +550,64 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             }
         }
     }
+}
+
+/// Inserts `rows` into `table` on their own.
+async fn insert<R: RowOwned + RowWrite>(
+    client: &Client,
+    table: &str,
+    timeout: Duration,
+    rows: &[R],
+) -> Result<(), clickhouse::error::Error> {
+    let mut insert = client
+        .insert::<R>(table)
+        .await?
+        .with_timeouts(Some(timeout), Some(timeout));
+    for row in rows {
+        insert.write(row).await?;
+    }
+    insert.end().await
+}
+
+/// Writes the refused rows of a batch of `table` (index in `rows` and
+/// `origins`, the server's error) to `rejected`, then logs each.
+async fn quarantine<R: serde::Serialize>(
+    client: &Client,
+    table: &str,
+    timeout: Duration,
+    rows: &[R],
+    origins: &[Origin],
+    refused: &[(usize, String)],
+) -> Result<(), clickhouse::error::Error> {
+    if refused.is_empty() {
+        return Ok(());
+    }
+    let now_us = chrono::Utc::now().timestamp_micros();
+    let mut insert = client
+        .insert::<rows::RejectedRow>(schema::REJECTED)
+        .await?
+        .with_timeouts(Some(timeout), Some(timeout));
+    for (i, error) in refused {
+        if let (Some(row), Some(origin)) = (rows.get(*i), origins.get(*i)) {
+            insert
+                .write(&rows::rejected_row(table, row, error, origin, now_us))
+                .await?;
+        }
+    }
+    insert.end().await?;
+    for (i, error) in refused {
+        if let Some(origin) = origins.get(*i) {
+            tracing::warn!(
+                table,
+                stream = %origin.meta.stream,
+                stream_seq = origin.meta.stream_seq,
+                subject = %origin.subject,
+                error = %error,
+                "Row refused by ClickHouse: quarantined in `rejected`, the rows after it go on."
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs one table's pipeline until `shutdown`.
@@ -439,7 +669,13 @@ pub(crate) async fn run<T: Table>(
                     let (message, acker) = message.split();
                     let row = T::row(message.subject.as_str(), message.headers.as_ref(), &message.payload, &meta);
                     let trace = T::traceparent(&row);
-                    writer.push(row, acker, trace).await
+                    let origin = Origin {
+                        subject: message.subject.to_string(),
+                        headers: message.headers,
+                        payload: message.payload,
+                        meta,
+                    };
+                    writer.push(row, origin, acker, trace).await
                 }
                 Some(Err(e)) => {
                     tracing::warn!(durable = T::DURABLE, error = %e, "Pull interrupted; reopening.");
@@ -459,4 +695,40 @@ pub(crate) async fn run<T: Table>(
         }
     }
     writer.finish().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clickhouse::error::Error;
+
+    #[test]
+    fn refusals_are_server_exceptions_about_the_data() {
+        let bad = |text: &str| Error::BadResponse(text.to_owned());
+        // ClickHouse 18.16 and current servers word it differently.
+        assert!(refusal(&bad(
+            "Code: 395, e.displayText() = DB::Exception: Value passed to 'throwIf' function is non zero, e.what() = DB::Exception"
+        )));
+        assert!(refusal(&bad(
+            "Code: 469. DB::Exception: Constraint `c` for table a.b is violated. (VIOLATED_CONSTRAINT) (version 24.8.4.13)"
+        )));
+        assert!(refusal(&bad(
+            "Code: 252. DB::Exception: Too many partitions for single INSERT block (more than 100). (TOO_MANY_PARTS)"
+        )));
+        // Not the rows' fault: held and retried.
+        assert!(!refusal(&bad(
+            "Code: 60, e.displayText() = DB::Exception: Table a.events doesn't exist., e.what() = DB::Exception"
+        )));
+        assert!(!refusal(&bad(
+            "Code: 252. DB::Exception: Too many parts (300). Merges are processing significantly slower than inserts. (TOO_MANY_PARTS)"
+        )));
+        assert!(!refusal(&bad(
+            "Code: 241. DB::Exception: Memory limit (total) exceeded"
+        )));
+        assert!(!refusal(&bad("502 Bad Gateway")));
+        assert!(!refusal(&Error::TimedOut));
+        assert!(!refusal(&Error::Network("connection refused".into())));
+        assert_eq!(exception_code(" Code: 395, e.displayText()"), Some(395));
+        assert_eq!(exception_code("Code:"), None);
+    }
 }

@@ -10,7 +10,7 @@
 use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
 use schemas::{
-    ContentMode, Data, DecisionReceipt, Event, Limits, MeshEvent, RawAttributes, subjects,
+    AgentId, ContentMode, Data, DecisionReceipt, Event, Limits, MeshEvent, RawAttributes, subjects,
 };
 use serde::Serialize;
 
@@ -78,6 +78,9 @@ pub struct EventRow {
     pub trace_id: String,
     /// `causationid`, '' for a root step.
     pub parent_id: String,
+    /// The agent of `causationsource` (the parent's agent), '' when the
+    /// event did not say.
+    pub parent_agent: String,
     /// The subject's agent token.
     pub agent: String,
     /// The CloudEvents `type`.
@@ -131,6 +134,13 @@ fn event_data(event: &Event) -> Vec<u8> {
     }
 }
 
+/// The agent of a `/agents/<agent>` source, '' for any other.
+fn source_agent(source: &str) -> String {
+    AgentId::from_source(source)
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+}
+
 /// The row for one message of `MESH_INGRESS`.
 pub fn event_row(
     subject: &str,
@@ -149,6 +159,7 @@ pub fn event_row(
     };
     let base = |attrs: RawAttributes,
                 (trace_id, trace_derived): (String, u8),
+                parent_agent: String,
                 (data, data_encoding): (String, &'static str),
                 mode: Option<ContentMode>,
                 error: String| {
@@ -162,6 +173,7 @@ pub fn event_row(
             event_id: attrs.id,
             trace_id,
             parent_id: attrs.causationid,
+            parent_agent,
             agent: agent.clone(),
             r#type: attrs.ty,
             target: attrs.target,
@@ -190,9 +202,11 @@ pub fn event_row(
             let attrs = RawAttributes::from_event(&event.event);
             // Same trace as the policy worker computes (derived when absent).
             let trace = (event.trace.trace_id_hex(), u8::from(event.trace_derived));
+            let parent_agent = event.causation_agent.clone().unwrap_or_default();
             base(
                 attrs,
                 trace,
+                parent_agent,
                 encode_vec(event.data_bytes()),
                 Some(event.mode),
                 String::new(),
@@ -204,9 +218,11 @@ pub fn event_row(
                 Ok((event, mode)) => {
                     let attrs = RawAttributes::from_event(&event);
                     let trace = fallback_trace(&attrs);
+                    let parent_agent = source_agent(&attrs.causationsource);
                     base(
                         attrs,
                         trace,
+                        parent_agent,
                         encode_vec(event_data(&event)),
                         Some(mode),
                         error,
@@ -215,7 +231,15 @@ pub fn event_row(
                 Err(_) => {
                     let attrs = RawAttributes::from_raw(headers, payload);
                     let trace = fallback_trace(&attrs);
-                    base(attrs, trace, encode_bytes(payload), None, error)
+                    let parent_agent = source_agent(&attrs.causationsource);
+                    base(
+                        attrs,
+                        trace,
+                        parent_agent,
+                        encode_bytes(payload),
+                        None,
+                        error,
+                    )
                 }
             }
         }
@@ -241,6 +265,8 @@ pub struct DecisionRow {
     pub subject: String,
     /// The event's `causationid`.
     pub parent_id: String,
+    /// The agent of the event's `causationsource`, '' when it had none.
+    pub parent_agent: String,
     /// `allow`, `deny` or `invalid` ('' when the receipt did not parse).
     pub decision: String,
     /// Ids of the determining policies.
@@ -311,6 +337,7 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
         target: String::new(),
         subject: String::new(),
         parent_id: String::new(),
+        parent_agent: String::new(),
         decision: String::new(),
         reasons: Vec::new(),
         errors: Vec::new(),
@@ -354,6 +381,7 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
             row.target = r.target.unwrap_or_default();
             row.subject = r.subject.unwrap_or_default();
             row.parent_id = r.causation_id.unwrap_or_default();
+            row.parent_agent = r.causation_agent.unwrap_or_default();
             row.decision = r.decision.as_str().to_owned();
             row.reasons = r.reasons;
             row.errors = r.errors;
@@ -524,6 +552,89 @@ pub fn gpu_lease_row(
         received_at: datetime_secs(received_us),
         received_us: micros_u64(received_us),
         msg_key,
+    }
+}
+
+/// One row of `rejected`: a row ClickHouse refused, with the server's error
+/// and the message it was built from, so it can be inspected, and inserted
+/// again (`row` is the JSON of one row, `INSERT … FORMAT JSONEachRow`) or
+/// republished (`subject`, `headers`, `payload`) once the cause is fixed.
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize)]
+pub struct RejectedRow {
+    /// The table that refused it.
+    pub table: String,
+    /// ClickHouse's error.
+    pub error: String,
+    /// The refused row as a JSON object, one column per key.
+    pub row: String,
+    /// The stream the message was read from.
+    pub stream: String,
+    /// The subject it arrived on.
+    pub subject: String,
+    /// Its stream sequence number.
+    pub stream_seq: u64,
+    /// When the broker received it (seconds).
+    pub received_at: u32,
+    /// When the broker received it (microseconds).
+    pub received_us: u64,
+    /// The message's headers as a JSON object of name to list of values.
+    pub headers: String,
+    /// The message's payload (see `payload_encoding`).
+    pub payload: String,
+    /// `utf8` or `hex`.
+    pub payload_encoding: String,
+    /// When the sink quarantined it (seconds).
+    pub time: u32,
+    /// The same instant in microseconds.
+    pub time_us: u64,
+}
+
+/// The message a row was built from, kept with the row until it is in.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The subject it arrived on.
+    pub subject: String,
+    /// Its headers.
+    pub headers: Option<HeaderMap>,
+    /// Its payload.
+    pub payload: bytes::Bytes,
+    /// Where it sat in its stream.
+    pub meta: Meta,
+}
+
+/// The `rejected` row for `row` of `table`, refused with `error`, built
+/// from `origin`, quarantined at `now_us`.
+pub fn rejected_row<R: Serialize>(
+    table: &str,
+    row: &R,
+    error: &str,
+    origin: &Origin,
+    now_us: i64,
+) -> RejectedRow {
+    let headers: serde_json::Map<String, serde_json::Value> = origin
+        .headers
+        .iter()
+        .flat_map(|h| h.iter())
+        .map(|(name, values)| {
+            let values = values.iter().map(|v| v.as_str().into()).collect();
+            (name.to_string(), serde_json::Value::Array(values))
+        })
+        .collect();
+    let (payload, payload_encoding) = encode_bytes(&origin.payload);
+    RejectedRow {
+        table: table.to_owned(),
+        error: error.to_owned(),
+        row: serde_json::to_string(row).unwrap_or_default(),
+        stream: origin.meta.stream.clone(),
+        subject: origin.subject.clone(),
+        stream_seq: origin.meta.stream_seq,
+        received_at: datetime_secs(origin.meta.received_us),
+        received_us: micros_u64(origin.meta.received_us),
+        headers: serde_json::Value::Object(headers).to_string(),
+        payload,
+        payload_encoding: payload_encoding.to_owned(),
+        time: datetime_secs(now_us),
+        time_us: micros_u64(now_us),
     }
 }
 

@@ -7,9 +7,19 @@
 //! low-cardinality columns and `TTL` retention.
 //!
 //! Every table is a `ReplacingMergeTree` whose sorting key ends in the row's
-//! identity (the event id, plus `msg_key` for messages that carry no id), so
-//! the duplicates that at-least-once delivery produces collapse: the shipped
-//! queries read with `FINAL`.
+//! identity, so the duplicates that at-least-once delivery produces collapse:
+//! the shipped queries read with `FINAL`. An event is identified by its agent
+//! and its id (two agents may both send an event `1`), so `events` and
+//! `decisions` are sorted by `(trace_id, agent, event_id, msg_key)` (`msg_key`
+//! tells apart messages that carry no id). `events` is partitioned by the
+//! month the mesh received the event (`received_at`), never by the time the
+//! agent wrote into it; `decisions` by the month the policy worker decided.
+//!
+//! Tables created by a release that keyed rows by event id alone (or
+//! partitioned `events` by the agent's `time`) are migrated by [`ensure`]:
+//! a table with the current layout is created, swapped in by `RENAME`, and
+//! the old rows are copied into it; the old table is kept as
+//! `<table>_old_layout` for the operator to check and drop.
 
 use clickhouse::Client;
 
@@ -22,6 +32,19 @@ pub const EVENTS: &str = "events";
 pub const DECISIONS: &str = "decisions";
 /// Table of GPU lease grants and releases.
 pub const GPU_LEASES: &str = "gpu_leases";
+/// Quarantine of the rows ClickHouse refused, with its error.
+pub const REJECTED: &str = "rejected";
+/// Every audit table, in creation order.
+pub const TABLES: [&str; 4] = [EVENTS, DECISIONS, GPU_LEASES, REJECTED];
+
+/// The sorting key of `events` and `decisions`: the workflow, then the
+/// event's identity (agent and id; `msg_key` for messages without an id).
+pub const EVENT_KEY: &str = "(trace_id, agent, event_id, msg_key)";
+/// The partition key of `events`: the month the mesh received the event.
+pub const EVENTS_PARTITION: &str = "toYYYYMM(received_at)";
+/// The partition key of `decisions`: the month the policy worker decided
+/// (`decided_at` of the receipt, else when the broker stored it).
+pub const DECISIONS_PARTITION: &str = "toYYYYMM(time)";
 
 /// What the connected server supports, from `SELECT version()`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,13 +128,55 @@ pub fn decision_guard_columns(features: &ServerFeatures) -> Vec<(&'static str, S
     ]
 }
 
-/// The statements that create the database and the three tables.
-pub fn ddl(database: &str, features: &ServerFeatures, retention_days: u32) -> Vec<String> {
+/// Columns added to a table after its first release: created with the
+/// table, and added to an existing table by [`ensure`]. Every one defaults
+/// to empty, which is what a message without the field means.
+pub fn added_columns(table: &str, features: &ServerFeatures) -> Vec<(&'static str, String)> {
     let lc = low_cardinality(features);
-    let guard_columns: String = decision_guard_columns(features)
-        .iter()
-        .map(|(name, ty)| format!(",\n    {name} {ty}"))
-        .collect();
+    match table {
+        EVENTS => vec![("parent_agent", lc.to_owned())],
+        DECISIONS => {
+            let mut columns = decision_guard_columns(features);
+            columns.push(("parent_agent", lc.to_owned()));
+            columns
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The column a table's retention (`TTL`) counts from: for `events` when
+/// the mesh received the event (an agent's `time` may be anything), else
+/// the row's `time`.
+fn ttl_column(table: &str) -> &'static str {
+    if table == EVENTS {
+        "received_at"
+    } else {
+        "time"
+    }
+}
+
+/// The statements that create the database and the audit tables.
+pub fn ddl(database: &str, features: &ServerFeatures, retention_days: u32) -> Vec<String> {
+    let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS `{database}`")];
+    statements.extend(
+        TABLES
+            .iter()
+            .filter_map(|t| create_table(database, t, t, features, retention_days)),
+    );
+    statements
+}
+
+/// The `CREATE TABLE` of audit table `table`, created under the name `name`
+/// (the table itself, or a new table a migration swaps in); `None` for a
+/// table that is not one of [`TABLES`].
+fn create_table(
+    database: &str,
+    name: &str,
+    table: &str,
+    features: &ServerFeatures,
+    retention_days: u32,
+) -> Option<String> {
+    let lc = low_cardinality(features);
     let ttl = |column: &str| {
         if features.ttl && retention_days > 0 {
             format!("\nTTL {column} + INTERVAL {retention_days} DAY")
@@ -120,13 +185,13 @@ pub fn ddl(database: &str, features: &ServerFeatures, retention_days: u32) -> Ve
         }
     };
     let db = database;
-    vec![
-        format!("CREATE DATABASE IF NOT EXISTS `{db}`"),
-        format!(
-            "CREATE TABLE IF NOT EXISTS `{db}`.`{EVENTS}` (
+    let statement = match table {
+        EVENTS => format!(
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
     event_id String,
     trace_id String,
     parent_id String,
+    parent_agent {lc},
     agent {lc},
     type {lc},
     target {lc},
@@ -149,12 +214,12 @@ pub fn ddl(database: &str, features: &ServerFeatures, retention_days: u32) -> Ve
     received_us UInt64,
     msg_key String
 ) ENGINE = ReplacingMergeTree()
-PARTITION BY toYYYYMM(time)
-ORDER BY (trace_id, event_id, msg_key){}",
-            ttl("time")
+PARTITION BY {EVENTS_PARTITION}
+ORDER BY {EVENT_KEY}{}",
+            ttl(ttl_column(EVENTS))
         ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS `{db}`.`{DECISIONS}` (
+        DECISIONS => format!(
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
     event_id String,
     trace_id String,
     decision_id String,
@@ -179,14 +244,18 @@ ORDER BY (trace_id, event_id, msg_key){}",
     stream_seq UInt64,
     received_at DateTime,
     received_us UInt64,
-    msg_key String{guard_columns}
+    msg_key String{}
 ) ENGINE = ReplacingMergeTree()
-PARTITION BY toYYYYMM(time)
-ORDER BY (trace_id, event_id, msg_key){}",
-            ttl("time")
+PARTITION BY {DECISIONS_PARTITION}
+ORDER BY {EVENT_KEY}{}",
+            added_columns(DECISIONS, features)
+                .iter()
+                .map(|(column, ty)| format!(",\n    {column} {ty}"))
+                .collect::<String>(),
+            ttl(ttl_column(DECISIONS))
         ),
-        format!(
-            "CREATE TABLE IF NOT EXISTS `{db}`.`{GPU_LEASES}` (
+        GPU_LEASES => format!(
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
     event_id String,
     pool {lc},
     gpu String,
@@ -209,9 +278,31 @@ ORDER BY (trace_id, event_id, msg_key){}",
 ) ENGINE = ReplacingMergeTree()
 PARTITION BY toYYYYMM(time)
 ORDER BY (pool, gpu, event_id, msg_key){}",
-            ttl("time")
+            ttl(ttl_column(GPU_LEASES))
         ),
-    ]
+        REJECTED => format!(
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
+    `table` {lc},
+    error String,
+    row String,
+    stream {lc},
+    subject String,
+    stream_seq UInt64,
+    received_at DateTime,
+    received_us UInt64,
+    headers String,
+    payload String,
+    payload_encoding {lc},
+    time DateTime,
+    time_us UInt64
+) ENGINE = ReplacingMergeTree()
+PARTITION BY toYYYYMM(time)
+ORDER BY (`table`, stream_seq, received_us){}",
+            ttl(ttl_column(REJECTED))
+        ),
+        _ => return None,
+    };
+    Some(statement)
 }
 
 /// Statements that bring the retention of existing tables in line: only
@@ -226,21 +317,18 @@ async fn retention_updates(
     if !features.ttl || retention_days == 0 {
         return Ok(Vec::new());
     }
-    let engines: Vec<(String, String)> = client
-        .query("SELECT name, engine_full FROM system.tables WHERE database = ?")
-        .bind(database)
-        .fetch_all()
-        .await?;
-    Ok([EVENTS, DECISIONS, GPU_LEASES]
+    let engines = tables(client, database).await?;
+    Ok(TABLES
         .iter()
         .filter(|t| {
-            !engines
-                .iter()
-                .any(|(name, engine)| name == *t && has_retention(engine, retention_days))
+            !engines.iter().any(|(name, engine)| {
+                name == *t && has_retention(engine, ttl_column(t), retention_days)
+            })
         })
         .map(|t| {
             format!(
-                "ALTER TABLE `{database}`.`{t}` MODIFY TTL time + INTERVAL {retention_days} DAY"
+                "ALTER TABLE `{database}`.`{t}` MODIFY TTL {} + INTERVAL {retention_days} DAY",
+                ttl_column(t)
             )
         })
         .collect())
@@ -248,13 +336,81 @@ async fn retention_updates(
 
 /// Whether a table's `engine_full` shows the TTL that [`ddl`] gives it
 /// (the server writes `INTERVAL n DAY` back as `toIntervalDay(n)`).
-fn has_retention(engine_full: &str, retention_days: u32) -> bool {
-    engine_full.contains(&format!("TTL time + toIntervalDay({retention_days})"))
+fn has_retention(engine_full: &str, column: &str, retention_days: u32) -> bool {
+    engine_full.contains(&format!("TTL {column} + toIntervalDay({retention_days})"))
 }
 
-/// Creates the database and the tables where missing (never drops or
-/// rewrites data; runs no DDL when all three exist) and applies the
-/// configured retention where supported.
+/// `(name, engine_full)` of every table in `database`.
+async fn tables(
+    client: &Client,
+    database: &str,
+) -> Result<Vec<(String, String)>, clickhouse::error::Error> {
+    client
+        .query("SELECT name, engine_full FROM system.tables WHERE database = ?")
+        .bind(database)
+        .fetch_all()
+        .await
+}
+
+/// The expression after `clause` (`ORDER BY`, `PARTITION BY`) in a table's
+/// `engine_full`: up to the matching parenthesis, else the next space.
+fn engine_clause<'a>(engine_full: &'a str, clause: &str) -> Option<&'a str> {
+    let start = engine_full.find(&format!("{clause} "))? + clause.len() + 1;
+    let rest = &engine_full[start..];
+    let mut depth = 0usize;
+    for (i, c) in rest.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 && rest.starts_with('(') {
+                    return Some(&rest[..=i]);
+                }
+            }
+            ' ' if depth == 0 => return Some(&rest[..i]),
+            _ => {}
+        }
+    }
+    Some(rest)
+}
+
+/// Whether an `events` or `decisions` table has the current layout: the
+/// sorting key with the agent, and the partitioning by mesh time. Other
+/// tables always have it.
+pub fn has_current_layout(table: &str, engine_full: &str) -> bool {
+    let same = |clause: &str, expected: &str| {
+        engine_clause(engine_full, clause).is_some_and(|found| {
+            found.split_whitespace().collect::<String>()
+                == expected.split_whitespace().collect::<String>()
+        })
+    };
+    match table {
+        EVENTS => same("ORDER BY", EVENT_KEY) && same("PARTITION BY", EVENTS_PARTITION),
+        DECISIONS => same("ORDER BY", EVENT_KEY) && same("PARTITION BY", DECISIONS_PARTITION),
+        _ => true,
+    }
+}
+
+/// The name an old-layout table has while its rows are copied into the new
+/// one; a table under this name means a copy is still to be (re)done.
+fn migrating_name(table: &str) -> String {
+    format!("{table}__migrating")
+}
+
+/// The name the new table has between its creation and the swap.
+fn fresh_name(table: &str) -> String {
+    format!("{table}__new")
+}
+
+/// The name the old table is kept under once its rows are copied.
+pub fn old_layout_name(table: &str) -> String {
+    format!("{table}_old_layout")
+}
+
+/// Creates the database and the tables where missing, migrates `events`
+/// and `decisions` tables of an older layout (see the module doc; rows are
+/// copied, never dropped), adds missing columns and applies the configured
+/// retention where supported. Runs no DDL when everything is current.
 /// `client` must not have a default database set that might not exist yet.
 pub async fn ensure(
     client: &Client,
@@ -264,14 +420,10 @@ pub async fn ensure(
     let features = ServerFeatures::detect(client).await?;
     // Only what is missing: a writer without DDL rights (the audit sink's
     // insert-only user) gets through when the operator created the schema.
-    let existing: Vec<String> = client
-        .query("SELECT name FROM system.tables WHERE database = ?")
-        .bind(database)
-        .fetch_all()
-        .await?;
-    let complete = [EVENTS, DECISIONS, GPU_LEASES]
+    let existing = tables(client, database).await?;
+    let complete = TABLES
         .iter()
-        .all(|t| existing.iter().any(|e| e == t));
+        .all(|t| existing.iter().any(|(name, _)| name == t));
     let creates = if complete {
         Vec::new()
     } else {
@@ -280,14 +432,136 @@ pub async fn ensure(
     for statement in creates {
         client.query_raw(&statement).execute().await?;
     }
+    migrate(client, database, &features, retention_days, &existing).await?;
+    add_missing_columns(client, database, &features).await?;
     for statement in retention_updates(client, database, &features, retention_days).await? {
         client.query_raw(&statement).execute().await?;
     }
-    add_missing_columns(client, database, &features).await?;
     Ok(features)
 }
 
-/// Adds the columns a `decisions` table created by an older release lacks.
+/// Moves `events` and `decisions` tables of an older layout to the current
+/// one without losing a row: create the new table, swap it in with one
+/// `RENAME` (from then on inserts land in the new table), copy the old rows
+/// over (`INSERT … SELECT`; a copy done twice collapses like any duplicate),
+/// and keep the old table as [`old_layout_name`]. An interrupted copy is
+/// redone by the next call, found by the [`migrating_name`] table.
+/// Replicated tables are left alone (a plain table must not replace them):
+/// logged, to be migrated by the operator as `docs/audit.md` describes.
+async fn migrate(
+    client: &Client,
+    database: &str,
+    features: &ServerFeatures,
+    retention_days: u32,
+    existing: &[(String, String)],
+) -> Result<(), clickhouse::error::Error> {
+    let db = database;
+    for table in [EVENTS, DECISIONS] {
+        let engine = existing
+            .iter()
+            .find(|(name, _)| name == table)
+            .map(|(_, engine)| engine.as_str());
+        let migrating = migrating_name(table);
+        let interrupted = existing.iter().any(|(name, _)| *name == migrating);
+        if let Some(engine) = engine
+            && !has_current_layout(table, engine)
+            && !interrupted
+        {
+            if engine.starts_with("Replicated") {
+                tracing::error!(
+                    table,
+                    engine,
+                    "Audit table has the old sorting key but is replicated: not migrated; \
+                     rows of two agents with the same event id collapse until it is (see docs/audit.md)."
+                );
+                continue;
+            }
+            let fresh = fresh_name(table);
+            // Left over by a run that stopped before the swap: empty.
+            client
+                .query_raw(&format!("DROP TABLE IF EXISTS `{db}`.`{fresh}`"))
+                .execute()
+                .await?;
+            if let Some(create) = create_table(db, &fresh, table, features, retention_days) {
+                client.query_raw(&create).execute().await?;
+            }
+            client
+                .query_raw(&format!(
+                    "RENAME TABLE `{db}`.`{table}` TO `{db}`.`{migrating}`, `{db}`.`{fresh}` TO `{db}`.`{table}`"
+                ))
+                .execute()
+                .await?;
+            tracing::warn!(
+                table,
+                old_engine = engine,
+                "Audit table has an old layout (key without the agent, or events partitioned by agent time): new table swapped in; copying the old rows."
+            );
+        } else if !interrupted {
+            continue;
+        }
+        copy_rows(client, db, &migrating, table).await?;
+        let mut kept = old_layout_name(table);
+        let names = tables(client, db).await?;
+        if names.iter().any(|(name, _)| *name == kept) {
+            kept = format!("{kept}_{}", chrono::Utc::now().format("%Y%m%d%H%M%S"));
+        }
+        client
+            .query_raw(&format!(
+                "RENAME TABLE `{db}`.`{migrating}` TO `{db}`.`{kept}`"
+            ))
+            .execute()
+            .await?;
+        tracing::warn!(
+            table,
+            kept = %kept,
+            "Audit table migrated: every old row copied; the old table is kept, drop it once checked (DROP TABLE {db}.{kept})."
+        );
+    }
+    Ok(())
+}
+
+/// `INSERT INTO to SELECT … FROM from` over the stored columns both have
+/// (a column the old table lacks gets its default; materialized and alias
+/// columns are computed, not copied).
+async fn copy_rows(
+    client: &Client,
+    database: &str,
+    from: &str,
+    to: &str,
+) -> Result<(), clickhouse::error::Error> {
+    let columns = |table: &str| {
+        client
+            .query(
+                "SELECT name FROM system.columns WHERE database = ? AND table = ? \
+                 AND default_kind NOT IN ('MATERIALIZED', 'ALIAS')",
+            )
+            .bind(database)
+            .bind(table)
+            .fetch_all::<String>()
+    };
+    let target = columns(to).await?;
+    let common: Vec<String> = columns(from)
+        .await?
+        .into_iter()
+        .filter(|c| target.contains(c))
+        .map(|c| format!("`{c}`"))
+        .collect();
+    let list = common.join(", ");
+    let rows: u64 = client
+        .query(&format!("SELECT count() FROM `{database}`.`{from}`"))
+        .fetch_one()
+        .await?;
+    client
+        .query_raw(&format!(
+            "INSERT INTO `{database}`.`{to}` ({list}) SELECT {list} FROM `{database}`.`{from}`"
+        ))
+        .execute()
+        .await?;
+    tracing::info!(from, to, rows, "Audit rows copied to the new layout.");
+    Ok(())
+}
+
+/// Adds the columns a table created by an older release lacks.
 /// (`ADD COLUMN IF NOT EXISTS` is not on every supported server; asking
 /// `system.columns` is.)
 async fn add_missing_columns(
@@ -295,21 +569,23 @@ async fn add_missing_columns(
     database: &str,
     features: &ServerFeatures,
 ) -> Result<(), clickhouse::error::Error> {
-    let existing: Vec<String> = client
-        .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
-        .bind(database)
-        .bind(DECISIONS)
-        .fetch_all()
-        .await?;
-    for (name, ty) in decision_guard_columns(features) {
-        if !existing.iter().any(|c| c == name) {
-            client
-                .query_raw(&format!(
-                    "ALTER TABLE `{database}`.`{DECISIONS}` ADD COLUMN {name} {ty}"
-                ))
-                .execute()
-                .await?;
-            tracing::info!(table = DECISIONS, column = name, "Audit column added.");
+    for table in [EVENTS, DECISIONS] {
+        let existing: Vec<String> = client
+            .query("SELECT name FROM system.columns WHERE database = ? AND table = ?")
+            .bind(database)
+            .bind(table)
+            .fetch_all()
+            .await?;
+        for (name, ty) in added_columns(table, features) {
+            if !existing.iter().any(|c| c == name) {
+                client
+                    .query_raw(&format!(
+                        "ALTER TABLE `{database}`.`{table}` ADD COLUMN {name} {ty}"
+                    ))
+                    .execute()
+                    .await?;
+                tracing::info!(table, column = name, "Audit column added.");
+            }
         }
     }
     Ok(())
@@ -337,9 +613,49 @@ mod tests {
         );
         let new = ddl("agentmesh", &ServerFeatures::from_version("25.3.1"), 30);
         assert!(new[1].contains("agent LowCardinality(String)"));
-        assert!(new[1].contains("TTL time + INTERVAL 30 DAY"));
+        assert!(new[1].contains("TTL received_at + INTERVAL 30 DAY"));
+        assert!(new[2].contains("TTL time + INTERVAL 30 DAY"));
         let forever = ddl("agentmesh", &ServerFeatures::from_version("25.3.1"), 0);
         assert!(forever.iter().all(|s| !s.contains("TTL")));
+        assert_eq!(new.len(), 1 + TABLES.len());
+    }
+
+    #[test]
+    fn events_and_decisions_are_keyed_by_agent_and_id() {
+        let ddl = ddl("agentmesh", &ServerFeatures::from_version("18.16.1"), 0);
+        assert!(ddl[1].contains(
+            "PARTITION BY toYYYYMM(received_at)\nORDER BY (trace_id, agent, event_id, msg_key)"
+        ));
+        assert!(ddl[1].contains("parent_agent String"));
+        assert!(ddl[2].contains(
+            "PARTITION BY toYYYYMM(time)\nORDER BY (trace_id, agent, event_id, msg_key)"
+        ));
+        assert!(ddl[2].contains("parent_agent String"));
+    }
+
+    #[test]
+    fn layout_read_back_from_engine_full() {
+        let old = "ReplacingMergeTree() PARTITION BY toYYYYMM(time) \
+            ORDER BY (trace_id, event_id, msg_key) SETTINGS index_granularity = 8192";
+        assert!(!has_current_layout(EVENTS, old));
+        assert!(!has_current_layout(DECISIONS, old));
+        let events = "ReplacingMergeTree() PARTITION BY toYYYYMM(received_at) \
+            ORDER BY (trace_id, agent, event_id, msg_key) SETTINGS index_granularity = 8192";
+        assert!(has_current_layout(EVENTS, events));
+        // Current servers write the engine without `()` and with a TTL.
+        let decisions = "ReplacingMergeTree PARTITION BY toYYYYMM(time) \
+            ORDER BY (trace_id, agent, event_id, msg_key) TTL time + toIntervalDay(30) \
+            SETTINGS index_granularity = 8192";
+        assert!(has_current_layout(DECISIONS, decisions));
+        assert!(
+            !has_current_layout(EVENTS, decisions),
+            "events by agent time"
+        );
+        assert!(has_current_layout(GPU_LEASES, old));
+        assert_eq!(
+            engine_clause("X ORDER BY event_id", "ORDER BY"),
+            Some("event_id")
+        );
     }
 
     #[test]
@@ -347,10 +663,15 @@ mod tests {
         let engine = "ReplacingMergeTree PARTITION BY toYYYYMM(time) \
             ORDER BY (trace_id, event_id, msg_key) TTL time + toIntervalDay(30) \
             SETTINGS index_granularity = 8192";
-        assert!(has_retention(engine, 30));
-        assert!(!has_retention(engine, 3));
-        assert!(!has_retention(engine, 300));
-        assert!(!has_retention("ReplacingMergeTree ORDER BY event_id", 30));
+        assert!(has_retention(engine, "time", 30));
+        assert!(!has_retention(engine, "received_at", 30));
+        assert!(!has_retention(engine, "time", 3));
+        assert!(!has_retention(engine, "time", 300));
+        assert!(!has_retention(
+            "ReplacingMergeTree ORDER BY event_id",
+            "time",
+            30
+        ));
     }
 
     #[test]

@@ -29,7 +29,7 @@ fn the_replicated_tables_in_the_deployment_guide_match_the_sink_schema() {
     ))
     .unwrap();
     let ddl = schema::ddl("agentmesh", &ServerFeatures::from_version("24.8"), 0);
-    for table in [schema::EVENTS, schema::DECISIONS, schema::GPU_LEASES] {
+    for table in schema::TABLES {
         let statement = ddl
             .iter()
             .find(|s| s.contains(&format!("`agentmesh`.`{table}` (")))

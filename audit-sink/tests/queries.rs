@@ -24,6 +24,7 @@ fn step(
         step: "step",
         ty,
         parent: parent.map(str::to_owned),
+        parent_agent: None,
         target,
         tool,
         time: at(offset),

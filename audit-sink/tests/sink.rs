@@ -282,7 +282,7 @@ async fn schema_creation_is_idempotent() -> anyhow::Result<()> {
             h.db
         ))
         .await?;
-    assert_eq!(tables, "decisions\nevents\ngpu_leases\n");
+    assert_eq!(tables, "decisions\nevents\ngpu_leases\nrejected\n");
     sink.stop().await
 }
 

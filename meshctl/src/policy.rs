@@ -496,6 +496,7 @@ struct EventRow {
     source: String,
     traceparent: String,
     parent_id: String,
+    parent_agent: String,
     datacontenttype: String,
     data: String,
     data_encoding: String,
@@ -514,9 +515,15 @@ fn rebuild(row: &EventRow) -> anyhow::Result<(async_nats::HeaderMap, bytes::Byte
         .id(row.event_id.clone())
         .source(row.source.clone())
         .ty(row.r#type.clone());
+    let causation_source = if row.parent_agent.is_empty() {
+        String::new()
+    } else {
+        format!("/agents/{}", row.parent_agent)
+    };
     for (name, value) in [
         (schemas::ext::TRACEPARENT, &row.traceparent),
         (schemas::ext::CAUSATIONID, &row.parent_id),
+        (schemas::ext::CAUSATIONSOURCE, &causation_source),
         (schemas::ext::TARGET, &row.target),
     ] {
         if !value.is_empty() {
@@ -554,21 +561,23 @@ async fn replay_clickhouse(
 ) -> anyhow::Result<()> {
     // Microseconds: a range ending now must include events of this second.
     let (from, to) = (micros(since), micros(until));
+    // Events and receipts match on agent + event id: two agents may use
+    // the same id.
     let sql = format!(
         "SELECT event_id, trace_id, agent, type, target, subject, source, traceparent, parent_id, \
-            datacontenttype, data, data_encoding, ingress_subject, received_us, receipt \
+            parent_agent, datacontenttype, data, data_encoding, ingress_subject, received_us, receipt \
          FROM ( \
             SELECT event_id, trace_id, agent, type, target, subject, source, traceparent, parent_id, \
-                datacontenttype, data, data_encoding, ingress_subject, received_us \
+                parent_agent, datacontenttype, data, data_encoding, ingress_subject, received_us \
             FROM events FINAL \
             WHERE valid = 1 AND received_us >= {from} AND received_us < {to} \
          ) AS e \
          ANY LEFT JOIN ( \
-            SELECT event_id, receipt FROM decisions FINAL \
-            WHERE valid = 1 AND event_id IN ( \
-                SELECT event_id FROM events WHERE received_us >= {from} AND received_us < {to}) \
-         ) AS d USING event_id \
-         ORDER BY received_us, event_id"
+            SELECT agent, event_id, receipt FROM decisions FINAL \
+            WHERE valid = 1 AND (agent, event_id) IN ( \
+                SELECT agent, event_id FROM events WHERE received_us >= {from} AND received_us < {to}) \
+         ) AS d USING (agent, event_id) \
+         ORDER BY received_us, event_id, agent"
     );
     let mut cursor = endpoints
         .audit_db()
@@ -658,12 +667,13 @@ async fn replay_jetstream(
 ) -> anyhow::Result<()> {
     let client = endpoints.connect_nats().await?;
     let js = jetstream::new(client);
+    // Keyed by agent + event id, as events are: two agents may use one id.
     let mut receipts: HashMap<String, DecisionReceipt> = HashMap::new();
     for (message, _) in read_stream(&js, subjects::STREAM_DECISION, since).await? {
         if let Ok(r) = serde_json::from_slice::<DecisionReceipt>(&message.payload)
             && !r.event_id.is_empty()
         {
-            receipts.insert(r.event_id.clone(), r);
+            receipts.insert(subjects::event_key(&r.agent, &r.event_id), r);
         }
     }
     for (message, at_us) in read_stream(&js, subjects::STREAM_INGRESS, since).await? {
@@ -700,7 +710,7 @@ async fn replay_jetstream(
                 r#type: event.event_type.as_str(),
                 target: &target,
                 subject: &subject,
-                receipt: receipts.get(&id),
+                receipt: receipts.get(&subjects::event_key(event.agent.as_str(), &id)),
             },
             replayed,
         );

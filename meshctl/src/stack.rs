@@ -387,8 +387,10 @@ async fn bring_up(
         "schema",
         "applied",
         format_args!(
-            "database `{}`: events, decisions, gpu_leases (ClickHouse {})",
-            endpoints.database, features.version
+            "database `{}`: {} (ClickHouse {})",
+            endpoints.database,
+            audit_sink::schema::TABLES.join(", "),
+            features.version
         ),
     );
 
@@ -779,11 +781,7 @@ pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> 
             "rows"
         );
         let db = endpoints.audit_db();
-        for table in [
-            audit_sink::schema::EVENTS,
-            audit_sink::schema::DECISIONS,
-            audit_sink::schema::GPU_LEASES,
-        ] {
+        for table in audit_sink::schema::TABLES {
             let rows = db
                 .query(&format!("SELECT count() FROM `{table}` FINAL"))
                 .fetch_one::<u64>()

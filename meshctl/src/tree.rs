@@ -1,5 +1,8 @@
 //! A workflow's decision tree, read from ClickHouse with the shipped
 //! `decision_tree.sql` and drawn one line per step, indented by causation.
+//!
+//! A step is identified by its agent and event id (two agents may both use
+//! id `1`): a child links to the step `(parent_agent, parent_id)`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -37,6 +40,9 @@ pub struct Node {
     pub valid: u8,
     /// Why not.
     pub error: String,
+    /// The causing event's agent: its `causationsource`, else resolved by
+    /// the query within the trace (`''` when no step has `parent_id`).
+    pub parent_agent: String,
 }
 
 /// Checks a trace id: 32 lowercase hex characters.
@@ -98,6 +104,46 @@ fn verdict(node: &Node) -> String {
     }
 }
 
+/// The index of each step's parent in `nodes`, `None` for a root or a
+/// parent outside the trace. The parent is the step `(parent_agent,
+/// parent_id)`; without a `parent_agent` (rows of an older query), the step
+/// with id `parent_id` whose target is this step's agent, else the latest
+/// one before this step, else the earliest after it.
+pub fn parents(nodes: &[Node]) -> Vec<Option<usize>> {
+    let mut by_id: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        by_id.entry(n.event_id.as_str()).or_default().push(i);
+    }
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            if node.parent_id.is_empty() {
+                return None;
+            }
+            let candidates = by_id.get(node.parent_id.as_str())?;
+            let parent = if node.parent_agent.is_empty() {
+                candidates.iter().copied().max_by_key(|&c| {
+                    let c = &nodes[c];
+                    let before = c.time_us < node.time_us;
+                    let order = if before {
+                        i128::from(c.time_us)
+                    } else {
+                        -i128::from(c.time_us)
+                    };
+                    (c.target == node.agent, before, order)
+                })
+            } else {
+                candidates
+                    .iter()
+                    .copied()
+                    .find(|&c| nodes[c].agent == node.parent_agent)
+            };
+            parent.filter(|&p| p != i)
+        })
+        .collect()
+}
+
 /// The causation edges of a trace's steps, as indexes into its `nodes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Links {
@@ -111,17 +157,12 @@ pub struct Links {
 /// trace; children follow their parent in the order of `nodes`. (Steps of a
 /// causation cycle are in no root's subtree: drawers start from them too.)
 pub fn links(nodes: &[Node]) -> Links {
-    let index: HashMap<&str, usize> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.event_id.as_str(), i))
-        .collect();
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     let mut roots = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        match index.get(node.parent_id.as_str()) {
-            Some(&p) if p != i && !node.parent_id.is_empty() => children[p].push(i),
-            _ => roots.push(i),
+    for (i, parent) in parents(nodes).into_iter().enumerate() {
+        match parent {
+            Some(p) => children[p].push(i),
+            None => roots.push(i),
         }
     }
     Links { roots, children }
@@ -207,6 +248,7 @@ mod tests {
             policy_hash: String::new(),
             valid: 1,
             error: String::new(),
+            parent_agent: String::new(),
         }
     }
 
@@ -256,6 +298,99 @@ Decision tree of trace t: 5 steps, 1 denied, 1 without decision
      └─ coder     tool.call shell.exec    DENY   by forbid-shell-exec
 ";
         assert_eq!(text, expected);
+    }
+
+    /// `node` with a parent agent and a time.
+    fn at(mut n: Node, parent_agent: &str, time_us: u64) -> Node {
+        n.parent_agent = parent_agent.into();
+        n.time_us = time_us;
+        n
+    }
+
+    #[test]
+    fn the_same_ids_in_two_agents_link_by_agent() {
+        // planner and coder both count 1, 2, 3; the causation crosses.
+        let nodes = vec![
+            at(
+                node("1", "", "planner", "prompt", "", "", "allow", &[]),
+                "",
+                1,
+            ),
+            at(
+                node(
+                    "2",
+                    "1",
+                    "planner",
+                    "task.handoff",
+                    "coder",
+                    "",
+                    "allow",
+                    &[],
+                ),
+                "planner",
+                2,
+            ),
+            at(
+                node("1", "2", "coder", "reasoning", "", "", "allow", &[]),
+                "planner",
+                3,
+            ),
+            at(
+                node(
+                    "2",
+                    "1",
+                    "coder",
+                    "tool.call",
+                    "",
+                    "shell.exec",
+                    "deny",
+                    &["forbid-shell-exec"],
+                ),
+                "coder",
+                4,
+            ),
+            at(
+                node("3", "2", "planner", "reasoning", "", "", "allow", &[]),
+                "coder",
+                5,
+            ),
+            at(
+                node(
+                    "3",
+                    "2",
+                    "coder",
+                    "tool.result",
+                    "planner",
+                    "",
+                    "allow",
+                    &[],
+                ),
+                "planner",
+                6,
+            ),
+        ];
+        assert_eq!(
+            parents(&nodes),
+            vec![None, Some(0), Some(1), Some(2), Some(3), Some(1)]
+        );
+        let expected = "\
+Decision tree of trace t: 6 steps, 1 denied
+  planner   prompt                         allow
+  └─ planner   task.handoff → coder        allow
+     ├─ coder     reasoning                allow
+     │  └─ coder     tool.call shell.exec  DENY   by forbid-shell-exec
+     │     └─ planner   reasoning          allow
+     └─ coder     tool.result → planner    allow
+";
+        assert_eq!(render("t", &nodes), expected);
+
+        // Without parent agents (an older query): the step with that id
+        // whose target is this step's agent, else the latest one before.
+        let mut bare = nodes.clone();
+        for n in &mut bare {
+            n.parent_agent.clear();
+        }
+        assert_eq!(parents(&bare), parents(&nodes));
     }
 
     #[test]

@@ -370,7 +370,7 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
             "SELECT name FROM system.tables WHERE database = 'agentmesh' ORDER BY name",
         )
         .await?;
-        assert_eq!(tables, "decisions\nevents\ngpu_leases\n");
+        assert_eq!(tables, "decisions\nevents\ngpu_leases\nrejected\n");
         // The ClickHouse config meshctl wrote lives under the state directory.
         assert!(
             Path::new(&stack.home)
@@ -880,5 +880,132 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
         anyhow::Ok(())
     };
     stack.down_after(checks).await?;
+    Ok(())
+}
+
+/// Two agents that number their events `1`, `2`, `3` in one trace: every
+/// step keeps its own row and `meshctl trace` links each to the right
+/// parent, by `causationsource` where the step names it.
+#[tokio::test]
+async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> {
+    use schemas::{EventBuilder, EventBuilderV10};
+
+    let nats = NatsServer::start().await?;
+    let ch = ClickHouseServer::start().await?;
+    let db = ch.unique_database("meshctl_ids");
+    let tmp = tempfile::tempdir()?;
+    let shutdown = CancellationToken::new();
+    let worker_ready = tmp.path().join("worker.ready");
+    let worker = tokio::spawn(policy_worker::run(
+        policy_worker::Config {
+            nats_url: nats.url(),
+            policies: workspace().join("policies"),
+            ready_file: Some(worker_ready.clone()),
+            watch_policies: false,
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    let sink_ready = tmp.path().join("sink.ready");
+    let mut sink_config = audit_sink::Config::new(nats.url(), ch.url());
+    sink_config.database = db.clone();
+    sink_config.batch_period_ms = 100;
+    sink_config.ready_file = Some(sink_ready.clone());
+    let sink = tokio::spawn(audit_sink::run(sink_config, shutdown.clone()));
+    for ready in [&worker_ready, &sink_ready] {
+        eventually(WAIT, "the services' ready files", || async {
+            ready.exists().then_some(())
+        })
+        .await?;
+    }
+
+    let js = async_nats::jetstream::new(nats.connect().await?);
+    let trace = schemas::TraceParent::mint();
+    let trace_id = trace.trace_id_hex();
+    // (agent, id, type, target, causationid, causationsource)
+    let steps: [(&str, &str, &str, Option<&str>, Option<&str>, Option<&str>); 6] = [
+        ("planner", "1", "prompt", None, None, None),
+        (
+            "planner",
+            "2",
+            "task.handoff",
+            Some("coder"),
+            Some("1"),
+            Some("planner"),
+        ),
+        ("coder", "1", "reasoning", None, Some("2"), Some("planner")),
+        ("coder", "2", "observation", None, Some("1"), Some("coder")),
+        (
+            "coder",
+            "3",
+            "message",
+            Some("planner"),
+            Some("2"),
+            Some("coder"),
+        ),
+        ("planner", "3", "output", None, Some("3"), Some("coder")),
+    ];
+    let start = chrono::Utc::now();
+    for (n, (agent, id, ty, target, cause, cause_agent)) in steps.into_iter().enumerate() {
+        let mut event = EventBuilderV10::new()
+            .id(id)
+            .source(format!("/agents/{agent}"))
+            .ty(format!("io.agentmesh.{ty}"))
+            .time(start + chrono::Duration::milliseconds(n as i64))
+            .extension("traceparent", trace.to_string())
+            .data("application/json", serde_json::json!({"step": n}));
+        if let Some(target) = target {
+            event = event.extension("target", target);
+        }
+        if let Some(cause) = cause {
+            event = event.extension("causationid", cause);
+        }
+        if let Some(cause_agent) = cause_agent {
+            event = event.extension("causationsource", format!("/agents/{cause_agent}"));
+        }
+        let (headers, payload) = schemas::encode_binary(&event.build()?);
+        js.publish_with_headers(
+            schemas::subjects::ingress(agent, ty.replace('.', "_").as_str()),
+            headers,
+            payload,
+        )
+        .await?
+        .await?;
+    }
+
+    let (nats_url, ch_url) = (nats.url(), ch.url());
+    let env = [
+        ("NATS_URL", nats_url.as_str()),
+        ("CLICKHOUSE_URL", ch_url.as_str()),
+        ("AGENTMESH_AUDIT_DATABASE", db.as_str()),
+    ];
+    let tree = eventually(WAIT, "six decided steps in the tree", || async {
+        let out = meshctl(&env, &["trace", &trace_id]).ok()?;
+        let tree = tree_block(&text(&out.stdout));
+        (tree.first()?.contains(": 6 steps, 0 denied")
+            && !tree.iter().any(|l| l.contains("no decision yet")))
+        .then_some(tree)
+    })
+    .await?;
+    let shape: Vec<String> = tree[1..]
+        .iter()
+        .map(|l| l.split("  allow").next().unwrap_or(l).trim_end().to_owned())
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            "  planner   prompt",
+            "  └─ planner   task.handoff → coder",
+            "     └─ coder     reasoning",
+            "        └─ coder     observation",
+            "           └─ coder     message → planner",
+            "              └─ planner   output",
+        ],
+        "{tree:#?}"
+    );
+
+    shutdown.cancel();
+    worker.await??;
+    sink.await??;
     Ok(())
 }

@@ -144,6 +144,7 @@ pub struct SinkMetrics {
     received: Counter<u64>,
     inserted: Counter<u64>,
     errors: Counter<u64>,
+    quarantined: Counter<u64>,
     batch_rows: opentelemetry::metrics::Histogram<u64>,
 }
 
@@ -153,6 +154,7 @@ pub struct TableMetrics {
     received: BoundCounter<u64>,
     inserted: BoundCounter<u64>,
     errors: BoundCounter<u64>,
+    quarantined: BoundCounter<u64>,
     batch_rows: BoundHistogram<u64>,
 }
 
@@ -176,6 +178,13 @@ impl SinkMetrics {
                 .with_description("Failed insert attempts (each is retried).")
                 .with_unit("{error}")
                 .build(),
+            quarantined: meter
+                .u64_counter("agentmesh.sink.rows.quarantined")
+                .with_description(
+                    "Rows ClickHouse refused, written to the `rejected` table with its error and acked.",
+                )
+                .with_unit("{row}")
+                .build(),
             batch_rows: meter
                 .u64_histogram("agentmesh.sink.batch.rows")
                 .with_description("Rows per inserted batch.")
@@ -192,6 +201,7 @@ impl SinkMetrics {
             received: self.received.bind(&attrs),
             inserted: self.inserted.bind(&attrs),
             errors: self.errors.bind(&attrs),
+            quarantined: self.quarantined.bind(&attrs),
             batch_rows: self.batch_rows.bind(&attrs),
         }
     }
@@ -212,6 +222,11 @@ impl TableMetrics {
     /// One insert attempt failed.
     pub fn insert_failed(&self) {
         self.errors.add(1);
+    }
+
+    /// `rows` refused by ClickHouse and quarantined.
+    pub fn quarantined(&self, rows: u64) {
+        self.quarantined.add(rows);
     }
 }
 
@@ -475,6 +490,7 @@ mod tests {
         events.received();
         events.inserted(7);
         events.insert_failed();
+        events.quarantined(2);
         let scaler = ScalerMetrics::new(&metrics);
         scaler.round();
         scaler.leases("coder", 2);
@@ -484,6 +500,7 @@ mod tests {
             "agentmesh_sink_messages_received_total{table=\"events\"} 1\n",
             "agentmesh_sink_rows_inserted_total{table=\"events\"} 7\n",
             "agentmesh_sink_insert_errors_total{table=\"events\"} 1\n",
+            "agentmesh_sink_rows_quarantined_total{table=\"events\"} 2\n",
             "agentmesh_sink_batch_rows_bucket{table=\"events\",le=\"10\"} 1\n",
             "agentmesh_gpu_leases{pool=\"coder\"} 2\n",
             "agentmesh_gpu_scaling_rounds_total 1\n",

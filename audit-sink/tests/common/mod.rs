@@ -156,6 +156,21 @@ impl Harness {
         Ok(self.query(&sql).await?.lines().map(str::to_owned).collect())
     }
 
+    /// Where the sink serves `/metrics` when started with [`Harness::with_metrics`].
+    pub fn metrics_addr(config: &Config) -> Option<std::net::SocketAddr> {
+        config
+            .ops
+            .http_port
+            .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// `config` with the health and metrics server on a free local port.
+    pub fn with_metrics(mut config: Config) -> anyhow::Result<Config> {
+        config.ops.http_port = Some(testkit::free_port()?);
+        config.ops.http_host = std::net::IpAddr::from([127, 0, 0, 1]);
+        Ok(config)
+    }
+
     /// `SELECT count() FROM <table> FINAL`.
     pub async fn count_final(&self, table: &str) -> anyhow::Result<u64> {
         Ok(self
@@ -223,6 +238,8 @@ pub struct Step {
     pub step: &'static str,
     pub ty: &'static str,
     pub parent: Option<String>,
+    /// The parent's agent, sent as `causationsource`.
+    pub parent_agent: Option<&'static str>,
     pub target: Option<&'static str>,
     pub tool: Option<&'static str>,
     pub time: String,
@@ -242,6 +259,9 @@ impl Step {
             );
         if let Some(p) = &self.parent {
             b = b.extension("causationid", p.clone());
+        }
+        if let Some(a) = self.parent_agent {
+            b = b.extension("causationsource", format!("/agents/{a}"));
         }
         if let Some(t) = self.target {
             b = b.extension("target", t);
@@ -279,6 +299,7 @@ impl Step {
             target: self.target.map(str::to_owned),
             subject: self.tool.map(str::to_owned),
             causation_id: self.parent.clone(),
+            causation_agent: self.parent_agent.map(str::to_owned),
             trace_derived: false,
             decided_at: self.time.clone(),
             eval_micros,
@@ -317,6 +338,7 @@ pub fn chain(prefix: &str, n: usize) -> Vec<Step> {
                     "io.agentmesh.reasoning"
                 },
                 parent: (i > 0).then(|| format!("{prefix}-{:05}", i - 1)),
+                parent_agent: None,
                 target: None,
                 tool: tool.then_some("fs.read"),
                 time: at(u32::try_from(i).unwrap_or(0) % 3600),

@@ -304,10 +304,10 @@ fn shown(text: &str) -> String {
 fn details(trace: &Trace, node: &Node) -> String {
     let key = (node.agent.clone(), node.event_id.clone());
     let data = trace.data.get(&key);
-    let parent = if node.parent_id.is_empty() {
-        "(root)".to_owned()
-    } else {
-        node.parent_id.clone()
+    let parent = match (node.parent_id.as_str(), node.parent_agent.as_str()) {
+        ("", _) => "(root)".to_owned(),
+        (id, "") => id.to_owned(),
+        (id, agent) => format!("{id} (of {agent})"),
     };
     let mut facts = vec![
         ("event id", node.event_id.clone()),
@@ -442,6 +442,11 @@ mod tests {
             policy_hash: "h".into(),
             valid: 1,
             error: String::new(),
+            parent_agent: if parent.is_empty() {
+                String::new()
+            } else {
+                "coder".into()
+            },
         }
     }
 
