@@ -724,7 +724,7 @@ async fn the_tool_cache_is_shown_purged_per_tool_and_whole_and_follows_cache_tom
             policies: dir.path().to_owned(),
             ..Default::default()
         },
-        false,
+        true,
     )
     .await;
     let cache = |id: &str| {
@@ -776,6 +776,36 @@ async fn the_tool_cache_is_shown_purged_per_tool_and_whole_and_follows_cache_tom
             .await;
         assert_eq!(cache(call).await, want, "{call}");
     }
+
+    // The audit records what the cache did, and the tree draws the cached
+    // answer under its call with the call that produced it.
+    stack.wait_decisions(&["s1", "sr1", "s2", "t2"]).await;
+    let rows = stack
+        .query("SELECT event_id, cache, cache_source FROM decisions FINAL WHERE event_id IN ('s1', 'sr1', 's2', 't2') ORDER BY event_id")
+        .await;
+    assert_eq!(
+        rows,
+        "s1\tmiss\t\ns2\thit\tplanner/s1\nsr1\tstored\tplanner/s1\nt2\tmiss\t\n"
+    );
+    let tree = ok(&stack
+        .meshctl(&["trace", "5bf92f3577b34da6a3ce929d0e0e4736"])
+        .await);
+    assert!(tree.contains(", 1 answered from the cache"), "{tree}");
+    let hit = tree
+        .lines()
+        .position(|l| l.contains("answered from the cache") && l.contains("tool.call code.search"))
+        .unwrap_or_else(|| panic!("{tree}"));
+    let answer = tree.lines().nth(hit + 1).unwrap_or_default();
+    assert!(
+        answer.contains("coder     tool.result → planner")
+            && answer.ends_with("from the cache, first produced by call planner/s1"),
+        "{tree}"
+    );
+    assert!(
+        tree.lines()
+            .any(|l| l.contains("tool.result → planner") && l.ends_with("· stored in the cache")),
+        "{tree}"
+    );
 
     let purged = ok(&stack.meshctl(&["cache", "purge"]).await);
     assert!(purged.contains("Purged the tool cache"), "{purged}");

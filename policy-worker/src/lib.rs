@@ -35,7 +35,8 @@ use tokio_util::sync::CancellationToken;
 pub use approval::{Answer, AnswerAction, ApprovalState, approval_id, send_answer};
 pub use cache::{
     CACHE_FILE, CacheRules, Entry as CacheEntry, Scope as CacheScope, ToolRule,
-    purge as purge_cache, purge_filter, size as cache_size, tool_token,
+    answer_id as cached_answer_id, purge as purge_cache, purge_filter, size as cache_size,
+    tool_token,
 };
 pub use detect::{Detector, Findings, KINDS as DETECTOR_KINDS};
 pub use guard::{APPROVAL_ANNOTATION, GuardMeta, Guards};

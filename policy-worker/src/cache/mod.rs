@@ -206,6 +206,21 @@ impl Key {
     }
 }
 
+/// The id of the cached answer to call `call_id` of `caller`: a UUIDv5 of
+/// the call, so a redelivered call gets the same id and the audit can name
+/// the answer (which is not an ingress event) from the call alone.
+pub fn answer_id(caller: &str, call_id: &str) -> String {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!(
+            "agentmesh:cache-hit:{}",
+            subjects::event_key(caller, call_id)
+        )
+        .as_bytes(),
+    )
+    .to_string()
+}
+
 /// A fresh entry found for an approved call.
 #[derive(Debug, Clone)]
 pub struct Hit {
@@ -229,19 +244,12 @@ impl Hit {
         receipt: &DecisionReceipt,
     ) -> (String, HeaderMap, Bytes) {
         let caller = call.agent.as_str();
-        let id = uuid::Uuid::new_v5(
-            &uuid::Uuid::NAMESPACE_URL,
-            format!(
-                "agentmesh:cache-hit:{}",
-                subjects::event_key(caller, call.id())
-            )
-            .as_bytes(),
-        );
+        let id = answer_id(caller, call.id());
         let data = base64::engine::general_purpose::STANDARD
             .decode(&self.entry.data)
             .unwrap_or_default();
         let mut builder = EventBuilderV10::new()
-            .id(id.to_string())
+            .id(id)
             .source(format!("/agents/{}", self.entry.agent))
             .ty(EventType::ToolResult.as_str())
             .subject(self.entry.tool.clone())
