@@ -6,7 +6,10 @@
 -- causationsource when it had one; else the agent of the step of this trace
 -- with id parent_id (when several agents used that id: the one whose target
 -- is this step's agent, else the latest one before this step); '' when no
--- step of this trace has that id.
+-- step of this trace has that id. cache is what the tool-result cache did
+-- for the step ('' when not asked; 'hit' means the worker answered the
+-- call from the cache), cache_source the call that first produced the
+-- cached result (docs/cache.md).
 -- Run in database agentmesh; see docs/audit.md for the parameter syntax.
 SELECT
     event_id,
@@ -23,12 +26,14 @@ SELECT
     policy_hash,
     valid,
     error,
-    parent_agent
+    parent_agent,
+    cache,
+    cache_source
 FROM
 (
     SELECT
         event_id, parent_id, agent, type, target, subject, time, time_us, valid, error,
-        decision, reasons, errors, policy_hash
+        decision, reasons, errors, policy_hash, cache, cache_source
     FROM
     (
         SELECT event_id, parent_id, agent, type, target, subject, time, time_us, valid, error
@@ -37,7 +42,7 @@ FROM
     ) AS e
     ANY LEFT JOIN
     (
-        SELECT agent, event_id, decision, reasons, errors, policy_hash
+        SELECT agent, event_id, decision, reasons, errors, policy_hash, cache, cache_source
         FROM decisions FINAL
         WHERE (agent, event_id) IN (SELECT agent, event_id FROM events WHERE trace_id = {trace_id:String})
     ) AS d USING (agent, event_id)

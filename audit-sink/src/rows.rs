@@ -319,6 +319,12 @@ pub struct DecisionRow {
     pub approver: String,
     /// The approver's comment, or why the request expired.
     pub approval_comment: String,
+    /// What the tool-result cache did (`hit`, `miss`, `bypass`, `stored`),
+    /// '' when it was not asked.
+    pub cache: String,
+    /// On `hit` and `stored`: the call that first produced the cached
+    /// result, `<agent>/<event id>`.
+    pub cache_source: String,
 }
 
 /// The row for one message of `MESH_DECISION`.
@@ -364,6 +370,8 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
         approval_status: String::new(),
         approver: String::new(),
         approval_comment: String::new(),
+        cache: String::new(),
+        cache_source: String::new(),
     };
     match serde_json::from_slice::<DecisionReceipt>(payload) {
         Ok(r) => {
@@ -405,6 +413,8 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
                 row.approver = approval.approver;
                 row.approval_comment = approval.comment;
             }
+            row.cache = r.cache.map(|c| c.as_str().to_owned()).unwrap_or_default();
+            row.cache_source = r.cache_source.unwrap_or_default();
             row.valid = 1;
         }
         Err(e) => row.error = format!("receipt is not a decision receipt: {e}"),

@@ -138,6 +138,9 @@ pub fn added_columns(table: &str, features: &ServerFeatures) -> Vec<(&'static st
         DECISIONS => {
             let mut columns = decision_guard_columns(features);
             columns.push(("parent_agent", lc.to_owned()));
+            // The tool-result cache (docs/cache.md).
+            columns.push(("cache", lc.to_owned()));
+            columns.push(("cache_source", "String".to_owned()));
             columns
         }
         _ => Vec::new(),

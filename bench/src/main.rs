@@ -1,11 +1,14 @@
 //! `mesh-bench`: measures the policy worker against a raw JetStream hop on
 //! the same servers in the same run, and prints events/s, latency
-//! percentiles, peak RSS and CPU per 10k events. It never fails on timing.
+//! percentiles, peak RSS and CPU per 10k events; `mesh-bench cache` times
+//! repeated tool calls with and without the tool-result cache. It never
+//! fails on timing.
 //!
 //! `mesh-bench run` starts a private `nats-server -js` unless `NATS_URL` is
 //! set; the services run as child processes found next to this binary
 //! (`cargo build --release -p bench -p policy-worker`).
 
+mod cache;
 mod faults;
 mod forwarder;
 mod load;
@@ -34,6 +37,8 @@ enum Cmd {
     Run(RunArgs),
     /// The audit sink's rows/s into ClickHouse and the delay until a row is queryable.
     Sink(sink::SinkArgs),
+    /// Repeated tool calls through the real stack, cached vs uncached, and a workflow's hit rate.
+    Cache(cache::CacheArgs),
     /// Fault run: kill -9 the policy worker, stop ClickHouse, restart nats-server, under load; count what arrived.
     Faults(faults::FaultArgs),
     /// Run the raw forwarder (used by `run` as a child process).
@@ -90,6 +95,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => run(args).await,
         Cmd::Sink(args) => sink::run(args).await,
         Cmd::Faults(args) => faults::run(args).await,
+        Cmd::Cache(args) => cache::run(args).await,
     }
 }
 

@@ -185,6 +185,7 @@ pub fn grants(principal: &Principal) -> Grants {
             let answers = POLICY_WORKER_APPROVALS_CONSUMER;
             let kv_limits = format!("KV_{}", subjects::BUCKET_LIMITS);
             let kv_approvals = format!("KV_{}", subjects::BUCKET_APPROVALS);
+            let kv_cache = format!("KV_{}", subjects::BUCKET_TOOL_CACHE);
             Grants {
                 account: MESH_ACCOUNT.to_owned(),
                 publish: vec![
@@ -219,6 +220,11 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("$JS.API.DIRECT.GET.{kv_limits}.>"),
                     format!("$JS.API.DIRECT.GET.{kv_approvals}"),
                     format!("$JS.API.DIRECT.GET.{kv_approvals}.>"),
+                    // The tool-result cache (docs/cache.md): only the worker
+                    // reads and writes it; agents have no grant on it.
+                    format!("$KV.{}.>", subjects::BUCKET_TOOL_CACHE),
+                    format!("$JS.API.DIRECT.GET.{kv_cache}"),
+                    format!("$JS.API.DIRECT.GET.{kv_cache}.>"),
                 ],
                 subscribe: vec!["_INBOX.>".into()],
                 ..Grants::default()
@@ -673,6 +679,14 @@ mod tests {
             );
             let writes_leases = g.publish.iter().any(|s| s.contains("mesh-gpu-leases.>"));
             assert_eq!(writes_leases, p.role == Role::GpuScaler, "{}", p.name);
+            let touches_cache = g
+                .publish
+                .iter()
+                .chain(&g.subscribe)
+                .chain(&g.service_imports)
+                .chain(&g.stream_imports)
+                .any(|s| s.contains("mesh-tool-cache"));
+            assert_eq!(touches_cache, p.role == Role::PolicyWorker, "{}", p.name);
         }
     }
 

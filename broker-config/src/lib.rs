@@ -35,6 +35,11 @@ pub struct Options {
     pub max_age: Duration,
     /// Window within which a repeated `Nats-Msg-Id` is dropped.
     pub duplicate_window: Duration,
+    /// Largest size of the tool-result cache bucket (`mesh-tool-cache`):
+    /// past it, the oldest writes are evicted first.
+    pub tool_cache_max_bytes: i64,
+    /// Longest life of anything in `mesh-tool-cache`, whatever a tool's TTL.
+    pub tool_cache_max_age: Duration,
 }
 
 impl Default for Options {
@@ -43,6 +48,8 @@ impl Default for Options {
             replicas: 1,
             max_age: Duration::from_secs(7 * 24 * 3600),
             duplicate_window: Duration::from_secs(10 * 60),
+            tool_cache_max_bytes: 256 * 1024 * 1024,
+            tool_cache_max_age: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -179,8 +186,25 @@ pub fn buckets(options: &Options) -> Vec<stream::Config> {
             5,
             options.max_age,
         ),
+        // A cache, not a record: bounded in bytes, and when full the oldest
+        // writes go first (discard old), so filling it never fails.
+        stream::Config {
+            max_bytes: options.tool_cache_max_bytes,
+            max_message_size: TOOL_CACHE_MAX_VALUE,
+            discard: stream::DiscardPolicy::Old,
+            ..kv(
+                subjects::BUCKET_TOOL_CACHE,
+                "tool-result cache: r.<tool>.<key> results, p.<call> pending calls, f.<key> calls in flight",
+                1,
+                options.tool_cache_max_age,
+            )
+        },
     ]
 }
+
+/// The largest message stored in `mesh-tool-cache` (one cached result with
+/// its metadata, base64): a result larger than this is not cached.
+pub const TOOL_CACHE_MAX_VALUE: i32 = 2 * 1024 * 1024;
 
 /// Whether `current` already has every setting agentmesh owns in `wanted`.
 fn matches(current: &stream::Config, wanted: &stream::Config) -> bool {

@@ -1,10 +1,12 @@
 //! `meshctl`: the operator CLI of agentmesh — the local stack (`up`, `down`,
 //! `status`), agent identities (`agents`), the demo workflow and decision
 //! trees from ClickHouse (`trace`, and the web view `ui`), and the
-//! guardrails (`policy`, `approvals`, `limits`).
+//! guardrails (`policy`, `approvals`, `limits`), and the tool-result cache
+//! (`cache`).
 
 mod agents;
 mod approvals;
+mod cache;
 mod demo;
 mod gpus;
 mod limits;
@@ -145,6 +147,11 @@ enum Command {
     Limits {
         #[command(subcommand)]
         command: limits::LimitsCommand,
+    },
+    /// Show and purge the tool-result cache (mesh-tool-cache).
+    Cache {
+        #[command(subcommand)]
+        command: cache::CacheCommand,
     },
     /// GPU inventory, leases and per-pool demand.
     Gpus {
@@ -310,6 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return exit(approvals::run(command, &endpoints).await?);
         }
         Command::Limits { command } => return exit(limits::run(command, &endpoints).await?),
+        Command::Cache { command } => return exit(cache::run(command, &endpoints).await?),
     }
     Ok(ExitCode::SUCCESS)
 }

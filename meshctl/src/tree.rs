@@ -43,6 +43,12 @@ pub struct Node {
     /// The causing event's agent: its `causationsource`, else resolved by
     /// the query within the trace (`''` when no step has `parent_id`).
     pub parent_agent: String,
+    /// What the tool-result cache did: `hit` (answered from the cache),
+    /// `miss`, `bypass`, `stored` (this result filled it), '' when not asked.
+    pub cache: String,
+    /// On `hit` and `stored`: the call that first produced the cached
+    /// result, `<agent>/<event id>`.
+    pub cache_source: String,
 }
 
 /// Checks a trace id: 32 lowercase hex characters.
@@ -86,7 +92,58 @@ fn what(node: &Node) -> String {
     s
 }
 
+/// `nodes` with the cached answers drawn in: each call answered from the
+/// cache gets a `tool.result` step from the tool's agent (the answer the
+/// worker published, which is not an ingress event), under its id, so the
+/// caller's steps that follow the answer hang under it.
+pub fn with_cached_answers(nodes: &[Node]) -> Vec<Node> {
+    let mut all = nodes.to_vec();
+    for call in nodes.iter().filter(|n| n.cache == "hit") {
+        all.push(Node {
+            event_id: policy_worker::cached_answer_id(&call.agent, &call.event_id),
+            parent_id: call.event_id.clone(),
+            agent: call.target.clone(),
+            r#type: schemas::EventType::ToolResult.as_str().to_owned(),
+            target: call.agent.clone(),
+            subject: call.subject.clone(),
+            time: call.time,
+            time_us: call.time_us,
+            decision: CACHED.to_owned(),
+            reasons: Vec::new(),
+            errors: Vec::new(),
+            policy_hash: call.policy_hash.clone(),
+            valid: 1,
+            error: String::new(),
+            parent_agent: call.agent.clone(),
+            cache: String::new(),
+            cache_source: call.cache_source.clone(),
+        });
+    }
+    all
+}
+
+/// The decision column of a cached answer drawn by [`with_cached_answers`].
+const CACHED: &str = "cached";
+
+fn cache_note(node: &Node) -> String {
+    match node.cache.as_str() {
+        "hit" => "  · answered from the cache".to_owned(),
+        "stored" => "  · stored in the cache".to_owned(),
+        _ => String::new(),
+    }
+}
+
 fn verdict(node: &Node) -> String {
+    if node.decision == CACHED {
+        return format!(
+            "from the cache, first produced by call {}",
+            node.cache_source
+        );
+    }
+    verdict_of(node) + &cache_note(node)
+}
+
+fn verdict_of(node: &Node) -> String {
     // Cedar reports the determining policies as a set: sort for a stable line.
     let mut reasons = node.reasons.clone();
     reasons.sort();
@@ -171,6 +228,9 @@ pub fn links(nodes: &[Node]) -> Links {
 /// Draws the tree: roots are steps without a parent in this trace; children
 /// follow their parent, oldest first; the decision column is aligned.
 pub fn render(trace_id: &str, nodes: &[Node]) -> String {
+    let drawn = with_cached_answers(nodes);
+    let cached = drawn.len() - nodes.len();
+    let nodes = &drawn[..];
     let Links { roots, children } = links(nodes);
     // (left part, verdict) per line, in drawing order.
     let mut lines: Vec<(String, String)> = Vec::with_capacity(nodes.len());
@@ -203,10 +263,15 @@ pub fn render(trace_id: &str, nodes: &[Node]) -> String {
     let denied = nodes.iter().filter(|n| n.decision == "deny").count();
     let undecided = nodes.iter().filter(|n| n.decision.is_empty()).count();
     let mut out = format!(
-        "Decision tree of trace {trace_id}: {} steps, {denied} denied{}\n",
-        nodes.len(),
+        "Decision tree of trace {trace_id}: {} steps, {denied} denied{}{}\n",
+        nodes.len() - cached,
         if undecided > 0 {
             format!(", {undecided} without decision")
+        } else {
+            String::new()
+        },
+        if cached > 0 {
+            format!(", {cached} answered from the cache")
         } else {
             String::new()
         }
@@ -249,6 +314,8 @@ mod tests {
             valid: 1,
             error: String::new(),
             parent_agent: String::new(),
+            cache: String::new(),
+            cache_source: String::new(),
         }
     }
 
@@ -296,6 +363,70 @@ Decision tree of trace t: 5 steps, 1 denied, 1 without decision
      ├─ coder     tool.call code.search   allow
      │  └─ coder     tool.result → coder  …      no decision yet
      └─ coder     tool.call shell.exec    DENY   by forbid-shell-exec
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn cached_answers_are_drawn_under_their_call_with_the_producing_call() {
+        let mut first = node(
+            "c1",
+            "",
+            "planner",
+            "tool.call",
+            "coder",
+            "code.search",
+            "allow",
+            &["p"],
+        );
+        first.cache = "miss".into();
+        let mut stored = at(
+            node(
+                "r1",
+                "c1",
+                "coder",
+                "tool.result",
+                "planner",
+                "code.search",
+                "allow",
+                &["m"],
+            ),
+            "planner",
+            2,
+        );
+        stored.cache = "stored".into();
+        stored.cache_source = "planner/c1".into();
+        let mut repeat = at(
+            node(
+                "c2",
+                "r1",
+                "planner",
+                "tool.call",
+                "coder",
+                "code.search",
+                "allow",
+                &["p"],
+            ),
+            "coder",
+            3,
+        );
+        repeat.cache = "hit".into();
+        repeat.cache_source = "planner/c1".into();
+        // The planner's next step follows the cached answer.
+        let answer = policy_worker::cached_answer_id("planner", "c2");
+        let next = at(
+            node("o1", &answer, "planner", "output", "", "", "allow", &["o"]),
+            "coder",
+            4,
+        );
+        let text = render("t", &[at(first, "", 1), stored, repeat, next]);
+        let expected = "\
+Decision tree of trace t: 4 steps, 0 denied, 1 answered from the cache
+  planner   tool.call code.search → coder        allow  (p)
+  └─ coder     tool.result → planner             allow  (m)  · stored in the cache
+     └─ planner   tool.call code.search → coder  allow  (p)  · answered from the cache
+        └─ coder     tool.result → planner       from the cache, first produced by call planner/c1
+           └─ planner   output                   allow  (o)
 ";
         assert_eq!(text, expected);
     }

@@ -679,3 +679,170 @@ async fn limits_are_shown_and_reset() {
     );
     stack.stop().await;
 }
+
+/// A `tool` call from the planner to the coder with `args`, and the coder's
+/// successful answer to it.
+fn cached_call(id: &str, tool: &str, args: serde_json::Value) -> schemas::Event {
+    EventBuilderV10::new()
+        .id(id)
+        .source("/agents/planner")
+        .ty("io.agentmesh.tool.call")
+        .subject(tool)
+        .extension("target", "coder")
+        .extension("traceparent", TRACE)
+        .data("application/json", json!({"tool": tool, "arguments": args}))
+        .build()
+        .unwrap()
+}
+
+fn tool_answer(id: &str, call: &str, tool: &str) -> schemas::Event {
+    EventBuilderV10::new()
+        .id(id)
+        .source("/agents/coder")
+        .ty("io.agentmesh.tool.result")
+        .subject(tool)
+        .extension("target", "planner")
+        .extension("causationid", call)
+        .extension("causationsource", "/agents/planner")
+        .extension("traceparent", TRACE)
+        .data(
+            "application/json",
+            json!({"tool": tool, "ok": true, "result": format!("answer to {call}")}),
+        )
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_tool_cache_is_shown_purged_per_tool_and_whole_and_follows_cache_toml() {
+    let dir = policies(&[(
+        "cache.toml",
+        "[tools.\"code.search\"]\nttl_secs = 600\nscope = \"shared\"\n\n[tools.\"tests.run\"]\nttl_secs = 600\n",
+    )]);
+    let stack = Stack::start(
+        policy_worker::Config {
+            policies: dir.path().to_owned(),
+            ..Default::default()
+        },
+        true,
+    )
+    .await;
+    let cache = |id: &str| {
+        let id = id.to_owned();
+        let stack = &stack;
+        async move { stack.receipt(&id).await.cache }
+    };
+    let search = json!({"query": "fn signup"});
+    let suite = json!({"suite": "unit"});
+    for (call, answer, tool, args) in [
+        ("s1", "sr1", "code.search", &search),
+        ("t1", "tr1", "tests.run", &suite),
+    ] {
+        stack
+            .publish(
+                "planner",
+                "tool_call",
+                &cached_call(call, tool, args.clone()),
+            )
+            .await;
+        assert_eq!(cache(call).await, Some(schemas::CacheStatus::Miss));
+        stack
+            .publish("coder", "tool_result", &tool_answer(answer, call, tool))
+            .await;
+        assert_eq!(cache(answer).await, Some(schemas::CacheStatus::Stored));
+    }
+    let status = ok(&stack.meshctl(&["cache", "status"]).await);
+    assert!(status.starts_with("mesh-tool-cache: 2 entries"), "{status}");
+
+    let purged = ok(&stack
+        .meshctl(&["cache", "purge", "--tool", "tests.run"])
+        .await);
+    assert!(
+        purged.contains("Purged 1 cached results of `tests.run`"),
+        "{purged}"
+    );
+    let hit = Some(schemas::CacheStatus::Hit);
+    let miss = Some(schemas::CacheStatus::Miss);
+    for (call, tool, args, want) in [
+        ("t2", "tests.run", &suite, miss),
+        ("s2", "code.search", &search, hit),
+    ] {
+        stack
+            .publish(
+                "planner",
+                "tool_call",
+                &cached_call(call, tool, args.clone()),
+            )
+            .await;
+        assert_eq!(cache(call).await, want, "{call}");
+    }
+
+    // The audit records what the cache did, and the tree draws the cached
+    // answer under its call with the call that produced it.
+    stack.wait_decisions(&["s1", "sr1", "s2", "t2"]).await;
+    let rows = stack
+        .query("SELECT event_id, cache, cache_source FROM decisions FINAL WHERE event_id IN ('s1', 'sr1', 's2', 't2') ORDER BY event_id")
+        .await;
+    assert_eq!(
+        rows,
+        "s1\tmiss\t\ns2\thit\tplanner/s1\nsr1\tstored\tplanner/s1\nt2\tmiss\t\n"
+    );
+    let tree = ok(&stack
+        .meshctl(&["trace", "5bf92f3577b34da6a3ce929d0e0e4736"])
+        .await);
+    assert!(tree.contains(", 1 answered from the cache"), "{tree}");
+    let hit = tree
+        .lines()
+        .position(|l| l.contains("answered from the cache") && l.contains("tool.call code.search"))
+        .unwrap_or_else(|| panic!("{tree}"));
+    let answer = tree.lines().nth(hit + 1).unwrap_or_default();
+    assert!(
+        answer.contains("coder     tool.result → planner")
+            && answer.ends_with("from the cache, first produced by call planner/s1"),
+        "{tree}"
+    );
+    assert!(
+        tree.lines()
+            .any(|l| l.contains("tool.result → planner") && l.ends_with("· stored in the cache")),
+        "{tree}"
+    );
+
+    let purged = ok(&stack.meshctl(&["cache", "purge"]).await);
+    assert!(purged.contains("Purged the tool cache"), "{purged}");
+    stack
+        .publish(
+            "planner",
+            "tool_call",
+            &cached_call("s3", "code.search", search.clone()),
+        )
+        .await;
+    assert_eq!(cache("s3").await, miss);
+
+    // Declarations are reloaded with the policies: code.search is no
+    // longer cacheable once cache.toml drops it.
+    std::fs::write(
+        dir.path().join("cache.toml"),
+        "[tools.\"tests.run\"]\nttl_secs = 600\n",
+    )
+    .unwrap();
+    let mut n = 0;
+    eventually(WAIT, "cache.toml to be reloaded", || {
+        n += 1;
+        let id = format!("s-reload-{n}");
+        let stack = &stack;
+        let search = search.clone();
+        async move {
+            stack
+                .publish(
+                    "planner",
+                    "tool_call",
+                    &cached_call(&id, "code.search", search),
+                )
+                .await;
+            stack.receipt(&id).await.cache.is_none().then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    stack.stop().await;
+}

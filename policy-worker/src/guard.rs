@@ -398,6 +398,39 @@ mod tests {
     }
 
     #[test]
+    fn cache_toml_is_loaded_hashed_and_checked_with_the_policies() {
+        let dir = shipped_copy(&[]);
+        let before = PolicyBundle::load(dir.path()).unwrap();
+        assert!(
+            before.cache().is_empty(),
+            "nothing is cached unless declared"
+        );
+        let path = dir.path().join("cache.toml");
+        std::fs::write(&path, "[tools.\"code.search\"]\nttl_secs = 60\n").unwrap();
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+        assert_ne!(
+            bundle.hash(),
+            before.hash(),
+            "a change to cache.toml is a reload"
+        );
+        assert_eq!(bundle.cache().rule("code.search").unwrap().ttl_secs, 60);
+        std::fs::write(&path, "\n[tools.\"code.search\"]\nttl_secs = 0\n").unwrap();
+        match PolicyBundle::load(dir.path()) {
+            Err(LoadError::Invalid {
+                path,
+                line,
+                message,
+                ..
+            }) => {
+                assert!(path.ends_with("cache.toml"), "{path:?}");
+                assert_eq!(line, 2, "{message}");
+                assert!(message.contains("`ttl_secs` is 0"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn approval_annotation_is_checked_at_load() {
         for (text, expected) in [
             (

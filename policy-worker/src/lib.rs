@@ -10,8 +10,12 @@
 //! shadow policy set evaluated without effect, human approval for permits
 //! annotated `@approval("required")`, and [`Replayer`] for deciding recorded
 //! events with a candidate set.
+//!
+//! The tool-result cache (`docs/cache.md`, module `cache`) answers approved
+//! calls of tools declared in `cache.toml` from JetStream KV.
 
 mod approval;
+mod cache;
 mod detect;
 mod guard;
 mod limits;
@@ -29,6 +33,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use approval::{Answer, AnswerAction, ApprovalState, approval_id, send_answer};
+pub use cache::{
+    CACHE_FILE, CacheRules, Entry as CacheEntry, Scope as CacheScope, ToolRule,
+    answer_id as cached_answer_id, purge as purge_cache, purge_filter, size as cache_size,
+    tool_token,
+};
 pub use detect::{Detector, Findings, KINDS as DETECTOR_KINDS};
 pub use guard::{APPROVAL_ANNOTATION, GuardMeta, Guards};
 pub use limits::{AgentTally, Tallies, Usage, WorkflowTally, agent_key, workflow_key};
@@ -73,6 +82,9 @@ pub struct Config {
     pub shadow_policies: Option<PathBuf>,
     /// How long a parked event waits for an approval before it is denied.
     pub approval_timeout: Duration,
+    /// How long a call of a cacheable tool waits for an identical call's
+    /// result already in flight before it goes to the tool itself.
+    pub cache_flight_wait: Duration,
     /// Health and metrics server, OTLP export (off by default).
     pub ops: telemetry::OpsConfig,
 }
@@ -94,6 +106,7 @@ impl Default for Config {
             grace: Duration::from_secs(10),
             shadow_policies: None,
             approval_timeout: Duration::from_secs(3600),
+            cache_flight_wait: Duration::from_secs(10),
             ops: telemetry::OpsConfig::default(),
         }
     }
@@ -256,6 +269,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await
     .map_err(|source| Error::Approvals { source })?;
     let guard = guard::Runtime::new(counters, shadow, approvals);
+    // Waiting calls may hold at most half the in-flight window, so the
+    // results they wait for can always be decided.
+    let cache = Arc::new(cache::ToolCache::new(
+        bucket(schemas::subjects::BUCKET_TOOL_CACHE).await?,
+        config.cache_flight_wait,
+        config.max_in_flight / 2,
+        telemetry::CacheMetrics::new(ops.metrics()),
+    ));
+    cache.watch_size(shutdown.clone());
 
     if let Some(path) = &config.ready_file {
         std::fs::write(path, b"ready\n").map_err(|source| Error::ReadyFile {
@@ -266,7 +288,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     consuming.set(true);
     tracing::info!(consumer = %config.consumer, "Policy worker ready.");
 
-    let worker = worker::Worker::new(js, policies_rx, guard, &config, metrics);
+    let worker = worker::Worker::new(js, policies_rx, guard, cache, &config, metrics);
     worker.consume(consumer, shutdown).await;
     consuming.set(false);
     lag.abort();

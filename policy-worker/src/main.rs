@@ -50,6 +50,9 @@ struct Args {
     /// Seconds an event parked for approval waits before it is denied.
     #[arg(long, env = "AGENTMESH_APPROVAL_TIMEOUT_SECS", default_value_t = 3600)]
     approval_timeout_secs: u64,
+    /// Milliseconds a call of a cacheable tool waits for an identical call's result already in flight.
+    #[arg(long, env = "AGENTMESH_CACHE_FLIGHT_WAIT_MS", default_value_t = 10_000)]
+    cache_flight_wait_ms: u64,
     /// Health and metrics server, log format, OTLP export.
     #[command(flatten)]
     ops: telemetry::OpsConfig,
@@ -84,6 +87,7 @@ async fn main() -> std::process::ExitCode {
         ready_file: args.ready_file,
         shadow_policies: args.shadow_policies,
         approval_timeout: Duration::from_secs(args.approval_timeout_secs.max(1)),
+        cache_flight_wait: Duration::from_millis(args.cache_flight_wait_ms),
         broker: broker_config::Options {
             replicas: args.stream_replicas,
             ..Default::default()

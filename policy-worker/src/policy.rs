@@ -68,6 +68,7 @@ pub struct PolicyBundle {
     authorizer: Authorizer,
     names: Names,
     guard: GuardMeta,
+    cache: crate::cache::CacheRules,
 }
 
 impl fmt::Debug for PolicyBundle {
@@ -397,9 +398,39 @@ impl PolicyBundle {
         let entities = Entities::from_json_str(&entities_text, Some(&schema))
             .map_err(|e| invalid(&entities_path, &entities_text, &e, e.to_string()))?;
 
+        // Cacheable tools (docs/cache.md), reloaded with the policies. The
+        // file is optional; when present it counts in the hash, so a change
+        // to it alone is a reload.
+        let cache_path = dir.join(crate::cache::CACHE_FILE);
+        let cache = match std::fs::read_to_string(&cache_path) {
+            Ok(text) => {
+                hasher.update(crate::cache::CACHE_FILE.as_bytes());
+                hasher.update(text.as_bytes());
+                crate::cache::CacheRules::parse(&text).map_err(|e| {
+                    let (line, column) = line_col(&text, e.offset);
+                    LoadError::Invalid {
+                        path: cache_path.clone(),
+                        line,
+                        column,
+                        message: e.message,
+                    }
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::cache::CacheRules::default()
+            }
+            Err(source) => {
+                return Err(LoadError::Read {
+                    path: cache_path,
+                    source,
+                });
+            }
+        };
+
         let digest = hasher.finalize();
         let names = Names::new();
         Ok(Self {
+            cache,
             index: PolicyIndex::build(&policies, &schema, &names),
             policies,
             schema,
@@ -417,7 +448,14 @@ impl PolicyBundle {
         &self.guard
     }
 
-    /// The hash of the schema, policy files and entities (16 hex characters).
+    /// The tools whose results the mesh may cache (`cache.toml`; empty
+    /// when the directory has none).
+    pub fn cache(&self) -> &crate::cache::CacheRules {
+        &self.cache
+    }
+
+    /// The hash of the schema, policy files and entities, and `cache.toml`
+    /// when there is one (16 hex characters).
     pub fn hash(&self) -> &str {
         &self.hash
     }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::approval::forwardable;
+use crate::cache::{Lookup, ToolCache};
 use crate::guard;
 use crate::policy::PolicyBundle;
 use crate::{Config, Error};
@@ -54,6 +55,7 @@ pub(crate) struct Worker {
     js: jetstream::Context,
     policies: watch::Receiver<Arc<PolicyBundle>>,
     guard: guard::Runtime,
+    cache: Arc<ToolCache>,
     limits: schemas::Limits,
     batch: usize,
     max_in_flight: usize,
@@ -66,6 +68,7 @@ impl Worker {
         js: jetstream::Context,
         policies: watch::Receiver<Arc<PolicyBundle>>,
         guard: guard::Runtime,
+        cache: Arc<ToolCache>,
         config: &Config,
         metrics: telemetry::WorkerMetrics,
     ) -> Arc<Self> {
@@ -73,6 +76,7 @@ impl Worker {
             js,
             policies,
             guard,
+            cache,
             limits: config.limits,
             batch: config.batch.max(1),
             max_in_flight: config.max_in_flight.max(1),
@@ -230,6 +234,29 @@ impl Worker {
             (Decision::Allow, None) => telemetry::Published::ReceiptOnly,
             (Decision::Deny | Decision::Invalid, _) => telemetry::Published::DeadLetter,
         };
+        // The cache is asked only about what is allowed and routed now: a
+        // denied call never touches it, a parked one is released later.
+        let mut answer = None;
+        if let (Ok(event), Decision::Allow, Some(_), false) =
+            (&parsed, receipt.decision, &target, park)
+        {
+            let rules = bundle.cache();
+            if !rules.is_empty() {
+                match self.cache.lookup(rules, event).await {
+                    Lookup::NotCacheable => {}
+                    Lookup::Deliver(status) => receipt.cache = Some(status),
+                    Lookup::Hit(hit) => {
+                        receipt.cache = Some(schemas::CacheStatus::Hit);
+                        receipt.cache_source = Some(hit.source().to_owned());
+                        answer = Some(hit.message(event, &receipt));
+                    }
+                }
+                if let Some(source) = self.cache.fill(rules, event).await {
+                    receipt.cache = Some(schemas::CacheStatus::Stored);
+                    receipt.cache_source = Some(source);
+                }
+            }
+        }
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
 
@@ -255,9 +282,16 @@ impl Worker {
                 .instrument(telemetry::spans::delivery(&span))
                 .await
         } else {
-            self.publish(&message, &token, &receipt, &dedup_id, target.as_ref())
-                .instrument(telemetry::spans::delivery(&span))
-                .await
+            self.publish(
+                &message,
+                &token,
+                &receipt,
+                &dedup_id,
+                target.as_ref(),
+                answer,
+            )
+            .instrument(telemetry::spans::delivery(&span))
+            .await
         };
         match done {
             Ok(()) => {
@@ -278,7 +312,8 @@ impl Worker {
     }
 
     /// Publishes the receipt and the delivery or dead letter, and waits until
-    /// JetStream has stored both.
+    /// JetStream has stored both. A call answered from the cache gets the
+    /// cached answer (`cached`, to the caller) instead of its delivery.
     async fn publish(
         &self,
         message: &jetstream::Message,
@@ -286,6 +321,7 @@ impl Worker {
         receipt: &DecisionReceipt,
         dedup_id: &str,
         target: Option<&schemas::AgentId>,
+        cached: Option<(String, async_nats::HeaderMap, bytes::Bytes)>,
     ) -> Result<(), async_nats::Error> {
         // INVARIANT: a receipt is plain strings and numbers; it always serialises.
         let body = serde_json::to_vec(receipt)?;
@@ -309,9 +345,12 @@ impl Worker {
             forward
         };
         let copy = match (receipt.decision, target) {
-            (Decision::Allow, Some(target)) => {
-                Some((subjects::deliver(target.as_str(), token), forwarded()))
-            }
+            (Decision::Allow, Some(_)) if cached.is_some() => None,
+            (Decision::Allow, Some(target)) => Some((
+                subjects::deliver(target.as_str(), token),
+                forwarded(),
+                message.payload.clone(),
+            )),
             (Decision::Allow, None) => None,
             (Decision::Deny | Decision::Invalid, _) => {
                 let mut forward = forwarded();
@@ -328,17 +367,20 @@ impl Worker {
                     forward.insert(headers::POLICIES, receipt.reasons.join(","));
                 }
                 forward.insert(headers::INGRESS_SUBJECT, message.subject.as_str());
-                Some((subjects::dead(token), forward))
+                Some((subjects::dead(token), forward, message.payload.clone()))
             }
         };
+        // The cached answer takes the delivery's place and its `Nats-Msg-Id`:
+        // a redelivered call gets one answer, from the tool or the cache.
+        let copy = cached.or(copy);
         let copy_ack = match copy {
-            Some((subject, forward)) => Some(
+            Some((subject, forward, payload)) => Some(
                 self.js
                     .send_publish(
                         subject,
                         PublishMessage::build()
                             .headers(forward)
-                            .payload(message.payload.clone())
+                            .payload(payload)
                             .message_id(dedup_id),
                     )
                     .await?,

@@ -29,6 +29,6 @@ pub use binding::{
 pub use catalogue::{EventType, TYPE_PREFIX, UnknownEventType};
 pub use cloudevents::{AttributesReader, Data, Event, EventBuilder, EventBuilderV10};
 pub use mesh::{DEFAULT_MAX_EVENT_BYTES, Invalid, Limits, MeshEvent, ext, message_size};
-pub use receipt::{Approval, ApprovalStatus, Decision, DecisionReceipt, headers};
+pub use receipt::{Approval, ApprovalStatus, CacheStatus, Decision, DecisionReceipt, headers};
 pub use salvage::RawAttributes;
 pub use traceparent::{InvalidTraceParent, TraceParent};

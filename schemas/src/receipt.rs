@@ -104,6 +104,49 @@ pub struct DecisionReceipt {
     /// The human approval this decision waited for, when a permit required one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval: Option<Approval>,
+    /// What the tool-result cache did for this event (`docs/cache.md`):
+    /// only on allowed calls of a tool declared cacheable, and on the
+    /// result that filled an entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStatus>,
+    /// On a `hit` (and a `stored` result): the call that first produced the
+    /// cached result, as `<agent>/<event id>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_source: Option<String>,
+}
+
+/// What the tool-result cache did for one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheStatus {
+    /// The call was answered from the cache; the tool's agent never saw it.
+    Hit,
+    /// No fresh entry: the call was delivered to the tool's agent, and its
+    /// result fills the cache.
+    Miss,
+    /// The tool is cacheable but this call was delivered without the cache
+    /// (arguments not JSON, or the cache could not be read).
+    Bypass,
+    /// A `tool.result` whose data was stored as a cache entry.
+    Stored,
+}
+
+impl CacheStatus {
+    /// `hit`, `miss`, `bypass` or `stored`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hit => "hit",
+            Self::Miss => "miss",
+            Self::Bypass => "bypass",
+            Self::Stored => "stored",
+        }
+    }
+}
+
+impl fmt::Display for CacheStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.as_str())
+    }
 }
 
 /// Where an approval request stands.
@@ -192,4 +235,10 @@ pub mod headers {
     pub const APPROVER: &str = "Mesh-Approver";
     /// When an approval request expires (RFC 3339), on approval requests.
     pub const APPROVAL_EXPIRES: &str = "Mesh-Approval-Expires";
+    /// `hit`, on a `tool.result` the worker answered from the tool-result
+    /// cache (the tool's agent never saw the call).
+    pub const CACHE: &str = "Mesh-Cache";
+    /// On a cached answer: the call that first produced the result,
+    /// `<agent>/<event id>`.
+    pub const CACHE_SOURCE: &str = "Mesh-Cache-Source";
 }

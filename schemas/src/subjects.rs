@@ -21,6 +21,10 @@ pub const STREAM_APPROVALS: &str = "MESH_APPROVALS";
 pub const BUCKET_LIMITS: &str = "mesh-limits";
 /// KV bucket of approval requests and their state, key = approval id.
 pub const BUCKET_APPROVALS: &str = "mesh-approvals";
+/// KV bucket of the tool-result cache (`docs/cache.md`): results
+/// (`r.<tool hash>.<key hash>`), calls waiting for their result
+/// (`p.<call hash>`) and calls in flight (`f.<key hash>`).
+pub const BUCKET_TOOL_CACHE: &str = "mesh-tool-cache";
 
 /// Subject an agent publishes a step on: `mesh.ingress.<agent>.<step>`.
 pub fn ingress(agent: &str, step: &str) -> String {

@@ -285,6 +285,81 @@ impl ScalerMetrics {
     }
 }
 
+/// The policy worker's tool-result cache (`docs/cache.md`).
+#[derive(Debug, Clone)]
+pub struct CacheMetrics {
+    hits: BoundCounter<u64>,
+    misses: BoundCounter<u64>,
+    bypasses: BoundCounter<u64>,
+    stored: BoundCounter<u64>,
+    entries: BoundGauge<u64>,
+    bytes: BoundGauge<u64>,
+}
+
+impl CacheMetrics {
+    /// Creates the instruments on `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let meter = metrics.meter();
+        let lookups = meter
+            .u64_counter("agentmesh.worker.cache.lookups")
+            .with_description("Allowed calls of cacheable tools, by result (hit, miss, bypass).")
+            .with_unit("{call}")
+            .build();
+        let outcome = |r: &'static str| lookups.bind(&[KeyValue::new("result", r)]);
+        Self {
+            hits: outcome("hit"),
+            misses: outcome("miss"),
+            bypasses: outcome("bypass"),
+            stored: meter
+                .u64_counter("agentmesh.worker.cache.stored")
+                .with_description("Tool results stored in the cache.")
+                .with_unit("{result}")
+                .build()
+                .bind(&[]),
+            entries: meter
+                .u64_gauge("agentmesh.worker.cache.entries")
+                .with_description(
+                    "Tool results stored in the `mesh-tool-cache` bucket.",
+                )
+                .with_unit("{entry}")
+                .build()
+                .bind(&[]),
+            bytes: meter
+                .u64_gauge("agentmesh.worker.cache.bytes")
+                .with_description("Bytes stored in the `mesh-tool-cache` bucket (results and the records of calls in flight).")
+                .with_unit("By")
+                .build()
+                .bind(&[]),
+        }
+    }
+
+    /// One call answered from the cache.
+    pub fn hit(&self) {
+        self.hits.add(1);
+    }
+
+    /// One call delivered to the tool, its result to fill the cache.
+    pub fn miss(&self) {
+        self.misses.add(1);
+    }
+
+    /// One call of a cacheable tool delivered without the cache.
+    pub fn bypass(&self) {
+        self.bypasses.add(1);
+    }
+
+    /// One result stored.
+    pub fn stored(&self) {
+        self.stored.add(1);
+    }
+
+    /// The bucket's size, as last read.
+    pub fn size(&self, entries: u64, bytes: u64) {
+        self.entries.record(entries);
+        self.bytes.record(bytes);
+    }
+}
+
 /// Consumer lag: what a durable consumer has not yet been handed
 /// (`num_pending`) and what it holds unacked (`num_ack_pending`), polled
 /// from the consumer's info.
@@ -380,6 +455,29 @@ mod tests {
             "agentmesh_worker_events_published_total{kind=\"parked\"} 1\n",
             "agentmesh_worker_evaluation_duration_seconds_bucket{le=\"0.00005\"} 1\n",
             "agentmesh_worker_evaluation_duration_seconds_count 2\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn cache_metrics_render() {
+        let metrics = Metrics::local("test");
+        let cache = CacheMetrics::new(&metrics);
+        cache.hit();
+        cache.hit();
+        cache.miss();
+        cache.bypass();
+        cache.stored();
+        cache.size(3, 4096);
+        let text = metrics.prometheus_text();
+        for line in [
+            "agentmesh_worker_cache_lookups_total{result=\"hit\"} 2\n",
+            "agentmesh_worker_cache_lookups_total{result=\"miss\"} 1\n",
+            "agentmesh_worker_cache_lookups_total{result=\"bypass\"} 1\n",
+            "agentmesh_worker_cache_stored_total 1\n",
+            "agentmesh_worker_cache_entries 3\n",
+            "agentmesh_worker_cache_bytes 4096\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

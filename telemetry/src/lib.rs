@@ -35,7 +35,7 @@ pub mod testing;
 pub use config::{LogFormat, OpsConfig};
 pub use health::{Health, ReadyFlag};
 pub use instruments::{
-    ConsumerLag, Published, ScalerMetrics, SinkMetrics, TableMetrics, WorkerMetrics,
+    CacheMetrics, ConsumerLag, Published, ScalerMetrics, SinkMetrics, TableMetrics, WorkerMetrics,
 };
 pub use logging::{TracingGuard, init_tracing};
 pub use metrics::Metrics;

@@ -447,6 +447,8 @@ mod tests {
             } else {
                 "coder".into()
             },
+            cache: String::new(),
+            cache_source: String::new(),
         }
     }
 
