@@ -199,7 +199,9 @@ impl Audit {
         let receipts = self.client.query_raw(&receipts_sql).fetch_all::<Receipt>();
         let receipts = self.wait(receipts, "reading the receipts").await?;
         Ok(Trace {
-            nodes,
+            // A call answered from the cache shows its answer, as `meshctl
+            // trace` draws it, so the caller's next steps hang under it.
+            nodes: tree::with_cached_answers(&nodes),
             data: data
                 .into_iter()
                 .map(|d| ((d.agent.clone(), d.event_id.clone()), d))

@@ -201,6 +201,7 @@ fn decision_label(node: &Node) -> (&'static str, String) {
         "deny" if reasons.is_empty() => ("deny", format!("<span class=\"decision deny\">DENY</span> <span class=\"reasons\">fail closed: {errors}</span>")),
         "deny" => ("deny", format!("<span class=\"decision deny\">DENY</span> <span class=\"reasons\">by {reasons}</span>")),
         "invalid" => ("invalid", format!("<span class=\"decision invalid\">INVALID</span> <span class=\"reasons\">{errors}</span>")),
+        "cached" => ("cached", format!("<span class=\"decision allow\">from the cache</span> <span class=\"reasons\">first produced by call {}</span>", esc(&node.cache_source))),
         "" => ("pending", "<span class=\"decision pending\" title=\"no receipt yet: parked for a human approval, or still being decided\">pending</span> <span class=\"reasons\">no decision yet (parked for approval, or in flight)</span>".to_owned()),
         other => ("other", format!("<span class=\"decision\">{}</span>", esc(other))),
     }
