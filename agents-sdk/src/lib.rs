@@ -10,7 +10,7 @@
 //! [`AgentBuilder`], and describes itself with an [`AgentCard`] in the
 //! `mesh-agents` bucket, where others find it ([`Directory`]).
 //!
-//! Everything here is the raw contract of `DESIGN.md` underneath: agents
+//! Everything here is the raw contract of `docs/contract.md` underneath: agents
 //! written with any NATS client interoperate with agents written with this.
 //!
 //! A tool-serving agent (`coder` and `code.search` are registered in the

@@ -1,6 +1,6 @@
 //! The audit sink: every ingress event, every decision receipt and every GPU
 //! lease event, written to ClickHouse (database `agentmesh`, tables
-//! `events`, `decisions`, `gpu_leases` of `DESIGN.md`).
+//! `events`, `decisions`, `gpu_leases` of `docs/contract.md`).
 //!
 //! Each table has its own durable pull consumer (`audit-sink-events` on
 //! `MESH_INGRESS`, `audit-sink-decisions` on `MESH_DECISION`,

@@ -1,4 +1,4 @@
-//! The audit tables of `DESIGN.md` (database `agentmesh` by default) and the
+//! The audit tables of `docs/contract.md` (database `agentmesh` by default) and the
 //! one idempotent function that creates them.
 //!
 //! The DDL runs on ClickHouse 18.16 (what Debian ships and the tests use) and

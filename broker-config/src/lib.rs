@@ -1,4 +1,4 @@
-//! The JetStream streams and KV buckets of `DESIGN.md`, and the one function
+//! The JetStream streams and KV buckets of `docs/contract.md`, and the one function
 //! every service calls at start to make the broker match them.
 //!
 //! [`apply`] is idempotent: it creates what is missing, updates what differs
@@ -87,7 +87,7 @@ pub enum ApplyError {
     },
 }
 
-/// The stream definitions of `DESIGN.md` for these options.
+/// The stream definitions of `docs/contract.md` for these options.
 pub fn streams(options: &Options) -> Vec<stream::Config> {
     let def = |name: &str, subject: &str, description: &str| stream::Config {
         name: name.to_owned(),
@@ -135,7 +135,7 @@ pub fn streams(options: &Options) -> Vec<stream::Config> {
     ]
 }
 
-/// The KV bucket definitions of `DESIGN.md` for these options, as the
+/// The KV bucket definitions of `docs/contract.md` for these options, as the
 /// streams that back them (`KV_<bucket>`, laid out as the JetStream KV
 /// design specifies).
 ///

@@ -1,4 +1,4 @@
-//! `meshctl up`, `down` and `status`: the local stack of `DESIGN.md`.
+//! `meshctl up`, `down` and `status`: the local stack of `docs/contract.md`.
 //!
 //! `up` starts what is missing — nats-server (JetStream) and
 //! clickhouse-server from `PATH`, data under `.agentmesh/` — applies the

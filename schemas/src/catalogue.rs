@@ -1,4 +1,4 @@
-//! The event-type catalogue of `DESIGN.md`: `io.agentmesh.<name>`.
+//! The event-type catalogue of `docs/contract.md`: `io.agentmesh.<name>`.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,7 +1,7 @@
 //! The agentmesh wire contract: CloudEvents over NATS in both modes of the
 //! CloudEvents NATS binding, the event-type catalogue, validation of mesh
 //! events, W3C `traceparent`, decision receipts and the subject names of
-//! `DESIGN.md`.
+//! `docs/contract.md`.
 //!
 //! Every service and the SDK speak through this crate, so the contract lives
 //! in one place.

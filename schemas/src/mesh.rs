@@ -1,4 +1,4 @@
-//! A validated mesh event: a CloudEvent that meets every rule of `DESIGN.md`
+//! A validated mesh event: a CloudEvent that meets every rule of `docs/contract.md`
 //! for the subject it arrived on.
 
 use async_nats::HeaderMap;

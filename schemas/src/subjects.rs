@@ -1,4 +1,4 @@
-//! Subject and stream names of `DESIGN.md` (contract).
+//! Subject and stream names of `docs/contract.md` (contract).
 
 /// Stream of every ingress event: `mesh.ingress.>`.
 pub const STREAM_INGRESS: &str = "MESH_INGRESS";
