@@ -5,6 +5,7 @@
 // Test helpers outside `#[test]` fns panic to fail the test, too.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "sdk_support/mod.rs"]
 mod support;
 
 use std::future::IntoFuture;
