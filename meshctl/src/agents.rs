@@ -478,10 +478,122 @@ fn validate(policies: &Path, entities: &[Value]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replaces `entities.json` atomically (the policy worker reloads it).
+/// The elements of a JSON array's text: the byte ranges of each element
+/// (trimmed), and the position of the closing `]`. `None` when `text` is not
+/// one array.
+fn array_elements(text: &str) -> Option<(Vec<(usize, usize)>, usize)> {
+    let open = text.find(|c: char| !c.is_whitespace())?;
+    if text.as_bytes()[open] != b'[' {
+        return None;
+    }
+    let mut elements = Vec::new();
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    let mut current: Option<(usize, usize)> = None;
+    for (i, c) in text.char_indices().skip_while(|&(i, _)| i < open) {
+        if in_string {
+            match (escaped, c) {
+                (true, _) => escaped = false,
+                (false, '\\') => escaped = true,
+                (false, '"') => in_string = false,
+                _ => {}
+            }
+            if let Some(e) = current.as_mut() {
+                e.1 = i + c.len_utf8();
+            }
+            continue;
+        }
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    elements.extend(current.take());
+                    return Some((elements, i));
+                }
+            }
+            ',' if depth == 1 => {
+                elements.push(current.take()?);
+                continue;
+            }
+            _ => {}
+        }
+        if depth == 1 && c == '[' {
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        if !c.is_whitespace() && depth >= 1 {
+            let end = i + c.len_utf8();
+            match current.as_mut() {
+                Some(e) => e.1 = end,
+                None => current = Some((i, end)),
+            }
+        }
+    }
+    None
+}
+
+/// `text` (an entities file as its author wrote it) edited in place to hold
+/// `entities`, when they differ from it by one entity appended or removed:
+/// an added entity is one new line after the last, a removed one leaves
+/// everything else byte for byte. `None` when no such edit gives them.
+fn edited_entities(text: &str, entities: &[Value]) -> Option<String> {
+    let (spans, close) = array_elements(text)?;
+    let edited = if entities.len() == spans.len() + 1 {
+        let added = serde_json::to_string(entities.last()?).ok()?;
+        match spans.last() {
+            Some(&(start, end)) => {
+                let line_start = text[..start].rfind('\n').map_or(0, |n| n + 1);
+                let indent = &text[line_start..start];
+                let indent = if indent.trim().is_empty() {
+                    indent
+                } else {
+                    "  "
+                };
+                format!("{},\n{indent}{added}{}", &text[..end], &text[end..])
+            }
+            None => format!("{}\n  {added}\n{}", &text[..close], &text[close..]),
+        }
+    } else if entities.len() + 1 == spans.len() {
+        let kept: Vec<Value> = spans
+            .iter()
+            .map(|&(a, b)| serde_json::from_str(&text[a..b]).ok())
+            .collect::<Option<_>>()?;
+        let gone = (0..kept.len()).find(|&i| {
+            let mut rest = kept.clone();
+            rest.remove(i);
+            rest == entities
+        })?;
+        let (start, end) = spans[gone];
+        if gone > 0 {
+            format!("{}{}", &text[..spans[gone - 1].1], &text[end..])
+        } else if let Some(&(next, _)) = spans.get(1) {
+            format!("{}{}", &text[..start], &text[next..])
+        } else {
+            let line_start = text[..start].rfind('\n').unwrap_or(start);
+            format!("{}{}", &text[..line_start], &text[end..])
+        }
+    } else {
+        return None;
+    };
+    // Only an edit that reads back as exactly `entities` is kept.
+    let back: Vec<Value> = serde_json::from_str(&edited).ok()?;
+    (back == entities).then_some(edited)
+}
+
+/// Replaces `entities.json` atomically (the policy worker reloads it),
+/// keeping the file as its author formatted it where the change is one
+/// entity added or removed.
 fn write_entities(policies: &Path, entities: &[Value]) -> anyhow::Result<()> {
-    let text = serde_json::to_string_pretty(entities)? + "\n";
     let path = entities_path(policies);
+    let text = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|original| edited_entities(&original, entities))
+        .map_or_else(
+            || serde_json::to_string_pretty(entities).map(|t| t + "\n"),
+            Ok,
+        )?;
     let tmp = policies.join(".entities.json.meshctl-tmp");
     std::fs::write(&tmp, &text).with_context(|| format!("writing `{}`", tmp.display()))?;
     std::fs::rename(&tmp, &path).with_context(|| format!("writing `{}`", path.display()))
@@ -805,6 +917,54 @@ mod tests {
         let back = without_agent(entities, "analyst").unwrap();
         assert_eq!(back, shipped());
         assert!(without_agent(back, "analyst").is_none());
+    }
+
+    #[test]
+    fn adding_then_removing_an_agent_keeps_the_file_as_written() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let original = std::fs::read_to_string(dir.join(policy_worker::ENTITIES_FILE)).unwrap();
+        let attrs = BTreeMap::from([("team".to_owned(), "data".to_owned())]);
+        let added = with_agent(shipped(), "analyst", "worker", &attrs).unwrap();
+        let text = edited_entities(&original, &added).unwrap();
+        // One new line, in the file's indentation; everything else as it was.
+        let new_lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !original.lines().any(|o| o == *l))
+            .collect();
+        assert_eq!(new_lines.len(), 2, "{new_lines:?}");
+        assert!(new_lines[0].ends_with("},"), "{new_lines:?}");
+        assert!(
+            new_lines[1].starts_with("  {")
+                && new_lines[1].contains("\"uid\":{\"type\":\"Agent\",\"id\":\"analyst\"}"),
+            "{new_lines:?}"
+        );
+        assert_eq!(serde_json::from_str::<Vec<Value>>(&text).unwrap(), added);
+        let removed = without_agent(added, "analyst").unwrap();
+        assert_eq!(edited_entities(&text, &removed).unwrap(), original);
+
+        // Any layout, strings with brackets and commas included.
+        let odd = "[\t{\"uid\": {\"type\": \"Role\", \"id\": \"a,]}\\\"\"}},\n\n {\"uid\":{\"type\":\"Agent\",\"id\":\"x\"}}]";
+        let parsed: Vec<Value> = serde_json::from_str(odd).unwrap();
+        let without_x = without_agent(parsed.clone(), "x").unwrap();
+        let text = edited_entities(odd, &without_x).unwrap();
+        assert_eq!(
+            text,
+            "[\t{\"uid\": {\"type\": \"Role\", \"id\": \"a,]}\\\"\"}}]"
+        );
+        let without_first: Vec<Value> = parsed[1..].to_vec();
+        assert_eq!(
+            edited_entities(odd, &without_first).unwrap(),
+            "[\t{\"uid\":{\"type\":\"Agent\",\"id\":\"x\"}}]"
+        );
+        let only: Vec<Value> = serde_json::from_str("[{\"a\":1}]").unwrap();
+        assert_eq!(edited_entities("[{\"a\":1}]\n", &[]).unwrap(), "[]\n");
+        assert_eq!(
+            serde_json::from_str::<Vec<Value>>(&edited_entities("[]\n", &only).unwrap()).unwrap(),
+            only
+        );
+        // Not an array, or more than one change: no edit (written anew).
+        assert!(edited_entities("{}", &only).is_none());
+        assert!(edited_entities("[]", &[json!(1), json!(2)]).is_none());
     }
 
     #[test]
