@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: installs the servers the tests start (nats-server,
-# clickhouse-server), checks formatting, lints, validates compose.yaml when
-# present, and runs every test of the workspace against real servers.
+# clickhouse-server), checks formatting, lints, the API docs (no rustdoc
+# warnings), validates compose.yaml when present, and runs every test of the
+# workspace against real servers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ if [ -f compose.yaml ]; then
   echo "==> docker-compose config"
   docker-compose -f compose.yaml config -q
 fi
+echo "==> cargo doc (warnings are errors)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
