@@ -13,8 +13,8 @@ use schemas::subjects;
 
 use crate::Change;
 use crate::auth::{
-    AUDIT_SINK_CONSUMERS, POLICY_WORKER_APPROVALS_CONSUMER, POLICY_WORKER_CONSUMER, agent_consumer,
-    agent_filter,
+    AUDIT_SINK_CONSUMERS, POLICY_WORKER_APPROVALS_CONSUMER, POLICY_WORKER_CONSUMER,
+    agent_calls_filter, agent_consumer, agent_filter,
 };
 
 /// Why a consumer could not be provisioned or removed.
@@ -41,6 +41,17 @@ pub fn agent_consumer_config(id: &str) -> consumer::pull::Config {
         max_deliver: -1,
         max_ack_pending: 1000,
         ..Default::default()
+    }
+}
+
+/// The settings of agent `id`'s durable of tool calls on `MESH_CALL` (named
+/// like its delivery durable: `agent-<id>`), as the agents SDK creates it.
+pub fn agent_calls_consumer_config(id: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(agent_consumer(id)),
+        description: Some(format!("tool calls to agent `{id}`")),
+        filter_subject: agent_calls_filter(id),
+        ..agent_consumer_config(id)
     }
 }
 
@@ -128,9 +139,13 @@ pub async fn ensure_consumer(
     }
 }
 
-/// Creates agent `id`'s durable delivery consumer if it is missing.
+/// Creates agent `id`'s durables if they are missing: deliveries on
+/// `MESH_DELIVER`, and tool calls on `MESH_CALL`. The change reported is the
+/// delivery durable's.
 pub async fn provision_agent(js: &jetstream::Context, id: &str) -> Result<Change, ProvisionError> {
-    ensure_consumer(js, subjects::STREAM_DELIVER, agent_consumer_config(id)).await
+    let change = ensure_consumer(js, subjects::STREAM_DELIVER, agent_consumer_config(id)).await?;
+    ensure_consumer(js, subjects::STREAM_CALL, agent_calls_consumer_config(id)).await?;
+    Ok(change)
 }
 
 /// Creates the services' durables that are missing.
@@ -145,30 +160,33 @@ pub async fn provision_services(
     Ok(changes)
 }
 
-/// Deletes agent `id`'s durable (its undelivered messages stay in the
-/// stream until they age out). `false` when there was none.
+/// Deletes agent `id`'s durables (deliveries and tool calls; their
+/// undelivered messages stay in the streams until they age out). `false`
+/// when there was none.
 pub async fn remove_agent(js: &jetstream::Context, id: &str) -> Result<bool, ProvisionError> {
     let name = agent_consumer(id);
-    let err = |source: async_nats::Error| ProvisionError {
-        stream: subjects::STREAM_DELIVER.to_owned(),
-        consumer: name.clone(),
-        source,
-    };
-    let handle = js
-        .get_stream_no_info(subjects::STREAM_DELIVER)
-        .await
-        .map_err(|e| err(e.into()))?;
-    match handle.delete_consumer(&name).await {
-        Ok(_) => Ok(true),
-        Err(e) => match e.kind() {
-            jetstream::stream::ConsumerErrorKind::JetStream(j)
-                if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
-            {
-                Ok(false)
-            }
-            _ => Err(err(e.into())),
-        },
+    let mut removed = false;
+    for stream in [subjects::STREAM_DELIVER, subjects::STREAM_CALL] {
+        let err = |source: async_nats::Error| ProvisionError {
+            stream: stream.to_owned(),
+            consumer: name.clone(),
+            source,
+        };
+        let handle = js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| err(e.into()))?;
+        match handle.delete_consumer(&name).await {
+            Ok(_) => removed = true,
+            Err(e) => match e.kind() {
+                jetstream::stream::ConsumerErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                        || j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND => {}
+                _ => return Err(err(e.into())),
+            },
+        }
     }
+    Ok(removed)
 }
 
 fn is_not_found(e: &jetstream::context::ConsumerInfoError) -> bool {

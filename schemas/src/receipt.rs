@@ -192,4 +192,8 @@ pub mod headers {
     pub const APPROVER: &str = "Mesh-Approver";
     /// When an approval request expires (RFC 3339), on approval requests.
     pub const APPROVAL_EXPIRES: &str = "Mesh-Approval-Expires";
+    /// On the delivery of a `tool.call`: the `mesh.call.<target>.<source>`
+    /// subject where the same call was also stored, so an agent that reads
+    /// its calls there skips this copy (older agents answer this one).
+    pub const CALL: &str = "Mesh-Call";
 }
