@@ -287,7 +287,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     endpoints.database
                 );
             }
-            print!("{}", tree::render(&trace_id, &nodes));
+            let reports = tree::reports(&endpoints.audit_db(), &trace_id).await?;
+            print!("{}", tree::render_with(&trace_id, &nodes, &reports));
         }
         Command::Policy { command } => return exit(policy::run(command, &endpoints).await?),
         Command::Approvals { command } => {

@@ -63,11 +63,54 @@ pub async fn fetch(client: &clickhouse::Client, trace_id: &str) -> anyhow::Resul
         .context("reading the decision tree from ClickHouse")
 }
 
+/// The CloudEvents `subject` of the observation an SDK agent publishes when
+/// it gives up on a delivery (`agents_sdk::payload::GAVE_UP_SUBJECT`).
+const GAVE_UP_SUBJECT: &str = "delivery.gave_up";
+
+/// The give-up reports of `trace_id`: the `text` of each `delivery.gave_up`
+/// observation's data, by event id.
+pub async fn reports(
+    client: &clickhouse::Client,
+    trace_id: &str,
+) -> anyhow::Result<HashMap<String, String>> {
+    #[derive(Debug, Deserialize, clickhouse::Row)]
+    struct Report {
+        event_id: String,
+        data: String,
+    }
+    #[derive(Debug, Deserialize)]
+    struct Text {
+        text: String,
+    }
+    let rows = client
+        .query("SELECT event_id, data FROM events FINAL WHERE trace_id = ? AND type = ? AND subject = ?")
+        .bind(trace_id)
+        .bind(schemas::EventType::Observation.as_str())
+        .bind(GAVE_UP_SUBJECT)
+        .fetch_all::<Report>()
+        .await
+        .context("reading the give-up reports from ClickHouse")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let text = serde_json::from_str::<Text>(&r.data).ok()?.text;
+            Some((r.event_id, text))
+        })
+        .collect())
+}
+
 fn short_type(ty: &str) -> &str {
     ty.strip_prefix(schemas::TYPE_PREFIX).unwrap_or(ty)
 }
 
-fn what(node: &Node) -> String {
+fn what(node: &Node, reports: &HashMap<String, String>) -> String {
+    if let Some(text) = reports.get(&node.event_id) {
+        // "coder gave up on task.handoff … after 5 attempts: …"
+        let text = text
+            .strip_prefix(&format!("{} ", node.agent))
+            .unwrap_or(text);
+        return format!("{:<9} {text}", node.agent);
+    }
     let mut s = format!("{:<9} {}", node.agent, short_type(&node.r#type));
     if node.r#type == schemas::EventType::ToolCall.as_str() && !node.subject.is_empty() {
         s.push(' ');
@@ -101,6 +144,12 @@ fn verdict(node: &Node) -> String {
 /// Draws the tree: roots are steps without a parent in this trace; children
 /// follow their parent, oldest first; the decision column is aligned.
 pub fn render(trace_id: &str, nodes: &[Node]) -> String {
+    render_with(trace_id, nodes, &HashMap::new())
+}
+
+/// [`render`], with give-up reports (from [`reports`]) drawn as what they
+/// say instead of as a plain observation.
+pub fn render_with(trace_id: &str, nodes: &[Node], reports: &HashMap<String, String>) -> String {
     let index: HashMap<&str, usize> = nodes
         .iter()
         .enumerate()
@@ -127,7 +176,10 @@ pub fn render(trace_id: &str, nodes: &[Node]) -> String {
             if std::mem::replace(&mut seen[i], true) {
                 continue;
             }
-            lines.push((format!("{branch}{}", what(&nodes[i])), verdict(&nodes[i])));
+            lines.push((
+                format!("{branch}{}", what(&nodes[i], reports)),
+                verdict(&nodes[i]),
+            ));
             let kids = &children[i];
             for (k, &child) in kids.iter().enumerate().rev() {
                 let last = k + 1 == kids.len();
@@ -237,6 +289,35 @@ Decision tree of trace t: 5 steps, 1 denied, 1 without decision
      ├─ coder     tool.call code.search   allow
      │  └─ coder     tool.result → coder  …      no decision yet
      └─ coder     tool.call shell.exec    DENY   by forbid-shell-exec
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_give_up_report_says_what_the_agent_gave_up_on() {
+        let nodes = vec![
+            node(
+                "a",
+                "",
+                "planner",
+                "task.handoff",
+                "coder",
+                "",
+                "allow",
+                &[],
+            ),
+            node("b", "a", "coder", "observation", "", "", "allow", &[]),
+        ];
+        let reports = HashMap::from([(
+            "b".to_owned(),
+            "coder gave up on task.handoff a from planner after 5 attempts: missing field `task`"
+                .to_owned(),
+        )]);
+        let text = render_with("t", &nodes, &reports);
+        let expected = "\
+Decision tree of trace t: 2 steps, 0 denied
+  planner   task.handoff → coder                                                              allow
+  └─ coder     gave up on task.handoff a from planner after 5 attempts: missing field `task`  allow
 ";
         assert_eq!(text, expected);
     }
