@@ -165,8 +165,9 @@ impl Received {
 #[derive(Debug)]
 pub struct Delivery {
     agent: Agent,
-    message: jetstream::Message,
-    received: Received,
+    // Shared with the handle `serve_with` keeps while the handler runs.
+    message: Arc<jetstream::Message>,
+    received: Arc<Received>,
     acked: Arc<AtomicBool>,
 }
 
@@ -303,10 +304,13 @@ fn tool_arguments(call: &Received) -> Value {
     }
 }
 
-/// Ticks every half ack wait: when to tell JetStream a delivery is still
-/// being worked on.
+/// Ticks every half ack wait, the first time half an ack wait from now:
+/// when to tell JetStream a delivery is still being worked on. (No tick at
+/// once: a timer due now still waits for the timer wheel's next
+/// millisecond, which would cost every delivery a millisecond.)
 fn keepalive_timer(ack_wait: Duration) -> tokio::time::Interval {
-    tokio::time::interval((ack_wait / 2).max(Duration::from_millis(100)))
+    let period = (ack_wait / 2).max(Duration::from_millis(100));
+    tokio::time::interval_at(tokio::time::Instant::now() + period, period)
 }
 
 /// Restarts `message`'s ack wait.
@@ -324,10 +328,9 @@ async fn with_keepalive<T>(
 ) -> T {
     tokio::pin!(work);
     let mut keepalive = keepalive_timer(ack_wait);
-    // The first tick is immediate; the delivery was just received.
-    keepalive.tick().await;
     loop {
         tokio::select! {
+            biased;
             out = &mut work => return out,
             _ = keepalive.tick() => progress(message).await,
         }
@@ -646,8 +649,8 @@ impl Agent {
         }
         Routed::Yield(Box::new(Delivery {
             agent: self.clone(),
-            message,
-            received,
+            message: Arc::new(message),
+            received: Arc::new(received),
             acked: Arc::new(AtomicBool::new(false)),
         }))
     }
