@@ -322,6 +322,40 @@ Decision tree of trace t: 2 steps, 0 denied
         assert_eq!(text, expected);
     }
 
+    /// The reports query on a real ClickHouse (18.16 here) with the audit
+    /// sink's tables: only the trace's `delivery.gave_up` observations count.
+    #[tokio::test]
+    async fn reports_are_read_from_the_events_table() {
+        let ch = testkit::ClickHouseServer::start().await.unwrap();
+        let db = ch.unique_database("tree");
+        audit_sink::schema::ensure(&ch.client(), &db, 0)
+            .await
+            .unwrap();
+        let client = ch.client().with_database(&db);
+        let text = "coder gave up on task.handoff e1 from planner after 5 attempts: boom";
+        let data = serde_json::json!({"text": text, "gave_up": {"attempts": 5}}).to_string();
+        for (id, trace, subject) in [
+            ("r1", "t1", GAVE_UP_SUBJECT),
+            ("o1", "t1", "something else"),
+            ("r2", "t2", GAVE_UP_SUBJECT),
+        ] {
+            client
+                .query(
+                    "INSERT INTO events (event_id, trace_id, agent, type, subject, data) VALUES (?, ?, 'coder', ?, ?, ?)",
+                )
+                .bind(id)
+                .bind(trace)
+                .bind(schemas::EventType::Observation.as_str())
+                .bind(subject)
+                .bind(data.as_str())
+                .execute()
+                .await
+                .unwrap();
+        }
+        let found = reports(&client, "t1").await.unwrap();
+        assert_eq!(found, HashMap::from([("r1".to_owned(), text.to_owned())]));
+    }
+
     #[test]
     fn orphans_and_cycles_are_drawn_once() {
         let nodes = vec![
