@@ -33,8 +33,10 @@ struct Shared {
     error: Mutex<Option<DeliveryError>>,
     /// Messages (or an error) arrived.
     arrived: Notify,
-    /// The reader took a message: there may be room for a pull.
+    /// The reader took the buffer down to half: time for a pull.
     taken: Notify,
+    /// At most this many messages are buffered.
+    capacity: usize,
     /// Buffered messages, for the agent's metrics.
     depth: Arc<AtomicUsize>,
 }
@@ -115,6 +117,7 @@ impl Feed {
             error: Mutex::new(None),
             arrived: Notify::new(),
             taken: Notify::new(),
+            capacity: capacity.max(1),
             depth,
         });
         let stop = CancellationToken::new();
@@ -136,12 +139,16 @@ impl Feed {
                 Ok(mut buffer) => {
                     let popped = buffer.pop_front();
                     self.shared.depth.store(buffer.len(), Ordering::Relaxed);
-                    popped
+                    popped.map(|(message, _)| (message, buffer.len()))
                 }
                 Err(_) => None,
             };
-            if let Some((message, _)) = popped {
-                self.shared.taken.notify_one();
+            if let Some((message, left)) = popped {
+                // Wake the puller only when it has a pull to make, not for
+                // every message taken.
+                if left <= self.shared.capacity / 2 {
+                    self.shared.taken.notify_one();
+                }
                 return Ok(message);
             }
             if let Some(error) = self.shared.error.lock().ok().and_then(|mut e| e.take()) {
