@@ -807,19 +807,21 @@ impl Agent {
             if ended && waiting.is_none() && running.is_empty() {
                 return Err(DeliveryErrorKind::Pull(self.inner.consumer_name.clone()).into());
             }
+            // In this order: finishing handlers frees slots for the next.
             tokio::select! {
+                biased;
                 () = &mut shutdown => break,
                 Some(()) = running.next(), if !running.is_empty() => {}
-                _ = keepalive.tick(), if waiting.is_some() => {
-                    if let Some(next) = &waiting {
-                        progress(&next.message).await;
-                    }
-                }
                 next = deliveries.next(), if waiting.is_none() && !ended => match next {
                     None => ended = true,
                     Some(Err(e)) => tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself."),
                     Some(Ok(next)) => waiting = Some(next),
                 },
+                _ = keepalive.tick(), if waiting.is_some() => {
+                    if let Some(next) = &waiting {
+                        progress(&next.message).await;
+                    }
+                }
             }
         }
         if let Some(left) = waiting.take() {

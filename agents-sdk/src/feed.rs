@@ -199,8 +199,8 @@ async fn pull(
         };
         loop {
             tokio::select! {
+                biased;
                 () = stop.cancelled() => break 'pulling,
-                _ = keepalive.tick() => shared.keep_alive(older_than).await,
                 next = batch.next() => match next {
                     Some(Ok(message)) => shared.push(message),
                     // Delivered in full, or expired: pull again.
@@ -213,6 +213,7 @@ async fn pull(
                         }
                     }
                 },
+                _ = keepalive.tick() => shared.keep_alive(older_than).await,
             }
         }
     }
