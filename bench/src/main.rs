@@ -6,6 +6,7 @@
 //! set; the services run as child processes found next to this binary
 //! (`cargo build --release -p bench -p policy-worker`).
 
+mod agents;
 mod faults;
 mod forwarder;
 mod load;
@@ -34,6 +35,8 @@ enum Cmd {
     Run(RunArgs),
     /// The audit sink's rows/s into ClickHouse and the delay until a row is queryable.
     Sink(sink::SinkArgs),
+    /// An SDK agent draining a backlog (against a plain JetStream consumer) and answering tool calls meanwhile.
+    Agents(agents::AgentsArgs),
     /// Fault run: kill -9 the policy worker, stop ClickHouse, restart nats-server, under load; count what arrived.
     Faults(faults::FaultArgs),
     /// Run the raw forwarder (used by `run` as a child process).
@@ -90,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Run(args) => run(args).await,
         Cmd::Sink(args) => sink::run(args).await,
         Cmd::Faults(args) => faults::run(args).await,
+        Cmd::Agents(args) => agents::run(args).await,
     }
 }
 
