@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::card::{AgentCard, Directory, Skill, ToolSpec};
 use crate::error::{BoxError, ConnectError, ConnectErrorKind, PublishError, PublishErrorKind};
 use crate::inbox::Inbox;
+use crate::metrics::Counters;
 use crate::tools::{ToolCall, ToolError, ToolHandler};
 use crate::workflow::{Cause, Workflow};
 
@@ -26,6 +27,10 @@ use crate::workflow::{Cause, Workflow};
 pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
 /// The default for [`AgentBuilder::call_timeout`].
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default for [`AgentBuilder::max_attempts`].
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+/// The default for [`AgentBuilder::prefetch`].
+pub const DEFAULT_PREFETCH: usize = 64;
 
 /// How the agent authenticates to NATS.
 #[derive(Debug, Clone)]
@@ -46,6 +51,10 @@ pub(crate) struct Settings {
     pub(crate) call_timeout: Duration,
     pub(crate) max_concurrent_tools: usize,
     pub(crate) shutdown_grace: Duration,
+    pub(crate) max_attempts: u32,
+    pub(crate) max_backoff: Duration,
+    pub(crate) max_concurrent_deliveries: usize,
+    pub(crate) prefetch: usize,
 }
 
 impl Default for Settings {
@@ -57,6 +66,10 @@ impl Default for Settings {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             max_concurrent_tools: 16,
             shutdown_grace: Duration::from_secs(10),
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_backoff: Duration::from_secs(60),
+            max_concurrent_deliveries: 1,
+            prefetch: DEFAULT_PREFETCH,
         }
     }
 }
@@ -216,16 +229,51 @@ impl AgentBuilder {
         self
     }
 
-    /// How many times a delivery is attempted (default: no limit).
+    /// The broker's own limit on deliveries of one message (`max_deliver`
+    /// of the durable; default: none). The SDK gives up on a failing
+    /// delivery itself after [`max_attempts`](Self::max_attempts) and
+    /// reports it; a broker limit drops the message silently.
     pub fn max_deliver(mut self, max_deliver: i64) -> Self {
         self.settings.max_deliver = max_deliver;
         self
     }
 
-    /// How long a failed delivery waits before it is delivered again
-    /// (default 1 s).
+    /// How long a failed delivery waits before its second attempt (default
+    /// 1 s); each further attempt waits twice as long as the one before, up
+    /// to [`max_backoff`](Self::max_backoff).
     pub fn nak_delay(mut self, delay: Duration) -> Self {
         self.settings.nak_delay = delay;
+        self
+    }
+
+    /// The longest wait between two attempts of a failed delivery (default
+    /// 60 s).
+    pub fn max_backoff(mut self, max: Duration) -> Self {
+        self.settings.max_backoff = max;
+        self
+    }
+
+    /// How many times a delivery is attempted before the agent gives up on
+    /// it (default 5, at least 1): after the last failed attempt it is
+    /// terminated and an `io.agentmesh.observation` saying so is published
+    /// (see [`Delivery::fail`](crate::Delivery::fail)).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.settings.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// How many deliveries [`Agent::serve_with`] handles at once (default
+    /// 1: one at a time, in order).
+    pub fn max_concurrent_deliveries(mut self, max: usize) -> Self {
+        self.settings.max_concurrent_deliveries = max.max(1);
+        self
+    }
+
+    /// How many deliveries are pulled ahead of the handlers (default 64, at
+    /// least 1). Messages pulled ahead are kept alive at the broker until
+    /// handled, so they are not delivered twice however long they wait.
+    pub fn prefetch(mut self, prefetch: usize) -> Self {
+        self.settings.prefetch = prefetch.max(1);
         self
     }
 
@@ -329,6 +377,7 @@ impl AgentBuilder {
             .map_err(|e| {
                 ConnectError::with_source(ConnectErrorKind::Consumer(consumer_name.clone()), e)
             })?;
+        let calls = self.calls_consumer(&js, &id, &consumer_name).await?;
         let directory = Directory::open(&js).await.map_err(|e| match e.kind_ref() {
             crate::error::DirectoryErrorKind::MissingBucket => ConnectError::new(
                 ConnectErrorKind::MissingStream(subjects::BUCKET_AGENTS.to_owned()),
@@ -351,6 +400,7 @@ impl AgentBuilder {
                 client,
                 js,
                 consumer,
+                calls,
                 consumer_name,
                 directory,
                 card,
@@ -358,6 +408,7 @@ impl AgentBuilder {
                 awaited: Mutex::new(Awaited::default()),
                 inbox: Inbox::default(),
                 tasks: TaskTracker::new(),
+                counters: Counters::default(),
                 settings: self.settings,
             }),
         };
@@ -366,6 +417,55 @@ impl AgentBuilder {
             .await
             .map_err(|e| ConnectError::with_source(ConnectErrorKind::Broker, e))?;
         Ok(agent)
+    }
+}
+
+impl AgentBuilder {
+    /// The agent's durable of tool calls on `MESH_CALL`, when the mesh has
+    /// that stream; `None` (calls come as deliveries, as before) when it has
+    /// not, or when the durable cannot be bound (a broker whose grants
+    /// predate it).
+    async fn calls_consumer(
+        &self,
+        js: &jetstream::Context,
+        id: &AgentId,
+        name: &str,
+    ) -> Result<Option<consumer::PullConsumer>, ConnectError> {
+        match js
+            .stream_by_subject(subjects::call(id.as_str(), "any"))
+            .await
+        {
+            Ok(stream) if stream == subjects::STREAM_CALL => {}
+            Ok(_) => return Ok(None),
+            Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                tracing::debug!(agent = %id, "No MESH_CALL stream; tool calls come as deliveries.");
+                return Ok(None);
+            }
+            Err(e) => return Err(ConnectError::with_source(ConnectErrorKind::Broker, e)),
+        }
+        let created = js
+            .create_consumer_on_stream(
+                consumer::pull::Config {
+                    durable_name: Some(name.to_owned()),
+                    description: Some(format!("tool calls to agent `{id}`")),
+                    filter_subject: format!("mesh.call.{id}.>"),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: self.settings.ack_wait,
+                    max_deliver: self.settings.max_deliver,
+                    max_ack_pending: 1000,
+                    ..Default::default()
+                },
+                subjects::STREAM_CALL,
+            )
+            .await;
+        match created {
+            Ok(calls) => Ok(Some(calls)),
+            Err(e) => {
+                tracing::warn!(agent = %id, consumer = %name, error = %e, "Cannot bind the tool-call durable on MESH_CALL; tool calls come as deliveries.");
+                Ok(None)
+            }
+        }
     }
 }
 
@@ -410,6 +510,8 @@ pub(crate) struct Inner {
     pub(crate) client: Client,
     pub(crate) js: jetstream::Context,
     pub(crate) consumer: consumer::PullConsumer,
+    /// The durable of tool calls on `MESH_CALL`, when the mesh has one.
+    pub(crate) calls: Option<consumer::PullConsumer>,
     pub(crate) consumer_name: String,
     pub(crate) directory: Directory,
     pub(crate) card: AgentCard,
@@ -418,6 +520,7 @@ pub(crate) struct Inner {
     pub(crate) inbox: Inbox,
     pub(crate) tasks: TaskTracker,
     pub(crate) tool_slots: Arc<Semaphore>,
+    pub(crate) counters: Counters,
     pub(crate) settings: Settings,
 }
 

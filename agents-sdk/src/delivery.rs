@@ -5,8 +5,12 @@
 //! A delivery is acknowledged only once it was handled; one that is not
 //! (a failed handler, a crash) is delivered again. A message that is not a
 //! valid mesh event can never succeed, so it is terminated once, not retried.
-//! `tool.call`s for registered tools are answered by the SDK, and answers to
-//! this process's own calls are consumed by those calls.
+//! `tool.call`s for registered tools are answered by the SDK (read from the
+//! agent's durable on `MESH_CALL` where the mesh has one, so they never wait
+//! behind other deliveries), and answers to this process's own calls are
+//! consumed by those calls. A handler that fails is retried with backoff up
+//! to the agent's `max_attempts`; then the agent gives up, reports it as an
+//! observation, and terminates the delivery.
 
 use std::future::Future;
 use std::ops::Deref;
@@ -17,16 +21,23 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::consumer::pull::Batch;
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Stream, StreamExt};
-use schemas::{AgentId, AttributesReader, Event, EventType, Invalid, MeshEvent, TraceParent};
+use schemas::{
+    AgentId, AttributesReader, Event, EventType, Invalid, MeshEvent, TraceParent, headers, subjects,
+};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::agent::{Agent, Published};
 use crate::error::{DeliveryError, DeliveryErrorKind, PublishError};
+use crate::feed::Feed;
+use crate::metrics::{Counters, Running};
 use crate::payload;
 use crate::tools::{ToolCall, ToolError, ToolHandler};
 use crate::workflow::{Step, Workflow};
@@ -38,7 +49,8 @@ pub struct Received {
 }
 
 impl Received {
-    /// Decodes a message from `mesh.deliver.<target>.<source>`.
+    /// Decodes a message from `mesh.deliver.<target>.<source>` (or, for a
+    /// tool call, `mesh.call.<target>.<source>`).
     pub fn from_delivery(
         subject: &str,
         headers: Option<&HeaderMap>,
@@ -46,6 +58,7 @@ impl Received {
     ) -> Result<Self, Invalid> {
         let source = subject
             .strip_prefix("mesh.deliver.")
+            .or_else(|| subject.strip_prefix("mesh.call."))
             .and_then(|rest| rest.split('.').nth(1))
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Invalid::Subject(subject.to_owned()))?;
@@ -152,8 +165,9 @@ impl Received {
 #[derive(Debug)]
 pub struct Delivery {
     agent: Agent,
-    message: jetstream::Message,
-    received: Received,
+    // Shared with the handle `serve_with` keeps while the handler runs.
+    message: Arc<jetstream::Message>,
+    received: Arc<Received>,
     acked: Arc<AtomicBool>,
 }
 
@@ -290,10 +304,13 @@ fn tool_arguments(call: &Received) -> Value {
     }
 }
 
-/// Ticks every half ack wait: when to tell JetStream a delivery is still
-/// being worked on.
+/// Ticks every half ack wait, the first time half an ack wait from now:
+/// when to tell JetStream a delivery is still being worked on. (No tick at
+/// once: a timer due now still waits for the timer wheel's next
+/// millisecond, which would cost every delivery a millisecond.)
 fn keepalive_timer(ack_wait: Duration) -> tokio::time::Interval {
-    tokio::time::interval((ack_wait / 2).max(Duration::from_millis(100)))
+    let period = (ack_wait / 2).max(Duration::from_millis(100));
+    tokio::time::interval_at(tokio::time::Instant::now() + period, period)
 }
 
 /// Restarts `message`'s ack wait.
@@ -311,24 +328,20 @@ async fn with_keepalive<T>(
 ) -> T {
     tokio::pin!(work);
     let mut keepalive = keepalive_timer(ack_wait);
-    // The first tick is immediate; the delivery was just received.
-    keepalive.tick().await;
     loop {
         tokio::select! {
+            biased;
             out = &mut work => return out,
             _ = keepalive.tick() => progress(message).await,
         }
     }
 }
 
-/// How long one pull for the next delivery waits at the server.
-const PULL_EXPIRES: Duration = Duration::from_secs(10);
-/// How long the delivery stream waits after a failed pull.
-const PULL_RETRY: Duration = Duration::from_secs(1);
-
 /// The stream of [`Agent::deliveries`].
 pub struct Deliveries {
     inner: Pin<Box<dyn Stream<Item = Result<Delivery, DeliveryError>> + Send>>,
+    /// Stops the agent's tool-call reader with the stream.
+    _calls: Option<DropGuard>,
 }
 
 impl Stream for Deliveries {
@@ -347,74 +360,249 @@ enum Routed {
     Handled,
 }
 
+/// The wait before attempt `attempt + 1` of a delivery whose attempt
+/// `attempt` failed: `base`, doubled for each attempt after the first, at
+/// most `max`.
+pub(crate) fn backoff(base: Duration, attempt: u32, max: Duration) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(20);
+    base.saturating_mul(1u32 << doublings).min(max)
+}
+
+/// The id of the give-up report on delivery `id` from `source` to `target`:
+/// the same for every attempt to report it, so a report published again
+/// after a crash is dropped by `MESH_INGRESS` (`Nats-Msg-Id`).
+fn report_id(target: &str, source: &str, id: &str) -> String {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_URL,
+        format!("agentmesh:gave-up/{target}/{source}/{id}").as_bytes(),
+    )
+    .to_string()
+}
+
+impl Delivery {
+    /// A second handle on the same delivery, kept by `serve_with` while the
+    /// handler owns the first.
+    fn twin(&self) -> Delivery {
+        Delivery {
+            agent: self.agent.clone(),
+            message: self.message.clone(),
+            received: self.received.clone(),
+            acked: self.acked.clone(),
+        }
+    }
+
+    /// Records a failed attempt at handling this delivery. Before the
+    /// agent's [`max_attempts`](crate::AgentBuilder::max_attempts) it is
+    /// refused and delivered again after a backoff (the nak delay, doubled
+    /// per attempt); on the last attempt the agent gives up: it publishes an
+    /// `io.agentmesh.observation` saying so (data
+    /// [`payload::DeliveryGaveUp`], subject `delivery.gave_up`, following
+    /// the delivery in its trace, so the audit and `meshctl trace` show it)
+    /// and terminates the delivery. [`Agent::serve_with`] calls this when
+    /// its handler returns `Err`.
+    pub async fn fail(&self, error: impl std::fmt::Display) -> Result<Failed, DeliveryError> {
+        let attempt = u32::try_from(self.delivery_count()).unwrap_or(u32::MAX);
+        let settings = &self.agent.inner.settings;
+        let error = error.to_string();
+        if attempt >= settings.max_attempts {
+            return self.give_up(attempt, &error).await;
+        }
+        let delay = backoff(settings.nak_delay, attempt, settings.max_backoff);
+        tracing::warn!(id = self.id(), from = %self.sender(), attempt, max_attempts = settings.max_attempts, retry_in = ?delay, %error, "Handler failed; the delivery will be attempted again.");
+        self.nak(Some(delay)).await?;
+        Counters::add(&self.agent.inner.counters.retries);
+        Ok(Failed::Retry {
+            attempt,
+            max_attempts: settings.max_attempts,
+            delay,
+        })
+    }
+
+    /// Reports that the agent gave up after `attempts`, then terminates the
+    /// delivery. If the report cannot be published the delivery is refused
+    /// instead, so the next delivery reports it.
+    async fn give_up(&self, attempts: u32, error: &str) -> Result<Failed, DeliveryError> {
+        let me = self.agent.id().to_string();
+        let gave_up = payload::GaveUp {
+            event_id: self.id().to_owned(),
+            source: self.sender().to_string(),
+            r#type: self.event_type().as_str().to_owned(),
+            attempts,
+            error: error.to_owned(),
+        };
+        let text = format!(
+            "{me} gave up on {} {} from {} after {attempts} attempts: {error}",
+            self.event_type().short_name(),
+            gave_up.event_id,
+            gave_up.source,
+        );
+        let published = self
+            .workflow()
+            .observation(text)
+            .with("gave_up", &gave_up)
+            .subject(payload::GAVE_UP_SUBJECT)
+            .id(report_id(&me, &gave_up.source, &gave_up.event_id))
+            .publish()
+            .await;
+        let report = match published {
+            Ok(published) => published,
+            Err(e) => {
+                let settings = &self.agent.inner.settings;
+                let delay = backoff(settings.nak_delay, attempts, settings.max_backoff);
+                let _ = self.nak(Some(delay)).await;
+                return Err(DeliveryError::with_source(
+                    DeliveryErrorKind::Report(self.id().to_owned()),
+                    e,
+                ));
+            }
+        };
+        self.term().await?;
+        Counters::add(&self.agent.inner.counters.gave_up);
+        tracing::warn!(id = self.id(), from = %self.sender(), attempts, %error, report = %report.id, "Gave up on a delivery after its last attempt.");
+        Ok(Failed::GaveUp {
+            attempts,
+            report: report.id,
+        })
+    }
+}
+
+/// What [`Delivery::fail`] did with a failed delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Failed {
+    /// It is delivered again after `delay`.
+    Retry {
+        /// The attempt that failed (1 the first time).
+        attempt: u32,
+        /// The agent's limit.
+        max_attempts: u32,
+        /// The wait before the next attempt.
+        delay: Duration,
+    },
+    /// The agent gave up: the delivery is terminated and reported.
+    GaveUp {
+        /// How many attempts were made.
+        attempts: u32,
+        /// The id of the `io.agentmesh.observation` reporting it.
+        report: String,
+    },
+}
+
 impl Agent {
     /// The events the mesh delivers to this agent, as a stream.
     ///
-    /// `tool.call`s for tools registered on the builder are answered by the
-    /// SDK while the stream is polled (concurrently, up to
-    /// `max_concurrent_tools`); answers to this process's own calls and
-    /// requests are consumed by those. Everything else is yielded, to be
-    /// acknowledged by the caller within the ack wait (or kept alive with
+    /// Deliveries are pulled ahead in batches (up to the agent's
+    /// [`prefetch`](crate::AgentBuilder::prefetch)); those waiting in this
+    /// process are kept alive at the broker, so none is delivered again for
+    /// having waited. `tool.call`s for tools registered on the builder are
+    /// answered by the SDK while the stream exists (concurrently, up to
+    /// `max_concurrent_tools`), read from the agent's own durable on
+    /// `MESH_CALL` where the mesh has one, so they never wait behind other
+    /// deliveries; answers to this process's own calls and requests are
+    /// consumed by those. Everything else is yielded, to be acknowledged by
+    /// the caller within the ack wait (or kept alive with
     /// [`Delivery::in_progress`]). Errors are transient: the stream goes on.
     pub async fn deliveries(&self) -> Result<Deliveries, DeliveryError> {
-        // One message is pulled only when the previous one has been routed:
-        // a message buffered behind a slow handler would sit out its ack
-        // wait and be delivered again, so nothing is fetched ahead.
-        let stream = futures::stream::unfold(
-            (self.clone(), None::<Batch>, false),
-            |(agent, mut batch, mut failing)| async move {
-                loop {
-                    if failing {
-                        // The broker is away: do not spin.
-                        tokio::time::sleep(PULL_RETRY).await;
-                        failing = false;
-                    }
-                    let pending = match batch.as_mut() {
-                        Some(pending) => pending,
-                        None => match agent
-                            .inner
-                            .consumer
-                            .batch()
-                            .max_messages(1)
-                            .expires(PULL_EXPIRES)
-                            .messages()
-                            .await
-                        {
-                            Ok(pending) => batch.insert(pending),
-                            Err(e) => {
-                                let err = DeliveryError::with_source(
-                                    DeliveryErrorKind::Pull(agent.inner.consumer_name.clone()),
-                                    e,
-                                );
-                                return Some((Err(err), (agent, None, true)));
-                            }
-                        },
-                    };
-                    let message = match pending.next().await {
-                        // The pull expired empty: ask again.
-                        None => {
-                            batch = None;
-                            continue;
+        let settings = &self.inner.settings;
+        let feed = Feed::start(
+            self.inner.consumer.clone(),
+            self.inner.consumer_name.clone(),
+            settings.prefetch,
+            settings.ack_wait,
+            self.inner.counters.buffered_deliveries.clone(),
+        );
+        let calls = self.inner.calls.clone().map(|calls| {
+            let stop = CancellationToken::new();
+            tokio::spawn(self.clone().serve_calls(calls, stop.clone()));
+            stop.drop_guard()
+        });
+        let stream = futures::stream::unfold((self.clone(), feed), |(agent, feed)| async move {
+            loop {
+                match feed.next().await {
+                    Err(e) => return Some((Err(e), (agent, feed))),
+                    Ok(message) => {
+                        if let Routed::Yield(delivery) = agent.route(message).await {
+                            return Some((Ok(*delivery), (agent, feed)));
                         }
-                        Some(Err(e)) => {
-                            let err = DeliveryError::with_source(
-                                DeliveryErrorKind::Pull(agent.inner.consumer_name.clone()),
-                                e,
-                            );
-                            return Some((Err(err), (agent, None, true)));
-                        }
-                        Some(Ok(message)) => message,
-                    };
-                    batch = None;
-                    if let Routed::Yield(delivery) = agent.route(message).await {
-                        return Some((Ok(*delivery), (agent, None, false)));
                     }
                 }
-            },
-        );
+            }
+        });
         Ok(Deliveries {
             inner: Box::pin(stream),
+            _calls: calls,
         })
+    }
+
+    /// Answers the tool calls of the agent's `MESH_CALL` durable until
+    /// `stop`: a call is taken only when a tool slot is free, and calls
+    /// pulled ahead (at most `max_concurrent_tools`) are kept alive.
+    async fn serve_calls(self, calls: PullConsumer, stop: CancellationToken) {
+        let settings = &self.inner.settings;
+        let feed = Feed::start(
+            calls,
+            format!("{}/{}", subjects::STREAM_CALL, self.inner.consumer_name),
+            settings.max_concurrent_tools,
+            settings.ack_wait,
+            self.inner.counters.buffered_calls.clone(),
+        );
+        loop {
+            let permit = tokio::select! {
+                () = stop.cancelled() => return,
+                permit = self.inner.tool_slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let message = tokio::select! {
+                () = stop.cancelled() => return,
+                message = feed.next() => message,
+            };
+            match message {
+                Ok(message) => self.route_call(message, permit).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Tool-call stream hiccup; it resumes by itself.")
+                }
+            }
+        }
+    }
+
+    /// Answers one message of the `MESH_CALL` durable: a call of a
+    /// registered tool runs; any other is acknowledged here, its copy on
+    /// `mesh.deliver` being yielded to the agent's own code as before.
+    async fn route_call(&self, message: jetstream::Message, permit: OwnedSemaphorePermit) {
+        let received = match Received::from_delivery(
+            &message.subject,
+            message.headers.as_ref(),
+            &message.payload,
+        ) {
+            Ok(received) => received,
+            Err(e) => {
+                self.terminate_invalid(&message, &e).await;
+                return;
+            }
+        };
+        match received.subject().and_then(|tool| self.tool_handler(tool)) {
+            Some(handler) if received.event_type() == EventType::ToolCall => {
+                self.spawn_tool(message, received, handler, Some(permit))
+                    .await;
+            }
+            _ => {
+                if let Err(e) = message.ack().await {
+                    tracing::debug!(error = %e, "Could not acknowledge a call left to the delivery stream.");
+                }
+            }
+        }
+    }
+
+    /// Terminates a message that is not a valid mesh event: it can never
+    /// succeed, so it is ended once rather than retried.
+    async fn terminate_invalid(&self, message: &jetstream::Message, error: &Invalid) {
+        tracing::warn!(subject = %message.subject, %error, "Terminating a delivery that is not a valid mesh event.");
+        Counters::add(&self.inner.counters.invalid);
+        if let Err(e) = message.ack_with(AckKind::Term).await {
+            tracing::warn!(error = %e, "Could not terminate the invalid delivery.");
+        }
     }
 
     async fn route(&self, message: jetstream::Message) -> Routed {
@@ -425,11 +613,7 @@ impl Agent {
         ) {
             Ok(received) => received,
             Err(e) => {
-                // It can never succeed: terminate it once rather than loop.
-                tracing::warn!(subject = %message.subject, error = %e, "Terminating a delivery that is not a valid mesh event.");
-                if let Err(e) = message.ack_with(AckKind::Term).await {
-                    tracing::warn!(error = %e, "Could not terminate the invalid delivery.");
-                }
+                self.terminate_invalid(&message, &e).await;
                 return Routed::Handled;
             }
         };
@@ -445,13 +629,28 @@ impl Agent {
         if received.event_type() == EventType::ToolCall
             && let Some(handler) = received.subject().and_then(|tool| self.tool_handler(tool))
         {
-            self.spawn_tool(message, received, handler).await;
+            let also_on_calls = message
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(headers::CALL).is_some());
+            if also_on_calls && self.inner.calls.is_some() {
+                // The same call, stored on `mesh.call`: answered from there.
+                tracing::debug!(
+                    id = received.id(),
+                    "Tool call answered from MESH_CALL; acknowledging its delivery."
+                );
+                if let Err(e) = message.ack().await {
+                    tracing::debug!(error = %e, "Could not acknowledge the delivery copy of a tool call.");
+                }
+            } else {
+                self.spawn_tool(message, received, handler, None).await;
+            }
             return Routed::Handled;
         }
         Routed::Yield(Box::new(Delivery {
             agent: self.clone(),
-            message,
-            received,
+            message: Arc::new(message),
+            received: Arc::new(received),
             acked: Arc::new(AtomicBool::new(false)),
         }))
     }
@@ -463,14 +662,20 @@ impl Agent {
         message: jetstream::Message,
         received: Received,
         handler: Arc<dyn ToolHandler>,
+        permit: Option<OwnedSemaphorePermit>,
     ) {
         // Waiting for a slot holds back the stream: no more pulls while full.
-        let Ok(permit) = self.inner.tool_slots.clone().acquire_owned().await else {
-            return;
+        let permit = match permit {
+            Some(permit) => permit,
+            None => match self.inner.tool_slots.clone().acquire_owned().await {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
         };
         let agent = self.clone();
         self.inner.tasks.spawn(async move {
             let _permit = permit;
+            let _running = Running::start(&agent.inner.counters.tools_running);
             let tool = received.subject().unwrap_or_default().to_owned();
             let call = ToolCall {
                 agent: agent.clone(),
@@ -487,6 +692,7 @@ impl Agent {
             match answer_tool(&agent, &received, result).await {
                 Ok(published) => {
                     tracing::debug!(%tool, call = received.id(), result = %published.id, "Tool call answered.");
+                    Counters::add(&agent.inner.counters.tool_calls);
                     if let Err(e) = message.ack().await {
                         tracing::warn!(error = %e, "Could not acknowledge an answered tool call; it will be answered again.");
                     }
@@ -541,11 +747,18 @@ impl Agent {
 
     /// Handles every delivery with `handler` until `shutdown` completes:
     /// acknowledged when it returns `Ok` (unless it settled the delivery
-    /// itself), delivered again after the nak delay when it returns `Err`.
-    /// Deliveries are handled one at a time, in order. While the handler
-    /// runs, the delivery's ack wait is extended, so a slow handler (a model
-    /// call) is not raced by a redelivery, and registered tools go on being
-    /// served.
+    /// itself); when it returns `Err` (or panics), attempted again after a
+    /// backoff, and after the agent's
+    /// [`max_attempts`](crate::AgentBuilder::max_attempts) given up on and
+    /// reported (see [`Delivery::fail`]).
+    ///
+    /// Up to [`max_concurrent_deliveries`](crate::AgentBuilder::max_concurrent_deliveries)
+    /// handlers run at once (default 1: one at a time, in order), with
+    /// deliveries pulled ahead in batches. While a handler runs, its
+    /// delivery's ack wait is extended, so a slow handler (a model call) is
+    /// not raced by a redelivery, and registered tools go on being served.
+    /// On shutdown, running handlers get the shutdown grace to finish; what
+    /// is left is delivered again later.
     ///
     /// ```no_run
     /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
@@ -572,77 +785,61 @@ impl Agent {
         Fut: Future<Output = Result<(), E>> + Send,
         E: std::fmt::Display,
     {
+        let max = self.inner.settings.max_concurrent_deliveries;
         let mut deliveries = self.deliveries().await?;
         tokio::pin!(shutdown);
-        // A delivery pulled while the handler was busy with another.
+        let mut running = FuturesUnordered::new();
+        // A delivery pulled while every handler slot was busy: polling on
+        // lets the stream serve tool calls that come as deliveries.
         let mut waiting: Option<Delivery> = None;
+        let mut keepalive = keepalive_timer(self.inner.settings.ack_wait);
         let mut ended = false;
         loop {
             if (&mut shutdown).now_or_never().is_some() {
                 break;
             }
-            let delivery = match waiting.take() {
-                Some(delivery) => delivery,
-                None if ended => {
-                    return Err(DeliveryErrorKind::Pull(self.inner.consumer_name.clone()).into());
-                }
-                None => tokio::select! {
-                    () = &mut shutdown => break,
-                    next = deliveries.next() => match next {
-                        None => {
-                            ended = true;
-                            continue;
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself.");
-                            continue;
-                        }
-                        Some(Ok(delivery)) => delivery,
-                    },
-                },
-            };
-            let id = delivery.id().to_owned();
-            let message = delivery.message.clone();
-            let acked = delivery.acked.clone();
-            let work = handler(delivery);
-            tokio::pin!(work);
-            let mut keepalive = keepalive_timer(self.inner.settings.ack_wait);
-            keepalive.tick().await;
-            // Keep polling while the handler works, so tool calls are served
-            // meanwhile; hold (and keep alive) the next other delivery.
-            let outcome = loop {
-                tokio::select! {
-                    outcome = &mut work => break outcome,
-                    _ = keepalive.tick() => {
-                        progress(&message).await;
-                        if let Some(next) = &waiting {
-                            progress(&next.message).await;
-                        }
-                    }
-                    next = deliveries.next(), if waiting.is_none() && !ended => match next {
-                        None => ended = true,
-                        Some(Err(e)) => tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself."),
-                        Some(Ok(next)) => waiting = Some(next),
-                    },
-                }
-            };
-            if acked.load(Ordering::SeqCst) {
+            if running.len() < max
+                && let Some(delivery) = waiting.take()
+            {
+                running.push(self.handle(delivery, &mut handler));
                 continue;
             }
-            let kind = match &outcome {
-                Ok(()) => AckKind::Ack,
-                Err(e) => {
-                    tracing::warn!(%id, error = %e, "Handler failed; the delivery will be delivered again.");
-                    AckKind::Nak(Some(self.inner.settings.nak_delay))
+            if ended && waiting.is_none() && running.is_empty() {
+                return Err(DeliveryErrorKind::Pull(self.inner.consumer_name.clone()).into());
+            }
+            // In this order: finishing handlers frees slots for the next.
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(()) = running.next(), if !running.is_empty() => {}
+                next = deliveries.next(), if waiting.is_none() && !ended => match next {
+                    None => ended = true,
+                    Some(Err(e)) => tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself."),
+                    Some(Ok(next)) => waiting = Some(next),
+                },
+                _ = keepalive.tick(), if waiting.is_some() => {
+                    if let Some(next) = &waiting {
+                        progress(&next.message).await;
+                    }
                 }
-            };
-            if let Err(e) = message.ack_with(kind).await {
-                tracing::warn!(%id, error = %e, "Could not settle the delivery.");
             }
         }
+        if let Some(left) = waiting.take() {
+            let _ = left.nak(None).await;
+        }
+        let grace = self.inner.settings.shutdown_grace;
+        let finished =
+            tokio::time::timeout(grace, async { while running.next().await.is_some() {} }).await;
+        if finished.is_err() {
+            tracing::warn!(
+                ?grace,
+                "Handlers still running after the shutdown grace; their deliveries will be delivered again."
+            );
+        }
+        drop(running);
         drop(deliveries);
         self.inner.tasks.close();
-        if tokio::time::timeout(self.inner.settings.shutdown_grace, self.inner.tasks.wait())
+        if tokio::time::timeout(grace, self.inner.tasks.wait())
             .await
             .is_err()
         {
@@ -652,6 +849,66 @@ impl Agent {
         }
         self.inner.tasks.reopen();
         Ok(())
+    }
+
+    /// Runs `handler` on one delivery, keeping it alive meanwhile, then
+    /// settles it: ack on `Ok`, [`Delivery::fail`] on `Err` or a panic.
+    fn handle<'a, F, Fut, E>(
+        &self,
+        delivery: Delivery,
+        handler: &mut F,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+    where
+        F: FnMut(Delivery) -> Fut + Send,
+        Fut: Future<Output = Result<(), E>> + Send + 'a,
+        E: std::fmt::Display + 'a,
+    {
+        let twin = delivery.twin();
+        let max_attempts = self.inner.settings.max_attempts;
+        let attempt = u32::try_from(twin.delivery_count()).unwrap_or(u32::MAX);
+        if attempt > max_attempts {
+            // Every attempt allowed has been made, and none ended with a
+            // result (the agent stopped, or the ack wait ran out): report it
+            // without a further one.
+            return Box::pin(async move {
+                let error = "the earlier attempts ended without a result (the agent stopped or the ack wait ran out)";
+                if let Err(e) = twin.give_up(attempt - 1, error).await {
+                    tracing::warn!(id = twin.id(), error = %e, "Could not give up on a delivery; it will be delivered again.");
+                }
+            });
+        }
+        let work = handler(delivery);
+        let ack_wait = self.inner.settings.ack_wait;
+        let agent = self.clone();
+        Box::pin(async move {
+            let failure: Option<String> = {
+                let _running = Running::start(&agent.inner.counters.handlers_running);
+                // The error becomes text as soon as the handler returns.
+                let work = async move {
+                    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some("the handler panicked".to_owned()),
+                    }
+                };
+                with_keepalive(&twin.message, ack_wait, work).await
+            };
+            if twin.is_settled() {
+                return;
+            }
+            let Some(failure) = failure else {
+                match twin.ack().await {
+                    Ok(()) => Counters::add(&agent.inner.counters.handled),
+                    Err(e) => {
+                        tracing::warn!(id = twin.id(), error = %e, "Could not acknowledge a handled delivery; it will be delivered again.")
+                    }
+                }
+                return;
+            };
+            if let Err(e) = twin.fail(failure).await {
+                tracing::warn!(id = twin.id(), error = %e, "Could not settle a failed delivery; it will be delivered again.");
+            }
+        })
     }
 }
 
@@ -673,6 +930,23 @@ mod tests {
             .unwrap();
         let (headers, payload) = schemas::encode_binary(&event);
         Received::from_delivery("mesh.deliver.coder.planner", Some(&headers), &payload).unwrap()
+    }
+
+    #[test]
+    fn backoff_doubles_per_attempt_up_to_the_cap() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        let waits: Vec<u64> = (1..=8).map(|a| backoff(base, a, max).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 60, 60]);
+        assert_eq!(backoff(base, u32::MAX, max), max);
+    }
+
+    #[test]
+    fn a_report_id_is_the_same_for_the_same_delivery_only() {
+        let a = report_id("coder", "planner", "e1");
+        assert_eq!(a, report_id("coder", "planner", "e1"));
+        assert_ne!(a, report_id("coder", "reviewer", "e1"));
+        assert_ne!(a, report_id("coder", "planner", "e2"));
     }
 
     #[test]

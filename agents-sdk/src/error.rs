@@ -294,6 +294,10 @@ pub enum DeliveryErrorKind {
     /// The acknowledgement could not be sent.
     #[error("could not acknowledge delivery `{0}`")]
     Ack(String),
+    /// The report that the agent gave up on a delivery could not be
+    /// published; the delivery was refused, to be reported on its next one.
+    #[error("could not publish the give-up report of delivery `{0}`")]
+    Report(String),
 }
 
 /// The error of the agent directory (`mesh-agents`).

@@ -64,22 +64,26 @@ mod call;
 mod card;
 mod delivery;
 mod error;
+mod feed;
 mod inbox;
+mod metrics;
 pub mod payload;
 mod tools;
 mod workflow;
 
 pub use agent::{
-    Agent, AgentBuilder, DEFAULT_ACK_WAIT, DEFAULT_CALL_TIMEOUT, Published, consumer_name,
+    Agent, AgentBuilder, DEFAULT_ACK_WAIT, DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_PREFETCH, Published, consumer_name,
 };
 pub use call::{DecisionWait, Request, ToolCallRequest};
 pub use card::{AgentCard, CardChange, CardWatch, Directory, Skill, ToolSpec};
-pub use delivery::{Deliveries, Delivery, Received};
+pub use delivery::{Deliveries, Delivery, Failed, Received};
 pub use error::{
     BoxError, CallError, CallErrorKind, ConnectError, ConnectErrorKind, DecisionError,
     DecisionErrorKind, DeliveryError, DeliveryErrorKind, DirectoryError, DirectoryErrorKind, Error,
     PublishError, PublishErrorKind,
 };
+pub use metrics::{AgentMetrics, Pending};
 pub use tools::{ToolCall, ToolError};
 pub use workflow::{BoxFuture, Step, Workflow, step_token};
 

@@ -46,6 +46,38 @@ pub struct Observation {
     pub text: String,
 }
 
+/// The `subject` of the observation an agent publishes when it gives up on
+/// a delivery.
+pub const GAVE_UP_SUBJECT: &str = "delivery.gave_up";
+
+/// `io.agentmesh.observation` with subject `delivery.gave_up`: the agent
+/// gave up on a delivery after its last attempt and terminated it. Its
+/// `causationid` is the delivery's id (and `causationsource` its sender),
+/// in the delivery's trace. An [`Observation`] reader sees `text`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DeliveryGaveUp {
+    /// One line for people: `<agent> gave up on <type> <id> from <source>
+    /// after <n> attempts: <error>`.
+    pub text: String,
+    /// The same, field by field.
+    pub gave_up: GaveUp,
+}
+
+/// What an agent gave up on (see [`DeliveryGaveUp`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GaveUp {
+    /// The delivered event's id.
+    pub event_id: String,
+    /// The agent that sent it.
+    pub source: String,
+    /// Its CloudEvents type.
+    pub r#type: String,
+    /// How many attempts were made.
+    pub attempts: u32,
+    /// The last attempt's error.
+    pub error: String,
+}
+
 /// `io.agentmesh.tool.call`: a request to call a tool (also named by the
 /// event's `subject`).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

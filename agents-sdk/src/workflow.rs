@@ -126,6 +126,7 @@ impl Workflow {
             target: None,
             subject: None,
             causation: Causation::Follow,
+            id: None,
         }
     }
 
@@ -302,6 +303,8 @@ pub struct Step {
     target: Option<String>,
     subject: Option<String>,
     causation: Causation,
+    /// An id chosen by the SDK instead of a fresh UUIDv7.
+    id: Option<String>,
 }
 
 /// A step made ready to send: its event built, its id minted.
@@ -366,6 +369,13 @@ impl Step {
         self
     }
 
+    /// Uses `id` as the event id (one the SDK derives, so that publishing
+    /// the same report again is deduplicated).
+    pub(crate) fn id(mut self, id: String) -> Self {
+        self.id = Some(id);
+        self
+    }
+
     pub(crate) fn workflow(&self) -> &Workflow {
         &self.wf
     }
@@ -387,7 +397,7 @@ impl Step {
         {
             return Err(PublishErrorKind::InvalidTarget(target.clone()).into());
         }
-        let id = uuid::Uuid::now_v7().to_string();
+        let id = self.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let trace = self.wf.trace.child();
         let causation = match self.causation {
             Causation::Follow => self.wf.last_cause(),

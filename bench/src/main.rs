@@ -8,6 +8,7 @@
 //! set; the services run as child processes found next to this binary
 //! (`cargo build --release -p bench -p policy-worker`).
 
+mod agents;
 mod cache;
 mod faults;
 mod forwarder;
@@ -39,6 +40,8 @@ enum Cmd {
     Sink(sink::SinkArgs),
     /// Repeated tool calls through the real stack, cached vs uncached, and a workflow's hit rate.
     Cache(cache::CacheArgs),
+    /// An SDK agent draining a backlog (against a plain JetStream consumer) and answering tool calls meanwhile.
+    Agents(agents::AgentsArgs),
     /// Fault run: kill -9 the policy worker, stop ClickHouse, restart nats-server, under load; count what arrived.
     Faults(faults::FaultArgs),
     /// Run the raw forwarder (used by `run` as a child process).
@@ -96,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Sink(args) => sink::run(args).await,
         Cmd::Faults(args) => faults::run(args).await,
         Cmd::Cache(args) => cache::run(args).await,
+        Cmd::Agents(args) => agents::run(args).await,
     }
 }
 

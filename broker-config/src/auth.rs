@@ -191,6 +191,7 @@ pub fn grants(principal: &Principal) -> Grants {
                 publish: vec![
                     // What only the worker may write.
                     "mesh.deliver.>".into(),
+                    "mesh.call.>".into(),
                     "mesh.decision.>".into(),
                     "mesh.dead.>".into(),
                     // `broker_config::apply` at start: reads every stream
@@ -274,6 +275,7 @@ pub fn grants(principal: &Principal) -> Grants {
         },
         Role::Agent => {
             let deliver = subjects::STREAM_DELIVER;
+            let calls = subjects::STREAM_CALL;
             let durable = agent_consumer(name);
             let decision = subjects::STREAM_DECISION;
             let receipts = receipts_consumer(name);
@@ -315,6 +317,15 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("$JS.API.CONSUMER.INFO.{decision}.{receipts}"),
                     format!("$JS.API.CONSUMER.MSG.NEXT.{decision}.{receipts}"),
                     format!("$JS.ACK.{decision}.{receipts}.>"),
+                    // Its durable of tool calls on MESH_CALL (same name,
+                    // other stream), pinned the same way.
+                    format!(
+                        "$JS.API.CONSUMER.CREATE.{calls}.{durable}.{}",
+                        agent_calls_filter(name)
+                    ),
+                    format!("$JS.API.CONSUMER.INFO.{calls}.{durable}"),
+                    format!("$JS.API.CONSUMER.MSG.NEXT.{calls}.{durable}"),
+                    format!("$JS.ACK.{calls}.{durable}.>"),
                 ],
                 subscribe: vec![
                     // Replies to its own requests (its account's inboxes are its own).
@@ -331,6 +342,7 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("$KV.{}.{name}", subjects::BUCKET_AGENTS),
                     format!("$JS.ACK.{deliver}.{durable}.>"),
                     format!("$JS.ACK.{decision}.{receipts}.>"),
+                    format!("$JS.ACK.{calls}.{durable}.>"),
                 ],
                 stream_imports: vec![
                     subjects::decision(name),
@@ -363,6 +375,12 @@ pub fn receipts_consumer(id: &str) -> String {
 /// The filter of agent `id`'s durable: `mesh.deliver.<id>.>`.
 pub fn agent_filter(id: &str) -> String {
     format!("mesh.deliver.{id}.>")
+}
+
+/// The filter of agent `id`'s durable of tool calls on `MESH_CALL`:
+/// `mesh.call.<id>.>`.
+pub fn agent_calls_filter(id: &str) -> String {
+    format!("mesh.call.{id}.>")
 }
 
 /// Why a set of principals cannot be rendered.
@@ -566,6 +584,7 @@ mod tests {
             let foreign = [
                 "planner",
                 "mesh.deliver.>",
+                "mesh.call.>",
                 "mesh.decision.>",
                 "STREAM.CREATE",
             ]
@@ -577,16 +596,23 @@ mod tests {
         assert!(g.publish.contains(
             &"$JS.API.CONSUMER.CREATE.MESH_DELIVER.agent-coder.mesh.deliver.coder.>".to_owned()
         ));
+        assert!(g.publish.contains(
+            &"$JS.API.CONSUMER.CREATE.MESH_CALL.agent-coder.mesh.call.coder.>".to_owned()
+        ));
+        assert!(
+            g.publish
+                .contains(&"$JS.ACK.MESH_CALL.agent-coder.>".to_owned())
+        );
         assert!(
             !g.publish
                 .iter()
                 .any(|s| s.contains("DELETE") || s.contains("PURGE"))
         );
-        assert!(
-            !g.publish
+        assert!(!g.publish.iter().any(|s| {
+            ["mesh.deliver", "mesh.call", "mesh.decision"]
                 .iter()
-                .any(|s| s.starts_with("mesh.deliver") || s.starts_with("mesh.decision"))
-        );
+                .any(|w| s.starts_with(w))
+        }));
     }
 
     #[test]
@@ -667,7 +693,7 @@ mod tests {
         for p in principals() {
             let g = grants(&p);
             let writes_worker_subjects = g.publish.iter().any(|s| {
-                ["mesh.deliver", "mesh.decision", "mesh.dead"]
+                ["mesh.deliver", "mesh.call", "mesh.decision", "mesh.dead"]
                     .iter()
                     .any(|w| s.starts_with(w))
             });

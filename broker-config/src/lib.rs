@@ -16,8 +16,8 @@ mod provision;
 
 pub use credentials::NatsCredentials;
 pub use provision::{
-    ProvisionError, agent_consumer_config, approvals_consumer_config, ensure_consumer,
-    provision_agent, provision_services, receipts_consumer_config, remove_agent,
+    ProvisionError, agent_calls_consumer_config, agent_consumer_config, approvals_consumer_config,
+    ensure_consumer, provision_agent, provision_services, receipts_consumer_config, remove_agent,
     service_consumer_configs,
 };
 
@@ -111,6 +111,11 @@ pub fn streams(options: &Options) -> Vec<stream::Config> {
             subjects::STREAM_DELIVER,
             "mesh.deliver.>",
             "approved events, by target and source",
+        ),
+        def(
+            subjects::STREAM_CALL,
+            "mesh.call.>",
+            "approved tool calls, by target and source (also delivered on mesh.deliver)",
         ),
         def(
             subjects::STREAM_DECISION,

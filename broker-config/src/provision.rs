@@ -14,8 +14,8 @@ use schemas::subjects;
 
 use crate::Change;
 use crate::auth::{
-    AUDIT_SINK_CONSUMERS, POLICY_WORKER_APPROVALS_CONSUMER, POLICY_WORKER_CONSUMER, agent_consumer,
-    agent_filter, receipts_consumer,
+    AUDIT_SINK_CONSUMERS, POLICY_WORKER_APPROVALS_CONSUMER, POLICY_WORKER_CONSUMER,
+    agent_calls_filter, agent_consumer, agent_filter, receipts_consumer,
 };
 
 /// Why a consumer could not be provisioned or removed.
@@ -59,6 +59,17 @@ pub fn receipts_consumer_config(id: &str) -> consumer::pull::Config {
         max_deliver: -1,
         max_ack_pending: 1000,
         ..Default::default()
+    }
+}
+
+/// The settings of agent `id`'s durable of tool calls on `MESH_CALL` (named
+/// like its delivery durable: `agent-<id>`), as the agents SDK creates it.
+pub fn agent_calls_consumer_config(id: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(agent_consumer(id)),
+        description: Some(format!("tool calls to agent `{id}`")),
+        filter_subject: agent_calls_filter(id),
+        ..agent_consumer_config(id)
     }
 }
 
@@ -146,13 +157,16 @@ pub async fn ensure_consumer(
     }
 }
 
-/// Creates agent `id`'s durables (deliveries and receipts) that are
-/// missing: [`Change::Created`] when either was.
+/// Creates agent `id`'s durables that are missing: deliveries on
+/// `MESH_DELIVER`, receipts on `MESH_DECISION`, tool calls on `MESH_CALL`
+/// (when the stream exists). [`Change::Created`] when the delivery or the
+/// receipts durable was.
 pub async fn provision_agent(js: &jetstream::Context, id: &str) -> Result<Change, ProvisionError> {
     let deliveries =
         ensure_consumer(js, subjects::STREAM_DELIVER, agent_consumer_config(id)).await?;
     let receipts =
         ensure_consumer(js, subjects::STREAM_DECISION, receipts_consumer_config(id)).await?;
+    ensure_consumer(js, subjects::STREAM_CALL, agent_calls_consumer_config(id)).await?;
     Ok(
         if deliveries == Change::Created || receipts == Change::Created {
             Change::Created
@@ -174,15 +188,23 @@ pub async fn provision_services(
     Ok(changes)
 }
 
-/// Deletes agent `id`'s durables, deliveries and receipts (their messages
-/// stay in the streams until they age out). `false` when there was neither.
+/// Deletes agent `id`'s durables: deliveries, tool calls and receipts
+/// (their messages stay in the streams until they age out). `false` when
+/// there was none.
 pub async fn remove_agent(js: &jetstream::Context, id: &str) -> Result<bool, ProvisionError> {
-    let deliveries = delete_consumer(js, subjects::STREAM_DELIVER, agent_consumer(id)).await?;
-    let receipts = delete_consumer(js, subjects::STREAM_DECISION, receipts_consumer(id)).await?;
-    Ok(deliveries || receipts)
+    let mut removed = false;
+    for (stream, name) in [
+        (subjects::STREAM_DELIVER, agent_consumer(id)),
+        (subjects::STREAM_CALL, agent_consumer(id)),
+        (subjects::STREAM_DECISION, receipts_consumer(id)),
+    ] {
+        removed |= delete_consumer(js, stream, name).await?;
+    }
+    Ok(removed)
 }
 
-/// Deletes consumer `name` of `stream`; `false` when there was none.
+/// Deletes consumer `name` of `stream`; `false` when there was none (or no
+/// such stream: a broker config older than `MESH_CALL`).
 async fn delete_consumer(
     js: &jetstream::Context,
     stream: &str,
@@ -193,15 +215,16 @@ async fn delete_consumer(
         consumer: name.clone(),
         source,
     };
-    let handle = js
-        .get_stream_no_info(stream)
-        .await
-        .map_err(|e| err(e.into()))?;
+    let handle = match js.get_stream_no_info(stream).await {
+        Ok(handle) => handle,
+        Err(e) => return Err(err(e.into())),
+    };
     match handle.delete_consumer(&name).await {
         Ok(_) => Ok(true),
         Err(e) => match e.kind() {
             jetstream::stream::ConsumerErrorKind::JetStream(j)
-                if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
+                if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                    || j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
             {
                 Ok(false)
             }

@@ -39,7 +39,7 @@ async fn apply_is_idempotent_and_keeps_data() {
     let third = apply(&js, &longer).await.unwrap();
     assert_eq!(
         third.iter().filter(|(_, c)| *c == Change::Updated).count(),
-        6,
+        7,
         "{third:?}"
     );
 

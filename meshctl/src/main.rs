@@ -305,7 +305,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     endpoints.database
                 );
             }
-            print!("{}", tree::render(&trace_id, &nodes));
+            let reports = tree::reports(&endpoints.audit_db(), &trace_id).await?;
+            print!("{}", tree::render_with(&trace_id, &nodes, &reports));
         }
         Command::Ui { port, bind } => {
             let shutdown = tokio_util::sync::CancellationToken::new();

@@ -618,6 +618,34 @@ pub fn down(home: &Home) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A durable's (pending, unacknowledged) counts.
+type Queue = (u64, usize);
+
+/// Each agent's queues, from its durables (`agent-<id>` on `MESH_DELIVER`
+/// and `MESH_CALL`): (agent, deliveries, calls), by agent id.
+fn agent_queues(
+    consumers: &[(String, String, u64, usize, usize)],
+) -> Vec<(String, Option<Queue>, Option<Queue>)> {
+    type Queues = (Option<Queue>, Option<Queue>);
+    let mut agents: std::collections::BTreeMap<String, Queues> = Default::default();
+    for (stream, name, pending, unacked, _) in consumers {
+        let Some(agent) = name.strip_prefix("agent-") else {
+            continue;
+        };
+        let entry = agents.entry(agent.to_owned()).or_default();
+        match stream.as_str() {
+            subjects::STREAM_DELIVER => entry.0 = Some((*pending, *unacked)),
+            subjects::STREAM_CALL => entry.1 = Some((*pending, *unacked)),
+            _ => {}
+        }
+    }
+    agents
+        .into_iter()
+        .filter(|(_, (deliveries, _))| deliveries.is_some())
+        .map(|(agent, (deliveries, calls))| (agent, deliveries, calls))
+        .collect()
+}
+
 /// `meshctl status`: each component up or down, stream depths, rows per
 /// table. Returns whether NATS and ClickHouse both answer.
 pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> {
@@ -773,6 +801,19 @@ pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> 
             of_stream.sort();
             println!("{stream:<18} {messages:>8}  {}", of_stream.join(", "));
         }
+        let agents = agent_queues(&consumers);
+        if !agents.is_empty() {
+            println!(
+                "\n{:<18} {:>22}  {:>18}",
+                "agent", "deliveries pending/unacked", "calls pending/unacked"
+            );
+            for (agent, deliveries, calls) in agents {
+                let pair = |q: Option<Queue>| {
+                    q.map_or_else(|| "-".to_owned(), |(p, u)| format!("{p}/{u}"))
+                };
+                println!("{agent:<18} {:>26}  {:>21}", pair(deliveries), pair(calls));
+            }
+        }
     }
     if version.is_some() {
         println!(
@@ -793,4 +834,29 @@ pub async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> 
         }
     }
     Ok(nats == NatsState::JetStream && version.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_queues_pair_each_agents_durables() {
+        let c = |stream: &str, name: &str, pending: u64, unacked: usize| {
+            (stream.to_owned(), name.to_owned(), pending, unacked, 0)
+        };
+        let consumers = vec![
+            c("MESH_INGRESS", "policy-worker", 5, 1),
+            c("MESH_DELIVER", "agent-coder", 163_000, 64),
+            c("MESH_CALL", "agent-coder", 0, 2),
+            c("MESH_DELIVER", "agent-planner", 0, 0),
+        ];
+        assert_eq!(
+            agent_queues(&consumers),
+            vec![
+                ("coder".to_owned(), Some((163_000, 64)), Some((0, 2))),
+                ("planner".to_owned(), Some((0, 0)), None),
+            ]
+        );
+    }
 }

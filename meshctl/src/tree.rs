@@ -75,11 +75,55 @@ pub async fn fetch(client: &clickhouse::Client, trace_id: &str) -> anyhow::Resul
         .context("reading the decision tree from ClickHouse")
 }
 
+/// The CloudEvents `subject` of the observation an SDK agent publishes when
+/// it gives up on a delivery (`agents_sdk::payload::GAVE_UP_SUBJECT`).
+const GAVE_UP_SUBJECT: &str = "delivery.gave_up";
+
+/// The give-up reports of `trace_id`: the `text` of each `delivery.gave_up`
+/// observation's data, keyed `<agent>/<event id>`.
+pub async fn reports(
+    client: &clickhouse::Client,
+    trace_id: &str,
+) -> anyhow::Result<HashMap<String, String>> {
+    #[derive(Debug, Deserialize, clickhouse::Row)]
+    struct Report {
+        agent: String,
+        event_id: String,
+        data: String,
+    }
+    #[derive(Debug, Deserialize)]
+    struct Text {
+        text: String,
+    }
+    let rows = client
+        .query("SELECT agent, event_id, data FROM events FINAL WHERE trace_id = ? AND type = ? AND subject = ?")
+        .bind(trace_id)
+        .bind(schemas::EventType::Observation.as_str())
+        .bind(GAVE_UP_SUBJECT)
+        .fetch_all::<Report>()
+        .await
+        .context("reading the give-up reports from ClickHouse")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| {
+            let text = serde_json::from_str::<Text>(&r.data).ok()?.text;
+            Some((schemas::subjects::event_key(&r.agent, &r.event_id), text))
+        })
+        .collect())
+}
+
 fn short_type(ty: &str) -> &str {
     ty.strip_prefix(schemas::TYPE_PREFIX).unwrap_or(ty)
 }
 
-fn what(node: &Node) -> String {
+fn what(node: &Node, reports: &HashMap<String, String>) -> String {
+    if let Some(text) = reports.get(&schemas::subjects::event_key(&node.agent, &node.event_id)) {
+        // "coder gave up on task.handoff … after 5 attempts: …"
+        let text = text
+            .strip_prefix(&format!("{} ", node.agent))
+            .unwrap_or(text);
+        return format!("{:<9} {text}", node.agent);
+    }
     let mut s = format!("{:<9} {}", node.agent, short_type(&node.r#type));
     if node.r#type == schemas::EventType::ToolCall.as_str() && !node.subject.is_empty() {
         s.push(' ');
@@ -228,6 +272,12 @@ pub fn links(nodes: &[Node]) -> Links {
 /// Draws the tree: roots are steps without a parent in this trace; children
 /// follow their parent, oldest first; the decision column is aligned.
 pub fn render(trace_id: &str, nodes: &[Node]) -> String {
+    render_with(trace_id, nodes, &HashMap::new())
+}
+
+/// [`render`], with give-up reports (from [`reports`], keyed `<agent>/<event
+/// id>`) drawn as what they say instead of as a plain observation.
+pub fn render_with(trace_id: &str, nodes: &[Node], reports: &HashMap<String, String>) -> String {
     let drawn = with_cached_answers(nodes);
     let cached = drawn.len() - nodes.len();
     let nodes = &drawn[..];
@@ -245,7 +295,10 @@ pub fn render(trace_id: &str, nodes: &[Node]) -> String {
             if std::mem::replace(&mut seen[i], true) {
                 continue;
             }
-            lines.push((format!("{branch}{}", what(&nodes[i])), verdict(&nodes[i])));
+            lines.push((
+                format!("{branch}{}", what(&nodes[i], reports)),
+                verdict(&nodes[i]),
+            ));
             let kids = &children[i];
             for (k, &child) in kids.iter().enumerate().rev() {
                 let last = k + 1 == kids.len();
@@ -431,6 +484,35 @@ Decision tree of trace t: 4 steps, 0 denied, 1 answered from the cache
         assert_eq!(text, expected);
     }
 
+    #[test]
+    fn a_give_up_report_says_what_the_agent_gave_up_on() {
+        let nodes = vec![
+            node(
+                "a",
+                "",
+                "planner",
+                "task.handoff",
+                "coder",
+                "",
+                "allow",
+                &[],
+            ),
+            node("b", "a", "coder", "observation", "", "", "allow", &[]),
+        ];
+        let reports = HashMap::from([(
+            "coder/b".to_owned(),
+            "coder gave up on task.handoff a from planner after 5 attempts: missing field `task`"
+                .to_owned(),
+        )]);
+        let text = render_with("t", &nodes, &reports);
+        let expected = "\
+Decision tree of trace t: 2 steps, 0 denied
+  planner   task.handoff → coder                                                              allow
+  └─ coder     gave up on task.handoff a from planner after 5 attempts: missing field `task`  allow
+";
+        assert_eq!(text, expected);
+    }
+
     /// `node` with a parent agent and a time.
     fn at(mut n: Node, parent_agent: &str, time_us: u64) -> Node {
         n.parent_agent = parent_agent.into();
@@ -522,6 +604,43 @@ Decision tree of trace t: 6 steps, 1 denied
             n.parent_agent.clear();
         }
         assert_eq!(parents(&bare), parents(&nodes));
+    }
+
+    /// The reports query on a real ClickHouse (18.16 here) with the audit
+    /// sink's tables: only the trace's `delivery.gave_up` observations count.
+    #[tokio::test]
+    async fn reports_are_read_from_the_events_table() {
+        let ch = testkit::ClickHouseServer::start().await.unwrap();
+        let db = ch.unique_database("tree");
+        audit_sink::schema::ensure(&ch.client(), &db, 0)
+            .await
+            .unwrap();
+        let client = ch.client().with_database(&db);
+        let text = "coder gave up on task.handoff e1 from planner after 5 attempts: boom";
+        let data = serde_json::json!({"text": text, "gave_up": {"attempts": 5}}).to_string();
+        for (id, trace, subject) in [
+            ("r1", "t1", GAVE_UP_SUBJECT),
+            ("o1", "t1", "something else"),
+            ("r2", "t2", GAVE_UP_SUBJECT),
+        ] {
+            client
+                .query(
+                    "INSERT INTO events (event_id, trace_id, agent, type, subject, data) VALUES (?, ?, 'coder', ?, ?, ?)",
+                )
+                .bind(id)
+                .bind(trace)
+                .bind(schemas::EventType::Observation.as_str())
+                .bind(subject)
+                .bind(data.as_str())
+                .execute()
+                .await
+                .unwrap();
+        }
+        let found = reports(&client, "t1").await.unwrap();
+        assert_eq!(
+            found,
+            HashMap::from([("coder/r1".to_owned(), text.to_owned())])
+        );
     }
 
     #[test]

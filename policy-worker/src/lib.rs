@@ -288,7 +288,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     consuming.set(true);
     tracing::info!(consumer = %config.consumer, "Policy worker ready.");
 
-    let worker = worker::Worker::new(js, policies_rx, guard, cache, &config, metrics);
+    // A broker config older than this worker has no `MESH_CALL`: tool calls
+    // then travel as deliveries only, as before.
+    let calls = js.get_stream(schemas::subjects::STREAM_CALL).await.is_ok();
+    if !calls {
+        tracing::warn!(
+            stream = schemas::subjects::STREAM_CALL,
+            "Stream missing; tool calls are routed as deliveries only."
+        );
+    }
+    let worker = worker::Worker::new(js, policies_rx, guard, cache, &config, metrics, calls);
     worker.consume(consumer, shutdown).await;
     consuming.set(false);
     lag.abort();

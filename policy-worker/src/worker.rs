@@ -61,6 +61,9 @@ pub(crate) struct Worker {
     max_in_flight: usize,
     grace: Duration,
     metrics: telemetry::WorkerMetrics,
+    /// Whether `MESH_CALL` exists: approved tool calls are then stored
+    /// there too, so agents read them apart from their other deliveries.
+    calls: bool,
 }
 
 impl Worker {
@@ -71,6 +74,7 @@ impl Worker {
         cache: Arc<ToolCache>,
         config: &Config,
         metrics: telemetry::WorkerMetrics,
+        calls: bool,
     ) -> Arc<Self> {
         Arc::new(Self {
             js,
@@ -82,6 +86,7 @@ impl Worker {
             max_in_flight: config.max_in_flight.max(1),
             grace: config.grace,
             metrics,
+            calls,
         })
     }
 
@@ -344,13 +349,47 @@ impl Worker {
             forward.insert(headers::TRACE_ID, receipt.trace_id.as_str());
             forward
         };
+        // An approved tool call is also stored on `mesh.call.<target>.<source>`;
+        // its delivery names that subject, so an agent reading its calls
+        // there skips the delivery, and an older one answers the delivery.
+        // A call answered from the cache reaches the tool's agent neither way.
+        let call = match (receipt.decision, target) {
+            (Decision::Allow, Some(target))
+                if self.calls
+                    && cached.is_none()
+                    && receipt.event_type == schemas::EventType::ToolCall.as_str() =>
+            {
+                Some(subjects::call(target.as_str(), token))
+            }
+            _ => None,
+        };
+        let call_ack = match &call {
+            Some(subject) => Some(
+                self.js
+                    .send_publish(
+                        subject.clone(),
+                        PublishMessage::build()
+                            .headers(forwarded())
+                            .payload(message.payload.clone())
+                            .message_id(dedup_id),
+                    )
+                    .await?,
+            ),
+            None => None,
+        };
         let copy = match (receipt.decision, target) {
             (Decision::Allow, Some(_)) if cached.is_some() => None,
-            (Decision::Allow, Some(target)) => Some((
-                subjects::deliver(target.as_str(), token),
-                forwarded(),
-                message.payload.clone(),
-            )),
+            (Decision::Allow, Some(target)) => {
+                let mut forward = forwarded();
+                if let Some(subject) = &call {
+                    forward.insert(headers::CALL, subject.as_str());
+                }
+                Some((
+                    subjects::deliver(target.as_str(), token),
+                    forward,
+                    message.payload.clone(),
+                ))
+            }
             (Decision::Allow, None) => None,
             (Decision::Deny | Decision::Invalid, _) => {
                 let mut forward = forwarded();
@@ -388,6 +427,9 @@ impl Worker {
             None => None,
         };
         receipt_ack.await?;
+        if let Some(ack) = call_ack {
+            ack.await?;
+        }
         if let Some(ack) = copy_ack {
             ack.await?;
         }

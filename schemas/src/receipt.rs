@@ -241,4 +241,8 @@ pub mod headers {
     /// On a cached answer: the call that first produced the result,
     /// `<agent>/<event id>`.
     pub const CACHE_SOURCE: &str = "Mesh-Cache-Source";
+    /// On the delivery of a `tool.call`: the `mesh.call.<target>.<source>`
+    /// subject where the same call was also stored, so an agent that reads
+    /// its calls there skips this copy (older agents answer this one).
+    pub const CALL: &str = "Mesh-Call";
 }

@@ -10,6 +10,11 @@ pub const STREAM_DECISION: &str = "MESH_DECISION";
 pub const STREAM_DEAD: &str = "MESH_DEAD";
 /// Stream of GPU lease events: `mesh.gpu.lease.>`.
 pub const STREAM_GPU: &str = "MESH_GPU";
+/// Stream of approved tool calls, by target and source: `mesh.call.>`. A
+/// tool call is stored here as well as on `mesh.deliver.<target>.<source>`,
+/// so a serving agent reads calls from a consumer of their own, never
+/// queued behind its other deliveries.
+pub const STREAM_CALL: &str = "MESH_CALL";
 /// KV bucket of agent cards, key = agent id.
 pub const BUCKET_AGENTS: &str = "mesh-agents";
 /// KV bucket of GPU leases, one key per leased GPU.
@@ -34,6 +39,12 @@ pub fn ingress(agent: &str, step: &str) -> String {
 /// Subject of an approved event for `target`: `mesh.deliver.<target>.<source>`.
 pub fn deliver(target: &str, source: &str) -> String {
     format!("mesh.deliver.{target}.{source}")
+}
+
+/// Subject of an approved `tool.call` for `target`, alongside its delivery:
+/// `mesh.call.<target>.<source>`.
+pub fn call(target: &str, source: &str) -> String {
+    format!("mesh.call.{target}.{source}")
 }
 
 /// Subject of the decision receipts for `source`: `mesh.decision.<source>`.
@@ -113,5 +124,6 @@ mod tests {
         );
         assert_eq!(parse_ingress("mesh.deliver.coder.x"), None);
         assert_eq!(deliver("coder", "planner"), "mesh.deliver.coder.planner");
+        assert_eq!(call("coder", "planner"), "mesh.call.coder.planner");
     }
 }

@@ -82,6 +82,21 @@ async fn the_sdk_and_the_worker_work_unchanged_with_per_agent_keys() -> anyhow::
         .timeout(WAIT)
         .await?;
     assert_eq!(result, json!({"matches": ["fn parse"]}));
+    // The coder read the call from its own durable on MESH_CALL (granted
+    // and provisioned like its delivery durable), and may read its counts.
+    let admin = mesh.jetstream("meshctl").await?;
+    let calls = admin
+        .get_stream(schemas::subjects::STREAM_CALL)
+        .await?
+        .consumer_info("agent-coder")
+        .await?
+        .clone();
+    assert_eq!(
+        (calls.delivered.stream_sequence, calls.num_ack_pending),
+        (1, 0),
+        "{calls:?}"
+    );
+    assert_eq!(coder.pending().await?.calls, 0);
     // A denied call comes back as the receipt, not a timeout.
     let denied = wf
         .call_tool("shell.exec", json!({"command": "rm -rf /"}))
