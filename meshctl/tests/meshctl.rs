@@ -5,19 +5,19 @@
 //! anonymous clients, `agents add|remove|list` on the running broker) and
 //! `--insecure`; the errors for a taken port and a missing server binary.
 
+mod support {
+    pub mod services;
+}
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use testkit::{ClickHouseServer, NatsServer, eventually, free_port};
-use tokio_util::sync::CancellationToken;
+use support::services::{Services, workspace};
+use testkit::{eventually, free_port};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// `meshctl <args>` with the environment pointing at the test's servers.
 fn meshctl(env: &[(&str, &str)], args: &[&str]) -> std::io::Result<Output> {
@@ -110,35 +110,10 @@ fn trace_of(stdout: &str) -> anyhow::Result<String> {
 
 #[tokio::test]
 async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> {
-    let nats = NatsServer::start().await?;
-    let ch = ClickHouseServer::start().await?;
-    let db = ch.unique_database("meshctl");
-    let tmp = tempfile::tempdir()?;
-    let shutdown = CancellationToken::new();
-
-    let worker_ready = tmp.path().join("worker.ready");
-    let worker = tokio::spawn(policy_worker::run(
-        policy_worker::Config {
-            nats_url: nats.url(),
-            policies: workspace().join("policies"),
-            ready_file: Some(worker_ready.clone()),
-            watch_policies: false,
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
-    let sink_ready = tmp.path().join("sink.ready");
-    let mut sink_config = audit_sink::Config::new(nats.url(), ch.url());
-    sink_config.database = db.clone();
-    sink_config.batch_period_ms = 100;
-    sink_config.ready_file = Some(sink_ready.clone());
-    let sink = tokio::spawn(audit_sink::run(sink_config, shutdown.clone()));
-    for ready in [&worker_ready, &sink_ready] {
-        eventually(WAIT, "the services' ready files", || async {
-            ready.exists().then_some(())
-        })
-        .await?;
-    }
+    let services = Services::start("meshctl").await?;
+    let Services {
+        nats, ch, db, tmp, ..
+    } = &services;
 
     let (nats_url, ch_url) = (nats.url(), ch.url());
     let home = tmp.path().join("home");
@@ -266,10 +241,7 @@ reviewer\tmesh.ingress.reviewer.output
         "{second}"
     );
 
-    shutdown.cancel();
-    worker.await??;
-    sink.await??;
-    Ok(())
+    services.stop().await
 }
 
 /// Environment for a stack of the test's own under `home`.
@@ -887,34 +859,8 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
 async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> {
     use schemas::{EventBuilder, EventBuilderV10};
 
-    let nats = NatsServer::start().await?;
-    let ch = ClickHouseServer::start().await?;
-    let db = ch.unique_database("meshctl_ids");
-    let tmp = tempfile::tempdir()?;
-    let shutdown = CancellationToken::new();
-    let worker_ready = tmp.path().join("worker.ready");
-    let worker = tokio::spawn(policy_worker::run(
-        policy_worker::Config {
-            nats_url: nats.url(),
-            policies: workspace().join("policies"),
-            ready_file: Some(worker_ready.clone()),
-            watch_policies: false,
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
-    let sink_ready = tmp.path().join("sink.ready");
-    let mut sink_config = audit_sink::Config::new(nats.url(), ch.url());
-    sink_config.database = db.clone();
-    sink_config.batch_period_ms = 100;
-    sink_config.ready_file = Some(sink_ready.clone());
-    let sink = tokio::spawn(audit_sink::run(sink_config, shutdown.clone()));
-    for ready in [&worker_ready, &sink_ready] {
-        eventually(WAIT, "the services' ready files", || async {
-            ready.exists().then_some(())
-        })
-        .await?;
-    }
+    let services = Services::start("meshctl_ids").await?;
+    let Services { nats, ch, db, .. } = &services;
 
     let js = async_nats::jetstream::new(nats.connect().await?);
     let trace = schemas::TraceParent::mint();
@@ -1009,8 +955,5 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
         "{tree:#?}"
     );
 
-    shutdown.cancel();
-    worker.await??;
-    sink.await??;
-    Ok(())
+    services.stop().await
 }

@@ -11,82 +11,36 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use support::services::{Services, workspace};
 use support::webdriver::{Driver, Session, http};
-use testkit::{ClickHouseServer, NatsServer, Service, eventually, free_port};
-use tokio_util::sync::CancellationToken;
+use testkit::{NatsServer, Service, eventually, free_port};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// NATS, ClickHouse, a policy worker and an audit sink, in this process.
+/// The test's mesh and the environment that points `meshctl` at it.
 struct Stack {
-    nats: NatsServer,
-    _ch: ClickHouseServer,
+    services: Services,
     env: Vec<(String, String)>,
-    shutdown: CancellationToken,
-    _tmp: tempfile::TempDir,
 }
 
 impl Stack {
     async fn start() -> anyhow::Result<Self> {
-        let nats = NatsServer::start().await?;
-        let ch = ClickHouseServer::start().await?;
-        let db = ch.unique_database("ui");
-        let tmp = tempfile::tempdir()?;
-        let shutdown = CancellationToken::new();
-        let worker_ready = tmp.path().join("worker.ready");
-        tokio::spawn(policy_worker::run(
-            policy_worker::Config {
-                nats_url: nats.url(),
-                policies: workspace().join("policies"),
-                ready_file: Some(worker_ready.clone()),
-                watch_policies: false,
-                ..Default::default()
-            },
-            shutdown.clone(),
-        ));
-        let sink_ready = tmp.path().join("sink.ready");
-        let mut sink = audit_sink::Config::new(nats.url(), ch.url());
-        sink.database = db.clone();
-        sink.batch_period_ms = 100;
-        sink.ready_file = Some(sink_ready.clone());
-        tokio::spawn(audit_sink::run(sink, shutdown.clone()));
-        for ready in [&worker_ready, &sink_ready] {
-            eventually(WAIT, "the services' ready files", || async {
-                ready.exists().then_some(())
-            })
-            .await?;
-        }
+        let services = Services::start("ui").await?;
         let env = vec![
-            ("NATS_URL".to_owned(), nats.url()),
-            ("CLICKHOUSE_URL".to_owned(), ch.url()),
-            ("AGENTMESH_AUDIT_DATABASE".to_owned(), db),
+            ("NATS_URL".to_owned(), services.nats.url()),
+            ("CLICKHOUSE_URL".to_owned(), services.ch.url()),
+            ("AGENTMESH_AUDIT_DATABASE".to_owned(), services.db.clone()),
             (
                 "AGENTMESH_HOME".to_owned(),
-                tmp.path().join("home").display().to_string(),
+                services.tmp.path().join("home").display().to_string(),
             ),
         ];
-        Ok(Self {
-            nats,
-            _ch: ch,
-            env,
-            shutdown,
-            _tmp: tmp,
-        })
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        Ok(Self { services, env })
     }
 }
 
@@ -209,7 +163,7 @@ async fn the_ui_in_a_real_browser_shows_traces_trees_denials_and_live_steps() ->
 {
     let stack = Stack::start().await?;
     // A workflow without denials, for the filter to leave out.
-    let planner = agents_sdk::Agent::connect("planner", stack.nats.url()).await?;
+    let planner = agents_sdk::Agent::connect("planner", stack.services.nats.url()).await?;
     let quiet = planner.workflow();
     let handoff = quiet.handoff("coder", "an allowed task").await?;
     planner.await_decision(&handoff.id).await?;
@@ -235,7 +189,7 @@ async fn the_ui_in_a_real_browser_shows_traces_trees_denials_and_live_steps() ->
     session.quit().await?;
     result?;
     bad_input(&ui).await?;
-    Ok(())
+    stack.services.stop().await
 }
 
 /// The list shows both traces; the demo's with its agents, 11 steps and 1 denial.
@@ -379,7 +333,7 @@ async fn live_step(session: &Session, stack: &Stack, ui: &str, demo: &str) -> an
     let traceparent = format!("00-{demo}-00f067aa0ba902b7-01");
     let id = uuid::Uuid::now_v7().to_string();
     publish(
-        &stack.nats,
+        &stack.services.nats,
         "planner",
         "reasoning",
         &[
@@ -422,7 +376,7 @@ async fn escaped(session: &Session, stack: &Stack, ui: &str) -> anyhow::Result<(
     let subject = "<script>window.__xss=1</script>";
     let data = "<script>window.__xss=2</script><img src=x onerror=\"window.__xss=3\">";
     publish(
-        &stack.nats,
+        &stack.services.nats,
         "planner",
         "reasoning",
         &[

@@ -1,3 +1,4 @@
-//! Helpers shared by the UI tests.
+//! Helpers shared by the meshctl tests.
 
+pub mod services;
 pub mod webdriver;

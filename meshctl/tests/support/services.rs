@@ -1,0 +1,81 @@
+//! NATS, ClickHouse, the policy worker (on the shipped `policies/`) and the
+//! audit sink, the two services running in this process: the mesh the
+//! `meshctl` tests drive the binary against.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use testkit::{ClickHouseServer, NatsServer, eventually};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long starting the services may take.
+const START: Duration = Duration::from_secs(60);
+
+/// The repository's root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running mesh of the test's own; [`Services::stop`] ends both services.
+pub struct Services {
+    pub nats: NatsServer,
+    pub ch: ClickHouseServer,
+    /// The audit database, unique to this test.
+    pub db: String,
+    pub tmp: tempfile::TempDir,
+    pub shutdown: CancellationToken,
+    worker: JoinHandle<Result<(), policy_worker::Error>>,
+    sink: JoinHandle<Result<(), audit_sink::Error>>,
+}
+
+impl Services {
+    /// Starts the servers and both services, and waits until they are ready.
+    pub async fn start(database: &str) -> anyhow::Result<Self> {
+        let nats = NatsServer::start().await?;
+        let ch = ClickHouseServer::start().await?;
+        let db = ch.unique_database(database);
+        let tmp = tempfile::tempdir()?;
+        let shutdown = CancellationToken::new();
+        let worker_ready = tmp.path().join("worker.ready");
+        let worker = tokio::spawn(policy_worker::run(
+            policy_worker::Config {
+                nats_url: nats.url(),
+                policies: workspace().join("policies"),
+                ready_file: Some(worker_ready.clone()),
+                watch_policies: false,
+                ..Default::default()
+            },
+            shutdown.clone(),
+        ));
+        let sink_ready = tmp.path().join("sink.ready");
+        let mut sink_config = audit_sink::Config::new(nats.url(), ch.url());
+        sink_config.database = db.clone();
+        sink_config.batch_period_ms = 100;
+        sink_config.ready_file = Some(sink_ready.clone());
+        let sink = tokio::spawn(audit_sink::run(sink_config, shutdown.clone()));
+        for ready in [&worker_ready, &sink_ready] {
+            eventually(START, "the services' ready files", || async {
+                ready.exists().then_some(())
+            })
+            .await?;
+        }
+        Ok(Self {
+            nats,
+            ch,
+            db,
+            tmp,
+            shutdown,
+            worker,
+            sink,
+        })
+    }
+
+    /// Stops both services and returns what either failed with.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.worker.await??;
+        self.sink.await??;
+        Ok(())
+    }
+}
