@@ -860,7 +860,9 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
     use schemas::{EventBuilder, EventBuilderV10};
 
     let services = Services::start("meshctl_ids").await?;
-    let Services { nats, ch, db, .. } = &services;
+    let Services {
+        nats, ch, db, tmp, ..
+    } = &services;
 
     let js = async_nats::jetstream::new(nats.connect().await?);
     let trace = schemas::TraceParent::mint();
@@ -924,20 +926,35 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
         .await?;
     }
 
+    // A home of the test's own: credentials of a local stack in the
+    // repository's `.agentmesh/` must not reach the test's servers.
     let (nats_url, ch_url) = (nats.url(), ch.url());
+    let home = tmp.path().join("home");
+    let home = home.to_string_lossy();
     let env = [
         ("NATS_URL", nats_url.as_str()),
         ("CLICKHOUSE_URL", ch_url.as_str()),
         ("AGENTMESH_AUDIT_DATABASE", db.as_str()),
+        ("AGENTMESH_HOME", &home),
     ];
+    let last = std::sync::Mutex::new(String::new());
     let tree = eventually(WAIT, "six decided steps in the tree", || async {
         let out = meshctl(&env, &["trace", &trace_id]).ok()?;
         let tree = tree_block(&text(&out.stdout));
+        if let Ok(mut last) = last.lock() {
+            *last = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        }
         (tree.first()?.contains(": 6 steps, 0 denied")
             && !tree.iter().any(|l| l.contains("no decision yet")))
         .then_some(tree)
     })
-    .await?;
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; meshctl trace said last:\n{}",
+            last.lock().map(|l| l.clone()).unwrap_or_default()
+        )
+    })?;
     let shape: Vec<String> = tree[1..]
         .iter()
         .map(|l| l.split("  allow").next().unwrap_or(l).trim_end().to_owned())
