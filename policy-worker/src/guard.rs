@@ -118,11 +118,13 @@ impl GuardMeta {
         self.approval_policies.iter().map(String::as_str)
     }
 
-    /// Adds the attributes the schema declares to a Cedar context.
+    /// Adds the attributes the schema declares, and `wanted` says a policy
+    /// reads, to a Cedar context.
     pub(crate) fn extend(
         &self,
         context: &mut Vec<(String, RestrictedExpression)>,
         guards: &Guards,
+        wanted: impl Fn(&str) -> bool,
     ) {
         let mut add = |name: &str, fields: Vec<(&'static str, Field)>| {
             // Keys are distinct constants, so building the record cannot
@@ -136,13 +138,13 @@ impl GuardMeta {
                 context.push((name.to_owned(), record));
             }
         };
-        if self.provides_detectors {
+        if self.provides_detectors && wanted("detectors") {
             add("detectors", guards.findings.fields());
         }
-        if self.provides_rate {
+        if self.provides_rate && wanted("rate") {
             add("rate", guards.tallies.rate_fields());
         }
-        if self.provides_budget {
+        if self.provides_budget && wanted("budget") {
             add("budget", guards.tallies.budget_fields());
         }
     }

@@ -62,6 +62,7 @@ pub enum LoadError {
 pub struct PolicyBundle {
     policies: PolicySet,
     index: PolicyIndex,
+    shape: Shape,
     schema: Schema,
     entities: Entities,
     hash: String,
@@ -257,6 +258,227 @@ impl PolicyIndex {
     }
 }
 
+/// The context attributes the worker may send; the optional ones are
+/// `OPTIONAL` in this order (bit 0, 1, 2 of a combination).
+const OPTIONAL: [&str; 3] = ["target", "subject", "datacontenttype"];
+
+/// What the schema fixes about the requests the worker forms, and what the
+/// policies read of their context, found once at load.
+///
+/// A request is checked against the schema by looking up its action here
+/// rather than by Cedar's per-request validation: the worker builds every
+/// context itself with fixed types, so the schema's verdict depends only on
+/// the action, the resource type and which optional attributes are present.
+/// Those verdicts are computed at load; a request the schema would refuse
+/// takes the full check (and its error) and is denied.
+struct Shape {
+    /// Per catalogue action the schema declares with `Agent` as a principal.
+    actions: HashMap<&'static str, ActionShape>,
+    /// The context attributes some policy reads.
+    reads: Reads,
+}
+
+/// One action's part of the schema.
+struct ActionShape {
+    /// The resource types it applies to.
+    resources: Vec<EntityTypeName>,
+    /// For each combination of `OPTIONAL` attributes present: whether the
+    /// schema accepts the context the worker builds.
+    context_ok: [bool; 8],
+}
+
+/// Which context attributes the loaded policies read.
+#[derive(Debug, Default)]
+struct Reads {
+    /// A policy reads `context` as a whole (not only `context.<attr>`).
+    whole: bool,
+    names: HashSet<String>,
+}
+
+impl Reads {
+    fn of(policies: &PolicySet) -> Self {
+        let mut reads = Self::default();
+        for policy in policies.policies() {
+            match policy.to_json() {
+                Ok(json) => reads.visit(&json),
+                // Cannot tell what it reads: build everything.
+                Err(_) => reads.whole = true,
+            }
+        }
+        reads
+    }
+
+    /// Collects `context.<attr>` and `context has <attr>` from a policy's
+    /// JSON form; any other use of `context` reads all of it.
+    fn visit(&mut self, node: &serde_json::Value) {
+        use serde_json::Value;
+        let is_context = |v: &Value| v.get("Var").and_then(Value::as_str) == Some("context");
+        match node {
+            Value::Object(map) => {
+                if is_context(node) {
+                    self.whole = true;
+                    return;
+                }
+                for (key, value) in map {
+                    if (key == "." || key == "has")
+                        && let (Some(left), Some(attr)) =
+                            (value.get("left"), value.get("attr").and_then(Value::as_str))
+                        && is_context(left)
+                    {
+                        self.names.insert(attr.to_owned());
+                        continue;
+                    }
+                    self.visit(value);
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|v| self.visit(v)),
+            _ => {}
+        }
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.whole || self.names.contains(name)
+    }
+}
+
+/// The values of one request's context, before they become Cedar values.
+struct Attrs<'a> {
+    trace_id: String,
+    step: &'a str,
+    mode: &'a str,
+    size: usize,
+    has_causation: bool,
+    optional: [Option<&'a str>; 3],
+}
+
+impl Attrs<'_> {
+    /// Which `OPTIONAL` attributes are present, as bits.
+    fn combination(&self) -> usize {
+        self.optional
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_some())
+            .map(|(i, _)| 1 << i)
+            .sum()
+    }
+
+    /// The context pairs `wanted` asks for, guardrail records included.
+    fn pairs(
+        self,
+        guard: &GuardMeta,
+        guards: &Guards,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Vec<(String, RestrictedExpression)> {
+        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
+        let mut context = Vec::with_capacity(11);
+        if wanted("trace_id") {
+            context.push((
+                "trace_id".into(),
+                RestrictedExpression::new_string(self.trace_id),
+            ));
+        }
+        if wanted("step") {
+            context.push(("step".into(), string(self.step)));
+        }
+        if wanted("mode") {
+            context.push(("mode".into(), string(self.mode)));
+        }
+        if wanted("size") {
+            context.push((
+                "size".into(),
+                RestrictedExpression::new_long(i64::try_from(self.size).unwrap_or(i64::MAX)),
+            ));
+        }
+        if wanted("has_causation") {
+            context.push((
+                "has_causation".into(),
+                RestrictedExpression::new_bool(self.has_causation),
+            ));
+        }
+        for (name, value) in OPTIONAL.iter().zip(self.optional) {
+            if let Some(value) = value
+                && wanted(name)
+            {
+                context.push(((*name).into(), string(value)));
+            }
+        }
+        guard.extend(&mut context, guards, wanted);
+        context
+    }
+}
+
+impl Shape {
+    fn build(schema: &Schema, policies: &PolicySet, guard: &GuardMeta, names: &Names) -> Self {
+        let mut actions = HashMap::new();
+        for ty in EventType::ALL {
+            let action = ty.as_str();
+            let uid = EntityUid::from_type_name_and_id(names.action.clone(), EntityId::new(action));
+            let (Some(principals), Some(resources)) = (
+                schema.principals_for_action(&uid),
+                schema.resources_for_action(&uid),
+            ) else {
+                continue;
+            };
+            if !principals.into_iter().any(|p| p == &names.agent) {
+                continue;
+            }
+            let resources: Vec<EntityTypeName> = resources.cloned().collect();
+            let Some(resource) = resources.first() else {
+                continue;
+            };
+            // The schema's verdict on each combination of optional
+            // attributes, for a context with every attribute the worker
+            // may send (values of the types it always sends).
+            let mut context_ok = [false; 8];
+            for (combination, ok) in context_ok.iter_mut().enumerate() {
+                let present = |i: usize| (combination & (1 << i) != 0).then_some("x");
+                let attrs = Attrs {
+                    trace_id: "0".repeat(32),
+                    step: "step",
+                    mode: "binary",
+                    size: 1,
+                    has_causation: false,
+                    optional: [present(0), present(1), present(2)],
+                };
+                let guards = Guards::default();
+                let sample = Context::from_pairs(attrs.pairs(guard, &guards, |_| true));
+                *ok = sample.is_ok_and(|context| {
+                    Request::new(
+                        EntityUid::from_type_name_and_id(
+                            names.agent.clone(),
+                            EntityId::new("sample"),
+                        ),
+                        uid.clone(),
+                        EntityUid::from_type_name_and_id(resource.clone(), EntityId::new("sample")),
+                        context,
+                        Some(schema),
+                    )
+                    .is_ok()
+                });
+            }
+            actions.insert(
+                action,
+                ActionShape {
+                    resources,
+                    context_ok,
+                },
+            );
+        }
+        Self {
+            actions,
+            reads: Reads::of(policies),
+        }
+    }
+
+    /// Whether the schema accepts a request for `action` on a `resource`
+    /// with this combination of optional context attributes.
+    fn accepts(&self, action: &str, resource: &EntityTypeName, combination: usize) -> bool {
+        self.actions.get(action).is_some_and(|shape| {
+            shape.resources.contains(resource) && shape.context_ok[combination & 7]
+        })
+    }
+}
+
 /// 1-based line and column of a byte offset in `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
@@ -432,6 +654,7 @@ impl PolicyBundle {
         Ok(Self {
             cache,
             index: PolicyIndex::build(&policies, &schema, &names),
+            shape: Shape::build(&schema, &policies, &guard, &names),
             policies,
             schema,
             entities,
@@ -524,42 +747,43 @@ impl PolicyBundle {
                 EntityId::new(event.trace.trace_id_hex()),
             ),
         };
-        // Built as Cedar values: parsing a JSON context costs tens of
-        // microseconds per decision.
-        let string = |s: &str| RestrictedExpression::new_string(s.to_owned());
-        let mut context: Vec<(String, RestrictedExpression)> = vec![
-            ("trace_id".into(), string(&event.trace.trace_id_hex())),
-            ("step".into(), string(step)),
-            ("mode".into(), string(event.mode.as_str())),
-            (
-                "size".into(),
-                RestrictedExpression::new_long(event.size as i64),
-            ),
-            (
-                "has_causation".into(),
-                RestrictedExpression::new_bool(event.causation_id.is_some()),
-            ),
-        ];
-        if let Some(target) = &event.target {
-            context.push(("target".into(), string(target.as_str())));
-        }
-        if let Some(subject) = schemas::AttributesReader::subject(&event.event) {
-            context.push(("subject".into(), string(subject)));
-        }
-        if let Some(ct) = schemas::AttributesReader::datacontenttype(&event.event) {
-            context.push(("datacontenttype".into(), string(ct)));
-        }
-        self.guard.extend(&mut context, guards);
+        let attrs = Attrs {
+            trace_id: event.trace.trace_id_hex(),
+            step,
+            mode: event.mode.as_str(),
+            size: event.size,
+            has_causation: event.causation_id.is_some(),
+            optional: [
+                event.target.as_ref().map(|t| t.as_str()),
+                schemas::AttributesReader::subject(&event.event),
+                schemas::AttributesReader::datacontenttype(&event.event),
+            ],
+        };
+        // The schema was checked against this kind of request at load, so
+        // Cedar need not validate it again; the context holds only what
+        // the policies read (built as Cedar values: parsing JSON costs tens
+        // of microseconds). A request the schema refuses is formed in full
+        // and validated, for the error, and denied.
+        let checked = self.shape.accepts(
+            event.event_type.as_str(),
+            resource.type_name(),
+            attrs.combination(),
+        );
+        let context = if checked {
+            attrs.pairs(&self.guard, guards, |name| self.shape.reads.wants(name))
+        } else {
+            attrs.pairs(&self.guard, guards, |_| true)
+        };
         let context = match Context::from_pairs(context) {
             Ok(c) => c,
             Err(e) => return deny(format!("context does not match the schema: {e}")),
         };
         let request = match Request::new(
-            principal.clone(),
+            principal,
             action,
             resource,
             context,
-            Some(&self.schema),
+            (!checked).then_some(&self.schema),
         ) {
             Ok(r) => r,
             Err(e) => return deny(format!("request does not match the schema: {e}")),
@@ -606,6 +830,114 @@ mod tests {
             .unwrap();
         let (h, p) = encode_binary(&event);
         MeshEvent::from_message("mesh.ingress.coder.step", Some(&h), &p, Limits::default()).unwrap()
+    }
+
+    fn bundle_with(schema: &str, policies: &str) -> (tempfile::TempDir, PolicyBundle) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(SCHEMA_FILE), schema).unwrap();
+        std::fs::write(dir.path().join("p.cedar"), policies).unwrap();
+        std::fs::write(
+            dir.path().join(ENTITIES_FILE),
+            r#"[{ "uid": { "type": "Agent", "id": "coder" }, "attrs": {}, "parents": [] }]"#,
+        )
+        .unwrap();
+        let bundle = PolicyBundle::load(dir.path()).unwrap();
+        (dir, bundle)
+    }
+
+    const SMALL_SCHEMA: &str = r#"
+        entity Agent;
+        entity Workflow;
+        entity Tool;
+        type Ctx = {
+          trace_id: String, step: String, mode: String, size: Long,
+          has_causation: Bool, target?: String, datacontenttype?: String,
+        };
+        action "io.agentmesh.output"
+          appliesTo { principal: Agent, resource: [Agent, Workflow], context: Ctx };
+        action "io.agentmesh.tool.call"
+          appliesTo { principal: Agent, resource: Tool, context: Ctx };
+    "#;
+
+    fn with_subject(ty: &str, subject: &str) -> MeshEvent {
+        let event = EventBuilderV10::new()
+            .id("e1")
+            .source("/agents/coder")
+            .ty(ty)
+            .subject(subject)
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        MeshEvent::from_message("mesh.ingress.coder.step", Some(&h), &p, Limits::default()).unwrap()
+    }
+
+    #[test]
+    fn what_the_schema_refuses_is_denied_with_its_error_without_per_request_validation() {
+        let (_dir, bundle) = bundle_with(
+            SMALL_SCHEMA,
+            r#"@id("all") permit (principal, action, resource);"#,
+        );
+        // Accepted shapes decide as before.
+        let verdict = bundle.decide(&event("io.agentmesh.output"), "step");
+        assert!(verdict.allowed && verdict.errors.is_empty(), "{verdict:?}");
+        // The schema has no `subject` in the context: an event with one is
+        // refused by the schema, so denied, with the schema's error.
+        let verdict = bundle.decide(&with_subject("io.agentmesh.tool.call", "x"), "step");
+        assert!(!verdict.allowed, "{verdict:?}");
+        assert!(
+            verdict
+                .errors
+                .iter()
+                .any(|e| e.contains("does not match the schema")),
+            "{verdict:?}"
+        );
+        // An action the schema does not declare is denied the same way.
+        let verdict = bundle.decide(&event("io.agentmesh.prompt"), "step");
+        assert!(!verdict.allowed, "{verdict:?}");
+        assert!(
+            verdict
+                .errors
+                .iter()
+                .any(|e| e.contains("does not match the schema")),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn the_context_holds_what_the_policies_read() {
+        // Strict validation makes a policy test an optional attribute
+        // before reading it, so leaving out what no policy reads, and an
+        // optional attribute the event lacks, changes no decision.
+        let (_dir, bundle) = bundle_with(
+            SMALL_SCHEMA,
+            r#"
+            @id("size") permit (principal, action, resource) when { context.size > 0 };
+            @id("target") forbid (principal, action, resource)
+              when { context has target && context.target == "coder" };
+            "#,
+        );
+        let reads = &bundle.shape.reads;
+        assert!(!reads.whole);
+        let mut names: Vec<&str> = reads.names.iter().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names, vec!["size", "target"]);
+        let verdict = bundle.decide(&event("io.agentmesh.output"), "step");
+        assert!(verdict.allowed && verdict.errors.is_empty(), "{verdict:?}");
+    }
+
+    #[test]
+    fn a_policy_reading_the_whole_context_gets_all_of_it() {
+        let (_dir, bundle) = bundle_with(
+            SMALL_SCHEMA,
+            r#"
+            @id("all") permit (principal, action, resource);
+            @id("whole") forbid (principal, action, resource)
+              when { { "c": context }.c.size > 100000 };
+            "#,
+        );
+        assert!(bundle.shape.reads.whole);
+        let verdict = bundle.decide(&event("io.agentmesh.output"), "step");
+        assert!(verdict.allowed && verdict.errors.is_empty(), "{verdict:?}");
     }
 
     #[test]

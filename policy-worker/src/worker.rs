@@ -3,7 +3,12 @@
 //!
 //! Throughput comes from batched pulls and many events in flight at once:
 //! publishes are sent asynchronously and their JetStream acks awaited
-//! together, so no event blocks on another's round trip.
+//! together, so no event blocks on another's round trip. Each event is
+//! decided on a task of its own on the multi-threaded runtime, so decoding,
+//! Cedar and serialisation use every core; the consume loop only pulls and
+//! bounds how many are in flight. The order of work within one event is
+//! unchanged: the ingress message is acked only after its receipt and its
+//! delivery or dead letter are stored.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,6 +18,7 @@ use futures::StreamExt;
 use schemas::{Decision, DecisionReceipt, MeshEvent, RawAttributes, headers, subjects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::approval::forwardable;
@@ -133,9 +139,14 @@ impl Worker {
                         }
                     }
                 })
-                .map(|message| this.clone().handle(message))
+                // Each event is decided on its own task, so decoding, Cedar
+                // and serialisation spread over every worker thread of the
+                // runtime; this loop only pulls and bounds what is in flight.
+                // Dropping the handle (grace period over) aborts the event,
+                // which JetStream then redelivers.
+                .map(|message| AbortOnDropHandle::new(tokio::spawn(this.clone().handle(message))))
                 .buffer_unordered(self.max_in_flight)
-                .for_each(|()| async {});
+                .for_each(|_joined| async {});
             let grace = self.grace;
             let deadline = async {
                 shutdown.cancelled().await;
