@@ -146,6 +146,8 @@ impl Publisher {
             ("ce-type", "io.agentmesh.task.handoff"),
             ("ce-target", "coder"),
             ("ce-datacontenttype", "application/json"),
+            ("ce-time", "2026-01-01T00:00:00Z"),
+            ("ce-subject", "task"),
             (
                 "ce-traceparent",
                 "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",

@@ -10,6 +10,7 @@
 
 mod agents;
 mod cache;
+mod drain;
 mod faults;
 mod forwarder;
 mod load;
@@ -36,6 +37,8 @@ struct Cli {
 enum Cmd {
     /// Raw forwarder vs policy worker (shipped and generated policies), closed and open loop.
     Run(RunArgs),
+    /// Drain a preloaded backlog: 1- and 2-write raw forwarders, the policy worker, the worker with the audit sink; alternating order, several runs, medians.
+    Drain(drain::DrainArgs),
     /// The audit sink's rows/s into ClickHouse and the delay until a row is queryable.
     Sink(sink::SinkArgs),
     /// Repeated tool calls through the real stack, cached vs uncached, and a workflow's hit rate.
@@ -55,6 +58,9 @@ enum Cmd {
         /// Events in flight.
         #[arg(long, default_value_t = 512)]
         max_in_flight: usize,
+        /// Also publish a JSON receipt per event (two stored writes, as the mesh contract asks).
+        #[arg(long)]
+        receipt: bool,
         /// File created once consuming.
         #[arg(long)]
         ready_file: Option<PathBuf>,
@@ -84,6 +90,10 @@ struct RunArgs {
     /// Unacknowledged publishes the load generator keeps open.
     #[arg(long, default_value_t = 2048)]
     window: usize,
+    /// Open-loop phases at these fixed rates (events/s) after the others,
+    /// e.g. `2000,5000`; each target gets the same offered load.
+    #[arg(long, value_delimiter = ',')]
+    open_rates: Vec<f64>,
 }
 
 #[tokio::main]
@@ -93,9 +103,11 @@ async fn main() -> anyhow::Result<()> {
             nats_url,
             batch,
             max_in_flight,
+            receipt,
             ready_file,
-        } => forwarder::run(&nats_url, batch, max_in_flight, ready_file).await,
+        } => forwarder::run(&nats_url, batch, max_in_flight, receipt, ready_file).await,
         Cmd::Run(args) => run(args).await,
+        Cmd::Drain(args) => drain::run(args).await,
         Cmd::Sink(args) => sink::run(args).await,
         Cmd::Faults(args) => faults::run(args).await,
         Cmd::Cache(args) => cache::run(args).await,
@@ -253,6 +265,8 @@ struct Row {
     label: String,
     closed: load::PhaseResult,
     open: load::PhaseResult,
+    /// Open-loop phases at fixed offered rates.
+    fixed: Vec<(f64, load::PhaseResult)>,
     rss_mib: f64,
     cpu_per_10k: f64,
 }
@@ -328,14 +342,29 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 Duration::from_secs(args.open_secs),
             )
             .await?;
+            let mut fixed = Vec::new();
+            for &rate in &args.open_rates {
+                let phase = load::open_phase(
+                    &mut publisher,
+                    &receiver,
+                    rate,
+                    Duration::from_secs(args.open_secs),
+                )
+                .await?;
+                fixed.push((rate, phase));
+            }
             let cpu = procstat::cpu_seconds(service.pid()).unwrap_or(0.0) - cpu_before;
-            let total = (args.events / 20).max(100) + closed.events + open.events;
+            let total = (args.events / 20).max(100)
+                + closed.events
+                + open.events
+                + fixed.iter().map(|(_, p)| p.events).sum::<u64>();
             let row = Row {
                 label: target.label().to_owned(),
                 rss_mib: procstat::peak_rss(service.pid()).unwrap_or(0) as f64 / (1024.0 * 1024.0),
                 cpu_per_10k: cpu / total as f64 * 10_000.0,
                 closed,
                 open,
+                fixed,
             };
             println!(
                 "{:<36} {:>10.0} {}   {:>10.0} {} {:>6.1} MiB {:>11.3}",
@@ -347,6 +376,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 row.rss_mib,
                 row.cpu_per_10k
             );
+            for (rate, phase) in &row.fixed {
+                println!(
+                    "{:<36} open loop offered {:>6.0}/s: delivered {:>8.0}/s, p50/p90/p99/p99.9 ms {}",
+                    "",
+                    rate,
+                    phase.rate(),
+                    percentiles(&phase.latency_us)
+                );
+            }
             rows.push(row);
             drop(service);
         }
@@ -364,6 +402,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     added(0.5),
                     added(0.99)
                 );
+                for ((rate, phase), (_, raw_phase)) in row.fixed.iter().zip(&raw.fixed) {
+                    let added = |q: f64| {
+                        (phase.latency_us.value_at_quantile(q) as f64
+                            - raw_phase.latency_us.value_at_quantile(q) as f64)
+                            / 1000.0
+                    };
+                    println!(
+                        "{:<36} at {rate:.0}/s offered: added latency p50 {:+.2} ms, p99 {:+.2} ms",
+                        row.label,
+                        added(0.5),
+                        added(0.99)
+                    );
+                }
             }
         }
     }

@@ -10,6 +10,11 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
 
 /// User + system CPU seconds used so far.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_split(pid).map(|(user, system)| user + system)
+}
+
+/// User and system CPU seconds used so far, apart.
+pub fn cpu_split(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start at
     // field 3; utime and stime are fields 14 and 15.
@@ -17,7 +22,8 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
+    let ticks = clock_ticks();
+    Some((utime / ticks, stime / ticks))
 }
 
 fn clock_ticks() -> f64 {

@@ -106,6 +106,15 @@ impl ClickHouseServer {
         }
     }
 
+    /// The server's process id while a local one runs (for CPU accounting
+    /// in benchmarks).
+    pub fn pid(&self) -> Option<u32> {
+        match &self.mode {
+            Mode::Local(local) => local.child.as_ref().map(Child::id),
+            Mode::External { .. } => None,
+        }
+    }
+
     /// Whether this is an external server (`CLICKHOUSE_URL`) that the test
     /// cannot stop or restart.
     pub fn is_external(&self) -> bool {

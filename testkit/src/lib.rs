@@ -173,6 +173,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.port.unwrap_or_default())
     }
 
+    /// The server's process id while it runs (for CPU accounting in benchmarks).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The JetStream store directory.
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")

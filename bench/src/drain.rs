@@ -1,0 +1,588 @@
+//! `mesh-bench drain`: how fast each target empties a preloaded backlog.
+//!
+//! The backlog is `--events` binary-mode CloudEvents of `--size` bytes with
+//! nine `ce-*` headers, stored in `MESH_INGRESS` before the target starts.
+//! The targets:
+//!
+//! - `raw1`: the raw forwarder, one stored write per event (the delivery);
+//! - `raw2`: the raw forwarder that also stores a ~300 B JSON receipt, the
+//!   two writes per event the mesh contract asks for (its floor);
+//! - `worker`: the policy worker, audit sink paused (not running);
+//! - `mesh`: the policy worker with the audit sink running, as users run
+//!   it; drained once the worker acked every event and the sink acked (so
+//!   inserted) both rows of every event.
+//!
+//! Every run starts from empty streams with no consumer left on them (the
+//! tool checks, and says so, before it preloads), runs each target once in
+//! an order that rotates from run to run, and the summary gives medians and
+//! the spread. CPU is per process over the drain: the target, nats-server,
+//! the audit sink and ClickHouse, in µs per event. Never fails on timing.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::PublishMessage};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use schemas::subjects;
+
+use crate::{Service, forwarder, generate_policies, procstat, sibling};
+
+/// Options of `mesh-bench drain`.
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    /// Events in each backlog.
+    #[arg(long, default_value_t = 40_000)]
+    events: u64,
+    /// Bytes of data per event.
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// Runs of every target (each in a rotated order).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Targets, in the first run's order: raw1, raw2, worker, mesh.
+    #[arg(long, value_delimiter = ',', default_value = "raw1,raw2,worker,mesh")]
+    targets: Vec<Kind>,
+    /// The policy directory the worker loads.
+    #[arg(long, default_value = "policies")]
+    policies: PathBuf,
+    /// Generated policies added to that set (`policy_worker::generated_policies`).
+    #[arg(long, default_value_t = 0)]
+    generated: usize,
+    /// Pin the target process (forwarder or worker) to these CPUs with
+    /// `taskset -c`, e.g. `0` or `0,1`; nats-server and the sink are not pinned.
+    #[arg(long)]
+    cpus: Option<String>,
+}
+
+/// A drain target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    Raw1,
+    Raw2,
+    Worker,
+    Mesh,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Raw1 => "raw forwarder, 1 write",
+            Self::Raw2 => "raw forwarder, 2 writes",
+            Self::Worker => "policy worker, sink paused",
+            Self::Mesh => "worker + audit sink",
+        }
+    }
+    fn consumer(self) -> &'static str {
+        match self {
+            Self::Raw1 | Self::Raw2 => forwarder::CONSUMER,
+            Self::Worker | Self::Mesh => "policy-worker",
+        }
+    }
+}
+
+/// What one drain measured.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    kind: Kind,
+    seconds: f64,
+    /// Seconds until the target itself had acked everything (for `mesh`,
+    /// before the sink finished).
+    target_seconds: f64,
+    target_cpu_us: f64,
+    /// The part of `target_cpu_us` spent in the kernel.
+    target_sys_us: f64,
+    nats_cpu_us: f64,
+    sink_cpu_us: f64,
+    clickhouse_cpu_us: f64,
+    rss_mib: f64,
+}
+
+impl Drain {
+    fn rate(&self, events: u64) -> f64 {
+        events as f64 / self.seconds
+    }
+}
+
+/// One preloaded event: nine `ce-*` headers and `Nats-Msg-Id`.
+fn event(run: &str, i: u64, size: usize) -> (HeaderMap, bytes::Bytes) {
+    let id = format!("{run}-{i}");
+    let mut headers = HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-source", "/agents/planner"),
+        ("ce-type", "io.agentmesh.task.handoff"),
+        ("ce-target", "coder"),
+        ("ce-datacontenttype", "application/json"),
+        ("ce-time", "2026-01-01T00:00:00Z"),
+        ("ce-subject", "task"),
+        (
+            "ce-traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ] {
+        headers.insert(k, v);
+    }
+    headers.insert("ce-id", id.as_str());
+    headers.insert("Nats-Msg-Id", format!("planner/{id}").as_str());
+    let head = "{\"task\":\"";
+    let pad = "x".repeat(size.saturating_sub(head.len() + 2));
+    (headers, format!("{head}{pad}\"}}").into())
+}
+
+async fn preload(js: &jetstream::Context, run: &str, n: u64, size: usize) -> anyhow::Result<()> {
+    let mut pending = FuturesUnordered::new();
+    for i in 0..n {
+        if pending.len() >= 2048
+            && let Some(ack) = pending.next().await
+        {
+            ack?;
+        }
+        let (headers, payload) = event(run, i, size);
+        let ack = js
+            .send_publish(
+                "mesh.ingress.planner.handoff",
+                PublishMessage::build().headers(headers).payload(payload),
+            )
+            .await?;
+        pending.push(std::future::IntoFuture::into_future(ack));
+    }
+    while let Some(ack) = pending.next().await {
+        ack?;
+    }
+    Ok(())
+}
+
+const STREAMS: [&str; 4] = [
+    subjects::STREAM_INGRESS,
+    subjects::STREAM_DELIVER,
+    subjects::STREAM_DECISION,
+    subjects::STREAM_DEAD,
+];
+
+/// Empties the streams and removes every consumer on them.
+async fn reset(js: &jetstream::Context) -> anyhow::Result<()> {
+    for name in STREAMS {
+        let stream = js.get_stream(name).await?;
+        let consumers: Vec<String> = stream
+            .consumer_names()
+            .filter_map(|n| async move { n.ok() })
+            .collect()
+            .await;
+        for consumer in consumers {
+            stream.delete_consumer(&consumer).await?;
+        }
+        stream.purge().await?;
+    }
+    Ok(())
+}
+
+/// The consumers on the streams (there must be none before a target starts).
+async fn consumers(js: &jetstream::Context) -> anyhow::Result<Vec<String>> {
+    let mut all = Vec::new();
+    for name in STREAMS {
+        let stream = js.get_stream(name).await?;
+        let names: Vec<String> = stream
+            .consumer_names()
+            .filter_map(|n| async move { n.ok() })
+            .collect()
+            .await;
+        all.extend(names.into_iter().map(|n| format!("{name}/{n}")));
+    }
+    Ok(all)
+}
+
+async fn messages(js: &jetstream::Context, stream: &str) -> anyhow::Result<u64> {
+    Ok(js
+        .get_stream(stream)
+        .await?
+        .get_info()
+        .await?
+        .state
+        .messages)
+}
+
+/// Whether `consumer` on `stream` has nothing left to deliver or to be acked.
+async fn drained(js: &jetstream::Context, stream: &str, consumer: &str) -> bool {
+    let Ok(stream) = js.get_stream(stream).await else {
+        return false;
+    };
+    match stream.consumer_info(consumer).await {
+        Ok(info) => info.num_pending == 0 && info.num_ack_pending == 0,
+        Err(_) => false,
+    }
+}
+
+fn cpu(pid: Option<u32>) -> f64 {
+    pid.and_then(procstat::cpu_seconds).unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (min, max)
+}
+
+struct Bench {
+    args: DrainArgs,
+    nats: testkit::NatsServer,
+    clickhouse: Option<testkit::ClickHouseServer>,
+    js: jetstream::Context,
+    policies: PathBuf,
+    me: PathBuf,
+}
+
+impl Bench {
+    fn command(&self, program: PathBuf) -> Command {
+        match &self.args.cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.arg("-c").arg(cpus).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    async fn target(&self, kind: Kind) -> anyhow::Result<Service> {
+        let url = self.nats.url();
+        let cmd = match kind {
+            Kind::Raw1 | Kind::Raw2 => {
+                let mut c = self.command(self.me.clone());
+                c.args(["forward", "--nats-url", &url]);
+                if kind == Kind::Raw2 {
+                    c.arg("--receipt");
+                }
+                c
+            }
+            Kind::Worker | Kind::Mesh => {
+                let mut c = self.command(sibling(&self.me, "policy-worker")?);
+                c.args(["--nats-url", &url, "--no-watch", "--policies"])
+                    .arg(&self.policies);
+                c
+            }
+        };
+        Service::spawn(kind.label(), cmd).await
+    }
+
+    async fn sink(&self, database: &str) -> anyhow::Result<Service> {
+        let clickhouse = self
+            .clickhouse
+            .as_ref()
+            .context("the mesh target needs ClickHouse")?;
+        let mut c = Command::new(sibling(&self.me, "audit-sink")?);
+        c.args([
+            "--nats-url",
+            &self.nats.url(),
+            "--clickhouse-url",
+            &clickhouse.url(),
+            "--database",
+            database,
+        ]);
+        Service::spawn("audit-sink", c).await
+    }
+
+    async fn drain(&self, run: usize, kind: Kind) -> anyhow::Result<Drain> {
+        let js = &self.js;
+        let n = self.args.events;
+        reset(js).await?;
+        let left = consumers(js).await?;
+        if !left.is_empty() {
+            bail!("consumers left over from an earlier target: {left:?}");
+        }
+        let tag = format!("r{run}{}", uuid::Uuid::now_v7().simple());
+        preload(js, &tag, n, self.args.size).await?;
+        let stored = messages(js, subjects::STREAM_INGRESS).await?;
+        if stored != n {
+            bail!("preloaded {stored} events instead of {n}");
+        }
+        let database = format!("bench_{tag}");
+        let sink = match kind {
+            Kind::Mesh => Some(self.sink(&database).await?),
+            _ => None,
+        };
+        let target = self.target(kind).await?;
+        let nats_pid = self.nats.pid();
+        let ch_pid = self.clickhouse.as_ref().and_then(|c| c.pid());
+        let sink_pid = sink.as_ref().map(Service::pid);
+        let sys_before = procstat::cpu_split(target.pid()).map_or(0.0, |(_, s)| s);
+        let before = (
+            cpu(Some(target.pid())),
+            cpu(nats_pid),
+            cpu(sink_pid),
+            cpu(ch_pid),
+        );
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(600);
+        let mut target_seconds = None;
+        loop {
+            if target_seconds.is_none()
+                && drained(js, subjects::STREAM_INGRESS, kind.consumer()).await
+            {
+                target_seconds = Some(started.elapsed().as_secs_f64());
+            }
+            if let Some(done) = target_seconds {
+                let sink_done = match kind {
+                    Kind::Mesh => {
+                        drained(js, subjects::STREAM_INGRESS, "audit-sink-events").await
+                            && drained(js, subjects::STREAM_DECISION, "audit-sink-decisions").await
+                    }
+                    _ => true,
+                };
+                if sink_done {
+                    let seconds = if kind == Kind::Mesh {
+                        started.elapsed().as_secs_f64()
+                    } else {
+                        done
+                    };
+                    let elapsed = |after: f64, before: f64| (after - before) * 1e6 / n as f64;
+                    let result = Drain {
+                        kind,
+                        seconds,
+                        target_seconds: done,
+                        target_cpu_us: elapsed(cpu(Some(target.pid())), before.0),
+                        target_sys_us: elapsed(
+                            procstat::cpu_split(target.pid()).map_or(0.0, |(_, s)| s),
+                            sys_before,
+                        ),
+                        nats_cpu_us: elapsed(cpu(nats_pid), before.1),
+                        sink_cpu_us: elapsed(cpu(sink_pid), before.2),
+                        clickhouse_cpu_us: if kind == Kind::Mesh {
+                            elapsed(cpu(ch_pid), before.3)
+                        } else {
+                            0.0
+                        },
+                        rss_mib: procstat::peak_rss(target.pid()).unwrap_or(0) as f64 / 1048576.0,
+                    };
+                    self.check(kind, n, &database).await?;
+                    drop(target);
+                    drop(sink);
+                    if let Some(ch) = &self.clickhouse
+                        && kind == Kind::Mesh
+                    {
+                        let _ = ch
+                            .query_text(&format!("DROP DATABASE IF EXISTS {database}"))
+                            .await;
+                    }
+                    return Ok(result);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not drain {n} events within 600 s", kind.label());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// What arrived: every event delivered (and receipted) once.
+    async fn check(&self, kind: Kind, n: u64, database: &str) -> anyhow::Result<()> {
+        let delivered = messages(&self.js, subjects::STREAM_DELIVER).await?;
+        let receipts = messages(&self.js, subjects::STREAM_DECISION).await?;
+        let want_receipts = if kind == Kind::Raw1 { 0 } else { n };
+        if delivered != n || receipts != want_receipts {
+            bail!(
+                "{}: {delivered} deliveries and {receipts} receipts for {n} events",
+                kind.label()
+            );
+        }
+        if kind == Kind::Mesh
+            && let Some(ch) = &self.clickhouse
+        {
+            let count = |table: &str| {
+                let sql = format!("SELECT count() FROM {database}.{table} FINAL");
+                async move {
+                    ch.query_text(&sql)
+                        .await
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .unwrap_or(0)
+                }
+            };
+            let (events, decisions) = (count("events").await, count("decisions").await);
+            if events != n || decisions != n {
+                bail!(
+                    "audit sink: {events} event rows and {decisions} decision rows for {n} events"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
+    if args.targets.is_empty() || args.runs == 0 {
+        bail!("nothing to run: give --targets and --runs");
+    }
+    let nats = testkit::NatsServer::start().await?;
+    let clickhouse = if args.targets.contains(&Kind::Mesh) {
+        Some(testkit::ClickHouseServer::start().await?)
+    } else {
+        None
+    };
+    let js = jetstream::new(nats.connect().await?);
+    broker_config::apply(&js, &broker_config::Options::default()).await?;
+    let generated = (args.generated > 0)
+        .then(|| generate_policies(&args.policies, args.generated))
+        .transpose()?;
+    let policies = generated
+        .as_ref()
+        .map_or_else(|| args.policies.clone(), |d| d.path().to_owned());
+    println!(
+        "mesh-bench drain: {} events of {} B per backlog, {} runs, policies `{}`{}{}",
+        args.events,
+        args.size,
+        args.runs,
+        args.policies.display(),
+        if args.generated > 0 {
+            format!(" + {} generated", args.generated)
+        } else {
+            String::new()
+        },
+        args.cpus
+            .as_ref()
+            .map(|c| format!(", target pinned to CPUs {c}"))
+            .unwrap_or_default()
+    );
+    if let Some(ch) = &clickhouse {
+        println!(
+            "ClickHouse {} (audit sink in the mesh runs)",
+            ch.version().await.unwrap_or_default()
+        );
+    }
+    println!(
+        "{:<4} {:<28} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>10} {:>9}",
+        "run",
+        "target",
+        "events/s",
+        "secs",
+        "target µs",
+        "of it sys",
+        "nats µs",
+        "sink µs",
+        "CH µs",
+        "peak RSS"
+    );
+    let bench = Bench {
+        me: std::env::current_exe()?,
+        policies,
+        args,
+        nats,
+        clickhouse,
+        js,
+    };
+    let n = bench.args.events;
+    let mut results: Vec<Vec<Drain>> = Vec::new();
+    for run in 0..bench.args.runs {
+        let mut order = bench.args.targets.clone();
+        let shift = run % order.len();
+        order.rotate_left(shift);
+        let mut round = Vec::new();
+        for kind in order {
+            let d = bench.drain(run, kind).await?;
+            println!(
+                "{:<4} {:<28} {:>10.0} {:>8.2} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>5.1} MiB{}",
+                run + 1,
+                kind.label(),
+                d.rate(n),
+                d.seconds,
+                d.target_cpu_us,
+                d.target_sys_us,
+                d.nats_cpu_us,
+                d.sink_cpu_us,
+                d.clickhouse_cpu_us,
+                d.rss_mib,
+                if kind == Kind::Mesh {
+                    format!(" (worker done at {:.2} s)", d.target_seconds)
+                } else {
+                    String::new()
+                }
+            );
+            round.push(d);
+        }
+        results.push(round);
+    }
+
+    println!("\nmedians over {} runs (min–max):", bench.args.runs);
+    let of = |kind: Kind| -> Vec<Drain> {
+        results
+            .iter()
+            .flatten()
+            .filter(|d| d.kind == kind)
+            .copied()
+            .collect()
+    };
+    for &kind in &bench.args.targets {
+        let ds = of(kind);
+        let rates: Vec<f64> = ds.iter().map(|d| d.rate(n)).collect();
+        let (lo, hi) = spread(&rates);
+        let field = |f: fn(&Drain) -> f64| median(ds.iter().map(f).collect());
+        println!(
+            "{:<28} {:>8.0} events/s ({:.0}–{:.0}); CPU µs/event: target {:.1} ({:.1} sys), nats-server {:.1}, sink {:.1}, ClickHouse {:.1}; peak RSS {:.1} MiB",
+            kind.label(),
+            median(rates.clone()),
+            lo,
+            hi,
+            field(|d| d.target_cpu_us),
+            field(|d| d.target_sys_us),
+            field(|d| d.nats_cpu_us),
+            field(|d| d.sink_cpu_us),
+            field(|d| d.clickhouse_cpu_us),
+            field(|d| d.rss_mib),
+        );
+    }
+    // Ratios within each run (same sitting), then their median.
+    let ratio = |a: Kind, b: Kind| -> Option<(f64, f64, f64)> {
+        let per_run: Vec<f64> = results
+            .iter()
+            .filter_map(|round| {
+                let x = round.iter().find(|d| d.kind == a)?;
+                let y = round.iter().find(|d| d.kind == b)?;
+                Some(y.seconds / x.seconds)
+            })
+            .collect();
+        if per_run.is_empty() {
+            return None;
+        }
+        let (lo, hi) = spread(&per_run);
+        Some((median(per_run), lo, hi))
+    };
+    for (a, b, what) in [
+        (
+            Kind::Worker,
+            Kind::Raw2,
+            "policy worker / 2-write forwarder",
+        ),
+        (
+            Kind::Worker,
+            Kind::Raw1,
+            "policy worker / 1-write forwarder",
+        ),
+        (
+            Kind::Mesh,
+            Kind::Raw1,
+            "worker + sink (end to end) / 1-write forwarder",
+        ),
+        (Kind::Raw2, Kind::Raw1, "2-write / 1-write forwarder"),
+    ] {
+        if let Some((m, lo, hi)) = ratio(a, b) {
+            println!("{what:<48} {m:.2} (per run {lo:.2}–{hi:.2})");
+        }
+    }
+    Ok(())
+}
