@@ -1,5 +1,9 @@
-//! One stream into one table: a durable pull consumer feeding a batched
-//! `Inserter`, with acks held until the insert holding a message succeeded.
+//! One stream into one table: a durable pull consumer feeding batched
+//! inserts, with acks held until the insert holding a message succeeded.
+//! Inserts are pipelined: while one batch's insert ends on its own task, the
+//! next batch is pulled and streamed to ClickHouse (at most one batch
+//! commits at a time; the consumer's `max_ack_pending` of two batches lets
+//! the next one come meanwhile). Acks go out without waiting for an answer.
 //!
 //! While ClickHouse is unreachable or failing, the open batch (bounded by the
 //! inserter's row and byte limits) is kept, nothing more is pulled, held
@@ -22,7 +26,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::pull, message::Acker};
-use clickhouse::{Client, RowOwned, RowWrite, inserter::Inserter};
+use clickhouse::{Client, RowOwned, RowWrite, insert::Insert};
 use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -222,17 +226,41 @@ fn exception_code(text: &str) -> Option<u32> {
 
 /// The open batch: rows written to the current insert, kept to replay it,
 /// the messages they came from, and the acks to send once it is committed.
+///
+/// Commits are pipelined: once a batch is full (or its period is up) its
+/// insert is ended on a task of its own and the next batch is pulled and
+/// streamed to ClickHouse meanwhile. At most one batch is committing; it is
+/// acked when its insert succeeded. Should it fail, its rows (and the
+/// acks) go back in front of the open batch, whose insert is dropped
+/// (aborted, so nothing of it is stored), and the whole is retried as one.
 struct Writer<R: RowOwned + RowWrite + serde::Serialize> {
     client: Client,
     ddl_client: Client,
     table: &'static str,
     settings: Settings,
-    inserter: Option<Inserter<R>>,
+    insert: Option<Insert<R>>,
+    /// When the open batch got its first row.
+    opened: Option<Instant>,
+    /// Bytes of the messages in the open batch (the rows are about as big).
+    bytes: u64,
     rows: Vec<R>,
     origins: Vec<Origin>,
     acks: Vec<Acker>,
     metrics: telemetry::TableMetrics,
     /// The open batch's `audit.batch` span and how many links it has.
+    span: Option<(tracing::Span, usize)>,
+    /// The batch whose insert is being ended.
+    committing: Option<Committing<R>>,
+}
+
+/// A batch whose insert is ending on its own task.
+struct Committing<R> {
+    done: tokio::task::JoinHandle<Result<(), clickhouse::error::Error>>,
+    /// What `done` returned, once it did (a finished handle is not polled again).
+    result: Option<Result<Result<(), clickhouse::error::Error>, tokio::task::JoinError>>,
+    rows: Vec<R>,
+    origins: Vec<Origin>,
+    acks: Vec<Acker>,
     span: Option<(tracing::Span, usize)>,
 }
 
@@ -245,34 +273,57 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             ddl_client,
             table,
             settings,
-            inserter: None,
+            insert: None,
+            opened: None,
+            bytes: 0,
             rows: Vec::new(),
             origins: Vec::new(),
             acks: Vec::new(),
+            committing: None,
         }
     }
 
-    fn inserter(&mut self) -> &mut Inserter<R> {
-        let (client, table, s) = (&self.client, self.table, &self.settings);
-        self.inserter.get_or_insert_with(|| {
-            client
-                .inserter::<R>(table)
-                .with_max_rows(s.batch_rows)
-                .with_max_bytes(s.batch_bytes)
-                .with_period(Some(s.batch_period))
-                .with_timeouts(Some(s.insert_timeout), Some(s.insert_timeout))
+    /// The open insert, started when the batch gets its first row.
+    async fn insert(&mut self) -> Result<&mut Insert<R>, clickhouse::error::Error> {
+        if self.insert.is_none() {
+            let timeout = Some(self.settings.insert_timeout);
+            let insert = self
+                .client
+                .insert::<R>(self.table)
+                .await?
+                .with_timeouts(timeout, timeout);
+            self.insert = Some(insert);
+        }
+        self.insert
+            .as_mut()
+            .ok_or_else(|| clickhouse::error::Error::Custom("no insert open".into()))
+    }
+
+    /// Time until the period flush of the open batch is due.
+    fn time_left(&self) -> Duration {
+        self.opened.map_or(self.settings.batch_period, |opened| {
+            self.settings.batch_period.saturating_sub(opened.elapsed())
         })
     }
 
-    /// Time until the period flush is due.
-    fn time_left(&mut self) -> Duration {
-        self.inserter()
-            .time_left()
-            .unwrap_or(self.settings.batch_period)
+    /// Whether a batch is committing.
+    fn is_committing(&self) -> bool {
+        self.committing.is_some()
+    }
+
+    /// Resolves once the committing batch's insert ended (at once when
+    /// none is committing). Cancel-safe: what it learnt is kept for
+    /// [`Writer::settle`].
+    async fn committed(&mut self) {
+        if let Some(batch) = &mut self.committing
+            && batch.result.is_none()
+        {
+            batch.result = Some((&mut batch.done).await);
+        }
     }
 
     /// Adds one message's row; commits when a limit is reached. `Err` means
-    /// the insert failed and [`Writer::recover`] must run.
+    /// an insert failed and [`Writer::recover`] must run.
     async fn push(
         &mut self,
         row: R,
@@ -291,76 +342,149 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             telemetry::spans::link(span, &tp);
             *links += 1;
         }
-        let written = self.inserter().write(&row).await;
+        let written = match self.insert().await {
+            Ok(insert) => insert.write(&row).await,
+            Err(e) => Err(e),
+        };
         // Kept before anything can fail, so a replay includes it.
+        self.opened.get_or_insert_with(Instant::now);
+        self.bytes += origin.payload.len() as u64
+            + origin
+                .headers
+                .as_ref()
+                .map_or(0, |h| schemas::message_size(Some(h), &[]) as u64);
         self.rows.push(row);
         self.origins.push(origin);
         self.acks.push(ack);
         if let Err(e) = written {
-            self.inserter = None;
+            self.insert = None;
+            // The batch committing meanwhile is settled first, so that a
+            // retry always has every unacked row in `rows`.
+            self.settle().await?;
             return Err(e);
         }
         self.commit(false).await
     }
 
-    /// Commits when a limit (rows, bytes, period) is reached, or now when `force`.
+    /// Whether the open batch reached a limit (rows, bytes, period).
+    fn due(&self) -> bool {
+        !self.rows.is_empty()
+            && (self.rows.len() as u64 >= self.settings.batch_rows
+                || self.bytes >= self.settings.batch_bytes
+                || self.time_left().is_zero())
+    }
+
+    /// Ends the open batch's insert when a limit is reached (now when
+    /// `force`, and then waits until it is in): the previous batch must be in
+    /// first, then this one commits on its own task while the next is
+    /// pulled.
     async fn commit(&mut self, force: bool) -> Result<(), clickhouse::error::Error> {
-        let inserter = self.inserter();
-        let result = if force {
-            inserter.force_commit().await
-        } else {
-            inserter.commit().await
+        if !force && !self.due() {
+            return Ok(());
+        }
+        self.settle().await?;
+        if !self.rows.is_empty() {
+            if self.insert.is_none() {
+                // Rows without an open insert (a failed one): write them again.
+                self.write_all().await?;
+            }
+            let Some(insert) = self.insert.take() else {
+                return Ok(());
+            };
+            self.opened = None;
+            self.bytes = 0;
+            self.committing = Some(Committing {
+                done: tokio::spawn(insert.end()),
+                result: None,
+                rows: std::mem::take(&mut self.rows),
+                origins: std::mem::take(&mut self.origins),
+                acks: std::mem::take(&mut self.acks),
+                span: self.span.take(),
+            });
+        }
+        if force { self.settle().await } else { Ok(()) }
+    }
+
+    /// Waits for the committing batch: acks it once inserted; on failure
+    /// puts its rows back in front of the open batch (whose insert is
+    /// dropped, so nothing of it is stored) and returns the error.
+    async fn settle(&mut self) -> Result<(), clickhouse::error::Error> {
+        let Some(mut batch) = self.committing.take() else {
+            return Ok(());
+        };
+        let joined = match batch.result.take() {
+            Some(joined) => joined,
+            None => (&mut batch.done).await,
+        };
+        let result = match joined {
+            Ok(result) => result,
+            Err(e) => Err(clickhouse::error::Error::Custom(format!(
+                "insert task failed: {e}"
+            ))),
         };
         match result {
-            Ok(q) if q.rows > 0 => {
-                tracing::debug!(
-                    table = self.table,
-                    rows = q.rows,
-                    bytes = q.bytes,
-                    "Batch inserted."
-                );
-                self.metrics.inserted(q.rows);
-                if let Some((span, _)) = self.span.take() {
+            Ok(()) => {
+                let rows = batch.rows.len() as u64;
+                tracing::debug!(table = self.table, rows, "Batch inserted.");
+                self.metrics.inserted(rows);
+                if let Some((span, _)) = batch.span.take() {
                     // Dropped here: the span ends once the batch is in.
-                    span.record("rows", q.rows);
+                    span.record("rows", rows);
                 }
-                self.acknowledge().await;
+                acknowledge(self.table, batch.acks).await;
                 Ok(())
             }
-            Ok(_) => Ok(()),
             Err(e) => {
-                // A failed inserter cannot be used again; the rows it had are
-                // still in `self.rows`.
-                self.inserter = None;
+                self.insert = None;
+                self.opened = None;
+                batch.rows.append(&mut self.rows);
+                batch.origins.append(&mut self.origins);
+                batch.acks.append(&mut self.acks);
+                self.rows = batch.rows;
+                self.origins = batch.origins;
+                self.acks = batch.acks;
+                if self.span.is_none() {
+                    self.span = batch.span;
+                }
                 Err(e)
             }
         }
     }
 
+    /// Acks the open batch (every row of it is stored).
     async fn acknowledge(&mut self) {
         self.rows.clear();
         self.origins.clear();
-        for ack in self.acks.drain(..) {
-            if let Err(e) = ack.ack().await {
-                // Not fatal: JetStream redelivers it and the row collapses.
-                tracing::warn!(table = self.table, error = %e, "Ack failed; the message will come again.");
-            }
-        }
+        self.opened = None;
+        self.bytes = 0;
+        acknowledge(self.table, std::mem::take(&mut self.acks)).await;
     }
 
+    /// Writes every held row to a fresh insert and commits it, waiting.
     async fn replay(&mut self) -> Result<(), clickhouse::error::Error> {
+        self.settle().await?;
+        self.write_all().await?;
+        self.commit(true).await
+    }
+
+    /// Writes every held row to a fresh insert.
+    async fn write_all(&mut self) -> Result<(), clickhouse::error::Error> {
+        self.insert = None;
         let rows = std::mem::take(&mut self.rows);
         let mut result = Ok(());
         for row in &rows {
-            if let Err(e) = self.inserter().write(row).await {
-                self.inserter = None;
+            let written = match self.insert().await {
+                Ok(insert) => insert.write(row).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                self.insert = None;
                 result = Err(e);
                 break;
             }
         }
         self.rows = rows;
-        result?;
-        self.commit(true).await
+        result
     }
 
     /// Retries the open batch until it is inserted or `until` says stop.
@@ -458,7 +582,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
     /// `Err` (nothing acked) when an insert fails otherwise than by a
     /// refusal, or the quarantine insert fails.
     async fn isolate(&mut self) -> Result<(), clickhouse::error::Error> {
-        self.inserter = None;
+        self.insert = None;
         let mut refused: Vec<(usize, String)> = Vec::new();
         let mut inserted = 0u64;
         // Ranges still to insert, the next one last. The whole batch is
@@ -527,14 +651,14 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
 
     /// Commits what is open, retrying until the grace period ends.
     async fn finish(&mut self) {
-        if self.rows.is_empty() {
+        if self.rows.is_empty() && self.committing.is_none() {
             return;
         }
         let deadline = Instant::now() + self.settings.shutdown_grace;
         // After a failed insert (shutdown came while `recover` waited) no
-        // inserter is open and the rows are only in `self.rows`: a fresh
-        // inserter would commit nothing, so they are replayed.
-        let first = if self.inserter.is_some() {
+        // insert is open and the rows are only in `self.rows`: they are
+        // replayed.
+        let first = if self.insert.is_some() || self.rows.is_empty() {
             self.commit(true).await
         } else {
             self.replay().await
@@ -548,6 +672,18 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
                     "Shutting down with a batch not inserted: left unacked, JetStream redelivers it to the next run."
                 );
             }
+        }
+    }
+}
+
+/// Acks the messages of a batch that is stored.
+async fn acknowledge(table: &'static str, acks: Vec<Acker>) {
+    for ack in acks {
+        // Sent without waiting for an answer (no double ack): one message
+        // each on the connection, not one round trip.
+        if let Err(e) = ack.ack().await {
+            // Not fatal: JetStream redelivers it and the row collapses.
+            tracing::warn!(table, error = %e, "Ack failed; the message will come again.");
         }
     }
 }
@@ -652,9 +788,12 @@ pub(crate) async fn run<T: Table>(
             continue;
         };
         let tick = writer.time_left();
+        let committing = writer.is_committing();
         let outcome = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
+            // The committing batch is acked as soon as it is in.
+            _ = writer.committed(), if committing => writer.settle().await,
             _ = tokio::time::sleep(tick) => writer.commit(false).await,
             next = stream.next() => match next {
                 Some(Ok(message)) => {
