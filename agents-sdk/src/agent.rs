@@ -363,7 +363,7 @@ impl AgentBuilder {
                 consumer::pull::Config {
                     durable_name: Some(consumer_name.clone()),
                     description: Some(format!("deliveries to agent `{id}`")),
-                    filter_subject: format!("mesh.deliver.{id}.>"),
+                    filter_subject: subjects::deliveries_to(id.as_str()),
                     deliver_policy: consumer::DeliverPolicy::All,
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: self.settings.ack_wait,
@@ -448,7 +448,7 @@ impl AgentBuilder {
                 consumer::pull::Config {
                     durable_name: Some(name.to_owned()),
                     description: Some(format!("tool calls to agent `{id}`")),
-                    filter_subject: format!("mesh.call.{id}.>"),
+                    filter_subject: subjects::calls_to(id.as_str()),
                     deliver_policy: consumer::DeliverPolicy::All,
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: self.settings.ack_wait,
@@ -471,7 +471,7 @@ impl AgentBuilder {
 
 /// The durable consumer an agent reads its deliveries from: `agent-<id>`.
 pub fn consumer_name(id: &AgentId) -> String {
-    format!("agent-{id}")
+    subjects::agent_consumer(id.as_str())
 }
 
 /// Ids of calls this process waits (or waited) for, with the type of the

@@ -56,11 +56,8 @@ impl Received {
         headers: Option<&HeaderMap>,
         payload: &[u8],
     ) -> Result<Self, Invalid> {
-        let source = subject
-            .strip_prefix("mesh.deliver.")
-            .or_else(|| subject.strip_prefix("mesh.call."))
-            .and_then(|rest| rest.split('.').nth(1))
-            .filter(|s| !s.is_empty())
+        let source = schemas::subjects::parse_routed(subject)
+            .map(|routed| routed.source)
             .ok_or_else(|| Invalid::Subject(subject.to_owned()))?;
         let size = schemas::message_size(headers, payload);
         let (event, mode) = schemas::decode(headers, payload)?;

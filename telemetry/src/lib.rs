@@ -40,7 +40,7 @@ pub use instruments::{
 pub use logging::{TracingGuard, init_tracing};
 pub use metrics::Metrics;
 pub use ops::Ops;
-pub use service::{NatsArgs, shutdown_on_signal};
+pub use service::shutdown_on_signal;
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
