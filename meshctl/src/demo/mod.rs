@@ -10,7 +10,7 @@
 //!   policies: the SDK's typed denial), records a memory update and hands
 //!   its change to the reviewer.
 //! - `reviewer` takes that handoff from its deliveries, reviews the diff
-//!   ([`review`]) and publishes the final output.
+//!   ([`world::review`]) and publishes the final output.
 //! - `planner` runs the workflow: prompt, reasoning, the handoff to the
 //!   coder (whose decision it awaits), then waits for the reviewer's verdict.
 //!
