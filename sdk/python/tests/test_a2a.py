@@ -49,7 +49,7 @@ def test_send_get_and_cancel_in_a2a_1_0(nats_url, run):
         planner = await Agent("planner").connect(nats_url)
         try:
             client = A2AClient(planner)
-            message = a2a1.Message(message_id=str(uuid.uuid4()), role=a2a1.ROLE_USER, parts=[a2a1.Part(text="find the needle")])
+            message = a2a1.Message(message_id=str(uuid.uuid4()), role=a2a1.Role.ROLE_USER, parts=[a2a1.Part(text="find the needle")])
             params = json_format.MessageToDict(a2a1.SendMessageRequest(message=message))
             response = await client.call("coder", "SendMessage", params)
             assert response["jsonrpc"] == "2.0" and "error" not in response, response
@@ -59,13 +59,13 @@ def test_send_get_and_cancel_in_a2a_1_0(nats_url, run):
             (artifact,) = task.artifacts
             assert [p.text for p in artifact.parts] == ["coder found: find the needle"]
             assert task.history[0].message_id == message.message_id
-            assert task.history[-1].role == a2a1.ROLE_AGENT
+            assert task.history[-1].role == a2a1.Role.ROLE_AGENT
             # Cedar decided on the request, as on any message.
             receipt = await planner.await_decision(client.last_request_id)
             assert receipt.decision == "allow" and receipt.reasons == ["members-message-members"], receipt
 
             got = await client.get_task("coder", task.id)
-            assert proto(a2a1.Task, got).status.state == a2a1.TASK_STATE_COMPLETED
+            assert proto(a2a1.Task, got).status.state == a2a1.TaskState.TASK_STATE_COMPLETED
             assert proto(a2a1.Task, got).id == task.id
             with pytest.raises(A2AError) as not_cancelable:
                 await client.cancel_task("coder", task.id)
@@ -115,10 +115,10 @@ def test_a_failing_handler_makes_a_failed_task(nats_url, run):
         planner = await Agent("planner").connect(nats_url)
         try:
             client = A2AClient(planner)
-            message = a2a1.Message(message_id=str(uuid.uuid4()), role=a2a1.ROLE_USER, parts=[a2a1.Part(text="")])
+            message = a2a1.Message(message_id=str(uuid.uuid4()), role=a2a1.Role.ROLE_USER, parts=[a2a1.Part(text="")])
             result = await client.send_message("coder", json_format.MessageToDict(message))
             task = proto(a2a1.SendMessageResponse, result).task
-            assert task.status.state == a2a1.TASK_STATE_FAILED
+            assert task.status.state == a2a1.TaskState.TASK_STATE_FAILED
             assert task.status.message.parts[0].text == "an empty message"
         finally:
             await planner.close()
