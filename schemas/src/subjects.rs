@@ -31,6 +31,23 @@ pub const BUCKET_APPROVALS: &str = "mesh-approvals";
 /// (`p.<call hash>`) and calls in flight (`f.<key hash>`).
 pub const BUCKET_TOOL_CACHE: &str = "mesh-tool-cache";
 
+/// KV bucket of the trusted decision signers (`docs/contract.md`, "Signed
+/// decisions"), key = public key, value = [`crate::signing::SignerRecord`]
+/// JSON. Every agent reads it; only the operator writes it.
+pub const BUCKET_SIGNERS: &str = "mesh-signers";
+/// Stream of signed audit checkpoints over `MESH_DECISION`:
+/// `mesh.audit.checkpoint.>`.
+pub const STREAM_AUDIT: &str = "MESH_AUDIT";
+/// Filter of every audit checkpoint: `mesh.audit.checkpoint.>`.
+pub const AUDIT_CHECKPOINTS: &str = "mesh.audit.checkpoint.>";
+/// The audit sink's durable on `MESH_DECISION` that feeds its checkpoints.
+pub const DURABLE_AUDIT_CHAIN: &str = "audit-chain";
+
+/// Subject of one signer's audit checkpoints: `mesh.audit.checkpoint.<signer>`.
+pub fn audit_checkpoint(signer: &str) -> String {
+    format!("mesh.audit.checkpoint.{signer}")
+}
+
 /// Subject an agent publishes a step on: `mesh.ingress.<agent>.<step>`.
 pub fn ingress(agent: &str, step: &str) -> String {
     format!("mesh.ingress.{agent}.{step}")
