@@ -128,7 +128,15 @@ async fn a_workflow_across_two_agents_and_the_worker_is_one_trace() {
     assert_eq!(roots.len(), 1, "{roots:#?}");
     assert_eq!(roots[0].name, "prompt planner");
     let by_name = |name: &str| spans.values().find(|s| s.name == name).unwrap().clone();
-    let call = by_name("tool.call planner");
+    // The planner calls `code.search` (answered) and `shell.exec` (denied).
+    let call = spans
+        .values()
+        .find(|s| {
+            s.name == "tool.call planner"
+                && s.attributes.get("gen_ai.tool.name").map(String::as_str) == Some("code.search")
+        })
+        .unwrap()
+        .clone();
     let result = by_name("tool.result coder");
     // The coder's result follows the planner's call; the worker decides
     // under each step it decides on.
