@@ -2,7 +2,9 @@
 # The test command: installs the servers the tests start (nats-server,
 # clickhouse-server), checks formatting, lints, the API docs (no rustdoc
 # warnings), validates compose.yaml when present, and runs every test of the
-# workspace against real servers.
+# workspace against real servers — among them the Python SDK's pytest suite
+# (sdk/python/tests), which tests/tests/python_sdk.rs runs against the mesh
+# it starts, and the cross-agent trace check (traces_across_agents.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
