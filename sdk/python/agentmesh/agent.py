@@ -955,12 +955,16 @@ class Agent:
         if self._was_awaited(received):
             await msg.ack()  # consumed by its call
             return
-        if received.short_type == "tool.call" and (received.subject in self._tools or handler is None):
-            if header(msg.headers, "Mesh-Call") is not None and self._calls is not None:
+        if received.short_type == "tool.call":
+            tool = self._tools.get(received.subject or "")
+            if tool is not None and header(msg.headers, "Mesh-Call") is not None and self._calls is not None:
                 await msg.ack()  # the same call, answered from MESH_CALL
-            else:
-                await self._answer_tool(msg, received, self._tools.get(received.subject or ""), tool_slots)
-            return
+                return
+            if tool is not None or handler is None:
+                # A tool this agent does not serve, without a handler: the
+                # caller gets an error rather than a timeout.
+                await self._answer_tool(msg, received, tool, tool_slots)
+                return
         if handler is None:
             log.info("no handler: acknowledging %s %s from %s", received.short_type, received.id, received.sender)
             await msg.ack()
