@@ -70,3 +70,118 @@ async fn the_python_sdk_connects_with_an_agents_nkey() {
     worker.cancel();
     println!("{}", out.unwrap());
 }
+
+/// Publishes a handoff from the planner to the reviewer on
+/// `mesh.deliver.reviewer.planner` as the policy worker would: signed by
+/// `key` (when given), its payload then replaced by `tampered` (when given).
+async fn signed_delivery(
+    mesh: &Mesh,
+    id: &str,
+    key: Option<&schemas::signing::SigningKey>,
+    tampered: Option<&str>,
+) {
+    use schemas::{Decision, DecisionReceipt, EventBuilder, EventBuilderV10, headers};
+    let event = EventBuilderV10::new()
+        .id(id)
+        .source("/agents/planner")
+        .ty("io.agentmesh.task.handoff")
+        .extension("target", "reviewer")
+        .data("application/json", serde_json::json!({"task": "review"}))
+        .build()
+        .unwrap();
+    let (mut h, payload) = schemas::encode_binary(&event);
+    let mut receipt = DecisionReceipt {
+        event_id: id.into(),
+        trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+        decision: Decision::Allow,
+        policy_hash: "b47752a7c0d0e810".into(),
+        decision_id: format!("d-{id}"),
+        agent: "planner".into(),
+        event_type: "io.agentmesh.task.handoff".into(),
+        target: Some("reviewer".into()),
+        decided_at: "2026-12-02T00:00:00.000001Z".into(),
+        ..Default::default()
+    };
+    if let Some(key) = key {
+        key.seal(&mut receipt, &payload);
+        h.insert(headers::DECISION_ID, receipt.decision_id.as_str());
+        h.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
+        h.insert(headers::TRACE_ID, receipt.trace_id.as_str());
+        schemas::signing::SigningKey::stamp(&receipt, &mut h);
+    }
+    let payload = tampered.map_or(payload, |t| t.to_owned().into());
+    mesh.js
+        .publish_with_headers("mesh.deliver.reviewer.planner", h, payload)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_verifies_signed_deliveries() {
+    use schemas::signing::{SignerRecord, SignerStatus, SigningKey};
+    let mesh = Mesh::start().await;
+    // The bucket as broker-config lays buckets out (a stream; nats-server
+    // 2.9 answers `create_key_value`'s account-info read in a form this
+    // client cannot parse).
+    mesh.js
+        .create_stream(async_nats::jetstream::stream::Config {
+            name: format!("KV_{}", schemas::subjects::BUCKET_SIGNERS),
+            subjects: vec![format!("$KV.{}.>", schemas::subjects::BUCKET_SIGNERS)],
+            max_messages_per_subject: 5,
+            allow_rollup: true,
+            deny_delete: true,
+            allow_direct: true,
+            discard: async_nats::jetstream::stream::DiscardPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let signers = mesh
+        .js
+        .get_key_value(schemas::subjects::BUCKET_SIGNERS)
+        .await
+        .unwrap();
+    let worker = SigningKey::generate();
+    let record = SignerRecord {
+        public_key: worker.public_key().to_owned(),
+        name: "policy-worker".into(),
+        status: SignerStatus::Active,
+        added_at: "2026-12-01T00:00:00Z".into(),
+        retired_at: String::new(),
+        revoked_at: String::new(),
+    };
+    signers
+        .put(
+            worker.public_key(),
+            serde_json::to_vec(&record).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    let stranger = SigningKey::generate();
+    signed_delivery(&mesh, "signed", Some(&worker), None).await;
+    signed_delivery(
+        &mesh,
+        "altered",
+        Some(&worker),
+        Some("{\"task\":\"rm -rf /\"}"),
+    )
+    .await;
+    signed_delivery(&mesh, "unsigned", None, None).await;
+    signed_delivery(&mesh, "stranger", Some(&stranger), None).await;
+    let out = pytest(
+        &["test_signing.py"],
+        vec![
+            ("AGENTMESH_SIGNED_NATS_URL", mesh.url()),
+            ("AGENTMESH_SIGNED_GOOD", "signed".into()),
+            (
+                "AGENTMESH_SIGNED_REFUSED",
+                "altered,unsigned,stranger".into(),
+            ),
+        ],
+    )
+    .await
+    .unwrap();
+    println!("{out}");
+}

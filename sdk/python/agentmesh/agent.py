@@ -58,6 +58,7 @@ from .events import (
     validate,
 )
 from .receipt import Receipt
+from .signing import Refused, Trust
 
 log = logging.getLogger("agentmesh")
 
@@ -489,6 +490,7 @@ class Agent:
         max_concurrent_deliveries: int = 1,
         max_concurrent_tools: int = 16,
         shutdown_grace: float = 10.0,
+        verify_deliveries: Optional[bool] = None,
     ):
         if not valid_agent_id(agent_id):
             raise InvalidAgentId(agent_id)
@@ -503,7 +505,11 @@ class Agent:
         self.max_concurrent_deliveries = max(1, max_concurrent_deliveries)
         self.max_concurrent_tools = max(1, max_concurrent_tools)
         self.shutdown_grace = shutdown_grace
-        self.metrics: Dict[str, int] = {"handled": 0, "retries": 0, "gave_up": 0, "invalid": 0, "tool_calls": 0}
+        # None: verify where the mesh has `mesh-signers` (signed decisions);
+        # True: always (nothing is trusted without the bucket); False: never.
+        self.verify_deliveries = verify_deliveries
+        self._trust: Optional[Trust] = None
+        self.metrics: Dict[str, int] = {"handled": 0, "retries": 0, "gave_up": 0, "invalid": 0, "tool_calls": 0, "refused": 0}
         self._tools: Dict[str, ToolHandler] = {}
         self.nc = None
         self.js = None
@@ -616,6 +622,11 @@ class Agent:
         self._receipts = await self._durable(
             STREAM_DECISION, receipts_consumer_name(me), f"decision receipts of agent `{me}`", f"mesh.decision.{me}", DEFAULT_ACK_WAIT
         )
+        if self.verify_deliveries is not False:
+            self._trust = await Trust.open(self.js)
+            if self._trust is None and self.verify_deliveries:
+                log.warning("no `mesh-signers` bucket: every delivery will be refused (verify_deliveries=False turns verification off)")
+                self._trust = Trust(self.js, None)
         self.directory = await Directory.open(self.js)
         if self.register_card:
             try:
@@ -774,6 +785,12 @@ class Agent:
                 answer = Received.from_message(msg.subject, msg.headers, msg.data)
             except (InvalidEvent, ValueError):
                 return
+            if self._trust is not None:
+                try:
+                    await self._trust.verify(answer.event, answer.sender, msg.headers, msg.data)
+                except Refused:
+                    # Refused (logged, counted) where the durable's copy is read.
+                    return
             if answer.causation_id:
                 self._hand_over(answer.causation_id, ("answer", answer))
 
@@ -891,12 +908,33 @@ class Agent:
                 except (InvalidEvent, ValueError) as e:
                     await self._terminate_invalid(msg, e)
                     continue
+                if not await self._verified(msg, call):
+                    continue
                 handler = self._tools.get(call.subject or "")
                 if handler is not None and call.short_type == "tool.call":
                     await self._answer_tool(msg, call, handler, tool_slots)
                 else:
                     # Left to its copy on `mesh.deliver`, as agents-sdk does.
                     await msg.ack()
+
+    async def _verified(self, msg, received: Received) -> bool:
+        """Whether `msg` carries a valid decision signature by a trusted
+        signer (always, without verification). One that does not is logged,
+        counted and acknowledged: it never reaches a handler and is not
+        delivered again."""
+        if self._trust is None:
+            return True
+        try:
+            await self._trust.verify(received.event, received.sender, msg.headers, msg.data)
+            return True
+        except Refused as e:
+            self.metrics["refused"] += 1
+            log.warning("refusing delivery %s from %s on %s (%s): %s", received.id, received.sender, msg.subject, e.label, e)
+            try:
+                await msg.ack()
+            except Exception:
+                pass
+            return False
 
     async def _terminate_invalid(self, msg, error: Exception) -> None:
         log.warning("terminating a delivery on %s that is not a valid mesh event: %s", msg.subject, error)
@@ -912,15 +950,21 @@ class Agent:
         except (InvalidEvent, ValueError) as e:
             await self._terminate_invalid(msg, e)
             return
+        if not await self._verified(msg, received):
+            return
         if self._was_awaited(received):
             await msg.ack()  # consumed by its call
             return
-        if received.short_type == "tool.call" and (received.subject in self._tools or handler is None):
-            if header(msg.headers, "Mesh-Call") is not None and self._calls is not None:
+        if received.short_type == "tool.call":
+            tool = self._tools.get(received.subject or "")
+            if tool is not None and header(msg.headers, "Mesh-Call") is not None and self._calls is not None:
                 await msg.ack()  # the same call, answered from MESH_CALL
-            else:
-                await self._answer_tool(msg, received, self._tools.get(received.subject or ""), tool_slots)
-            return
+                return
+            if tool is not None or handler is None:
+                # A tool this agent does not serve, without a handler: the
+                # caller gets an error rather than a timeout.
+                await self._answer_tool(msg, received, tool, tool_slots)
+                return
         if handler is None:
             log.info("no handler: acknowledging %s %s from %s", received.short_type, received.id, received.sender)
             await msg.ack()

@@ -278,3 +278,22 @@ def test_the_example_planner_works_with_the_rust_coder(nats_url):
     assert any(line.startswith("handoff allow by") for line in lines), out.stdout
     assert any(line.startswith("coder replied:") and "done" in line for line in lines), out.stdout
     assert "prompt allow" in lines, out.stdout
+
+
+def test_a_call_for_a_tool_the_agent_does_not_serve_fails_at_once(nats_url, run):
+    async def go():
+        reviewer = await Agent("reviewer").connect(nats_url)
+        planner = await Agent("planner").connect(nats_url)
+        stop = asyncio.Event()
+        serving = asyncio.ensure_future(reviewer.serve(stop=stop))
+        try:
+            with pytest.raises(ToolFailed) as failed:
+                await planner.workflow().call_tool("code.search", {"query": "x"}, on="reviewer", timeout=20)
+            assert failed.value.message == "agent `reviewer` does not serve tool `code.search`"
+        finally:
+            stop.set()
+            await serving
+            await planner.close()
+            await reviewer.close()
+
+    run(go())
