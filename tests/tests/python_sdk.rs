@@ -9,7 +9,10 @@
 //! how to install them (`scripts/install-deps.sh`); it never passes without
 //! having run the Python tests.
 
-// Test helpers outside `#[test]` fns panic to fail the test, too.
+#![expect(
+    clippy::unwrap_used,
+    reason = "test helpers outside `#[test]` fns panic to fail the test, too"
+)]
 
 #[path = "sdk_support/mod.rs"]
 mod support;
