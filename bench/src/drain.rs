@@ -33,7 +33,7 @@ use crate::{Service, forwarder, generate_policies, procstat, sibling};
 
 /// Options of `mesh-bench drain`.
 #[derive(Debug, clap::Args)]
-pub struct DrainArgs {
+pub(crate) struct DrainArgs {
     /// Events in each backlog.
     #[arg(long, default_value_t = 40_000)]
     events: u64,
@@ -60,7 +60,7 @@ pub struct DrainArgs {
 
 /// A drain target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Kind {
+pub(crate) enum Kind {
     Raw1,
     Raw2,
     Worker,
@@ -425,7 +425,7 @@ impl Bench {
     }
 }
 
-pub async fn run(args: DrainArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
     if args.targets.is_empty() || args.runs == 0 {
         bail!("nothing to run: give --targets and --runs");
     }

@@ -20,10 +20,10 @@ use schemas::subjects;
 use tokio_util::task::AbortOnDropHandle;
 
 /// Consumer name of the raw forwarder on `MESH_INGRESS`.
-pub const CONSUMER: &str = "raw-forwarder";
+pub(crate) const CONSUMER: &str = "raw-forwarder";
 
 /// Runs the forwarder until the process is killed.
-pub async fn run(
+pub(crate) async fn run(
     nats_url: &str,
     batch: usize,
     in_flight: usize,

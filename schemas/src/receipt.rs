@@ -113,6 +113,17 @@ pub struct DecisionReceipt {
     /// cached result, as `<agent>/<event id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_source: Option<String>,
+    /// Lowercase hex SHA-256 of the event's message payload, as the
+    /// signature binds it (`docs/contract.md`, "Signed decisions").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data_sha256: String,
+    /// The signing policy worker's public key (nkey, `N…`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signer: String,
+    /// Ed25519 signature (standard base64) of the signed bytes
+    /// ([`crate::signing::SignedFields::bytes`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signature: String,
 }
 
 /// What the tool-result cache did for one event.
@@ -221,7 +232,7 @@ pub mod headers {
     pub const POLICY_HASH: &str = "Mesh-Policy-Hash";
     /// The workflow's trace id (useful when the event had no `traceparent`).
     pub const TRACE_ID: &str = "Mesh-Trace-Id";
-    /// `deny` or `invalid`, on dead letters.
+    /// `allow` on deliveries, `deny` or `invalid` on dead letters.
     pub const DECISION: &str = "Mesh-Decision";
     /// Why, on dead letters (percent-encoded like `ce-*` values).
     pub const REASON: &str = "Mesh-Reason";
@@ -245,4 +256,14 @@ pub mod headers {
     /// subject where the same call was also stored, so an agent that reads
     /// its calls there skips this copy (older agents answer this one).
     pub const CALL: &str = "Mesh-Call";
+    /// When the decision was made (the receipt's `decided_at`), on
+    /// deliveries and dead letters: a signed field.
+    pub const DECIDED_AT: &str = "Mesh-Decided-At";
+    /// The signing policy worker's public key (nkey), on deliveries, dead
+    /// letters and audit checkpoints.
+    pub const SIGNER: &str = "Mesh-Signer";
+    /// The Ed25519 signature (standard base64) of the decision's signed
+    /// bytes, on deliveries and dead letters; of the payload, on audit
+    /// checkpoints.
+    pub const SIGNATURE: &str = "Mesh-Signature";
 }

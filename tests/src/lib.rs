@@ -334,10 +334,12 @@ pub async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken
         .path()
         .join(format!("worker-{}.ready", uuid::Uuid::new_v4().simple()));
     let config = policy_worker::Config {
-        nats_url: mesh.url(),
-        credentials: broker_config::NatsCredentials {
-            nkey_seed_file: Some(mesh.seed_file(auth::POLICY_WORKER)?),
-            creds_file: None,
+        nats: broker_config::NatsArgs {
+            url: mesh.url(),
+            credentials: broker_config::NatsCredentials {
+                nkey_seed_file: Some(mesh.seed_file(auth::POLICY_WORKER)?),
+                creds_file: None,
+            },
         },
         policies: testkit::shipped_policies(),
         watch_policies: false,
