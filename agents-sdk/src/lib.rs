@@ -69,6 +69,7 @@ mod inbox;
 mod metrics;
 pub mod payload;
 mod tools;
+mod trust;
 mod workflow;
 
 pub use agent::{

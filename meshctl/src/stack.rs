@@ -354,6 +354,23 @@ async fn bring_up(
         "applied",
         format_args!("{} streams and buckets, {created} created", changes.len()),
     );
+    let signing_keys = crate::signers::ensure_local_keys(home, &js).await?;
+    line(
+        "signers",
+        "applied",
+        format_args!(
+            "{} (keys in {})",
+            signing_keys
+                .iter()
+                .map(|(service, _, public)| format!("{service} {public}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            crate::signers::key_file(home, "policy-worker")
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ),
+    );
     if let Some(auth) = auth {
         broker_config::provision_services(&js).await?;
         let agents = auth.state.agents()?;
@@ -449,6 +466,12 @@ async fn bring_up(
                 .with_context(|| format!("no identity for `{name}`"))?;
             env.push(("NATS_NKEY_SEED_FILE", Some(seed.display().to_string())));
             env.push(("NATS_CREDS", None));
+        }
+        if let Some((_, file, _)) = signing_keys.iter().find(|(service, _, _)| *service == name) {
+            env.push((
+                "AGENTMESH_SIGNING_KEY_FILE",
+                Some(file.display().to_string()),
+            ));
         }
         if name == "audit-sink" {
             // The sink's own insert user where meshctl wrote the users;

@@ -22,6 +22,7 @@ mod limits;
 mod policy;
 mod reload;
 mod replay;
+mod signing;
 mod worker;
 
 use std::path::PathBuf;
@@ -87,6 +88,10 @@ pub struct Config {
     pub cache_flight_wait: Duration,
     /// Health and metrics server, OTLP export (off by default).
     pub ops: telemetry::OpsConfig,
+    /// This replica's decision signing key (`--signing-key-file`). `None`:
+    /// a key for this run only, which the worker adds to `mesh-signers`
+    /// where the broker lets it (development stacks without authorization).
+    pub signing_key: Option<Arc<schemas::signing::SigningKey>>,
 }
 
 impl Default for Config {
@@ -108,6 +113,7 @@ impl Default for Config {
             approval_timeout: Duration::from_secs(3600),
             cache_flight_wait: Duration::from_secs(10),
             ops: telemetry::OpsConfig::default(),
+            signing_key: None,
         }
     }
 }
@@ -254,12 +260,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
     };
     let metrics = telemetry::WorkerMetrics::new(ops.metrics());
+    let sealer = signing::Sealer::start(config.signing_key.clone(), &js).await;
     let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
     let approvals = Arc::new(approval::Approvals::new(
         js.clone(),
         bucket(schemas::subjects::BUCKET_APPROVALS).await?,
         config.approval_timeout,
         metrics.clone(),
+        sealer.clone(),
     ));
     approval::spawn(
         approvals.clone(),
@@ -286,7 +294,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         })?;
     }
     consuming.set(true);
-    tracing::info!(consumer = %config.consumer, "Policy worker ready.");
+    tracing::info!(consumer = %config.consumer, signer = sealer.public_key(), "Policy worker ready.");
 
     // A broker config older than this worker has no `MESH_CALL`: tool calls
     // then travel as deliveries only, as before.
@@ -297,7 +305,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "Stream missing; tool calls are routed as deliveries only."
         );
     }
-    let worker = worker::Worker::new(js, policies_rx, guard, cache, &config, metrics, calls);
+    let worker = worker::Worker::new(
+        js,
+        policies_rx,
+        guard,
+        cache,
+        &config,
+        metrics,
+        calls,
+        sealer,
+    );
     worker.consume(consumer, shutdown).await;
     consuming.set(false);
     lag.abort();

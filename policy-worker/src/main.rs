@@ -53,6 +53,11 @@ struct Args {
     /// Milliseconds a call of a cacheable tool waits for an identical call's result already in flight.
     #[arg(long, env = "AGENTMESH_CACHE_FLIGHT_WAIT_MS", default_value_t = 10_000)]
     cache_flight_wait_ms: u64,
+    /// This replica's decision signing key: a file holding an nkey seed
+    /// (mode 0600; `meshctl up` writes `.agentmesh/auth/signing/policy-worker.nk`).
+    /// Without it, a key for this run only.
+    #[arg(long, env = "AGENTMESH_SIGNING_KEY_FILE")]
+    signing_key_file: Option<PathBuf>,
     /// Health and metrics server, log format, OTLP export.
     #[command(flatten)]
     ops: telemetry::OpsConfig,
@@ -69,7 +74,18 @@ async fn main() -> std::process::ExitCode {
         }
     };
 
+    let signing_key = match &args.signing_key_file {
+        Some(path) => match broker_config::credentials::read_signing_key_file(path) {
+            Ok(key) => Some(std::sync::Arc::new(key)),
+            Err(error) => {
+                eprintln!("policy-worker: --signing-key-file: {error}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let config = policy_worker::Config {
+        signing_key,
         nats_url: args.nats.nats_url,
         credentials: broker_config::NatsCredentials {
             nkey_seed_file: args.nats.nats_nkey_seed_file,

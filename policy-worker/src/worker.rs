@@ -19,6 +19,7 @@ use crate::approval::forwardable;
 use crate::cache::{Lookup, ToolCache};
 use crate::guard;
 use crate::policy::PolicyBundle;
+use crate::signing::Sealer;
 use crate::{Config, Error};
 
 /// Creates (or finds) the durable pull consumer on `MESH_INGRESS`.
@@ -64,9 +65,15 @@ pub(crate) struct Worker {
     /// Whether `MESH_CALL` exists: approved tool calls are then stored
     /// there too, so agents read them apart from their other deliveries.
     calls: bool,
+    /// Signs each decision once (receipt and copy share the signature).
+    sealer: Sealer,
 }
 
 impl Worker {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is one shared piece of the per-event path, built by `run`"
+    )]
     pub(crate) fn new(
         js: jetstream::Context,
         policies: watch::Receiver<Arc<PolicyBundle>>,
@@ -75,6 +82,7 @@ impl Worker {
         config: &Config,
         metrics: telemetry::WorkerMetrics,
         calls: bool,
+        sealer: Sealer,
     ) -> Arc<Self> {
         Arc::new(Self {
             js,
@@ -87,6 +95,7 @@ impl Worker {
             grace: config.grace,
             metrics,
             calls,
+            sealer,
         })
     }
 
@@ -264,6 +273,10 @@ impl Worker {
         }
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        self.sealer.seal(&mut receipt, &message.payload);
+        if let Some((_, h, payload)) = &mut answer {
+            self.sealer.seal_answer(&receipt, h, payload);
+        }
 
         // An event is its agent and id: the same agent's repeated event
         // collapses to one receipt and one delivery via `Nats-Msg-Id`, and
@@ -347,6 +360,7 @@ impl Worker {
             forward.insert(headers::DECISION_ID, receipt.decision_id.as_str());
             forward.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
             forward.insert(headers::TRACE_ID, receipt.trace_id.as_str());
+            Sealer::stamp(receipt, &mut forward);
             forward
         };
         // An approved tool call is also stored on `mesh.call.<target>.<source>`;
@@ -393,7 +407,6 @@ impl Worker {
             (Decision::Allow, None) => None,
             (Decision::Deny | Decision::Invalid, _) => {
                 let mut forward = forwarded();
-                forward.insert(headers::DECISION, receipt.decision.as_str());
                 let reason = receipt.errors.first().cloned().unwrap_or_else(|| {
                     if receipt.reasons.is_empty() {
                         "no policy permits this event".to_owned()

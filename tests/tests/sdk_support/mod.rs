@@ -63,14 +63,26 @@ impl Mesh {
     /// A fresh server and the policy worker on the shipped policies.
     pub async fn with_worker() -> Self {
         let mut mesh = Self::start().await;
-        let ready = mesh._ready_dir.path().join("worker.ready");
+        mesh.start_worker(None).await;
+        mesh
+    }
+
+    /// Starts the policy worker on the shipped policies, signing with `key`
+    /// (a key of its own, which it registers itself, when `None`).
+    pub async fn start_worker(
+        &mut self,
+        key: Option<std::sync::Arc<schemas::signing::SigningKey>>,
+    ) {
+        let ready = self._ready_dir.path().join("worker.ready");
+        let _ = std::fs::remove_file(&ready);
         let config = policy_worker::Config {
-            nats_url: mesh.nats.url(),
+            nats_url: self.nats.url(),
             policies: shipped_policies(),
             watch_policies: false,
             ready_file: Some(ready.clone()),
             ack_wait: Duration::from_secs(2),
             grace: Duration::from_secs(1),
+            signing_key: key,
             ..Default::default()
         };
         let token = CancellationToken::new();
@@ -90,8 +102,15 @@ impl Mesh {
         .await
         .unwrap();
         assert!(!handle.is_finished(), "the policy worker stopped at start");
-        mesh.worker = Some((token, handle));
-        mesh
+        self.worker = Some((token, handle));
+    }
+
+    /// Stops the policy worker and waits until it has.
+    pub async fn stop_worker(&mut self) {
+        if let Some((token, handle)) = self.worker.take() {
+            token.cancel();
+            handle.await.unwrap();
+        }
     }
 
     pub fn url(&self) -> String {
