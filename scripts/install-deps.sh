@@ -2,7 +2,8 @@
 # Installs what agentmesh's stack and tests need on a Debian machine:
 # nats-server (JetStream), clickhouse-server + client, docker-compose (to
 # validate compose.yaml), chromium + chromium-driver (the `meshctl ui`
-# browser test) and the Python client nats-py for interop tests.
+# browser test), and the Python SDK with its test dependencies (nats-py,
+# nkeys, pytest, a2a-sdk, OpenTelemetry).
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -27,10 +28,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-if ! python3 -c 'import nats, nkeys' 2>/dev/null; then
-  echo "==> installing nats-py and nkeys (PyPI) for the interop test and the Python example"
-  python3 -m pip install -q --disable-pip-version-check nats-py nkeys 2>/dev/null \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages nats-py nkeys
+# The Python SDK (sdk/python) with what its tests need: nats-py and nkeys
+# (also for examples/python), pytest, the official a2a-sdk (the A2A
+# payloads are checked against its types) and OpenTelemetry's SDK with the
+# OTLP/HTTP exporter. The tests import the SDK from the work tree; the
+# installed copy is for `import agentmesh` elsewhere.
+if ! python3 -c 'import agentmesh, nats, nkeys, pytest, a2a, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
+  echo "==> installing the Python SDK and its test dependencies (PyPI)"
+  sdk="$(cd "$(dirname "$0")/.." && pwd)/sdk/python"
+  python3 -m pip install -q --disable-pip-version-check "$sdk[test,otel]" 2>/dev/null \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$sdk[test,otel]"
 fi
 
 case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac

@@ -2,12 +2,19 @@
 # The test command: installs the servers the tests start (nats-server,
 # clickhouse-server), checks formatting, lints, the API docs (no rustdoc
 # warnings), validates compose.yaml when present, and runs every test of the
-# workspace against real servers.
+# workspace against real servers — among them the Python SDK's pytest suite
+# (sdk/python/tests), which tests/tests/python_sdk.rs runs against the mesh
+# it starts, and the cross-agent trace check (traces_across_agents.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ./scripts/install-deps.sh
 export PATH="$PATH:/usr/sbin"
+# A cold build gains nothing from incremental caches; they only cost disk
+# (GiBs for some thirty test binaries).
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+target_dir="${CARGO_TARGET_DIR:-target}"
+echo "==> disk: $(df -Ph . | awk 'NR == 2 { print $4 }') free"
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
@@ -26,6 +33,7 @@ set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+echo "==> target dir: $(du -sh "$target_dir" 2>/dev/null | cut -f1), disk: $(df -Ph . | awk 'NR == 2 { print $4 }') free"
 # One closing line for the whole run (cargo ends on the last doc-test
 # binary's own count, often 0).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }

@@ -1,5 +1,7 @@
 //! A tool-serving agent: `coder` serves `code.search` (a substring search
-//! over the files under a directory) and works on the tasks handed to it.
+//! over the files under a directory), works on the tasks handed to it,
+//! answers questions and A2A requests (`docs/a2a.md`). Its callers: the
+//! `planner` example, and the Python one in `sdk/python/examples/`.
 //!
 //! Run the local stack (`meshctl up`, or nats-server and policy-worker),
 //! then: `cargo run -p agents-sdk --example tool_server -- [ROOT]`.
@@ -7,7 +9,9 @@
 
 use std::path::{Path, PathBuf};
 
-use agents_sdk::{Agent, Delivery, EventType, Skill, ToolCall, ToolError, ToolSpec, payload};
+use agents_sdk::{
+    A2aReply, A2aRequest, Agent, Delivery, EventType, Skill, ToolCall, ToolError, ToolSpec, payload,
+};
 use serde_json::{Value, json};
 
 /// Up to `limit` lines containing `query` in the files under `root`.
@@ -73,6 +77,9 @@ async fn main() -> anyhow::Result<()> {
                 }
             },
         )
+        .a2a(|request: A2aRequest| async move {
+            Ok(A2aReply::text(format!("coder read: {}", request.text())))
+        })
         .connect(&url)
         .await?;
     println!("coder serving `code.search` on {url}; Ctrl-C stops it");
@@ -95,6 +102,9 @@ async fn main() -> anyhow::Result<()> {
                 wf.reasoning(format!("Planning how to {}", task.task))
                     .await?;
                 wf.output(format!("Done: {}", task.task)).await?;
+            } else if d.event_type() == EventType::Message {
+                // A question (`wf.request`), e.g. from the Python planner.
+                d.reply(json!({"verdict": "done"})).await?;
             }
             Ok::<_, anyhow::Error>(())
         })

@@ -16,10 +16,12 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use crate::a2a::{A2aHandler, A2aReply, A2aRequest, A2aServer};
 use crate::card::{AgentCard, Directory, Skill, ToolSpec};
 use crate::error::{BoxError, ConnectError, ConnectErrorKind, PublishError, PublishErrorKind};
 use crate::inbox::Inbox;
 use crate::metrics::Counters;
+use crate::otel::Tracing;
 use crate::tools::{ToolCall, ToolError, ToolHandler};
 use crate::workflow::{Cause, Workflow};
 
@@ -106,6 +108,8 @@ pub struct AgentBuilder {
     credentials: Credentials,
     options: Option<ConnectOptions>,
     tools: HashMap<String, Arc<dyn ToolHandler>>,
+    a2a: Option<Arc<dyn A2aHandler>>,
+    otlp_endpoint: Option<String>,
     settings: Settings,
     register_card: bool,
 }
@@ -119,6 +123,8 @@ impl AgentBuilder {
             credentials: Credentials::None,
             options: None,
             tools: HashMap::new(),
+            a2a: None,
+            otlp_endpoint: None,
             settings: Settings::default(),
             register_card: true,
         }
@@ -186,12 +192,50 @@ impl AgentBuilder {
         self
     }
 
+    /// Answers A2A requests sent to this agent through the mesh
+    /// (`SendMessage`, `GetTask`, `CancelTask` and their 0.3 names; see
+    /// `docs/a2a.md`) and lists the A2A-over-NATS interface in the card.
+    /// The handler gets each message and returns the reply's parts, which
+    /// make a `completed` task; an error makes a `failed` one.
+    ///
+    /// ```no_run
+    /// use agents_sdk::{Agent, A2aReply, A2aRequest};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let agent = Agent::builder("coder")
+    ///     .a2a(|request: A2aRequest| async move {
+    ///         Ok(A2aReply::text(format!("you said: {}", request.text())))
+    ///     })
+    ///     .connect("nats://127.0.0.1:4222")
+    ///     .await?;
+    /// # let _ = agent;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn a2a<F, Fut>(mut self, handler: F) -> Self
+    where
+        F: Fn(A2aRequest) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<A2aReply, ToolError>> + Send + 'static,
+    {
+        self.a2a = Some(Arc::new(handler));
+        self
+    }
+
     /// Uses `card` as the agent's card (its id becomes the agent id). Tools
     /// registered with [`tool`](Self::tool), before or after, stay listed,
     /// replacing same-named entries of `card`.
     pub fn card(mut self, card: AgentCard) -> Self {
         let served = std::mem::take(&mut self.card.tools);
         self.card = served.into_iter().fold(card, AgentCard::tool);
+        self
+    }
+
+    /// Exports a span per step to this OTLP/HTTP endpoint (a base URL such
+    /// as `http://127.0.0.1:4318`; `/v1/traces` is added). Default: the
+    /// environment's `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`; none set, no spans. See `docs/sdk.md`.
+    pub fn otlp_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.otlp_endpoint = Some(endpoint.into());
         self
     }
 
@@ -378,7 +422,7 @@ impl AgentBuilder {
                 consumer::pull::Config {
                     durable_name: Some(consumer_name.clone()),
                     description: Some(format!("deliveries to agent `{id}`")),
-                    filter_subject: format!("mesh.deliver.{id}.>"),
+                    filter_subject: subjects::deliveries_to(id.as_str()),
                     deliver_policy: consumer::DeliverPolicy::All,
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: self.settings.ack_wait,
@@ -401,6 +445,9 @@ impl AgentBuilder {
         })?;
         let mut card = self.card;
         card.id = id.to_string();
+        if self.a2a.is_some() {
+            card = card.a2a_interface();
+        }
         if self.register_card {
             directory
                 .register(&card)
@@ -414,6 +461,7 @@ impl AgentBuilder {
             None
         };
         tracing::debug!(agent = %id, consumer = %consumer_name, "Agent connected.");
+        let otel = Tracing::start(id.as_str(), self.otlp_endpoint.as_deref());
         let agent = Agent {
             inner: Arc::new(Inner {
                 tool_slots: Arc::new(Semaphore::new(self.settings.max_concurrent_tools)),
@@ -426,6 +474,8 @@ impl AgentBuilder {
                 directory,
                 card,
                 tools: self.tools,
+                a2a: self.a2a.map(|handler| Arc::new(A2aServer::new(handler))),
+                otel,
                 awaited: Mutex::new(Awaited::default()),
                 inbox: Inbox::default(),
                 tasks: TaskTracker::new(),
@@ -470,7 +520,7 @@ impl AgentBuilder {
                 consumer::pull::Config {
                     durable_name: Some(name.to_owned()),
                     description: Some(format!("tool calls to agent `{id}`")),
-                    filter_subject: format!("mesh.call.{id}.>"),
+                    filter_subject: subjects::calls_to(id.as_str()),
                     deliver_policy: consumer::DeliverPolicy::All,
                     ack_policy: consumer::AckPolicy::Explicit,
                     ack_wait: self.settings.ack_wait,
@@ -493,7 +543,7 @@ impl AgentBuilder {
 
 /// The durable consumer an agent reads its deliveries from: `agent-<id>`.
 pub fn consumer_name(id: &AgentId) -> String {
-    format!("agent-{id}")
+    subjects::agent_consumer(id.as_str())
 }
 
 /// Ids of calls this process waits (or waited) for, with the type of the
@@ -538,6 +588,10 @@ pub(crate) struct Inner {
     pub(crate) directory: Directory,
     pub(crate) card: AgentCard,
     pub(crate) tools: HashMap<String, Arc<dyn ToolHandler>>,
+    /// The A2A handler and its tasks, when the agent answers A2A.
+    pub(crate) a2a: Option<Arc<A2aServer>>,
+    /// The exporter of step spans, when one is configured.
+    pub(crate) otel: Option<Tracing>,
     pub(crate) awaited: Mutex<Awaited>,
     pub(crate) inbox: Inbox,
     pub(crate) tasks: TaskTracker,
@@ -641,7 +695,7 @@ impl Agent {
 
     /// A new workflow: mints a trace whose first step is its root.
     pub fn workflow(&self) -> Workflow {
-        Workflow::new(self.clone(), TraceParent::mint(), None)
+        Workflow::new(self.clone(), TraceParent::mint(), None, None)
     }
 
     /// Continues an existing trace; the next step follows `after` (an event
@@ -659,13 +713,13 @@ impl Agent {
     /// # }
     /// ```
     pub fn continue_trace(&self, trace: TraceParent, after: Option<String>) -> Workflow {
-        Workflow::new(self.clone(), trace, after.map(Cause::id))
+        Workflow::new(self.clone(), trace, after.map(Cause::id), Some(trace))
     }
 
     /// Continues `trace` after event `id` of `agent` (a delivery or call
     /// this agent received): the next step names both as its cause.
     pub(crate) fn continue_after(&self, trace: TraceParent, id: &str, agent: &str) -> Workflow {
-        Workflow::new(self.clone(), trace, Some(Cause::of(id, agent)))
+        Workflow::new(self.clone(), trace, Some(Cause::of(id, agent)), Some(trace))
     }
 
     /// Flushes what is buffered and waits for running tool calls (up to the
@@ -675,6 +729,9 @@ impl Agent {
         let _ =
             tokio::time::timeout(self.inner.settings.shutdown_grace, self.inner.tasks.wait()).await;
         self.inner.tasks.reopen();
+        if let Some(otel) = &self.inner.otel {
+            otel.flush().await;
+        }
         self.inner.client.flush().await?;
         Ok(())
     }
@@ -686,8 +743,21 @@ impl Agent {
         step: &str,
         event: &Event,
         trace: TraceParent,
+        parent: Option<TraceParent>,
     ) -> Result<Published, PublishError> {
         let subject = subjects::ingress(self.inner.id.as_str(), step);
+        // The step's span, when spans are exported: ends once JetStream acked.
+        let _span = self.inner.otel.as_ref().and_then(|otel| {
+            let event_type = event.ty().parse::<EventType>().ok()?;
+            Some(otel.step(
+                self.inner.id.as_str(),
+                &subject,
+                event,
+                event_type,
+                trace,
+                parent,
+            ))
+        });
         let (mut headers, payload) = schemas::encode_binary(event);
         // Lets JetStream drop a re-sent copy of the same event.
         headers.insert(

@@ -203,7 +203,7 @@ async fn exchange(
                 if answer.event_type() == answer_type
                     && Some(answer.sender().as_str()) == target.as_deref()
                 {
-                    wf.set_last(answer.id(), answer.sender().as_str());
+                    wf.set_last(answer.id(), answer.sender().as_str(), answer.trace());
                     return Ok(Some(*answer));
                 }
             }

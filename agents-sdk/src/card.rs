@@ -1,6 +1,9 @@
 //! Discovery: agent cards in the `mesh-agents` KV bucket (key = agent id),
-//! with the fields of an A2A agent card (name, description, version, skills)
-//! and the tools the agent serves, each with its JSON input schema.
+//! with the fields of an A2A agent card (name, description, version, skills,
+//! capabilities, default input and output modes, and, for an agent that
+//! answers A2A, an interface entry naming the A2A-over-NATS binding of
+//! `docs/a2a.md`) and the tools the agent serves, each with its JSON input
+//! schema.
 //!
 //! Cards describe; they do not authorise. Any agent may write any card it is
 //! allowed to write to the bucket. What an agent may do is decided only by
@@ -56,6 +59,51 @@ pub struct AgentCard {
     /// The tools it serves through `tool.call` events.
     #[serde(default)]
     pub tools: Vec<ToolSpec>,
+    /// What the agent supports (A2A `AgentCapabilities`).
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    /// The media types the agent accepts (A2A `defaultInputModes`).
+    #[serde(default = "default_modes")]
+    pub default_input_modes: Vec<String>,
+    /// The media types the agent answers with (A2A `defaultOutputModes`).
+    #[serde(default = "default_modes")]
+    pub default_output_modes: Vec<String>,
+    /// Where and how the agent answers A2A requests (A2A
+    /// `supportedInterfaces`): on the mesh, one entry whose
+    /// `protocolBinding` is [`a2a::PROTOCOL_BINDING`](crate::a2a::PROTOCOL_BINDING).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supported_interfaces: Vec<AgentInterface>,
+}
+
+fn default_modes() -> Vec<String> {
+    vec!["text/plain".to_owned(), "application/json".to_owned()]
+}
+
+/// The optional A2A features an agent supports (A2A `AgentCapabilities`).
+/// Over the mesh neither streaming nor push notifications are offered: a
+/// request's answer carries the finished task.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Capabilities {
+    /// Streaming answers (`SendStreamingMessage`).
+    #[serde(default)]
+    pub streaming: bool,
+    /// Push notifications of task updates.
+    #[serde(default)]
+    pub push_notifications: bool,
+}
+
+/// One way to reach the agent over A2A (A2A `AgentInterface`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentInterface {
+    /// Where: on the mesh, `urn:agentmesh:agent:<id>`.
+    pub url: String,
+    /// How: on the mesh, `AGENTMESH+NATS`.
+    pub protocol_binding: String,
+    /// The A2A version spoken.
+    #[serde(default)]
+    pub protocol_version: String,
 }
 
 impl AgentCard {
@@ -69,7 +117,31 @@ impl AgentCard {
             version: "0.1.0".to_owned(),
             skills: Vec::new(),
             tools: Vec::new(),
+            capabilities: Capabilities::default(),
+            default_input_modes: default_modes(),
+            default_output_modes: default_modes(),
+            supported_interfaces: Vec::new(),
         }
+    }
+
+    /// Lists the A2A-over-NATS interface (`docs/a2a.md`): the agent answers
+    /// A2A requests sent to it through the mesh.
+    pub fn a2a_interface(mut self) -> Self {
+        if !self.serves_a2a() {
+            self.supported_interfaces.push(AgentInterface {
+                url: crate::a2a::interface_url(&self.id),
+                protocol_binding: crate::a2a::PROTOCOL_BINDING.to_owned(),
+                protocol_version: crate::a2a::PROTOCOL_VERSION.to_owned(),
+            });
+        }
+        self
+    }
+
+    /// Whether the card lists the A2A-over-NATS interface.
+    pub fn serves_a2a(&self) -> bool {
+        self.supported_interfaces
+            .iter()
+            .any(|i| i.protocol_binding == crate::a2a::PROTOCOL_BINDING)
     }
 
     /// Sets the human-readable name.
@@ -339,6 +411,14 @@ impl Directory {
     pub async fn find_by_tool(&self, tool: &str) -> Result<Vec<AgentCard>, DirectoryError> {
         let mut cards = self.list().await?;
         cards.retain(|c| c.serves(tool));
+        Ok(cards)
+    }
+
+    /// The agents that answer A2A requests over the mesh (their cards list
+    /// the A2A-over-NATS interface).
+    pub async fn find_a2a(&self) -> Result<Vec<AgentCard>, DirectoryError> {
+        let mut cards = self.list().await?;
+        cards.retain(AgentCard::serves_a2a);
         Ok(cards)
     }
 

@@ -56,11 +56,8 @@ impl Received {
         headers: Option<&HeaderMap>,
         payload: &[u8],
     ) -> Result<Self, Invalid> {
-        let source = subject
-            .strip_prefix("mesh.deliver.")
-            .or_else(|| subject.strip_prefix("mesh.call."))
-            .and_then(|rest| rest.split('.').nth(1))
-            .filter(|s| !s.is_empty())
+        let source = schemas::subjects::parse_routed(subject)
+            .map(|routed| routed.source)
             .ok_or_else(|| Invalid::Subject(subject.to_owned()))?;
         let size = schemas::message_size(headers, payload);
         let (event, mode) = schemas::decode(headers, payload)?;
@@ -679,12 +676,46 @@ impl Agent {
             }
             return Routed::Handled;
         }
+        if let Some(server) = &self.inner.a2a
+            && crate::a2a::is_a2a(&received)
+            && received
+                .json::<Value>()
+                .is_ok_and(|request| request.get("method").is_some())
+        {
+            self.spawn_a2a(message, received, server.clone());
+            return Routed::Handled;
+        }
         Routed::Yield(Box::new(Delivery {
             agent: self.clone(),
             message: Arc::new(message),
             received: Arc::new(received),
             acked: Arc::new(AtomicBool::new(false)),
         }))
+    }
+
+    /// Answers an A2A request in its own task: acked once the response is
+    /// published, refused (delivered again) if it cannot be.
+    fn spawn_a2a(
+        &self,
+        message: jetstream::Message,
+        received: Received,
+        server: Arc<crate::a2a::A2aServer>,
+    ) {
+        let agent = self.clone();
+        self.inner.tasks.spawn(async move {
+            let answer = agent.answer_a2a(&server, &received);
+            match with_keepalive(&message, agent.inner.settings.ack_wait, answer).await {
+                Ok(()) => {
+                    if let Err(e) = message.ack().await {
+                        tracing::warn!(error = %e, "Could not acknowledge an answered A2A request.");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(request = received.id(), error = %e, "Could not publish the A2A response; the request will be delivered again.");
+                    let _ = message.ack_with(AckKind::Nak(Some(agent.inner.settings.nak_delay))).await;
+                }
+            }
+        });
     }
 
     /// Runs a tool handler in its own task and answers the call: acked once
@@ -977,6 +1008,8 @@ mod tests {
     fn a_report_id_is_the_same_for_the_same_delivery_only() {
         let a = report_id("coder", "planner", "e1");
         assert_eq!(a, report_id("coder", "planner", "e1"));
+        // The Python SDK derives the same id (sdk/python/tests/test_events.py).
+        assert_eq!(a, "ea939efb-5d00-5848-ac0c-a10ddaea060f");
         assert_ne!(a, report_id("coder", "reviewer", "e1"));
         assert_ne!(a, report_id("coder", "planner", "e2"));
     }

@@ -185,7 +185,7 @@ impl Agent {
         let mut answers = self
             .inner
             .client
-            .subscribe(format!("mesh.deliver.{me}.>"))
+            .subscribe(schemas::subjects::deliveries_to(&me))
             .await?;
         // The subscription is in place on the server before the call is
         // published (same connection, in order).

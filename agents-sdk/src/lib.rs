@@ -59,6 +59,7 @@
 //! }
 //! ```
 
+pub mod a2a;
 mod agent;
 mod call;
 mod card;
@@ -67,17 +68,21 @@ mod error;
 mod feed;
 mod inbox;
 mod metrics;
+mod otel;
 pub mod payload;
 mod tools;
 mod trust;
 mod workflow;
 
+pub use a2a::{A2aReply, A2aRequest};
 pub use agent::{
     Agent, AgentBuilder, DEFAULT_ACK_WAIT, DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_ATTEMPTS,
     DEFAULT_PREFETCH, Published, consumer_name,
 };
 pub use call::{DecisionWait, Request, ToolCallRequest};
-pub use card::{AgentCard, CardChange, CardWatch, Directory, Skill, ToolSpec};
+pub use card::{
+    AgentCard, AgentInterface, Capabilities, CardChange, CardWatch, Directory, Skill, ToolSpec,
+};
 pub use delivery::{Deliveries, Delivery, Failed, Received};
 pub use error::{
     BoxError, CallError, CallErrorKind, ConnectError, ConnectErrorKind, DecisionError,

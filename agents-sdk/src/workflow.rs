@@ -41,6 +41,9 @@ pub struct Workflow {
     pub(crate) agent: Agent,
     trace: TraceParent,
     last: Arc<Mutex<Option<Cause>>>,
+    /// The span the next step's span is a child of (OpenTelemetry): the
+    /// `traceparent` of the event it follows, none for a fresh workflow.
+    parent: Arc<Mutex<Option<TraceParent>>>,
 }
 
 /// An event a step follows: its id and, when known, its agent (sent as
@@ -77,11 +80,17 @@ impl std::fmt::Debug for Workflow {
 }
 
 impl Workflow {
-    pub(crate) fn new(agent: Agent, trace: TraceParent, after: Option<Cause>) -> Self {
+    pub(crate) fn new(
+        agent: Agent,
+        trace: TraceParent,
+        after: Option<Cause>,
+        parent: Option<TraceParent>,
+    ) -> Self {
         Self {
             agent,
             trace,
             last: Arc::new(Mutex::new(after)),
+            parent: Arc::new(Mutex::new(parent)),
         }
     }
 
@@ -110,11 +119,19 @@ impl Workflow {
         self.last.lock().ok().and_then(|l| l.clone())
     }
 
-    /// Records `id`, published by `agent`, as the event the next step follows.
-    pub(crate) fn set_last(&self, id: &str, agent: &str) {
+    /// Records `id`, published by `agent` with `traceparent` `span`, as the
+    /// event the next step follows.
+    pub(crate) fn set_last(&self, id: &str, agent: &str, span: TraceParent) {
         if let Ok(mut last) = self.last.lock() {
             *last = Some(Cause::of(id, agent));
         }
+        if let Ok(mut parent) = self.parent.lock() {
+            *parent = Some(span);
+        }
+    }
+
+    fn parent_span(&self) -> Option<TraceParent> {
+        self.parent.lock().ok().and_then(|p| *p)
     }
 
     /// A step of any catalogue type, with an empty JSON object as data.
@@ -313,6 +330,8 @@ pub(crate) struct Prepared {
     pub(crate) event: schemas::Event,
     pub(crate) step: String,
     pub(crate) trace: TraceParent,
+    /// The span of the event this one follows (OpenTelemetry parent).
+    pub(crate) parent: Option<TraceParent>,
     pub(crate) target: Option<String>,
 }
 
@@ -399,10 +418,10 @@ impl Step {
         }
         let id = self.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
         let trace = self.wf.trace.child();
-        let causation = match self.causation {
-            Causation::Follow => self.wf.last_cause(),
-            Causation::After(cause) => Some(cause),
-            Causation::Root => None,
+        let (causation, parent) = match self.causation {
+            Causation::Follow => (self.wf.last_cause(), self.wf.parent_span()),
+            Causation::After(cause) => (Some(cause), self.wf.parent_span()),
+            Causation::Root => (None, None),
         };
         let mut builder = EventBuilderV10::new()
             .id(id)
@@ -431,6 +450,7 @@ impl Step {
             wf: self.wf,
             event,
             trace,
+            parent,
             target: self.target,
         })
     }
@@ -445,9 +465,10 @@ impl Prepared {
         let published = self
             .wf
             .agent
-            .publish_event(&self.step, &self.event, self.trace)
+            .publish_event(&self.step, &self.event, self.trace, self.parent)
             .await?;
-        self.wf.set_last(&published.id, self.wf.agent.id().as_str());
+        self.wf
+            .set_last(&published.id, self.wf.agent.id().as_str(), self.trace);
         Ok(published)
     }
 }

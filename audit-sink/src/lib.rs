@@ -23,10 +23,28 @@ pub mod queries;
 pub mod rows;
 pub mod schema;
 
-/// Default NATS server.
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Default ClickHouse HTTP endpoint.
 pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
+/// Default ClickHouse user.
+pub const DEFAULT_CLICKHOUSE_USER: &str = "default";
+/// Default rows per batch.
+pub const DEFAULT_BATCH_ROWS: u64 = 10_000;
+/// Default bytes per batch (uncompressed).
+pub const DEFAULT_BATCH_BYTES: u64 = 8 * 1024 * 1024;
+/// Default longest time a batch stays open, in milliseconds.
+pub const DEFAULT_BATCH_PERIOD_MS: u64 = 1000;
+/// Default time one insert may take, in milliseconds.
+pub const DEFAULT_INSERT_TIMEOUT_MS: u64 = 30_000;
+/// Default JetStream ack wait of the sink's consumers, in milliseconds.
+pub const DEFAULT_ACK_WAIT_MS: u64 = 30_000;
+/// Default longest wait between insert retries, in milliseconds.
+pub const DEFAULT_RETRY_MAX_MS: u64 = 5_000;
+/// Default retention in days (0: rows are kept).
+pub const DEFAULT_RETENTION_DAYS: u32 = 0;
+/// Default time the open batch may take to insert at shutdown, in milliseconds.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Default replicas of the `MESH_*` streams.
+pub const DEFAULT_STREAM_REPLICAS: usize = 1;
 
 /// The sink's settings (flags, or the environment variables named).
 #[derive(Debug, Clone, clap::Parser)]
@@ -36,20 +54,14 @@ pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
     about = "Writes every mesh event and decision to ClickHouse"
 )]
 pub struct Config {
-    /// NATS server URL.
-    #[arg(long, env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
-    pub nats_url: String,
-    /// File holding this service's NATS nkey seed (`SU…`, mode 0600), for a broker with authorization.
-    #[arg(long, env = "NATS_NKEY_SEED_FILE")]
-    pub nats_nkey_seed_file: Option<PathBuf>,
-    /// NATS `.creds` file (user JWT and seed), for a broker in operator mode.
-    #[arg(long, env = "NATS_CREDS", conflicts_with = "nats_nkey_seed_file")]
-    pub nats_creds: Option<PathBuf>,
+    /// NATS URL and credentials.
+    #[command(flatten)]
+    pub nats: broker_config::NatsArgs,
     /// ClickHouse HTTP URL.
     #[arg(long, env = "CLICKHOUSE_URL", default_value = DEFAULT_CLICKHOUSE_URL)]
     pub clickhouse_url: String,
     /// ClickHouse user.
-    #[arg(long, env = "CLICKHOUSE_USER", default_value = "default")]
+    #[arg(long, env = "CLICKHOUSE_USER", default_value = DEFAULT_CLICKHOUSE_USER)]
     pub clickhouse_user: String,
     /// ClickHouse password.
     #[arg(
@@ -63,40 +75,40 @@ pub struct Config {
     #[arg(long, env = "AGENTMESH_AUDIT_DATABASE", default_value = schema::DEFAULT_DATABASE)]
     pub database: String,
     /// Flush a batch once it holds this many rows.
-    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_ROWS", default_value_t = 10_000)]
+    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_ROWS", default_value_t = DEFAULT_BATCH_ROWS)]
     pub batch_rows: u64,
     /// Flush a batch once it holds this many bytes (uncompressed).
-    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_BYTES", default_value_t = 8 * 1024 * 1024)]
+    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_BYTES", default_value_t = DEFAULT_BATCH_BYTES)]
     pub batch_bytes: u64,
     /// Flush a batch at least this often, in milliseconds.
-    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_PERIOD_MS", default_value_t = 1000)]
+    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_PERIOD_MS", default_value_t = DEFAULT_BATCH_PERIOD_MS)]
     pub batch_period_ms: u64,
     /// Give up on one insert after this long, in milliseconds (then retry).
     #[arg(
         long,
         env = "AGENTMESH_AUDIT_INSERT_TIMEOUT_MS",
-        default_value_t = 30_000
+        default_value_t = DEFAULT_INSERT_TIMEOUT_MS
     )]
     pub insert_timeout_ms: u64,
     /// JetStream ack wait of the sink's consumers, in milliseconds.
-    #[arg(long, env = "AGENTMESH_AUDIT_ACK_WAIT_MS", default_value_t = 30_000)]
+    #[arg(long, env = "AGENTMESH_AUDIT_ACK_WAIT_MS", default_value_t = DEFAULT_ACK_WAIT_MS)]
     pub ack_wait_ms: u64,
     /// Longest wait between insert retries while ClickHouse fails, in milliseconds.
-    #[arg(long, env = "AGENTMESH_AUDIT_RETRY_MAX_MS", default_value_t = 5_000)]
+    #[arg(long, env = "AGENTMESH_AUDIT_RETRY_MAX_MS", default_value_t = DEFAULT_RETRY_MAX_MS)]
     pub retry_max_ms: u64,
     /// Drop rows older than this many days (TTL; 0 keeps them; needs ClickHouse 20.1+).
-    #[arg(long, env = "AGENTMESH_AUDIT_RETENTION_DAYS", default_value_t = 0)]
+    #[arg(long, env = "AGENTMESH_AUDIT_RETENTION_DAYS", default_value_t = DEFAULT_RETENTION_DAYS)]
     pub retention_days: u32,
     /// On shutdown, keep trying to insert the open batch this long, in milliseconds.
     #[arg(
         long,
         env = "AGENTMESH_AUDIT_SHUTDOWN_GRACE_MS",
-        default_value_t = 10_000
+        default_value_t = DEFAULT_SHUTDOWN_GRACE_MS
     )]
     pub shutdown_grace_ms: u64,
     /// Replicas of the MESH_* streams when they are created or updated (3 on
     /// a 3-node cluster; every service must say the same).
-    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = 1)]
+    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = DEFAULT_STREAM_REPLICAS)]
     pub stream_replicas: usize,
     /// Create this file once ready (schema and consumers in place); removed on exit.
     #[arg(long, env = "AGENTMESH_AUDIT_READY_FILE")]
@@ -112,26 +124,30 @@ pub struct Config {
     pub ops: telemetry::OpsConfig,
 }
 
+impl Default for Config {
+    fn default() -> Self {
+        Self::new(broker_config::DEFAULT_NATS_URL, DEFAULT_CLICKHOUSE_URL)
+    }
+}
+
 impl Config {
     /// The defaults, pointed at these servers.
     pub fn new(nats_url: impl Into<String>, clickhouse_url: impl Into<String>) -> Self {
         Self {
-            nats_url: nats_url.into(),
-            nats_nkey_seed_file: None,
-            nats_creds: None,
+            nats: broker_config::NatsArgs::url(nats_url),
             clickhouse_url: clickhouse_url.into(),
-            clickhouse_user: "default".into(),
+            clickhouse_user: DEFAULT_CLICKHOUSE_USER.into(),
             clickhouse_password: String::new(),
             database: schema::DEFAULT_DATABASE.into(),
-            batch_rows: 10_000,
-            batch_bytes: 8 * 1024 * 1024,
-            batch_period_ms: 1000,
-            insert_timeout_ms: 30_000,
-            ack_wait_ms: 30_000,
-            retry_max_ms: 5_000,
-            retention_days: 0,
-            shutdown_grace_ms: 10_000,
-            stream_replicas: 1,
+            batch_rows: DEFAULT_BATCH_ROWS,
+            batch_bytes: DEFAULT_BATCH_BYTES,
+            batch_period_ms: DEFAULT_BATCH_PERIOD_MS,
+            insert_timeout_ms: DEFAULT_INSERT_TIMEOUT_MS,
+            ack_wait_ms: DEFAULT_ACK_WAIT_MS,
+            retry_max_ms: DEFAULT_RETRY_MAX_MS,
+            retention_days: DEFAULT_RETENTION_DAYS,
+            shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            stream_replicas: DEFAULT_STREAM_REPLICAS,
             ready_file: None,
             signing_key_file: None,
             ops: telemetry::OpsConfig::default(),
@@ -234,18 +250,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let ops = telemetry::Ops::start("audit-sink", &config.ops).await?;
     let consuming = ops.health().flag("consumers", false);
     let clickhouse_up = ops.health().flag("clickhouse", false);
-    let credentials = broker_config::NatsCredentials {
-        nkey_seed_file: config.nats_nkey_seed_file.clone(),
-        creds_file: config.nats_creds.clone(),
-    };
-    let options = credentials
+    let options = config
+        .nats
+        .credentials
         .apply(async_nats::ConnectOptions::new().name("audit-sink"))
         .await?;
     let nats = options
-        .connect(&config.nats_url)
+        .connect(&config.nats.url)
         .await
         .map_err(|source| Error::Connect {
-            url: config.nats_url.clone(),
+            url: config.nats.url.clone(),
             source,
         })?;
     let state = nats.clone();
@@ -362,7 +376,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         })?;
     }
     tracing::info!(
-        nats = %config.nats_url,
+        nats = %config.nats.url,
         clickhouse = %config.clickhouse_url,
         database = %config.database,
         version = %features.version,
@@ -428,5 +442,88 @@ async fn wait_for_schema(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn flags_keep_their_names_and_defaults_match_default() {
+        let config = Config::try_parse_from([
+            "audit-sink",
+            "--nats-url",
+            "nats://n:4222",
+            "--nats-creds",
+            "/u.creds",
+            "--clickhouse-url",
+            "http://c:8123",
+            "--batch-rows",
+            "5",
+            "--stream-replicas",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(config.nats.url, "nats://n:4222");
+        assert_eq!(
+            config.nats.credentials.creds_file,
+            Some(PathBuf::from("/u.creds"))
+        );
+        assert_eq!(config.clickhouse_url, "http://c:8123");
+        assert_eq!(config.batch_rows, 5);
+        assert_eq!(config.stream_replicas, 3);
+
+        let plain = Config::try_parse_from(["audit-sink"]).unwrap();
+        let default = Config::default();
+        for (var, parsed, expected) in [
+            (
+                "AGENTMESH_AUDIT_BATCH_ROWS",
+                plain.batch_rows,
+                default.batch_rows,
+            ),
+            (
+                "AGENTMESH_AUDIT_BATCH_BYTES",
+                plain.batch_bytes,
+                default.batch_bytes,
+            ),
+            (
+                "AGENTMESH_AUDIT_BATCH_PERIOD_MS",
+                plain.batch_period_ms,
+                default.batch_period_ms,
+            ),
+            (
+                "AGENTMESH_AUDIT_INSERT_TIMEOUT_MS",
+                plain.insert_timeout_ms,
+                default.insert_timeout_ms,
+            ),
+            (
+                "AGENTMESH_AUDIT_ACK_WAIT_MS",
+                plain.ack_wait_ms,
+                default.ack_wait_ms,
+            ),
+            (
+                "AGENTMESH_AUDIT_RETRY_MAX_MS",
+                plain.retry_max_ms,
+                default.retry_max_ms,
+            ),
+            (
+                "AGENTMESH_AUDIT_SHUTDOWN_GRACE_MS",
+                plain.shutdown_grace_ms,
+                default.shutdown_grace_ms,
+            ),
+        ] {
+            if std::env::var_os(var).is_none() {
+                assert_eq!(parsed, expected, "{var}");
+            }
+        }
+        if std::env::var_os("CLICKHOUSE_URL").is_none() {
+            assert_eq!(plain.clickhouse_url, default.clickhouse_url);
+        }
+        if std::env::var_os("NATS_URL").is_none() {
+            assert_eq!(plain.nats, default.nats);
+        }
     }
 }

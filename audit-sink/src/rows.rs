@@ -342,8 +342,7 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
         event_id: String::new(),
         trace_id: String::new(),
         decision_id: String::new(),
-        agent: subject
-            .strip_prefix("mesh.decision.")
+        agent: subjects::parse_decision(subject)
             .unwrap_or_default()
             .to_owned(),
         r#type: String::new(),
@@ -508,8 +507,7 @@ pub fn gpu_lease_row(
     meta: &Meta,
 ) -> GpuLeaseRow {
     let received_us = meta.received_us;
-    let subject_pool = subject
-        .strip_prefix("mesh.gpu.lease.")
+    let subject_pool = subjects::parse_gpu_lease(subject)
         .unwrap_or_default()
         .to_owned();
     let mut errors = Vec::new();

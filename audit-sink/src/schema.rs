@@ -690,3 +690,59 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod columns_agree {
+    use std::collections::BTreeSet;
+
+    use clickhouse::Row;
+
+    use super::*;
+    use crate::rows::{DecisionRow, EventRow, GpuLeaseRow, RejectedRow};
+
+    /// The columns of the `CREATE TABLE` of `table` in `statements`.
+    fn ddl_columns(statements: &[String], table: &str) -> BTreeSet<String> {
+        let create = statements
+            .iter()
+            .find(|s| s.contains(&format!("`.`{table}` (")))
+            .unwrap_or_else(|| panic!("no CREATE TABLE for `{table}`"));
+        let body = create
+            .split_once('(')
+            .and_then(|(_, rest)| rest.split_once(") ENGINE"))
+            .map(|(columns, _)| columns)
+            .unwrap_or_else(|| panic!("cannot read the columns of `{table}`"));
+        body.split(",\n")
+            .filter_map(|line| line.split_whitespace().next())
+            .map(|column| column.trim_matches('`').to_owned())
+            .collect()
+    }
+
+    fn row_columns<R: Row>() -> BTreeSet<String> {
+        R::COLUMN_NAMES.iter().map(|c| (*c).to_owned()).collect()
+    }
+
+    /// The sink inserts by column name: every field of a row type must be a
+    /// column of its table, and every column a field (a column no row
+    /// fills would stay empty unnoticed), on old and current servers.
+    #[test]
+    fn each_tables_ddl_and_row_type_name_the_same_columns() {
+        for version in ["18.16.1", "24.8.4"] {
+            let statements = ddl("agentmesh", &ServerFeatures::from_version(version), 0);
+            for (table, row) in [
+                (EVENTS, row_columns::<EventRow>()),
+                (DECISIONS, row_columns::<DecisionRow>()),
+                (GPU_LEASES, row_columns::<GpuLeaseRow>()),
+                (REJECTED, row_columns::<RejectedRow>()),
+            ] {
+                let ddl = ddl_columns(&statements, table);
+                assert_eq!(
+                    ddl,
+                    row,
+                    "`{table}` on {version}: only in the DDL {:?}, only in the row type {:?}",
+                    ddl.difference(&row).collect::<Vec<_>>(),
+                    row.difference(&ddl).collect::<Vec<_>>()
+                );
+            }
+        }
+    }
+}

@@ -2,8 +2,6 @@
 //! `ReplicatedReplacingMergeTree` for a replicated ClickHouse; this keeps
 //! that DDL identical to what the sink itself creates, engine aside.
 
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
-
 use audit_sink::schema::{self, ServerFeatures};
 
 /// The sink's statement for one table, made replicated the way the guide says.

@@ -4,7 +4,7 @@
 //! `approvals.sql` answer from them, and a `decisions` table created by an
 //! older release gains the columns without losing rows.
 
-#![allow(clippy::expect_used)]
+#![expect(clippy::expect_used, reason = "a panic is how a test or bench fails")]
 
 mod common;
 

@@ -5,8 +5,6 @@
 //! times spread over many months do not matter. Against real NATS and
 //! ClickHouse servers.
 
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
-
 mod common;
 
 use std::time::Duration;
@@ -20,7 +18,10 @@ use testkit::{eventually, sample_value};
 /// How long a row may take to be queryable once the sink is running.
 const SOON: Duration = Duration::from_secs(20);
 
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "a test fixture that names every column it sets"
+)]
 fn step(
     id: &str,
     agent: &'static str,

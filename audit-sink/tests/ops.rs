@@ -3,7 +3,7 @@
 //! following ClickHouse, batch and error metrics on `/metrics`, and
 //! `audit.batch` spans exported over OTLP with a link to every event's trace.
 
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 mod common;
 
@@ -28,7 +28,7 @@ impl SinkProcess {
         let port = free_port().unwrap();
         let mut service = Service::spawn(
             Command::new(env!("CARGO_BIN_EXE_audit-sink"))
-                .args(["--nats-url", &config.nats_url])
+                .args(["--nats-url", &config.nats.url])
                 .args(["--clickhouse-url", &config.clickhouse_url])
                 .args(["--database", &config.database])
                 .args(["--batch-rows", "20", "--batch-period-ms", "100"])

@@ -12,11 +12,12 @@ use async_nats::jetstream::{self, consumer, message::PublishMessage};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
+use schemas::subjects;
 use tokio_util::sync::CancellationToken;
 
 /// Options of `mesh-bench agents`.
 #[derive(Debug, clap::Args)]
-pub struct AgentsArgs {
+pub(crate) struct AgentsArgs {
     /// Deliveries in each backlog.
     #[arg(long, default_value_t = 100_000)]
     events: u64,
@@ -51,7 +52,7 @@ async fn backlog(js: &jetstream::Context, prefix: &str, n: u64, size: usize) -> 
         let (headers, payload) = crate::sink::event(&format!("{prefix}-{i}"), size);
         let ack = js
             .send_publish(
-                "mesh.deliver.coder.planner",
+                subjects::deliver("coder", "planner"),
                 PublishMessage::build().headers(headers).payload(payload),
             )
             .await?;
@@ -70,7 +71,7 @@ async fn plain(js: &jetstream::Context, name: &str, n: u64) -> anyhow::Result<f6
     let consumer: consumer::PullConsumer = stream
         .create_consumer(consumer::pull::Config {
             durable_name: Some(name.to_owned()),
-            filter_subject: "mesh.deliver.coder.>".into(),
+            filter_subject: subjects::deliveries_to("coder"),
             ack_policy: consumer::AckPolicy::Explicit,
             max_ack_pending: 1000,
             ..Default::default()
@@ -144,7 +145,7 @@ fn summary(h: &Histogram<u64>) -> String {
 }
 
 /// `mesh-bench agents`.
-pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: AgentsArgs) -> anyhow::Result<()> {
     let nats = testkit::NatsServer::start().await?;
     let url = nats.url();
     let js = jetstream::new(nats.connect().await?);
@@ -179,7 +180,7 @@ pub async fn run(args: AgentsArgs) -> anyhow::Result<()> {
     let ready = tempfile::tempdir()?;
     let ready_file = ready.path().join("worker.ready");
     let config = policy_worker::Config {
-        nats_url: url.clone(),
+        nats: broker_config::NatsArgs::url(url.clone()),
         policies: args.policies.clone(),
         watch_policies: false,
         ready_file: Some(ready_file.clone()),

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Options of `mesh-bench cache`.
 #[derive(Debug, clap::Args)]
-pub struct CacheArgs {
+pub(crate) struct CacheArgs {
     /// Repeated calls measured per run (after the warm-up).
     #[arg(long, default_value_t = 500)]
     calls: u64,
@@ -97,7 +97,7 @@ impl Stack {
         let ready = policies.path().join("worker.ready");
         let stop = CancellationToken::new();
         let config = policy_worker::Config {
-            nats_url: nats.url(),
+            nats: broker_config::NatsArgs::url(nats.url()),
             policies: policies.path().to_owned(),
             watch_policies: false,
             ready_file: Some(ready.clone()),
@@ -178,7 +178,7 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 /// Runs `mesh-bench cache`.
-pub async fn run(args: CacheArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: CacheArgs) -> anyhow::Result<()> {
     println!(
         "repeated code.search through agents-sdk call_tool, {} calls after 20 warm-up calls",
         args.calls

@@ -19,7 +19,7 @@ use crate::{Service, sibling};
 
 /// Options of `mesh-bench faults`.
 #[derive(Debug, clap::Args)]
-pub struct FaultArgs {
+pub(crate) struct FaultArgs {
     /// Events per second the load keeps up.
     #[arg(long, default_value_t = 300)]
     rate: u64,
@@ -48,21 +48,21 @@ fn event(run: &str, i: u64) -> (String, HeaderMap, String) {
             h.insert("ce-source", "/agents/coder");
             h.insert("ce-type", "io.agentmesh.tool.call");
             h.insert("ce-subject", "shell.exec");
-            "mesh.ingress.coder.tool_call"
+            subjects::ingress("coder", "tool_call")
         }
         1 => {
             h.insert("ce-source", "/agents/coder");
             h.insert("ce-type", "io.agentmesh.task.handoff");
-            "mesh.ingress.planner.handoff"
+            subjects::ingress("planner", "handoff")
         }
         _ => {
             h.insert("ce-source", "/agents/planner");
             h.insert("ce-type", "io.agentmesh.task.handoff");
             h.insert("ce-target", "coder");
-            "mesh.ingress.planner.handoff"
+            subjects::ingress("planner", "handoff")
         }
     };
-    (subject.to_owned(), h, format!("{{\"i\":{i}}}"))
+    (subject, h, format!("{{\"i\":{i}}}"))
 }
 
 /// Every message of `stream` (an ordered consumer reads them all).
@@ -94,7 +94,7 @@ async fn scalar(ch: &testkit::ClickHouseServer, sql: &str) -> String {
         .unwrap_or_else(|e| format!("error: {e}"))
 }
 
-pub async fn run(args: FaultArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: FaultArgs) -> anyhow::Result<()> {
     let mut nats = testkit::NatsServer::start().await?;
     let mut ch = testkit::ClickHouseServer::start().await?;
     let url = nats.url();

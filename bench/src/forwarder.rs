@@ -12,10 +12,10 @@ use futures::StreamExt;
 use schemas::subjects;
 
 /// Consumer name of the raw forwarder on `MESH_INGRESS`.
-pub const CONSUMER: &str = "raw-forwarder";
+pub(crate) const CONSUMER: &str = "raw-forwarder";
 
 /// Runs the forwarder until the process is killed.
-pub async fn run(
+pub(crate) async fn run(
     nats_url: &str,
     batch: usize,
     in_flight: usize,

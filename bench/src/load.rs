@@ -15,14 +15,15 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use hdrhistogram::Histogram;
+use schemas::subjects;
 use tokio::sync::Mutex;
 
 /// Where latencies are measured from.
 #[derive(Clone)]
-pub struct Clock(Instant);
+pub(crate) struct Clock(Instant);
 
 impl Clock {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self(Instant::now())
     }
     fn now_ns(&self) -> u64 {
@@ -31,33 +32,33 @@ impl Clock {
 }
 
 /// What a phase measured.
-pub struct PhaseResult {
+pub(crate) struct PhaseResult {
     pub events: u64,
     pub seconds: f64,
     pub latency_us: Histogram<u64>,
 }
 
 impl PhaseResult {
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.events as f64 / self.seconds
     }
 }
 
 /// Counts deliveries and records their latency.
-pub struct Receiver {
+pub(crate) struct Receiver {
     delivered: Arc<AtomicU64>,
     histogram: Arc<Mutex<Histogram<u64>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Receiver {
-    pub async fn start(nats_url: &str, clock: Clock) -> anyhow::Result<Self> {
+    pub(crate) async fn start(nats_url: &str, clock: Clock) -> anyhow::Result<Self> {
         let client = async_nats::ConnectOptions::new()
             .subscription_capacity(1 << 20)
             .connect(nats_url)
             .await
             .context("receiver connect")?;
-        let mut sub = client.subscribe("mesh.deliver.>").await?;
+        let mut sub = client.subscribe(subjects::DELIVER_ALL).await?;
         client.flush().await?;
         let delivered = Arc::new(AtomicU64::new(0));
         let histogram = Arc::new(Mutex::new(new_histogram()));
@@ -79,12 +80,12 @@ impl Receiver {
         })
     }
 
-    pub fn delivered(&self) -> u64 {
+    pub(crate) fn delivered(&self) -> u64 {
         self.delivered.load(Ordering::Relaxed)
     }
 
     /// Waits until `n` deliveries in total have arrived (or `timeout`).
-    pub async fn wait_for(&self, n: u64, timeout: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_for(&self, n: u64, timeout: Duration) -> anyhow::Result<()> {
         let what = format!("{n} deliveries (have {})", self.delivered());
         testkit::eventually(timeout, &what, || async move {
             (self.delivered() >= n).then_some(())
@@ -93,7 +94,7 @@ impl Receiver {
     }
 
     /// Takes the latencies recorded so far and starts a fresh histogram.
-    pub async fn take_histogram(&self) -> Histogram<u64> {
+    pub(crate) async fn take_histogram(&self) -> Histogram<u64> {
         std::mem::replace(&mut *self.histogram.lock().await, new_histogram())
     }
 }
@@ -106,7 +107,7 @@ impl Drop for Receiver {
 
 fn new_histogram() -> Histogram<u64> {
     // INVARIANT: the bounds are valid (1 µs .. 10 min, 3 significant digits).
-    #[allow(clippy::unwrap_used)]
+    #[expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
     Histogram::new_with_bounds(1, 600_000_000, 3).unwrap()
 }
 
@@ -118,7 +119,7 @@ fn sent_ns(payload: &[u8]) -> Option<u64> {
 }
 
 /// Publishes benchmark events.
-pub struct Publisher {
+pub(crate) struct Publisher {
     js: jetstream::Context,
     template: HeaderMap,
     size: usize,
@@ -129,7 +130,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub async fn new(
+    pub(crate) async fn new(
         nats_url: &str,
         size: usize,
         window: usize,
@@ -183,13 +184,13 @@ impl Publisher {
             .payload(self.payload(sent_ns));
         Ok(self
             .js
-            .send_publish("mesh.ingress.planner.handoff", publish)
+            .send_publish(subjects::ingress("planner", "handoff"), publish)
             .await?)
     }
 
     /// Publishes `n` events as fast as the window of unacknowledged
     /// publishes allows.
-    pub async fn closed_loop(&mut self, n: u64) -> anyhow::Result<()> {
+    pub(crate) async fn closed_loop(&mut self, n: u64) -> anyhow::Result<()> {
         let mut pending = FuturesUnordered::new();
         for _ in 0..n {
             if pending.len() >= self.window
@@ -208,7 +209,7 @@ impl Publisher {
 
     /// Publishes at `rate` events/s for `duration`; each event carries its
     /// scheduled send time, so a stalled sender shows up as latency.
-    pub async fn open_loop(&mut self, rate: f64, duration: Duration) -> anyhow::Result<u64> {
+    pub(crate) async fn open_loop(&mut self, rate: f64, duration: Duration) -> anyhow::Result<u64> {
         let total = (rate * duration.as_secs_f64()) as u64;
         let start = self.clock.now_ns();
         let interval_ns = 1e9 / rate;
@@ -241,7 +242,7 @@ impl Publisher {
 }
 
 /// Runs a closed-loop phase of `n` events and waits for every delivery.
-pub async fn closed_phase(
+pub(crate) async fn closed_phase(
     publisher: &mut Publisher,
     receiver: &Receiver,
     n: u64,
@@ -262,7 +263,7 @@ pub async fn closed_phase(
 }
 
 /// Runs an open-loop phase at `rate` for `duration` and waits for every delivery.
-pub async fn open_phase(
+pub(crate) async fn open_phase(
     publisher: &mut Publisher,
     receiver: &Receiver,
     rate: f64,

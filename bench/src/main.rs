@@ -47,7 +47,7 @@ enum Cmd {
     /// Run the raw forwarder (used by `run` as a child process).
     Forward {
         /// NATS server URL.
-        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        #[arg(long, env = "NATS_URL", default_value = broker_config::DEFAULT_NATS_URL)]
         nats_url: String,
         /// Messages requested per pull.
         #[arg(long, default_value_t = 256)]

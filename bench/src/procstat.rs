@@ -1,7 +1,7 @@
 //! Peak RSS and CPU time of a child process, from `/proc` (Linux).
 
 /// Peak resident set size (`VmHWM`) in bytes.
-pub fn peak_rss(pid: u32) -> Option<u64> {
+pub(crate) fn peak_rss(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -9,7 +9,7 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
 }
 
 /// User + system CPU seconds used so far.
-pub fn cpu_seconds(pid: u32) -> Option<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start at
     // field 3; utime and stime are fields 14 and 15.

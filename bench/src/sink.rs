@@ -8,12 +8,13 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use schemas::subjects;
 
 use crate::{Service, sibling};
 
 /// Options of `mesh-bench sink`.
 #[derive(Debug, clap::Args)]
-pub struct SinkArgs {
+pub(crate) struct SinkArgs {
     /// Events in the backlog the sink drains.
     #[arg(long, default_value_t = 200_000)]
     events: u64,
@@ -26,7 +27,7 @@ pub struct SinkArgs {
 }
 
 /// A binary-mode event for the backlog.
-pub fn event(id: &str, size: usize) -> (HeaderMap, bytes::Bytes) {
+pub(crate) fn event(id: &str, size: usize) -> (HeaderMap, bytes::Bytes) {
     let mut headers = HeaderMap::new();
     for (k, v) in [
         ("ce-specversion", "1.0"),
@@ -44,7 +45,7 @@ pub fn event(id: &str, size: usize) -> (HeaderMap, bytes::Bytes) {
 }
 
 /// Publishes `n` events with ids `<prefix>-<i>`, 2048 unacknowledged at most.
-pub async fn publish_backlog(
+pub(crate) async fn publish_backlog(
     js: &jetstream::Context,
     prefix: &str,
     n: u64,
@@ -60,7 +61,7 @@ pub async fn publish_backlog(
         let (headers, payload) = event(&format!("{prefix}-{i}"), size);
         let ack = js
             .send_publish(
-                "mesh.ingress.planner.handoff",
+                subjects::ingress("planner", "handoff"),
                 PublishMessage::build().headers(headers).payload(payload),
             )
             .await?;
@@ -80,7 +81,7 @@ async fn count(ch: &testkit::ClickHouseServer, sql: &str) -> u64 {
         .unwrap_or(0)
 }
 
-pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
+pub(crate) async fn run(args: SinkArgs) -> anyhow::Result<()> {
     let nats = testkit::NatsServer::start().await?;
     let ch = testkit::ClickHouseServer::start().await?;
     let js = jetstream::new(nats.connect().await?);
@@ -139,7 +140,7 @@ pub async fn run(args: SinkArgs) -> anyhow::Result<()> {
         let id = format!("probe-{i}");
         let (headers, payload) = event(&id, args.size);
         let t = Instant::now();
-        js.publish_with_headers("mesh.ingress.planner.handoff", headers, payload)
+        js.publish_with_headers(subjects::ingress("planner", "handoff"), headers, payload)
             .await?
             .await?;
         let sql = format!("SELECT count() FROM agentmesh.events WHERE event_id = '{id}'");

@@ -64,7 +64,7 @@ pub const AUDIT_SINK_CONSUMERS: [(&str, &str); 3] = [
     (subjects::STREAM_GPU, "audit-sink-gpu"),
 ];
 /// The subject on which the GPU scaler answers status requests.
-pub const GPU_STATUS_SUBJECT: &str = "mesh.gpu.status";
+pub const GPU_STATUS_SUBJECT: &str = subjects::GPU_STATUS;
 
 /// The role of a principal: which permission template applies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -191,10 +191,10 @@ pub fn grants(principal: &Principal) -> Grants {
                 account: MESH_ACCOUNT.to_owned(),
                 publish: vec![
                     // What only the worker may write.
-                    "mesh.deliver.>".into(),
-                    "mesh.call.>".into(),
-                    "mesh.decision.>".into(),
-                    "mesh.dead.>".into(),
+                    subjects::DELIVER_ALL.into(),
+                    subjects::CALL_ALL.into(),
+                    subjects::DECISION_ALL.into(),
+                    subjects::DEAD_ALL.into(),
                     // `broker_config::apply` at start: reads every stream
                     // (creating or changing one is the operator's job).
                     "$JS.API.STREAM.INFO.*".into(),
@@ -206,7 +206,7 @@ pub fn grants(principal: &Principal) -> Grants {
                     // Guardrails (docs/guardrails.md): events parked for
                     // approval and the worker's own `expire` answers; the
                     // parked event read back when it is answered.
-                    "mesh.approval.>".into(),
+                    subjects::APPROVAL_ALL.into(),
                     format!("$JS.API.STREAM.MSG.GET.{approvals}"),
                     // Its own durable of approval answers.
                     format!("$JS.API.CONSUMER.INFO.{approvals}.{answers}"),
@@ -270,7 +270,7 @@ pub fn grants(principal: &Principal) -> Grants {
             account: "GPU_SCALER".to_owned(),
             publish: vec![
                 // Lease events and the lease bucket: the scaler alone writes them.
-                "mesh.gpu.lease.>".into(),
+                subjects::GPU_LEASE_ALL.into(),
                 format!("$KV.{}.>", subjects::BUCKET_GPU_LEASES),
                 "$JS.API.STREAM.INFO.*".into(),
                 // Queue depth: the consumers of the streams its pools watch.
@@ -284,7 +284,7 @@ pub fn grants(principal: &Principal) -> Grants {
             allow_responses: true,
             service_imports: vec![
                 JS_API.into(),
-                "mesh.gpu.lease.>".into(),
+                subjects::GPU_LEASE_ALL.into(),
                 format!("$KV.{}.>", subjects::BUCKET_GPU_LEASES),
             ],
             service_exports: vec![GPU_STATUS_SUBJECT.into()],
@@ -300,7 +300,7 @@ pub fn grants(principal: &Principal) -> Grants {
                 account: agent_account(name),
                 publish: vec![
                     // Its own events, and nobody else's.
-                    format!("mesh.ingress.{name}.>"),
+                    subjects::ingress_of(name),
                     // Its own card (put and delete), and nobody else's.
                     format!("$KV.{}.{name}", subjects::BUCKET_AGENTS),
                     // The SDK's start-up check (which stream holds a
@@ -362,7 +362,7 @@ pub fn grants(principal: &Principal) -> Grants {
                 ],
                 service_imports: vec![
                     JS_API.into(),
-                    format!("mesh.ingress.{name}.>"),
+                    subjects::ingress_of(name),
                     format!("$KV.{}.{name}", subjects::BUCKET_AGENTS),
                     format!("$JS.ACK.{deliver}.{durable}.>"),
                     format!("$JS.ACK.{decision}.{receipts}.>"),
@@ -388,7 +388,7 @@ pub fn agent_account(id: &str) -> String {
 /// The durable consumer agent `id` reads its deliveries from (`agent-<id>`,
 /// the name the agents SDK uses).
 pub fn agent_consumer(id: &str) -> String {
-    format!("agent-{id}")
+    subjects::agent_consumer(id)
 }
 
 /// The durable consumer agent `id` reads its receipts from on
@@ -399,13 +399,13 @@ pub fn receipts_consumer(id: &str) -> String {
 
 /// The filter of agent `id`'s durable: `mesh.deliver.<id>.>`.
 pub fn agent_filter(id: &str) -> String {
-    format!("mesh.deliver.{id}.>")
+    subjects::deliveries_to(id)
 }
 
 /// The filter of agent `id`'s durable of tool calls on `MESH_CALL`:
 /// `mesh.call.<id>.>`.
 pub fn agent_calls_filter(id: &str) -> String {
-    format!("mesh.call.{id}.>")
+    subjects::calls_to(id)
 }
 
 /// Why a set of principals cannot be rendered.

@@ -169,12 +169,50 @@ pub fn read_seed_file(path: &Path) -> Result<(String, String), CredentialsError>
     Ok((seed.to_owned(), pair.public_key()))
 }
 
+/// Where the services and `meshctl` find NATS unless told otherwise (the
+/// local stack's server).
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+/// How a service reaches NATS: the flags (and environment variables) every
+/// service flattens into its `Config`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL.
+    #[arg(long = "nats-url", env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
+    pub url: String,
+    /// How to authenticate.
+    #[command(flatten)]
+    pub credentials: NatsCredentials,
+}
+
+impl NatsArgs {
+    /// The server at `url`, without credentials.
+    pub fn url(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            credentials: NatsCredentials::default(),
+        }
+    }
+}
+
+impl Default for NatsArgs {
+    fn default() -> Self {
+        Self::url(DEFAULT_NATS_URL)
+    }
+}
+
 /// How a service authenticates to NATS (both `None`: it does not).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct NatsCredentials {
-    /// A file holding the user's nkey seed (`SU…`), mode 0600.
+    /// File holding this service's NATS nkey seed (`SU…`, mode 0600), for a broker with authorization.
+    #[arg(long = "nats-nkey-seed-file", env = "NATS_NKEY_SEED_FILE")]
     pub nkey_seed_file: Option<PathBuf>,
-    /// A `.creds` file (user JWT and seed), for servers run in operator mode.
+    /// NATS `.creds` file (user JWT and seed), for a broker in operator mode.
+    #[arg(
+        long = "nats-creds",
+        env = "NATS_CREDS",
+        conflicts_with = "nkey_seed_file"
+    )]
     pub creds_file: Option<PathBuf>,
 }
 
@@ -211,7 +249,44 @@ impl NatsCredentials {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Args {
+        #[command(flatten)]
+        nats: NatsArgs,
+    }
+
+    #[test]
+    fn nats_flags_keep_their_names_and_refuse_two_credentials() {
+        let args = Args::try_parse_from([
+            "svc",
+            "--nats-url",
+            "nats://n:4222",
+            "--nats-nkey-seed-file",
+            "/k.nk",
+        ])
+        .unwrap();
+        assert_eq!(args.nats.url, "nats://n:4222");
+        assert_eq!(
+            args.nats.credentials.nkey_seed_file,
+            Some(PathBuf::from("/k.nk"))
+        );
+        let both = Args::try_parse_from([
+            "svc",
+            "--nats-nkey-seed-file",
+            "/k.nk",
+            "--nats-creds",
+            "/u.creds",
+        ]);
+        assert!(both.is_err());
+        if std::env::var_os("NATS_URL").is_none() {
+            let plain = Args::try_parse_from(["svc"]).unwrap();
+            assert_eq!(plain.nats, NatsArgs::default());
+        }
+    }
 
     #[test]
     fn seed_files_are_private_and_round_trip() {

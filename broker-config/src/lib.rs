@@ -14,7 +14,7 @@ pub mod auth;
 pub mod credentials;
 mod provision;
 
-pub use credentials::NatsCredentials;
+pub use credentials::{DEFAULT_NATS_URL, NatsArgs, NatsCredentials};
 pub use provision::{
     ProvisionError, agent_calls_consumer_config, agent_consumer_config, approvals_consumer_config,
     audit_chain_consumer_config, ensure_consumer, provision_agent, provision_services,
@@ -104,37 +104,37 @@ pub fn streams(options: &Options) -> Vec<stream::Config> {
     vec![
         def(
             subjects::STREAM_INGRESS,
-            "mesh.ingress.>",
+            subjects::INGRESS_ALL,
             "every event agents publish, before policy",
         ),
         def(
             subjects::STREAM_DELIVER,
-            "mesh.deliver.>",
+            subjects::DELIVER_ALL,
             "approved events, by target and source",
         ),
         def(
             subjects::STREAM_CALL,
-            "mesh.call.>",
+            subjects::CALL_ALL,
             "approved tool calls, by target and source (also delivered on mesh.deliver)",
         ),
         def(
             subjects::STREAM_DECISION,
-            "mesh.decision.>",
+            subjects::DECISION_ALL,
             "one decision receipt per ingress event",
         ),
         def(
             subjects::STREAM_DEAD,
-            "mesh.dead.>",
+            subjects::DEAD_ALL,
             "denied and invalid events with the reason",
         ),
         def(
             subjects::STREAM_GPU,
-            "mesh.gpu.lease.>",
+            subjects::GPU_LEASE_ALL,
             "GPU lease grants and releases",
         ),
         def(
             subjects::STREAM_APPROVALS,
-            "mesh.approval.>",
+            subjects::APPROVAL_ALL,
             "events parked for human approval, and the answers",
         ),
         // The audit's external record: kept for good, and no message may

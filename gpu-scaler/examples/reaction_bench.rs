@@ -21,7 +21,7 @@ use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use gpu_scaler::{
-    AssignedGpu, Config, DeclaredGpu, DeclaredInventory, InventoryMode, PoolConfig, Scaler,
+    AssignedGpu, ConfigFile, DeclaredGpu, DeclaredInventory, InventoryMode, PoolConfig, Scaler,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
 
     let gpu = format!("GPU-bench-{}", std::process::id());
-    let config = Config {
+    let config = ConfigFile {
         poll_interval: interval,
         lease_ttl: Duration::from_secs(15).max(interval * 4),
         inventory: InventoryMode::Declared,

@@ -3,7 +3,7 @@
 //!
 //! TOML (or JSON for a `.json` file), every table with
 //! `deny_unknown_fields`, so a typo is an error that names the field instead
-//! of a silently ignored setting. [`Config::validate`] checks what serde
+//! of a silently ignored setting. [`ConfigFile::validate`] checks what serde
 //! cannot and says how to fix it.
 
 use std::collections::BTreeMap;
@@ -63,7 +63,7 @@ pub enum InventoryMode {
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct ConfigFile {
     /// Time between two demand reads, e.g. `"250ms"`.
     #[serde(default = "default_poll_interval", with = "duration_str")]
     pub poll_interval: Duration,
@@ -139,7 +139,7 @@ fn default_true() -> bool {
     true
 }
 
-impl Default for Config {
+impl Default for ConfigFile {
     fn default() -> Self {
         Self {
             poll_interval: DEFAULT_POLL_INTERVAL,
@@ -151,7 +151,7 @@ impl Default for Config {
     }
 }
 
-impl Config {
+impl ConfigFile {
     /// Reads, parses and validates a config file (`.json` as JSON, else TOML).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let shown = path.display().to_string();
@@ -230,7 +230,8 @@ impl Config {
             }
             if pool.consumers.is_empty() && pool.subjects.is_empty() {
                 return invalid(format!(
-                    "pool `{name}`: set `consumers` (durable names) or `subjects` (e.g. [\"mesh.deliver.{name}.>\"]) so it has a demand"
+                    "pool `{name}`: set `consumers` (durable names) or `subjects` (e.g. [\"{}\"]) so it has a demand",
+                    schemas::subjects::deliveries_to(name)
                 ));
             }
             if pool.target_backlog_per_gpu == 0 {
@@ -263,12 +264,12 @@ impl Config {
 }
 
 /// Whether `name` may name a pool: `[a-z0-9][a-z0-9_-]{0,62}`.
-pub fn is_valid_pool_name(name: &str) -> bool {
+pub(crate) fn is_valid_pool_name(name: &str) -> bool {
     schemas::AgentId::is_valid(name)
 }
 
 /// Whether `key` is a valid KV key (`[-/_=.a-zA-Z0-9]+`, not starting or ending with `.`).
-pub fn is_valid_key(key: &str) -> bool {
+pub(crate) fn is_valid_key(key: &str) -> bool {
     !key.is_empty()
         && !key.starts_with('.')
         && !key.ends_with('.')
@@ -328,11 +329,11 @@ mod duration_str {
 
     use super::{DisplayDuration, parse_duration};
 
-    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&DisplayDuration(*value))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;
         parse_duration(&text).ok_or_else(|| {
             D::Error::custom(format!(
@@ -375,7 +376,7 @@ max_gpus = 1
 
     #[test]
     fn parses_toml_with_defaults() {
-        let config = Config::from_toml(SAMPLE).unwrap();
+        let config = ConfigFile::from_toml(SAMPLE).unwrap();
         assert_eq!(config.poll_interval, Duration::from_millis(100));
         assert_eq!(config.lease_ttl, Duration::from_secs(5));
         assert_eq!(config.inventory, InventoryMode::Declared);
@@ -390,7 +391,7 @@ max_gpus = 1
 
     #[test]
     fn shipped_example_parses() {
-        let config = Config::from_toml(include_str!("../examples/pools.toml")).unwrap();
+        let config = ConfigFile::from_toml(include_str!("../examples/pools.toml")).unwrap();
         assert_eq!(config.gpus.len(), 4);
         assert_eq!(config.pools.len(), 3);
         assert_eq!(config.pools["coder"].cooldown, DEFAULT_COOLDOWN);
@@ -398,21 +399,21 @@ max_gpus = 1
 
     #[test]
     fn json_round_trip() {
-        let config = Config::from_toml(SAMPLE).unwrap();
+        let config = ConfigFile::from_toml(SAMPLE).unwrap();
         let json = serde_json::to_string(&config).unwrap();
-        assert_eq!(Config::from_json(&json).unwrap(), config);
+        assert_eq!(ConfigFile::from_json(&json).unwrap(), config);
     }
 
     #[test]
     fn defaults_when_empty() {
-        let config = Config::from_toml("").unwrap();
-        assert_eq!(config, Config::default());
+        let config = ConfigFile::from_toml("").unwrap();
+        assert_eq!(config, ConfigFile::default());
         assert_eq!(config.poll_interval, Duration::from_millis(250));
     }
 
     #[test]
     fn unknown_field_is_named() {
-        let err = Config::from_toml(
+        let err = ConfigFile::from_toml(
             "[pools.coder]\nsubjects=[\"a\"]\ntarget_backlog_per_gpu=1\nmax_gpus=1\nmax_gpu=2\n",
         )
         .unwrap_err()
@@ -422,7 +423,7 @@ max_gpus = 1
 
     #[test]
     fn bad_values_say_how_to_fix() {
-        let err = |t: &str| Config::from_toml(t).unwrap_err().to_string();
+        let err = |t: &str| ConfigFile::from_toml(t).unwrap_err().to_string();
         let e = err(
             "[pools.coder]\nsubjects=[\"a\"]\ntarget_backlog_per_gpu=1\nmin_gpus=3\nmax_gpus=1\n",
         );

@@ -13,7 +13,7 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper::error::NvmlError;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, DeclaredGpu, InventoryMode};
+use crate::config::{ConfigFile, DeclaredGpu, InventoryMode};
 
 /// One GPU as the inventory sees it now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,7 +233,7 @@ impl Inventory for NvmlInventory {
 
 /// Opens the inventory the config asks for. In `auto` mode a missing NVML is
 /// one log line and the declared GPUs are used; in `nvml` mode it is an error.
-pub fn open(config: &Config) -> Result<Arc<dyn Inventory>, InventoryError> {
+pub fn open(config: &ConfigFile) -> Result<Arc<dyn Inventory>, InventoryError> {
     let declared = || Arc::new(DeclaredInventory::new(&config.gpus)) as Arc<dyn Inventory>;
     match config.inventory {
         InventoryMode::Declared => Ok(declared()),

@@ -221,7 +221,7 @@ fn broker_error(key: &str, e: &dyn std::fmt::Display) -> WriteError {
 }
 
 /// The slot one KV entry describes.
-pub fn slot_from_entry(entry: &kv::Entry) -> Slot {
+pub(crate) fn slot_from_entry(entry: &kv::Entry) -> Slot {
     let state = match entry.operation {
         kv::Operation::Delete | kv::Operation::Purge => SlotState::Free,
         kv::Operation::Put => match serde_json::from_slice::<Lease>(&entry.value) {
@@ -250,11 +250,11 @@ pub(crate) mod rfc3339 {
     use chrono::{DateTime, SecondsFormat, Utc};
     use serde::{Deserialize, Deserializer, Serializer, de::Error};
 
-    pub fn serialize<S: Serializer>(value: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(value: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&value.to_rfc3339_opts(SecondsFormat::Micros, true))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
         let text = String::deserialize(d)?;
         DateTime::parse_from_rfc3339(&text)
             .map(|t| t.with_timezone(&Utc))

@@ -25,7 +25,7 @@ mod scaler;
 mod worker;
 
 pub use config::{
-    Config, ConfigError, DEFAULT_COOLDOWN, DEFAULT_LEASE_TTL, DEFAULT_POLL_INTERVAL,
+    ConfigError, ConfigFile, DEFAULT_COOLDOWN, DEFAULT_LEASE_TTL, DEFAULT_POLL_INTERVAL,
     DEFAULT_STREAM, DeclaredGpu, DisplayDuration, InventoryMode, PoolConfig, parse_duration,
 };
 pub use inventory::{DeclaredInventory, GpuInfo, Inventory, InventoryError, NvmlInventory};
@@ -78,24 +78,71 @@ pub enum Error {
     },
 }
 
-/// Everything the `gpu-scaler` binary runs with.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    /// NATS server URL.
-    pub nats_url: String,
-    /// How to authenticate to NATS (none by default).
-    pub credentials: broker_config::NatsCredentials,
-    /// The parsed config file.
-    pub config: Config,
-    /// This instance's name: the lease holder and the event source.
-    pub instance: String,
-    /// File created once the first round has run, removed on exit.
+/// Default replicas of the `MESH_*` streams.
+pub const DEFAULT_STREAM_REPLICAS: usize = 1;
+
+/// Everything the scaler runs with: the `gpu-scaler` flags (and the
+/// environment variables named), or [`Config::default`] and struct update
+/// syntax in tests. The pools themselves are in the file `--config` names
+/// ([`ConfigFile`]).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "gpu-scaler",
+    version,
+    about = "Leases GPUs to agent pools from their JetStream backlog"
+)]
+pub struct Config {
+    /// NATS URL and credentials.
+    #[command(flatten)]
+    pub nats: broker_config::NatsArgs,
+    /// Pools config file (TOML, or JSON for a `.json` file); without one
+    /// there are no pools and nothing is leased.
+    #[arg(long = "config", env = "GPU_SCALER_CONFIG")]
+    pub pools_file: Option<PathBuf>,
+    /// File created once the scaler is ready, removed on exit.
+    #[arg(long, env = "GPU_SCALER_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// Instance name: lease holder and event source (default: the host name).
+    #[arg(long, env = "GPU_SCALER_INSTANCE")]
+    pub instance: Option<String>,
     /// Replicas of the MESH_* streams when they are created or updated (3 on
     /// a 3-node cluster; every service must say the same).
+    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = DEFAULT_STREAM_REPLICAS)]
     pub stream_replicas: usize,
-    /// Health and metrics server, OTLP export (off by default).
+    /// Health and metrics server, log format, OTLP export.
+    #[command(flatten)]
     pub ops: telemetry::OpsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats: broker_config::NatsArgs::default(),
+            pools_file: None,
+            ready_file: None,
+            instance: None,
+            stream_replicas: DEFAULT_STREAM_REPLICAS,
+            ops: telemetry::OpsConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// The pools of `--config`; none (and a warning) without one.
+    pub fn pools(&self) -> Result<ConfigFile, ConfigError> {
+        match &self.pools_file {
+            Some(path) => ConfigFile::load(path),
+            None => {
+                tracing::warn!("No --config given: no pools, nothing will be leased.");
+                Ok(ConfigFile::default())
+            }
+        }
+    }
+
+    /// This instance's name: `--instance`, or [`default_instance`].
+    pub fn instance(&self) -> String {
+        self.instance.clone().unwrap_or_else(default_instance)
+    }
 }
 
 /// Whether `name` can name an instance: `[A-Za-z0-9._-]{1,64}`.
@@ -135,23 +182,25 @@ pub fn default_instance() -> String {
 /// Runs the scaler until `shutdown`: connects, applies the broker config,
 /// opens the inventory, runs a first round, writes the ready file, then
 /// runs rounds every `poll_interval`.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     // First, so /healthz answers while the scaler starts.
-    let ops = telemetry::Ops::start("gpu-scaler", &settings.ops).await?;
+    let ops = telemetry::Ops::start("gpu-scaler", &config.ops).await?;
+    let pools_config = config.pools()?;
     let running = ops.health().flag("rounds", false);
-    let options = settings
+    let options = config
+        .nats
         .credentials
         .apply(async_nats::ConnectOptions::new().name("gpu-scaler"))
         .await
         .map_err(|e| Error::Connect {
-            url: settings.nats_url.clone(),
+            url: config.nats.url.clone(),
             message: e.to_string(),
         })?;
     let client = options
-        .connect(&settings.nats_url)
+        .connect(&config.nats.url)
         .await
         .map_err(|e| Error::Connect {
-            url: settings.nats_url.clone(),
+            url: config.nats.url.clone(),
             message: e.to_string(),
         })?;
     let state = client.clone();
@@ -160,19 +209,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     });
     let js = async_nats::jetstream::new(client.clone());
     let broker = broker_config::Options {
-        replicas: settings.stream_replicas.max(1),
+        replicas: config.stream_replicas.max(1),
         ..broker_config::Options::default()
     };
     broker_config::apply(&js, &broker).await?;
-    let inventory: Arc<dyn Inventory> = inventory::open(&settings.config)?;
-    let pools = settings.config.pools.len();
-    let mut scaler = Scaler::new(client, settings.config, settings.instance, inventory)
+    let inventory: Arc<dyn Inventory> = inventory::open(&pools_config)?;
+    let pools = pools_config.pools.len();
+    let mut scaler = Scaler::new(client, pools_config, config.instance(), inventory)
         .await?
         .with_metrics(telemetry::ScalerMetrics::new(ops.metrics()));
     if let Err(e) = scaler.round().await {
         tracing::warn!(error = %e, "First scaling round failed; retrying every interval.");
     }
-    let _ready = match &settings.ready_file {
+    let _ready = match &config.ready_file {
         Some(path) => Some(ReadyFile::create(path.clone())?),
         None => None,
     };
@@ -200,5 +249,39 @@ impl ReadyFile {
 impl Drop for ReadyFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn flags_keep_their_names_and_defaults_match_default() {
+        let config = Config::try_parse_from([
+            "gpu-scaler",
+            "--nats-url",
+            "nats://n:4222",
+            "--config",
+            "/pools.toml",
+            "--instance",
+            "gpu-host-1",
+            "--stream-replicas",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(config.nats.url, "nats://n:4222");
+        assert_eq!(config.pools_file, Some(PathBuf::from("/pools.toml")));
+        assert_eq!(config.instance(), "gpu-host-1");
+        assert_eq!(config.stream_replicas, 3);
+        if std::env::var_os("AGENTMESH_STREAM_REPLICAS").is_none() {
+            let plain = Config::try_parse_from(["gpu-scaler"]).unwrap();
+            assert_eq!(plain.stream_replicas, Config::default().stream_replicas);
+        }
+        if std::env::var_os("GPU_SCALER_CONFIG").is_none() {
+            assert_eq!(Config::default().pools().unwrap(), ConfigFile::default());
+        }
     }
 }

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 
 use crate::Error;
-use crate::config::{Config, DisplayDuration};
+use crate::config::{ConfigFile, DisplayDuration};
 use crate::decide;
 use crate::demand;
 use crate::inventory::{DeclaredInventory, GpuInfo, Inventory};
@@ -77,7 +77,7 @@ impl Overview {
 /// computes demand from it.
 pub async fn gather(
     client: &async_nats::Client,
-    config: Option<&Config>,
+    config: Option<&ConfigFile>,
     wait: Duration,
 ) -> Result<Overview, Error> {
     let broker = |what: &str, e: &dyn fmt::Display| Error::Broker {

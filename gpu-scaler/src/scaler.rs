@@ -19,7 +19,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::Error;
-use crate::config::Config;
+use crate::config::ConfigFile;
 use crate::decide::{self, Action, PoolDecision, PoolInput, Stabilizer};
 use crate::demand::{self, PoolDemand};
 use crate::events::{LeaseAction, Outbox, lease_event};
@@ -27,7 +27,7 @@ use crate::inventory::{GpuInfo, Inventory};
 use crate::lease::{Lease, LeaseStore, WriteError};
 
 /// Core NATS subject on which every running scaler answers with its [`Status`] (JSON).
-pub const STATUS_SUBJECT: &str = "mesh.gpu.status";
+pub const STATUS_SUBJECT: &str = schemas::subjects::GPU_STATUS;
 
 /// How long the last events may take to reach the broker at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -90,7 +90,7 @@ pub struct RoundReport {
 pub struct Scaler {
     js: jetstream::Context,
     store: LeaseStore,
-    config: Config,
+    config: ConfigFile,
     instance: String,
     inventory: Arc<dyn Inventory>,
     /// The last inventory read; `None` until one read succeeded.
@@ -111,7 +111,7 @@ impl Scaler {
     /// requests at once.
     pub async fn new(
         client: async_nats::Client,
-        config: Config,
+        config: ConfigFile,
         instance: String,
         inventory: Arc<dyn Inventory>,
     ) -> Result<Self, Error> {
@@ -508,7 +508,7 @@ mod tests {
         }
     }
 
-    fn config() -> Config {
+    fn config() -> ConfigFile {
         let pool = PoolConfig {
             stream: "MESH_DELIVER".into(),
             consumers: vec![],
@@ -518,7 +518,7 @@ mod tests {
             max_gpus: 1,
             cooldown: Duration::from_secs(60),
         };
-        Config {
+        ConfigFile {
             poll_interval: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(15),
             inventory: InventoryMode::Declared,

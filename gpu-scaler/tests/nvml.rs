@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gpu_scaler::{
-    Config, Inventory, InventoryMode, NvmlInventory, assigned_gpus, cuda_visible_devices,
+    ConfigFile, Inventory, InventoryMode, NvmlInventory, assigned_gpus, cuda_visible_devices,
 };
 
 #[tokio::test]
@@ -59,7 +59,7 @@ async fn nvml_discovers_real_gpus_and_the_scaler_leases_one() -> anyhow::Result<
         assert!(gpu.utilization_percent.is_none_or(|u| u <= 100));
         assert!(gpu.index.is_some());
     }
-    let auto = gpu_scaler::inventory::open(&Config::default())?;
+    let auto = gpu_scaler::inventory::open(&ConfigFile::default())?;
     assert_eq!(auto.source(), "nvml", "auto mode picks NVML where it loads");
 
     // A lease on the real GPU, when a nats-server is at hand.
@@ -104,9 +104,9 @@ fn without_nvml_auto_mode_uses_the_declared_gpus() -> anyhow::Result<()> {
         println!("SKIPPED: NVML is present here; the fallback is for hosts without it");
         return Ok(());
     }
-    let mut config = Config {
+    let mut config = ConfigFile {
         gpus: common::declared(2),
-        ..Config::default()
+        ..ConfigFile::default()
     };
     let inventory = gpu_scaler::inventory::open(&config)?;
     assert_eq!(inventory.source(), "declared");

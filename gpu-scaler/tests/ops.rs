@@ -2,7 +2,7 @@
 //! binary: `/readyz`, lease metrics on `/metrics`, and `gpu.scaling` spans
 //! with one event per lease decision exported over OTLP.
 
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 mod common;
 

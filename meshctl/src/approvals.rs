@@ -19,7 +19,7 @@ use crate::servers::Endpoints;
 
 /// `meshctl approvals ...`
 #[derive(Debug, Subcommand)]
-pub enum ApprovalsCommand {
+pub(crate) enum ApprovalsCommand {
     /// List approval requests: pending ones, or all with --all.
     List {
         /// Also list approved, rejected and expired requests.
@@ -39,7 +39,7 @@ pub enum ApprovalsCommand {
 
 /// What `approve` and `reject` take.
 #[derive(Debug, clap::Args)]
-pub struct AnswerArgs {
+pub(crate) struct AnswerArgs {
     /// The approval id (or a unique prefix).
     id: String,
     /// Who answers, recorded in the receipt and the audit (default: $USER).
@@ -54,7 +54,7 @@ pub struct AnswerArgs {
 }
 
 /// Runs a `meshctl approvals` command; `Ok(false)` means exit status 1.
-pub async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
+pub(crate) async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     let client = endpoints
         .connect_nats()
         .await

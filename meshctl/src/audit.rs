@@ -24,7 +24,7 @@ use crate::servers::Endpoints;
 
 /// `meshctl audit …`
 #[derive(Debug, Subcommand)]
-pub enum AuditCommand {
+pub(crate) enum AuditCommand {
     /// Recompute the audit from ClickHouse and check it against the signed
     /// checkpoints on MESH_AUDIT: prints `ok` and the count checked, or
     /// each row altered, deleted or inserted (exit status 1).
@@ -40,7 +40,7 @@ pub enum AuditCommand {
 
 /// What is wrong with one row or checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Finding {
+pub(crate) enum Finding {
     /// A row's content is not what was signed and checkpointed.
     Altered {
         /// Its `MESH_DECISION` sequence.
@@ -114,24 +114,24 @@ impl fmt::Display for Finding {
 
 /// The outcome of a verification.
 #[derive(Debug, Default)]
-pub struct Report {
+pub(crate) struct Report {
     /// Rows checked.
-    pub rows: usize,
+    pub(crate) rows: usize,
     /// Checkpoints read.
-    pub checkpoints: usize,
+    pub(crate) checkpoints: usize,
     /// Rows newer than every checkpoint (signature checked only).
-    pub pending: usize,
+    pub(crate) pending: usize,
     /// Everything wrong, first by sequence.
-    pub findings: Vec<Finding>,
+    pub(crate) findings: Vec<Finding>,
 }
 
 /// The filters of `--since` and `--trace`.
 #[derive(Debug, Default, Clone)]
-pub struct Filter {
+pub(crate) struct Filter {
     /// Decisions at or after this instant (microseconds since the epoch).
-    pub since_us: Option<i64>,
+    pub(crate) since_us: Option<i64>,
     /// Only this trace.
-    pub trace: Option<String>,
+    pub(crate) trace: Option<String>,
 }
 
 impl Filter {
@@ -146,7 +146,7 @@ impl Filter {
 }
 
 /// Reads the signers, the checkpoints and the rows, and checks them.
-pub async fn verify(endpoints: &Endpoints, filter: &Filter) -> anyhow::Result<Report> {
+pub(crate) async fn verify(endpoints: &Endpoints, filter: &Filter) -> anyhow::Result<Report> {
     let js = jetstream::new(endpoints.connect_nats().await?);
     let kv = js
         .get_key_value(subjects::BUCKET_SIGNERS)
@@ -405,7 +405,7 @@ fn check_rows(
 }
 
 /// Runs `meshctl audit …`; `false` when anything was found.
-pub async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
+pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     match command {
         AuditCommand::Verify { since, trace } => {
             let since_us = since

@@ -11,7 +11,7 @@ use crate::servers::Endpoints;
 
 /// `meshctl cache ...`
 #[derive(Debug, Subcommand)]
-pub enum CacheCommand {
+pub(crate) enum CacheCommand {
     /// Show how many entries and bytes the cache holds, and its limits.
     Status,
     /// Drop cached results: every tool's (and the calls in flight), or one tool's with --tool.
@@ -23,7 +23,7 @@ pub enum CacheCommand {
 }
 
 /// Runs a `meshctl cache` command.
-pub async fn run(command: CacheCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
+pub(crate) async fn run(command: CacheCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     let js = jetstream::new(endpoints.connect_nats().await?);
     let stream_name = format!("KV_{}", subjects::BUCKET_TOOL_CACHE);
     let context = || {

@@ -15,11 +15,11 @@ const STATUS_WAIT: Duration = Duration::from_millis(300);
 
 /// Prints inventory, leases and per-pool demand. `config` is the scaler's
 /// pools file, used only when no scaler answers.
-pub async fn run(
+pub(crate) async fn run(
     endpoints: &crate::servers::Endpoints,
     config: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let config = config.map(gpu_scaler::Config::load).transpose()?;
+    let config = config.map(gpu_scaler::ConfigFile::load).transpose()?;
     let client = endpoints
         .connect_nats()
         .await

@@ -15,7 +15,7 @@ use crate::servers::Endpoints;
 
 /// `meshctl limits ...`
 #[derive(Debug, Subcommand)]
-pub enum LimitsCommand {
+pub(crate) enum LimitsCommand {
     /// Show every agent's counters (or one agent's), and a workflow's with --workflow.
     Show {
         /// Only this agent.
@@ -35,7 +35,7 @@ pub enum LimitsCommand {
 }
 
 /// Runs a `meshctl limits` command.
-pub async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
+pub(crate) async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     let client = endpoints.connect_nats().await?;
     let js = jetstream::new(client);
     let store = js

@@ -9,15 +9,17 @@ mod approvals;
 mod audit;
 mod cache;
 mod demo;
+mod entities;
 mod gpus;
+mod identity;
 mod limits;
 mod policy;
-mod procs;
-mod servers;
 mod signers;
 mod stack;
 mod tree;
 mod ui;
+
+use stack::{procs, servers};
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -31,7 +33,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "meshctl", version, about)]
 struct Cli {
     /// NATS server URL (a local one is started by `up` when nothing answers here).
-    #[arg(long, global = true, env = "NATS_URL", default_value = audit_sink::DEFAULT_NATS_URL)]
+    #[arg(long, global = true, env = "NATS_URL", default_value = broker_config::DEFAULT_NATS_URL)]
     nats_url: String,
     /// ClickHouse HTTP URL (a local one is started by `up` when nothing answers here).
     #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_sink::DEFAULT_CLICKHOUSE_URL)]
@@ -233,7 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     audit_sink::schema::check_database(&cli.database)?;
     let home = procs::Home::new(cli.home);
     let insecure = matches!(cli.command, Command::Up { insecure: true, .. });
-    let mut endpoints = servers::Endpoints {
+    let endpoints = servers::Endpoints {
         nats_url: cli.nats_url,
         nats_credentials: broker_config::NatsCredentials {
             nkey_seed_file: cli.nats_nkey_seed_file,
@@ -244,22 +246,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         clickhouse_password: cli.clickhouse_password,
         database: cli.database,
     };
-    // On a local stack with authorization meshctl is the operator, and
-    // reads ClickHouse as the read-only user (`up` picks its own).
-    let state = agents::AuthState::new(&home);
-    if !insecure && !endpoints.nats_credentials.is_set() && state.admin_seed_file().is_file() {
-        endpoints.nats_credentials.nkey_seed_file = Some(state.admin_seed_file());
-    }
     let is_up = matches!(cli.command, Command::Up { .. });
-    if !is_up
-        && stack::auth_mode(&home)
-        && endpoints.clickhouse_user == "default"
-        && endpoints.clickhouse_password.is_empty()
-        && let Some(secrets) = state.clickhouse_secrets()
-    {
-        endpoints.clickhouse_user = agents::CLICKHOUSE_READER_USER.to_owned();
-        endpoints.clickhouse_password = secrets.reader;
-    }
+    let endpoints = endpoints.with_local_credentials(&home, is_up, insecure);
     match cli.command {
         Command::Up {
             detach,
@@ -299,27 +287,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             AgentsCommand::List { policies } => agents::list(&home, &policies)?,
         },
         Command::Demo { timeout_secs } => {
-            let seeds = stack::auth_mode(&home).then(|| state.clone());
-            run_demo(
-                &endpoints,
-                seeds.as_ref(),
-                Duration::from_secs(timeout_secs),
-            )
-            .await?
+            demo::run(&home, &endpoints, Duration::from_secs(timeout_secs)).await?
         }
         Command::Gpus { config } => gpus::run(&endpoints, config.as_deref()).await?,
-        Command::Trace { trace_id } => {
-            tree::check_trace_id(&trace_id)?;
-            let nodes = tree::fetch(&endpoints.audit_db(), &trace_id).await?;
-            if nodes.is_empty() {
-                anyhow::bail!(
-                    "no steps of trace {trace_id} in `{}.events`",
-                    endpoints.database
-                );
-            }
-            let reports = tree::reports(&endpoints.audit_db(), &trace_id).await?;
-            print!("{}", tree::render_with(&trace_id, &nodes, &reports));
-        }
+        Command::Trace { trace_id } => tree::print(&endpoints, &trace_id).await?,
         Command::Ui { port, bind } => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -362,47 +333,4 @@ fn exit(ok: bool) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
-}
-
-async fn run_demo(
-    endpoints: &servers::Endpoints,
-    seeds: Option<&agents::AuthState>,
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    match servers::nats_state(endpoints).await {
-        servers::NatsState::JetStream => {}
-        servers::NatsState::Refused => anyhow::bail!(
-            "the NATS server at {} refuses meshctl's credentials: is it the stack of this `.agentmesh/` (`meshctl status`)?",
-            endpoints.nats_url
-        ),
-        _ => anyhow::bail!(
-            "no NATS server with JetStream answers at {}: start the stack with `meshctl up --detach`",
-            endpoints.nats_url
-        ),
-    }
-    if servers::clickhouse_version(&endpoints.clickhouse())
-        .await
-        .is_none()
-    {
-        anyhow::bail!(
-            "no ClickHouse answers at {}: start the stack with `meshctl up --detach`",
-            endpoints.clickhouse_url
-        );
-    }
-    let js = async_nats::jetstream::new(endpoints.connect_nats().await?);
-    broker_config::apply(&js, &broker_config::Options::default()).await?;
-    // Each demo agent connects with its own key on a stack with authorization.
-    let seed_of = |id: &str| -> anyhow::Result<Option<String>> {
-        let Some(state) = seeds else {
-            return Ok(None);
-        };
-        let file = state.seed_file(broker_config::auth::Role::Agent, id);
-        let (seed, _) = broker_config::credentials::read_seed_file(&file).map_err(|e| {
-            anyhow::anyhow!(
-                "agent `{id}` has no usable key ({e}): `meshctl up` registers the agents of entities.json, or `meshctl agents add {id} --role …`"
-            )
-        })?;
-        Ok(Some(seed))
-    };
-    demo::run(endpoints, &seed_of, timeout).await
 }

@@ -21,7 +21,7 @@ use crate::servers::Endpoints;
 
 /// `meshctl policy ...`
 #[derive(Debug, Subcommand)]
-pub enum PolicyCommand {
+pub(crate) enum PolicyCommand {
     /// Validate a policy directory as the worker loads it and print its hash.
     Check {
         /// The policy directory.
@@ -67,7 +67,7 @@ pub enum PolicyCommand {
 
 /// Where replay reads recorded events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Source {
+pub(crate) enum Source {
     /// The audit tables (`events` and `decisions`).
     Clickhouse,
     /// The `MESH_INGRESS` and `MESH_DECISION` streams.
@@ -75,7 +75,7 @@ pub enum Source {
 }
 
 /// Runs a `meshctl policy` command; `Ok(false)` means exit status 1.
-pub async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
+pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     match command {
         PolicyCommand::Check { dir } => {
             let bundle = load(&dir)?;
@@ -161,7 +161,7 @@ fn load(dir: &Path) -> anyhow::Result<PolicyBundle> {
 
 /// Parses an RFC 3339 time, `YYYY-MM-DD[ HH:MM:SS]` in UTC, or an age
 /// (`90s`, `30m`, `6h`, `2d`) before `now`.
-pub fn parse_time(text: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
+pub(crate) fn parse_time(text: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
     let t = text.trim();
     if let Some(unit) = t.chars().last().filter(|c| "smhd".contains(*c))
         && let Ok(n) = t[..t.len() - 1].parse::<i64>()

@@ -17,11 +17,11 @@ use crate::servers::Endpoints;
 
 /// The services that sign: the worker signs decisions, the sink signs
 /// audit checkpoints.
-pub const SIGNING_SERVICES: [&str; 2] = ["policy-worker", "audit-sink"];
+pub(crate) const SIGNING_SERVICES: [&str; 2] = ["policy-worker", "audit-sink"];
 
 /// `meshctl signers …`
 #[derive(Debug, Subcommand)]
-pub enum SignersCommand {
+pub(crate) enum SignersCommand {
     /// List every signer: public key, name, status, dates.
     List,
     /// Trust a signer: add its public key (`N…`) as active.
@@ -52,7 +52,7 @@ pub enum SignersCommand {
 }
 
 /// The signing key file of local `service`.
-pub fn key_file(home: &Home, service: &str) -> PathBuf {
+pub(crate) fn key_file(home: &Home, service: &str) -> PathBuf {
     home.root()
         .join("auth")
         .join("signing")
@@ -75,7 +75,7 @@ async fn bucket(js: &jetstream::Context) -> anyhow::Result<kv::Store> {
 }
 
 /// Every record in the bucket.
-pub async fn records(kv: &kv::Store) -> anyhow::Result<Vec<SignerRecord>> {
+pub(crate) async fn records(kv: &kv::Store) -> anyhow::Result<Vec<SignerRecord>> {
     let mut keys = kv.keys().await?.boxed();
     let mut out = Vec::new();
     while let Some(key) = keys.next().await {
@@ -112,7 +112,7 @@ fn active(public_key: &str, name: &str) -> SignerRecord {
 /// Makes the local signing key of each of [`SIGNING_SERVICES`] that has
 /// none, and adds each to `mesh-signers` unless it is there. Returns the
 /// key files.
-pub async fn ensure_local_keys(
+pub(crate) async fn ensure_local_keys(
     home: &Home,
     js: &jetstream::Context,
 ) -> anyhow::Result<Vec<(&'static str, PathBuf, String)>> {
@@ -160,7 +160,7 @@ async fn update(
 }
 
 /// Retires `public_key` as of now (what it signed until now stays valid).
-pub async fn retire(kv: &kv::Store, public_key: &str) -> anyhow::Result<SignerRecord> {
+pub(crate) async fn retire(kv: &kv::Store, public_key: &str) -> anyhow::Result<SignerRecord> {
     update(kv, public_key, |r| {
         if r.status == SignerStatus::Active {
             r.status = SignerStatus::Retired;
@@ -171,7 +171,7 @@ pub async fn retire(kv: &kv::Store, public_key: &str) -> anyhow::Result<SignerRe
 }
 
 /// Runs `meshctl signers …`.
-pub async fn run(
+pub(crate) async fn run(
     command: SignersCommand,
     home: &Home,
     endpoints: &Endpoints,

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 /// One step of the tree: the columns of `audit-sink/sql/decision_tree.sql`.
 #[derive(Debug, Clone, PartialEq, Deserialize, clickhouse::Row)]
-pub struct Node {
+pub(crate) struct Node {
     /// The event id.
     pub event_id: String,
     /// The causing event (`''` for a root).
@@ -52,7 +52,7 @@ pub struct Node {
 }
 
 /// Checks a trace id: 32 lowercase hex characters.
-pub fn check_trace_id(trace_id: &str) -> anyhow::Result<()> {
+pub(crate) fn check_trace_id(trace_id: &str) -> anyhow::Result<()> {
     if trace_id.len() == 32
         && trace_id
             .bytes()
@@ -64,8 +64,29 @@ pub fn check_trace_id(trace_id: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `meshctl trace <id>`: the decision tree of one workflow, from ClickHouse.
+pub(crate) async fn print(
+    endpoints: &crate::servers::Endpoints,
+    trace_id: &str,
+) -> anyhow::Result<()> {
+    check_trace_id(trace_id)?;
+    let nodes = fetch(&endpoints.audit_db(), trace_id).await?;
+    if nodes.is_empty() {
+        anyhow::bail!(
+            "no steps of trace {trace_id} in `{}.events`",
+            endpoints.database
+        );
+    }
+    let reports = reports(&endpoints.audit_db(), trace_id).await?;
+    print!("{}", render_with(trace_id, &nodes, &reports));
+    Ok(())
+}
+
 /// The steps of `trace_id`, oldest first.
-pub async fn fetch(client: &clickhouse::Client, trace_id: &str) -> anyhow::Result<Vec<Node>> {
+pub(crate) async fn fetch(
+    client: &clickhouse::Client,
+    trace_id: &str,
+) -> anyhow::Result<Vec<Node>> {
     let params = BTreeMap::from([("trace_id".to_owned(), trace_id.to_owned())]);
     let sql = audit_sink::queries::render(audit_sink::queries::DECISION_TREE.sql, &params)?;
     client
@@ -81,7 +102,7 @@ const GAVE_UP_SUBJECT: &str = "delivery.gave_up";
 
 /// The give-up reports of `trace_id`: the `text` of each `delivery.gave_up`
 /// observation's data, keyed `<agent>/<event id>`.
-pub async fn reports(
+pub(crate) async fn reports(
     client: &clickhouse::Client,
     trace_id: &str,
 ) -> anyhow::Result<HashMap<String, String>> {
@@ -140,7 +161,7 @@ fn what(node: &Node, reports: &HashMap<String, String>) -> String {
 /// cache gets a `tool.result` step from the tool's agent (the answer the
 /// worker published, which is not an ingress event), under its id, so the
 /// caller's steps that follow the answer hang under it.
-pub fn with_cached_answers(nodes: &[Node]) -> Vec<Node> {
+pub(crate) fn with_cached_answers(nodes: &[Node]) -> Vec<Node> {
     let mut all = nodes.to_vec();
     for call in nodes.iter().filter(|n| n.cache == "hit") {
         all.push(Node {
@@ -210,7 +231,7 @@ fn verdict_of(node: &Node) -> String {
 /// parent_id)`; without a `parent_agent` (rows of an older query), the step
 /// with id `parent_id` whose target is this step's agent, else the latest
 /// one before this step, else the earliest after it.
-pub fn parents(nodes: &[Node]) -> Vec<Option<usize>> {
+pub(crate) fn parents(nodes: &[Node]) -> Vec<Option<usize>> {
     let mut by_id: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, n) in nodes.iter().enumerate() {
         by_id.entry(n.event_id.as_str()).or_default().push(i);
@@ -247,7 +268,7 @@ pub fn parents(nodes: &[Node]) -> Vec<Option<usize>> {
 
 /// The causation edges of a trace's steps, as indexes into its `nodes`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Links {
+pub(crate) struct Links {
     /// Steps without a parent in this trace, oldest first.
     pub roots: Vec<usize>,
     /// Each step's children, oldest first.
@@ -257,7 +278,7 @@ pub struct Links {
 /// Links each step to its parent: roots are steps without a parent in this
 /// trace; children follow their parent in the order of `nodes`. (Steps of a
 /// causation cycle are in no root's subtree: drawers start from them too.)
-pub fn links(nodes: &[Node]) -> Links {
+pub(crate) fn links(nodes: &[Node]) -> Links {
     let mut children: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
     let mut roots = Vec::new();
     for (i, parent) in parents(nodes).into_iter().enumerate() {
@@ -271,13 +292,17 @@ pub fn links(nodes: &[Node]) -> Links {
 
 /// Draws the tree: roots are steps without a parent in this trace; children
 /// follow their parent, oldest first; the decision column is aligned.
-pub fn render(trace_id: &str, nodes: &[Node]) -> String {
+pub(crate) fn render(trace_id: &str, nodes: &[Node]) -> String {
     render_with(trace_id, nodes, &HashMap::new())
 }
 
 /// [`render`], with give-up reports (from [`reports`], keyed `<agent>/<event
 /// id>`) drawn as what they say instead of as a plain observation.
-pub fn render_with(trace_id: &str, nodes: &[Node], reports: &HashMap<String, String>) -> String {
+pub(crate) fn render_with(
+    trace_id: &str,
+    nodes: &[Node],
+    reports: &HashMap<String, String>,
+) -> String {
     let drawn = with_cached_answers(nodes);
     let cached = drawn.len() - nodes.len();
     let nodes = &drawn[..];
@@ -340,7 +365,10 @@ pub fn render_with(trace_id: &str, nodes: &[Node], reports: &HashMap<String, Str
 mod tests {
     use super::*;
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a test fixture that names every column it sets"
+    )]
     fn node(
         id: &str,
         parent: &str,

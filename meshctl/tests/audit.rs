@@ -5,7 +5,7 @@
 //! row are each found and named, with exit status 1.
 
 mod support {
-    pub mod services;
+    pub(crate) mod services;
 }
 
 use std::process::{Command, Output};

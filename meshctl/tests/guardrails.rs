@@ -4,7 +4,7 @@
 //! ClickHouse and from JetStream; `meshctl approvals` list / approve /
 //! reject with the approver in the audit; `meshctl limits` show / reset.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -66,7 +66,7 @@ impl Stack {
 
         let worker_ready = tmp.path().join("worker.ready");
         let config = policy_worker::Config {
-            nats_url: nats.url(),
+            nats: broker_config::NatsArgs::url(nats.url()),
             ready_file: Some(worker_ready.clone()),
             ..worker
         };

@@ -6,7 +6,7 @@
 //! `--insecure`; the errors for a taken port and a missing server binary.
 
 mod support {
-    pub mod services;
+    pub(crate) mod services;
 }
 
 use std::path::{Path, PathBuf};

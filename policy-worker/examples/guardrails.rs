@@ -15,8 +15,6 @@
 //! may. `NATS_URL` points it at another server (default
 //! `nats://127.0.0.1:4222`).
 
-#![allow(missing_docs)]
-
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -144,7 +142,7 @@ fn show(label: &str, r: &DecisionReceipt) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let url = std::env::var("NATS_URL").unwrap_or_else(|_| broker_config::DEFAULT_NATS_URL.into());
     let mut mesh = Mesh::connect(&url, &["planner", "coder"]).await?;
     let wait = Duration::from_secs(10);
     println!("Workflow (trace) {}\n", mesh.trace.trace_id_hex());

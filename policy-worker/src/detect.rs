@@ -251,7 +251,7 @@ impl Detector {
         static SHARED: OnceLock<Detector> = OnceLock::new();
         // INVARIANT: the patterns are constants covered by the unit tests;
         // they compile or no test passes.
-        #[allow(clippy::expect_used)]
+        #[expect(clippy::expect_used, reason = "a panic is how a test or bench fails")]
         SHARED.get_or_init(|| Detector::new().expect("detector patterns compile"))
     }
 

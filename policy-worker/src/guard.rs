@@ -205,7 +205,7 @@ pub struct Guards {
 
 /// One set's decision on an event, with the guardrails applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Evaluation {
+pub(crate) struct Evaluation {
     /// The Cedar verdict (denied when the counters failed).
     pub verdict: Verdict,
     /// Whether the allow waits for a human approval.

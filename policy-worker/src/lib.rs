@@ -51,69 +51,147 @@ pub use replay::{Outcome, Replayed, Replayer};
 /// How often the consumer's lag is read for `agentmesh.consumer.pending`.
 const LAG_POLL: Duration = Duration::from_secs(5);
 
-/// Everything the worker needs to run.
-#[derive(Debug, Clone)]
+/// Default policy directory.
+pub const DEFAULT_POLICIES: &str = "policies";
+/// Default durable consumer name on `MESH_INGRESS`.
+pub const DEFAULT_CONSUMER: &str = "policy-worker";
+/// Default number of messages requested per pull.
+pub const DEFAULT_BATCH: usize = 256;
+/// Default number of events decided and published at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
+/// Default JetStream ack wait, in seconds.
+pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
+/// Default wait of a parked event for its approval, in seconds.
+pub const DEFAULT_APPROVAL_TIMEOUT_SECS: u64 = 3600;
+/// Default wait of a cacheable call for an identical call in flight, in ms.
+pub const DEFAULT_CACHE_FLIGHT_WAIT_MS: u64 = 10_000;
+/// Default replicas of the `MESH_*` streams.
+pub const DEFAULT_STREAM_REPLICAS: usize = 1;
+/// How long in-flight events may take to finish at shutdown.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// Everything the worker runs with: the `policy-worker` flags (and the
+/// environment variables named), or [`Config::default`] and struct update
+/// syntax in tests.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "policy-worker",
+    version,
+    about = "Decides every agentmesh ingress event with Cedar policies"
+)]
 pub struct Config {
-    /// NATS server URL.
-    pub nats_url: String,
-    /// How to authenticate to NATS (none by default).
-    pub credentials: broker_config::NatsCredentials,
-    /// Directory with `schema.cedarschema`, `entities.json` and `*.cedar`.
+    /// NATS URL and credentials.
+    #[command(flatten)]
+    pub nats: broker_config::NatsArgs,
+    /// Policy directory: `schema.cedarschema`, `entities.json`, `*.cedar`.
+    #[arg(long, env = "AGENTMESH_POLICIES", default_value = DEFAULT_POLICIES)]
     pub policies: PathBuf,
-    /// Validation limits (event size).
-    pub limits: schemas::Limits,
-    /// Durable consumer name on `MESH_INGRESS`; replicas share it.
+    /// Largest accepted event (headers + payload) in bytes.
+    #[arg(long, env = "AGENTMESH_MAX_EVENT_BYTES", default_value_t = schemas::DEFAULT_MAX_EVENT_BYTES)]
+    pub max_event_bytes: usize,
+    /// Durable consumer name on MESH_INGRESS (replicas share one name).
+    #[arg(long, env = "AGENTMESH_WORKER_CONSUMER", default_value = DEFAULT_CONSUMER)]
     pub consumer: String,
     /// Messages requested per pull.
+    #[arg(long, env = "AGENTMESH_WORKER_BATCH", default_value_t = DEFAULT_BATCH)]
     pub batch: usize,
-    /// Events being decided and published at once.
+    /// Events decided and published concurrently.
+    #[arg(long, env = "AGENTMESH_WORKER_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
-    /// How long JetStream waits for an ack before redelivering.
-    pub ack_wait: Duration,
-    /// Watch the policy directory and reload on change.
+    /// Seconds JetStream waits for an ack before redelivering an event.
+    #[arg(long, env = "AGENTMESH_ACK_WAIT_SECS", default_value_t = DEFAULT_ACK_WAIT_SECS)]
+    pub ack_wait_secs: u64,
+    /// Watch the policy directory and reload on change (`--no-watch`:
+    /// reload on SIGHUP only).
+    #[arg(long = "no-watch", action = clap::ArgAction::SetFalse)]
     pub watch_policies: bool,
-    /// Created once the worker is consuming; removed on exit.
+    /// Replicas of the MESH_* streams when they are created or updated.
+    #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = DEFAULT_STREAM_REPLICAS)]
+    pub stream_replicas: usize,
+    /// File created once the worker is consuming, removed on exit.
+    #[arg(long, env = "AGENTMESH_READY_FILE")]
     pub ready_file: Option<PathBuf>,
-    /// Stream settings applied at start.
-    pub broker: broker_config::Options,
-    /// How long in-flight events may take to finish at shutdown.
-    pub grace: Duration,
-    /// A second policy directory evaluated on every event without effect;
-    /// receipts record its decision.
+    /// Shadow policy directory: decided on every event without effect, recorded in receipts.
+    #[arg(long, env = "AGENTMESH_SHADOW_POLICIES")]
     pub shadow_policies: Option<PathBuf>,
-    /// How long a parked event waits for an approval before it is denied.
-    pub approval_timeout: Duration,
-    /// How long a call of a cacheable tool waits for an identical call's
-    /// result already in flight before it goes to the tool itself.
-    pub cache_flight_wait: Duration,
-    /// Health and metrics server, OTLP export (off by default).
+    /// Seconds an event parked for approval waits before it is denied.
+    #[arg(long, env = "AGENTMESH_APPROVAL_TIMEOUT_SECS", default_value_t = DEFAULT_APPROVAL_TIMEOUT_SECS)]
+    pub approval_timeout_secs: u64,
+    /// Milliseconds a call of a cacheable tool waits for an identical call's result already in flight.
+    #[arg(long, env = "AGENTMESH_CACHE_FLIGHT_WAIT_MS", default_value_t = DEFAULT_CACHE_FLIGHT_WAIT_MS)]
+    pub cache_flight_wait_ms: u64,
+    /// How long in-flight events may take to finish at shutdown (no flag).
+    #[arg(skip = DEFAULT_GRACE)]
+    pub grace: Duration,
+    /// Health and metrics server, log format, OTLP export.
+    #[command(flatten)]
     pub ops: telemetry::OpsConfig,
-    /// This replica's decision signing key (`--signing-key-file`). `None`:
-    /// a key for this run only, which the worker adds to `mesh-signers`
-    /// where the broker lets it (development stacks without authorization).
+    /// This replica's decision signing key: a file holding an nkey seed
+    /// (mode 0600; `meshctl up` writes `.agentmesh/auth/signing/policy-worker.nk`).
+    /// Without it (and without `signing_key`), a key for this run only,
+    /// which the worker adds to `mesh-signers` where the broker lets it
+    /// (development stacks without authorization).
+    #[arg(long, env = "AGENTMESH_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// The signing key itself, for a worker started in-process (no flag;
+    /// takes precedence over `signing_key_file`).
+    #[arg(skip)]
     pub signing_key: Option<Arc<schemas::signing::SigningKey>>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
-            nats_url: "nats://127.0.0.1:4222".into(),
-            credentials: broker_config::NatsCredentials::default(),
-            policies: PathBuf::from("policies"),
-            limits: schemas::Limits::default(),
-            consumer: "policy-worker".into(),
-            batch: 256,
-            max_in_flight: 512,
-            ack_wait: Duration::from_secs(30),
+            nats: broker_config::NatsArgs::default(),
+            policies: PathBuf::from(DEFAULT_POLICIES),
+            max_event_bytes: schemas::DEFAULT_MAX_EVENT_BYTES,
+            consumer: DEFAULT_CONSUMER.into(),
+            batch: DEFAULT_BATCH,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            ack_wait_secs: DEFAULT_ACK_WAIT_SECS,
             watch_policies: true,
+            stream_replicas: DEFAULT_STREAM_REPLICAS,
             ready_file: None,
-            broker: broker_config::Options::default(),
-            grace: Duration::from_secs(10),
             shadow_policies: None,
-            approval_timeout: Duration::from_secs(3600),
-            cache_flight_wait: Duration::from_secs(10),
+            approval_timeout_secs: DEFAULT_APPROVAL_TIMEOUT_SECS,
+            cache_flight_wait_ms: DEFAULT_CACHE_FLIGHT_WAIT_MS,
+            grace: DEFAULT_GRACE,
             ops: telemetry::OpsConfig::default(),
+            signing_key_file: None,
             signing_key: None,
+        }
+    }
+}
+
+impl Config {
+    /// Validation limits (event size).
+    pub fn limits(&self) -> schemas::Limits {
+        schemas::Limits {
+            max_event_bytes: self.max_event_bytes,
+        }
+    }
+
+    /// How long JetStream waits for an ack before redelivering (at least 1 s).
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs(self.ack_wait_secs.max(1))
+    }
+
+    /// How long a parked event waits for an approval before it is denied
+    /// (at least 1 s).
+    pub fn approval_timeout(&self) -> Duration {
+        Duration::from_secs(self.approval_timeout_secs.max(1))
+    }
+
+    /// How long a cacheable call waits for an identical call's result.
+    pub fn cache_flight_wait(&self) -> Duration {
+        Duration::from_millis(self.cache_flight_wait_ms)
+    }
+
+    /// Stream settings applied at start.
+    pub fn broker(&self) -> broker_config::Options {
+        broker_config::Options {
+            replicas: self.stream_replicas,
+            ..Default::default()
         }
     }
 }
@@ -204,14 +282,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ops.health().flag("policies", true);
 
     let options = config
+        .nats
         .credentials
         .apply(async_nats::ConnectOptions::new().name("policy-worker"))
         .await?;
     let client = options
-        .connect(&config.nats_url)
+        .connect(&config.nats.url)
         .await
         .map_err(|source| Error::Connect {
-            url: config.nats_url.clone(),
+            url: config.nats.url.clone(),
             source,
         })?;
     let nats = client.clone();
@@ -222,7 +301,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .max_ack_inflight(config.max_in_flight * 2)
         .backpressure_on_inflight(true)
         .build(client.clone());
-    broker_config::apply(&js, &config.broker).await?;
+    broker_config::apply(&js, &config.broker()).await?;
 
     let consumer = worker::ingress_consumer(&js, &config).await?;
     let lag = telemetry::ConsumerLag::new(ops.metrics()).watch(
@@ -260,12 +339,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
     };
     let metrics = telemetry::WorkerMetrics::new(ops.metrics());
-    let sealer = signing::Sealer::start(config.signing_key.clone(), &js).await;
+    let key = match (&config.signing_key, &config.signing_key_file) {
+        (Some(key), _) => Some(key.clone()),
+        (None, Some(path)) => Some(Arc::new(broker_config::credentials::read_signing_key_file(
+            path,
+        )?)),
+        (None, None) => None,
+    };
+    let sealer = signing::Sealer::start(key, &js).await;
     let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
     let approvals = Arc::new(approval::Approvals::new(
         js.clone(),
         bucket(schemas::subjects::BUCKET_APPROVALS).await?,
-        config.approval_timeout,
+        config.approval_timeout(),
         metrics.clone(),
         sealer.clone(),
     ));
@@ -281,7 +367,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // results they wait for can always be decided.
     let cache = Arc::new(cache::ToolCache::new(
         bucket(schemas::subjects::BUCKET_TOOL_CACHE).await?,
-        config.cache_flight_wait,
+        config.cache_flight_wait(),
         config.max_in_flight / 2,
         telemetry::CacheMetrics::new(ops.metrics()),
     ));
@@ -327,4 +413,70 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ops.shutdown().await;
     tracing::info!("Policy worker stopped.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn flags_keep_their_names_and_defaults_match_default() {
+        let config = Config::try_parse_from([
+            "policy-worker",
+            "--nats-url",
+            "nats://n:4222",
+            "--policies",
+            "/p",
+            "--no-watch",
+            "--ack-wait-secs",
+            "0",
+            "--approval-timeout-secs",
+            "7",
+            "--cache-flight-wait-ms",
+            "250",
+            "--stream-replicas",
+            "3",
+            "--max-event-bytes",
+            "2048",
+        ])
+        .unwrap();
+        assert_eq!(config.nats.url, "nats://n:4222");
+        assert_eq!(config.policies, PathBuf::from("/p"));
+        assert!(!config.watch_policies);
+        assert_eq!(config.ack_wait(), Duration::from_secs(1), "at least 1 s");
+        assert_eq!(config.approval_timeout(), Duration::from_secs(7));
+        assert_eq!(config.cache_flight_wait(), Duration::from_millis(250));
+        assert_eq!(config.broker().replicas, 3);
+        assert_eq!(config.limits().max_event_bytes, 2048);
+        assert_eq!(config.grace, DEFAULT_GRACE);
+
+        let plain = Config::try_parse_from(["policy-worker"]).unwrap();
+        let default = Config::default();
+        assert!(plain.watch_policies && default.watch_policies);
+        for (var, parsed, expected) in [
+            ("AGENTMESH_WORKER_BATCH", plain.batch, default.batch),
+            (
+                "AGENTMESH_WORKER_IN_FLIGHT",
+                plain.max_in_flight,
+                default.max_in_flight,
+            ),
+            (
+                "AGENTMESH_STREAM_REPLICAS",
+                plain.stream_replicas,
+                default.stream_replicas,
+            ),
+        ] {
+            if std::env::var_os(var).is_none() {
+                assert_eq!(parsed, expected, "{var}");
+            }
+        }
+        if std::env::var_os("AGENTMESH_ACK_WAIT_SECS").is_none() {
+            assert_eq!(plain.ack_wait_secs, default.ack_wait_secs);
+        }
+        if std::env::var_os("AGENTMESH_WORKER_CONSUMER").is_none() {
+            assert_eq!(plain.consumer, default.consumer);
+        }
+    }
 }

@@ -263,7 +263,7 @@ impl Tallies {
 /// Why the counters could not be updated; the event is denied (fail closed).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("rate and budget counters unavailable: {0}")]
-pub struct CounterError(String);
+pub(crate) struct CounterError(String);
 
 /// Counters: in the KV bucket (the worker) or in memory (policy replay).
 pub(crate) enum Counters {

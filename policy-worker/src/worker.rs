@@ -42,7 +42,7 @@ pub(crate) async fn ingress_consumer(
                 durable_name: Some(config.consumer.clone()),
                 description: Some("policy worker: one decision per ingress event".into()),
                 ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: config.ack_wait,
+                ack_wait: config.ack_wait(),
                 max_ack_pending: (config.max_in_flight * 4).max(1024) as i64,
                 ..Default::default()
             },
@@ -89,7 +89,7 @@ impl Worker {
             policies,
             guard,
             cache,
-            limits: config.limits,
+            limits: config.limits(),
             batch: config.batch.max(1),
             max_in_flight: config.max_in_flight.max(1),
             grace: config.grace,

@@ -2,7 +2,7 @@
 //! `policy-worker` binary: tests publish calls and results like any NATS
 //! client and read receipts and deliveries from their streams.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 mod support;
 

@@ -5,7 +5,7 @@
 //! policy set recorded in receipts, and events parked for human approval —
 //! released, rejected, expired.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 mod support;
 

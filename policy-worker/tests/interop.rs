@@ -3,7 +3,7 @@
 //! Needs `python3` with `nats-py` (`pip install nats-py`; `scripts/test.sh`
 //! installs it). `AGENTMESH_PYTHON` overrides the interpreter.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 mod support;
 

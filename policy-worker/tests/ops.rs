@@ -3,7 +3,7 @@
 //! event and its trace, spans exported over OTLP that join the event's
 //! trace, and two replicas sharing one durable consumer.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 mod support;
 

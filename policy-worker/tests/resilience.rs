@@ -1,6 +1,6 @@
 //! The worker crashing mid-stream, and policies changing under it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 mod support;
 

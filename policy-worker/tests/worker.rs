@@ -1,7 +1,7 @@
 //! End-to-end tests of the policy worker against a real nats-server: the
 //! real binary decides events that tests publish like any NATS client.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 mod support;
 

@@ -157,7 +157,6 @@ fn extension(event: &Event, name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
 
     use super::*;
 

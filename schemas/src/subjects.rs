@@ -94,6 +94,87 @@ pub fn approval_answer(source: &str, approval_id: &str) -> String {
 /// Filter of every approval answer: `mesh.approval.answer.>`.
 pub const APPROVAL_ANSWERS: &str = "mesh.approval.answer.>";
 
+/// Filter of every ingress event (the `MESH_INGRESS` stream): `mesh.ingress.>`.
+pub const INGRESS_ALL: &str = "mesh.ingress.>";
+/// Filter of every delivery (the `MESH_DELIVER` stream): `mesh.deliver.>`.
+pub const DELIVER_ALL: &str = "mesh.deliver.>";
+/// Filter of every tool call (the `MESH_CALL` stream): `mesh.call.>`.
+pub const CALL_ALL: &str = "mesh.call.>";
+/// Filter of every receipt (the `MESH_DECISION` stream): `mesh.decision.>`.
+pub const DECISION_ALL: &str = "mesh.decision.>";
+/// Filter of every dead letter (the `MESH_DEAD` stream): `mesh.dead.>`.
+pub const DEAD_ALL: &str = "mesh.dead.>";
+/// Filter of every GPU lease event (the `MESH_GPU` stream): `mesh.gpu.lease.>`.
+pub const GPU_LEASE_ALL: &str = "mesh.gpu.lease.>";
+/// Filter of every approval request and answer (the `MESH_APPROVALS`
+/// stream): `mesh.approval.>`.
+pub const APPROVAL_ALL: &str = "mesh.approval.>";
+/// Core subject the GPU scaler publishes its pool status on (request-reply
+/// and periodic): `mesh.gpu.status`.
+pub const GPU_STATUS: &str = "mesh.gpu.status";
+
+/// Filter of everything one agent may publish: `mesh.ingress.<agent>.>`.
+pub fn ingress_of(agent: &str) -> String {
+    format!("mesh.ingress.{agent}.>")
+}
+
+/// Filter of one agent's deliveries: `mesh.deliver.<agent>.>`.
+pub fn deliveries_to(agent: &str) -> String {
+    format!("mesh.deliver.{agent}.>")
+}
+
+/// Filter of the tool calls one agent serves: `mesh.call.<agent>.>`.
+pub fn calls_to(agent: &str) -> String {
+    format!("mesh.call.{agent}.>")
+}
+
+/// Name of an agent's durable consumer, on `MESH_DELIVER` (its deliveries)
+/// and on `MESH_CALL` (the tool calls it serves): `agent-<id>`.
+pub fn agent_consumer(agent: &str) -> String {
+    format!("agent-{agent}")
+}
+
+/// The agent a durable consumer named by [`agent_consumer`] belongs to.
+pub fn agent_of_consumer(consumer: &str) -> Option<&str> {
+    consumer
+        .strip_prefix("agent-")
+        .filter(|agent| !agent.is_empty())
+}
+
+/// The parts of a delivery or tool-call subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoutedSubject<'a> {
+    /// The agent the event was routed to.
+    pub target: &'a str,
+    /// The agent that published it.
+    pub source: &'a str,
+}
+
+/// Splits `mesh.deliver.<target>.<source>` or `mesh.call.<target>.<source>`;
+/// `None` for any other subject or when a token is missing or empty.
+pub fn parse_routed(subject: &str) -> Option<RoutedSubject<'_>> {
+    let rest = subject
+        .strip_prefix("mesh.deliver.")
+        .or_else(|| subject.strip_prefix("mesh.call."))?;
+    let mut tokens = rest.split('.');
+    let (target, source) = (tokens.next()?, tokens.next()?);
+    (!target.is_empty() && !source.is_empty()).then_some(RoutedSubject { target, source })
+}
+
+/// The agent of a receipt subject `mesh.decision.<agent>`.
+pub fn parse_decision(subject: &str) -> Option<&str> {
+    subject
+        .strip_prefix("mesh.decision.")
+        .filter(|agent| !agent.is_empty())
+}
+
+/// The pool of a GPU lease subject `mesh.gpu.lease.<pool>`.
+pub fn parse_gpu_lease(subject: &str) -> Option<&str> {
+    subject
+        .strip_prefix("mesh.gpu.lease.")
+        .filter(|pool| !pool.is_empty())
+}
+
 /// The `Nats-Msg-Id` of every publish the policy worker makes for one
 /// event (receipt, delivery or dead letter, approval copies): `<agent>/<id>`.
 /// An event is identified by its source and id, so two agents' events with
@@ -142,5 +223,26 @@ mod tests {
         assert_eq!(parse_ingress("mesh.deliver.coder.x"), None);
         assert_eq!(deliver("coder", "planner"), "mesh.deliver.coder.planner");
         assert_eq!(call("coder", "planner"), "mesh.call.coder.planner");
+    }
+
+    #[test]
+    fn routed_and_other_parts() {
+        let routed = RoutedSubject {
+            target: "coder",
+            source: "planner",
+        };
+        assert_eq!(parse_routed(&deliver("coder", "planner")), Some(routed));
+        assert_eq!(parse_routed(&call("coder", "planner")), Some(routed));
+        assert_eq!(parse_routed("mesh.deliver.coder"), None);
+        assert_eq!(parse_routed("mesh.deliver.coder."), None);
+        assert_eq!(parse_routed("mesh.ingress.coder.x"), None);
+        assert_eq!(parse_decision(&decision("coder")), Some("coder"));
+        assert_eq!(parse_decision("mesh.decision."), None);
+        assert_eq!(parse_gpu_lease(&gpu_lease("a100")), Some("a100"));
+        assert_eq!(agent_of_consumer(&agent_consumer("coder")), Some("coder"));
+        assert_eq!(agent_of_consumer("inbox"), None);
+        assert_eq!(deliveries_to("coder"), "mesh.deliver.coder.>");
+        assert_eq!(calls_to("coder"), "mesh.call.coder.>");
+        assert_eq!(ingress_of("coder"), "mesh.ingress.coder.>");
     }
 }

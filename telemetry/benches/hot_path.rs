@@ -4,8 +4,6 @@
 //!
 //! `cargo bench -p telemetry --bench hot_path`
 
-#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
-
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};

@@ -5,8 +5,8 @@
 //! - [`OpsConfig`]: the `--http-port`, `--log-format` and
 //!   `--otlp-endpoint` flags (and their environment variables), flattened
 //!   into each binary's arguments.
-//! - [`NatsArgs`] and [`shutdown_on_signal`]: the NATS connection flags and
-//!   the SIGINT/SIGTERM handling every binary has.
+//! - [`shutdown_on_signal`]: the SIGINT/SIGTERM handling every binary has
+//!   (the NATS connection flags are `broker_config::NatsArgs`).
 //! - [`init_tracing`]: logs as text or JSON on stderr, and spans exported over
 //!   OTLP/HTTP when an endpoint is set.
 //! - [`Ops`]: the per-service bundle started by each `run`: [`Health`]
@@ -40,7 +40,7 @@ pub use instruments::{
 pub use logging::{TracingGuard, init_tracing};
 pub use metrics::Metrics;
 pub use ops::Ops;
-pub use service::{NatsArgs, shutdown_on_signal};
+pub use service::shutdown_on_signal;
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,6 @@
 //! The container healthcheck binary against a real health server.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 use std::process::Command;
 

@@ -329,9 +329,7 @@ impl SecureNats {
 impl SecureNats {
     /// A fresh decision signing key, added to `mesh-signers` by the
     /// operator (as `meshctl up` does for the worker it starts).
-    pub async fn trusted_signing_key(
-        &self,
-    ) -> anyhow::Result<Arc<schemas::signing::SigningKey>> {
+    pub async fn trusted_signing_key(&self) -> anyhow::Result<Arc<schemas::signing::SigningKey>> {
         let key = schemas::signing::SigningKey::generate();
         let (admin, _) = self.connect_as(auth::ADMIN).await?;
         let kv = jetstream(admin)
@@ -359,10 +357,12 @@ pub async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken
         .path()
         .join(format!("worker-{}.ready", uuid::Uuid::new_v4().simple()));
     let config = policy_worker::Config {
-        nats_url: mesh.url(),
-        credentials: broker_config::NatsCredentials {
-            nkey_seed_file: Some(mesh.seed_file(auth::POLICY_WORKER)?),
-            creds_file: None,
+        nats: broker_config::NatsArgs {
+            url: mesh.url(),
+            credentials: broker_config::NatsCredentials {
+                nkey_seed_file: Some(mesh.seed_file(auth::POLICY_WORKER)?),
+                creds_file: None,
+            },
         },
         policies: testkit::shipped_policies(),
         watch_policies: false,

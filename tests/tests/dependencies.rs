@@ -1,17 +1,22 @@
-//! The dependency rules of `ARCHITECTURE.md`, read from `cargo metadata`:
+//! The workspace rules of `ARCHITECTURE.md`. From `cargo metadata`:
 //! `schemas` depends on no crate of ours; a service never depends on another
 //! service or on `meshctl`; `agents-sdk` never depends on a service, not
 //! even for its tests. A new edge that breaks a rule fails here, naming it.
+//! From the sources: no crate but `schemas` spells a subject (`"mesh.…`) or
+//! a mesh header (`"Mesh-…`) in its code; they come from `schemas`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic is how a test or bench fails"
+)]
 
 use std::collections::BTreeSet;
 use std::process::Command;
 
 const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scaler"];
 
-/// (package, dependency, kind) for every edge between workspace packages.
-fn workspace_edges() -> Vec<(String, String, String)> {
+fn metadata() -> serde_json::Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args([
@@ -29,7 +34,12 @@ fn workspace_edges() -> Vec<(String, String, String)> {
         "cargo metadata failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// (package, dependency, kind) for every edge between workspace packages.
+fn workspace_edges() -> Vec<(String, String, String)> {
+    let metadata = metadata();
     let packages = metadata["packages"].as_array().unwrap();
     let ours: BTreeSet<&str> = packages
         .iter()
@@ -97,4 +107,76 @@ fn the_rules_catch_the_edges_they_name() {
     assert!(forbidden("meshctl", "policy-worker").is_none());
     assert!(forbidden("policy-worker", "telemetry").is_none());
     assert!(forbidden("e2e", "policy-worker").is_none());
+}
+
+/// What a crate's code may not spell, with the reason: the contract's names
+/// live in `schemas` alone.
+const CONTRACT_LITERALS: [(&str, &str); 2] = [
+    ("\"mesh.", "a subject or filter: use `schemas::subjects`"),
+    ("\"Mesh-", "a mesh header: use `schemas::headers`"),
+];
+
+/// `(line number, line, reason)` for each contract literal in `source` before
+/// its unit tests (a `#[cfg(test)]` item at the top level): tests may spell
+/// the wire form out to check it.
+fn contract_literals(source: &str) -> Vec<(usize, String, &'static str)> {
+    source
+        .lines()
+        .enumerate()
+        .take_while(|(_, line)| !line.starts_with("#[cfg(test)]"))
+        .flat_map(|(n, line)| {
+            CONTRACT_LITERALS
+                .iter()
+                .filter(|(literal, _)| line.contains(literal))
+                .map(move |(_, reason)| (n + 1, line.trim().to_owned(), *reason))
+        })
+        .collect()
+}
+
+fn rust_files(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, found);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            found.push(path);
+        }
+    }
+}
+
+#[test]
+fn no_crate_but_schemas_spells_a_subject_or_mesh_header() {
+    let metadata = metadata();
+    let mut findings = Vec::new();
+    let mut checked = 0;
+    for package in metadata["packages"].as_array().unwrap() {
+        if package["name"] == "schemas" {
+            continue;
+        }
+        let manifest = std::path::Path::new(package["manifest_path"].as_str().unwrap());
+        let src = manifest.parent().unwrap().join("src");
+        let mut files = Vec::new();
+        rust_files(&src, &mut files);
+        for file in files {
+            checked += 1;
+            let source = std::fs::read_to_string(&file).unwrap();
+            for (line, text, reason) in contract_literals(&source) {
+                findings.push(format!("{}:{line}: {text}  ({reason})", file.display()));
+            }
+        }
+    }
+    assert!(checked > 50, "only {checked} source files found");
+    assert!(
+        findings.is_empty(),
+        "contract names spelled outside `schemas`:\n{}",
+        findings.join("\n")
+    );
+}
+
+#[test]
+fn the_literal_scan_finds_code_and_skips_unit_tests() {
+    let source = "fn f() -> String {\n    format!(\"mesh.deliver.{id}.>\")\n}\nconst H: &str = \"Mesh-Decision\";\n#[cfg(test)]\nmod tests {\n    const S: &str = \"mesh.ingress.a.b\";\n}\n";
+    let found = contract_literals(source);
+    let lines: Vec<usize> = found.iter().map(|(n, _, _)| *n).collect();
+    assert_eq!(lines, [2, 4], "{found:?}");
 }

@@ -4,8 +4,6 @@
 //! approval, applies an answer the operator sends, and expires an
 //! unanswered request — all with agents publishing under their own keys.
 
-use std::time::Duration;
-
 use async_nats::jetstream;
 use broker_config::auth::{ADMIN, POLICY_WORKER};
 use e2e::{SecureNats, WAIT};
@@ -66,15 +64,17 @@ async fn limits_and_approvals_work_under_the_worker_role_template() -> anyhow::R
     let shutdown = CancellationToken::new();
     let worker = tokio::spawn(policy_worker::run(
         policy_worker::Config {
-            nats_url: mesh.url(),
-            credentials: broker_config::NatsCredentials {
-                nkey_seed_file: Some(mesh.seed_file(POLICY_WORKER)?),
-                creds_file: None,
+            nats: broker_config::NatsArgs {
+                url: mesh.url(),
+                credentials: broker_config::NatsCredentials {
+                    nkey_seed_file: Some(mesh.seed_file(POLICY_WORKER)?),
+                    creds_file: None,
+                },
             },
             policies: policies.path().to_owned(),
             watch_policies: false,
             ready_file: Some(ready.clone()),
-            approval_timeout: Duration::from_secs(4),
+            approval_timeout_secs: 4,
             signing_key: Some(mesh.trusted_signing_key().await?),
             ..Default::default()
         },

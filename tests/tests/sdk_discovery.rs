@@ -2,7 +2,6 @@
 //! connect, listed, found by skill and tool, watched.
 
 // Test helpers outside `#[test]` fns panic to fail the test, too.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "sdk_support/mod.rs"]
 mod support;

@@ -3,7 +3,7 @@
 //! trace and causation chains, data; and how connecting fails.
 
 // Test helpers outside `#[test]` fns panic to fail the test, too.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 #[path = "sdk_support/mod.rs"]
 mod support;

@@ -6,7 +6,11 @@
 //! retired key signed still verifies and the new key's receipts do too.
 
 // Test helpers: a panic is how a test fails.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test helpers: a panic is how a test fails"
+)]
 
 #[path = "sdk_support/mod.rs"]
 mod sdk_support;

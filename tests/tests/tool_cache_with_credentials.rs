@@ -24,10 +24,12 @@ async fn a_repeated_call_tool_is_answered_from_the_cache_under_authorization() -
     let dir = tempfile::tempdir()?;
     let ready = dir.path().join("worker.ready");
     let config = policy_worker::Config {
-        nats_url: mesh.url(),
-        credentials: broker_config::NatsCredentials {
-            nkey_seed_file: Some(mesh.seed_file(broker_config::auth::POLICY_WORKER)?),
-            creds_file: None,
+        nats: broker_config::NatsArgs {
+            url: mesh.url(),
+            credentials: broker_config::NatsCredentials {
+                nkey_seed_file: Some(mesh.seed_file(broker_config::auth::POLICY_WORKER)?),
+                creds_file: None,
+            },
         },
         policies: policies.path().to_owned(),
         watch_policies: false,

@@ -1,7 +1,11 @@
 //! Shared harness for the audit sink's integration tests: a fresh NATS and
 //! ClickHouse server, a database of the test's own, the sink (in-process or
 //! as the real binary) and builders for the messages it consumes.
-#![allow(dead_code, missing_docs, clippy::expect_used)]
+#![expect(
+    dead_code,
+    clippy::expect_used,
+    reason = "a panic is how a test or bench fails; shared by several test binaries, each using a part of it"
+)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -21,9 +25,9 @@ use testkit::{ClickHouseServer, NatsServer, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
-pub struct Harness {
+pub(crate) struct Harness {
     pub nats: NatsServer,
     pub ch: ClickHouseServer,
     pub db: String,
@@ -32,7 +36,7 @@ pub struct Harness {
 }
 
 impl Harness {
-    pub async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         let nats = NatsServer::start().await?;
         let ch = ClickHouseServer::start().await?;
         let db = ch.unique_database("audit");
@@ -49,7 +53,7 @@ impl Harness {
     }
 
     /// The sink's config for this harness, tuned for quick tests.
-    pub fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         let mut config = Config::new(self.nats.url(), self.ch.url());
         config.database = self.db.clone();
         config.batch_period_ms = 100;
@@ -68,7 +72,7 @@ impl Harness {
 
     /// Runs the sink in-process until the returned token is cancelled, and
     /// waits until it is ready.
-    pub async fn spawn_sink(&self, config: Config) -> anyhow::Result<Sink> {
+    pub(crate) async fn spawn_sink(&self, config: Config) -> anyhow::Result<Sink> {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -92,10 +96,10 @@ impl Harness {
     }
 
     /// Starts the real `audit-sink` binary and waits until it is ready.
-    pub async fn spawn_binary(&self, config: &Config) -> anyhow::Result<Child> {
+    pub(crate) async fn spawn_binary(&self, config: &Config) -> anyhow::Result<Child> {
         let ready = self.ready_path();
         let child = Command::new(env!("CARGO_BIN_EXE_audit-sink"))
-            .args(["--nats-url", &config.nats_url])
+            .args(["--nats-url", &config.nats.url])
             .args(["--clickhouse-url", &config.clickhouse_url])
             .args(["--database", &config.database])
             .args(["--batch-period-ms", &config.batch_period_ms.to_string()])
@@ -115,7 +119,7 @@ impl Harness {
         Ok(child)
     }
 
-    pub async fn publish(&self, message: &Message) -> anyhow::Result<()> {
+    pub(crate) async fn publish(&self, message: &Message) -> anyhow::Result<()> {
         let ack = match &message.headers {
             Some(h) => {
                 self.js
@@ -137,13 +141,13 @@ impl Harness {
     }
 
     /// TabSeparated result of `sql` in the test database.
-    pub async fn query(&self, sql: &str) -> anyhow::Result<String> {
+    pub(crate) async fn query(&self, sql: &str) -> anyhow::Result<String> {
         let client = self.ch.client().with_database(&self.db);
         testkit::clickhouse::query_text(&client, sql).await
     }
 
     /// Renders and runs a shipped query with `params`, as TSV lines.
-    pub async fn shipped(
+    pub(crate) async fn shipped(
         &self,
         query: audit_sink::queries::Query,
         params: &[(&str, &str)],
@@ -157,7 +161,7 @@ impl Harness {
     }
 
     /// Where the sink serves `/metrics` when started with [`Harness::with_metrics`].
-    pub fn metrics_addr(config: &Config) -> Option<std::net::SocketAddr> {
+    pub(crate) fn metrics_addr(config: &Config) -> Option<std::net::SocketAddr> {
         config
             .ops
             .http_port
@@ -165,14 +169,14 @@ impl Harness {
     }
 
     /// `config` with the health and metrics server on a free local port.
-    pub fn with_metrics(mut config: Config) -> anyhow::Result<Config> {
+    pub(crate) fn with_metrics(mut config: Config) -> anyhow::Result<Config> {
         config.ops.http_port = Some(testkit::free_port()?);
         config.ops.http_host = std::net::IpAddr::from([127, 0, 0, 1]);
         Ok(config)
     }
 
     /// `SELECT count() FROM <table> FINAL`.
-    pub async fn count_final(&self, table: &str) -> anyhow::Result<u64> {
+    pub(crate) async fn count_final(&self, table: &str) -> anyhow::Result<u64> {
         Ok(self
             .query(&format!("SELECT count() FROM {table} FINAL"))
             .await?
@@ -181,7 +185,7 @@ impl Harness {
     }
 
     /// Waits until `table` holds at least `rows` rows, duplicates counted.
-    pub async fn wait_raw_rows(&self, table: &str, rows: u64) -> anyhow::Result<()> {
+    pub(crate) async fn wait_raw_rows(&self, table: &str, rows: u64) -> anyhow::Result<()> {
         let sql = format!("SELECT count() FROM {table}");
         eventually(WAIT, &format!("{rows} raw rows in `{table}`"), || async {
             let n: u64 = self.query(&sql).await.ok()?.trim().parse().ok()?;
@@ -191,7 +195,7 @@ impl Harness {
     }
 
     /// Waits until `table` (read with FINAL) holds `rows` rows, or fails.
-    pub async fn wait_rows(&self, table: &str, rows: u64) -> anyhow::Result<()> {
+    pub(crate) async fn wait_rows(&self, table: &str, rows: u64) -> anyhow::Result<()> {
         let last = std::sync::atomic::AtomicU64::new(0);
         let result = eventually(WAIT, &format!("{rows} rows in `{table}`"), || {
             let count = self.count_final(table);
@@ -208,14 +212,14 @@ impl Harness {
     }
 }
 
-pub struct Sink {
+pub(crate) struct Sink {
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), audit_sink::Error>>,
 }
 
 impl Sink {
     /// Graceful stop: cancels and waits for `run` to return.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         tokio::time::timeout(WAIT, self.task).await???;
         Ok(())
@@ -224,7 +228,7 @@ impl Sink {
 
 /// A NATS message to publish.
 #[derive(Debug, Clone)]
-pub struct Message {
+pub(crate) struct Message {
     pub subject: String,
     pub headers: Option<HeaderMap>,
     pub payload: Bytes,
@@ -232,7 +236,7 @@ pub struct Message {
 
 /// One step of a workflow, as an agent publishes it.
 #[derive(Debug, Clone)]
-pub struct Step {
+pub(crate) struct Step {
     pub id: String,
     pub agent: &'static str,
     pub step: &'static str,
@@ -246,7 +250,7 @@ pub struct Step {
 }
 
 impl Step {
-    pub fn message(&self, trace: &TraceParent) -> Message {
+    pub(crate) fn message(&self, trace: &TraceParent) -> Message {
         let mut b = EventBuilderV10::new()
             .id(self.id.clone())
             .source(format!("/agents/{}", self.agent))
@@ -279,7 +283,7 @@ impl Step {
     }
 
     /// The receipt a policy worker would publish for this step.
-    pub fn receipt(
+    pub(crate) fn receipt(
         &self,
         trace: &TraceParent,
         decision: Decision,
@@ -315,7 +319,7 @@ impl Step {
 }
 
 /// `2026-03-01T10:00:<secs>Z` plus `offset` seconds.
-pub fn at(offset: u32) -> String {
+pub(crate) fn at(offset: u32) -> String {
     let t = chrono::DateTime::parse_from_rfc3339("2026-03-01T10:00:00Z").expect("valid")
         + chrono::Duration::seconds(i64::from(offset));
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
@@ -323,7 +327,7 @@ pub fn at(offset: u32) -> String {
 
 /// A plain workflow of `n` steps, each caused by the one before (a chain),
 /// tool calls to `fs.read` every third step.
-pub fn chain(prefix: &str, n: usize) -> Vec<Step> {
+pub(crate) fn chain(prefix: &str, n: usize) -> Vec<Step> {
     let agents = ["planner", "coder", "reviewer"];
     (0..n)
         .map(|i| {

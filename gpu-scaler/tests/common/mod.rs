@@ -2,7 +2,10 @@
 //! streams, a work consumer per pool, publishing and draining backlog, and
 //! reading leases and lease events back.
 
-#![allow(dead_code, missing_docs)]
+#![expect(
+    dead_code,
+    reason = "shared by several test binaries, each using a part of it"
+)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -12,18 +15,18 @@ use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
 use gpu_scaler::events::LeaseEventData;
 use gpu_scaler::{
-    Config, DeclaredGpu, DeclaredInventory, Lease, LeaseStore, PoolConfig, Scaler, SlotState,
+    ConfigFile, DeclaredGpu, DeclaredInventory, Lease, LeaseStore, PoolConfig, Scaler, SlotState,
 };
 use testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
-pub struct Mesh {
+pub(crate) struct Mesh {
     pub server: NatsServer,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
 }
 
-pub async fn mesh() -> anyhow::Result<Mesh> {
+pub(crate) async fn mesh() -> anyhow::Result<Mesh> {
     let server = NatsServer::start().await?;
     let client = server.connect().await?;
     let js = jetstream::new(client.clone());
@@ -31,11 +34,11 @@ pub async fn mesh() -> anyhow::Result<Mesh> {
     Ok(Mesh { server, client, js })
 }
 
-pub fn gpu_uuid(i: usize) -> String {
+pub(crate) fn gpu_uuid(i: usize) -> String {
     format!("GPU-00000000-0000-4000-8000-{i:012}")
 }
 
-pub fn declared(n: usize) -> Vec<DeclaredGpu> {
+pub(crate) fn declared(n: usize) -> Vec<DeclaredGpu> {
     (0..n)
         .map(|i| DeclaredGpu {
             uuid: gpu_uuid(i),
@@ -46,7 +49,7 @@ pub fn declared(n: usize) -> Vec<DeclaredGpu> {
         .collect()
 }
 
-pub fn pool(agent: &str, target: u64, min: u32, max: u32, cooldown: Duration) -> PoolConfig {
+pub(crate) fn pool(agent: &str, target: u64, min: u32, max: u32, cooldown: Duration) -> PoolConfig {
     PoolConfig {
         stream: "MESH_DELIVER".into(),
         consumers: vec![],
@@ -58,13 +61,13 @@ pub fn pool(agent: &str, target: u64, min: u32, max: u32, cooldown: Duration) ->
     }
 }
 
-pub fn config(
+pub(crate) fn config(
     gpus: usize,
     interval: Duration,
     ttl: Duration,
     pools: &[(&str, PoolConfig)],
-) -> Config {
-    Config {
+) -> ConfigFile {
+    ConfigFile {
         poll_interval: interval,
         lease_ttl: ttl,
         inventory: gpu_scaler::InventoryMode::Declared,
@@ -77,7 +80,7 @@ pub fn config(
 }
 
 /// The durable work consumer of `agent` (as the SDK creates it).
-pub async fn work_consumer(
+pub(crate) async fn work_consumer(
     js: &jetstream::Context,
     agent: &str,
 ) -> anyhow::Result<jetstream::consumer::PullConsumer> {
@@ -95,7 +98,11 @@ pub async fn work_consumer(
         .await?)
 }
 
-pub async fn publish_work(js: &jetstream::Context, agent: &str, n: usize) -> anyhow::Result<()> {
+pub(crate) async fn publish_work(
+    js: &jetstream::Context,
+    agent: &str,
+    n: usize,
+) -> anyhow::Result<()> {
     for i in 0..n {
         js.publish(
             format!("mesh.deliver.{agent}.planner"),
@@ -108,7 +115,7 @@ pub async fn publish_work(js: &jetstream::Context, agent: &str, n: usize) -> any
 }
 
 /// Fetches and acknowledges (confirmed) everything pending.
-pub async fn drain(consumer: &jetstream::consumer::PullConsumer) -> anyhow::Result<usize> {
+pub(crate) async fn drain(consumer: &jetstream::consumer::PullConsumer) -> anyhow::Result<usize> {
     let mut done = 0;
     loop {
         let mut batch = consumer
@@ -133,7 +140,7 @@ pub async fn drain(consumer: &jetstream::consumer::PullConsumer) -> anyhow::Resu
 }
 
 /// Live leases in the bucket, by GPU.
-pub async fn leases(js: &jetstream::Context) -> anyhow::Result<BTreeMap<String, Lease>> {
+pub(crate) async fn leases(js: &jetstream::Context) -> anyhow::Result<BTreeMap<String, Lease>> {
     let snapshot = LeaseStore::open(js).await?.snapshot().await?;
     let now = chrono::Utc::now();
     Ok(snapshot
@@ -146,7 +153,7 @@ pub async fn leases(js: &jetstream::Context) -> anyhow::Result<BTreeMap<String, 
         .collect())
 }
 
-pub async fn leases_of(js: &jetstream::Context, pool: &str) -> anyhow::Result<Vec<Lease>> {
+pub(crate) async fn leases_of(js: &jetstream::Context, pool: &str) -> anyhow::Result<Vec<Lease>> {
     Ok(leases(js)
         .await?
         .into_values()
@@ -155,7 +162,7 @@ pub async fn leases_of(js: &jetstream::Context, pool: &str) -> anyhow::Result<Ve
 }
 
 /// Every lease event in `MESH_GPU`, in order: (subject, type, source, data).
-pub async fn lease_events(
+pub(crate) async fn lease_events(
     js: &jetstream::Context,
 ) -> anyhow::Result<Vec<(String, String, String, LeaseEventData)>> {
     use schemas::AttributesReader;
@@ -179,25 +186,25 @@ pub async fn lease_events(
 
 /// A scaler running in its own task; dropping the handle does not stop it,
 /// `stop` does (gracefully) and `kill` aborts it like a crash.
-pub struct Running {
+pub(crate) struct Running {
     pub task: tokio::task::JoinHandle<()>,
     pub shutdown: CancellationToken,
     pub inventory: Arc<DeclaredInventory>,
 }
 
 impl Running {
-    pub fn kill(&self) {
+    pub(crate) fn kill(&self) {
         self.task.abort();
     }
-    pub async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.shutdown.cancel();
         let _ = self.task.await;
     }
 }
 
-pub async fn scaler(
+pub(crate) async fn scaler(
     mesh: &Mesh,
-    config: &Config,
+    config: &ConfigFile,
     instance: &str,
 ) -> anyhow::Result<(Scaler, Arc<DeclaredInventory>)> {
     let inventory = Arc::new(DeclaredInventory::new(&config.gpus));
@@ -211,7 +218,11 @@ pub async fn scaler(
     Ok((scaler, inventory))
 }
 
-pub async fn spawn_scaler(mesh: &Mesh, config: &Config, instance: &str) -> anyhow::Result<Running> {
+pub(crate) async fn spawn_scaler(
+    mesh: &Mesh,
+    config: &ConfigFile,
+    instance: &str,
+) -> anyhow::Result<Running> {
     // Each scaler has its own connection, as separate processes would.
     let client = mesh.server.connect().await?;
     let inventory = Arc::new(DeclaredInventory::new(&config.gpus));

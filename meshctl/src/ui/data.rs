@@ -60,7 +60,7 @@ WHERE trace_id = {trace_id:String}";
 
 /// One row of the trace list.
 #[derive(Debug, Clone, Deserialize, clickhouse::Row)]
-pub struct TraceRow {
+pub(super) struct TraceRow {
     /// The workflow.
     pub trace_id: String,
     /// The agents that published its steps (unordered).
@@ -83,7 +83,7 @@ pub struct TraceRow {
 
 /// A step's payload as the audit sink stored it.
 #[derive(Debug, Clone, Deserialize, clickhouse::Row)]
-pub struct EventData {
+pub(super) struct EventData {
     /// The publishing agent.
     pub agent: String,
     /// The event id.
@@ -100,7 +100,7 @@ pub struct EventData {
 
 /// A step's receipt and what the shadow set and an approver said.
 #[derive(Debug, Clone, Default, Deserialize, clickhouse::Row)]
-pub struct Receipt {
+pub(super) struct Receipt {
     /// The decided event's agent.
     pub agent: String,
     /// The decided event's id.
@@ -124,7 +124,7 @@ pub struct Receipt {
 /// A trace with what the page shows beside its tree, keyed by agent and
 /// event id (the identity of an event).
 #[derive(Debug, Default)]
-pub struct Trace {
+pub(super) struct Trace {
     /// The steps, oldest first, as `decision_tree.sql` returns them.
     pub nodes: Vec<Node>,
     /// Payloads by (agent, event id).
@@ -135,7 +135,7 @@ pub struct Trace {
 
 /// One denial, as `denials.sql` returns it.
 #[derive(Debug, Clone, Deserialize, clickhouse::Row)]
-pub struct DenialRow {
+pub(super) struct DenialRow {
     /// The denied agent.
     pub agent: String,
     /// The determining policy (`(evaluation error)` without one).
@@ -158,7 +158,7 @@ pub struct DenialRow {
 
 /// Reads the audit database for the pages.
 #[derive(Clone)]
-pub struct Audit {
+pub(super) struct Audit {
     client: clickhouse::Client,
     /// Where, for messages.
     url: String,
@@ -166,12 +166,12 @@ pub struct Audit {
 
 impl Audit {
     /// Reads through `client` (in the audit database) at `url`.
-    pub fn new(client: clickhouse::Client, url: String) -> Self {
+    pub(super) fn new(client: clickhouse::Client, url: String) -> Self {
         Self { client, url }
     }
 
     /// The traces `filter` selects, most recent first.
-    pub async fn traces(&self, filter: &TraceFilter) -> Result<Vec<TraceRow>, PageError> {
+    pub(super) async fn traces(&self, filter: &TraceFilter) -> Result<Vec<TraceRow>, PageError> {
         let mut params = window_params(&filter.window);
         params.insert("limit".into(), filter.limit.to_string());
         if let Some(agent) = &filter.agent {
@@ -184,7 +184,7 @@ impl Audit {
     }
 
     /// The steps of `trace_id` with their data and receipts.
-    pub async fn trace(&self, trace_id: &str) -> Result<Trace, PageError> {
+    pub(super) async fn trace(&self, trace_id: &str) -> Result<Trace, PageError> {
         let nodes = self.wait(tree::fetch(&self.client, trace_id), "").await?;
         if nodes.is_empty() {
             return Ok(Trace::default());
@@ -214,12 +214,12 @@ impl Audit {
     }
 
     /// Only the steps of `trace_id` (what the live view polls).
-    pub async fn steps(&self, trace_id: &str) -> Result<Vec<Node>, PageError> {
+    pub(super) async fn steps(&self, trace_id: &str) -> Result<Vec<Node>, PageError> {
         self.wait(tree::fetch(&self.client, trace_id), "").await
     }
 
     /// The denials in `window`, by agent and policy.
-    pub async fn denials(&self, window: &Window) -> Result<Vec<DenialRow>, PageError> {
+    pub(super) async fn denials(&self, window: &Window) -> Result<Vec<DenialRow>, PageError> {
         let sql =
             audit_sink::queries::render(audit_sink::queries::DENIALS.sql, &window_params(window))
                 .context("rendering denials.sql")?;

@@ -8,15 +8,15 @@ use chrono::{DateTime, Utc};
 use super::PageError;
 
 /// The `since` the list pages use when none is given.
-pub const DEFAULT_SINCE: &str = "24h";
+pub(super) const DEFAULT_SINCE: &str = "24h";
 /// Traces listed when no `limit` is given.
-pub const DEFAULT_LIMIT: u32 = 100;
+pub(super) const DEFAULT_LIMIT: u32 = 100;
 /// The most traces one page lists.
 const MAX_LIMIT: u32 = 1000;
 
 /// Which decision a trace must contain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DecisionFilter {
+pub(super) enum DecisionFilter {
     /// At least one allowed step.
     Allow,
     /// At least one denied step.
@@ -29,10 +29,10 @@ pub enum DecisionFilter {
 
 impl DecisionFilter {
     /// Every value, in the order the form offers them.
-    pub const ALL: [Self; 4] = [Self::Allow, Self::Deny, Self::Invalid, Self::Pending];
+    pub(super) const ALL: [Self; 4] = [Self::Allow, Self::Deny, Self::Invalid, Self::Pending];
 
     /// The query-string value.
-    pub fn as_str(self) -> &'static str {
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Self::Allow => "allow",
             Self::Deny => "deny",
@@ -44,7 +44,7 @@ impl DecisionFilter {
 
 /// A time range `[from, to)` and how the user wrote it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Window {
+pub(super) struct Window {
     /// Start, inclusive.
     pub from: DateTime<Utc>,
     /// End, exclusive.
@@ -57,7 +57,7 @@ pub struct Window {
 
 /// The trace list's filter.
 #[derive(Debug, Clone, PartialEq)]
-pub struct TraceFilter {
+pub(super) struct TraceFilter {
     /// Traces with a step of this agent.
     pub agent: Option<String>,
     /// Traces with a step of this decision.
@@ -70,7 +70,7 @@ pub struct TraceFilter {
 
 /// The denials page's filter.
 #[derive(Debug, Clone, PartialEq)]
-pub struct DenialFilter {
+pub(super) struct DenialFilter {
     /// Denials of this agent.
     pub agent: Option<String>,
     /// The time range of the decisions.
@@ -161,7 +161,7 @@ fn unknown(key: &str, known: &str) -> PageError {
 
 impl TraceFilter {
     /// Parses `agent`, `decision`, `since`, `until` and `limit`.
-    pub fn parse(query: &str, now: DateTime<Utc>) -> Result<Self, PageError> {
+    pub(super) fn parse(query: &str, now: DateTime<Utc>) -> Result<Self, PageError> {
         let (mut agent_, mut decision_, mut since, mut until) = (None, None, None, None);
         let mut limit = DEFAULT_LIMIT;
         let pairs = pairs(query)?;
@@ -196,7 +196,7 @@ impl TraceFilter {
 
 impl DenialFilter {
     /// Parses `agent`, `since` and `until`.
-    pub fn parse(query: &str, now: DateTime<Utc>) -> Result<Self, PageError> {
+    pub(super) fn parse(query: &str, now: DateTime<Utc>) -> Result<Self, PageError> {
         let (mut agent_, mut since, mut until) = (None, None, None);
         let pairs = pairs(query)?;
         for (key, value) in &pairs {

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 
 /// `s` as HTML text or a quoted attribute value.
-pub fn esc(s: &str) -> String {
+pub(super) fn esc(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -24,12 +24,12 @@ pub fn esc(s: &str) -> String {
 
 /// `s` percent-encoded for a query string value, then escaped for an
 /// attribute.
-pub fn q(s: &str) -> String {
+pub(super) fn q(s: &str) -> String {
     esc(&utf8_percent_encode(s, NON_ALPHANUMERIC).to_string())
 }
 
 /// `2026-03-01 12:00:00` (UTC) for a time in µs since the epoch.
-pub fn time_us(us: u64) -> String {
+pub(super) fn time_us(us: u64) -> String {
     i64::try_from(us)
         .ok()
         .and_then(DateTime::<Utc>::from_timestamp_micros)
@@ -38,7 +38,7 @@ pub fn time_us(us: u64) -> String {
 }
 
 /// A duration in µs as `850 ms`, `12.3 s` or `4 min 05 s`.
-pub fn duration_us(us: u64) -> String {
+pub(super) fn duration_us(us: u64) -> String {
     let ms = us / 1000;
     if ms < 1000 {
         format!("{ms} ms")
@@ -51,7 +51,7 @@ pub fn duration_us(us: u64) -> String {
 
 /// Which page the navigation marks as current.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Nav {
+pub(super) enum Nav {
     /// The trace list and trace pages.
     Traces,
     /// The denials page.
@@ -62,7 +62,7 @@ pub enum Nav {
 
 /// A whole page: head, navigation, `body`, and the live-update script when
 /// `live` (the trace page).
-pub fn page(title: &str, nav: Nav, body: &str, live: bool) -> String {
+pub(super) fn page(title: &str, nav: Nav, body: &str, live: bool) -> String {
     let link = |href: &str, label: &str, this: Nav| {
         let current = if nav == this {
             " aria-current=\"page\""

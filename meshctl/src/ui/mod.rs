@@ -36,7 +36,7 @@ const LIVE: &str = include_str!("live.js");
 /// Why a page could not be served: each becomes an error page with its
 /// HTTP status.
 #[derive(Debug, thiserror::Error)]
-pub enum PageError {
+pub(crate) enum PageError {
     /// Malformed input: a filter, a trace id (400).
     #[error("{0}")]
     BadRequest(String),
@@ -77,7 +77,7 @@ struct State {
 }
 
 /// Serves the UI on `addr` until `shutdown`; prints the URL once listening.
-pub async fn run(
+pub(crate) async fn run(
     endpoints: &Endpoints,
     addr: SocketAddr,
     shutdown: CancellationToken,

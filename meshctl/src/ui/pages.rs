@@ -37,7 +37,7 @@ fn agent_field(agent: Option<&str>) -> String {
 }
 
 /// The trace list: the filter form and one row per trace.
-pub fn traces(filter: &TraceFilter, rows: &[TraceRow]) -> String {
+pub(super) fn traces(filter: &TraceFilter, rows: &[TraceRow]) -> String {
     let mut body =
         String::from("<h1>Traces</h1>\n<form class=\"filters\" method=\"get\" action=\"/\">\n");
     body.push_str(&agent_field(filter.agent.as_deref()));
@@ -108,7 +108,7 @@ fn trace_row(row: &TraceRow) -> String {
 }
 
 /// What the live view compares: the steps and their decisions.
-pub fn digest(nodes: &[Node]) -> String {
+pub(super) fn digest(nodes: &[Node]) -> String {
     let mut hash = Sha256::new();
     for n in nodes {
         hash.update(format!("{}\t{}\t{}\n", n.agent, n.event_id, n.decision).as_bytes());
@@ -117,7 +117,7 @@ pub fn digest(nodes: &[Node]) -> String {
 }
 
 /// The trace page: the tree, kept current by `live.js`.
-pub fn trace(trace_id: &str, trace: &Trace) -> String {
+pub(super) fn trace(trace_id: &str, trace: &Trace) -> String {
     let id = esc(trace_id);
     let body = format!(
         "<h1>Trace <code>{id}</code></h1>\n\
@@ -130,7 +130,7 @@ pub fn trace(trace_id: &str, trace: &Trace) -> String {
 }
 
 /// The summary line and the tree: what the live view replaces.
-pub fn tree_fragment(trace: &Trace) -> String {
+pub(super) fn tree_fragment(trace: &Trace) -> String {
     let nodes = &trace.nodes;
     let denied = nodes.iter().filter(|n| n.decision == "deny").count();
     let pending = nodes.iter().filter(|n| n.decision.is_empty()).count();
@@ -354,7 +354,7 @@ fn details(trace: &Trace, node: &Node) -> String {
 }
 
 /// The denials page: the filter form and one row per denial and policy.
-pub fn denials(filter: &DenialFilter, rows: &[DenialRow]) -> String {
+pub(super) fn denials(filter: &DenialFilter, rows: &[DenialRow]) -> String {
     let mut body = String::from(
         "<h1>Denials</h1>\n<form class=\"filters\" method=\"get\" action=\"/denials\">\n",
     );
@@ -408,7 +408,7 @@ pub fn denials(filter: &DenialFilter, rows: &[DenialRow]) -> String {
 }
 
 /// An error page: the status and what went wrong.
-pub fn error(status: hyper::StatusCode, message: &str) -> String {
+pub(super) fn error(status: hyper::StatusCode, message: &str) -> String {
     let title = format!(
         "{} {}",
         status.as_u16(),

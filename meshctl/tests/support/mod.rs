@@ -1,4 +1,4 @@
 //! Helpers shared by the meshctl tests.
 
-pub mod services;
-pub mod webdriver;
+pub(crate) mod services;
+pub(crate) mod webdriver;

@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 const START: Duration = Duration::from_secs(60);
 
 /// The repository's root.
-pub fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// A running mesh of the test's own; [`Services::stop`] ends both services.
-pub struct Services {
+pub(crate) struct Services {
     pub nats: NatsServer,
     pub ch: ClickHouseServer,
     /// The audit database, unique to this test.
@@ -35,7 +35,7 @@ pub struct Services {
 
 impl Services {
     /// Starts the servers and both services, and waits until they are ready.
-    pub async fn start(database: &str) -> anyhow::Result<Self> {
+    pub(crate) async fn start(database: &str) -> anyhow::Result<Self> {
         let nats = NatsServer::start().await?;
         let ch = ClickHouseServer::start().await?;
         let db = ch.unique_database(database);
@@ -44,7 +44,7 @@ impl Services {
         let worker_ready = tmp.path().join("worker.ready");
         let worker = tokio::spawn(policy_worker::run(
             policy_worker::Config {
-                nats_url: nats.url(),
+                nats: broker_config::NatsArgs::url(nats.url()),
                 policies: workspace().join("policies"),
                 ready_file: Some(worker_ready.clone()),
                 watch_policies: false,
@@ -94,7 +94,7 @@ impl Services {
     }
 
     /// Stops both services and returns what either failed with.
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.worker.await??;
         self.sink.await??;

@@ -15,7 +15,11 @@ use serde_json::{Value, json};
 use testkit::{Service, find_binary, free_port};
 
 /// One HTTP request; returns the status and the body as text.
-pub async fn http(method: &str, url: &str, body: Option<&Value>) -> anyhow::Result<(u16, String)> {
+pub(crate) async fn http(
+    method: &str,
+    url: &str,
+    body: Option<&Value>,
+) -> anyhow::Result<(u16, String)> {
     let uri: hyper::Uri = url.parse().with_context(|| format!("`{url}`"))?;
     let authority = uri.authority().context("a URL without host")?.clone();
     let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
@@ -37,14 +41,14 @@ pub async fn http(method: &str, url: &str, body: Option<&Value>) -> anyhow::Resu
 }
 
 /// `chromedriver` on a port of the test's own, killed on drop.
-pub struct Driver {
+pub(crate) struct Driver {
     url: String,
     _service: Service,
 }
 
 impl Driver {
     /// Starts chromedriver and waits until it reports ready.
-    pub async fn start() -> anyhow::Result<Self> {
+    pub(crate) async fn start() -> anyhow::Result<Self> {
         let binary = find_binary("chromedriver", "CHROMEDRIVER_BIN", "chromium-driver")?;
         let port = free_port()?;
         let mut service = Service::spawn(Command::new(binary).arg(format!("--port={port}")))?;
@@ -68,7 +72,7 @@ impl Driver {
     }
 
     /// A new headless Chromium session (`--no-sandbox`: tests may run as root).
-    pub async fn session(&self) -> anyhow::Result<Session> {
+    pub(crate) async fn session(&self) -> anyhow::Result<Session> {
         let chromium = find_binary("chromium", "CHROMIUM_BIN", "chromium")?;
         let capabilities = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
@@ -108,31 +112,31 @@ async fn command(
 }
 
 /// A browser session; closed on [`Session::quit`].
-pub struct Session {
+pub(crate) struct Session {
     base: String,
 }
 
 impl Session {
     /// Opens `url` and waits for it to load.
-    pub async fn goto(&self, url: &str) -> anyhow::Result<()> {
+    pub(crate) async fn goto(&self, url: &str) -> anyhow::Result<()> {
         command(&self.base, "POST", "/url", Some(&json!({ "url": url }))).await?;
         Ok(())
     }
 
     /// The current URL.
-    pub async fn url(&self) -> anyhow::Result<String> {
+    pub(crate) async fn url(&self) -> anyhow::Result<String> {
         let value = command(&self.base, "GET", "/url", None).await?;
         Ok(value.as_str().unwrap_or_default().to_owned())
     }
 
     /// Runs `script` (a function body; `arguments` are `args`) in the page.
-    pub async fn run(&self, script: &str, args: Value) -> anyhow::Result<Value> {
+    pub(crate) async fn run(&self, script: &str, args: Value) -> anyhow::Result<Value> {
         let body = json!({ "script": script, "args": args });
         command(&self.base, "POST", "/execute/sync", Some(&body)).await
     }
 
     /// Clicks the first element matching `css`, as a user would.
-    pub async fn click(&self, css: &str) -> anyhow::Result<()> {
+    pub(crate) async fn click(&self, css: &str) -> anyhow::Result<()> {
         let body = json!({ "using": "css selector", "value": css });
         let element = command(&self.base, "POST", "/element", Some(&body)).await?;
         let id = element
@@ -151,7 +155,7 @@ impl Session {
     }
 
     /// A PNG of the viewport, written to `path`.
-    pub async fn screenshot(&self, path: &Path) -> anyhow::Result<()> {
+    pub(crate) async fn screenshot(&self, path: &Path) -> anyhow::Result<()> {
         use base64::Engine as _;
         let value = command(&self.base, "GET", "/screenshot", None).await?;
         let png = base64::engine::general_purpose::STANDARD.decode(
@@ -163,7 +167,7 @@ impl Session {
     }
 
     /// Ends the session (closes the browser).
-    pub async fn quit(self) -> anyhow::Result<()> {
+    pub(crate) async fn quit(self) -> anyhow::Result<()> {
         command(&self.base, "DELETE", "", None).await?;
         Ok(())
     }

@@ -75,7 +75,7 @@ pub struct Entry {
 
 /// A call delivered on a miss: the value of `p.<call hash>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// The key its result is stored under.
     pub key: String,
     /// The key hash (its flight is `f.<hash>`).
@@ -95,7 +95,7 @@ pub struct Pending {
 
 /// The call in flight for a key: the value of `f.<key hash>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Flight {
+pub(crate) struct Flight {
     /// The call, `<agent>/<event id>`.
     pub call: String,
     /// When it went out (Unix milliseconds).
@@ -223,13 +223,13 @@ pub fn answer_id(caller: &str, call_id: &str) -> String {
 
 /// A fresh entry found for an approved call.
 #[derive(Debug, Clone)]
-pub struct Hit {
+pub(crate) struct Hit {
     entry: Entry,
 }
 
 impl Hit {
     /// The call that first produced the entry, `<agent>/<event id>`.
-    pub fn source(&self) -> &str {
+    pub(crate) fn source(&self) -> &str {
         &self.entry.source
     }
 
@@ -238,7 +238,7 @@ impl Hit {
     /// with `Mesh-Cache: hit`, and the cached data byte for byte. Its id is
     /// derived from the call (a redelivered call gets the same answer id),
     /// `causationid` is the call's id and its trace is the call's.
-    pub fn message(
+    pub(crate) fn message(
         &self,
         call: &MeshEvent,
         receipt: &DecisionReceipt,
@@ -283,7 +283,7 @@ impl Hit {
 
 /// What the cache says about an approved event.
 #[derive(Debug)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     /// Not a call of a cacheable tool: route it as usual, the receipt has
     /// no `cache`.
     NotCacheable,

@@ -1,7 +1,12 @@
 //! Shared helpers for the policy-worker tests: a real nats-server, the real
 //! `policy-worker` binary, and readers for what landed in each stream.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic is how a test or bench fails; shared by several test binaries, each using a part of it"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,20 +18,20 @@ use bytes::Bytes;
 use schemas::{DecisionReceipt, EventBuilder, EventBuilderV10, encode_binary};
 use testkit::{NatsServer, Service, eventually};
 
-pub const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// A copy of the shipped `policies/` in a temp dir the test may edit.
-pub fn policies_copy() -> tempfile::TempDir {
+pub(crate) fn policies_copy() -> tempfile::TempDir {
     testkit::policies_copy().unwrap()
 }
 
 /// The `policy-worker` binary, running against a test server.
-pub struct WorkerProcess {
+pub(crate) struct WorkerProcess {
     service: Service,
 }
 
 impl WorkerProcess {
-    pub async fn start(nats_url: &str, policies: &Path, extra: &[&str]) -> Self {
+    pub(crate) async fn start(nats_url: &str, policies: &Path, extra: &[&str]) -> Self {
         let ready = tempfile::NamedTempFile::new().unwrap().into_temp_path();
         let ready_path: PathBuf = ready.to_path_buf();
         std::fs::remove_file(&ready_path).ok();
@@ -52,11 +57,11 @@ impl WorkerProcess {
         Self { service }
     }
 
-    pub fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.service.log_text()
     }
 
-    pub async fn wait_for_log(&self, needle: &str) {
+    pub(crate) async fn wait_for_log(&self, needle: &str) {
         self.service
             .log()
             .wait_for(WAIT, needle)
@@ -65,16 +70,16 @@ impl WorkerProcess {
     }
 
     /// SIGKILL, as a crash.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         self.service.kill();
     }
 
-    pub fn signal(&mut self, signal: &str) {
+    pub(crate) fn signal(&mut self, signal: &str) {
         self.service.signal(signal).unwrap();
     }
 }
 
-pub struct Mesh {
+pub(crate) struct Mesh {
     pub nats: NatsServer,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
@@ -82,7 +87,7 @@ pub struct Mesh {
 
 impl Mesh {
     /// A fresh server with the streams applied.
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let nats = NatsServer::start().await.unwrap();
         let client = nats.connect().await.unwrap();
         let js = jetstream::new(client.clone());
@@ -92,7 +97,12 @@ impl Mesh {
         Self { nats, client, js }
     }
 
-    pub async fn publish(&self, subject: &str, headers: HeaderMap, payload: impl Into<Bytes>) {
+    pub(crate) async fn publish(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: impl Into<Bytes>,
+    ) {
         self.js
             .publish_with_headers(subject.to_owned(), headers, payload.into())
             .await
@@ -101,26 +111,29 @@ impl Mesh {
             .unwrap();
     }
 
-    pub async fn publish_event(&self, subject: &str, event: &schemas::Event) {
+    pub(crate) async fn publish_event(&self, subject: &str, event: &schemas::Event) {
         let (headers, payload) = encode_binary(event);
         self.publish(subject, headers, payload).await;
     }
 
-    pub async fn stream(&self, name: &str) -> Stream {
+    pub(crate) async fn stream(&self, name: &str) -> Stream {
         self.js.get_stream(name).await.unwrap()
     }
 
     /// Every message stored in `stream`, in order.
-    pub async fn messages(&self, name: &str) -> Vec<async_nats::jetstream::message::StreamMessage> {
+    pub(crate) async fn messages(
+        &self,
+        name: &str,
+    ) -> Vec<async_nats::jetstream::message::StreamMessage> {
         testkit::stream_messages(&self.js, name).await.unwrap()
     }
 
-    pub async fn count(&self, name: &str) -> u64 {
+    pub(crate) async fn count(&self, name: &str) -> u64 {
         self.stream(name).await.info().await.unwrap().state.messages
     }
 
     /// Waits until `stream` holds at least `n` messages and returns them.
-    pub async fn wait_messages(
+    pub(crate) async fn wait_messages(
         &self,
         name: &str,
         n: u64,
@@ -134,7 +147,7 @@ impl Mesh {
     }
 
     /// Waits for the receipt of `event_id` and returns it.
-    pub async fn receipt(&self, event_id: &str) -> DecisionReceipt {
+    pub(crate) async fn receipt(&self, event_id: &str) -> DecisionReceipt {
         eventually(
             WAIT,
             &format!("the receipt of `{event_id}`"),
@@ -149,7 +162,7 @@ impl Mesh {
         .unwrap()
     }
 
-    pub async fn receipts(&self) -> Vec<DecisionReceipt> {
+    pub(crate) async fn receipts(&self) -> Vec<DecisionReceipt> {
         self.messages(schemas::subjects::STREAM_DECISION)
             .await
             .iter()
@@ -158,14 +171,14 @@ impl Mesh {
     }
 }
 
-pub fn event(id: &str, agent: &str, ty: &str) -> EventBuilderV10 {
+pub(crate) fn event(id: &str, agent: &str, ty: &str) -> EventBuilderV10 {
     EventBuilderV10::new()
         .id(id)
         .source(format!("/agents/{agent}"))
         .ty(format!("io.agentmesh.{ty}"))
 }
 
-pub fn handoff(id: &str) -> schemas::Event {
+pub(crate) fn handoff(id: &str) -> schemas::Event {
     event(id, "planner", "task.handoff")
         .extension("target", "coder")
         .extension(
@@ -181,6 +194,6 @@ pub fn handoff(id: &str) -> schemas::Event {
 }
 
 /// Header values of `name` (exact case), for assertions.
-pub fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(crate) fn header(headers: &HeaderMap, name: &str) -> Option<String> {
     headers.get(name).map(|v| v.as_str().to_owned())
 }

@@ -3,7 +3,12 @@
 //! `policies/`), and readers for what landed in each stream.
 
 // Test harness: a panic is how a test fails.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a panic is how a test or bench fails; shared by several test binaries, each using a part of it"
+)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -16,15 +21,15 @@ use testkit::{NatsServer, eventually};
 use tokio_util::sync::CancellationToken;
 
 /// The longest any test waits for something to happen.
-pub const WAIT: Duration = Duration::from_secs(30);
+pub(crate) const WAIT: Duration = Duration::from_secs(30);
 
 /// The shipped example policies.
-pub fn shipped_policies() -> PathBuf {
+pub(crate) fn shipped_policies() -> PathBuf {
     testkit::shipped_policies()
 }
 
 /// Logs to the test output when `RUST_LOG` is set.
-pub fn init_tracing() {
+pub(crate) fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -33,7 +38,7 @@ pub fn init_tracing() {
 
 /// A nats-server with the mesh's streams and buckets, and (optionally) the
 /// policy worker running in this process.
-pub struct Mesh {
+pub(crate) struct Mesh {
     pub nats: NatsServer,
     pub client: async_nats::Client,
     pub js: jetstream::Context,
@@ -43,7 +48,7 @@ pub struct Mesh {
 
 impl Mesh {
     /// A fresh server with the streams applied; no policy worker.
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         init_tracing();
         let nats = NatsServer::start().await.unwrap();
         let client = nats.connect().await.unwrap();
@@ -61,7 +66,7 @@ impl Mesh {
     }
 
     /// A fresh server and the policy worker on the shipped policies.
-    pub async fn with_worker() -> Self {
+    pub(crate) async fn with_worker() -> Self {
         let mut mesh = Self::start().await;
         mesh.start_worker(None).await;
         mesh
@@ -69,18 +74,18 @@ impl Mesh {
 
     /// Starts the policy worker on the shipped policies, signing with `key`
     /// (a key of its own, which it registers itself, when `None`).
-    pub async fn start_worker(
+    pub(crate) async fn start_worker(
         &mut self,
         key: Option<std::sync::Arc<schemas::signing::SigningKey>>,
     ) {
         let ready = self._ready_dir.path().join("worker.ready");
         let _ = std::fs::remove_file(&ready);
         let config = policy_worker::Config {
-            nats_url: self.nats.url(),
+            nats: broker_config::NatsArgs::url(self.nats.url()),
             policies: shipped_policies(),
             watch_policies: false,
             ready_file: Some(ready.clone()),
-            ack_wait: Duration::from_secs(2),
+            ack_wait_secs: 2,
             grace: Duration::from_secs(1),
             signing_key: key,
             ..Default::default()
@@ -106,36 +111,36 @@ impl Mesh {
     }
 
     /// Stops the policy worker and waits until it has.
-    pub async fn stop_worker(&mut self) {
+    pub(crate) async fn stop_worker(&mut self) {
         if let Some((token, handle)) = self.worker.take() {
             token.cancel();
             handle.await.unwrap();
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         self.nats.url()
     }
 
     /// Connects an agent configured by `builder`.
-    pub async fn agent(&self, builder: AgentBuilder) -> Agent {
+    pub(crate) async fn agent(&self, builder: AgentBuilder) -> Agent {
         builder.connect(self.url()).await.unwrap()
     }
 
     /// Every message stored in `stream`, in order.
-    pub async fn messages(&self, name: &str) -> Vec<StreamMessage> {
+    pub(crate) async fn messages(&self, name: &str) -> Vec<StreamMessage> {
         testkit::stream_messages(&self.js, name).await.unwrap()
     }
 
     /// The messages of `stream` on exactly `subject`.
-    pub async fn messages_on(&self, stream: &str, subject: &str) -> Vec<StreamMessage> {
+    pub(crate) async fn messages_on(&self, stream: &str, subject: &str) -> Vec<StreamMessage> {
         testkit::subject_messages(&self.js, stream, subject)
             .await
             .unwrap()
     }
 
     /// The message at `sequence` of `MESH_INGRESS`.
-    pub async fn ingress(&self, sequence: u64) -> StreamMessage {
+    pub(crate) async fn ingress(&self, sequence: u64) -> StreamMessage {
         self.js
             .get_stream(schemas::subjects::STREAM_INGRESS)
             .await
@@ -146,7 +151,7 @@ impl Mesh {
     }
 
     /// Waits for the receipt of `event_id` and returns it.
-    pub async fn receipt(&self, event_id: &str) -> DecisionReceipt {
+    pub(crate) async fn receipt(&self, event_id: &str) -> DecisionReceipt {
         eventually(
             WAIT,
             &format!("the receipt of `{event_id}`"),
@@ -163,7 +168,7 @@ impl Mesh {
     }
 
     /// Pending and unacknowledged counts of agent `id`'s delivery consumer.
-    pub async fn backlog(&self, id: &str) -> (u64, usize) {
+    pub(crate) async fn backlog(&self, id: &str) -> (u64, usize) {
         let stream = self
             .js
             .get_stream(schemas::subjects::STREAM_DELIVER)
@@ -183,20 +188,20 @@ impl Drop for Mesh {
 }
 
 /// A header value, for assertions.
-pub fn header(m: &StreamMessage, name: &str) -> Option<String> {
+pub(crate) fn header(m: &StreamMessage, name: &str) -> Option<String> {
     m.headers.get(name).map(|v| v.as_str().to_owned())
 }
 
 /// A `nats-server -js` started with extra arguments (e.g. authentication),
 /// killed on drop.
-pub struct CustomServer {
+pub(crate) struct CustomServer {
     child: Child,
     pub port: u16,
     _store: tempfile::TempDir,
 }
 
 impl CustomServer {
-    pub async fn start(extra: &[&str]) -> Self {
+    pub(crate) async fn start(extra: &[&str]) -> Self {
         let binary = testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server").unwrap();
         let store = tempfile::tempdir().unwrap();
         let port = testkit::free_port().unwrap();
@@ -223,7 +228,7 @@ impl CustomServer {
         }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }

@@ -11,48 +11,48 @@ use anyhow::{Context, bail};
 
 /// The state directory, `.agentmesh/` by default.
 #[derive(Debug, Clone)]
-pub struct Home {
+pub(crate) struct Home {
     root: PathBuf,
 }
 
 impl Home {
     /// The state directory at `root` (created on demand).
-    pub fn new(root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
     }
 
     /// The directory itself.
-    pub fn root(&self) -> &Path {
+    pub(crate) fn root(&self) -> &Path {
         &self.root
     }
 
     /// Pid and ready files.
-    pub fn run_dir(&self) -> PathBuf {
+    pub(crate) fn run_dir(&self) -> PathBuf {
         self.root.join("run")
     }
 
     /// Log files, one per process.
-    pub fn log_dir(&self) -> PathBuf {
+    pub(crate) fn log_dir(&self) -> PathBuf {
         self.root.join("logs")
     }
 
     /// `<name>.pid`.
-    pub fn pid_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn pid_file(&self, name: &str) -> PathBuf {
         self.run_dir().join(format!("{name}.pid"))
     }
 
     /// `<name>.ready`, created by a service once it is ready.
-    pub fn ready_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn ready_file(&self, name: &str) -> PathBuf {
         self.run_dir().join(format!("{name}.ready"))
     }
 
     /// `<name>.log`.
-    pub fn log_file(&self, name: &str) -> PathBuf {
+    pub(crate) fn log_file(&self, name: &str) -> PathBuf {
         self.log_dir().join(format!("{name}.log"))
     }
 
     /// Creates the directories.
-    pub fn create(&self) -> anyhow::Result<()> {
+    pub(crate) fn create(&self) -> anyhow::Result<()> {
         for dir in [self.run_dir(), self.log_dir()] {
             std::fs::create_dir_all(&dir)
                 .with_context(|| format!("creating `{}`", dir.display()))?;
@@ -63,7 +63,7 @@ impl Home {
 
 /// A process `meshctl up` started, as its pid file records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     /// The process id.
     pub pid: i32,
     /// The executable it was started from (canonical path).
@@ -71,7 +71,7 @@ pub struct Recorded {
 }
 
 /// Reads `<name>.pid`; `None` when there is none or it is unreadable.
-pub fn read_pid(home: &Home, name: &str) -> Option<Recorded> {
+pub(crate) fn read_pid(home: &Home, name: &str) -> Option<Recorded> {
     let text = std::fs::read_to_string(home.pid_file(name)).ok()?;
     let mut lines = text.lines();
     let pid = lines.next()?.trim().parse().ok()?;
@@ -81,7 +81,7 @@ pub fn read_pid(home: &Home, name: &str) -> Option<Recorded> {
 
 /// Whether the recorded process still runs (and is still that program,
 /// not a recycled pid). Zombies count as gone.
-pub fn is_running(recorded: &Recorded) -> bool {
+pub(crate) fn is_running(recorded: &Recorded) -> bool {
     let proc_dir = PathBuf::from(format!("/proc/{}", recorded.pid));
     let Ok(stat) = std::fs::read_to_string(proc_dir.join("stat")) else {
         return false;
@@ -110,14 +110,19 @@ pub fn is_running(recorded: &Recorded) -> bool {
 /// Starts `program` in its own process group (so a Ctrl-C in the terminal
 /// does not reach it and `meshctl` decides the order of shutdown), with its
 /// output appended to `<name>.log`, and records it in `<name>.pid`.
-pub fn spawn(home: &Home, name: &str, program: &Path, args: &[String]) -> anyhow::Result<Child> {
+pub(crate) fn spawn(
+    home: &Home,
+    name: &str,
+    program: &Path,
+    args: &[String],
+) -> anyhow::Result<Child> {
     spawn_with_env(home, name, program, args, &[])
 }
 
 /// [`spawn`] with environment changes: `Some` sets a variable, `None`
 /// removes it (credentials go here rather than on the command line, where
 /// every user of the machine can read them).
-pub fn spawn_with_env(
+pub(crate) fn spawn_with_env(
     home: &Home,
     name: &str,
     program: &Path,
@@ -158,7 +163,7 @@ pub fn spawn_with_env(
 }
 
 /// The last `max` bytes of a process's log, for error messages.
-pub fn log_tail(home: &Home, name: &str, max: usize) -> String {
+pub(crate) fn log_tail(home: &Home, name: &str, max: usize) -> String {
     let text = std::fs::read_to_string(home.log_file(name)).unwrap_or_default();
     let start = text.len().saturating_sub(max);
     let start = (start..text.len())
@@ -175,7 +180,7 @@ fn signal(pid: i32, sig: rustix::process::Signal) -> bool {
 
 /// What [`stop`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stopped {
+pub(crate) enum Stopped {
     /// It exited after SIGTERM.
     Gracefully,
     /// It had to be killed after the grace period.
@@ -186,7 +191,7 @@ pub enum Stopped {
 
 /// Stops the process recorded as `name`: SIGTERM, then SIGKILL after
 /// `grace`; removes the pid file.
-pub fn stop(home: &Home, name: &str, grace: Duration) -> anyhow::Result<Option<Stopped>> {
+pub(crate) fn stop(home: &Home, name: &str, grace: Duration) -> anyhow::Result<Option<Stopped>> {
     let Some(recorded) = read_pid(home, name) else {
         return Ok(None);
     };
@@ -219,7 +224,7 @@ pub fn stop(home: &Home, name: &str, grace: Duration) -> anyhow::Result<Option<S
 
 /// Finds a service binary: next to `meshctl`'s own executable first, then on
 /// `PATH`.
-pub fn find_service(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_service(name: &str) -> Option<PathBuf> {
     let beside = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
@@ -229,7 +234,7 @@ pub fn find_service(name: &str) -> Option<PathBuf> {
 
 /// `name` on `PATH`, or in `/usr/sbin` and `/usr/local/sbin` (where Debian
 /// puts servers) when `PATH` lacks them.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
@@ -239,7 +244,7 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
 
 /// A server binary: `env_override` when set, else from `PATH`, else an
 /// error naming the Debian package to install.
-pub fn find_server(
+pub(crate) fn find_server(
     name: &str,
     env_override: &str,
     package: &str,

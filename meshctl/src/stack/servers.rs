@@ -9,12 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::agents::{CLICKHOUSE_READER_USER, CLICKHOUSE_SINK_USER, ClickHouseSecrets};
+use crate::identity::{AuthState, CLICKHOUSE_READER_USER, CLICKHOUSE_SINK_USER, ClickHouseSecrets};
 use crate::procs::{self, Home};
+use crate::stack;
 
 /// Where the stack's servers are, and how meshctl authenticates to them.
 #[derive(Debug, Clone)]
-pub struct Endpoints {
+pub(crate) struct Endpoints {
     /// NATS URL.
     pub nats_url: String,
     /// meshctl's NATS credentials (the operator's seed on a local stack
@@ -31,8 +32,34 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
+    /// These endpoints with the local stack's credentials where none were
+    /// given: on a stack with authorization meshctl is the operator (its
+    /// seed in `home`), and reads ClickHouse as the read-only user (`up`,
+    /// which writes the users, picks its own).
+    pub(crate) fn with_local_credentials(
+        mut self,
+        home: &Home,
+        is_up: bool,
+        insecure: bool,
+    ) -> Self {
+        let state = AuthState::new(home);
+        if !insecure && !self.nats_credentials.is_set() && state.admin_seed_file().is_file() {
+            self.nats_credentials.nkey_seed_file = Some(state.admin_seed_file());
+        }
+        if !is_up
+            && stack::auth_mode(home)
+            && self.clickhouse_user == audit_sink::DEFAULT_CLICKHOUSE_USER
+            && self.clickhouse_password.is_empty()
+            && let Some(secrets) = state.clickhouse_secrets()
+        {
+            self.clickhouse_user = CLICKHOUSE_READER_USER.to_owned();
+            self.clickhouse_password = secrets.reader;
+        }
+        self
+    }
+
     /// A ClickHouse client without a default database.
-    pub fn clickhouse(&self) -> clickhouse::Client {
+    pub(crate) fn clickhouse(&self) -> clickhouse::Client {
         clickhouse::Client::default()
             .with_url(&self.clickhouse_url)
             .with_user(&self.clickhouse_user)
@@ -41,12 +68,12 @@ impl Endpoints {
     }
 
     /// A ClickHouse client in the audit database.
-    pub fn audit_db(&self) -> clickhouse::Client {
+    pub(crate) fn audit_db(&self) -> clickhouse::Client {
         self.clickhouse().with_database(&self.database)
     }
 
     /// Connect options with meshctl's NATS credentials.
-    pub async fn nats_options(&self) -> anyhow::Result<async_nats::ConnectOptions> {
+    pub(crate) async fn nats_options(&self) -> anyhow::Result<async_nats::ConnectOptions> {
         Ok(self
             .nats_credentials
             .apply(async_nats::ConnectOptions::new().name("meshctl"))
@@ -54,7 +81,7 @@ impl Endpoints {
     }
 
     /// A NATS connection with meshctl's credentials.
-    pub async fn connect_nats(&self) -> anyhow::Result<async_nats::Client> {
+    pub(crate) async fn connect_nats(&self) -> anyhow::Result<async_nats::Client> {
         self.nats_options()
             .await?
             .connect(&self.nats_url)
@@ -65,7 +92,7 @@ impl Endpoints {
 
 /// What answers at a NATS URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NatsState {
+pub(crate) enum NatsState {
     /// A NATS server with JetStream.
     JetStream,
     /// A NATS server without JetStream.
@@ -77,7 +104,7 @@ pub enum NatsState {
 }
 
 /// Connects briefly with `endpoints`' credentials to see what answers.
-pub async fn nats_state(endpoints: &Endpoints) -> NatsState {
+pub(crate) async fn nats_state(endpoints: &Endpoints) -> NatsState {
     let Ok(options) = endpoints.nats_options().await else {
         return NatsState::Refused;
     };
@@ -109,7 +136,7 @@ pub async fn nats_state(endpoints: &Endpoints) -> NatsState {
 }
 
 /// `SELECT version()`, or `None` when nothing answers.
-pub async fn clickhouse_version(client: &clickhouse::Client) -> Option<String> {
+pub(crate) async fn clickhouse_version(client: &clickhouse::Client) -> Option<String> {
     let query = client.query("SELECT version()").fetch_one::<String>();
     tokio::time::timeout(Duration::from_secs(3), query)
         .await
@@ -119,7 +146,7 @@ pub async fn clickhouse_version(client: &clickhouse::Client) -> Option<String> {
 
 /// The port of `url` when its host is this machine (`127.0.0.1`,
 /// `localhost`, `::1`), else `None`.
-pub fn loopback_port(url: &str, default_port: u16) -> Option<u16> {
+pub(crate) fn loopback_port(url: &str, default_port: u16) -> Option<u16> {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
     let authority = rest.split(['/', '?']).next().unwrap_or_default();
@@ -142,7 +169,7 @@ pub fn loopback_port(url: &str, default_port: u16) -> Option<u16> {
 }
 
 /// Whether nothing listens on `127.0.0.1:<port>`.
-pub fn port_free(port: u16) -> bool {
+pub(crate) fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
@@ -180,7 +207,7 @@ async fn wait_started(
 /// `.agentmesh/nats`, and waits until JetStream answers. With `config`
 /// (the rendered authorization config, which names the same port and
 /// store) the server reads that file instead of flags.
-pub async fn start_nats(
+pub(crate) async fn start_nats(
     home: &Home,
     endpoints: &Endpoints,
     port: u16,
@@ -221,7 +248,7 @@ pub async fn start_nats(
 /// Writes a ClickHouse config under `.agentmesh/clickhouse/`, starts
 /// `clickhouse-server` with it (HTTP on `127.0.0.1:<http_port>`) and waits
 /// until it answers. Returns the child and the native-protocol port.
-pub async fn start_clickhouse(
+pub(crate) async fn start_clickhouse(
     home: &Home,
     endpoints: &Endpoints,
     http_port: u16,
@@ -276,7 +303,7 @@ pub async fn start_clickhouse(
 /// may write but not run DDL, and `agentmesh_reader`, read-only — each
 /// limited to `database` (see [`users_xml`]). The `<yandex>` root is what
 /// 18.16 reads; current servers accept it too.
-pub fn write_clickhouse_config(
+pub(crate) fn write_clickhouse_config(
     dir: &Path,
     http_port: u16,
     tcp_port: u16,
@@ -343,7 +370,10 @@ fn sha256_hex(text: &str) -> String {
 /// the sink's password can still run DDL inside its database; only
 /// `GRANT INSERT` on a current server (see `docs/security.md`) makes it
 /// insert-only.
-pub fn users_xml(users: Option<&ClickHouseSecrets>, database: &str) -> String {
+///
+/// Longer than most functions here: it is one XML document written out,
+/// and reads best as one.
+pub(crate) fn users_xml(users: Option<&ClickHouseSecrets>, database: &str) -> String {
     let quota = r#"
     <quotas>
         <default>

@@ -1,0 +1,319 @@
+//! `meshctl up`, `down` and `status`: the local stack of `docs/contract.md`.
+//!
+//! `up` starts what is missing — nats-server (JetStream) and
+//! clickhouse-server from `PATH`, data under `.agentmesh/` — applies the
+//! streams and the audit schema, then runs policy-worker, audit-sink and
+//! gpu-scaler (found next to `meshctl` first, then on `PATH`). Whatever it
+//! starts gets a pid file, which is how `down` finds it again.
+//!
+//! Authorization is on unless `--insecure`: `up` gives the operator, every
+//! service and every agent of the policy directory's `entities.json` an
+//! nkey (`agents.rs`), starts nats-server with the config `broker-config`
+//! renders from them (or reloads the one it started before), creates the
+//! agents' and services' durable consumers, starts ClickHouse with a
+//! password for `default`, an insert user for the sink and a read-only
+//! user, and hands each service its own credentials.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use policy_worker::SCHEMA_FILE;
+
+use crate::entities;
+use crate::identity::{AuthState, ClickHouseSecrets};
+use procs::{Home, Stopped};
+use servers::Endpoints;
+
+mod clickhouse;
+pub(crate) mod nats;
+pub(crate) mod procs;
+pub(crate) mod servers;
+mod services;
+mod status;
+
+pub(crate) use status::status;
+
+/// The services, in start order.
+pub(crate) const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scaler"];
+/// Services the stack runs without when they cannot start.
+const OPTIONAL: [&str; 1] = ["gpu-scaler"];
+/// Everything `down` may stop, in stop order: services (the sink last, so
+/// it flushes what the others produced), then the servers.
+const STOP_ORDER: [&str; 5] = [
+    "gpu-scaler",
+    "policy-worker",
+    "audit-sink",
+    "clickhouse-server",
+    "nats-server",
+];
+
+/// Options of `meshctl up`.
+#[derive(Debug, Clone)]
+pub(crate) struct UpOptions {
+    /// Return once everything is ready, leaving it running.
+    pub detach: bool,
+    /// The policy directory for the worker.
+    pub policies: PathBuf,
+    /// Services not to start.
+    pub without: Vec<String>,
+    /// How long to wait for everything to be ready.
+    pub timeout: Duration,
+    /// The GPU scaler's pool config; without one the scaler leases nothing.
+    pub gpu_config: Option<PathBuf>,
+    /// Run without authorization (anyone may connect and publish anywhere).
+    pub insecure: bool,
+}
+
+/// The file that records whether the running stack has authorization.
+pub(crate) fn mode_file(home: &Home) -> PathBuf {
+    home.run_dir().join("stack-mode")
+}
+
+/// Whether the last `meshctl up` here turned authorization on.
+pub(crate) fn auth_mode(home: &Home) -> bool {
+    std::fs::read_to_string(mode_file(home)).is_ok_and(|m| m.trim() == "auth")
+}
+
+/// What this `up` started (stopped again on failure or, in the foreground,
+/// on Ctrl-C).
+#[derive(Default)]
+struct Started {
+    children: Vec<(&'static str, Child)>,
+}
+
+impl Started {
+    fn stop_all(&mut self, home: &Home) {
+        for name in STOP_ORDER {
+            if let Some(pos) = self.children.iter().position(|(n, _)| *n == name) {
+                let (name, mut child) = self.children.remove(pos);
+                match procs::stop(home, name, Duration::from_secs(15)) {
+                    Ok(Some(Stopped::Killed)) => {
+                        line(name, "killed", "did not stop within 15s of SIGTERM")
+                    }
+                    Ok(Some(Stopped::NotRunning)) => line(name, "exited", ""),
+                    Ok(_) => line(name, "stopped", ""),
+                    Err(e) => eprintln!("{name:<18} {e:#}"),
+                }
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn line(name: &str, state: &str, detail: impl std::fmt::Display) {
+    println!("{name:<18} {state:<8} {detail}");
+}
+
+/// `meshctl up`.
+pub(crate) async fn up(
+    home: &Home,
+    endpoints: &Endpoints,
+    options: &UpOptions,
+) -> anyhow::Result<()> {
+    for name in &options.without {
+        if !SERVICES.contains(&name.as_str()) {
+            bail!(
+                "--without `{name}`: not a service (one of {})",
+                SERVICES.join(", ")
+            );
+        }
+    }
+    let policies = if options.without.iter().any(|w| w == "policy-worker") {
+        None
+    } else {
+        let dir = &options.policies;
+        if !dir.join(SCHEMA_FILE).is_file() {
+            bail!(
+                "policy directory `{}` has no `{SCHEMA_FILE}`: run meshctl from the repository root or pass --policies DIR",
+                dir.display(),
+            );
+        }
+        Some(std::fs::canonicalize(dir).with_context(|| format!("resolving `{}`", dir.display()))?)
+    };
+    home.create()?;
+    let mut endpoints = endpoints.clone();
+    let auth = if options.insecure {
+        None
+    } else {
+        Some(set_up_identities(home, &mut endpoints, options)?)
+    };
+    std::fs::write(
+        mode_file(home),
+        if auth.is_some() {
+            "auth\n"
+        } else {
+            "insecure\n"
+        },
+    )
+    .with_context(|| format!("writing `{}`", mode_file(home).display()))?;
+    let mut started = Started::default();
+    match bring_up(
+        home,
+        &endpoints,
+        options,
+        policies,
+        auth.as_ref(),
+        &mut started,
+    )
+    .await
+    {
+        Ok(()) => {}
+        Err(e) => {
+            if !started.children.is_empty() {
+                eprintln!("Start failed; stopping what this command started.");
+                started.stop_all(home);
+            }
+            return Err(e);
+        }
+    }
+    if options.detach {
+        println!("\nThe stack is up. `meshctl demo` runs the demo; `meshctl down` stops it.");
+        // The children run on in their own process groups.
+        return Ok(());
+    }
+    println!("\nThe stack is up. Ctrl-C stops what this command started.");
+    wait_in_foreground(home, &mut started).await;
+    started.stop_all(home);
+    Ok(())
+}
+
+/// The identities of an authorized stack.
+struct Auth {
+    state: AuthState,
+    /// Set when the ClickHouse of this stack is local (meshctl's users).
+    clickhouse: Option<ClickHouseSecrets>,
+}
+
+/// Keys for the operator, the services and the agents of `entities.json`;
+/// meshctl's own credentials (unless given); the ClickHouse passwords when
+/// ClickHouse is local and no user was given.
+fn set_up_identities(
+    home: &Home,
+    endpoints: &mut Endpoints,
+    options: &UpOptions,
+) -> anyhow::Result<Auth> {
+    let state = AuthState::new(home);
+    let created = state.ensure_services()?;
+    if !created.is_empty() {
+        line(
+            "identities",
+            "created",
+            format_args!(
+                "{} (keys in {})",
+                created.join(", "),
+                home.root().join("auth").display()
+            ),
+        );
+    }
+    // Registered agents are those with keys; the agents of the policy
+    // directory get one, so the shipped demo agents can connect.
+    if options.policies.join(SCHEMA_FILE).is_file() {
+        for (id, _) in entities::entity_agents(&options.policies)? {
+            if !schemas::AgentId::is_valid(&id) {
+                continue;
+            }
+            if state.ensure_agent(&id)? {
+                line(
+                    "identities",
+                    "created",
+                    format_args!(
+                        "agent `{id}` (from entities.json; seed {})",
+                        state
+                            .seed_file(broker_config::auth::Role::Agent, &id)
+                            .display()
+                    ),
+                );
+            }
+        }
+    }
+    if !endpoints.nats_credentials.is_set() {
+        endpoints.nats_credentials.nkey_seed_file = Some(state.admin_seed_file());
+    }
+    let local_clickhouse = servers::loopback_port(&endpoints.clickhouse_url, 8123).is_some();
+    let clickhouse = if local_clickhouse
+        && endpoints.clickhouse_user == "default"
+        && endpoints.clickhouse_password.is_empty()
+    {
+        let secrets = state.ensure_clickhouse_secrets()?;
+        endpoints.clickhouse_password = secrets.admin.clone();
+        Some(secrets)
+    } else {
+        None
+    };
+    Ok(Auth { state, clickhouse })
+}
+
+async fn bring_up(
+    home: &Home,
+    endpoints: &Endpoints,
+    options: &UpOptions,
+    policies: Option<PathBuf>,
+    auth: Option<&Auth>,
+    started: &mut Started,
+) -> anyhow::Result<()> {
+    nats::ensure(home, endpoints, auth, started).await?;
+    clickhouse::ensure(home, endpoints, auth, started).await?;
+    clickhouse::apply_streams_and_schema(home, endpoints, auth).await?;
+    let waiting = services::start(home, endpoints, options, policies.as_ref(), auth, started)?;
+    services::wait_ready(home, options, waiting, started).await
+}
+
+async fn wait_in_foreground(home: &Home, started: &mut Started) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!("cannot listen for signals; use `meshctl down` to stop the stack");
+        return;
+    };
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = check.tick() => {
+                started.children.retain_mut(|(name, child)| match child.try_wait() {
+                    Ok(Some(status)) => {
+                        eprintln!("{name} exited ({status}); see {}", home.log_file(name).display());
+                        let _ = std::fs::remove_file(home.pid_file(name));
+                        false
+                    }
+                    _ => true,
+                });
+            }
+        }
+    }
+    println!();
+}
+
+/// `meshctl down`: stops what `up` started, as its pid files record.
+pub(crate) fn down(home: &Home) -> anyhow::Result<()> {
+    let mut any = false;
+    for name in STOP_ORDER {
+        match procs::stop(home, name, Duration::from_secs(15))? {
+            None => {}
+            Some(Stopped::Gracefully) => {
+                any = true;
+                line(name, "stopped", "");
+            }
+            Some(Stopped::Killed) => {
+                any = true;
+                line(name, "killed", "did not stop within 15s of SIGTERM");
+            }
+            Some(Stopped::NotRunning) => {
+                any = true;
+                line(name, "gone", "was not running (stale pid file removed)");
+            }
+        }
+    }
+    if !any {
+        println!(
+            "Nothing to stop: `meshctl up` started nothing under {}.",
+            home.root().display()
+        );
+    }
+    Ok(())
+}

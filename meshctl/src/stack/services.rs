@@ -1,0 +1,192 @@
+//! The services step of `meshctl up`: start policy-worker, audit-sink and
+//! gpu-scaler (each with its own credentials in the environment), then wait
+//! for their ready files.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use super::{Auth, OPTIONAL, SERVICES, Started, UpOptions, line};
+use crate::identity::CLICKHOUSE_SINK_USER;
+use crate::procs::{self, Home};
+use crate::servers::Endpoints;
+
+/// Starts the services not running yet and not left out; returns the ones
+/// it started, to wait for.
+pub(super) fn start(
+    home: &Home,
+    endpoints: &Endpoints,
+    options: &UpOptions,
+    policies: Option<&PathBuf>,
+    auth: Option<&Auth>,
+    started: &mut Started,
+) -> anyhow::Result<Vec<&'static str>> {
+    let mut waiting = Vec::new();
+    for name in SERVICES {
+        if options.without.iter().any(|w| w == name) {
+            line(name, "skipped", "--without");
+            continue;
+        }
+        if let Some(recorded) = procs::read_pid(home, name).filter(procs::is_running) {
+            line(name, "running", format_args!("pid {}", recorded.pid));
+            continue;
+        }
+        let Some(binary) = procs::find_service(name) else {
+            line(
+                name,
+                "skipped",
+                format_args!(
+                    "warning: `{name}` not found next to meshctl or on PATH (build it: `cargo build -p {name}`)"
+                ),
+            );
+            continue;
+        };
+        let ready = home.ready_file(name);
+        let _ = std::fs::remove_file(&ready);
+        let args = service_args(name, endpoints, options, policies, &ready)?;
+        let env = service_env(home, name, endpoints, auth)?;
+        let child = procs::spawn_with_env(home, name, &binary, &args, &env)?;
+        waiting.push(name);
+        started.children.push((name, child));
+    }
+
+    Ok(waiting)
+}
+
+/// The command line of service `name` (credentials aside).
+fn service_args(
+    name: &str,
+    endpoints: &Endpoints,
+    options: &UpOptions,
+    policies: Option<&PathBuf>,
+    ready: &std::path::Path,
+) -> anyhow::Result<Vec<String>> {
+    let mut args = vec!["--nats-url".to_owned(), endpoints.nats_url.clone()];
+    match name {
+        "policy-worker" => {
+            if let Some(dir) = policies {
+                args.extend(["--policies".to_owned(), dir.display().to_string()]);
+            }
+        }
+        "gpu-scaler" => {
+            if let Some(config) = options.gpu_config.as_ref().filter(|c| c.is_file()) {
+                let config = std::fs::canonicalize(config)
+                    .with_context(|| format!("resolving `{}`", config.display()))?;
+                args.extend(["--config".to_owned(), config.display().to_string()]);
+            }
+        }
+        "audit-sink" => args.extend([
+            "--clickhouse-url".to_owned(),
+            endpoints.clickhouse_url.clone(),
+            "--database".to_owned(),
+            endpoints.database.clone(),
+        ]),
+        _ => {}
+    }
+    args.extend(["--ready-file".to_owned(), ready.display().to_string()]);
+    Ok(args)
+}
+
+/// The environment of service `name`: its credentials, which go there
+/// rather than on the command line.
+fn service_env(
+    home: &Home,
+    name: &str,
+    endpoints: &Endpoints,
+    auth: Option<&Auth>,
+) -> anyhow::Result<Vec<(&'static str, Option<String>)>> {
+    let mut env: Vec<(&'static str, Option<String>)> = Vec::new();
+    if let Some(auth) = auth {
+        let seed = auth
+            .state
+            .service_seed_file(name)
+            .with_context(|| format!("no identity for `{name}`"))?;
+        env.push(("NATS_NKEY_SEED_FILE", Some(seed.display().to_string())));
+        env.push(("NATS_CREDS", None));
+    }
+    // The signing key `meshctl up` made and registered (`meshctl signers`).
+    if crate::signers::SIGNING_SERVICES.contains(&name) {
+        let key = crate::signers::key_file(home, name);
+        env.push((
+            "AGENTMESH_SIGNING_KEY_FILE",
+            Some(key.display().to_string()),
+        ));
+    }
+    if name == "audit-sink" {
+        // The sink's own insert user where meshctl wrote the users;
+        // otherwise the user meshctl was given.
+        let (user, password) = match auth.and_then(|a| a.clickhouse.as_ref()) {
+            Some(secrets) => (CLICKHOUSE_SINK_USER.to_owned(), secrets.sink.clone()),
+            None => (
+                endpoints.clickhouse_user.clone(),
+                endpoints.clickhouse_password.clone(),
+            ),
+        };
+        env.push(("CLICKHOUSE_USER", Some(user)));
+        env.push(("CLICKHOUSE_PASSWORD", Some(password)));
+    }
+    Ok(env)
+}
+
+/// Waits for each service's ready file; an optional service that fails is
+/// reported and stopped, any other failure stops `up`.
+pub(super) async fn wait_ready(
+    home: &Home,
+    options: &UpOptions,
+    waiting: Vec<&'static str>,
+    started: &mut Started,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + options.timeout;
+    for name in waiting {
+        let ready = home.ready_file(name);
+        let failure = loop {
+            if ready.exists() {
+                let pid = procs::read_pid(home, name)
+                    .map(|r| r.pid)
+                    .unwrap_or_default();
+                line(
+                    name,
+                    "ready",
+                    format_args!("pid {pid}, log {}", home.log_file(name).display()),
+                );
+                break None;
+            }
+            if let Some(pos) = started.children.iter().position(|(n, _)| *n == name)
+                && let Ok(Some(status)) = started.children[pos].1.try_wait()
+            {
+                started.children.remove(pos);
+                let _ = std::fs::remove_file(home.pid_file(name));
+                break Some(format!(
+                    "`{name}` exited ({status}) before it was ready; its log ({}) ends with:\n{}",
+                    home.log_file(name).display(),
+                    procs::log_tail(home, name, 2000)
+                ));
+            }
+            if Instant::now() >= deadline {
+                break Some(format!(
+                    "`{name}` was not ready within {:?}; see {}",
+                    options.timeout,
+                    home.log_file(name).display()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match failure {
+            None => {}
+            // The mesh runs without GPU leasing (most machines have no GPU),
+            // so a scaler that cannot start is reported, not fatal.
+            Some(why) if OPTIONAL.contains(&name) => {
+                if let Some(pos) = started.children.iter().position(|(n, _)| *n == name) {
+                    let (_, mut child) = started.children.remove(pos);
+                    let _ = procs::stop(home, name, Duration::from_secs(5));
+                    let _ = child.wait();
+                }
+                line(name, "failed", "warning: continuing without it (optional)");
+                eprintln!("{why}");
+            }
+            Some(why) => bail!(why),
+        }
+    }
+    Ok(())
+}

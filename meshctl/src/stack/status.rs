@@ -1,0 +1,295 @@
+//! `meshctl status`: each component up or down, stream depths and
+//! consumers, each agent's queues, rows per table.
+
+use broker_config::auth::{AUDIT_SINK_CONSUMERS, POLICY_WORKER_CONSUMER};
+use futures::StreamExt;
+use schemas::subjects;
+
+use super::{SERVICES, auth_mode, line, mode_file};
+use crate::identity::AuthState;
+use crate::procs::{self, Home};
+use crate::servers::{self, Endpoints, NatsState};
+
+/// A durable's (pending, unacknowledged) counts.
+type Queue = (u64, usize);
+
+/// Each agent's queues, from its durables (`agent-<id>` on `MESH_DELIVER`
+/// and `MESH_CALL`): (agent, deliveries, calls), by agent id.
+fn agent_queues(consumers: &[ConsumerRow]) -> Vec<(String, Option<Queue>, Option<Queue>)> {
+    type Queues = (Option<Queue>, Option<Queue>);
+    let mut agents: std::collections::BTreeMap<String, Queues> = Default::default();
+    for (stream, name, pending, unacked, _) in consumers {
+        let Some(agent) = subjects::agent_of_consumer(name) else {
+            continue;
+        };
+        let entry = agents.entry(agent.to_owned()).or_default();
+        match stream.as_str() {
+            subjects::STREAM_DELIVER => entry.0 = Some((*pending, *unacked)),
+            subjects::STREAM_CALL => entry.1 = Some((*pending, *unacked)),
+            _ => {}
+        }
+    }
+    agents
+        .into_iter()
+        .filter(|(_, (deliveries, _))| deliveries.is_some())
+        .map(|(agent, (deliveries, calls))| (agent, deliveries, calls))
+        .collect()
+}
+
+/// One durable: (stream, name, pending, unacknowledged, waiting pulls).
+type ConsumerRow = (String, String, u64, usize, usize);
+
+/// `meshctl status`: each component up or down, stream depths, rows per
+/// table. Returns whether NATS and ClickHouse both answer.
+pub(crate) async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> {
+    println!("{:<18} {:<8} detail", "component", "state");
+    let nats = servers::nats_state(endpoints).await;
+    print_nats(home, endpoints, nats);
+    print_authorization(home);
+    let version = clickhouse_line(home, endpoints).await;
+    let (streams, consumers) = if nats == NatsState::JetStream {
+        read_streams(endpoints).await?
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    print_services(home, &consumers);
+    if nats == NatsState::JetStream {
+        print_streams(&streams, &consumers);
+    }
+    if version.is_some() {
+        print_tables(endpoints).await;
+    }
+    Ok(nats == NatsState::JetStream && version.is_some())
+}
+
+/// ` (pid …, started by meshctl)` when `up` started `name` and it runs.
+fn started_by(home: &Home, name: &str) -> String {
+    procs::read_pid(home, name)
+        .filter(procs::is_running)
+        .map(|r| format!(" (pid {}, started by meshctl)", r.pid))
+        .unwrap_or_default()
+}
+
+fn print_nats(home: &Home, endpoints: &Endpoints, nats: NatsState) {
+    let started_by = |name: &str| started_by(home, name);
+    match nats {
+        NatsState::JetStream => line(
+            "nats-server",
+            "up",
+            format_args!("{}{}", endpoints.nats_url, started_by("nats-server")),
+        ),
+        NatsState::NoJetStream => line(
+            "nats-server",
+            "degraded",
+            format_args!("{} has no JetStream", endpoints.nats_url),
+        ),
+        NatsState::Refused => line(
+            "nats-server",
+            "refused",
+            format_args!(
+                "{} refuses meshctl's credentials (pass the operator seed: --nats-nkey-seed-file)",
+                endpoints.nats_url
+            ),
+        ),
+        NatsState::Unreachable => line(
+            "nats-server",
+            "down",
+            format_args!("nothing answers at {}", endpoints.nats_url),
+        ),
+    }
+}
+
+fn print_authorization(home: &Home) {
+    if auth_mode(home) {
+        let state = AuthState::new(home);
+        let agents = state.agents().unwrap_or_default();
+        line(
+            "authorization",
+            "on",
+            format_args!(
+                "{} agents ({}); `meshctl agents list`",
+                agents.len(),
+                agents
+                    .iter()
+                    .map(|a| a.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    } else if mode_file(home).is_file() {
+        line(
+            "authorization",
+            "off",
+            "started with --insecure: anyone may connect and publish anywhere",
+        );
+    }
+}
+
+/// The ClickHouse line; the server's version when it answers.
+async fn clickhouse_line(home: &Home, endpoints: &Endpoints) -> Option<String> {
+    let started_by = |name: &str| started_by(home, name);
+    let client = endpoints.clickhouse();
+    let version = servers::clickhouse_version(&client).await;
+    match &version {
+        Some(v) => line(
+            "clickhouse-server",
+            "up",
+            format_args!(
+                "{}, ClickHouse {v}{}",
+                endpoints.clickhouse_url,
+                started_by("clickhouse-server")
+            ),
+        ),
+        None => line(
+            "clickhouse-server",
+            "down",
+            format_args!("nothing answers at {}", endpoints.clickhouse_url),
+        ),
+    }
+    version
+}
+
+/// Each stream's message count and its consumers.
+async fn read_streams(
+    endpoints: &Endpoints,
+) -> anyhow::Result<(Vec<(String, u64)>, Vec<ConsumerRow>)> {
+    // Consumers tell whether a service runs even when meshctl did not start it.
+    let mut consumers: Vec<ConsumerRow> = Vec::new();
+    let mut streams: Vec<(String, u64)> = Vec::new();
+    let client = endpoints.connect_nats().await?;
+    let js = async_nats::jetstream::new(client);
+    for config in broker_config::streams(&broker_config::Options::default()) {
+        let Ok(mut stream) = js.get_stream(&config.name).await else {
+            streams.push((config.name.clone(), 0));
+            continue;
+        };
+        let messages = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
+        streams.push((config.name.clone(), messages));
+        let mut list = stream.consumers();
+        while let Some(Ok(info)) = list.next().await {
+            consumers.push((
+                config.name.clone(),
+                info.name.clone(),
+                info.num_pending,
+                info.num_ack_pending,
+                info.num_waiting,
+            ));
+        }
+    }
+    Ok((streams, consumers))
+}
+
+/// Each service up or down: started by meshctl, or its consumer pulling.
+fn print_services(home: &Home, consumers: &[ConsumerRow]) {
+    for name in SERVICES {
+        let consumer = match name {
+            "policy-worker" => Some(POLICY_WORKER_CONSUMER),
+            "audit-sink" => AUDIT_SINK_CONSUMERS
+                .iter()
+                .find(|(stream, _)| *stream == subjects::STREAM_INGRESS)
+                .map(|(_, durable)| *durable),
+            _ => None,
+        };
+        let pulling = consumer.is_some_and(|c| {
+            consumers
+                .iter()
+                .any(|(_, n, _, _, waiting)| n == c && *waiting > 0)
+        });
+        if let Some(recorded) = procs::read_pid(home, name).filter(procs::is_running) {
+            line(
+                name,
+                "up",
+                format_args!(
+                    "pid {}, log {}",
+                    recorded.pid,
+                    home.log_file(name).display()
+                ),
+            );
+        } else if pulling {
+            line(
+                name,
+                "up",
+                format_args!(
+                    "not started by meshctl; its consumer `{}` is pulling",
+                    consumer.unwrap_or_default()
+                ),
+            );
+        } else {
+            line(name, "down", "");
+        }
+    }
+}
+
+/// Stream depths with their consumers, then each agent's queues.
+fn print_streams(streams: &[(String, u64)], consumers: &[ConsumerRow]) {
+    println!(
+        "\n{:<18} {:>8}  consumers (pending / unacked)",
+        "stream", "messages"
+    );
+    for (stream, messages) in streams {
+        let mut of_stream: Vec<String> = consumers
+            .iter()
+            .filter(|(s, ..)| s == stream)
+            .map(|(_, name, pending, unacked, _)| format!("{name} {pending}/{unacked}"))
+            .collect();
+        of_stream.sort();
+        println!("{stream:<18} {messages:>8}  {}", of_stream.join(", "));
+    }
+    let agents = agent_queues(consumers);
+    if !agents.is_empty() {
+        println!(
+            "\n{:<18} {:>22}  {:>18}",
+            "agent", "deliveries pending/unacked", "calls pending/unacked"
+        );
+        for (agent, deliveries, calls) in agents {
+            let pair =
+                |q: Option<Queue>| q.map_or_else(|| "-".to_owned(), |(p, u)| format!("{p}/{u}"));
+            println!("{agent:<18} {:>26}  {:>21}", pair(deliveries), pair(calls));
+        }
+    }
+}
+
+/// Rows per audit table.
+async fn print_tables(endpoints: &Endpoints) {
+    println!(
+        "\n{:<18} {:>8}",
+        format!("table ({})", endpoints.database),
+        "rows"
+    );
+    let db = endpoints.audit_db();
+    for table in audit_sink::schema::TABLES {
+        let rows = db
+            .query(&format!("SELECT count() FROM `{table}` FINAL"))
+            .fetch_one::<u64>()
+            .await;
+        match rows {
+            Ok(n) => println!("{table:<18} {n:>8}"),
+            Err(_) => println!("{table:<18} {:>8}", "missing"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_queues_pair_each_agents_durables() {
+        let c = |stream: &str, name: &str, pending: u64, unacked: usize| {
+            (stream.to_owned(), name.to_owned(), pending, unacked, 0)
+        };
+        let consumers = vec![
+            c("MESH_INGRESS", "policy-worker", 5, 1),
+            c("MESH_DELIVER", "agent-coder", 163_000, 64),
+            c("MESH_CALL", "agent-coder", 0, 2),
+            c("MESH_DELIVER", "agent-planner", 0, 0),
+        ];
+        assert_eq!(
+            agent_queues(&consumers),
+            vec![
+                ("coder".to_owned(), Some((163_000, 64)), Some((0, 2))),
+                ("planner".to_owned(), Some((0, 0)), None),
+            ]
+        );
+    }
+}
