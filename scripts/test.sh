@@ -32,6 +32,13 @@ trap 'rm -f "$log"' EXIT
 set +e
 cargo test --workspace --locked 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
+# The NVML test needs a GPU (`#[ignore]`d, counted as skipped): run it too
+# where one answers. `scripts/gpu-check.sh` runs it alone.
+if [ "$status" -eq 0 ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "==> a GPU answers: the NVML test too"
+  cargo test -p gpu-scaler --test nvml --locked -- --ignored 2>&1 | tee -a "$log"
+  status=${PIPESTATUS[0]}
+fi
 set -e
 echo "==> target dir: $(du -sh "$target_dir" 2>/dev/null | cut -f1), disk: $(df -Ph . | awk 'NR == 2 { print $4 }') free"
 # One closing line for the whole run (cargo ends on the last doc-test

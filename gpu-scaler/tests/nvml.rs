@@ -1,7 +1,9 @@
 //! The NVML path on a real NVIDIA GPU: discovery (uuid, name, memory,
-//! utilisation, health) and a lease on the real uuid. Where NVML is absent
-//! the GPU checks are skipped with a message, and the fallback to the
-//! declared GPUs is checked instead.
+//! utilisation, health) and a lease on the real uuid. That test needs a GPU,
+//! so it is `#[ignore]`d and counts as skipped in an ordinary run;
+//! `scripts/gpu-check.sh` (and `scripts/test.sh` on a host whose
+//! `nvidia-smi` answers) runs it with `--ignored`, where a missing GPU fails
+//! it. Where NVML is absent the fallback to the declared GPUs is checked.
 
 mod common;
 
@@ -13,21 +15,15 @@ use gpu_scaler::{
 };
 
 #[tokio::test]
+#[ignore = "needs an NVIDIA GPU: scripts/gpu-check.sh runs it"]
 async fn nvml_discovers_real_gpus_and_the_scaler_leases_one() -> anyhow::Result<()> {
-    let nvml = match NvmlInventory::open() {
-        Ok(nvml) => nvml,
-        Err(e) => {
-            println!(
-                "SKIPPED: no NVIDIA GPU here ({e}); this test runs where libnvidia-ml.so.1 loads"
-            );
-            return Ok(());
-        }
-    };
+    let nvml = NvmlInventory::open().map_err(|e| {
+        anyhow::anyhow!(
+            "no NVIDIA GPU here ({e}): this test runs where libnvidia-ml.so.1 loads (scripts/gpu-check.sh)"
+        )
+    })?;
     let gpus = nvml.snapshot()?;
-    if gpus.is_empty() {
-        println!("SKIPPED: NVML loaded but sees no GPU");
-        return Ok(());
-    }
+    anyhow::ensure!(!gpus.is_empty(), "NVML loaded but sees no GPU");
     println!(
         "NVML driver {:?}, {} GPU(s):",
         nvml.driver_version(),
@@ -62,11 +58,8 @@ async fn nvml_discovers_real_gpus_and_the_scaler_leases_one() -> anyhow::Result<
     let auto = gpu_scaler::inventory::open(&ConfigFile::default())?;
     assert_eq!(auto.source(), "nvml", "auto mode picks NVML where it loads");
 
-    // A lease on the real GPU, when a nats-server is at hand.
-    if let Err(e) = testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server") {
-        println!("lease part SKIPPED: {e}");
-        return Ok(());
-    }
+    // A lease on the real GPU (scripts/gpu-check.sh installs nats-server).
+    testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")?;
     let mesh = common::mesh().await?;
     let mut config = common::config(
         0,
