@@ -57,6 +57,7 @@ pub(crate) struct Settings {
     pub(crate) max_backoff: Duration,
     pub(crate) max_concurrent_deliveries: usize,
     pub(crate) prefetch: usize,
+    pub(crate) verify_deliveries: bool,
 }
 
 impl Default for Settings {
@@ -72,6 +73,7 @@ impl Default for Settings {
             max_backoff: Duration::from_secs(60),
             max_concurrent_deliveries: 1,
             prefetch: DEFAULT_PREFETCH,
+            verify_deliveries: true,
         }
     }
 }
@@ -126,6 +128,19 @@ impl AgentBuilder {
             settings: Settings::default(),
             register_card: true,
         }
+    }
+
+    /// Whether to verify each delivery's decision signature before any
+    /// handler sees it (default: yes). A delivery that fails — unsigned,
+    /// signed by a key not trusted in `mesh-signers`, or with data,
+    /// attributes or `Mesh-*` headers altered since it was signed — is
+    /// refused: logged with the reason, counted in
+    /// [`AgentMetrics::refused`](crate::AgentMetrics::refused) and
+    /// acknowledged. Switch it off only for an agent that trusts its broker
+    /// alone (a mesh older than signed decisions).
+    pub fn verify_deliveries(mut self, verify: bool) -> Self {
+        self.settings.verify_deliveries = verify;
+        self
     }
 
     /// Sets the card's human-readable name (default: the agent id).
@@ -439,6 +454,12 @@ impl AgentBuilder {
                 .await
                 .map_err(|e| ConnectError::with_source(ConnectErrorKind::Card, e))?;
         }
+        let trust = if self.settings.verify_deliveries {
+            Some(crate::trust::Trust::open(&js).await)
+        } else {
+            tracing::warn!(agent = %id, "Delivery signatures are not verified (verify_deliveries(false)).");
+            None
+        };
         tracing::debug!(agent = %id, consumer = %consumer_name, "Agent connected.");
         let otel = Tracing::start(id.as_str(), self.otlp_endpoint.as_deref());
         let agent = Agent {
@@ -460,6 +481,7 @@ impl AgentBuilder {
                 tasks: TaskTracker::new(),
                 counters: Counters::default(),
                 settings: self.settings,
+                trust,
             }),
         };
         agent
@@ -576,6 +598,8 @@ pub(crate) struct Inner {
     pub(crate) tool_slots: Arc<Semaphore>,
     pub(crate) counters: Counters,
     pub(crate) settings: Settings,
+    /// The trusted signers, when deliveries are verified.
+    pub(crate) trust: Option<Arc<crate::trust::Trust>>,
 }
 
 impl Drop for Inner {

@@ -579,6 +579,9 @@ impl Agent {
                 return;
             }
         };
+        if !self.verified(&message, &received).await {
+            return;
+        }
         match received.subject().and_then(|tool| self.tool_handler(tool)) {
             Some(handler) if received.event_type() == EventType::ToolCall => {
                 self.spawn_tool(message, received, handler, Some(permit))
@@ -590,6 +593,32 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Whether `message` carries a valid decision signature by a trusted
+    /// signer (always, when verification is off). One that does not is
+    /// logged, counted and acknowledged here: it never reaches a handler,
+    /// and it is not delivered again.
+    async fn verified(&self, message: &jetstream::Message, received: &Received) -> bool {
+        let Some(trust) = &self.inner.trust else {
+            return true;
+        };
+        let Err(reason) = trust
+            .verify(
+                received.mesh_event(),
+                message.headers.as_ref(),
+                &message.payload,
+            )
+            .await
+        else {
+            return true;
+        };
+        Counters::add(&self.inner.counters.refused);
+        tracing::warn!(subject = %message.subject, id = received.id(), from = %received.sender(), refused = reason.label(), %reason, "Refusing a delivery whose decision signature does not verify.");
+        if let Err(e) = message.ack().await {
+            tracing::warn!(error = %e, "Could not acknowledge the refused delivery.");
+        }
+        false
     }
 
     /// Terminates a message that is not a valid mesh event: it can never
@@ -614,6 +643,9 @@ impl Agent {
                 return Routed::Handled;
             }
         };
+        if !self.verified(&message, &received).await {
+            return Routed::Handled;
+        }
         if let Some(causation) = received.causation_id()
             && self.was_awaited(causation, received.event_type(), received.sender().as_str())
         {

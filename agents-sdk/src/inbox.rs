@@ -192,12 +192,19 @@ impl Agent {
         let token = CancellationToken::new();
         let stop = token.clone();
         let waiters = self.inner.inbox.waiters.clone();
+        let trust = self.inner.trust.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => break,
                     next = answers.next() => match next {
                         Some(message) => match Received::from_delivery(&message.subject, message.headers.as_ref(), &message.payload) {
+                            // The same message reaches the durable too, where
+                            // a refusal is logged and counted; here it is
+                            // only kept from the waiting call.
+                            Ok(answer) if !verified(trust.as_deref(), &answer, &message).await => {
+                                tracing::debug!(subject = %message.subject, "Ignoring an answer whose decision signature does not verify.");
+                            }
                             Ok(answer) => {
                                 if let Some(causation) = answer.causation_id().map(str::to_owned) {
                                     hand_over(&waiters, &causation, Arrival::Answer(Box::new(answer)));
@@ -213,5 +220,24 @@ impl Agent {
             stop.cancel();
         });
         Ok(token)
+    }
+}
+
+/// Whether an answer's decision signature verifies (always, without `trust`).
+async fn verified(
+    trust: Option<&crate::trust::Trust>,
+    answer: &Received,
+    message: &async_nats::Message,
+) -> bool {
+    match trust {
+        Some(trust) => trust
+            .verify(
+                answer.mesh_event(),
+                message.headers.as_ref(),
+                &message.payload,
+            )
+            .await
+            .is_ok(),
+        None => true,
     }
 }

@@ -71,6 +71,7 @@ mod metrics;
 mod otel;
 pub mod payload;
 mod tools;
+mod trust;
 mod workflow;
 
 pub use a2a::{A2aReply, A2aRequest};

@@ -24,6 +24,7 @@ pub(crate) struct Counters {
     pub(crate) gave_up: AtomicU64,
     pub(crate) invalid: AtomicU64,
     pub(crate) tool_calls: AtomicU64,
+    pub(crate) refused: AtomicU64,
 }
 
 impl Counters {
@@ -71,6 +72,9 @@ pub struct AgentMetrics {
     pub invalid: u64,
     /// Tool calls answered (with a result or an error).
     pub tool_calls: u64,
+    /// Deliveries refused because their decision signature did not verify
+    /// (acknowledged, never handed to a handler).
+    pub refused: u64,
 }
 
 /// What waits for an agent at the broker: its durables' counts.
@@ -103,6 +107,7 @@ impl Agent {
             gave_up: c.gave_up.load(Ordering::Relaxed),
             invalid: c.invalid.load(Ordering::Relaxed),
             tool_calls: c.tool_calls.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
         }
     }
 

@@ -17,6 +17,7 @@ use clickhouse::Client;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod chain;
 mod pipeline;
 pub mod queries;
 pub mod rows;
@@ -112,6 +113,12 @@ pub struct Config {
     /// Create this file once ready (schema and consumers in place); removed on exit.
     #[arg(long, env = "AGENTMESH_AUDIT_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// This replica's signing key for audit checkpoints on `MESH_AUDIT`: a
+    /// file holding an nkey seed (mode 0600; `meshctl up` writes
+    /// `.agentmesh/auth/signing/audit-sink.nk`). Without it no checkpoints
+    /// are written, and `meshctl audit verify` cannot find deleted rows.
+    #[arg(long, env = "AGENTMESH_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
     /// Health and metrics server, log format, OTLP export.
     #[command(flatten)]
     pub ops: telemetry::OpsConfig,
@@ -142,6 +149,7 @@ impl Config {
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             stream_replicas: DEFAULT_STREAM_REPLICAS,
             ready_file: None,
+            signing_key_file: None,
             ops: telemetry::OpsConfig::default(),
         }
     }
@@ -232,6 +240,12 @@ pub enum Error {
 /// holds (within the grace period) and returns.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     config.validate()?;
+    let signing_key = match &config.signing_key_file {
+        Some(path) => Some(std::sync::Arc::new(
+            broker_config::credentials::read_signing_key_file(path)?,
+        )),
+        None => None,
+    };
     // First, so /healthz answers while the sink waits for its servers.
     let ops = telemetry::Ops::start("audit-sink", &config.ops).await?;
     let consuming = ops.health().flag("consumers", false);
@@ -313,6 +327,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ];
 
     let tracker = TaskTracker::new();
+    if let Some(key) = &signing_key {
+        let chain = chain::consumer(&js)
+            .await
+            .map_err(|source| Error::Consumer {
+                durable: schemas::subjects::DURABLE_AUDIT_CHAIN,
+                source,
+            })?;
+        tracker.spawn(chain::run(
+            js.clone(),
+            chain,
+            key.clone(),
+            Duration::from_millis(config.batch_period_ms),
+            shutdown.clone(),
+        ));
+    } else {
+        tracing::warn!("No signing key (--signing-key-file): no audit checkpoints are written.");
+    }
     tracker.spawn(pipeline::run::<pipeline::Events>(
         events,
         client.clone(),

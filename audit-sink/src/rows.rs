@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use schemas::{
     AgentId, ContentMode, Data, DecisionReceipt, Event, Limits, MeshEvent, RawAttributes, subjects,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where a message sat in its stream and when the broker received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -246,8 +246,9 @@ pub fn event_row(
     }
 }
 
-/// One row of `decisions`: one decision receipt.
-#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize)]
+/// One row of `decisions`: one decision receipt. (`Deserialize` too:
+/// `meshctl audit verify` reads rows back to compare with their receipt.)
+#[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize, Deserialize)]
 pub struct DecisionRow {
     /// The decided event's id.
     pub event_id: String,
@@ -325,6 +326,12 @@ pub struct DecisionRow {
     /// On `hit` and `stored`: the call that first produced the cached
     /// result, `<agent>/<event id>`.
     pub cache_source: String,
+    /// Lowercase hex SHA-256 of the decided event's payload (signed).
+    pub data_sha256: String,
+    /// The signing policy worker's public key, '' on an unsigned receipt.
+    pub signer: String,
+    /// The receipt's Ed25519 signature (standard base64), '' when unsigned.
+    pub signature: String,
 }
 
 /// The row for one message of `MESH_DECISION`.
@@ -371,6 +378,9 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
         approval_comment: String::new(),
         cache: String::new(),
         cache_source: String::new(),
+        data_sha256: String::new(),
+        signer: String::new(),
+        signature: String::new(),
     };
     match serde_json::from_slice::<DecisionReceipt>(payload) {
         Ok(r) => {
@@ -414,6 +424,9 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
             }
             row.cache = r.cache.map(|c| c.as_str().to_owned()).unwrap_or_default();
             row.cache_source = r.cache_source.unwrap_or_default();
+            row.data_sha256 = r.data_sha256;
+            row.signer = r.signer;
+            row.signature = r.signature;
             row.valid = 1;
         }
         Err(e) => row.error = format!("receipt is not a decision receipt: {e}"),

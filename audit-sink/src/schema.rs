@@ -141,6 +141,10 @@ pub fn added_columns(table: &str, features: &ServerFeatures) -> Vec<(&'static st
             // The tool-result cache (docs/cache.md).
             columns.push(("cache", lc.to_owned()));
             columns.push(("cache_source", "String".to_owned()));
+            // Signed decisions (docs/contract.md).
+            columns.push(("data_sha256", "String".to_owned()));
+            columns.push(("signer", lc.to_owned()));
+            columns.push(("signature", "String".to_owned()));
             columns
         }
         _ => Vec::new(),

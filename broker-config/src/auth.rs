@@ -172,6 +172,7 @@ pub fn grants(principal: &Principal) -> Grants {
     let info = |stream: &str| format!("$JS.API.STREAM.INFO.{stream}");
     let kv_agents = format!("KV_{}", subjects::BUCKET_AGENTS);
     let kv_leases = format!("KV_{}", subjects::BUCKET_GPU_LEASES);
+    let kv_signers = format!("KV_{}", subjects::BUCKET_SIGNERS);
     match principal.role {
         Role::Admin => Grants {
             account: MESH_ACCOUNT.to_owned(),
@@ -241,6 +242,22 @@ pub fn grants(principal: &Principal) -> Grants {
                 publish.push(format!("$JS.ACK.{stream}.{durable}.>"));
                 service_imports.push(format!("$JS.ACK.{stream}.{durable}.>"));
             }
+            // Audit checkpoints (docs/contract.md, "Signed decisions"): its
+            // durable `audit-chain` on MESH_DECISION, the checkpoints it
+            // publishes on MESH_AUDIT (signed: a checkpoint under another
+            // signer's subject does not verify), and its previous
+            // checkpoint read back at start.
+            let (decision, chain) = (subjects::STREAM_DECISION, subjects::DURABLE_AUDIT_CHAIN);
+            publish.extend([
+                format!("$JS.API.CONSUMER.INFO.{decision}.{chain}"),
+                format!("$JS.API.CONSUMER.CREATE.{decision}.{chain}"),
+                format!("$JS.API.CONSUMER.MSG.NEXT.{decision}.{chain}"),
+                format!("$JS.ACK.{decision}.{chain}.>"),
+                subjects::AUDIT_CHECKPOINTS.to_owned(),
+                format!("$JS.API.STREAM.MSG.GET.{}", subjects::STREAM_AUDIT),
+            ]);
+            service_imports.push(format!("$JS.ACK.{decision}.{chain}.>"));
+            service_imports.push(subjects::AUDIT_CHECKPOINTS.to_owned());
             Grants {
                 account: "AUDIT".to_owned(),
                 publish,
@@ -297,6 +314,11 @@ pub fn grants(principal: &Principal) -> Grants {
                     // (the directory's list and watch).
                     format!("$JS.API.DIRECT.GET.{kv_agents}"),
                     format!("$JS.API.DIRECT.GET.{kv_agents}.>"),
+                    // The trusted decision signers: read only (the
+                    // operator alone writes them).
+                    info(&kv_signers),
+                    format!("$JS.API.DIRECT.GET.{kv_signers}"),
+                    format!("$JS.API.DIRECT.GET.{kv_signers}.>"),
                     // Its own durable, created by the operator: the create
                     // subject pins name and filter, so re-sending the
                     // create can only touch this consumer.
@@ -335,6 +357,8 @@ pub fn grants(principal: &Principal) -> Grants {
                     agent_filter(name),
                     // Card changes.
                     format!("$KV.{}.>", subjects::BUCKET_AGENTS),
+                    // Signer changes (a revocation applies at once).
+                    format!("$KV.{}.>", subjects::BUCKET_SIGNERS),
                 ],
                 service_imports: vec![
                     JS_API.into(),
@@ -348,6 +372,7 @@ pub fn grants(principal: &Principal) -> Grants {
                     subjects::decision(name),
                     agent_filter(name),
                     format!("$KV.{}.>", subjects::BUCKET_AGENTS),
+                    format!("$KV.{}.>", subjects::BUCKET_SIGNERS),
                 ],
                 ..Grants::default()
             }

@@ -115,6 +115,32 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// Reads a decision signing key (any nkey seed, `S…`; `meshctl up` makes
+/// `SN…` ones) from a file that group and others cannot read.
+pub fn read_signing_key_file(
+    path: &Path,
+) -> Result<schemas::signing::SigningKey, CredentialsError> {
+    let io = |source| CredentialsError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(CredentialsError::Exposed {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with('S'))
+        .and_then(|seed| schemas::signing::SigningKey::from_seed(seed).ok())
+        .ok_or_else(|| CredentialsError::NotASeed {
+            path: path.to_owned(),
+        })
+}
+
 /// Reads a seed file: refuses one that group or others may read, or that
 /// holds no user seed. Returns the seed and its public key.
 pub fn read_seed_file(path: &Path) -> Result<(String, String), CredentialsError> {

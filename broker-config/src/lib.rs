@@ -17,8 +17,8 @@ mod provision;
 pub use credentials::{DEFAULT_NATS_URL, NatsArgs, NatsCredentials};
 pub use provision::{
     ProvisionError, agent_calls_consumer_config, agent_consumer_config, approvals_consumer_config,
-    ensure_consumer, provision_agent, provision_services, receipts_consumer_config, remove_agent,
-    service_consumer_configs,
+    audit_chain_consumer_config, ensure_consumer, provision_agent, provision_services,
+    receipts_consumer_config, remove_agent, service_consumer_configs,
 };
 
 use std::time::Duration;
@@ -137,6 +137,20 @@ pub fn streams(options: &Options) -> Vec<stream::Config> {
             subjects::APPROVAL_ALL,
             "events parked for human approval, and the answers",
         ),
+        // The audit's external record: kept for good, and no message may
+        // be deleted or the stream purged (only a stream update by the
+        // operator could change that, and `meshctl audit verify` then
+        // sees a checkpoint chain broken).
+        stream::Config {
+            max_age: Duration::ZERO,
+            deny_delete: true,
+            deny_purge: true,
+            ..def(
+                subjects::STREAM_AUDIT,
+                subjects::AUDIT_CHECKPOINTS,
+                "signed audit checkpoints over MESH_DECISION, one chain per sink signer",
+            )
+        },
     ]
 }
 
@@ -169,6 +183,12 @@ pub fn buckets(options: &Options) -> Vec<stream::Config> {
             subjects::BUCKET_AGENTS,
             "agent cards, key = agent id",
             5,
+            forever,
+        ),
+        kv(
+            subjects::BUCKET_SIGNERS,
+            "trusted decision signers, key = public key (operator only)",
+            10,
             forever,
         ),
         kv(

@@ -86,6 +86,20 @@ pub fn approvals_consumer_config(name: &str) -> consumer::pull::Config {
     }
 }
 
+/// The audit sink's durable `audit-chain` on `MESH_DECISION`, which feeds
+/// its signed checkpoints, as the sink creates it.
+pub fn audit_chain_consumer_config() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(subjects::DURABLE_AUDIT_CHAIN.to_owned()),
+        description: Some("audit sink: signed checkpoints of every receipt".into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(30),
+        max_deliver: -1,
+        max_ack_pending: 20_000,
+        ..Default::default()
+    }
+}
+
 /// Every durable the services read from, with the settings they use by
 /// default: (stream, config).
 pub fn service_consumer_configs() -> Vec<(&'static str, consumer::pull::Config)> {
@@ -119,6 +133,7 @@ pub fn service_consumer_configs() -> Vec<(&'static str, consumer::pull::Config)>
             },
         ));
     }
+    configs.push((subjects::STREAM_DECISION, audit_chain_consumer_config()));
     configs.push((
         subjects::STREAM_APPROVALS,
         approvals_consumer_config(POLICY_WORKER_APPROVALS_CONSUMER),

@@ -6,6 +6,7 @@
 
 mod agents;
 mod approvals;
+mod audit;
 mod cache;
 mod demo;
 mod entities;
@@ -13,6 +14,7 @@ mod gpus;
 mod identity;
 mod limits;
 mod policy;
+mod signers;
 mod stack;
 mod tree;
 mod ui;
@@ -155,6 +157,16 @@ enum Command {
         #[command(subcommand)]
         command: cache::CacheCommand,
     },
+    /// Trusted decision signers (mesh-signers): list, add, retire, revoke, rotate.
+    Signers {
+        #[command(subcommand)]
+        command: signers::SignersCommand,
+    },
+    /// Verify the audit: decisions in ClickHouse against their signatures and the signed checkpoints on MESH_AUDIT.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
     /// GPU inventory, leases and per-pool demand.
     Gpus {
         /// The GPU scaler's pool config, for each pool's demand when no scaler answers.
@@ -290,6 +302,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Limits { command } => return exit(limits::run(command, &endpoints).await?),
         Command::Cache { command } => return exit(cache::run(command, &endpoints).await?),
+        Command::Signers { command } => {
+            return exit(signers::run(command, &home, &endpoints).await?);
+        }
+        Command::Audit { command } => return exit(audit::run(command, &endpoints).await?),
     }
     Ok(ExitCode::SUCCESS)
 }

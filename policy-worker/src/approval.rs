@@ -271,6 +271,7 @@ pub(crate) struct Approvals {
     kv: kv::Store,
     timeout: Duration,
     metrics: telemetry::WorkerMetrics,
+    sealer: crate::signing::Sealer,
 }
 
 impl Approvals {
@@ -279,12 +280,14 @@ impl Approvals {
         kv: kv::Store,
         timeout: Duration,
         metrics: telemetry::WorkerMetrics,
+        sealer: crate::signing::Sealer,
     ) -> Self {
         Self {
             js,
             kv,
             timeout,
             metrics,
+            sealer,
         }
     }
 
@@ -444,6 +447,8 @@ impl Approvals {
                 None
             }
         };
+        // Signed as released: the outcome and its time are new.
+        self.sealer.seal_digest(&mut receipt);
         let agent = state.agent.as_str();
         let key = subjects::event_key(agent, &receipt.event_id);
         let body = serde_json::to_vec(&receipt)?;
@@ -461,12 +466,13 @@ impl Approvals {
             (Some(request), Decision::Allow, Some(target)) => {
                 let mut h = headers_without(&request.headers, REQUEST_ONLY);
                 h.insert(headers::APPROVER, state.approver.as_str());
+                crate::signing::Sealer::stamp(&receipt, &mut h);
                 published = telemetry::Published::Delivery;
                 Some((subjects::deliver(target, agent), h, request.payload.clone()))
             }
             (Some(request), Decision::Deny, _) => {
                 let mut h = headers_without(&request.headers, &[headers::APPROVAL_EXPIRES]);
-                h.insert(headers::DECISION, Decision::Deny.as_str());
+                crate::signing::Sealer::stamp(&receipt, &mut h);
                 h.insert(
                     headers::REASON,
                     schemas::percent_encode_header(&state.denial_reason()),

@@ -22,6 +22,7 @@ mod limits;
 mod policy;
 mod reload;
 mod replay;
+mod signing;
 mod worker;
 
 use std::path::PathBuf;
@@ -125,6 +126,17 @@ pub struct Config {
     /// Health and metrics server, log format, OTLP export.
     #[command(flatten)]
     pub ops: telemetry::OpsConfig,
+    /// This replica's decision signing key: a file holding an nkey seed
+    /// (mode 0600; `meshctl up` writes `.agentmesh/auth/signing/policy-worker.nk`).
+    /// Without it (and without `signing_key`), a key for this run only,
+    /// which the worker adds to `mesh-signers` where the broker lets it
+    /// (development stacks without authorization).
+    #[arg(long, env = "AGENTMESH_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// The signing key itself, for a worker started in-process (no flag;
+    /// takes precedence over `signing_key_file`).
+    #[arg(skip)]
+    pub signing_key: Option<Arc<schemas::signing::SigningKey>>,
 }
 
 impl Default for Config {
@@ -145,6 +157,8 @@ impl Default for Config {
             cache_flight_wait_ms: DEFAULT_CACHE_FLIGHT_WAIT_MS,
             grace: DEFAULT_GRACE,
             ops: telemetry::OpsConfig::default(),
+            signing_key_file: None,
+            signing_key: None,
         }
     }
 }
@@ -325,12 +339,21 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
     };
     let metrics = telemetry::WorkerMetrics::new(ops.metrics());
+    let key = match (&config.signing_key, &config.signing_key_file) {
+        (Some(key), _) => Some(key.clone()),
+        (None, Some(path)) => Some(Arc::new(broker_config::credentials::read_signing_key_file(
+            path,
+        )?)),
+        (None, None) => None,
+    };
+    let sealer = signing::Sealer::start(key, &js).await;
     let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
     let approvals = Arc::new(approval::Approvals::new(
         js.clone(),
         bucket(schemas::subjects::BUCKET_APPROVALS).await?,
         config.approval_timeout(),
         metrics.clone(),
+        sealer.clone(),
     ));
     approval::spawn(
         approvals.clone(),
@@ -357,7 +380,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         })?;
     }
     consuming.set(true);
-    tracing::info!(consumer = %config.consumer, "Policy worker ready.");
+    tracing::info!(consumer = %config.consumer, signer = sealer.public_key(), "Policy worker ready.");
 
     // A broker config older than this worker has no `MESH_CALL`: tool calls
     // then travel as deliveries only, as before.
@@ -368,7 +391,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "Stream missing; tool calls are routed as deliveries only."
         );
     }
-    let worker = worker::Worker::new(js, policies_rx, guard, cache, &config, metrics, calls);
+    let worker = worker::Worker::new(
+        js,
+        policies_rx,
+        guard,
+        cache,
+        &config,
+        metrics,
+        calls,
+        sealer,
+    );
     worker.consume(consumer, shutdown).await;
     consuming.set(false);
     lag.abort();

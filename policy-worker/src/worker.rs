@@ -25,6 +25,7 @@ use crate::approval::forwardable;
 use crate::cache::{Lookup, ToolCache};
 use crate::guard;
 use crate::policy::PolicyBundle;
+use crate::signing::Sealer;
 use crate::{Config, Error};
 
 /// Creates (or finds) the durable pull consumer on `MESH_INGRESS`.
@@ -70,9 +71,15 @@ pub(crate) struct Worker {
     /// Whether `MESH_CALL` exists: approved tool calls are then stored
     /// there too, so agents read them apart from their other deliveries.
     calls: bool,
+    /// Signs each decision once (receipt and copy share the signature).
+    sealer: Sealer,
 }
 
 impl Worker {
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each is one shared piece of the per-event path, built by `run`"
+    )]
     pub(crate) fn new(
         js: jetstream::Context,
         policies: watch::Receiver<Arc<PolicyBundle>>,
@@ -81,6 +88,7 @@ impl Worker {
         config: &Config,
         metrics: telemetry::WorkerMetrics,
         calls: bool,
+        sealer: Sealer,
     ) -> Arc<Self> {
         Arc::new(Self {
             js,
@@ -93,6 +101,7 @@ impl Worker {
             grace: config.grace,
             metrics,
             calls,
+            sealer,
         })
     }
 
@@ -275,6 +284,10 @@ impl Worker {
         }
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        self.sealer.seal(&mut receipt, &message.payload);
+        if let Some((_, h, payload)) = &mut answer {
+            self.sealer.seal_answer(&receipt, h, payload);
+        }
 
         // An event is its agent and id: the same agent's repeated event
         // collapses to one receipt and one delivery via `Nats-Msg-Id`, and
@@ -358,6 +371,7 @@ impl Worker {
             forward.insert(headers::DECISION_ID, receipt.decision_id.as_str());
             forward.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
             forward.insert(headers::TRACE_ID, receipt.trace_id.as_str());
+            Sealer::stamp(receipt, &mut forward);
             forward
         };
         // An approved tool call is also stored on `mesh.call.<target>.<source>`;
@@ -404,7 +418,6 @@ impl Worker {
             (Decision::Allow, None) => None,
             (Decision::Deny | Decision::Invalid, _) => {
                 let mut forward = forwarded();
-                forward.insert(headers::DECISION, receipt.decision.as_str());
                 let reason = receipt.errors.first().cloned().unwrap_or_else(|| {
                     if receipt.reasons.is_empty() {
                         "no policy permits this event".to_owned()

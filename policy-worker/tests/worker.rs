@@ -489,7 +489,15 @@ async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_lett
             Some(receipt.decision_id.clone())
         );
     }
-    assert!(!has_header_any_case(&delivered[0].headers, "mesh-decision"));
+    // The worker's own decision header (signed with the rest), never the agent's.
+    assert_eq!(
+        header(&delivered[0].headers, headers::DECISION).as_deref(),
+        Some("allow")
+    );
+    assert_eq!(
+        header(&delivered[0].headers, headers::SIGNATURE),
+        Some(allowed.signature.clone())
+    );
     assert_eq!(
         header(&dead[0].headers, headers::DECISION).as_deref(),
         Some("deny")

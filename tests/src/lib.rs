@@ -326,6 +326,29 @@ impl SecureNats {
     }
 }
 
+impl SecureNats {
+    /// A fresh decision signing key, added to `mesh-signers` by the
+    /// operator (as `meshctl up` does for the worker it starts).
+    pub async fn trusted_signing_key(&self) -> anyhow::Result<Arc<schemas::signing::SigningKey>> {
+        let key = schemas::signing::SigningKey::generate();
+        let (admin, _) = self.connect_as(auth::ADMIN).await?;
+        let kv = jetstream(admin)
+            .get_key_value(schemas::subjects::BUCKET_SIGNERS)
+            .await?;
+        let record = schemas::signing::SignerRecord {
+            public_key: key.public_key().to_owned(),
+            name: "policy-worker".into(),
+            status: schemas::signing::SignerStatus::Active,
+            added_at: "2026-01-01T00:00:00Z".into(),
+            retired_at: String::new(),
+            revoked_at: String::new(),
+        };
+        kv.put(key.public_key(), serde_json::to_vec(&record)?.into())
+            .await?;
+        Ok(Arc::new(key))
+    }
+}
+
 /// Starts the policy worker in-process with its own key and the shipped
 /// policies; returns its stop token once it is ready.
 pub async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken> {
@@ -344,6 +367,7 @@ pub async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken
         policies: testkit::shipped_policies(),
         watch_policies: false,
         ready_file: Some(ready.clone()),
+        signing_key: Some(mesh.trusted_signing_key().await?),
         ..Default::default()
     };
     let token = CancellationToken::new();

@@ -75,6 +75,7 @@ async fn limits_and_approvals_work_under_the_worker_role_template() -> anyhow::R
             watch_policies: false,
             ready_file: Some(ready.clone()),
             approval_timeout_secs: 4,
+            signing_key: Some(mesh.trusted_signing_key().await?),
             ..Default::default()
         },
         shutdown.clone(),

@@ -125,22 +125,7 @@ async fn signed_delivery(
 async fn the_python_sdk_verifies_signed_deliveries() {
     use schemas::signing::{SignerRecord, SignerStatus, SigningKey};
     let mesh = Mesh::start().await;
-    // The bucket as broker-config lays buckets out (a stream; nats-server
-    // 2.9 answers `create_key_value`'s account-info read in a form this
-    // client cannot parse).
-    mesh.js
-        .create_stream(async_nats::jetstream::stream::Config {
-            name: format!("KV_{}", schemas::subjects::BUCKET_SIGNERS),
-            subjects: vec![format!("$KV.{}.>", schemas::subjects::BUCKET_SIGNERS)],
-            max_messages_per_subject: 5,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            discard: async_nats::jetstream::stream::DiscardPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // `mesh-signers` is one of broker-config's buckets (applied at start).
     let signers = mesh
         .js
         .get_key_value(schemas::subjects::BUCKET_SIGNERS)

@@ -264,7 +264,12 @@ async fn an_agent_cannot_read_other_receipts_or_the_services_consumers() -> anyh
     names.sort();
     assert_eq!(
         names,
-        ["audit-sink-decisions", "receipts-coder", "receipts-planner"]
+        [
+            "audit-chain",
+            "audit-sink-decisions",
+            "receipts-coder",
+            "receipts-planner"
+        ]
     );
     let own = decisions.consumer_info("receipts-planner").await?;
     assert_eq!(own.config.filter_subject, "mesh.decision.planner");

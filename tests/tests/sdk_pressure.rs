@@ -42,7 +42,8 @@ async fn backlog(mesh: &Mesh, source: &str, target: &str, n: usize) -> Vec<Strin
             .data("application/json", json!({"task": format!("task {i}")}))
             .build()
             .unwrap();
-        let (headers, payload) = schemas::encode_binary(&event);
+        let (mut headers, payload) = schemas::encode_binary(&event);
+        mesh.sign(&mut headers, &payload).await;
         acks.push(
             mesh.js
                 .publish_with_headers(subject.clone(), headers, payload)
@@ -405,7 +406,8 @@ async fn a_tool_call_is_stored_for_old_clients_too_and_answered_once() {
         )
         .build()
         .unwrap();
-    let (h, p) = schemas::encode_binary(&call);
+    let (mut h, p) = schemas::encode_binary(&call);
+    mesh.sign(&mut h, &p).await;
     mesh.js
         .publish_with_headers("mesh.deliver.coder.planner", h, p)
         .await

@@ -34,6 +34,7 @@ async fn a_repeated_call_tool_is_answered_from_the_cache_under_authorization() -
         policies: policies.path().to_owned(),
         watch_policies: false,
         ready_file: Some(ready.clone()),
+        signing_key: Some(mesh.trusted_signing_key().await?),
         ..Default::default()
     };
     let worker = CancellationToken::new();

@@ -82,6 +82,23 @@ pub(super) async fn apply_streams_and_schema(
         "applied",
         format_args!("{} streams and buckets, {created} created", changes.len()),
     );
+    let signing_keys = crate::signers::ensure_local_keys(home, &js).await?;
+    line(
+        "signers",
+        "applied",
+        format_args!(
+            "{} (seeds in {})",
+            signing_keys
+                .iter()
+                .map(|(service, _, public)| format!("{service} {public}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            crate::signers::key_file(home, "policy-worker")
+                .parent()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ),
+    );
     if let Some(auth) = auth {
         broker_config::provision_services(&js).await?;
         let agents = auth.state.agents()?;

@@ -45,7 +45,7 @@ pub(super) fn start(
         let ready = home.ready_file(name);
         let _ = std::fs::remove_file(&ready);
         let args = service_args(name, endpoints, options, policies, &ready)?;
-        let env = service_env(name, endpoints, auth)?;
+        let env = service_env(home, name, endpoints, auth)?;
         let child = procs::spawn_with_env(home, name, &binary, &args, &env)?;
         waiting.push(name);
         started.children.push((name, child));
@@ -91,6 +91,7 @@ fn service_args(
 /// The environment of service `name`: its credentials, which go there
 /// rather than on the command line.
 fn service_env(
+    home: &Home,
     name: &str,
     endpoints: &Endpoints,
     auth: Option<&Auth>,
@@ -103,6 +104,14 @@ fn service_env(
             .with_context(|| format!("no identity for `{name}`"))?;
         env.push(("NATS_NKEY_SEED_FILE", Some(seed.display().to_string())));
         env.push(("NATS_CREDS", None));
+    }
+    // The signing key `meshctl up` made and registered (`meshctl signers`).
+    if crate::signers::SIGNING_SERVICES.contains(&name) {
+        let key = crate::signers::key_file(home, name);
+        env.push((
+            "AGENTMESH_SIGNING_KEY_FILE",
+            Some(key.display().to_string()),
+        ));
     }
     if name == "audit-sink" {
         // The sink's own insert user where meshctl wrote the users;

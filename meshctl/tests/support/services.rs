@@ -25,6 +25,10 @@ pub(crate) struct Services {
     pub db: String,
     pub tmp: tempfile::TempDir,
     pub shutdown: CancellationToken,
+    /// The audit sink's checkpoint signing key (public), trusted in
+    /// `mesh-signers`.
+    #[allow(dead_code, reason = "read by the audit tests only")]
+    pub sink_signer: String,
     worker: JoinHandle<Result<(), policy_worker::Error>>,
     sink: JoinHandle<Result<(), audit_sink::Error>>,
 }
@@ -53,6 +57,10 @@ impl Services {
         sink_config.database = db.clone();
         sink_config.batch_period_ms = 100;
         sink_config.ready_file = Some(sink_ready.clone());
+        let sink_key = schemas::signing::SigningKey::generate();
+        let sink_key_file = tmp.path().join("signing").join("audit-sink.nk");
+        broker_config::credentials::write_seed_file(&sink_key_file, &sink_key.seed())?;
+        sink_config.signing_key_file = Some(sink_key_file);
         let sink = tokio::spawn(audit_sink::run(sink_config, shutdown.clone()));
         for ready in [&worker_ready, &sink_ready] {
             eventually(START, "the services' ready files", || async {
@@ -60,7 +68,21 @@ impl Services {
             })
             .await?;
         }
+        // Trusted as the operator would (`meshctl up` does for its own sink).
+        let js = async_nats::jetstream::new(nats.connect().await?);
+        let kv = js.get_key_value(schemas::subjects::BUCKET_SIGNERS).await?;
+        let record = schemas::signing::SignerRecord {
+            public_key: sink_key.public_key().to_owned(),
+            name: "audit-sink".into(),
+            status: schemas::signing::SignerStatus::Active,
+            added_at: "2026-01-01T00:00:00Z".into(),
+            retired_at: String::new(),
+            revoked_at: String::new(),
+        };
+        kv.put(sink_key.public_key(), serde_json::to_vec(&record)?.into())
+            .await?;
         Ok(Self {
+            sink_signer: sink_key.public_key().to_owned(),
             nats,
             ch,
             db,

@@ -65,17 +65,81 @@ impl Mesh {
         }
     }
 
+    /// Signs a delivery stored straight into `MESH_DELIVER` (as a policy
+    /// worker would have) with a key this test trusts in `mesh-signers`.
+    pub(crate) async fn sign(&self, h: &mut async_nats::HeaderMap, payload: &[u8]) {
+        use schemas::signing::{SignerRecord, SignerStatus, SigningKey};
+        static KEY: std::sync::OnceLock<SigningKey> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(SigningKey::generate);
+        let kv = self
+            .js
+            .get_key_value(schemas::subjects::BUCKET_SIGNERS)
+            .await
+            .unwrap();
+        if kv.get(key.public_key()).await.unwrap().is_none() {
+            let record = SignerRecord {
+                public_key: key.public_key().to_owned(),
+                name: "test worker".into(),
+                status: SignerStatus::Active,
+                added_at: String::new(),
+                retired_at: String::new(),
+                revoked_at: String::new(),
+            };
+            kv.put(
+                key.public_key(),
+                serde_json::to_vec(&record).unwrap().into(),
+            )
+            .await
+            .unwrap();
+        }
+        let size = schemas::message_size(Some(h), payload);
+        let (event, mode) = schemas::decode(Some(h), payload).unwrap();
+        let source = schemas::AttributesReader::source(&event).to_string();
+        let agent = source.trim_start_matches("/agents/").to_owned();
+        let event = schemas::MeshEvent::validate(&agent, event, mode, size).unwrap();
+        let mut receipt = DecisionReceipt {
+            event_id: event.id().to_owned(),
+            trace_id: event.trace.trace_id_hex(),
+            decision: schemas::Decision::Allow,
+            policy_hash: "test".into(),
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            agent,
+            event_type: event.event_type.as_str().to_owned(),
+            target: event.target.as_ref().map(|t| t.to_string()),
+            subject: schemas::AttributesReader::subject(&event.event).map(str::to_owned),
+            decided_at: "2026-01-01T00:00:00.000001Z".into(),
+            ..Default::default()
+        };
+        key.seal(&mut receipt, payload);
+        h.insert(schemas::headers::DECISION_ID, receipt.decision_id.as_str());
+        h.insert(schemas::headers::POLICY_HASH, receipt.policy_hash.as_str());
+        h.insert(schemas::headers::TRACE_ID, receipt.trace_id.as_str());
+        SigningKey::stamp(&receipt, h);
+    }
+
     /// A fresh server and the policy worker on the shipped policies.
     pub(crate) async fn with_worker() -> Self {
         let mut mesh = Self::start().await;
-        let ready = mesh._ready_dir.path().join("worker.ready");
+        mesh.start_worker(None).await;
+        mesh
+    }
+
+    /// Starts the policy worker on the shipped policies, signing with `key`
+    /// (a key of its own, which it registers itself, when `None`).
+    pub(crate) async fn start_worker(
+        &mut self,
+        key: Option<std::sync::Arc<schemas::signing::SigningKey>>,
+    ) {
+        let ready = self._ready_dir.path().join("worker.ready");
+        let _ = std::fs::remove_file(&ready);
         let config = policy_worker::Config {
-            nats: broker_config::NatsArgs::url(mesh.nats.url()),
+            nats: broker_config::NatsArgs::url(self.nats.url()),
             policies: shipped_policies(),
             watch_policies: false,
             ready_file: Some(ready.clone()),
             ack_wait_secs: 2,
             grace: Duration::from_secs(1),
+            signing_key: key,
             ..Default::default()
         };
         let token = CancellationToken::new();
@@ -95,8 +159,15 @@ impl Mesh {
         .await
         .unwrap();
         assert!(!handle.is_finished(), "the policy worker stopped at start");
-        mesh.worker = Some((token, handle));
-        mesh
+        self.worker = Some((token, handle));
+    }
+
+    /// Stops the policy worker and waits until it has.
+    pub(crate) async fn stop_worker(&mut self) {
+        if let Some((token, handle)) = self.worker.take() {
+            token.cancel();
+            handle.await.unwrap();
+        }
     }
 
     pub(crate) fn url(&self) -> String {

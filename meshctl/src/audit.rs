@@ -1,0 +1,441 @@
+//! `meshctl audit verify`: checks the `decisions` table against what it
+//! cannot have changed — each receipt's signature by a trusted policy
+//! worker, and the signed checkpoints of `MESH_DECISION` on `MESH_AUDIT`
+//! (`docs/contract.md`, "Signed decisions"; `docs/security.md`, "What a
+//! recipient and an auditor can prove").
+//!
+//! A row is **altered** when a column differs from its own stored receipt,
+//! the receipt's signature does not verify, or the receipt differs from the
+//! one checkpointed at its stream sequence; **inserted** when its stream
+//! sequence was checkpointed for another receipt, or for none although
+//! later ones were; a checkpointed receipt with no row is **deleted**.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use audit_sink::rows::{self, DecisionRow, Meta};
+use clap::Subcommand;
+use schemas::signing::{Checkpoint, CheckpointEntry, Signers, sha256_hex, verify_signature};
+use schemas::{DecisionReceipt, headers, subjects};
+
+use crate::servers::Endpoints;
+
+/// `meshctl audit …`
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuditCommand {
+    /// Recompute the audit from ClickHouse and check it against the signed
+    /// checkpoints on MESH_AUDIT: prints `ok` and the count checked, or
+    /// each row altered, deleted or inserted (exit status 1).
+    Verify {
+        /// Only decisions made at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the decisions of this trace (32 hex characters).
+        #[arg(long)]
+        trace: Option<String>,
+    },
+}
+
+/// What is wrong with one row or checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Finding {
+    /// A row's content is not what was signed and checkpointed.
+    Altered {
+        /// Its `MESH_DECISION` sequence.
+        seq: u64,
+        /// `<agent>/<event id>`.
+        key: String,
+        /// How.
+        why: String,
+    },
+    /// A checkpointed receipt has no row.
+    Deleted {
+        /// Its `MESH_DECISION` sequence.
+        seq: u64,
+        /// `<agent>/<event id>`.
+        key: String,
+        /// Its trace.
+        trace_id: String,
+    },
+    /// A row that no checkpoint accounts for.
+    Inserted {
+        /// The sequence the row claims.
+        seq: u64,
+        /// `<agent>/<event id>` of the row.
+        key: String,
+        /// How.
+        why: String,
+    },
+    /// A checkpoint that does not verify or breaks its signer's chain.
+    Checkpoint {
+        /// Its `MESH_AUDIT` sequence.
+        seq: u64,
+        /// How.
+        why: String,
+    },
+}
+
+impl Finding {
+    fn order(&self) -> (u8, u64) {
+        match self {
+            Self::Checkpoint { seq, .. } => (0, *seq),
+            Self::Altered { seq, .. } | Self::Deleted { seq, .. } | Self::Inserted { seq, .. } => {
+                (1, *seq)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Altered { seq, key, why } => {
+                write!(
+                    f,
+                    "altered: decision {key} (MESH_DECISION seq {seq}): {why}"
+                )
+            }
+            Self::Deleted { seq, key, trace_id } => write!(
+                f,
+                "deleted: decision {key} (MESH_DECISION seq {seq}, trace {trace_id}) is checkpointed but has no row"
+            ),
+            Self::Inserted { seq, key, why } => {
+                write!(
+                    f,
+                    "inserted: decision {key} (claims MESH_DECISION seq {seq}): {why}"
+                )
+            }
+            Self::Checkpoint { seq, why } => write!(f, "checkpoint MESH_AUDIT seq {seq}: {why}"),
+        }
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    /// Rows checked.
+    pub(crate) rows: usize,
+    /// Checkpoints read.
+    pub(crate) checkpoints: usize,
+    /// Rows newer than every checkpoint (signature checked only).
+    pub(crate) pending: usize,
+    /// Everything wrong, first by sequence.
+    pub(crate) findings: Vec<Finding>,
+}
+
+/// The filters of `--since` and `--trace`.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Filter {
+    /// Decisions at or after this instant (microseconds since the epoch).
+    pub(crate) since_us: Option<i64>,
+    /// Only this trace.
+    pub(crate) trace: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, trace_id: &str, decided_at: &str) -> bool {
+        self.trace.as_deref().is_none_or(|t| t == trace_id)
+            && self.since_us.is_none_or(|since| {
+                chrono::DateTime::parse_from_rfc3339(decided_at)
+                    .map(|t| t.timestamp_micros() >= since)
+                    .unwrap_or(true)
+            })
+    }
+}
+
+/// Reads the signers, the checkpoints and the rows, and checks them.
+pub(crate) async fn verify(endpoints: &Endpoints, filter: &Filter) -> anyhow::Result<Report> {
+    let js = jetstream::new(endpoints.connect_nats().await?);
+    let kv = js
+        .get_key_value(subjects::BUCKET_SIGNERS)
+        .await
+        .with_context(|| format!("opening `{}`", subjects::BUCKET_SIGNERS))?;
+    let signers = Signers::new(crate::signers::records(&kv).await?);
+    let mut report = Report::default();
+    let entries = checkpoints(&js, &signers, &mut report).await?;
+    let rows = fetch_rows(endpoints, filter).await?;
+    check_rows(&signers, &entries, rows, filter, &mut report);
+    report.findings.sort_by_key(Finding::order);
+    Ok(report)
+}
+
+/// Every checkpointed receipt by stream sequence, after checking each
+/// checkpoint's signature and its signer's chain.
+async fn checkpoints(
+    js: &jetstream::Context,
+    signers: &Signers,
+    report: &mut Report,
+) -> anyhow::Result<BTreeMap<u64, CheckpointEntry>> {
+    let mut stream = js
+        .get_stream(subjects::STREAM_AUDIT)
+        .await
+        .with_context(|| format!("opening `{}`", subjects::STREAM_AUDIT))?;
+    let state = stream.info().await?.state.clone();
+    let mut heads: HashMap<String, String> = HashMap::new();
+    let mut entries: BTreeMap<u64, CheckpointEntry> = BTreeMap::new();
+    if state.messages == 0 {
+        return Ok(entries);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        let message = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            Err(e) => {
+                report.findings.push(Finding::Checkpoint {
+                    seq,
+                    why: format!("missing from the stream ({e})"),
+                });
+                continue;
+            }
+        };
+        report.checkpoints += 1;
+        let header = |name| {
+            message
+                .headers
+                .get(name)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default()
+        };
+        let (signer, signature) = (header(headers::SIGNER), header(headers::SIGNATURE));
+        let checkpoint: Checkpoint = match serde_json::from_slice(&message.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                report.findings.push(Finding::Checkpoint {
+                    seq,
+                    why: format!("not a checkpoint: {e}"),
+                });
+                continue;
+            }
+        };
+        let trusted = signers
+            .get(&signer)
+            .map(|r| r.trusts(&checkpoint.created_at))
+            .unwrap_or(Err(schemas::signing::Refused::UnknownSigner(
+                signer.clone(),
+            )))
+            .and_then(|()| verify_signature(&signer, &message.payload, &signature));
+        if let Err(why) = trusted {
+            report.findings.push(Finding::Checkpoint {
+                seq,
+                why: why.to_string(),
+            });
+            continue;
+        }
+        let head = heads.entry(signer.clone()).or_default();
+        if checkpoint.prev != *head || checkpoint.signer != signer {
+            report.findings.push(Finding::Checkpoint {
+                seq,
+                why: format!(
+                    "breaks the chain of signer {signer}: links to `{}`, its previous checkpoint is `{head}`",
+                    checkpoint.prev
+                ),
+            });
+        }
+        *head = sha256_hex(&message.payload);
+        for entry in checkpoint.entries {
+            match entries.get(&entry.seq) {
+                Some(seen) if seen.leaf != entry.leaf || seen.key != entry.key => {
+                    report.findings.push(Finding::Checkpoint {
+                        seq,
+                        why: format!(
+                            "MESH_DECISION seq {} is checkpointed twice with different receipts",
+                            entry.seq
+                        ),
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    entries.insert(entry.seq, entry);
+                }
+            }
+        }
+    }
+    Ok(entries)
+}
+
+async fn fetch_rows(endpoints: &Endpoints, filter: &Filter) -> anyhow::Result<Vec<DecisionRow>> {
+    let mut sql = format!(
+        "SELECT ?fields FROM `{}`.{} FINAL WHERE 1",
+        endpoints.database,
+        audit_sink::schema::DECISIONS
+    );
+    if filter.since_us.is_some() {
+        sql.push_str(" AND time_us >= ?");
+    }
+    if filter.trace.is_some() {
+        sql.push_str(" AND trace_id = ?");
+    }
+    sql.push_str(" ORDER BY stream_seq");
+    let mut query = endpoints.clickhouse().query(&sql);
+    if let Some(since) = filter.since_us {
+        query = query.bind(u64::try_from(since).unwrap_or(0));
+    }
+    if let Some(trace) = &filter.trace {
+        query = query.bind(trace.as_str());
+    }
+    query
+        .fetch_all::<DecisionRow>()
+        .await
+        .with_context(|| format!("reading `{}.decisions`", endpoints.database))
+}
+
+fn key_of(row: &DecisionRow) -> String {
+    subjects::event_key(&row.agent, &row.event_id)
+}
+
+/// The receipt a row stores, as received.
+fn receipt_bytes(row: &DecisionRow) -> Vec<u8> {
+    if row.receipt_encoding == rows::ENCODING_HEX {
+        hex::decode(&row.receipt).unwrap_or_default()
+    } else {
+        row.receipt.clone().into_bytes()
+    }
+}
+
+/// The columns where `row` differs from the row its own receipt makes.
+fn altered_columns(row: &DecisionRow, receipt: &[u8]) -> Vec<String> {
+    let meta = Meta {
+        stream: subjects::STREAM_DECISION.to_owned(),
+        stream_seq: row.stream_seq,
+        received_us: i64::try_from(row.received_us).unwrap_or(0),
+    };
+    let rebuilt = rows::decision_row(&subjects::decision(&row.agent), receipt, &meta);
+    if rebuilt == *row {
+        return Vec::new();
+    }
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(row), serde_json::to_value(&rebuilt))
+    else {
+        return vec!["?".into()];
+    };
+    a.iter()
+        .filter(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "`{k}` is {v}, its receipt says {}",
+                b.get(k).unwrap_or(&serde_json::Value::Null)
+            )
+        })
+        .collect()
+}
+
+fn check_rows(
+    signers: &Signers,
+    entries: &BTreeMap<u64, CheckpointEntry>,
+    rows: Vec<DecisionRow>,
+    filter: &Filter,
+    report: &mut Report,
+) {
+    let last_checkpointed = entries.keys().next_back().copied().unwrap_or(0);
+    let mut seen = std::collections::HashSet::new();
+    for row in rows {
+        report.rows += 1;
+        let seq = row.stream_seq;
+        let key = key_of(&row);
+        let bytes = receipt_bytes(&row);
+        let columns = altered_columns(&row, &bytes);
+        if !columns.is_empty() {
+            report.findings.push(Finding::Altered {
+                seq,
+                key: key.clone(),
+                why: columns.join("; "),
+            });
+            seen.insert(seq);
+            continue;
+        }
+        let signed = serde_json::from_slice::<DecisionReceipt>(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|r| signers.verify_receipt(&r).map_err(|e| e.to_string()));
+        match entries.get(&seq) {
+            Some(entry) if entry.key != key => {
+                report.findings.push(Finding::Inserted {
+                    seq,
+                    key: key.clone(),
+                    why: format!("the checkpoint has {} at that sequence", entry.key),
+                });
+                continue;
+            }
+            Some(entry) => {
+                seen.insert(seq);
+                if entry.leaf != sha256_hex(&bytes) {
+                    report.findings.push(Finding::Altered {
+                        seq,
+                        key,
+                        why: "its receipt is not the one checkpointed".into(),
+                    });
+                    continue;
+                }
+            }
+            None if seq <= last_checkpointed => {
+                report.findings.push(Finding::Inserted {
+                    seq,
+                    key,
+                    why: "no checkpoint lists it, though later receipts are checkpointed".into(),
+                });
+                continue;
+            }
+            None => report.pending += 1,
+        }
+        if let Err(why) = signed {
+            report.findings.push(if entries.contains_key(&seq) {
+                Finding::Altered {
+                    seq,
+                    key,
+                    why: format!("receipt signature: {why}"),
+                }
+            } else {
+                Finding::Inserted {
+                    seq,
+                    key,
+                    why: format!("receipt signature: {why}"),
+                }
+            });
+        }
+    }
+    for (seq, entry) in entries {
+        if !seen.contains(seq) && filter.keeps(&entry.trace_id, &entry.decided_at) {
+            report.findings.push(Finding::Deleted {
+                seq: *seq,
+                key: entry.key.clone(),
+                trace_id: entry.trace_id.clone(),
+            });
+        }
+    }
+}
+
+/// Runs `meshctl audit …`; `false` when anything was found.
+pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
+    match command {
+        AuditCommand::Verify { since, trace } => {
+            let since_us = since
+                .as_deref()
+                .map(|s| {
+                    chrono::DateTime::parse_from_rfc3339(s)
+                        .map(|t| t.timestamp_micros())
+                        .with_context(|| format!("--since `{s}` is not an RFC 3339 time"))
+                })
+                .transpose()?;
+            let filter = Filter { since_us, trace };
+            let report = verify(endpoints, &filter).await?;
+            if report.findings.is_empty() {
+                println!(
+                    "ok: {} decisions verified against {} checkpoints ({} newer than the last checkpoint: signature checked only)",
+                    report.rows, report.checkpoints, report.pending
+                );
+                return Ok(true);
+            }
+            println!(
+                "FAILED: {} findings in {} decisions and {} checkpoints; first: {}",
+                report.findings.len(),
+                report.rows,
+                report.checkpoints,
+                report.findings[0]
+            );
+            for finding in &report.findings {
+                println!("  {finding}");
+            }
+            Ok(false)
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! `meshctl audit verify` and `meshctl signers` against a real policy
+//! worker, audit sink (writing signed checkpoints), NATS and ClickHouse: a
+//! clean audit verifies `ok`; an `ALTER TABLE … UPDATE` of one decision,
+//! an `ALTER TABLE … DELETE` of one row and an `INSERT` of a fabricated
+//! row are each found and named, with exit status 1.
+
+mod support {
+    pub(crate) mod services;
+}
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use agents_sdk::Agent;
+use audit_sink::rows::{self, DecisionRow, Meta};
+use schemas::{DecisionReceipt, subjects};
+use support::services::{Services, workspace};
+use testkit::eventually;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn meshctl(services: &Services, args: &[&str]) -> std::io::Result<Output> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshctl"));
+    cmd.args(args).current_dir(workspace());
+    for var in [
+        "NATS_NKEY_SEED_FILE",
+        "NATS_CREDS",
+        "CLICKHOUSE_USER",
+        "CLICKHOUSE_PASSWORD",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("NATS_URL", services.nats.url())
+        .env("CLICKHOUSE_URL", services.ch.url())
+        .env("AGENTMESH_AUDIT_DATABASE", &services.db)
+        .env("AGENTMESH_HOME", services.tmp.path().join("home"));
+    cmd.output()
+}
+
+fn stdout(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// One row of `decisions` as the audit holds it.
+async fn row(services: &Services, event_id: &str) -> anyhow::Result<Option<DecisionRow>> {
+    Ok(services
+        .ch
+        .client()
+        .with_database(&services.db)
+        .query("SELECT ?fields FROM decisions FINAL WHERE event_id = ?")
+        .bind(event_id)
+        .fetch_optional::<DecisionRow>()
+        .await?)
+}
+
+#[tokio::test]
+async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Result<()> {
+    let services = Services::start("audit_verify").await?;
+    let planner = Agent::connect("planner", services.nats.url()).await?;
+    // Four workflows of two steps each: one kept clean, one per tampering.
+    let mut traces = Vec::new();
+    for n in 0..4 {
+        let wf = planner.workflow();
+        let first = wf.reasoning(format!("workflow {n}, step 1")).await?;
+        wf.reasoning(format!("workflow {n}, step 2")).await?;
+        traces.push((wf.trace_id().to_string(), first.id));
+    }
+
+    // Clean: every row verified against the checkpoints.
+    let clean = eventually(WAIT, "a clean audit of 8 decisions", || async {
+        let out = meshctl(&services, &["audit", "verify"]).ok()?;
+        let text = stdout(&out);
+        (out.status.success()
+            && text.contains("ok: 8 decisions verified")
+            && text.contains("(0 newer"))
+        .then_some(text)
+    })
+    .await?;
+    assert!(
+        clean.starts_with("ok: 8 decisions verified against"),
+        "{clean}"
+    );
+
+    let ch = services.ch.client().with_database(&services.db);
+    // 1. An edit: a decision rewritten in place.
+    let (_, altered) = &traces[1];
+    ch.query("ALTER TABLE decisions UPDATE decision = 'deny' WHERE event_id = ?")
+        .bind(altered.as_str())
+        .execute()
+        .await?;
+    // 2. A deletion.
+    let (_, deleted) = &traces[2];
+    ch.query("ALTER TABLE decisions DELETE WHERE event_id = ?")
+        .bind(deleted.as_str())
+        .execute()
+        .await?;
+    // 3. An insertion: a self-consistent row for an event that never was,
+    //    claiming the stream sequence of a real one.
+    let (trace4, real) = &traces[3];
+    let original = row(&services, real)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no row for {real}"))?;
+    let mut receipt: DecisionReceipt = serde_json::from_str(&original.receipt)?;
+    receipt.event_id = "fabricated-1".into();
+    receipt.decision_id = "fabricated-decision".into();
+    let fabricated = rows::decision_row(
+        &subjects::decision("planner"),
+        &serde_json::to_vec(&receipt)?,
+        &Meta {
+            stream: subjects::STREAM_DECISION.into(),
+            stream_seq: original.stream_seq,
+            received_us: i64::try_from(original.received_us)?,
+        },
+    );
+    let mut insert = ch.insert::<DecisionRow>("decisions").await?;
+    insert.write(&fabricated).await?;
+    insert.end().await?;
+    // ClickHouse 18.16 runs ALTER … UPDATE/DELETE as mutations, later.
+    eventually(WAIT, "the mutations to apply", || async {
+        let edited = row(&services, altered).await.ok()??;
+        let gone = row(&services, deleted).await.ok()?.is_none();
+        (edited.decision == "deny" && gone).then_some(())
+    })
+    .await?;
+
+    let verify = |args: &[&str]| -> std::io::Result<Output> {
+        let mut all = vec!["audit", "verify"];
+        all.extend_from_slice(args);
+        meshctl(&services, &all)
+    };
+    let out = verify(&["--trace", &traces[0].0])?;
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("ok: 2 decisions verified"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = verify(&["--trace", &traces[1].0])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("first: altered: decision planner/{altered}"))
+            && stdout(&out).contains("`decision` is \"deny\", its receipt says \"allow\""),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = verify(&["--trace", &traces[2].0])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("first: deleted: decision planner/{deleted}")),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = verify(&["--trace", trace4])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("first: inserted: decision planner/fabricated-1")
+            && stdout(&out).contains(&format!("the checkpoint has planner/{real}")),
+        "{}",
+        stdout(&out)
+    );
+
+    // The whole audit: all three, first by stream sequence.
+    let out = verify(&[])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("FAILED: 3 findings"),
+        "{}",
+        stdout(&out)
+    );
+    // Nothing decided after a day from now.
+    let out = verify(&["--since", "2999-01-01T00:00:00Z"])?;
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("ok: 0 decisions"),
+        "{}",
+        stdout(&out)
+    );
+
+    // The signers, as `meshctl signers list` shows them; the sink's key
+    // revoked, its checkpoints are no longer trusted.
+    let out = meshctl(&services, &["signers", "list"])?;
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&services.sink_signer),
+        "{}",
+        stdout(&out)
+    );
+    let out = meshctl(&services, &["signers", "revoke", &services.sink_signer])?;
+    assert!(out.status.success(), "{}", stdout(&out));
+    let out = verify(&["--trace", &traces[0].0])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("signer `{}` is revoked", services.sink_signer)),
+        "{}",
+        stdout(&out)
+    );
+    services.stop().await
+}
