@@ -30,7 +30,7 @@ echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 # The NVML test needs a GPU (`#[ignore]`d, counted as skipped): run it too
 # where one answers. `scripts/gpu-check.sh` runs it alone.

@@ -144,7 +144,7 @@ async fn preload(js: &jetstream::Context, run: &str, n: u64, size: usize) -> any
         let (headers, payload) = event(run, i, size);
         let ack = js
             .send_publish(
-                "mesh.ingress.planner.handoff",
+                subjects::ingress("planner", "handoff"),
                 PublishMessage::build().headers(headers).payload(payload),
             )
             .await?;
