@@ -110,22 +110,7 @@ impl Drain {
 /// One preloaded event: nine `ce-*` headers and `Nats-Msg-Id`.
 fn event(run: &str, i: u64, size: usize) -> (HeaderMap, bytes::Bytes) {
     let id = format!("{run}-{i}");
-    let mut headers = HeaderMap::new();
-    for (k, v) in [
-        ("ce-specversion", "1.0"),
-        ("ce-source", "/agents/planner"),
-        ("ce-type", "io.agentmesh.task.handoff"),
-        ("ce-target", "coder"),
-        ("ce-datacontenttype", "application/json"),
-        ("ce-time", "2026-01-01T00:00:00Z"),
-        ("ce-subject", "task"),
-        (
-            "ce-traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        ),
-    ] {
-        headers.insert(k, v);
-    }
+    let mut headers = crate::load::handoff_headers();
     headers.insert("ce-id", id.as_str());
     headers.insert("Nats-Msg-Id", format!("planner/{id}").as_str());
     let head = "{\"task\":\"";

@@ -140,22 +140,7 @@ impl Publisher {
             .await
             .context("publisher connect")?;
         let js = jetstream::new(client);
-        let mut template = HeaderMap::new();
-        for (k, v) in [
-            ("ce-specversion", "1.0"),
-            ("ce-source", "/agents/planner"),
-            ("ce-type", "io.agentmesh.task.handoff"),
-            ("ce-target", "coder"),
-            ("ce-datacontenttype", "application/json"),
-            ("ce-time", "2026-01-01T00:00:00Z"),
-            ("ce-subject", "task"),
-            (
-                "ce-traceparent",
-                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            ),
-        ] {
-            template.insert(k, v);
-        }
+        let template = handoff_headers();
         Ok(Self {
             js,
             template,
@@ -286,3 +271,25 @@ pub(crate) async fn open_phase(
 }
 
 use std::future::IntoFuture;
+
+/// The eight `ce-*` headers of the benchmarks' handoff event, without its id
+/// (the closed and open loops and the drain add `ce-id` per event).
+pub(crate) fn handoff_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (k, v) in [
+        ("ce-specversion", "1.0"),
+        ("ce-source", "/agents/planner"),
+        ("ce-type", "io.agentmesh.task.handoff"),
+        ("ce-target", "coder"),
+        ("ce-datacontenttype", "application/json"),
+        ("ce-time", "2026-01-01T00:00:00Z"),
+        ("ce-subject", "task"),
+        (
+            "ce-traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ] {
+        headers.insert(k, v);
+    }
+    headers
+}
