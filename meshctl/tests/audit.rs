@@ -9,15 +9,12 @@ mod support {
 }
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use agents_sdk::Agent;
 use audit_sink::rows::{self, DecisionRow, Meta};
 use schemas::{DecisionReceipt, subjects};
 use support::services::{Services, workspace};
-use testkit::eventually;
-
-const WAIT: Duration = Duration::from_secs(60);
+use testkit::{WAIT, eventually};
 
 fn meshctl(services: &Services, args: &[&str]) -> std::io::Result<Output> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshctl"));
@@ -31,8 +28,8 @@ fn meshctl(services: &Services, args: &[&str]) -> std::io::Result<Output> {
         cmd.env_remove(var);
     }
     cmd.env("NATS_URL", services.nats.url())
-        .env("CLICKHOUSE_URL", services.ch.url())
-        .env("AGENTMESH_AUDIT_DATABASE", &services.db)
+        .env("CLICKHOUSE_URL", services.ch().url())
+        .env("AGENTMESH_AUDIT_DATABASE", services.db())
         .env("AGENTMESH_HOME", services.tmp.path().join("home"));
     cmd.output()
 }
@@ -48,9 +45,9 @@ fn stdout(out: &Output) -> String {
 /// One row of `decisions` as the audit holds it.
 async fn row(services: &Services, event_id: &str) -> anyhow::Result<Option<DecisionRow>> {
     Ok(services
-        .ch
+        .ch()
         .client()
-        .with_database(&services.db)
+        .with_database(services.db())
         .query("SELECT ?fields FROM decisions FINAL WHERE event_id = ?")
         .bind(event_id)
         .fetch_optional::<DecisionRow>()
@@ -85,7 +82,7 @@ async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Resul
         "{clean}"
     );
 
-    let ch = services.ch.client().with_database(&services.db);
+    let ch = services.ch().client().with_database(services.db());
     // 1. An edit: a decision rewritten in place.
     let (_, altered) = &traces[1];
     ch.query("ALTER TABLE decisions UPDATE decision = 'deny' WHERE event_id = ?")

@@ -32,6 +32,7 @@ async fn stored(mesh: &Mesh, stream: &str, subject: &str, id: &str) -> StreamMes
     eventually(WAIT, &format!("`{id}` on `{subject}`"), || async move {
         mesh.messages_on(stream, subject)
             .await
+            .unwrap()
             .into_iter()
             .find(|m| m.headers.get("ce-id").is_some_and(|v| v.as_str() == id))
     })
@@ -139,7 +140,7 @@ async fn forged_and_altered_deliveries_never_reach_the_handler() {
         Some("deny")
     );
     assert!(dead.headers.get(headers::SIGNATURE).is_some());
-    let receipt = mesh.receipt(&genuine.id).await;
+    let receipt = mesh.receipt(&genuine.id).await.unwrap();
     assert_eq!(receipt.decision, Decision::Allow);
     assert_eq!(
         real.headers.get(headers::SIGNATURE).map(|v| v.as_str()),
@@ -221,7 +222,7 @@ async fn forged_and_altered_deliveries_never_reach_the_handler() {
     .unwrap();
     // Refused ones are acknowledged: nothing left to deliver again.
     eventually(WAIT, "the coder's durable to be empty", || async {
-        (mesh.backlog("coder").await == (0, 0)).then_some(())
+        (mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
     })
     .await
     .unwrap();
@@ -272,7 +273,7 @@ async fn a_rotated_signer_still_verifies_what_it_signed() {
         .handoff("coder", "before the rotation")
         .await
         .unwrap();
-    let r1 = mesh.receipt(&before.id).await;
+    let r1 = mesh.receipt(&before.id).await.unwrap();
     assert_eq!(r1.signer, old.public_key());
 
     // Rotate: the new key in, the old one retired as of now; the worker
@@ -287,7 +288,7 @@ async fn a_rotated_signer_still_verifies_what_it_signed() {
         .handoff("coder", "after the rotation")
         .await
         .unwrap();
-    let r2 = mesh.receipt(&after.id).await;
+    let r2 = mesh.receipt(&after.id).await.unwrap();
     assert_eq!(r2.signer, new.public_key());
 
     let trusted = signers(&mesh).await;

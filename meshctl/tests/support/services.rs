@@ -1,28 +1,18 @@
-//! NATS, ClickHouse, the policy worker (on the shipped `policies/`) and the
-//! audit sink, the two services running in this process: the mesh the
-//! `meshctl` tests drive the binary against.
+//! `testkit`'s mesh with ClickHouse, the policy worker (on the shipped
+//! `policies/`) and the audit sink, the two services running in this
+//! process: the mesh the `meshctl` tests drive the binary against.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use testkit::{ClickHouseServer, NatsServer, eventually};
+use testkit::{Mesh, WAIT, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// How long starting the services may take.
-const START: Duration = Duration::from_secs(60);
+pub(crate) use testkit::workspace;
 
-/// The repository's root.
-pub(crate) fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A running mesh of the test's own; [`Services::stop`] ends both services.
+/// A running mesh of the test's own (through `Deref`: `nats`, `js`, `ch()`,
+/// and `db()`, the audit database unique to this test); [`Services::stop`]
+/// ends both services.
 pub(crate) struct Services {
-    pub nats: NatsServer,
-    pub ch: ClickHouseServer,
-    /// The audit database, unique to this test.
-    pub db: String,
+    mesh: Mesh,
     pub tmp: tempfile::TempDir,
     pub shutdown: CancellationToken,
     /// The audit sink's checkpoint signing key (public), trusted in
@@ -33,19 +23,26 @@ pub(crate) struct Services {
     sink: JoinHandle<Result<(), audit_sink::Error>>,
 }
 
+impl std::ops::Deref for Services {
+    type Target = Mesh;
+
+    fn deref(&self) -> &Mesh {
+        &self.mesh
+    }
+}
+
 impl Services {
     /// Starts the servers and both services, and waits until they are ready.
     pub(crate) async fn start(database: &str) -> anyhow::Result<Self> {
-        let nats = NatsServer::start().await?;
-        let ch = ClickHouseServer::start().await?;
-        let db = ch.unique_database(database);
+        let mesh = Mesh::with_clickhouse(database).await?;
+        let (nats, ch, db) = (&mesh.nats, mesh.ch(), mesh.db().to_owned());
         let tmp = tempfile::tempdir()?;
         let shutdown = CancellationToken::new();
         let worker_ready = tmp.path().join("worker.ready");
         let worker = tokio::spawn(policy_worker::run(
             policy_worker::Config {
                 nats: broker_config::NatsArgs::url(nats.url()),
-                policies: workspace().join("policies"),
+                policies: testkit::shipped_policies(),
                 ready_file: Some(worker_ready.clone()),
                 watch_policies: false,
                 ..Default::default()
@@ -54,7 +51,7 @@ impl Services {
         ));
         let sink_ready = tmp.path().join("sink.ready");
         let mut sink_config = audit_sink::Config::new(nats.url(), ch.url());
-        sink_config.database = db.clone();
+        sink_config.database = db;
         sink_config.batch_period_ms = 100;
         sink_config.ready_file = Some(sink_ready.clone());
         let sink_key = schemas::signing::SigningKey::generate();
@@ -63,14 +60,16 @@ impl Services {
         sink_config.signing_key_file = Some(sink_key_file);
         let sink = tokio::spawn(audit_sink::run(sink_config, shutdown.clone()));
         for ready in [&worker_ready, &sink_ready] {
-            eventually(START, "the services' ready files", || async {
+            eventually(WAIT, "the services' ready files", || async {
                 ready.exists().then_some(())
             })
             .await?;
         }
         // Trusted as the operator would (`meshctl up` does for its own sink).
-        let js = async_nats::jetstream::new(nats.connect().await?);
-        let kv = js.get_key_value(schemas::subjects::BUCKET_SIGNERS).await?;
+        let kv = mesh
+            .js
+            .get_key_value(schemas::subjects::BUCKET_SIGNERS)
+            .await?;
         let record = schemas::signing::SignerRecord {
             public_key: sink_key.public_key().to_owned(),
             name: "audit-sink".into(),
@@ -83,9 +82,7 @@ impl Services {
             .await?;
         Ok(Self {
             sink_signer: sink_key.public_key().to_owned(),
-            nats,
-            ch,
-            db,
+            mesh,
             tmp,
             shutdown,
             worker,
