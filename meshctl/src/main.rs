@@ -36,7 +36,7 @@ struct Cli {
     #[arg(long, global = true, env = "NATS_URL", default_value = broker_config::DEFAULT_NATS_URL)]
     nats_url: String,
     /// ClickHouse HTTP URL (a local one is started by `up` when nothing answers here).
-    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_sink::DEFAULT_CLICKHOUSE_URL)]
+    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_tables::DEFAULT_CLICKHOUSE_URL)]
     clickhouse_url: String,
     /// ClickHouse user.
     #[arg(
@@ -56,7 +56,7 @@ struct Cli {
     )]
     clickhouse_password: String,
     /// Database of the audit tables.
-    #[arg(long, global = true, env = "AGENTMESH_AUDIT_DATABASE", default_value = audit_sink::schema::DEFAULT_DATABASE)]
+    #[arg(long, global = true, env = "AGENTMESH_AUDIT_DATABASE", default_value = audit_tables::schema::DEFAULT_DATABASE)]
     database: String,
     /// NATS nkey seed file meshctl connects with (default: the operator key of a stack with authorization, `.agentmesh/auth/keys/meshctl.nk`).
     #[arg(long, global = true, env = "NATS_NKEY_SEED_FILE")]
@@ -232,7 +232,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    audit_sink::schema::check_database(&cli.database)?;
+    audit_tables::schema::check_database(&cli.database)?;
     let home = procs::Home::new(cli.home);
     let insecure = matches!(cli.command, Command::Up { insecure: true, .. });
     let endpoints = servers::Endpoints {

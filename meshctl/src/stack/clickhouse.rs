@@ -120,7 +120,7 @@ pub(super) async fn apply_streams_and_schema(
             ),
         );
     }
-    let features = audit_sink::schema::ensure(&client, &endpoints.database, 0)
+    let features = audit_tables::schema::ensure(&client, &endpoints.database, 0)
         .await
         .with_context(|| {
             format!(
@@ -134,7 +134,7 @@ pub(super) async fn apply_streams_and_schema(
         format_args!(
             "database `{}`: {} (ClickHouse {})",
             endpoints.database,
-            audit_sink::schema::TABLES.join(", "),
+            audit_tables::schema::TABLES.join(", "),
             features.version
         ),
     );

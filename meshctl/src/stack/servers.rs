@@ -48,7 +48,7 @@ impl Endpoints {
         }
         if !is_up
             && stack::auth_mode(home)
-            && self.clickhouse_user == audit_sink::DEFAULT_CLICKHOUSE_USER
+            && self.clickhouse_user == audit_tables::DEFAULT_CLICKHOUSE_USER
             && self.clickhouse_password.is_empty()
             && let Some(secrets) = state.clickhouse_secrets()
         {
