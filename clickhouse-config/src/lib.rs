@@ -27,7 +27,7 @@ const SUBDIRS: [&str; 5] = ["data", "tmp", "user_files", "format_schemas", "log"
 /// One local server.
 #[derive(Debug, Clone, Copy)]
 pub struct Server<'a> {
-    /// The directory everything lives in (made absolute by [`write`]).
+    /// The directory everything lives in (made absolute by [`write()`]).
     pub dir: &'a Path,
     /// HTTP port on 127.0.0.1.
     pub http_port: u16,
