@@ -38,6 +38,9 @@ pub struct Server<'a> {
     /// `<macros>` entries (`system.macros`), e.g. an instance id that tells
     /// this server from another one on the same port.
     pub macros: &'a [(&'a str, &'a str)],
+    /// More XML elements for the config's root, as written (e.g. a
+    /// replica's `<zookeeper>` and interserver port); `""` for none.
+    pub extra: &'a str,
 }
 
 /// The passwords of the three users of a server with authentication.
@@ -62,7 +65,12 @@ impl std::fmt::Debug for Passwords<'_> {
 /// `config.xml` for `server`, whose directory is `dir` (absolute).
 pub fn config_xml(server: &Server<'_>, dir: &Path) -> String {
     let d = dir.display();
-    let (http_port, tcp_port, writer) = (server.http_port, server.tcp_port, server.writer);
+    let (http_port, tcp_port, writer, extra) = (
+        server.http_port,
+        server.tcp_port,
+        server.writer,
+        server.extra,
+    );
     let macros = if server.macros.is_empty() {
         String::new()
     } else {
@@ -95,7 +103,7 @@ pub fn config_xml(server: &Server<'_>, dir: &Path) -> String {
     <default_database>default</default_database>
     <timezone>UTC</timezone>
     <mark_cache_size>268435456</mark_cache_size>
-    <max_concurrent_queries>100</max_concurrent_queries>{macros}
+    <max_concurrent_queries>100</max_concurrent_queries>{extra}{macros}
 </yandex>
 "#
     )
@@ -282,6 +290,7 @@ mod tests {
             tcp_port: 19000,
             writer: "the test",
             macros: &[("instance", "abc")],
+            extra: "\n    <interserver_http_port>19009</interserver_http_port>",
         };
         let path = write(&server, None, "audit").unwrap();
         let root = std::fs::canonicalize(dir.path().join("ch")).unwrap();
@@ -291,6 +300,7 @@ mod tests {
         assert!(config.contains("<tcp_port>19000</tcp_port>"), "{config}");
         assert!(config.contains(&format!("<path>{}/data/</path>", root.display())));
         assert!(config.contains("<instance>abc</instance>"), "{config}");
+        assert!(config.contains("\n    <interserver_http_port>19009</interserver_http_port>"));
         for sub in SUBDIRS {
             assert!(root.join(sub).is_dir(), "{sub}");
         }

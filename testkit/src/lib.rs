@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod clickhouse;
+pub mod zookeeper;
 pub use self::clickhouse::ClickHouseServer;
+pub use self::zookeeper::ZooKeeperServer;
 
 /// The longest any test waits for something to happen (a server to start,
 /// a service to become ready, a row or message to arrive): the slowest

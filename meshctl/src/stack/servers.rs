@@ -254,6 +254,30 @@ pub(crate) async fn start_clickhouse(
     http_port: u16,
     users: Option<&ClickHouseSecrets>,
 ) -> anyhow::Result<(Child, u16)> {
+    start_clickhouse_as(
+        home,
+        endpoints,
+        "clickhouse-server",
+        "clickhouse",
+        http_port,
+        users,
+        "",
+    )
+    .await
+}
+
+/// [`start_clickhouse`] as process `name` (its pid and log file) with its
+/// files under `.agentmesh/<dir>`, answering at `endpoints.clickhouse_url`,
+/// with `extra` (XML elements) added to its config: a replica's.
+pub(crate) async fn start_clickhouse_as(
+    home: &Home,
+    endpoints: &Endpoints,
+    name: &str,
+    dir: &str,
+    http_port: u16,
+    users: Option<&ClickHouseSecrets>,
+    extra: &str,
+) -> anyhow::Result<(Child, u16)> {
     let binary = procs::find_server(
         "clickhouse-server",
         "CLICKHOUSE_SERVER_BIN",
@@ -272,7 +296,7 @@ pub(crate) async fn start_clickhouse(
         .ok()
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or(9000);
-    let tcp_port = if http_port != wanted && port_free(wanted) {
+    let tcp_port = if name == "clickhouse-server" && http_port != wanted && port_free(wanted) {
         wanted
     } else {
         TcpListener::bind(("127.0.0.1", 0))
@@ -280,14 +304,15 @@ pub(crate) async fn start_clickhouse(
             .map(|a| a.port())
             .context("finding a free port for ClickHouse's native protocol")?
     };
-    let dir = home.root().join("clickhouse");
-    let config = write_clickhouse_config(&dir, http_port, tcp_port, users, &endpoints.database)?;
+    let dir = home.root().join(dir);
+    let config =
+        write_clickhouse_config(&dir, http_port, tcp_port, users, &endpoints.database, extra)?;
     let args = vec![format!("--config-file={}", config.display())];
-    let mut child = procs::spawn(home, "clickhouse-server", &binary, &args)?;
+    let mut child = procs::spawn(home, name, &binary, &args)?;
     let client = endpoints.clickhouse();
     wait_started(
         home,
-        "clickhouse-server",
+        name,
         &mut child,
         Duration::from_secs(60),
         async || clickhouse_version(&client).await.is_some(),
@@ -300,13 +325,15 @@ pub(crate) async fn start_clickhouse(
 /// `clickhouse-config` crate renders them; 127.0.0.1 only). Without `users`,
 /// user `default` has no password; with them, `default` (the operator, DDL)
 /// has a password and two more users exist, the sink's writer and a
-/// read-only reader, each limited to `database`.
+/// read-only reader, each limited to `database`. `extra` (XML elements) is
+/// added to the config: a replica's.
 pub(crate) fn write_clickhouse_config(
     dir: &Path,
     http_port: u16,
     tcp_port: u16,
     users: Option<&ClickHouseSecrets>,
     database: &str,
+    extra: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
     let server = clickhouse_config::Server {
         dir,
@@ -314,6 +341,7 @@ pub(crate) fn write_clickhouse_config(
         tcp_port,
         writer: "`meshctl up`",
         macros: &[],
+        extra,
     };
     let passwords = users.map(|u| clickhouse_config::Passwords {
         admin: &u.admin,
