@@ -107,6 +107,9 @@ enum Command {
         /// Run NATS and ClickHouse without authorization: any client may connect and publish on any subject (development only).
         #[arg(long)]
         insecure: bool,
+        /// Run this many ClickHouse replicas of one shard (2 or 3; with ZooKeeper: `scripts/install-deps.sh --replicated`) instead of one server: the audit tables replicated, the audit sink failing over between them.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        clickhouse_replicas: u8,
     },
     /// Agent identities: nkeys, broker permissions and Cedar entities.
     Agents {
@@ -256,6 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gpu_config,
             timeout_secs,
             insecure,
+            clickhouse_replicas,
         } => {
             let options = stack::UpOptions {
                 detach,
@@ -264,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout: Duration::from_secs(timeout_secs),
                 gpu_config: Some(gpu_config),
                 insecure,
+                clickhouse_replicas: usize::from(clickhouse_replicas),
             };
             stack::up(&home, &endpoints, &options).await?;
         }

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod clickhouse;
+pub mod zookeeper;
 pub use self::clickhouse::ClickHouseServer;
+pub use self::zookeeper::ZooKeeperServer;
 
 /// A port that was free a moment ago, for a server a test starts.
 ///

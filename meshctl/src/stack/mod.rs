@@ -29,6 +29,7 @@ use servers::Endpoints;
 mod clickhouse;
 pub(crate) mod nats;
 pub(crate) mod procs;
+pub(crate) mod replicas;
 pub(crate) mod servers;
 mod services;
 mod status;
@@ -41,11 +42,14 @@ pub(crate) const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scal
 const OPTIONAL: [&str; 1] = ["gpu-scaler"];
 /// Everything `down` may stop, in stop order: services (the sink last, so
 /// it flushes what the others produced), then the servers.
-const STOP_ORDER: [&str; 5] = [
+const STOP_ORDER: [&str; 8] = [
     "gpu-scaler",
     "policy-worker",
     "audit-sink",
     "clickhouse-server",
+    "clickhouse-server-2",
+    "clickhouse-server-3",
+    "zookeeper",
     "nats-server",
 ];
 
@@ -64,6 +68,9 @@ pub(crate) struct UpOptions {
     pub gpu_config: Option<PathBuf>,
     /// Run without authorization (anyone may connect and publish anywhere).
     pub insecure: bool,
+    /// ClickHouse replicas (with ZooKeeper) instead of one server when
+    /// above 1; the sink gets every replica's URL.
+    pub clickhouse_replicas: usize,
 }
 
 /// The file that records whether the running stack has authorization.
@@ -254,8 +261,13 @@ async fn bring_up(
     started: &mut Started,
 ) -> anyhow::Result<()> {
     nats::ensure(home, endpoints, auth, started).await?;
-    clickhouse::ensure(home, endpoints, auth, started).await?;
-    clickhouse::apply_streams_and_schema(home, endpoints, auth).await?;
+    if options.clickhouse_replicas > 1 {
+        replicas::ensure(home, endpoints, options.clickhouse_replicas, auth, started).await?;
+    } else {
+        clickhouse::ensure(home, endpoints, auth, started).await?;
+    }
+    clickhouse::apply_streams_and_schema(home, endpoints, auth, options.clickhouse_replicas)
+        .await?;
     let waiting = services::start(home, endpoints, options, policies.as_ref(), auth, started)?;
     services::wait_ready(home, options, waiting, started).await
 }
