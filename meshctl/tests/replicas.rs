@@ -110,6 +110,16 @@ async fn up_with_two_clickhouse_replicas_replicates_the_audit_tables_and_down_st
             "{cmdline}"
         );
 
+        // `status` shows ZooKeeper and the second replica.
+        let status = meshctl(env.clone(), &["status"]).await?;
+        let status_out = text(&status.stdout);
+        assert!(status.status.success(), "{status_out}");
+        assert!(
+            status_out.contains("zookeeper          up")
+                && status_out.contains(&format!("clickhouse-server-2 up       {}", urls[1])),
+            "{status_out}"
+        );
+
         // The demo's decisions reach both replicas, whose tables are replicated.
         let demo = meshctl(env.clone(), &["demo"]).await?;
         assert!(

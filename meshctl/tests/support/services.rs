@@ -53,8 +53,30 @@ impl std::ops::Deref for Services {
 
 impl Services {
     /// Starts the servers and both services, and waits until they are ready.
+    #[allow(dead_code, reason = "each test binary uses one of the two starts")]
     pub(crate) async fn start(database: &str) -> anyhow::Result<Self> {
+        Ok(Self::start_on_backlog(database, 0).await?.0)
+    }
+
+    /// [`Services::start`], the services started only once `backlog`
+    /// reasoning steps of one planner workflow wait in `MESH_INGRESS` (the
+    /// worker then decides many at once); returns that workflow's trace id
+    /// and the steps' event ids.
+    #[allow(dead_code, reason = "each test binary uses one of the two starts")]
+    pub(crate) async fn start_on_backlog(
+        database: &str,
+        backlog: usize,
+    ) -> anyhow::Result<(Self, String, Vec<String>)> {
         let mesh = Mesh::with_clickhouse(database).await?;
+        let (mut trace, mut ids) = (String::new(), Vec::new());
+        if backlog > 0 {
+            let planner = agents_sdk::Agent::connect("planner", mesh.url()).await?;
+            let wf = planner.workflow();
+            trace = wf.trace_id().to_string();
+            for n in 0..backlog {
+                ids.push(wf.reasoning(format!("backlog step {n}")).await?.id);
+            }
+        }
         let tmp = tempfile::tempdir()?;
         let shutdown = CancellationToken::new();
         let mut services = Self {
@@ -69,7 +91,7 @@ impl Services {
         let sink = services.sink_replica("sink").await?;
         services.sink_signer = sink.signer.clone();
         services.sink = Some(sink);
-        Ok(services)
+        Ok((services, trace, ids))
     }
 
     /// Starts one more policy worker (on the shipped policies, the shared
