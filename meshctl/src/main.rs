@@ -32,7 +32,7 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about)]
 struct Cli {
-    /// NATS server URL (a local one is started by `up` when nothing answers here).
+    /// NATS server URL, or a cluster's node URLs separated by commas (a local server, or with `up --nats-nodes 3` a local cluster, is started by `up` when nothing answers here).
     #[arg(long, global = true, env = "NATS_URL", default_value = broker_config::DEFAULT_NATS_URL)]
     nats_url: String,
     /// ClickHouse HTTP URL (a local one is started by `up` when nothing answers here).
@@ -107,6 +107,9 @@ enum Command {
         /// Run NATS and ClickHouse without authorization: any client may connect and publish on any subject (development only).
         #[arg(long)]
         insecure: bool,
+        /// NATS nodes to start: 1, or 3 for a local JetStream cluster (ports NATS_URL's port +0..2, routes +2000, monitoring +4000; streams at 3 replicas).
+        #[arg(long, default_value_t = 1)]
+        nats_nodes: usize,
     },
     /// Agent identities: nkeys, broker permissions and Cedar entities.
     Agents {
@@ -248,6 +251,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let is_up = matches!(cli.command, Command::Up { .. });
     let endpoints = endpoints.with_local_credentials(&home, is_up, insecure);
+    let endpoints = if is_up {
+        endpoints
+    } else {
+        endpoints.with_local_cluster(&home)?
+    };
     match cli.command {
         Command::Up {
             detach,
@@ -256,6 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gpu_config,
             timeout_secs,
             insecure,
+            nats_nodes,
         } => {
             let options = stack::UpOptions {
                 detach,
@@ -264,6 +273,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout: Duration::from_secs(timeout_secs),
                 gpu_config: Some(gpu_config),
                 insecure,
+                nats_nodes,
             };
             stack::up(&home, &endpoints, &options).await?;
         }

@@ -12,6 +12,7 @@ mod catalogue;
 mod mesh;
 mod receipt;
 mod salvage;
+pub mod servers;
 pub mod signing;
 pub mod subjects;
 mod traceparent;

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod clickhouse;
+mod cluster;
 pub use self::clickhouse::ClickHouseServer;
+pub use self::cluster::NatsCluster;
 
 /// A port that was free a moment ago, for a server a test starts.
 ///
