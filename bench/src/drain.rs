@@ -405,8 +405,52 @@ impl Bench {
                     "audit sink: {events} event rows and {decisions} decision rows for {n} events"
                 );
             }
+            println!("     at rest: {}", self.storage(database).await?);
         }
         Ok(())
+    }
+
+    /// What one event takes at rest after a mesh run: its rows in
+    /// ClickHouse once merged (`OPTIMIZE … FINAL`; compressed and raw bytes
+    /// per row as `system.parts` counts them) and its messages in the
+    /// streams (bytes per message, JetStream's own count).
+    async fn storage(&self, database: &str) -> anyhow::Result<String> {
+        let mut parts = Vec::new();
+        if let Some(ch) = &self.clickhouse {
+            for table in ["events", "decisions"] {
+                ch.query_text(&format!("OPTIMIZE TABLE {database}.{table} FINAL"))
+                    .await?;
+                let sql = format!(
+                    "SELECT sum(rows), sum(data_compressed_bytes), sum(data_uncompressed_bytes) \
+                     FROM system.parts WHERE active AND database = '{database}' AND table = '{table}'"
+                );
+                let text = ch.query_text(&sql).await?;
+                let f: Vec<f64> = text
+                    .split_whitespace()
+                    .map(|v| v.parse().unwrap_or(0.0))
+                    .collect();
+                let [rows, compressed, raw] = f[..] else {
+                    bail!("system.parts for {database}.{table}: {text:?}");
+                };
+                parts.push(format!(
+                    "{table} {:.0} B/row ({:.0} B uncompressed)",
+                    compressed / rows.max(1.0),
+                    raw / rows.max(1.0)
+                ));
+            }
+        }
+        for stream in [
+            subjects::STREAM_INGRESS,
+            subjects::STREAM_DECISION,
+            subjects::STREAM_DELIVER,
+        ] {
+            let state = self.js.get_stream(stream).await?.get_info().await?.state;
+            parts.push(format!(
+                "{stream} {:.0} B/message",
+                state.bytes as f64 / state.messages.max(1) as f64
+            ));
+        }
+        Ok(parts.join(", "))
     }
 }
 

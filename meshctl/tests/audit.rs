@@ -203,3 +203,107 @@ async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Resul
     );
     services.stop().await
 }
+
+/// Polls `meshctl audit verify` until it reports `n` decisions `ok`, none
+/// newer than the last checkpoint.
+async fn verified(services: &Services, n: usize) -> anyhow::Result<String> {
+    eventually(WAIT, &format!("a clean audit of {n} decisions"), || async {
+        let out = meshctl(services, &["audit", "verify"]).ok()?;
+        let text = stdout(&out);
+        (out.status.success()
+            && text.starts_with(&format!("ok: {n} decisions verified"))
+            && text.contains("(0 newer"))
+        .then_some(text)
+    })
+    .await
+}
+
+/// Two policy-worker replicas and two audit-sink replicas, each with its
+/// own key: a handover (the first pair stops, the second takes over the
+/// shared durables) and then both pairs at once. Every decision verifies
+/// against the chains of both checkpoint signers, receipts signed by both
+/// workers included, and a row deleted afterwards is still found.
+#[tokio::test]
+async fn audit_verify_spans_worker_and_sink_replicas() -> anyhow::Result<()> {
+    let mut services = Services::start("audit_replicas").await?;
+    let planner = Agent::connect("planner", services.nats.url()).await?;
+    let steps = |phase: &'static str, n: usize| {
+        let planner = planner.clone();
+        async move {
+            let mut ids = Vec::new();
+            for i in 0..n {
+                let wf = planner.workflow();
+                ids.push(wf.reasoning(format!("{phase} {i}")).await?.id);
+            }
+            anyhow::Ok(ids)
+        }
+    };
+    // 1. The first worker and sink alone.
+    steps("first pair", 5).await?;
+    verified(&services, 5).await?;
+
+    // 2. A handover: the second pair starts, the first stops.
+    let worker_b = services.worker_replica("worker-b").await?;
+    let sink_b = services.sink_replica("sink-b").await?;
+    let (worker_a, sink_a) = services.take_first_pair()?;
+    let (signer_worker_a, signer_sink_a) = (worker_a.signer.clone(), sink_a.signer.clone());
+    worker_a.stop().await?;
+    sink_a.stop().await?;
+    let second = steps("second pair", 5).await?;
+    verified(&services, 10).await?;
+
+    // 3. Both pairs at once: the first pair back, sharing the durables.
+    let worker_a = services.worker_replica("worker-a2").await?;
+    let sink_a = services.sink_replica("sink-a2").await?;
+    steps("both pairs", 20).await?;
+    verified(&services, 30).await?;
+
+    // Receipts of both first-phase and second-phase workers, checkpoints of
+    // both first-phase and second-phase sinks.
+    let ch = services.ch.client().with_database(&services.db);
+    let signers = testkit::clickhouse::query_text(
+        &ch,
+        "SELECT DISTINCT visitParamExtractString(receipt, 'signer') FROM decisions ORDER BY 1",
+    )
+    .await?;
+    for signer in [&signer_worker_a, &worker_b.signer] {
+        assert!(signers.contains(signer.as_str()), "{signers}");
+    }
+    let js = async_nats::jetstream::new(services.nats.connect().await?);
+    let audit = js.get_stream(subjects::STREAM_AUDIT).await?;
+    for signer in [&signer_sink_a, &sink_b.signer] {
+        audit
+            .get_last_raw_message_by_subject(&subjects::audit_checkpoint(signer))
+            .await
+            .map_err(|e| anyhow::anyhow!("no checkpoint by sink {signer}: {e}"))?;
+    }
+
+    // A row of the handover phase deleted: found and named.
+    ch.query("ALTER TABLE decisions DELETE WHERE event_id = ?")
+        .bind(second[2].as_str())
+        .execute()
+        .await?;
+    eventually(WAIT, "the deletion to apply", || async {
+        row(&services, &second[2])
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await?;
+    let out = meshctl(&services, &["audit", "verify"])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains(&format!("first: deleted: decision planner/{}", second[2])),
+        "{}",
+        stdout(&out)
+    );
+
+    for replica in [worker_a, worker_b] {
+        replica.stop().await?;
+    }
+    for replica in [sink_a, sink_b] {
+        replica.stop().await?;
+    }
+    services.stop().await
+}

@@ -287,6 +287,15 @@ impl LocalStack {
         .await??)
     }
 
+    /// Runs `meshctl args`: whether it succeeded, and its stdout then stderr.
+    async fn run_text(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
+        let out = self.run(args).await?;
+        Ok((
+            out.status.success(),
+            format!("{}{}", text(&out.stdout), text(&out.stderr)),
+        ))
+    }
+
     /// Runs `checks` on the running stack, then `meshctl down` whether they
     /// passed, failed or panicked (no servers outlive a failed test);
     /// returns what `down` printed once the checks passed.
@@ -451,6 +460,100 @@ async fn missing_server_binary_names_the_package() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The signing keys `meshctl up` made (`up_out` is its output): one seed
+/// file per signing service, mode 0600, each key active in `mesh-signers`
+/// and signing what the demo decided, so `meshctl audit verify` is `ok`.
+/// Then `meshctl signers`: a rotated key is retired and the receipts it
+/// signed still verify; a key added by hand is listed, then retired; a
+/// string that is not a public key is refused with the reason.
+async fn signing_keys_from_up_rotate_and_still_verify(
+    stack: &LocalStack,
+    auth: &Path,
+    up_out: &str,
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let public_of = |service: &str| -> anyhow::Result<String> {
+        let seed = std::fs::read_to_string(auth.join("signing").join(format!("{service}.nk")))?;
+        Ok(schemas::signing::SigningKey::from_seed(seed.trim())?
+            .public_key()
+            .to_owned())
+    };
+    for service in ["policy-worker", "audit-sink"] {
+        let file = auth.join("signing").join(format!("{service}.nk"));
+        assert_eq!(
+            std::fs::metadata(&file)?.permissions().mode() & 0o777,
+            0o600,
+            "{}",
+            file.display()
+        );
+        let public = public_of(service)?;
+        assert!(up_out.contains(&format!("{service} {public}")), "{up_out}");
+    }
+    let worker_key = public_of("policy-worker")?;
+    let listed = |list: &str, key: &str, status: &str| {
+        list.lines()
+            .any(|l| l.starts_with(key) && l.split_whitespace().nth(1) == Some(status))
+    };
+    let (ok, list) = stack.run_text(&["signers", "list"]).await?;
+    assert!(ok, "{list}");
+    assert!(listed(&list, &worker_key, "active"), "{list}");
+    assert!(listed(&list, &public_of("audit-sink")?, "active"), "{list}");
+
+    // The demo's decisions, signed by the worker's key and checkpointed
+    // by the sink's: the sink checkpoints on its batch period, so poll.
+    let verified = eventually(WAIT, "`meshctl audit verify` ok", || async {
+        let (ok, out) = stack.run_text(&["audit", "verify"]).await.ok()?;
+        (ok && out.starts_with("ok: ")).then_some(out)
+    })
+    .await?;
+    assert!(!verified.starts_with("ok: 0 decisions"), "{verified}");
+
+    // Rotation: a new seed file, the old key retired as of now.
+    let (ok, out) = stack
+        .run_text(&["signers", "rotate", "policy-worker"])
+        .await?;
+    assert!(ok, "{out}");
+    let rotated = public_of("policy-worker")?;
+    assert_ne!(rotated, worker_key);
+    assert!(
+        out.contains(&format!("new signing key {rotated} (active)"))
+            && out.contains(&format!("old key {worker_key} retired")),
+        "{out}"
+    );
+    let (_, list) = stack.run_text(&["signers", "list"]).await?;
+    assert!(listed(&list, &worker_key, "retired"), "{list}");
+    assert!(listed(&list, &rotated, "active"), "{list}");
+    // What the old key signed before its retirement still verifies.
+    let (ok, out) = stack.run_text(&["audit", "verify"]).await?;
+    assert!(ok && out.starts_with("ok: "), "{out}");
+
+    // A signer added by hand (another replica's key), then retired.
+    let replica = schemas::signing::SigningKey::generate();
+    let replica_key = replica.public_key();
+    let (ok, out) = stack
+        .run_text(&["signers", "add", replica_key, "--name", "worker-2"])
+        .await?;
+    assert!(ok, "{out}");
+    let (_, list) = stack.run_text(&["signers", "list"]).await?;
+    assert!(
+        listed(&list, replica_key, "active") && list.contains("worker-2"),
+        "{list}"
+    );
+    let (ok, out) = stack.run_text(&["signers", "retire", replica_key]).await?;
+    assert!(ok && out.contains("retired"), "{out}");
+    let (_, list) = stack.run_text(&["signers", "list"]).await?;
+    assert!(listed(&list, replica_key, "retired"), "{list}");
+    let (ok, out) = stack
+        .run_text(&["signers", "add", "not-a-key", "--name", "x"])
+        .await?;
+    assert!(
+        !ok && out.contains("`not-a-key` is not an nkey public key"),
+        "{out}"
+    );
+    Ok(())
+}
+
 /// A connection with the seed in `file`, recording server errors.
 async fn connect_with_seed_file(
     url: &str,
@@ -566,6 +669,8 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
         )
         .await?;
         assert!(rows.trim().parse::<u64>()? >= 11, "{rows}");
+
+        signing_keys_from_up_rotate_and_still_verify(&stack, &auth, &out).await?;
 
         // The coder's key publishes as the coder only.
         let (coder, errors) =

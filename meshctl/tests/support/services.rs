@@ -29,8 +29,26 @@ pub(crate) struct Services {
     /// `mesh-signers`.
     #[allow(dead_code, reason = "read by the audit tests only")]
     pub sink_signer: String,
-    worker: JoinHandle<Result<(), policy_worker::Error>>,
-    sink: JoinHandle<Result<(), audit_sink::Error>>,
+    /// The first worker and sink (`None` only while starting).
+    worker: Option<Replica<policy_worker::Error>>,
+    sink: Option<Replica<audit_sink::Error>>,
+}
+
+/// One service replica running in this process, with a signing key of its
+/// own that the mesh trusts (`signer`, public).
+pub(crate) struct Replica<E> {
+    pub signer: String,
+    token: CancellationToken,
+    task: JoinHandle<Result<(), E>>,
+}
+
+impl<E: std::error::Error + Send + Sync + 'static> Replica<E> {
+    /// Stops this replica alone and returns what it failed with.
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        self.task.await??;
+        Ok(())
+    }
 }
 
 impl Services {
@@ -41,63 +59,134 @@ impl Services {
         let db = ch.unique_database(database);
         let tmp = tempfile::tempdir()?;
         let shutdown = CancellationToken::new();
-        let worker_ready = tmp.path().join("worker.ready");
-        let worker = tokio::spawn(policy_worker::run(
-            policy_worker::Config {
-                nats: broker_config::NatsArgs::url(nats.url()),
-                policies: workspace().join("policies"),
-                ready_file: Some(worker_ready.clone()),
-                watch_policies: false,
-                ..Default::default()
-            },
-            shutdown.clone(),
-        ));
-        let sink_ready = tmp.path().join("sink.ready");
-        let mut sink_config = audit_sink::Config::new(nats.url(), ch.url());
-        sink_config.database = db.clone();
-        sink_config.batch_period_ms = 100;
-        sink_config.ready_file = Some(sink_ready.clone());
-        let sink_key = schemas::signing::SigningKey::generate();
-        let sink_key_file = tmp.path().join("signing").join("audit-sink.nk");
-        broker_config::credentials::write_seed_file(&sink_key_file, &sink_key.seed())?;
-        sink_config.signing_key_file = Some(sink_key_file);
-        let sink = tokio::spawn(audit_sink::run(sink_config, shutdown.clone()));
-        for ready in [&worker_ready, &sink_ready] {
-            eventually(START, "the services' ready files", || async {
-                ready.exists().then_some(())
-            })
-            .await?;
-        }
-        // Trusted as the operator would (`meshctl up` does for its own sink).
-        let js = async_nats::jetstream::new(nats.connect().await?);
-        let kv = js.get_key_value(schemas::subjects::BUCKET_SIGNERS).await?;
-        let record = schemas::signing::SignerRecord {
-            public_key: sink_key.public_key().to_owned(),
-            name: "audit-sink".into(),
-            status: schemas::signing::SignerStatus::Active,
-            added_at: "2026-01-01T00:00:00Z".into(),
-            retired_at: String::new(),
-            revoked_at: String::new(),
-        };
-        kv.put(sink_key.public_key(), serde_json::to_vec(&record)?.into())
-            .await?;
-        Ok(Self {
-            sink_signer: sink_key.public_key().to_owned(),
+        let mut services = Self {
+            worker: None,
+            sink: None,
+            sink_signer: String::new(),
             nats,
             ch,
             db,
             tmp,
             shutdown,
-            worker,
-            sink,
+        };
+        services.worker = Some(services.worker_replica("worker").await?);
+        let sink = services.sink_replica("sink").await?;
+        services.sink_signer = sink.signer.clone();
+        services.sink = Some(sink);
+        Ok(services)
+    }
+
+    /// Starts one more policy worker (on the shipped policies, the shared
+    /// durable) named `name`, and waits until it is ready.
+    pub(crate) async fn worker_replica(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<Replica<policy_worker::Error>> {
+        let key = schemas::signing::SigningKey::generate();
+        let signer = self.trust(&key, name).await?;
+        let ready = self.tmp.path().join(format!("{name}.ready"));
+        let token = self.shutdown.child_token();
+        let task = tokio::spawn(policy_worker::run(
+            policy_worker::Config {
+                nats: broker_config::NatsArgs::url(self.nats.url()),
+                policies: workspace().join("policies"),
+                ready_file: Some(ready.clone()),
+                watch_policies: false,
+                signing_key: Some(std::sync::Arc::new(key)),
+                ..Default::default()
+            },
+            token.clone(),
+        ));
+        ready_file(&ready).await?;
+        Ok(Replica {
+            signer,
+            token,
+            task,
         })
+    }
+
+    /// Starts one more audit sink (the shared durables, its own checkpoint
+    /// key) named `name`, and waits until it is ready.
+    pub(crate) async fn sink_replica(
+        &self,
+        name: &str,
+    ) -> anyhow::Result<Replica<audit_sink::Error>> {
+        let key = schemas::signing::SigningKey::generate();
+        let signer = self.trust(&key, name).await?;
+        let ready = self.tmp.path().join(format!("{name}.ready"));
+        let mut config = audit_sink::Config::new(self.nats.url(), self.ch.url());
+        config.database = self.db.clone();
+        config.batch_period_ms = 100;
+        config.ready_file = Some(ready.clone());
+        let key_file = self.tmp.path().join("signing").join(format!("{name}.nk"));
+        broker_config::credentials::write_seed_file(&key_file, &key.seed())?;
+        config.signing_key_file = Some(key_file);
+        let token = self.shutdown.child_token();
+        let task = tokio::spawn(audit_sink::run(config, token.clone()));
+        ready_file(&ready).await?;
+        Ok(Replica {
+            signer,
+            token,
+            task,
+        })
+    }
+
+    /// Trusts `key` in `mesh-signers` as the operator would (`meshctl up`
+    /// does for its own services); returns its public key.
+    async fn trust(
+        &self,
+        key: &schemas::signing::SigningKey,
+        name: &str,
+    ) -> anyhow::Result<String> {
+        let js = async_nats::jetstream::new(self.nats.connect().await?);
+        // The bucket is made by the first worker's `broker_config::apply`.
+        let kv = match js.get_key_value(schemas::subjects::BUCKET_SIGNERS).await {
+            Ok(kv) => kv,
+            Err(_) => {
+                broker_config::apply(&js, &broker_config::Options::default()).await?;
+                js.get_key_value(schemas::subjects::BUCKET_SIGNERS).await?
+            }
+        };
+        let record = schemas::signing::SignerRecord {
+            public_key: key.public_key().to_owned(),
+            name: name.into(),
+            status: schemas::signing::SignerStatus::Active,
+            added_at: "2026-01-01T00:00:00Z".into(),
+            retired_at: String::new(),
+            revoked_at: String::new(),
+        };
+        kv.put(key.public_key(), serde_json::to_vec(&record)?.into())
+            .await?;
+        Ok(key.public_key().to_owned())
+    }
+
+    /// Takes the first worker and sink out, for a test to stop them alone.
+    #[allow(dead_code, reason = "used by the audit tests only")]
+    pub(crate) fn take_first_pair(
+        &mut self,
+    ) -> anyhow::Result<(Replica<policy_worker::Error>, Replica<audit_sink::Error>)> {
+        self.worker
+            .take()
+            .zip(self.sink.take())
+            .ok_or_else(|| anyhow::anyhow!("the first pair was taken already"))
     }
 
     /// Stops both services and returns what either failed with.
     pub(crate) async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        self.worker.await??;
-        self.sink.await??;
+        if let Some(worker) = self.worker {
+            worker.stop().await?;
+        }
+        if let Some(sink) = self.sink {
+            sink.stop().await?;
+        }
         Ok(())
     }
+}
+
+async fn ready_file(path: &Path) -> anyhow::Result<()> {
+    eventually(START, "a service's ready file", || async {
+        path.exists().then_some(())
+    })
+    .await
 }
