@@ -188,10 +188,17 @@ async fn print_nodes(home: &Home, endpoints: &Endpoints, leaders: &[(String, Str
                 "down",
                 format_args!("nothing answers at {url}"),
             ),
-            other => line(
+            NatsState::NoJetStream => line(
                 &format!("nats {name}"),
                 "degraded",
-                format_args!("{url}{pid}: {other:?}"),
+                format_args!(
+                    "{url}{pid}: JetStream does not answer (electing a leader after a node loss, or fewer than 2 of 3 nodes up)"
+                ),
+            ),
+            NatsState::Refused => line(
+                &format!("nats {name}"),
+                "refused",
+                format_args!("{url} refuses meshctl's credentials"),
             ),
         }
     }
