@@ -4,8 +4,20 @@
 # validate compose.yaml), chromium + chromium-driver (the `meshctl ui`
 # browser test), and the Python SDK with its test dependencies (nats-py,
 # nkeys, pytest, a2a-sdk, OpenTelemetry).
+# With `--replicated` (or AGENTMESH_REPLICATED=1) also ZooKeeper (Debian's
+# `zookeeper`, which pulls a JRE), for the replicated ClickHouse that the
+# replicated tests and `meshctl up --clickhouse-replicas 2` start; without
+# it, nothing of that is installed.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
+
+replicated="${AGENTMESH_REPLICATED:-0}"
+for arg in "$@"; do
+  case "$arg" in
+    --replicated) replicated=1 ;;
+    *) echo "usage: $0 [--replicated]" >&2; exit 2 ;;
+  esac
+done
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -21,6 +33,9 @@ have chromium || missing+=(chromium)
 have chromedriver || missing+=(chromium-driver)
 have python3 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+if [ "$replicated" = 1 ]; then
+  { [ -f /usr/share/java/zookeeper.jar ] && have java; } || missing+=(zookeeper)
+fi
 
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "==> installing ${missing[*]} (Debian packages)"
@@ -42,3 +57,6 @@ fi
 
 case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac
 echo "==> dependencies ready: $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version)"
+if [ "$replicated" = 1 ]; then
+  echo "==> ZooKeeper for replicated ClickHouse: /usr/share/java/zookeeper.jar, $(java -version 2>&1 | head -1)"
+fi

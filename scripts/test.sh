@@ -2,14 +2,17 @@
 # The test command: installs the servers the tests start (nats-server,
 # clickhouse-server), checks formatting, lints, the API docs (no rustdoc
 # warnings), validates compose.yaml and compose.cluster.yaml when present,
-# and runs every test of the workspace against real servers — among them
-# the Python SDK's pytest suite
+# and runs every test of the workspace against real servers (ZooKeeper and
+# two ClickHouse replicas for the replicated tests, three nats-server nodes
+# for the cluster tests) — among them the Python SDK's pytest suite
 # (sdk/python/tests), which tests/tests/python_sdk.rs runs against the mesh
 # it starts, and the cross-agent trace check (traces_across_agents.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-./scripts/install-deps.sh
+# --replicated: ZooKeeper too, for the replicated ClickHouse tests
+# (testkit's ZooKeeperServer, tests/tests/replicated_clickhouse.rs).
+./scripts/install-deps.sh --replicated
 export PATH="$PATH:/usr/sbin"
 # A cold build gains nothing from incremental caches; they only cost disk
 # (GiBs for some thirty test binaries).

@@ -57,9 +57,17 @@ pub struct Config {
     /// NATS URL and credentials.
     #[command(flatten)]
     pub nats: broker_config::NatsArgs,
-    /// ClickHouse HTTP URL.
+    /// ClickHouse HTTP URL; several replicas of one shard comma-separated
+    /// (`http://ch-1:8123,http://ch-2:8123`): the sink writes to one and
+    /// fails over to the next when an insert fails, retrying the same batch.
     #[arg(long, env = "CLICKHOUSE_URL", default_value = DEFAULT_CLICKHOUSE_URL)]
     pub clickhouse_url: String,
+    /// Create missing audit tables as `ReplicatedReplacingMergeTree`
+    /// (ZooKeeper path `/clickhouse/tables/{shard}/<database>/<table>`,
+    /// replica `{replica}`: the servers' macros), on every server of
+    /// `--clickhouse-url`.
+    #[arg(long, env = "AGENTMESH_AUDIT_CLICKHOUSE_REPLICATED")]
+    pub clickhouse_replicated: bool,
     /// ClickHouse user.
     #[arg(long, env = "CLICKHOUSE_USER", default_value = DEFAULT_CLICKHOUSE_USER)]
     pub clickhouse_user: String,
@@ -136,6 +144,7 @@ impl Config {
         Self {
             nats: broker_config::NatsArgs::url(nats_url),
             clickhouse_url: clickhouse_url.into(),
+            clickhouse_replicated: false,
             clickhouse_user: DEFAULT_CLICKHOUSE_USER.into(),
             clickhouse_password: String::new(),
             database: schema::DEFAULT_DATABASE.into(),
@@ -170,25 +179,75 @@ impl Config {
                 return Err(Error::Config(format!("{flag} must be greater than 0")));
             }
         }
-        if !self.clickhouse_url.starts_with("http://")
-            && !self.clickhouse_url.starts_with("https://")
-        {
+        let urls = self.clickhouse_urls();
+        if urls.is_empty() {
             return Err(Error::Config(format!(
-                "--clickhouse-url `{}` must be the HTTP interface, e.g. `{DEFAULT_CLICKHOUSE_URL}`",
-                self.clickhouse_url
+                "--clickhouse-url is empty: give the HTTP interface, e.g. `{DEFAULT_CLICKHOUSE_URL}`"
             )));
+        }
+        for url in urls {
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(Error::Config(format!(
+                    "--clickhouse-url `{url}` must be the HTTP interface, e.g. `{DEFAULT_CLICKHOUSE_URL}`"
+                )));
+            }
         }
         Ok(())
     }
 
-    /// A ClickHouse client for this config, without a default database.
+    /// The ClickHouse URLs of `--clickhouse-url`, in order.
+    pub fn clickhouse_urls(&self) -> Vec<&str> {
+        self.clickhouse_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    /// The engine of the audit tables the sink creates.
+    pub fn engine(&self) -> schema::Engine {
+        if self.clickhouse_replicated {
+            schema::Engine::Replicated { on_cluster: None }
+        } else {
+            schema::Engine::Single
+        }
+    }
+
+    /// A ClickHouse client for this config (the first server of
+    /// `--clickhouse-url`), without a default database.
     pub fn clickhouse_client(&self) -> Client {
+        self.clickhouse_client_for(
+            self.clickhouse_urls()
+                .first()
+                .copied()
+                .unwrap_or(DEFAULT_CLICKHOUSE_URL),
+        )
+    }
+
+    /// A ClickHouse client for the server at `url` with this config's
+    /// user, without a default database.
+    fn clickhouse_client_for(&self, url: &str) -> Client {
         Client::default()
-            .with_url(&self.clickhouse_url)
+            .with_url(url)
             .with_user(&self.clickhouse_user)
             .with_password(&self.clickhouse_password)
             // 18.16 has no RowBinaryWithNamesAndTypes.
             .with_validation(false)
+    }
+
+    /// One endpoint per server of `--clickhouse-url`.
+    fn endpoints(&self) -> Vec<pipeline::Endpoint> {
+        self.clickhouse_urls()
+            .into_iter()
+            .map(|url| {
+                let ddl = self.clickhouse_client_for(url);
+                pipeline::Endpoint {
+                    url: url.to_owned(),
+                    client: ddl.clone().with_database(&self.database),
+                    ddl,
+                }
+            })
+            .collect()
     }
 }
 
@@ -272,14 +331,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     };
     broker_config::apply(&js, &broker).await?;
 
-    let ddl_client = config.clickhouse_client();
-    let client = ddl_client.clone().with_database(&config.database);
-    let Some(features) = wait_for_schema(&ddl_client, &config, &shutdown).await else {
+    let endpoints = config.endpoints();
+    let Some(features) = wait_for_schema(&endpoints, &config, &shutdown).await else {
         return Ok(());
     };
     clickhouse_up.set(true);
     let pinger = tokio::spawn(ping_clickhouse(
-        ddl_client.clone(),
+        endpoints.iter().map(|e| e.ddl.clone()).collect(),
         clickhouse_up,
         shutdown.clone(),
     ));
@@ -289,7 +347,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 
     let settings = pipeline::Settings {
         database: config.database.clone(),
-        clickhouse_url: config.clickhouse_url.clone(),
+        engine: config.engine(),
         retention_days: config.retention_days,
         batch_rows: config.batch_rows,
         batch_bytes: config.batch_bytes,
@@ -345,22 +403,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     }
     tracker.spawn(pipeline::run::<pipeline::Events>(
         events,
-        client.clone(),
-        ddl_client.clone(),
+        endpoints.clone(),
         settings.clone(),
         shutdown.clone(),
     ));
     tracker.spawn(pipeline::run::<pipeline::Decisions>(
         decisions,
-        client.clone(),
-        ddl_client.clone(),
+        endpoints.clone(),
         settings.clone(),
         shutdown.clone(),
     ));
     tracker.spawn(pipeline::run::<pipeline::GpuLeases>(
         gpu,
-        client,
-        ddl_client,
+        endpoints,
         settings,
         shutdown.clone(),
     ));
@@ -400,16 +455,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
 const LAG_POLL: Duration = Duration::from_secs(5);
 
 /// Keeps the `clickhouse` readiness check current: `SELECT 1` every few
-/// seconds, failing after a short timeout.
-async fn ping_clickhouse(client: Client, up: telemetry::ReadyFlag, shutdown: CancellationToken) {
+/// seconds, failing after a short timeout; ready while one of the servers
+/// answers.
+async fn ping_clickhouse(
+    clients: Vec<Client>,
+    up: telemetry::ReadyFlag,
+    shutdown: CancellationToken,
+) {
     const EVERY: Duration = Duration::from_secs(5);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(EVERY) => {}
         }
-        let ping = tokio::time::timeout(Duration::from_secs(3), client.query("SELECT 1").execute());
-        let ok = matches!(ping.await, Ok(Ok(())));
+        let mut ok = false;
+        for client in &clients {
+            let ping =
+                tokio::time::timeout(Duration::from_secs(3), client.query("SELECT 1").execute());
+            if matches!(ping.await, Ok(Ok(()))) {
+                ok = true;
+                break;
+            }
+        }
         if ok != up.get() {
             tracing::info!(clickhouse_reachable = ok, "ClickHouse readiness changed.");
         }
@@ -417,24 +484,43 @@ async fn ping_clickhouse(client: Client, up: telemetry::ReadyFlag, shutdown: Can
     }
 }
 
-/// Creates the schema, retrying with backoff while ClickHouse is not there;
-/// `None` when shut down first.
+/// Creates the schema, retrying with backoff while no ClickHouse server is
+/// there; `None` when shut down first. With several servers (replicas),
+/// the schema is created on each that answers (once one did, the others
+/// are tried once: one that is down gets it when an insert fails over to
+/// it).
 async fn wait_for_schema(
-    client: &Client,
+    endpoints: &[pipeline::Endpoint],
     config: &Config,
     shutdown: &CancellationToken,
 ) -> Option<schema::ServerFeatures> {
     let mut backoff = Duration::from_millis(100);
     let max = Duration::from_millis(config.retry_max_ms);
+    let engine = config.engine();
     loop {
-        match schema::ensure(client, &config.database, config.retention_days).await {
-            Ok(features) => return Some(features),
-            Err(e) => tracing::warn!(
-                clickhouse = %config.clickhouse_url,
-                error = %e,
-                retry_in = ?backoff,
-                "Waiting for ClickHouse to create the audit schema."
-            ),
+        let mut features = None;
+        for endpoint in endpoints {
+            match schema::ensure_with(
+                &endpoint.ddl,
+                &config.database,
+                config.retention_days,
+                &engine,
+            )
+            .await
+            {
+                Ok(found) => {
+                    features.get_or_insert(found);
+                }
+                Err(e) => tracing::warn!(
+                    clickhouse = %endpoint.url,
+                    error = %e,
+                    retry_in = ?backoff,
+                    "Waiting for ClickHouse to create the audit schema."
+                ),
+            }
+        }
+        if features.is_some() {
+            return features;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return None,
@@ -449,6 +535,34 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+
+    #[test]
+    fn several_clickhouse_urls_are_replicas_to_fail_over_between() {
+        let config = Config::try_parse_from([
+            "audit-sink",
+            "--clickhouse-url",
+            "http://ch-1:8123, http://ch-2:8123",
+            "--clickhouse-replicated",
+        ])
+        .unwrap();
+        assert_eq!(
+            config.clickhouse_urls(),
+            ["http://ch-1:8123", "http://ch-2:8123"]
+        );
+        assert!(config.validate().is_ok());
+        assert_eq!(
+            config.engine(),
+            schema::Engine::Replicated { on_cluster: None }
+        );
+        let endpoints = config.endpoints();
+        assert_eq!(endpoints.len(), 2);
+        assert_eq!(endpoints[1].url, "http://ch-2:8123");
+        let mut bad = Config::new("nats://n:4222", "http://ch-1:8123,ch-2:9000");
+        assert!(bad.validate().is_err());
+        bad.clickhouse_url = " , ".into();
+        assert!(bad.validate().is_err());
+        assert_eq!(Config::default().engine(), schema::Engine::Single);
+    }
 
     #[test]
     fn flags_keep_their_names_and_defaults_match_default() {
@@ -520,6 +634,9 @@ mod tests {
         }
         if std::env::var_os("CLICKHOUSE_URL").is_none() {
             assert_eq!(plain.clickhouse_url, default.clickhouse_url);
+        }
+        if std::env::var_os("AGENTMESH_AUDIT_CLICKHOUSE_REPLICATED").is_none() {
+            assert!(!plain.clickhouse_replicated);
         }
         if std::env::var_os("NATS_URL").is_none() {
             assert_eq!(plain.nats, default.nats);

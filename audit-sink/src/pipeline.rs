@@ -34,11 +34,23 @@ use tokio_util::sync::CancellationToken;
 use crate::rows::{self, Meta, Origin};
 use crate::{Error, schema};
 
+/// One ClickHouse server the sink may write to: a replica of the shard
+/// when there are several.
+#[derive(Clone)]
+pub(crate) struct Endpoint {
+    /// Its HTTP URL, for the logs.
+    pub url: String,
+    /// A client with the audit database as default.
+    pub client: Client,
+    /// A client without a default database, for the schema.
+    pub ddl: Client,
+}
+
 /// Batching and retry settings shared by the three tables.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub database: String,
-    pub clickhouse_url: String,
+    pub engine: schema::Engine,
     pub retention_days: u32,
     pub batch_rows: u64,
     pub batch_bytes: u64,
@@ -234,8 +246,10 @@ fn exception_code(text: &str) -> Option<u32> {
 /// acks) go back in front of the open batch, whose insert is dropped
 /// (aborted, so nothing of it is stored), and the whole is retried as one.
 struct Writer<R: RowOwned + RowWrite + serde::Serialize> {
-    client: Client,
-    ddl_client: Client,
+    /// The servers to write to (replicas of one shard), at least one.
+    endpoints: Vec<Endpoint>,
+    /// The one written to now: the next takes over when an insert fails.
+    current: usize,
     table: &'static str,
     settings: Settings,
     insert: Option<Insert<R>>,
@@ -265,12 +279,12 @@ struct Committing<R> {
 }
 
 impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
-    fn new(client: Client, ddl_client: Client, table: &'static str, settings: Settings) -> Self {
+    fn new(endpoints: Vec<Endpoint>, table: &'static str, settings: Settings) -> Self {
         Self {
             metrics: settings.metrics.table(table),
             span: None,
-            client,
-            ddl_client,
+            endpoints,
+            current: 0,
             table,
             settings,
             insert: None,
@@ -283,11 +297,17 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
         }
     }
 
+    /// The server written to now.
+    fn endpoint(&self) -> &Endpoint {
+        &self.endpoints[self.current % self.endpoints.len()]
+    }
+
     /// The open insert, started when the batch gets its first row.
     async fn insert(&mut self) -> Result<&mut Insert<R>, clickhouse::error::Error> {
         if self.insert.is_none() {
             let timeout = Some(self.settings.insert_timeout);
             let insert = self
+                .endpoint()
                 .client
                 .insert::<R>(self.table)
                 .await?
@@ -488,7 +508,10 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
     }
 
     /// Retries the open batch until it is inserted or `until` says stop.
-    /// Returns whether the batch is in.
+    /// With several servers, each retry goes to the next one (the whole
+    /// held batch, as one insert), and the wait between retries comes only
+    /// once every server failed in turn; the server that took the batch
+    /// stays the one written to. Returns whether the batch is in.
     async fn recover(
         &mut self,
         first: clickhouse::error::Error,
@@ -500,6 +523,8 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
         let mut attempt = 1u32;
         let progress_every = (self.settings.ack_wait / 3).max(Duration::from_millis(200));
         let mut next_progress = Instant::now();
+        // Where this round of servers started.
+        let mut round_start = self.current;
         loop {
             if refusal(&error) {
                 match self.isolate().await {
@@ -511,16 +536,37 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             if let Some((span, _)) = &self.span {
                 span.record("insert_errors", attempt);
             }
-            tracing::warn!(
-                table = self.table,
-                clickhouse = %self.settings.clickhouse_url,
-                rows_held = self.rows.len(),
-                attempt,
-                retry_in = ?backoff,
-                error = %error,
-                "Waiting for ClickHouse: insert failed; holding the batch unacked and pulling nothing more."
-            );
-            let wake = Instant::now() + backoff;
+            let failed = self.endpoint().url.clone();
+            self.current = (self.current + 1) % self.endpoints.len();
+            // Every server failed since the round started: wait, then start
+            // another round (one server: every retry waits).
+            let wait = self.current == round_start;
+            if wait {
+                tracing::warn!(
+                    table = self.table,
+                    clickhouse = %failed,
+                    rows_held = self.rows.len(),
+                    attempt,
+                    retry_in = ?backoff,
+                    error = %error,
+                    "Waiting for ClickHouse: insert failed; holding the batch unacked and pulling nothing more."
+                );
+            } else {
+                tracing::warn!(
+                    table = self.table,
+                    clickhouse = %failed,
+                    next = %self.endpoint().url,
+                    rows_held = self.rows.len(),
+                    attempt,
+                    error = %error,
+                    "Insert failed; failing over: the held batch goes to the next ClickHouse replica."
+                );
+            }
+            let wake = if wait {
+                Instant::now() + backoff
+            } else {
+                Instant::now()
+            };
             loop {
                 if Instant::now() >= next_progress {
                     for ack in &self.acks {
@@ -542,16 +588,21 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
                     break;
                 }
             }
+            if wait {
+                round_start = self.current;
+                backoff = (backoff * 2).min(self.settings.retry_max);
+            }
             let result = match self.replay().await {
                 Ok(()) => Ok(()),
                 // The server may have come back empty (or someone dropped the
                 // table): create what is missing, then replay once more. Only
                 // after a failed replay, so a working insert needs no schema
                 // queries (nor `MODIFY TTL`) before it.
-                Err(e) => match schema::ensure(
-                    &self.ddl_client,
+                Err(e) => match schema::ensure_with(
+                    &self.endpoint().ddl,
                     &self.settings.database,
                     self.settings.retention_days,
+                    &self.settings.engine,
                 )
                 .await
                 {
@@ -563,6 +614,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
                 Ok(()) => {
                     tracing::info!(
                         table = self.table,
+                        clickhouse = %self.endpoint().url,
                         attempt,
                         "ClickHouse is back; held batch inserted and acked."
                     );
@@ -571,7 +623,6 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
                 Err(e) => error = e,
             }
             attempt += 1;
-            backoff = (backoff * 2).min(self.settings.retry_max);
         }
     }
 
@@ -601,7 +652,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
                 next_progress = Instant::now() + progress_every;
             }
             let error = match insert(
-                &self.client,
+                &self.endpoint().client,
                 self.table,
                 self.settings.insert_timeout,
                 &self.rows[range.clone()],
@@ -624,7 +675,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             }
         }
         quarantine(
-            &self.client,
+            &self.endpoint().client,
             self.table,
             self.settings.insert_timeout,
             &self.rows,
@@ -749,12 +800,11 @@ async fn quarantine<R: serde::Serialize>(
 /// Runs one table's pipeline until `shutdown`.
 pub(crate) async fn run<T: Table>(
     consumer: jetstream::consumer::Consumer<pull::Config>,
-    client: Client,
-    ddl_client: Client,
+    endpoints: Vec<Endpoint>,
     settings: Settings,
     shutdown: CancellationToken,
 ) {
-    let mut writer = Writer::<T::Row>::new(client, ddl_client, T::TABLE, settings.clone());
+    let mut writer = Writer::<T::Row>::new(endpoints, T::TABLE, settings.clone());
     let mut messages = None;
     let mut reopen_backoff = Duration::from_millis(100);
     loop {

@@ -46,6 +46,59 @@ pub const EVENTS_PARTITION: &str = "toYYYYMM(received_at)";
 /// (`decided_at` of the receipt, else when the broker stored it).
 pub const DECISIONS_PARTITION: &str = "toYYYYMM(time)";
 
+/// The table engine of the audit tables: the same DDL template either way,
+/// only the engine clause (and, for DDL an operator runs, `ON CLUSTER`)
+/// differs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// `ReplacingMergeTree()`: one server.
+    #[default]
+    Single,
+    /// `ReplicatedReplacingMergeTree` with the ZooKeeper path
+    /// [`replica_path`] and replica name `{replica}`: one shard of
+    /// replicas, each server with the `{shard}` and `{replica}` macros set.
+    /// Replicas deduplicate a block inserted twice (the same rows in the same
+    /// order, e.g. a retry on another replica) through ZooKeeper, and the
+    /// tables collapse any other duplicate like the single-server ones.
+    Replicated {
+        /// `ON CLUSTER '<cluster>'` on every statement (the statements then
+        /// run on every server of the cluster; needs `remote_servers` and
+        /// distributed DDL). `None`: the statements create the tables on the
+        /// server they are sent to only, as the sink does on each replica.
+        on_cluster: Option<String>,
+    },
+}
+
+impl Engine {
+    /// The `ON CLUSTER` clause, with its leading space (empty without one).
+    fn on_cluster(&self) -> String {
+        match self {
+            Self::Replicated {
+                on_cluster: Some(cluster),
+            } => format!(" ON CLUSTER '{cluster}'"),
+            _ => String::new(),
+        }
+    }
+
+    /// The `ENGINE = …` clause of audit table `table` in `database`.
+    fn clause(&self, database: &str, table: &str) -> String {
+        match self {
+            Self::Single => "ENGINE = ReplacingMergeTree()".to_owned(),
+            Self::Replicated { .. } => format!(
+                "ENGINE = ReplicatedReplacingMergeTree('{}', '{{replica}}')",
+                replica_path(database, table)
+            ),
+        }
+    }
+}
+
+/// The ZooKeeper path of a replicated audit table:
+/// `/clickhouse/tables/{shard}/<database>/<table>` (`{shard}` is the
+/// server's macro).
+pub fn replica_path(database: &str, table: &str) -> String {
+    format!("/clickhouse/tables/{{shard}}/{database}/{table}")
+}
+
 /// What the connected server supports, from `SELECT version()`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerFeatures {
@@ -162,13 +215,28 @@ fn ttl_column(table: &str) -> &'static str {
     }
 }
 
-/// The statements that create the database and the audit tables.
+/// The statements that create the database and the audit tables on one
+/// server ([`Engine::Single`]).
 pub fn ddl(database: &str, features: &ServerFeatures, retention_days: u32) -> Vec<String> {
-    let mut statements = vec![format!("CREATE DATABASE IF NOT EXISTS `{database}`")];
+    ddl_with(database, features, retention_days, &Engine::Single)
+}
+
+/// The statements that create the database and the audit tables with
+/// `engine`: one template for a single server and for replicas.
+pub fn ddl_with(
+    database: &str,
+    features: &ServerFeatures,
+    retention_days: u32,
+    engine: &Engine,
+) -> Vec<String> {
+    let mut statements = vec![format!(
+        "CREATE DATABASE IF NOT EXISTS `{database}`{}",
+        engine.on_cluster()
+    )];
     statements.extend(
         TABLES
             .iter()
-            .filter_map(|t| create_table(database, t, t, features, retention_days)),
+            .filter_map(|t| create_table(database, t, t, features, retention_days, engine)),
     );
     statements
 }
@@ -182,8 +250,11 @@ fn create_table(
     table: &str,
     features: &ServerFeatures,
     retention_days: u32,
+    engine: &Engine,
 ) -> Option<String> {
     let lc = low_cardinality(features);
+    let on_cluster = engine.on_cluster();
+    let engine = engine.clause(database, table);
     let ttl = |column: &str| {
         if features.ttl && retention_days > 0 {
             format!("\nTTL {column} + INTERVAL {retention_days} DAY")
@@ -194,7 +265,7 @@ fn create_table(
     let db = database;
     let statement = match table {
         EVENTS => format!(
-            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}`{on_cluster} (
     event_id String,
     trace_id String,
     parent_id String,
@@ -220,13 +291,13 @@ fn create_table(
     received_at DateTime,
     received_us UInt64,
     msg_key String
-) ENGINE = ReplacingMergeTree()
+) {engine}
 PARTITION BY {EVENTS_PARTITION}
 ORDER BY {EVENT_KEY}{}",
             ttl(ttl_column(EVENTS))
         ),
         DECISIONS => format!(
-            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}`{on_cluster} (
     event_id String,
     trace_id String,
     decision_id String,
@@ -252,7 +323,7 @@ ORDER BY {EVENT_KEY}{}",
     received_at DateTime,
     received_us UInt64,
     msg_key String{}
-) ENGINE = ReplacingMergeTree()
+) {engine}
 PARTITION BY {DECISIONS_PARTITION}
 ORDER BY {EVENT_KEY}{}",
             added_columns(DECISIONS, features)
@@ -262,7 +333,7 @@ ORDER BY {EVENT_KEY}{}",
             ttl(ttl_column(DECISIONS))
         ),
         GPU_LEASES => format!(
-            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}`{on_cluster} (
     event_id String,
     pool {lc},
     gpu String,
@@ -282,13 +353,13 @@ ORDER BY {EVENT_KEY}{}",
     received_at DateTime,
     received_us UInt64,
     msg_key String
-) ENGINE = ReplacingMergeTree()
+) {engine}
 PARTITION BY toYYYYMM(time)
 ORDER BY (pool, gpu, event_id, msg_key){}",
             ttl(ttl_column(GPU_LEASES))
         ),
         REJECTED => format!(
-            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}` (
+            "CREATE TABLE IF NOT EXISTS `{db}`.`{name}`{on_cluster} (
     `table` {lc},
     error String,
     row String,
@@ -302,7 +373,7 @@ ORDER BY (pool, gpu, event_id, msg_key){}",
     payload_encoding {lc},
     time DateTime,
     time_us UInt64
-) ENGINE = ReplacingMergeTree()
+) {engine}
 PARTITION BY toYYYYMM(time)
 ORDER BY (`table`, stream_seq, received_us){}",
             ttl(ttl_column(REJECTED))
@@ -424,6 +495,18 @@ pub async fn ensure(
     database: &str,
     retention_days: u32,
 ) -> Result<ServerFeatures, clickhouse::error::Error> {
+    ensure_with(client, database, retention_days, &Engine::Single).await
+}
+
+/// [`ensure`] with tables of `engine` where they are created. Tables that
+/// exist keep their engine (a single-server table is not made replicated:
+/// logged).
+pub async fn ensure_with(
+    client: &Client,
+    database: &str,
+    retention_days: u32,
+    engine: &Engine,
+) -> Result<ServerFeatures, clickhouse::error::Error> {
     let features = ServerFeatures::detect(client).await?;
     // Only what is missing: a writer without DDL rights (the audit sink's
     // insert-only user) gets through when the operator created the schema.
@@ -434,12 +517,31 @@ pub async fn ensure(
     let creates = if complete {
         Vec::new()
     } else {
-        ddl(database, &features, retention_days)
+        ddl_with(database, &features, retention_days, engine)
     };
     for statement in creates {
         client.query_raw(&statement).execute().await?;
     }
-    migrate(client, database, &features, retention_days, &existing).await?;
+    if matches!(engine, Engine::Replicated { .. }) {
+        for (table, kind) in &existing {
+            if TABLES.contains(&table.as_str()) && !kind.starts_with("Replicated") {
+                tracing::warn!(
+                    table = %table,
+                    engine = %kind,
+                    "Replicated audit tables asked for, but this table exists with a single-server engine: kept as it is (see docs/deployment.md)."
+                );
+            }
+        }
+    }
+    migrate(
+        client,
+        database,
+        &features,
+        retention_days,
+        &existing,
+        engine,
+    )
+    .await?;
     add_missing_columns(client, database, &features).await?;
     for statement in retention_updates(client, database, &features, retention_days).await? {
         client.query_raw(&statement).execute().await?;
@@ -461,6 +563,7 @@ async fn migrate(
     features: &ServerFeatures,
     retention_days: u32,
     existing: &[(String, String)],
+    new_engine: &Engine,
 ) -> Result<(), clickhouse::error::Error> {
     let db = database;
     for table in [EVENTS, DECISIONS] {
@@ -489,7 +592,9 @@ async fn migrate(
                 .query_raw(&format!("DROP TABLE IF EXISTS `{db}`.`{fresh}`"))
                 .execute()
                 .await?;
-            if let Some(create) = create_table(db, &fresh, table, features, retention_days) {
+            if let Some(create) =
+                create_table(db, &fresh, table, features, retention_days, new_engine)
+            {
                 client.query_raw(&create).execute().await?;
             }
             client
@@ -638,6 +743,41 @@ mod tests {
             "PARTITION BY toYYYYMM(time)\nORDER BY (trace_id, agent, event_id, msg_key)"
         ));
         assert!(ddl[2].contains("parent_agent String"));
+    }
+
+    #[test]
+    fn replicated_tables_differ_only_in_engine_and_cluster() {
+        let features = ServerFeatures::from_version("18.16.1");
+        let single = ddl("agentmesh", &features, 0);
+        let replicated = ddl_with(
+            "agentmesh",
+            &features,
+            0,
+            &Engine::Replicated { on_cluster: None },
+        );
+        assert_eq!(single[0], replicated[0]);
+        for (table, (one, many)) in TABLES.iter().zip(single[1..].iter().zip(&replicated[1..])) {
+            let engine = format!(
+                "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/agentmesh/{table}', '{{replica}}')"
+            );
+            assert!(many.contains(&engine), "{many}");
+            assert_eq!(&many.replace(&engine, "ENGINE = ReplacingMergeTree()"), one);
+        }
+        let cluster = ddl_with(
+            "agentmesh",
+            &features,
+            0,
+            &Engine::Replicated {
+                on_cluster: Some("{cluster}".into()),
+            },
+        );
+        assert_eq!(
+            cluster[0],
+            "CREATE DATABASE IF NOT EXISTS `agentmesh` ON CLUSTER '{cluster}'"
+        );
+        assert!(cluster[1].starts_with(
+            "CREATE TABLE IF NOT EXISTS `agentmesh`.`events` ON CLUSTER '{cluster}' ("
+        ));
     }
 
     #[test]

@@ -1,23 +1,9 @@
 //! `docs/deployment.md` shows the audit tables as
 //! `ReplicatedReplacingMergeTree` for a replicated ClickHouse; this keeps
-//! that DDL identical to what the sink itself creates, engine aside.
+//! that DDL identical to what the sink itself creates with
+//! `--clickhouse-replicated` (the same template), `ON CLUSTER` aside.
 
-use audit_sink::schema::{self, ServerFeatures};
-
-/// The sink's statement for one table, made replicated the way the guide says.
-fn replicated(statement: &str, table: &str) -> String {
-    statement
-        .replace(
-            &format!("CREATE TABLE IF NOT EXISTS `agentmesh`.`{table}` ("),
-            &format!("CREATE TABLE IF NOT EXISTS `agentmesh`.`{table}` ON CLUSTER '{{cluster}}' ("),
-        )
-        .replace(
-            "ENGINE = ReplacingMergeTree()",
-            &format!(
-                "ENGINE = ReplicatedReplacingMergeTree('/clickhouse/tables/{{shard}}/agentmesh/{table}', '{{replica}}')"
-            ),
-        )
-}
+use audit_sink::schema::{self, Engine, ServerFeatures};
 
 #[test]
 fn the_replicated_tables_in_the_deployment_guide_match_the_sink_schema() {
@@ -26,16 +12,26 @@ fn the_replicated_tables_in_the_deployment_guide_match_the_sink_schema() {
         "/../docs/deployment.md"
     ))
     .unwrap();
-    let ddl = schema::ddl("agentmesh", &ServerFeatures::from_version("24.8"), 0);
-    for table in schema::TABLES {
-        let statement = ddl
-            .iter()
-            .find(|s| s.contains(&format!("`agentmesh`.`{table}` (")))
-            .unwrap();
-        let expected = replicated(statement, table);
+    let features = ServerFeatures::from_version("24.8");
+    let engine = Engine::Replicated {
+        on_cluster: Some("{cluster}".into()),
+    };
+    let ddl = schema::ddl_with("agentmesh", &features, 0, &engine);
+    assert_eq!(ddl.len(), 1 + schema::TABLES.len());
+    for statement in &ddl {
         assert!(
-            guide.contains(&expected),
-            "docs/deployment.md lacks the replicated `{table}` table as the sink defines it:\n{expected};"
+            guide.contains(&format!("{statement};")),
+            "docs/deployment.md lacks the replicated DDL as the sink renders it:\n{statement};"
         );
+    }
+    // What the sink runs on each replica is the same, without ON CLUSTER.
+    let sink = schema::ddl_with(
+        "agentmesh",
+        &features,
+        0,
+        &Engine::Replicated { on_cluster: None },
+    );
+    for (doc, own) in ddl.iter().zip(&sink) {
+        assert_eq!(doc.replace(" ON CLUSTER '{cluster}'", ""), *own);
     }
 }

@@ -46,7 +46,24 @@ impl ClickHouseServer {
     /// Starts a fresh server on free ports (or attaches to `CLICKHOUSE_URL`)
     /// and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
-        if let Ok(url) = std::env::var("CLICKHOUSE_URL")
+        Self::launch(None).await
+    }
+
+    /// Starts a fresh local server on free ports as replica `name` of shard
+    /// `01`, coordinated by `zookeeper` (macros `{shard}` and `{replica}`,
+    /// an interserver HTTP port of its own on 127.0.0.1, from which the
+    /// other replicas fetch its parts), and waits until it answers.
+    /// `CLICKHOUSE_URL` is not used: replicas are always local.
+    pub async fn start_replica(
+        zookeeper: &crate::ZooKeeperServer,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        Self::launch(Some((zookeeper.port(), name))).await
+    }
+
+    async fn launch(replica: Option<(u16, &str)>) -> anyhow::Result<Self> {
+        if replica.is_none()
+            && let Ok(url) = std::env::var("CLICKHOUSE_URL")
             && !url.is_empty()
         {
             let mut server = Self {
@@ -71,7 +88,21 @@ impl ClickHouseServer {
                 tcp_port = free_port()?;
             }
             let instance = uuid::Uuid::new_v4().simple().to_string();
-            write_config(dir.path(), http_port, tcp_port, &instance)?;
+            let replica = match replica {
+                Some((zookeeper_port, name)) => {
+                    let mut interserver_port = free_port()?;
+                    while [http_port, tcp_port].contains(&interserver_port) {
+                        interserver_port = free_port()?;
+                    }
+                    Some(Replica {
+                        zookeeper_port,
+                        name,
+                        interserver_port,
+                    })
+                }
+                None => None,
+            };
+            write_config(dir.path(), http_port, tcp_port, &instance, replica.as_ref())?;
             let mut server = Self {
                 mode: Mode::Local(Local {
                     child: None,
@@ -289,15 +320,48 @@ pub async fn query_text(client: &::clickhouse::Client, sql: &str) -> anyhow::Res
     String::from_utf8(bytes.to_vec()).context("ClickHouse answered with bytes that are not UTF-8")
 }
 
+/// What makes a server a replica: its ZooKeeper, its name (macro
+/// `{replica}`; `{shard}` is `01`) and its interserver HTTP port.
+struct Replica<'a> {
+    zookeeper_port: u16,
+    name: &'a str,
+    interserver_port: u16,
+}
+
 /// Writes `config.xml` and `users.xml` for a server listening on 127.0.0.1
 /// with everything it stores under `dir`. The `<yandex>` root is what 18.16
 /// reads; current servers still accept it.
-fn write_config(dir: &Path, http_port: u16, tcp_port: u16, instance: &str) -> anyhow::Result<()> {
+fn write_config(
+    dir: &Path,
+    http_port: u16,
+    tcp_port: u16,
+    instance: &str,
+    replica: Option<&Replica<'_>>,
+) -> anyhow::Result<()> {
     for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
         std::fs::create_dir_all(dir.join(sub))
             .with_context(|| format!("creating {}", dir.join(sub).display()))?;
     }
     let d = dir.display();
+    let (replica_macros, replication) = match replica {
+        Some(r) => (
+            format!(
+                "\n        <shard>01</shard>\n        <replica>{}</replica>",
+                r.name
+            ),
+            format!(
+                r#"
+    <zookeeper>
+        <node><host>127.0.0.1</host><port>{}</port></node>
+        <session_timeout_ms>10000</session_timeout_ms>
+    </zookeeper>
+    <interserver_http_host>127.0.0.1</interserver_http_host>
+    <interserver_http_port>{}</interserver_http_port>"#,
+                r.zookeeper_port, r.interserver_port
+            ),
+        ),
+        None => (String::new(), String::new()),
+    };
     let config = format!(
         r#"<?xml version="1.0"?>
 <yandex>
@@ -319,9 +383,9 @@ fn write_config(dir: &Path, http_port: u16, tcp_port: u16, instance: &str) -> an
     <default_database>default</default_database>
     <timezone>UTC</timezone>
     <mark_cache_size>268435456</mark_cache_size>
-    <max_concurrent_queries>100</max_concurrent_queries>
+    <max_concurrent_queries>100</max_concurrent_queries>{replication}
     <macros>
-        <testkit_instance>{instance}</testkit_instance>
+        <testkit_instance>{instance}</testkit_instance>{replica_macros}
     </macros>
 </yandex>
 "#
@@ -406,6 +470,35 @@ mod tests {
         assert_eq!(
             server
                 .wait_for_rows(&format!("{db}.t"), 2, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn two_replicas_share_a_replicated_table_through_zookeeper() {
+        let zookeeper = crate::ZooKeeperServer::start().await.unwrap();
+        let one = ClickHouseServer::start_replica(&zookeeper, "r1")
+            .await
+            .unwrap();
+        let two = ClickHouseServer::start_replica(&zookeeper, "r2")
+            .await
+            .unwrap();
+        for server in [&one, &two] {
+            server
+                .query_text(
+                    "CREATE TABLE default.t (x UInt32) ENGINE = \
+                     ReplicatedMergeTree('/clickhouse/tables/{shard}/default/t', '{replica}') ORDER BY x",
+                )
+                .await
+                .unwrap();
+        }
+        one.query_text("INSERT INTO default.t VALUES (1), (2)")
+            .await
+            .unwrap();
+        assert_eq!(
+            two.wait_for_rows("default.t", 2, Duration::from_secs(30))
                 .await
                 .unwrap(),
             2

@@ -13,8 +13,10 @@ use anyhow::{Context, bail};
 
 pub mod clickhouse;
 mod cluster;
+pub mod zookeeper;
 pub use self::clickhouse::ClickHouseServer;
 pub use self::cluster::NatsCluster;
+pub use self::zookeeper::ZooKeeperServer;
 
 /// A port that was free a moment ago, for a server a test starts.
 ///
