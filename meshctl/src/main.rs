@@ -110,6 +110,9 @@ enum Command {
         /// NATS nodes to start: 1, or 3 for a local JetStream cluster (ports NATS_URL's port +0..2, routes +2000, monitoring +4000; streams at 3 replicas).
         #[arg(long, default_value_t = 1)]
         nats_nodes: usize,
+        /// Run this many ClickHouse replicas of one shard (2 or 3; with ZooKeeper: `scripts/install-deps.sh --replicated`) instead of one server: the audit tables replicated, the audit sink failing over between them.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
+        clickhouse_replicas: u8,
     },
     /// Agent identities: nkeys, broker permissions and Cedar entities.
     Agents {
@@ -265,6 +268,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout_secs,
             insecure,
             nats_nodes,
+            clickhouse_replicas,
         } => {
             let options = stack::UpOptions {
                 detach,
@@ -274,6 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 gpu_config: Some(gpu_config),
                 insecure,
                 nats_nodes,
+                clickhouse_replicas: usize::from(clickhouse_replicas),
             };
             stack::up(&home, &endpoints, &options).await?;
         }

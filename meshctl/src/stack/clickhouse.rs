@@ -69,6 +69,7 @@ pub(super) async fn apply_streams_and_schema(
     endpoints: &Endpoints,
     replicas: usize,
     auth: Option<&Auth>,
+    clickhouse_replicas: usize,
 ) -> anyhow::Result<()> {
     let client = endpoints.clickhouse();
     let nats = endpoints.connect_nats().await?;
@@ -128,22 +129,30 @@ pub(super) async fn apply_streams_and_schema(
             ),
         );
     }
-    let features = audit_sink::schema::ensure(&client, &endpoints.database, 0)
-        .await
-        .with_context(|| {
-            format!(
-                "creating the audit schema in ClickHouse at {}",
-                endpoints.clickhouse_url
-            )
-        })?;
+    let (version, kind) = if clickhouse_replicas > 1 {
+        let version = super::replicas::apply_schema(endpoints, clickhouse_replicas).await?;
+        (
+            version,
+            format!(", replicated on {clickhouse_replicas} replicas"),
+        )
+    } else {
+        let features = audit_sink::schema::ensure(&client, &endpoints.database, 0)
+            .await
+            .with_context(|| {
+                format!(
+                    "creating the audit schema in ClickHouse at {}",
+                    endpoints.clickhouse_url
+                )
+            })?;
+        (features.version, String::new())
+    };
     line(
         "schema",
         "applied",
         format_args!(
-            "database `{}`: {} (ClickHouse {})",
+            "database `{}`: {}{kind} (ClickHouse {version})",
             endpoints.database,
             audit_sink::schema::TABLES.join(", "),
-            features.version
         ),
     );
 

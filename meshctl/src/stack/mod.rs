@@ -29,6 +29,7 @@ use servers::Endpoints;
 mod clickhouse;
 pub(crate) mod nats;
 pub(crate) mod procs;
+pub(crate) mod replicas;
 pub(crate) mod servers;
 mod services;
 mod status;
@@ -41,11 +42,14 @@ pub(crate) const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scal
 const OPTIONAL: [&str; 1] = ["gpu-scaler"];
 /// Everything `down` may stop, in stop order: services (the sink last, so
 /// it flushes what the others produced), then the servers.
-const STOP_ORDER: [&str; 7] = [
+const STOP_ORDER: [&str; 10] = [
     "gpu-scaler",
     "policy-worker",
     "audit-sink",
     "clickhouse-server",
+    "clickhouse-server-2",
+    "clickhouse-server-3",
+    "zookeeper",
     "nats-server",
     "nats-server-2",
     "nats-server-3",
@@ -66,6 +70,9 @@ pub(crate) struct UpOptions {
     pub gpu_config: Option<PathBuf>,
     /// Run without authorization (anyone may connect and publish anywhere).
     pub insecure: bool,
+    /// ClickHouse replicas (with ZooKeeper) instead of one server when
+    /// above 1; the sink gets every replica's URL.
+    pub clickhouse_replicas: usize,
     /// NATS nodes to start when none answers: 1, or 3 for a local cluster
     /// whose streams and buckets have 3 replicas.
     pub nats_nodes: usize,
@@ -297,8 +304,19 @@ async fn bring_up(
     started: &mut Started,
 ) -> anyhow::Result<()> {
     nats::ensure(home, endpoints, options.nats_nodes, auth, started).await?;
-    clickhouse::ensure(home, endpoints, auth, started).await?;
-    clickhouse::apply_streams_and_schema(home, endpoints, options.stream_replicas(), auth).await?;
+    if options.clickhouse_replicas > 1 {
+        replicas::ensure(home, endpoints, options.clickhouse_replicas, auth, started).await?;
+    } else {
+        clickhouse::ensure(home, endpoints, auth, started).await?;
+    }
+    clickhouse::apply_streams_and_schema(
+        home,
+        endpoints,
+        options.stream_replicas(),
+        auth,
+        options.clickhouse_replicas,
+    )
+    .await?;
     let waiting = services::start(home, endpoints, options, policies.as_ref(), auth, started)?;
     services::wait_ready(home, options, waiting, started).await
 }

@@ -451,6 +451,30 @@ pub(crate) async fn start_clickhouse(
     http_port: u16,
     users: Option<&ClickHouseSecrets>,
 ) -> anyhow::Result<(Child, u16)> {
+    start_clickhouse_as(
+        home,
+        endpoints,
+        "clickhouse-server",
+        "clickhouse",
+        http_port,
+        users,
+        "",
+    )
+    .await
+}
+
+/// [`start_clickhouse`] as process `name` (its pid and log file) with its
+/// files under `.agentmesh/<dir>`, answering at `endpoints.clickhouse_url`,
+/// with `extra` (XML elements) added to its config: a replica's.
+pub(crate) async fn start_clickhouse_as(
+    home: &Home,
+    endpoints: &Endpoints,
+    name: &str,
+    dir: &str,
+    http_port: u16,
+    users: Option<&ClickHouseSecrets>,
+    extra: &str,
+) -> anyhow::Result<(Child, u16)> {
     let binary = procs::find_server(
         "clickhouse-server",
         "CLICKHOUSE_SERVER_BIN",
@@ -469,7 +493,7 @@ pub(crate) async fn start_clickhouse(
         .ok()
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or(9000);
-    let tcp_port = if http_port != wanted && port_free(wanted) {
+    let tcp_port = if name == "clickhouse-server" && http_port != wanted && port_free(wanted) {
         wanted
     } else {
         TcpListener::bind(("127.0.0.1", 0))
@@ -477,14 +501,15 @@ pub(crate) async fn start_clickhouse(
             .map(|a| a.port())
             .context("finding a free port for ClickHouse's native protocol")?
     };
-    let dir = home.root().join("clickhouse");
-    let config = write_clickhouse_config(&dir, http_port, tcp_port, users, &endpoints.database)?;
+    let dir = home.root().join(dir);
+    let config =
+        write_clickhouse_config(&dir, http_port, tcp_port, users, &endpoints.database, extra)?;
     let args = vec![format!("--config-file={}", config.display())];
-    let mut child = procs::spawn(home, "clickhouse-server", &binary, &args)?;
+    let mut child = procs::spawn(home, name, &binary, &args)?;
     let client = endpoints.clickhouse();
     wait_started(
         home,
-        "clickhouse-server",
+        name,
         &mut child,
         Duration::from_secs(60),
         async || clickhouse_version(&client).await.is_some(),
@@ -506,6 +531,7 @@ pub(crate) fn write_clickhouse_config(
     tcp_port: u16,
     users: Option<&ClickHouseSecrets>,
     database: &str,
+    extra: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
     for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
         let path = dir.join(sub);
@@ -536,7 +562,7 @@ pub(crate) fn write_clickhouse_config(
     <default_database>default</default_database>
     <timezone>UTC</timezone>
     <mark_cache_size>268435456</mark_cache_size>
-    <max_concurrent_queries>100</max_concurrent_queries>
+    <max_concurrent_queries>100</max_concurrent_queries>{extra}
 </yandex>
 "#
     );

@@ -83,12 +83,19 @@ fn service_args(
                 args.extend(["--config".to_owned(), config.display().to_string()]);
             }
         }
-        "audit-sink" => args.extend([
-            "--clickhouse-url".to_owned(),
-            endpoints.clickhouse_url.clone(),
-            "--database".to_owned(),
-            endpoints.database.clone(),
-        ]),
+        "audit-sink" => {
+            // Every replica's URL: the sink fails over between them.
+            let urls = super::replicas::urls(endpoints, options.clickhouse_replicas)?;
+            args.extend([
+                "--clickhouse-url".to_owned(),
+                urls.join(","),
+                "--database".to_owned(),
+                endpoints.database.clone(),
+            ]);
+            if options.clickhouse_replicas > 1 {
+                args.push("--clickhouse-replicated".to_owned());
+            }
+        }
         _ => {}
     }
     args.extend(["--ready-file".to_owned(), ready.display().to_string()]);

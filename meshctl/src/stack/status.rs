@@ -151,6 +151,7 @@ async fn clickhouse_line(home: &Home, endpoints: &Endpoints) -> Option<String> {
             format_args!("nothing answers at {}", endpoints.clickhouse_url),
         ),
     }
+    print_replicas(home, endpoints).await;
     version
 }
 
@@ -200,6 +201,49 @@ async fn print_nodes(home: &Home, endpoints: &Endpoints, leaders: &[(String, Str
                 "refused",
                 format_args!("{url} refuses meshctl's credentials"),
             ),
+        }
+    }
+}
+
+/// ZooKeeper and the other ClickHouse replicas, when `up
+/// --clickhouse-replicas` started them (their pid files say so).
+async fn print_replicas(home: &Home, endpoints: &Endpoints) {
+    let recorded = |name: &str| procs::read_pid(home, name).is_some();
+    if !recorded("zookeeper") {
+        return;
+    }
+    let zookeeper = std::fs::read_to_string(home.root().join("zookeeper/zoo.cfg"))
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("clientPort=")?.trim().parse::<u16>().ok())
+        });
+    match zookeeper {
+        Some(port) if super::replicas::serving(port).await => line(
+            "zookeeper",
+            "up",
+            format_args!("127.0.0.1:{port}{}", started_by(home, "zookeeper")),
+        ),
+        _ => line("zookeeper", "down", "does not serve"),
+    }
+    let replicas = (2..=super::replicas::MAX_REPLICAS)
+        .take_while(|i| recorded(super::replicas::process_name(*i)))
+        .count()
+        + 1;
+    let Ok(urls) = super::replicas::urls(endpoints, replicas) else {
+        return;
+    };
+    for (i, url) in urls.iter().enumerate().skip(1) {
+        let name = super::replicas::process_name(i + 1);
+        let mut at = endpoints.clone();
+        at.clickhouse_url = url.clone();
+        match servers::clickhouse_version(&at.clickhouse()).await {
+            Some(v) => line(
+                name,
+                "up",
+                format_args!("{url}, ClickHouse {v}{}", started_by(home, name)),
+            ),
+            None => line(name, "down", format_args!("nothing answers at {url}")),
         }
     }
 }
