@@ -332,6 +332,12 @@ pub struct DecisionRow {
     pub signer: String,
     /// The receipt's Ed25519 signature (standard base64), '' when unsigned.
     pub signature: String,
+    /// On a decision signed in a batch: the batch's Merkle root (hex).
+    pub batch_root: String,
+    /// On a decision signed in a batch: its inclusion proof.
+    pub batch_proof: String,
+    /// On a decision signed in a batch: the signature of the batch root.
+    pub batch_signature: String,
 }
 
 /// The row for one message of `MESH_DECISION`.
@@ -381,6 +387,9 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
         data_sha256: String::new(),
         signer: String::new(),
         signature: String::new(),
+        batch_root: String::new(),
+        batch_proof: String::new(),
+        batch_signature: String::new(),
     };
     match serde_json::from_slice::<DecisionReceipt>(payload) {
         Ok(r) => {
@@ -427,6 +436,9 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
             row.data_sha256 = r.data_sha256;
             row.signer = r.signer;
             row.signature = r.signature;
+            row.batch_root = r.batch_root;
+            row.batch_proof = r.batch_proof;
+            row.batch_signature = r.batch_signature;
             row.valid = 1;
         }
         Err(e) => row.error = format!("receipt is not a decision receipt: {e}"),

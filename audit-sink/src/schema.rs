@@ -198,6 +198,10 @@ pub fn added_columns(table: &str, features: &ServerFeatures) -> Vec<(&'static st
             columns.push(("data_sha256", "String".to_owned()));
             columns.push(("signer", lc.to_owned()));
             columns.push(("signature", "String".to_owned()));
+            // Decisions signed in a batch (docs/security.md).
+            columns.push(("batch_root", "String".to_owned()));
+            columns.push(("batch_proof", "String".to_owned()));
+            columns.push(("batch_signature", "String".to_owned()));
             columns
         }
         _ => Vec::new(),

@@ -178,9 +178,14 @@ async fn an_older_decisions_table_gains_the_guardrail_columns() -> anyhow::Resul
             "SELECT name FROM system.columns WHERE database = '{db}' AND table = 'decisions' ORDER BY name"
         ))
         .await?;
-    for (name, _) in audit_sink::schema::decision_guard_columns(
+    // Every column added since: guardrails, cache, signed decisions and
+    // batch signatures (`batch_root`, `batch_proof`, `batch_signature`).
+    let added = audit_sink::schema::added_columns(
+        audit_sink::schema::DECISIONS,
         &audit_sink::schema::ServerFeatures::from_version("18.16.1"),
-    ) {
+    );
+    assert!(added.iter().any(|(name, _)| *name == "batch_proof"));
+    for (name, _) in added {
         assert!(
             columns.lines().any(|c| c == name),
             "{name} missing:\n{columns}"

@@ -2,7 +2,8 @@
 //! worker, audit sink (writing signed checkpoints), NATS and ClickHouse: a
 //! clean audit verifies `ok`; an `ALTER TABLE … UPDATE` of one decision,
 //! an `ALTER TABLE … DELETE` of one row and an `INSERT` of a fabricated
-//! row are each found and named, with exit status 1.
+//! row are each found and named, with exit status 1 — also for decisions
+//! the worker signed in a batch (a Merkle root and an inclusion proof each).
 
 mod support {
     pub(crate) mod services;
@@ -59,7 +60,10 @@ async fn row(services: &Services, event_id: &str) -> anyhow::Result<Option<Decis
 
 #[tokio::test]
 async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Result<()> {
-    let services = Services::start("audit_verify").await?;
+    // A backlog of 64 steps the worker decides together: signed in batches.
+    const BACKLOG: usize = 64;
+    let (services, backlog_trace, backlog) =
+        Services::start_on_backlog("audit_verify", BACKLOG).await?;
     let planner = Agent::connect("planner", services.nats.url()).await?;
     // Four workflows of two steps each: one kept clean, one per tampering.
     let mut traces = Vec::new();
@@ -71,21 +75,43 @@ async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Resul
     }
 
     // Clean: every row verified against the checkpoints.
-    let clean = eventually(WAIT, "a clean audit of 8 decisions", || async {
+    let total = 8 + BACKLOG;
+    let clean = eventually(WAIT, "a clean audit of every decision", || async {
         let out = meshctl(&services, &["audit", "verify"]).ok()?;
         let text = stdout(&out);
         (out.status.success()
-            && text.contains("ok: 8 decisions verified")
+            && text.contains(&format!("ok: {total} decisions verified"))
             && text.contains("(0 newer"))
         .then_some(text)
     })
     .await?;
     assert!(
-        clean.starts_with("ok: 8 decisions verified against"),
+        clean.starts_with(&format!("ok: {total} decisions verified against")),
         "{clean}"
     );
 
     let ch = services.ch.client().with_database(&services.db);
+    // The backlog was signed in batches: rows with a root and a proof.
+    let batched: Vec<String> = ch
+        .query(
+            "SELECT event_id FROM decisions FINAL WHERE batch_signature != '' AND signature = '' ORDER BY stream_seq",
+        )
+        .fetch_all::<String>()
+        .await?
+        .into_iter()
+        .filter(|id| backlog.contains(id))
+        .collect();
+    assert!(
+        batched.len() > 1,
+        "{} of {BACKLOG} backlog decisions signed in a batch",
+        batched.len()
+    );
+    // 0. An edit of a decision signed in a batch.
+    let batch_altered = &batched[batched.len() / 2];
+    ch.query("ALTER TABLE decisions UPDATE decision = 'deny' WHERE event_id = ?")
+        .bind(batch_altered.as_str())
+        .execute()
+        .await?;
     // 1. An edit: a decision rewritten in place.
     let (_, altered) = &traces[1];
     ch.query("ALTER TABLE decisions UPDATE decision = 'deny' WHERE event_id = ?")
@@ -122,8 +148,9 @@ async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Resul
     // ClickHouse 18.16 runs ALTER … UPDATE/DELETE as mutations, later.
     eventually(WAIT, "the mutations to apply", || async {
         let edited = row(&services, altered).await.ok()??;
+        let batch_edited = row(&services, batch_altered).await.ok()??;
         let gone = row(&services, deleted).await.ok()?.is_none();
-        (edited.decision == "deny" && gone).then_some(())
+        (edited.decision == "deny" && batch_edited.decision == "deny" && gone).then_some(())
     })
     .await?;
 
@@ -136,6 +163,15 @@ async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Resul
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(
         stdout(&out).starts_with("ok: 2 decisions verified"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = verify(&["--trace", &backlog_trace])?;
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with(&format!("FAILED: 1 findings in {BACKLOG} decisions"))
+            && stdout(&out).contains(&format!("first: altered: decision planner/{batch_altered}")),
         "{}",
         stdout(&out)
     );
@@ -166,11 +202,11 @@ async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Resul
         stdout(&out)
     );
 
-    // The whole audit: all three, first by stream sequence.
+    // The whole audit: all four, first by stream sequence.
     let out = verify(&[])?;
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
     assert!(
-        stdout(&out).starts_with("FAILED: 3 findings"),
+        stdout(&out).starts_with("FAILED: 4 findings"),
         "{}",
         stdout(&out)
     );

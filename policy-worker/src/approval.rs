@@ -448,7 +448,7 @@ impl Approvals {
             }
         };
         // Signed as released: the outcome and its time are new.
-        self.sealer.seal_digest(&mut receipt);
+        self.sealer.seal_digest(&mut receipt).await?;
         let agent = state.agent.as_str();
         let key = subjects::event_key(agent, &receipt.event_id);
         let body = serde_json::to_vec(&receipt)?;

@@ -59,6 +59,8 @@ pub const DEFAULT_CONSUMER: &str = "policy-worker";
 pub const DEFAULT_BATCH: usize = 256;
 /// Default number of events decided and published at once.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
+/// Default most decisions signed under one Merkle root.
+pub const DEFAULT_SIGN_BATCH: usize = 256;
 /// Default JetStream ack wait, in seconds.
 pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
 /// Default wait of a parked event for its approval, in seconds.
@@ -137,6 +139,12 @@ pub struct Config {
     /// takes precedence over `signing_key_file`).
     #[arg(skip)]
     pub signing_key: Option<Arc<schemas::signing::SigningKey>>,
+    /// Most decisions signed together (`docs/security.md`, "Batch
+    /// signatures"): the signer takes whatever decisions are waiting, up
+    /// to this many, and signs one Merkle root for them; a decision that
+    /// waits alone is signed alone. `1` signs every decision alone.
+    #[arg(long, env = "AGENTMESH_SIGN_BATCH", default_value_t = DEFAULT_SIGN_BATCH)]
+    pub sign_batch: usize,
 }
 
 impl Default for Config {
@@ -159,6 +167,7 @@ impl Default for Config {
             ops: telemetry::OpsConfig::default(),
             signing_key_file: None,
             signing_key: None,
+            sign_batch: DEFAULT_SIGN_BATCH,
         }
     }
 }
@@ -345,7 +354,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         )?)),
         (None, None) => None,
     };
-    let sealer = signing::Sealer::start(key, &js).await;
+    let sealer = signing::Sealer::start(key, &js, config.sign_batch).await;
     let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
     let approvals = Arc::new(approval::Approvals::new(
         js.clone(),

@@ -2,21 +2,34 @@
 //! decisions"): each decision is signed once, and the same signature goes
 //! into the receipt and onto the delivery or dead letter.
 //!
-//! The per-event work is [`Sealer::seal`] (one SHA-256 of the payload and
-//! one Ed25519 signature) and [`Sealer::stamp`] (four headers); everything
-//! else here runs at start.
+//! Signing goes through one signer task (`docs/security.md`, "Batch
+//! signatures"): each event's task sends its decision's signed bytes and
+//! waits; the signer takes whatever is queued, up to the configured batch
+//! size, and signs it at once — a decision that waited alone gets its own
+//! signature (`Mesh-Signature`), two or more a Merkle root signed once and
+//! an inclusion proof each (`Mesh-Batch-*`). No decision waits for others
+//! to arrive: at low load every batch is one, under load the Ed25519
+//! signature is shared by up to the batch size. Everything else here runs
+//! at start.
 
 use std::sync::Arc;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
 use schemas::DecisionReceipt;
-use schemas::signing::{SignerRecord, SignerStatus, SigningKey};
+use schemas::signing::{Seal, SignFailed, SignedFields, SignerRecord, SignerStatus, SigningKey};
+use tokio::sync::{mpsc, oneshot};
+
+/// One decision's signed bytes and where its seal goes.
+type Request = (Vec<u8>, oneshot::Sender<Result<Seal, SignFailed>>);
 
 /// Signs decisions with this replica's key.
 #[derive(Debug, Clone)]
 pub(crate) struct Sealer {
     key: Arc<SigningKey>,
+    /// The signer task's queue; `None` signs on the caller's task (a batch
+    /// size of 1).
+    queue: Option<mpsc::Sender<Request>>,
 }
 
 impl Sealer {
@@ -24,11 +37,16 @@ impl Sealer {
     /// which the worker then tries to add to `mesh-signers` itself. Only a
     /// broker without authorization lets it (a development stack); with
     /// authorization recipients refuse its deliveries until the operator
-    /// adds the key (`meshctl signers add`).
-    pub(crate) async fn start(key: Option<Arc<SigningKey>>, js: &jetstream::Context) -> Self {
+    /// adds the key (`meshctl signers add`). With `batch` above 1 the
+    /// signer task starts.
+    pub(crate) async fn start(
+        key: Option<Arc<SigningKey>>,
+        js: &jetstream::Context,
+        batch: usize,
+    ) -> Self {
         let key = match key {
             Some(key) => {
-                tracing::info!(signer = key.public_key(), "Signing decisions.");
+                tracing::info!(signer = key.public_key(), batch, "Signing decisions.");
                 key
             }
             None => {
@@ -37,7 +55,17 @@ impl Sealer {
                 key
             }
         };
-        Self { key }
+        Self::new(key, batch)
+    }
+
+    /// Signs with `key`, up to `batch` decisions at once.
+    pub(crate) fn new(key: Arc<SigningKey>, batch: usize) -> Self {
+        let queue = (batch > 1).then(|| {
+            let (queue, requests) = mpsc::channel(batch * 4);
+            tokio::spawn(signer(key.clone(), requests, batch));
+            queue
+        });
+        Self { key, queue }
     }
 
     /// The public key.
@@ -45,21 +73,77 @@ impl Sealer {
         self.key.public_key()
     }
 
+    /// The seal of one decision's signed bytes: alone, or in whatever batch
+    /// the signer task is about to sign.
+    async fn sign(&self, bytes: Vec<u8>) -> Result<Seal, SignFailed> {
+        let Some(queue) = &self.queue else {
+            return Ok(Seal::Single {
+                signature: self.key.try_sign(&bytes)?,
+            });
+        };
+        let (reply, sealed) = oneshot::channel();
+        queue
+            .send((bytes, reply))
+            .await
+            .map_err(|_| SignFailed("the signer task is gone".into()))?;
+        sealed
+            .await
+            .map_err(|_| SignFailed("the signer task dropped the decision".into()))?
+    }
+
     /// Signs the final `receipt` of the event whose message payload is
-    /// `payload` (sets `data_sha256`, `signer`, `signature`).
-    pub(crate) fn seal(&self, receipt: &mut DecisionReceipt, payload: &[u8]) {
-        self.key.seal(receipt, payload);
+    /// `payload` (sets `data_sha256`, `signer`, and `signature` or the
+    /// `batch_*` fields).
+    pub(crate) async fn seal(
+        &self,
+        receipt: &mut DecisionReceipt,
+        payload: &[u8],
+    ) -> Result<(), SignFailed> {
+        receipt.data_sha256 = schemas::signing::sha256_hex(payload);
+        self.seal_digest(receipt).await
     }
 
     /// Signs a receipt whose `data_sha256` is already set (an approval's
     /// outcome, decided after the payload was stored).
-    pub(crate) fn seal_digest(&self, receipt: &mut DecisionReceipt) {
-        self.key.seal_digest(receipt);
+    pub(crate) async fn seal_digest(
+        &self,
+        receipt: &mut DecisionReceipt,
+    ) -> Result<(), SignFailed> {
+        receipt.signer = self.key.public_key().to_owned();
+        receipt.signature.clear();
+        receipt.batch_root.clear();
+        receipt.batch_proof.clear();
+        receipt.batch_signature.clear();
+        let seal = self.sign(SignedFields::of_receipt(receipt).bytes()).await?;
+        seal.write(receipt);
+        Ok(())
     }
 
     /// Puts a sealed receipt's signature headers on a copy.
     pub(crate) fn stamp(receipt: &DecisionReceipt, h: &mut HeaderMap) {
         SigningKey::stamp(receipt, h);
+    }
+}
+
+/// The signer task: waits for a decision, takes every other one queued
+/// (up to `batch` in all) and signs them together.
+async fn signer(key: Arc<SigningKey>, mut requests: mpsc::Receiver<Request>, batch: usize) {
+    let mut waiting = Vec::with_capacity(batch);
+    while requests.recv_many(&mut waiting, batch).await > 0 {
+        let (bytes, replies): (Vec<Vec<u8>>, Vec<_>) = waiting.drain(..).unzip();
+        match key.seal_batch(&bytes) {
+            Ok(seals) => {
+                for (reply, seal) in replies.into_iter().zip(seals) {
+                    let _ = reply.send(Ok(seal));
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, decisions = replies.len(), "Signing failed; these decisions are not published.");
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+            }
+        }
     }
 }
 
@@ -96,10 +180,15 @@ impl Sealer {
     /// Signs a cached answer (`Mesh-Cache: hit`) over its own attributes
     /// and payload, with the call's decision id, policy hash, trace id and
     /// time from the sealed `receipt`, and stamps it.
-    pub(crate) fn seal_answer(&self, receipt: &DecisionReceipt, h: &mut HeaderMap, payload: &[u8]) {
+    pub(crate) async fn seal_answer(
+        &self,
+        receipt: &DecisionReceipt,
+        h: &mut HeaderMap,
+        payload: &[u8],
+    ) -> Result<(), SignFailed> {
         use schemas::AttributesReader as _;
         let Ok((event, _)) = schemas::decode(Some(&*h), payload) else {
-            return;
+            return Ok(());
         };
         let agent = event
             .source()
@@ -112,7 +201,7 @@ impl Sealer {
             .map(|v| v.to_string())
             .unwrap_or_default();
         let digest = schemas::signing::sha256_hex(payload);
-        let fields = schemas::signing::SignedFields {
+        let fields = SignedFields {
             decision_id: &receipt.decision_id,
             agent: &agent,
             event_id: event.id(),
@@ -125,13 +214,74 @@ impl Sealer {
             data_sha256: &digest,
             decided_at: &receipt.decided_at,
         };
-        let signature = self.key.sign(&fields.bytes());
+        let seal = self.sign(fields.bytes()).await?;
         h.insert(
             schemas::headers::DECISION,
             schemas::Decision::Allow.as_str(),
         );
         h.insert(schemas::headers::DECIDED_AT, receipt.decided_at.as_str());
         h.insert(schemas::headers::SIGNER, self.public_key());
-        h.insert(schemas::headers::SIGNATURE, signature.as_str());
+        seal.stamp(h);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use schemas::signing::{SignerRecord, Signers};
+
+    fn receipt(i: usize) -> DecisionReceipt {
+        DecisionReceipt {
+            event_id: format!("e-{i}"),
+            decision_id: format!("d-{i}"),
+            agent: "planner".into(),
+            decided_at: "2026-01-02T03:04:05.000006Z".into(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_decisions_share_batches_and_all_verify() {
+        let key = Arc::new(SigningKey::generate());
+        let signers = Signers::new([SignerRecord {
+            public_key: key.public_key().to_owned(),
+            name: "w".into(),
+            status: SignerStatus::Active,
+            added_at: String::new(),
+            retired_at: String::new(),
+            revoked_at: String::new(),
+        }]);
+        let sealer = Sealer::new(key.clone(), 64);
+        let tasks: Vec<_> = (0..500)
+            .map(|i| {
+                let sealer = sealer.clone();
+                tokio::spawn(async move {
+                    let mut r = receipt(i);
+                    sealer.seal(&mut r, b"{}").await.map(|()| r)
+                })
+            })
+            .collect();
+        let mut batched = 0;
+        for task in tasks {
+            let r = task.await.unwrap().unwrap();
+            assert_eq!(signers.verify_receipt(&r), Ok(()), "{r:?}");
+            if !r.batch_signature.is_empty() {
+                batched += 1;
+                let size: u64 = r.batch_proof.split('.').nth(1).unwrap().parse().unwrap();
+                assert!((2..=64).contains(&size), "{}", r.batch_proof);
+            }
+        }
+        assert!(
+            batched > 0,
+            "500 concurrent decisions were all signed alone"
+        );
+
+        // A batch size of 1 signs each alone, on the caller's task.
+        let alone = Sealer::new(key, 1);
+        let mut r = receipt(0);
+        alone.seal(&mut r, b"{}").await.unwrap();
+        assert!(!r.signature.is_empty() && r.batch_signature.is_empty());
+        assert_eq!(signers.verify_receipt(&r), Ok(()));
     }
 }

@@ -284,9 +284,19 @@ impl Worker {
         }
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        self.sealer.seal(&mut receipt, &message.payload);
-        if let Some((_, h, payload)) = &mut answer {
-            self.sealer.seal_answer(&receipt, h, payload);
+        // Fail closed: a decision that cannot be signed is neither published
+        // nor acked; JetStream redelivers the event.
+        let mut sealed = self.sealer.seal(&mut receipt, &message.payload).await;
+        if let (Ok(()), Some((_, h, payload))) = (&sealed, &mut answer) {
+            sealed = self.sealer.seal_answer(&receipt, h, payload).await;
+        }
+        if let Err(error) = sealed {
+            self.metrics.publish_failed();
+            tracing::error!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, %error, "Signing the decision failed; not publishing it (the event will be redelivered).");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+                .await;
+            return;
         }
 
         // An event is its agent and id: the same agent's repeated event

@@ -9,6 +9,7 @@
 mod agent;
 mod binding;
 mod catalogue;
+pub mod merkle;
 mod mesh;
 mod receipt;
 mod salvage;

@@ -124,6 +124,19 @@ pub struct DecisionReceipt {
     /// ([`crate::signing::SignedFields::bytes`]).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub signature: String,
+    /// On a decision signed in a batch (instead of `signature`): the
+    /// batch's Merkle root, lowercase hex ([`crate::signing::Seal`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub batch_root: String,
+    /// On a decision signed in a batch: its inclusion proof
+    /// ([`crate::merkle::Proof::encode`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub batch_proof: String,
+    /// On a decision signed in a batch: the Ed25519 signature (standard
+    /// base64) of the batch's signed bytes
+    /// ([`crate::signing::batch_bytes`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub batch_signature: String,
 }
 
 /// What the tool-result cache did for one event.
@@ -266,4 +279,13 @@ pub mod headers {
     /// bytes, on deliveries and dead letters; of the payload, on audit
     /// checkpoints.
     pub const SIGNATURE: &str = "Mesh-Signature";
+    /// On a decision signed in a batch (instead of `Mesh-Signature`): the
+    /// batch's Merkle root, lowercase hex.
+    pub const BATCH_ROOT: &str = "Mesh-Batch-Root";
+    /// On a decision signed in a batch: its inclusion proof,
+    /// `<index>.<size>.<path>` (`docs/security.md`).
+    pub const BATCH_PROOF: &str = "Mesh-Batch-Proof";
+    /// On a decision signed in a batch: the Ed25519 signature (standard
+    /// base64) of the batch's signed bytes.
+    pub const BATCH_SIGNATURE: &str = "Mesh-Batch-Signature";
 }

@@ -25,13 +25,35 @@ use crate::{Decision, DecisionReceipt, MeshEvent, headers};
 /// layout's version.
 pub const SIGNED_BYTES_VERSION: &str = "agentmesh.decision.v1";
 
+/// The first field of a batch's signed bytes ([`batch_bytes`]).
+pub const BATCH_BYTES_VERSION: &str = "agentmesh.batch.v1";
+
+/// The exact bytes a batch signature covers: the netstrings of
+/// [`BATCH_BYTES_VERSION`], the signer's public key, the number of leaves
+/// (decimal) and the Merkle root (lowercase hex).
+pub fn batch_bytes(signer: &str, size: u64, root: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(160);
+    for field in [BATCH_BYTES_VERSION, signer, &size.to_string(), root] {
+        netstring(&mut out, field);
+    }
+    out
+}
+
+/// A decision's leaf in a batch: SHA-256 of its signed bytes
+/// ([`SignedFields::bytes`]); the tree hashes it once more as a leaf
+/// ([`crate::merkle::leaf_hash`]).
+pub fn leaf(signed_bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(signed_bytes).into()
+}
+
 /// The lowercase hex SHA-256 of `bytes` (the digest of a message payload
 /// that the signature binds).
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
@@ -168,12 +190,50 @@ impl SigningKey {
         &self.public
     }
 
-    /// The Ed25519 signature of `bytes`, standard base64 with padding.
+    /// The Ed25519 signature of `bytes`, standard base64 with padding;
+    /// empty if the key cannot sign (see [`SigningKey::try_sign`]).
     pub fn sign(&self, bytes: &[u8]) -> String {
-        // INVARIANT: a key made from a seed can sign; nkeys fails only for
-        // a public-only key.
-        let signature = self.key.sign(bytes).unwrap_or_default();
-        base64::engine::general_purpose::STANDARD.encode(signature)
+        self.try_sign(bytes).unwrap_or_default()
+    }
+
+    /// The Ed25519 signature of `bytes`, standard base64 with padding.
+    pub fn try_sign(&self, bytes: &[u8]) -> Result<String, SignFailed> {
+        let signature = self
+            .key
+            .sign(bytes)
+            .map_err(|e| SignFailed(e.to_string()))?;
+        Ok(base64::engine::general_purpose::STANDARD.encode(signature))
+    }
+
+    /// Signs the decisions whose signed bytes are `batch` at once: one
+    /// alone gets its own signature ([`Seal::Single`]), two or more a
+    /// Merkle tree whose root is signed ([`Seal::Batch`], one per
+    /// decision, in order).
+    pub fn seal_batch<T: AsRef<[u8]>>(&self, batch: &[T]) -> Result<Vec<Seal>, SignFailed> {
+        match batch {
+            [] => Ok(Vec::new()),
+            [one] => Ok(vec![Seal::Single {
+                signature: self.try_sign(one.as_ref())?,
+            }]),
+            many => {
+                let leaves: Vec<[u8; 32]> = many.iter().map(|b| leaf(b.as_ref())).collect();
+                // INVARIANT: `many` has two or more entries.
+                let tree = crate::merkle::Tree::new(&leaves)
+                    .ok_or_else(|| SignFailed("empty batch".into()))?;
+                let root = hex(&tree.root);
+                let signature =
+                    self.try_sign(&batch_bytes(&self.public, leaves.len() as u64, &root))?;
+                Ok(tree
+                    .proofs
+                    .iter()
+                    .map(|proof| Seal::Batch {
+                        root: root.clone(),
+                        proof: proof.encode(),
+                        signature: signature.clone(),
+                    })
+                    .collect())
+            }
+        }
     }
 
     /// Signs `receipt` for `payload` (the event's message payload): sets
@@ -192,12 +252,159 @@ impl SigningKey {
 
     /// Adds the signature headers of a sealed `receipt` to a copy the
     /// worker publishes (delivery or dead letter): `Mesh-Decision`,
-    /// `Mesh-Decided-At`, `Mesh-Signer`, `Mesh-Signature`.
+    /// `Mesh-Decided-At`, `Mesh-Signer`, and `Mesh-Signature` or the
+    /// three `Mesh-Batch-*`.
     pub fn stamp(receipt: &DecisionReceipt, h: &mut HeaderMap) {
         h.insert(headers::DECISION, receipt.decision.as_str());
         h.insert(headers::DECIDED_AT, receipt.decided_at.as_str());
         h.insert(headers::SIGNER, receipt.signer.as_str());
-        h.insert(headers::SIGNATURE, receipt.signature.as_str());
+        match Seal::of_receipt(receipt) {
+            Some(seal) => seal.stamp(h),
+            None => h.insert(headers::SIGNATURE, ""),
+        }
+    }
+}
+
+/// A key that cannot sign (a public key only): the decision must not be
+/// published as signed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot sign: {0}")]
+pub struct SignFailed(pub String);
+
+/// How one decision is signed: alone, or as a leaf of a signed batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seal {
+    /// Its own Ed25519 signature of its signed bytes (`Mesh-Signature`).
+    Single {
+        /// Standard base64.
+        signature: String,
+    },
+    /// A leaf of a batch: the batch's root, the decision's inclusion
+    /// proof, and the signature of the batch's signed bytes
+    /// (`Mesh-Batch-Root`, `Mesh-Batch-Proof`, `Mesh-Batch-Signature`).
+    Batch {
+        /// The Merkle root, lowercase hex.
+        root: String,
+        /// [`crate::merkle::Proof::encode`].
+        proof: String,
+        /// Ed25519 of [`batch_bytes`], standard base64.
+        signature: String,
+    },
+}
+
+impl Seal {
+    /// The seal a receipt carries: `signature`, or else the three
+    /// `batch_*` fields; `None` when unsigned.
+    pub fn of_receipt(receipt: &DecisionReceipt) -> Option<Self> {
+        if !receipt.signature.is_empty() {
+            Some(Self::Single {
+                signature: receipt.signature.clone(),
+            })
+        } else if !receipt.batch_signature.is_empty() {
+            Some(Self::Batch {
+                root: receipt.batch_root.clone(),
+                proof: receipt.batch_proof.clone(),
+                signature: receipt.batch_signature.clone(),
+            })
+        } else {
+            None
+        }
+    }
+
+    /// The seal of a delivery's headers: `Mesh-Signature`, or else the
+    /// three `Mesh-Batch-*`.
+    pub fn of_headers(h: Option<&HeaderMap>) -> Result<Self, Refused> {
+        let header = |name: &'static str| {
+            h.and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+                .ok_or(Refused::Missing(name))
+        };
+        if let Ok(signature) = header(headers::SIGNATURE) {
+            return Ok(Self::Single { signature });
+        }
+        match header(headers::BATCH_SIGNATURE) {
+            Ok(signature) => Ok(Self::Batch {
+                root: header(headers::BATCH_ROOT)?,
+                proof: header(headers::BATCH_PROOF)?,
+                signature,
+            }),
+            Err(_) => Err(Refused::Missing(headers::SIGNATURE)),
+        }
+    }
+
+    /// Writes it into a receipt (`signature` or the `batch_*` fields).
+    pub fn write(self, receipt: &mut DecisionReceipt) {
+        match self {
+            Self::Single { signature } => receipt.signature = signature,
+            Self::Batch {
+                root,
+                proof,
+                signature,
+            } => {
+                receipt.batch_root = root;
+                receipt.batch_proof = proof;
+                receipt.batch_signature = signature;
+            }
+        }
+    }
+
+    /// Puts it on a message: `Mesh-Signature`, or the three `Mesh-Batch-*`.
+    pub fn stamp(&self, h: &mut HeaderMap) {
+        match self {
+            Self::Single { signature } => h.insert(headers::SIGNATURE, signature.as_str()),
+            Self::Batch {
+                root,
+                proof,
+                signature,
+            } => {
+                h.insert(headers::BATCH_ROOT, root.as_str());
+                h.insert(headers::BATCH_PROOF, proof.as_str());
+                h.insert(headers::BATCH_SIGNATURE, signature.as_str());
+            }
+        }
+    }
+}
+
+/// Batch roots whose signature a recipient has verified: later decisions
+/// of the same batch cost a SHA-256 per proof step, not an Ed25519
+/// verification. Keyed by signer, root and signature; whether the signer
+/// is trusted is checked on every decision regardless (a revocation
+/// applies at once). Holds at most [`VerifiedRoots::CAPACITY`] roots and
+/// starts over when full.
+#[derive(Debug, Default)]
+pub struct VerifiedRoots {
+    roots: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl VerifiedRoots {
+    /// The most roots remembered.
+    pub const CAPACITY: usize = 4096;
+
+    fn key(signer: &str, root: &str, signature: &str) -> String {
+        format!("{signer} {root} {signature}")
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        self.roots.lock().is_ok_and(|r| r.contains(key))
+    }
+
+    fn insert(&self, key: String) {
+        if let Ok(mut roots) = self.roots.lock() {
+            if roots.len() >= Self::CAPACITY {
+                roots.clear();
+            }
+            roots.insert(key);
+        }
+    }
+
+    /// How many roots are remembered.
+    pub fn len(&self) -> usize {
+        self.roots.lock().map_or(0, |r| r.len())
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -336,15 +543,67 @@ impl Signers {
         verify_signature(signer, &fields.bytes(), signature)
     }
 
-    /// Verifies a receipt: its signature by a trusted signer.
-    pub fn verify_receipt(&self, receipt: &DecisionReceipt) -> Result<(), Refused> {
-        if receipt.signature.is_empty() {
-            return Err(Refused::Missing("signature"));
+    /// Verifies `seal` over `fields` by `signer`: the signer is known and
+    /// trusted at `fields.decided_at`, and either its own signature
+    /// matches or its inclusion proof leads from the decision's leaf to
+    /// the batch root whose signature matches. A root in `cache` was
+    /// verified before (its signature is not checked again); one verified
+    /// now is added.
+    pub fn verify_seal(
+        &self,
+        fields: &SignedFields<'_>,
+        signer: &str,
+        seal: &Seal,
+        cache: Option<&VerifiedRoots>,
+    ) -> Result<(), Refused> {
+        match seal {
+            Seal::Single { signature } => self.verify(fields, signer, signature),
+            Seal::Batch {
+                root,
+                proof,
+                signature,
+            } => {
+                let record = self
+                    .records
+                    .get(signer)
+                    .ok_or_else(|| Refused::UnknownSigner(signer.to_owned()))?;
+                record.trusts(fields.decided_at)?;
+                let proof = crate::merkle::Proof::decode(proof).map_err(|_| Refused::BadProof)?;
+                let leaf = leaf(&fields.bytes());
+                if proof.root(&leaf).map(|r| hex(&r)).as_deref() != Some(root.as_str()) {
+                    return Err(Refused::BadProof);
+                }
+                let key = VerifiedRoots::key(signer, root, signature);
+                if cache.is_some_and(|c| c.contains(&key)) {
+                    return Ok(());
+                }
+                verify_signature(signer, &batch_bytes(signer, proof.size, root), signature)?;
+                if let Some(cache) = cache {
+                    cache.insert(key);
+                }
+                Ok(())
+            }
         }
-        self.verify(
+    }
+
+    /// Verifies a receipt: its signature, or its batch's, by a trusted
+    /// signer.
+    pub fn verify_receipt(&self, receipt: &DecisionReceipt) -> Result<(), Refused> {
+        self.verify_receipt_cached(receipt, None)
+    }
+
+    /// [`Signers::verify_receipt`] with a cache of verified batch roots.
+    pub fn verify_receipt_cached(
+        &self,
+        receipt: &DecisionReceipt,
+        cache: Option<&VerifiedRoots>,
+    ) -> Result<(), Refused> {
+        let seal = Seal::of_receipt(receipt).ok_or(Refused::Missing("signature"))?;
+        self.verify_seal(
             &SignedFields::of_receipt(receipt),
             &receipt.signer,
-            &receipt.signature,
+            &seal,
+            cache,
         )
     }
 
@@ -356,6 +615,19 @@ impl Signers {
         event: &MeshEvent,
         h: Option<&HeaderMap>,
         payload: &[u8],
+    ) -> Result<(), Refused> {
+        self.verify_delivery_cached(event, h, payload, None)
+    }
+
+    /// [`Signers::verify_delivery`] with a cache of verified batch roots:
+    /// a delivery signed per event (`Mesh-Signature`) or in a batch
+    /// (`Mesh-Batch-*`).
+    pub fn verify_delivery_cached(
+        &self,
+        event: &MeshEvent,
+        h: Option<&HeaderMap>,
+        payload: &[u8],
+        cache: Option<&VerifiedRoots>,
     ) -> Result<(), Refused> {
         let header = |name: &'static str| {
             h.and_then(|h| h.get(name))
@@ -381,11 +653,9 @@ impl Signers {
             data_sha256: &digest,
             decided_at: header(headers::DECIDED_AT)?,
         };
-        self.verify(
-            &fields,
-            header(headers::SIGNER)?,
-            header(headers::SIGNATURE)?,
-        )
+        let signer = header(headers::SIGNER)?;
+        let seal = Seal::of_headers(h)?;
+        self.verify_seal(&fields, signer, &seal, cache)
     }
 }
 
@@ -419,11 +689,18 @@ pub enum Refused {
     /// The signature does not match the bytes: something signed was altered.
     #[error("signature does not match (data, headers or attributes altered)")]
     BadSignature,
+    /// A batch's inclusion proof is malformed or does not lead from the
+    /// decision's leaf to the signed root: the proof, or something the
+    /// leaf binds, was altered.
+    #[error(
+        "inclusion proof does not lead to the signed batch root (data, headers, attributes or proof altered)"
+    )]
+    BadProof,
 }
 
 impl Refused {
     /// A short label for metrics: `unsigned`, `not_allowed`, `untrusted`,
-    /// `revoked`, `retired`, `bad_signature`.
+    /// `revoked`, `retired`, `bad_signature`, `bad_proof`.
     pub fn label(&self) -> &'static str {
         match self {
             Self::Missing(_) => "unsigned",
@@ -432,6 +709,7 @@ impl Refused {
             Self::Revoked(_) => "revoked",
             Self::Retired { .. } => "retired",
             Self::BadSignature => "bad_signature",
+            Self::BadProof => "bad_proof",
         }
     }
 }
@@ -547,6 +825,109 @@ mod tests {
         signers.insert(record);
         assert!(matches!(
             signers.verify_receipt(&r),
+            Err(Refused::Revoked(_))
+        ));
+    }
+
+    fn trusting(key: &SigningKey) -> Signers {
+        Signers::new([SignerRecord {
+            public_key: key.public_key().to_owned(),
+            name: "w".into(),
+            status: SignerStatus::Active,
+            added_at: String::new(),
+            retired_at: String::new(),
+            revoked_at: String::new(),
+        }])
+    }
+
+    #[test]
+    fn batch_bytes_are_netstrings_in_order() {
+        assert_eq!(
+            String::from_utf8(batch_bytes("NABC", 3, "00ff")).unwrap(),
+            "18:agentmesh.batch.v1,4:NABC,1:3,4:00ff,"
+        );
+    }
+
+    #[test]
+    fn a_batch_of_one_is_signed_alone_and_more_share_a_root() {
+        let key = SigningKey::generate();
+        let signers = trusting(&key);
+        let one = key.seal_batch(&[b"x".to_vec()]).unwrap();
+        assert!(matches!(&one[..], [Seal::Single { .. }]));
+
+        let receipts: Vec<DecisionReceipt> = (0..5)
+            .map(|i| {
+                let mut r = receipt();
+                r.event_id = format!("e-{i}");
+                r.data_sha256 = sha256_hex(b"{}");
+                r.signer = key.public_key().to_owned();
+                r
+            })
+            .collect();
+        let bytes: Vec<Vec<u8>> = receipts
+            .iter()
+            .map(|r| SignedFields::of_receipt(r).bytes())
+            .collect();
+        let seals = key.seal_batch(&bytes).unwrap();
+        assert_eq!(seals.len(), 5);
+        let cache = VerifiedRoots::default();
+        let mut sealed = Vec::new();
+        for (mut r, seal) in receipts.into_iter().zip(seals) {
+            let Seal::Batch { .. } = &seal else {
+                panic!("{seal:?}")
+            };
+            seal.write(&mut r);
+            assert!(r.signature.is_empty());
+            assert_eq!(signers.verify_receipt(&r), Ok(()));
+            assert_eq!(signers.verify_receipt_cached(&r, Some(&cache)), Ok(()));
+            sealed.push(r);
+        }
+        assert_eq!(cache.len(), 1, "one root verified for the batch");
+
+        // An altered decision, proof, root or signature is refused, with
+        // and without the cache.
+        let mut edited = sealed[2].clone();
+        edited.decision = Decision::Deny;
+        assert_eq!(
+            signers.verify_receipt_cached(&edited, Some(&cache)),
+            Err(Refused::BadProof)
+        );
+        let mut edited = sealed[2].clone();
+        edited.batch_proof = sealed[3].batch_proof.clone();
+        assert_eq!(
+            signers.verify_receipt_cached(&edited, Some(&cache)),
+            Err(Refused::BadProof)
+        );
+        // Another size for the same path: the signature binds the size.
+        let mut edited = sealed[2].clone();
+        let mut proof = crate::merkle::Proof::decode(&edited.batch_proof).unwrap();
+        proof.size = 6;
+        edited.batch_proof = proof.encode();
+        assert_eq!(signers.verify_receipt(&edited), Err(Refused::BadSignature));
+        let mut edited = sealed[2].clone();
+        edited.batch_proof = "garbage".into();
+        assert_eq!(signers.verify_receipt(&edited), Err(Refused::BadProof));
+        let mut edited = sealed[2].clone();
+        edited.batch_root = sha256_hex(b"another root");
+        assert_eq!(signers.verify_receipt(&edited), Err(Refused::BadProof));
+        let mut edited = sealed[2].clone();
+        edited.batch_signature = sealed[2].batch_signature.replace('A', "B");
+        if edited.batch_signature != sealed[2].batch_signature {
+            assert_eq!(signers.verify_receipt(&edited), Err(Refused::BadSignature));
+        }
+        // Another key's signature over the same root: refused.
+        let other = SigningKey::generate();
+        let mut edited = sealed[2].clone();
+        edited.batch_signature =
+            other.sign(&batch_bytes(key.public_key(), 5, &sealed[2].batch_root));
+        assert_eq!(signers.verify_receipt(&edited), Err(Refused::BadSignature));
+        // A revoked signer's cached root is refused all the same.
+        let mut record = signers.get(key.public_key()).unwrap().clone();
+        record.status = SignerStatus::Revoked;
+        let mut revoked = signers.clone();
+        revoked.insert(record);
+        assert!(matches!(
+            revoked.verify_receipt_cached(&sealed[0], Some(&cache)),
             Err(Refused::Revoked(_))
         ));
     }

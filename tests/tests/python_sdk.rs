@@ -74,16 +74,16 @@ async fn the_python_sdk_connects_with_an_agents_nkey() {
     println!("{}", out.unwrap());
 }
 
-/// Publishes a handoff from the planner to the reviewer on
-/// `mesh.deliver.reviewer.planner` as the policy worker would: signed by
-/// `key` (when given), its payload then replaced by `tampered` (when given).
-async fn signed_delivery(
-    mesh: &Mesh,
+/// A handoff from the planner to the reviewer as the policy worker would
+/// deliver it, and its receipt (not yet sealed).
+fn handoff(
     id: &str,
-    key: Option<&schemas::signing::SigningKey>,
-    tampered: Option<&str>,
+) -> (
+    async_nats::HeaderMap,
+    bytes::Bytes,
+    schemas::DecisionReceipt,
 ) {
-    use schemas::{Decision, DecisionReceipt, EventBuilder, EventBuilderV10, headers};
+    use schemas::{Decision, DecisionReceipt, EventBuilder, EventBuilderV10};
     let event = EventBuilderV10::new()
         .id(id)
         .source("/agents/planner")
@@ -92,8 +92,8 @@ async fn signed_delivery(
         .data("application/json", serde_json::json!({"task": "review"}))
         .build()
         .unwrap();
-    let (mut h, payload) = schemas::encode_binary(&event);
-    let mut receipt = DecisionReceipt {
+    let (h, payload) = schemas::encode_binary(&event);
+    let receipt = DecisionReceipt {
         event_id: id.into(),
         trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
         decision: Decision::Allow,
@@ -103,22 +103,94 @@ async fn signed_delivery(
         event_type: "io.agentmesh.task.handoff".into(),
         target: Some("reviewer".into()),
         decided_at: "2026-12-02T00:00:00.000001Z".into(),
+        data_sha256: schemas::signing::sha256_hex(&payload),
         ..Default::default()
     };
-    if let Some(key) = key {
-        key.seal(&mut receipt, &payload);
-        h.insert(headers::DECISION_ID, receipt.decision_id.as_str());
-        h.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
-        h.insert(headers::TRACE_ID, receipt.trace_id.as_str());
-        schemas::signing::SigningKey::stamp(&receipt, &mut h);
-    }
-    let payload = tampered.map_or(payload, |t| t.to_owned().into());
+    (h, payload, receipt)
+}
+
+/// Stamps a sealed `receipt` on `h` and stores the delivery.
+async fn deliver(
+    mesh: &Mesh,
+    mut h: async_nats::HeaderMap,
+    receipt: &schemas::DecisionReceipt,
+    payload: bytes::Bytes,
+) {
+    use schemas::headers;
+    h.insert(headers::DECISION_ID, receipt.decision_id.as_str());
+    h.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
+    h.insert(headers::TRACE_ID, receipt.trace_id.as_str());
+    schemas::signing::SigningKey::stamp(receipt, &mut h);
     mesh.js
         .publish_with_headers("mesh.deliver.reviewer.planner", h, payload)
         .await
         .unwrap()
         .await
         .unwrap();
+}
+
+/// Publishes a handoff from the planner to the reviewer on
+/// `mesh.deliver.reviewer.planner` as the policy worker would: signed by
+/// `key` (when given), its payload then replaced by `tampered` (when given).
+async fn signed_delivery(
+    mesh: &Mesh,
+    id: &str,
+    key: Option<&schemas::signing::SigningKey>,
+    tampered: Option<&str>,
+) {
+    let (h, payload, mut receipt) = handoff(id);
+    if let Some(key) = key {
+        key.seal_digest(&mut receipt);
+    }
+    let payload = tampered.map_or(payload, |t| t.to_owned().into());
+    if key.is_some() {
+        deliver(mesh, h, &receipt, payload).await;
+    } else {
+        mesh.js
+            .publish_with_headers("mesh.deliver.reviewer.planner", h, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+}
+
+/// Publishes handoffs `ids` signed together by `key` as a worker under load
+/// does: one signed Merkle root, an inclusion proof each (`Mesh-Batch-*`).
+/// The delivery `altered` gets another payload, `swapped` another's proof.
+async fn batch_signed_deliveries(
+    mesh: &Mesh,
+    key: &schemas::signing::SigningKey,
+    ids: &[&str],
+    altered: &str,
+    swapped: &str,
+) {
+    let mut handoffs: Vec<_> = ids.iter().map(|id| handoff(id)).collect();
+    let bytes: Vec<Vec<u8>> = handoffs
+        .iter_mut()
+        .map(|(_, _, r)| {
+            r.signer = key.public_key().to_owned();
+            schemas::signing::SignedFields::of_receipt(r).bytes()
+        })
+        .collect();
+    let seals = key.seal_batch(&bytes).unwrap();
+    for ((_, _, r), seal) in handoffs.iter_mut().zip(seals) {
+        seal.write(r);
+    }
+    let proofs: Vec<String> = handoffs
+        .iter()
+        .map(|(_, _, r)| r.batch_proof.clone())
+        .collect();
+    for (i, (h, payload, mut receipt)) in handoffs.into_iter().enumerate() {
+        let mut payload = payload;
+        if receipt.event_id == altered {
+            payload = bytes::Bytes::from_static(b"{\"task\":\"rm -rf /\"}");
+        }
+        if receipt.event_id == swapped {
+            receipt.batch_proof = proofs[(i + 1) % proofs.len()].clone();
+        }
+        deliver(mesh, h, &receipt, payload).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,14 +230,27 @@ async fn the_python_sdk_verifies_signed_deliveries() {
     .await;
     signed_delivery(&mesh, "unsigned", None, None).await;
     signed_delivery(&mesh, "stranger", Some(&stranger), None).await;
+    batch_signed_deliveries(
+        &mesh,
+        &worker,
+        &[
+            "batched-1",
+            "batched-2",
+            "batched-altered",
+            "batched-swapped",
+        ],
+        "batched-altered",
+        "batched-swapped",
+    )
+    .await;
     let out = pytest(
         &["test_signing.py"],
         vec![
             ("AGENTMESH_SIGNED_NATS_URL", mesh.url()),
-            ("AGENTMESH_SIGNED_GOOD", "signed".into()),
+            ("AGENTMESH_SIGNED_GOOD", "signed,batched-1,batched-2".into()),
             (
                 "AGENTMESH_SIGNED_REFUSED",
-                "altered,unsigned,stranger".into(),
+                "altered,unsigned,stranger,batched-altered,batched-swapped".into(),
             ),
         ],
     )

@@ -22,7 +22,7 @@ use agents_sdk::Agent;
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::StreamMessage;
 use futures::StreamExt;
-use schemas::signing::{Refused, SignerRecord, SignerStatus, Signers, SigningKey};
+use schemas::signing::{Refused, Seal, SignerRecord, SignerStatus, Signers, SigningKey};
 use schemas::{Decision, DecisionReceipt, headers, subjects};
 use sdk_support::{Mesh, WAIT};
 use testkit::eventually;
@@ -138,12 +138,14 @@ async fn forged_and_altered_deliveries_never_reach_the_handler() {
         dead.headers.get(headers::DECISION).map(|v| v.as_str()),
         Some("deny")
     );
-    assert!(dead.headers.get(headers::SIGNATURE).is_some());
+    assert!(Seal::of_headers(Some(&dead.headers)).is_ok());
     let receipt = mesh.receipt(&genuine.id).await;
     assert_eq!(receipt.decision, Decision::Allow);
+    // Signed alone, or in a batch with the denied handoff: either way the
+    // receipt's seal.
     assert_eq!(
-        real.headers.get(headers::SIGNATURE).map(|v| v.as_str()),
-        Some(receipt.signature.as_str()),
+        Seal::of_headers(Some(&real.headers)).ok(),
+        Seal::of_receipt(&receipt),
         "the delivery carries the receipt's signature"
     );
 
@@ -196,7 +198,11 @@ async fn forged_and_altered_deliveries_never_reach_the_handler() {
     assert!(out.contains(&format!("verified {}", genuine.id)), "{out}");
     let (ok, out) = python_verify(&mesh, forged_seqs[0]);
     assert!(!ok, "{out}");
-    assert!(out.contains("refused: signature does not match"), "{out}");
+    assert!(
+        out.contains("refused: signature does not match")
+            || out.contains("refused: inclusion proof does not lead to the signed root"),
+        "{out}"
+    );
 
     // The coder's handler sees the genuine delivery only.
     let coder = mesh.agent(Agent::builder("coder")).await;
@@ -325,4 +331,170 @@ async fn a_rotated_signer_still_verifies_what_it_signed() {
     want.sort();
     assert_eq!(ids, want);
     assert_eq!(coder.metrics().refused, 0);
+}
+
+/// The batch size a `Mesh-Batch-Proof` names (`<index>.<size>.<path>`).
+fn batch_size(m: &StreamMessage) -> u64 {
+    m.headers
+        .get(headers::BATCH_PROOF)
+        .and_then(|p| p.as_str().split('.').nth(1)?.parse().ok())
+        .unwrap_or(1)
+}
+
+#[tokio::test]
+async fn a_burst_is_signed_in_batches_and_every_delivery_still_verifies() {
+    const BURST: usize = 200;
+    let mut mesh = Mesh::start().await;
+    let planner = mesh.agent(Agent::builder("planner")).await;
+    let mut ids = Vec::new();
+    for i in 0..BURST {
+        let sent = planner
+            .workflow()
+            .handoff("coder", format!("task {i}"))
+            .await
+            .unwrap();
+        ids.push(sent.id);
+    }
+    // The worker starts on the backlog: many decisions are ready at once,
+    // so the signer takes them together (the default batch size, 256).
+    mesh.start_worker(None).await;
+    let deliver = subjects::deliver("coder", "planner");
+    let copies = eventually(WAIT, "every delivery of the burst", || {
+        let (mesh, deliver) = (&mesh, &deliver);
+        async move {
+            let copies = mesh.messages_on(subjects::STREAM_DELIVER, deliver).await;
+            (copies.len() == BURST).then_some(copies)
+        }
+    })
+    .await
+    .unwrap();
+    let largest = copies.iter().map(batch_size).max().unwrap_or(0);
+    assert!(
+        largest > 1,
+        "no delivery of a {BURST}-event backlog was signed in a batch"
+    );
+    let batched = copies
+        .iter()
+        .find(|m| batch_size(m) == largest)
+        .unwrap()
+        .clone();
+    let other = copies
+        .iter()
+        .find(|m| {
+            batch_size(m) == largest
+                && m.headers.get(headers::BATCH_PROOF) != batched.headers.get(headers::BATCH_PROOF)
+                && m.headers.get(headers::BATCH_ROOT) == batched.headers.get(headers::BATCH_ROOT)
+        })
+        .unwrap()
+        .clone();
+    let id = batched.headers.get("ce-id").unwrap().as_str().to_owned();
+    assert!(batched.headers.get(headers::SIGNATURE).is_none());
+
+    // The receipt carries the same root, proof and signature, and verifies
+    // as the auditor checks it (every receipt of the burst does).
+    let receipt = mesh.receipt(&id).await;
+    assert!(receipt.signature.is_empty() && !receipt.batch_signature.is_empty());
+    assert_eq!(
+        Seal::of_headers(Some(&batched.headers)).ok(),
+        Seal::of_receipt(&receipt)
+    );
+    let trusted = signers(&mesh).await;
+    let roots = schemas::signing::VerifiedRoots::default();
+    let receipts: Vec<DecisionReceipt> = mesh
+        .messages(subjects::STREAM_DECISION)
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice(&m.payload).unwrap())
+        .collect();
+    assert_eq!(receipts.len(), BURST);
+    for r in &receipts {
+        assert_eq!(
+            trusted.verify_receipt_cached(r, Some(&roots)),
+            Ok(()),
+            "{r:?}"
+        );
+    }
+    assert!(
+        roots.len() < BURST,
+        "{} roots for {BURST} receipts",
+        roots.len()
+    );
+
+    // Forgeries of a batched delivery: its data changed, another decision's
+    // proof in its place.
+    let mut swapped = renamed(&batched.headers, "forged-proof");
+    swapped.insert(
+        headers::BATCH_PROOF,
+        other.headers.get(headers::BATCH_PROOF).unwrap().as_str(),
+    );
+    let mut forged_seqs = Vec::new();
+    for (h, payload) in [
+        (
+            renamed(&batched.headers, "forged-batched-data"),
+            bytes::Bytes::from_static(b"{\"task\":\"rm -rf /\"}"),
+        ),
+        (swapped, batched.payload.clone()),
+    ] {
+        let ack = mesh
+            .js
+            .publish_with_headers(deliver.clone(), h, payload)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        forged_seqs.push(ack.sequence);
+    }
+
+    // A plain Python client verifies the batched delivery and refuses both.
+    let (ok, out) = python_verify(&mesh, batched.sequence);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("verified {id}")), "{out}");
+    for seq in forged_seqs {
+        let (ok, out) = python_verify(&mesh, seq);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("refused: inclusion proof does not lead to the signed root"),
+            "{out}"
+        );
+    }
+
+    // The coder's handler gets the whole burst and neither forgery.
+    let coder = mesh.agent(Agent::builder("coder")).await;
+    let mut deliveries = coder.deliveries().await.unwrap();
+    let (seen, mut read) = tokio::sync::mpsc::unbounded_channel();
+    // Reads on (a refusal happens as the stream reaches the forgery).
+    let reader = tokio::spawn(async move {
+        while let Some(d) = deliveries.next().await {
+            let d = d.unwrap();
+            d.ack().await.unwrap();
+            let _ = seen.send(d.id().to_owned());
+        }
+    });
+    let mut handled = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while handled.len() < BURST {
+        let id = tokio::time::timeout_at(deadline, read.recv())
+            .await
+            .expect("the burst to be handled")
+            .unwrap();
+        handled.insert(id);
+    }
+    eventually(WAIT, "two refused deliveries", || async {
+        (coder.metrics().refused == 2).then_some(())
+    })
+    .await
+    .unwrap();
+    eventually(WAIT, "the coder's durable to be empty", || async {
+        (mesh.backlog("coder").await == (0, 0)).then_some(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(handled, ids.into_iter().collect());
+    assert!(
+        read.try_recv().is_err(),
+        "a forged delivery reached the reader"
+    );
+    let m = coder.metrics();
+    assert_eq!((m.refused, m.handled), (2, 0), "{m:?}");
+    reader.abort();
 }

@@ -53,9 +53,33 @@ impl<E: std::error::Error + Send + Sync + 'static> Replica<E> {
 
 impl Services {
     /// Starts the servers and both services, and waits until they are ready.
+    #[allow(dead_code, reason = "each test binary uses one of the two starts")]
     pub(crate) async fn start(database: &str) -> anyhow::Result<Self> {
+        Ok(Self::start_on_backlog(database, 0).await?.0)
+    }
+
+    /// [`Services::start`], the services started only once `backlog`
+    /// reasoning steps of one planner workflow wait in `MESH_INGRESS` (the
+    /// worker then decides many at once); returns that workflow's trace id
+    /// and the steps' event ids.
+    #[allow(dead_code, reason = "each test binary uses one of the two starts")]
+    pub(crate) async fn start_on_backlog(
+        database: &str,
+        backlog: usize,
+    ) -> anyhow::Result<(Self, String, Vec<String>)> {
         let nats = NatsServer::start().await?;
         let ch = ClickHouseServer::start().await?;
+        let (mut trace, mut ids) = (String::new(), Vec::new());
+        if backlog > 0 {
+            let js = async_nats::jetstream::new(nats.connect().await?);
+            broker_config::apply(&js, &broker_config::Options::default()).await?;
+            let planner = agents_sdk::Agent::connect("planner", nats.url()).await?;
+            let wf = planner.workflow();
+            trace = wf.trace_id().to_string();
+            for n in 0..backlog {
+                ids.push(wf.reasoning(format!("backlog step {n}")).await?.id);
+            }
+        }
         let db = ch.unique_database(database);
         let tmp = tempfile::tempdir()?;
         let shutdown = CancellationToken::new();
@@ -73,7 +97,7 @@ impl Services {
         let sink = services.sink_replica("sink").await?;
         services.sink_signer = sink.signer.clone();
         services.sink = Some(sink);
-        Ok(services)
+        Ok((services, trace, ids))
     }
 
     /// Starts one more policy worker (on the shipped policies, the shared

@@ -3,7 +3,13 @@ worker signs each decision with its Ed25519 key; a delivery carries the
 signature (`Mesh-Signer`, `Mesh-Signature`) over the event's attributes,
 the decision's `Mesh-*` headers and the SHA-256 of the payload. The agent
 checks it against the trusted signers in the `mesh-signers` bucket before
-any handler sees the event, as agents-sdk does."""
+any handler sees the event, as agents-sdk does.
+
+A worker under load signs decisions in batches (docs/security.md, "Batch
+signatures"): the delivery then carries, instead of `Mesh-Signature`, the
+batch's Merkle root (`Mesh-Batch-Root`), the decision's inclusion proof
+(`Mesh-Batch-Proof`) and the root's signature (`Mesh-Batch-Signature`);
+verified roots are remembered, so one batch costs one Ed25519 check."""
 
 from __future__ import annotations
 
@@ -23,13 +29,14 @@ log = logging.getLogger("agentmesh")
 
 BUCKET = "mesh-signers"
 SIGNED_BYTES_VERSION = "agentmesh.decision.v1"
+BATCH_BYTES_VERSION = "agentmesh.batch.v1"
 _PREFIX_SERVER = 13 << 3  # nkeys: public keys starting with `N`
 
 
 class Refused(Exception):
     """Why a signed decision is not trusted; `label` as agents-sdk counts it:
     `unsigned`, `not_allowed`, `untrusted`, `revoked`, `retired`,
-    `bad_signature`."""
+    `bad_signature`, `bad_proof`."""
 
     def __init__(self, label: str, message: str):
         super().__init__(message)
@@ -74,6 +81,55 @@ def signed_bytes(
         data_sha256,
         decided_at,
     )
+
+
+def batch_bytes(signer: str, size: int, root: str) -> bytes:
+    """The exact bytes a batch signature covers."""
+    return netstrings(BATCH_BYTES_VERSION, signer, str(size), root)
+
+
+def _leaf_hash(data: bytes) -> bytes:
+    return hashlib.sha256(b"\x00" + data).digest()
+
+
+def _node_hash(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def decode_proof(text: str):
+    """`<index>.<size>.<path>` (path: 32-byte hashes, unpadded base64url) as
+    (index, size, [hashes]); raises `Refused` when malformed."""
+    try:
+        index, size, path = text.strip().split(".", 2)
+        if not (index.isdigit() and size.isdigit()):
+            raise ValueError("index and size are decimal")
+        raw = base64.urlsafe_b64decode(path + "=" * (-len(path) % 4))
+        if len(raw) % 32 or int(index) >= int(size):
+            raise ValueError("not whole hashes, or index not below size")
+    except (ValueError, TypeError) as e:
+        raise Refused("bad_proof", f"not an inclusion proof: {e}") from e
+    return int(index), int(size), [raw[i : i + 32] for i in range(0, len(raw), 32)]
+
+
+def proof_root(leaf: bytes, index: int, size: int, path) -> Optional[bytes]:
+    """The Merkle root an inclusion proof leads to from the leaf whose data is
+    `leaf` (RFC 9162 section 2.1.3.2), or None when it does not fit."""
+    if index >= size:
+        return None
+    fn, sn, r = index, size - 1, _leaf_hash(leaf)
+    for p in path:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            r = _node_hash(p, r)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = _node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return r if sn == 0 else None
 
 
 def _crc16(data: bytes) -> int:
@@ -139,6 +195,8 @@ class Trust:
         self._kv = kv
         self.records: Dict[str, Dict[str, str]] = {}
         self._last_read = 0.0
+        # Batch roots whose signature verified: (signer, root, signature).
+        self.verified_roots: set = set()
 
     @staticmethod
     async def open(js) -> Optional["Trust"]:
@@ -206,12 +264,32 @@ class Trust:
             decided_at=need("Mesh-Decided-At"),
         )
         signer = need("Mesh-Signer")
-        signature = need("Mesh-Signature")
+        signature = header(headers, "Mesh-Signature")
+        batch_signature = header(headers, "Mesh-Batch-Signature")
+        if signature is None and batch_signature is None:
+            need("Mesh-Signature")
         record = self.records.get(signer)
         if record is None:
             raise Refused("untrusted", f"signer `{signer}` is not trusted")
         trusts(record, need("Mesh-Decided-At"))
-        verify_signature(signer, data, signature)
+        if signature is not None:
+            verify_signature(signer, data, signature)
+            return
+        root = need("Mesh-Batch-Root")
+        index, size, path = decode_proof(need("Mesh-Batch-Proof"))
+        led = proof_root(hashlib.sha256(data).digest(), index, size, path)
+        if led is None or led.hex() != root:
+            raise Refused(
+                "bad_proof",
+                "inclusion proof does not lead to the signed batch root (data, headers, attributes or proof altered)",
+            )
+        key = (signer, root, batch_signature)
+        if key in self.verified_roots:
+            return
+        verify_signature(signer, batch_bytes(signer, size, root), batch_signature)
+        if len(self.verified_roots) >= 4096:
+            self.verified_roots.clear()
+        self.verified_roots.add(key)
 
     async def verify(self, event: Event, agent: str, headers: Optional[Mapping[str, str]], payload: bytes) -> None:
         """Raises `Refused` unless the delivery carries a valid signature by a
