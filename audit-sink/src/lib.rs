@@ -310,8 +310,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .credentials
         .apply(async_nats::ConnectOptions::new().name("audit-sink"))
         .await?;
-    let nats = options
-        .connect(&config.nats.url)
+    let nats = schemas::servers::connect(options, &config.nats.url)
         .await
         .map_err(|source| Error::Connect {
             url: config.nats.url.clone(),

@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 pub mod clickhouse;
+mod cluster;
 pub mod zookeeper;
 pub use self::clickhouse::ClickHouseServer;
+pub use self::cluster::NatsCluster;
 pub use self::zookeeper::ZooKeeperServer;
 
 /// The longest any test waits for something to happen (a server to start,

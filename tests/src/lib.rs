@@ -181,6 +181,7 @@ impl SecureNats {
             port: self.port,
             store_dir: self.dir.path().join("jetstream"),
             principals: Some(self.principals()),
+            cluster: None,
         })?;
         let text = format!("{text}\nserver_name: \"{}\"\n", self.name);
         std::fs::write(self.config_path(), text)?;
