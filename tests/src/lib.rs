@@ -17,6 +17,8 @@ use broker_config::auth::{self, Principal, Role};
 use broker_config::credentials::{UserKey, generate_user_key};
 use tokio_util::sync::CancellationToken;
 
+pub mod faults;
+
 /// How long the harness and the tests wait for something to happen.
 pub use testkit::WAIT;
 
