@@ -7,6 +7,7 @@
 //! in one place.
 
 mod agent;
+pub mod approval;
 mod binding;
 mod catalogue;
 pub mod merkle;
@@ -25,6 +26,7 @@ pub mod proto {
 }
 
 pub use agent::{AgentId, InvalidAgentId};
+pub use approval::{Answer, AnswerAction, ApprovalState};
 pub use binding::{
     BindingError, ContentMode, STRUCTURED_CONTENT_TYPE, decode, encode_binary, encode_structured,
     percent_decode_header, percent_encode_header,
