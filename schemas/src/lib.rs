@@ -1,7 +1,8 @@
 //! The agentmesh wire contract: CloudEvents over NATS in both modes of the
 //! CloudEvents NATS binding, the event-type catalogue, validation of mesh
-//! events, W3C `traceparent`, decision receipts and the subject names of
-//! `docs/contract.md`.
+//! events, W3C `traceparent`, decision receipts, the approval wire types
+//! ([`approval`]), the `mesh-limits` keys and values ([`limits`]) and the
+//! subject names of `docs/contract.md`.
 //!
 //! Every service and the SDK speak through this crate, so the contract lives
 //! in one place.
@@ -10,6 +11,7 @@ mod agent;
 pub mod approval;
 mod binding;
 mod catalogue;
+pub mod limits;
 pub mod merkle;
 mod mesh;
 mod receipt;
