@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test command: installs the servers the tests start (nats-server,
 # clickhouse-server), checks formatting, lints, the API docs (no rustdoc
-# warnings), validates compose.yaml when present, and runs every test of the
-# workspace against real servers (ZooKeeper and two ClickHouse replicas for
-# the replicated tests) — among them the Python SDK's pytest suite
+# warnings), validates compose.yaml and compose.cluster.yaml when present,
+# and runs every test of the workspace against real servers (ZooKeeper and
+# two ClickHouse replicas for the replicated tests, three nats-server nodes
+# for the cluster tests) — among them the Python SDK's pytest suite
 # (sdk/python/tests), which tests/tests/python_sdk.rs runs against the mesh
 # it starts, and the cross-agent trace check (traces_across_agents.rs).
 set -euo pipefail
@@ -23,10 +24,12 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-if [ -f compose.yaml ]; then
-  echo "==> docker-compose config"
-  docker-compose -f compose.yaml config -q
-fi
+for compose in compose.yaml compose.cluster.yaml; do
+  if [ -f "$compose" ]; then
+    echo "==> docker-compose -f $compose config"
+    docker-compose -f "$compose" config -q
+  fi
+done
 echo "==> cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 echo "==> cargo test"

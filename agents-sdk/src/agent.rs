@@ -355,7 +355,9 @@ impl AgentBuilder {
         self
     }
 
-    /// Connects to the NATS server(s) at `url` and sets the agent up.
+    /// Connects to the NATS server(s) at `url` and sets the agent up: one
+    /// URL, or the URLs of a cluster's nodes separated by commas, tried in
+    /// that order (the connection fails over between them).
     pub async fn connect(mut self, url: impl AsRef<str>) -> Result<Agent, ConnectError> {
         let url = url.as_ref();
         let id = AgentId::new(&self.id)
@@ -375,9 +377,8 @@ impl AgentBuilder {
             }
             Credentials::Token(token) => options.token(token.clone()),
         };
-        let client = options
-            .name(format!("agentmesh-agent-{id}"))
-            .connect(url)
+        let options = options.name(format!("agentmesh-agent-{id}"));
+        let client = schemas::servers::connect(options, url)
             .await
             .map_err(|e| ConnectError::with_source(ConnectErrorKind::Connect(url.to_owned()), e))?;
         self.setup(id, client).await
@@ -655,7 +656,8 @@ impl Agent {
         AgentBuilder::new(id)
     }
 
-    /// Connects agent `id` to the NATS server at `url` with defaults.
+    /// Connects agent `id` to the NATS server at `url` (or the comma-separated
+    /// URLs of a cluster's nodes) with defaults.
     pub async fn connect(
         id: impl Into<String>,
         url: impl AsRef<str>,

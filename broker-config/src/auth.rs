@@ -562,6 +562,26 @@ pub struct ServerConfig {
     /// The identities; `None` runs without authorization (everything in
     /// the global account, anyone may connect).
     pub principals: Option<Vec<Principal>>,
+    /// This server as one node of a cluster; `None` for a single server.
+    pub cluster: Option<ClusterNode>,
+}
+
+/// One node of a nats-server cluster with JetStream (every node names the
+/// same cluster and routes to the others; stream replicas live on
+/// different nodes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    /// This node's server name, unique in the cluster (the name a stream's
+    /// leader is reported by).
+    pub server_name: String,
+    /// The cluster's name, the same on every node.
+    pub cluster_name: String,
+    /// The port this node's routes listen on (on `host`).
+    pub route_port: u16,
+    /// The other nodes' route URLs (`nats-route://host:port`).
+    pub routes: Vec<String>,
+    /// The monitoring port (`/healthz`, `/jsz`), if any.
+    pub http_port: Option<u16>,
 }
 
 /// The whole nats-server config file for `config`.
@@ -574,6 +594,19 @@ pub fn render_server_config(config: &ServerConfig) -> Result<String, AuthError> 
     let store = json!(config.store_dir.display().to_string());
     let _ = writeln!(out, "listen: {listen}");
     let _ = writeln!(out, "jetstream: {{store_dir: {store}}}");
+    if let Some(node) = &config.cluster {
+        let _ = writeln!(out, "server_name: {}", json!(node.server_name));
+        if let Some(http) = node.http_port {
+            let _ = writeln!(out, "http: {}", json!(format!("{}:{http}", config.host)));
+        }
+        let _ = writeln!(
+            out,
+            "cluster: {{name: {}, listen: {}, routes: {}}}",
+            json!(node.cluster_name),
+            json!(format!("{}:{}", config.host, node.route_port)),
+            json!(node.routes)
+        );
+    }
     if let Some(principals) = &config.principals {
         let accounts = render_accounts(principals)?;
         let text = serde_json::to_string_pretty(&accounts).unwrap_or_default();
@@ -748,9 +781,11 @@ mod tests {
             port: 4222,
             store_dir: "/tmp/js".into(),
             principals: Some(principals()),
+            cluster: None,
         })
         .unwrap();
         assert!(text.contains("listen: \"127.0.0.1:4222\""), "{text}");
+        assert!(!text.contains("cluster"), "{text}");
         let accounts = render_accounts(&principals()).unwrap();
         let exports = accounts["MESH"]["exports"].as_array().unwrap();
         assert!(
@@ -767,6 +802,34 @@ mod tests {
             accounts["MESH"]["imports"][0]["service"]["subject"],
             json!(GPU_STATUS_SUBJECT)
         );
+    }
+
+    #[test]
+    fn renders_a_cluster_node() {
+        let text = render_server_config(&ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 4223,
+            store_dir: "/tmp/js2".into(),
+            principals: None,
+            cluster: Some(ClusterNode {
+                server_name: "nats-2".into(),
+                cluster_name: "agentmesh".into(),
+                route_port: 6223,
+                routes: vec![
+                    "nats-route://127.0.0.1:6222".into(),
+                    "nats-route://127.0.0.1:6224".into(),
+                ],
+                http_port: Some(8223),
+            }),
+        })
+        .unwrap();
+        for line in [
+            "server_name: \"nats-2\"",
+            "http: \"127.0.0.1:8223\"",
+            "cluster: {name: \"agentmesh\", listen: \"127.0.0.1:6223\", routes: [\"nats-route://127.0.0.1:6222\",\"nats-route://127.0.0.1:6224\"]}",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
     }
 
     #[test]

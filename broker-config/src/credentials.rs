@@ -177,7 +177,7 @@ pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// service flattens into its `Config`.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct NatsArgs {
-    /// NATS server URL.
+    /// NATS server URL, or the URLs of a cluster's nodes separated by commas (tried in that order; the client fails over between them).
     #[arg(long = "nats-url", env = "NATS_URL", default_value = DEFAULT_NATS_URL)]
     pub url: String,
     /// How to authenticate.
@@ -282,6 +282,15 @@ mod tests {
             "/u.creds",
         ]);
         assert!(both.is_err());
+        let cluster = Args::try_parse_from([
+            "svc",
+            "--nats-url",
+            "nats://n1:4222,nats://n2:4222,nats://n3:4222",
+        ])
+        .unwrap();
+        let nodes = schemas::servers::server_addrs(&cluster.nats.url).unwrap();
+        let hosts: Vec<&str> = nodes.iter().map(|n| n.host()).collect();
+        assert_eq!(hosts, ["n1", "n2", "n3"]);
         if std::env::var_os("NATS_URL").is_none() {
             let plain = Args::try_parse_from(["svc"]).unwrap();
             assert_eq!(plain.nats, NatsArgs::default());

@@ -196,8 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             url: config.nats.url.clone(),
             message: e.to_string(),
         })?;
-    let client = options
-        .connect(&config.nats.url)
+    let client = schemas::servers::connect(options, &config.nats.url)
         .await
         .map_err(|e| Error::Connect {
             url: config.nats.url.clone(),

@@ -73,9 +73,9 @@ impl std::fmt::Debug for ClickHouseSecrets {
 }
 
 /// The ClickHouse user the audit sink writes with.
-pub(crate) const CLICKHOUSE_SINK_USER: &str = "agentmesh_sink";
+pub(crate) const CLICKHOUSE_SINK_USER: &str = clickhouse_config::SINK_USER;
 /// The ClickHouse user readers query with.
-pub(crate) const CLICKHOUSE_READER_USER: &str = "agentmesh_reader";
+pub(crate) const CLICKHOUSE_READER_USER: &str = clickhouse_config::READER_USER;
 
 /// `.agentmesh/auth/`.
 #[derive(Debug, Clone)]
@@ -285,28 +285,21 @@ impl AuthState {
             .collect()
     }
 
-    /// The nats-server config of the local stack.
+    /// The nats-server config of the local stack (its first node's).
     pub(crate) fn nats_config_path(home: &Home) -> PathBuf {
-        home.root().join("nats").join("nats-server.conf")
+        crate::servers::node_store(home, 0).join("nats-server.conf")
     }
 
-    /// Renders the nats-server config for the local server on `port` with
-    /// every registered identity; returns its path.
-    pub(crate) fn write_nats_config(&self, home: &Home, port: u16) -> anyhow::Result<PathBuf> {
-        let store = home.root().join("nats");
-        std::fs::create_dir_all(&store)
-            .with_context(|| format!("creating `{}`", store.display()))?;
-        let store = std::fs::canonicalize(&store)?;
-        let text = auth::render_server_config(&auth::ServerConfig {
-            host: "127.0.0.1".into(),
-            port,
-            store_dir: store.clone(),
-            principals: Some(self.principals()?),
-        })?;
-        let path = Self::nats_config_path(home);
-        credentials::write_private_file(&path, text.as_bytes())
-            .with_context(|| format!("writing `{}`", path.display()))?;
-        Ok(path)
+    /// Renders the nats-server config of each of the `nodes` local nodes
+    /// (the first on `port`) with every registered identity; returns their
+    /// paths.
+    pub(crate) fn write_nats_config(
+        &self,
+        home: &Home,
+        port: u16,
+        nodes: usize,
+    ) -> anyhow::Result<Vec<PathBuf>> {
+        crate::servers::write_node_configs(home, port, nodes, Some(self.principals()?))
     }
 
     fn clickhouse_path(&self) -> PathBuf {

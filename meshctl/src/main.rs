@@ -32,11 +32,11 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about)]
 struct Cli {
-    /// NATS server URL (a local one is started by `up` when nothing answers here).
+    /// NATS server URL, or a cluster's node URLs separated by commas (a local server, or with `up --nats-nodes 3` a local cluster, is started by `up` when nothing answers here).
     #[arg(long, global = true, env = "NATS_URL", default_value = broker_config::DEFAULT_NATS_URL)]
     nats_url: String,
     /// ClickHouse HTTP URL (a local one is started by `up` when nothing answers here).
-    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_sink::DEFAULT_CLICKHOUSE_URL)]
+    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_tables::DEFAULT_CLICKHOUSE_URL)]
     clickhouse_url: String,
     /// ClickHouse user.
     #[arg(
@@ -56,7 +56,7 @@ struct Cli {
     )]
     clickhouse_password: String,
     /// Database of the audit tables.
-    #[arg(long, global = true, env = "AGENTMESH_AUDIT_DATABASE", default_value = audit_sink::schema::DEFAULT_DATABASE)]
+    #[arg(long, global = true, env = "AGENTMESH_AUDIT_DATABASE", default_value = audit_tables::schema::DEFAULT_DATABASE)]
     database: String,
     /// NATS nkey seed file meshctl connects with (default: the operator key of a stack with authorization, `.agentmesh/auth/keys/meshctl.nk`).
     #[arg(long, global = true, env = "NATS_NKEY_SEED_FILE")]
@@ -107,6 +107,9 @@ enum Command {
         /// Run NATS and ClickHouse without authorization: any client may connect and publish on any subject (development only).
         #[arg(long)]
         insecure: bool,
+        /// NATS nodes to start: 1, or 3 for a local JetStream cluster (ports NATS_URL's port +0..2, routes +2000, monitoring +4000; streams at 3 replicas).
+        #[arg(long, default_value_t = 1)]
+        nats_nodes: usize,
         /// Run this many ClickHouse replicas of one shard (2 or 3; with ZooKeeper: `scripts/install-deps.sh --replicated`) instead of one server: the audit tables replicated, the audit sink failing over between them.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
         clickhouse_replicas: u8,
@@ -235,7 +238,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    audit_sink::schema::check_database(&cli.database)?;
+    audit_tables::schema::check_database(&cli.database)?;
     let home = procs::Home::new(cli.home);
     let insecure = matches!(cli.command, Command::Up { insecure: true, .. });
     let endpoints = servers::Endpoints {
@@ -251,6 +254,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     };
     let is_up = matches!(cli.command, Command::Up { .. });
     let endpoints = endpoints.with_local_credentials(&home, is_up, insecure);
+    let endpoints = if is_up {
+        endpoints
+    } else {
+        endpoints.with_local_cluster(&home)?
+    };
     match cli.command {
         Command::Up {
             detach,
@@ -259,6 +267,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gpu_config,
             timeout_secs,
             insecure,
+            nats_nodes,
             clickhouse_replicas,
         } => {
             let options = stack::UpOptions {
@@ -268,6 +277,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 timeout: Duration::from_secs(timeout_secs),
                 gpu_config: Some(gpu_config),
                 insecure,
+                nats_nodes,
                 clickhouse_replicas: usize::from(clickhouse_replicas),
             };
             stack::up(&home, &endpoints, &options).await?;

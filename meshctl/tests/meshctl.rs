@@ -12,12 +12,9 @@ mod support {
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use support::services::{Services, workspace};
-use testkit::{eventually, free_port};
-
-const WAIT: Duration = Duration::from_secs(60);
+use testkit::{WAIT, eventually, free_port};
 
 /// `meshctl <args>` with the environment pointing at the test's servers.
 fn meshctl(env: &[(&str, &str)], args: &[&str]) -> std::io::Result<Output> {
@@ -111,9 +108,7 @@ fn trace_of(stdout: &str) -> anyhow::Result<String> {
 #[tokio::test]
 async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> {
     let services = Services::start("meshctl").await?;
-    let Services {
-        nats, ch, db, tmp, ..
-    } = &services;
+    let (nats, ch, db, tmp) = (&services.nats, services.ch(), services.db(), &services.tmp);
 
     let (nats_url, ch_url) = (nats.url(), ch.url());
     let home = tmp.path().join("home");
@@ -121,7 +116,7 @@ async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> 
     let env = [
         ("NATS_URL", nats_url.as_str()),
         ("CLICKHOUSE_URL", ch_url.as_str()),
-        ("AGENTMESH_AUDIT_DATABASE", db.as_str()),
+        ("AGENTMESH_AUDIT_DATABASE", db),
         ("AGENTMESH_HOME", &home),
     ];
     // Work of another workflow waiting for `coder` before the demo starts:
@@ -965,9 +960,7 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
     use schemas::{EventBuilder, EventBuilderV10};
 
     let services = Services::start("meshctl_ids").await?;
-    let Services {
-        nats, ch, db, tmp, ..
-    } = &services;
+    let (nats, ch, db, tmp) = (&services.nats, services.ch(), services.db(), &services.tmp);
 
     let js = async_nats::jetstream::new(nats.connect().await?);
     let trace = schemas::TraceParent::mint();
@@ -1039,7 +1032,7 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
     let env = [
         ("NATS_URL", nats_url.as_str()),
         ("CLICKHOUSE_URL", ch_url.as_str()),
-        ("AGENTMESH_AUDIT_DATABASE", db.as_str()),
+        ("AGENTMESH_AUDIT_DATABASE", db),
         ("AGENTMESH_HOME", &home),
     ];
     let last = std::sync::Mutex::new(String::new());
@@ -1078,4 +1071,141 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
     );
 
     services.stop().await
+}
+
+/// A first client port with room above it for a 3-node cluster: the ports
+/// of the three nodes, their routes (+2000) and monitoring (+4000), all free.
+fn cluster_first_port() -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let port = free_port()?;
+        let all_free = [0u16, 2000, 4000].iter().all(|offset| {
+            (0..3u16).all(|i| {
+                port.checked_add(offset + i)
+                    .is_some_and(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+            })
+        });
+        if all_free {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free first port for a 3-node cluster")
+}
+
+#[tokio::test]
+async fn up_with_three_nats_nodes_runs_a_cluster_that_status_shows_node_by_node()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let mut stack = LocalStack::new(&tmp.path().join("state"))?;
+    let first = cluster_first_port()?;
+    stack.nats_url = format!("nats://127.0.0.1:{first}");
+    let args = [
+        "up",
+        "--detach",
+        "--nats-nodes",
+        "3",
+        "--without",
+        "policy-worker",
+        "--without",
+        "audit-sink",
+        "--without",
+        "gpu-scaler",
+    ];
+    let up = stack.run(&args).await?;
+    let out = text(&up.stdout);
+    if !up.status.success() {
+        let _ = stack.run(&["down"]).await;
+        panic!("meshctl up failed:\n{out}\n{}", text(&up.stderr));
+    }
+    let home = PathBuf::from(&stack.home);
+    let checks = async {
+        for name in ["nats-server ", "nats-server-2", "nats-server-3"] {
+            assert!(
+                out.lines()
+                    .any(|l| l.starts_with(name) && l.contains("started")),
+                "{out}"
+            );
+        }
+        assert!(out.contains("at 3 replica(s)"), "{out}");
+
+        // Every node runs the accounts: the operator's key reaches
+        // JetStream on each, every stream has three replicas, and an
+        // anonymous client is refused.
+        let seed = home.join("auth/keys/meshctl.nk");
+        for i in 0..3 {
+            let url = format!("nats://127.0.0.1:{}", first + i);
+            let (client, _) = connect_with_seed_file(&url, &seed).await?;
+            let js = async_nats::jetstream::new(client);
+            let mut stream = js.get_stream(schemas::subjects::STREAM_INGRESS).await?;
+            assert_eq!(stream.info().await?.config.num_replicas, 3, "{url}");
+        }
+        let anonymous = async_nats::ConnectOptions::new()
+            .max_reconnects(1)
+            .connect(format!("nats://127.0.0.1:{}", first + 1))
+            .await;
+        assert!(anonymous.is_err(), "node 2 lets anonymous clients in");
+
+        // Status: each node up, and each stream led by exactly one of them.
+        let status = stack.run(&["status"]).await?;
+        let shown = text(&status.stdout);
+        assert!(status.status.success(), "{shown}");
+        for node in ["nats-1", "nats-2", "nats-3"] {
+            assert!(
+                shown
+                    .lines()
+                    .any(|l| l.starts_with(&format!("nats {node}")) && l.contains(" up ")),
+                "{shown}"
+            );
+        }
+        let led: Vec<&str> = shown
+            .lines()
+            .filter(|l| l.starts_with("nats nats-"))
+            .filter_map(|l| l.split_once("; leads ").map(|(_, led)| led))
+            .flat_map(|led| led.split(", "))
+            .collect();
+        for stream in ["MESH_INGRESS", "MESH_DELIVER", "MESH_DECISION"] {
+            let leaders = led.iter().filter(|s| **s == stream).count();
+            assert_eq!(leaders, 1, "{stream}: {shown}");
+        }
+        println!("{shown}");
+
+        // Node 3 killed: status says so, and the other two still serve.
+        let pid = std::fs::read_to_string(home.join("run/nats-server-3.pid"))?;
+        let pid = pid.lines().next().unwrap_or_default().trim().to_owned();
+        assert!(Command::new("kill").args(["-9", &pid]).status()?.success());
+        // (Right after the kill the two left may be electing leaders.)
+        let shown = eventually(
+            WAIT,
+            "status to show nats-3 down and the others leading",
+            || async {
+                let status = stack.run(&["status"]).await.ok()?;
+                let shown = text(&status.stdout);
+                let node = |name: &str, state: &str| {
+                    shown
+                        .lines()
+                        .any(|l| l.starts_with(&format!("nats {name}")) && l.contains(state))
+                };
+                let ingress_led = shown
+                    .lines()
+                    .any(|l| l.starts_with("nats nats-") && l.contains(" MESH_INGRESS"));
+                (node("nats-3", " down ")
+                    && node("nats-1", " up ")
+                    && node("nats-2", " up ")
+                    && ingress_led)
+                    .then_some(shown)
+            },
+        )
+        .await?;
+        println!("{shown}");
+        anyhow::Ok(())
+    };
+    let down = stack.down_after(checks).await?;
+    let out = text(&down.stdout);
+    assert!(down.status.success(), "{out}");
+    assert!(
+        out.contains("nats-server        stopped")
+            && out.contains("nats-server-2      stopped")
+            && out.contains("nats-server-3      gone"),
+        "{out}"
+    );
+    Ok(())
 }

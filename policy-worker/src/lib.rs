@@ -295,8 +295,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .credentials
         .apply(async_nats::ConnectOptions::new().name("policy-worker"))
         .await?;
-    let client = options
-        .connect(&config.nats.url)
+    let client = schemas::servers::connect(options, &config.nats.url)
         .await
         .map_err(|source| Error::Connect {
             url: config.nats.url.clone(),

@@ -13,6 +13,7 @@ pub mod merkle;
 mod mesh;
 mod receipt;
 mod salvage;
+pub mod servers;
 pub mod signing;
 pub mod subjects;
 mod traceparent;

@@ -67,13 +67,18 @@ pub(super) async fn ensure(
 pub(super) async fn apply_streams_and_schema(
     home: &Home,
     endpoints: &Endpoints,
+    replicas: usize,
     auth: Option<&Auth>,
     clickhouse_replicas: usize,
 ) -> anyhow::Result<()> {
     let client = endpoints.clickhouse();
     let nats = endpoints.connect_nats().await?;
     let js = async_nats::jetstream::new(nats);
-    let changes = broker_config::apply(&js, &broker_config::Options::default()).await?;
+    let broker = broker_config::Options {
+        replicas,
+        ..broker_config::Options::default()
+    };
+    let changes = broker_config::apply(&js, &broker).await?;
     let created = changes
         .iter()
         .filter(|(_, c)| *c == broker_config::Change::Created)
@@ -81,7 +86,10 @@ pub(super) async fn apply_streams_and_schema(
     line(
         "streams",
         "applied",
-        format_args!("{} streams and buckets, {created} created", changes.len()),
+        format_args!(
+            "{} streams and buckets at {replicas} replica(s), {created} created",
+            changes.len()
+        ),
     );
     let signing_keys = crate::signers::ensure_local_keys(home, &js).await?;
     line(
@@ -128,7 +136,7 @@ pub(super) async fn apply_streams_and_schema(
             format!(", replicated on {clickhouse_replicas} replicas"),
         )
     } else {
-        let features = audit_sink::schema::ensure(&client, &endpoints.database, 0)
+        let features = audit_tables::schema::ensure(&client, &endpoints.database, 0)
             .await
             .with_context(|| {
                 format!(
@@ -144,7 +152,7 @@ pub(super) async fn apply_streams_and_schema(
         format_args!(
             "database `{}`: {}{kind} (ClickHouse {version})",
             endpoints.database,
-            audit_sink::schema::TABLES.join(", "),
+            audit_tables::schema::TABLES.join(", "),
         ),
     );
 

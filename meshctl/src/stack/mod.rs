@@ -42,7 +42,7 @@ pub(crate) const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scal
 const OPTIONAL: [&str; 1] = ["gpu-scaler"];
 /// Everything `down` may stop, in stop order: services (the sink last, so
 /// it flushes what the others produced), then the servers.
-const STOP_ORDER: [&str; 8] = [
+const STOP_ORDER: [&str; 10] = [
     "gpu-scaler",
     "policy-worker",
     "audit-sink",
@@ -51,6 +51,8 @@ const STOP_ORDER: [&str; 8] = [
     "clickhouse-server-3",
     "zookeeper",
     "nats-server",
+    "nats-server-2",
+    "nats-server-3",
 ];
 
 /// Options of `meshctl up`.
@@ -71,6 +73,16 @@ pub(crate) struct UpOptions {
     /// ClickHouse replicas (with ZooKeeper) instead of one server when
     /// above 1; the sink gets every replica's URL.
     pub clickhouse_replicas: usize,
+    /// NATS nodes to start when none answers: 1, or 3 for a local cluster
+    /// whose streams and buckets have 3 replicas.
+    pub nats_nodes: usize,
+}
+
+impl UpOptions {
+    /// Replicas of every stream and bucket: 3 on a cluster, else 1.
+    fn stream_replicas(&self) -> usize {
+        if self.nats_nodes >= 3 { 3 } else { 1 }
+    }
 }
 
 /// The file that records whether the running stack has authorization.
@@ -139,8 +151,39 @@ pub(crate) async fn up(
         }
         Some(std::fs::canonicalize(dir).with_context(|| format!("resolving `{}`", dir.display()))?)
     };
+    if !matches!(options.nats_nodes, 1 | 3) {
+        bail!(
+            "--nats-nodes {}: a local stack runs 1 NATS node or a cluster of 3",
+            options.nats_nodes
+        );
+    }
     home.create()?;
     let mut endpoints = endpoints.clone();
+    let running_nodes = servers::NATS_NODES
+        .iter()
+        .filter(|name| procs::read_pid(home, name).is_some_and(|r| procs::is_running(&r)))
+        .count();
+    if running_nodes > 0 && servers::recorded_nodes(home) != options.nats_nodes {
+        bail!(
+            "the NATS of `meshctl up` runs {} node(s), not {}: pass --nats-nodes {}, or stop it first (`meshctl down`)",
+            servers::recorded_nodes(home),
+            options.nats_nodes,
+            servers::recorded_nodes(home)
+        );
+    }
+    if options.nats_nodes > 1 {
+        let Some(port) = servers::loopback_port(&endpoints.nats_url, 4222)
+            .filter(|_| !endpoints.nats_url.contains(','))
+        else {
+            bail!(
+                "--nats-nodes {} starts a local cluster: NATS_URL must be one URL on this machine (its port is the first node's), not `{}`",
+                options.nats_nodes,
+                endpoints.nats_url
+            );
+        };
+        endpoints.nats_url = servers::cluster_url(port, options.nats_nodes)?;
+    }
+    servers::record_nodes(home, options.nats_nodes)?;
     let auth = if options.insecure {
         None
     } else {
@@ -260,14 +303,20 @@ async fn bring_up(
     auth: Option<&Auth>,
     started: &mut Started,
 ) -> anyhow::Result<()> {
-    nats::ensure(home, endpoints, auth, started).await?;
+    nats::ensure(home, endpoints, options.nats_nodes, auth, started).await?;
     if options.clickhouse_replicas > 1 {
         replicas::ensure(home, endpoints, options.clickhouse_replicas, auth, started).await?;
     } else {
         clickhouse::ensure(home, endpoints, auth, started).await?;
     }
-    clickhouse::apply_streams_and_schema(home, endpoints, auth, options.clickhouse_replicas)
-        .await?;
+    clickhouse::apply_streams_and_schema(
+        home,
+        endpoints,
+        options.stream_replicas(),
+        auth,
+        options.clickhouse_replicas,
+    )
+    .await?;
     let waiting = services::start(home, endpoints, options, policies.as_ref(), auth, started)?;
     services::wait_ready(home, options, waiting, started).await
 }

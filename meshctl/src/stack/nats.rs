@@ -19,6 +19,7 @@ const RELOAD_WAIT: Duration = Duration::from_secs(20);
 pub(super) async fn ensure(
     home: &Home,
     endpoints: &Endpoints,
+    nodes: usize,
     auth: Option<&Auth>,
     started: &mut Started,
 ) -> anyhow::Result<()> {
@@ -51,28 +52,41 @@ pub(super) async fn ensure(
             endpoints.nats_url
         ),
         NatsState::Unreachable => {
-            let Some(port) = servers::loopback_port(&endpoints.nats_url, 4222) else {
+            let first = endpoints.nats_url.split(',').next().unwrap_or_default();
+            let Some(port) = servers::loopback_port(first, 4222) else {
                 bail!(
                     "no NATS server answers at {} (NATS_URL), and it is not on this machine: start it, or unset NATS_URL to run one locally",
                     endpoints.nats_url
                 );
             };
-            let config = match auth {
-                Some(auth) => Some(auth.state.write_nats_config(home, port)?),
+            let configs = match auth {
+                Some(auth) => Some(auth.state.write_nats_config(home, port, nodes)?),
+                None if nodes > 1 => Some(servers::write_node_configs(home, port, nodes, None)?),
                 None => None,
             };
-            let child = servers::start_nats(home, endpoints, port, config.as_deref()).await?;
-            line(
-                "nats-server",
-                "started",
-                format_args!(
-                    "{} (pid {}, log {})",
-                    endpoints.nats_url,
-                    child.id(),
-                    home.log_file("nats-server").display()
-                ),
-            );
-            started.children.push(("nats-server", child));
+            let children =
+                servers::start_nats_nodes(home, endpoints, port, nodes, configs.as_deref()).await?;
+            for (i, (name, child)) in children.into_iter().enumerate() {
+                let (node_port, _, http) = servers::node_ports(port, i)?;
+                let monitoring = if nodes > 1 {
+                    format!(
+                        ", {}, monitoring http://127.0.0.1:{http}",
+                        servers::node_name(i)
+                    )
+                } else {
+                    String::new()
+                };
+                line(
+                    name,
+                    "started",
+                    format_args!(
+                        "nats://127.0.0.1:{node_port} (pid {}{monitoring}, log {})",
+                        child.id(),
+                        home.log_file(name).display()
+                    ),
+                );
+                started.children.push((name, child));
+            }
         }
     }
 
@@ -138,22 +152,30 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let Some(recorded) = procs::read_pid(home, "nats-server").filter(procs::is_running) else {
+    let nodes = servers::recorded_nodes(home);
+    let running: Vec<procs::Recorded> = servers::NATS_NODES[..nodes]
+        .iter()
+        .filter_map(|name| procs::read_pid(home, name).filter(procs::is_running))
+        .collect();
+    if running.is_empty() {
         return Ok(Applied::NotRunning);
-    };
-    let port = servers::loopback_port(&endpoints.nats_url, 4222).with_context(|| {
+    }
+    let first = endpoints.nats_url.split(',').next().unwrap_or_default();
+    let port = servers::loopback_port(first, 4222).with_context(|| {
         format!(
             "NATS_URL `{}` is not this machine, but `meshctl up` started a nats-server here",
             endpoints.nats_url
         )
     })?;
-    state.write_nats_config(home, port)?;
+    state.write_nats_config(home, port, nodes)?;
     let deadline = Instant::now() + RELOAD_WAIT;
     loop {
-        let pid = rustix::process::Pid::from_raw(recorded.pid)
-            .context("the recorded nats-server pid is invalid")?;
-        rustix::process::kill_process(pid, rustix::process::Signal::HUP)
-            .context("sending SIGHUP to nats-server")?;
+        for recorded in &running {
+            let pid = rustix::process::Pid::from_raw(recorded.pid)
+                .context("the recorded nats-server pid is invalid")?;
+            rustix::process::kill_process(pid, rustix::process::Signal::HUP)
+                .context("sending SIGHUP to nats-server")?;
+        }
         let round = Instant::now() + Duration::from_secs(2);
         while Instant::now() < round {
             if ready().await {
@@ -172,11 +194,11 @@ where
 
 /// Whether `seed` connects and its JetStream requests are answered.
 pub(crate) async fn can_reach_jetstream(url: &str, seed: &str) -> bool {
-    let connect = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .nkey(seed.to_owned())
         .connection_timeout(Duration::from_secs(2))
-        .max_reconnects(1)
-        .connect(url);
+        .max_reconnects(1);
+    let connect = schemas::servers::connect(options, url);
     let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
         return false;
     };
@@ -193,11 +215,11 @@ pub(crate) async fn can_reach_jetstream(url: &str, seed: &str) -> bool {
 
 /// Whether `seed` is refused by the server at `url`.
 pub(crate) async fn is_refused(url: &str, seed: &str) -> bool {
-    let connect = async_nats::ConnectOptions::new()
+    let options = async_nats::ConnectOptions::new()
         .nkey(seed.to_owned())
         .connection_timeout(Duration::from_secs(2))
-        .max_reconnects(1)
-        .connect(url);
+        .max_reconnects(1);
+    let connect = schemas::servers::connect(options, url);
     matches!(
         tokio::time::timeout(Duration::from_secs(3), connect).await,
         Ok(Err(_))

@@ -258,11 +258,11 @@ pub(crate) async fn serving(port: u16) -> bool {
 
 /// Creates the audit tables replicated on every replica.
 pub(super) async fn apply_schema(endpoints: &Endpoints, replicas: usize) -> anyhow::Result<String> {
-    let engine = audit_sink::schema::Engine::Replicated { on_cluster: None };
+    let engine = audit_tables::schema::Engine::Replicated { on_cluster: None };
     let mut version = String::new();
     for url in urls(endpoints, replicas)? {
         let client = at(endpoints, &url).clickhouse();
-        let features = audit_sink::schema::ensure_with(&client, &endpoints.database, 0, &engine)
+        let features = audit_tables::schema::ensure_with(&client, &endpoints.database, 0, &engine)
             .await
             .with_context(|| format!("creating the replicated audit schema at {url}"))?;
         version = features.version;

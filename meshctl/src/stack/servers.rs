@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::identity::{AuthState, CLICKHOUSE_READER_USER, CLICKHOUSE_SINK_USER, ClickHouseSecrets};
+use crate::identity::{AuthState, ClickHouseSecrets};
 use crate::procs::{self, Home};
 use crate::stack;
 
@@ -48,14 +48,28 @@ impl Endpoints {
         }
         if !is_up
             && stack::auth_mode(home)
-            && self.clickhouse_user == audit_sink::DEFAULT_CLICKHOUSE_USER
+            && self.clickhouse_user == audit_tables::DEFAULT_CLICKHOUSE_USER
             && self.clickhouse_password.is_empty()
             && let Some(secrets) = state.clickhouse_secrets()
         {
-            self.clickhouse_user = CLICKHOUSE_READER_USER.to_owned();
+            self.clickhouse_user = crate::identity::CLICKHOUSE_READER_USER.to_owned();
             self.clickhouse_password = secrets.reader;
         }
         self
+    }
+
+    /// These endpoints with every node of the local cluster `up` started
+    /// (`--nats-nodes 3`) when the NATS URL is its first node's alone, so
+    /// meshctl fails over like the services do.
+    pub(crate) fn with_local_cluster(mut self, home: &Home) -> anyhow::Result<Self> {
+        let nodes = recorded_nodes(home);
+        if nodes > 1
+            && !self.nats_url.contains(',')
+            && let Some(port) = loopback_port(&self.nats_url, 4222)
+        {
+            self.nats_url = cluster_url(port, nodes)?;
+        }
+        Ok(self)
     }
 
     /// A ClickHouse client without a default database.
@@ -82,9 +96,7 @@ impl Endpoints {
 
     /// A NATS connection with meshctl's credentials.
     pub(crate) async fn connect_nats(&self) -> anyhow::Result<async_nats::Client> {
-        self.nats_options()
-            .await?
-            .connect(&self.nats_url)
+        schemas::servers::connect(self.nats_options().await?, &self.nats_url)
             .await
             .with_context(|| format!("connecting to NATS at {}", self.nats_url))
     }
@@ -108,10 +120,12 @@ pub(crate) async fn nats_state(endpoints: &Endpoints) -> NatsState {
     let Ok(options) = endpoints.nats_options().await else {
         return NatsState::Refused;
     };
-    let connect = options
-        .connection_timeout(Duration::from_secs(2))
-        .max_reconnects(1)
-        .connect(&endpoints.nats_url);
+    let connect = schemas::servers::connect(
+        options
+            .connection_timeout(Duration::from_secs(2))
+            .max_reconnects(1),
+        &endpoints.nats_url,
+    );
     let client = match tokio::time::timeout(Duration::from_secs(3), connect).await {
         Ok(Ok(client)) => client,
         Ok(Err(e)) if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation => {
@@ -201,6 +215,189 @@ async fn wait_started(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The pid-file (and log) names of the local NATS nodes: the first keeps
+/// the single server's name, so one node is what `up` always ran.
+pub(crate) const NATS_NODES: [&str; 3] = ["nats-server", "nats-server-2", "nats-server-3"];
+
+/// The cluster the local nodes form (`meshctl up --nats-nodes 3`).
+const CLUSTER_NAME: &str = "agentmesh";
+
+/// How far above the client port of the first node its route and
+/// monitoring ports lie (4222: routes on 6222, monitoring on 8222).
+const ROUTE_OFFSET: u16 = 2000;
+const HTTP_OFFSET: u16 = 4000;
+
+/// The file that records how many NATS nodes the last `up` here started.
+fn nodes_file(home: &Home) -> std::path::PathBuf {
+    home.run_dir().join("nats-nodes")
+}
+
+/// How many NATS nodes the last `meshctl up` here started (1 unless it
+/// was given `--nats-nodes 3`).
+pub(crate) fn recorded_nodes(home: &Home) -> usize {
+    std::fs::read_to_string(nodes_file(home))
+        .ok()
+        .and_then(|n| n.trim().parse().ok())
+        .filter(|n| (1..=NATS_NODES.len()).contains(n))
+        .unwrap_or(1)
+}
+
+/// Records that the stack runs `nodes` NATS nodes.
+pub(crate) fn record_nodes(home: &Home, nodes: usize) -> anyhow::Result<()> {
+    std::fs::write(nodes_file(home), format!("{nodes}\n"))
+        .with_context(|| format!("writing `{}`", nodes_file(home).display()))
+}
+
+/// Node `i` (0-based) of the local cluster whose first node listens on
+/// `first_port`: (client, route, monitoring) ports.
+pub(crate) fn node_ports(first_port: u16, i: usize) -> anyhow::Result<(u16, u16, u16)> {
+    let i = u16::try_from(i).context("node index")?;
+    let at = |offset: u16| {
+        first_port
+            .checked_add(offset)
+            .and_then(|p| p.checked_add(i))
+            .with_context(|| {
+                format!("NATS port {first_port} leaves no room for the cluster's route and monitoring ports (+{ROUTE_OFFSET}, +{HTTP_OFFSET})")
+            })
+    };
+    Ok((at(0)?, at(ROUTE_OFFSET)?, at(HTTP_OFFSET)?))
+}
+
+/// Node `i`'s server name: `nats-1`, `nats-2`, `nats-3`.
+pub(crate) fn node_name(i: usize) -> String {
+    format!("nats-{}", i + 1)
+}
+
+/// `nats://127.0.0.1:<port>` of every node, comma-separated: the URL list
+/// the services and meshctl connect with.
+pub(crate) fn cluster_url(first_port: u16, nodes: usize) -> anyhow::Result<String> {
+    let urls = (0..nodes)
+        .map(|i| node_ports(first_port, i).map(|(port, _, _)| format!("nats://127.0.0.1:{port}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(urls.join(","))
+}
+
+/// Node `i`'s store directory (its config file lives there too).
+pub(crate) fn node_store(home: &Home, i: usize) -> std::path::PathBuf {
+    match i {
+        0 => home.root().join("nats"),
+        _ => home.root().join(format!("nats-{}", i + 1)),
+    }
+}
+
+/// Writes the config of each of `nodes` local nodes (with `principals`,
+/// authorization) into its store directory; returns their paths. One node
+/// has no cluster block: the single server `up` always started.
+pub(crate) fn write_node_configs(
+    home: &Home,
+    first_port: u16,
+    nodes: usize,
+    principals: Option<Vec<broker_config::auth::Principal>>,
+) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut paths = Vec::new();
+    let routes = (0..nodes)
+        .map(|i| node_ports(first_port, i).map(|(_, route, _)| route))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for i in 0..nodes {
+        let store = node_store(home, i);
+        std::fs::create_dir_all(&store)
+            .with_context(|| format!("creating `{}`", store.display()))?;
+        let store = std::fs::canonicalize(&store)?;
+        let (port, route_port, http_port) = node_ports(first_port, i)?;
+        let cluster = (nodes > 1).then(|| broker_config::auth::ClusterNode {
+            server_name: node_name(i),
+            cluster_name: CLUSTER_NAME.to_owned(),
+            route_port,
+            routes: routes
+                .iter()
+                .filter(|r| **r != route_port)
+                .map(|r| format!("nats-route://127.0.0.1:{r}"))
+                .collect(),
+            http_port: Some(http_port),
+        });
+        let text = broker_config::auth::render_server_config(&broker_config::auth::ServerConfig {
+            host: "127.0.0.1".into(),
+            port,
+            store_dir: store.clone(),
+            principals: principals.clone(),
+            cluster,
+        })?;
+        let path = store.join("nats-server.conf");
+        broker_config::credentials::write_private_file(&path, text.as_bytes())
+            .with_context(|| format!("writing `{}`", path.display()))?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// Starts the `nats-server` nodes of the local stack — one with JetStream
+/// on `127.0.0.1:<first_port>` (flags, or `configs[0]`), or a cluster of
+/// several from `configs` — and waits until each answers JetStream
+/// requests (a cluster's only once a majority of its nodes runs, so all
+/// are started before any is waited on).
+pub(crate) async fn start_nats_nodes(
+    home: &Home,
+    endpoints: &Endpoints,
+    first_port: u16,
+    nodes: usize,
+    configs: Option<&[std::path::PathBuf]>,
+) -> anyhow::Result<Vec<(&'static str, Child)>> {
+    if nodes == 1 {
+        let child = start_nats(
+            home,
+            endpoints,
+            first_port,
+            configs.and_then(|c| c.first()).map(|c| c.as_path()),
+        )
+        .await?;
+        return Ok(vec![(NATS_NODES[0], child)]);
+    }
+    let binary = procs::find_server("nats-server", "NATS_SERVER_BIN", "nats-server", "NATS_URL")?;
+    let Some(configs) = configs else {
+        bail!("a NATS cluster is started from its node configs");
+    };
+    let mut children = Vec::new();
+    for (i, config) in configs.iter().enumerate().take(nodes) {
+        let (port, route, http) = node_ports(first_port, i)?;
+        for p in [port, route, http] {
+            if !port_free(p) {
+                bail!(
+                    "port {p} on 127.0.0.1, which NATS node `{}` needs, is taken: stop what holds it, or set NATS_URL to another first port",
+                    node_name(i)
+                );
+            }
+        }
+        let args = vec!["-c".to_owned(), config.display().to_string()];
+        children.push((
+            NATS_NODES[i],
+            procs::spawn(home, NATS_NODES[i], &binary, &args)?,
+        ));
+    }
+    let mut waited = Ok(());
+    for (i, (name, child)) in children.iter_mut().enumerate() {
+        let node = Endpoints {
+            nats_url: format!("nats://127.0.0.1:{}", node_ports(first_port, i)?.0),
+            ..endpoints.clone()
+        };
+        waited = wait_started(home, name, child, Duration::from_secs(30), async || {
+            nats_state(&node).await == NatsState::JetStream
+        })
+        .await;
+        if waited.is_err() {
+            break;
+        }
+    }
+    if let Err(e) = waited {
+        for (name, mut child) in children {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(home.pid_file(name));
+        }
+        return Err(e);
+    }
+    Ok(children)
 }
 
 /// Starts `nats-server -js` on `127.0.0.1:<port>`, store under
@@ -321,13 +518,12 @@ pub(crate) async fn start_clickhouse_as(
     Ok((child, tcp_port))
 }
 
-/// Writes `config.xml` and `users.xml` into `dir` (data, tmp, user files,
-/// format schemas and logs below it; 127.0.0.1 only). Without `users`,
-/// user `default` has no password; with them, `default` (the operator,
-/// DDL) has a password and two more users exist: `agentmesh_sink`, which
-/// may write but not run DDL, and `agentmesh_reader`, read-only — each
-/// limited to `database` (see [`users_xml`]). The `<yandex>` root is what
-/// 18.16 reads; current servers accept it too.
+/// Writes `config.xml` and `users.xml` into `dir` (the shared
+/// `clickhouse-config` crate renders them; 127.0.0.1 only). Without `users`,
+/// user `default` has no password; with them, `default` (the operator, DDL)
+/// has a password and two more users exist, the sink's writer and a
+/// read-only reader, each limited to `database`. `extra` (XML elements) is
+/// added to the config: a replica's.
 pub(crate) fn write_clickhouse_config(
     dir: &Path,
     http_port: u16,
@@ -336,157 +532,22 @@ pub(crate) fn write_clickhouse_config(
     database: &str,
     extra: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
-    for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
-        let path = dir.join(sub);
-        std::fs::create_dir_all(&path).with_context(|| format!("creating `{}`", path.display()))?;
-    }
-    let dir =
-        std::fs::canonicalize(dir).with_context(|| format!("resolving `{}`", dir.display()))?;
-    let d = dir.display();
-    let config = format!(
-        r#"<?xml version="1.0"?>
-<!-- Written by `meshctl up`; rewritten on every start. -->
-<yandex>
-    <logger>
-        <level>warning</level>
-        <log>{d}/log/clickhouse-server.log</log>
-        <errorlog>{d}/log/clickhouse-server.err.log</errorlog>
-        <console>0</console>
-    </logger>
-    <listen_host>127.0.0.1</listen_host>
-    <http_port>{http_port}</http_port>
-    <tcp_port>{tcp_port}</tcp_port>
-    <path>{d}/data/</path>
-    <tmp_path>{d}/tmp/</tmp_path>
-    <user_files_path>{d}/user_files/</user_files_path>
-    <format_schema_path>{d}/format_schemas/</format_schema_path>
-    <users_config>{d}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <timezone>UTC</timezone>
-    <mark_cache_size>268435456</mark_cache_size>
-    <max_concurrent_queries>100</max_concurrent_queries>{extra}
-</yandex>
-"#
-    );
-    let users = users_xml(users, database);
-    let config_path = dir.join("config.xml");
-    std::fs::write(&config_path, config)
-        .with_context(|| format!("writing `{}`", config_path.display()))?;
-    // Readable by its owner only: it names password hashes.
-    let users_path = dir.join("users.xml");
-    broker_config::credentials::write_private_file(&users_path, users.as_bytes())
-        .with_context(|| format!("writing `{}`", users_path.display()))?;
-    Ok(config_path)
-}
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(text.as_bytes()))
-}
-
-/// `users.xml` for the local server.
-///
-/// ClickHouse 18.16 has no `GRANT`: what it can enforce per user is a
-/// password, the client networks, the databases (`allow_databases`; the
-/// `system` database stays readable) and the profile settings. `readonly =
-/// 1` is enforced (no writes, no DDL, no changing settings), so the reader
-/// is truly read-only. The sink's profile sets `allow_ddl = 0`, but with
-/// `readonly = 0` a client may change that setting per query, so on 18.16
-/// the sink's password can still run DDL inside its database; only
-/// `GRANT INSERT` on a current server (see `docs/security.md`) makes it
-/// insert-only.
-///
-/// Longer than most functions here: it is one XML document written out,
-/// and reads best as one.
-pub(crate) fn users_xml(users: Option<&ClickHouseSecrets>, database: &str) -> String {
-    let quota = r#"
-    <quotas>
-        <default>
-            <interval>
-                <duration>3600</duration>
-                <queries>0</queries>
-                <errors>0</errors>
-                <result_rows>0</result_rows>
-                <read_rows>0</read_rows>
-                <execution_time>0</execution_time>
-            </interval>
-        </default>
-    </quotas>"#;
-    let networks = "<networks><ip>127.0.0.1</ip><ip>::1</ip></networks>";
-    let Some(users) = users else {
-        return format!(
-            r#"<?xml version="1.0"?>
-<!-- Written by `meshctl up` in insecure mode: user `default`, no password, 127.0.0.1 only. -->
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-        </default>
-    </profiles>
-    <users>
-        <default>
-            <password></password>
-            {networks}
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-    </users>{quota}
-</yandex>
-"#
-        );
+    let server = clickhouse_config::Server {
+        dir,
+        http_port,
+        tcp_port,
+        writer: "`meshctl up`",
+        macros: &[],
+        extra,
     };
-    let (admin, sink, reader) = (
-        sha256_hex(&users.admin),
-        sha256_hex(&users.sink),
-        sha256_hex(&users.reader),
-    );
-    format!(
-        r#"<?xml version="1.0"?>
-<!-- Written by `meshctl up`: passwords in .agentmesh/auth/clickhouse.json; 127.0.0.1 only. -->
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-        </default>
-        <!-- The audit sink: writes rows; no DDL by default (18.16 lets a writer re-enable it per query). -->
-        <agentmesh_writer>
-            <max_memory_usage>4000000000</max_memory_usage>
-            <readonly>0</readonly>
-            <allow_ddl>0</allow_ddl>
-        </agentmesh_writer>
-        <!-- Readers: SELECT only; cannot change settings. -->
-        <agentmesh_reader>
-            <max_memory_usage>4000000000</max_memory_usage>
-            <readonly>1</readonly>
-        </agentmesh_reader>
-    </profiles>
-    <users>
-        <!-- The operator (`meshctl up`): creates the schema. -->
-        <default>
-            <password_sha256_hex>{admin}</password_sha256_hex>
-            {networks}
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-        <{CLICKHOUSE_SINK_USER}>
-            <password_sha256_hex>{sink}</password_sha256_hex>
-            {networks}
-            <profile>agentmesh_writer</profile>
-            <quota>default</quota>
-            <allow_databases><database>{database}</database></allow_databases>
-        </{CLICKHOUSE_SINK_USER}>
-        <{CLICKHOUSE_READER_USER}>
-            <password_sha256_hex>{reader}</password_sha256_hex>
-            {networks}
-            <profile>agentmesh_reader</profile>
-            <quota>default</quota>
-            <allow_databases><database>{database}</database></allow_databases>
-        </{CLICKHOUSE_READER_USER}>
-    </users>{quota}
-</yandex>
-"#
-    )
+    let passwords = users.map(|u| clickhouse_config::Passwords {
+        admin: &u.admin,
+        sink: &u.sink,
+        reader: &u.reader,
+        kept_in: ".agentmesh/auth/clickhouse.json",
+    });
+    clickhouse_config::write(&server, passwords.as_ref(), database)
+        .with_context(|| format!("writing the ClickHouse config into `{}`", dir.display()))
 }
 
 #[cfg(test)]

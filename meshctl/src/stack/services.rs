@@ -62,7 +62,14 @@ fn service_args(
     policies: Option<&PathBuf>,
     ready: &std::path::Path,
 ) -> anyhow::Result<Vec<String>> {
-    let mut args = vec!["--nats-url".to_owned(), endpoints.nats_url.clone()];
+    let mut args = vec![
+        "--nats-url".to_owned(),
+        endpoints.nats_url.clone(),
+        // Every service applies the streams at start: at the stack's
+        // replica count, or it would move them back to one.
+        "--stream-replicas".to_owned(),
+        options.stream_replicas().to_string(),
+    ];
     match name {
         "policy-worker" => {
             if let Some(dir) = policies {

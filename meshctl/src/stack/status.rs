@@ -44,14 +44,19 @@ type ConsumerRow = (String, String, u64, usize, usize);
 pub(crate) async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> {
     println!("{:<18} {:<8} detail", "component", "state");
     let nats = servers::nats_state(endpoints).await;
-    print_nats(home, endpoints, nats);
-    print_authorization(home);
-    let version = clickhouse_line(home, endpoints).await;
-    let (streams, consumers) = if nats == NatsState::JetStream {
+    let nodes = servers::recorded_nodes(home);
+    let (streams, consumers, leaders) = if nats == NatsState::JetStream {
         read_streams(endpoints).await?
     } else {
-        (Vec::new(), Vec::new())
+        (Vec::new(), Vec::new(), Vec::new())
     };
+    if nodes > 1 && endpoints.nats_url.contains(',') {
+        print_nodes(home, endpoints, &leaders).await;
+    } else {
+        print_nats(home, endpoints, nats);
+    }
+    print_authorization(home);
+    let version = clickhouse_line(home, endpoints).await;
     print_services(home, &consumers);
     if nats == NatsState::JetStream {
         print_streams(&streams, &consumers);
@@ -150,6 +155,56 @@ async fn clickhouse_line(home: &Home, endpoints: &Endpoints) -> Option<String> {
     version
 }
 
+/// One line per node of the local cluster: up or down, and the streams
+/// (and buckets) whose JetStream leader it is.
+async fn print_nodes(home: &Home, endpoints: &Endpoints, leaders: &[(String, String)]) {
+    for (i, url) in endpoints.nats_url.split(',').enumerate() {
+        let name = servers::node_name(i);
+        let node = Endpoints {
+            nats_url: url.to_owned(),
+            ..endpoints.clone()
+        };
+        let pid = servers::NATS_NODES
+            .get(i)
+            .map(|n| started_by(home, n))
+            .unwrap_or_default();
+        let led: Vec<&str> = leaders
+            .iter()
+            .filter(|(_, leader)| *leader == name)
+            .map(|(stream, _)| stream.as_str())
+            .collect();
+        let leads = if led.is_empty() {
+            "leads no stream".to_owned()
+        } else {
+            format!("leads {}", led.join(", "))
+        };
+        match servers::nats_state(&node).await {
+            NatsState::JetStream => line(
+                &format!("nats {name}"),
+                "up",
+                format_args!("{url}{pid}; {leads}"),
+            ),
+            NatsState::Unreachable => line(
+                &format!("nats {name}"),
+                "down",
+                format_args!("nothing answers at {url}"),
+            ),
+            NatsState::NoJetStream => line(
+                &format!("nats {name}"),
+                "degraded",
+                format_args!(
+                    "{url}{pid}: JetStream does not answer (electing a leader after a node loss, or fewer than 2 of 3 nodes up)"
+                ),
+            ),
+            NatsState::Refused => line(
+                &format!("nats {name}"),
+                "refused",
+                format_args!("{url} refuses meshctl's credentials"),
+            ),
+        }
+    }
+}
+
 /// ZooKeeper and the other ClickHouse replicas, when `up
 /// --clickhouse-replicas` started them (their pid files say so).
 async fn print_replicas(home: &Home, endpoints: &Endpoints) {
@@ -193,21 +248,48 @@ async fn print_replicas(home: &Home, endpoints: &Endpoints) {
     }
 }
 
-/// Each stream's message count and its consumers.
+/// (stream, name of the node leading it) for every stream and bucket in a
+/// cluster (none on a single server).
+type Leaders = Vec<(String, String)>;
+
+/// Each stream's message count, its consumers, and on a cluster the node
+/// leading each stream and bucket.
 async fn read_streams(
     endpoints: &Endpoints,
-) -> anyhow::Result<(Vec<(String, u64)>, Vec<ConsumerRow>)> {
+) -> anyhow::Result<(Vec<(String, u64)>, Vec<ConsumerRow>, Leaders)> {
     // Consumers tell whether a service runs even when meshctl did not start it.
     let mut consumers: Vec<ConsumerRow> = Vec::new();
     let mut streams: Vec<(String, u64)> = Vec::new();
+    let mut leaders: Leaders = Vec::new();
     let client = endpoints.connect_nats().await?;
     let js = async_nats::jetstream::new(client);
-    for config in broker_config::streams(&broker_config::Options::default()) {
+    let options = broker_config::Options::default();
+    for config in broker_config::buckets(&options) {
+        if let Ok(mut stream) = js.get_stream(&config.name).await
+            && let Ok(info) = stream.info().await
+            && let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone())
+        {
+            leaders.push((config.name.clone(), leader));
+        }
+    }
+    for config in broker_config::streams(&options) {
         let Ok(mut stream) = js.get_stream(&config.name).await else {
             streams.push((config.name.clone(), 0));
             continue;
         };
-        let messages = stream.info().await.map(|i| i.state.messages).unwrap_or(0);
+        let (messages, leader) = stream
+            .info()
+            .await
+            .map(|i| {
+                (
+                    i.state.messages,
+                    i.cluster.as_ref().and_then(|c| c.leader.clone()),
+                )
+            })
+            .unwrap_or_default();
+        if let Some(leader) = leader {
+            leaders.push((config.name.clone(), leader));
+        }
         streams.push((config.name.clone(), messages));
         let mut list = stream.consumers();
         while let Some(Ok(info)) = list.next().await {
@@ -220,7 +302,9 @@ async fn read_streams(
             ));
         }
     }
-    Ok((streams, consumers))
+    // Streams first, then buckets, as `meshctl status` lists them.
+    leaders.sort_by_key(|(name, _)| name.starts_with("KV_"));
+    Ok((streams, consumers, leaders))
 }
 
 /// Each service up or down: started by meshctl, or its consumer pulling.
@@ -301,7 +385,7 @@ async fn print_tables(endpoints: &Endpoints) {
         "rows"
     );
     let db = endpoints.audit_db();
-    for table in audit_sink::schema::TABLES {
+    for table in audit_tables::schema::TABLES {
         let rows = db
             .query(&format!("SELECT count() FROM `{table}` FINAL"))
             .fetch_one::<u64>()

@@ -1,0 +1,310 @@
+//! A 3-node `nats-server` cluster with JetStream, for tests that kill a
+//! node: each node has its own ports (client, route, monitoring) and store
+//! directory, routes to the other two, and restarts on the same ports and
+//! store, as a node of a real cluster does after a crash.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::{WAIT, eventually, free_port, log_tail, nats_server_binary, until_ready};
+
+/// One node's ports and process.
+struct Node {
+    name: String,
+    port: u16,
+    route_port: u16,
+    http_port: u16,
+    child: Option<Child>,
+}
+
+/// Three `nats-server -js` processes in one cluster (`testkit`), nodes
+/// `n1`, `n2`, `n3`; everything is deleted when the handle drops.
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+    dir: tempfile::TempDir,
+    binary: PathBuf,
+}
+
+impl NatsCluster {
+    /// Starts three nodes and waits until each answers JetStream requests
+    /// (which needs the cluster's JetStream meta leader elected).
+    pub async fn start() -> anyhow::Result<Self> {
+        let binary = nats_server_binary()?;
+        let dir = tempfile::tempdir().context("creating the cluster directory")?;
+        let mut nodes = Vec::new();
+        for i in 1..=3 {
+            nodes.push(Node {
+                name: format!("n{i}"),
+                port: free_port()?,
+                route_port: free_port()?,
+                http_port: free_port()?,
+                child: None,
+            });
+        }
+        let mut cluster = Self { nodes, dir, binary };
+        for i in 0..cluster.nodes.len() {
+            cluster.write_config(i)?;
+            cluster.spawn(i)?;
+        }
+        for i in 0..cluster.nodes.len() {
+            cluster.wait_ready(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn config_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("{}.conf", self.nodes[i].name))
+    }
+
+    /// Node `i`'s log file.
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("{}.log", self.nodes[i].name))
+    }
+
+    fn write_config(&self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let store = self.dir.path().join(&node.name).join("store");
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.name != node.name)
+            .map(|n| format!("nats-route://127.0.0.1:{}", n.route_port))
+            .collect();
+        let text = format!(
+            "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{http}\"\n\
+             jetstream {{ store_dir: {store:?} }}\n\
+             cluster {{\n  name: testkit\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
+            name = node.name,
+            port = node.port,
+            http = node.http_port,
+            store = store.display().to_string(),
+            route = node.route_port,
+            routes = routes.join(", "),
+        );
+        let path = self.config_path(i);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let log = self.log_path(i);
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(self.config_path(i))
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .with_context(|| format!("starting `{}`", self.binary.display()))?;
+        self.nodes[i].child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, i: usize) -> anyhow::Result<()> {
+        let log = self.log_path(i);
+        let url = self.node_url(i);
+        let name = self.nodes[i].name.clone();
+        until_ready(
+            self.nodes[i].child.as_mut(),
+            WAIT,
+            "the cluster node answered JetStream requests",
+            || format!("{}:\n{}", log.display(), log_tail(&log)),
+            || {
+                let url = url.clone();
+                async move {
+                    let client = async_nats::connect(&url).await.ok()?;
+                    crate::js_answers(&async_nats::jetstream::new(client))
+                        .await
+                        .then_some(())
+                }
+            },
+        )
+        .await
+        .with_context(|| format!("nats-server cluster node `{name}`"))
+    }
+
+    /// How many nodes the cluster has (3).
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Always false: a cluster has nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node `i`'s server name (`n1`, `n2`, `n3` for `i` = 0, 1, 2).
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// The index of the node called `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// `nats://127.0.0.1:<port>` of node `i`.
+    pub fn node_url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// Every node's URL, comma-separated, starting with node `first` (the
+    /// list a service takes in `--nats-url`; clients try them in order).
+    pub fn url_from(&self, first: usize) -> String {
+        (0..self.nodes.len())
+            .map(|k| self.node_url((first + k) % self.nodes.len()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Every node's URL, comma-separated, node 0 first.
+    pub fn url(&self) -> String {
+        self.url_from(0)
+    }
+
+    /// Node `i`'s monitoring port (`/varz`, `/jsz`, `/healthz`).
+    pub fn http_port(&self, i: usize) -> u16 {
+        self.nodes[i].http_port
+    }
+
+    /// Node `i`'s process id while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].child.as_ref().map(Child::id)
+    }
+
+    /// A client that knows every node (and fails over between them).
+    pub async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+        let urls: Vec<String> = (0..self.nodes.len()).map(|i| self.node_url(i)).collect();
+        async_nats::ConnectOptions::new()
+            .retain_servers_order()
+            .connect(urls.as_slice())
+            .await
+            .context("connecting to the test cluster")
+    }
+
+    /// Kills node `i` with SIGKILL (no shutdown, as in a crash) and waits
+    /// for the process to exit.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i` again (killing it first if it runs) on its ports and
+    /// store, and waits until it answers JetStream requests.
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i);
+        self.spawn(i)?;
+        self.wait_ready(i).await
+    }
+
+    /// The name of the node leading `stream` (its Raft group's leader), as
+    /// the stream's info reports it through `client`; `None` while the
+    /// stream has no leader (an election in progress).
+    pub async fn stream_leader(client: &async_nats::Client, stream: &str) -> Option<String> {
+        let js = async_nats::jetstream::new(client.clone());
+        let ask = async {
+            let mut stream = js.get_stream(stream).await.ok()?;
+            let info = stream.info().await.ok()?;
+            info.cluster.as_ref()?.leader.clone()
+        };
+        tokio::time::timeout(Duration::from_secs(2), ask)
+            .await
+            .ok()
+            .flatten()
+            .filter(|l| !l.is_empty())
+    }
+
+    /// Waits until `stream` has a leader and returns its node's index.
+    pub async fn wait_for_leader(
+        &self,
+        client: &async_nats::Client,
+        stream: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<usize> {
+        let leader = eventually(timeout, &format!("a leader of `{stream}`"), || async {
+            Self::stream_leader(client, stream).await
+        })
+        .await?;
+        match self.index_of(&leader) {
+            Some(i) => Ok(i),
+            None => bail!("`{stream}` is led by `{leader}`, not a node of this cluster"),
+        }
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stream_at_three_replicas_survives_its_leader_killed_and_restarted() {
+        let mut cluster = NatsCluster::start().await.unwrap();
+        let client = cluster.connect().await.unwrap();
+        let js = async_nats::jetstream::new(client.clone());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "R3".into(),
+            subjects: vec!["r3.>".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let leader = cluster.wait_for_leader(&client, "R3", WAIT).await.unwrap();
+        js.publish("r3.a", "before".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        cluster.kill(leader);
+        let old = cluster.name(leader).to_owned();
+        let new_leader = eventually(WAIT, "another node to lead `R3`", || async {
+            NatsCluster::stream_leader(&client, "R3")
+                .await
+                .filter(|l| *l != old)
+        })
+        .await
+        .unwrap();
+        assert!(cluster.index_of(&new_leader).is_some(), "{new_leader}");
+        js.publish("r3.a", "while one node is down".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        cluster.restart(leader).await.unwrap();
+        let node = async_nats::connect(cluster.node_url(leader)).await.unwrap();
+        let stream = async_nats::jetstream::new(node);
+        let messages = eventually(WAIT, "the restarted node to see the message", || {
+            let stream = stream.clone();
+            async move {
+                let info = stream
+                    .get_stream("R3")
+                    .await
+                    .ok()?
+                    .info()
+                    .await
+                    .ok()?
+                    .clone();
+                (info.state.messages == 2).then_some(info.state.messages)
+            }
+        })
+        .await
+        .unwrap();
+        assert_eq!(messages, 2);
+    }
+}
