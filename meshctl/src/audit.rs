@@ -392,22 +392,24 @@ fn check_rows(
             None => report.pending += 1,
         }
         if let Err(why) = signed {
-            report.findings.push(if entries.contains_key(&seq) {
-                Finding::Altered {
-                    seq,
-                    key,
-                    why: format!("receipt signature: {why}"),
-                }
-            } else {
-                Finding::Inserted {
-                    seq,
-                    key,
-                    why: format!("receipt signature: {why}"),
-                }
-            });
+            let checkpointed = entries.contains_key(&seq);
+            report
+                .findings
+                .push(bad_signature(checkpointed, seq, key, &why));
         }
     }
     deleted_rows(entries, &seen, filter, report);
+}
+
+/// A row whose receipt signature does not verify: altered when its
+/// sequence is checkpointed, inserted when not.
+fn bad_signature(checkpointed: bool, seq: u64, key: String, why: &str) -> Finding {
+    let why = format!("receipt signature: {why}");
+    if checkpointed {
+        Finding::Altered { seq, key, why }
+    } else {
+        Finding::Inserted { seq, key, why }
+    }
 }
 
 /// A checkpointed receipt within `filter` that no row `seen` holds was

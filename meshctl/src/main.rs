@@ -239,26 +239,8 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     audit_tables::schema::check_database(&cli.database)?;
-    let home = procs::Home::new(cli.home);
-    let insecure = matches!(cli.command, Command::Up { insecure: true, .. });
-    let endpoints = servers::Endpoints {
-        nats_url: cli.nats_url,
-        nats_credentials: broker_config::NatsCredentials {
-            nkey_seed_file: cli.nats_nkey_seed_file,
-            creds_file: cli.nats_creds,
-        },
-        clickhouse_url: cli.clickhouse_url,
-        clickhouse_user: cli.clickhouse_user,
-        clickhouse_password: cli.clickhouse_password,
-        database: cli.database,
-    };
-    let is_up = matches!(cli.command, Command::Up { .. });
-    let endpoints = endpoints.with_local_credentials(&home, is_up, insecure);
-    let endpoints = if is_up {
-        endpoints
-    } else {
-        endpoints.with_local_cluster(&home)?
-    };
+    let home = procs::Home::new(cli.home.clone());
+    let endpoints = endpoints(&cli, &home)?;
     match cli.command {
         Command::Up {
             detach,
@@ -323,6 +305,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { command } => return exit(audit::run(command, &endpoints).await?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the servers are and how to reach them: the flags, completed with
+/// the local stack's credentials and, except for `up` (which decides it),
+/// its cluster's node URLs.
+fn endpoints(cli: &Cli, home: &procs::Home) -> anyhow::Result<servers::Endpoints> {
+    let insecure = matches!(cli.command, Command::Up { insecure: true, .. });
+    let endpoints = servers::Endpoints {
+        nats_url: cli.nats_url.clone(),
+        nats_credentials: broker_config::NatsCredentials {
+            nkey_seed_file: cli.nats_nkey_seed_file.clone(),
+            creds_file: cli.nats_creds.clone(),
+        },
+        clickhouse_url: cli.clickhouse_url.clone(),
+        clickhouse_user: cli.clickhouse_user.clone(),
+        clickhouse_password: cli.clickhouse_password.clone(),
+        database: cli.database.clone(),
+    };
+    let is_up = matches!(cli.command, Command::Up { .. });
+    let endpoints = endpoints.with_local_credentials(home, is_up, insecure);
+    if is_up {
+        Ok(endpoints)
+    } else {
+        endpoints.with_local_cluster(home)
+    }
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.
