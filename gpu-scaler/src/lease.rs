@@ -1,5 +1,6 @@
 //! Leases in the `mesh-gpu-leases` KV bucket: one key per GPU (its uuid),
-//! the value a JSON [`Lease`], a delete marker when free.
+//! the value a JSON [`Lease`] (`schemas::gpu::Lease`, the wire type), a
+//! delete marker when free.
 //!
 //! Every write is conditional on the revision the writer read (`create`
 //! expects no live value, `update` and `delete` the exact last revision), so
@@ -12,33 +13,9 @@ use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
-use serde::{Deserialize, Serialize};
+pub use schemas::gpu::Lease;
 
 use crate::Error;
-
-/// One lease: which pool may use the GPU, who granted it, until when.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Lease {
-    /// The pool the GPU is leased to.
-    pub pool: String,
-    /// The GPU uuid (also the key).
-    pub gpu: String,
-    /// The scaler instance that granted it and renews it.
-    pub holder: String,
-    /// When it was granted (RFC 3339).
-    #[serde(with = "rfc3339")]
-    pub granted_at: DateTime<Utc>,
-    /// When it lapses unless renewed (RFC 3339).
-    #[serde(with = "rfc3339")]
-    pub expires_at: DateTime<Utc>,
-}
-
-impl Lease {
-    /// Whether the lease still holds at `now`.
-    pub fn is_live(&self, now: DateTime<Utc>) -> bool {
-        self.expires_at > now
-    }
-}
 
 /// What one key of the bucket holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -243,48 +220,4 @@ pub(crate) fn slot_from_entry(entry: &kv::Entry) -> Slot {
 fn encode(lease: &Lease) -> Bytes {
     // INVARIANT: a `Lease` is strings only, so serialising cannot fail.
     Bytes::from(serde_json::to_vec(lease).unwrap_or_default())
-}
-
-/// RFC 3339 with microseconds and `Z`, the form every agentmesh time uses.
-pub(crate) mod rfc3339 {
-    use chrono::{DateTime, SecondsFormat, Utc};
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-
-    pub(crate) fn serialize<S: Serializer>(value: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&value.to_rfc3339_opts(SecondsFormat::Micros, true))
-    }
-
-    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
-        let text = String::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&text)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| D::Error::custom(format!("`{text}` is not an RFC 3339 time: {e}")))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lease_json() {
-        let t = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.123456Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        let lease = Lease {
-            pool: "coder".into(),
-            gpu: "GPU-1".into(),
-            holder: "a".into(),
-            granted_at: t,
-            expires_at: t + chrono::Duration::seconds(15),
-        };
-        let json = serde_json::to_string(&lease).unwrap();
-        assert_eq!(
-            json,
-            r#"{"pool":"coder","gpu":"GPU-1","holder":"a","granted_at":"2026-01-02T03:04:05.123456Z","expires_at":"2026-01-02T03:04:20.123456Z"}"#
-        );
-        assert_eq!(serde_json::from_str::<Lease>(&json).unwrap(), lease);
-        assert!(lease.is_live(t));
-        assert!(!lease.is_live(t + chrono::Duration::seconds(15)));
-    }
 }

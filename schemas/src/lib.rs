@@ -1,8 +1,9 @@
 //! The agentmesh wire contract: CloudEvents over NATS in both modes of the
 //! CloudEvents NATS binding, the event-type catalogue, validation of mesh
 //! events, W3C `traceparent`, decision receipts, the approval wire types
-//! ([`approval`]), the `mesh-limits` keys and values ([`limits`]) and the
-//! subject names of `docs/contract.md`.
+//! ([`approval`]), the `mesh-limits` keys and values ([`limits`]), the
+//! `mesh-gpu-leases` values ([`gpu`]) and the subject names of
+//! `docs/contract.md`.
 //!
 //! Every service and the SDK speak through this crate, so the contract lives
 //! in one place.
@@ -11,6 +12,7 @@ mod agent;
 pub mod approval;
 mod binding;
 mod catalogue;
+pub mod gpu;
 pub mod limits;
 pub mod merkle;
 mod mesh;
