@@ -19,14 +19,10 @@ use tokio_util::task::TaskTracker;
 
 mod chain;
 mod pipeline;
-pub mod queries;
-pub mod rows;
-pub mod schema;
+/// The tables' declarations live in `audit-tables`, shared with the readers.
+pub use audit_tables::{queries, rows, schema};
 
-/// Default ClickHouse HTTP endpoint.
-pub const DEFAULT_CLICKHOUSE_URL: &str = "http://127.0.0.1:8123";
-/// Default ClickHouse user.
-pub const DEFAULT_CLICKHOUSE_USER: &str = "default";
+pub use audit_tables::{DEFAULT_CLICKHOUSE_URL, DEFAULT_CLICKHOUSE_USER};
 /// Default rows per batch.
 pub const DEFAULT_BATCH_ROWS: u64 = 10_000;
 /// Default bytes per batch (uncompressed).

@@ -150,7 +150,7 @@ async fn shadow_disagreements_and_approvals_are_listed_by_sql() -> anyhow::Resul
 #[tokio::test]
 async fn an_older_decisions_table_gains_the_guardrail_columns() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let db = &h.db;
+    let db = h.db();
     // `decisions` as the first release created it, with one row.
     for sql in [
         format!("CREATE DATABASE IF NOT EXISTS `{db}`"),
@@ -169,7 +169,7 @@ async fn an_older_decisions_table_gains_the_guardrail_columns() -> anyhow::Resul
              VALUES ('old', 't', 'allow', toDateTime('2026-03-01 10:00:00'))"
         ),
     ] {
-        h.ch.client().query(&sql).execute().await?;
+        h.ch().client().query(&sql).execute().await?;
     }
 
     let sink = h.spawn_sink(h.config()).await?;

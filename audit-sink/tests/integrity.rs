@@ -7,16 +7,11 @@
 
 mod common;
 
-use std::time::Duration;
-
 use audit_sink::{Config, queries, schema};
 use common::{Harness, Message, Step, at};
 use schemas::{Decision, TraceParent};
 use telemetry::testing::http_get;
-use testkit::{eventually, sample_value};
-
-/// How long a row may take to be queryable once the sink is running.
-const SOON: Duration = Duration::from_secs(20);
+use testkit::{WAIT, eventually, sample_value};
 
 #[expect(
     clippy::too_many_arguments,
@@ -201,8 +196,8 @@ fn old_layout(db: &str) -> [String; 2] {
 #[tokio::test]
 async fn tables_of_the_old_layout_are_migrated_without_losing_rows() -> anyhow::Result<()> {
     let h = Harness::start().await?;
-    let db = &h.db;
-    let client = h.ch.client();
+    let db = h.db();
+    let client = h.ch().client();
     client
         .query_raw(&format!("CREATE DATABASE `{db}`"))
         .execute()
@@ -344,7 +339,7 @@ async fn a_refused_row_is_quarantined_and_the_rows_after_it_go_on() -> anyhow::R
     let h = Harness::start().await?;
     // The schema first, then a column that makes the server refuse one
     // agent's rows (18.16 has `throwIf`).
-    schema::ensure(&h.ch.client(), &h.db, 0).await?;
+    schema::ensure(&h.ch().client(), h.db(), 0).await?;
     h.query("ALTER TABLE events ADD COLUMN guard UInt8 MATERIALIZED throwIf(agent = 'poison')")
         .await?;
     let trace = TraceParent::mint();
@@ -390,12 +385,12 @@ async fn a_refused_row_is_quarantined_and_the_rows_after_it_go_on() -> anyhow::R
             .parse::<u64>()
             .ok()
     };
-    eventually(SOON, "the 10 good events", || async {
+    eventually(WAIT, "the 10 good events", || async {
         (count().await? >= 10).then_some(())
     })
     .await?;
     // The good rows go in while the batch is split, the refused one after.
-    let rejected = eventually(SOON, "the quarantined row", || async {
+    let rejected = eventually(WAIT, "the quarantined row", || async {
         let rows = h
             .query(
                 "SELECT `table`, stream, subject, stream_seq, error, row, payload_encoding \
@@ -438,11 +433,11 @@ async fn a_refused_row_is_quarantined_and_the_rows_after_it_go_on() -> anyhow::R
     for i in 10..13 {
         h.publish(&good(i).message(&trace)).await?;
     }
-    eventually(SOON, "the 3 later events", || async {
+    eventually(WAIT, "the 3 later events", || async {
         (count().await? >= 13).then_some(())
     })
     .await?;
-    let quarantined = eventually(SOON, "the quarantine metric", || async move {
+    let quarantined = eventually(WAIT, "the quarantine metric", || async move {
         let (_, body) = http_get(metrics, "/metrics").await.ok()?;
         let n = sample_value(
             &body,
@@ -459,8 +454,9 @@ async fn a_refused_row_is_quarantined_and_the_rows_after_it_go_on() -> anyhow::R
     let row = h
         .query("SELECT row FROM rejected FINAL WHERE `table` = 'events' FORMAT TabSeparatedRaw")
         .await?;
-    h.ch.client()
-        .with_database(&h.db)
+    h.ch()
+        .client()
+        .with_database(h.db())
         .query_raw(&format!(
             "INSERT INTO events FORMAT JSONEachRow {}",
             row.trim_end()
@@ -499,7 +495,7 @@ async fn agent_times_over_150_months_neither_stall_nor_split_the_table() -> anyh
         s.time = time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
         h.publish(&s.message(&trace)).await?;
     }
-    eventually(SOON, "150 events", || async {
+    eventually(WAIT, "150 events", || async {
         let n: u64 = h
             .query("SELECT count() FROM events FINAL")
             .await
@@ -523,7 +519,7 @@ async fn agent_times_over_150_months_neither_stall_nor_split_the_table() -> anyh
         .query(&format!(
             "SELECT uniqExact(partition) FROM system.parts \
              WHERE database = '{}' AND table = 'events' AND active",
-            h.db
+            h.db()
         ))
         .await?
         .trim()

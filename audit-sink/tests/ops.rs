@@ -139,7 +139,7 @@ async fn two_replicas_share_the_tables_link_batches_to_traces_and_report_clickho
     .unwrap();
 
     // ClickHouse down: not ready, inserts fail and are counted; back: ready, row in.
-    harness.ch.stop().unwrap();
+    harness.ch_mut().stop().unwrap();
     for sink in [&a, &b] {
         let body = eventually(WAIT, "/readyz to fail without ClickHouse", || async {
             match http_get(sink.addr, "/readyz").await {
@@ -160,7 +160,7 @@ async fn two_replicas_share_the_tables_link_batches_to_traces_and_report_clickho
     })
     .await
     .unwrap();
-    harness.ch.start_again().await.unwrap();
+    harness.ch_mut().start_again().await.unwrap();
     for sink in [&a, &b] {
         eventually(WAIT, "/readyz to pass once ClickHouse is back", || async {
             matches!(http_get(sink.addr, "/readyz").await, Ok((200, _))).then_some(())

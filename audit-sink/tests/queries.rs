@@ -1,4 +1,4 @@
-//! The shipped SQL (`audit-sink/sql/*.sql`) against the real server the
+//! The shipped SQL (`audit-tables/sql/*.sql`) against the real server the
 //! harness starts (ClickHouse 18.16 on Debian), on rows the sink wrote —
 //! every event and receipt published twice, so the answers also show that
 //! duplicates collapse.

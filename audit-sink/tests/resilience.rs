@@ -131,7 +131,7 @@ async fn assert_complete(
 #[tokio::test]
 async fn clickhouse_stopped_mid_stream_and_restarted_loses_nothing() -> anyhow::Result<()> {
     let mut h = Harness::start().await?;
-    if h.ch.is_external() {
+    if h.ch().is_external() {
         eprintln!("skipped: cannot stop the external ClickHouse at CLICKHOUSE_URL");
         return Ok(());
     }
@@ -149,7 +149,7 @@ async fn clickhouse_stopped_mid_stream_and_restarted_loses_nothing() -> anyhow::
 
     // Some rows are in, then ClickHouse goes away.
     h.wait_raw_rows("events", 100).await?;
-    h.ch.stop()?;
+    h.ch_mut().stop()?;
     resume.notify_one();
 
     // The stream goes on while ClickHouse is down: the sink holds its batch
@@ -177,7 +177,7 @@ async fn clickhouse_stopped_mid_stream_and_restarted_loses_nothing() -> anyhow::
     );
 
     // Back, with the publisher still going.
-    h.ch.start_again().await?;
+    h.ch_mut().start_again().await?;
     publisher.await??;
     assert_complete(&h, &traces, 400).await?;
 
@@ -227,7 +227,7 @@ async fn sink_killed_and_restarted_loses_nothing_and_shows_no_duplicate() -> any
 async fn shutdown_during_an_outage_inserts_the_held_batch_within_the_grace_period()
 -> anyhow::Result<()> {
     let mut h = Harness::start().await?;
-    if h.ch.is_external() {
+    if h.ch().is_external() {
         eprintln!("skipped: cannot stop the external ClickHouse at CLICKHOUSE_URL");
         return Ok(());
     }
@@ -246,7 +246,7 @@ async fn shutdown_during_an_outage_inserts_the_held_batch_within_the_grace_perio
 
     // One event while ClickHouse is down: once an insert has failed, the
     // sink holds it in its batch.
-    h.ch.stop()?;
+    h.ch_mut().stop()?;
     h.publish(&steps[2].message(&trace)).await?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let errors = "agentmesh_sink_insert_errors_total{table=\"events\"} ";
@@ -266,7 +266,7 @@ async fn shutdown_during_an_outage_inserts_the_held_batch_within_the_grace_perio
     // the sink returns only once the held event is in.
     sink.shutdown.cancel();
     let stopping = tokio::spawn(sink.stop());
-    h.ch.start_again().await?;
+    h.ch_mut().start_again().await?;
     stopping.await??;
     assert_eq!(h.count_final("events").await?, 3);
     let stream = h.js.get_stream(schemas::subjects::STREAM_INGRESS).await?;

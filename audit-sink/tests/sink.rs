@@ -279,7 +279,7 @@ async fn schema_creation_is_idempotent() -> anyhow::Result<()> {
     let tables = h
         .query(&format!(
             "SELECT name FROM system.tables WHERE database = '{}' ORDER BY name",
-            h.db
+            h.db()
         ))
         .await?;
     assert_eq!(tables, "decisions\nevents\ngpu_leases\nrejected\n");

@@ -59,7 +59,7 @@ async fn nvml_discovers_real_gpus_and_the_scaler_leases_one() -> anyhow::Result<
     assert_eq!(auto.source(), "nvml", "auto mode picks NVML where it loads");
 
     // A lease on the real GPU (scripts/gpu-check.sh installs nats-server).
-    testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")?;
+    testkit::nats_server_binary()?;
     let mesh = common::mesh().await?;
     let mut config = common::config(
         0,

@@ -8,12 +8,9 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::Duration;
 
 use telemetry::testing::{OtlpReceiver, http_get};
-use testkit::{Service, eventually, free_port, sample_value};
-
-const WAIT: Duration = Duration::from_secs(30);
+use testkit::{Service, WAIT, eventually, free_port, sample_value};
 
 /// The value of one sample on `/metrics`, 0 when absent.
 async fn metric(addr: SocketAddr, sample: &str) -> f64 {
@@ -58,7 +55,7 @@ cooldown = "100ms"
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut scaler = Service::spawn(
         Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
-            .args(["--nats-url", &mesh.server.url()])
+            .args(["--nats-url", &mesh.nats.url()])
             .arg("--config")
             .arg(&config)
             .args(["--instance", "ops-test"])

@@ -14,10 +14,9 @@ use common::*;
 use futures::StreamExt;
 use gpu_scaler::events::{TYPE_GRANTED, TYPE_RELEASED};
 use gpu_scaler::{Lease, LeaseStore, cuda_visible_devices, overview, watch_pool};
-use testkit::eventually;
+use testkit::{WAIT, eventually};
 
 const LONG: Duration = Duration::from_secs(60);
-const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn rising_backlog_is_leased_in_one_round_and_each_grant_is_an_event() -> anyhow::Result<()> {
@@ -556,7 +555,7 @@ max_gpus = 1
     let ready = dir.path().join("ready");
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
         .arg("--nats-url")
-        .arg(mesh.server.url())
+        .arg(mesh.nats.url())
         .arg("--config")
         .arg(&config)
         .arg("--ready-file")
@@ -605,7 +604,7 @@ max_gpus = 1
     let mut bare = std::process::Command::new(env!("CARGO_BIN_EXE_gpu-scaler"))
         .env_remove("GPU_SCALER_CONFIG")
         .arg("--nats-url")
-        .arg(mesh.server.url())
+        .arg(mesh.nats.url())
         .arg("--ready-file")
         .arg(&ready)
         .spawn()?;
@@ -643,7 +642,7 @@ async fn the_scaler_rides_out_a_broker_restart() -> anyhow::Result<()> {
     })
     .await?;
 
-    mesh.server.restart().await?;
+    mesh.nats.restart().await?;
     // The scaler's client reconnects on its own; so does the test's.
     eventually(WAIT, "the test client to publish again", || async {
         publish_work(&mesh.js, "coder", 10).await.ok()

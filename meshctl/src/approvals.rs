@@ -297,47 +297,58 @@ async fn answer(
     )
     .await
     .map_err(|e| anyhow::anyhow!("sending the answer: {e}"))?;
-
     let wanted = match action {
         AnswerAction::Approve => ApprovalStatus::Approved,
         _ => ApprovalStatus::Rejected,
     };
-    let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+    let outcome = outcome(store, &state.id, Duration::from_secs(args.timeout_secs)).await?;
+    println!("{}", outcome_line(&outcome, wanted));
+    Ok(outcome.status == wanted)
+}
+
+/// Waits until a policy worker has applied the answer to approval `id`
+/// (its state is no longer pending), for at most `timeout`.
+async fn outcome(store: &kv::Store, id: &str, timeout: Duration) -> anyhow::Result<ApprovalState> {
+    let deadline = Instant::now() + timeout;
     loop {
-        let (_, now) = self::state(store, &state.id)
+        let (_, now) = self::state(store, id)
             .await?
             .context("the approval request disappeared")?;
         if now.status != ApprovalStatus::Pending {
-            let verb = match now.status {
-                ApprovalStatus::Approved => "released",
-                _ => "denied",
-            };
-            println!(
-                "{} {}: {} {verb} ({}{}).",
-                now.status,
-                &now.id[..12.min(now.id.len())],
-                what(&now),
-                if now.approver.is_empty() {
-                    now.comment.clone()
-                } else {
-                    format!("by {}", now.approver)
-                },
-                if now.status == wanted {
-                    ""
-                } else {
-                    "; not what was asked"
-                }
-            );
-            return Ok(now.status == wanted);
+            return Ok(now);
         }
         if Instant::now() >= deadline {
             bail!(
                 "the answer is stored, but no policy worker applied it within {}s: is one running (`meshctl status`)? It applies the answer when it starts",
-                args.timeout_secs
+                timeout.as_secs()
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// What `meshctl approvals approve|reject` prints once the answer is applied.
+fn outcome_line(now: &ApprovalState, wanted: ApprovalStatus) -> String {
+    let verb = match now.status {
+        ApprovalStatus::Approved => "released",
+        _ => "denied",
+    };
+    format!(
+        "{} {}: {} {verb} ({}{}).",
+        now.status,
+        &now.id[..12.min(now.id.len())],
+        what(now),
+        if now.approver.is_empty() {
+            now.comment.clone()
+        } else {
+            format!("by {}", now.approver)
+        },
+        if now.status == wanted {
+            ""
+        } else {
+            "; not what was asked"
+        }
+    )
 }
 
 #[cfg(test)]

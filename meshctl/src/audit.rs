@@ -15,7 +15,7 @@ use std::fmt;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use audit_sink::rows::{self, DecisionRow, Meta};
+use audit_tables::rows::{self, DecisionRow, Meta};
 use clap::Subcommand;
 use schemas::signing::{
     Checkpoint, CheckpointEntry, Signers, VerifiedRoots, sha256_hex, verify_signature,
@@ -192,38 +192,13 @@ async fn checkpoints(
             }
         };
         report.checkpoints += 1;
-        let header = |name| {
-            message
-                .headers
-                .get(name)
-                .map(|v| v.as_str().to_owned())
-                .unwrap_or_default()
-        };
-        let (signer, signature) = (header(headers::SIGNER), header(headers::SIGNATURE));
-        let checkpoint: Checkpoint = match serde_json::from_slice(&message.payload) {
-            Ok(c) => c,
-            Err(e) => {
-                report.findings.push(Finding::Checkpoint {
-                    seq,
-                    why: format!("not a checkpoint: {e}"),
-                });
+        let (signer, checkpoint) = match verified(signers, &message) {
+            Ok(verified) => verified,
+            Err(why) => {
+                report.findings.push(Finding::Checkpoint { seq, why });
                 continue;
             }
         };
-        let trusted = signers
-            .get(&signer)
-            .map(|r| r.trusts(&checkpoint.created_at))
-            .unwrap_or(Err(schemas::signing::Refused::UnknownSigner(
-                signer.clone(),
-            )))
-            .and_then(|()| verify_signature(&signer, &message.payload, &signature));
-        if let Err(why) = trusted {
-            report.findings.push(Finding::Checkpoint {
-                seq,
-                why: why.to_string(),
-            });
-            continue;
-        }
         let head = heads.entry(signer.clone()).or_default();
         if checkpoint.prev != *head || checkpoint.signer != signer {
             report.findings.push(Finding::Checkpoint {
@@ -235,32 +210,70 @@ async fn checkpoints(
             });
         }
         *head = sha256_hex(&message.payload);
-        for entry in checkpoint.entries {
-            match entries.get(&entry.seq) {
-                Some(seen) if seen.leaf != entry.leaf || seen.key != entry.key => {
-                    report.findings.push(Finding::Checkpoint {
-                        seq,
-                        why: format!(
-                            "MESH_DECISION seq {} is checkpointed twice with different receipts",
-                            entry.seq
-                        ),
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    entries.insert(entry.seq, entry);
-                }
+        merge_entries(&mut entries, checkpoint.entries, seq, report);
+    }
+    Ok(entries)
+}
+
+/// The signer and the checkpoint in `message`, once its signature is
+/// checked against a signer trusted at the checkpoint's time; else why not.
+fn verified(
+    signers: &Signers,
+    message: &async_nats::jetstream::message::StreamMessage,
+) -> Result<(String, Checkpoint), String> {
+    let header = |name| {
+        message
+            .headers
+            .get(name)
+            .map(|v| v.as_str().to_owned())
+            .unwrap_or_default()
+    };
+    let (signer, signature) = (header(headers::SIGNER), header(headers::SIGNATURE));
+    let checkpoint: Checkpoint =
+        serde_json::from_slice(&message.payload).map_err(|e| format!("not a checkpoint: {e}"))?;
+    signers
+        .get(&signer)
+        .map(|r| r.trusts(&checkpoint.created_at))
+        .unwrap_or(Err(schemas::signing::Refused::UnknownSigner(
+            signer.clone(),
+        )))
+        .and_then(|()| verify_signature(&signer, &message.payload, &signature))
+        .map_err(|why| why.to_string())?;
+    Ok((signer, checkpoint))
+}
+
+/// Adds the entries of checkpoint `seq` to `entries`; a receipt
+/// checkpointed twice with different contents is a finding.
+fn merge_entries(
+    entries: &mut BTreeMap<u64, CheckpointEntry>,
+    new: Vec<CheckpointEntry>,
+    seq: u64,
+    report: &mut Report,
+) {
+    for entry in new {
+        match entries.get(&entry.seq) {
+            Some(seen) if seen.leaf != entry.leaf || seen.key != entry.key => {
+                report.findings.push(Finding::Checkpoint {
+                    seq,
+                    why: format!(
+                        "MESH_DECISION seq {} is checkpointed twice with different receipts",
+                        entry.seq
+                    ),
+                });
+            }
+            Some(_) => {}
+            None => {
+                entries.insert(entry.seq, entry);
             }
         }
     }
-    Ok(entries)
 }
 
 async fn fetch_rows(endpoints: &Endpoints, filter: &Filter) -> anyhow::Result<Vec<DecisionRow>> {
     let mut sql = format!(
         "SELECT ?fields FROM `{}`.{} FINAL WHERE 1",
         endpoints.database,
-        audit_sink::schema::DECISIONS
+        audit_tables::schema::DECISIONS
     );
     if filter.since_us.is_some() {
         sql.push_str(" AND time_us >= ?");
@@ -284,15 +297,6 @@ async fn fetch_rows(endpoints: &Endpoints, filter: &Filter) -> anyhow::Result<Ve
 
 fn key_of(row: &DecisionRow) -> String {
     subjects::event_key(&row.agent, &row.event_id)
-}
-
-/// The receipt a row stores, as received.
-fn receipt_bytes(row: &DecisionRow) -> Vec<u8> {
-    if row.receipt_encoding == rows::ENCODING_HEX {
-        hex::decode(&row.receipt).unwrap_or_default()
-    } else {
-        row.receipt.clone().into_bytes()
-    }
 }
 
 /// The columns where `row` differs from the row its own receipt makes.
@@ -322,6 +326,8 @@ fn altered_columns(row: &DecisionRow, receipt: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// Checks each row against its own receipt, the checkpoints and the
+/// receipt's signature; then finds the checkpointed rows that are gone.
 fn check_rows(
     signers: &Signers,
     entries: &BTreeMap<u64, CheckpointEntry>,
@@ -337,7 +343,7 @@ fn check_rows(
         report.rows += 1;
         let seq = row.stream_seq;
         let key = key_of(&row);
-        let bytes = receipt_bytes(&row);
+        let bytes = rows::receipt_bytes(&row);
         let columns = altered_columns(&row, &bytes);
         if !columns.is_empty() {
             report.findings.push(Finding::Altered {
@@ -386,21 +392,34 @@ fn check_rows(
             None => report.pending += 1,
         }
         if let Err(why) = signed {
-            report.findings.push(if entries.contains_key(&seq) {
-                Finding::Altered {
-                    seq,
-                    key,
-                    why: format!("receipt signature: {why}"),
-                }
-            } else {
-                Finding::Inserted {
-                    seq,
-                    key,
-                    why: format!("receipt signature: {why}"),
-                }
-            });
+            let checkpointed = entries.contains_key(&seq);
+            report
+                .findings
+                .push(bad_signature(checkpointed, seq, key, &why));
         }
     }
+    deleted_rows(entries, &seen, filter, report);
+}
+
+/// A row whose receipt signature does not verify: altered when its
+/// sequence is checkpointed, inserted when not.
+fn bad_signature(checkpointed: bool, seq: u64, key: String, why: &str) -> Finding {
+    let why = format!("receipt signature: {why}");
+    if checkpointed {
+        Finding::Altered { seq, key, why }
+    } else {
+        Finding::Inserted { seq, key, why }
+    }
+}
+
+/// A checkpointed receipt within `filter` that no row `seen` holds was
+/// deleted.
+fn deleted_rows(
+    entries: &BTreeMap<u64, CheckpointEntry>,
+    seen: &std::collections::HashSet<u64>,
+    filter: &Filter,
+    report: &mut Report,
+) {
     for (seq, entry) in entries {
         if !seen.contains(seq) && filter.keeps(&entry.trace_id, &entry.decided_at) {
             report.findings.push(Finding::Deleted {

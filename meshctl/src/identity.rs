@@ -73,9 +73,9 @@ impl std::fmt::Debug for ClickHouseSecrets {
 }
 
 /// The ClickHouse user the audit sink writes with.
-pub(crate) const CLICKHOUSE_SINK_USER: &str = "agentmesh_sink";
+pub(crate) const CLICKHOUSE_SINK_USER: &str = clickhouse_config::SINK_USER;
 /// The ClickHouse user readers query with.
-pub(crate) const CLICKHOUSE_READER_USER: &str = "agentmesh_reader";
+pub(crate) const CLICKHOUSE_READER_USER: &str = clickhouse_config::READER_USER;
 
 /// `.agentmesh/auth/`.
 #[derive(Debug, Clone)]

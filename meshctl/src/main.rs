@@ -36,7 +36,7 @@ struct Cli {
     #[arg(long, global = true, env = "NATS_URL", default_value = broker_config::DEFAULT_NATS_URL)]
     nats_url: String,
     /// ClickHouse HTTP URL (a local one is started by `up` when nothing answers here).
-    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_sink::DEFAULT_CLICKHOUSE_URL)]
+    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_tables::DEFAULT_CLICKHOUSE_URL)]
     clickhouse_url: String,
     /// ClickHouse user.
     #[arg(
@@ -56,7 +56,7 @@ struct Cli {
     )]
     clickhouse_password: String,
     /// Database of the audit tables.
-    #[arg(long, global = true, env = "AGENTMESH_AUDIT_DATABASE", default_value = audit_sink::schema::DEFAULT_DATABASE)]
+    #[arg(long, global = true, env = "AGENTMESH_AUDIT_DATABASE", default_value = audit_tables::schema::DEFAULT_DATABASE)]
     database: String,
     /// NATS nkey seed file meshctl connects with (default: the operator key of a stack with authorization, `.agentmesh/auth/keys/meshctl.nk`).
     #[arg(long, global = true, env = "NATS_NKEY_SEED_FILE")]
@@ -238,27 +238,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    audit_sink::schema::check_database(&cli.database)?;
-    let home = procs::Home::new(cli.home);
-    let insecure = matches!(cli.command, Command::Up { insecure: true, .. });
-    let endpoints = servers::Endpoints {
-        nats_url: cli.nats_url,
-        nats_credentials: broker_config::NatsCredentials {
-            nkey_seed_file: cli.nats_nkey_seed_file,
-            creds_file: cli.nats_creds,
-        },
-        clickhouse_url: cli.clickhouse_url,
-        clickhouse_user: cli.clickhouse_user,
-        clickhouse_password: cli.clickhouse_password,
-        database: cli.database,
-    };
-    let is_up = matches!(cli.command, Command::Up { .. });
-    let endpoints = endpoints.with_local_credentials(&home, is_up, insecure);
-    let endpoints = if is_up {
-        endpoints
-    } else {
-        endpoints.with_local_cluster(&home)?
-    };
+    audit_tables::schema::check_database(&cli.database)?;
+    let home = procs::Home::new(cli.home.clone());
+    let endpoints = endpoints(&cli, &home)?;
     match cli.command {
         Command::Up {
             detach,
@@ -323,6 +305,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit { command } => return exit(audit::run(command, &endpoints).await?),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where the servers are and how to reach them: the flags, completed with
+/// the local stack's credentials and, except for `up` (which decides it),
+/// its cluster's node URLs.
+fn endpoints(cli: &Cli, home: &procs::Home) -> anyhow::Result<servers::Endpoints> {
+    let insecure = matches!(cli.command, Command::Up { insecure: true, .. });
+    let endpoints = servers::Endpoints {
+        nats_url: cli.nats_url.clone(),
+        nats_credentials: broker_config::NatsCredentials {
+            nkey_seed_file: cli.nats_nkey_seed_file.clone(),
+            creds_file: cli.nats_creds.clone(),
+        },
+        clickhouse_url: cli.clickhouse_url.clone(),
+        clickhouse_user: cli.clickhouse_user.clone(),
+        clickhouse_password: cli.clickhouse_password.clone(),
+        database: cli.database.clone(),
+    };
+    let is_up = matches!(cli.command, Command::Up { .. });
+    let endpoints = endpoints.with_local_credentials(home, is_up, insecure);
+    if is_up {
+        Ok(endpoints)
+    } else {
+        endpoints.with_local_cluster(home)
+    }
 }
 
 /// Cancels `token` on Ctrl-C or SIGTERM.

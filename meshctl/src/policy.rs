@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use audit_tables::rows::{self, DecisionRow, EventRow};
+use audit_tables::schema::{DECISIONS, EVENTS};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
 use policy_worker::{ENTITIES_FILE, Outcome, PolicyBundle, Replayer, SCHEMA_FILE};
-use schemas::{DecisionReceipt, EventBuilder, EventBuilderV10, subjects};
-use serde::{Deserialize, Serialize};
+use schemas::{DecisionReceipt, subjects};
+use serde::Serialize;
 
 use crate::servers::Endpoints;
 
@@ -484,72 +486,8 @@ fn reasons(r: &[String]) -> String {
     }
 }
 
-/// One event row with its receipt, as replay reads them from ClickHouse.
-#[derive(Debug, Deserialize, clickhouse::Row)]
-struct EventRow {
-    event_id: String,
-    trace_id: String,
-    agent: String,
-    r#type: String,
-    target: String,
-    subject: String,
-    source: String,
-    traceparent: String,
-    parent_id: String,
-    parent_agent: String,
-    datacontenttype: String,
-    data: String,
-    data_encoding: String,
-    ingress_subject: String,
-    received_us: u64,
-    receipt: String,
-}
-
 fn micros(t: DateTime<Utc>) -> u64 {
     u64::try_from(t.timestamp_micros()).unwrap_or(0)
-}
-
-/// The event of a row, encoded as it arrived in binary mode.
-fn rebuild(row: &EventRow) -> anyhow::Result<(async_nats::HeaderMap, bytes::Bytes)> {
-    let mut builder = EventBuilderV10::new()
-        .id(row.event_id.clone())
-        .source(row.source.clone())
-        .ty(row.r#type.clone());
-    let causation_source = if row.parent_agent.is_empty() {
-        String::new()
-    } else {
-        format!("/agents/{}", row.parent_agent)
-    };
-    for (name, value) in [
-        (schemas::ext::TRACEPARENT, &row.traceparent),
-        (schemas::ext::CAUSATIONID, &row.parent_id),
-        (schemas::ext::CAUSATIONSOURCE, &causation_source),
-        (schemas::ext::TARGET, &row.target),
-    ] {
-        if !value.is_empty() {
-            builder = builder.extension(name, value.clone());
-        }
-    }
-    if !row.subject.is_empty() {
-        builder = builder.subject(row.subject.clone());
-    }
-    let data = if row.data_encoding == audit_sink::rows::ENCODING_HEX {
-        hex::decode(&row.data)
-            .with_context(|| format!("event `{}` has bad hex data", row.event_id))?
-    } else {
-        row.data.clone().into_bytes()
-    };
-    // `dataschema` is left out: no policy context reads it.
-    if !row.datacontenttype.is_empty() {
-        builder = builder.data(row.datacontenttype.clone(), data.clone());
-    }
-    let mut event = builder
-        .build()
-        .with_context(|| format!("event `{}` cannot be rebuilt", row.event_id))?;
-    if row.datacontenttype.is_empty() && !data.is_empty() {
-        event.set_data_unchecked(data);
-    }
-    Ok(schemas::encode_binary(&event))
 }
 
 async fn replay_clickhouse(
@@ -561,22 +499,13 @@ async fn replay_clickhouse(
 ) -> anyhow::Result<()> {
     // Microseconds: a range ending now must include events of this second.
     let (from, to) = (micros(since), micros(until));
-    // Events and receipts match on agent + event id: two agents may use
-    // the same id.
+    // The events table's own row type (audit-tables), and the receipts of
+    // those events; they match on agent + event id: two agents may use the
+    // same id.
+    let window = format!("received_us >= {from} AND received_us < {to}");
+    let receipts = receipts_of_events(endpoints, &window).await?;
     let sql = format!(
-        "SELECT event_id, trace_id, agent, type, target, subject, source, traceparent, parent_id, \
-            parent_agent, datacontenttype, data, data_encoding, ingress_subject, received_us, receipt \
-         FROM ( \
-            SELECT event_id, trace_id, agent, type, target, subject, source, traceparent, parent_id, \
-                parent_agent, datacontenttype, data, data_encoding, ingress_subject, received_us \
-            FROM events FINAL \
-            WHERE valid = 1 AND received_us >= {from} AND received_us < {to} \
-         ) AS e \
-         ANY LEFT JOIN ( \
-            SELECT agent, event_id, receipt FROM decisions FINAL \
-            WHERE valid = 1 AND (agent, event_id) IN ( \
-                SELECT agent, event_id FROM events WHERE received_us >= {from} AND received_us < {to}) \
-         ) AS d USING (agent, event_id) \
+        "SELECT ?fields FROM {EVENTS} FINAL WHERE valid = 1 AND {window} \
          ORDER BY received_us, event_id, agent"
     );
     let mut cursor = endpoints
@@ -589,9 +518,9 @@ async fn replay_clickhouse(
         .await
         .with_context(|| format!("reading `{}.events` from ClickHouse", endpoints.database))?
     {
-        let receipt: Option<DecisionReceipt> = serde_json::from_str(&row.receipt).ok();
+        let receipt = receipts.get(&(row.agent.clone(), row.event_id.clone()));
         let at = i64::try_from(row.received_us / 1_000_000).unwrap_or(0);
-        let replayed = match rebuild(&row) {
+        let replayed = match audit_tables::rows::rebuild_event(&row) {
             Ok((headers, payload)) => {
                 replayer
                     .replay_message(&row.ingress_subject, Some(&headers), &payload, at)
@@ -612,12 +541,38 @@ async fn replay_clickhouse(
                 r#type: &row.r#type,
                 target: &row.target,
                 subject: &row.subject,
-                receipt: receipt.as_ref(),
+                receipt,
             },
             replayed,
         );
     }
     Ok(())
+}
+
+/// The receipts recorded for the events in `window` (a condition on
+/// `events`), by agent and event id; rows whose receipt does not parse are
+/// left out.
+async fn receipts_of_events(
+    endpoints: &Endpoints,
+    window: &str,
+) -> anyhow::Result<HashMap<(String, String), DecisionReceipt>> {
+    let sql = format!(
+        "SELECT ?fields FROM {DECISIONS} FINAL WHERE valid = 1 \
+         AND (agent, event_id) IN (SELECT agent, event_id FROM {EVENTS} WHERE {window})"
+    );
+    let rows = endpoints
+        .audit_db()
+        .query(&sql)
+        .fetch_all::<DecisionRow>()
+        .await
+        .with_context(|| format!("reading `{}.decisions` from ClickHouse", endpoints.database))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let receipt = serde_json::from_slice(&rows::receipt_bytes(&row)).ok()?;
+            Some(((row.agent, row.event_id), receipt))
+        })
+        .collect())
 }
 
 /// Every message of `stream` stored from `since` up to its last message

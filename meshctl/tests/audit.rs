@@ -10,15 +10,12 @@ mod support {
 }
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use agents_sdk::Agent;
 use audit_sink::rows::{self, DecisionRow, Meta};
 use schemas::{DecisionReceipt, subjects};
 use support::services::{Services, workspace};
-use testkit::eventually;
-
-const WAIT: Duration = Duration::from_secs(60);
+use testkit::{WAIT, eventually};
 
 fn meshctl(services: &Services, args: &[&str]) -> std::io::Result<Output> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshctl"));
@@ -32,8 +29,8 @@ fn meshctl(services: &Services, args: &[&str]) -> std::io::Result<Output> {
         cmd.env_remove(var);
     }
     cmd.env("NATS_URL", services.nats.url())
-        .env("CLICKHOUSE_URL", services.ch.url())
-        .env("AGENTMESH_AUDIT_DATABASE", &services.db)
+        .env("CLICKHOUSE_URL", services.ch().url())
+        .env("AGENTMESH_AUDIT_DATABASE", services.db())
         .env("AGENTMESH_HOME", services.tmp.path().join("home"));
     cmd.output()
 }
@@ -49,9 +46,9 @@ fn stdout(out: &Output) -> String {
 /// One row of `decisions` as the audit holds it.
 async fn row(services: &Services, event_id: &str) -> anyhow::Result<Option<DecisionRow>> {
     Ok(services
-        .ch
+        .ch()
         .client()
-        .with_database(&services.db)
+        .with_database(services.db())
         .query("SELECT ?fields FROM decisions FINAL WHERE event_id = ?")
         .bind(event_id)
         .fetch_optional::<DecisionRow>()
@@ -90,7 +87,7 @@ async fn audit_verify_names_altered_deleted_and_inserted_rows() -> anyhow::Resul
         "{clean}"
     );
 
-    let ch = services.ch.client().with_database(&services.db);
+    let ch = services.ch().client().with_database(services.db());
     // The backlog was signed in batches: rows with a root and a proof.
     let batched: Vec<String> = ch
         .query(
@@ -296,7 +293,7 @@ async fn audit_verify_spans_worker_and_sink_replicas() -> anyhow::Result<()> {
 
     // Receipts of both first-phase and second-phase workers, checkpoints of
     // both first-phase and second-phase sinks.
-    let ch = services.ch.client().with_database(&services.db);
+    let ch = services.ch().client().with_database(services.db());
     let signers = testkit::clickhouse::query_text(
         &ch,
         "SELECT DISTINCT visitParamExtractString(receipt, 'signer') FROM decisions ORDER BY 1",

@@ -7,32 +7,17 @@
 #![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::Duration;
 
-use async_nats::jetstream;
-use schemas::{Decision, DecisionReceipt, EventBuilder, EventBuilderV10, subjects};
+use schemas::{Decision, EventBuilder, EventBuilderV10, subjects};
 use serde_json::json;
-use testkit::{ClickHouseServer, NatsServer, eventually};
+use testkit::{Mesh, WAIT, eventually, workspace};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const WAIT: Duration = Duration::from_secs(60);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// A copy of the shipped `policies/` (files only) with `extra` policy files.
 fn policies(extra: &[(&str, &str)]) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(workspace().join("policies")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
+    let dir = testkit::policies_copy().unwrap();
     for (name, text) in extra {
         std::fs::write(dir.path().join(name), text).unwrap();
     }
@@ -42,23 +27,27 @@ fn policies(extra: &[(&str, &str)]) -> tempfile::TempDir {
 const FORBID_CODE_SEARCH: &str = "@id(\"forbid-code-search\")\nforbid (principal, action == Action::\"io.agentmesh.tool.call\", resource == Tool::\"code.search\");\n";
 const PERMIT_CODER_TO_PLANNER: &str = "@id(\"coder-reports-to-planner\")\npermit (principal == Agent::\"coder\", action == Action::\"io.agentmesh.task.handoff\", resource == Agent::\"planner\");\n";
 
-/// NATS, ClickHouse, the policy worker and the audit sink, in-process.
+/// `testkit`'s mesh with ClickHouse (through `Deref`), the policy worker
+/// and the audit sink in-process.
 struct Stack {
-    nats: NatsServer,
-    ch: ClickHouseServer,
-    db: String,
-    js: jetstream::Context,
+    mesh: Mesh,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     tmp: tempfile::TempDir,
 }
 
+impl std::ops::Deref for Stack {
+    type Target = Mesh;
+
+    fn deref(&self) -> &Mesh {
+        &self.mesh
+    }
+}
+
 impl Stack {
     async fn start(worker: policy_worker::Config, with_sink: bool) -> Self {
-        let nats = NatsServer::start().await.unwrap();
-        let ch = ClickHouseServer::start().await.unwrap();
-        let db = ch.unique_database("guard");
-        let js = jetstream::new(nats.connect().await.unwrap());
+        let mesh = Mesh::with_clickhouse("guard").await.unwrap();
+        let (nats, ch, db) = (&mesh.nats, mesh.ch(), mesh.db().to_owned());
         let tmp = tempfile::tempdir().unwrap();
         let shutdown = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -95,10 +84,7 @@ impl Stack {
             .unwrap();
         }
         Self {
-            nats,
-            ch,
-            db,
-            js,
+            mesh,
             shutdown,
             tasks,
             tmp,
@@ -108,8 +94,8 @@ impl Stack {
     fn env(&self) -> Vec<(String, String)> {
         vec![
             ("NATS_URL".into(), self.nats.url()),
-            ("CLICKHOUSE_URL".into(), self.ch.url()),
-            ("AGENTMESH_AUDIT_DATABASE".into(), self.db.clone()),
+            ("CLICKHOUSE_URL".into(), self.ch().url()),
+            ("AGENTMESH_AUDIT_DATABASE".into(), self.db().to_owned()),
             (
                 "AGENTMESH_HOME".into(),
                 self.tmp.path().join("home").to_string_lossy().into_owned(),
@@ -140,39 +126,16 @@ impl Stack {
         .unwrap()
     }
 
+    /// Publishes `event` on `agent`'s ingress subject for `step`.
     async fn publish(&self, agent: &str, step: &str, event: &schemas::Event) {
-        let (headers, payload) = schemas::encode_binary(event);
-        self.js
-            .publish_with_headers(subjects::ingress(agent, step), headers, payload)
-            .await
-            .unwrap()
+        self.publish_event(&subjects::ingress(agent, step), event)
             .await
             .unwrap();
     }
 
-    async fn receipts(&self) -> Vec<DecisionReceipt> {
-        testkit::stream_messages(&self.js, subjects::STREAM_DECISION)
-            .await
-            .unwrap()
-            .iter()
-            .map(|m| serde_json::from_slice(&m.payload).unwrap())
-            .collect()
-    }
-
-    async fn receipt(&self, event_id: &str) -> DecisionReceipt {
-        eventually(WAIT, &format!("the receipt of {event_id}"), || async {
-            self.receipts()
-                .await
-                .into_iter()
-                .find(|r| r.event_id == event_id)
-        })
-        .await
-        .unwrap()
-    }
-
     /// TSV of `sql` in the audit database.
     async fn query(&self, sql: &str) -> String {
-        let client = self.ch.client().with_database(&self.db);
+        let client = self.ch().client().with_database(self.db());
         testkit::clickhouse::query_text(&client, sql).await.unwrap()
     }
 
@@ -332,7 +295,7 @@ async fn shadow_disagreements_reach_clickhouse_and_promote_enforces_the_shadow_s
                     &tool_call(&id, "coder", "code.search"),
                 )
                 .await;
-            let r = stack.receipt(&id).await;
+            let r = stack.receipt(&id).await.unwrap();
             (&r.policy_hash == shadow_hash).then_some(r)
         }
     })
@@ -585,7 +548,7 @@ async fn approvals_are_listed_approved_and_rejected_with_the_approver_audited() 
     assert!(all.contains("approved by alice"), "{all}");
     assert!(all.contains("rejected by bob"), "{all}");
 
-    let r1 = stack.receipt("p1").await;
+    let r1 = stack.receipt("p1").await.unwrap();
     assert_eq!(r1.decision, Decision::Allow);
     assert_eq!(r1.approval.as_ref().unwrap().approver, "alice");
     stack.wait_decisions(&["p1", "p2"]).await;
@@ -627,7 +590,7 @@ async fn limits_are_shown_and_reset() {
         let now = chrono::Utc::now();
         now.second() > 45 || (now.minute() == 59 && now.second() > 30)
     } {
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
     let step = |id: &str| {
         EventBuilderV10::new()
@@ -645,7 +608,7 @@ async fn limits_are_shown_and_reset() {
         ("l3", Decision::Deny),
     ] {
         stack.publish("reviewer", "reasoning", &step(id)).await;
-        assert_eq!(stack.receipt(id).await.decision, decision, "{id}");
+        assert_eq!(stack.receipt(id).await.unwrap().decision, decision, "{id}");
     }
     let shown = ok(&stack
         .meshctl(&[
@@ -669,7 +632,7 @@ async fn limits_are_shown_and_reset() {
     let reset = ok(&stack.meshctl(&["limits", "reset", "reviewer"]).await);
     assert!(reset.contains("agent.reviewer"), "{reset}");
     stack.publish("reviewer", "reasoning", &step("l4")).await;
-    assert_eq!(stack.receipt("l4").await.decision, Decision::Allow);
+    assert_eq!(stack.receipt("l4").await.unwrap().decision, Decision::Allow);
     let shown = ok(&stack.meshctl(&["limits", "show", "reviewer"]).await);
     assert!(
         shown
@@ -730,7 +693,7 @@ async fn the_tool_cache_is_shown_purged_per_tool_and_whole_and_follows_cache_tom
     let cache = |id: &str| {
         let id = id.to_owned();
         let stack = &stack;
-        async move { stack.receipt(&id).await.cache }
+        async move { stack.receipt(&id).await.unwrap().cache }
     };
     let search = json!({"query": "fn signup"});
     let suite = json!({"suite": "unit"});
@@ -839,7 +802,13 @@ async fn the_tool_cache_is_shown_purged_per_tool_and_whole_and_follows_cache_tom
                     &cached_call(&id, "code.search", search),
                 )
                 .await;
-            stack.receipt(&id).await.cache.is_none().then_some(())
+            stack
+                .receipt(&id)
+                .await
+                .unwrap()
+                .cache
+                .is_none()
+                .then_some(())
         }
     })
     .await

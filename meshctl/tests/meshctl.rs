@@ -12,12 +12,9 @@ mod support {
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use support::services::{Services, workspace};
-use testkit::{eventually, free_port};
-
-const WAIT: Duration = Duration::from_secs(60);
+use testkit::{WAIT, eventually, free_port};
 
 /// `meshctl <args>` with the environment pointing at the test's servers.
 fn meshctl(env: &[(&str, &str)], args: &[&str]) -> std::io::Result<Output> {
@@ -111,9 +108,7 @@ fn trace_of(stdout: &str) -> anyhow::Result<String> {
 #[tokio::test]
 async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> {
     let services = Services::start("meshctl").await?;
-    let Services {
-        nats, ch, db, tmp, ..
-    } = &services;
+    let (nats, ch, db, tmp) = (&services.nats, services.ch(), services.db(), &services.tmp);
 
     let (nats_url, ch_url) = (nats.url(), ch.url());
     let home = tmp.path().join("home");
@@ -121,7 +116,7 @@ async fn demo_prints_the_tree_and_trace_prints_it_again() -> anyhow::Result<()> 
     let env = [
         ("NATS_URL", nats_url.as_str()),
         ("CLICKHOUSE_URL", ch_url.as_str()),
-        ("AGENTMESH_AUDIT_DATABASE", db.as_str()),
+        ("AGENTMESH_AUDIT_DATABASE", db),
         ("AGENTMESH_HOME", &home),
     ];
     // Work of another workflow waiting for `coder` before the demo starts:
@@ -965,9 +960,7 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
     use schemas::{EventBuilder, EventBuilderV10};
 
     let services = Services::start("meshctl_ids").await?;
-    let Services {
-        nats, ch, db, tmp, ..
-    } = &services;
+    let (nats, ch, db, tmp) = (&services.nats, services.ch(), services.db(), &services.tmp);
 
     let js = async_nats::jetstream::new(nats.connect().await?);
     let trace = schemas::TraceParent::mint();
@@ -1039,7 +1032,7 @@ async fn trace_draws_two_agents_that_count_ids_from_one() -> anyhow::Result<()> 
     let env = [
         ("NATS_URL", nats_url.as_str()),
         ("CLICKHOUSE_URL", ch_url.as_str()),
-        ("AGENTMESH_AUDIT_DATABASE", db.as_str()),
+        ("AGENTMESH_AUDIT_DATABASE", db),
         ("AGENTMESH_HOME", &home),
     ];
     let last = std::sync::Mutex::new(String::new());

@@ -7,11 +7,8 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
-use std::time::Duration;
 
-use testkit::{eventually, free_port};
-
-const WAIT: Duration = Duration::from_secs(60);
+use testkit::{WAIT, eventually, free_port};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()

@@ -13,14 +13,11 @@ mod support;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::services::{Services, workspace};
 use support::webdriver::{Driver, Session, http};
-use testkit::{NatsServer, Service, eventually, free_port};
-
-const WAIT: Duration = Duration::from_secs(60);
+use testkit::{NatsServer, Service, WAIT, eventually, free_port};
 
 /// The test's mesh and the environment that points `meshctl` at it.
 struct Stack {
@@ -33,8 +30,11 @@ impl Stack {
         let services = Services::start("ui").await?;
         let env = vec![
             ("NATS_URL".to_owned(), services.nats.url()),
-            ("CLICKHOUSE_URL".to_owned(), services.ch.url()),
-            ("AGENTMESH_AUDIT_DATABASE".to_owned(), services.db.clone()),
+            ("CLICKHOUSE_URL".to_owned(), services.ch().url()),
+            (
+                "AGENTMESH_AUDIT_DATABASE".to_owned(),
+                services.db().to_owned(),
+            ),
             (
                 "AGENTMESH_HOME".to_owned(),
                 services.tmp.path().join("home").display().to_string(),
@@ -141,7 +141,7 @@ async fn until_page(
     script: &str,
     expected: Value,
 ) -> anyhow::Result<()> {
-    let found = eventually(Duration::from_secs(30), what, || async {
+    let found = eventually(WAIT, what, || async {
         let value = session.run(script, json!([])).await.ok()?;
         (value == expected).then_some(())
     })

@@ -74,13 +74,15 @@ fn found(line: u32) -> Value {
 
 async fn send(mesh: &Mesh, subject_agent: &str, step: &str, event: &schemas::Event) {
     mesh.publish_event(&subjects::ingress(subject_agent, step), event)
-        .await;
+        .await
+        .unwrap();
 }
 
 /// Deliveries on `subject`, in order.
 async fn deliveries(mesh: &Mesh, subject: &str) -> Vec<StreamMessage> {
     mesh.messages(subjects::STREAM_DELIVER)
         .await
+        .unwrap()
         .into_iter()
         .filter(|m| m.subject.as_str() == subject)
         .collect()
@@ -112,7 +114,7 @@ async fn fill(mesh: &Mesh, call: &str, caller: &str, answer: &str) {
         &search(call, caller, "fn signup"),
     )
     .await;
-    let receipt = mesh.receipt(call).await;
+    let receipt = mesh.receipt(call).await.unwrap();
     assert_eq!(receipt.cache, Some(CacheStatus::Miss), "{receipt:?}");
     send(
         mesh,
@@ -121,7 +123,7 @@ async fn fill(mesh: &Mesh, call: &str, caller: &str, answer: &str) {
         &result(answer, "coder", caller, call, found(7)),
     )
     .await;
-    let stored = mesh.receipt(answer).await;
+    let stored = mesh.receipt(answer).await.unwrap();
     assert_eq!(stored.cache, Some(CacheStatus::Stored), "{stored:?}");
     assert_eq!(
         stored.cache_source.as_deref(),
@@ -131,7 +133,7 @@ async fn fill(mesh: &Mesh, call: &str, caller: &str, answer: &str) {
 
 #[tokio::test]
 async fn a_repeated_call_is_answered_from_the_cache_without_reaching_the_tool() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_with_cache(CACHE_TOML);
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -154,7 +156,7 @@ async fn a_repeated_call_is_answered_from_the_cache_without_reaching_the_tool() 
         &call_of("c2", "reviewer", "code.search", same),
     )
     .await;
-    let receipt = mesh.receipt("c2").await;
+    let receipt = mesh.receipt("c2").await.unwrap();
     assert_eq!(receipt.decision, Decision::Allow);
     assert_eq!(receipt.cache, Some(CacheStatus::Hit));
     assert_eq!(receipt.cache_source.as_deref(), Some("planner/c1"));
@@ -213,7 +215,7 @@ async fn a_repeated_call_is_answered_from_the_cache_without_reaching_the_tool() 
 
 #[tokio::test]
 async fn denied_calls_errors_and_strangers_never_touch_the_cache() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_with_cache(CACHE_TOML);
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -225,7 +227,7 @@ async fn denied_calls_errors_and_strangers_never_touch_the_cache() {
         &call_of("x1", "coder", "shell.exec", json!({"cmd": "ls"})),
     )
     .await;
-    let denied = mesh.receipt("x1").await;
+    let denied = mesh.receipt("x1").await.unwrap();
     assert_eq!((denied.decision, denied.cache), (Decision::Deny, None));
 
     // Not declared: no cache at all.
@@ -236,7 +238,7 @@ async fn denied_calls_errors_and_strangers_never_touch_the_cache() {
         &call_of("t1", "planner", "tests.run", json!({"suite": "a"})),
     )
     .await;
-    assert_eq!(mesh.receipt("t1").await.cache, None);
+    assert_eq!(mesh.receipt("t1").await.unwrap().cache, None);
 
     // Arguments that are not JSON bypass the cache.
     let text = event("b1", "planner", "tool.call")
@@ -246,11 +248,17 @@ async fn denied_calls_errors_and_strangers_never_touch_the_cache() {
         .build()
         .unwrap();
     send(&mesh, "planner", "tool_call", &text).await;
-    assert_eq!(mesh.receipt("b1").await.cache, Some(CacheStatus::Bypass));
+    assert_eq!(
+        mesh.receipt("b1").await.unwrap().cache,
+        Some(CacheStatus::Bypass)
+    );
 
     // An error result is not stored.
     send(&mesh, "planner", "tool_call", &search("c1", "planner", "q")).await;
-    assert_eq!(mesh.receipt("c1").await.cache, Some(CacheStatus::Miss));
+    assert_eq!(
+        mesh.receipt("c1").await.unwrap().cache,
+        Some(CacheStatus::Miss)
+    );
     let error = json!({"tool": "code.search", "ok": false, "error": "index busy"});
     send(
         &mesh,
@@ -259,12 +267,15 @@ async fn denied_calls_errors_and_strangers_never_touch_the_cache() {
         &result("r1", "coder", "planner", "c1", error),
     )
     .await;
-    assert_eq!(mesh.receipt("r1").await.cache, None);
+    assert_eq!(mesh.receipt("r1").await.unwrap().cache, None);
 
     // Another agent answering the call is delivered (policy allows it) but
     // cannot fill the cache.
     send(&mesh, "planner", "tool_call", &search("c2", "planner", "q")).await;
-    assert_eq!(mesh.receipt("c2").await.cache, Some(CacheStatus::Miss));
+    assert_eq!(
+        mesh.receipt("c2").await.unwrap().cache,
+        Some(CacheStatus::Miss)
+    );
     send(
         &mesh,
         "reviewer",
@@ -272,12 +283,15 @@ async fn denied_calls_errors_and_strangers_never_touch_the_cache() {
         &result("r2", "reviewer", "planner", "c2", found(1)),
     )
     .await;
-    let forged = mesh.receipt("r2").await;
+    let forged = mesh.receipt("r2").await.unwrap();
     assert_eq!((forged.decision, forged.cache), (Decision::Allow, None));
 
     // So the next identical call still goes to the tool.
     send(&mesh, "planner", "tool_call", &search("c3", "planner", "q")).await;
-    assert_eq!(mesh.receipt("c3").await.cache, Some(CacheStatus::Miss));
+    assert_eq!(
+        mesh.receipt("c3").await.unwrap().cache,
+        Some(CacheStatus::Miss)
+    );
     // t1, b1, c1, c2 and c3.
     assert_eq!(
         deliveries(&mesh, "mesh.deliver.coder.planner").await.len(),
@@ -292,7 +306,7 @@ async fn denied_calls_errors_and_strangers_never_touch_the_cache() {
 
 #[tokio::test]
 async fn caller_scope_keeps_entries_apart_and_the_ttl_expires_them() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_with_cache("[tools.\"code.search\"]\nttl_secs = 3\n");
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -306,7 +320,10 @@ async fn caller_scope_keeps_entries_apart_and_the_ttl_expires_them() {
         &search("c2", "reviewer", "fn signup"),
     )
     .await;
-    assert_eq!(mesh.receipt("c2").await.cache, Some(CacheStatus::Miss));
+    assert_eq!(
+        mesh.receipt("c2").await.unwrap().cache,
+        Some(CacheStatus::Miss)
+    );
 
     // The planner's repeats hit until the TTL passes, then miss.
     let mut n = 0;
@@ -322,7 +339,7 @@ async fn caller_scope_keeps_entries_apart_and_the_ttl_expires_them() {
                 &search(&id, "planner", "fn signup"),
             )
             .await;
-            let receipt = mesh.receipt(&id).await;
+            let receipt = mesh.receipt(&id).await.unwrap();
             match receipt.cache {
                 Some(CacheStatus::Hit) => None,
                 other => {
@@ -334,13 +351,13 @@ async fn caller_scope_keeps_entries_apart_and_the_ttl_expires_them() {
     })
     .await
     .unwrap();
-    assert!(mesh.receipt("p1").await.cache == Some(CacheStatus::Hit));
+    assert!(mesh.receipt("p1").await.unwrap().cache == Some(CacheStatus::Hit));
     assert!(expired_after >= Duration::from_secs(3), "{expired_after:?}");
 }
 
 #[tokio::test]
 async fn entries_survive_a_restart_and_are_shared_by_replicas_until_purged() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_with_cache(CACHE_TOML);
     let mut first = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
     fill(&mesh, "c1", "planner", "r1").await;
@@ -360,7 +377,7 @@ async fn entries_survive_a_restart_and_are_shared_by_replicas_until_purged() {
         )
         .await;
         assert_eq!(
-            mesh.receipt(&id).await.cache,
+            mesh.receipt(&id).await.unwrap().cache,
             Some(CacheStatus::Hit),
             "{id}"
         );
@@ -380,7 +397,10 @@ async fn entries_survive_a_restart_and_are_shared_by_replicas_until_purged() {
         &search("k1", "planner", "fn signup"),
     )
     .await;
-    assert_eq!(mesh.receipt("k1").await.cache, Some(CacheStatus::Hit));
+    assert_eq!(
+        mesh.receipt("k1").await.unwrap().cache,
+        Some(CacheStatus::Hit)
+    );
     assert_eq!(
         policy_worker::purge_cache(&mesh.js, Some("code.search"))
             .await
@@ -394,12 +414,15 @@ async fn entries_survive_a_restart_and_are_shared_by_replicas_until_purged() {
         &search("k2", "planner", "fn signup"),
     )
     .await;
-    assert_eq!(mesh.receipt("k2").await.cache, Some(CacheStatus::Miss));
+    assert_eq!(
+        mesh.receipt("k2").await.unwrap().cache,
+        Some(CacheStatus::Miss)
+    );
 }
 
 #[tokio::test]
 async fn identical_concurrent_calls_reach_the_tool_once_across_two_replicas() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_with_cache(CACHE_TOML);
     let _a = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
     let _b = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
@@ -429,7 +452,7 @@ async fn identical_concurrent_calls_reach_the_tool_once_across_two_replicas() {
     .await;
 
     for id in &calls {
-        let receipt = mesh.receipt(id).await;
+        let receipt = mesh.receipt(id).await.unwrap();
         let want = if *id == leader {
             CacheStatus::Miss
         } else {
@@ -447,7 +470,7 @@ async fn identical_concurrent_calls_reach_the_tool_once_across_two_replicas() {
 
 #[tokio::test]
 async fn calls_waiting_for_a_result_that_never_comes_go_to_the_tool() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_with_cache(CACHE_TOML);
     let _worker = WorkerProcess::start(
         &mesh.nats.url(),
@@ -466,7 +489,7 @@ async fn calls_waiting_for_a_result_that_never_comes_go_to_the_tool() {
     }
     for id in ["w1", "w2", "w3"] {
         assert_eq!(
-            mesh.receipt(id).await.cache,
+            mesh.receipt(id).await.unwrap().cache,
             Some(CacheStatus::Miss),
             "{id}"
         );

@@ -44,7 +44,7 @@ fn add_policy(dir: &Path, file: &str, text: &str) {
 
 #[tokio::test]
 async fn detectors_deny_secrets_pii_to_external_tools_and_injection() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -131,16 +131,16 @@ async fn detectors_deny_secrets_pii_to_external_tools_and_injection() {
         } else {
             "mesh.ingress.coder.tool_call"
         };
-        mesh.publish_event(subject, event).await;
+        mesh.publish_event(subject, event).await.unwrap();
     }
     for (id, _, decision, reasons, findings) in &cases {
-        let receipt = mesh.receipt(id).await;
+        let receipt = mesh.receipt(id).await.unwrap();
         assert_eq!(receipt.decision, *decision, "{id}: {receipt:?}");
         assert_eq!(receipt.reasons, *reasons, "{id}");
         assert_eq!(receipt.findings, *findings, "{id}");
     }
     // The denied ones are dead-lettered with the policy that forbade them.
-    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 4).await;
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 4).await.unwrap();
     let policies_of = |id: &str| {
         dead.iter()
             .find(|m| header(&m.headers, "ce-id").as_deref() == Some(id))
@@ -190,7 +190,7 @@ async fn agent_tally(mesh: &Mesh, agent: &str) -> AgentTally {
 
 #[tokio::test]
 async fn rate_limit_trips_survives_a_restart_and_an_operator_resets_it() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     add_policy(
         policies.path(),
@@ -206,8 +206,9 @@ async fn rate_limit_trips_survives_a_restart_and_an_operator_resets_it() {
             "mesh.ingress.coder.reasoning",
             &step(&id, "coder", trace, json!({"n": i})),
         )
-        .await;
-        let receipt = mesh.receipt(&id).await;
+        .await
+        .unwrap();
+        let receipt = mesh.receipt(&id).await.unwrap();
         let (decision, reasons) = if i <= 3 {
             (Decision::Allow, vec!["members-record-steps".to_owned()])
         } else {
@@ -224,8 +225,9 @@ async fn rate_limit_trips_survives_a_restart_and_an_operator_resets_it() {
         "mesh.ingress.planner.reasoning",
         &step("p1", "planner", trace, json!({})),
     )
-    .await;
-    assert_eq!(mesh.receipt("p1").await.decision, Decision::Allow);
+    .await
+    .unwrap();
+    assert_eq!(mesh.receipt("p1").await.unwrap().decision, Decision::Allow);
 
     // A new worker process reads the same counters.
     worker.kill();
@@ -234,8 +236,9 @@ async fn rate_limit_trips_survives_a_restart_and_an_operator_resets_it() {
         "mesh.ingress.coder.reasoning",
         &step("r5", "coder", trace, json!({})),
     )
-    .await;
-    assert_eq!(mesh.receipt("r5").await.decision, Decision::Deny);
+    .await
+    .unwrap();
+    assert_eq!(mesh.receipt("r5").await.unwrap().decision, Decision::Deny);
     assert_eq!(agent_tally(&mesh, "coder").await.per_hour, 5);
 
     // What `meshctl limits reset coder` does: the counters start again.
@@ -249,15 +252,16 @@ async fn rate_limit_trips_survives_a_restart_and_an_operator_resets_it() {
         "mesh.ingress.coder.reasoning",
         &step("r6", "coder", trace, json!({})),
     )
-    .await;
-    let receipt = mesh.receipt("r6").await;
+    .await
+    .unwrap();
+    let receipt = mesh.receipt("r6").await.unwrap();
     assert_eq!(receipt.decision, Decision::Allow, "{receipt:?}");
     assert_eq!(agent_tally(&mesh, "coder").await.per_hour, 1);
 }
 
 #[tokio::test]
 async fn per_minute_limit_resets_when_the_minute_rolls() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     add_policy(
         policies.path(),
@@ -278,15 +282,19 @@ async fn per_minute_limit_resets_when_the_minute_rolls() {
             "mesh.ingress.reviewer.reasoning",
             &step(&id, "reviewer", trace, json!({})),
         )
-        .await;
+        .await
+        .unwrap();
         let expected = if i <= 2 {
             Decision::Allow
         } else {
             Decision::Deny
         };
-        assert_eq!(mesh.receipt(&id).await.decision, expected, "{id}");
+        assert_eq!(mesh.receipt(&id).await.unwrap().decision, expected, "{id}");
     }
-    assert_eq!(mesh.receipt("m3").await.reasons, vec!["two-a-minute"]);
+    assert_eq!(
+        mesh.receipt("m3").await.unwrap().reasons,
+        vec!["two-a-minute"]
+    );
     eventually(Duration::from_secs(75), "the next minute", || async {
         (chrono::Utc::now().minute() != minute).then_some(())
     })
@@ -296,8 +304,9 @@ async fn per_minute_limit_resets_when_the_minute_rolls() {
         "mesh.ingress.reviewer.reasoning",
         &step("m4", "reviewer", trace, json!({})),
     )
-    .await;
-    let receipt = mesh.receipt("m4").await;
+    .await
+    .unwrap();
+    let receipt = mesh.receipt("m4").await.unwrap();
     assert_eq!(receipt.decision, Decision::Allow, "{receipt:?}");
     assert_eq!(agent_tally(&mesh, "reviewer").await.per_minute, 1);
     assert_eq!(agent_tally(&mesh, "reviewer").await.per_hour, 4);
@@ -305,7 +314,7 @@ async fn per_minute_limit_resets_when_the_minute_rolls() {
 
 #[tokio::test]
 async fn counters_stay_exact_with_two_replicas() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     add_policy(
         policies.path(),
@@ -341,7 +350,7 @@ async fn counters_stay_exact_with_two_replicas() {
             .unwrap();
     }
     let receipts = eventually(WAIT, "60 receipts", || async {
-        let r = mesh.receipts().await;
+        let r = mesh.receipts().await.unwrap();
         (r.len() >= N).then_some(r)
     })
     .await
@@ -397,7 +406,7 @@ async fn counters_stay_exact_with_two_replicas() {
 
 #[tokio::test]
 async fn budgets_count_tokens_and_tool_calls_reported_in_data() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     add_policy(
         policies.path(),
@@ -421,11 +430,12 @@ when { context.budget.workflow_tool_calls > 2 };
             "mesh.ingress.planner.reasoning",
             &step(id, "planner", t1, usage(tokens)),
         )
-        .await;
-        assert_eq!(mesh.receipt(id).await.decision, expected, "{id}");
+        .await
+        .unwrap();
+        assert_eq!(mesh.receipt(id).await.unwrap().decision, expected, "{id}");
     }
     assert_eq!(
-        mesh.receipt("b3").await.reasons,
+        mesh.receipt("b3").await.unwrap().reasons,
         vec!["workflow-token-budget"]
     );
     let tally = agent_tally(&mesh, "planner").await;
@@ -440,18 +450,19 @@ when { context.budget.workflow_tool_calls > 2 };
             "mesh.ingress.coder.tool_call",
             &tool_call(id, "coder", "code.search", json!({"query": id})),
         )
-        .await;
-        assert_eq!(mesh.receipt(id).await.decision, expected, "{id}");
+        .await
+        .unwrap();
+        assert_eq!(mesh.receipt(id).await.unwrap().decision, expected, "{id}");
     }
     assert_eq!(
-        mesh.receipt("t3").await.reasons,
+        mesh.receipt("t3").await.unwrap().reasons,
         vec!["two-tool-calls-per-workflow"]
     );
 }
 
 #[tokio::test]
 async fn shadow_set_decides_without_effect_and_receipts_record_it() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let active = policies_copy();
     let shadow = policies_copy();
     add_policy(
@@ -471,17 +482,20 @@ async fn shadow_set_decides_without_effect_and_receipts_record_it() {
         "mesh.ingress.coder.tool_call",
         &tool_call("s1", "coder", "code.search", json!({"query": "fn main"})),
     )
-    .await;
+    .await
+    .unwrap();
     mesh.publish_event("mesh.ingress.planner.handoff", &handoff("s2"))
-        .await;
+        .await
+        .unwrap();
     mesh.publish(
         "mesh.ingress.coder.tool_call",
         Default::default(),
         "not an event",
     )
-    .await;
+    .await
+    .unwrap();
 
-    let disagreement = mesh.receipt("s1").await;
+    let disagreement = mesh.receipt("s1").await.unwrap();
     assert_eq!(
         disagreement.decision,
         Decision::Allow,
@@ -493,17 +507,20 @@ async fn shadow_set_decides_without_effect_and_receipts_record_it() {
     assert_ne!(shadow_hash, disagreement.policy_hash);
     // Allowed in effect: delivered as usual (the tool result has no target;
     // the handoff does).
-    let agree = mesh.receipt("s2").await;
+    let agree = mesh.receipt("s2").await.unwrap();
     assert_eq!(
         (agree.decision, agree.shadow_decision),
         (Decision::Allow, Some(Decision::Allow))
     );
     assert_eq!(agree.shadow_reasons, agree.reasons);
     assert_eq!(agree.findings, Vec::<String>::new());
-    mesh.wait_messages(subjects::STREAM_DELIVER, 1).await;
+    mesh.wait_messages(subjects::STREAM_DELIVER, 1)
+        .await
+        .unwrap();
     let invalid = eventually(WAIT, "the invalid event's receipt", || async {
         mesh.receipts()
             .await
+            .unwrap()
             .into_iter()
             .find(|r| r.decision == Decision::Invalid)
     })
@@ -513,7 +530,7 @@ async fn shadow_set_decides_without_effect_and_receipts_record_it() {
 
     // The raw JSON carries the shadow fields; receipts without a shadow
     // set leave them out (checked in the other tests' receipts parsing).
-    let raw = mesh.messages(subjects::STREAM_DECISION).await;
+    let raw = mesh.messages(subjects::STREAM_DECISION).await.unwrap();
     let text = raw
         .iter()
         .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
@@ -585,6 +602,7 @@ async fn answers_consumed(mesh: &Mesh) {
         let info = mesh
             .stream(subjects::STREAM_APPROVALS)
             .await
+            .unwrap()
             .consumer_info(broker_config::auth::POLICY_WORKER_APPROVALS_CONSUMER)
             .await
             .ok()?;
@@ -596,7 +614,7 @@ async fn answers_consumed(mesh: &Mesh) {
 
 #[tokio::test]
 async fn approval_releases_or_rejects_a_parked_event() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = approval_policies();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -607,13 +625,19 @@ async fn approval_releases_or_rejects_a_parked_event() {
         original_headers.clone(),
         payload.clone(),
     )
-    .await;
+    .await
+    .unwrap();
     mesh.publish_event("mesh.ingress.planner.handoff", &gated_handoff("a-reject"))
-        .await;
+        .await
+        .unwrap();
     // A handoff to the coder is not gated: decided at once.
     mesh.publish_event("mesh.ingress.planner.handoff", &handoff("a-free"))
-        .await;
-    assert_eq!(mesh.receipt("a-free").await.decision, Decision::Allow);
+        .await
+        .unwrap();
+    assert_eq!(
+        mesh.receipt("a-free").await.unwrap().decision,
+        Decision::Allow
+    );
 
     let state = pending_state(&mesh, "a-release").await;
     assert_eq!(state.status, ApprovalStatus::Pending);
@@ -626,7 +650,10 @@ async fn approval_releases_or_rejects_a_parked_event() {
     pending_state(&mesh, "a-reject").await;
     // Parked: stored in MESH_APPROVALS, no receipt and no delivery yet.
     // The two were decided in one batch, concurrently: stored in either order.
-    let parked = mesh.wait_messages(subjects::STREAM_APPROVALS, 2).await;
+    let parked = mesh
+        .wait_messages(subjects::STREAM_APPROVALS, 2)
+        .await
+        .unwrap();
     let parked_release = parked
         .iter()
         .find(|m| {
@@ -641,15 +668,15 @@ async fn approval_releases_or_rejects_a_parked_event() {
                 == Some(approval_id("planner", "a-reject"))),
         "both events are parked"
     );
-    let receipts = mesh.receipts().await;
+    let receipts = mesh.receipts().await.unwrap();
     assert!(
         !receipts.iter().any(|r| r.event_id.starts_with("a-re")),
         "{receipts:?}"
     );
-    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await, 1);
+    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await.unwrap(), 1);
 
     answer(&mesh, "a-release", AnswerAction::Approve, "alice").await;
-    let receipt = mesh.receipt("a-release").await;
+    let receipt = mesh.receipt("a-release").await.unwrap();
     assert_eq!(receipt.decision, Decision::Allow);
     let approval = receipt.approval.clone().unwrap();
     assert_eq!(
@@ -657,7 +684,10 @@ async fn approval_releases_or_rejects_a_parked_event() {
         (ApprovalStatus::Approved, "alice")
     );
     assert_eq!(approval.comment, "alice says approve");
-    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 2).await;
+    let delivered = mesh
+        .wait_messages(subjects::STREAM_DELIVER, 2)
+        .await
+        .unwrap();
     let d = delivered
         .iter()
         .find(|m| m.subject.as_str() == "mesh.deliver.reviewer.planner")
@@ -681,7 +711,7 @@ async fn approval_releases_or_rejects_a_parked_event() {
     assert_eq!(header(&d.headers, headers::APPROVAL_EXPIRES), None);
 
     answer(&mesh, "a-reject", AnswerAction::Reject, "bob").await;
-    let receipt = mesh.receipt("a-reject").await;
+    let receipt = mesh.receipt("a-reject").await.unwrap();
     assert_eq!(receipt.decision, Decision::Deny);
     assert_eq!(
         receipt
@@ -690,7 +720,7 @@ async fn approval_releases_or_rejects_a_parked_event() {
             .map(|a| (a.status, a.approver.as_str())),
         Some((ApprovalStatus::Rejected, "bob"))
     );
-    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await;
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await.unwrap();
     let reason = header(&dead[0].headers, headers::REASON).unwrap();
     assert_eq!(
         schemas::percent_decode_header(headers::REASON, &reason).unwrap(),
@@ -707,6 +737,7 @@ async fn approval_releases_or_rejects_a_parked_event() {
     let for_release = mesh
         .receipts()
         .await
+        .unwrap()
         .into_iter()
         .filter(|r| r.event_id == "a-release")
         .count();
@@ -715,7 +746,7 @@ async fn approval_releases_or_rejects_a_parked_event() {
 
 #[tokio::test]
 async fn unanswered_approval_expires_into_a_denial() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = approval_policies();
     let _worker = WorkerProcess::start(
         &mesh.nats.url(),
@@ -724,13 +755,14 @@ async fn unanswered_approval_expires_into_a_denial() {
     )
     .await;
     mesh.publish_event("mesh.ingress.planner.handoff", &gated_handoff("a-expire"))
-        .await;
-    let receipt = mesh.receipt("a-expire").await;
+        .await
+        .unwrap();
+    let receipt = mesh.receipt("a-expire").await.unwrap();
     assert_eq!(receipt.decision, Decision::Deny);
     let approval = receipt.approval.unwrap();
     assert_eq!(approval.status, ApprovalStatus::Expired);
     assert_eq!(approval.approver, "");
-    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await;
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await.unwrap();
     let reason = header(&dead[0].headers, headers::REASON).unwrap();
     assert!(
         schemas::percent_decode_header(headers::REASON, &reason)
@@ -745,5 +777,5 @@ async fn unanswered_approval_expires_into_a_denial() {
         pending_state(&mesh, "a-expire").await.status,
         ApprovalStatus::Expired
     );
-    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await, 0);
+    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await.unwrap(), 0);
 }

@@ -43,7 +43,7 @@ fn run_example(nats_url: &str, extra: &[&str]) -> String {
 
 #[tokio::test]
 async fn nats_py_client_publishes_and_sees_receipt_and_delivery() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -58,7 +58,10 @@ async fn nats_py_client_publishes_and_sees_receipt_and_delivery() {
     );
 
     // The percent-encoded subject written by Python decodes to the original.
-    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 1).await;
+    let delivered = mesh
+        .wait_messages(subjects::STREAM_DELIVER, 1)
+        .await
+        .unwrap();
     let (event, _) = schemas::decode(Some(&delivered[0].headers), &delivered[0].payload).unwrap();
     assert_eq!(
         schemas::AttributesReader::subject(&event),

@@ -76,7 +76,7 @@ fn shell_exec(id: &str, traceparent: &TraceParent) -> schemas::Event {
 
 #[tokio::test]
 async fn two_replicas_on_one_durable_decide_every_event_exactly_once() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     // Small pulls so both replicas keep asking while events arrive.
     let flags = ["--batch", "5", "--max-in-flight", "8"];
@@ -94,11 +94,13 @@ async fn two_replicas_on_one_durable_decide_every_event_exactly_once() {
                 &subjects::ingress("coder", "tool_call"),
                 &shell_exec(&id, &tp),
             )
-            .await;
+            .await
+            .unwrap();
             denied += 1;
         } else {
             mesh.publish_event(&subjects::ingress("planner", "handoff"), &handoff(&id))
-                .await;
+                .await
+                .unwrap();
         }
         ids.insert(id);
     }
@@ -106,7 +108,8 @@ async fn two_replicas_on_one_durable_decide_every_event_exactly_once() {
     // One receipt per event, each id once.
     let receipts = mesh
         .wait_messages(subjects::STREAM_DECISION, N as u64)
-        .await;
+        .await
+        .unwrap();
     let mut seen = BTreeMap::new();
     for m in &receipts {
         let r: schemas::DecisionReceipt = serde_json::from_slice(&m.payload).unwrap();
@@ -154,7 +157,7 @@ async fn two_replicas_on_one_durable_decide_every_event_exactly_once() {
 
 #[tokio::test]
 async fn health_follows_nats_and_json_logs_name_the_event_and_its_trace() {
-    let mut mesh = Mesh::start().await;
+    let mut mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let worker = Worker::start(
         &mesh,
@@ -176,18 +179,21 @@ async fn health_follows_nats_and_json_logs_name_the_event_and_its_trace() {
     let tp = TraceParent::mint();
     let denied = shell_exec("json-denied", &tp);
     mesh.publish_event(&subjects::ingress("planner", "handoff"), &allowed)
-        .await;
+        .await
+        .unwrap();
     mesh.publish_event(&subjects::ingress("coder", "tool_call"), &denied)
-        .await;
+        .await
+        .unwrap();
     // Not a CloudEvent: invalid, with a trace derived from its id.
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("ce-id", "json-invalid");
     mesh.publish(&subjects::ingress("coder", "step"), headers, "x")
-        .await;
+        .await
+        .unwrap();
     let receipts = [
-        mesh.receipt("json-allowed").await,
-        mesh.receipt("json-denied").await,
-        mesh.receipt("json-invalid").await,
+        mesh.receipt("json-allowed").await.unwrap(),
+        mesh.receipt("json-denied").await.unwrap(),
+        mesh.receipt("json-invalid").await.unwrap(),
     ];
 
     let lines = eventually(WAIT, "a log line for each event", || {
@@ -249,7 +255,7 @@ async fn health_follows_nats_and_json_logs_name_the_event_and_its_trace() {
 #[tokio::test]
 async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     let receiver = OtlpReceiver::start().await.unwrap();
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let endpoint = receiver.endpoint();
     let mut worker = Worker::start(
@@ -276,14 +282,16 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     );
     let denier = TraceParent::mint();
     mesh.publish_event(&subjects::ingress("planner", "handoff"), &allowed)
-        .await;
+        .await
+        .unwrap();
     mesh.publish_event(
         &subjects::ingress("coder", "tool_call"),
         &shell_exec("otel-denied", &denier),
     )
-    .await;
-    mesh.receipt("otel-allowed").await;
-    mesh.receipt("otel-denied").await;
+    .await
+    .unwrap();
+    mesh.receipt("otel-allowed").await.unwrap();
+    mesh.receipt("otel-denied").await.unwrap();
 
     let span_of = |event_id: &'static str| {
         let receiver = &receiver;
@@ -333,7 +341,8 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
         .build()
         .unwrap();
     mesh.publish_event(&subjects::ingress("coder", "tool_call"), &deploy)
-        .await;
+        .await
+        .unwrap();
     let parked = span_of("otel-parked").await;
     assert_eq!(parked.trace_id, deployer.trace_id_hex());
     let approval_id = policy_worker::approval_id("coder", "otel-parked");
@@ -370,7 +379,7 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     )
     .await
     .unwrap();
-    let released = mesh.receipt("otel-parked").await;
+    let released = mesh.receipt("otel-parked").await.unwrap();
     assert_eq!(released.decision, schemas::Decision::Allow);
     // The release's receipt is counted once it is stored.
     eventually(WAIT, "the release's receipt counted", || async {

@@ -12,7 +12,7 @@ use support::*;
 #[tokio::test]
 async fn killed_mid_stream_and_restarted_loses_nothing_and_delivers_once() {
     const EVENTS: usize = 3000;
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let mut worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -46,12 +46,12 @@ async fn killed_mid_stream_and_restarted_loses_nothing_and_delivers_once() {
 
     // Crash it once some, but not all, events are decided.
     testkit::eventually(WAIT, "the first receipts", || async {
-        (mesh.count(subjects::STREAM_DECISION).await >= 200).then_some(())
+        (mesh.count(subjects::STREAM_DECISION).await.unwrap() >= 200).then_some(())
     })
     .await
     .unwrap();
     worker.kill();
-    let decided_before = mesh.count(subjects::STREAM_DECISION).await;
+    let decided_before = mesh.count(subjects::STREAM_DECISION).await.unwrap();
     assert!(
         decided_before < EVENTS as u64,
         "the worker finished before it could be killed; raise EVENTS"
@@ -59,13 +59,16 @@ async fn killed_mid_stream_and_restarted_loses_nothing_and_delivers_once() {
 
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
     mesh.wait_messages(subjects::STREAM_DECISION, EVENTS as u64)
-        .await;
+        .await
+        .unwrap();
     mesh.wait_messages(subjects::STREAM_DELIVER, (EVENTS / 2) as u64)
-        .await;
+        .await
+        .unwrap();
     mesh.wait_messages(subjects::STREAM_DEAD, (EVENTS / 2) as u64)
-        .await;
+        .await
+        .unwrap();
 
-    let receipts = mesh.receipts().await;
+    let receipts = mesh.receipts().await.unwrap();
     let ids: HashSet<_> = receipts.iter().map(|r| r.event_id.clone()).collect();
     assert_eq!(
         receipts.len(),
@@ -73,33 +76,38 @@ async fn killed_mid_stream_and_restarted_loses_nothing_and_delivers_once() {
         "one receipt per event (decided before the kill: {decided_before})"
     );
     assert_eq!(ids.len(), EVENTS);
-    let delivered = mesh.messages(subjects::STREAM_DELIVER).await;
+    let delivered = mesh.messages(subjects::STREAM_DELIVER).await.unwrap();
     let delivered_ids: HashSet<_> = delivered
         .iter()
         .map(|m| header(&m.headers, "ce-id").unwrap())
         .collect();
     assert_eq!(delivered.len(), EVENTS / 2, "no duplicate deliveries");
     assert_eq!(delivered_ids.len(), EVENTS / 2);
-    assert_eq!(mesh.count(subjects::STREAM_DEAD).await, (EVENTS / 2) as u64);
+    assert_eq!(
+        mesh.count(subjects::STREAM_DEAD).await.unwrap(),
+        (EVENTS / 2) as u64
+    );
 }
 
 #[tokio::test]
 async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let mut worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
     mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("before"))
-        .await;
-    let before = mesh.receipt("before").await;
+        .await
+        .unwrap();
+    let before = mesh.receipt("before").await.unwrap();
     assert_eq!(before.decision, Decision::Allow);
 
     // A valid change: forbid code.search. Receipts switch to the new hash.
     std::fs::write(policies.path().join("extra.cedar"), FORBID_CODE_SEARCH).unwrap();
     worker.wait_for_log("Policies reloaded.").await;
     mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("after-valid"))
-        .await;
-    let after = mesh.receipt("after-valid").await;
+        .await
+        .unwrap();
+    let after = mesh.receipt("after-valid").await.unwrap();
     assert_eq!(after.decision, Decision::Deny);
     assert_eq!(after.reasons, vec!["forbid-code-search".to_owned()]);
     assert_ne!(after.policy_hash, before.policy_hash);
@@ -120,8 +128,9 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
         "mesh.ingress.coder.tool_call",
         &code_search("after-invalid"),
     )
-    .await;
-    let kept = mesh.receipt("after-invalid").await;
+    .await
+    .unwrap();
+    let kept = mesh.receipt("after-invalid").await.unwrap();
     assert_eq!(kept.decision, Decision::Deny);
     assert_eq!(kept.policy_hash, after.policy_hash);
 
@@ -134,8 +143,9 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
             "mesh.ingress.coder.tool_call",
             &code_search(&uuid::Uuid::now_v7().to_string()),
         )
-        .await;
-        let last = mesh.receipts().await.pop()?;
+        .await
+        .unwrap();
+        let last = mesh.receipts().await.unwrap().pop()?;
         (last.policy_hash == before.policy_hash).then_some(())
     })
     .await
@@ -144,19 +154,21 @@ async fn hot_reload_swaps_a_valid_set_and_keeps_the_old_on_an_invalid_one() {
 
 #[tokio::test]
 async fn with_no_watch_only_sighup_reloads() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let mut worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &["--no-watch"]).await;
     mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("before"))
-        .await;
-    let before = mesh.receipt("before").await;
+        .await
+        .unwrap();
+    let before = mesh.receipt("before").await.unwrap();
     assert_eq!(before.decision, Decision::Allow);
 
     // A valid change on disk is not picked up on its own.
     std::fs::write(policies.path().join("extra.cedar"), FORBID_CODE_SEARCH).unwrap();
     mesh.publish_event("mesh.ingress.coder.tool_call", &code_search("unwatched"))
-        .await;
-    let unwatched = mesh.receipt("unwatched").await;
+        .await
+        .unwrap();
+    let unwatched = mesh.receipt("unwatched").await.unwrap();
     assert_eq!(unwatched.decision, Decision::Allow);
     assert_eq!(unwatched.policy_hash, before.policy_hash);
 
@@ -168,8 +180,9 @@ async fn with_no_watch_only_sighup_reloads() {
             "mesh.ingress.coder.tool_call",
             &code_search(&uuid::Uuid::now_v7().to_string()),
         )
-        .await;
-        let last = mesh.receipts().await.pop()?;
+        .await
+        .unwrap();
+        let last = mesh.receipts().await.unwrap().pop()?;
         (last.policy_hash != before.policy_hash).then_some(last)
     })
     .await

@@ -25,7 +25,7 @@ fn same_headers_except_mesh(original: &HeaderMap, delivered: &HeaderMap) {
 
 #[tokio::test]
 async fn approved_binary_event_is_delivered_byte_for_byte() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -40,16 +40,20 @@ async fn approved_binary_event_is_delivered_byte_for_byte() {
         original_headers.clone(),
         payload.clone(),
     )
-    .await;
+    .await
+    .unwrap();
 
-    let receipt = mesh.receipt("e-binary").await;
+    let receipt = mesh.receipt("e-binary").await.unwrap();
     assert_eq!(receipt.decision, Decision::Allow);
     assert_eq!(receipt.reasons, vec!["orchestrators-hand-off".to_owned()]);
     assert_eq!(receipt.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(receipt.policy_hash.len(), 16);
     assert!(receipt.errors.is_empty(), "{:?}", receipt.errors);
 
-    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 1).await;
+    let delivered = mesh
+        .wait_messages(subjects::STREAM_DELIVER, 1)
+        .await
+        .unwrap();
     assert_eq!(delivered.len(), 1);
     let d = &delivered[0];
     assert_eq!(d.subject.as_str(), "mesh.deliver.coder.planner");
@@ -77,7 +81,7 @@ async fn approved_binary_event_is_delivered_byte_for_byte() {
 
 #[tokio::test]
 async fn approved_structured_event_is_delivered_byte_for_byte() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -87,17 +91,24 @@ async fn approved_structured_event_is_delivered_byte_for_byte() {
         original_headers.clone(),
         payload.clone(),
     )
-    .await;
+    .await
+    .unwrap();
 
-    assert_eq!(mesh.receipt("e-structured").await.decision, Decision::Allow);
-    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 1).await;
+    assert_eq!(
+        mesh.receipt("e-structured").await.unwrap().decision,
+        Decision::Allow
+    );
+    let delivered = mesh
+        .wait_messages(subjects::STREAM_DELIVER, 1)
+        .await
+        .unwrap();
     assert_eq!(delivered[0].payload, payload);
     same_headers_except_mesh(&original_headers, &delivered[0].headers);
 }
 
 #[tokio::test]
 async fn denied_tool_call_is_dead_lettered_not_delivered() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -108,12 +119,14 @@ async fn denied_tool_call_is_dead_lettered_not_delivered() {
         .build()
         .unwrap();
     mesh.publish_event("mesh.ingress.coder.tool_call", &call)
-        .await;
+        .await
+        .unwrap();
     // An allowed event after it, to know the worker is past the denial.
     mesh.publish_event("mesh.ingress.planner.handoff", &handoff("e-after"))
-        .await;
+        .await
+        .unwrap();
 
-    let receipt = mesh.receipt("e-shell").await;
+    let receipt = mesh.receipt("e-shell").await.unwrap();
     assert_eq!(receipt.decision, Decision::Deny);
     assert!(
         receipt.reasons.contains(&"forbid-shell-exec".to_owned()),
@@ -121,16 +134,19 @@ async fn denied_tool_call_is_dead_lettered_not_delivered() {
         receipt.reasons
     );
     assert_eq!(receipt.subject.as_deref(), Some("shell.exec"));
-    mesh.receipt("e-after").await;
+    mesh.receipt("e-after").await.unwrap();
 
-    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 1).await;
+    let delivered = mesh
+        .wait_messages(subjects::STREAM_DELIVER, 1)
+        .await
+        .unwrap();
     assert_eq!(delivered.len(), 1, "only the handoff may be delivered");
     assert_eq!(
         header(&delivered[0].headers, "Nats-Msg-Id").as_deref(),
         Some("planner/e-after")
     );
 
-    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await;
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].subject.as_str(), "mesh.dead.coder");
     assert_eq!(
@@ -150,7 +166,7 @@ async fn denied_tool_call_is_dead_lettered_not_delivered() {
 
 #[tokio::test]
 async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(
         &mesh.nats.url(),
@@ -161,12 +177,14 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
 
     // No headers at all.
     mesh.publish("mesh.ingress.planner.x", HeaderMap::new(), "hello")
-        .await;
+        .await
+        .unwrap();
     // Structured mode, payload not JSON.
     let mut structured = HeaderMap::new();
     structured.insert("Content-Type", schemas::STRUCTURED_CONTENT_TYPE);
     mesh.publish("mesh.ingress.planner.x", structured, "{not json")
-        .await;
+        .await
+        .unwrap();
     // Wrong specversion.
     let mut old = HeaderMap::new();
     for (k, v) in [
@@ -177,19 +195,24 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
     ] {
         old.insert(k, v);
     }
-    mesh.publish("mesh.ingress.planner.x", old, "").await;
+    mesh.publish("mesh.ingress.planner.x", old, "")
+        .await
+        .unwrap();
     // Source does not match the subject.
     mesh.publish_event(
         "mesh.ingress.planner.x",
         &event("bad-source", "coder", "prompt").build().unwrap(),
     )
-    .await;
+    .await
+    .unwrap();
     // Oversized.
     let big = event("bad-size", "planner", "prompt")
         .data("text/plain", "x".repeat(8192))
         .build()
         .unwrap();
-    mesh.publish_event("mesh.ingress.planner.x", &big).await;
+    mesh.publish_event("mesh.ingress.planner.x", &big)
+        .await
+        .unwrap();
     // Unknown type, in a trace the agent started.
     let agents_trace = TraceParent::mint();
     mesh.publish_event(
@@ -199,13 +222,15 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
             .build()
             .unwrap(),
     )
-    .await;
+    .await
+    .unwrap();
     // Unregistered agent (well-formed, so it is decided by policy: deny).
     mesh.publish_event(
         "mesh.ingress.mallory.x",
         &event("unregistered", "mallory", "prompt").build().unwrap(),
     )
-    .await;
+    .await
+    .unwrap();
     // Invalid UTF-8 after percent-decoding.
     let mut overlong = HeaderMap::new();
     for (k, v) in [
@@ -217,15 +242,21 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
     ] {
         overlong.insert(k, v);
     }
-    mesh.publish("mesh.ingress.planner.x", overlong, "").await;
+    mesh.publish("mesh.ingress.planner.x", overlong, "")
+        .await
+        .unwrap();
     // And a good event last: the worker must still be deciding.
     mesh.publish_event("mesh.ingress.planner.handoff", &handoff("good"))
-        .await;
+        .await
+        .unwrap();
 
-    mesh.receipt("good").await;
-    let receipts = mesh.wait_messages(subjects::STREAM_DECISION, 9).await;
+    mesh.receipt("good").await.unwrap();
+    let receipts = mesh
+        .wait_messages(subjects::STREAM_DECISION, 9)
+        .await
+        .unwrap();
     assert_eq!(receipts.len(), 9, "exactly one receipt per event");
-    let receipts = mesh.receipts().await;
+    let receipts = mesh.receipts().await.unwrap();
     let by_id = |id: &str| {
         receipts
             .iter()
@@ -274,7 +305,7 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
             .any(|r| r.errors[0].contains("not a CloudEvents JSON event"))
     );
 
-    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 8).await;
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 8).await.unwrap();
     assert_eq!(dead.len(), 8, "one dead letter per invalid or denied event");
     assert!(
         dead.iter()
@@ -284,26 +315,28 @@ async fn every_bad_input_gets_one_receipt_and_one_dead_letter() {
         dead.iter()
             .any(|d| d.subject.as_str() == "mesh.dead.mallory")
     );
-    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await, 1);
+    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await.unwrap(), 1);
 }
 
 #[tokio::test]
 async fn duplicate_event_id_is_delivered_once() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
     for _ in 0..3 {
         mesh.publish_event("mesh.ingress.planner.handoff", &handoff("dup"))
-            .await;
+            .await
+            .unwrap();
     }
     mesh.publish_event("mesh.ingress.planner.handoff", &handoff("marker"))
-        .await;
-    mesh.receipt("marker").await;
+        .await
+        .unwrap();
+    mesh.receipt("marker").await.unwrap();
     // The worker has consumed all four ingress messages once it acks them.
     worker_caught_up(&mesh).await;
-    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await, 2);
-    let receipts = mesh.receipts().await;
+    assert_eq!(mesh.count(subjects::STREAM_DELIVER).await.unwrap(), 2);
+    let receipts = mesh.receipts().await.unwrap();
     assert_eq!(receipts.iter().filter(|r| r.event_id == "dup").count(), 1);
 }
 
@@ -313,6 +346,7 @@ async fn worker_caught_up(mesh: &Mesh) {
         let mut c = mesh
             .stream(subjects::STREAM_INGRESS)
             .await
+            .unwrap()
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>("policy-worker")
             .await
             .ok()?;
@@ -326,7 +360,7 @@ async fn worker_caught_up(mesh: &Mesh) {
 
 #[tokio::test]
 async fn two_agents_counting_ids_from_one_each_get_every_receipt_and_delivery() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -340,7 +374,8 @@ async fn two_agents_counting_ids_from_one_each_get_every_receipt_and_delivery() 
             .build()
             .unwrap();
         mesh.publish_event("mesh.ingress.planner.handoff", &to_coder)
-            .await;
+            .await
+            .unwrap();
         let to_planner = event(n, "coder", "message")
             .extension("target", "planner")
             .extension("traceparent", trace.clone())
@@ -350,7 +385,8 @@ async fn two_agents_counting_ids_from_one_each_get_every_receipt_and_delivery() 
             .build()
             .unwrap();
         mesh.publish_event("mesh.ingress.coder.message", &to_planner)
-            .await;
+            .await
+            .unwrap();
     }
     // The same agent sending the same event again is one event.
     mesh.publish_event(
@@ -362,10 +398,14 @@ async fn two_agents_counting_ids_from_one_each_get_every_receipt_and_delivery() 
             .build()
             .unwrap(),
     )
-    .await;
+    .await
+    .unwrap();
     worker_caught_up(&mesh).await;
 
-    let receipts = mesh.wait_messages(subjects::STREAM_DECISION, 6).await;
+    let receipts = mesh
+        .wait_messages(subjects::STREAM_DECISION, 6)
+        .await
+        .unwrap();
     let mut keys: Vec<String> = receipts
         .iter()
         .map(|m| {
@@ -391,14 +431,17 @@ async fn two_agents_counting_ids_from_one_each_get_every_receipt_and_delivery() 
         ],
         "exactly one stored receipt per (agent, id)"
     );
-    let coders = mesh.receipts().await;
+    let coders = mesh.receipts().await.unwrap();
     let coder_1 = coders
         .iter()
         .find(|r| r.agent == "coder" && r.event_id == "1")
         .unwrap();
     assert_eq!(coder_1.causation_agent.as_deref(), Some("planner"));
 
-    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 6).await;
+    let delivered = mesh
+        .wait_messages(subjects::STREAM_DELIVER, 6)
+        .await
+        .unwrap();
     let mut routes: Vec<String> = delivered
         .iter()
         .map(|d| {
@@ -430,7 +473,7 @@ fn has_header_any_case(headers: &HeaderMap, name: &str) -> bool {
 
 #[tokio::test]
 async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_letter() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
@@ -444,7 +487,8 @@ async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_lett
     let (mut h, payload) = schemas::encode_binary(&handoff("h-allow"));
     forged(&mut h);
     mesh.publish("mesh.ingress.planner.handoff", h, payload)
-        .await;
+        .await
+        .unwrap();
     let shell = event("h-deny", "coder", "tool.call")
         .subject("shell.exec")
         .data("application/json", serde_json::json!({"cmd": "id"}))
@@ -453,15 +497,19 @@ async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_lett
     let (mut h, payload) = schemas::encode_binary(&shell);
     forged(&mut h);
     mesh.publish("mesh.ingress.coder.tool_call", h, payload)
-        .await;
+        .await
+        .unwrap();
 
-    let allowed = mesh.receipt("h-allow").await;
-    let denied = mesh.receipt("h-deny").await;
+    let allowed = mesh.receipt("h-allow").await.unwrap();
+    let denied = mesh.receipt("h-deny").await.unwrap();
     assert_eq!(allowed.decision, Decision::Allow);
     assert_eq!(denied.decision, Decision::Deny);
 
-    let delivered = mesh.wait_messages(subjects::STREAM_DELIVER, 1).await;
-    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await;
+    let delivered = mesh
+        .wait_messages(subjects::STREAM_DELIVER, 1)
+        .await
+        .unwrap();
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await.unwrap();
     for (copy, receipt) in [(&delivered[0], &allowed), (&dead[0], &denied)] {
         let h = &copy.headers;
         for (name, _) in h.iter() {
@@ -507,7 +555,7 @@ async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_lett
 
 #[tokio::test]
 async fn an_unregistered_agent_is_denied_even_when_the_policies_permit_everything() {
-    let mesh = Mesh::start().await;
+    let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();
     // Only a permit-all policy: Cedar alone would allow anyone anything.
     for entry in std::fs::read_dir(policies.path()).unwrap() {
@@ -528,14 +576,16 @@ async fn an_unregistered_agent_is_denied_even_when_the_policies_permit_everythin
         .build()
         .unwrap();
     mesh.publish_event("mesh.ingress.mallory.handoff", &to_coder)
-        .await;
+        .await
+        .unwrap();
     mesh.publish_event("mesh.ingress.planner.handoff", &handoff("from-planner"))
-        .await;
+        .await
+        .unwrap();
 
-    let registered = mesh.receipt("from-planner").await;
+    let registered = mesh.receipt("from-planner").await.unwrap();
     assert_eq!(registered.decision, Decision::Allow);
     assert_eq!(registered.reasons, vec!["permit-all".to_owned()]);
-    let mallory = mesh.receipt("from-mallory").await;
+    let mallory = mesh.receipt("from-mallory").await.unwrap();
     assert_eq!(mallory.decision, Decision::Deny, "{mallory:?}");
     assert_eq!(mallory.reasons, vec!["unregistered-agent".to_owned()]);
     assert!(
@@ -543,10 +593,10 @@ async fn an_unregistered_agent_is_denied_even_when_the_policies_permit_everythin
         "{:?}",
         mallory.errors
     );
-    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await;
+    let dead = mesh.wait_messages(subjects::STREAM_DEAD, 1).await.unwrap();
     assert_eq!(dead[0].subject.as_str(), "mesh.dead.mallory");
     worker_caught_up(&mesh).await;
-    let delivered = mesh.messages(subjects::STREAM_DELIVER).await;
+    let delivered = mesh.messages(subjects::STREAM_DELIVER).await.unwrap();
     assert_eq!(
         delivered.len(),
         1,

@@ -16,10 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::{eventually, find_binary, free_port, log_tail, until_ready};
-
-/// How long a server may take to answer `SELECT 1` after it was spawned.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::{WAIT, eventually, find_binary, free_port, log_tail, until_ready};
 
 /// A ClickHouse server for one test: local (spawned) or external (`CLICKHOUSE_URL`).
 pub struct ClickHouseServer {
@@ -207,7 +204,7 @@ impl ClickHouseServer {
                 .with_context(|| format!("starting `{}`", local.binary.display()))?;
             local.child = Some(child);
         }
-        let log = local.dir.path().join("log/error.log");
+        let log = local.dir.path().join(clickhouse_config::ERROR_LOG);
         self.wait_ready(Some(&log)).await
     }
 
@@ -216,7 +213,7 @@ impl ClickHouseServer {
         let Mode::Local(local) = &self.mode else {
             return false;
         };
-        std::fs::read_to_string(local.dir.path().join("log/error.log"))
+        std::fs::read_to_string(local.dir.path().join(clickhouse_config::ERROR_LOG))
             .is_ok_and(|log| log.to_lowercase().contains("address already in use"))
     }
 
@@ -236,7 +233,7 @@ impl ClickHouseServer {
         };
         let ready = until_ready(
             child,
-            START_TIMEOUT,
+            WAIT,
             &format!("ClickHouse at {url} answered"),
             || error_log.map(log_tail).unwrap_or_default(),
             || {
@@ -244,7 +241,9 @@ impl ClickHouseServer {
                 async move {
                     let answered = match instance {
                         Some(id) => client
-                            .query("SELECT substitution FROM system.macros WHERE macro = 'testkit_instance'")
+                            .query(&format!(
+                                "SELECT substitution FROM system.macros WHERE macro = '{INSTANCE_MACRO}'"
+                            ))
                             .fetch_one::<String>()
                             .await
                             .is_ok_and(|found| found == id),
@@ -328,9 +327,13 @@ struct Replica<'a> {
     interserver_port: u16,
 }
 
-/// Writes `config.xml` and `users.xml` for a server listening on 127.0.0.1
-/// with everything it stores under `dir`. The `<yandex>` root is what 18.16
-/// reads; current servers still accept it.
+/// The macro that holds a local server's instance id.
+const INSTANCE_MACRO: &str = "testkit_instance";
+
+/// The config of a local test server, as `meshctl up` writes one (the
+/// shared `clickhouse-config` crate): user `default` without a password,
+/// `instance` in `system.macros`, and for a replica its ZooKeeper, its
+/// interserver port and the macros `{shard}` (`01`) and `{replica}`.
 fn write_config(
     dir: &Path,
     http_port: u16,
@@ -338,17 +341,10 @@ fn write_config(
     instance: &str,
     replica: Option<&Replica<'_>>,
 ) -> anyhow::Result<()> {
-    for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
-        std::fs::create_dir_all(dir.join(sub))
-            .with_context(|| format!("creating {}", dir.join(sub).display()))?;
-    }
-    let d = dir.display();
-    let (replica_macros, replication) = match replica {
-        Some(r) => (
-            format!(
-                "\n        <shard>01</shard>\n        <replica>{}</replica>",
-                r.name
-            ),
+    let mut macros = vec![(INSTANCE_MACRO, instance)];
+    let extra = match replica {
+        Some(r) => {
+            macros.extend([("shard", "01"), ("replica", r.name)]);
             format!(
                 r#"
     <zookeeper>
@@ -358,72 +354,19 @@ fn write_config(
     <interserver_http_host>127.0.0.1</interserver_http_host>
     <interserver_http_port>{}</interserver_http_port>"#,
                 r.zookeeper_port, r.interserver_port
-            ),
-        ),
-        None => (String::new(), String::new()),
+            )
+        }
+        None => String::new(),
     };
-    let config = format!(
-        r#"<?xml version="1.0"?>
-<yandex>
-    <logger>
-        <level>warning</level>
-        <log>{d}/log/server.log</log>
-        <errorlog>{d}/log/error.log</errorlog>
-        <console>0</console>
-    </logger>
-    <listen_host>127.0.0.1</listen_host>
-    <http_port>{http_port}</http_port>
-    <tcp_port>{tcp_port}</tcp_port>
-    <path>{d}/data/</path>
-    <tmp_path>{d}/tmp/</tmp_path>
-    <user_files_path>{d}/user_files/</user_files_path>
-    <format_schema_path>{d}/format_schemas/</format_schema_path>
-    <users_config>{d}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <timezone>UTC</timezone>
-    <mark_cache_size>268435456</mark_cache_size>
-    <max_concurrent_queries>100</max_concurrent_queries>{replication}
-    <macros>
-        <testkit_instance>{instance}</testkit_instance>{replica_macros}
-    </macros>
-</yandex>
-"#
-    );
-    let users = r#"<?xml version="1.0"?>
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-        </default>
-    </profiles>
-    <users>
-        <default>
-            <password></password>
-            <networks>
-                <ip>127.0.0.1</ip>
-                <ip>::1</ip>
-            </networks>
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-    </users>
-    <quotas>
-        <default>
-            <interval>
-                <duration>3600</duration>
-                <queries>0</queries>
-                <errors>0</errors>
-                <result_rows>0</result_rows>
-                <read_rows>0</read_rows>
-                <execution_time>0</execution_time>
-            </interval>
-        </default>
-    </quotas>
-</yandex>
-"#;
-    std::fs::write(dir.join("config.xml"), config).context("writing config.xml")?;
-    std::fs::write(dir.join("users.xml"), users).context("writing users.xml")?;
+    let server = clickhouse_config::Server {
+        dir,
+        http_port,
+        tcp_port,
+        writer: "the test harness (testkit)",
+        macros: &macros,
+        extra: &extra,
+    };
+    clickhouse_config::write(&server, None, "default").context("writing the ClickHouse config")?;
     Ok(())
 }
 

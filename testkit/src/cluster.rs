@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::{NATS_START_TIMEOUT, eventually, find_binary, free_port, log_tail, until_ready};
+use crate::{WAIT, eventually, free_port, log_tail, nats_server_binary, until_ready};
 
 /// One node's ports and process.
 struct Node {
@@ -32,7 +32,7 @@ impl NatsCluster {
     /// Starts three nodes and waits until each answers JetStream requests
     /// (which needs the cluster's JetStream meta leader elected).
     pub async fn start() -> anyhow::Result<Self> {
-        let binary = find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")?;
+        let binary = nats_server_binary()?;
         let dir = tempfile::tempdir().context("creating the cluster directory")?;
         let mut nodes = Vec::new();
         for i in 1..=3 {
@@ -112,7 +112,7 @@ impl NatsCluster {
         let name = self.nodes[i].name.clone();
         until_ready(
             self.nodes[i].child.as_mut(),
-            NATS_START_TIMEOUT,
+            WAIT,
             "the cluster node answered JetStream requests",
             || format!("{}:\n{}", log.display(), log_tail(&log)),
             || {
@@ -251,8 +251,6 @@ impl Drop for NatsCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const WAIT: Duration = Duration::from_secs(30);
 
     #[tokio::test]
     async fn a_stream_at_three_replicas_survives_its_leader_killed_and_restarted() {

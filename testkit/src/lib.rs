@@ -18,6 +18,11 @@ pub use self::clickhouse::ClickHouseServer;
 pub use self::cluster::NatsCluster;
 pub use self::zookeeper::ZooKeeperServer;
 
+/// The longest any test waits for something to happen (a server to start,
+/// a service to become ready, a row or message to arrive): the slowest
+/// suite's need, one constant for every test crate.
+pub const WAIT: Duration = Duration::from_secs(60);
+
 /// A port that was free a moment ago, for a server a test starts.
 ///
 /// Picked at random below the kernel's ephemeral range (`portpicker`), so
@@ -93,8 +98,10 @@ pub fn find_binary(name: &str, env_override: &str, package: &str) -> anyhow::Res
         .with_context(|| format!("`{name}` not found on PATH: install it (`apt-get install {package}`) or set `{env_override}`"))
 }
 
-/// How long a nats-server may take to answer JetStream requests.
-const NATS_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// The `nats-server` binary: `NATS_SERVER_BIN`, or from `PATH`.
+pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
+    find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")
+}
 
 /// A `nats-server -js` of the test's own; its log is `nats-server.log` in
 /// [`NatsServer::log_path`].
@@ -111,7 +118,7 @@ impl NatsServer {
     /// (`-p -1`, read back from its ports file, so no other process can take
     /// the port in between) and waits until JetStream answers.
     pub async fn start() -> anyhow::Result<Self> {
-        let binary = find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")?;
+        let binary = nats_server_binary()?;
         let dir = tempfile::tempdir().context("creating the nats-server directory")?;
         let mut server = Self {
             child: None,
@@ -150,7 +157,7 @@ impl NatsServer {
         let known = self.port;
         let port = until_ready(
             self.child.as_mut(),
-            NATS_START_TIMEOUT,
+            WAIT,
             "nats-server answered JetStream requests",
             || format!("{}:\n{}", log.display(), log_tail(&log)),
             || {
@@ -291,15 +298,17 @@ mod tests {
         let started = Instant::now();
         let error = format!("{:#}", server.restart().await.unwrap_err());
         assert!(error.contains("address already in use"), "{error}");
-        assert!(started.elapsed() < NATS_START_TIMEOUT, "{error}");
+        assert!(started.elapsed() < WAIT, "{error}");
     }
 }
 
+pub mod mesh;
 pub mod metrics;
 pub mod policies;
 pub mod process;
 pub mod streams;
+pub use self::mesh::{Headers, Mesh, header, receipt, receipts};
 pub use self::metrics::sample_value;
-pub use self::policies::{policies_copy, shipped_policies};
+pub use self::policies::{policies_copy, shipped_policies, workspace};
 pub use self::process::{LogLines, Service};
 pub use self::streams::{stream_messages, subject_messages};

@@ -1,12 +1,18 @@
-//! The example policies shipped in the repository's `policies/`.
+//! The repository's root, and the example policies shipped in its
+//! `policies/`.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
+/// The repository's root (the workspace directory).
+pub fn workspace() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
 /// The shipped `policies/` directory.
 pub fn shipped_policies() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../policies"))
+    workspace().join("policies")
 }
 
 /// A copy of the files of the shipped `policies/` in a fresh temporary

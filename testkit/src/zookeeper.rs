@@ -15,10 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{free_port, log_tail, until_ready};
-
-/// How long ZooKeeper may take to serve after it was spawned.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+use crate::{WAIT, free_port, log_tail, until_ready};
 
 /// Where Debian's `zookeeper` package puts the server's jar (its manifest
 /// names the libraries it needs).
@@ -124,7 +121,7 @@ impl ZooKeeperServer {
         let port = self.port;
         let ready = until_ready(
             self.child.as_mut(),
-            START_TIMEOUT,
+            WAIT,
             &format!("ZooKeeper on port {port} serving"),
             || format!("{}:\n{}", log.display(), log_tail(&log)),
             || async move {

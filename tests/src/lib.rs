@@ -17,8 +17,10 @@ use broker_config::auth::{self, Principal, Role};
 use broker_config::credentials::{UserKey, generate_user_key};
 use tokio_util::sync::CancellationToken;
 
-/// How long the harness waits for the server to start or reload.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub mod faults;
+
+/// How long the harness and the tests wait for something to happen.
+pub use testkit::WAIT;
 
 /// The services every secure mesh has, with their roles.
 pub const SERVICES: [Role; 4] = [
@@ -77,7 +79,7 @@ impl SecureNats {
     /// `agents`; applies the streams and provisions the durables as the
     /// operator.
     pub async fn start(agents: &[&str]) -> anyhow::Result<Self> {
-        let binary = testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")?;
+        let binary = testkit::nats_server_binary()?;
         let mut keys = BTreeMap::new();
         for role in SERVICES {
             let name = Principal::service(role, "").name;

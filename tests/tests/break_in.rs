@@ -228,7 +228,7 @@ async fn an_agent_cannot_smuggle_server_answers_into_another_agents_subjects() -
 /// the victim's deliveries. This is why agents get accounts of their own.
 #[tokio::test]
 async fn the_same_trick_works_in_a_shared_account() -> anyhow::Result<()> {
-    let binary = testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")?;
+    let binary = testkit::nats_server_binary()?;
     let dir = tempfile::tempdir()?;
     let port = testkit::free_port()?;
     let admin_key = broker_config::credentials::generate_user_key()?;

@@ -1,7 +1,9 @@
 //! The workspace rules of `ARCHITECTURE.md`. From `cargo metadata`:
 //! `schemas` depends on no crate of ours; a service never depends on another
 //! service or on `meshctl`; `agents-sdk` never depends on a service, not
-//! even for its tests. A new edge that breaks a rule fails here, naming it.
+//! even for its tests; `testkit` never links a service; `audit-tables`
+//! depends on `schemas` alone and `clickhouse-config` on nothing of ours.
+//! A new edge that breaks a rule fails here, naming it.
 //! From the sources: no crate but `schemas` spells a subject (`"mesh.…`) or
 //! a mesh header (`"Mesh-…`) in its code; they come from `schemas`.
 
@@ -67,6 +69,21 @@ fn forbidden(package: &str, dependency: &str) -> Option<&'static str> {
     if SERVICES.contains(&package) && (SERVICES.contains(&dependency) || dependency == "meshctl") {
         return Some("a service never depends on another service or on `meshctl`");
     }
+    if package == "clickhouse-config" {
+        return Some(
+            "`clickhouse-config` is shared by `meshctl` and `testkit` and depends on no crate of ours",
+        );
+    }
+    if package == "audit-tables" && dependency != "schemas" {
+        return Some(
+            "`audit-tables` declares the tables for the sink and its readers: it depends on `schemas` alone",
+        );
+    }
+    if package == "testkit" && (SERVICES.contains(&dependency) || dependency == "meshctl") {
+        return Some(
+            "`testkit` starts services by their binary's path, never links them: a crate testing with it would link the services",
+        );
+    }
     if package == "agents-sdk" && (SERVICES.contains(&dependency) || dependency == "meshctl") {
         return Some(
             "an agent links the contract, not the enforcer: agents-sdk never depends on a service, dev-dependencies included (tests that need one belong in `tests/`)",
@@ -107,6 +124,13 @@ fn the_rules_catch_the_edges_they_name() {
     assert!(forbidden("meshctl", "policy-worker").is_none());
     assert!(forbidden("policy-worker", "telemetry").is_none());
     assert!(forbidden("e2e", "policy-worker").is_none());
+    assert!(forbidden("clickhouse-config", "schemas").is_some());
+    assert!(forbidden("audit-tables", "audit-sink").is_some());
+    assert!(forbidden("audit-tables", "schemas").is_none());
+    assert!(forbidden("testkit", "policy-worker").is_some());
+    assert!(forbidden("testkit", "broker-config").is_none());
+    assert!(forbidden("meshctl", "clickhouse-config").is_none());
+    assert!(forbidden("audit-sink", "audit-tables").is_none());
 }
 
 /// What a crate's code may not spell, with the reason: the contract's names

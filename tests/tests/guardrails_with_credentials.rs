@@ -7,9 +7,9 @@
 use async_nats::jetstream;
 use broker_config::auth::{ADMIN, POLICY_WORKER};
 use e2e::{SecureNats, WAIT};
-use schemas::{ApprovalStatus, Decision, DecisionReceipt, EventBuilder, EventBuilderV10, subjects};
+use schemas::{ApprovalStatus, Decision, EventBuilder, EventBuilderV10, subjects};
 use serde_json::json;
-use testkit::eventually;
+use testkit::{eventually, receipt};
 use tokio_util::sync::CancellationToken;
 
 /// The shipped policies plus a small rate limit on the reviewer.
@@ -33,25 +33,6 @@ async fn publish(
         .await?
         .await?;
     Ok(())
-}
-
-async fn receipts(admin: &jetstream::Context) -> anyhow::Result<Vec<DecisionReceipt>> {
-    testkit::stream_messages(admin, subjects::STREAM_DECISION)
-        .await?
-        .iter()
-        .map(|m| Ok(serde_json::from_slice(&m.payload)?))
-        .collect()
-}
-
-async fn receipt(admin: &jetstream::Context, id: &str) -> anyhow::Result<DecisionReceipt> {
-    eventually(WAIT, &format!("the receipt of {id}"), || async {
-        receipts(admin)
-            .await
-            .ok()?
-            .into_iter()
-            .find(|r| r.event_id == id)
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

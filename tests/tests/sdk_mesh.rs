@@ -62,11 +62,11 @@ async fn drains_silently(
                 panic!("unexpected delivery: {:?}", d.map(|d| d.map(|d| d.event_type())));
             }
             () = tokio::time::sleep(Duration::from_millis(20)) => {
-                let delivered = mesh.messages_on(subjects::STREAM_DELIVER, subject).await.len();
-                if delivered == n && mesh.backlog("planner").await == (0, 0) {
+                let delivered = mesh.messages_on(subjects::STREAM_DELIVER, subject).await.unwrap().len();
+                if delivered == n && mesh.backlog("planner").await.unwrap() == (0, 0) {
                     return;
                 }
-                assert!(Instant::now() < deadline, "{delivered} of {n} answers on `{subject}`, backlog {:?}", mesh.backlog("planner").await);
+                assert!(Instant::now() < deadline, "{delivered} of {n} answers on `{subject}`, backlog {:?}", mesh.backlog("planner").await.unwrap());
             }
         }
     }
@@ -122,7 +122,7 @@ async fn handoff_is_delivered_to_the_target_in_the_same_trace() {
     assert_eq!(receipt.decision, Decision::Allow);
 
     eventually(WAIT, "the handoff to be acknowledged", || async {
-        (mesh.backlog("coder").await == (0, 0)).then_some(())
+        (mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
     })
     .await
     .unwrap();
@@ -191,7 +191,7 @@ async fn tool_call_round_trips_through_the_policy_worker() {
     assert_eq!(runs.search.load(Ordering::SeqCst), 1);
 
     // On the wire: call and result linked by causation, in one trace.
-    let ingress = mesh.messages(subjects::STREAM_INGRESS).await;
+    let ingress = mesh.messages(subjects::STREAM_INGRESS).await.unwrap();
     let call = ingress
         .iter()
         .find(|m| m.subject.as_str() == "mesh.ingress.planner.tool_call")
@@ -223,7 +223,7 @@ async fn tool_call_round_trips_through_the_policy_worker() {
         .unwrap();
     assert_eq!(header(reasoning, "ce-causationid"), Some(call_id.clone()));
     assert_eq!(
-        mesh.receipt(&call_id).await.reasons,
+        mesh.receipt(&call_id).await.unwrap().reasons,
         ["members-call-low-risk-tools"]
     );
 
@@ -269,7 +269,7 @@ async fn tool_call_round_trips_through_the_policy_worker() {
 
     stop.cancel();
     served.await.unwrap();
-    assert_eq!(mesh.backlog("coder").await, (0, 0));
+    assert_eq!(mesh.backlog("coder").await.unwrap(), (0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -302,7 +302,8 @@ async fn denied_tool_call_is_a_typed_denial_with_the_policy_reasons() {
     // Dead-lettered, never delivered, never run.
     let dead = mesh
         .messages_on(subjects::STREAM_DEAD, "mesh.dead.planner")
-        .await;
+        .await
+        .unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(
         header(&dead[0], "ce-id").as_deref(),
@@ -311,6 +312,7 @@ async fn denied_tool_call_is_a_typed_denial_with_the_policy_reasons() {
     assert!(
         mesh.messages_on(subjects::STREAM_DELIVER, "mesh.deliver.coder.planner")
             .await
+            .unwrap()
             .is_empty()
     );
     assert_eq!(runs.shell.load(Ordering::SeqCst), 0);
@@ -351,10 +353,14 @@ async fn a_tool_no_card_lists_is_reported_after_policy_allowed_it() {
     // The attempt is on record all the same.
     let call = mesh
         .messages_on(subjects::STREAM_INGRESS, "mesh.ingress.planner.tool_call")
-        .await;
+        .await
+        .unwrap();
     assert_eq!(call.len(), 1);
     assert_eq!(header(&call[0], "ce-target"), None);
-    let receipt = mesh.receipt(&header(&call[0], "ce-id").unwrap()).await;
+    let receipt = mesh
+        .receipt(&header(&call[0], "ce-id").unwrap())
+        .await
+        .unwrap();
     assert_eq!(receipt.decision, Decision::Allow);
 }
 
@@ -438,7 +444,7 @@ async fn request_and_reply_between_two_agents() {
     let body: payload::Message = reply.json().unwrap();
     assert_eq!(body.body, json!({"approved": true}));
     let request_id = reply.causation_id().unwrap().to_owned();
-    let request = mesh.receipt(&request_id).await;
+    let request = mesh.receipt(&request_id).await.unwrap();
     assert_eq!(request.event_type, "io.agentmesh.message");
     assert_eq!(request.target.as_deref(), Some("reviewer"));
 
@@ -456,7 +462,7 @@ async fn request_and_reply_between_two_agents() {
     eventually(
         WAIT,
         "the reviewer to acknowledge both requests",
-        || async { (mesh.backlog("reviewer").await == (0, 0)).then_some(()) },
+        || async { (mesh.backlog("reviewer").await.unwrap() == (0, 0)).then_some(()) },
     )
     .await
     .unwrap();
@@ -504,7 +510,7 @@ async fn a_crashed_agent_gets_its_unacked_deliveries_again_on_restart() {
     );
     again.ack().await.unwrap();
     eventually(WAIT, "the coder's backlog to drain", || async {
-        (mesh.backlog("coder").await == (0, 0)).then_some(())
+        (mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
     })
     .await
     .unwrap();
@@ -544,7 +550,7 @@ async fn a_failed_handler_gets_the_delivery_again() {
         }
     });
     eventually(WAIT, "three attempts and an ack", || async {
-        (attempts.load(Ordering::SeqCst) == 3 && mesh.backlog("coder").await == (0, 0))
+        (attempts.load(Ordering::SeqCst) == 3 && mesh.backlog("coder").await.unwrap() == (0, 0))
             .then_some(())
     })
     .await
@@ -581,7 +587,7 @@ async fn invalid_deliveries_are_terminated_not_retried() {
     assert_eq!(d.id(), handoff.id);
     d.ack().await.unwrap();
     eventually(WAIT, "the garbage to be settled for good", || async {
-        (mesh.backlog("coder").await == (0, 0)).then_some(())
+        (mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
     })
     .await
     .unwrap();
@@ -653,7 +659,7 @@ async fn slow_handlers_are_not_raced_by_redeliveries_and_tools_stay_served() {
     assert_eq!(result, json!({"passed": 1}));
     release.notify_one();
     eventually(WAIT, "the slow handoff to be acknowledged", || async {
-        (mesh.backlog("coder").await == (0, 0)).then_some(())
+        (mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
     })
     .await
     .unwrap();

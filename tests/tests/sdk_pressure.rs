@@ -88,6 +88,7 @@ where
 async fn published(mesh: &Mesh, agent: &str, ty: EventType) -> Vec<MeshEvent> {
     mesh.messages(subjects::STREAM_INGRESS)
         .await
+        .unwrap()
         .iter()
         .filter(|m| m.subject.starts_with(&format!("mesh.ingress.{agent}.")))
         .filter_map(|m| {
@@ -167,7 +168,7 @@ async fn a_delivery_that_keeps_failing_ends_after_the_configured_attempts_with_a
         data.text
     );
     // The worker decided the report like any step: the audit records it.
-    let receipt = mesh.receipt(report.id()).await;
+    let receipt = mesh.receipt(report.id()).await.unwrap();
     assert_eq!(receipt.decision, agents_sdk::Decision::Allow);
 
     // The poison delivery is over: the next handoff is handled, and the
@@ -182,7 +183,7 @@ async fn a_delivery_that_keeps_failing_ends_after_the_configured_attempts_with_a
         "the next handoff handled and the backlog empty",
         || async {
             let handled = attempts.lock().unwrap().get(&next.id).copied() == Some(1);
-            (handled && mesh.backlog("coder").await == (0, 0)).then_some(())
+            (handled && mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
         },
     )
     .await
@@ -233,7 +234,8 @@ async fn a_transient_failure_succeeds_on_a_later_attempt_after_a_growing_backoff
         }
     });
     eventually(WAIT, "three attempts and an ack", || async {
-        (times.lock().unwrap().len() == 3 && mesh.backlog("coder").await == (0, 0)).then_some(())
+        (times.lock().unwrap().len() == 3 && mesh.backlog("coder").await.unwrap() == (0, 0))
+            .then_some(())
     })
     .await
     .unwrap();
@@ -377,10 +379,12 @@ async fn a_tool_call_is_stored_for_old_clients_too_and_answered_once() {
     // `mesh.deliver` (naming its `mesh.call` copy) for every other client.
     let on_calls = mesh
         .messages_on(subjects::STREAM_CALL, "mesh.call.coder.planner")
-        .await;
+        .await
+        .unwrap();
     let on_deliver = mesh
         .messages_on(subjects::STREAM_DELIVER, "mesh.deliver.coder.planner")
-        .await;
+        .await
+        .unwrap();
     assert_eq!((on_calls.len(), on_deliver.len()), (1, 1));
     assert_eq!(on_calls[0].payload, on_deliver[0].payload);
     assert_eq!(
@@ -415,7 +419,7 @@ async fn a_tool_call_is_stored_for_old_clients_too_and_answered_once() {
         .await
         .unwrap();
     eventually(WAIT, "both calls answered and settled", || async {
-        let settled = mesh.backlog("coder").await == (0, 0);
+        let settled = mesh.backlog("coder").await.unwrap() == (0, 0);
         (runs.load(Ordering::SeqCst) == 2 && settled).then_some(())
     })
     .await
@@ -455,7 +459,8 @@ async fn deliveries_pulled_ahead_are_not_delivered_twice_while_they_wait() {
         }
     });
     eventually(WAIT, "all 100 handled and acknowledged", || async {
-        (counts.lock().unwrap().len() >= 100 && mesh.backlog("coder").await == (0, 0)).then_some(())
+        (counts.lock().unwrap().len() >= 100 && mesh.backlog("coder").await.unwrap() == (0, 0))
+            .then_some(())
     })
     .await
     .unwrap();
@@ -506,7 +511,7 @@ async fn an_agent_killed_mid_batch_loses_nothing_and_repeats_only_unacknowledged
     let second = mesh.agent(builder()).await;
     let (stop, served) = serve_with(&second, handler(handled.clone()));
     eventually(WAIT, "every delivery handled and acknowledged", || async {
-        (mesh.backlog("coder").await == (0, 0)).then_some(())
+        (mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
     })
     .await
     .unwrap();

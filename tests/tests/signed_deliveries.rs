@@ -32,6 +32,7 @@ async fn stored(mesh: &Mesh, stream: &str, subject: &str, id: &str) -> StreamMes
     eventually(WAIT, &format!("`{id}` on `{subject}`"), || async move {
         mesh.messages_on(stream, subject)
             .await
+            .unwrap()
             .into_iter()
             .find(|m| m.headers.get("ce-id").is_some_and(|v| v.as_str() == id))
     })
@@ -139,7 +140,7 @@ async fn forged_and_altered_deliveries_never_reach_the_handler() {
         Some("deny")
     );
     assert!(Seal::of_headers(Some(&dead.headers)).is_ok());
-    let receipt = mesh.receipt(&genuine.id).await;
+    let receipt = mesh.receipt(&genuine.id).await.unwrap();
     assert_eq!(receipt.decision, Decision::Allow);
     // Signed alone, or in a batch with the denied handoff: either way the
     // receipt's seal.
@@ -227,7 +228,7 @@ async fn forged_and_altered_deliveries_never_reach_the_handler() {
     .unwrap();
     // Refused ones are acknowledged: nothing left to deliver again.
     eventually(WAIT, "the coder's durable to be empty", || async {
-        (mesh.backlog("coder").await == (0, 0)).then_some(())
+        (mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
     })
     .await
     .unwrap();
@@ -278,7 +279,7 @@ async fn a_rotated_signer_still_verifies_what_it_signed() {
         .handoff("coder", "before the rotation")
         .await
         .unwrap();
-    let r1 = mesh.receipt(&before.id).await;
+    let r1 = mesh.receipt(&before.id).await.unwrap();
     assert_eq!(r1.signer, old.public_key());
 
     // Rotate: the new key in, the old one retired as of now; the worker
@@ -293,7 +294,7 @@ async fn a_rotated_signer_still_verifies_what_it_signed() {
         .handoff("coder", "after the rotation")
         .await
         .unwrap();
-    let r2 = mesh.receipt(&after.id).await;
+    let r2 = mesh.receipt(&after.id).await.unwrap();
     assert_eq!(r2.signer, new.public_key());
 
     let trusted = signers(&mesh).await;
@@ -362,7 +363,10 @@ async fn a_burst_is_signed_in_batches_and_every_delivery_still_verifies() {
     let copies = eventually(WAIT, "every delivery of the burst", || {
         let (mesh, deliver) = (&mesh, &deliver);
         async move {
-            let copies = mesh.messages_on(subjects::STREAM_DELIVER, deliver).await;
+            let copies = mesh
+                .messages_on(subjects::STREAM_DELIVER, deliver)
+                .await
+                .unwrap();
             (copies.len() == BURST).then_some(copies)
         }
     })
@@ -392,7 +396,7 @@ async fn a_burst_is_signed_in_batches_and_every_delivery_still_verifies() {
 
     // The receipt carries the same root, proof and signature, and verifies
     // as the auditor checks it (every receipt of the burst does).
-    let receipt = mesh.receipt(&id).await;
+    let receipt = mesh.receipt(&id).await.unwrap();
     assert!(receipt.signature.is_empty() && !receipt.batch_signature.is_empty());
     assert_eq!(
         Seal::of_headers(Some(&batched.headers)).ok(),
@@ -403,6 +407,7 @@ async fn a_burst_is_signed_in_batches_and_every_delivery_still_verifies() {
     let receipts: Vec<DecisionReceipt> = mesh
         .messages(subjects::STREAM_DECISION)
         .await
+        .unwrap()
         .iter()
         .map(|m| serde_json::from_slice(&m.payload).unwrap())
         .collect();
@@ -485,7 +490,7 @@ async fn a_burst_is_signed_in_batches_and_every_delivery_still_verifies() {
     .await
     .unwrap();
     eventually(WAIT, "the coder's durable to be empty", || async {
-        (mesh.backlog("coder").await == (0, 0)).then_some(())
+        (mesh.backlog("coder").await.unwrap() == (0, 0)).then_some(())
     })
     .await
     .unwrap();

@@ -10,52 +10,55 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::HeaderMap;
-use async_nats::jetstream;
 use audit_sink::Config;
 use bytes::Bytes;
 use schemas::{
     Decision, DecisionReceipt, EventBuilder, EventBuilderV10, TraceParent, encode_binary, subjects,
 };
 use serde_json::json;
-use testkit::{ClickHouseServer, NatsServer, eventually};
+use testkit::{Mesh, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) const WAIT: Duration = Duration::from_secs(60);
+pub(crate) use testkit::WAIT;
 
+/// `testkit`'s mesh with ClickHouse (through `Deref`: `nats`, `js`, `ch()`,
+/// `db()`), a directory of the test's own, and the sink in-process or as
+/// its binary.
 pub(crate) struct Harness {
-    pub nats: NatsServer,
-    pub ch: ClickHouseServer,
-    pub db: String,
-    pub js: jetstream::Context,
+    mesh: Mesh,
     pub tmp: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Harness {
+    type Target = Mesh;
+
+    fn deref(&self) -> &Mesh {
+        &self.mesh
+    }
+}
+
+impl std::ops::DerefMut for Harness {
+    fn deref_mut(&mut self) -> &mut Mesh {
+        &mut self.mesh
+    }
 }
 
 impl Harness {
     pub(crate) async fn start() -> anyhow::Result<Self> {
-        let nats = NatsServer::start().await?;
-        let ch = ClickHouseServer::start().await?;
-        let db = ch.unique_database("audit");
-        let js = jetstream::new(nats.connect().await?);
-        broker_config::apply(&js, &broker_config::Options::default()).await?;
-        let tmp = tempfile::tempdir()?;
         Ok(Self {
-            nats,
-            ch,
-            db,
-            js,
-            tmp,
+            mesh: Mesh::with_clickhouse("audit").await?,
+            tmp: tempfile::tempdir()?,
         })
     }
 
     /// The sink's config for this harness, tuned for quick tests.
     pub(crate) fn config(&self) -> Config {
-        let mut config = Config::new(self.nats.url(), self.ch.url());
-        config.database = self.db.clone();
+        let mut config = Config::new(self.nats.url(), self.ch().url());
+        config.database = self.db().to_owned();
         config.batch_period_ms = 100;
         config.retry_max_ms = 300;
         config.ack_wait_ms = 3_000;
@@ -142,7 +145,7 @@ impl Harness {
 
     /// TabSeparated result of `sql` in the test database.
     pub(crate) async fn query(&self, sql: &str) -> anyhow::Result<String> {
-        let client = self.ch.client().with_database(&self.db);
+        let client = self.ch().client().with_database(self.db());
         testkit::clickhouse::query_text(&client, sql).await
     }
 

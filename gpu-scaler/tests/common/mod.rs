@@ -17,21 +17,13 @@ use gpu_scaler::events::LeaseEventData;
 use gpu_scaler::{
     ConfigFile, DeclaredGpu, DeclaredInventory, Lease, LeaseStore, PoolConfig, Scaler, SlotState,
 };
-use testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) struct Mesh {
-    pub server: NatsServer,
-    pub client: async_nats::Client,
-    pub js: jetstream::Context,
-}
+pub(crate) use testkit::Mesh;
 
+/// `testkit`'s mesh: a fresh broker with the mesh's streams.
 pub(crate) async fn mesh() -> anyhow::Result<Mesh> {
-    let server = NatsServer::start().await?;
-    let client = server.connect().await?;
-    let js = jetstream::new(client.clone());
-    broker_config::apply(&js, &broker_config::Options::default()).await?;
-    Ok(Mesh { server, client, js })
+    Mesh::start().await
 }
 
 pub(crate) fn gpu_uuid(i: usize) -> String {
@@ -224,7 +216,7 @@ pub(crate) async fn spawn_scaler(
     instance: &str,
 ) -> anyhow::Result<Running> {
     // Each scaler has its own connection, as separate processes would.
-    let client = mesh.server.connect().await?;
+    let client = mesh.nats.connect().await?;
     let inventory = Arc::new(DeclaredInventory::new(&config.gpus));
     let scaler = Scaler::new(
         client,

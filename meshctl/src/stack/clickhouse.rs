@@ -71,7 +71,6 @@ pub(super) async fn apply_streams_and_schema(
     auth: Option<&Auth>,
     clickhouse_replicas: usize,
 ) -> anyhow::Result<()> {
-    let client = endpoints.clickhouse();
     let nats = endpoints.connect_nats().await?;
     let js = async_nats::jetstream::new(nats);
     let broker = broker_config::Options {
@@ -129,6 +128,11 @@ pub(super) async fn apply_streams_and_schema(
             ),
         );
     }
+    apply_schema(endpoints, clickhouse_replicas).await
+}
+
+/// Creates the audit schema (on every replica when there are several).
+async fn apply_schema(endpoints: &Endpoints, clickhouse_replicas: usize) -> anyhow::Result<()> {
     let (version, kind) = if clickhouse_replicas > 1 {
         let version = super::replicas::apply_schema(endpoints, clickhouse_replicas).await?;
         (
@@ -136,14 +140,15 @@ pub(super) async fn apply_streams_and_schema(
             format!(", replicated on {clickhouse_replicas} replicas"),
         )
     } else {
-        let features = audit_sink::schema::ensure(&client, &endpoints.database, 0)
-            .await
-            .with_context(|| {
-                format!(
-                    "creating the audit schema in ClickHouse at {}",
-                    endpoints.clickhouse_url
-                )
-            })?;
+        let features =
+            audit_tables::schema::ensure(&endpoints.clickhouse(), &endpoints.database, 0)
+                .await
+                .with_context(|| {
+                    format!(
+                        "creating the audit schema in ClickHouse at {}",
+                        endpoints.clickhouse_url
+                    )
+                })?;
         (features.version, String::new())
     };
     line(
@@ -152,7 +157,7 @@ pub(super) async fn apply_streams_and_schema(
         format_args!(
             "database `{}`: {}{kind} (ClickHouse {version})",
             endpoints.database,
-            audit_sink::schema::TABLES.join(", "),
+            audit_tables::schema::TABLES.join(", "),
         ),
     );
 

@@ -131,58 +131,10 @@ pub(crate) async fn up(
     endpoints: &Endpoints,
     options: &UpOptions,
 ) -> anyhow::Result<()> {
-    for name in &options.without {
-        if !SERVICES.contains(&name.as_str()) {
-            bail!(
-                "--without `{name}`: not a service (one of {})",
-                SERVICES.join(", ")
-            );
-        }
-    }
-    let policies = if options.without.iter().any(|w| w == "policy-worker") {
-        None
-    } else {
-        let dir = &options.policies;
-        if !dir.join(SCHEMA_FILE).is_file() {
-            bail!(
-                "policy directory `{}` has no `{SCHEMA_FILE}`: run meshctl from the repository root or pass --policies DIR",
-                dir.display(),
-            );
-        }
-        Some(std::fs::canonicalize(dir).with_context(|| format!("resolving `{}`", dir.display()))?)
-    };
-    if !matches!(options.nats_nodes, 1 | 3) {
-        bail!(
-            "--nats-nodes {}: a local stack runs 1 NATS node or a cluster of 3",
-            options.nats_nodes
-        );
-    }
+    let policies = checked_options(options)?;
     home.create()?;
     let mut endpoints = endpoints.clone();
-    let running_nodes = servers::NATS_NODES
-        .iter()
-        .filter(|name| procs::read_pid(home, name).is_some_and(|r| procs::is_running(&r)))
-        .count();
-    if running_nodes > 0 && servers::recorded_nodes(home) != options.nats_nodes {
-        bail!(
-            "the NATS of `meshctl up` runs {} node(s), not {}: pass --nats-nodes {}, or stop it first (`meshctl down`)",
-            servers::recorded_nodes(home),
-            options.nats_nodes,
-            servers::recorded_nodes(home)
-        );
-    }
-    if options.nats_nodes > 1 {
-        let Some(port) = servers::loopback_port(&endpoints.nats_url, 4222)
-            .filter(|_| !endpoints.nats_url.contains(','))
-        else {
-            bail!(
-                "--nats-nodes {} starts a local cluster: NATS_URL must be one URL on this machine (its port is the first node's), not `{}`",
-                options.nats_nodes,
-                endpoints.nats_url
-            );
-        };
-        endpoints.nats_url = servers::cluster_url(port, options.nats_nodes)?;
-    }
+    endpoints.nats_url = nats_url(home, &endpoints.nats_url, options.nats_nodes)?;
     servers::record_nodes(home, options.nats_nodes)?;
     let auth = if options.insecure {
         None
@@ -227,6 +179,64 @@ pub(crate) async fn up(
     wait_in_foreground(home, &mut started).await;
     started.stop_all(home);
     Ok(())
+}
+
+/// Checks `up`'s options before anything starts; returns the policy
+/// directory the worker loads (`None` without a worker).
+fn checked_options(options: &UpOptions) -> anyhow::Result<Option<PathBuf>> {
+    for name in &options.without {
+        if !SERVICES.contains(&name.as_str()) {
+            bail!(
+                "--without `{name}`: not a service (one of {})",
+                SERVICES.join(", ")
+            );
+        }
+    }
+    if !matches!(options.nats_nodes, 1 | 3) {
+        bail!(
+            "--nats-nodes {}: a local stack runs 1 NATS node or a cluster of 3",
+            options.nats_nodes
+        );
+    }
+    if options.without.iter().any(|w| w == "policy-worker") {
+        return Ok(None);
+    }
+    let dir = &options.policies;
+    if !dir.join(SCHEMA_FILE).is_file() {
+        bail!(
+            "policy directory `{}` has no `{SCHEMA_FILE}`: run meshctl from the repository root or pass --policies DIR",
+            dir.display(),
+        );
+    }
+    Ok(Some(std::fs::canonicalize(dir).with_context(|| {
+        format!("resolving `{}`", dir.display())
+    })?))
+}
+
+/// The NATS URL(s) of a stack of `nodes` nodes whose first node is at
+/// `url`: `url` itself for one node, every node's URL for a cluster.
+/// Refuses to change the node count of a stack that runs.
+fn nats_url(home: &Home, url: &str, nodes: usize) -> anyhow::Result<String> {
+    let running_nodes = servers::NATS_NODES
+        .iter()
+        .filter(|name| procs::read_pid(home, name).is_some_and(|r| procs::is_running(&r)))
+        .count();
+    if running_nodes > 0 && servers::recorded_nodes(home) != nodes {
+        bail!(
+            "the NATS of `meshctl up` runs {} node(s), not {nodes}: pass --nats-nodes {}, or stop it first (`meshctl down`)",
+            servers::recorded_nodes(home),
+            servers::recorded_nodes(home)
+        );
+    }
+    if nodes == 1 {
+        return Ok(url.to_owned());
+    }
+    let Some(port) = servers::loopback_port(url, 4222).filter(|_| !url.contains(',')) else {
+        bail!(
+            "--nats-nodes {nodes} starts a local cluster: NATS_URL must be one URL on this machine (its port is the first node's), not `{url}`"
+        );
+    };
+    servers::cluster_url(port, nodes)
 }
 
 /// The identities of an authorized stack.

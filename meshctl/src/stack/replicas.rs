@@ -153,42 +153,8 @@ async fn ensure_zookeeper(home: &Home, started: &mut Started) -> anyhow::Result<
         line("zookeeper", "running", format_args!("127.0.0.1:{port}"));
         return Ok(port);
     }
-    let jar = std::env::var_os("ZOOKEEPER_JAR")
-        .map_or_else(|| PathBuf::from(ZOOKEEPER_JAR), PathBuf::from);
-    if !jar.is_file() {
-        bail!(
-            "ZooKeeper is not installed (`{}` is missing): run `scripts/install-deps.sh --replicated` (or `sudo apt-get install zookeeper`), or set ZOOKEEPER_JAR",
-            jar.display()
-        );
-    }
-    let java = procs::find_on_path("java")
-        .context("`java` is not installed: `sudo apt-get install default-jre-headless`")?;
-    let wanted = std::env::var("AGENTMESH_ZOOKEEPER_PORT")
-        .ok()
-        .and_then(|p| p.parse::<u16>().ok())
-        .unwrap_or(2181);
-    let port = if servers::port_free(wanted) {
-        wanted
-    } else {
-        free_port()?
-    };
-    let data = dir.join("data");
-    std::fs::create_dir_all(&data).with_context(|| format!("creating `{}`", data.display()))?;
-    let data = std::fs::canonicalize(&data)?;
-    std::fs::write(
-        &config,
-        format!(
-            "# Written by `meshctl up --clickhouse-replicas`; rewritten on every start.\n\
-             tickTime=2000\n\
-             dataDir={}\n\
-             clientPort={port}\n\
-             clientPortAddress=127.0.0.1\n\
-             admin.enableServer=false\n\
-             4lw.commands.whitelist=ruok,srvr,stat\n",
-            data.display()
-        ),
-    )
-    .with_context(|| format!("writing `{}`", config.display()))?;
+    let (java, jar) = zookeeper_programs()?;
+    let (port, data) = write_zookeeper_config(&dir, &config)?;
     let args = vec![
         format!("-Dzookeeper.log.dir={}", data.display()),
         "-Xmx256m".to_owned(),
@@ -230,6 +196,57 @@ async fn ensure_zookeeper(home: &Home, started: &mut Started) -> anyhow::Result<
     Ok(port)
 }
 
+/// `java` and ZooKeeper's jar, or what to install.
+fn zookeeper_programs() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let jar = std::env::var_os("ZOOKEEPER_JAR")
+        .map_or_else(|| PathBuf::from(ZOOKEEPER_JAR), PathBuf::from);
+    if !jar.is_file() {
+        bail!(
+            "ZooKeeper is not installed (`{}` is missing): run `scripts/install-deps.sh --replicated` (or `sudo apt-get install zookeeper`), or set ZOOKEEPER_JAR",
+            jar.display()
+        );
+    }
+    let java = procs::find_on_path("java")
+        .context("`java` is not installed: `sudo apt-get install default-jre-headless`")?;
+    Ok((java, jar))
+}
+
+/// Writes `config` (`zoo.cfg`) for a new ZooKeeper with its data under
+/// `dir`, on `AGENTMESH_ZOOKEEPER_PORT` (default 2181) or, when that is
+/// taken, a free port. Returns the port and the data directory.
+fn write_zookeeper_config(
+    dir: &std::path::Path,
+    config: &std::path::Path,
+) -> anyhow::Result<(u16, PathBuf)> {
+    let wanted = std::env::var("AGENTMESH_ZOOKEEPER_PORT")
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(2181);
+    let port = if servers::port_free(wanted) {
+        wanted
+    } else {
+        free_port()?
+    };
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).with_context(|| format!("creating `{}`", data.display()))?;
+    let data = std::fs::canonicalize(&data)?;
+    std::fs::write(
+        config,
+        format!(
+            "# Written by `meshctl up --clickhouse-replicas`; rewritten on every start.\n\
+             tickTime=2000\n\
+             dataDir={}\n\
+             clientPort={port}\n\
+             clientPortAddress=127.0.0.1\n\
+             admin.enableServer=false\n\
+             4lw.commands.whitelist=ruok,srvr,stat\n",
+            data.display()
+        ),
+    )
+    .with_context(|| format!("writing `{}`", config.display()))?;
+    Ok((port, data))
+}
+
 /// The `clientPort` of a `zoo.cfg`.
 fn configured_port(config: &std::path::Path) -> Option<u16> {
     std::fs::read_to_string(config)
@@ -258,11 +275,11 @@ pub(crate) async fn serving(port: u16) -> bool {
 
 /// Creates the audit tables replicated on every replica.
 pub(super) async fn apply_schema(endpoints: &Endpoints, replicas: usize) -> anyhow::Result<String> {
-    let engine = audit_sink::schema::Engine::Replicated { on_cluster: None };
+    let engine = audit_tables::schema::Engine::Replicated { on_cluster: None };
     let mut version = String::new();
     for url in urls(endpoints, replicas)? {
         let client = at(endpoints, &url).clickhouse();
-        let features = audit_sink::schema::ensure_with(&client, &endpoints.database, 0, &engine)
+        let features = audit_tables::schema::ensure_with(&client, &endpoints.database, 0, &engine)
             .await
             .with_context(|| format!("creating the replicated audit schema at {url}"))?;
         version = features.version;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::identity::{AuthState, CLICKHOUSE_READER_USER, CLICKHOUSE_SINK_USER, ClickHouseSecrets};
+use crate::identity::{AuthState, ClickHouseSecrets};
 use crate::procs::{self, Home};
 use crate::stack;
 
@@ -48,11 +48,11 @@ impl Endpoints {
         }
         if !is_up
             && stack::auth_mode(home)
-            && self.clickhouse_user == audit_sink::DEFAULT_CLICKHOUSE_USER
+            && self.clickhouse_user == audit_tables::DEFAULT_CLICKHOUSE_USER
             && self.clickhouse_password.is_empty()
             && let Some(secrets) = state.clickhouse_secrets()
         {
-            self.clickhouse_user = CLICKHOUSE_READER_USER.to_owned();
+            self.clickhouse_user = crate::identity::CLICKHOUSE_READER_USER.to_owned();
             self.clickhouse_password = secrets.reader;
         }
         self
@@ -518,13 +518,12 @@ pub(crate) async fn start_clickhouse_as(
     Ok((child, tcp_port))
 }
 
-/// Writes `config.xml` and `users.xml` into `dir` (data, tmp, user files,
-/// format schemas and logs below it; 127.0.0.1 only). Without `users`,
-/// user `default` has no password; with them, `default` (the operator,
-/// DDL) has a password and two more users exist: `agentmesh_sink`, which
-/// may write but not run DDL, and `agentmesh_reader`, read-only — each
-/// limited to `database` (see [`users_xml`]). The `<yandex>` root is what
-/// 18.16 reads; current servers accept it too.
+/// Writes `config.xml` and `users.xml` into `dir` (the shared
+/// `clickhouse-config` crate renders them; 127.0.0.1 only). Without `users`,
+/// user `default` has no password; with them, `default` (the operator, DDL)
+/// has a password and two more users exist, the sink's writer and a
+/// read-only reader, each limited to `database`. `extra` (XML elements) is
+/// added to the config: a replica's.
 pub(crate) fn write_clickhouse_config(
     dir: &Path,
     http_port: u16,
@@ -533,157 +532,22 @@ pub(crate) fn write_clickhouse_config(
     database: &str,
     extra: &str,
 ) -> anyhow::Result<std::path::PathBuf> {
-    for sub in ["data", "tmp", "user_files", "format_schemas", "log"] {
-        let path = dir.join(sub);
-        std::fs::create_dir_all(&path).with_context(|| format!("creating `{}`", path.display()))?;
-    }
-    let dir =
-        std::fs::canonicalize(dir).with_context(|| format!("resolving `{}`", dir.display()))?;
-    let d = dir.display();
-    let config = format!(
-        r#"<?xml version="1.0"?>
-<!-- Written by `meshctl up`; rewritten on every start. -->
-<yandex>
-    <logger>
-        <level>warning</level>
-        <log>{d}/log/clickhouse-server.log</log>
-        <errorlog>{d}/log/clickhouse-server.err.log</errorlog>
-        <console>0</console>
-    </logger>
-    <listen_host>127.0.0.1</listen_host>
-    <http_port>{http_port}</http_port>
-    <tcp_port>{tcp_port}</tcp_port>
-    <path>{d}/data/</path>
-    <tmp_path>{d}/tmp/</tmp_path>
-    <user_files_path>{d}/user_files/</user_files_path>
-    <format_schema_path>{d}/format_schemas/</format_schema_path>
-    <users_config>{d}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <timezone>UTC</timezone>
-    <mark_cache_size>268435456</mark_cache_size>
-    <max_concurrent_queries>100</max_concurrent_queries>{extra}
-</yandex>
-"#
-    );
-    let users = users_xml(users, database);
-    let config_path = dir.join("config.xml");
-    std::fs::write(&config_path, config)
-        .with_context(|| format!("writing `{}`", config_path.display()))?;
-    // Readable by its owner only: it names password hashes.
-    let users_path = dir.join("users.xml");
-    broker_config::credentials::write_private_file(&users_path, users.as_bytes())
-        .with_context(|| format!("writing `{}`", users_path.display()))?;
-    Ok(config_path)
-}
-
-fn sha256_hex(text: &str) -> String {
-    use sha2::Digest as _;
-    hex::encode(sha2::Sha256::digest(text.as_bytes()))
-}
-
-/// `users.xml` for the local server.
-///
-/// ClickHouse 18.16 has no `GRANT`: what it can enforce per user is a
-/// password, the client networks, the databases (`allow_databases`; the
-/// `system` database stays readable) and the profile settings. `readonly =
-/// 1` is enforced (no writes, no DDL, no changing settings), so the reader
-/// is truly read-only. The sink's profile sets `allow_ddl = 0`, but with
-/// `readonly = 0` a client may change that setting per query, so on 18.16
-/// the sink's password can still run DDL inside its database; only
-/// `GRANT INSERT` on a current server (see `docs/security.md`) makes it
-/// insert-only.
-///
-/// Longer than most functions here: it is one XML document written out,
-/// and reads best as one.
-pub(crate) fn users_xml(users: Option<&ClickHouseSecrets>, database: &str) -> String {
-    let quota = r#"
-    <quotas>
-        <default>
-            <interval>
-                <duration>3600</duration>
-                <queries>0</queries>
-                <errors>0</errors>
-                <result_rows>0</result_rows>
-                <read_rows>0</read_rows>
-                <execution_time>0</execution_time>
-            </interval>
-        </default>
-    </quotas>"#;
-    let networks = "<networks><ip>127.0.0.1</ip><ip>::1</ip></networks>";
-    let Some(users) = users else {
-        return format!(
-            r#"<?xml version="1.0"?>
-<!-- Written by `meshctl up` in insecure mode: user `default`, no password, 127.0.0.1 only. -->
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-        </default>
-    </profiles>
-    <users>
-        <default>
-            <password></password>
-            {networks}
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-    </users>{quota}
-</yandex>
-"#
-        );
+    let server = clickhouse_config::Server {
+        dir,
+        http_port,
+        tcp_port,
+        writer: "`meshctl up`",
+        macros: &[],
+        extra,
     };
-    let (admin, sink, reader) = (
-        sha256_hex(&users.admin),
-        sha256_hex(&users.sink),
-        sha256_hex(&users.reader),
-    );
-    format!(
-        r#"<?xml version="1.0"?>
-<!-- Written by `meshctl up`: passwords in .agentmesh/auth/clickhouse.json; 127.0.0.1 only. -->
-<yandex>
-    <profiles>
-        <default>
-            <max_memory_usage>4000000000</max_memory_usage>
-        </default>
-        <!-- The audit sink: writes rows; no DDL by default (18.16 lets a writer re-enable it per query). -->
-        <agentmesh_writer>
-            <max_memory_usage>4000000000</max_memory_usage>
-            <readonly>0</readonly>
-            <allow_ddl>0</allow_ddl>
-        </agentmesh_writer>
-        <!-- Readers: SELECT only; cannot change settings. -->
-        <agentmesh_reader>
-            <max_memory_usage>4000000000</max_memory_usage>
-            <readonly>1</readonly>
-        </agentmesh_reader>
-    </profiles>
-    <users>
-        <!-- The operator (`meshctl up`): creates the schema. -->
-        <default>
-            <password_sha256_hex>{admin}</password_sha256_hex>
-            {networks}
-            <profile>default</profile>
-            <quota>default</quota>
-        </default>
-        <{CLICKHOUSE_SINK_USER}>
-            <password_sha256_hex>{sink}</password_sha256_hex>
-            {networks}
-            <profile>agentmesh_writer</profile>
-            <quota>default</quota>
-            <allow_databases><database>{database}</database></allow_databases>
-        </{CLICKHOUSE_SINK_USER}>
-        <{CLICKHOUSE_READER_USER}>
-            <password_sha256_hex>{reader}</password_sha256_hex>
-            {networks}
-            <profile>agentmesh_reader</profile>
-            <quota>default</quota>
-            <allow_databases><database>{database}</database></allow_databases>
-        </{CLICKHOUSE_READER_USER}>
-    </users>{quota}
-</yandex>
-"#
-    )
+    let passwords = users.map(|u| clickhouse_config::Passwords {
+        admin: &u.admin,
+        sink: &u.sink,
+        reader: &u.reader,
+        kept_in: ".agentmesh/auth/clickhouse.json",
+    });
+    clickhouse_config::write(&server, passwords.as_ref(), database)
+        .with_context(|| format!("writing the ClickHouse config into `{}`", dir.display()))
 }
 
 #[cfg(test)]

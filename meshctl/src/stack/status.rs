@@ -385,7 +385,7 @@ async fn print_tables(endpoints: &Endpoints) {
         "rows"
     );
     let db = endpoints.audit_db();
-    for table in audit_sink::schema::TABLES {
+    for table in audit_tables::schema::TABLES {
         let rows = db
             .query(&format!("SELECT count() FROM `{table}` FINAL"))
             .fetch_one::<u64>()

@@ -2,7 +2,7 @@
 //! [`tree::fetch`] (the shipped `decision_tree.sql`), denials through the
 //! shipped `denials.sql`, and two queries of its own — the list of recent
 //! traces and each step's data and receipt. Every value a user typed is
-//! bound with [`audit_sink::queries::render`]; all of it runs on ClickHouse
+//! bound with [`audit_tables::queries::render`]; all of it runs on ClickHouse
 //! 18.16 and current servers (`FINAL` reads, no JSON functions).
 
 use std::collections::{BTreeMap, HashMap};
@@ -178,7 +178,8 @@ impl Audit {
             params.insert("agent".into(), agent.clone());
         }
         let sql = TRACES_SQL.replace("{conditions}", &conditions(filter));
-        let sql = audit_sink::queries::render(&sql, &params).context("rendering the trace list")?;
+        let sql =
+            audit_tables::queries::render(&sql, &params).context("rendering the trace list")?;
         let query = self.client.query_raw(&sql).fetch_all::<TraceRow>();
         self.wait(query, "reading the trace list").await
     }
@@ -190,9 +191,9 @@ impl Audit {
             return Ok(Trace::default());
         }
         let params = BTreeMap::from([("trace_id".to_owned(), trace_id.to_owned())]);
-        let data_sql = audit_sink::queries::render(EVENT_DATA_SQL, &params)
+        let data_sql = audit_tables::queries::render(EVENT_DATA_SQL, &params)
             .context("rendering the step data query")?;
-        let receipts_sql = audit_sink::queries::render(RECEIPTS_SQL, &params)
+        let receipts_sql = audit_tables::queries::render(RECEIPTS_SQL, &params)
             .context("rendering the receipt query")?;
         let data = self.client.query_raw(&data_sql).fetch_all::<EventData>();
         let data = self.wait(data, "reading the steps' data").await?;
@@ -220,9 +221,11 @@ impl Audit {
 
     /// The denials in `window`, by agent and policy.
     pub(super) async fn denials(&self, window: &Window) -> Result<Vec<DenialRow>, PageError> {
-        let sql =
-            audit_sink::queries::render(audit_sink::queries::DENIALS.sql, &window_params(window))
-                .context("rendering denials.sql")?;
+        let sql = audit_tables::queries::render(
+            audit_tables::queries::DENIALS.sql,
+            &window_params(window),
+        )
+        .context("rendering denials.sql")?;
         let query = self.client.query_raw(&sql).fetch_all::<DenialRow>();
         self.wait(query, "reading denials").await
     }

@@ -1,28 +1,20 @@
-//! NATS, ClickHouse, the policy worker (on the shipped `policies/`) and the
-//! audit sink, the two services running in this process: the mesh the
-//! `meshctl` tests drive the binary against.
+//! `testkit`'s mesh with ClickHouse, the policy worker (on the shipped
+//! `policies/`) and the audit sink, the two services running in this
+//! process: the mesh the `meshctl` tests drive the binary against.
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use testkit::{ClickHouseServer, NatsServer, eventually};
+use testkit::{Mesh, WAIT, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// How long starting the services may take.
-const START: Duration = Duration::from_secs(60);
+pub(crate) use testkit::workspace;
 
-/// The repository's root.
-pub(crate) fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A running mesh of the test's own; [`Services::stop`] ends both services.
+/// A running mesh of the test's own (through `Deref`: `nats`, `js`, `ch()`,
+/// and `db()`, the audit database unique to this test); [`Services::stop`]
+/// ends both services.
 pub(crate) struct Services {
-    pub nats: NatsServer,
-    pub ch: ClickHouseServer,
-    /// The audit database, unique to this test.
-    pub db: String,
+    mesh: Mesh,
     pub tmp: tempfile::TempDir,
     pub shutdown: CancellationToken,
     /// The audit sink's checkpoint signing key (public), trusted in
@@ -51,6 +43,14 @@ impl<E: std::error::Error + Send + Sync + 'static> Replica<E> {
     }
 }
 
+impl std::ops::Deref for Services {
+    type Target = Mesh;
+
+    fn deref(&self) -> &Mesh {
+        &self.mesh
+    }
+}
+
 impl Services {
     /// Starts the servers and both services, and waits until they are ready.
     #[allow(dead_code, reason = "each test binary uses one of the two starts")]
@@ -67,29 +67,23 @@ impl Services {
         database: &str,
         backlog: usize,
     ) -> anyhow::Result<(Self, String, Vec<String>)> {
-        let nats = NatsServer::start().await?;
-        let ch = ClickHouseServer::start().await?;
+        let mesh = Mesh::with_clickhouse(database).await?;
         let (mut trace, mut ids) = (String::new(), Vec::new());
         if backlog > 0 {
-            let js = async_nats::jetstream::new(nats.connect().await?);
-            broker_config::apply(&js, &broker_config::Options::default()).await?;
-            let planner = agents_sdk::Agent::connect("planner", nats.url()).await?;
+            let planner = agents_sdk::Agent::connect("planner", mesh.url()).await?;
             let wf = planner.workflow();
             trace = wf.trace_id().to_string();
             for n in 0..backlog {
                 ids.push(wf.reasoning(format!("backlog step {n}")).await?.id);
             }
         }
-        let db = ch.unique_database(database);
         let tmp = tempfile::tempdir()?;
         let shutdown = CancellationToken::new();
         let mut services = Self {
             worker: None,
             sink: None,
             sink_signer: String::new(),
-            nats,
-            ch,
-            db,
+            mesh,
             tmp,
             shutdown,
         };
@@ -113,7 +107,7 @@ impl Services {
         let task = tokio::spawn(policy_worker::run(
             policy_worker::Config {
                 nats: broker_config::NatsArgs::url(self.nats.url()),
-                policies: workspace().join("policies"),
+                policies: testkit::shipped_policies(),
                 ready_file: Some(ready.clone()),
                 watch_policies: false,
                 signing_key: Some(std::sync::Arc::new(key)),
@@ -138,8 +132,8 @@ impl Services {
         let key = schemas::signing::SigningKey::generate();
         let signer = self.trust(&key, name).await?;
         let ready = self.tmp.path().join(format!("{name}.ready"));
-        let mut config = audit_sink::Config::new(self.nats.url(), self.ch.url());
-        config.database = self.db.clone();
+        let mut config = audit_sink::Config::new(self.nats.url(), self.ch().url());
+        config.database = self.db().to_owned();
         config.batch_period_ms = 100;
         config.ready_file = Some(ready.clone());
         let key_file = self.tmp.path().join("signing").join(format!("{name}.nk"));
@@ -162,15 +156,11 @@ impl Services {
         key: &schemas::signing::SigningKey,
         name: &str,
     ) -> anyhow::Result<String> {
-        let js = async_nats::jetstream::new(self.nats.connect().await?);
-        // The bucket is made by the first worker's `broker_config::apply`.
-        let kv = match js.get_key_value(schemas::subjects::BUCKET_SIGNERS).await {
-            Ok(kv) => kv,
-            Err(_) => {
-                broker_config::apply(&js, &broker_config::Options::default()).await?;
-                js.get_key_value(schemas::subjects::BUCKET_SIGNERS).await?
-            }
-        };
+        // The mesh applied the streams and buckets before any service started.
+        let kv = self
+            .js
+            .get_key_value(schemas::subjects::BUCKET_SIGNERS)
+            .await?;
         let record = schemas::signing::SignerRecord {
             public_key: key.public_key().to_owned(),
             name: name.into(),
@@ -209,7 +199,7 @@ impl Services {
 }
 
 async fn ready_file(path: &Path) -> anyhow::Result<()> {
-    eventually(START, "a service's ready file", || async {
+    eventually(WAIT, "a service's ready file", || async {
         path.exists().then_some(())
     })
     .await

@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
@@ -12,7 +11,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use testkit::{Service, find_binary, free_port};
+use testkit::{Service, WAIT, find_binary, free_port};
 
 /// One HTTP request; returns the status and the body as text.
 pub(crate) async fn http(
@@ -55,7 +54,7 @@ impl Driver {
         let url = format!("http://127.0.0.1:{port}");
         let status = format!("{url}/status");
         service
-            .wait_until(Duration::from_secs(30), "chromedriver to be ready", || {
+            .wait_until(WAIT, "chromedriver to be ready", || {
                 let status = status.clone();
                 async move {
                     let (code, body) = http("GET", &status, None).await.ok()?;

@@ -1,8 +1,10 @@
-//! Shared helpers for the policy-worker tests: a real nats-server, the real
-//! `policy-worker` binary, and readers for what landed in each stream.
+//! Shared helpers for the policy-worker tests: the real `policy-worker`
+//! binary run against `testkit`'s mesh (a real nats-server; readers for what
+//! landed in each stream), and the events the tests publish.
 
 #![allow(
     dead_code,
+    unused_imports,
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "a panic is how a test or bench fails; shared by several test binaries, each using a part of it"
@@ -10,15 +12,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::{self, stream::Stream};
-use bytes::Bytes;
-use schemas::{DecisionReceipt, EventBuilder, EventBuilderV10, encode_binary};
-use testkit::{NatsServer, Service, eventually};
+use schemas::{EventBuilder, EventBuilderV10};
+use testkit::Service;
 
-pub(crate) const WAIT: Duration = Duration::from_secs(30);
+pub(crate) use testkit::{Mesh, WAIT, header};
 
 /// A copy of the shipped `policies/` in a temp dir the test may edit.
 pub(crate) fn policies_copy() -> tempfile::TempDir {
@@ -79,98 +77,6 @@ impl WorkerProcess {
     }
 }
 
-pub(crate) struct Mesh {
-    pub nats: NatsServer,
-    pub client: async_nats::Client,
-    pub js: jetstream::Context,
-}
-
-impl Mesh {
-    /// A fresh server with the streams applied.
-    pub(crate) async fn start() -> Self {
-        let nats = NatsServer::start().await.unwrap();
-        let client = nats.connect().await.unwrap();
-        let js = jetstream::new(client.clone());
-        broker_config::apply(&js, &broker_config::Options::default())
-            .await
-            .unwrap();
-        Self { nats, client, js }
-    }
-
-    pub(crate) async fn publish(
-        &self,
-        subject: &str,
-        headers: HeaderMap,
-        payload: impl Into<Bytes>,
-    ) {
-        self.js
-            .publish_with_headers(subject.to_owned(), headers, payload.into())
-            .await
-            .unwrap()
-            .await
-            .unwrap();
-    }
-
-    pub(crate) async fn publish_event(&self, subject: &str, event: &schemas::Event) {
-        let (headers, payload) = encode_binary(event);
-        self.publish(subject, headers, payload).await;
-    }
-
-    pub(crate) async fn stream(&self, name: &str) -> Stream {
-        self.js.get_stream(name).await.unwrap()
-    }
-
-    /// Every message stored in `stream`, in order.
-    pub(crate) async fn messages(
-        &self,
-        name: &str,
-    ) -> Vec<async_nats::jetstream::message::StreamMessage> {
-        testkit::stream_messages(&self.js, name).await.unwrap()
-    }
-
-    pub(crate) async fn count(&self, name: &str) -> u64 {
-        self.stream(name).await.info().await.unwrap().state.messages
-    }
-
-    /// Waits until `stream` holds at least `n` messages and returns them.
-    pub(crate) async fn wait_messages(
-        &self,
-        name: &str,
-        n: u64,
-    ) -> Vec<async_nats::jetstream::message::StreamMessage> {
-        eventually(WAIT, &format!("{n} messages in {name}"), || async move {
-            (self.count(name).await >= n).then_some(())
-        })
-        .await
-        .unwrap();
-        self.messages(name).await
-    }
-
-    /// Waits for the receipt of `event_id` and returns it.
-    pub(crate) async fn receipt(&self, event_id: &str) -> DecisionReceipt {
-        eventually(
-            WAIT,
-            &format!("the receipt of `{event_id}`"),
-            || async move {
-                self.receipts()
-                    .await
-                    .into_iter()
-                    .find(|r| r.event_id == event_id)
-            },
-        )
-        .await
-        .unwrap()
-    }
-
-    pub(crate) async fn receipts(&self) -> Vec<DecisionReceipt> {
-        self.messages(schemas::subjects::STREAM_DECISION)
-            .await
-            .iter()
-            .map(|m| serde_json::from_slice(&m.payload).unwrap())
-            .collect()
-    }
-}
-
 pub(crate) fn event(id: &str, agent: &str, ty: &str) -> EventBuilderV10 {
     EventBuilderV10::new()
         .id(id)
@@ -191,9 +97,4 @@ pub(crate) fn handoff(id: &str) -> schemas::Event {
         )
         .build()
         .unwrap()
-}
-
-/// Header values of `name` (exact case), for assertions.
-pub(crate) fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).map(|v| v.as_str().to_owned())
 }

@@ -1,10 +1,11 @@
-//! Shared helpers for the SDK tests: a real nats-server with the mesh's
-//! streams, optionally the real policy worker (in-process, on the shipped
-//! `policies/`), and readers for what landed in each stream.
+//! Shared helpers for the SDK tests: `testkit`'s mesh (a real nats-server
+//! with the mesh's streams, readers for what landed in each stream) and,
+//! optionally, the real policy worker in-process on the shipped `policies/`.
 
 // Test harness: a panic is how a test fails.
 #![allow(
     dead_code,
+    unused_imports,
     clippy::unwrap_used,
     clippy::expect_used,
     reason = "a panic is how a test or bench fails; shared by several test binaries, each using a part of it"
@@ -15,13 +16,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use agents_sdk::{Agent, AgentBuilder};
-use async_nats::jetstream::{self, message::StreamMessage};
+use async_nats::jetstream::message::StreamMessage;
 use schemas::DecisionReceipt;
-use testkit::{NatsServer, eventually};
+use testkit::eventually;
 use tokio_util::sync::CancellationToken;
 
-/// The longest any test waits for something to happen.
-pub(crate) const WAIT: Duration = Duration::from_secs(30);
+pub(crate) use testkit::{WAIT, header};
 
 /// The shipped example policies.
 pub(crate) fn shipped_policies() -> PathBuf {
@@ -36,30 +36,35 @@ pub(crate) fn init_tracing() {
         .try_init();
 }
 
-/// A nats-server with the mesh's streams and buckets, and (optionally) the
-/// policy worker running in this process.
+/// `testkit`'s mesh (a nats-server with the mesh's streams and buckets, and
+/// its readers, through `Deref`) and, optionally, the policy worker running
+/// in this process.
 pub(crate) struct Mesh {
-    pub nats: NatsServer,
-    pub client: async_nats::Client,
-    pub js: jetstream::Context,
+    mesh: testkit::Mesh,
     worker: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
     _ready_dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Mesh {
+    type Target = testkit::Mesh;
+
+    fn deref(&self) -> &testkit::Mesh {
+        &self.mesh
+    }
+}
+
+impl std::ops::DerefMut for Mesh {
+    fn deref_mut(&mut self) -> &mut testkit::Mesh {
+        &mut self.mesh
+    }
 }
 
 impl Mesh {
     /// A fresh server with the streams applied; no policy worker.
     pub(crate) async fn start() -> Self {
         init_tracing();
-        let nats = NatsServer::start().await.unwrap();
-        let client = nats.connect().await.unwrap();
-        let js = jetstream::new(client.clone());
-        broker_config::apply(&js, &broker_config::Options::default())
-            .await
-            .unwrap();
         Self {
-            nats,
-            client,
-            js,
+            mesh: testkit::Mesh::start().await.unwrap(),
             worker: None,
             _ready_dir: tempfile::tempdir().unwrap(),
         }
@@ -170,64 +175,16 @@ impl Mesh {
         }
     }
 
-    pub(crate) fn url(&self) -> String {
-        self.nats.url()
-    }
-
     /// Connects an agent configured by `builder`.
     pub(crate) async fn agent(&self, builder: AgentBuilder) -> Agent {
         builder.connect(self.url()).await.unwrap()
     }
 
-    /// Every message stored in `stream`, in order.
-    pub(crate) async fn messages(&self, name: &str) -> Vec<StreamMessage> {
-        testkit::stream_messages(&self.js, name).await.unwrap()
-    }
-
-    /// The messages of `stream` on exactly `subject`.
-    pub(crate) async fn messages_on(&self, stream: &str, subject: &str) -> Vec<StreamMessage> {
-        testkit::subject_messages(&self.js, stream, subject)
-            .await
-            .unwrap()
-    }
-
     /// The message at `sequence` of `MESH_INGRESS`.
     pub(crate) async fn ingress(&self, sequence: u64) -> StreamMessage {
-        self.js
-            .get_stream(schemas::subjects::STREAM_INGRESS)
+        self.message_at(schemas::subjects::STREAM_INGRESS, sequence)
             .await
             .unwrap()
-            .get_raw_message(sequence)
-            .await
-            .unwrap()
-    }
-
-    /// Waits for the receipt of `event_id` and returns it.
-    pub(crate) async fn receipt(&self, event_id: &str) -> DecisionReceipt {
-        eventually(
-            WAIT,
-            &format!("the receipt of `{event_id}`"),
-            || async move {
-                self.messages(schemas::subjects::STREAM_DECISION)
-                    .await
-                    .iter()
-                    .filter_map(|m| serde_json::from_slice::<DecisionReceipt>(&m.payload).ok())
-                    .find(|r| r.event_id == event_id)
-            },
-        )
-        .await
-        .unwrap()
-    }
-
-    /// Pending and unacknowledged counts of agent `id`'s delivery consumer.
-    pub(crate) async fn backlog(&self, id: &str) -> (u64, usize) {
-        let stream = self
-            .js
-            .get_stream(schemas::subjects::STREAM_DELIVER)
-            .await
-            .unwrap();
-        let info = stream.consumer_info(format!("agent-{id}")).await.unwrap();
-        (info.num_pending, info.num_ack_pending)
     }
 }
 
@@ -237,11 +194,6 @@ impl Drop for Mesh {
             token.cancel();
         }
     }
-}
-
-/// A header value, for assertions.
-pub(crate) fn header(m: &StreamMessage, name: &str) -> Option<String> {
-    m.headers.get(name).map(|v| v.as_str().to_owned())
 }
 
 /// A `nats-server -js` started with extra arguments (e.g. authentication),
@@ -254,7 +206,7 @@ pub(crate) struct CustomServer {
 
 impl CustomServer {
     pub(crate) async fn start(extra: &[&str]) -> Self {
-        let binary = testkit::find_binary("nats-server", "NATS_SERVER_BIN", "nats-server").unwrap();
+        let binary = testkit::nats_server_binary().unwrap();
         let store = tempfile::tempdir().unwrap();
         let port = testkit::free_port().unwrap();
         let child = Command::new(binary)

@@ -1,4 +1,4 @@
-//! The SQL shipped for auditors (`audit-sink/sql/*.sql`) and the one way to
+//! The SQL shipped for auditors (`audit-tables/sql/*.sql`) and the one way to
 //! fill in its parameters.
 //!
 //! Parameters are written `{name:Type}`, the syntax current ClickHouse binds
@@ -52,6 +52,49 @@ pub const APPROVALS: Query = Query {
     name: "approvals",
     sql: include_str!("../sql/approvals.sql"),
 };
+
+/// One row of [`DECISION_TREE`]: one step of the workflow with its
+/// decision, in the query's column order (a test checks it against the SQL).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, clickhouse::Row)]
+pub struct TreeNode {
+    /// The event id.
+    pub event_id: String,
+    /// The causing event (`''` for a root).
+    pub parent_id: String,
+    /// The publishing agent.
+    pub agent: String,
+    /// The CloudEvents type.
+    pub r#type: String,
+    /// The target agent.
+    pub target: String,
+    /// The CloudEvents subject (the tool of a tool call).
+    pub subject: String,
+    /// Event time, seconds.
+    pub time: u32,
+    /// Event time, microseconds.
+    pub time_us: u64,
+    /// `allow`, `deny`, `invalid`, or `''` before the receipt is in.
+    pub decision: String,
+    /// The determining policies.
+    pub reasons: Vec<String>,
+    /// Evaluation or validation errors.
+    pub errors: Vec<String>,
+    /// The deciding policy set.
+    pub policy_hash: String,
+    /// Whether the event passed validation.
+    pub valid: u8,
+    /// Why not.
+    pub error: String,
+    /// The causing event's agent: its `causationsource`, else resolved by
+    /// the query within the trace (`''` when no step has `parent_id`).
+    pub parent_agent: String,
+    /// What the tool-result cache did: `hit` (answered from the cache),
+    /// `miss`, `bypass`, `stored` (this result filled it), '' when not asked.
+    pub cache: String,
+    /// On `hit` and `stored`: the call that first produced the cached
+    /// result, `<agent>/<event id>`.
+    pub cache_source: String,
+}
 
 /// Every shipped query.
 pub const ALL: [Query; 6] = [
@@ -207,6 +250,36 @@ pub fn render(sql: &str, params: &BTreeMap<String, String>) -> Result<String, Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The names the outermost `SELECT` of `sql` returns, in order.
+    fn selected_columns(sql: &str) -> Vec<String> {
+        let body: String = sql
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let start = body.find("SELECT").map(|i| i + "SELECT".len());
+        let end = body.find("\nFROM");
+        let (Some(start), Some(end)) = (start, end) else {
+            panic!("no SELECT … FROM in {sql}");
+        };
+        body[start..end]
+            .split(',')
+            .map(|c| c.trim().to_owned())
+            .collect()
+    }
+
+    /// RowBinary reads columns by position: the tree's row type names the
+    /// query's columns in the query's order.
+    #[test]
+    fn the_tree_node_reads_the_decision_tree_query_s_columns() {
+        use clickhouse::Row as _;
+        let fields: Vec<String> = TreeNode::COLUMN_NAMES
+            .iter()
+            .map(|c| (*c).to_owned())
+            .collect();
+        assert_eq!(selected_columns(DECISION_TREE.sql), fields);
+    }
 
     fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
