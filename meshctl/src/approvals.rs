@@ -12,8 +12,7 @@ use async_nats::jetstream::{self, kv};
 use chrono::{DateTime, Utc};
 use clap::Subcommand;
 use futures::TryStreamExt;
-use policy_worker::{Answer, AnswerAction, ApprovalState};
-use schemas::{ApprovalStatus, subjects};
+use schemas::{Answer, AnswerAction, ApprovalState, ApprovalStatus, subjects};
 
 use crate::servers::Endpoints;
 

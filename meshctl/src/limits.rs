@@ -8,7 +8,7 @@ use async_nats::jetstream::{self, kv};
 use chrono::Utc;
 use clap::Subcommand;
 use futures::TryStreamExt;
-use policy_worker::{AgentTally, WorkflowTally, agent_key, workflow_key};
+use schemas::limits::{AgentTally, WorkflowTally, agent_key, workflow_key};
 use schemas::subjects;
 
 use crate::servers::Endpoints;

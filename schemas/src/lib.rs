@@ -1,14 +1,17 @@
 //! The agentmesh wire contract: CloudEvents over NATS in both modes of the
 //! CloudEvents NATS binding, the event-type catalogue, validation of mesh
-//! events, W3C `traceparent`, decision receipts and the subject names of
-//! `docs/contract.md`.
+//! events, W3C `traceparent`, decision receipts, the approval wire types
+//! ([`approval`]), the `mesh-limits` keys and values ([`limits`]) and the
+//! subject names of `docs/contract.md`.
 //!
 //! Every service and the SDK speak through this crate, so the contract lives
 //! in one place.
 
 mod agent;
+pub mod approval;
 mod binding;
 mod catalogue;
+pub mod limits;
 pub mod merkle;
 mod mesh;
 mod receipt;
@@ -25,6 +28,7 @@ pub mod proto {
 }
 
 pub use agent::{AgentId, InvalidAgentId};
+pub use approval::{Answer, AnswerAction, ApprovalState};
 pub use binding::{
     BindingError, ContentMode, STRUCTURED_CONTENT_TYPE, decode, encode_binary, encode_structured,
     percent_decode_header, percent_encode_header,
