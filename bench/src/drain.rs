@@ -118,7 +118,12 @@ fn event(run: &str, i: u64, size: usize) -> (HeaderMap, bytes::Bytes) {
     (headers, format!("{head}{pad}\"}}").into())
 }
 
-async fn preload(js: &jetstream::Context, run: &str, n: u64, size: usize) -> anyhow::Result<()> {
+pub(crate) async fn preload(
+    js: &jetstream::Context,
+    run: &str,
+    n: u64,
+    size: usize,
+) -> anyhow::Result<()> {
     let mut pending = FuturesUnordered::new();
     for i in 0..n {
         if pending.len() >= 2048
@@ -149,7 +154,7 @@ const STREAMS: [&str; 4] = [
 ];
 
 /// Empties the streams and removes every consumer on them.
-async fn reset(js: &jetstream::Context) -> anyhow::Result<()> {
+pub(crate) async fn reset(js: &jetstream::Context) -> anyhow::Result<()> {
     for name in STREAMS {
         let stream = js.get_stream(name).await?;
         let consumers: Vec<String> = stream
@@ -180,7 +185,7 @@ async fn consumers(js: &jetstream::Context) -> anyhow::Result<Vec<String>> {
     Ok(all)
 }
 
-async fn messages(js: &jetstream::Context, stream: &str) -> anyhow::Result<u64> {
+pub(crate) async fn messages(js: &jetstream::Context, stream: &str) -> anyhow::Result<u64> {
     Ok(js
         .get_stream(stream)
         .await?
@@ -191,7 +196,7 @@ async fn messages(js: &jetstream::Context, stream: &str) -> anyhow::Result<u64> 
 }
 
 /// Whether `consumer` on `stream` has nothing left to deliver or to be acked.
-async fn drained(js: &jetstream::Context, stream: &str, consumer: &str) -> bool {
+pub(crate) async fn drained(js: &jetstream::Context, stream: &str, consumer: &str) -> bool {
     let Ok(stream) = js.get_stream(stream).await else {
         return false;
     };
@@ -201,11 +206,11 @@ async fn drained(js: &jetstream::Context, stream: &str, consumer: &str) -> bool 
     }
 }
 
-fn cpu(pid: Option<u32>) -> f64 {
+pub(crate) fn cpu(pid: Option<u32>) -> f64 {
     pid.and_then(procstat::cpu_seconds).unwrap_or(0.0)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -218,7 +223,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn spread(v: &[f64]) -> (f64, f64) {
+pub(crate) fn spread(v: &[f64]) -> (f64, f64) {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     (min, max)

@@ -15,6 +15,7 @@ mod faults;
 mod forwarder;
 mod load;
 mod procstat;
+mod scale;
 mod sink;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,8 @@ enum Cmd {
     Agents(agents::AgentsArgs),
     /// Fault run: kill -9 the policy worker, stop ClickHouse, restart nats-server, under load; count what arrived.
     Faults(faults::FaultArgs),
+    /// Worker scale-out on a local 3-node NATS cluster (streams at 3 replicas): a backlog drained by 1, 2 and 3 policy-worker replicas.
+    Scale(scale::ScaleArgs),
     /// Run the raw forwarder (used by `run` as a child process).
     Forward {
         /// NATS server URL.
@@ -110,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Drain(args) => drain::run(args).await,
         Cmd::Sink(args) => sink::run(args).await,
         Cmd::Faults(args) => faults::run(args).await,
+        Cmd::Scale(args) => scale::run(args).await,
         Cmd::Cache(args) => cache::run(args).await,
         Cmd::Agents(args) => agents::run(args).await,
     }
