@@ -532,10 +532,10 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
     row
 }
 
-/// CloudEvents type of a lease grant.
-pub const GPU_LEASE_GRANTED: &str = "io.agentmesh.gpu.lease.granted";
-/// CloudEvents type of a lease release.
-pub const GPU_LEASE_RELEASED: &str = "io.agentmesh.gpu.lease.released";
+/// CloudEvents type of a lease grant ([`schemas::gpu::LEASE_GRANTED`]).
+pub use schemas::gpu::LEASE_GRANTED as GPU_LEASE_GRANTED;
+/// CloudEvents type of a lease release ([`schemas::gpu::LEASE_RELEASED`]).
+pub use schemas::gpu::LEASE_RELEASED as GPU_LEASE_RELEASED;
 
 /// One row of `gpu_leases`: one grant or release.
 #[derive(Debug, Clone, PartialEq, clickhouse::Row, Serialize)]
@@ -580,7 +580,9 @@ pub struct GpuLeaseRow {
     pub msg_key: String,
 }
 
-/// The data of a lease event.
+/// The data of a lease event ([`schemas::gpu::LeaseEventData`]), read
+/// leniently: a field of another JSON type is stored as its JSON text, and
+/// a missing one as '', so a malformed event still gets its row.
 #[derive(serde::Deserialize)]
 struct LeaseData {
     pool: Option<serde_json::Value>,

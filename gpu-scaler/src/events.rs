@@ -10,37 +10,20 @@ use std::collections::VecDeque;
 
 use async_nats::jetstream;
 use chrono::{DateTime, SecondsFormat, Utc};
-use serde::{Deserialize, Serialize};
 
 use schemas::{AttributesReader, EventBuilder};
 
 use crate::decide::ReleaseReason;
 use crate::lease::Lease;
 
-/// CloudEvents `type` of a grant.
-pub const TYPE_GRANTED: &str = "io.agentmesh.gpu.lease.granted";
-/// CloudEvents `type` of a release.
-pub const TYPE_RELEASED: &str = "io.agentmesh.gpu.lease.released";
+pub use schemas::gpu::LeaseEventData;
+/// CloudEvents `type` of a grant ([`schemas::gpu::LEASE_GRANTED`]).
+pub use schemas::gpu::LEASE_GRANTED as TYPE_GRANTED;
+/// CloudEvents `type` of a release ([`schemas::gpu::LEASE_RELEASED`]).
+pub use schemas::gpu::LEASE_RELEASED as TYPE_RELEASED;
+
 /// Most events kept while the broker does not take them; the oldest go first.
 const OUTBOX_LIMIT: usize = 10_000;
-
-/// The JSON `data` of a lease event.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LeaseEventData {
-    /// The pool.
-    pub pool: String,
-    /// The GPU uuid.
-    pub gpu: String,
-    /// The scaler instance holding (or, for a release, that held) the lease.
-    pub holder: String,
-    /// The lease's expiry (RFC 3339).
-    pub expires_at: String,
-    /// When the lease was granted (RFC 3339).
-    pub granted_at: String,
-    /// For a release: why (`demand`, `fair-share`, `expired`, `unhealthy`, `gone`, `pool-removed`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
 
 /// Whether a lease was granted or released.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

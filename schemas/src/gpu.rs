@@ -1,10 +1,36 @@
 //! GPU leases on the wire: the value of a key of the KV bucket
 //! `mesh-gpu-leases` (key = the GPU uuid, a delete marker when the GPU is
 //! free). The GPU scaler writes them; GPU workers read them
-//! (`gpu_scaler::watch_pool`). See `docs/gpu-scaler.md`.
+//! (`gpu_scaler::watch_pool`). And the lease events on
+//! `mesh.gpu.lease.<pool>`: their types and data, which the scaler
+//! publishes and the audit sink stores in `gpu_leases`. See
+//! `docs/gpu-scaler.md`.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+/// CloudEvents `type` of a lease grant, on `mesh.gpu.lease.<pool>`.
+pub const LEASE_GRANTED: &str = "io.agentmesh.gpu.lease.granted";
+/// CloudEvents `type` of a lease release.
+pub const LEASE_RELEASED: &str = "io.agentmesh.gpu.lease.released";
+
+/// The JSON `data` of a lease event (`LEASE_GRANTED`, `LEASE_RELEASED`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseEventData {
+    /// The pool.
+    pub pool: String,
+    /// The GPU uuid.
+    pub gpu: String,
+    /// The scaler instance holding (or, for a release, that held) the lease.
+    pub holder: String,
+    /// The lease's expiry (RFC 3339).
+    pub expires_at: String,
+    /// When the lease was granted (RFC 3339).
+    pub granted_at: String,
+    /// For a release: why (`demand`, `fair-share`, `expired`, `unhealthy`, `gone`, `pool-removed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
 
 /// One lease: which pool may use the GPU, who granted it, until when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
