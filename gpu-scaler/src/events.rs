@@ -16,11 +16,11 @@ use schemas::{AttributesReader, EventBuilder};
 use crate::decide::ReleaseReason;
 use crate::lease::Lease;
 
-pub use schemas::gpu::LeaseEventData;
 /// CloudEvents `type` of a grant ([`schemas::gpu::LEASE_GRANTED`]).
 pub use schemas::gpu::LEASE_GRANTED as TYPE_GRANTED;
 /// CloudEvents `type` of a release ([`schemas::gpu::LEASE_RELEASED`]).
 pub use schemas::gpu::LEASE_RELEASED as TYPE_RELEASED;
+pub use schemas::gpu::LeaseEventData;
 
 /// Most events kept while the broker does not take them; the oldest go first.
 const OUTBOX_LIMIT: usize = 10_000;
