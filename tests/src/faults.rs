@@ -14,6 +14,7 @@ use async_nats::jetstream::{self, message::PublishMessage};
 use audit_sink::queries;
 use schemas::subjects;
 use testkit::ClickHouseServer;
+use tokio_util::sync::CancellationToken;
 
 /// Event `i` of run `run`: of every 10, 8 handoffs the shipped policies
 /// allow, 1 denied `shell.exec` call, 1 invalid (the source does not match
@@ -63,19 +64,24 @@ pub struct Progress {
     pub retries: AtomicU64,
 }
 
-/// Publishes `total` [`event`]s at `rate` per second. Each publish is
-/// retried until JetStream acknowledges it — the client's side of the
-/// contract; the same `Nats-Msg-Id` makes a retry of a publish that did
-/// land a no-op.
+/// Publishes up to `total` [`event`]s at `rate` per second, or fewer when
+/// `stop` is cancelled first (checked between events, so every event
+/// started is published). Each publish is retried until JetStream
+/// acknowledges it — the client's side of the contract; the same
+/// `Nats-Msg-Id` makes a retry of a publish that did land a no-op.
 pub async fn publish_steadily(
     js: jetstream::Context,
     run: String,
     rate: u64,
     total: u64,
     progress: Arc<Progress>,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     for i in 0..total {
+        if stop.is_cancelled() {
+            break;
+        }
         let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
         tokio::time::sleep_until(due.into()).await;
         progress.attempted.store(i + 1, Ordering::SeqCst);
@@ -97,6 +103,12 @@ pub async fn publish_steadily(
         progress.published.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// How many of the first `n` [`event`]s the shipped policies allow (all
+/// but the denied calls `0, 10, 20, …` and the invalid events `1, 11, …`).
+pub fn allowed(n: u64) -> u64 {
+    n - n.div_ceil(10) - (n + 8) / 10
 }
 
 /// One number a query returns (`None` while the server does not answer).

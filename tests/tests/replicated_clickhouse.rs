@@ -85,6 +85,7 @@ async fn the_replica_the_sink_writes_to_killed_under_load_loses_nothing_and_show
         RATE,
         total,
         progress.clone(),
+        CancellationToken::new(),
     ));
     let started = Instant::now();
 
@@ -149,7 +150,7 @@ async fn the_replica_the_sink_writes_to_killed_under_load_loses_nothing_and_show
     // Each allowed event delivered once (the worker is not what failed, but
     // the count is the promise).
     let per_event = deliveries(&js).await?;
-    let allowed = n - n / 5;
+    let allowed = e2e::faults::allowed(n);
     assert_eq!(
         per_event.len() as u64,
         allowed,
