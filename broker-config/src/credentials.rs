@@ -120,18 +120,7 @@ pub fn write_private_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
 pub fn read_signing_key_file(
     path: &Path,
 ) -> Result<schemas::signing::SigningKey, CredentialsError> {
-    let io = |source| CredentialsError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(CredentialsError::Exposed {
-            path: path.to_owned(),
-            mode,
-        });
-    }
-    let text = std::fs::read_to_string(path).map_err(io)?;
+    let text = read_private(path)?;
     text.lines()
         .map(str::trim)
         .find(|l| l.starts_with('S'))
@@ -141,9 +130,8 @@ pub fn read_signing_key_file(
         })
 }
 
-/// Reads a seed file: refuses one that group or others may read, or that
-/// holds no user seed. Returns the seed and its public key.
-pub fn read_seed_file(path: &Path) -> Result<(String, String), CredentialsError> {
+/// The text of a key file, refused when group or others may read it.
+fn read_private(path: &Path) -> Result<String, CredentialsError> {
     let io = |source| CredentialsError::Io {
         path: path.to_owned(),
         source,
@@ -156,6 +144,13 @@ pub fn read_seed_file(path: &Path) -> Result<(String, String), CredentialsError>
         });
     }
     let text = std::fs::read_to_string(path).map_err(io)?;
+    Ok(text)
+}
+
+/// Reads a seed file: refuses one that group or others may read, or that
+/// holds no user seed. Returns the seed and its public key.
+pub fn read_seed_file(path: &Path) -> Result<(String, String), CredentialsError> {
+    let text = read_private(path)?;
     let seed = text
         .lines()
         .map(str::trim)
