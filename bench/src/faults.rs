@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use futures::StreamExt;
 use schemas::{DecisionReceipt, subjects};
+
+use testkit::load::event;
 
 use crate::{Service, sibling};
 
@@ -32,37 +33,6 @@ pub(crate) struct FaultArgs {
     /// The shipped policy directory.
     #[arg(long, default_value = "policies")]
     policies: PathBuf,
-}
-
-/// Event `i`: 8 of 10 allowed handoffs, 1 denied `shell.exec` call, 1
-/// invalid (source does not match the subject).
-fn event(run: &str, i: u64) -> (String, HeaderMap, String) {
-    let id = format!("{run}-{i}");
-    let mut h = HeaderMap::new();
-    h.insert("ce-specversion", "1.0");
-    h.insert("ce-id", id.as_str());
-    h.insert("Nats-Msg-Id", id.as_str());
-    h.insert("ce-datacontenttype", "application/json");
-    let subject = match i % 10 {
-        0 => {
-            h.insert("ce-source", "/agents/coder");
-            h.insert("ce-type", "io.agentmesh.tool.call");
-            h.insert("ce-subject", "shell.exec");
-            subjects::ingress("coder", "tool_call")
-        }
-        1 => {
-            h.insert("ce-source", "/agents/coder");
-            h.insert("ce-type", "io.agentmesh.task.handoff");
-            subjects::ingress("planner", "handoff")
-        }
-        _ => {
-            h.insert("ce-source", "/agents/planner");
-            h.insert("ce-type", "io.agentmesh.task.handoff");
-            h.insert("ce-target", "coder");
-            subjects::ingress("planner", "handoff")
-        }
-    };
-    (subject, h, format!("{{\"i\":{i}}}"))
 }
 
 /// Every message of `stream` (an ordered consumer reads them all).

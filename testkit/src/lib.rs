@@ -302,6 +302,7 @@ mod tests {
     }
 }
 
+pub mod load;
 pub mod mesh;
 pub mod metrics;
 pub mod policies;
