@@ -4,6 +4,12 @@
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc malloc: the per-event path allocates and frees
+/// from every runtime thread, where glibc's arenas cost a quarter of the
+/// worker's CPU (docs/benchmarks.md, "Profile before and after").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let config = audit_sink::Config::parse();

@@ -354,7 +354,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         )?)),
         (None, None) => None,
     };
-    let sealer = signing::Sealer::start(key, &js, config.sign_batch).await;
+    let sealer = signing::Sealer::start(key, &js, config.sign_batch, metrics.clone()).await;
     let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
     let approvals = Arc::new(approval::Approvals::new(
         js.clone(),

@@ -24,6 +24,10 @@ const BATCH_BUCKETS: [f64; 12] = [
     1.0, 5.0, 10.0, 50.0, 100.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 50_000.0, 100_000.0,
 ];
 
+/// Signature-batch buckets (decisions signed together, up to the largest
+/// `--sign-batch` that makes sense).
+const SIGN_BATCH_BUCKETS: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1_024.0];
+
 /// What the policy worker published besides the receipt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Published {
@@ -51,6 +55,7 @@ pub struct WorkerMetrics {
     parked: BoundCounter<u64>,
     publish_failures: BoundCounter<u64>,
     evaluation: BoundHistogram<f64>,
+    sign_batch: BoundHistogram<u64>,
 }
 
 impl WorkerMetrics {
@@ -85,6 +90,14 @@ impl WorkerMetrics {
             .with_unit("s")
             .with_boundaries(LATENCY_BUCKETS.to_vec())
             .build();
+        let sign_batch = meter
+            .u64_histogram("agentmesh.worker.sign.batch")
+            .with_description(
+                "Decisions covered by one signature: 1 signed alone, more a Merkle root signed once.",
+            )
+            .with_unit("{decision}")
+            .with_boundaries(SIGN_BATCH_BUCKETS.to_vec())
+            .build();
         let outcome = |d: &'static str| decisions.bind(&[KeyValue::new("decision", d)]);
         let kind = |k: &'static str| published.bind(&[KeyValue::new("kind", k)]);
         Self {
@@ -98,6 +111,7 @@ impl WorkerMetrics {
             parked: kind("parked"),
             publish_failures: failures.bind(&[]),
             evaluation: evaluation.bind(&[]),
+            sign_batch: sign_batch.bind(&[]),
         }
     }
 
@@ -135,6 +149,11 @@ impl WorkerMetrics {
     /// One event's publishes failed.
     pub fn publish_failed(&self) {
         self.publish_failures.add(1);
+    }
+
+    /// One signature made, over `decisions` decisions.
+    pub fn signed(&self, decisions: usize) {
+        self.sign_batch.record(decisions as u64);
     }
 }
 
