@@ -128,10 +128,17 @@ pub fn init_tracing(service: &'static str, config: &OpsConfig) -> Result<Tracing
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
-    tracing_subscriber::registry()
-        .with(logs)
-        .with(otel)
-        .try_init()
-        .map_err(|e| Error::Subscriber(e.to_string()))?;
+    let registry = tracing_subscriber::registry().with(logs);
+    match otel {
+        Some(otel) => registry.with(otel).try_init(),
+        // Without an exporter nothing reads the mesh's spans: a global
+        // filter disables them, so the per-event helpers in `spans` return
+        // at once instead of the registry storing a span per event that no
+        // layer records (an absent layer counts as "interested in all").
+        None => registry
+            .with(filter_fn(|meta| meta.target() != spans::TARGET))
+            .try_init(),
+    }
+    .map_err(|e| Error::Subscriber(e.to_string()))?;
     Ok(TracingGuard { provider })
 }
