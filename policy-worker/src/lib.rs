@@ -409,7 +409,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         calls,
         sealer,
     );
-    worker.consume(consumer, shutdown).await;
+    // The consume loop runs on the runtime's worker threads like the
+    // events it spawns: in `main`'s `block_on` it was a third busy thread
+    // on the cores the runtime already uses, and each event spawned from
+    // there went through the shared queue and woke a worker thread.
+    if let Err(error) = tokio::spawn(worker.consume(consumer, shutdown)).await {
+        tracing::error!(%error, "The consume loop ended abnormally.");
+    }
     consuming.set(false);
     lag.abort();
 
