@@ -805,13 +805,22 @@ impl PolicyBundle {
         let allowed = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
         Verdict {
             allowed,
-            reasons: response
-                .diagnostics()
-                .reason()
-                .map(|id| id.to_string())
-                .collect(),
+            reasons: response.diagnostics().reason().map(reason).collect(),
             errors,
         }
+    }
+}
+
+/// A policy id as a reason: Cedar's `Display` of it (control characters,
+/// quotes and the like escaped, so it is safe in a header), without the
+/// formatting machinery when nothing needs escaping — formatting every
+/// reason char by char was ~8 % of a denied decision.
+fn reason(id: &cedar_policy::PolicyId) -> String {
+    let raw: &str = id.as_ref();
+    if raw.chars().all(|c| c.escape_debug().len() == 1) {
+        raw.to_owned()
+    } else {
+        id.to_string()
     }
 }
 
@@ -1009,5 +1018,21 @@ mod tests {
             ids("io.agentmesh.reasoning"),
             vec!["all", "no-output", "no-steps"]
         );
+    }
+
+    #[test]
+    fn a_reason_is_the_policy_id_as_cedar_displays_it() {
+        for id in [
+            "forbid-shell-exec",
+            "policy0",
+            "quote\"d",
+            "line\nbreak",
+            "tab\there",
+            "ünïcode",
+        ] {
+            let id = cedar_policy::PolicyId::new(id);
+            assert_eq!(reason(&id), id.to_string());
+        }
+        assert_eq!(reason(&cedar_policy::PolicyId::new("a\nb")), "a\\nb");
     }
 }
