@@ -412,8 +412,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // The consume loop runs on the runtime's worker threads like the
     // events it spawns: in `main`'s `block_on` it was a third busy thread
     // on the cores the runtime already uses, and each event spawned from
-    // there went through the shared queue and woke a worker thread.
-    if let Err(error) = tokio::spawn(worker.consume(consumer, shutdown)).await {
+    // there went through the shared queue and woke a worker thread. The
+    // handle aborts it when `run` is dropped, as when it ran inline.
+    let consume =
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(worker.consume(consumer, shutdown)));
+    if let Err(error) = consume.await {
         tracing::error!(%error, "The consume loop ended abnormally.");
     }
     consuming.set(false);
