@@ -235,11 +235,18 @@ async fn denied_only(session: &Session, ui: &str, demo: &str, quiet: &str) -> an
         )
         .await?;
     session.click("form.filters button[type=submit]").await?;
-    let url = session.url().await?;
-    assert!(
-        url.starts_with(&format!("{ui}/?")) && url.contains("decision=deny"),
-        "{url}"
-    );
+    // The click submits the form; the browser may still be on the old page
+    // when the click returns, so wait until the filtered one has loaded.
+    let url = eventually(WAIT, "the page filtered by decision=deny", || async {
+        let url = session.url().await.ok()?;
+        let ready = session
+            .run("return document.readyState", json!([]))
+            .await
+            .ok()?;
+        (url.contains("decision=deny") && ready == "complete").then_some(url)
+    })
+    .await?;
+    assert!(url.starts_with(&format!("{ui}/?")), "{url}");
     let rows = session
         .run(
             "return [...document.querySelectorAll('tr.trace')].map(r => [r.dataset.trace, \
