@@ -374,16 +374,28 @@ pub async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken
         ..Default::default()
     };
     let token = CancellationToken::new();
-    let handle = tokio::spawn(policy_worker::run(config, token.clone()));
-    testkit::eventually(WAIT, "the policy worker to become ready", || async {
+    let mut handle = tokio::spawn(policy_worker::run(config, token.clone()));
+    until_started(&ready, &mut handle, "the policy worker").await?;
+    Ok(token)
+}
+
+/// Waits until a service run in-process on `handle` has written its
+/// `ready` file; a task that ends first is an error naming `name`, with
+/// what the task returned.
+pub async fn until_started<T: std::fmt::Debug>(
+    ready: &std::path::Path,
+    handle: &mut tokio::task::JoinHandle<T>,
+    name: &str,
+) -> anyhow::Result<()> {
+    testkit::eventually(WAIT, &format!("{name} to become ready"), || async {
         (ready.exists() || handle.is_finished()).then_some(())
     })
     .await?;
     if handle.is_finished() {
-        let result = handle.await?;
-        anyhow::bail!("the policy worker stopped at start: {result:?}");
+        let result = handle.await;
+        anyhow::bail!("{name} stopped at start: {result:?}");
     }
-    Ok(token)
+    Ok(())
 }
 
 /// A JetStream context on `client` that gives up on an answer after 2 s

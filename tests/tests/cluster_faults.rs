@@ -66,7 +66,7 @@ async fn start_worker(
         ..Default::default()
     };
     let token = CancellationToken::new();
-    let handle = tokio::spawn({
+    let mut handle = tokio::spawn({
         let token = token.clone();
         let name = name.to_owned();
         async move {
@@ -75,12 +75,7 @@ async fn start_worker(
             }
         }
     });
-    eventually(WAIT, &format!("{name} to become ready"), || {
-        let ready = ready.exists() || handle.is_finished();
-        async move { ready.then_some(()) }
-    })
-    .await?;
-    anyhow::ensure!(!handle.is_finished(), "{name} stopped at start");
+    e2e::until_started(&ready, &mut handle, name).await?;
     Ok((token, handle))
 }
 
@@ -107,13 +102,8 @@ async fn start_sink(
     config.ack_wait_ms = 10_000;
     config.ready_file = Some(ready.clone());
     let token = CancellationToken::new();
-    let handle = tokio::spawn(audit_sink::run(config, token.clone()));
-    eventually(WAIT, &format!("{name} to become ready"), || {
-        let ready = ready.exists() || handle.is_finished();
-        async move { ready.then_some(()) }
-    })
-    .await?;
-    anyhow::ensure!(!handle.is_finished(), "{name} stopped at start");
+    let mut handle = tokio::spawn(audit_sink::run(config, token.clone()));
+    e2e::until_started(&ready, &mut handle, name).await?;
     Ok((token, handle))
 }
 
