@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use crate::approval::Approvals;
 use crate::detect::{Detector, Findings};
 use crate::limits::{Counters, Tallies};
-use crate::policy::{PolicyBundle, Verdict};
+use crate::policy::{PolicyBundle, Reads, Verdict};
 
 /// The annotation that makes a permit wait for a human: `@approval("required")`.
 pub const APPROVAL_ANNOTATION: &str = "approval";
@@ -118,14 +118,16 @@ impl GuardMeta {
         self.approval_policies.iter().map(String::as_str)
     }
 
-    /// Adds the attributes the schema declares, and `wanted` says a policy
-    /// reads, to a Cedar context.
+    /// Adds the attributes the schema declares, and `reads` says a policy
+    /// reads (all of them for `None`), to a Cedar context. A record holds
+    /// only the fields read.
     pub(crate) fn extend(
         &self,
         context: &mut Vec<(String, RestrictedExpression)>,
         guards: &Guards,
-        wanted: impl Fn(&str) -> bool,
+        reads: Option<&Reads>,
     ) {
+        let wanted = |name: &str| reads.is_none_or(|r| r.wants(name));
         let mut add = |name: &str, fields: Vec<(&'static str, Field)>| {
             // Keys are distinct constants, so building the record cannot
             // fail; were it to, the attribute is missing and the request
@@ -133,6 +135,7 @@ impl GuardMeta {
             if let Ok(record) = RestrictedExpression::new_record(
                 fields
                     .into_iter()
+                    .filter(|(k, _)| reads.is_none_or(|r| r.wants_field(name, k)))
                     .map(|(k, v)| (k.to_owned(), v.expression())),
             ) {
                 context.push((name.to_owned(), record));
