@@ -191,12 +191,12 @@ struct Slice {
 /// known before Cedar runs, so such a policy is left out of the sets for
 /// requests where its flag is false.
 struct Candidates {
-    /// The sets, one per combination of the flags its policies start with.
-    sets: Vec<PolicySet>,
+    /// The sets, one per combination of the flags its policies start with,
+    /// each with what its policies read.
+    sets: Vec<(PolicySet, Reads)>,
     /// For the detector flags that are true (bit i: `GUARD_FLAGS[i]`), the
     /// index of their set in `sets`.
     slot: [u8; 8],
-    reads: Reads,
 }
 
 /// The detector flags a policy's condition may start with.
@@ -357,8 +357,6 @@ impl Partition {
 
 impl Candidates {
     fn of(filed: &[&Filed]) -> Self {
-        let mut reads = Reads::default();
-        filed.iter().for_each(|f| reads.add(&f.reads));
         // The flags some policy here starts with; combinations that differ
         // only in other flags share a set.
         let present = filed
@@ -372,26 +370,30 @@ impl Candidates {
             let flags = flags & present;
             let index = made.iter().position(|&m| m == flags).unwrap_or_else(|| {
                 let mut set = PolicySet::new();
+                let mut reads = Reads::default();
                 for f in filed {
                     if f.guard.is_none_or(|bit| flags & 1 << bit != 0) {
                         // INVARIANT: ids are unique in the source set, so in
                         // every subset.
                         let _ = set.add(f.policy.clone());
+                        reads.add(&f.reads);
                     }
                 }
-                sets.push(set);
+                sets.push((set, reads));
                 made.push(flags);
                 sets.len() - 1
             });
             // INVARIANT: at most 8 sets.
             *slot = index as u8;
         }
-        Self { sets, slot, reads }
+        Self { sets, slot }
     }
 
-    /// The set for a request whose detector flags are `flags`.
-    fn policies(&self, flags: usize) -> &PolicySet {
-        &self.sets[usize::from(self.slot[flags & 7])]
+    /// The set for a request whose detector flags are `flags`, and what its
+    /// policies read.
+    fn policies(&self, flags: usize) -> (&PolicySet, &Reads) {
+        let (set, reads) = &self.sets[usize::from(self.slot[flags & 7])];
+        (set, reads)
     }
 }
 
@@ -974,7 +976,7 @@ impl PolicyBundle {
                 .index
                 .candidates(event.event_type, event.agent.as_str(), &resource)
             {
-                Some(c) => (c.policies(guards.findings.flags()), &c.reads),
+                Some(c) => c.policies(guards.findings.flags()),
                 None => (&self.policies, &self.shape.reads),
             };
         // The schema was checked against this kind of request at load, so
@@ -1219,6 +1221,7 @@ mod tests {
                 .candidates(action, "coder", &resource)
                 .unwrap()
                 .policies(7)
+                .0
                 .policies()
                 .map(|p| p.id().to_string())
                 .collect();
@@ -1279,22 +1282,31 @@ mod tests {
             "deploy.prod, shell.exec, web.search"
         );
         // Only the generated policies read `context.size` and `step`, and
-        // none of them is a tool call.
-        let reads = |c: &Candidates| {
-            let mut names: Vec<String> = c.reads.names.iter().cloned().collect();
+        // none of them is a tool call. (Flags 7: every detector flag true,
+        // so every candidate is in the set.)
+        let reads_with = |c: &Candidates, flags: usize| {
+            let mut names: Vec<String> = c.policies(flags).1.names.iter().cloned().collect();
             names.sort();
             names
         };
+        let reads = |c: &Candidates| reads_with(c, 7);
         assert_eq!(reads(&tool.generic.any), vec!["detectors"]);
         // Of the detectors record, only the fields read are built.
-        let fields = |c: &Candidates| {
+        let fields_with = |c: &Candidates, flags: usize| {
             let mut fields: Vec<&str> = ["pii", "secret", "injection", "findings", "data_bytes"]
                 .into_iter()
-                .filter(|f| c.reads.wants_field("detectors", f))
+                .filter(|f| c.policies(flags).1.wants_field("detectors", f))
                 .collect();
             fields.sort();
             fields
         };
+        let fields = |c: &Candidates| fields_with(c, 7);
+        // With no flag set, the policies that start with one are not in the
+        // set, and what only they read is not built.
+        assert_eq!(fields_with(&tool.generic.any, 0), vec!["pii"]);
+        let handoff = &indexed.index.by_action[&EventType::TaskHandoff];
+        assert_eq!(reads_with(&handoff.generic.any, 0), Vec::<String>::new());
+        assert_eq!(reads_with(&handoff.generic.any, 1), vec!["detectors"]);
         assert_eq!(
             fields(&tool.generic.any),
             vec!["injection", "pii", "secret"]
