@@ -60,14 +60,6 @@ impl Findings {
     }
 
     /// The `context.detectors` record.
-    /// The flags as bits, in the order of the policy index's guard flags:
-    /// secret, pii, injection.
-    pub(crate) fn flags(&self) -> usize {
-        usize::from(self.secret())
-            | usize::from(self.pii()) << 1
-            | usize::from(self.injection()) << 2
-    }
-
     pub(crate) fn fields(&self) -> Vec<(&'static str, Field)> {
         vec![
             ("pii", Field::Bool(self.pii())),

@@ -19,6 +19,7 @@ use miette::Diagnostic;
 use schemas::{EventType, MeshEvent};
 use sha2::{Digest, Sha256};
 
+use crate::detect::Findings;
 use crate::guard::{GuardMeta, Guards};
 
 /// The schema file in a policy directory.
@@ -204,8 +205,25 @@ struct Candidates {
     slot: [u8; 8],
 }
 
-/// The detector flags a policy's condition may start with.
-const GUARD_FLAGS: [&str; 3] = ["secret", "pii", "injection"];
+/// The detector flags a policy's condition may start with: the field of
+/// `context.detectors`, and how the findings answer it.
+const GUARD_FLAGS: [(&str, FlagOf); 3] = [
+    ("secret", Findings::secret),
+    ("pii", Findings::pii),
+    ("injection", Findings::injection),
+];
+
+/// How the findings answer one detector flag.
+type FlagOf = fn(&Findings) -> bool;
+
+/// The findings' flags as bits (bit i: `GUARD_FLAGS[i]`).
+fn guard_bits(findings: &Findings) -> usize {
+    GUARD_FLAGS
+        .iter()
+        .enumerate()
+        .map(|(bit, (_, set))| usize::from(set(findings)) << bit)
+        .sum()
+}
 
 /// A policy as the index files it.
 struct Filed {
@@ -483,7 +501,7 @@ fn guard_flag(json: &serde_json::Value) -> Option<usize> {
     if name != "detectors" || context.get("Var").and_then(Value::as_str) != Some("context") {
         return None;
     }
-    GUARD_FLAGS.iter().position(|f| *f == flag)
+    GUARD_FLAGS.iter().position(|(name, _)| *name == flag)
 }
 
 /// The context attributes the worker may send; the optional ones are
@@ -1038,7 +1056,7 @@ impl PolicyBundle {
                 .index
                 .candidates(event.event_type, event.agent.as_str(), &resource)
             {
-                Some(c) => c.policies(guards.findings.flags()),
+                Some(c) => c.policies(guard_bits(&guards.findings)),
                 None => (&self.policies, &self.shape.reads),
             };
         // The schema was checked against this kind of request at load, so
