@@ -548,7 +548,8 @@ pub(crate) struct Reads {
 }
 
 impl Reads {
-    /// What a policy reads, from its JSON form (`None`: it has none).
+    /// What a policy reads, from its JSON form (`None`: Cedar could not
+    /// give one, so it may read anything).
     fn of_json(json: Option<&serde_json::Value>) -> Self {
         let mut reads = Self::default();
         match json {
