@@ -23,6 +23,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
+use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::{self, consumer::PullConsumer, kv, message::PublishMessage};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
@@ -87,6 +88,24 @@ pub(crate) fn forwardable(original: Option<&HeaderMap>) -> HeaderMap {
         }
     }
     out
+}
+
+/// [`forwardable`] for headers the caller owns and publishes with its own
+/// `Nats-Msg-Id` (which replaces the agent's): the map itself when nothing
+/// else in it has to go, so the event's headers are not copied name by name;
+/// a copy without what has to go otherwise.
+pub(crate) fn forwardable_owned(original: Option<HeaderMap>) -> HeaderMap {
+    match original {
+        Some(map)
+            if map.iter().all(|(name, _)| {
+                *name == NATS_MESSAGE_ID
+                    || !(is_nats(name.as_ref()) || headers::is_mesh(name.as_ref()))
+            }) =>
+        {
+            map
+        }
+        other => forwardable(other.as_ref()),
+    }
 }
 
 fn is_nats(name: &str) -> bool {
@@ -503,6 +522,38 @@ async fn expiries(approvals: std::sync::Arc<Approvals>, shutdown: CancellationTo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owned_map_is_forwarded_as_is_unless_something_in_it_has_to_go() {
+        let mut clean = HeaderMap::new();
+        clean.insert("ce-id", "e-1");
+        clean.insert("ce-source", "/agents/planner");
+        // The worker's publish replaces it with its own.
+        clean.insert("Nats-Msg-Id", "planner/e-1");
+        assert_eq!(forwardable_owned(Some(clean.clone())), clean);
+        assert!(forwardable_owned(None).is_empty());
+
+        // Any other `Nats-*` (or this one in another case) and any `Mesh-*`:
+        // a copy without them, as `forwardable` makes.
+        for name in [
+            "Mesh-Decision",
+            "mesh-signer",
+            "Nats-Expected-Stream",
+            "nats-msg-id",
+        ] {
+            let mut h = clean.clone();
+            h.insert(name, "from the agent");
+            let forwarded = forwardable_owned(Some(h.clone()));
+            assert_eq!(forwarded, forwardable(Some(&h)), "{name}");
+            assert!(
+                forwarded
+                    .iter()
+                    .all(|(n, _)| !is_nats(n.as_ref()) && !headers::is_mesh(n.as_ref())),
+                "{name}: {forwarded:?}"
+            );
+            assert_eq!(forwarded.get("ce-id").map(|v| v.as_str()), Some("e-1"));
+        }
+    }
 
     #[test]
     fn ids_are_stable_tokens() {

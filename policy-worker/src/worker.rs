@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::HeaderName;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::PublishMessage};
 use futures::StreamExt;
 use schemas::{Decision, DecisionReceipt, MeshEvent, RawAttributes, headers, subjects};
@@ -21,12 +22,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use crate::approval::forwardable;
+use crate::approval::forwardable_owned;
 use crate::cache::{Lookup, ToolCache};
 use crate::guard;
 use crate::policy::PolicyBundle;
 use crate::signing::Sealer;
 use crate::{Config, Error};
+
+// The names of the headers every copy gets, without parsing or allocating.
+const DECISION_ID: HeaderName = HeaderName::from_static(headers::DECISION_ID);
+const POLICY_HASH: HeaderName = HeaderName::from_static(headers::POLICY_HASH);
+const TRACE_ID: HeaderName = HeaderName::from_static(headers::TRACE_ID);
 
 /// Creates (or finds) the durable pull consumer on `MESH_INGRESS`.
 pub(crate) async fn ingress_consumer(
@@ -172,7 +178,7 @@ impl Worker {
     }
 
     /// Decides one ingress message and acks it once every publish is stored.
-    async fn handle(self: Arc<Self>, message: jetstream::Message) {
+    async fn handle(self: Arc<Self>, mut message: jetstream::Message) {
         let started = Instant::now();
         let subject = message.subject.as_str().to_owned();
         self.metrics.received();
@@ -322,7 +328,7 @@ impl Worker {
                 .await
         } else {
             self.publish(
-                &message,
+                &mut message,
                 &token,
                 &receipt,
                 &dedup_id,
@@ -353,9 +359,11 @@ impl Worker {
     /// Publishes the receipt and the delivery or dead letter, and waits until
     /// JetStream has stored both. A call answered from the cache gets the
     /// cached answer (`cached`, to the caller) instead of its delivery.
+    /// The copy takes the message's header map (what is left is enough to
+    /// ack it).
     async fn publish(
         &self,
-        message: &jetstream::Message,
+        message: &mut jetstream::Message,
         token: &str,
         receipt: &DecisionReceipt,
         dedup_id: &str,
@@ -363,7 +371,9 @@ impl Worker {
         cached: Option<(String, async_nats::HeaderMap, bytes::Bytes)>,
     ) -> Result<(), async_nats::Error> {
         // INVARIANT: a receipt is plain strings and numbers; it always serialises.
-        let body = serde_json::to_vec(receipt)?;
+        // A signed receipt is 1–2 KiB: one allocation, not a doubling series.
+        let mut body = Vec::with_capacity(2048);
+        serde_json::to_writer(&mut body, receipt)?;
         let receipt_ack = self
             .js
             .send_publish(
@@ -374,16 +384,6 @@ impl Worker {
             )
             .await?;
 
-        // The event's headers minus JetStream's `Nats-*` and whatever the
-        // agent sent as `Mesh-*`, plus the decision's.
-        let forwarded = || {
-            let mut forward = forwardable(message.headers.as_ref());
-            forward.insert(headers::DECISION_ID, receipt.decision_id.as_str());
-            forward.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
-            forward.insert(headers::TRACE_ID, receipt.trace_id.as_str());
-            Sealer::stamp(receipt, &mut forward);
-            forward
-        };
         // An approved tool call is also stored on `mesh.call.<target>.<source>`;
         // its delivery names that subject, so an agent reading its calls
         // there skips the delivery, and an older one answers the delivery.
@@ -398,24 +398,38 @@ impl Worker {
             }
             _ => None,
         };
-        let call_ack = match &call {
-            Some(subject) => Some(
+        // The event's headers minus JetStream's `Nats-*` and whatever the
+        // agent sent as `Mesh-*`, plus the decision's: built once for the
+        // copy (the call gets a clone), on the event's own map when nothing
+        // in it has to go.
+        let forward = match (receipt.decision, target) {
+            (Decision::Allow, None) => None,
+            (Decision::Allow, Some(_)) if cached.is_some() => None,
+            _ => {
+                let mut forward = forwardable_owned(message.message.headers.take());
+                forward.insert(DECISION_ID, receipt.decision_id.as_str());
+                forward.insert(POLICY_HASH, receipt.policy_hash.as_str());
+                forward.insert(TRACE_ID, receipt.trace_id.as_str());
+                Sealer::stamp(receipt, &mut forward);
+                Some(forward)
+            }
+        };
+        let call_ack = match (&call, &forward) {
+            (Some(subject), Some(forward)) => Some(
                 self.js
                     .send_publish(
                         subject.clone(),
                         PublishMessage::build()
-                            .headers(forwarded())
+                            .headers(forward.clone())
                             .payload(message.payload.clone())
                             .message_id(dedup_id),
                     )
                     .await?,
             ),
-            None => None,
+            _ => None,
         };
-        let copy = match (receipt.decision, target) {
-            (Decision::Allow, Some(_)) if cached.is_some() => None,
-            (Decision::Allow, Some(target)) => {
-                let mut forward = forwarded();
+        let copy = match (receipt.decision, target, forward) {
+            (Decision::Allow, Some(target), Some(mut forward)) => {
                 if let Some(subject) = &call {
                     forward.insert(headers::CALL, subject.as_str());
                 }
@@ -425,9 +439,7 @@ impl Worker {
                     message.payload.clone(),
                 ))
             }
-            (Decision::Allow, None) => None,
-            (Decision::Deny | Decision::Invalid, _) => {
-                let mut forward = forwarded();
+            (Decision::Deny | Decision::Invalid, _, Some(mut forward)) => {
                 let reason = receipt.errors.first().cloned().unwrap_or_else(|| {
                     if receipt.reasons.is_empty() {
                         "no policy permits this event".to_owned()
@@ -442,6 +454,7 @@ impl Worker {
                 forward.insert(headers::INGRESS_SUBJECT, message.subject.as_str());
                 Some((subjects::dead(token), forward, message.payload.clone()))
             }
+            _ => None,
         };
         // The cached answer takes the delivery's place and its `Nats-Msg-Id`:
         // a redelivered call gets one answer, from the tool or the cache.

@@ -554,6 +554,55 @@ async fn mesh_headers_sent_by_an_agent_are_dropped_before_delivery_and_dead_lett
 }
 
 #[tokio::test]
+async fn an_agents_own_nats_headers_never_reach_the_copy() {
+    let mesh = Mesh::start().await.unwrap();
+    let policies = policies_copy();
+    let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+
+    // Its own `Nats-Msg-Id` only: the worker's id replaces it on the copy.
+    let (mut h, payload) = schemas::encode_binary(&handoff("n-own-id"));
+    h.insert("Nats-Msg-Id", "the-agents-own-id");
+    mesh.publish("mesh.ingress.planner.handoff", h, payload)
+        .await
+        .unwrap();
+    // With a JetStream expectation that holds on `MESH_INGRESS` and would
+    // fail storing the copy on `MESH_DELIVER` if it were forwarded.
+    let (mut h, payload) = schemas::encode_binary(&handoff("n-expect"));
+    h.insert("Nats-Msg-Id", "another-own-id");
+    h.insert("Nats-Expected-Stream", subjects::STREAM_INGRESS);
+    mesh.publish("mesh.ingress.planner.handoff", h, payload)
+        .await
+        .unwrap();
+
+    for id in ["n-own-id", "n-expect"] {
+        assert_eq!(mesh.receipt(id).await.unwrap().decision, Decision::Allow);
+    }
+    let delivered = mesh
+        .wait_messages(subjects::STREAM_DELIVER, 2)
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = delivered
+        .iter()
+        .map(|d| header(&d.headers, "Nats-Msg-Id"))
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![
+            Some("planner/n-expect".to_owned()),
+            Some("planner/n-own-id".to_owned())
+        ]
+    );
+    for d in &delivered {
+        assert!(
+            !has_header_any_case(&d.headers, "Nats-Expected-Stream"),
+            "{:?}",
+            d.headers
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_unregistered_agent_is_denied_even_when_the_policies_permit_everything() {
     let mesh = Mesh::start().await.unwrap();
     let policies = policies_copy();

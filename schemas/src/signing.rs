@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -255,19 +255,27 @@ impl SigningKey {
     /// `Mesh-Decided-At`, `Mesh-Signer`, and `Mesh-Signature` or the
     /// three `Mesh-Batch-*`.
     pub fn stamp(receipt: &DecisionReceipt, h: &mut HeaderMap) {
-        h.insert(headers::DECISION, receipt.decision.as_str());
-        h.insert(headers::DECIDED_AT, receipt.decided_at.as_str());
-        h.insert(headers::SIGNER, receipt.signer.as_str());
-        // What `Seal::of_receipt(receipt).stamp(h)` puts, without copying
-        // the seal's strings first (this runs for every delivery).
+        // This runs for every delivery: the names are neither parsed nor
+        // allocated, and the seal's strings are not copied first (what
+        // `Seal::of_receipt(receipt).stamp(h)` puts).
+        const DECISION: HeaderName = HeaderName::from_static(headers::DECISION);
+        const DECIDED_AT: HeaderName = HeaderName::from_static(headers::DECIDED_AT);
+        const SIGNER: HeaderName = HeaderName::from_static(headers::SIGNER);
+        const SIGNATURE: HeaderName = HeaderName::from_static(headers::SIGNATURE);
+        const BATCH_ROOT: HeaderName = HeaderName::from_static(headers::BATCH_ROOT);
+        const BATCH_PROOF: HeaderName = HeaderName::from_static(headers::BATCH_PROOF);
+        const BATCH_SIGNATURE: HeaderName = HeaderName::from_static(headers::BATCH_SIGNATURE);
+        h.insert(DECISION, receipt.decision.as_str());
+        h.insert(DECIDED_AT, receipt.decided_at.as_str());
+        h.insert(SIGNER, receipt.signer.as_str());
         if !receipt.signature.is_empty() {
-            h.insert(headers::SIGNATURE, receipt.signature.as_str());
+            h.insert(SIGNATURE, receipt.signature.as_str());
         } else if !receipt.batch_signature.is_empty() {
-            h.insert(headers::BATCH_ROOT, receipt.batch_root.as_str());
-            h.insert(headers::BATCH_PROOF, receipt.batch_proof.as_str());
-            h.insert(headers::BATCH_SIGNATURE, receipt.batch_signature.as_str());
+            h.insert(BATCH_ROOT, receipt.batch_root.as_str());
+            h.insert(BATCH_PROOF, receipt.batch_proof.as_str());
+            h.insert(BATCH_SIGNATURE, receipt.batch_signature.as_str());
         } else {
-            h.insert(headers::SIGNATURE, "");
+            h.insert(SIGNATURE, "");
         }
     }
 }
