@@ -79,8 +79,7 @@ const REQUEST_ONLY: &[&str] = &[
 pub(crate) fn forwardable(original: Option<&HeaderMap>) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
-        let key: &str = name.as_ref();
-        if is_nats(key) || headers::is_mesh(key) {
+        if !forwarded(name.as_ref()) {
             continue;
         }
         for value in values {
@@ -97,15 +96,20 @@ pub(crate) fn forwardable(original: Option<&HeaderMap>) -> HeaderMap {
 pub(crate) fn forwardable_owned(original: Option<HeaderMap>) -> HeaderMap {
     match original {
         Some(map)
-            if map.iter().all(|(name, _)| {
-                *name == NATS_MESSAGE_ID
-                    || !(is_nats(name.as_ref()) || headers::is_mesh(name.as_ref()))
-            }) =>
+            if map
+                .iter()
+                .all(|(name, _)| *name == NATS_MESSAGE_ID || forwarded(name.as_ref())) =>
         {
             map
         }
         other => forwardable(other.as_ref()),
     }
+}
+
+/// Whether a header of an agent's event is forwarded: neither JetStream's
+/// `Nats-*` nor the mesh's `Mesh-*` (any case).
+fn forwarded(name: &str) -> bool {
+    !(is_nats(name) || headers::is_mesh(name))
 }
 
 fn is_nats(name: &str) -> bool {
