@@ -141,12 +141,24 @@ impl Stack {
 
     /// Waits until `decisions` has a row for each of `ids`.
     async fn wait_decisions(&self, ids: &[&str]) {
+        self.wait_rows("decisions", ids).await;
+    }
+
+    /// Waits for the events and their decisions: the sink writes the two
+    /// tables from separate consumers, so either may land first, and a
+    /// decision tree needs both.
+    async fn wait_steps(&self, ids: &[&str]) {
+        self.wait_rows("events", ids).await;
+        self.wait_rows("decisions", ids).await;
+    }
+
+    async fn wait_rows(&self, table: &str, ids: &[&str]) {
         let list: Vec<String> = ids.iter().map(|i| format!("'{i}'")).collect();
         let sql = format!(
-            "SELECT count() FROM decisions FINAL WHERE event_id IN ({})",
+            "SELECT count() FROM {table} FINAL WHERE event_id IN ({})",
             list.join(",")
         );
-        eventually(WAIT, "the decisions in ClickHouse", || async {
+        eventually(WAIT, &format!("the {table} in ClickHouse"), || async {
             let n: usize = self.query(&sql).await.trim().parse().ok()?;
             (n >= ids.len()).then_some(())
         })
@@ -742,7 +754,7 @@ async fn the_tool_cache_is_shown_purged_per_tool_and_whole_and_follows_cache_tom
 
     // The audit records what the cache did, and the tree draws the cached
     // answer under its call with the call that produced it.
-    stack.wait_decisions(&["s1", "sr1", "s2", "t2"]).await;
+    stack.wait_steps(&["s1", "sr1", "s2", "t2"]).await;
     let rows = stack
         .query("SELECT event_id, cache, cache_source FROM decisions FINAL WHERE event_id IN ('s1', 'sr1', 's2', 't2') ORDER BY event_id")
         .await;
