@@ -115,6 +115,7 @@ pub(crate) async fn run(args: SinkArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     let started = Instant::now();
+    let cpu_before = (crate::drain::cpu(nats.pid()), crate::drain::cpu(ch.pid()));
     let sink = Service::spawn("audit-sink", sink_cmd()?).await?;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -126,12 +127,24 @@ pub(crate) async fn run(args: SinkArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let secs = started.elapsed().as_secs_f64();
+    // CPU per row of each process while the backlog drained (ClickHouse's
+    // background merges included as far as they ran meanwhile).
+    let per_row = |seconds: f64| seconds * 1e6 / args.events as f64;
+    let sink_us = per_row(crate::drain::cpu(Some(sink.pid())));
+    let nats_us = per_row(crate::drain::cpu(nats.pid()) - cpu_before.0);
+    let ch_us = per_row(crate::drain::cpu(ch.pid()) - cpu_before.1);
     println!(
         "audit sink: {} rows in {:.2} s = {:.0} rows/s (from start of the sink, schema creation included; peak RSS {:.1} MiB)",
         args.events,
         secs,
         args.events as f64 / secs,
         crate::procstat::peak_rss(sink.pid()).unwrap_or(0) as f64 / 1048576.0
+    );
+    let together = sink_us + ch_us + nats_us;
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    println!(
+        "CPU µs/row: sink {sink_us:.1}, ClickHouse {ch_us:.1}, nats-server {nats_us:.1}; together {together:.1} ({cores} cores: at most {:.0} rows/s at these costs)",
+        cores as f64 * 1e6 / together
     );
 
     // Delay until queryable: one event at a time.
