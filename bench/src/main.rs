@@ -121,20 +121,28 @@ async fn main() -> anyhow::Result<()> {
 
 #[derive(Debug, Clone)]
 enum Target {
-    Raw,
-    Worker { label: String, policies: PathBuf },
+    /// The raw forwarder; with `receipt`, it also stores a receipt per
+    /// event (the mesh contract's two stored writes).
+    Raw {
+        receipt: bool,
+    },
+    Worker {
+        label: String,
+        policies: PathBuf,
+    },
 }
 
 impl Target {
     fn label(&self) -> &str {
         match self {
-            Self::Raw => "raw forwarder",
+            Self::Raw { receipt: false } => "raw forwarder",
+            Self::Raw { receipt: true } => "raw forwarder, 2 writes",
             Self::Worker { label, .. } => label,
         }
     }
     fn consumer(&self) -> &'static str {
         match self {
-            Self::Raw => forwarder::CONSUMER,
+            Self::Raw { .. } => forwarder::CONSUMER,
             Self::Worker { .. } => "policy-worker",
         }
     }
@@ -150,9 +158,12 @@ impl Service {
     async fn start(target: &Target, nats_url: &str) -> anyhow::Result<Self> {
         let me = std::env::current_exe()?;
         let cmd = match target {
-            Target::Raw => {
+            Target::Raw { receipt } => {
                 let mut c = Command::new(&me);
                 c.args(["forward", "--nats-url", nats_url]);
+                if *receipt {
+                    c.arg("--receipt");
+                }
                 c
             }
             Target::Worker { policies, .. } => {
@@ -275,7 +286,14 @@ struct Row {
     cpu_per_10k: f64,
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
+/// The NATS server a target runs against: a fresh private one per target
+/// (nothing the previous target stored, no heap it grew: nats-server's
+/// garbage collector pauses grow with its heap and show in the tail), or
+/// the `--nats-url` one with its `MESH_*` streams purged.
+async fn server_for(
+    args: &RunArgs,
+    target: &Target,
+) -> anyhow::Result<(Option<testkit::NatsServer>, String)> {
     let server = match &args.nats_url {
         Some(_) => None,
         None => Some(testkit::NatsServer::start().await?),
@@ -287,12 +305,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("no NATS server")?;
     let js = async_nats::jetstream::new(async_nats::connect(&nats_url).await?);
     broker_config::apply(&js, &broker_config::Options::default()).await?;
+    reset(&js, target.consumer()).await?;
+    Ok((server, nats_url))
+}
 
+async fn run(args: RunArgs) -> anyhow::Result<()> {
     let generated = (args.generated > 0)
         .then(|| generate_policies(&args.policies, args.generated))
         .transpose()?;
     let mut targets = vec![
-        Target::Raw,
+        Target::Raw { receipt: false },
+        Target::Raw { receipt: true },
         Target::Worker {
             label: "policy worker, shipped policies".into(),
             policies: args.policies.clone(),
@@ -306,8 +329,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     println!(
-        "mesh-bench: nats {nats_url}, {} events per closed-loop phase, {} s open loop, window {}",
-        args.events, args.open_secs, args.window
+        "mesh-bench: nats {}, {} events per closed-loop phase, {} s open loop, window {}",
+        args.nats_url
+            .as_deref()
+            .unwrap_or("a fresh private nats-server per target"),
+        args.events,
+        args.open_secs,
+        args.window
     );
     let clock = load::Clock::new();
     for &size in &args.sizes {
@@ -330,7 +358,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         let mut rows = Vec::new();
         for target in &targets {
-            reset(&js, target.consumer()).await?;
+            let (server, nats_url) = server_for(&args, target).await?;
             let service = Service::start(target, &nats_url).await?;
             let cpu_before = procstat::cpu_seconds(service.pid()).unwrap_or(0.0);
             let receiver = load::Receiver::start(&nats_url, clock.clone()).await?;
@@ -389,19 +417,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     percentiles(&phase.latency_us)
                 );
             }
-            rows.push(row);
+            rows.push((matches!(target, Target::Raw { .. }), row));
             drop(service);
+            drop(server);
         }
-        if let Some(raw) = rows.first() {
-            for row in rows.iter().skip(1) {
+        // Each worker row against each raw forwarder (1 and 2 writes).
+        let (raws, workers): (Vec<_>, Vec<_>) = rows.iter().partition(|(raw, _)| *raw);
+        for (_, row) in &workers {
+            for (_, raw) in &raws {
                 let added = |q: f64| {
                     (row.open.latency_us.value_at_quantile(q) as f64
                         - raw.open.latency_us.value_at_quantile(q) as f64)
                         / 1000.0
                 };
                 println!(
-                    "{:<36} throughput ratio to raw {:.2}; added latency at half load p50 {:+.2} ms, p99 {:+.2} ms",
+                    "{:<36} vs {}: throughput ratio {:.2}; added latency at half load p50 {:+.2} ms, p99 {:+.2} ms",
                     row.label,
+                    raw.label,
                     row.closed.rate() / raw.closed.rate(),
                     added(0.5),
                     added(0.99)
@@ -413,8 +445,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                             / 1000.0
                     };
                     println!(
-                        "{:<36} at {rate:.0}/s offered: added latency p50 {:+.2} ms, p99 {:+.2} ms",
+                        "{:<36} vs {} at {rate:.0}/s offered: added latency p50 {:+.2} ms, p99 {:+.2} ms",
                         row.label,
+                        raw.label,
                         added(0.5),
                         added(0.99)
                     );
