@@ -12,8 +12,11 @@
 //!   it; drained once the worker acked every event and the sink acked (so
 //!   inserted) both rows of every event.
 //!
-//! Every run starts from empty streams with no consumer left on them (the
-//! tool checks, and says so, before it preloads), runs each target once in
+//! Every drain runs on a fresh private nats-server (nothing an earlier
+//! target stored, no heap it grew: nats-server's garbage-collector pauses
+//! grow with its heap) and starts from empty streams with no consumer on
+//! them (the tool checks, and says so, before it preloads); every run runs
+//! each target once in
 //! an order that rotates from run to run, and the summary gives medians and
 //! the spread. CPU is per process over the drain: the target, nats-server,
 //! the audit sink and ClickHouse, in µs per event. Never fails on timing.
@@ -99,6 +102,8 @@ struct Drain {
     sink_cpu_us: f64,
     clickhouse_cpu_us: f64,
     rss_mib: f64,
+    /// nats-server's peak RSS (a fresh server per drain).
+    nats_rss_mib: f64,
 }
 
 impl Drain {
@@ -231,11 +236,24 @@ pub(crate) fn spread(v: &[f64]) -> (f64, f64) {
 
 struct Bench {
     args: DrainArgs,
-    nats: testkit::NatsServer,
     clickhouse: Option<testkit::ClickHouseServer>,
-    js: jetstream::Context,
     policies: PathBuf,
     me: PathBuf,
+}
+
+/// The broker of one drain: a fresh nats-server with the mesh's streams.
+struct Broker {
+    nats: testkit::NatsServer,
+    js: jetstream::Context,
+}
+
+impl Broker {
+    async fn start() -> anyhow::Result<Self> {
+        let nats = testkit::NatsServer::start().await?;
+        let js = jetstream::new(nats.connect().await?);
+        broker_config::apply(&js, &broker_config::Options::default()).await?;
+        Ok(Self { nats, js })
+    }
 }
 
 impl Bench {
@@ -250,12 +268,11 @@ impl Bench {
         }
     }
 
-    async fn target(&self, kind: Kind) -> anyhow::Result<Service> {
-        let url = self.nats.url();
+    async fn target(&self, kind: Kind, url: &str) -> anyhow::Result<Service> {
         let cmd = match kind {
             Kind::Raw1 | Kind::Raw2 => {
                 let mut c = self.command(self.me.clone());
-                c.args(["forward", "--nats-url", &url]);
+                c.args(["forward", "--nats-url", url]);
                 if kind == Kind::Raw2 {
                     c.arg("--receipt");
                 }
@@ -263,7 +280,7 @@ impl Bench {
             }
             Kind::Worker | Kind::Mesh => {
                 let mut c = self.command(sibling(&self.me, "policy-worker")?);
-                c.args(["--nats-url", &url, "--no-watch", "--policies"])
+                c.args(["--nats-url", url, "--no-watch", "--policies"])
                     .arg(&self.policies);
                 c
             }
@@ -271,7 +288,7 @@ impl Bench {
         Service::spawn(kind.label(), cmd).await
     }
 
-    async fn sink(&self, database: &str) -> anyhow::Result<Service> {
+    async fn sink(&self, database: &str, url: &str) -> anyhow::Result<Service> {
         let clickhouse = self
             .clickhouse
             .as_ref()
@@ -279,7 +296,7 @@ impl Bench {
         let mut c = Command::new(sibling(&self.me, "audit-sink")?);
         c.args([
             "--nats-url",
-            &self.nats.url(),
+            url,
             "--clickhouse-url",
             &clickhouse.url(),
             "--database",
@@ -289,7 +306,9 @@ impl Bench {
     }
 
     async fn drain(&self, run: usize, kind: Kind) -> anyhow::Result<Drain> {
-        let js = &self.js;
+        let broker = Broker::start().await?;
+        let js = &broker.js;
+        let url = broker.nats.url();
         let n = self.args.events;
         reset(js).await?;
         let left = consumers(js).await?;
@@ -304,11 +323,11 @@ impl Bench {
         }
         let database = format!("bench_{tag}");
         let sink = match kind {
-            Kind::Mesh => Some(self.sink(&database).await?),
+            Kind::Mesh => Some(self.sink(&database, &url).await?),
             _ => None,
         };
-        let target = self.target(kind).await?;
-        let nats_pid = self.nats.pid();
+        let target = self.target(kind, &url).await?;
+        let nats_pid = broker.nats.pid();
         let ch_pid = self.clickhouse.as_ref().and_then(|c| c.pid());
         let sink_pid = sink.as_ref().map(Service::pid);
         let sys_before = procstat::cpu_split(target.pid()).map_or(0.0, |(_, s)| s);
@@ -359,8 +378,10 @@ impl Bench {
                             0.0
                         },
                         rss_mib: procstat::peak_rss(target.pid()).unwrap_or(0) as f64 / 1048576.0,
+                        nats_rss_mib: nats_pid.and_then(procstat::peak_rss).unwrap_or(0) as f64
+                            / 1048576.0,
                     };
-                    self.check(kind, n, &database).await?;
+                    self.check(js, kind, n, &database).await?;
                     drop(target);
                     drop(sink);
                     if let Some(ch) = &self.clickhouse
@@ -381,9 +402,15 @@ impl Bench {
     }
 
     /// What arrived: every event delivered (and receipted) once.
-    async fn check(&self, kind: Kind, n: u64, database: &str) -> anyhow::Result<()> {
-        let delivered = messages(&self.js, subjects::STREAM_DELIVER).await?;
-        let receipts = messages(&self.js, subjects::STREAM_DECISION).await?;
+    async fn check(
+        &self,
+        js: &jetstream::Context,
+        kind: Kind,
+        n: u64,
+        database: &str,
+    ) -> anyhow::Result<()> {
+        let delivered = messages(js, subjects::STREAM_DELIVER).await?;
+        let receipts = messages(js, subjects::STREAM_DECISION).await?;
         let want_receipts = if kind == Kind::Raw1 { 0 } else { n };
         if delivered != n || receipts != want_receipts {
             bail!(
@@ -410,7 +437,7 @@ impl Bench {
                     "audit sink: {events} event rows and {decisions} decision rows for {n} events"
                 );
             }
-            println!("     at rest: {}", self.storage(database).await?);
+            println!("     at rest: {}", self.storage(js, database).await?);
         }
         Ok(())
     }
@@ -419,7 +446,7 @@ impl Bench {
     /// ClickHouse once merged (`OPTIMIZE … FINAL`; compressed and raw bytes
     /// per row as `system.parts` counts them) and its messages in the
     /// streams (bytes per message, JetStream's own count).
-    async fn storage(&self, database: &str) -> anyhow::Result<String> {
+    async fn storage(&self, js: &jetstream::Context, database: &str) -> anyhow::Result<String> {
         let mut parts = Vec::new();
         if let Some(ch) = &self.clickhouse {
             for table in ["events", "decisions"] {
@@ -449,7 +476,7 @@ impl Bench {
             subjects::STREAM_DECISION,
             subjects::STREAM_DELIVER,
         ] {
-            let state = self.js.get_stream(stream).await?.get_info().await?.state;
+            let state = js.get_stream(stream).await?.get_info().await?.state;
             parts.push(format!(
                 "{stream} {:.0} B/message",
                 state.bytes as f64 / state.messages.max(1) as f64
@@ -463,14 +490,11 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
     if args.targets.is_empty() || args.runs == 0 {
         bail!("nothing to run: give --targets and --runs");
     }
-    let nats = testkit::NatsServer::start().await?;
     let clickhouse = if args.targets.contains(&Kind::Mesh) {
         Some(testkit::ClickHouseServer::start().await?)
     } else {
         None
     };
-    let js = jetstream::new(nats.connect().await?);
-    broker_config::apply(&js, &broker_config::Options::default()).await?;
     let generated = (args.generated > 0)
         .then(|| generate_policies(&args.policies, args.generated))
         .transpose()?;
@@ -478,10 +502,11 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
         .as_ref()
         .map_or_else(|| args.policies.clone(), |d| d.path().to_owned());
     println!(
-        "mesh-bench drain: {} events of {} B per backlog, {} runs, policies `{}`{}{}",
+        "mesh-bench drain: {} events of {} B per backlog, {} runs, each drain on a fresh nats-server ({}), policies `{}`{}{}",
         args.events,
         args.size,
         args.runs,
+        crate::gc_settings(),
         args.policies.display(),
         if args.generated > 0 {
             format!(" + {} generated", args.generated)
@@ -516,9 +541,7 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
         me: std::env::current_exe()?,
         policies,
         args,
-        nats,
         clickhouse,
-        js,
     };
     let n = bench.args.events;
     let mut results: Vec<Vec<Drain>> = Vec::new();
@@ -567,7 +590,7 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
         let (lo, hi) = spread(&rates);
         let field = |f: fn(&Drain) -> f64| median(ds.iter().map(f).collect());
         println!(
-            "{:<28} {:>8.0} events/s ({:.0}–{:.0}); CPU µs/event: target {:.1} ({:.1} sys), nats-server {:.1}, sink {:.1}, ClickHouse {:.1}; peak RSS {:.1} MiB",
+            "{:<28} {:>8.0} events/s ({:.0}–{:.0}); CPU µs/event: target {:.1} ({:.1} sys), nats-server {:.1}, sink {:.1}, ClickHouse {:.1}; peak RSS {:.1} MiB, nats-server {:.1} MiB",
             kind.label(),
             median(rates.clone()),
             lo,
@@ -578,6 +601,7 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
             field(|d| d.sink_cpu_us),
             field(|d| d.clickhouse_cpu_us),
             field(|d| d.rss_mib),
+            field(|d| d.nats_rss_mib),
         );
     }
     // Ratios within each run (same sitting), then their median.

@@ -286,6 +286,19 @@ struct Row {
     cpu_per_10k: f64,
 }
 
+/// The Go collector settings the bench's own nats-servers inherit from
+/// this environment (`GOGC`, `GOMEMLIMIT`; Go's defaults where unset).
+pub(crate) fn gc_settings() -> String {
+    ["GOGC", "GOMEMLIMIT"]
+        .iter()
+        .map(|name| {
+            let value = std::env::var(name).unwrap_or_else(|_| "unset".to_owned());
+            format!("{name} {value}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The NATS server a target runs against: a fresh private one per target
 /// (nothing the previous target stored, no heap it grew: nats-server's
 /// garbage collector pauses grow with its heap and show in the tail), or
@@ -328,11 +341,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
+    let private = format!("a fresh private nats-server per target ({})", gc_settings());
     println!(
         "mesh-bench: nats {}, {} events per closed-loop phase, {} s open loop, window {}",
-        args.nats_url
-            .as_deref()
-            .unwrap_or("a fresh private nats-server per target"),
+        args.nats_url.as_deref().unwrap_or(&private),
         args.events,
         args.open_secs,
         args.window
@@ -415,6 +427,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                     rate,
                     phase.rate(),
                     percentiles(&phase.latency_us)
+                );
+            }
+            if let Some(rss) = server
+                .as_ref()
+                .and_then(|s| s.pid())
+                .and_then(procstat::peak_rss)
+            {
+                println!(
+                    "{:<36} nats-server peak RSS {:.1} MiB",
+                    "",
+                    rss as f64 / (1024.0 * 1024.0)
                 );
             }
             rows.push((matches!(target, Target::Raw { .. }), row));
