@@ -30,29 +30,81 @@ pub struct NatsCluster {
 
 impl NatsCluster {
     /// Starts three nodes and waits until each answers JetStream requests
-    /// (which needs the cluster's JetStream meta leader elected).
+    /// (which needs the cluster's JetStream meta leader elected). Each node
+    /// has its own three ports, nine distinct ones in all; should another
+    /// process take one before its node binds it (the node exits with
+    /// "address already in use"), the cluster starts again on new ones.
     pub async fn start() -> anyhow::Result<Self> {
-        let binary = nats_server_binary()?;
-        let dir = tempfile::tempdir().context("creating the cluster directory")?;
-        let mut nodes = Vec::new();
-        for i in 1..=3 {
-            nodes.push(Node {
-                name: format!("n{i}"),
-                port: free_port()?,
-                route_port: free_port()?,
-                http_port: free_port()?,
+        let mut attempt = 1;
+        loop {
+            match Self::start_on(Self::pick_ports()?).await {
+                Ok(cluster) => return Ok(cluster),
+                Err((error, true)) if attempt < 3 => {
+                    eprintln!(
+                        "nats cluster: a port was taken ({error:#}); starting again on new ports"
+                    );
+                    attempt += 1;
+                }
+                Err((error, _)) => return Err(error),
+            }
+        }
+    }
+
+    /// Nine distinct free ports: each node's client, route and monitoring
+    /// port.
+    fn pick_ports() -> anyhow::Result<[u16; 9]> {
+        let mut ports = [0; 9];
+        for i in 0..ports.len() {
+            ports[i] = loop {
+                let port = free_port()?;
+                if !ports[..i].contains(&port) {
+                    break port;
+                }
+            };
+        }
+        Ok(ports)
+    }
+
+    /// One start on these ports (node `n1` the first three: client, route,
+    /// monitoring); the error says whether a node found a port taken.
+    async fn start_on(ports: [u16; 9]) -> Result<Self, (anyhow::Error, bool)> {
+        let binary = nats_server_binary().map_err(|e| (e, false))?;
+        let dir = tempfile::tempdir()
+            .context("creating the cluster directory")
+            .map_err(|e| (e, false))?;
+        let nodes = ports
+            .chunks(3)
+            .enumerate()
+            .map(|(i, p)| Node {
+                name: format!("n{}", i + 1),
+                port: p[0],
+                route_port: p[1],
+                http_port: p[2],
                 child: None,
-            });
-        }
+            })
+            .collect();
         let mut cluster = Self { nodes, dir, binary };
-        for i in 0..cluster.nodes.len() {
-            cluster.write_config(i)?;
-            cluster.spawn(i)?;
+        let started = async {
+            for i in 0..cluster.nodes.len() {
+                cluster.write_config(i)?;
+                cluster.spawn(i)?;
+            }
+            for i in 0..cluster.nodes.len() {
+                cluster.wait_ready(i).await?;
+            }
+            anyhow::Ok(())
         }
-        for i in 0..cluster.nodes.len() {
-            cluster.wait_ready(i).await?;
+        .await;
+        match started {
+            Ok(()) => Ok(cluster),
+            Err(error) => {
+                let taken = (0..cluster.nodes.len()).any(|i| {
+                    std::fs::read_to_string(cluster.log_path(i))
+                        .is_ok_and(|log| log.contains("address already in use"))
+                });
+                Err((error, taken))
+            }
         }
-        Ok(cluster)
     }
 
     fn config_path(&self, i: usize) -> PathBuf {
@@ -251,6 +303,28 @@ impl Drop for NatsCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_node_whose_port_is_taken_is_told_apart_so_the_cluster_starts_again() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = holder.local_addr().unwrap().port();
+        let mut ports = NatsCluster::pick_ports().unwrap();
+        ports[7] = taken; // n3's route port
+        let Err((error, port_taken)) = NatsCluster::start_on(ports).await else {
+            panic!("a cluster started with n3's route port held by another socket");
+        };
+        assert!(port_taken, "{error:#}");
+        assert!(format!("{error:#}").contains("`n3`"), "{error:#}");
+
+        // On fresh ports the same start succeeds.
+        drop(holder);
+        ports = NatsCluster::pick_ports().unwrap();
+        let cluster = NatsCluster::start_on(ports)
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(cluster.len(), 3);
+    }
 
     #[tokio::test]
     async fn a_stream_at_three_replicas_survives_its_leader_killed_and_restarted() {
