@@ -15,10 +15,9 @@
 //! Every drain runs on a fresh private nats-server (nothing an earlier
 //! target stored, no heap it grew: nats-server's garbage-collector pauses
 //! grow with its heap) and starts from empty streams with no consumer on
-//! them (the tool checks, and says so, before it preloads); every run runs
-//! each target once in
-//! an order that rotates from run to run, and the summary gives medians and
-//! the spread. CPU is per process over the drain: the target, nats-server,
+//! them (the tool checks, and says so, before it preloads). Every run runs
+//! each target once, in an order that rotates from run to run, and the
+//! summary gives medians and the spread. CPU is per process over the drain: the target, nats-server,
 //! the audit sink and ClickHouse, in µs per event. Never fails on timing.
 
 use std::path::PathBuf;
