@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod credentials;
 mod provision;
+pub mod server;
 
 pub use credentials::{DEFAULT_NATS_URL, NatsArgs, NatsCredentials};
 pub use provision::{
