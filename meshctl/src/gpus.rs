@@ -20,14 +20,14 @@ pub(crate) async fn run(
     config: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let config = config.map(gpu_scaler::ConfigFile::load).transpose()?;
+    let config = config.map(gpu_pools::ConfigFile::load).transpose()?;
     let client = endpoints
         .connect_nats()
         .await
         .context("is the mesh up? `meshctl up`")?;
-    let overview = gpu_scaler::overview::gather(&client, config.as_ref(), STATUS_WAIT).await?;
+    let overview = gpu_pools::overview::gather(&client, config.as_ref(), STATUS_WAIT).await?;
     if json {
-        let lease = |l: &gpu_scaler::overview::LeaseRow| {
+        let lease = |l: &gpu_pools::overview::LeaseRow| {
             serde_json::json!({
                 "gpu": l.gpu,
                 "pool": l.pool,
