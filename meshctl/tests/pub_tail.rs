@@ -330,12 +330,22 @@ async fn pub_prints_receipts_and_tail_follows_them_with_filters() -> anyhow::Res
 /// (docs/meshctl.md), on the mesh `pub` just used.
 async fn read_commands_print_json(env: &[(&str, &str)], trace: &str) -> anyhow::Result<()> {
     // The audit sink has the trace's two steps.
+    let last = std::sync::Mutex::new(String::new());
     let steps = testkit::eventually(testkit::WAIT, "the trace in ClickHouse", || async {
         let out = meshctl(env, &["trace", trace, "-o", "json"]).await.ok()?;
+        if let Ok(mut last) = last.lock() {
+            *last = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        }
         let doc = json(&out).ok()?;
         (doc["steps"].as_array()?.len() == 2).then_some(doc)
     })
-    .await?;
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; `meshctl trace` said: {}",
+            last.lock().map(|l| l.clone()).unwrap_or_default()
+        )
+    })?;
     assert_eq!(steps["trace_id"], trace);
     assert_eq!(steps["steps"][0]["type"], "io.agentmesh.task.handoff");
     assert_eq!(steps["steps"][0]["parent"], serde_json::Value::Null);
