@@ -2,7 +2,8 @@
 //! ports with their data in a temporary directory and stopped (data deleted)
 //! when the handle drops — and polling helpers, so no test sleeps blindly.
 //!
-//! `NATS_SERVER_BIN` overrides the `nats-server` binary (default: from `PATH`).
+//! `NATS_SERVER_BIN` overrides the `nats-server` binary (default: the first on
+//! `PATH` that can fsync each write, see [`nats_server_binary`]).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -100,9 +101,20 @@ pub fn find_binary(name: &str, env_override: &str, package: &str) -> anyhow::Res
         .with_context(|| format!("`{name}` not found on PATH: install it (`apt-get install {package}`) or set `{env_override}`"))
 }
 
-/// The `nats-server` binary: `NATS_SERVER_BIN`, or from `PATH`.
+/// The `nats-server` binary: the one `NATS_SERVER_BIN` names (any release:
+/// the compatibility run on Debian's 2.9), else the first on `PATH` that can
+/// fsync each write (2.10 or newer; the stack's default is 2.15.1, which
+/// `scripts/install-deps.sh` installs). Found once per test process.
 pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
-    find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")
+    static FOUND: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            broker_config::server::find_nats_server()
+                .map(|found| found.path)
+                .map_err(|e| format!("{e}: {}", broker_config::server::INSTALL_HINT))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
 /// A `nats-server -js` of the test's own; its log is `nats-server.log` in
