@@ -65,7 +65,7 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     ),
     (
         "audit verify",
-        "`{ok, decisions, checkpoints, pending, findings: [{kind: altered, deleted, inserted or checkpoint, seq, key, why, trace_id}]}`; exit 1 unless `ok`",
+        "`{ok, decisions, checkpoints, pending, compared, findings: [{kind: altered, deleted, missing, inserted or checkpoint, ...the finding's fields}]}`; exit 1 unless `ok`",
     ),
     (
         "gpus",
