@@ -322,7 +322,80 @@ async fn pub_prints_receipts_and_tail_follows_them_with_filters() -> anyhow::Res
             .all(|r| r["receipt"]["trace_id"] == trace.as_str())
     );
 
+    read_commands_print_json(&env, &trace).await?;
     services.stop().await
+}
+
+/// `-o json` of every read command parses, with the documented fields
+/// (docs/meshctl.md), on the mesh `pub` just used.
+async fn read_commands_print_json(env: &[(&str, &str)], trace: &str) -> anyhow::Result<()> {
+    // The audit sink has the trace's two steps.
+    let last = std::sync::Mutex::new(String::new());
+    let steps = testkit::eventually(testkit::WAIT, "the trace in ClickHouse", || async {
+        let out = meshctl(env, &["trace", trace, "-o", "json"]).await.ok()?;
+        if let Ok(mut last) = last.lock() {
+            *last = format!("{}{}", text(&out.stdout), text(&out.stderr));
+        }
+        let doc = json(&out).ok()?;
+        (doc["steps"].as_array()?.len() == 2).then_some(doc)
+    })
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}; `meshctl trace` said: {}",
+            last.lock().map(|l| l.clone()).unwrap_or_default()
+        )
+    })?;
+    assert_eq!(steps["trace_id"], trace);
+    assert_eq!(steps["steps"][0]["type"], "io.agentmesh.task.handoff");
+    assert_eq!(steps["steps"][0]["parent"], serde_json::Value::Null);
+
+    let policies = workspace().join("policies");
+    let policies = policies.to_string_lossy();
+    let cases: [(&[&str], &str); 11] = [
+        (&["status", "-o", "json"], "components"),
+        (&["status", "--output", "json"], "tables"),
+        (
+            &["agents", "list", "--policies", &policies, "-o", "json"],
+            "0",
+        ),
+        (
+            &["audit", "verify", "--trace", trace, "-o", "json"],
+            "findings",
+        ),
+        (&["policy", "check", &policies, "-o", "json"], "policy_hash"),
+        (
+            &[
+                "policy",
+                "replay",
+                "--policies",
+                &policies,
+                "--since",
+                "10m",
+                "--from",
+                "jetstream",
+                "-o",
+                "json",
+            ],
+            "transitions",
+        ),
+        (&["approvals", "list", "--all", "-o", "json"], ""),
+        (&["limits", "show", "-o", "json"], "agents"),
+        (&["cache", "status", "-o", "json"], "entries"),
+        (&["signers", "list", "-o", "json"], "0"),
+        (&["gpus", "-o", "json"], "leases"),
+    ];
+    for (args, field) in cases {
+        let out = meshctl(env, args).await?;
+        let doc = json(&out).map_err(|e| anyhow::anyhow!("{args:?}: {e}"))?;
+        let present = match field {
+            "" => doc.is_array(),
+            "0" => doc.get(0).is_some(),
+            f => doc.get(f).is_some(),
+        };
+        assert!(present, "{args:?}: no `{field}` in {doc}");
+    }
+    Ok(())
 }
 
 /// The one line and exit code of each kind of bad input, with no server
