@@ -916,6 +916,12 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
         assert_eq!(nobody.status.code(), Some(5), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("meshctl agents add nobody --role"), "{err}");
+        let tail = stack
+            .run(&["tail", "receipts", "--agent", "nobody", "--count", "1"])
+            .await?;
+        let err = text(&tail.stderr);
+        assert_eq!(tail.status.code(), Some(5), "{err}");
+        assert!(err.contains("no agent `nobody` is registered"), "{err}");
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(
             std::fs::metadata(&seed_file)?.permissions().mode() & 0o777,
