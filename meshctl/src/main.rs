@@ -365,7 +365,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tail(args) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            return Ok(tail::run(&endpoints, args, shutdown).await?.into());
+            return Ok(tail::run(&home, &endpoints, args, shutdown).await?.into());
         }
     }
     Ok(ExitCode::SUCCESS)
