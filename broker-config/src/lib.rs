@@ -10,9 +10,11 @@
 //! [`credentials`] makes and reads nkeys, and the `provision_*` functions
 //! create the durable consumers that agents may not create themselves.
 
+pub mod admin;
 pub mod auth;
 pub mod credentials;
 mod provision;
+pub mod server;
 
 pub use credentials::{DEFAULT_NATS_URL, NatsArgs, NatsCredentials};
 pub use provision::{
