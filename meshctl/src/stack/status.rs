@@ -55,6 +55,9 @@ pub(crate) async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result
     } else {
         print_nats(home, endpoints, nats);
     }
+    if nats == NatsState::JetStream {
+        print_durability(home, endpoints).await;
+    }
     print_authorization(home);
     let version = clickhouse_line(home, endpoints).await;
     print_services(home, &consumers);
@@ -201,6 +204,43 @@ async fn print_nodes(home: &Home, endpoints: &Endpoints, leaders: &[(String, Str
                 "refused",
                 format_args!("{url} refuses meshctl's credentials"),
             ),
+        }
+    }
+}
+
+/// One line per NATS node: whether it fsyncs every write before it
+/// acknowledges it (its `/varz`), or why that is not known.
+async fn print_durability(home: &Home, endpoints: &Endpoints) {
+    let urls = servers::monitoring_urls(home, endpoints);
+    if urls.is_empty() {
+        line(
+            "durability",
+            "unknown",
+            "no monitoring endpoint: set NATS_MONITORING_URL to the nodes' http://host:port (nats-server -m)",
+        );
+        return;
+    }
+    for url in urls {
+        match broker_config::server::read_node_sync(&url, std::time::Duration::from_secs(3)).await {
+            Ok(node) if node.sync_always => line(
+                "durability",
+                "always",
+                format_args!(
+                    "{} (nats-server {}): every write fsynced before it is acknowledged",
+                    node.server_name, node.version
+                ),
+            ),
+            Ok(node) => line(
+                "durability",
+                "interval",
+                format_args!(
+                    "{} (nats-server {}): {}; an OS crash or power cut of this node loses what it acknowledged since its last flush",
+                    node.server_name,
+                    node.version,
+                    node.describe()
+                ),
+            ),
+            Err(e) => line("durability", "unknown", e),
         }
     }
 }
