@@ -388,6 +388,15 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
                     && l.contains("every write fsynced")),
             "{out}"
         );
+        let json = stack.run(&["status", "-o", "json"]).await?;
+        let report: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+        assert_eq!(report["durability"][0]["sync"], "always", "{report}");
+        assert!(
+            report["durability"][0]["version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("2.")),
+            "{report}"
+        );
         assert!(out.contains("policy-worker      down"), "{out}");
         assert!(
             out.lines()
@@ -975,6 +984,12 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
         assert_eq!(nobody.status.code(), Some(5), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("meshctl agents add nobody --role"), "{err}");
+        let tail = stack
+            .run(&["tail", "receipts", "--agent", "nobody", "--count", "1"])
+            .await?;
+        let err = text(&tail.stderr);
+        assert_eq!(tail.status.code(), Some(5), "{err}");
+        assert!(err.contains("no agent `nobody` is registered"), "{err}");
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(
             std::fs::metadata(&seed_file)?.permissions().mode() & 0o777,
