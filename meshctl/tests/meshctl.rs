@@ -763,6 +763,32 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
         let receipt: serde_json::Value = serde_json::from_slice(&published.stdout)?;
         assert_eq!(receipt["decision"], "allow", "{receipt}");
         assert_eq!(receipt["agent"], "planner", "{receipt}");
+        // With the agent's key alone (no operator key for meshctl): the
+        // receipt comes over the agent's own subscription.
+        let planner_key = auth.join("agents/planner.nk");
+        let planner_key = planner_key.to_string_lossy();
+        let alone = stack
+            .run(&[
+                "--nats-nkey-seed-file",
+                &planner_key,
+                "pub",
+                "--agent",
+                "planner",
+                "--type",
+                "reasoning",
+                "-o",
+                "json",
+            ])
+            .await?;
+        assert_eq!(
+            alone.status.code(),
+            Some(0),
+            "{}{}",
+            text(&alone.stdout),
+            text(&alone.stderr)
+        );
+        let receipt: serde_json::Value = serde_json::from_slice(&alone.stdout)?;
+        assert_eq!(receipt["decision"], "allow", "{receipt}");
 
         // The coder's key publishes as the coder only.
         let (coder, errors) =
