@@ -17,6 +17,10 @@
 # certificates). BINARIES=prebuilt skips the compile and takes the four
 # binaries from `.compose-bin/` in the build context instead (built on a
 # bookworm host: `scripts/compose-check.sh` does this).
+# With podman/buildah, pass BINARIES explicitly (`--build-arg
+# BINARIES=build`; the compose files always do): buildah 1.28 looks a
+# `FROM ${BINARIES}` stage up by the value given on its command line only,
+# and takes the default `build` for an image name.
 
 ARG RUST_VERSION=1.95
 ARG BUILD_IMAGE=rust:${RUST_VERSION}-slim-bookworm
