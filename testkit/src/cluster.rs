@@ -157,6 +157,10 @@ impl NatsCluster {
             store = store.display().to_string(),
             route = node.route_port,
             routes = routes.join(", "),
+            sync = crate::nats_durability()
+                .sync_interval()
+                .map(|s| format!(", sync_interval: {s}"))
+                .unwrap_or_default(),
         );
         let path = self.config_path(i);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
