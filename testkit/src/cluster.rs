@@ -135,10 +135,12 @@ impl NatsCluster {
             .dir
             .clone()
             .unwrap_or_else(|| self.dir.path().join(&node.name).join("store"));
+        // The node's own setting, else the stack's default durability.
         let sync = node
             .store
             .sync_interval
-            .as_ref()
+            .clone()
+            .or_else(|| crate::nats_durability().sync_interval().map(str::to_owned))
             .map(|interval| format!(", sync_interval: {interval:?}"))
             .unwrap_or_default();
         let routes: Vec<String> = self
@@ -157,10 +159,6 @@ impl NatsCluster {
             store = store.display().to_string(),
             route = node.route_port,
             routes = routes.join(", "),
-            sync = crate::nats_durability()
-                .sync_interval()
-                .map(|s| format!(", sync_interval: {s}"))
-                .unwrap_or_default(),
         );
         let path = self.config_path(i);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
