@@ -57,13 +57,15 @@ enum Publish {
 
 /// The single-node mesh on power-loss filesystems.
 struct Stack {
+    // Fields drop in order: the servers before the filesystems they hold
+    // files open on (a busy filesystem cannot be unmounted).
+    broker: Broker,
+    ch: ClickHouseServer,
     /// One per nats-server node.
     nats_fs: Vec<LazyFs>,
     ch_fs: LazyFs,
-    broker: Broker,
     /// The nodes the last power cut took down.
     cut: Vec<usize>,
-    ch: ClickHouseServer,
     js: jetstream::Context,
     tmp: tempfile::TempDir,
     worker_key: Arc<SigningKey>,
