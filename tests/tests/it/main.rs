@@ -4,6 +4,7 @@
 
 mod break_in;
 mod cluster_faults;
+mod compose_files;
 mod dependencies;
 mod guardrails_with_credentials;
 mod python_sdk;
