@@ -273,7 +273,9 @@ pub(crate) async fn run(
         );
     }
     let js = async_nats::jetstream::new(endpoints.connect_nats().await?);
-    broker_config::apply(&js, &broker_options(&js).await?).await?;
+    // The streams as they are: their replica count (a cluster's 3) and an
+    // operator's max age stay.
+    broker_config::apply(&js, &broker_options(&js).await?.with_max_age_days(None)).await?;
     // Each demo agent connects with its own key on a stack with authorization.
     let seed_of = |id: &str| -> anyhow::Result<Option<String>> {
         let Some(state) = seeds else {
