@@ -2,7 +2,8 @@
 # Installs what agentmesh's stack and tests need on a Debian machine:
 # nats-server (JetStream), clickhouse-server + client, docker-compose (to
 # validate compose.yaml), chromium + chromium-driver (the `meshctl ui`
-# browser test), and the Python SDK with its test dependencies (nats-py,
+# browser test), fuse3 (testkit's power-loss filesystem mounts with FUSE),
+# and the Python SDK with its test dependencies (nats-py,
 # nkeys, pytest, a2a-sdk, OpenTelemetry).
 # With `--replicated` (or AGENTMESH_REPLICATED=1) also ZooKeeper (Debian's
 # `zookeeper`, which pulls a JRE), for the replicated ClickHouse that the
@@ -32,6 +33,7 @@ have docker-compose || missing+=(docker-compose)
 have chromium || missing+=(chromium)
 have chromedriver || missing+=(chromium-driver)
 have python3 || missing+=(python3)
+have fusermount3 || missing+=(fuse3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 if [ "$replicated" = 1 ]; then
   { [ -f /usr/share/java/zookeeper.jar ] && have java; } || missing+=(zookeeper)

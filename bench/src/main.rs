@@ -260,7 +260,7 @@ fn generate_policies(shipped: &Path, n: usize) -> anyhow::Result<tempfile::TempD
             std::fs::copy(&path, dir.path().join(name))?;
         }
     }
-    let text = policy_worker::generated_policies(n);
+    let text = policy_engine::generated_policies(n);
     std::fs::write(dir.path().join("generated.cedar"), text)?;
     Ok(dir)
 }

@@ -10,6 +10,7 @@
 //! [`credentials`] makes and reads nkeys, and the `provision_*` functions
 //! create the durable consumers that agents may not create themselves.
 
+pub mod admin;
 pub mod auth;
 pub mod credentials;
 mod provision;

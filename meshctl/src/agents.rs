@@ -18,6 +18,7 @@ use broker_config::credentials::read_seed_file;
 use crate::entities::{
     entity_agents, read_entities, validate, with_agent, without_agent, write_entities,
 };
+use crate::exit::{Exit, fail};
 use crate::identity::AuthState;
 use crate::procs::Home;
 use crate::servers::Endpoints;
@@ -79,11 +80,29 @@ pub(crate) async fn add(
             println!("no nats-server of `meshctl up` runs: the next `meshctl up` lets `{id}` in")
         }
     }
-    println!(
-        "connect it with the seed file, e.g. agents_sdk::Agent::builder(\"{id}\").nkey(seed), or NATS_NKEY_SEED_FILE={}",
-        seed_file.display()
-    );
+    for line in run_lines(id, &seed_file, &endpoints.nats_url) {
+        println!("{line}");
+    }
     Ok(())
+}
+
+/// The lines `agents add` ends with: how to run agent `id` with its key
+/// (`AGENTMESH_NKEY_FILE`, read by agents-sdk and the Python SDK; the
+/// Python SDK's `nkey_seed_file=`), and one step to try it.
+fn run_lines(id: &str, seed_file: &Path, nats_url: &str) -> [String; 4] {
+    let seed = seed_file.display();
+    [
+        format!("run `{id}` with its key:"),
+        format!(
+            "  export AGENTMESH_NKEY_FILE={seed}    # agents-sdk (Rust) and the Python SDK connect with it"
+        ),
+        format!(
+            "  await Agent(\"{id}\").connect(\"{nats_url}\", nkey_seed_file=\"{seed}\")    # Python, explicitly"
+        ),
+        format!(
+            "  meshctl pub --agent {id} --type reasoning --data '{{\"text\":\"hello\"}}'    # one step, and its receipt"
+        ),
+    ]
 }
 
 /// `meshctl agents rotate`: a new key for agent `id`; the old one is
@@ -140,7 +159,10 @@ pub(crate) async fn remove(
     };
     let registered = state.remove_agent(id)?;
     if !registered && !in_entities {
-        bail!("no agent `{id}` is registered (`meshctl agents list`)");
+        return Err(fail(
+            Exit::NotFound,
+            format!("no agent `{id}` is registered (`meshctl agents list` shows who is)"),
+        ));
     }
     println!(
         "agent `{id}` removed from {}",

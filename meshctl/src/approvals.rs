@@ -283,7 +283,7 @@ async fn answer(
         );
         return Ok(false);
     }
-    policy_worker::send_answer(
+    broker_config::admin::send_answer(
         js,
         &state.agent,
         &Answer {

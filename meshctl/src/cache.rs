@@ -36,7 +36,7 @@ pub(crate) async fn run(command: CacheCommand, endpoints: &Endpoints) -> anyhow:
         CacheCommand::Status => {
             let mut stream = js.get_stream(&stream_name).await.with_context(context)?;
             let info = stream.info().await.with_context(context)?.clone();
-            let (entries, bytes) = policy_worker::cache_size(&stream)
+            let (entries, bytes) = broker_config::admin::tool_cache_size(&stream)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(context)?;
@@ -55,7 +55,7 @@ pub(crate) async fn run(command: CacheCommand, endpoints: &Endpoints) -> anyhow:
             );
         }
         CacheCommand::Purge { tool } => {
-            let purged = policy_worker::purge_cache(&js, tool.as_deref())
+            let purged = broker_config::admin::purge_tool_cache(&js, tool.as_deref())
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(context)?;

@@ -23,7 +23,7 @@ pub(crate) fn entity_agents(policies: &Path) -> anyhow::Result<Vec<(String, Opti
 }
 
 fn entities_path(policies: &Path) -> PathBuf {
-    policies.join(policy_worker::ENTITIES_FILE)
+    policies.join(policy_engine::ENTITIES_FILE)
 }
 
 pub(crate) fn read_entities(policies: &Path) -> anyhow::Result<Vec<Value>> {
@@ -105,13 +105,13 @@ pub(crate) fn validate(policies: &Path, entities: &[Value]) -> anyhow::Result<()
         let keep = path.extension().is_some_and(|e| e == "cedar")
             || path
                 .file_name()
-                .is_some_and(|n| n == policy_worker::SCHEMA_FILE);
+                .is_some_and(|n| n == policy_engine::SCHEMA_FILE);
         if keep && let Some(name) = path.file_name() {
             std::fs::copy(&path, scratch.path().join(name))?;
         }
     }
-    std::fs::write(scratch.path().join(policy_worker::ENTITIES_FILE), &text)?;
-    if let Err(e) = policy_worker::PolicyBundle::load(scratch.path()) {
+    std::fs::write(scratch.path().join(policy_engine::ENTITIES_FILE), &text)?;
+    if let Err(e) = policy_engine::PolicyBundle::load(scratch.path()) {
         // Name the real file, not the scratch copy.
         let message = e.to_string().replace(
             &scratch.path().display().to_string(),
@@ -276,7 +276,7 @@ mod tests {
     #[test]
     fn adding_then_removing_an_agent_keeps_the_file_as_written() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-        let original = std::fs::read_to_string(dir.join(policy_worker::ENTITIES_FILE)).unwrap();
+        let original = std::fs::read_to_string(dir.join(policy_engine::ENTITIES_FILE)).unwrap();
         let attrs = BTreeMap::from([("team".to_owned(), "data".to_owned())]);
         let added = with_agent(shipped(), "analyst", "worker", &attrs).unwrap();
         let text = edited_entities(&original, &added).unwrap();

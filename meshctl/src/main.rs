@@ -10,12 +10,16 @@ mod audit;
 mod cache;
 mod demo;
 mod entities;
+mod exit;
 mod gpus;
 mod identity;
 mod limits;
+mod output;
 mod policy;
+mod publish;
 mod signers;
 mod stack;
+mod tail;
 mod tree;
 mod ui;
 
@@ -173,6 +177,10 @@ enum Command {
         #[command(subcommand)]
         command: audit::AuditCommand,
     },
+    /// Publish one CloudEvent as a registered agent, with its key, and print the worker's receipt.
+    Pub(publish::PubArgs),
+    /// Follow receipts, deliveries or dead letters live (an ordered consumer of its own: agents' durables are left alone).
+    Tail(tail::TailArgs),
     /// GPU inventory, leases and per-pool demand.
     Gpus {
         /// The GPU scaler's pool config, for each pool's demand when no scaler answers.
@@ -231,8 +239,9 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("meshctl: {e:#}");
-            ExitCode::FAILURE
+            let code = exit::classify(&e);
+            eprintln!("meshctl: {}", exit::line(&e, code));
+            code.into()
         }
     }
 }
@@ -267,7 +276,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Down => stack::down(&home)?,
         Command::Status => {
             if !stack::status(&home, &endpoints).await? {
-                return Ok(ExitCode::FAILURE);
+                return exit(false);
             }
         }
         Command::Agents { command } => match command {
@@ -303,6 +312,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return exit(signers::run(command, &home, &endpoints).await?);
         }
         Command::Audit { command } => return exit(audit::run(command, &endpoints).await?),
+        Command::Pub(args) => return Ok(publish::run(&home, &endpoints, args).await?.into()),
+        Command::Tail(args) => {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            return Ok(tail::run(&endpoints, args, shutdown).await?.into());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -349,10 +364,12 @@ async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
     token.cancel();
 }
 
+/// [`exit::Exit::Ok`] when `ok`, else [`exit::Exit::Findings`].
 fn exit(ok: bool) -> anyhow::Result<ExitCode> {
     Ok(if ok {
-        ExitCode::SUCCESS
+        exit::Exit::Ok
     } else {
-        ExitCode::FAILURE
-    })
+        exit::Exit::Findings
+    }
+    .into())
 }

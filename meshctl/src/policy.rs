@@ -15,7 +15,7 @@ use audit_tables::schema::{DECISIONS, EVENTS};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
-use policy_worker::{ENTITIES_FILE, Outcome, PolicyBundle, Replayer, SCHEMA_FILE};
+use policy_engine::{ENTITIES_FILE, Outcome, PolicyBundle, Replayer, SCHEMA_FILE};
 use schemas::{DecisionReceipt, subjects};
 use serde::Serialize;
 
@@ -345,7 +345,7 @@ impl Report {
         }
     }
 
-    fn add(&mut self, recorded: Recorded<'_>, replayed: policy_worker::Replayed) {
+    fn add(&mut self, recorded: Recorded<'_>, replayed: policy_engine::Replayed) {
         self.events += 1;
         let Some(receipt) = recorded.receipt else {
             self.unrecorded += 1;
@@ -522,11 +522,9 @@ async fn replay_clickhouse(
         let at = i64::try_from(row.received_us / 1_000_000).unwrap_or(0);
         let replayed = match audit_tables::rows::rebuild_event(&row) {
             Ok((headers, payload)) => {
-                replayer
-                    .replay_message(&row.ingress_subject, Some(&headers), &payload, at)
-                    .await
+                replayer.replay_message(&row.ingress_subject, Some(&headers), &payload, at)
             }
-            Err(e) => policy_worker::Replayed {
+            Err(e) => policy_engine::Replayed {
                 outcome: Outcome::Invalid,
                 reasons: Vec::new(),
                 errors: vec![format!("{e:#}")],
@@ -646,7 +644,7 @@ async fn replay_jetstream(
             continue;
         };
         let step = subjects::parse_ingress(&message.subject).map_or("", |p| p.step);
-        let replayed = replayer.replay_event(&event, step, at).await;
+        let replayed = replayer.replay_event(&event, step, at);
         let id = event.id().to_owned();
         let trace_id = event.trace.trace_id_hex();
         let target = event

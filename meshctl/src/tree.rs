@@ -127,7 +127,7 @@ pub(crate) fn with_cached_answers(nodes: &[Node]) -> Vec<Node> {
     let mut all = nodes.to_vec();
     for call in nodes.iter().filter(|n| n.cache == "hit") {
         all.push(Node {
-            event_id: policy_worker::cached_answer_id(&call.agent, &call.event_id),
+            event_id: schemas::cache::answer_id(&call.agent, &call.event_id),
             parent_id: call.event_id.clone(),
             agent: call.target.clone(),
             r#type: schemas::EventType::ToolResult.as_str().to_owned(),
@@ -456,7 +456,7 @@ Decision tree of trace t: 5 steps, 1 denied, 1 without decision
         repeat.cache = "hit".into();
         repeat.cache_source = "planner/c1".into();
         // The planner's next step follows the cached answer.
-        let answer = policy_worker::cached_answer_id("planner", "c2");
+        let answer = schemas::cache::answer_id("planner", "c2");
         let next = at(
             node("o1", &answer, "planner", "output", "", "", "allow", &["o"]),
             "coder",

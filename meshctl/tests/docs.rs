@@ -960,3 +960,94 @@ async fn the_quickstart_runs_as_written() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Each workspace package by name, with its directory.
+fn packages() -> BTreeMap<String, PathBuf> {
+    let root = workspace();
+    let mut found = BTreeMap::new();
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let dir = entry.unwrap().path();
+        let Ok(manifest) = std::fs::read_to_string(dir.join("Cargo.toml")) else {
+            continue;
+        };
+        let name = manifest
+            .lines()
+            .skip_while(|l| l.trim() != "[package]")
+            .find_map(|l| l.trim().strip_prefix("name = "))
+            .map(|n| n.trim_matches('"').to_owned());
+        if let Some(name) = name {
+            found.insert(name, dir);
+        }
+    }
+    found
+}
+
+#[test]
+fn every_path_and_cargo_target_the_docs_name_exists() {
+    let root = workspace();
+    let packages = packages();
+    assert!(packages.contains_key("meshctl"), "{packages:?}");
+    let mut missing = Vec::new();
+    for (doc, text) in user_docs() {
+        // Paths in code spans whose first part is at the repository's
+        // root: `policies/mesh.cedar`, `audit-tables/sql/`.
+        for (i, span) in text.split('`').enumerate() {
+            if i % 2 == 0
+                || !span.contains('/')
+                || span.contains(['<', '*', '{', ' ', '$', ':'])
+                || span.starts_with('/')
+            {
+                continue;
+            }
+            let path = span.trim_start_matches("./");
+            let first = path.split('/').next().unwrap_or_default();
+            if first.is_empty() || first == "." || first == ".." || !root.join(first).exists() {
+                continue;
+            }
+            if !root.join(path).exists() {
+                missing.push(format!("{doc}: `{span}`: no such path in the repository"));
+            }
+        }
+        // `cargo … -p NAME [--example|--test|--bench X]`.
+        for line in text.lines().filter(|l| l.contains("cargo ")) {
+            let words: Vec<&str> = line
+                .split(|c: char| c.is_whitespace() || c == '`')
+                .filter(|w| !w.is_empty())
+                .collect();
+            let mut package = None;
+            for pair in words.windows(2) {
+                let (flag, value) = (pair[0], pair[1]);
+                match flag {
+                    "-p" | "--package" => {
+                        package = packages.get(value);
+                        if package.is_none() {
+                            missing.push(format!("{doc}: `cargo … -p {value}`: no such package"));
+                        }
+                    }
+                    "--example" | "--test" | "--bench" => {
+                        let Some(dir) = package else { continue };
+                        let sub = match flag {
+                            "--example" => "examples",
+                            "--test" => "tests",
+                            _ => "benches",
+                        };
+                        let file = dir.join(sub).join(format!("{value}.rs"));
+                        let main = dir.join(sub).join(value).join("main.rs");
+                        if !file.is_file() && !main.is_file() {
+                            missing.push(format!(
+                                "{doc}: `{flag} {value}`: no such target in `{}`",
+                                dir.display()
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "the docs name paths or cargo targets that do not exist:\n{}",
+        missing.join("\n")
+    );
+}

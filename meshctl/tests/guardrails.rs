@@ -264,7 +264,7 @@ async fn shadow_disagreements_reach_clickhouse_and_promote_enforces_the_shadow_s
     let check = ok(&stack
         .meshctl(&["policy", "check", &shadow.path().to_string_lossy()])
         .await);
-    let shadow_hash = policy_worker::PolicyBundle::load(shadow.path())
+    let shadow_hash = policy_engine::PolicyBundle::load(shadow.path())
         .unwrap()
         .hash()
         .to_owned();
@@ -513,8 +513,8 @@ async fn approvals_are_listed_approved_and_rejected_with_the_approver_audited() 
     assert!(listed.contains("coder tool.call deploy.prod"), "{listed}");
     assert!(listed.contains("deploys-need-approval"), "{listed}");
 
-    let p1 = policy_worker::approval_id("coder", "p1");
-    let p2 = policy_worker::approval_id("coder", "p2");
+    let p1 = schemas::approval::approval_id("coder", "p1");
+    let p2 = schemas::approval::approval_id("coder", "p2");
     let shown = ok(&stack.meshctl(&["approvals", "show", &p1[..8]]).await);
     assert!(shown.contains("for p1"), "{shown}");
 

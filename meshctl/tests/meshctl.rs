@@ -667,6 +667,31 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
 
         signing_keys_from_up_rotate_and_still_verify(&stack, &auth, &out).await?;
 
+        // `meshctl pub` as the planner, with its key: the worker's receipt.
+        let published = stack
+            .run(&[
+                "pub",
+                "--agent",
+                "planner",
+                "--type",
+                "prompt",
+                "--data",
+                r#"{"text":"hello"}"#,
+                "-o",
+                "json",
+            ])
+            .await?;
+        assert_eq!(
+            published.status.code(),
+            Some(0),
+            "{}{}",
+            text(&published.stdout),
+            text(&published.stderr)
+        );
+        let receipt: serde_json::Value = serde_json::from_slice(&published.stdout)?;
+        assert_eq!(receipt["decision"], "allow", "{receipt}");
+        assert_eq!(receipt["agent"], "planner", "{receipt}");
+
         // The coder's key publishes as the coder only.
         let (coder, errors) =
             connect_with_seed_file(&stack.nats_url, &auth.join("agents/coder.nk")).await?;
@@ -845,6 +870,48 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
         assert!(add.status.success(), "{out}\n{}", text(&add.stderr));
         assert!(out.contains("nats-server reloaded"), "{out}");
         let seed_file = home.join("auth/agents/analyst.nk");
+        // The lines to run it with its key, for both SDKs.
+        let seed = seed_file.display();
+        assert!(
+            out.lines().any(|l| l
+                .trim_start()
+                .starts_with(&format!("export AGENTMESH_NKEY_FILE={seed} "))),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("nkey_seed_file=\"{seed}\")")),
+            "{out}"
+        );
+        // `meshctl pub` publishes with that key (no worker runs here:
+        // `--no-wait`); an agent without a key gets one line and exit 5.
+        let published = stack
+            .run(&[
+                "pub",
+                "--agent",
+                "analyst",
+                "--type",
+                "reasoning",
+                "--no-wait",
+            ])
+            .await?;
+        let pub_out = text(&published.stdout);
+        assert_eq!(
+            published.status.code(),
+            Some(0),
+            "{pub_out}{}",
+            text(&published.stderr)
+        );
+        assert!(
+            pub_out.contains("as analyst on mesh.ingress.analyst.reasoning"),
+            "{pub_out}"
+        );
+        let nobody = stack
+            .run(&["pub", "--agent", "nobody", "--type", "reasoning"])
+            .await?;
+        let err = text(&nobody.stderr);
+        assert_eq!(nobody.status.code(), Some(5), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("meshctl agents add nobody --role"), "{err}");
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(
             std::fs::metadata(&seed_file)?.permissions().mode() & 0o777,

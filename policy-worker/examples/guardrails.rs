@@ -214,12 +214,12 @@ async fn main() -> anyhow::Result<()> {
         None => {
             println!(
                 "coder deploy.prod                              parked: approval id {}",
-                policy_worker::approval_id("coder", &id)
+                schemas::approval::approval_id("coder", &id)
             );
             println!("   meshctl approvals list");
             println!(
                 "   meshctl approvals approve {} --approver $USER --comment 'release window'",
-                &policy_worker::approval_id("coder", &id)[..8]
+                &schemas::approval::approval_id("coder", &id)[..8]
             );
         }
     }

@@ -27,42 +27,13 @@ use async_nats::header::NATS_MESSAGE_ID;
 use async_nats::jetstream::{self, consumer::PullConsumer, kv, message::PublishMessage};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
-pub use schemas::approval::{Answer, AnswerAction, ApprovalState};
+use schemas::approval::{Answer, AnswerAction, ApprovalState, approval_id};
 use schemas::{ApprovalStatus, Decision, DecisionReceipt, headers, subjects};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-/// The approval id of an event: 32 hex digits of SHA-256 over its agent and
-/// id (an event is identified by both), so a redelivered event parks under
-/// the same id and two agents' events with one id park apart.
-pub fn approval_id(agent: &str, event_id: &str) -> String {
-    let digest = Sha256::digest(format!("approval\n{agent}\n{event_id}").as_bytes());
-    hex::encode(&digest[..16])
-}
-
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-/// Publishes `answer` for an event of `agent` and waits until JetStream
-/// stored it. The same action twice within the duplicate window is stored
-/// once.
-pub async fn send_answer(
-    js: &jetstream::Context,
-    agent: &str,
-    answer: &Answer,
-) -> Result<(), async_nats::Error> {
-    let body = serde_json::to_vec(answer)?;
-    js.send_publish(
-        subjects::approval_answer(agent, &answer.id),
-        PublishMessage::build()
-            .payload(body.into())
-            .message_id(format!("{}-{}", answer.action.as_str(), answer.id)),
-    )
-    .await?
-    .await?;
-    Ok(())
 }
 
 /// Headers the worker adds to a parked event that a delivery does not carry.
@@ -511,7 +482,7 @@ async fn expiries(approvals: std::sync::Arc<Approvals>, shutdown: CancellationTo
                 comment: format!("no answer by {}", state.expires_at),
                 at: rfc3339(now),
             };
-            match send_answer(&approvals.js, &state.agent, &answer).await {
+            match broker_config::admin::send_answer(&approvals.js, &state.agent, &answer).await {
                 Ok(()) => {
                     pending.remove(&state.id);
                 }

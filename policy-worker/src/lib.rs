@@ -5,23 +5,20 @@
 //! `main.rs` parses flags into a [`Config`] and calls [`run`]; tests start
 //! the same `run` in-process.
 //!
-//! Guardrails around each decision (`docs/guardrails.md`): payload
-//! detectors ([`Detector`]), rate and budget counters in JetStream KV, a
-//! shadow policy set evaluated without effect, human approval for permits
-//! annotated `@approval("required")`, and [`Replayer`] for deciding recorded
-//! events with a candidate set.
+//! The decisions themselves — Cedar, payload detectors, the guardrail
+//! records, replay — are `policy_engine`'s; the worker adds the broker
+//! around them (`docs/guardrails.md`): rate and budget counters in
+//! JetStream KV, a shadow policy set evaluated without effect, and human
+//! approval for permits annotated `@approval("required")`.
 //!
 //! The tool-result cache (`docs/cache.md`, module `cache`) answers approved
 //! calls of tools declared in `cache.toml` from JetStream KV.
 
 mod approval;
 mod cache;
-mod detect;
 mod guard;
 mod limits;
-mod policy;
 mod reload;
-mod replay;
 mod signing;
 mod worker;
 
@@ -33,20 +30,7 @@ use async_nats::jetstream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-pub use approval::{Answer, AnswerAction, ApprovalState, approval_id, send_answer};
-pub use cache::{
-    CACHE_FILE, CacheRules, Entry as CacheEntry, Scope as CacheScope, ToolRule,
-    answer_id as cached_answer_id, purge as purge_cache, purge_filter, size as cache_size,
-    tool_token,
-};
-pub use detect::{Detector, Findings, KINDS as DETECTOR_KINDS};
-pub use guard::{APPROVAL_ANNOTATION, GuardMeta, Guards};
-pub use limits::{AgentTally, Tallies, Usage, WorkflowTally, agent_key, workflow_key};
-pub use policy::{
-    ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, UNREGISTERED_AGENT, Verdict,
-    generated_policies,
-};
-pub use replay::{Outcome, Replayed, Replayer};
+use policy_engine::{LoadError, PolicyBundle};
 
 /// How often the consumer's lag is read for `agentmesh.consumer.pending`.
 const LAG_POLL: Duration = Duration::from_secs(5);

@@ -1,7 +1,7 @@
-//! Rate limits and budgets: per-agent event counts in clock-aligned windows
-//! (minute, hour, UTC day), tokens and cost an agent reported today, and
-//! per-workflow totals — exposed to Cedar as `context.rate` and
-//! `context.budget`, so limits are written as policies.
+//! Rate limits and budgets kept by the worker: per-agent event counts in
+//! clock-aligned windows (minute, hour, UTC day), tokens and cost an agent
+//! reported today, and per-workflow totals — what `policy_engine::Tallies`
+//! exposes to Cedar as `context.rate` and `context.budget`.
 //!
 //! The counters live in the JetStream KV bucket `mesh-limits` (one JSON value
 //! per agent, `agent.<agent>`, and per workflow, `workflow.<trace id>`), so
@@ -24,100 +24,32 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::kv;
-pub use schemas::limits::{AgentTally, Usage, WorkflowTally, agent_key, workflow_key};
+use policy_engine::Tallies;
+use schemas::limits::{AgentTally, Usage, WorkflowTally, agent_key, workflow_key};
 use schemas::{EventType, MeshEvent};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
-
-use crate::guard::{Field, record_json};
-
-/// What one event sees: the counts including itself.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tallies {
-    /// This event's reported usage.
-    pub usage: Usage,
-    /// The agent's counters after this event.
-    pub agent: AgentTally,
-    /// The workflow's counters after this event.
-    pub workflow: WorkflowTally,
-}
-
-impl Tallies {
-    /// The `context.rate` record.
-    pub(crate) fn rate_fields(&self) -> Vec<(&'static str, Field)> {
-        vec![
-            ("per_minute", Field::count(self.agent.per_minute)),
-            ("per_hour", Field::count(self.agent.per_hour)),
-            ("per_day", Field::count(self.agent.per_day)),
-        ]
-    }
-
-    /// The `context.budget` record.
-    pub(crate) fn budget_fields(&self) -> Vec<(&'static str, Field)> {
-        vec![
-            ("tokens", Field::count(self.usage.tokens)),
-            ("cost_micros", Field::count(self.usage.cost_micros)),
-            ("tokens_used", Field::count(self.agent.tokens_day)),
-            ("cost_used_micros", Field::count(self.agent.cost_micros_day)),
-            ("workflow_events", Field::count(self.workflow.events)),
-            (
-                "workflow_tool_calls",
-                Field::count(self.workflow.tool_calls),
-            ),
-            ("workflow_tokens", Field::count(self.workflow.tokens)),
-            (
-                "workflow_cost_micros",
-                Field::count(self.workflow.cost_micros),
-            ),
-        ]
-    }
-
-    /// The `context.rate` record as JSON.
-    pub fn rate_context(&self) -> serde_json::Value {
-        record_json(&self.rate_fields())
-    }
-
-    /// The `context.budget` record as JSON.
-    pub fn budget_context(&self) -> serde_json::Value {
-        record_json(&self.budget_fields())
-    }
-}
 
 /// Why the counters could not be updated; the event is denied (fail closed).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("rate and budget counters unavailable: {0}")]
 pub(crate) struct CounterError(String);
 
-/// Counters: in the KV bucket (the worker) or in memory (policy replay).
-pub(crate) enum Counters {
-    /// Shared, durable: the `mesh-limits` bucket.
-    Kv {
-        agents: Arc<Cells<AgentTally>>,
-        workflows: Arc<Cells<WorkflowTally>>,
-    },
-    /// One process, replaying recorded events in order.
-    Memory(Mutex<MemoryCounters>),
-}
-
-#[derive(Default)]
-pub(crate) struct MemoryCounters {
-    agents: HashMap<String, AgentTally>,
-    workflows: HashMap<String, WorkflowTally>,
+/// The rate and budget counters in the `mesh-limits` bucket: shared by
+/// the worker's replicas, durable.
+pub(crate) struct Counters {
+    agents: Arc<Cells<AgentTally>>,
+    workflows: Arc<Cells<WorkflowTally>>,
 }
 
 impl Counters {
     /// Counters in `bucket`.
     pub(crate) fn kv(store: kv::Store) -> Self {
-        Self::Kv {
+        Self {
             agents: Arc::new(Cells::new(store.clone())),
             workflows: Arc::new(Cells::new(store)),
         }
-    }
-
-    /// Counters in memory.
-    pub(crate) fn memory() -> Self {
-        Self::Memory(Mutex::default())
     }
 
     /// Counts `event` at `now` (seconds since the epoch) and returns what it sees.
@@ -125,37 +57,17 @@ impl Counters {
         let usage = Usage::of_event(event);
         let tool_call = event.event_type == EventType::ToolCall;
         let trace_id = event.trace.trace_id_hex();
-        match self {
-            Self::Kv { agents, workflows } => {
-                let (agent, workflow) = tokio::join!(
-                    agents.add(agent_key(event.agent.as_str()), (now, usage)),
-                    workflows.add(workflow_key(&trace_id), (tool_call, usage)),
-                );
-                Ok(Tallies {
-                    usage,
-                    agent: agent?,
-                    workflow: workflow?,
-                })
-            }
-            Self::Memory(memory) => {
-                let mut m = memory.lock().map_err(|_| CounterError("poisoned".into()))?;
-                let agent = m
-                    .agents
-                    .entry(event.agent.to_string())
-                    .or_default()
-                    .add(now, usage);
-                let workflow = m
-                    .workflows
-                    .entry(trace_id)
-                    .or_default()
-                    .add(tool_call, usage);
-                Ok(Tallies {
-                    usage,
-                    agent,
-                    workflow,
-                })
-            }
-        }
+        let (agent, workflow) = tokio::join!(
+            self.agents
+                .add(agent_key(event.agent.as_str()), (now, usage)),
+            self.workflows
+                .add(workflow_key(&trace_id), (tool_call, usage)),
+        );
+        Ok(Tallies {
+            usage,
+            agent: agent?,
+            workflow: workflow?,
+        })
     }
 }
 
@@ -354,41 +266,5 @@ async fn write<T: Tally>(
                 kv::UpdateErrorKind::WrongLastRevision => Write::Conflict,
                 _ => Write::Failed(CounterError(format!("updating `{key}`: {e}"))),
             })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn context_records() {
-        let t = Tallies {
-            usage: Usage {
-                tokens: 3,
-                cost_micros: 4,
-            },
-            agent: AgentTally {
-                per_minute: 1,
-                per_hour: 2,
-                per_day: 3,
-                tokens_day: 30,
-                cost_micros_day: 40,
-                ..Default::default()
-            },
-            workflow: WorkflowTally {
-                events: 5,
-                tool_calls: 1,
-                tokens: 9,
-                cost_micros: 8,
-            },
-        };
-        assert_eq!(
-            t.rate_context(),
-            json!({"per_minute": 1, "per_hour": 2, "per_day": 3})
-        );
-        assert_eq!(t.budget_context()["tokens_used"], 30);
-        assert_eq!(t.budget_context()["workflow_tool_calls"], 1);
     }
 }

@@ -10,7 +10,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::policy::PolicyBundle;
+use policy_engine::PolicyBundle;
 
 /// Keeps the file watcher alive while the worker runs.
 pub(crate) struct Reloader {

@@ -25,9 +25,9 @@ use tracing::Instrument;
 use crate::approval::forwardable_owned;
 use crate::cache::{Lookup, ToolCache};
 use crate::guard;
-use crate::policy::PolicyBundle;
 use crate::signing::Sealer;
 use crate::{Config, Error};
+use policy_engine::PolicyBundle;
 
 // The names of the headers every copy gets, without parsing or allocating.
 const DECISION_ID: HeaderName = HeaderName::from_static(headers::DECISION_ID);

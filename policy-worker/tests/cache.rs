@@ -385,7 +385,7 @@ async fn entries_survive_a_restart_and_are_shared_by_replicas_until_purged() {
 
     // Purging another tool keeps it; purging this one drops it.
     assert_eq!(
-        policy_worker::purge_cache(&mesh.js, Some("repo.write"))
+        broker_config::admin::purge_tool_cache(&mesh.js, Some("repo.write"))
             .await
             .unwrap(),
         0
@@ -402,7 +402,7 @@ async fn entries_survive_a_restart_and_are_shared_by_replicas_until_purged() {
         Some(CacheStatus::Hit)
     );
     assert_eq!(
-        policy_worker::purge_cache(&mesh.js, Some("code.search"))
+        broker_config::admin::purge_tool_cache(&mesh.js, Some("code.search"))
             .await
             .unwrap(),
         1

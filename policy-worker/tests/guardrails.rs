@@ -13,7 +13,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::Timelike;
-use policy_worker::{AgentTally, Answer, AnswerAction, ApprovalState, approval_id};
+use schemas::approval::{Answer, AnswerAction, ApprovalState, approval_id};
+use schemas::limits::AgentTally;
 use schemas::{ApprovalStatus, Decision, EventBuilder, headers, subjects};
 use serde_json::json;
 use support::*;
@@ -181,7 +182,7 @@ async fn agent_tally(mesh: &Mesh, agent: &str) -> AgentTally {
         .await
         .unwrap();
     let value = kv
-        .get(policy_worker::agent_key(agent))
+        .get(schemas::limits::agent_key(agent))
         .await
         .unwrap()
         .unwrap();
@@ -247,7 +248,7 @@ async fn rate_limit_trips_survives_a_restart_and_an_operator_resets_it() {
         .get_key_value(subjects::BUCKET_LIMITS)
         .await
         .unwrap();
-    kv.purge(policy_worker::agent_key("coder")).await.unwrap();
+    kv.purge(schemas::limits::agent_key("coder")).await.unwrap();
     mesh.publish_event(
         "mesh.ingress.coder.reasoning",
         &step("r6", "coder", trace, json!({})),
@@ -366,8 +367,8 @@ async fn counters_stay_exact_with_two_replicas() {
         .get_key_value(subjects::BUCKET_LIMITS)
         .await
         .unwrap();
-    let workflow: policy_worker::WorkflowTally = serde_json::from_slice(
-        &kv.get(policy_worker::workflow_key(
+    let workflow: schemas::limits::WorkflowTally = serde_json::from_slice(
+        &kv.get(schemas::limits::workflow_key(
             "2af7651916cd43dd8448eb211c80319c",
         ))
         .await
@@ -580,7 +581,7 @@ async fn pending_state(mesh: &Mesh, event_id: &str) -> ApprovalState {
 }
 
 async fn answer(mesh: &Mesh, event_id: &str, action: AnswerAction, approver: &str) {
-    policy_worker::send_answer(
+    broker_config::admin::send_answer(
         &mesh.js,
         "planner",
         &Answer {

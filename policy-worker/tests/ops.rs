@@ -345,17 +345,18 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
         .unwrap();
     let parked = span_of("otel-parked").await;
     assert_eq!(parked.trace_id, deployer.trace_id_hex());
-    let approval_id = policy_worker::approval_id("coder", "otel-parked");
+    let approval_id = schemas::approval::approval_id("coder", "otel-parked");
     let kv = mesh
         .js
         .get_key_value(subjects::BUCKET_APPROVALS)
         .await
         .unwrap();
-    let state: policy_worker::ApprovalState = eventually(WAIT, "the approval request", || async {
-        serde_json::from_slice(&kv.get(&approval_id).await.ok()??).ok()
-    })
-    .await
-    .unwrap();
+    let state: schemas::approval::ApprovalState =
+        eventually(WAIT, "the approval request", || async {
+            serde_json::from_slice(&kv.get(&approval_id).await.ok()??).ok()
+        })
+        .await
+        .unwrap();
     assert_eq!(
         state.decision_span,
         format!("00-{}-{}-01", deployer.trace_id_hex(), parked.span_id),
@@ -366,12 +367,12 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     const PARKED: &str = "agentmesh_worker_events_published_total{kind=\"parked\"}";
     assert_eq!(worker.metric(PARKED).await, 1.0);
     let receipts_before = worker.metric(RECEIPTS).await;
-    policy_worker::send_answer(
+    broker_config::admin::send_answer(
         &mesh.js,
         "coder",
-        &policy_worker::Answer {
+        &schemas::approval::Answer {
             id: approval_id.clone(),
-            action: policy_worker::AnswerAction::Approve,
+            action: schemas::approval::AnswerAction::Approve,
             approver: "ops-oncall".into(),
             comment: "release window".into(),
             at: chrono::Utc::now().to_rfc3339(),

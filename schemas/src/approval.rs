@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 pub use crate::receipt::ApprovalStatus;
 use crate::{Approval, Decision, DecisionReceipt};
@@ -168,6 +169,22 @@ pub struct Answer {
     /// When it was sent (RFC 3339).
     #[serde(default)]
     pub at: String,
+}
+
+impl Answer {
+    /// The answer's `Nats-Msg-Id`: `<action>-<approval id>`, so the same
+    /// action twice within the duplicate window is stored once.
+    pub fn message_id(&self) -> String {
+        format!("{}-{}", self.action.as_str(), self.id)
+    }
+}
+
+/// The approval id of an event: 32 hex digits of SHA-256 over its agent and
+/// id (an event is identified by both), so a redelivered event parks under
+/// the same id and two agents' events with one id park apart.
+pub fn approval_id(agent: &str, event_id: &str) -> String {
+    let digest = Sha256::digest(format!("approval\n{agent}\n{event_id}").as_bytes());
+    hex::encode(&digest[..16])
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 mod agent;
 pub mod approval;
 mod binding;
+pub mod cache;
 mod catalogue;
 pub mod gpu;
 pub mod limits;

@@ -13,9 +13,11 @@ use anyhow::{Context, bail};
 
 pub mod clickhouse;
 mod cluster;
+pub mod lazyfs;
 pub mod zookeeper;
 pub use self::clickhouse::ClickHouseServer;
 pub use self::cluster::NatsCluster;
+pub use self::lazyfs::LazyFs;
 pub use self::zookeeper::ZooKeeperServer;
 
 /// The longest any test waits for something to happen (a server to start,

@@ -2,7 +2,10 @@
 //! `schemas` depends on no crate of ours; a service never depends on another
 //! service or on `meshctl`; `agents-sdk` never depends on a service, not
 //! even for its tests; `testkit` never links a service; `audit-tables`
-//! depends on `schemas` alone and `clickhouse-config` on nothing of ours.
+//! depends on `schemas` alone and `clickhouse-config` on nothing of ours;
+//! `policy-engine` links `schemas` alone (no broker, no service), and
+//! `meshctl` does not link the policy worker (its tests may run it
+//! in-process).
 //! A new edge that breaks a rule fails here, naming it.
 //! From the sources: no crate but `schemas` spells a subject (`"mesh.…`) or
 //! a mesh header (`"Mesh-…`) in its code; they come from `schemas`.
@@ -61,8 +64,9 @@ fn workspace_edges() -> Vec<(String, String, String)> {
     edges
 }
 
-/// Why `package` may not depend on `dependency`, if it may not.
-fn forbidden(package: &str, dependency: &str) -> Option<&'static str> {
+/// Why `package` may not depend on `dependency` with a dependency of
+/// `kind` (`normal`, `dev` or `build`), if it may not.
+fn forbidden(package: &str, dependency: &str, kind: &str) -> Option<&'static str> {
     if package == "schemas" {
         return Some("`schemas` is the contract and depends on no crate of ours");
     }
@@ -89,6 +93,16 @@ fn forbidden(package: &str, dependency: &str) -> Option<&'static str> {
             "an agent links the contract, not the enforcer: agents-sdk never depends on a service, dev-dependencies included (tests that need one belong in `tests/`)",
         );
     }
+    if package == "policy-engine" && kind != "dev" && dependency != "schemas" {
+        return Some(
+            "`policy-engine` decides without I/O: it depends on `schemas` alone (its tests may use `testkit`)",
+        );
+    }
+    if package == "meshctl" && kind != "dev" && dependency == "policy-worker" {
+        return Some(
+            "`meshctl` starts the policy worker by binary path and links it only in its tests: what it shares with the worker belongs in `policy-engine`, `schemas` or `broker-config`",
+        );
+    }
     None
 }
 
@@ -104,7 +118,7 @@ fn no_crate_depends_on_what_the_architecture_forbids() {
     let broken: Vec<String> = edges
         .iter()
         .filter_map(|(package, dependency, kind)| {
-            forbidden(package, dependency)
+            forbidden(package, dependency, kind)
                 .map(|why| format!("{package} -> {dependency} ({kind}): {why}"))
         })
         .collect();
@@ -117,20 +131,26 @@ fn no_crate_depends_on_what_the_architecture_forbids() {
 
 #[test]
 fn the_rules_catch_the_edges_they_name() {
-    assert!(forbidden("schemas", "testkit").is_some());
-    assert!(forbidden("policy-worker", "audit-sink").is_some());
-    assert!(forbidden("audit-sink", "meshctl").is_some());
-    assert!(forbidden("agents-sdk", "policy-worker").is_some());
-    assert!(forbidden("meshctl", "policy-worker").is_none());
-    assert!(forbidden("policy-worker", "telemetry").is_none());
-    assert!(forbidden("e2e", "policy-worker").is_none());
-    assert!(forbidden("clickhouse-config", "schemas").is_some());
-    assert!(forbidden("audit-tables", "audit-sink").is_some());
-    assert!(forbidden("audit-tables", "schemas").is_none());
-    assert!(forbidden("testkit", "policy-worker").is_some());
-    assert!(forbidden("testkit", "broker-config").is_none());
-    assert!(forbidden("meshctl", "clickhouse-config").is_none());
-    assert!(forbidden("audit-sink", "audit-tables").is_none());
+    assert!(forbidden("schemas", "testkit", "normal").is_some());
+    assert!(forbidden("policy-worker", "audit-sink", "normal").is_some());
+    assert!(forbidden("audit-sink", "meshctl", "normal").is_some());
+    assert!(forbidden("agents-sdk", "policy-worker", "normal").is_some());
+    assert!(forbidden("meshctl", "policy-worker", "normal").is_some());
+    assert!(forbidden("meshctl", "policy-worker", "dev").is_none());
+    assert!(forbidden("meshctl", "policy-engine", "normal").is_none());
+    assert!(forbidden("policy-engine", "broker-config", "normal").is_some());
+    assert!(forbidden("policy-engine", "schemas", "normal").is_none());
+    assert!(forbidden("policy-engine", "testkit", "dev").is_none());
+    assert!(forbidden("policy-worker", "policy-engine", "normal").is_none());
+    assert!(forbidden("policy-worker", "telemetry", "normal").is_none());
+    assert!(forbidden("e2e", "policy-worker", "normal").is_none());
+    assert!(forbidden("clickhouse-config", "schemas", "normal").is_some());
+    assert!(forbidden("audit-tables", "audit-sink", "normal").is_some());
+    assert!(forbidden("audit-tables", "schemas", "normal").is_none());
+    assert!(forbidden("testkit", "policy-worker", "normal").is_some());
+    assert!(forbidden("testkit", "broker-config", "normal").is_none());
+    assert!(forbidden("meshctl", "clickhouse-config", "normal").is_none());
+    assert!(forbidden("audit-sink", "audit-tables", "normal").is_none());
 }
 
 /// What a crate's code may not spell, with the reason: the contract's names

@@ -88,9 +88,9 @@ async fn limits_and_approvals_work_under_the_worker_role_template() -> anyhow::R
         vec![Decision::Allow, Decision::Allow, Decision::Deny]
     );
     let limits = admin.get_key_value(subjects::BUCKET_LIMITS).await?;
-    let tally: policy_worker::AgentTally = serde_json::from_slice(
+    let tally: schemas::limits::AgentTally = serde_json::from_slice(
         &limits
-            .get(policy_worker::agent_key("reviewer"))
+            .get(schemas::limits::agent_key("reviewer"))
             .await?
             .ok_or_else(|| anyhow::anyhow!("no counters for the reviewer"))?,
     )?;
@@ -109,17 +109,17 @@ async fn limits_and_approvals_work_under_the_worker_role_template() -> anyhow::R
         publish(&coder, "coder", "tool_call", event).await?;
     }
     let approvals = admin.get_key_value(subjects::BUCKET_APPROVALS).await?;
-    let approved_id = policy_worker::approval_id("coder", "d-approved");
+    let approved_id = schemas::approval::approval_id("coder", "d-approved");
     eventually(WAIT, "the parked deploy", || async {
         approvals.get(&approved_id).await.ok()?.map(|_| ())
     })
     .await?;
-    policy_worker::send_answer(
+    broker_config::admin::send_answer(
         &admin,
         "coder",
-        &policy_worker::Answer {
+        &schemas::approval::Answer {
             id: approved_id.clone(),
-            action: policy_worker::AnswerAction::Approve,
+            action: schemas::approval::AnswerAction::Approve,
             approver: "alice".into(),
             comment: String::new(),
             at: String::new(),

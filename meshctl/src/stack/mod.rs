@@ -19,7 +19,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use policy_worker::SCHEMA_FILE;
+use policy_engine::SCHEMA_FILE;
 
 use crate::entities;
 use crate::identity::{AuthState, ClickHouseSecrets};

@@ -22,14 +22,11 @@
 //!   for its result instead of reaching the tool (single flight, across
 //!   replicas).
 
-mod canon;
-mod rules;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use base64::Engine as _;
 use bytes::Bytes;
 use schemas::{
@@ -41,7 +38,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-pub use rules::{CACHE_FILE, CacheRules, Scope, ToolRule};
+use policy_engine::{CacheRules, CacheScope as Scope, ToolRule};
+use schemas::cache::{answer_id, tool_token};
 
 /// How often a call waiting for another's result looks at the bucket (a
 /// result decided by this worker wakes it at once).
@@ -52,54 +50,54 @@ const SIZE_POLL: Duration = Duration::from_secs(5);
 
 /// A cached result: the value of `r.<tool hash>.<key hash>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// The tool.
-    pub tool: String,
+    pub(crate) tool: String,
     /// The agent that answered (the call's `target`).
-    pub agent: String,
+    pub(crate) agent: String,
     /// The caller the entry belongs to (`caller` scope), or `None` (shared).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub caller: Option<String>,
+    pub(crate) caller: Option<String>,
     /// The call that produced it, `<agent>/<event id>`.
-    pub source: String,
+    pub(crate) source: String,
     /// The id of the `tool.result` it was taken from.
-    pub result_id: String,
+    pub(crate) result_id: String,
     /// When it was stored (Unix milliseconds).
-    pub stored_at_ms: i64,
+    pub(crate) stored_at_ms: i64,
     /// The result's `datacontenttype`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub content_type: Option<String>,
+    pub(crate) content_type: Option<String>,
     /// The result's data, base64.
-    pub data: String,
+    pub(crate) data: String,
 }
 
 /// A call delivered on a miss: the value of `p.<call hash>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Pending {
     /// The key its result is stored under.
-    pub key: String,
+    pub(crate) key: String,
     /// The key hash (its flight is `f.<hash>`).
-    pub hash: String,
+    pub(crate) hash: String,
     /// The tool.
-    pub tool: String,
+    pub(crate) tool: String,
     /// The calling agent.
-    pub caller: String,
+    pub(crate) caller: String,
     /// The agent that must answer (the call's `target`).
-    pub agent: String,
+    pub(crate) agent: String,
     /// The call, `<agent>/<event id>`.
-    pub call: String,
+    pub(crate) call: String,
     /// The scope's caller, as in [`Entry::caller`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scope_caller: Option<String>,
+    pub(crate) scope_caller: Option<String>,
 }
 
 /// The call in flight for a key: the value of `f.<key hash>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Flight {
     /// The call, `<agent>/<event id>`.
-    pub call: String,
+    pub(crate) call: String,
     /// When it went out (Unix milliseconds).
-    pub at_ms: i64,
+    pub(crate) at_ms: i64,
 }
 
 /// A call's place in the bucket.
@@ -118,50 +116,6 @@ fn sha_hex(text: &str, len: usize) -> String {
     let mut hex = hex::encode(digest);
     hex.truncate(len);
     hex
-}
-
-/// The token that stands for `tool` in result keys (a tool name may hold
-/// characters a key may not).
-pub fn tool_token(tool: &str) -> String {
-    sha_hex(&format!("tool\n{tool}"), 16)
-}
-
-/// The filter of every result of `tool` in `mesh-tool-cache` (all results
-/// and in-flight records when `None`).
-pub fn purge_filter(tool: Option<&str>) -> String {
-    let bucket = subjects::BUCKET_TOOL_CACHE;
-    match tool {
-        Some(tool) => format!("$KV.{bucket}.r.{}.*", tool_token(tool)),
-        None => format!("$KV.{bucket}.>"),
-    }
-}
-
-/// Removes cached results from `mesh-tool-cache`: every result of `tool`,
-/// or everything (results and the records of calls in flight) when `None`.
-/// Returns how many messages were removed.
-pub async fn purge(js: &jetstream::Context, tool: Option<&str>) -> Result<u64, async_nats::Error> {
-    let stream = js
-        .get_stream(format!("KV_{}", subjects::BUCKET_TOOL_CACHE))
-        .await?;
-    let purged = stream.purge().filter(purge_filter(tool)).await?;
-    Ok(purged.purged)
-}
-
-/// How many results `mesh-tool-cache` holds (read from its stream, one
-/// subject per result), and the bucket's bytes (results and the records of
-/// calls in flight).
-pub async fn size(bucket: &jetstream::stream::Stream) -> Result<(u64, u64), async_nats::Error> {
-    use futures::StreamExt as _;
-    let mut info = bucket
-        .info_with_subjects(format!("$KV.{}.r.>", subjects::BUCKET_TOOL_CACHE))
-        .await?;
-    let bytes = info.info.state.bytes;
-    let mut entries = 0;
-    while let Some(subject) = info.next().await {
-        subject?;
-        entries += 1;
-    }
-    Ok((entries, bytes))
 }
 
 fn call_token(call: &str) -> String {
@@ -190,7 +144,7 @@ impl Key {
             &format!(
                 "agentmesh tool cache v1\n{tool}\n{agent}\n{}\n{}",
                 scope_caller.as_deref().unwrap_or("*"),
-                canon::canonical(&args)
+                policy_engine::canonical(&args)
             ),
             48,
         );
@@ -204,21 +158,6 @@ impl Key {
     fn flight(&self) -> String {
         format!("f.{}", self.hash)
     }
-}
-
-/// The id of the cached answer to call `call_id` of `caller`: a UUIDv5 of
-/// the call, so a redelivered call gets the same id and the audit can name
-/// the answer (which is not an ingress event) from the call alone.
-pub fn answer_id(caller: &str, call_id: &str) -> String {
-    uuid::Uuid::new_v5(
-        &uuid::Uuid::NAMESPACE_URL,
-        format!(
-            "agentmesh:cache-hit:{}",
-            subjects::event_key(caller, call_id)
-        )
-        .as_bytes(),
-    )
-    .to_string()
 }
 
 /// A fresh entry found for an approved call.
@@ -327,7 +266,9 @@ impl ToolCache {
         let this = self.clone();
         tokio::spawn(async move {
             loop {
-                if let Ok((entries, bytes)) = size(&this.kv.stream).await {
+                if let Ok((entries, bytes)) =
+                    broker_config::admin::tool_cache_size(&this.kv.stream).await
+                {
                     this.metrics.size(entries, bytes);
                 }
                 tokio::select! {
@@ -583,6 +524,7 @@ fn succeeded(result: &MeshEvent) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use schemas::cache::purge_filter;
     use schemas::{Limits, encode_binary};
 
     fn call(agent: &str, data: serde_json::Value) -> MeshEvent {

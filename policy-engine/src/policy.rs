@@ -696,7 +696,19 @@ impl Attrs<'_> {
                 context.push(((*name).into(), string(value)));
             }
         }
-        guard.extend(&mut context, guards, reads);
+        for (name, fields) in guard.records(guards, wanted) {
+            // Keys are distinct constants, so building the record cannot
+            // fail; were it to, the attribute is missing and the request
+            // fails validation: denied.
+            if let Ok(record) = RestrictedExpression::new_record(
+                fields
+                    .into_iter()
+                    .filter(|(k, _)| reads.is_none_or(|r| r.wants_field(name, k)))
+                    .map(|(k, v)| (k.to_owned(), v.expression())),
+            ) {
+                context.push((name.to_owned(), record));
+            }
+        }
         context
     }
 }

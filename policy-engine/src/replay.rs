@@ -7,12 +7,15 @@
 //! order given, with each event's recorded arrival time as the clock; events
 //! before the replayed range are not counted, so counts start low.
 
+use std::sync::Mutex;
+
 use async_nats::HeaderMap;
 use schemas::{DecisionReceipt, Limits, MeshEvent, subjects};
 
 use crate::detect::Detector;
-use crate::guard;
-use crate::limits::Counters;
+use crate::evaluate::{Needs, evaluate};
+use crate::guard::Guards;
+use crate::limits::MemoryCounters;
 use crate::policy::PolicyBundle;
 
 /// What a policy set decides (or decided) for one event.
@@ -76,7 +79,7 @@ pub struct Replayed {
 pub struct Replayer {
     bundle: PolicyBundle,
     limits: Limits,
-    counters: Counters,
+    counters: Mutex<MemoryCounters>,
 }
 
 impl std::fmt::Debug for Replayer {
@@ -93,7 +96,7 @@ impl Replayer {
         Self {
             bundle,
             limits,
-            counters: Counters::memory(),
+            counters: Mutex::default(),
         }
     }
 
@@ -104,7 +107,7 @@ impl Replayer {
 
     /// Decides a recorded ingress message that arrived on `subject` at
     /// `at` (seconds since the epoch).
-    pub async fn replay_message(
+    pub fn replay_message(
         &self,
         subject: &str,
         headers: Option<&HeaderMap>,
@@ -114,7 +117,7 @@ impl Replayer {
         match MeshEvent::from_message(subject, headers, payload, self.limits) {
             Ok(event) => {
                 let step = subjects::parse_ingress(subject).map_or("", |p| p.step);
-                self.replay_event(&event, step, at).await
+                self.replay_event(&event, step, at)
             }
             Err(invalid) => Replayed {
                 outcome: Outcome::Invalid,
@@ -126,16 +129,20 @@ impl Replayer {
     }
 
     /// Decides a validated event of ingress step `step` at `at`.
-    pub async fn replay_event(&self, event: &MeshEvent, step: &str, at: i64) -> Replayed {
-        let (guards, error) = guard::prepare(
-            &[self.bundle.guard()],
-            Detector::shared(),
-            Some(&self.counters),
-            event,
-            at,
-        )
-        .await;
-        let evaluation = guard::evaluate(&self.bundle, event, step, &guards, error.as_deref());
+    pub fn replay_event(&self, event: &MeshEvent, step: &str, at: i64) -> Replayed {
+        let needs = Needs::of(&[self.bundle.guard()]);
+        let mut guards = Guards::default();
+        if needs.scan {
+            guards.findings = Detector::shared().scan_event(event);
+        }
+        let mut error = None;
+        if needs.count {
+            match self.counters.lock() {
+                Ok(mut counters) => guards.tallies = counters.add(event, at),
+                Err(_) => error = Some("rate and budget counters unavailable: poisoned".to_owned()),
+            }
+        }
+        let evaluation = evaluate(&self.bundle, event, step, &guards, error.as_deref());
         let outcome = match (evaluation.verdict.allowed, evaluation.approval) {
             (true, true) => Outcome::Approval,
             (true, false) => Outcome::Allow,

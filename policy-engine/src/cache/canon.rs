@@ -10,7 +10,7 @@
 use serde_json::{Number, Value};
 
 /// `value` in canonical form.
-pub(crate) fn canonical(value: &Value) -> String {
+pub fn canonical(value: &Value) -> String {
     let mut out = String::new();
     write(value, &mut out);
     out

@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use policy_worker::{Detector, PolicyBundle};
+use policy_engine::{Detector, PolicyBundle};
 use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
 
 const PROSE: &str = "The coder searched the repository for the signup handler, ran the \

@@ -23,7 +23,7 @@ use aho_corasick::AhoCorasick;
 use regex::bytes::{Regex, RegexBuilder, RegexSet, RegexSetBuilder};
 use schemas::{Data, MeshEvent};
 
-use crate::guard::{Field, record_json};
+use crate::fields::{Field, record_json};
 
 /// What the detectors found in one event's data.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use policy_worker::{PolicyBundle, generated_policies};
+use policy_engine::{PolicyBundle, generated_policies};
 use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
 
 /// The allocator the `policy-worker` binary runs with (its `main.rs`), so

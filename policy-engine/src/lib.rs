@@ -1,0 +1,32 @@
+//! The decision engine of the policy worker, without I/O: a validated
+//! Cedar policy set ([`PolicyBundle`]) and its guardrails — payload
+//! detectors ([`Detector`]), the rate and budget records Cedar sees
+//! ([`Tallies`]), the permits that wait for a human
+//! ([`APPROVAL_ANNOTATION`]) — the evaluation of one event with them
+//! ([`evaluate`]), and [`Replayer`], which decides recorded events with a
+//! candidate set the way the worker would.
+//!
+//! The policy worker wraps it in the broker (counters in JetStream KV,
+//! parking, publishing); `meshctl` uses it to check and replay policies.
+//! Nothing here talks to NATS or needs a runtime: it reads a policy
+//! directory from disk and decides.
+
+mod cache;
+mod detect;
+mod evaluate;
+mod fields;
+mod guard;
+mod limits;
+mod policy;
+mod replay;
+
+pub use cache::{CACHE_FILE, CacheRules, Scope as CacheScope, ToolRule, canonical};
+pub use detect::{BuildError, Detector, Findings, KINDS as DETECTOR_KINDS};
+pub use evaluate::{Evaluation, Needs, evaluate};
+pub use guard::{APPROVAL_ANNOTATION, GuardMeta, Guards};
+pub use limits::{MemoryCounters, Tallies};
+pub use policy::{
+    ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, UNREGISTERED_AGENT, Verdict,
+    generated_policies,
+};
+pub use replay::{Outcome, Replayed, Replayer};
