@@ -570,6 +570,9 @@ enum Step {
     Run {
         script: String,
         retry: bool,
+        /// The exit code it must end with: 0, or `N` of ```` ```sh
+        /// runnable exit=N ```` (e.g. `meshctl pub` of a denied event: 1).
+        exit: i32,
         output: Option<String>,
     },
     /// ```` ```sh runnable background ````: start it, stop it at the end.
@@ -605,17 +608,24 @@ fn steps(text: &str) -> Vec<Step> {
         let info: Vec<&str> = info.split_whitespace().collect();
         match (file.take(), info.as_slice()) {
             (Some(name), _) => found.push(Step::File(name, body)),
-            (None, ["sh", "runnable"]) => found.push(Step::Run {
-                script: body,
-                retry: false,
-                output: None,
-            }),
-            (None, ["sh", "runnable", "retry"]) => found.push(Step::Run {
-                script: body,
-                retry: true,
-                output: None,
-            }),
             (None, ["sh", "runnable", "background"]) => found.push(Step::Background(body)),
+            (None, ["sh", "runnable", options @ ..]) => {
+                let mut retry = false;
+                let mut exit = 0;
+                for option in options {
+                    match option.strip_prefix("exit=") {
+                        Some(code) => exit = code.parse().expect("exit=N takes a number"),
+                        None if *option == "retry" => retry = true,
+                        None => panic!("unknown option `{option}` of a runnable block"),
+                    }
+                }
+                found.push(Step::Run {
+                    script: body,
+                    retry,
+                    exit,
+                    output: None,
+                })
+            }
             (None, ["text", "output"]) => match found.last_mut() {
                 Some(Step::Run { output, .. }) if output.is_none() => *output = Some(body),
                 _ => panic!("a `text output` block that follows no runnable block:\n{body}"),
@@ -641,12 +651,21 @@ fn normalized(text: &str) -> String {
         (r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)?", "<time>"),
         (r"ClickHouse \d+(\.\d+)*", "ClickHouse <version>"),
         (r#""eval_micros":\d+"#, r#""eval_micros":<n>"#),
+        (r"policy set [0-9a-f]+", "policy set <hash>"),
         (
             r#""(signature|batch_proof|batch_signature)":"[^"]*""#,
             r#""$1":"<signature>""#,
         ),
     ];
-    let mut text = text.to_owned();
+    // The policies that determined a decision come in no fixed order.
+    let policies = regex::Regex::new(r"by ([a-z0-9-]+(, [a-z0-9-]+)+)").unwrap();
+    let mut text = policies
+        .replace_all(text, |c: &regex::Captures<'_>| {
+            let mut ids: Vec<&str> = c[1].split(", ").collect();
+            ids.sort_unstable();
+            format!("by {}", ids.join(", "))
+        })
+        .into_owned();
     for (pattern, with) in rules {
         let re = regex::Regex::new(pattern).unwrap();
         text = re.replace_all(&text, with).into_owned();
@@ -848,6 +867,7 @@ async fn run_steps(
             Step::Run {
                 script,
                 retry,
+                exit,
                 output,
             } => {
                 let mut script = scratch.ported(&script);
@@ -874,15 +894,16 @@ async fn run_steps(
                             let text = scratch.unported(&String::from_utf8_lossy(&out.stdout));
                             let stderr = String::from_utf8_lossy(&out.stderr);
                             *last.lock().unwrap() = format!("({}) {text}\nstderr:\n{stderr}", out.status);
-                            let good = out.status.success()
+                            let exited = out.status.code() == Some(exit);
+                            let good = exited
                                 && output.is_none_or(|expected| matches_sample(expected, &text));
                             if good {
                                 Some(Ok(text))
                             } else if retry {
                                 None
-                            } else if !out.status.success() {
+                            } else if !exited {
                                 Some(Err(anyhow::anyhow!(
-                                    "{doc}: the block\n{script}failed ({}):\n{text}\nstderr:\n{stderr}",
+                                    "{doc}: the block\n{script}ended with {}, not exit code {exit}:\n{text}\nstderr:\n{stderr}",
                                     out.status
                                 )))
                             } else {
@@ -950,7 +971,7 @@ async fn the_quickstart_runs_as_written() -> anyhow::Result<()> {
     };
     println!("ran {ran:?}");
     assert!(
-        ran.get("docs/quickstart.md").is_some_and(|&n| n >= 6),
+        ran.get("docs/quickstart.md").is_some_and(|&n| n >= 10),
         "the quickstart has no runnable blocks: {ran:?}"
     );
     assert!(
