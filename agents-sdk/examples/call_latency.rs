@@ -4,7 +4,9 @@
 //! decision, routing) are timed.
 //!
 //! Run the local stack, then
-//! `cargo run --release -p agents-sdk --example call_latency -- [CALLS] [CONCURRENCY]`.
+//! `cargo run --release -p agents-sdk --example call_latency -- [CALLS] [CONCURRENCY]`
+//! (with authorization on, add `--nkey-dir .agentmesh/auth/agents`: the
+//! coder's and the planner's keys).
 
 use std::future::IntoFuture;
 use std::time::{Duration, Instant};
@@ -13,6 +15,8 @@ use agents_sdk::{Agent, ToolCall, ToolSpec};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
@@ -20,23 +24,26 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let mut args = std::env::args().skip(1);
+    let options = common::Options::parse(&["coder", "planner"])?;
+    let url = options.url();
+    let mut args = options.args.iter();
     let calls: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(200);
     let concurrency: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(20);
 
     let coder = Agent::builder("coder")
         .tool(ToolSpec::new("code.search"), |call: ToolCall| async move {
             Ok(call.arguments().clone())
-        })
-        .connect(&url)
-        .await?;
+        });
+    let coder = options.keyed(coder, "coder").connect(url).await?;
     let stop = CancellationToken::new();
     let serving = tokio::spawn({
         let (coder, stop) = (coder.clone(), stop.clone());
         async move { coder.serve(stop.cancelled_owned()).await }
     });
-    let planner = Agent::connect("planner", &url).await?;
+    let planner = options
+        .keyed(Agent::builder("planner"), "planner")
+        .connect(url)
+        .await?;
     let wf = planner.workflow();
     // Warm up: starts the planner's inbox and the coder's pull.
     wf.call_tool("code.search", json!({"warm": true}))

@@ -2,8 +2,10 @@
 //! asks `code.search` (served by the `tool_server` example), tries
 //! `shell.exec` (which policy forbids), and hands the task to `coder`.
 //!
-//! Run the local stack and the `tool_server` example, then:
-//! `cargo run -p agents-sdk --example planner -- "add a test for the parser"`.
+//! Run the local stack and the `tool_server` example, then, with the
+//! planner's key (authorization on):
+//! `cargo run -p agents-sdk --example planner -- --nkey-file .agentmesh/auth/agents/planner.nk "add a test for the parser"`
+//! (or `AGENTMESH_NKEY_FILE`; see the `tool_server` example).
 //! It prints the trace id; `meshctl trace <id>` shows the decision tree.
 
 use std::time::Duration;
@@ -11,14 +13,21 @@ use std::time::Duration;
 use agents_sdk::{Agent, CallErrorKind};
 use serde_json::json;
 
+mod common;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let task = std::env::args()
-        .nth(1)
+    let options = common::Options::parse(&["planner"])?;
+    let task = options
+        .args
+        .first()
+        .cloned()
         .unwrap_or_else(|| "add a test for the parser".into());
 
-    let agent = Agent::connect("planner", &url).await?;
+    let agent = options
+        .keyed(Agent::builder("planner"), "planner")
+        .connect(options.url())
+        .await?;
     let wf = agent.workflow();
     println!("trace {}", wf.trace_id());
 

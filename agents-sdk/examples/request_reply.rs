@@ -1,7 +1,9 @@
 //! Request and reply between two agents in one process: `reviewer` answers
 //! every message it gets; `planner` asks it and waits for the answer.
 //!
-//! Run the local stack, then `cargo run -p agents-sdk --example request_reply`.
+//! Run the local stack, then, with both agents' keys (authorization on):
+//! `cargo run -p agents-sdk --example request_reply -- --nkey-dir .agentmesh/auth/agents`
+//! (no key against `meshctl up --insecure`).
 
 use std::time::Duration;
 
@@ -9,12 +11,18 @@ use agents_sdk::{Agent, Delivery, EventType, payload};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+mod common;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let options = common::Options::parse(&["reviewer", "planner"])?;
+    let url = options.url();
 
     // The answering side: reply to each message, in the asker's trace.
-    let reviewer = Agent::connect("reviewer", &url).await?;
+    let reviewer = options
+        .keyed(Agent::builder("reviewer"), "reviewer")
+        .connect(url)
+        .await?;
     let stop = CancellationToken::new();
     let answering = tokio::spawn({
         let stop = stop.clone();
@@ -38,7 +46,10 @@ async fn main() -> anyhow::Result<()> {
     });
 
     // The asking side.
-    let planner = Agent::connect("planner", &url).await?;
+    let planner = options
+        .keyed(Agent::builder("planner"), "planner")
+        .connect(url)
+        .await?;
     let wf = planner.workflow();
     for diff in ["+ let n = s.parse()?;", "+ let n = s.parse().unwrap();"] {
         let reply = wf

@@ -4,8 +4,11 @@
 //! `planner` example, and the Python one in `sdk/python/examples/`.
 //!
 //! Run the local stack (`meshctl up`, or nats-server and policy-worker),
-//! then: `cargo run -p agents-sdk --example tool_server -- [ROOT]`.
-//! `NATS_URL` points it elsewhere (default `nats://127.0.0.1:4222`).
+//! then, with the coder's key (authorization on):
+//! `cargo run -p agents-sdk --example tool_server -- --nkey-file .agentmesh/auth/agents/coder.nk [ROOT]`
+//! (or `AGENTMESH_NKEY_FILE=.agentmesh/auth/agents/coder.nk`; no key
+//! against `meshctl up --insecure`). `--nats-url` or `NATS_URL` points it
+//! elsewhere (default `nats://127.0.0.1:4222`).
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +16,8 @@ use agents_sdk::{
     A2aReply, A2aRequest, Agent, Delivery, EventType, Skill, ToolCall, ToolError, ToolSpec, payload,
 };
 use serde_json::{Value, json};
+
+mod common;
 
 /// Up to `limit` lines containing `query` in the files under `root`.
 fn search(root: &Path, query: &str, limit: usize) -> Result<Vec<String>, ToolError> {
@@ -46,10 +51,11 @@ fn search(root: &Path, query: &str, limit: usize) -> Result<Vec<String>, ToolErr
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter("info").init();
-    let url = std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
-    let root: PathBuf = std::env::args().nth(1).unwrap_or_else(|| ".".into()).into();
+    let options = common::Options::parse(&["coder"])?;
+    let url = options.url();
+    let root: PathBuf = options.args.first().map_or(".", String::as_str).into();
 
-    let agent = Agent::builder("coder")
+    let builder = Agent::builder("coder")
         .description("Searches and changes the repository")
         .skill(Skill::new("rust", "Rust programming").tag("code"))
         .tool(
@@ -79,9 +85,8 @@ async fn main() -> anyhow::Result<()> {
         )
         .a2a(|request: A2aRequest| async move {
             Ok(A2aReply::text(format!("coder read: {}", request.text())))
-        })
-        .connect(&url)
-        .await?;
+        });
+    let agent = options.keyed(builder, "coder").connect(url).await?;
     println!("coder serving `code.search` on {url}; Ctrl-C stops it");
 
     // Tool calls are answered by the SDK; everything else comes here.

@@ -39,6 +39,8 @@ pub const DEFAULT_PREFETCH: usize = 64;
 enum Credentials {
     None,
     File(PathBuf),
+    /// A seed file, or a credentials file (told apart by its content).
+    KeyFile(PathBuf),
     NKey(String),
     UserPassword(String, String),
     Token(String),
@@ -251,6 +253,18 @@ impl AgentBuilder {
         self
     }
 
+    /// Authenticates with the key in `path`: an nkey seed file (as
+    /// `meshctl agents add <id>` writes to `.agentmesh/auth/agents/<id>.nk`)
+    /// or a NATS credentials file (JWT and seed), told apart by content.
+    ///
+    /// A builder given no credentials uses the file named by the
+    /// environment variable `AGENTMESH_NKEY_FILE` ([`NKEY_FILE_ENV`](crate::NKEY_FILE_ENV)),
+    /// when that is set.
+    pub fn nkey_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.credentials = Credentials::KeyFile(path.into());
+        self
+    }
+
     /// Authenticates with an NKey seed.
     pub fn nkey(mut self, seed: impl Into<String>) -> Self {
         self.credentials = Credentials::NKey(seed.into());
@@ -358,19 +372,35 @@ impl AgentBuilder {
     /// Connects to the NATS server(s) at `url` and sets the agent up: one
     /// URL, or the URLs of a cluster's nodes separated by commas, tried in
     /// that order (the connection fails over between them).
+    ///
+    /// Without credentials set on the builder, the key file named by
+    /// `AGENTMESH_NKEY_FILE` is used when that variable is set. A broker
+    /// that refuses the credentials is [`ConnectErrorKind::Refused`], whose
+    /// message names the key to pass.
     pub async fn connect(mut self, url: impl AsRef<str>) -> Result<Agent, ConnectError> {
         let url = url.as_ref();
         let id = AgentId::new(&self.id)
             .map_err(|_| ConnectErrorKind::InvalidAgentId(self.id.clone()))?;
+        if matches!(self.credentials, Credentials::None)
+            && let Some(path) =
+                std::env::var_os(crate::error::NKEY_FILE_ENV).filter(|p| !p.is_empty())
+        {
+            self.credentials = Credentials::KeyFile(path.into());
+        }
         let mut options = self.options.take().unwrap_or_default();
+        let key = match &self.credentials {
+            Credentials::File(path) | Credentials::KeyFile(path) => {
+                Some(path.display().to_string())
+            }
+            _ => None,
+        };
         options = match &self.credentials {
             Credentials::None => options,
-            Credentials::File(path) => options.credentials_file(path).await.map_err(|e| {
-                ConnectError::with_source(
-                    ConnectErrorKind::Credentials(path.display().to_string()),
-                    e,
-                )
-            })?,
+            Credentials::File(path) => credentials_file(options, path).await?,
+            Credentials::KeyFile(path) => match read_key_file(path)? {
+                KeyFile::Seed(seed) => options.nkey(seed),
+                KeyFile::Credentials => credentials_file(options, path).await?,
+            },
             Credentials::NKey(seed) => options.nkey(seed.clone()),
             Credentials::UserPassword(user, pass) => {
                 options.user_and_password(user.clone(), pass.clone())
@@ -378,9 +408,18 @@ impl AgentBuilder {
             Credentials::Token(token) => options.token(token.clone()),
         };
         let options = options.name(format!("agentmesh-agent-{id}"));
-        let client = schemas::servers::connect(options, url)
-            .await
-            .map_err(|e| ConnectError::with_source(ConnectErrorKind::Connect(url.to_owned()), e))?;
+        let client = schemas::servers::connect(options, url).await.map_err(|e| {
+            let kind = if e.kind() == async_nats::ConnectErrorKind::AuthorizationViolation {
+                ConnectErrorKind::Refused {
+                    agent: id.to_string(),
+                    url: url.to_owned(),
+                    key,
+                }
+            } else {
+                ConnectErrorKind::Connect(url.to_owned())
+            };
+            ConnectError::with_source(kind, e)
+        })?;
         self.setup(id, client).await
     }
 
@@ -540,6 +579,43 @@ impl AgentBuilder {
             }
         }
     }
+}
+
+/// What a key file holds.
+enum KeyFile {
+    /// An nkey seed (`SU…`).
+    Seed(String),
+    /// A NATS credentials file (a user JWT and its seed).
+    Credentials,
+}
+
+/// Reads `path`: a credentials file, or the first `SU…` line as the seed.
+fn read_key_file(path: &std::path::Path) -> Result<KeyFile, ConnectError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConnectError::with_source(ConnectErrorKind::Credentials(shown.clone()), e))?;
+    if text.contains("BEGIN NATS USER JWT") {
+        return Ok(KeyFile::Credentials);
+    }
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU"))
+        .map(|seed| KeyFile::Seed(seed.to_owned()))
+        .ok_or_else(|| {
+            ConnectError::with_source(
+                ConnectErrorKind::Credentials(shown),
+                "neither an nkey seed (a line starting `SU`) nor a NATS credentials file",
+            )
+        })
+}
+
+async fn credentials_file(
+    options: ConnectOptions,
+    path: &std::path::Path,
+) -> Result<ConnectOptions, ConnectError> {
+    options.credentials_file(path).await.map_err(|e| {
+        ConnectError::with_source(ConnectErrorKind::Credentials(path.display().to_string()), e)
+    })
 }
 
 /// The durable consumer an agent reads its deliveries from: `agent-<id>`.

@@ -269,8 +269,10 @@ impl IntoFuture for DecisionWait {
 
 impl Agent {
     /// Waits for the decision receipt of event `event_id`, which this agent
-    /// published since it connected. Works whether the receipt came before
-    /// or after the wait (the agent keeps its most recent 4096 receipts).
+    /// published. Works whether the receipt came before or after the wait
+    /// (the agent keeps its most recent 4096 receipts), and whether the
+    /// agent was connected when it was written: receipts are read from the
+    /// agent's durable `receipts-<id>` on `MESH_DECISION`.
     ///
     /// ```no_run
     /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {

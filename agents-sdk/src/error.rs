@@ -109,6 +109,18 @@ pub enum ConnectErrorKind {
     /// The NATS server could not be reached or refused the connection.
     #[error("could not connect to NATS at `{0}`")]
     Connect(String),
+    /// The broker refused the agent's credentials (an authorization
+    /// violation): the message names the key to pass.
+    #[error("{}", describe_refusal(.agent, .url, .key.as_deref()))]
+    Refused {
+        /// The agent that tried to connect.
+        agent: String,
+        /// The server(s) it tried.
+        url: String,
+        /// The key or credentials file it presented, if one (`None`: none,
+        /// or credentials set in code).
+        key: Option<String>,
+    },
     /// A stream or bucket of the mesh does not exist on the broker.
     #[error(
         "`{0}` not found on the broker: start the local stack (`meshctl up`) or apply the broker config"
@@ -192,6 +204,30 @@ pub enum CallErrorKind {
     /// The broker did not answer a JetStream request.
     #[error("JetStream request failed while waiting for the answer")]
     Broker,
+}
+
+/// The environment variable naming an agent's nkey seed (or credentials)
+/// file, read by [`AgentBuilder::connect`](crate::AgentBuilder::connect)
+/// when the builder was given no credentials.
+pub const NKEY_FILE_ENV: &str = "AGENTMESH_NKEY_FILE";
+
+/// Where `meshctl agents add <agent>` writes the agent's seed, relative to
+/// the directory `meshctl up` ran in.
+pub fn agent_key_path(agent: &str) -> String {
+    format!(".agentmesh/auth/agents/{agent}.nk")
+}
+
+fn describe_refusal(agent: &str, url: &str, key: Option<&str>) -> String {
+    let given = match key {
+        Some(key) => format!("with the key in `{key}`"),
+        None => "without a key file".to_owned(),
+    };
+    format!(
+        "the broker at `{url}` refused agent `{agent}` {given} (authorization violation): \
+         connect with the agent's own key, {NKEY_FILE_ENV}={} (or `--nkey-file`, \
+         `AgentBuilder::nkey_file`); `meshctl agents add {agent}` registers the agent and writes it",
+        agent_key_path(agent)
+    )
 }
 
 fn describe_denial(receipt: &DecisionReceipt) -> String {

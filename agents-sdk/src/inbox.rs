@@ -1,20 +1,29 @@
-//! The agent's inbox for calls in flight: a subscription on its receipts
-//! (`mesh.decision.<self>`, from connect on) and, from the first call on,
-//! one on its deliveries (`mesh.deliver.<self>.>`), each read by one task
-//! that hands every receipt and every answer to the call waiting for it, by
-//! event id. Recent receipts are kept, so a wait that starts after its
-//! receipt arrived still finds it.
+//! The agent's inbox for calls in flight: its receipts (from connect on)
+//! and, from the first call on, a subscription on its deliveries
+//! (`mesh.deliver.<self>.>`), each read by a task that hands every receipt
+//! and every answer to the call waiting for it, by event id. Recent
+//! receipts are kept, so a wait that starts after its receipt arrived still
+//! finds it.
 //!
-//! Plain subscriptions, not JetStream consumers: on a mesh with
-//! authorization an agent may subscribe to its own subjects but may not
-//! create consumers (see `docs/security.md`). A subscription made before a
-//! call is published sees everything the call can get back; the agent's
-//! durable consumer is not touched: it still gets (and the delivery stream
-//! drops) the answers.
+//! Receipts are read from the stream, through the agent's durable
+//! `receipts-<id>` on `MESH_DECISION` (the one create an agent's key may
+//! send, as the Python SDK does), and acknowledged: a receipt written while
+//! the agent was disconnected is read when it is back. While connected the
+//! agent also listens on `mesh.decision.<self>`: replicas of one agent
+//! share its durable, where each receipt reaches one of them, and each
+//! must see the receipts of its own events. A wait takes the first copy.
+//!
+//! Answers come on a plain subscription: one made before a call is
+//! published sees everything the call can get back; the agent's durable
+//! consumer is not touched: it still gets (and the delivery stream drops)
+//! the answers.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::{self, PullConsumer};
 use futures::StreamExt;
 use schemas::{DecisionReceipt, subjects};
 use tokio::sync::mpsc;
@@ -110,38 +119,43 @@ fn hand_over(waiters: &Waiters, id: &str, arrival: Arrival) {
 }
 
 impl Agent {
-    /// Subscribes to the agent's receipts; called once, at connect, so
-    /// every receipt of an event this agent publishes is seen.
+    /// Starts reading the agent's receipts, from its durable and from its
+    /// receipts subject; called once, at connect, so every receipt of an
+    /// event this agent publishes is seen.
     pub(crate) async fn start_receipts(&self) -> Result<(), BoxError> {
-        let mut receipts = self
+        let me = self.id().as_str();
+        let durable = subjects::receipts_consumer(me);
+        let consumer: PullConsumer = self
             .inner
-            .client
-            .subscribe(subjects::decision(self.id().as_str()))
+            .js
+            .create_consumer_on_stream(
+                consumer::pull::Config {
+                    durable_name: Some(durable.clone()),
+                    description: Some(format!("decision receipts of agent `{me}`")),
+                    filter_subject: subjects::decision(me),
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: RECEIPTS_ACK_WAIT,
+                    max_deliver: -1,
+                    max_ack_pending: 1000,
+                    ..Default::default()
+                },
+                subjects::STREAM_DECISION,
+            )
             .await?;
+        let live = self.inner.client.subscribe(subjects::decision(me)).await?;
         let token = CancellationToken::new();
-        let stop = token.clone();
-        let waiters = self.inner.inbox.waiters.clone();
-        let recent = self.inner.inbox.recent.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    next = receipts.next() => match next {
-                        Some(message) => match serde_json::from_slice::<DecisionReceipt>(&message.payload) {
-                            Ok(receipt) => {
-                                if let Ok(mut recent) = recent.lock() {
-                                    recent.insert(receipt.clone());
-                                }
-                                let id = receipt.event_id.clone();
-                                hand_over(&waiters, &id, Arrival::Decision(Box::new(receipt)));
-                            }
-                            Err(e) => tracing::warn!(subject = %message.subject, error = %e, "Ignoring a decision receipt that does not parse."),
-                        },
-                        None => break,
-                    },
-                }
-            }
-        });
+        let inbox = Arrivals {
+            waiters: self.inner.inbox.waiters.clone(),
+            recent: self.inner.inbox.recent.clone(),
+        };
+        tokio::spawn(read_durable(
+            consumer,
+            durable,
+            inbox.clone(),
+            token.clone(),
+        ));
+        tokio::spawn(read_live(live, inbox, token.clone()));
         if let Ok(mut running) = self.inner.inbox.receipts.lock() {
             *running = Some(token);
         }
@@ -220,6 +234,101 @@ impl Agent {
             stop.cancel();
         });
         Ok(token)
+    }
+}
+
+/// The ack wait of the receipts durable, as `meshctl up` provisions it.
+const RECEIPTS_ACK_WAIT: Duration = Duration::from_secs(30);
+/// How long one pull of receipts waits at the server.
+const RECEIPTS_PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long the reader waits after a failed pull.
+const RECEIPTS_PULL_RETRY: Duration = Duration::from_secs(1);
+
+/// Where arriving receipts go: the waits, and the recent ones.
+#[derive(Clone)]
+struct Arrivals {
+    waiters: Waiters,
+    recent: Arc<Mutex<Recent>>,
+}
+
+impl Arrivals {
+    /// Hands `payload` over as a receipt; false when it does not parse.
+    fn receipt(&self, subject: &str, payload: &[u8]) -> bool {
+        match serde_json::from_slice::<DecisionReceipt>(payload) {
+            Ok(receipt) => {
+                if let Ok(mut recent) = self.recent.lock() {
+                    recent.insert(receipt.clone());
+                }
+                let id = receipt.event_id.clone();
+                hand_over(&self.waiters, &id, Arrival::Decision(Box::new(receipt)));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "Ignoring a decision receipt that does not parse.");
+                false
+            }
+        }
+    }
+}
+
+/// Pulls the agent's durable of receipts until `stop`, acknowledging each
+/// receipt once handed over (one that does not parse is terminated).
+async fn read_durable(
+    consumer: PullConsumer,
+    name: String,
+    inbox: Arrivals,
+    stop: CancellationToken,
+) {
+    'pulling: loop {
+        let pulled = tokio::select! {
+            () = stop.cancelled() => break 'pulling,
+            pulled = consumer.batch().max_messages(64).expires(RECEIPTS_PULL_EXPIRES).messages() => pulled,
+        };
+        let failure = match pulled {
+            Ok(mut batch) => loop {
+                tokio::select! {
+                    () = stop.cancelled() => break 'pulling,
+                    next = batch.next() => match next {
+                        Some(Ok(message)) => {
+                            let kind = if inbox.receipt(&message.subject, &message.payload) {
+                                AckKind::Ack
+                            } else {
+                                AckKind::Term
+                            };
+                            if let Err(e) = message.ack_with(kind).await {
+                                tracing::debug!(consumer = %name, error = %e, "Could not acknowledge a receipt.");
+                            }
+                        }
+                        // Delivered in full, or expired: pull again.
+                        None => break None,
+                        Some(Err(e)) => break Some(e.to_string()),
+                    },
+                }
+            },
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = failure {
+            tracing::debug!(consumer = %name, %error, "Pulling receipts failed; pulling again.");
+            tokio::select! {
+                () = stop.cancelled() => break 'pulling,
+                () = tokio::time::sleep(RECEIPTS_PULL_RETRY) => {}
+            }
+        }
+    }
+}
+
+/// Reads the receipts subject while connected, until `stop`.
+async fn read_live(mut live: async_nats::Subscriber, inbox: Arrivals, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            next = live.next() => match next {
+                Some(message) => {
+                    inbox.receipt(&message.subject, &message.payload);
+                }
+                None => break,
+            },
+        }
     }
 }
 

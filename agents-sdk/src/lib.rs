@@ -87,7 +87,7 @@ pub use delivery::{Deliveries, Delivery, Failed, Received};
 pub use error::{
     BoxError, CallError, CallErrorKind, ConnectError, ConnectErrorKind, DecisionError,
     DecisionErrorKind, DeliveryError, DeliveryErrorKind, DirectoryError, DirectoryErrorKind, Error,
-    PublishError, PublishErrorKind,
+    NKEY_FILE_ENV, PublishError, PublishErrorKind, agent_key_path,
 };
 pub use metrics::{AgentMetrics, Pending};
 pub use tools::{ToolCall, ToolError};

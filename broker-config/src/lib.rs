@@ -14,6 +14,7 @@ pub mod admin;
 pub mod auth;
 pub mod credentials;
 mod provision;
+pub mod server;
 
 pub use credentials::{DEFAULT_NATS_URL, NatsArgs, NatsCredentials};
 pub use provision::{

@@ -20,9 +20,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
-use gpu_scaler::{
-    AssignedGpu, ConfigFile, DeclaredGpu, DeclaredInventory, InventoryMode, PoolConfig, Scaler,
-};
+use gpu_pools::{ConfigFile, DeclaredGpu, DeclaredInventory, InventoryMode, PoolConfig};
+use gpu_scaler::{AssignedGpu, Scaler};
 use tokio_util::sync::CancellationToken;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

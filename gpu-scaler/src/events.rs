@@ -13,8 +13,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 use schemas::{AttributesReader, EventBuilder};
 
-use crate::decide::ReleaseReason;
-use crate::lease::Lease;
+use gpu_pools::Lease;
+use gpu_pools::decide::ReleaseReason;
 
 /// CloudEvents `type` of a grant ([`schemas::gpu::LEASE_GRANTED`]).
 pub use schemas::gpu::LEASE_GRANTED as TYPE_GRANTED;

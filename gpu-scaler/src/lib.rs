@@ -6,7 +6,7 @@
 //! `mesh.gpu.lease.<pool>`.
 //!
 //! Workers learn their GPUs with [`watch_pool`]; operators see everything
-//! with [`overview::gather`] (`meshctl gpus`). `docs/gpu-scaler.md` explains
+//! with `gpu_pools::overview::gather` (`meshctl gpus`). `docs/gpu-scaler.md` explains
 //! the config, the decision and the fair-sharing rule.
 
 use std::path::PathBuf;
@@ -14,23 +14,14 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-mod config;
-pub mod decide;
-pub mod demand;
 pub mod events;
 pub mod inventory;
-mod lease;
-pub mod overview;
 mod scaler;
 mod worker;
 
-pub use config::{
-    ConfigError, ConfigFile, DEFAULT_COOLDOWN, DEFAULT_LEASE_TTL, DEFAULT_POLL_INTERVAL,
-    DEFAULT_STREAM, DeclaredGpu, DisplayDuration, InventoryMode, PoolConfig, parse_duration,
-};
-pub use inventory::{DeclaredInventory, GpuInfo, Inventory, InventoryError, NvmlInventory};
-pub use lease::{Lease, LeaseStore, Slot, SlotState, Snapshot};
-pub use scaler::{PoolStatus, RoundReport, STATUS_SUBJECT, Scaler, Status};
+use gpu_pools::{ConfigError, ConfigFile, Inventory, InventoryError};
+pub use inventory::NvmlInventory;
+pub use scaler::{RoundReport, Scaler};
 pub use worker::{AssignedGpu, assigned_gpus, cuda_visible_devices, watch_pool};
 
 /// Why the scaler (or a helper) could not do its work.
@@ -38,21 +29,24 @@ pub use worker::{AssignedGpu, assigned_gpus, cuda_visible_devices, watch_pool};
 #[non_exhaustive]
 pub enum Error {
     /// The NATS server could not be reached.
-    #[error("connecting to NATS at `{url}`: {message}")]
+    #[error("connecting to NATS at `{url}`: {source}")]
     Connect {
         /// The URL tried.
         url: String,
-        /// The client's message.
-        message: String,
+        /// The client's error.
+        source: async_nats::Error,
     },
     /// A broker request failed.
-    #[error("{what}: {message}")]
+    #[error("{what}: {source}")]
     Broker {
         /// What was being done.
         what: String,
         /// The broker's answer.
-        message: String,
+        source: async_nats::Error,
     },
+    /// Leases or status could not be read.
+    #[error(transparent)]
+    Pools(#[from] gpu_pools::Error),
     /// Streams and buckets could not be set up.
     #[error(transparent)]
     Apply(#[from] broker_config::ApplyError),
@@ -194,13 +188,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .await
         .map_err(|e| Error::Connect {
             url: config.nats.url.clone(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
     let client = schemas::servers::connect(options, &config.nats.url)
         .await
         .map_err(|e| Error::Connect {
             url: config.nats.url.clone(),
-            message: e.to_string(),
+            source: e.into(),
         })?;
     let state = client.clone();
     ops.health().probe("nats", move || {

@@ -1,5 +1,5 @@
 //! The control loop: every `poll_interval`, read the inventory, the demand
-//! and the leases, decide ([`crate::decide::plan`]), carry the plan out with
+//! and the leases, decide ([`gpu_pools::decide::plan`]), carry the plan out with
 //! conditional KV writes, and report each grant and release as an event.
 //!
 //! The loop also answers status requests on [`STATUS_SUBJECT`] with what it
@@ -12,66 +12,22 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::Error;
-use crate::config::ConfigFile;
-use crate::decide::{self, Action, PoolDecision, PoolInput, Stabilizer};
-use crate::demand::{self, PoolDemand};
 use crate::events::{LeaseAction, Outbox, lease_event};
-use crate::inventory::{GpuInfo, Inventory};
-use crate::lease::{Lease, LeaseStore, WriteError};
-
-/// Core NATS subject on which every running scaler answers with its [`Status`] (JSON).
-pub const STATUS_SUBJECT: &str = schemas::subjects::GPU_STATUS;
+use gpu_pools::decide::{self, Action, PoolDecision, PoolInput, Stabilizer};
+use gpu_pools::demand;
+use gpu_pools::{
+    ConfigFile, GpuInfo, Inventory, Lease, LeaseStore, PoolStatus, STATUS_SUBJECT, Status,
+    WriteError,
+};
 
 /// How long the last events may take to reach the broker at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// One pool in a status report.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PoolStatus {
-    /// Decision figures.
-    #[serde(flatten)]
-    pub decision: PoolDecision,
-    /// `min_gpus`.
-    pub min_gpus: u32,
-    /// `max_gpus`.
-    pub max_gpus: u32,
-    /// `target_backlog_per_gpu`.
-    pub target_backlog_per_gpu: u64,
-    /// `cooldown` in milliseconds.
-    pub cooldown_ms: u64,
-    /// Where the backlog came from.
-    pub demand: Option<PoolDemand>,
-    /// Why the backlog could not be read.
-    pub demand_error: Option<String>,
-}
-
-/// What a scaler saw and decided in its last round.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    /// The instance name.
-    pub instance: String,
-    /// `nvml` or `declared`.
-    pub inventory_source: String,
-    /// When the round ran (RFC 3339), empty before the first.
-    pub updated_at: String,
-    /// Poll interval in milliseconds.
-    pub poll_interval_ms: u64,
-    /// The GPUs.
-    pub gpus: Vec<GpuInfo>,
-    /// The pools.
-    pub pools: Vec<PoolStatus>,
-    /// Lease events waiting for the broker.
-    pub outbox: usize,
-    /// What went wrong in the round, if anything.
-    pub errors: Vec<String>,
-}
 
 /// What one round did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -132,12 +88,12 @@ impl Scaler {
             .await
             .map_err(|e| Error::Broker {
                 what: format!("subscribing to `{STATUS_SUBJECT}`"),
-                message: e.to_string(),
+                source: e.into(),
             })?;
         // The subscription must reach the server before anyone asks.
         client.flush().await.map_err(|e| Error::Broker {
             what: format!("subscribing to `{STATUS_SUBJECT}`"),
-            message: e.to_string(),
+            source: e.into(),
         })?;
         let responder =
             AbortOnDropHandle::new(tokio::spawn(answer_status(client, subscription, status_rx)));
@@ -485,9 +441,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use super::*;
-    use crate::config::{DeclaredGpu, InventoryMode, PoolConfig};
-    use crate::inventory::{DeclaredInventory, InventoryError};
-    use crate::lease::SlotState;
+    use gpu_pools::{
+        DeclaredGpu, DeclaredInventory, InventoryError, InventoryMode, PoolConfig, SlotState,
+    };
 
     /// Declared GPUs whose reads fail while `failing` is set, as NVML can.
     struct Flaky {

@@ -23,7 +23,7 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
-use crate::lease::{LeaseStore, Slot, SlotState, slot_from_entry};
+use gpu_pools::{LeaseStore, Slot, SlotState, slot_from_entry};
 
 /// Pause before re-reading the bucket after the watch broke.
 const REWATCH_DELAY: Duration = Duration::from_millis(250);
@@ -115,7 +115,7 @@ impl WatchState {
             .await
             .map_err(|e| Error::Broker {
                 what: "watching the lease bucket".to_owned(),
-                message: e.to_string(),
+                source: e.into(),
             })?;
         self.slots = snapshot.slots;
         self.watch = Some(watch);
@@ -152,11 +152,11 @@ impl WatchState {
                     }
                     other => {
                         self.watch = None;
-                        let message = match other {
-                            Some(Err(e)) => e.to_string(),
-                            _ => "watch ended".to_owned(),
+                        let source: async_nats::Error = match other {
+                            Some(Err(e)) => e.into(),
+                            _ => "watch ended".into(),
                         };
-                        return Err(Error::Broker { what: "watching the lease bucket".to_owned(), message });
+                        return Err(Error::Broker { what: "watching the lease bucket".to_owned(), source });
                     }
                 },
                 _ = tokio::time::sleep(sleep) => {}

@@ -10,9 +10,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use gpu_scaler::{
-    ConfigFile, Inventory, InventoryMode, NvmlInventory, assigned_gpus, cuda_visible_devices,
-};
+use gpu_pools::{ConfigFile, Inventory, InventoryMode};
+use gpu_scaler::{NvmlInventory, assigned_gpus, cuda_visible_devices};
 
 #[tokio::test]
 #[ignore = "needs an NVIDIA GPU: scripts/gpu-check.sh runs it"]

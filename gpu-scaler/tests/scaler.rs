@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use common::*;
 use futures::StreamExt;
+use gpu_pools::{Lease, LeaseStore, overview};
 use gpu_scaler::events::{TYPE_GRANTED, TYPE_RELEASED};
-use gpu_scaler::{Lease, LeaseStore, cuda_visible_devices, overview, watch_pool};
+use gpu_scaler::{cuda_visible_devices, watch_pool};
 use testkit::{WAIT, eventually};
 
 const LONG: Duration = Duration::from_secs(60);

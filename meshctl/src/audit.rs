@@ -9,8 +9,17 @@
 //! one checkpointed at its stream sequence; **inserted** when its stream
 //! sequence was checkpointed for another receipt, or for none although
 //! later ones were; a checkpointed receipt with no row is **deleted**.
+//!
+//! It also compares each stream with its table (`MESH_INGRESS` with
+//! `events`, `MESH_DECISION` with `decisions`): a message the stream still
+//! holds that has no row (and was not refused into `rejected`) is
+//! **missing** — ClickHouse lost an insert the sink had acknowledged, after
+//! a power cut for example. `meshctl audit repair` re-inserts those rows
+//! from the streams (idempotent: the tables are `ReplacingMergeTree`s) and
+//! names what it cannot recover: rows whose messages are past the stream's
+//! retention.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use anyhow::Context as _;
@@ -38,6 +47,15 @@ pub(crate) enum AuditCommand {
         #[arg(long)]
         trace: Option<String>,
     },
+    /// Re-insert the audit rows ClickHouse lost from the streams that
+    /// still hold them (idempotent), and name what cannot be recovered
+    /// (past the stream's retention); exit status 1 when something could
+    /// not be.
+    Repair {
+        /// Only say what would be re-inserted.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// What is wrong with one row or checkpoint.
@@ -60,6 +78,20 @@ pub(crate) enum Finding {
         key: String,
         /// Its trace.
         trace_id: String,
+        /// Whether `MESH_DECISION` still holds it (`meshctl audit repair`
+        /// restores the row).
+        in_stream: bool,
+    },
+    /// A message the stream holds that its table has no row for.
+    Missing {
+        /// `events` or `decisions`.
+        table: &'static str,
+        /// Its stream.
+        stream: &'static str,
+        /// Its stream sequence.
+        seq: u64,
+        /// `<agent>/<event id>`.
+        key: String,
     },
     /// A row that no checkpoint accounts for.
     Inserted {
@@ -86,6 +118,7 @@ impl Finding {
             Self::Altered { seq, .. } | Self::Deleted { seq, .. } | Self::Inserted { seq, .. } => {
                 (1, *seq)
             }
+            Self::Missing { seq, .. } => (2, *seq),
         }
     }
 }
@@ -99,9 +132,28 @@ impl fmt::Display for Finding {
                     "altered: decision {key} (MESH_DECISION seq {seq}): {why}"
                 )
             }
-            Self::Deleted { seq, key, trace_id } => write!(
+            Self::Deleted {
+                seq,
+                key,
+                trace_id,
+                in_stream,
+            } => write!(
                 f,
-                "deleted: decision {key} (MESH_DECISION seq {seq}, trace {trace_id}) is checkpointed but has no row"
+                "deleted: decision {key} (MESH_DECISION seq {seq}, trace {trace_id}) is checkpointed but has no row{}",
+                if *in_stream {
+                    "; the stream still holds it: `meshctl audit repair` re-inserts it"
+                } else {
+                    "; past the stream's retention: not recoverable"
+                }
+            ),
+            Self::Missing {
+                table,
+                stream,
+                seq,
+                key,
+            } => write!(
+                f,
+                "missing: {table} row of {key} ({stream} seq {seq}): the stream holds it, the table does not (`meshctl audit repair` re-inserts it)"
             ),
             Self::Inserted { seq, key, why } => {
                 write!(
@@ -123,6 +175,8 @@ pub(crate) struct Report {
     pub(crate) checkpoints: usize,
     /// Rows newer than every checkpoint (signature checked only).
     pub(crate) pending: usize,
+    /// Stream messages compared with their tables.
+    pub(crate) compared: usize,
     /// Everything wrong, first by sequence.
     pub(crate) findings: Vec<Finding>,
 }
@@ -137,6 +191,13 @@ pub(crate) struct Filter {
 }
 
 impl Filter {
+    fn keeps_us(&self, trace_id: &str, time_us: u64) -> bool {
+        self.trace.as_deref().is_none_or(|t| t == trace_id)
+            && self
+                .since_us
+                .is_none_or(|since| i64::try_from(time_us).unwrap_or(i64::MAX) >= since)
+    }
+
     fn keeps(&self, trace_id: &str, decided_at: &str) -> bool {
         self.trace.as_deref().is_none_or(|t| t == trace_id)
             && self.since_us.is_none_or(|since| {
@@ -159,8 +220,181 @@ pub(crate) async fn verify(endpoints: &Endpoints, filter: &Filter) -> anyhow::Re
     let entries = checkpoints(&js, &signers, &mut report).await?;
     let rows = fetch_rows(endpoints, filter).await?;
     check_rows(&signers, &entries, rows, filter, &mut report);
+    for pair in PAIRS {
+        let gaps = gaps(&js, endpoints, pair, filter).await?;
+        report.compared += gaps.compared;
+        let held: std::collections::HashSet<u64> = gaps.missing.iter().map(|m| m.seq).collect();
+        if pair.table == audit_tables::schema::DECISIONS {
+            // A checkpointed receipt already reported deleted: say whether
+            // the stream can restore it rather than name it twice.
+            for finding in &mut report.findings {
+                if let Finding::Deleted { seq, in_stream, .. } = finding {
+                    *in_stream = held.contains(seq);
+                }
+            }
+        }
+        let deleted: std::collections::HashSet<u64> = report
+            .findings
+            .iter()
+            .filter_map(|f| match f {
+                Finding::Deleted { seq, .. } if pair.table == audit_tables::schema::DECISIONS => {
+                    Some(*seq)
+                }
+                _ => None,
+            })
+            .collect();
+        for gap in gaps.missing {
+            if !deleted.contains(&gap.seq) {
+                report.findings.push(Finding::Missing {
+                    table: pair.table,
+                    stream: pair.stream,
+                    seq: gap.seq,
+                    key: gap.key,
+                });
+            }
+        }
+    }
     report.findings.sort_by_key(Finding::order);
     Ok(report)
+}
+
+/// A stream and the table its messages become rows of.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pair {
+    stream: &'static str,
+    table: &'static str,
+}
+
+/// What `verify` and `repair` compare.
+const PAIRS: [Pair; 2] = [
+    Pair {
+        stream: subjects::STREAM_INGRESS,
+        table: audit_tables::schema::EVENTS,
+    },
+    Pair {
+        stream: subjects::STREAM_DECISION,
+        table: audit_tables::schema::DECISIONS,
+    },
+];
+
+/// A message of a stream with no row in its table.
+#[derive(Debug)]
+struct Gap {
+    seq: u64,
+    key: String,
+    /// The row it makes, to re-insert.
+    row: Row,
+}
+
+#[derive(Debug)]
+enum Row {
+    Event(Box<rows::EventRow>),
+    Decision(Box<DecisionRow>),
+}
+
+/// What one stream-against-table comparison found.
+#[derive(Debug, Default)]
+struct Gaps {
+    /// Messages compared.
+    compared: usize,
+    /// The stream's first sequence (what is older is past its retention).
+    first_seq: u64,
+    missing: Vec<Gap>,
+}
+
+/// The sequences of `pair.stream` that have a row in `pair.table` or were
+/// refused into `rejected`.
+async fn accounted(endpoints: &Endpoints, pair: Pair) -> anyhow::Result<HashSet<u64>> {
+    let db = &endpoints.database;
+    let client = endpoints.clickhouse();
+    let mut seqs: HashSet<u64> = client
+        .query(&format!(
+            "SELECT DISTINCT stream_seq FROM `{db}`.{} FINAL",
+            pair.table
+        ))
+        .fetch_all::<u64>()
+        .await
+        .with_context(|| format!("reading `{db}.{}`", pair.table))?
+        .into_iter()
+        .collect();
+    let refused = client
+        .query(&format!(
+            "SELECT stream_seq FROM `{db}`.{} WHERE `table` = ?",
+            audit_tables::schema::REJECTED
+        ))
+        .bind(pair.table)
+        .fetch_all::<u64>()
+        .await
+        .with_context(|| format!("reading `{db}.rejected`"))?;
+    seqs.extend(refused);
+    Ok(seqs)
+}
+
+/// The messages `pair.stream` holds that `pair.table` has no row for
+/// (within `filter`), with the rows they make.
+async fn gaps(
+    js: &jetstream::Context,
+    endpoints: &Endpoints,
+    pair: Pair,
+    filter: &Filter,
+) -> anyhow::Result<Gaps> {
+    let mut stream = js
+        .get_stream(pair.stream)
+        .await
+        .with_context(|| format!("opening `{}`", pair.stream))?;
+    let state = stream.info().await?.state.clone();
+    let mut out = Gaps {
+        first_seq: state.first_sequence,
+        ..Gaps::default()
+    };
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    let accounted = accounted(endpoints, pair).await?;
+    for seq in state.first_sequence..=state.last_sequence {
+        if accounted.contains(&seq) {
+            out.compared += 1;
+            continue;
+        }
+        let message = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+            {
+                continue;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {} seq {seq}", pair.stream));
+            }
+        };
+        out.compared += 1;
+        let meta = Meta {
+            stream: pair.stream.to_owned(),
+            stream_seq: seq,
+            received_us: i64::try_from(message.time.unix_timestamp_nanos() / 1000).unwrap_or(0),
+        };
+        let (row, key, trace, time_us) = if pair.table == audit_tables::schema::EVENTS {
+            let row = rows::event_row(
+                message.subject.as_str(),
+                Some(&message.headers),
+                &message.payload,
+                &meta,
+            );
+            let key = subjects::event_key(&row.agent, &row.event_id);
+            let (trace, time) = (row.trace_id.clone(), row.time_us);
+            (Row::Event(Box::new(row)), key, trace, time)
+        } else {
+            let row = rows::decision_row(message.subject.as_str(), &message.payload, &meta);
+            let key = key_of(&row);
+            let (trace, time) = (row.trace_id.clone(), row.time_us);
+            (Row::Decision(Box::new(row)), key, trace, time)
+        };
+        if filter.keeps_us(&trace, time_us) {
+            out.missing.push(Gap { seq, key, row });
+        }
+    }
+    Ok(out)
 }
 
 /// Every checkpointed receipt by stream sequence, after checking each
@@ -295,6 +529,18 @@ async fn fetch_rows(endpoints: &Endpoints, filter: &Filter) -> anyhow::Result<Ve
         .with_context(|| format!("reading `{}.decisions`", endpoints.database))
 }
 
+/// Whether a checkpoint's key names the row's event: `<agent>/<id>`, or
+/// for an invalid event the worker's `invalid-<ingress seq>` (its
+/// `Nats-Msg-Id`: an invalid event may have no id). The receipt's hash,
+/// checked next, proves the content either way.
+fn same_key(checkpointed: &str, key: &str, decision: &str) -> bool {
+    checkpointed == key
+        || (decision == "invalid"
+            && checkpointed
+                .strip_prefix("invalid-")
+                .is_some_and(|n| n.parse::<u64>().is_ok()))
+}
+
 fn key_of(row: &DecisionRow) -> String {
     subjects::event_key(&row.agent, &row.event_id)
 }
@@ -362,7 +608,7 @@ fn check_rows(
                     .map_err(|e| e.to_string())
             });
         match entries.get(&seq) {
-            Some(entry) if entry.key != key => {
+            Some(entry) if !same_key(&entry.key, &key, &row.decision) => {
                 report.findings.push(Finding::Inserted {
                     seq,
                     key: key.clone(),
@@ -426,14 +672,172 @@ fn deleted_rows(
                 seq: *seq,
                 key: entry.key.clone(),
                 trace_id: entry.trace_id.clone(),
+                in_stream: false,
             });
         }
     }
 }
 
+/// What `meshctl audit repair` did.
+#[derive(Debug, Default)]
+pub(crate) struct Repair {
+    /// Stream messages compared with their tables.
+    pub(crate) compared: usize,
+    /// Rows re-inserted (or, on a dry run, to re-insert), by table.
+    pub(crate) reinserted: BTreeMap<&'static str, usize>,
+    /// What could not be recovered, one line each.
+    pub(crate) unrecoverable: Vec<String>,
+    /// Rows still missing after the repair (0 unless ClickHouse refused).
+    pub(crate) still_missing: usize,
+}
+
+/// Re-inserts every row the streams hold and the tables lack; names what
+/// is past the streams' retention.
+pub(crate) async fn repair(endpoints: &Endpoints, dry_run: bool) -> anyhow::Result<Repair> {
+    let js = jetstream::new(endpoints.connect_nats().await?);
+    let client = endpoints.audit_db();
+    let mut out = Repair::default();
+    let all = Filter::default();
+    for pair in PAIRS {
+        let gaps = gaps(&js, endpoints, pair, &all).await?;
+        out.compared += gaps.compared;
+        out.reinserted.insert(pair.table, gaps.missing.len());
+        unrecoverable(endpoints, pair, gaps.first_seq, &mut out).await?;
+        if dry_run || gaps.missing.is_empty() {
+            continue;
+        }
+        if pair.table == audit_tables::schema::EVENTS {
+            let mut insert = client.insert::<rows::EventRow>(pair.table).await?;
+            for gap in &gaps.missing {
+                if let Row::Event(row) = &gap.row {
+                    insert.write(row).await?;
+                }
+            }
+            insert
+                .end()
+                .await
+                .with_context(|| format!("re-inserting into `{}`", pair.table))?;
+        } else {
+            let mut insert = client.insert::<DecisionRow>(pair.table).await?;
+            for gap in &gaps.missing {
+                if let Row::Decision(row) = &gap.row {
+                    insert.write(row).await?;
+                }
+            }
+            insert
+                .end()
+                .await
+                .with_context(|| format!("re-inserting into `{}`", pair.table))?;
+        }
+        out.still_missing += gaps_after(&js, endpoints, pair).await?;
+    }
+    // Checkpointed decisions past MESH_DECISION's retention with no row:
+    // named by the checkpoints, which outlive them.
+    let kv = js
+        .get_key_value(subjects::BUCKET_SIGNERS)
+        .await
+        .with_context(|| format!("opening `{}`", subjects::BUCKET_SIGNERS))?;
+    let signers = Signers::new(crate::signers::records(&kv).await?);
+    let mut scratch = Report::default();
+    let entries = checkpoints(&js, &signers, &mut scratch).await?;
+    let first = js
+        .get_stream(subjects::STREAM_DECISION)
+        .await?
+        .info()
+        .await?
+        .state
+        .first_sequence;
+    let have = accounted(
+        endpoints,
+        Pair {
+            stream: subjects::STREAM_DECISION,
+            table: audit_tables::schema::DECISIONS,
+        },
+    )
+    .await?;
+    for (seq, entry) in entries.range(..first) {
+        if !have.contains(seq) {
+            out.unrecoverable.push(format!(
+                "decision {} (MESH_DECISION seq {seq}, trace {}): checkpointed, no row, and past the stream's retention",
+                entry.key, entry.trace_id
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// How many messages of `pair` still have no row.
+async fn gaps_after(
+    js: &jetstream::Context,
+    endpoints: &Endpoints,
+    pair: Pair,
+) -> anyhow::Result<usize> {
+    Ok(gaps(js, endpoints, pair, &Filter::default())
+        .await?
+        .missing
+        .len())
+}
+
+/// The sequences of `pair.stream` before its first one (past its
+/// retention) that have no row: counted, since their content is gone.
+async fn unrecoverable(
+    endpoints: &Endpoints,
+    pair: Pair,
+    first_seq: u64,
+    out: &mut Repair,
+) -> anyhow::Result<()> {
+    if first_seq <= 1 || pair.table == audit_tables::schema::DECISIONS {
+        // Decisions are named one by one from the checkpoints.
+        return Ok(());
+    }
+    let have = accounted(endpoints, pair).await?;
+    let gone = (1..first_seq).filter(|s| !have.contains(s)).count();
+    if gone > 0 {
+        out.unrecoverable.push(format!(
+            "{gone} {} rows: {} sequences 1 to {} are past the stream's retention (or the table's TTL) and have no row",
+            pair.table,
+            pair.stream,
+            first_seq - 1
+        ));
+    }
+    Ok(())
+}
+
 /// Runs `meshctl audit …`; `false` when anything was found.
 pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     match command {
+        AuditCommand::Repair { dry_run } => {
+            let repaired = repair(endpoints, dry_run).await?;
+            let total: usize = repaired.reinserted.values().sum();
+            let by_table: Vec<String> = repaired
+                .reinserted
+                .iter()
+                .map(|(table, n)| format!("{n} into {table}"))
+                .collect();
+            if total == 0 {
+                println!(
+                    "nothing to repair: every message the streams hold has its row ({} compared)",
+                    repaired.compared
+                );
+            } else if dry_run {
+                println!(
+                    "would re-insert {total} rows from the streams ({}; {} messages compared)",
+                    by_table.join(", "),
+                    repaired.compared
+                );
+            } else {
+                println!(
+                    "repaired: re-inserted {total} rows from the streams ({}; {} messages compared); {} still missing",
+                    by_table.join(", "),
+                    repaired.compared,
+                    repaired.still_missing
+                );
+            }
+            for line in &repaired.unrecoverable {
+                println!("could not recover: {line}");
+            }
+            Ok(repaired.unrecoverable.is_empty() && repaired.still_missing == 0)
+        }
         AuditCommand::Verify { since, trace } => {
             let since_us = since
                 .as_deref()
@@ -447,8 +851,8 @@ pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow:
             let report = verify(endpoints, &filter).await?;
             if report.findings.is_empty() {
                 println!(
-                    "ok: {} decisions verified against {} checkpoints ({} newer than the last checkpoint: signature checked only)",
-                    report.rows, report.checkpoints, report.pending
+                    "ok: {} decisions verified against {} checkpoints ({} newer than the last checkpoint: signature checked only); {} stream messages have their rows",
+                    report.rows, report.checkpoints, report.pending, report.compared
                 );
                 return Ok(true);
             }
@@ -464,5 +868,46 @@ pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow:
             }
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invalid_decision_is_checkpointed_under_its_ingress_sequence() {
+        assert!(same_key("planner/e-1", "planner/e-1", "allow"));
+        assert!(same_key("invalid-2", "planner/e-1", "invalid"));
+        assert!(!same_key("invalid-2", "planner/e-1", "allow"));
+        assert!(!same_key("invalid-x", "planner/e-1", "invalid"));
+        assert!(!same_key("coder/e-1", "planner/e-1", "invalid"));
+    }
+
+    #[test]
+    fn a_deleted_row_says_whether_the_stream_can_restore_it() {
+        let deleted = |in_stream| Finding::Deleted {
+            seq: 7,
+            key: "planner/e".into(),
+            trace_id: "t".into(),
+            in_stream,
+        };
+        assert!(
+            deleted(true)
+                .to_string()
+                .ends_with("`meshctl audit repair` re-inserts it")
+        );
+        assert!(deleted(false).to_string().ends_with("not recoverable"));
+        let missing = Finding::Missing {
+            table: "events",
+            stream: "MESH_INGRESS",
+            seq: 3,
+            key: "planner/e".into(),
+        };
+        assert_eq!(
+            missing.to_string(),
+            "missing: events row of planner/e (MESH_INGRESS seq 3): the stream holds it, the table does not (`meshctl audit repair` re-inserts it)"
+        );
+        assert!(missing.order() > deleted(true).order());
     }
 }

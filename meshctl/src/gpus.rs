@@ -19,12 +19,12 @@ pub(crate) async fn run(
     endpoints: &crate::servers::Endpoints,
     config: Option<&Path>,
 ) -> anyhow::Result<()> {
-    let config = config.map(gpu_scaler::ConfigFile::load).transpose()?;
+    let config = config.map(gpu_pools::ConfigFile::load).transpose()?;
     let client = endpoints
         .connect_nats()
         .await
         .context("is the mesh up? `meshctl up`")?;
-    let overview = gpu_scaler::overview::gather(&client, config.as_ref(), STATUS_WAIT).await?;
+    let overview = gpu_pools::overview::gather(&client, config.as_ref(), STATUS_WAIT).await?;
     print!("{overview}");
     Ok(())
 }

@@ -9,7 +9,7 @@
 //!   variable and default named, and every flag of a service is documented.
 //! - Every stream (`MESH_*`), bucket (`mesh-*`) and header (`Mesh-*`) a doc
 //!   names exists, every relative link and anchor resolves, and the
-//!   README's receipt sample is a receipt.
+//!   the contract's receipt sample is a receipt.
 //! - `docs/quickstart.md`, then every other block marked
 //!   ```` ```sh runnable ```` in the docs, run as written against one real
 //!   stack (`the_quickstart_runs_as_written`): in a scratch checkout whose
@@ -122,25 +122,6 @@ fn streams_block() -> String {
     out
 }
 
-fn buckets_block() -> String {
-    let mut out = "| bucket | history per key | kept | what |\n|---|---|---|---|\n".to_owned();
-    for b in broker_config::buckets(&broker_config::Options::default()) {
-        let mut kept = kept(b.max_age);
-        if b.max_bytes > 0 {
-            let _ = write!(kept, ", at most {} MiB", b.max_bytes / (1024 * 1024));
-        }
-        let _ = writeln!(
-            out,
-            "| `{}` | {} | {} | {} |",
-            b.name.strip_prefix("KV_").unwrap_or(&b.name),
-            b.max_messages_per_subject,
-            kept,
-            cell(&b.description.unwrap_or_default())
-        );
-    }
-    out
-}
-
 /// The mesh's headers with their doc comments, read from the source of
 /// `schemas::headers` (every `pub const` there but `PREFIX`).
 fn headers() -> Vec<(String, String)> {
@@ -169,11 +150,58 @@ fn headers() -> Vec<(String, String)> {
     found
 }
 
-fn headers_block() -> String {
-    let mut out = "| header | what |\n|---|---|\n".to_owned();
-    for (name, doc) in headers() {
-        let _ = writeln!(out, "| `{name}` | {} |", cell(&doc));
+/// The bucket names as one paragraph of code spans.
+fn buckets_list_block() -> String {
+    wrapped(
+        broker_config::buckets(&broker_config::Options::default())
+            .into_iter()
+            .map(|b| format!("`{}`", b.name.trim_start_matches("KV_")))
+            .collect(),
+    )
+}
+
+/// The event types of the catalogue as one paragraph of code spans.
+fn types_block() -> String {
+    wrapped(
+        schemas::EventType::ALL
+            .iter()
+            .map(|t| format!("`{}`", t.as_str()))
+            .collect(),
+    )
+}
+
+/// The header names as one paragraph of code spans.
+fn headers_list_block() -> String {
+    wrapped(
+        headers()
+            .into_iter()
+            .map(|(h, _)| format!("`{h}`"))
+            .collect(),
+    )
+}
+
+/// `names` as a paragraph: comma-separated, wrapped at 76 columns.
+fn wrapped(names: Vec<String>) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for (i, name) in names.iter().enumerate() {
+        let word = if i + 1 < names.len() {
+            format!("{name},")
+        } else {
+            format!("{name}.")
+        };
+        if !line.is_empty() && line.len() + 1 + word.len() > 76 {
+            out.push_str(&line);
+            out.push('\n');
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(&word);
     }
+    out.push_str(&line);
+    out.push('\n');
     out
 }
 
@@ -213,8 +241,9 @@ fn consumers_block() -> String {
 fn generated_blocks() -> Vec<(&'static str, String)> {
     vec![
         ("streams", streams_block()),
-        ("buckets", buckets_block()),
-        ("headers", headers_block()),
+        ("buckets-list", buckets_list_block()),
+        ("headers-list", headers_list_block()),
+        ("types", types_block()),
         ("consumers", consumers_block()),
     ]
 }
@@ -282,6 +311,7 @@ fn every_stream_bucket_and_header_the_docs_name_exists() {
         .map(|b| b.name.trim_start_matches("KV_").to_owned())
         .collect();
     let headers: BTreeSet<String> = headers().into_iter().map(|(h, _)| h).collect();
+    let contract = std::fs::read_to_string(workspace().join("docs/contract.md")).unwrap();
     // Names that look like ours and are something else.
     let others = ["mesh-bench", "mesh-healthcheck"];
     let mut unknown = Vec::new();
@@ -320,6 +350,30 @@ fn every_stream_bucket_and_header_the_docs_name_exists() {
             if !known {
                 unknown.push(format!("{doc}: header `{word}`"));
             }
+        }
+    }
+    // The contract's bucket table has a row for every bucket.
+    let kv = contract
+        .split_once("## KV buckets")
+        .and_then(|(_, rest)| rest.split("\n## ").next())
+        .unwrap_or_default();
+    for bucket in &buckets {
+        if !kv.contains(&format!("| `{bucket}` |")) {
+            unknown.push(format!(
+                "docs/contract.md: \"KV buckets\" has no row for `{bucket}`"
+            ));
+        }
+    }
+    // The contract's header table has a row for every header.
+    let section = contract
+        .split_once("## Headers the mesh adds")
+        .and_then(|(_, rest)| rest.split("\n## ").next())
+        .unwrap_or_default();
+    for header in &headers {
+        if !section.contains(&format!("`{header}`")) {
+            unknown.push(format!(
+                "docs/contract.md: \"Headers the mesh adds\" has no row for `{header}`"
+            ));
         }
     }
     assert!(
@@ -411,16 +465,16 @@ fn every_link_and_anchor_resolves() {
 }
 
 #[test]
-fn the_readme_receipt_is_a_receipt() {
-    let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
-    let sample = readme
+fn the_contract_receipt_is_a_receipt() {
+    let contract = std::fs::read_to_string(workspace().join("docs/contract.md")).unwrap();
+    let sample = contract
         .split_once("<!-- receipt-sample -->\n```json\n")
         .and_then(|(_, rest)| rest.split_once("```"))
         .map(|(json, _)| json)
-        .expect("README.md has `<!-- receipt-sample -->` before a json block");
+        .expect("docs/contract.md has `<!-- receipt-sample -->` before a json block");
     let value: serde_json::Value = serde_json::from_str(sample).unwrap();
     let receipt: schemas::DecisionReceipt = serde_json::from_value(value.clone())
-        .unwrap_or_else(|e| panic!("README's receipt is no DecisionReceipt: {e}"));
+        .unwrap_or_else(|e| panic!("the contract's receipt is no DecisionReceipt: {e}"));
     let again = serde_json::to_value(&receipt).unwrap();
     let keys = |v: &serde_json::Value| -> BTreeSet<String> {
         v.as_object().unwrap().keys().cloned().collect()
@@ -428,12 +482,12 @@ fn the_readme_receipt_is_a_receipt() {
     assert_eq!(
         keys(&value),
         keys(&again),
-        "README's receipt has fields a DecisionReceipt does not write back"
+        "the contract's receipt has fields a DecisionReceipt does not write back"
     );
     for signed in ["data_sha256", "signer"] {
         assert!(
             keys(&value).contains(signed),
-            "README's receipt lacks `{signed}`, which every worker writes"
+            "the contract's receipt lacks `{signed}`, which every worker writes"
         );
     }
 }

@@ -432,7 +432,7 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
 }
 
 #[tokio::test]
-async fn missing_server_binary_names_the_package() -> anyhow::Result<()> {
+async fn missing_server_binary_names_the_install_script() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let stack = LocalStack::new(tmp.path())?;
     let mut env = stack.env();
@@ -451,7 +451,11 @@ async fn missing_server_binary_names_the_package() -> anyhow::Result<()> {
     .await??;
     assert!(!out.status.success());
     let err = text(&out.stderr);
-    assert!(err.contains("sudo apt-get install nats-server"), "{err}");
+    assert!(
+        err.contains("`NATS_SERVER_BIN` is `/nonexistent/nats-server`, which is not a file")
+            && err.contains("scripts/install-deps.sh"),
+        "{err}"
+    );
     Ok(())
 }
 

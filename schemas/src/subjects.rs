@@ -134,6 +134,12 @@ pub fn agent_consumer(agent: &str) -> String {
     format!("agent-{agent}")
 }
 
+/// Name of an agent's durable consumer of its decision receipts on
+/// `MESH_DECISION` (filtered to [`decision`]): `receipts-<id>`.
+pub fn receipts_consumer(agent: &str) -> String {
+    format!("receipts-{agent}")
+}
+
 /// The agent a durable consumer named by [`agent_consumer`] belongs to.
 pub fn agent_of_consumer(consumer: &str) -> Option<&str> {
     consumer

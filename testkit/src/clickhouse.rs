@@ -43,7 +43,17 @@ impl ClickHouseServer {
     /// Starts a fresh server on free ports (or attaches to `CLICKHOUSE_URL`)
     /// and waits until it answers.
     pub async fn start() -> anyhow::Result<Self> {
-        Self::launch(None).await
+        Self::launch(None, None).await
+    }
+
+    /// Starts a fresh local server (never `CLICKHOUSE_URL`) whose data
+    /// directory (tables, parts, metadata) lies in `parent`, e.g. on a
+    /// [`crate::LazyFs`] to cut its power; config, logs and `tmp` stay in
+    /// the server's own temporary directory. After a power cut the server
+    /// starts with what survived: broken parts are set aside (detached)
+    /// however many there are, as an operator does to recover.
+    pub async fn start_with_data_in(parent: &Path) -> anyhow::Result<Self> {
+        Self::launch(None, Some(parent)).await
     }
 
     /// Starts a fresh local server on free ports as replica `name` of shard
@@ -55,11 +65,12 @@ impl ClickHouseServer {
         zookeeper: &crate::ZooKeeperServer,
         name: &str,
     ) -> anyhow::Result<Self> {
-        Self::launch(Some((zookeeper.port(), name))).await
+        Self::launch(Some((zookeeper.port(), name)), None).await
     }
 
-    async fn launch(replica: Option<(u16, &str)>) -> anyhow::Result<Self> {
+    async fn launch(replica: Option<(u16, &str)>, data: Option<&Path>) -> anyhow::Result<Self> {
         if replica.is_none()
+            && data.is_none()
             && let Ok(url) = std::env::var("CLICKHOUSE_URL")
             && !url.is_empty()
         {
@@ -99,7 +110,23 @@ impl ClickHouseServer {
                 }
                 None => None,
             };
-            write_config(dir.path(), http_port, tcp_port, &instance, replica.as_ref())?;
+            if let Some(parent) = data {
+                let target = parent.join(format!("clickhouse-{instance}"));
+                std::fs::create_dir_all(&target)
+                    .with_context(|| format!("creating {}", target.display()))?;
+                let link = dir.path().join("data");
+                std::os::unix::fs::symlink(&target, &link).with_context(|| {
+                    format!("linking {} to {}", link.display(), target.display())
+                })?;
+            }
+            write_config(
+                dir.path(),
+                http_port,
+                tcp_port,
+                &instance,
+                replica.as_ref(),
+                data.is_some(),
+            )?;
             let mut server = Self {
                 mode: Mode::Local(Local {
                     child: None,
@@ -340,9 +367,10 @@ fn write_config(
     tcp_port: u16,
     instance: &str,
     replica: Option<&Replica<'_>>,
+    after_power_loss: bool,
 ) -> anyhow::Result<()> {
     let mut macros = vec![(INSTANCE_MACRO, instance)];
-    let extra = match replica {
+    let mut extra = match replica {
         Some(r) => {
             macros.extend([("shard", "01"), ("replica", r.name)]);
             format!(
@@ -358,6 +386,14 @@ fn write_config(
         }
         None => String::new(),
     };
+    if after_power_loss {
+        // ClickHouse refuses to attach a table with more than 10 broken
+        // parts; after a power cut every part written since the last fsync
+        // is broken. The audit's own repair restores their rows.
+        extra.push_str(
+            "\n    <merge_tree>\n        <max_suspicious_broken_parts>1000000</max_suspicious_broken_parts>\n    </merge_tree>",
+        );
+    }
     let server = clickhouse_config::Server {
         dir,
         http_port,

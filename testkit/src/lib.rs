@@ -2,7 +2,8 @@
 //! ports with their data in a temporary directory and stopped (data deleted)
 //! when the handle drops — and polling helpers, so no test sleeps blindly.
 //!
-//! `NATS_SERVER_BIN` overrides the `nats-server` binary (default: from `PATH`).
+//! `NATS_SERVER_BIN` overrides the `nats-server` binary (default: the first on
+//! `PATH` that can fsync each write, see [`nats_server_binary`]).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -100,9 +101,20 @@ pub fn find_binary(name: &str, env_override: &str, package: &str) -> anyhow::Res
         .with_context(|| format!("`{name}` not found on PATH: install it (`apt-get install {package}`) or set `{env_override}`"))
 }
 
-/// The `nats-server` binary: `NATS_SERVER_BIN`, or from `PATH`.
+/// The `nats-server` binary: the one `NATS_SERVER_BIN` names (any release:
+/// the compatibility run on Debian's 2.9), else the first on `PATH` that can
+/// fsync each write (2.10 or newer; the stack's default is 2.15.1, which
+/// `scripts/install-deps.sh` installs). Found once per test process.
 pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
-    find_binary("nats-server", "NATS_SERVER_BIN", "nats-server")
+    static FOUND: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            broker_config::server::find_nats_server()
+                .map(|found| found.path)
+                .map_err(|e| format!("{e}: {}", broker_config::server::INSTALL_HINT))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
 /// A `nats-server -js` of the test's own; its log is `nats-server.log` in
@@ -113,6 +125,20 @@ pub struct NatsServer {
     port: Option<u16>,
     dir: tempfile::TempDir,
     binary: PathBuf,
+    store: Store,
+}
+
+/// Where and how a test server keeps its JetStream store
+/// ([`NatsServer::start_with`]).
+#[derive(Debug, Clone, Default)]
+pub struct Store {
+    /// The store directory (default: `store` in the server's temporary
+    /// directory), e.g. on a [`LazyFs`] to cut its power.
+    pub dir: Option<PathBuf>,
+    /// `jetstream { sync_interval }`: `always` fsyncs each write before the
+    /// acknowledgement, `2m` is the server's own default (nats-server 2.10
+    /// or newer; 2.9 refuses the field). `None` leaves the server's default.
+    pub sync_interval: Option<String>,
 }
 
 impl NatsServer {
@@ -120,6 +146,11 @@ impl NatsServer {
     /// (`-p -1`, read back from its ports file, so no other process can take
     /// the port in between) and waits until JetStream answers.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(Store::default()).await
+    }
+
+    /// [`NatsServer::start`] with the store where and as `store` says.
+    pub async fn start_with(store: Store) -> anyhow::Result<Self> {
         let binary = nats_server_binary()?;
         let dir = tempfile::tempdir().context("creating the nats-server directory")?;
         let mut server = Self {
@@ -127,6 +158,7 @@ impl NatsServer {
             port: None,
             dir,
             binary,
+            store,
         };
         server.spawn().await?;
         Ok(server)
@@ -146,11 +178,22 @@ impl NatsServer {
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir)
             .with_context(|| format!("creating {}", ports_dir.display()))?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        command
             .args(["-js", "-a", "127.0.0.1", "-p", &port, "-sd"])
             .arg(self.store_dir())
             .arg("--ports_file_dir")
-            .arg(&ports_dir)
+            .arg(&ports_dir);
+        if let Some(interval) = &self.store.sync_interval {
+            let config = self.dir.path().join("nats-server.conf");
+            std::fs::write(
+                &config,
+                format!("jetstream {{ sync_interval: {interval:?} }}\n"),
+            )
+            .with_context(|| format!("writing {}", config.display()))?;
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -193,7 +236,19 @@ impl NatsServer {
 
     /// The JetStream store directory.
     pub fn store_dir(&self) -> PathBuf {
-        self.dir.path().join("store")
+        self.store
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("store"))
+    }
+
+    /// Starts the server again after [`NatsServer::kill`] (on the same port
+    /// and store); a no-op when it runs.
+    pub async fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        self.spawn().await
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit.

@@ -4,8 +4,7 @@
 //! even for its tests; `testkit` never links a service; `audit-tables`
 //! depends on `schemas` alone and `clickhouse-config` on nothing of ours;
 //! `policy-engine` links `schemas` alone (no broker, no service), and
-//! `meshctl` does not link the policy worker (its tests may run it
-//! in-process).
+//! `meshctl` links no service (its tests may run one in-process).
 //! A new edge that breaks a rule fails here, naming it.
 //! From the sources: no crate but `schemas` spells a subject (`"mesh.…`) or
 //! a mesh header (`"Mesh-…`) in its code; they come from `schemas`.
@@ -98,9 +97,9 @@ fn forbidden(package: &str, dependency: &str, kind: &str) -> Option<&'static str
             "`policy-engine` decides without I/O: it depends on `schemas` alone (its tests may use `testkit`)",
         );
     }
-    if package == "meshctl" && kind != "dev" && dependency == "policy-worker" {
+    if package == "meshctl" && kind != "dev" && SERVICES.contains(&dependency) {
         return Some(
-            "`meshctl` starts the policy worker by binary path and links it only in its tests: what it shares with the worker belongs in `policy-engine`, `schemas` or `broker-config`",
+            "`meshctl` starts the services by binary path and links them only in its tests: what it shares with a service belongs in `policy-engine`, `gpu-pools`, `schemas` or `broker-config`",
         );
     }
     None
@@ -136,6 +135,8 @@ fn the_rules_catch_the_edges_they_name() {
     assert!(forbidden("audit-sink", "meshctl", "normal").is_some());
     assert!(forbidden("agents-sdk", "policy-worker", "normal").is_some());
     assert!(forbidden("meshctl", "policy-worker", "normal").is_some());
+    assert!(forbidden("meshctl", "gpu-scaler", "normal").is_some());
+    assert!(forbidden("meshctl", "gpu-pools", "normal").is_none());
     assert!(forbidden("meshctl", "policy-worker", "dev").is_none());
     assert!(forbidden("meshctl", "policy-engine", "normal").is_none());
     assert!(forbidden("policy-engine", "broker-config", "normal").is_some());

@@ -5,6 +5,10 @@
 //! URL through `AGENTMESH_NATS_URL`. A second test does the same on a
 //! broker with authorization on, the planner connecting with its nkey.
 //!
+//! `the_readmes_python_pair_runs_as_printed` runs the README's Python pair
+//! (the blocks marked `<!-- readme-test: NAME -->`, read from README.md)
+//! as a reader would after `./scripts/demo.sh`, authorization on.
+//!
 //! Missing python3, pytest or the package's dependencies fail the test with
 //! how to install them (`scripts/install-deps.sh`); it never passes without
 //! having run the Python tests.
@@ -20,6 +24,8 @@ mod support;
 #[path = "python_support/mod.rs"]
 mod python_support;
 
+use std::path::Path;
+
 use python_support::{coder, pytest, serve_coder};
 use support::*;
 
@@ -34,13 +40,25 @@ async fn the_python_sdk_passes_its_tests_against_the_mesh() {
     .unwrap();
     let coder = mesh.agent(coder(root.path().to_path_buf())).await;
     let stop = serve_coder(coder);
-    let out = pytest(
-        &["test_events.py", "test_sdk.py", "test_a2a.py"],
+    // The A2A tests apart: they need a2a-sdk (Python 3.10+), the rest not.
+    let sdk = pytest(
+        &[
+            "test_events.py",
+            "test_connect.py",
+            "test_packaging.py",
+            "test_sdk.py",
+        ],
         vec![("AGENTMESH_NATS_URL", mesh.url())],
     )
     .await;
+    let a2a = match &sdk {
+        Ok(_) => Some(pytest(&["test_a2a.py"], vec![("AGENTMESH_NATS_URL", mesh.url())]).await),
+        Err(_) => None,
+    };
     stop.cancel();
-    let out = out.unwrap();
+    let mut out = sdk.unwrap();
+    println!("{out}");
+    out.push_str(&a2a.unwrap().unwrap());
     println!("{out}");
     for test in [
         "test_the_example_planner_works_with_the_rust_coder",
@@ -257,4 +275,202 @@ async fn the_python_sdk_verifies_signed_deliveries() {
     .await
     .unwrap();
     println!("{out}");
+}
+
+/// The code blocks of `README.md` marked `<!-- readme-test: NAME -->` (the
+/// fenced block right after the marker), by name.
+fn readme_blocks() -> std::collections::BTreeMap<String, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut blocks = std::collections::BTreeMap::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let Some(name) = line
+            .trim()
+            .strip_prefix("<!-- readme-test:")
+            .and_then(|rest| rest.strip_suffix("-->"))
+        else {
+            continue;
+        };
+        let fence = lines.next().unwrap_or_default();
+        assert!(
+            fence.starts_with("```"),
+            "README.md: the marker of `{}` is not followed by a code block",
+            name.trim()
+        );
+        let body: Vec<&str> = lines
+            .by_ref()
+            .take_while(|l| !l.starts_with("```"))
+            .collect();
+        blocks.insert(name.trim().to_owned(), body.join("\n") + "\n");
+    }
+    blocks
+}
+
+/// Lines a child process printed, collected as they come.
+#[derive(Clone, Default)]
+struct Printed(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Printed {
+    fn follow(&self, out: impl std::io::Read + Send + 'static) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    fn has(&self, line: &str) -> bool {
+        self.0.lock().unwrap().iter().any(|l| l == line)
+    }
+
+    fn text(&self) -> String {
+        self.0.lock().unwrap().join("\n")
+    }
+}
+
+/// A directory laid out as the repository after `./scripts/demo.sh`: the
+/// agents' keys in `.agentmesh/auth/agents/`, `.agentmesh/venv/bin/python`
+/// (the test's interpreter, importing the SDK of this work tree) and a
+/// Markdown file for `code.search` to find.
+fn demo_tree(mesh: &e2e::SecureNats, agents: &[&str]) -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt as _;
+    let root = tempfile::tempdir().unwrap();
+    let keys = root.path().join(".agentmesh/auth/agents");
+    std::fs::create_dir_all(&keys).unwrap();
+    for agent in agents {
+        std::fs::copy(
+            mesh.seed_file(agent).unwrap(),
+            keys.join(format!("{agent}.nk")),
+        )
+        .unwrap();
+    }
+    let bin = root.path().join(".agentmesh/venv/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let python = bin.join("python");
+    std::fs::write(
+        &python,
+        format!(
+            "#!/bin/sh\nPYTHONPATH='{}' exec '{}' \"$@\"\n",
+            python_support::sdk_dir().display(),
+            python_support::python()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+        root.path().join("README.md"),
+    )
+    .unwrap();
+    root
+}
+
+/// `bash -c <script>` in `dir` against the broker at `url`, in a process
+/// group of its own (see [`kill_group`]).
+fn bash(script: &str, dir: &Path, url: &str) -> std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    let mut command = std::process::Command::new("bash");
+    command
+        .args(["-c", script])
+        .current_dir(dir)
+        .env("NATS_URL", url)
+        .env_remove("AGENTMESH_NKEY_FILE")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0);
+    command
+}
+
+/// Kills `child` and what it started (its process group).
+fn kill_group(child: &mut std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{}", child.id())])
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_python_pair_runs_as_printed() {
+    python_support::require("nats, nkeys").unwrap();
+    let blocks = readme_blocks();
+    let block = |name: &str| {
+        blocks
+            .get(name)
+            .unwrap_or_else(|| panic!("README.md has no block marked `readme-test: {name}`"))
+            .clone()
+    };
+    let mesh = e2e::SecureNats::start(&["planner", "coder"]).await.unwrap();
+    let worker = e2e::start_worker(&mesh).await.unwrap();
+    let root = demo_tree(&mesh, &["planner", "coder"]);
+    for name in ["coder.py", "planner.py"] {
+        std::fs::write(root.path().join(name), block(name)).unwrap();
+    }
+
+    let mut coder = bash(&block("coder.sh"), root.path(), &mesh.url())
+        .spawn()
+        .unwrap();
+    let (coder_out, coder_err) = (Printed::default(), Printed::default());
+    coder_out.follow(coder.stdout.take().unwrap());
+    coder_err.follow(coder.stderr.take().unwrap());
+    let ready = testkit::eventually(e2e::WAIT, "the README's coder to serve", || {
+        let (out, exited) = (coder_out.clone(), coder.try_wait().ok().flatten());
+        async move { (out.has("coder serves code.search") || exited.is_some()).then_some(()) }
+    })
+    .await;
+    assert!(
+        ready.is_ok() && coder_out.has("coder serves code.search"),
+        "the README's coder did not start serving:\n{}\n{}",
+        coder_out.text(),
+        coder_err.text()
+    );
+
+    let script = block("planner.sh");
+    let (dir, url) = (root.path().to_owned(), mesh.url());
+    let planner = tokio::time::timeout(
+        e2e::WAIT,
+        tokio::task::spawn_blocking(move || bash(&script, &dir, &url).output()),
+    )
+    .await;
+    let handed_off = testkit::eventually(e2e::WAIT, "the coder to get the handoff", || {
+        let out = coder_out.clone();
+        async move { out.has("task.handoff from planner").then_some(()) }
+    })
+    .await;
+    kill_group(&mut coder);
+    worker.cancel();
+    let planner = planner
+        .expect("the README's planner did not finish within WAIT")
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&planner.stdout);
+    let err = String::from_utf8_lossy(&planner.stderr);
+    println!("planner:\n{out}{err}\ncoder:\n{}", coder_out.text());
+    assert!(
+        planner.status.success(),
+        "the README's planner failed:\n{out}{err}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    let found = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("code.search: "))
+        .and_then(|rest| rest.strip_suffix(" lines"))
+        .and_then(|n| n.parse::<u32>().ok());
+    assert!(found.is_some_and(|n| n > 0), "no lines found:\n{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("shell.exec denied by [") && l.contains("'forbid-shell-exec'")),
+        "{out}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("prompt: allow - meshctl trace ")),
+        "{out}"
+    );
+    handed_off.unwrap();
 }

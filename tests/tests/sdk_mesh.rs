@@ -700,3 +700,141 @@ async fn concurrent_calls_each_get_their_own_answer() {
     stop.cancel();
     served.await.unwrap();
 }
+
+/// A TCP proxy to a NATS server that the test can cut: [`Proxy::cut`]
+/// drops every connection through it and refuses new ones until
+/// [`Proxy::resume`], so a client behind it is disconnected while the
+/// server and everyone else go on.
+struct Proxy {
+    port: u16,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+    accepting: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let accepting = tokio::spawn({
+            let (open, generation) = (open.clone(), generation.clone());
+            async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !open.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    let cut = generation.lock().unwrap().clone();
+                    tokio::spawn(async move {
+                        let Ok(mut server) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            () = cut.cancelled() => {}
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            port,
+            open,
+            generation,
+            accepting,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        let old = std::mem::take(&mut *self.generation.lock().unwrap());
+        old.cancel();
+    }
+
+    fn resume(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accepting.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_written_while_the_agent_was_disconnected_is_not_missed() {
+    let mut mesh = Mesh::start().await;
+    let server: std::net::SocketAddr = mesh.url().trim_start_matches("nats://").parse().unwrap();
+    let proxy = Proxy::start(server).await;
+    let planner = Agent::connect("planner", proxy.url()).await.unwrap();
+    // No policy worker yet: the prompt waits in `MESH_INGRESS`.
+    let prompt = planner
+        .workflow()
+        .prompt("decided while I was away")
+        .await
+        .unwrap();
+
+    proxy.cut();
+    eventually(WAIT, "the planner to notice it is disconnected", || async {
+        (planner.client().connection_state() != async_nats::connection::State::Connected)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    mesh.start_worker(None).await;
+    let decisions = mesh.js.clone();
+    eventually(WAIT, "the receipt in `MESH_DECISION`", || {
+        let decisions = decisions.clone();
+        async move {
+            let mut stream = decisions.get_stream(subjects::STREAM_DECISION).await.ok()?;
+            (stream.info().await.ok()?.state.messages >= 1).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    assert_ne!(
+        planner.client().connection_state(),
+        async_nats::connection::State::Connected,
+        "the receipt was written while the planner was away"
+    );
+
+    proxy.resume();
+    let receipt = tokio::time::timeout(WAIT, planner.await_decision(&prompt.id).into_future())
+        .await
+        .expect("no receipt within WAIT")
+        .unwrap();
+    assert_eq!(receipt.event_id, prompt.id);
+    assert_eq!(receipt.decision, Decision::Allow, "{receipt:?}");
+    // Read from its durable, and acknowledged there.
+    let durable = subjects::receipts_consumer("planner");
+    eventually(
+        WAIT,
+        "the receipt acknowledged in `receipts-planner`",
+        || {
+            let js = mesh.js.clone();
+            let durable = durable.clone();
+            async move {
+                let info = js
+                    .get_stream(subjects::STREAM_DECISION)
+                    .await
+                    .ok()?
+                    .consumer_info(&durable)
+                    .await
+                    .ok()?;
+                (info.num_pending == 0
+                    && info.num_ack_pending == 0
+                    && info.delivered.stream_sequence >= 1)
+                    .then_some(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+}

@@ -253,13 +253,19 @@ async fn credentials_are_passed_to_nats() {
     apply_streams(admin).await;
 
     let err = Agent::connect("planner", server.url()).await.unwrap_err();
-    assert!(matches!(err.kind(), ConnectErrorKind::Connect(_)), "{err}");
+    assert!(
+        matches!(err.kind(), ConnectErrorKind::Refused { .. }),
+        "{err}"
+    );
     let err = Agent::builder("planner")
         .user_and_password("planner", "wrong")
         .connect(server.url())
         .await
         .unwrap_err();
-    assert!(matches!(err.kind(), ConnectErrorKind::Connect(_)), "{err}");
+    assert!(
+        matches!(err.kind(), ConnectErrorKind::Refused { .. }),
+        "{err}"
+    );
     let agent = Agent::builder("planner")
         .user_and_password("planner", "s3cret")
         .connect(server.url())
@@ -313,10 +319,42 @@ async fn nkey_authentication() {
         .unwrap();
     apply_streams(admin).await;
 
+    // Refused: the message names the key to pass and how to get one.
     let err = Agent::connect("planner", server.url()).await.unwrap_err();
-    assert!(matches!(err.kind(), ConnectErrorKind::Connect(_)), "{err}");
+    assert_eq!(
+        err.kind(),
+        ConnectErrorKind::Refused {
+            agent: "planner".into(),
+            url: server.url(),
+            key: None
+        }
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("refused agent `planner` without a key file (authorization violation)")
+            && message.contains("AGENTMESH_NKEY_FILE=.agentmesh/auth/agents/planner.nk")
+            && message.contains("`meshctl agents add planner`"),
+        "{message}"
+    );
+    let stranger = dir.path().join("stranger.nk");
+    std::fs::write(
+        &stranger,
+        format!("{}\n", nkeys::KeyPair::new_user().seed().unwrap()),
+    )
+    .unwrap();
+    let err = Agent::builder("planner")
+        .nkey_file(&stranger)
+        .connect(server.url())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("with the key in `{}`", stranger.display())),
+        "{err}"
+    );
+
     let agent = Agent::builder("planner")
-        .nkey(seed)
+        .nkey(seed.clone())
         .connect(server.url())
         .await
         .unwrap();
@@ -325,4 +363,28 @@ async fn nkey_authentication() {
         .prompt("signed in with an nkey")
         .await
         .unwrap();
+
+    // A seed file as `meshctl agents add` writes it.
+    let seed_file = dir.path().join("planner.nk");
+    std::fs::write(&seed_file, format!("{seed}\n")).unwrap();
+    let agent = Agent::builder("planner")
+        .nkey_file(&seed_file)
+        .connect(server.url())
+        .await
+        .unwrap();
+    agent
+        .workflow()
+        .prompt("signed in with a seed file")
+        .await
+        .unwrap();
+    let not_a_key = dir.path().join("nats.conf");
+    let err = Agent::builder("planner")
+        .nkey_file(&not_a_key)
+        .connect(server.url())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        ConnectErrorKind::Credentials(not_a_key.display().to_string())
+    );
 }

@@ -13,10 +13,11 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
 use futures::StreamExt;
-use gpu_scaler::events::LeaseEventData;
-use gpu_scaler::{
-    ConfigFile, DeclaredGpu, DeclaredInventory, Lease, LeaseStore, PoolConfig, Scaler, SlotState,
+use gpu_pools::{
+    ConfigFile, DeclaredGpu, DeclaredInventory, Lease, LeaseStore, PoolConfig, SlotState,
 };
+use gpu_scaler::Scaler;
+use gpu_scaler::events::LeaseEventData;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use testkit::Mesh;
@@ -62,7 +63,7 @@ pub(crate) fn config(
     ConfigFile {
         poll_interval: interval,
         lease_ttl: ttl,
-        inventory: gpu_scaler::InventoryMode::Declared,
+        inventory: gpu_pools::InventoryMode::Declared,
         gpus: declared(gpus),
         pools: pools
             .iter()

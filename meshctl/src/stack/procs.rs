@@ -242,6 +242,17 @@ pub(crate) fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// The nats-server the stack runs ([`broker_config::server::find_nats_server`]),
+/// or an error that says how to install the default one.
+pub(crate) fn find_nats_server() -> anyhow::Result<broker_config::server::NatsBinary> {
+    broker_config::server::find_nats_server().map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: {}, or set `NATS_URL` to a running server",
+            broker_config::server::INSTALL_HINT
+        )
+    })
+}
+
 /// A server binary: `env_override` when set, else from `PATH`, else an
 /// error naming the Debian package to install.
 pub(crate) fn find_server(

@@ -354,7 +354,7 @@ pub(crate) async fn start_nats_nodes(
         .await?;
         return Ok(vec![(NATS_NODES[0], child)]);
     }
-    let binary = procs::find_server("nats-server", "NATS_SERVER_BIN", "nats-server", "NATS_URL")?;
+    let binary = procs::find_nats_server()?.path;
     let Some(configs) = configs else {
         bail!("a NATS cluster is started from its node configs");
     };
@@ -410,7 +410,7 @@ pub(crate) async fn start_nats(
     port: u16,
     config: Option<&Path>,
 ) -> anyhow::Result<Child> {
-    let binary = procs::find_server("nats-server", "NATS_SERVER_BIN", "nats-server", "NATS_URL")?;
+    let binary = procs::find_nats_server()?.path;
     if !port_free(port) {
         bail!(
             "port {port} on 127.0.0.1 is taken by a program that is not a NATS server with JetStream: stop it, or set NATS_URL to your NATS server"

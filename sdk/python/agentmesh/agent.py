@@ -17,10 +17,11 @@ import asyncio
 import inspect
 import json
 import logging
+import os
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import nats
 import nats.errors
@@ -75,6 +76,16 @@ DEFAULT_CALL_TIMEOUT = 30.0
 DEFAULT_MAX_ATTEMPTS = 5
 
 _RECENT = 4096
+
+#: The environment variable naming the agent's nkey seed file.
+NKEY_FILE_ENV = "AGENTMESH_NKEY_FILE"
+#: The default broker, when neither `url` nor `NATS_URL` names one.
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+# nats-py options that carry credentials: any of them set, the environment's
+# key is not used.
+#: How often the first connect tries each server before it gives up.
+_CONNECT_TRIES = 3
+_CREDENTIAL_OPTIONS = ("nkeys_seed", "nkeys_seed_str", "user_credentials", "user", "token", "signature_cb", "user_jwt_cb")
 _FETCH_WAIT = 1.0
 
 ToolHandler = Callable[["ToolCall"], Union[Any, Awaitable[Any]]]
@@ -104,6 +115,93 @@ def consumer_name(agent_id: str) -> str:
 def receipts_consumer_name(agent_id: str) -> str:
     """The agent's durable of receipts on `MESH_DECISION`: `receipts-<id>`."""
     return f"receipts-{agent_id}"
+
+
+def server_list(url: Union[str, Sequence[str], None] = None) -> List[str]:
+    """The servers to connect to: `url` as one URL, comma-separated URLs or
+    a list of them; `None` is the environment's `NATS_URL`, else
+    `nats://127.0.0.1:4222`."""
+    if url is None:
+        url = os.environ.get("NATS_URL") or DEFAULT_NATS_URL
+    parts = url.split(",") if isinstance(url, str) else [p for u in url for p in str(u).split(",")]
+    servers = [p.strip() for p in parts if p.strip()]
+    if not servers:
+        raise ConnectError("no NATS URL given: pass one (`nats://127.0.0.1:4222`) or set NATS_URL")
+    return servers
+
+
+def refusal(agent_id: str, url: str, key: Optional[str], options: Dict[str, Any]) -> str:
+    """What to say when the broker refused the connection: which key to pass."""
+    expected = f".agentmesh/auth/agents/{agent_id}.nk"
+    if key:
+        given = f"with the nkey in `{key}`"
+    elif any(k in options for k in _CREDENTIAL_OPTIONS):
+        given = "with the credentials given"
+    else:
+        given = "without credentials"
+    return (
+        f"the broker at `{url}` refused agent `{agent_id}` {given} (authorization violation): "
+        f"connect with the agent's own key, {NKEY_FILE_ENV}={expected} "
+        f"(or `nkey_seed_file=`); `meshctl agents add {agent_id}` registers the agent and writes it"
+    )
+
+
+async def _connect_once(agent_id: str, servers: List[str], key: Optional[str], options: Dict[str, Any]):
+    """Connects as nats-py does, but gives up on the first connect as
+    async-nats does: at once when the broker refuses the credentials, after
+    `_CONNECT_TRIES` failed tries of each server otherwise (nats-py alone
+    would retry for two minutes). Once connected, nats-py's reconnects
+    apply unchanged."""
+    from nats.aio.client import Client
+
+    nc = Client()
+    connected = False
+    failures: List[Exception] = []
+    failed = asyncio.Event()
+    user_error_cb = options.pop("error_cb", None)
+
+    async def error_cb(e: Exception) -> None:
+        if not connected:
+            failures.append(e)
+            if _refused(e) or len(failures) >= _CONNECT_TRIES * len(servers):
+                failed.set()
+        elif user_error_cb is None:
+            log.warning("agent `%s`: NATS error: %s", agent_id, e)
+        if user_error_cb is not None:
+            await user_error_cb(e)
+
+    shown = ",".join(servers)
+    connecting = asyncio.ensure_future(nc.connect(servers, error_cb=error_cb, **options))
+    gave_up = asyncio.ensure_future(failed.wait())
+    try:
+        await asyncio.wait([connecting, gave_up], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gave_up.cancel()
+    if not connecting.done():
+        connecting.cancel()
+        try:
+            await connecting
+        except BaseException:
+            pass
+        try:
+            await nc.close()
+        except Exception:
+            pass
+    error = None if connecting.cancelled() else connecting.exception()
+    connected = error is None and not connecting.cancelled()
+    if connecting.cancelled() or error is not None:
+        last = error or (failures[-1] if failures else None)
+        if any(_refused(e) for e in failures) or (last is not None and _refused(last)):
+            raise ConnectError(refusal(agent_id, shown, key, options)) from last
+        raise ConnectError(
+            f"could not connect to NATS at `{shown}`: {last}: start the stack (`meshctl up`) "
+            "or point NATS_URL at a running broker"
+        ) from last
+    return nc
+
+
+def _refused(e: BaseException) -> bool:
+    return isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower()
 
 
 def report_id(me: str, source: str, event_id: str) -> str:
@@ -523,7 +621,11 @@ class Agent:
         self._answers_sub = None
         self._tasks: List[asyncio.Task] = []
         self._running: set = set()
-        self._closed = asyncio.Event()
+        # Made by `connect`, inside the running loop: an asyncio object made
+        # here would be bound to whatever loop was current when the agent
+        # was created (Python 3.9: "attached to a different loop" once
+        # `asyncio.run` starts another).
+        self._closed: Optional[asyncio.Event] = None
 
     # -- configuration ------------------------------------------------------
 
@@ -547,7 +649,7 @@ class Agent:
 
     async def connect(
         self,
-        url: str = "nats://127.0.0.1:4222",
+        url: Union[str, Sequence[str], None] = None,
         *,
         nkey_seed: Optional[str] = None,
         nkey_seed_file: Optional[str] = None,
@@ -558,7 +660,15 @@ class Agent:
         **options: Any,
     ) -> "Agent":
         """Connects to NATS and sets the agent up: checks the mesh's streams,
-        binds its durables, starts reading its receipts, writes its card."""
+        binds its durables, starts reading its receipts, writes its card.
+
+        `url` is one URL, the URLs of a cluster's nodes separated by commas
+        (as in Rust), or a list of them; default: the environment's
+        `NATS_URL`, else `nats://127.0.0.1:4222`. Without credentials in the
+        arguments, the nkey seed file named by `AGENTMESH_NKEY_FILE` is
+        used when that is set (the key `meshctl agents add <id>` writes to
+        `.agentmesh/auth/agents/<id>.nk`)."""
+        servers = server_list(url)
         kwargs: Dict[str, Any] = dict(options)
         kwargs.setdefault("name", f"agentmesh-agent-{self.id}")
         if nkey_seed:
@@ -571,11 +681,22 @@ class Agent:
             kwargs["user"], kwargs["password"] = user, password
         if token is not None:
             kwargs["token"] = token
+        key_from_env = None
+        if not any(k in kwargs for k in _CREDENTIAL_OPTIONS):
+            key_from_env = os.environ.get(NKEY_FILE_ENV) or None
+            if key_from_env:
+                if not os.path.isfile(key_from_env):
+                    raise ConnectError(
+                        f"{NKEY_FILE_ENV}=`{key_from_env}` is not a file: point it at the agent's "
+                        f"nkey seed (`.agentmesh/auth/agents/{self.id}.nk`, written by "
+                        f"`meshctl agents add {self.id}`)"
+                    )
+                kwargs["nkeys_seed"] = key_from_env
         kwargs.setdefault("allow_reconnect", True)
-        try:
-            self.nc = await nats.connect(url, **kwargs)
-        except Exception as e:
-            raise ConnectError(f"could not connect to NATS at `{url}`: {e}") from e
+        # The servers are tried in the order given, as in Rust.
+        kwargs.setdefault("dont_randomize", True)
+        self._closed = asyncio.Event()
+        self.nc = await _connect_once(self.id, servers, key_from_env or kwargs.get("nkeys_seed"), kwargs)
         self.js = self.nc.jetstream()
         try:
             await self._setup()
@@ -588,6 +709,7 @@ class Agent:
         """Sets the agent up on an existing nats-py connection."""
         self.nc = nc
         self.js = nc.jetstream()
+        self._closed = asyncio.Event()
         await self._setup()
         return self
 
@@ -618,7 +740,7 @@ class Agent:
             except ConnectError as e:
                 log.warning("cannot bind the tool-call durable on MESH_CALL; tool calls come as deliveries: %s", e)
         # Receipts are read from the stream, through the agent's own durable
-        # (a core subscription also sees publishes the stream deduplicated).
+        # (nothing written while the agent was away is missed).
         self._receipts = await self._durable(
             STREAM_DECISION, receipts_consumer_name(me), f"decision receipts of agent `{me}`", f"mesh.decision.{me}", DEFAULT_ACK_WAIT
         )
@@ -635,6 +757,17 @@ class Agent:
                 raise ConnectError(f"could not publish the agent card: {e}") from e
         telemetry.setup(self.id)
         self._tasks.append(asyncio.ensure_future(self._read_receipts()))
+
+        # While connected, also the receipts subject: replicas of one agent
+        # share its durable, where each receipt reaches one of them, and
+        # each must see the receipts of its own events (as in Rust).
+        async def on_receipt(msg) -> None:
+            try:
+                self._received(Receipt(json.loads(msg.data)))
+            except (ValueError, AttributeError, TypeError):
+                log.warning("ignoring a decision receipt that does not parse")
+
+        await self.nc.subscribe(f"mesh.decision.{me}", cb=on_receipt)
 
     async def _durable(self, stream: str, name: str, description: str, filter_subject: str, ack_wait: float):
         """Creates the durable (or re-sends its create unchanged, where the
@@ -663,7 +796,8 @@ class Agent:
     async def close(self) -> None:
         """Stops the readers and running handlers (after the shutdown
         grace), flushes and closes the connection."""
-        self._closed.set()
+        if self._closed is not None:
+            self._closed.set()
         if self._running:
             await asyncio.wait(list(self._running), timeout=self.shutdown_grace)
         for task in self._tasks:
@@ -674,6 +808,8 @@ class Agent:
             except BaseException:
                 pass
         self._tasks.clear()
+        # A later `connect` subscribes again, on its own connection.
+        self._answers_sub = None
         telemetry.flush()
         if self.nc is not None and not self.nc.is_closed:
             try:
@@ -681,6 +817,11 @@ class Agent:
             except Exception:
                 pass
             await self.nc.close()
+
+    def _closed_event(self) -> asyncio.Event:
+        if self._closed is None:
+            raise ConnectError(f"agent `{self.id}` is not connected: `await agent.connect(...)` first")
+        return self._closed
 
     async def __aenter__(self) -> "Agent":
         return self
@@ -719,7 +860,8 @@ class Agent:
     # -- receipts ------------------------------------------------------------
 
     async def _read_receipts(self) -> None:
-        while not self._closed.is_set():
+        closed = self._closed_event()
+        while not closed.is_set():
             try:
                 msgs = await self._receipts.fetch(64, timeout=_FETCH_WAIT)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
@@ -727,7 +869,7 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except Exception as e:
-                if self._closed.is_set() or self.nc.is_closed:
+                if closed.is_set() or self.nc.is_closed:
                     return
                 log.debug("reading receipts failed: %s", e)
                 await asyncio.sleep(0.2)
@@ -739,11 +881,14 @@ class Agent:
                     log.warning("ignoring a decision receipt that does not parse")
                     await msg.term()
                     continue
-                self._recent[receipt.event_id] = receipt
-                while len(self._recent) > _RECENT:
-                    self._recent.popitem(last=False)
-                self._hand_over(receipt.event_id, ("decision", receipt))
+                self._received(receipt)
                 await msg.ack()
+
+    def _received(self, receipt: Receipt) -> None:
+        self._recent[receipt.event_id] = receipt
+        while len(self._recent) > _RECENT:
+            self._recent.popitem(last=False)
+        self._hand_over(receipt.event_id, ("decision", receipt))
 
     def _hand_over(self, event_id: str, arrival: Tuple[str, Any]) -> None:
         queue = self._waiters.get(event_id)
@@ -846,8 +991,7 @@ class Agent:
     # -- serving ---------------------------------------------------------------
 
     async def serve(self, handler: Optional[DeliveryHandler] = None, *, stop: Optional[asyncio.Event] = None) -> None:
-        """Serves the registered tools (and A2A requests) and hands every
-        other delivery to `handler` (sync or async), up to
+        """Serves the registered tools and hands every other delivery to `handler` (sync or async), up to
         `max_concurrent_deliveries` at once, until `stop` is set. A handler
         that returns acknowledges the delivery; one that raises hands it
         back to be retried with backoff, and after `max_attempts` the agent
@@ -860,7 +1004,7 @@ class Agent:
         if self._calls is not None:
             readers.append(asyncio.ensure_future(self._serve_calls(tool_slots, stop)))
         waiter = asyncio.ensure_future(stop.wait())
-        closed = asyncio.ensure_future(self._closed.wait())
+        closed = asyncio.ensure_future(self._closed_event().wait())
         try:
             done, _ = await asyncio.wait(readers + [waiter, closed], return_when=asyncio.FIRST_COMPLETED)
             for task in done:

@@ -23,11 +23,16 @@ def quantile(sorted_ms, q):
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
-    parser.add_argument("--nkey-seed-file")
+    parser.add_argument(
+        "--nkey-file",
+        "--nkey-seed-file",
+        dest="nkey_file",
+        help="the planner's seed (`.agentmesh/auth/agents/planner.nk`); default: AGENTMESH_NKEY_FILE",
+    )
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=10)
     args = parser.parse_args()
-    planner = await Agent("planner").connect(args.nats_url, nkey_seed_file=args.nkey_seed_file)
+    planner = await Agent("planner").connect(args.nats_url, nkey_seed_file=args.nkey_file)
     try:
         wf = planner.workflow()
         await wf.call_tool("code.search", {"query": "warm-up", "limit": 1}, on="coder")

@@ -19,12 +19,17 @@ from agentmesh import Agent, Denied
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--nats-url", default=os.environ.get("NATS_URL", "nats://127.0.0.1:4222"))
-    parser.add_argument("--nkey-seed-file", help="the planner's seed (`.agentmesh/auth/agents/planner.nk`)")
+    parser.add_argument(
+        "--nkey-file",
+        "--nkey-seed-file",
+        dest="nkey_file",
+        help="the planner's seed (`.agentmesh/auth/agents/planner.nk`); default: AGENTMESH_NKEY_FILE",
+    )
     parser.add_argument("--query", default="NATS")
     args = parser.parse_args()
 
     planner = Agent("planner", description="Plans the work and hands it out")
-    await planner.connect(args.nats_url, nkey_seed_file=args.nkey_seed_file)
+    await planner.connect(args.nats_url, nkey_seed_file=args.nkey_file)
     try:
         wf = planner.workflow()
         prompt = await wf.prompt(f"Where does the code talk about {args.query}?")

@@ -27,6 +27,12 @@ from agentmesh import (
 
 INGRESS = "MESH_INGRESS"
 
+# Every test here runs against the mesh of `tests/tests/python_sdk.rs`.
+pytestmark = pytest.mark.stack()
+
+# Made at import, before any event loop: used in two loops below.
+MODULE_LEVEL_PLANNER = Agent("planner")
+
 
 async def stored(js, published):
     """The message of `published` as `MESH_INGRESS` stored it."""
@@ -297,3 +303,23 @@ def test_a_call_for_a_tool_the_agent_does_not_serve_fails_at_once(nats_url, run)
             await reviewer.close()
 
     run(go())
+
+
+def test_an_agent_made_at_import_works_in_each_loop_it_is_connected_in(nats_url):
+    async def once(text):
+        planner = await MODULE_LEVEL_PLANNER.connect(nats_url)
+        try:
+            prompt = await planner.workflow().prompt(text)
+            receipt = await planner.await_decision(prompt.id)
+            assert receipt.decision == "allow", receipt
+            # `serve` waits on the agent's own loop-bound objects.
+            stop = asyncio.Event()
+            serving = asyncio.ensure_future(planner.serve(stop=stop))
+            await asyncio.sleep(0)
+            stop.set()
+            await asyncio.wait_for(serving, 20)
+        finally:
+            await planner.close()
+
+    for text in ("first loop", "second loop"):
+        asyncio.run(asyncio.wait_for(once(text), 60))

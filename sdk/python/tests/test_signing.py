@@ -68,6 +68,7 @@ def test_retired_and_revoked_signers():
     assert revoked.value.label == "revoked"
 
 
+@pytest.mark.stack("AGENTMESH_SIGNED_NATS_URL", "AGENTMESH_SIGNED_GOOD", "AGENTMESH_SIGNED_REFUSED")
 def test_only_the_delivery_signed_by_a_trusted_signer_reaches_the_handler(run):
     url = env("AGENTMESH_SIGNED_NATS_URL")
     good = env("AGENTMESH_SIGNED_GOOD").split(",")

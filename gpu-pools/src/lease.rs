@@ -73,12 +73,12 @@ pub enum WriteError {
     #[error("key `{0}` changed since it was read")]
     Conflict(String),
     /// The broker did not take the write.
-    #[error("writing key `{key}`: {message}")]
+    #[error("writing key `{key}`: {source}")]
     Broker {
         /// The key.
         key: String,
         /// The broker's answer.
-        message: String,
+        source: async_nats::Error,
     },
 }
 
@@ -92,9 +92,11 @@ impl LeaseStore {
     /// Opens the `mesh-gpu-leases` bucket (created by `broker_config::apply`).
     pub async fn open(js: &jetstream::Context) -> Result<Self, Error> {
         let bucket = schemas::subjects::BUCKET_GPU_LEASES;
-        let kv = js.get_key_value(bucket).await.map_err(|e| Error::Broker {
-            what: format!("opening KV bucket `{bucket}` (run `broker_config::apply` first)"),
-            message: e.to_string(),
+        let kv = js.get_key_value(bucket).await.map_err(|e| {
+            Error::broker(
+                format!("opening KV bucket `{bucket}` (run `broker_config::apply` first)"),
+                e,
+            )
         })?;
         Ok(Self { kv })
     }
@@ -106,23 +108,19 @@ impl LeaseStore {
 
     /// Reads every key: lists the keys (one stream info), then reads each.
     pub async fn snapshot(&self) -> Result<Snapshot, Error> {
-        let broker = |what: &str, e: &dyn std::fmt::Display| Error::Broker {
-            what: what.to_owned(),
-            message: e.to_string(),
-        };
         let filter = format!("{}>", self.kv.prefix);
         let mut listing = self
             .kv
             .stream
             .info_with_subjects(&filter)
             .await
-            .map_err(|e| broker("listing lease keys", &e))?;
+            .map_err(|e| Error::broker("listing lease keys", e))?;
         let revision = listing.info.state.last_sequence;
         let mut keys = Vec::new();
         while let Some((subject, _count)) = listing
             .try_next()
             .await
-            .map_err(|e| broker("listing lease keys", &e))?
+            .map_err(|e| Error::broker("listing lease keys", e))?
         {
             if let Some(key) = subject.strip_prefix(self.kv.prefix.as_str()) {
                 keys.push(key.to_owned());
@@ -135,7 +133,7 @@ impl LeaseStore {
             .await;
         let mut slots = BTreeMap::new();
         for (key, entry) in entries {
-            let entry = entry.map_err(|e| broker(&format!("reading lease `{key}`"), &e))?;
+            let entry = entry.map_err(|e| Error::broker(format!("reading lease `{key}`"), e))?;
             if let Some(entry) = entry {
                 let slot = slot_from_entry(&entry);
                 slots.insert(slot.gpu.clone(), slot);
@@ -157,14 +155,14 @@ impl LeaseStore {
                     if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
                         WriteError::Conflict(lease.gpu.clone())
                     } else {
-                        broker_error(&lease.gpu, &e)
+                        broker_error(&lease.gpu, e)
                     }
                 }),
             None => self.kv.create(&lease.gpu, value).await.map_err(|e| {
                 if e.kind() == kv::CreateErrorKind::AlreadyExists {
                     WriteError::Conflict(lease.gpu.clone())
                 } else {
-                    broker_error(&lease.gpu, &e)
+                    broker_error(&lease.gpu, e)
                 }
             }),
         }
@@ -184,21 +182,21 @@ impl LeaseStore {
                 if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
                     WriteError::Conflict(gpu.to_owned())
                 } else {
-                    broker_error(gpu, &e)
+                    broker_error(gpu, e)
                 }
             })
     }
 }
 
-fn broker_error(key: &str, e: &dyn std::fmt::Display) -> WriteError {
+fn broker_error(key: &str, e: impl Into<async_nats::Error>) -> WriteError {
     WriteError::Broker {
         key: key.to_owned(),
-        message: e.to_string(),
+        source: e.into(),
     }
 }
 
 /// The slot one KV entry describes.
-pub(crate) fn slot_from_entry(entry: &kv::Entry) -> Slot {
+pub fn slot_from_entry(entry: &kv::Entry) -> Slot {
     let state = match entry.operation {
         kv::Operation::Delete | kv::Operation::Purge => SlotState::Free,
         kv::Operation::Put => match serde_json::from_slice::<Lease>(&entry.value) {

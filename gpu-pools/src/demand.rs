@@ -40,12 +40,12 @@ pub struct PoolDemand {
 
 /// Why demand could not be read.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("reading the consumers of stream `{stream}`: {message}")]
+#[error("reading the consumers of stream `{stream}`: {source}")]
 pub struct DemandError {
     /// The stream.
     pub stream: String,
-    /// The broker's answer.
-    pub message: String,
+    /// The broker's answer (shared by the pools of the stream).
+    pub source: std::sync::Arc<dyn std::error::Error + Send + Sync>,
 }
 
 /// Reads the demand of every pool: one consumer listing per stream the pools
@@ -75,12 +75,19 @@ async fn list_consumers(
     js: &jetstream::Context,
     stream: &str,
 ) -> Result<Vec<jetstream::consumer::Info>, DemandError> {
-    let err = |e: &dyn std::fmt::Display| DemandError {
+    let err = |e: async_nats::Error| DemandError {
         stream: stream.to_owned(),
-        message: e.to_string(),
+        source: e.into(),
     };
-    let handle = js.get_stream_no_info(stream).await.map_err(|e| err(&e))?;
-    handle.consumers().try_collect().await.map_err(|e| err(&e))
+    let handle = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| err(e.into()))?;
+    handle
+        .consumers()
+        .try_collect()
+        .await
+        .map_err(|e| err(e.into()))
 }
 
 /// The demand of `pool` given the consumers of its stream.

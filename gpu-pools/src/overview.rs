@@ -18,7 +18,7 @@ use crate::decide;
 use crate::demand;
 use crate::inventory::{DeclaredInventory, GpuInfo, Inventory};
 use crate::lease::{LeaseStore, SlotState};
-use crate::scaler::{STATUS_SUBJECT, Status};
+use crate::status::{STATUS_SUBJECT, Status};
 
 /// One row of the lease table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,23 +80,19 @@ pub async fn gather(
     config: Option<&ConfigFile>,
     wait: Duration,
 ) -> Result<Overview, Error> {
-    let broker = |what: &str, e: &dyn fmt::Display| Error::Broker {
-        what: what.to_owned(),
-        message: e.to_string(),
-    };
     let inbox = client.new_inbox();
     let mut answers = client
         .subscribe(inbox.clone())
         .await
-        .map_err(|e| broker("subscribing for status", &e))?;
+        .map_err(|e| Error::broker("subscribing for status", e))?;
     client
         .publish_with_reply(STATUS_SUBJECT, inbox, "".into())
         .await
-        .map_err(|e| broker("asking for status", &e))?;
+        .map_err(|e| Error::broker("asking for status", e))?;
     client
         .flush()
         .await
-        .map_err(|e| broker("asking for status", &e))?;
+        .map_err(|e| Error::broker("asking for status", e))?;
     let mut scalers = Vec::new();
     let deadline = tokio::time::Instant::now() + wait;
     while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, answers.next()).await {

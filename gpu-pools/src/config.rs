@@ -391,7 +391,8 @@ max_gpus = 1
 
     #[test]
     fn shipped_example_parses() {
-        let config = ConfigFile::from_toml(include_str!("../examples/pools.toml")).unwrap();
+        let config =
+            ConfigFile::from_toml(include_str!("../../gpu-scaler/examples/pools.toml")).unwrap();
         assert_eq!(config.gpus.len(), 4);
         assert_eq!(config.pools.len(), 3);
         assert_eq!(config.pools["coder"].cooldown, DEFAULT_COOLDOWN);
