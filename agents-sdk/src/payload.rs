@@ -1,7 +1,5 @@
 //! The JSON data the SDK puts in each catalogue type (`datacontenttype:
-//! application/json`). The fields mirror the protobuf messages of
-//! `schemas/proto/agentmesh/v1/events.proto`, with JSON values where the
-//! protobuf carries a JSON string.
+//! application/json`).
 //!
 //! Any NATS client may send other data; the SDK reads these shapes leniently
 //! (see [`Received::json`](crate::Received::json)).

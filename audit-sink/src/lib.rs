@@ -5,8 +5,8 @@
 //! Each table has its own durable pull consumer (`audit-sink-events` on
 //! `MESH_INGRESS`, `audit-sink-decisions` on `MESH_DECISION`,
 //! `audit-sink-gpu` on `MESH_GPU`), so the sink sees every message whatever
-//! else is down. Rows are inserted in batches with the `clickhouse` crate's
-//! `Inserter` (flushed by rows, bytes or period), and a message is acked only
+//! else is down. Rows are inserted in batches, one `clickhouse::insert::Insert`
+//! per batch (flushed by rows, bytes or period), and a message is acked only
 //! once the insert holding it succeeded: at-least-once, with duplicates
 //! collapsing in the `ReplacingMergeTree` tables.
 

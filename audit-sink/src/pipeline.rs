@@ -6,7 +6,7 @@
 //! the next one come meanwhile). Acks go out without waiting for an answer.
 //!
 //! While ClickHouse is unreachable or failing, the open batch (bounded by the
-//! inserter's row and byte limits) is kept, nothing more is pulled, held
+//! batch's row and byte limits) is kept, nothing more is pulled, held
 //! messages get progress acks so JetStream does not hand them out again, and
 //! the insert is retried with exponential backoff. Once it succeeds the batch
 //! is acked. If the sink dies meanwhile, the unacked messages are redelivered

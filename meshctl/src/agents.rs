@@ -207,7 +207,7 @@ pub(crate) async fn remove(
 }
 
 /// `meshctl agents list`.
-pub(crate) fn list(home: &Home, policies: &Path) -> anyhow::Result<()> {
+pub(crate) fn list(home: &Home, policies: &Path, json: bool) -> anyhow::Result<()> {
     let state = AuthState::new(home);
     let registered = state.agents()?;
     let entities = entity_agents(policies).unwrap_or_default();
@@ -218,6 +218,26 @@ pub(crate) fn list(home: &Home, policies: &Path) -> anyhow::Result<()> {
         }
     }
     ids.sort_unstable();
+    if json {
+        let rows: Vec<serde_json::Value> = ids
+            .iter()
+            .map(|id| {
+                let role = entities
+                    .iter()
+                    .find(|(e, _)| e == id)
+                    .and_then(|(_, r)| r.clone());
+                let key = registered.iter().find(|e| e.name == *id);
+                serde_json::json!({
+                    "agent": id,
+                    "role": role,
+                    "in_entities": entities.iter().any(|(e, _)| e == id),
+                    "public_key": key.map(|e| e.public_key.clone()),
+                    "seed_file": key.map(|_| state.seed_file(Role::Agent, id).display().to_string()),
+                })
+            })
+            .collect();
+        return crate::output::print_json(&rows);
+    }
     if ids.is_empty() {
         println!("No agents: `meshctl agents add <id> --role <role>` registers one.");
         return Ok(());

@@ -24,11 +24,15 @@ pub(crate) enum ApprovalsCommand {
         /// Also list approved, rejected and expired requests.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Show one request and the parked event's data.
     Show {
         /// The approval id (or a unique prefix).
         id: String,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Release a parked event: it is delivered, and its receipt names the approver.
     Approve(AnswerArgs),
@@ -47,9 +51,9 @@ pub(crate) struct AnswerArgs {
     /// Why.
     #[arg(long, default_value = "")]
     comment: String,
-    /// Seconds to wait for the policy worker to apply the answer.
-    #[arg(long, default_value_t = 30)]
-    timeout_secs: u64,
+    /// How long to wait for the policy worker to apply the answer (e.g. `30s`).
+    #[arg(long, alias = "timeout-secs", default_value = "30s", value_parser = crate::output::parse_duration)]
+    timeout: Duration,
 }
 
 /// Runs a `meshctl approvals` command; `Ok(false)` means exit status 1.
@@ -69,15 +73,49 @@ pub(crate) async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> any
             )
         })?;
     match command {
-        ApprovalsCommand::List { all } => {
+        ApprovalsCommand::List { all, output } => {
             let mut states = all_states(&store).await?;
             states.retain(|(_, s)| all || s.status == ApprovalStatus::Pending);
             states.sort_by(|a, b| a.1.requested_at.cmp(&b.1.requested_at));
+            if output.json() {
+                let states: Vec<&ApprovalState> = states.iter().map(|(_, s)| s).collect();
+                crate::output::print_json(&states)?;
+                return Ok(true);
+            }
             print!("{}", render_list(&states, Utc::now()));
             Ok(true)
         }
-        ApprovalsCommand::Show { id } => {
+        ApprovalsCommand::Show { id, output } => {
             let (_, state) = resolve(&store, &id).await?;
+            if output.json() {
+                let data = js
+                    .get_stream(subjects::STREAM_APPROVALS)
+                    .await?
+                    .get_last_raw_message_by_subject(&state.request_subject)
+                    .await
+                    .ok()
+                    .and_then(|m| schemas::decode(Some(&m.headers), &m.payload).ok())
+                    .and_then(|(event, _)| match event.data() {
+                        Some(schemas::Data::Json(v)) => Some(v.clone()),
+                        Some(schemas::Data::String(s)) => {
+                            Some(serde_json::Value::String(s.clone()))
+                        }
+                        Some(schemas::Data::Binary(b)) => {
+                            serde_json::from_slice(b).ok().or_else(|| {
+                                Some(serde_json::Value::String(
+                                    String::from_utf8_lossy(b).into_owned(),
+                                ))
+                            })
+                        }
+                        None => None,
+                    });
+                let mut value = serde_json::to_value(&state)?;
+                if let Some(object) = value.as_object_mut() {
+                    object.insert("data".into(), data.unwrap_or(serde_json::Value::Null));
+                }
+                crate::output::print_json(&value)?;
+                return Ok(true);
+            }
             println!("approval  {}", state.id);
             println!("status    {}", state.status);
             println!("event     {} ({})", state.receipt.event_id, what(&state));
@@ -300,7 +338,7 @@ async fn answer(
         AnswerAction::Approve => ApprovalStatus::Approved,
         _ => ApprovalStatus::Rejected,
     };
-    let outcome = outcome(store, &state.id, Duration::from_secs(args.timeout_secs)).await?;
+    let outcome = outcome(store, &state.id, args.timeout).await?;
     println!("{}", outcome_line(&outcome, wanted));
     Ok(outcome.status == wanted)
 }

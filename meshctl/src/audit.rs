@@ -40,12 +40,14 @@ pub(crate) enum AuditCommand {
     /// checkpoints on MESH_AUDIT: prints `ok` and the count checked, or
     /// each row altered, deleted or inserted (exit status 1).
     Verify {
-        /// Only decisions made at or after this time (RFC 3339).
+        /// Only decisions made at or after this time: RFC 3339, `YYYY-MM-DD[ HH:MM:SS]` (UTC), or an age such as `30m`, `6h`, `2d`.
         #[arg(long)]
         since: Option<String>,
         /// Only the decisions of this trace (32 hex characters).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::publish::parse_trace_id)]
         trace: Option<String>,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Re-insert the audit rows ClickHouse lost from the streams that
     /// still hold them (idempotent), and name what cannot be recovered
@@ -58,8 +60,10 @@ pub(crate) enum AuditCommand {
     },
 }
 
-/// What is wrong with one row or checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What is wrong with one row or checkpoint (`-o json`: tagged by
+/// `kind`: `altered`, `deleted`, `missing`, `inserted`, `checkpoint`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
 pub(crate) enum Finding {
     /// A row's content is not what was signed and checkpointed.
     Altered {
@@ -838,17 +842,35 @@ pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow:
             }
             Ok(repaired.unrecoverable.is_empty() && repaired.still_missing == 0)
         }
-        AuditCommand::Verify { since, trace } => {
+        AuditCommand::Verify {
+            since,
+            trace,
+            output,
+        } => {
+            let now = chrono::Utc::now();
             let since_us = since
                 .as_deref()
                 .map(|s| {
-                    chrono::DateTime::parse_from_rfc3339(s)
+                    crate::policy::parse_time(s, now)
                         .map(|t| t.timestamp_micros())
-                        .with_context(|| format!("--since `{s}` is not an RFC 3339 time"))
+                        .map_err(|e| {
+                            crate::exit::fail(crate::exit::Exit::Usage, format!("--since: {e:#}"))
+                        })
                 })
                 .transpose()?;
             let filter = Filter { since_us, trace };
             let report = verify(endpoints, &filter).await?;
+            if output.json() {
+                crate::output::print_json(&serde_json::json!({
+                    "ok": report.findings.is_empty(),
+                    "decisions": report.rows,
+                    "checkpoints": report.checkpoints,
+                    "pending": report.pending,
+                    "compared": report.compared,
+                    "findings": report.findings,
+                }))?;
+                return Ok(report.findings.is_empty());
+            }
             if report.findings.is_empty() {
                 println!(
                     "ok: {} decisions verified against {} checkpoints ({} newer than the last checkpoint: signature checked only); {} stream messages have their rows",

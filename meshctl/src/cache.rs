@@ -13,7 +13,10 @@ use crate::servers::Endpoints;
 #[derive(Debug, Subcommand)]
 pub(crate) enum CacheCommand {
     /// Show how many entries and bytes the cache holds, and its limits.
-    Status,
+    Status {
+        #[command(flatten)]
+        output: crate::output::OutputArg,
+    },
     /// Drop cached results: every tool's (and the calls in flight), or one tool's with --tool.
     Purge {
         /// Only this tool's results (e.g. `code.search`).
@@ -33,7 +36,7 @@ pub(crate) async fn run(command: CacheCommand, endpoints: &Endpoints) -> anyhow:
         )
     };
     match command {
-        CacheCommand::Status => {
+        CacheCommand::Status { output } => {
             let mut stream = js.get_stream(&stream_name).await.with_context(context)?;
             let info = stream.info().await.with_context(context)?.clone();
             let (entries, bytes) = broker_config::admin::tool_cache_size(&stream)
@@ -47,6 +50,16 @@ pub(crate) async fn run(command: CacheCommand, endpoints: &Endpoints) -> anyhow:
                     n.to_string()
                 }
             };
+            if output.json() {
+                crate::output::print_json(&serde_json::json!({
+                    "bucket": subjects::BUCKET_TOOL_CACHE,
+                    "entries": entries,
+                    "bytes": bytes,
+                    "max_bytes": (info.config.max_bytes >= 0).then_some(info.config.max_bytes),
+                    "max_age_secs": info.config.max_age.as_secs(),
+                }))?;
+                return Ok(true);
+            }
             println!(
                 "{}: {entries} entries, {bytes} bytes (max {} bytes, oldest evicted first; max age {}s)",
                 subjects::BUCKET_TOOL_CACHE,

@@ -29,10 +29,6 @@ pub(crate) enum Exit {
     Failed,
 }
 
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the reference page reads them; it comes next")
-)]
 impl Exit {
     /// Every exit code, in order.
     pub(crate) const ALL: [Exit; 8] = [

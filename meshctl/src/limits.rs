@@ -23,6 +23,8 @@ pub(crate) enum LimitsCommand {
         /// Also show this workflow (trace id).
         #[arg(long)]
         workflow: Option<String>,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Reset an agent's counters (and/or a workflow's): its limits start again from zero.
     Reset {
@@ -43,7 +45,11 @@ pub(crate) async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow
         .await
         .with_context(|| format!("KV bucket `{}`", subjects::BUCKET_LIMITS))?;
     match command {
-        LimitsCommand::Show { agent, workflow } => {
+        LimitsCommand::Show {
+            agent,
+            workflow,
+            output,
+        } => {
             let now = Utc::now().timestamp();
             let agents: Vec<String> = match agent {
                 Some(a) => vec![a],
@@ -63,6 +69,40 @@ pub(crate) async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow
                     keys
                 }
             };
+            if output.json() {
+                let mut rows = Vec::new();
+                for a in agents {
+                    let tally: AgentTally = read(&store, &agent_key(&a)).await?.unwrap_or_default();
+                    let t = tally.at(now);
+                    rows.push(serde_json::json!({
+                        "agent": a,
+                        "per_minute": t.per_minute,
+                        "per_hour": t.per_hour,
+                        "per_day": t.per_day,
+                        "tokens_day": t.tokens_day,
+                        "cost_micros_day": t.cost_micros_day,
+                    }));
+                }
+                let workflow = match workflow {
+                    Some(w) => {
+                        let t: WorkflowTally =
+                            read(&store, &workflow_key(&w)).await?.unwrap_or_default();
+                        serde_json::json!({
+                            "trace_id": w,
+                            "events": t.events,
+                            "tool_calls": t.tool_calls,
+                            "tokens": t.tokens,
+                            "cost_micros": t.cost_micros,
+                        })
+                    }
+                    None => serde_json::Value::Null,
+                };
+                crate::output::print_json(&serde_json::json!({
+                    "agents": rows,
+                    "workflow": workflow,
+                }))?;
+                return Ok(true);
+            }
             println!(
                 "{:<20} {:>8} {:>8} {:>8} {:>14} {:>12}",
                 "AGENT", "MINUTE", "HOUR", "DAY", "TOKENS TODAY", "USD TODAY"

@@ -17,6 +17,7 @@ mod limits;
 mod output;
 mod policy;
 mod publish;
+mod reference;
 mod signers;
 mod stack;
 mod tail;
@@ -37,10 +38,10 @@ use clap::{Parser, Subcommand};
 #[command(name = "meshctl", version, about)]
 struct Cli {
     /// NATS server URL, or a cluster's node URLs separated by commas (a local server, or with `up --nats-nodes 3` a local cluster, is started by `up` when nothing answers here).
-    #[arg(long, global = true, env = "NATS_URL", default_value = broker_config::DEFAULT_NATS_URL)]
+    #[arg(long, global = true, env = "NATS_URL", default_value = broker_config::DEFAULT_NATS_URL, value_parser = parse_nats_url)]
     nats_url: String,
     /// ClickHouse HTTP URL (a local one is started by `up` when nothing answers here).
-    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_tables::DEFAULT_CLICKHOUSE_URL)]
+    #[arg(long, global = true, env = "CLICKHOUSE_URL", default_value = audit_tables::DEFAULT_CLICKHOUSE_URL, value_parser = parse_http_url)]
     clickhouse_url: String,
     /// ClickHouse user.
     #[arg(
@@ -95,12 +96,12 @@ enum Command {
         /// Policy directory for the policy worker.
         #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
         policies: PathBuf,
-        /// Do not start this service (repeatable): policy-worker, audit-sink or gpu-scaler.
-        #[arg(long, value_name = "SERVICE")]
+        /// Do not start this service (repeatable).
+        #[arg(long, value_name = "SERVICE", value_parser = clap::builder::PossibleValuesParser::new(stack::SERVICES))]
         without: Vec<String>,
-        /// Seconds to wait for every component to be ready.
-        #[arg(long, default_value_t = 60)]
-        timeout_secs: u64,
+        /// How long to wait for every component to be ready (e.g. `60s`, `2m`).
+        #[arg(long, alias = "timeout-secs", default_value = "60s", value_parser = output::parse_duration)]
+        timeout: Duration,
         /// Pool config for the GPU scaler (skipped when the file does not exist).
         #[arg(
             long,
@@ -112,7 +113,7 @@ enum Command {
         #[arg(long)]
         insecure: bool,
         /// NATS nodes to start: 1, or 3 for a local JetStream cluster (ports NATS_URL's port +0..2, routes +2000, monitoring +4000; streams at 3 replicas).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value = "1", value_parser = parse_nats_nodes)]
         nats_nodes: usize,
         /// Run this many ClickHouse replicas of one shard (2 or 3; with ZooKeeper: `scripts/install-deps.sh --replicated`) instead of one server: the audit tables replicated, the audit sink failing over between them.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
@@ -126,17 +127,22 @@ enum Command {
     /// Stop what `meshctl up` started.
     Down,
     /// Show each component, stream depths and rows per audit table.
-    Status,
+    Status {
+        #[command(flatten)]
+        output: output::OutputArg,
+    },
     /// Run the planner → coder → reviewer demo and print its decision tree from ClickHouse.
     Demo {
-        /// Seconds to wait for every step and decision to reach ClickHouse.
-        #[arg(long, default_value_t = 60)]
-        timeout_secs: u64,
+        /// How long to wait for every step and decision to reach ClickHouse (e.g. `60s`, `2m`).
+        #[arg(long, alias = "timeout-secs", default_value = "60s", value_parser = output::parse_duration)]
+        timeout: Duration,
     },
     /// Print the decision tree of a workflow from ClickHouse.
     Trace {
         /// The workflow's trace id (32 hex characters).
         trace_id: String,
+        #[command(flatten)]
+        output: output::OutputArg,
     },
     /// Serve a web view of the audit: recent traces, decision trees (live), denials.
     Ui {
@@ -181,12 +187,32 @@ enum Command {
     Pub(publish::PubArgs),
     /// Follow receipts, deliveries or dead letters live (an ordered consumer of its own: agents' durables are left alone).
     Tail(tail::TailArgs),
+    /// Print a shell completion script (e.g. `meshctl completions bash > ~/.local/share/bash-completion/completions/meshctl`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Generated documentation: `meshctl docs reference` prints docs/meshctl.md.
+    #[command(hide = true)]
+    Docs {
+        #[command(subcommand)]
+        command: DocsCommand,
+    },
     /// GPU inventory, leases and per-pool demand.
     Gpus {
         /// The GPU scaler's pool config, for each pool's demand when no scaler answers.
         #[arg(long, env = "GPU_SCALER_CONFIG")]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        output: output::OutputArg,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DocsCommand {
+    /// The reference of every command and flag (docs/meshctl.md), from these definitions.
+    Reference,
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,6 +249,8 @@ enum AgentsCommand {
         /// Policy directory to read entities.json from.
         #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
         policies: PathBuf,
+        #[command(flatten)]
+        output: output::OutputArg,
     },
 }
 
@@ -247,7 +275,23 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    audit_tables::schema::check_database(&cli.database)?;
+    match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "meshctl", &mut std::io::stdout());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Docs {
+            command: DocsCommand::Reference,
+        } => {
+            let command = <Cli as clap::CommandFactory>::command();
+            print!("{}", reference::markdown(&command));
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    audit_tables::schema::check_database(&cli.database)
+        .map_err(|e| exit::fail(exit::Exit::Usage, format!("--database: {e:#}")))?;
     let home = procs::Home::new(cli.home.clone());
     let endpoints = endpoints(&cli, &home)?;
     match cli.command {
@@ -256,7 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             policies,
             without,
             gpu_config,
-            timeout_secs,
+            timeout,
             insecure,
             nats_nodes,
             clickhouse_replicas,
@@ -265,7 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 detach,
                 policies,
                 without,
-                timeout: Duration::from_secs(timeout_secs),
+                timeout,
                 gpu_config: Some(gpu_config),
                 insecure,
                 nats_nodes,
@@ -274,8 +318,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stack::up(&home, &endpoints, &options).await?;
         }
         Command::Down => stack::down(&home)?,
-        Command::Status => {
-            if !stack::status(&home, &endpoints).await? {
+        Command::Status { output } => {
+            if !stack::status(&home, &endpoints, output.json()).await? {
                 return exit(false);
             }
         }
@@ -290,13 +334,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 agents::remove(&home, &endpoints, &policies, &id).await?
             }
             AgentsCommand::Rotate { id } => agents::rotate(&home, &endpoints, &id).await?,
-            AgentsCommand::List { policies } => agents::list(&home, &policies)?,
+            AgentsCommand::List { policies, output } => {
+                agents::list(&home, &policies, output.json())?
+            }
         },
-        Command::Demo { timeout_secs } => {
-            demo::run(&home, &endpoints, Duration::from_secs(timeout_secs)).await?
+        Command::Demo { timeout } => demo::run(&home, &endpoints, timeout).await?,
+        Command::Gpus { config, output } => {
+            gpus::run(&endpoints, config.as_deref(), output.json()).await?
         }
-        Command::Gpus { config } => gpus::run(&endpoints, config.as_deref()).await?,
-        Command::Trace { trace_id } => tree::print(&endpoints, &trace_id).await?,
+        Command::Trace { trace_id, output } => {
+            tree::print(&endpoints, &trace_id, output.json()).await?
+        }
         Command::Ui { port, bind } => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -312,11 +360,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return exit(signers::run(command, &home, &endpoints).await?);
         }
         Command::Audit { command } => return exit(audit::run(command, &endpoints).await?),
+        Command::Completions { .. } | Command::Docs { .. } => {}
         Command::Pub(args) => return Ok(publish::run(&home, &endpoints, args).await?.into()),
         Command::Tail(args) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            return Ok(tail::run(&endpoints, args, shutdown).await?.into());
+            return Ok(tail::run(&home, &endpoints, args, shutdown).await?.into());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -344,6 +393,39 @@ fn endpoints(cli: &Cli, home: &procs::Home) -> anyhow::Result<servers::Endpoints
         Ok(endpoints)
     } else {
         endpoints.with_local_cluster(home)
+    }
+}
+
+/// `--nats-url`, checked at parse time: one URL or a comma-separated list.
+fn parse_nats_url(text: &str) -> Result<String, String> {
+    schemas::servers::server_addrs(text)
+        .map(|_| text.to_owned())
+        .map_err(|e| {
+            format!("{e}: write `nats://HOST:PORT`, or a cluster's nodes separated by commas")
+        })
+}
+
+/// `--clickhouse-url`, checked at parse time: an `http(s)://` URL.
+fn parse_http_url(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("http://")
+        .or_else(|| text.strip_prefix("https://"));
+    match rest {
+        Some(rest) if !rest.is_empty() && !rest.starts_with('/') => Ok(text.to_owned()),
+        _ => Err(format!(
+            "`{text}` is not a ClickHouse HTTP URL: write `http://HOST:8123`"
+        )),
+    }
+}
+
+/// `--nats-nodes`: 1, or 3 for a local cluster.
+fn parse_nats_nodes(text: &str) -> Result<usize, String> {
+    match text {
+        "1" => Ok(1),
+        "3" => Ok(3),
+        _ => Err(format!(
+            "`{text}`: a local stack runs 1 NATS node or a cluster of 3 [possible values: 1, 3]"
+        )),
     }
 }
 

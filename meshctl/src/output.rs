@@ -56,19 +56,6 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     })
 }
 
-/// Parses a duration in milliseconds when it is a bare number (the old
-/// `--…-ms` flags), else like [`parse_duration`].
-#[cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the old `-ms` flags move to it next")
-)]
-pub(crate) fn parse_duration_ms(text: &str) -> Result<Duration, String> {
-    match text.trim().parse::<u64>() {
-        Ok(ms) => Ok(Duration::from_millis(ms)),
-        Err(_) => parse_duration(text),
-    }
-}
-
 /// A duration as meshctl writes it (`1m 30s`).
 pub(crate) fn format_duration(d: Duration) -> String {
     humantime::format_duration(d).to_string()
@@ -91,8 +78,6 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(parse_duration(text), Ok(want), "{text}");
         }
-        assert_eq!(parse_duration_ms("1500"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration_ms("2s"), Ok(Duration::from_secs(2)));
         let err = parse_duration("soon").unwrap_err();
         assert!(
             err.contains("`soon` is not a duration") && err.contains("`5m`"),

@@ -28,6 +28,8 @@ pub(crate) enum PolicyCommand {
     Check {
         /// The policy directory.
         dir: PathBuf,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
     /// Make the shadow set the active one (each file replaced atomically; a running worker reloads it).
     Promote {
@@ -46,7 +48,7 @@ pub(crate) enum PolicyCommand {
         /// The candidate policy directory.
         #[arg(long)]
         policies: PathBuf,
-        /// Start of the range: RFC 3339, `YYYY-MM-DD[ HH:MM:SS]` (UTC), or an age such as `30m`, `6h`, `2d`.
+        /// Start of the range: RFC 3339, `YYYY-MM-DD[ HH:MM:SS]` (UTC), or an age such as `30m`, `6h`, `1h30m`, `2d`.
         #[arg(long)]
         since: String,
         /// End of the range (same forms; default now).
@@ -58,8 +60,10 @@ pub(crate) enum PolicyCommand {
         /// Examples printed per kind of change.
         #[arg(long, default_value_t = 5)]
         examples: usize,
-        /// Print the report as JSON.
-        #[arg(long)]
+        #[command(flatten)]
+        output: crate::output::OutputArg,
+        /// The report as JSON (the older spelling of `-o json`).
+        #[arg(long, hide = true)]
         json: bool,
         /// Exit with status 1 when any decision would change (for CI).
         #[arg(long)]
@@ -79,8 +83,19 @@ pub(crate) enum Source {
 /// Runs a `meshctl policy` command; `Ok(false)` means exit status 1.
 pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     match command {
-        PolicyCommand::Check { dir } => {
+        PolicyCommand::Check { dir, output } => {
             let bundle = load(&dir)?;
+            if output.json() {
+                crate::output::print_json(&serde_json::json!({
+                    "dir": dir.display().to_string(),
+                    "policies": bundle.len(),
+                    "policy_hash": bundle.hash(),
+                    "require_approval": bundle.guard().approval_policies().collect::<Vec<_>>(),
+                    "reads_detectors": bundle.guard().reads_detectors(),
+                    "reads_counters": bundle.guard().reads_counters(),
+                }))?;
+                return Ok(true);
+            }
             println!(
                 "{}: {} policies, policy hash {}",
                 dir.display(),
@@ -113,9 +128,11 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
             until,
             from,
             examples,
+            output,
             json,
             fail_on_change,
         } => {
+            let json = json || output.json();
             let now = Utc::now();
             let since = parse_time(&since, now)?;
             let until = until
@@ -165,19 +182,13 @@ fn load(dir: &Path) -> anyhow::Result<PolicyBundle> {
 /// (`90s`, `30m`, `6h`, `2d`) before `now`.
 pub(crate) fn parse_time(text: &str, now: DateTime<Utc>) -> anyhow::Result<DateTime<Utc>> {
     let t = text.trim();
-    if let Some(unit) = t.chars().last().filter(|c| "smhd".contains(*c))
-        && let Ok(n) = t[..t.len() - 1].parse::<i64>()
+    // An age, in meshctl's one duration syntax (`90s`, `30m`, `1h30m`, `2d`).
+    if t.ends_with(|c: char| c.is_ascii_alphabetic())
+        && let Ok(age) = humantime::parse_duration(t)
     {
-        let unit_secs = match unit {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            _ => 86_400,
-        };
         // An age too large for a date is refused, not a panic.
-        if let Some(t) = n
-            .checked_mul(unit_secs)
-            .and_then(chrono::Duration::try_seconds)
+        if let Some(t) = chrono::Duration::from_std(age)
+            .ok()
             .and_then(|age| now.checked_sub_signed(age))
         {
             return Ok(t);
@@ -688,7 +699,8 @@ mod tests {
         assert_eq!(t("2026-02-01 10:00:00"), "2026-02-01T10:00:00+00:00");
         assert_eq!(t("2026-02-01"), "2026-02-01T00:00:00+00:00");
         assert!(parse_time("yesterday", now).is_err());
-        assert!(parse_time("5w", now).is_err());
+        assert!(parse_time("5x", now).is_err());
+        assert_eq!(t("1h30m"), "2026-03-01T10:30:00+00:00");
         assert!(parse_time("99999999999999999d", now).is_err());
         assert!(parse_time("9223372036854775807s", now).is_err());
     }

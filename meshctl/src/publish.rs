@@ -7,16 +7,19 @@
 //! agent's decision subject, created before the publish (so it cannot be
 //! missed) with meshctl's own credentials, which leaves the agent's durable
 //! `receipts-<agent>` to the agent. Without operator credentials (an agent
-//! key alone, a stack elsewhere) it reads the agent's durable instead,
-//! acknowledging only this event's receipt and handing every other back at
-//! once.
+//! key alone, a stack elsewhere) it subscribes to the agent's decision
+//! subject with the agent's key before publishing. Not the durable: it
+//! would take the agent's other receipts and hand them back, and behind a
+//! backlog of unacknowledged ones this receipt might not come at all. A
+//! core subscription may see a receipt twice (docs/contract.md); the first
+//! for this event's id is taken.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer};
-use broker_config::auth::{self, Role};
+use broker_config::auth::Role;
 use futures::StreamExt as _;
 use schemas::{DecisionReceipt, EventBuilder as _, EventBuilderV10, TYPE_PREFIX, TraceParent, ext};
 use serde::Serialize;
@@ -207,20 +210,21 @@ async fn connect_as_agent(
 enum Receipts {
     /// A fresh ordered consumer of meshctl's own.
     Ordered(Box<consumer::pull::Ordered>),
-    /// The agent's durable `receipts-<agent>`.
-    Durable(Box<consumer::pull::Stream>),
+    /// A subscription to `mesh.decision.<agent>` with the agent's key.
+    Subscription(async_nats::Subscriber),
 }
 
 impl Receipts {
     /// Opens the reader before the publish: an ordered consumer with
-    /// meshctl's credentials when they reach `MESH_DECISION`, else the
-    /// agent's durable over the agent's own connection.
+    /// meshctl's credentials when they reach `MESH_DECISION`, else a
+    /// subscription over the agent's own connection.
     async fn open(
         endpoints: &Endpoints,
-        agent_js: &jetstream::Context,
+        agent_client: &async_nats::Client,
         agent: &str,
         own_credentials: bool,
     ) -> anyhow::Result<Self> {
+        let agent_js = jetstream::new(agent_client.clone());
         let ordered = |js: jetstream::Context| async move {
             let stream = js.get_stream(schemas::subjects::STREAM_DECISION).await?;
             let consumer = stream
@@ -242,57 +246,38 @@ impl Receipts {
         {
             return Ok(Receipts::Ordered(Box::new(messages)));
         }
-        let name = auth::receipts_consumer(agent);
-        let durable = agent_js
-            .get_consumer_from_stream::<consumer::pull::Config, _, _>(
-                &name,
-                schemas::subjects::STREAM_DECISION,
-            )
+        let subscription = agent_client
+            .subscribe(schemas::subjects::decision(agent))
             .await
-            .map_err(|e| {
-                fail(
-                    Exit::NotFound,
-                    format!(
-                        "cannot read agent `{agent}`'s receipts durable `{name}` on MESH_DECISION ({e}): `meshctl up` or `meshctl agents add` creates it"
-                    ),
-                )
-            })?;
-        Ok(Receipts::Durable(Box::new(durable.messages().await?)))
+            .map_err(|e| anyhow::anyhow!("subscribing to agent `{agent}`'s receipts: {e}"))?;
+        // The server has the subscription before the event is published.
+        agent_client
+            .flush()
+            .await
+            .map_err(|e| anyhow::anyhow!("subscribing to agent `{agent}`'s receipts: {e}"))?;
+        Ok(Receipts::Subscription(subscription))
     }
 
     /// The receipt of event `id`, or `None` at the end of the stream.
     async fn receipt_of(&mut self, id: &str) -> anyhow::Result<Option<DecisionReceipt>> {
         loop {
-            let message = match self {
-                Receipts::Ordered(messages) => messages
-                    .next()
-                    .await
-                    .map(|m| m.map_err(|e| anyhow::anyhow!("reading receipts: {e}"))),
-                Receipts::Durable(messages) => messages
-                    .next()
-                    .await
-                    .map(|m| m.map_err(|e| anyhow::anyhow!("reading receipts: {e}"))),
+            let payload = match self {
+                Receipts::Ordered(messages) => match messages.next().await {
+                    Some(m) => m
+                        .map_err(|e| anyhow::anyhow!("reading receipts: {e}"))?
+                        .payload
+                        .clone(),
+                    None => return Ok(None),
+                },
+                Receipts::Subscription(subscription) => match subscription.next().await {
+                    Some(m) => m.payload,
+                    None => return Ok(None),
+                },
             };
-            let Some(message) = message else {
-                return Ok(None);
-            };
-            let message = message?;
-            let receipt: Option<DecisionReceipt> = serde_json::from_slice(&message.payload).ok();
-            let ours = receipt.as_ref().is_some_and(|r| r.event_id == id);
-            if let Receipts::Durable(_) = self {
-                // Ours is consumed; anyone else's goes back to the agent now.
-                let kind = if ours {
-                    jetstream::AckKind::Ack
-                } else {
-                    jetstream::AckKind::Nak(None)
-                };
-                message
-                    .ack_with(kind)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("acknowledging a receipt: {e}"))?;
-            }
-            if ours {
-                return Ok(receipt);
+            if let Ok(receipt) = serde_json::from_slice::<DecisionReceipt>(&payload)
+                && receipt.event_id == id
+            {
+                return Ok(Some(receipt));
             }
         }
     }
@@ -375,7 +360,7 @@ pub(crate) async fn run(home: &Home, endpoints: &Endpoints, args: PubArgs) -> an
     let mut receipts = if args.no_wait {
         None
     } else {
-        Some(Receipts::open(endpoints, &js, agent, seed.is_none()).await?)
+        Some(Receipts::open(endpoints, &client, agent, seed.is_none()).await?)
     };
     let ack = publish(&js, &subject, headers, payload).await?;
 

@@ -23,7 +23,10 @@ pub(crate) const SIGNING_SERVICES: [&str; 2] = ["policy-worker", "audit-sink"];
 #[derive(Debug, Subcommand)]
 pub(crate) enum SignersCommand {
     /// List every signer: public key, name, status, dates.
-    List,
+    List {
+        #[command(flatten)]
+        output: crate::output::OutputArg,
+    },
     /// Trust a signer: add its public key (`N…`) as active.
     Add {
         /// The signer's nkey public key.
@@ -46,7 +49,8 @@ pub(crate) enum SignersCommand {
     /// key is added, the old one retired; restart the service
     /// (`meshctl down`, `meshctl up`) to sign with it.
     Rotate {
-        /// `policy-worker` or `audit-sink`.
+        /// The local service.
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(SIGNING_SERVICES))]
         service: String,
     },
 }
@@ -179,8 +183,12 @@ pub(crate) async fn run(
     let js = jetstream::new(endpoints.connect_nats().await?);
     let kv = bucket(&js).await?;
     match command {
-        SignersCommand::List => {
+        SignersCommand::List { output } => {
             let records = records(&kv).await?;
+            if output.json() {
+                crate::output::print_json(&records)?;
+                return Ok(true);
+            }
             if records.is_empty() {
                 println!("no signers in `{}`", subjects::BUCKET_SIGNERS);
             }

@@ -135,10 +135,27 @@ struct Entry {
 
 /// `meshctl tail`.
 pub(crate) async fn run(
+    home: &crate::procs::Home,
     endpoints: &Endpoints,
     args: TailArgs,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<Exit> {
+    // On a stack with authorization the registry knows every agent: a
+    // misspelt one is named, not followed in silence.
+    if let Some(agent) = &args.agent
+        && crate::stack::auth_mode(home)
+        && !crate::identity::AuthState::new(home)
+            .agents()?
+            .iter()
+            .any(|e| e.name == *agent)
+    {
+        return Err(fail(
+            Exit::NotFound,
+            format!(
+                "no agent `{agent}` is registered (`meshctl agents list` shows who is; `meshctl agents add {agent} --role <role>` registers it)"
+            ),
+        ));
+    }
     let client = endpoints.connect_nats().await?;
     let js = jetstream::new(client);
     let stream_name = args.feed.stream();

@@ -22,7 +22,10 @@ pub(crate) fn check_trace_id(trace_id: &str) -> anyhow::Result<()> {
     {
         Ok(())
     } else {
-        anyhow::bail!("`{trace_id}` is not a trace id: expected 32 lowercase hex characters")
+        Err(crate::exit::fail(
+            crate::exit::Exit::Usage,
+            format!("`{trace_id}` is not a trace id: expected 32 lowercase hex characters"),
+        ))
     }
 }
 
@@ -30,14 +33,46 @@ pub(crate) fn check_trace_id(trace_id: &str) -> anyhow::Result<()> {
 pub(crate) async fn print(
     endpoints: &crate::servers::Endpoints,
     trace_id: &str,
+    json: bool,
 ) -> anyhow::Result<()> {
     check_trace_id(trace_id)?;
     let nodes = fetch(&endpoints.audit_db(), trace_id).await?;
     if nodes.is_empty() {
-        anyhow::bail!(
-            "no steps of trace {trace_id} in `{}.events`",
-            endpoints.database
-        );
+        return Err(crate::exit::fail(
+            crate::exit::Exit::NotFound,
+            format!(
+                "no steps of trace {trace_id} in `{}.events`: check the id (`meshctl tail receipts` shows live ones), or wait for the audit sink",
+                endpoints.database
+            ),
+        ));
+    }
+    if json {
+        let parents = parents(&nodes);
+        let steps: Vec<serde_json::Value> = nodes
+            .iter()
+            .zip(parents)
+            .map(|(n, parent)| {
+                serde_json::json!({
+                    "event_id": n.event_id,
+                    "agent": n.agent,
+                    "type": n.r#type,
+                    "target": n.target,
+                    "subject": n.subject,
+                    "time_us": n.time_us,
+                    "decision": n.decision,
+                    "reasons": n.reasons,
+                    "errors": n.errors,
+                    "policy_hash": n.policy_hash,
+                    "valid": n.valid != 0,
+                    "cache": n.cache,
+                    "parent": parent,
+                })
+            })
+            .collect();
+        return crate::output::print_json(&serde_json::json!({
+            "trace_id": trace_id,
+            "steps": steps,
+        }));
     }
     let reports = reports(&endpoints.audit_db(), trace_id).await?;
     print!("{}", render_with(trace_id, &nodes, &reports));

@@ -695,6 +695,32 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
         let receipt: serde_json::Value = serde_json::from_slice(&published.stdout)?;
         assert_eq!(receipt["decision"], "allow", "{receipt}");
         assert_eq!(receipt["agent"], "planner", "{receipt}");
+        // With the agent's key alone (no operator key for meshctl): the
+        // receipt comes over the agent's own subscription.
+        let planner_key = auth.join("agents/planner.nk");
+        let planner_key = planner_key.to_string_lossy();
+        let alone = stack
+            .run(&[
+                "--nats-nkey-seed-file",
+                &planner_key,
+                "pub",
+                "--agent",
+                "planner",
+                "--type",
+                "reasoning",
+                "-o",
+                "json",
+            ])
+            .await?;
+        assert_eq!(
+            alone.status.code(),
+            Some(0),
+            "{}{}",
+            text(&alone.stdout),
+            text(&alone.stderr)
+        );
+        let receipt: serde_json::Value = serde_json::from_slice(&alone.stdout)?;
+        assert_eq!(receipt["decision"], "allow", "{receipt}");
 
         // The coder's key publishes as the coder only.
         let (coder, errors) =
@@ -916,6 +942,12 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
         assert_eq!(nobody.status.code(), Some(5), "{err}");
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(err.contains("meshctl agents add nobody --role"), "{err}");
+        let tail = stack
+            .run(&["tail", "receipts", "--agent", "nobody", "--count", "1"])
+            .await?;
+        let err = text(&tail.stderr);
+        assert_eq!(tail.status.code(), Some(5), "{err}");
+        assert!(err.contains("no agent `nobody` is registered"), "{err}");
         use std::os::unix::fs::PermissionsExt as _;
         assert_eq!(
             std::fs::metadata(&seed_file)?.permissions().mode() & 0o777,

@@ -13,7 +13,7 @@
 //!
 //! JSON data without escapes is scanned as it arrived; JSON with escapes
 //! (where `\u0040` could hide an `@`) is parsed and its decoded strings,
-//! keys and numbers are scanned instead. Non-UTF-8 data (protobuf) is
+//! keys and numbers are scanned instead. Non-UTF-8 data (protobuf, say) is
 //! scanned as bytes.
 
 use std::collections::BTreeSet;

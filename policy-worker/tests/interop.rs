@@ -1,7 +1,8 @@
 //! Interop: an independent client (Python `nats-py`, the README's example
 //! script) publishes a binary-mode event and sees the receipt and delivery.
-//! Needs `python3` with `nats-py` (`pip install nats-py`; `scripts/test.sh`
-//! installs it). `AGENTMESH_PYTHON` overrides the interpreter.
+//! Needs Python with `nats-py`: `testkit::python()`, the venv
+//! `scripts/install-deps.sh` makes (`scripts/test.sh` runs it), or
+//! `AGENTMESH_PYTHON`.
 
 #![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
@@ -13,7 +14,7 @@ use schemas::subjects;
 use support::*;
 
 fn python() -> String {
-    std::env::var("AGENTMESH_PYTHON").unwrap_or_else(|_| "python3".into())
+    testkit::python()
 }
 
 fn run_example(nats_url: &str, extra: &[&str]) -> String {
@@ -24,7 +25,7 @@ fn run_example(nats_url: &str, extra: &[&str]) -> String {
     let probe = Command::new(python()).args(["-c", "import nats"]).output();
     assert!(
         probe.is_ok_and(|o| o.status.success()),
-        "this test needs python3 with nats-py: run `pip install nats-py` (scripts/test.sh does) or set AGENTMESH_PYTHON"
+        "this test needs python3 with nats-py: run `scripts/install-deps.sh` (into .agentmesh/venv; scripts/test.sh does) or set AGENTMESH_PYTHON"
     );
     let out = Command::new(python())
         .arg(script)

@@ -73,22 +73,6 @@ impl EventType {
     pub fn short_name(self) -> &'static str {
         &self.as_str()[TYPE_PREFIX.len()..]
     }
-
-    /// The protobuf message that carries this type's data, for `dataschema`.
-    pub fn proto_message(self) -> &'static str {
-        match self {
-            Self::Prompt => "agentmesh.v1.Prompt",
-            Self::Reasoning => "agentmesh.v1.Reasoning",
-            Self::Action => "agentmesh.v1.Action",
-            Self::Observation => "agentmesh.v1.Observation",
-            Self::ToolCall => "agentmesh.v1.ToolCall",
-            Self::ToolResult => "agentmesh.v1.ToolResult",
-            Self::MemoryUpdate => "agentmesh.v1.MemoryUpdate",
-            Self::TaskHandoff => "agentmesh.v1.TaskHandoff",
-            Self::Message => "agentmesh.v1.Message",
-            Self::Output => "agentmesh.v1.Output",
-        }
-    }
 }
 
 impl fmt::Display for EventType {

@@ -367,6 +367,6 @@ pub mod process;
 pub mod streams;
 pub use self::mesh::{Headers, Mesh, header, receipt, receipts};
 pub use self::metrics::sample_value;
-pub use self::policies::{policies_copy, shipped_policies, workspace};
+pub use self::policies::{policies_copy, python, shipped_policies, workspace};
 pub use self::process::{LogLines, Service};
 pub use self::streams::{stream_messages, subject_messages};

@@ -1,5 +1,5 @@
-//! The repository's root, and the example policies shipped in its
-//! `policies/`.
+//! The repository's root, the example policies shipped in its
+//! `policies/`, and the Python interpreter the tests run scripts with.
 
 use std::path::PathBuf;
 
@@ -8,6 +8,21 @@ use anyhow::Context;
 /// The repository's root (the workspace directory).
 pub fn workspace() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// The Python interpreter for the tests' scripts: `AGENTMESH_PYTHON`, else
+/// the virtual environment `scripts/install-deps.sh` makes
+/// (`.agentmesh/venv`, with nats-py, nkeys and the SDK's test
+/// dependencies), else `python3`.
+pub fn python() -> String {
+    if let Ok(python) = std::env::var("AGENTMESH_PYTHON") {
+        return python;
+    }
+    let venv = workspace().join(".agentmesh/venv/bin/python");
+    if venv.exists() {
+        return venv.display().to_string();
+    }
+    "python3".into()
 }
 
 /// The shipped `policies/` directory.

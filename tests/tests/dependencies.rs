@@ -8,6 +8,9 @@
 //! A new edge that breaks a rule fails here, naming it.
 //! From the sources: no crate but `schemas` spells a subject (`"mesh.…`) or
 //! a mesh header (`"Mesh-…`) in its code; they come from `schemas`.
+//! And `ARCHITECTURE.md`'s crate table stays true: one row per crate, its
+//! kind (library, binary) as `cargo metadata` lists its targets, and every
+//! module under its `src/` named in the row.
 
 #![expect(
     clippy::unwrap_used,
@@ -224,4 +227,119 @@ fn the_literal_scan_finds_code_and_skips_unit_tests() {
     let found = contract_literals(source);
     let lines: Vec<usize> = found.iter().map(|(n, _, _)| *n).collect();
     assert_eq!(lines, [2, 4], "{found:?}");
+}
+
+/// The crate table of `ARCHITECTURE.md`: `(package, kind, owns)` per row
+/// naming a crate (`sdk/python` is not one).
+fn architecture_table() -> Vec<(String, String, String)> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ARCHITECTURE.md");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let section = text
+        .split("## Crates")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("ARCHITECTURE.md has a `## Crates` section");
+    section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter(|l| !l.contains("(not a crate)"))
+        .map(|line| {
+            let cells: Vec<&str> = line.trim_matches('|').split(" | ").collect();
+            assert_eq!(cells.len(), 3, "a crate row has three cells: {line}");
+            // `tests` (package `e2e`): the package's name is the last one named.
+            let name = cells[0].rsplit('`').nth(1).unwrap().to_owned();
+            (name, cells[1].trim().to_owned(), cells[2].to_owned())
+        })
+        .collect()
+}
+
+/// The modules of a crate: each file and folder under `src/` but the crate
+/// roots and `src/bin/`.
+fn modules(src: &std::path::Path) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(src)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter_map(|p| {
+            let name = p.file_name()?.to_str()?.to_owned();
+            match name.strip_suffix(".rs") {
+                Some("lib" | "main") => None,
+                Some(module) => Some(module.to_owned()),
+                None if p.is_dir() && name != "bin" => Some(name),
+                None => None,
+            }
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+#[test]
+fn the_architecture_table_names_every_crate_its_kind_and_every_module() {
+    let metadata = metadata();
+    let table = architecture_table();
+    let mut problems = Vec::new();
+    let mut packages = BTreeSet::new();
+    for package in metadata["packages"].as_array().unwrap() {
+        let name = package["name"].as_str().unwrap();
+        packages.insert(name.to_owned());
+        let Some((_, kind, owns)) = table.iter().find(|(n, _, _)| n == name) else {
+            problems.push(format!("crate `{name}` has no row in the table"));
+            continue;
+        };
+        let targets = package["targets"].as_array().unwrap();
+        let has = |k: &str| {
+            targets
+                .iter()
+                .any(|t| t["kind"].as_array().unwrap().iter().any(|x| x == k))
+        };
+        let (lib, bin) = (has("lib"), has("bin"));
+        if lib != kind.contains("library") || bin != kind.contains("binary") {
+            problems.push(format!(
+                "crate `{name}` is listed as `{kind}`, but it has {} library and {} binary",
+                if lib { "a" } else { "no" },
+                if bin { "a" } else { "no" }
+            ));
+        }
+        let manifest = std::path::Path::new(package["manifest_path"].as_str().unwrap());
+        for module in modules(&manifest.parent().unwrap().join("src")) {
+            let named = [
+                format!("`{module}`"),
+                format!("`{module}/"),
+                format!("`{module}::"),
+            ]
+            .iter()
+            .any(|form| owns.contains(form.as_str()));
+            if !named {
+                problems.push(format!(
+                    "module `{module}` of `{name}` is not named in its row (as `{module}`)"
+                ));
+            }
+        }
+    }
+    for (name, _, _) in &table {
+        if !packages.contains(name) {
+            problems.push(format!(
+                "the table lists `{name}`, which is not a workspace crate"
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "ARCHITECTURE.md's crate table disagrees with the workspace:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn the_table_check_reads_rows_and_modules() {
+    let table = architecture_table();
+    assert!(
+        table.iter().any(|(n, k, _)| n == "e2e" && k.contains("tests")),
+        "the `tests` row is the package `e2e`: {table:?}"
+    );
+    assert!(table.iter().all(|(n, _, _)| n != "sdk/python"));
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policy-engine/src");
+    let found = modules(&src);
+    assert!(found.contains(&"cache".to_owned()) && found.contains(&"fields".to_owned()));
+    assert!(!found.contains(&"lib".to_owned()));
 }

@@ -285,7 +285,7 @@ async fn an_agent_cannot_read_other_receipts_or_the_services_consumers() -> anyh
 }
 
 fn python() -> String {
-    std::env::var("AGENTMESH_PYTHON").unwrap_or_else(|_| "python3".into())
+    testkit::python()
 }
 
 /// Runs the README's example script with `args`; its stdout.
@@ -296,7 +296,7 @@ fn run_example(args: Vec<String>) -> anyhow::Result<String> {
         .output();
     anyhow::ensure!(
         probe.is_ok_and(|o| o.status.success()),
-        "this test needs python3 with nats-py and nkeys: run `pip install nats-py nkeys` or set AGENTMESH_PYTHON"
+        "this test needs python3 with nats-py and nkeys: run `scripts/install-deps.sh` (into .agentmesh/venv) or set AGENTMESH_PYTHON"
     );
     let out = Command::new(python()).arg(script).args(args).output()?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

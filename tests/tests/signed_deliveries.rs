@@ -96,7 +96,7 @@ async fn signers(mesh: &Mesh) -> Signers {
 fn python_verify(mesh: &Mesh, seq: u64) -> (bool, String) {
     let script =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/python/verify_delivery.py");
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(testkit::python())
         .arg(script)
         .args(["--nats-url", &mesh.url(), "--seq", &seq.to_string()])
         .output()

@@ -5,7 +5,7 @@ use broker_config::auth::{AUDIT_SINK_CONSUMERS, POLICY_WORKER_CONSUMER};
 use futures::StreamExt;
 use schemas::subjects;
 
-use super::{SERVICES, auth_mode, line, mode_file};
+use super::{SERVICES, auth_mode, mode_file};
 use crate::identity::AuthState;
 use crate::procs::{self, Home};
 use crate::servers::{self, Endpoints, NatsState};
@@ -39,10 +39,52 @@ fn agent_queues(consumers: &[ConsumerRow]) -> Vec<(String, Option<Queue>, Option
 /// One durable: (stream, name, pending, unacknowledged, waiting pulls).
 type ConsumerRow = (String, String, u64, usize, usize);
 
+/// What `status` found: printed as it goes, or collected for `-o json`.
+#[derive(Default, serde::Serialize)]
+struct Report {
+    #[serde(skip)]
+    json: bool,
+    /// Whether NATS (with JetStream) and ClickHouse both answer.
+    ok: bool,
+    /// `{name, state, detail}` per component, in the text's order.
+    components: Vec<serde_json::Value>,
+    /// `{name, messages, consumers: [{name, pending, unacked}]}`.
+    streams: Vec<serde_json::Value>,
+    /// `{agent, deliveries: {pending, unacked}, calls}` per agent durable.
+    agents: Vec<serde_json::Value>,
+    /// The audit database.
+    database: String,
+    /// `{table, rows}` (`rows` null when the table is missing).
+    tables: Vec<serde_json::Value>,
+}
+
+impl Report {
+    fn line(&mut self, name: &str, state: &str, detail: impl std::fmt::Display) {
+        if self.json {
+            self.components.push(serde_json::json!({
+                "name": name,
+                "state": state,
+                "detail": detail.to_string(),
+            }));
+        } else {
+            super::line(name, state, detail);
+        }
+    }
+}
+
 /// `meshctl status`: each component up or down, stream depths, rows per
-/// table. Returns whether NATS and ClickHouse both answer.
-pub(crate) async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result<bool> {
-    println!("{:<18} {:<8} detail", "component", "state");
+/// table (or all of it as one JSON document). Returns whether NATS and
+/// ClickHouse both answer.
+pub(crate) async fn status(home: &Home, endpoints: &Endpoints, json: bool) -> anyhow::Result<bool> {
+    let mut report = Report {
+        json,
+        database: endpoints.database.clone(),
+        ..Report::default()
+    };
+    let report = &mut report;
+    if !json {
+        println!("{:<18} {:<8} detail", "component", "state");
+    }
     let nats = servers::nats_state(endpoints).await;
     let nodes = servers::recorded_nodes(home);
     let (streams, consumers, leaders) = if nats == NatsState::JetStream {
@@ -51,20 +93,24 @@ pub(crate) async fn status(home: &Home, endpoints: &Endpoints) -> anyhow::Result
         (Vec::new(), Vec::new(), Vec::new())
     };
     if nodes > 1 && endpoints.nats_url.contains(',') {
-        print_nodes(home, endpoints, &leaders).await;
+        print_nodes(report, home, endpoints, &leaders).await;
     } else {
-        print_nats(home, endpoints, nats);
+        print_nats(report, home, endpoints, nats);
     }
-    print_authorization(home);
-    let version = clickhouse_line(home, endpoints).await;
-    print_services(home, &consumers);
+    print_authorization(report, home);
+    let version = clickhouse_line(report, home, endpoints).await;
+    print_services(report, home, &consumers);
     if nats == NatsState::JetStream {
-        print_streams(&streams, &consumers);
+        print_streams(report, &streams, &consumers);
     }
     if version.is_some() {
-        print_tables(endpoints).await;
+        print_tables(report, endpoints).await;
     }
-    Ok(nats == NatsState::JetStream && version.is_some())
+    report.ok = nats == NatsState::JetStream && version.is_some();
+    if json {
+        crate::output::print_json(report)?;
+    }
+    Ok(report.ok)
 }
 
 /// ` (pid …, started by meshctl)` when `up` started `name` and it runs.
@@ -75,20 +121,20 @@ fn started_by(home: &Home, name: &str) -> String {
         .unwrap_or_default()
 }
 
-fn print_nats(home: &Home, endpoints: &Endpoints, nats: NatsState) {
+fn print_nats(report: &mut Report, home: &Home, endpoints: &Endpoints, nats: NatsState) {
     let started_by = |name: &str| started_by(home, name);
     match nats {
-        NatsState::JetStream => line(
+        NatsState::JetStream => report.line(
             "nats-server",
             "up",
             format_args!("{}{}", endpoints.nats_url, started_by("nats-server")),
         ),
-        NatsState::NoJetStream => line(
+        NatsState::NoJetStream => report.line(
             "nats-server",
             "degraded",
             format_args!("{} has no JetStream", endpoints.nats_url),
         ),
-        NatsState::Refused => line(
+        NatsState::Refused => report.line(
             "nats-server",
             "refused",
             format_args!(
@@ -96,7 +142,7 @@ fn print_nats(home: &Home, endpoints: &Endpoints, nats: NatsState) {
                 endpoints.nats_url
             ),
         ),
-        NatsState::Unreachable => line(
+        NatsState::Unreachable => report.line(
             "nats-server",
             "down",
             format_args!("nothing answers at {}", endpoints.nats_url),
@@ -104,11 +150,11 @@ fn print_nats(home: &Home, endpoints: &Endpoints, nats: NatsState) {
     }
 }
 
-fn print_authorization(home: &Home) {
+fn print_authorization(report: &mut Report, home: &Home) {
     if auth_mode(home) {
         let state = AuthState::new(home);
         let agents = state.agents().unwrap_or_default();
-        line(
+        report.line(
             "authorization",
             "on",
             format_args!(
@@ -122,7 +168,7 @@ fn print_authorization(home: &Home) {
             ),
         );
     } else if mode_file(home).is_file() {
-        line(
+        report.line(
             "authorization",
             "off",
             "started with --insecure: anyone may connect and publish anywhere",
@@ -131,12 +177,16 @@ fn print_authorization(home: &Home) {
 }
 
 /// The ClickHouse line; the server's version when it answers.
-async fn clickhouse_line(home: &Home, endpoints: &Endpoints) -> Option<String> {
+async fn clickhouse_line(
+    report: &mut Report,
+    home: &Home,
+    endpoints: &Endpoints,
+) -> Option<String> {
     let started_by = |name: &str| started_by(home, name);
     let client = endpoints.clickhouse();
     let version = servers::clickhouse_version(&client).await;
     match &version {
-        Some(v) => line(
+        Some(v) => report.line(
             "clickhouse-server",
             "up",
             format_args!(
@@ -145,19 +195,24 @@ async fn clickhouse_line(home: &Home, endpoints: &Endpoints) -> Option<String> {
                 started_by("clickhouse-server")
             ),
         ),
-        None => line(
+        None => report.line(
             "clickhouse-server",
             "down",
             format_args!("nothing answers at {}", endpoints.clickhouse_url),
         ),
     }
-    print_replicas(home, endpoints).await;
+    print_replicas(report, home, endpoints).await;
     version
 }
 
 /// One line per node of the local cluster: up or down, and the streams
 /// (and buckets) whose JetStream leader it is.
-async fn print_nodes(home: &Home, endpoints: &Endpoints, leaders: &[(String, String)]) {
+async fn print_nodes(
+    report: &mut Report,
+    home: &Home,
+    endpoints: &Endpoints,
+    leaders: &[(String, String)],
+) {
     for (i, url) in endpoints.nats_url.split(',').enumerate() {
         let name = servers::node_name(i);
         let node = Endpoints {
@@ -179,24 +234,24 @@ async fn print_nodes(home: &Home, endpoints: &Endpoints, leaders: &[(String, Str
             format!("leads {}", led.join(", "))
         };
         match servers::nats_state(&node).await {
-            NatsState::JetStream => line(
+            NatsState::JetStream => report.line(
                 &format!("nats {name}"),
                 "up",
                 format_args!("{url}{pid}; {leads}"),
             ),
-            NatsState::Unreachable => line(
+            NatsState::Unreachable => report.line(
                 &format!("nats {name}"),
                 "down",
                 format_args!("nothing answers at {url}"),
             ),
-            NatsState::NoJetStream => line(
+            NatsState::NoJetStream => report.line(
                 &format!("nats {name}"),
                 "degraded",
                 format_args!(
                     "{url}{pid}: JetStream does not answer (electing a leader after a node loss, or fewer than 2 of 3 nodes up)"
                 ),
             ),
-            NatsState::Refused => line(
+            NatsState::Refused => report.line(
                 &format!("nats {name}"),
                 "refused",
                 format_args!("{url} refuses meshctl's credentials"),
@@ -207,7 +262,7 @@ async fn print_nodes(home: &Home, endpoints: &Endpoints, leaders: &[(String, Str
 
 /// ZooKeeper and the other ClickHouse replicas, when `up
 /// --clickhouse-replicas` started them (their pid files say so).
-async fn print_replicas(home: &Home, endpoints: &Endpoints) {
+async fn print_replicas(report: &mut Report, home: &Home, endpoints: &Endpoints) {
     let recorded = |name: &str| procs::read_pid(home, name).is_some();
     if !recorded("zookeeper") {
         return;
@@ -219,12 +274,12 @@ async fn print_replicas(home: &Home, endpoints: &Endpoints) {
                 .find_map(|l| l.strip_prefix("clientPort=")?.trim().parse::<u16>().ok())
         });
     match zookeeper {
-        Some(port) if super::replicas::serving(port).await => line(
+        Some(port) if super::replicas::serving(port).await => report.line(
             "zookeeper",
             "up",
             format_args!("127.0.0.1:{port}{}", started_by(home, "zookeeper")),
         ),
-        _ => line("zookeeper", "down", "does not serve"),
+        _ => report.line("zookeeper", "down", "does not serve"),
     }
     let replicas = (2..=super::replicas::MAX_REPLICAS)
         .take_while(|i| recorded(super::replicas::process_name(*i)))
@@ -238,12 +293,12 @@ async fn print_replicas(home: &Home, endpoints: &Endpoints) {
         let mut at = endpoints.clone();
         at.clickhouse_url = url.clone();
         match servers::clickhouse_version(&at.clickhouse()).await {
-            Some(v) => line(
+            Some(v) => report.line(
                 name,
                 "up",
                 format_args!("{url}, ClickHouse {v}{}", started_by(home, name)),
             ),
-            None => line(name, "down", format_args!("nothing answers at {url}")),
+            None => report.line(name, "down", format_args!("nothing answers at {url}")),
         }
     }
 }
@@ -308,7 +363,7 @@ async fn read_streams(
 }
 
 /// Each service up or down: started by meshctl, or its consumer pulling.
-fn print_services(home: &Home, consumers: &[ConsumerRow]) {
+fn print_services(report: &mut Report, home: &Home, consumers: &[ConsumerRow]) {
     for name in SERVICES {
         let consumer = match name {
             "policy-worker" => Some(POLICY_WORKER_CONSUMER),
@@ -324,7 +379,7 @@ fn print_services(home: &Home, consumers: &[ConsumerRow]) {
                 .any(|(_, n, _, _, waiting)| n == c && *waiting > 0)
         });
         if let Some(recorded) = procs::read_pid(home, name).filter(procs::is_running) {
-            line(
+            report.line(
                 name,
                 "up",
                 format_args!(
@@ -334,7 +389,7 @@ fn print_services(home: &Home, consumers: &[ConsumerRow]) {
                 ),
             );
         } else if pulling {
-            line(
+            report.line(
                 name,
                 "up",
                 format_args!(
@@ -343,13 +398,37 @@ fn print_services(home: &Home, consumers: &[ConsumerRow]) {
                 ),
             );
         } else {
-            line(name, "down", "");
+            report.line(name, "down", "");
         }
     }
 }
 
 /// Stream depths with their consumers, then each agent's queues.
-fn print_streams(streams: &[(String, u64)], consumers: &[ConsumerRow]) {
+fn print_streams(report: &mut Report, streams: &[(String, u64)], consumers: &[ConsumerRow]) {
+    if report.json {
+        report.streams = streams
+            .iter()
+            .map(|(stream, messages)| {
+                let consumers: Vec<serde_json::Value> = consumers
+                    .iter()
+                    .filter(|(s, ..)| s == stream)
+                    .map(|(_, name, pending, unacked, _)| {
+                        serde_json::json!({"name": name, "pending": pending, "unacked": unacked})
+                    })
+                    .collect();
+                serde_json::json!({"name": stream, "messages": messages, "consumers": consumers})
+            })
+            .collect();
+        let queue =
+            |q: Option<Queue>| q.map(|(p, u)| serde_json::json!({"pending": p, "unacked": u}));
+        report.agents = agent_queues(consumers)
+            .into_iter()
+            .map(|(agent, deliveries, calls)| {
+                serde_json::json!({"agent": agent, "deliveries": queue(deliveries), "calls": queue(calls)})
+            })
+            .collect();
+        return;
+    }
     println!(
         "\n{:<18} {:>8}  consumers (pending / unacked)",
         "stream", "messages"
@@ -378,7 +457,21 @@ fn print_streams(streams: &[(String, u64)], consumers: &[ConsumerRow]) {
 }
 
 /// Rows per audit table.
-async fn print_tables(endpoints: &Endpoints) {
+async fn print_tables(report: &mut Report, endpoints: &Endpoints) {
+    if report.json {
+        let db = endpoints.audit_db();
+        for table in audit_tables::schema::TABLES {
+            let rows = db
+                .query(&format!("SELECT count() FROM `{table}` FINAL"))
+                .fetch_one::<u64>()
+                .await
+                .ok();
+            report
+                .tables
+                .push(serde_json::json!({"table": table, "rows": rows}));
+        }
+        return;
+    }
     println!(
         "\n{:<18} {:>8}",
         format!("table ({})", endpoints.database),

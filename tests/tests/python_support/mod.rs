@@ -20,17 +20,10 @@ use agents_sdk::{
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-/// The interpreter: `AGENTMESH_PYTHON`, else the virtual environment
-/// `scripts/install-deps.sh` makes (`.agentmesh/venv`), else `python3`.
+/// The interpreter: `AGENTMESH_PYTHON`, else `.agentmesh/venv`, else
+/// `python3` ([`testkit::python`]).
 pub(crate) fn python() -> String {
-    if let Ok(python) = std::env::var("AGENTMESH_PYTHON") {
-        return python;
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.agentmesh/venv/bin/python");
-    if venv.exists() {
-        return venv.display().to_string();
-    }
-    "python3".into()
+    testkit::python()
 }
 
 /// `sdk/python` of this repository.
