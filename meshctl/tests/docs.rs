@@ -1126,3 +1126,87 @@ fn every_path_and_cargo_target_the_docs_name_exists() {
         missing.join("\n")
     );
 }
+
+/// `meshctl <words…> --help`'s output, when meshctl takes those words as a
+/// command.
+fn meshctl_help(words: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(words)
+        .arg("--help")
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn every_meshctl_flag_the_docs_use_exists() {
+    let mut helps: BTreeMap<Vec<String>, Option<String>> = BTreeMap::new();
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    for (doc, text) in user_docs() {
+        if doc == "docs/meshctl.md" {
+            continue; // generated from the same clap definitions
+        }
+        // Each code span, and each line of a code block, on its own.
+        for line in text.lines().flat_map(|l| l.split('`')) {
+            let tokens: Vec<&str> = line
+                .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+                .filter(|t| !t.is_empty())
+                .collect();
+            let Some(at) = tokens.iter().enumerate().position(|(i, t)| {
+                (*t == "meshctl" || t.ends_with("/meshctl"))
+                    && (i == 0 || !["-p", "--package", "--bin"].contains(&tokens[i - 1]))
+            }) else {
+                continue;
+            };
+            let rest = &tokens[at + 1..];
+            let words: Vec<&str> = rest
+                .iter()
+                .take(2)
+                .take_while(|t| {
+                    t.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !t.starts_with('-')
+                })
+                .copied()
+                .collect();
+            let flags: Vec<&str> = rest
+                .iter()
+                .take_while(|t| !["|", "&&", ";", "#", "||"].contains(t))
+                .filter(|t| t.starts_with("--") && t.len() > 2)
+                .map(|t| t.split('=').next().unwrap_or(t))
+                .map(|t| t.trim_end_matches([',', '.', ';', ':']))
+                .collect();
+            if flags.is_empty() {
+                continue;
+            }
+            // The longest run of words meshctl takes as a command.
+            let help = (0..=words.len()).rev().find_map(|n| {
+                let key: Vec<String> = words[..n].iter().map(|w| w.to_string()).collect();
+                helps
+                    .entry(key)
+                    .or_insert_with(|| meshctl_help(&words[..n]))
+                    .clone()
+            });
+            let Some(help) = help else { continue };
+            for flag in flags {
+                checked += 1;
+                if !help.contains(&format!("{flag} ")) && !help.contains(&format!("{flag}\n")) {
+                    wrong.push(format!(
+                        "{doc}: `{}`: meshctl has no `{flag}` there",
+                        line.trim()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        checked > 10,
+        "only {checked} meshctl flags found in the docs"
+    );
+    assert!(
+        wrong.is_empty(),
+        "the docs use meshctl flags that do not exist (`meshctl <command> --help` lists them):\n{}",
+        wrong.join("\n")
+    );
+}

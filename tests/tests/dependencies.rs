@@ -334,7 +334,9 @@ fn the_architecture_table_names_every_crate_its_kind_and_every_module() {
 fn the_table_check_reads_rows_and_modules() {
     let table = architecture_table();
     assert!(
-        table.iter().any(|(n, k, _)| n == "e2e" && k.contains("tests")),
+        table
+            .iter()
+            .any(|(n, k, _)| n == "e2e" && k.contains("tests")),
         "the `tests` row is the package `e2e`: {table:?}"
     );
     assert!(table.iter().all(|(n, _, _)| n != "sdk/python"));
