@@ -599,14 +599,24 @@ fn read_key_file(path: &std::path::Path) -> Result<KeyFile, ConnectError> {
     }
     text.lines()
         .map(str::trim)
-        .find(|l| l.starts_with("SU"))
+        .find(|l| is_user_seed(l))
         .map(|seed| KeyFile::Seed(seed.to_owned()))
         .ok_or_else(|| {
             ConnectError::with_source(
                 ConnectErrorKind::Credentials(shown),
-                "neither an nkey seed (a line starting `SU`) nor a NATS credentials file",
+                "neither an nkey user seed (a line of 58 base32 characters starting `SU`) nor a NATS credentials file",
             )
         })
+}
+
+/// Whether `line` looks like an nkey user seed: `SU` and 56 more base32
+/// characters (what `meshctl agents add` writes).
+fn is_user_seed(line: &str) -> bool {
+    line.len() == 58
+        && line.starts_with("SU")
+        && line
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
 }
 
 async fn credentials_file(
@@ -910,6 +920,45 @@ mod tests {
             .collect();
         assert_eq!(tools, [("docs.read", ""), ("code.search", "served")]);
         assert!(builder.tools.contains_key("code.search"));
+    }
+
+    #[test]
+    fn a_key_file_is_a_seed_or_a_creds_file() {
+        let dir = std::env::temp_dir().join(format!("agents-sdk-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let seed = format!("SU{}", "A".repeat(56));
+        let file = |name: &str, text: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let seed_file = file("planner.nk", &format!("{seed}\n"));
+        assert!(matches!(read_key_file(&seed_file), Ok(KeyFile::Seed(s)) if s == seed));
+        let creds = file(
+            "planner.creds",
+            "-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n",
+        );
+        assert!(matches!(read_key_file(&creds), Ok(KeyFile::Credentials)));
+        for (name, text) in [
+            ("short.nk", "SUAM0000\n"),
+            ("empty.nk", ""),
+            ("conf.nk", "port: 4222\n"),
+        ] {
+            let path = file(name, text);
+            let err = read_key_file(&path).err().unwrap();
+            assert_eq!(
+                err.kind(),
+                ConnectErrorKind::Credentials(path.display().to_string()),
+                "{name}"
+            );
+            assert!(
+                err.to_string().contains("neither an nkey user seed"),
+                "{err}"
+            );
+        }
+        let missing = dir.join("missing.nk");
+        assert!(read_key_file(&missing).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

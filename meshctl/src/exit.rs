@@ -158,7 +158,11 @@ pub(crate) fn line(error: &anyhow::Error, exit: Exit) -> String {
     let message = format!("{error:#}");
     let explicit = error.chain().any(|c| c.downcast_ref::<Fail>().is_some());
     let message = message.replace('\n', " ");
-    if explicit {
+    let from_a_server = error.chain().any(|c| {
+        c.downcast_ref::<async_nats::ConnectError>().is_some()
+            || c.downcast_ref::<clickhouse::error::Error>().is_some()
+    });
+    if explicit || (exit == Exit::Refused && !from_a_server) {
         return message;
     }
     match exit {
@@ -188,6 +192,14 @@ mod tests {
         let e = fail(Exit::NotFound, "no agent `x`").context("publishing");
         assert_eq!(classify(&e), Exit::NotFound);
         assert_eq!(line(&e, Exit::NotFound), "publishing: no agent `x`");
+    }
+
+    #[test]
+    fn a_file_permission_is_not_blamed_on_credentials() {
+        let io = std::io::Error::new(std::io::ErrorKind::PermissionDenied, "permission denied");
+        let e = anyhow::Error::new(io).context("reading `x.nk`");
+        assert_eq!(classify(&e), Exit::Refused);
+        assert_eq!(line(&e, Exit::Refused), "reading `x.nk`: permission denied");
     }
 
     #[test]

@@ -194,6 +194,9 @@ fn args_table(out: &mut String, args: &[&Arg]) {
             .map(|v| format!("`{}`", v.get_name()))
             .collect();
         if !values.is_empty() && arg.get_action().takes_values() {
+            if !help.is_empty() && !help.ends_with('.') {
+                help.push('.');
+            }
             let _ = write!(help, " One of: {}.", values.join(", "));
         }
         let default: Vec<String> = arg

@@ -88,7 +88,7 @@ pub(crate) struct TailArgs {
     /// Start this far back (e.g. `30s`, `5m`, `2h`) instead of with what comes next.
     #[arg(long, value_parser = parse_duration, conflicts_with = "last")]
     since: Option<Duration>,
-    /// Start with the stream's last N messages (before the filters on decision and trace) instead of with what comes next.
+    /// Start with the stream's last N messages (counted before any filter) instead of with what comes next.
     #[arg(long, value_name = "N")]
     last: Option<u64>,
     /// Stop after printing this many.

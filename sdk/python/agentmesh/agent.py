@@ -193,6 +193,11 @@ async def _connect_once(agent_id: str, servers: List[str], key: Optional[str], o
         last = error or (failures[-1] if failures else None)
         if any(_refused(e) for e in failures) or (last is not None and _refused(last)):
             raise ConnectError(refusal(agent_id, shown, key, options)) from last
+        if key and last is not None and "nkeys" in str(last).lower():
+            raise ConnectError(
+                f"`{key}` does not hold an nkey user seed ({last}): point it at agent "
+                f"`{agent_id}`'s seed file, `.agentmesh/auth/agents/{agent_id}.nk`"
+            ) from last
         raise ConnectError(
             f"could not connect to NATS at `{shown}`: {last}: start the stack (`meshctl up`) "
             "or point NATS_URL at a running broker"

@@ -69,3 +69,18 @@ def test_the_key_named_by_agentmesh_nkey_file_is_used(run, monkeypatch):
             await planner.close()
 
     run(go())
+
+
+def test_a_key_file_that_is_not_a_seed_is_named(run, tmp_path):
+    url = env("AGENTMESH_SECURE_NATS_URL")
+    bad = tmp_path / "planner.nk"
+    bad.write_text("SUAM0000\n")
+
+    async def go():
+        with pytest.raises(ConnectError) as refused:
+            await Agent("planner").connect(url, nkey_seed_file=str(bad))
+        return str(refused.value)
+
+    message = run(go())
+    assert f"`{bad}` does not hold an nkey user seed" in message, message
+    assert ".agentmesh/auth/agents/planner.nk" in message, message
