@@ -564,6 +564,10 @@ pub struct ServerConfig {
     pub principals: Option<Vec<Principal>>,
     /// This server as one node of a cluster; `None` for a single server.
     pub cluster: Option<ClusterNode>,
+    /// The monitoring port (`/varz`, `/healthz`, `/jsz`), if any.
+    pub http_port: Option<u16>,
+    /// Whether JetStream fsyncs every write before acknowledging it.
+    pub durability: crate::server::Durability,
 }
 
 /// One node of a nats-server cluster with JetStream (every node names the
@@ -580,8 +584,6 @@ pub struct ClusterNode {
     pub route_port: u16,
     /// The other nodes' route URLs (`nats-route://host:port`).
     pub routes: Vec<String>,
-    /// The monitoring port (`/healthz`, `/jsz`), if any.
-    pub http_port: Option<u16>,
 }
 
 /// The whole nats-server config file for `config`.
@@ -593,12 +595,22 @@ pub fn render_server_config(config: &ServerConfig) -> Result<String, AuthError> 
     let listen = json!(format!("{}:{}", config.host, config.port));
     let store = json!(config.store_dir.display().to_string());
     let _ = writeln!(out, "listen: {listen}");
-    let _ = writeln!(out, "jetstream: {{store_dir: {store}}}");
+    match config.durability.sync_interval() {
+        Some(sync) => {
+            let _ = writeln!(
+                out,
+                "jetstream: {{store_dir: {store}, sync_interval: {sync}}}"
+            );
+        }
+        None => {
+            let _ = writeln!(out, "jetstream: {{store_dir: {store}}}");
+        }
+    }
+    if let Some(http) = config.http_port {
+        let _ = writeln!(out, "http: {}", json!(format!("{}:{http}", config.host)));
+    }
     if let Some(node) = &config.cluster {
         let _ = writeln!(out, "server_name: {}", json!(node.server_name));
-        if let Some(http) = node.http_port {
-            let _ = writeln!(out, "http: {}", json!(format!("{}:{http}", config.host)));
-        }
         let _ = writeln!(
             out,
             "cluster: {{name: {}, listen: {}, routes: {}}}",
@@ -782,9 +794,16 @@ mod tests {
             store_dir: "/tmp/js".into(),
             principals: Some(principals()),
             cluster: None,
+            http_port: None,
+            durability: crate::server::Durability::Always,
         })
         .unwrap();
         assert!(text.contains("listen: \"127.0.0.1:4222\""), "{text}");
+        assert!(
+            text.contains("jetstream: {store_dir: \"/tmp/js\", sync_interval: always}"),
+            "{text}"
+        );
+        assert!(!text.contains("http:"), "{text}");
         assert!(!text.contains("cluster"), "{text}");
         let accounts = render_accounts(&principals()).unwrap();
         let exports = accounts["MESH"]["exports"].as_array().unwrap();
@@ -819,10 +838,16 @@ mod tests {
                     "nats-route://127.0.0.1:6222".into(),
                     "nats-route://127.0.0.1:6224".into(),
                 ],
-                http_port: Some(8223),
             }),
+            http_port: Some(8223),
+            durability: crate::server::Durability::Interval,
         })
         .unwrap();
+        assert!(
+            text.lines()
+                .any(|l| l == "jetstream: {store_dir: \"/tmp/js2\"}"),
+            "{text}"
+        );
         for line in [
             "server_name: \"nats-2\"",
             "http: \"127.0.0.1:8223\"",

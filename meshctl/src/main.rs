@@ -118,6 +118,9 @@ enum Command {
         /// Run this many ClickHouse replicas of one shard (2 or 3; with ZooKeeper: `scripts/install-deps.sh --replicated`) instead of one server: the audit tables replicated, the audit sink failing over between them.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=3))]
         clickhouse_replicas: u8,
+        /// How the NATS nodes `up` starts store an event before acknowledging it: `always` fsyncs every write (an acknowledged event survives an OS crash or power cut of the node; needs nats-server 2.10+), `interval` flushes every 2 minutes (faster; a process kill loses nothing, an OS crash or power cut loses up to the last 2 minutes).
+        #[arg(long, env = "AGENTMESH_DURABILITY", value_enum, default_value_t = broker_config::server::Durability::Always)]
+        durability: broker_config::server::Durability,
     },
     /// Agent identities: nkeys, broker permissions and Cedar entities.
     Agents {
@@ -304,6 +307,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             insecure,
             nats_nodes,
             clickhouse_replicas,
+            durability,
         } => {
             let options = stack::UpOptions {
                 detach,
@@ -314,6 +318,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 insecure,
                 nats_nodes,
                 clickhouse_replicas: usize::from(clickhouse_replicas),
+                durability,
             };
             stack::up(&home, &endpoints, &options).await?;
         }

@@ -17,7 +17,7 @@ pub(crate) const REGENERATE: &str = "cargo run -q -p meshctl -- docs reference >
 pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     (
         "status",
-        "`{ok, components: [{name, state, detail}], streams: [{name, messages, consumers: [{name, pending, unacked}]}], agents: [{agent, deliveries: {pending, unacked}, calls: {pending, unacked} or null}], database, tables: [{table, rows (null: missing)}]}`; exit 1 unless `ok` (NATS with JetStream and ClickHouse answer)",
+        "`{ok, components: [{name, state, detail}], streams: [{name, messages, consumers: [{name, pending, unacked}]}], agents: [{agent, deliveries: {pending, unacked}, calls: {pending, unacked} or null}], database, tables: [{table, rows (null: missing)}], durability: [{monitoring_url, server, version, sync (always, interval or unknown), sync_interval_secs}]}`; exit 1 unless `ok` (NATS with JetStream and ClickHouse answer)",
     ),
     (
         "agents list",

@@ -32,6 +32,8 @@ fn meshctl(env: &[(&str, &str)], args: &[&str]) -> std::io::Result<Output> {
         "CLICKHOUSE_USER",
         "CLICKHOUSE_PASSWORD",
         "AGENTMESH_POLICIES",
+        "AGENTMESH_DURABILITY",
+        "NATS_MONITORING_URL",
     ] {
         cmd.env_remove(var);
     }
@@ -332,6 +334,12 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
     }
     let checks = async {
         assert!(out.contains("nats-server        started"), "{out}");
+        // The stack's default: every write fsynced before it is acknowledged.
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("nats-server ") && l.contains("durability always")),
+            "{out}"
+        );
         assert!(out.contains("clickhouse-server  started"), "{out}");
         assert!(out.contains("schema             applied"), "{out}");
 
@@ -372,6 +380,23 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
             "{out}"
         );
         assert!(out.contains("clickhouse-server  up"), "{out}");
+        // The node's own `/varz` says it fsyncs every write.
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("durability         always")
+                    && l.contains("(nats-server 2.")
+                    && l.contains("every write fsynced")),
+            "{out}"
+        );
+        let json = stack.run(&["status", "-o", "json"]).await?;
+        let report: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+        assert_eq!(report["durability"][0]["sync"], "always", "{report}");
+        assert!(
+            report["durability"][0]["version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("2.")),
+            "{report}"
+        );
         assert!(out.contains("policy-worker      down"), "{out}");
         assert!(
             out.lines()
@@ -456,6 +481,41 @@ async fn missing_server_binary_names_the_install_script() -> anyhow::Result<()> 
             && err.contains("scripts/install-deps.sh"),
         "{err}"
     );
+    Ok(())
+}
+
+/// A nats-server too old to fsync each write (2.9, faked by a script that
+/// answers `--version` as Debian's does) is refused under the default
+/// durability, with the fix; nothing is left running.
+#[tokio::test]
+async fn a_nats_server_that_cannot_fsync_each_write_is_refused_by_default() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let stack = LocalStack::new(&tmp.path().join("state"))?;
+    let fake = tmp.path().join("nats-server");
+    std::fs::write(&fake, "#!/bin/sh\necho 'nats-server: v2.9.10'\n")?;
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let fake = fake.display().to_string();
+    let mut env: Vec<(String, String)> = stack
+        .env()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.push(("NATS_SERVER_BIN".into(), fake.clone()));
+    let out = tokio::task::spawn_blocking(move || {
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        meshctl(&env, &["up", "--detach", "--insecure"])
+    })
+    .await??;
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "`{fake}` is nats-server 2.9.10, which cannot fsync each write"
+        )) && err.contains("scripts/install-deps.sh")
+            && err.contains("--durability interval"),
+        "{err}"
+    );
+    let _ = stack.run(&["down"]).await;
     Ok(())
 }
 
@@ -622,6 +682,14 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
         let status_out = text(&status.stdout);
         assert!(status.status.success(), "{status_out}");
         assert!(status_out.contains("authorization      on"), "{status_out}");
+        // `up` gave the worker the node's monitoring port: it read and
+        // logged that the node fsyncs every write.
+        let worker_log =
+            std::fs::read_to_string(Path::new(&stack.home).join("logs/policy-worker.log"))?;
+        assert!(
+            worker_log.contains("NATS node fsyncs every write before acknowledging it."),
+            "{worker_log}"
+        );
 
         // Without a key nobody gets in.
         let anonymous = async_nats::ConnectOptions::new()
@@ -1201,11 +1269,15 @@ async fn up_with_three_nats_nodes_runs_a_cluster_that_status_shows_node_by_node(
     let mut stack = LocalStack::new(&tmp.path().join("state"))?;
     let first = cluster_first_port()?;
     stack.nats_url = format!("nats://127.0.0.1:{first}");
+    // The operator's choice of the faster setting: every node runs it and
+    // status says what each loses.
     let args = [
         "up",
         "--detach",
         "--nats-nodes",
         "3",
+        "--durability",
+        "interval",
         "--without",
         "policy-worker",
         "--without",
@@ -1256,6 +1328,16 @@ async fn up_with_three_nats_nodes_runs_a_cluster_that_status_shows_node_by_node(
                 shown
                     .lines()
                     .any(|l| l.starts_with(&format!("nats {node}")) && l.contains(" up ")),
+                "{shown}"
+            );
+        }
+        for node in ["nats-1", "nats-2", "nats-3"] {
+            assert!(
+                shown
+                    .lines()
+                    .any(|l| l.starts_with("durability         interval")
+                        && l.contains(&format!("{node} (nats-server"))
+                        && l.contains("interval 120s; an OS crash or power cut")),
                 "{shown}"
             );
         }

@@ -16,6 +16,7 @@
 
 mod approval;
 mod cache;
+mod durability;
 mod guard;
 mod limits;
 mod reload;
@@ -84,6 +85,9 @@ pub struct Config {
     /// Events decided and published concurrently.
     #[arg(long, env = "AGENTMESH_WORKER_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
+    /// The NATS nodes' monitoring endpoints (`http://host:port`, comma-separated): at start the worker reads from each whether it fsyncs every write (`agentmesh_nats_sync_always`, and a warning when not).
+    #[arg(long, env = "NATS_MONITORING_URL", value_delimiter = ',')]
+    pub nats_monitoring_url: Vec<String>,
     /// Seconds JetStream waits for an ack before redelivering an event.
     #[arg(long, env = "AGENTMESH_ACK_WAIT_SECS", default_value_t = DEFAULT_ACK_WAIT_SECS)]
     pub ack_wait_secs: u64,
@@ -140,6 +144,7 @@ impl Default for Config {
             consumer: DEFAULT_CONSUMER.into(),
             batch: DEFAULT_BATCH,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            nats_monitoring_url: Vec::new(),
             ack_wait_secs: DEFAULT_ACK_WAIT_SECS,
             watch_policies: true,
             stream_replicas: DEFAULT_STREAM_REPLICAS,
@@ -294,6 +299,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         .backpressure_on_inflight(true)
         .build(client.clone());
     broker_config::apply(&js, &config.broker()).await?;
+    durability::report(
+        &config.nats_monitoring_url,
+        &telemetry::NatsDurability::new(ops.metrics()),
+    )
+    .await;
 
     let consumer = worker::ingress_consumer(&js, &config).await?;
     let lag = telemetry::ConsumerLag::new(ops.metrics()).watch(

@@ -418,3 +418,76 @@ async fn decision_and_delivery_spans_join_the_agents_trace_over_otlp() {
     let status = worker.service.wait_exit(WAIT).await.unwrap();
     assert!(status.success(), "{}", worker.service.log_text());
 }
+
+/// At start the worker reads each NATS node's durability from its `/varz`:
+/// the harness's server fsyncs every write (`sync_interval: always`, the
+/// stack's default), a second one flushes every 2 minutes and a third
+/// address answers nothing. The gauge says 1 and 0, the log warns about the
+/// second and says the third's is unknown.
+#[tokio::test]
+async fn reports_whether_each_nats_node_fsyncs_every_write() {
+    let mesh = Mesh::start().await.unwrap();
+    let lazy = testkit::NatsServer::start_with(testkit::Store {
+        sync_interval: Some("2m".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let silent = format!("http://127.0.0.1:{}", free_port().unwrap());
+    let read = |url: String| async move {
+        broker_config::server::read_node_sync(&url, std::time::Duration::from_secs(5))
+            .await
+            .unwrap()
+    };
+    let always = read(mesh.nats.monitoring_url()).await;
+    let interval = read(lazy.monitoring_url()).await;
+    assert!(always.sync_always && !interval.sync_always);
+    assert_eq!(interval.describe(), "interval 120s");
+
+    let policies = policies_copy();
+    let urls = [
+        mesh.nats.monitoring_url(),
+        lazy.monitoring_url(),
+        silent.clone(),
+    ]
+    .join(",");
+    let worker = Worker::start(
+        &mesh,
+        policies.path(),
+        &["--nats-monitoring-url", &urls],
+        "info",
+    )
+    .await;
+    let (_, body) = http_get(worker.addr, "/metrics").await.unwrap();
+    for (node, value) in [(&always, 1), (&interval, 0)] {
+        let sample = format!(
+            "agentmesh_nats_sync_always{{server=\"{}\"}} {value}",
+            node.server_name
+        );
+        assert!(body.lines().any(|l| l == sample), "{sample} not in\n{body}");
+    }
+    assert_eq!(
+        body.matches("agentmesh_nats_sync_always{").count(),
+        2,
+        "{body}"
+    );
+    let log = worker.service.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("does not fsync each write"))
+        .unwrap_or_else(|| panic!("no warning in\n{log}"));
+    assert!(
+        warning.contains(&interval.server_name) && warning.contains("interval 120s"),
+        "{warning}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("durability unknown") && l.contains(&silent)),
+        "{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("does not fsync") && l.contains(&always.server_name)),
+        "{log}"
+    );
+}

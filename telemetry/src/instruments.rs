@@ -379,6 +379,34 @@ impl CacheMetrics {
     }
 }
 
+/// Whether each NATS node fsyncs every write before acknowledging it, as
+/// the service read it from the node's `/varz` at start.
+#[derive(Debug, Clone)]
+pub struct NatsDurability {
+    sync_always: Gauge<u64>,
+}
+
+impl NatsDurability {
+    /// Creates the instrument on `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        Self {
+            sync_always: metrics
+                .meter()
+                .u64_gauge("agentmesh.nats.sync_always")
+                .with_description("1 when the NATS node fsyncs every write before acknowledging it (`sync_interval: always`), 0 when it flushes on an interval (an OS crash or power cut loses what it acknowledged since).")
+                .build(),
+        }
+    }
+
+    /// Node `server` runs with (`true`) or without per-write fsync.
+    pub fn record(&self, server: &str, sync_always: bool) {
+        self.sync_always.record(
+            u64::from(sync_always),
+            &[KeyValue::new("server", server.to_owned())],
+        );
+    }
+}
+
 /// Consumer lag: what a durable consumer has not yet been handed
 /// (`num_pending`) and what it holds unacked (`num_ack_pending`), polled
 /// from the consumer's info.

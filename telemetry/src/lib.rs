@@ -35,7 +35,8 @@ pub mod testing;
 pub use config::{LogFormat, OpsConfig};
 pub use health::{Health, ReadyFlag};
 pub use instruments::{
-    CacheMetrics, ConsumerLag, Published, ScalerMetrics, SinkMetrics, TableMetrics, WorkerMetrics,
+    CacheMetrics, ConsumerLag, NatsDurability, Published, ScalerMetrics, SinkMetrics, TableMetrics,
+    WorkerMetrics,
 };
 pub use logging::{TracingGuard, init_tracing};
 pub use metrics::Metrics;

@@ -127,7 +127,7 @@ impl NatsCluster {
             .collect();
         let text = format!(
             "server_name: {name}\nlisten: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{http}\"\n\
-             jetstream {{ store_dir: {store:?} }}\n\
+             jetstream {{ store_dir: {store:?}{sync} }}\n\
              cluster {{\n  name: testkit\n  listen: \"127.0.0.1:{route}\"\n  routes: [{routes}]\n}}\n",
             name = node.name,
             port = node.port,
@@ -135,6 +135,10 @@ impl NatsCluster {
             store = store.display().to_string(),
             route = node.route_port,
             routes = routes.join(", "),
+            sync = crate::nats_durability()
+                .sync_interval()
+                .map(|s| format!(", sync_interval: {s}"))
+                .unwrap_or_default(),
         );
         let path = self.config_path(i);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))

@@ -106,15 +106,36 @@ pub fn find_binary(name: &str, env_override: &str, package: &str) -> anyhow::Res
 /// fsync each write (2.10 or newer; the stack's default is 2.15.1, which
 /// `scripts/install-deps.sh` installs). Found once per test process.
 pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
-    static FOUND: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    found_nats_server().map(|found| found.path)
+}
+
+fn found_nats_server() -> anyhow::Result<broker_config::server::NatsBinary> {
+    static FOUND: std::sync::OnceLock<Result<broker_config::server::NatsBinary, String>> =
+        std::sync::OnceLock::new();
     FOUND
         .get_or_init(|| {
             broker_config::server::find_nats_server()
-                .map(|found| found.path)
                 .map_err(|e| format!("{e}: {}", broker_config::server::INSTALL_HINT))
         })
         .clone()
         .map_err(anyhow::Error::msg)
+}
+
+/// The durability the test servers run with, as the stack's own default:
+/// `always` (every write fsynced before it is acknowledged), unless
+/// `AGENTMESH_DURABILITY=interval` asks for the server's 2-minute flush, or
+/// the binary is older than 2.10 (the compatibility run on Debian's 2.9,
+/// which cannot fsync each write).
+pub fn nats_durability() -> broker_config::server::Durability {
+    use broker_config::server::Durability;
+    let asked = std::env::var("AGENTMESH_DURABILITY")
+        .ok()
+        .and_then(|d| Durability::parse(&d))
+        .unwrap_or_default();
+    match found_nats_server() {
+        Ok(found) if !found.version.can_sync_always() => Durability::Interval,
+        _ => asked,
+    }
 }
 
 /// A `nats-server -js` of the test's own; its log is `nats-server.log` in
@@ -123,6 +144,8 @@ pub struct NatsServer {
     child: Option<Child>,
     /// The client port, once the server has bound one.
     port: Option<u16>,
+    /// The monitoring port, likewise.
+    http_port: Option<u16>,
     dir: tempfile::TempDir,
     binary: PathBuf,
     store: Store,
@@ -137,7 +160,8 @@ pub struct Store {
     pub dir: Option<PathBuf>,
     /// `jetstream { sync_interval }`: `always` fsyncs each write before the
     /// acknowledgement, `2m` is the server's own default (nats-server 2.10
-    /// or newer; 2.9 refuses the field). `None` leaves the server's default.
+    /// or newer; 2.9 refuses the field). `None` takes the harness default,
+    /// [`nats_durability`]: `always`, as every stack the project starts.
     pub sync_interval: Option<String>,
 }
 
@@ -156,6 +180,7 @@ impl NatsServer {
         let mut server = Self {
             child: None,
             port: None,
+            http_port: None,
             dir,
             binary,
             store,
@@ -184,7 +209,18 @@ impl NatsServer {
             .arg(self.store_dir())
             .arg("--ports_file_dir")
             .arg(&ports_dir);
-        if let Some(interval) = &self.store.sync_interval {
+        // The monitoring port (`/varz`) stays across restarts, as the
+        // client port does.
+        let http = self
+            .http_port
+            .map_or_else(|| "-1".to_owned(), |p| p.to_string());
+        command.args(["-m", &http]);
+        let sync_interval = self
+            .store
+            .sync_interval
+            .clone()
+            .or_else(|| nats_durability().sync_interval().map(str::to_owned));
+        if let Some(interval) = &sync_interval {
             let config = self.dir.path().join("nats-server.conf");
             std::fs::write(
                 &config,
@@ -216,7 +252,14 @@ impl NatsServer {
         .await
         .context("nats-server")?;
         self.port = Some(port);
+        self.http_port = self.http_port.or_else(|| read_monitoring_port(&ports_dir));
         Ok(())
+    }
+
+    /// `http://127.0.0.1:<port>` of the server's monitoring endpoint
+    /// (`/varz`, `/jsz`).
+    pub fn monitoring_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port.unwrap_or_default())
     }
 
     /// The server's log file.
@@ -290,6 +333,16 @@ fn read_ports_file(dir: &Path) -> Option<u16> {
     port.parse().ok()
 }
 
+/// The monitoring port in the same ports file: `"monitoring":["http://127.0.0.1:8222"]`.
+fn read_monitoring_port(dir: &Path) -> Option<u16> {
+    let entry = std::fs::read_dir(dir).ok()?.flatten().next()?;
+    let text = std::fs::read_to_string(entry.path()).ok()?;
+    let rest = &text[text.find("http://")? + "http://".len()..];
+    let end = rest.find('"')?;
+    let (_, port) = rest[..end].rsplit_once(':')?;
+    port.parse().ok()
+}
+
 /// Whether a JetStream request to the server on `port` gets an answer.
 async fn jetstream_answers(port: u16) -> bool {
     match async_nats::connect(format!("nats://127.0.0.1:{port}")).await {
@@ -336,6 +389,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_ports_file(dir.path()), Some(42107));
+        assert_eq!(read_monitoring_port(dir.path()), Some(8222));
     }
 
     #[tokio::test]

@@ -184,6 +184,8 @@ impl SecureNats {
             store_dir: self.dir.path().join("jetstream"),
             principals: Some(self.principals()),
             cluster: None,
+            http_port: None,
+            durability: testkit::nats_durability(),
         })?;
         let text = format!("{text}\nserver_name: \"{}\"\n", self.name);
         std::fs::write(self.config_path(), text)?;

@@ -76,6 +76,9 @@ pub(crate) struct UpOptions {
     /// NATS nodes to start when none answers: 1, or 3 for a local cluster
     /// whose streams and buckets have 3 replicas.
     pub nats_nodes: usize,
+    /// Whether the NATS nodes this `up` starts fsync every write before
+    /// acknowledging it.
+    pub durability: broker_config::server::Durability,
 }
 
 impl UpOptions {
@@ -313,7 +316,15 @@ async fn bring_up(
     auth: Option<&Auth>,
     started: &mut Started,
 ) -> anyhow::Result<()> {
-    nats::ensure(home, endpoints, options.nats_nodes, auth, started).await?;
+    nats::ensure(
+        home,
+        endpoints,
+        options.nats_nodes,
+        options.durability,
+        auth,
+        started,
+    )
+    .await?;
     if options.clickhouse_replicas > 1 {
         replicas::ensure(home, endpoints, options.clickhouse_replicas, auth, started).await?;
     } else {

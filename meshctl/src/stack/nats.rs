@@ -20,6 +20,7 @@ pub(super) async fn ensure(
     home: &Home,
     endpoints: &Endpoints,
     nodes: usize,
+    durability: broker_config::server::Durability,
     auth: Option<&Auth>,
     started: &mut Started,
 ) -> anyhow::Result<()> {
@@ -59,10 +60,12 @@ pub(super) async fn ensure(
                     endpoints.nats_url
                 );
             };
+            // Recorded before the configs are written: they, and every
+            // later rewrite (agents added, keys rotated), take it from there.
+            servers::record_durability(home, durability)?;
             let configs = match auth {
                 Some(auth) => Some(auth.state.write_nats_config(home, port, nodes)?),
-                None if nodes > 1 => Some(servers::write_node_configs(home, port, nodes, None)?),
-                None => None,
+                None => Some(servers::write_node_configs(home, port, nodes, None)?),
             };
             let children =
                 servers::start_nats_nodes(home, endpoints, port, nodes, configs.as_deref()).await?;
@@ -74,8 +77,9 @@ pub(super) async fn ensure(
                         servers::node_name(i)
                     )
                 } else {
-                    String::new()
+                    format!(", monitoring http://127.0.0.1:{http}")
                 };
+                let monitoring = format!("{monitoring}, durability {durability}");
                 line(
                     name,
                     "started",

@@ -12,6 +12,7 @@ use anyhow::{Context, bail};
 use crate::identity::{AuthState, ClickHouseSecrets};
 use crate::procs::{self, Home};
 use crate::stack;
+use broker_config::server::Durability;
 
 /// Where the stack's servers are, and how meshctl authenticates to them.
 #[derive(Debug, Clone)]
@@ -250,6 +251,65 @@ pub(crate) fn record_nodes(home: &Home, nodes: usize) -> anyhow::Result<()> {
         .with_context(|| format!("writing `{}`", nodes_file(home).display()))
 }
 
+/// The file that records the durability the last `up` here chose.
+fn durability_file(home: &Home) -> std::path::PathBuf {
+    home.run_dir().join("nats-durability")
+}
+
+/// The durability the last `meshctl up` here chose (`always` unless it was
+/// given `--durability interval`): every rewrite of the node configs (an
+/// agent added, a key rotated) keeps it.
+pub(crate) fn recorded_durability(home: &Home) -> Durability {
+    std::fs::read_to_string(durability_file(home))
+        .ok()
+        .and_then(|d| Durability::parse(&d))
+        .unwrap_or_default()
+}
+
+/// Records that the stack's nodes run with `durability`.
+pub(crate) fn record_durability(home: &Home, durability: Durability) -> anyhow::Result<()> {
+    std::fs::write(durability_file(home), format!("{durability}\n"))
+        .with_context(|| format!("writing `{}`", durability_file(home).display()))
+}
+
+/// The nats-server binary for the local nodes, refused when it cannot give
+/// `durability`.
+pub(crate) fn nats_binary_for(durability: Durability) -> anyhow::Result<std::path::PathBuf> {
+    let found = procs::find_nats_server()?;
+    if durability == Durability::Always && !found.version.can_sync_always() {
+        bail!(
+            "`{}` is nats-server {}, which cannot fsync each write (`sync_interval: always` needs {} or newer): {}, or pass `--durability interval` to run it without that guarantee",
+            found.path.display(),
+            found.version,
+            broker_config::server::SYNC_INTERVAL_SINCE,
+            broker_config::server::INSTALL_HINT
+        );
+    }
+    Ok(found.path)
+}
+
+/// The monitoring endpoints (`http://host:port`) of the stack's NATS nodes:
+/// `NATS_MONITORING_URL` (comma-separated) when set, else those of the
+/// nodes `meshctl up` started here (the client port +4000), else none.
+pub(crate) fn monitoring_urls(home: &Home, endpoints: &Endpoints) -> Vec<String> {
+    if let Ok(urls) = std::env::var("NATS_MONITORING_URL")
+        && !urls.trim().is_empty()
+    {
+        return urls.split(',').map(|u| u.trim().to_owned()).collect();
+    }
+    let first = endpoints.nats_url.split(',').next().unwrap_or_default();
+    let Some(port) = loopback_port(first, 4222) else {
+        return Vec::new();
+    };
+    if procs::read_pid(home, NATS_NODES[0]).is_none() {
+        return Vec::new();
+    }
+    (0..recorded_nodes(home))
+        .filter_map(|i| node_ports(port, i).ok())
+        .map(|(_, _, http)| format!("http://127.0.0.1:{http}"))
+        .collect()
+}
+
 /// Node `i` (0-based) of the local cluster whose first node listens on
 /// `first_port`: (client, route, monitoring) ports.
 pub(crate) fn node_ports(first_port: u16, i: usize) -> anyhow::Result<(u16, u16, u16)> {
@@ -315,7 +375,6 @@ pub(crate) fn write_node_configs(
                 .filter(|r| **r != route_port)
                 .map(|r| format!("nats-route://127.0.0.1:{r}"))
                 .collect(),
-            http_port: Some(http_port),
         });
         let text = broker_config::auth::render_server_config(&broker_config::auth::ServerConfig {
             host: "127.0.0.1".into(),
@@ -323,6 +382,8 @@ pub(crate) fn write_node_configs(
             store_dir: store.clone(),
             principals: principals.clone(),
             cluster,
+            http_port: Some(http_port),
+            durability: recorded_durability(home),
         })?;
         let path = store.join("nats-server.conf");
         broker_config::credentials::write_private_file(&path, text.as_bytes())
@@ -354,7 +415,7 @@ pub(crate) async fn start_nats_nodes(
         .await?;
         return Ok(vec![(NATS_NODES[0], child)]);
     }
-    let binary = procs::find_nats_server()?.path;
+    let binary = nats_binary_for(recorded_durability(home))?;
     let Some(configs) = configs else {
         bail!("a NATS cluster is started from its node configs");
     };
@@ -410,10 +471,16 @@ pub(crate) async fn start_nats(
     port: u16,
     config: Option<&Path>,
 ) -> anyhow::Result<Child> {
-    let binary = procs::find_nats_server()?.path;
+    let binary = nats_binary_for(recorded_durability(home))?;
     if !port_free(port) {
         bail!(
             "port {port} on 127.0.0.1 is taken by a program that is not a NATS server with JetStream: stop it, or set NATS_URL to your NATS server"
+        );
+    }
+    let (_, _, http) = node_ports(port, 0)?;
+    if config.is_some() && !port_free(http) {
+        bail!(
+            "port {http} on 127.0.0.1, which the NATS server's monitoring needs (NATS_URL's port +{HTTP_OFFSET}), is taken: stop what holds it, or set NATS_URL to another port"
         );
     }
     let store = home.root().join("nats");

@@ -44,7 +44,7 @@ pub(super) fn start(
         };
         let ready = home.ready_file(name);
         let _ = std::fs::remove_file(&ready);
-        let args = service_args(name, endpoints, options, policies, &ready)?;
+        let args = service_args(home, name, endpoints, options, policies, &ready)?;
         let env = service_env(home, name, endpoints, auth)?;
         let child = procs::spawn_with_env(home, name, &binary, &args, &env)?;
         waiting.push(name);
@@ -56,6 +56,7 @@ pub(super) fn start(
 
 /// The command line of service `name` (credentials aside).
 fn service_args(
+    home: &Home,
     name: &str,
     endpoints: &Endpoints,
     options: &UpOptions,
@@ -74,6 +75,11 @@ fn service_args(
         "policy-worker" => {
             if let Some(dir) = policies {
                 args.extend(["--policies".to_owned(), dir.display().to_string()]);
+            }
+            // The worker reports each node's durability from there.
+            let monitoring = super::servers::monitoring_urls(home, endpoints);
+            if !monitoring.is_empty() {
+                args.extend(["--nats-monitoring-url".to_owned(), monitoring.join(",")]);
             }
         }
         "gpu-scaler" => {

@@ -56,6 +56,10 @@ struct Report {
     database: String,
     /// `{table, rows}` (`rows` null when the table is missing).
     tables: Vec<serde_json::Value>,
+    /// `{monitoring_url, server, version, sync, sync_interval_secs}` per
+    /// NATS node, from its `/varz`: `sync` is `always` (every write fsynced
+    /// before it is acknowledged), `interval` or `unknown` (with `error`).
+    durability: Vec<serde_json::Value>,
 }
 
 impl Report {
@@ -96,6 +100,9 @@ pub(crate) async fn status(home: &Home, endpoints: &Endpoints, json: bool) -> an
         print_nodes(report, home, endpoints, &leaders).await;
     } else {
         print_nats(report, home, endpoints, nats);
+    }
+    if nats == NatsState::JetStream {
+        print_durability(report, home, endpoints).await;
     }
     print_authorization(report, home);
     let version = clickhouse_line(report, home, endpoints).await;
@@ -256,6 +263,63 @@ async fn print_nodes(
                 "refused",
                 format_args!("{url} refuses meshctl's credentials"),
             ),
+        }
+    }
+}
+
+/// One line per NATS node: whether it fsyncs every write before it
+/// acknowledges it (its `/varz`), or why that is not known.
+async fn print_durability(report: &mut Report, home: &Home, endpoints: &Endpoints) {
+    let urls = servers::monitoring_urls(home, endpoints);
+    if urls.is_empty() {
+        report.line(
+            "durability",
+            "unknown",
+            "no monitoring endpoint: set NATS_MONITORING_URL to the nodes' http://host:port (nats-server -m)",
+        );
+        return;
+    }
+    for url in urls {
+        let read = broker_config::server::read_node_sync(&url, std::time::Duration::from_secs(3));
+        match read.await {
+            Ok(node) => {
+                if node.sync_always {
+                    report.line(
+                        "durability",
+                        "always",
+                        format_args!(
+                            "{} (nats-server {}): every write fsynced before it is acknowledged",
+                            node.server_name, node.version
+                        ),
+                    );
+                } else {
+                    report.line(
+                        "durability",
+                        "interval",
+                        format_args!(
+                            "{} (nats-server {}): {}; an OS crash or power cut of this node loses what it acknowledged since its last flush",
+                            node.server_name,
+                            node.version,
+                            node.describe()
+                        ),
+                    );
+                }
+                report.durability.push(serde_json::json!({
+                    "monitoring_url": url,
+                    "server": node.server_name,
+                    "version": node.version,
+                    "sync": node.durability().as_str(),
+                    "sync_interval_secs": node.sync_interval_secs,
+                }));
+            }
+            Err(e) => {
+                report.line("durability", "unknown", &e);
+                report.durability.push(serde_json::json!({
+                    "monitoring_url": url,
+                    "sync": "unknown",
+                    "error": e.to_string(),
+                }));
+            }
         }
     }
 }
