@@ -21,7 +21,9 @@
 //!   its sample (what it reads may lag: the audit's rows), ```` ```sh
 //!   runnable background ```` keeps running until the end, and a code block
 //!   after `<!-- file:NAME -->` is written to NAME first. `<trace-id>` is
-//!   the last trace id a command printed (`meshctl trace <id>`).
+//!   the last trace id a command printed (`meshctl trace <id>`). With
+//!   `AGENTMESH_REGENERATE_DOCS=1` what the commands print replaces the
+//!   samples that no longer match.
 
 #![expect(
     clippy::unwrap_used,
@@ -850,6 +852,10 @@ impl Scratch {
                 &format!("native port {}", self.tcp_port),
                 "native port 9000",
             )
+            .replace(
+                &format!("127.0.0.1:{}", u32::from(self.nats_port) + 4000),
+                "127.0.0.1:8222",
+            )
             .replace(&format!("{}/", self.dir.path().display()), "")
     }
 
@@ -896,6 +902,7 @@ async fn run_steps(
 ) -> anyhow::Result<usize> {
     let trace_re = regex::Regex::new(r"meshctl trace ([0-9a-f]{32})").unwrap();
     let mut trace_id: Option<String> = None;
+    let mut samples = Vec::new();
     let mut ran = 0;
     for step in steps(text) {
         match step {
@@ -949,8 +956,10 @@ async fn run_steps(
                             let stderr = String::from_utf8_lossy(&out.stderr);
                             *last.lock().unwrap() = format!("({}) {text}\nstderr:\n{stderr}", out.status);
                             let exited = out.status.code() == Some(exit);
+                            // Regenerating, what it prints becomes the sample.
                             let good = exited
-                                && output.is_none_or(|expected| matches_sample(expected, &text));
+                                && (regenerate()
+                                    || output.is_none_or(|expected| matches_sample(expected, &text)));
                             if good {
                                 Some(Ok(text))
                             } else if retry {
@@ -978,12 +987,28 @@ async fn run_steps(
                         last.lock().unwrap()
                     ),
                 };
+                if let Some(expected) = output.filter(|e| !matches_sample(e, &out)) {
+                    let trimmed: Vec<&str> = out.lines().map(str::trim_end).collect();
+                    samples.push((expected.to_owned(), format!("{}\n", trimmed.join("\n"))));
+                }
                 if let Some(id) = trace_re.captures_iter(&out).last() {
                     trace_id = Some(id[1].to_owned());
                 }
                 ran += 1;
             }
         }
+    }
+    if !samples.is_empty() {
+        let path = workspace().join(doc);
+        let mut text = std::fs::read_to_string(&path)?;
+        for (old, new) in samples {
+            text = text.replacen(
+                &format!("```text output\n{old}```"),
+                &format!("```text output\n{new}```"),
+                1,
+            );
+        }
+        std::fs::write(path, text)?;
     }
     Ok(ran)
 }
