@@ -932,4 +932,34 @@ mod tests {
         );
         assert!(missing.order() > deleted(true).order());
     }
+
+    #[test]
+    fn docs_show_what_verify_and_repair_print() {
+        let docs = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/audit.md"),
+        )
+        .unwrap_or_default();
+        let missing = Finding::Missing {
+            table: "events",
+            stream: subjects::STREAM_INGRESS,
+            seq: 7,
+            key: "planner/e-7".into(),
+        };
+        for printed in [
+            missing.to_string().as_str(),
+            "; the stream still holds it: `meshctl audit repair` re-inserts it",
+            "; past the stream's retention: not recoverable",
+            "repaired: re-inserted",
+            "nothing to repair: every message the streams hold has its row",
+            "could not recover: ",
+            "checkpointed, no row, and past the stream's retention",
+            "are past the stream's retention (or the table's TTL) and have no row",
+            "stream messages have their rows",
+        ] {
+            assert!(
+                docs.contains(printed),
+                "docs/audit.md does not show `{printed}`"
+            );
+        }
+    }
 }

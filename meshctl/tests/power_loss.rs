@@ -30,7 +30,7 @@ use schemas::signing::SigningKey;
 use schemas::{DecisionReceipt, subjects};
 use testkit::lazyfs::Dropped;
 use testkit::load::{event, index_of};
-use testkit::{ClickHouseServer, LazyFs, NatsServer, Store, WAIT, eventually};
+use testkit::{ClickHouseServer, LazyFs, NatsCluster, NatsServer, Store, WAIT, eventually};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -57,10 +57,15 @@ enum Publish {
 
 /// The single-node mesh on power-loss filesystems.
 struct Stack {
-    nats_fs: LazyFs,
-    ch_fs: LazyFs,
-    nats: NatsServer,
+    // Fields drop in order: the servers before the filesystems they hold
+    // files open on (a busy filesystem cannot be unmounted).
+    broker: Broker,
     ch: ClickHouseServer,
+    /// One per nats-server node.
+    nats_fs: Vec<LazyFs>,
+    ch_fs: LazyFs,
+    /// The nodes the last power cut took down.
+    cut: Vec<usize>,
     js: jetstream::Context,
     tmp: tempfile::TempDir,
     worker_key: Arc<SigningKey>,
@@ -69,17 +74,64 @@ struct Stack {
     token: CancellationToken,
 }
 
+/// One nats-server, or a 3-node cluster with every stream at 3 replicas.
+enum Broker {
+    Single(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Broker {
+    fn url(&self) -> String {
+        match self {
+            Self::Single(server) => server.url(),
+            Self::Cluster(cluster) => cluster.url(),
+        }
+    }
+
+    fn replicas(&self) -> usize {
+        match self {
+            Self::Single(_) => 1,
+            Self::Cluster(_) => 3,
+        }
+    }
+
+    async fn connect(&self) -> anyhow::Result<async_nats::Client> {
+        match self {
+            Self::Single(server) => server.connect().await,
+            Self::Cluster(cluster) => cluster.connect().await,
+        }
+    }
+
+    fn options(&self) -> broker_config::Options {
+        broker_config::Options {
+            replicas: self.replicas(),
+            ..Default::default()
+        }
+    }
+}
+
 impl Stack {
-    async fn start(sync_interval: &str) -> anyhow::Result<Self> {
-        let nats_fs = LazyFs::mount()?;
+    /// The mesh on `nodes` nats-servers (1 or 3), each store on a
+    /// [`LazyFs`] of its own, JetStream fsyncing as `sync_interval` says.
+    async fn start(sync_interval: &str, nodes: usize) -> anyhow::Result<Self> {
+        let nats_fs = (0..nodes)
+            .map(|_| LazyFs::mount())
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let ch_fs = LazyFs::mount()?;
-        let nats = NatsServer::start_with(Store {
-            dir: Some(nats_fs.path().join("jetstream")),
-            sync_interval: Some(sync_interval.to_owned()),
-        })
-        .await?;
-        let js = jetstream::new(nats.connect().await?);
-        broker_config::apply(&js, &broker_config::Options::default()).await?;
+        let stores: Vec<Store> = nats_fs
+            .iter()
+            .map(|fs| Store {
+                dir: Some(fs.path().join("jetstream")),
+                sync_interval: Some(sync_interval.to_owned()),
+            })
+            .collect();
+        let broker = if nodes == 1 {
+            Broker::Single(NatsServer::start_with(stores[0].clone()).await?)
+        } else {
+            Broker::Cluster(NatsCluster::start_with(stores).await?)
+        };
+        let js = jetstream::new(broker.connect().await?);
+        broker_config::apply(&js, &broker.options()).await?;
         let ch = ClickHouseServer::start_with_data_in(ch_fs.path()).await?;
         let tmp = tempfile::tempdir()?;
         let worker_key = Arc::new(SigningKey::generate());
@@ -91,7 +143,8 @@ impl Stack {
         let mut stack = Self {
             nats_fs,
             ch_fs,
-            nats,
+            broker,
+            cut: Vec::new(),
             ch,
             js,
             tmp,
@@ -110,9 +163,10 @@ impl Stack {
         let ready = self.tmp.path().join("worker.ready");
         let _ = std::fs::remove_file(&ready);
         let config = policy_worker::Config {
-            nats: broker_config::NatsArgs::url(self.nats.url()),
+            nats: broker_config::NatsArgs::url(self.broker.url()),
             policies: testkit::shipped_policies(),
             watch_policies: false,
+            stream_replicas: self.broker.replicas(),
             ready_file: Some(ready.clone()),
             ack_wait_secs: 2,
             grace: Duration::from_millis(200),
@@ -129,12 +183,16 @@ impl Stack {
 
         let ready = self.tmp.path().join("sink.ready");
         let _ = std::fs::remove_file(&ready);
-        let mut config = audit_sink::Config::new(self.nats.url(), self.ch.url());
+        let mut config = audit_sink::Config::new(self.broker.url(), self.ch.url());
         config.database = DB.into();
+        config.stream_replicas = self.broker.replicas();
         config.batch_period_ms = 100;
         config.insert_timeout_ms = 5_000;
         config.retry_max_ms = 500;
         config.ack_wait_ms = 3_000;
+        // A power cut gives no grace: on the cut the sink gives up what it
+        // holds at once (unacked: redelivered after the restart).
+        config.shutdown_grace_ms = 0;
         config.ready_file = Some(ready.clone());
         config.signing_key_file = Some(self.sink_key_file.clone());
         let token = self.token.clone();
@@ -146,24 +204,85 @@ impl Stack {
         ready_file(&ready).await
     }
 
-    /// The power cut: the services and both servers die at once, and every
-    /// unsynced write is gone. Returns what each filesystem dropped.
-    fn cut_power(&mut self) -> anyhow::Result<(Dropped, Dropped)> {
+    /// The power cut: the services, ClickHouse and the nats-server (on a
+    /// cluster: a majority, the node leading `MESH_INGRESS` and the next)
+    /// die at once, and every write they had not fsynced is gone. Returns
+    /// what the nats stores and ClickHouse's directory dropped.
+    async fn cut_power(&mut self) -> anyhow::Result<(Dropped, Dropped)> {
+        let leader = match &self.broker {
+            Broker::Single(_) => 0,
+            Broker::Cluster(cluster) => {
+                let client = cluster.connect().await?;
+                cluster
+                    .wait_for_leader(&client, subjects::STREAM_INGRESS, WAIT)
+                    .await?
+            }
+        };
+        // The services go down with the machines: their tasks (and the
+        // tasks they spawned, which an abort alone would leave running)
+        // stop at once; what they had not acked is redelivered.
+        self.token.cancel();
         for service in self.services.drain(..) {
             service.abort();
         }
-        self.nats.kill();
+        self.cut = match &mut self.broker {
+            Broker::Single(server) => {
+                server.kill();
+                vec![0]
+            }
+            Broker::Cluster(cluster) => {
+                let cut = vec![leader, (leader + 1) % cluster.len()];
+                for &i in &cut {
+                    cluster.kill(i);
+                }
+                cut
+            }
+        };
         self.ch.stop()?;
-        Ok((self.nats_fs.drop_unsynced(), self.ch_fs.drop_unsynced()))
+        let mut nats = Dropped::default();
+        for &i in &self.cut {
+            let dropped = self.nats_fs[i].drop_unsynced();
+            nats.files += dropped.files;
+            nats.bytes += dropped.bytes;
+        }
+        Ok((nats, self.ch_fs.drop_unsynced()))
     }
 
-    /// After the cut: both servers start on what survived, the streams are
+    /// After the cut: the servers start on what survived, the streams are
     /// applied (as every service start does), and the services start.
     async fn restart(&mut self) -> anyhow::Result<()> {
-        self.nats.start_again().await?;
+        match &mut self.broker {
+            Broker::Single(server) => server.start_again().await?,
+            Broker::Cluster(cluster) => {
+                for &i in &self.cut {
+                    cluster.restart(i).await?;
+                }
+                // Each stream's Raft group elects a leader again; should
+                // one not, the nodes' logs say why.
+                let client = cluster.connect().await?;
+                for stream in [
+                    subjects::STREAM_INGRESS,
+                    subjects::STREAM_DECISION,
+                    subjects::STREAM_DELIVER,
+                ] {
+                    if let Err(e) = cluster.wait_for_leader(&client, stream, WAIT).await {
+                        let logs: Vec<String> = (0..cluster.len())
+                            .map(|i| {
+                                format!(
+                                    "{}:\n{}",
+                                    cluster.name(i),
+                                    testkit::log_tail(&cluster.log_path(i))
+                                )
+                            })
+                            .collect();
+                        anyhow::bail!("{e}; the nodes' logs:\n{}", logs.join("\n"));
+                    }
+                }
+            }
+        }
         self.ch.start_again().await?;
-        self.js = jetstream::new(self.nats.connect().await?);
-        broker_config::apply(&self.js, &broker_config::Options::default()).await?;
+        self.js = jetstream::new(self.broker.connect().await?);
+        broker_config::apply(&self.js, &self.broker.options()).await?;
         self.start_services().await
     }
 
@@ -179,7 +298,7 @@ impl Stack {
         ] {
             cmd.env_remove(var);
         }
-        cmd.env("NATS_URL", self.nats.url())
+        cmd.env("NATS_URL", self.broker.url())
             .env("CLICKHOUSE_URL", self.ch.url())
             .env("AGENTMESH_AUDIT_DATABASE", DB)
             .env("AGENTMESH_HOME", self.tmp.path().join("home"));
@@ -235,15 +354,9 @@ async fn publish(
     run: String,
     outcomes: Arc<Mutex<Vec<Publish>>>,
     stop: CancellationToken,
-) {
-    let client = match async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connect(url.as_str())
-        .await
-    {
-        Ok(client) => client,
-        Err(_) => return,
-    };
+) -> anyhow::Result<()> {
+    let options = async_nats::ConnectOptions::new().retry_on_initial_connect();
+    let client = schemas::servers::connect(options, &url).await?;
     let mut js = jetstream::new(client);
     js.set_timeout(Duration::from_secs(2));
     let start = Instant::now();
@@ -271,6 +384,7 @@ async fn publish(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push(outcome);
     }
+    Ok(())
 }
 
 fn acked(outcomes: &Mutex<Vec<Publish>>) -> u64 {
@@ -284,18 +398,28 @@ fn acked(outcomes: &Mutex<Vec<Publish>>) -> u64 {
 
 /// Whether every consumer of the mesh's streams has worked off its stream.
 async fn drained(js: &jetstream::Context) -> Option<()> {
+    backlog(js).await.ok()?.is_empty().then_some(())
+}
+
+/// The consumers of the mesh's streams with messages pending or unacked.
+async fn backlog(js: &jetstream::Context) -> anyhow::Result<Vec<String>> {
+    use futures::StreamExt as _;
+    let mut behind = Vec::new();
     for name in [subjects::STREAM_INGRESS, subjects::STREAM_DECISION] {
-        let stream = js.get_stream(name).await.ok()?;
+        let stream = js.get_stream(name).await?;
         let mut names = stream.consumer_names();
-        use futures::StreamExt as _;
         while let Some(consumer) = names.next().await {
-            let info = stream.consumer_info(consumer.ok()?).await.ok()?;
+            let consumer = consumer?;
+            let info = stream.consumer_info(&consumer).await?;
             if info.num_pending > 0 || info.num_ack_pending > 0 {
-                return None;
+                behind.push(format!(
+                    "{name}/{consumer}: {} pending, {} unacked",
+                    info.num_pending, info.num_ack_pending
+                ));
             }
         }
     }
-    Some(())
+    Ok(behind)
 }
 
 /// The ids (`ce-id` / `event_id`) found in each place an event leaves a
@@ -440,24 +564,35 @@ struct Run {
 }
 
 /// Load, power cut, restart, more load, drain; scored before any repair.
-async fn power_cut_run(sync_interval: &str) -> anyhow::Result<Run> {
-    let mut stack = Stack::start(sync_interval).await?;
+async fn power_cut_run(sync_interval: &str, nodes: usize) -> anyhow::Result<Run> {
+    // The services' warnings (a failed insert, a refused checkpoint) show
+    // in the test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+    let mut stack = Stack::start(sync_interval, nodes).await?;
     // The streams, buckets, consumers and tables were made long before the
     // power cut this models: the kernel's writeback has put them on disk.
-    stack.nats_fs.sync_all();
+    for fs in &stack.nats_fs {
+        fs.sync_all();
+    }
     stack.ch_fs.sync_all();
     let run = uuid::Uuid::now_v7().simple().to_string();
     let outcomes: Arc<Mutex<Vec<Publish>>> = Arc::default();
     let stop = CancellationToken::new();
     let publisher = tokio::spawn(publish(
-        stack.nats.url(),
+        stack.broker.url(),
         run.clone(),
         outcomes.clone(),
         stop.clone(),
     ));
     // Load until BEFORE_CUT events are acknowledged and the audit holds
     // rows (so ClickHouse has inserts to lose).
-    eventually(WAIT, "acknowledged events and audit rows", || async {
+    let waited = eventually(WAIT, "acknowledged events and audit rows", || async {
         let rows = stack
             .ch
             .query_text(&format!("SELECT count() FROM {DB}.decisions"))
@@ -466,8 +601,19 @@ async fn power_cut_run(sync_interval: &str) -> anyhow::Result<Run> {
         let rows: u64 = rows.trim().parse().ok()?;
         (acked(&outcomes) >= BEFORE_CUT && rows > 0).then_some(())
     })
-    .await?;
-    let dropped = stack.cut_power()?;
+    .await;
+    if let Err(e) = waited {
+        let published = outcomes.lock().map(|o| o.len()).unwrap_or_default();
+        let rows = stack
+            .ch
+            .query_text(&format!("SELECT count() FROM {DB}.decisions"))
+            .await;
+        anyhow::bail!(
+            "{e}: {} of {published} publishes acknowledged, decisions rows: {rows:?}",
+            acked(&outcomes)
+        );
+    }
+    let dropped = stack.cut_power().await?;
     let at_cut = outcomes.lock().map(|o| o.len()).unwrap_or_default();
     stack.restart().await?;
     let back = outcomes.lock().map(|o| o.len()).unwrap_or_default();
@@ -478,23 +624,28 @@ async fn power_cut_run(sync_interval: &str) -> anyhow::Result<Run> {
     })
     .await?;
     stop.cancel();
-    publisher.await?;
-    eventually(DRAIN, "the mesh worked off its streams", || {
+    publisher.await??;
+    if let Err(e) = eventually(DRAIN, "the mesh worked off its streams", || {
         drained(&stack.js)
     })
-    .await?;
+    .await
+    {
+        anyhow::bail!("{e}: {:?}", backlog(&stack.js).await);
+    }
     let outcomes = outcomes
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .clone();
     let before_repair = score(&run, &outcomes, &found(&stack).await?);
     println!(
-        "power_loss[sync_interval {sync_interval}]: {} events published at {RATE}/s, \
-         power cut after {at_cut} (nats store: {} files / {} bytes unsynced dropped; \
+        "power_loss[{nodes} node(s), sync_interval {sync_interval}]: {} events published at {RATE}/s, \
+         power cut after {at_cut} (nats-server{} of node(s) {:?}: {} files / {} bytes unsynced dropped; \
          ClickHouse data: {} files / {} bytes dropped), servers back by event {back}; \
          scored: ok {}, lost {}, unknown {}; lost by place: {:?}; \
          audit rows missing (before repair): {} events {:?}",
         outcomes.len(),
+        if nodes > 1 { "s" } else { "" },
+        stack.cut,
         dropped.0.files,
         dropped.0.bytes,
         dropped.1.files,
@@ -525,7 +676,19 @@ async fn power_cut_run(sync_interval: &str) -> anyhow::Result<Run> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_sync_always_a_power_cut_loses_no_acknowledged_event() -> anyhow::Result<()> {
-    let run = power_cut_run("always").await?;
+    no_acknowledged_event_lost(1).await
+}
+
+/// The same on a 3-node cluster (streams at 3 replicas): the power goes
+/// on a majority, the node leading `MESH_INGRESS` and the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_sync_always_a_majority_power_cut_of_a_cluster_loses_no_acknowledged_event()
+-> anyhow::Result<()> {
+    no_acknowledged_event_lost(3).await
+}
+
+async fn no_acknowledged_event_lost(nodes: usize) -> anyhow::Result<()> {
+    let run = power_cut_run("always", nodes).await?;
     let score = &run.before_repair;
     let lost: Vec<String> = score
         .lost
@@ -611,7 +774,7 @@ async fn with_the_default_interval_a_power_cut_loses_acknowledged_events() -> an
         eprintln!("set AGENTMESH_POWER_LOSS_INTERVAL=1 to run the default-interval power cut");
         return Ok(());
     }
-    let run = power_cut_run("2m").await?;
+    let run = power_cut_run("2m", 1).await?;
     assert!(
         run.before_repair.lost_events() > 0,
         "no acknowledged event lost under a 2-minute sync interval: the power cut did not bite"

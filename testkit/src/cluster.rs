@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::{WAIT, eventually, free_port, log_tail, nats_server_binary, until_ready};
+use crate::{Store, WAIT, eventually, free_port, log_tail, nats_server_binary, until_ready};
 
 /// One node's ports and process.
 struct Node {
@@ -18,6 +18,7 @@ struct Node {
     route_port: u16,
     http_port: u16,
     child: Option<Child>,
+    store: Store,
 }
 
 /// Three `nats-server -js` processes in one cluster (`testkit`), nodes
@@ -35,9 +36,19 @@ impl NatsCluster {
     /// process take one before its node binds it (the node exits with
     /// "address already in use"), the cluster starts again on new ones.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(vec![Store::default(); 3]).await
+    }
+
+    /// [`NatsCluster::start`] with node `i`'s store where and as
+    /// `stores[i]` says (e.g. each on a [`crate::LazyFs`] of its own, to
+    /// cut a node's power); `stores` has one entry per node (3).
+    pub async fn start_with(stores: Vec<Store>) -> anyhow::Result<Self> {
+        if stores.len() != 3 {
+            bail!("a test cluster has 3 nodes, {} stores given", stores.len());
+        }
         let mut attempt = 1;
         loop {
-            match Self::start_on(Self::pick_ports()?).await {
+            match Self::start_on(Self::pick_ports()?, &stores).await {
                 Ok(cluster) => return Ok(cluster),
                 Err((error, true)) if attempt < 3 => {
                     eprintln!(
@@ -67,7 +78,7 @@ impl NatsCluster {
 
     /// One start on these ports (node `n1` the first three: client, route,
     /// monitoring); the error says whether a node found a port taken.
-    async fn start_on(ports: [u16; 9]) -> Result<Self, (anyhow::Error, bool)> {
+    async fn start_on(ports: [u16; 9], stores: &[Store]) -> Result<Self, (anyhow::Error, bool)> {
         let binary = nats_server_binary().map_err(|e| (e, false))?;
         let dir = tempfile::tempdir()
             .context("creating the cluster directory")
@@ -81,6 +92,7 @@ impl NatsCluster {
                 route_port: p[1],
                 http_port: p[2],
                 child: None,
+                store: stores[i].clone(),
             })
             .collect();
         let mut cluster = Self { nodes, dir, binary };
@@ -118,7 +130,19 @@ impl NatsCluster {
 
     fn write_config(&self, i: usize) -> anyhow::Result<()> {
         let node = &self.nodes[i];
-        let store = self.dir.path().join(&node.name).join("store");
+        let store = node
+            .store
+            .dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join(&node.name).join("store"));
+        // The node's own setting, else the stack's default durability.
+        let sync = node
+            .store
+            .sync_interval
+            .clone()
+            .or_else(|| crate::nats_durability().sync_interval().map(str::to_owned))
+            .map(|interval| format!(", sync_interval: {interval:?}"))
+            .unwrap_or_default();
         let routes: Vec<String> = self
             .nodes
             .iter()
@@ -135,10 +159,6 @@ impl NatsCluster {
             store = store.display().to_string(),
             route = node.route_port,
             routes = routes.join(", "),
-            sync = crate::nats_durability()
-                .sync_interval()
-                .map(|s| format!(", sync_interval: {s}"))
-                .unwrap_or_default(),
         );
         let path = self.config_path(i);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
@@ -314,7 +334,12 @@ mod tests {
         let taken = holder.local_addr().unwrap().port();
         let mut ports = NatsCluster::pick_ports().unwrap();
         ports[7] = taken; // n3's route port
-        let Err((error, port_taken)) = NatsCluster::start_on(ports).await else {
+        let Err((error, port_taken)) = NatsCluster::start_on(
+            ports,
+            &[Store::default(), Store::default(), Store::default()],
+        )
+        .await
+        else {
             panic!("a cluster started with n3's route port held by another socket");
         };
         assert!(port_taken, "{error:#}");
@@ -323,10 +348,13 @@ mod tests {
         // On fresh ports the same start succeeds.
         drop(holder);
         ports = NatsCluster::pick_ports().unwrap();
-        let cluster = NatsCluster::start_on(ports)
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        let cluster = NatsCluster::start_on(
+            ports,
+            &[Store::default(), Store::default(), Store::default()],
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
         assert_eq!(cluster.len(), 3);
     }
 
