@@ -17,5 +17,5 @@ if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; t
   ./scripts/install-deps.sh
 fi
 export PATH="$PATH:/usr/sbin"
-echo "==> cargo test -p gpu-scaler --test nvml -- --ignored"
-cargo test -p gpu-scaler --test nvml --locked -- --ignored --nocapture
+echo "==> cargo test -p gpu-scaler --test it nvml:: -- --ignored"
+cargo test -p gpu-scaler --test it nvml:: --locked -- --ignored --nocapture

@@ -6,13 +6,13 @@
 # and runs every test of the workspace against real servers (ZooKeeper and
 # two ClickHouse replicas for the replicated tests, three nats-server nodes
 # for the cluster tests) — among them the Python SDK's pytest suite
-# (sdk/python/tests), which tests/tests/python_sdk.rs runs against the mesh
+# (sdk/python/tests), which tests/tests/it/python_sdk.rs runs against the mesh
 # it starts, and the cross-agent trace check (traces_across_agents.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # --replicated: ZooKeeper too, for the replicated ClickHouse tests
-# (testkit's ZooKeeperServer, tests/tests/replicated_clickhouse.rs).
+# (testkit's ZooKeeperServer, tests/tests/it/replicated_clickhouse.rs).
 ./scripts/install-deps.sh --replicated
 export PATH="$PATH:/usr/sbin"
 # A cold build gains nothing from incremental caches; they only cost disk
@@ -66,7 +66,7 @@ status=${PIPESTATUS[0]}
 # where one answers. `scripts/gpu-check.sh` runs it alone.
 if [ "$status" -eq 0 ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "==> a GPU answers: the NVML test too"
-  cargo test -p gpu-scaler --test nvml --locked -- --ignored 2>&1 | tee -a "$log"
+  cargo test -p gpu-scaler --test it nvml:: --locked -- --ignored 2>&1 | tee -a "$log"
   status=${PIPESTATUS[0]}
 fi
 set -e

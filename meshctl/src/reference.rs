@@ -2,7 +2,7 @@
 //! generated from clap's definitions (`meshctl docs reference`), with the
 //! conventions every command shares: the exit codes ([`Exit::ALL`]), the
 //! duration syntax and the shape of each command's `-o json`. A test
-//! (`meshctl/tests/reference.rs`) fails when the committed page differs.
+//! (`meshctl/tests/it/reference.rs`) fails when the committed page differs.
 
 use std::fmt::Write as _;
 
@@ -81,7 +81,7 @@ pub(crate) fn markdown(root: &Command) -> String {
     let _ = writeln!(out, "# meshctl reference\n");
     let _ = writeln!(
         out,
-        "<!-- Generated from meshctl's clap definitions; do not edit. Regenerate: `{REGENERATE}` (`cargo test -p meshctl --test reference` fails when this page differs). -->\n"
+        "<!-- Generated from meshctl's clap definitions; do not edit. Regenerate: `{REGENERATE}` (`cargo test -p meshctl --test it reference::` fails when this page differs). -->\n"
     );
     if let Some(about) = root.get_about() {
         let _ = writeln!(out, "{}\n", one_line(&about.to_string()));

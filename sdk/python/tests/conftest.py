@@ -1,6 +1,6 @@
 """Two kinds of tests. Unit tests (no marker) need nothing but the package.
 Tests marked `stack` run against a real mesh that the Rust tests start
-(`cargo test -p e2e --test python_sdk`: nats-server with the mesh's streams,
+(`cargo test -p e2e --test it python_sdk::`: nats-server with the mesh's streams,
 the policy worker on the shipped policies and a Rust `coder` serving
 `code.search` and A2A), which passes the URLs through the environment
 variables the marker names (default `AGENTMESH_NATS_URL`).
@@ -37,7 +37,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(
                 pytest.mark.skip(
                     reason=f"needs a running mesh ({', '.join(missing)} not set): "
-                    "`cargo test -p e2e --test python_sdk` runs it"
+                    "`cargo test -p e2e --test it python_sdk::` runs it"
                 )
             )
 
@@ -47,7 +47,7 @@ def env(name: str) -> str:
     if not value:
         pytest.fail(
             f"{name} is not set: these tests run against the mesh that "
-            "`cargo test -p e2e --test python_sdk` starts",
+            "`cargo test -p e2e --test it python_sdk::` starts",
             pytrace=False,
         )
     return value

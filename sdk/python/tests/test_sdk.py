@@ -27,7 +27,7 @@ from agentmesh import (
 
 INGRESS = "MESH_INGRESS"
 
-# Every test here runs against the mesh of `tests/tests/python_sdk.rs`.
+# Every test here runs against the mesh of `tests/tests/it/python_sdk.rs`.
 pytestmark = pytest.mark.stack()
 
 # Made at import, before any event loop: used in two loops below.

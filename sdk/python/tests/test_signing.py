@@ -1,7 +1,7 @@
 """Signed decisions (docs/contract.md): the Python SDK verifies each
 delivery's decision signature against the trusted signers in
 `mesh-signers` before any handler sees it. The deliveries here were signed
-by the Rust side (`schemas::signing`) in `tests/tests/python_sdk.rs`: one
+by the Rust side (`schemas::signing`) in `tests/tests/it/python_sdk.rs`: one
 good, one whose payload was altered after signing, one unsigned, one signed
 by a key that is not in the bucket; and four signed in one batch (a Merkle
 root signed once, an inclusion proof each): two good, one whose payload was

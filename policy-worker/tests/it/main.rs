@@ -1,0 +1,11 @@
+//! The policy-worker integration tests, one test binary: each former test
+//! file is a module here (`cargo test -p policy-worker --test it <module>::`),
+//! so the workspace links this crate's tests once.
+
+mod cache;
+mod guardrails;
+mod interop;
+mod ops;
+mod resilience;
+mod support;
+mod worker;
