@@ -114,6 +114,9 @@ pub struct Config {
     /// a 3-node cluster; every service must say the same).
     #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = DEFAULT_STREAM_REPLICAS)]
     pub stream_replicas: usize,
+    /// Days events are kept in the `MESH_*` streams (their `max_age`; `MESH_AUDIT` is kept for good). Unset: a stream this service creates gets 7 days and an existing one keeps what it has; every service should say the same.
+    #[arg(long, env = "AGENTMESH_STREAM_MAX_AGE_DAYS")]
+    pub stream_max_age_days: Option<u64>,
     /// Create this file once ready (schema and consumers in place); removed on exit.
     #[arg(long, env = "AGENTMESH_AUDIT_READY_FILE")]
     pub ready_file: Option<PathBuf>,
@@ -153,6 +156,7 @@ impl Config {
             retention_days: DEFAULT_RETENTION_DAYS,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             stream_replicas: DEFAULT_STREAM_REPLICAS,
+            stream_max_age_days: None,
             ready_file: None,
             signing_key_file: None,
             ops: telemetry::OpsConfig::default(),
@@ -324,7 +328,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let broker = broker_config::Options {
         replicas: config.stream_replicas.max(1),
         ..broker_config::Options::default()
-    };
+    }
+    .with_max_age_days(config.stream_max_age_days);
     broker_config::apply(&js, &broker).await?;
 
     let endpoints = config.endpoints();

@@ -33,8 +33,14 @@ use schemas::subjects;
 pub struct Options {
     /// Replicas of every stream and bucket (1 for one server, 3 for a cluster).
     pub replicas: usize,
-    /// How long events are kept in every `MESH_*` stream.
+    /// How long events are kept in every `MESH_*` stream (but
+    /// `MESH_AUDIT`, kept for good).
     pub max_age: Duration,
+    /// Whether an existing stream keeps the `max_age` it has (`true`: a
+    /// service started without `--stream-max-age-days` neither shortens
+    /// nor lengthens what an operator set; only a stream it creates gets
+    /// [`Options::max_age`]) or is moved to [`Options::max_age`].
+    pub keep_existing_max_age: bool,
     /// Window within which a repeated `Nats-Msg-Id` is dropped.
     pub duplicate_window: Duration,
     /// Largest size of the tool-result cache bucket (`mesh-tool-cache`):
@@ -49,9 +55,30 @@ impl Default for Options {
         Self {
             replicas: 1,
             max_age: Duration::from_secs(7 * 24 * 3600),
+            keep_existing_max_age: false,
             duplicate_window: Duration::from_secs(10 * 60),
             tool_cache_max_bytes: 256 * 1024 * 1024,
             tool_cache_max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl Options {
+    /// The services' `--stream-max-age-days`: with a value, every `MESH_*`
+    /// stream (but `MESH_AUDIT`) keeps events that many days, existing
+    /// ones moved to it; without, a stream created now gets the default
+    /// (7 days) and an existing one keeps what it has.
+    pub fn with_max_age_days(self, days: Option<u64>) -> Self {
+        match days {
+            Some(days) => Self {
+                max_age: Duration::from_secs(days.saturating_mul(24 * 3600)),
+                keep_existing_max_age: false,
+                ..self
+            },
+            None => Self {
+                keep_existing_max_age: true,
+                ..self
+            },
         }
     }
 }
@@ -258,7 +285,8 @@ pub async fn apply(
             stream: name.clone(),
             source,
         };
-        let change = apply_stream(js, wanted).await.map_err(err)?;
+        let keep_max_age = options.keep_existing_max_age && wanted.max_age == options.max_age;
+        let change = apply_stream(js, wanted, keep_max_age).await.map_err(err)?;
         changes.push((name, change));
     }
     for wanted in buckets(options) {
@@ -295,9 +323,11 @@ pub async fn apply(
 /// fails because another one created the stream a moment earlier (the
 /// broker answers "already in use" or "subjects overlap"), the stream is
 /// compared and updated like one that was there before.
+/// With `keep_max_age`, an existing stream keeps its own `max_age`.
 async fn apply_stream(
     js: &jetstream::Context,
-    wanted: stream::Config,
+    mut wanted: stream::Config,
+    keep_max_age: bool,
 ) -> Result<Change, async_nats::Error> {
     let name = wanted.name.clone();
     let mut existing = match find_stream(js, &name).await? {
@@ -314,6 +344,9 @@ async fn apply_stream(
         },
     };
     let info = existing.info().await?;
+    if keep_max_age {
+        wanted.max_age = info.config.max_age;
+    }
     if matches(&info.config, &wanted) {
         return Ok(Change::Unchanged);
     }

@@ -48,6 +48,57 @@ async fn apply_is_idempotent_and_keeps_data() {
     assert_eq!(info.state.messages, 1, "update must not lose data");
     assert_eq!(info.config.max_age, longer.max_age);
     assert_eq!(kv.get("planner").await.unwrap().unwrap(), "card");
+
+    // A service started without `--stream-max-age-days` keeps what the
+    // operator set: neither back to 7 days nor anything else.
+    let unset = Options {
+        keep_existing_max_age: true,
+        ..Options::default()
+    };
+    let fourth = apply(&js, &unset).await.unwrap();
+    assert!(
+        fourth.iter().all(|(_, c)| *c == Change::Unchanged),
+        "{fourth:?}"
+    );
+    let info = ingress.info().await.unwrap();
+    assert_eq!(info.config.max_age, longer.max_age);
+    // MESH_AUDIT stays kept for good whatever the setting.
+    let mut audit = js.get_stream("MESH_AUDIT").await.unwrap();
+    assert_eq!(audit.info().await.unwrap().config.max_age, Duration::ZERO);
+}
+
+/// A stream created by a service without the setting gets the default
+/// (7 days); with it, the setting.
+#[tokio::test]
+async fn a_new_stream_gets_the_configured_max_age() {
+    let nats = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    let half_year = Duration::from_secs(183 * 24 * 3600);
+    apply(
+        &js,
+        &Options {
+            max_age: half_year,
+            keep_existing_max_age: false,
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut ingress = js.get_stream("MESH_INGRESS").await.unwrap();
+    assert_eq!(ingress.info().await.unwrap().config.max_age, half_year);
+
+    let other = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(other.connect().await.unwrap());
+    let unset = Options {
+        keep_existing_max_age: true,
+        ..Options::default()
+    };
+    apply(&js, &unset).await.unwrap();
+    let mut ingress = js.get_stream("MESH_INGRESS").await.unwrap();
+    assert_eq!(
+        ingress.info().await.unwrap().config.max_age,
+        Options::default().max_age
+    );
 }
 
 /// Services start together and apply at the same moment; none may fail

@@ -103,6 +103,9 @@ pub struct Config {
     /// a 3-node cluster; every service must say the same).
     #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = DEFAULT_STREAM_REPLICAS)]
     pub stream_replicas: usize,
+    /// Days events are kept in the `MESH_*` streams (their `max_age`; `MESH_AUDIT` is kept for good). Unset: a stream this service creates gets 7 days and an existing one keeps what it has; every service should say the same.
+    #[arg(long, env = "AGENTMESH_STREAM_MAX_AGE_DAYS")]
+    pub stream_max_age_days: Option<u64>,
     /// Health and metrics server, log format, OTLP export.
     #[command(flatten)]
     pub ops: telemetry::OpsConfig,
@@ -116,6 +119,7 @@ impl Default for Config {
             ready_file: None,
             instance: None,
             stream_replicas: DEFAULT_STREAM_REPLICAS,
+            stream_max_age_days: None,
             ops: telemetry::OpsConfig::default(),
         }
     }
@@ -204,7 +208,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let broker = broker_config::Options {
         replicas: config.stream_replicas.max(1),
         ..broker_config::Options::default()
-    };
+    }
+    .with_max_age_days(config.stream_max_age_days);
     broker_config::apply(&js, &broker).await?;
     let inventory: Arc<dyn Inventory> = inventory::open(&pools_config)?;
     let pools = pools_config.pools.len();

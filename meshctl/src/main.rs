@@ -121,6 +121,9 @@ enum Command {
         /// How the NATS nodes `up` starts store an event before acknowledging it: `always` fsyncs every write (an acknowledged event survives an OS crash or power cut of the node; needs nats-server 2.10+), `interval` flushes every 2 minutes (faster; a process kill loses nothing, an OS crash or power cut loses up to the last 2 minutes).
         #[arg(long, env = "AGENTMESH_DURABILITY", value_enum, default_value_t = broker_config::server::Durability::Always)]
         durability: broker_config::server::Durability,
+        /// Days events are kept in the `MESH_*` streams (`max_age`; `MESH_AUDIT` is kept for good), given to every service too. Unset: streams keep what they have (7 days when created).
+        #[arg(long, env = "AGENTMESH_STREAM_MAX_AGE_DAYS")]
+        stream_max_age_days: Option<u64>,
     },
     /// Agent identities: nkeys, broker permissions and Cedar entities.
     Agents {
@@ -308,6 +311,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             nats_nodes,
             clickhouse_replicas,
             durability,
+            stream_max_age_days,
         } => {
             let options = stack::UpOptions {
                 detach,
@@ -319,6 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 nats_nodes,
                 clickhouse_replicas: usize::from(clickhouse_replicas),
                 durability,
+                stream_max_age_days,
             };
             stack::up(&home, &endpoints, &options).await?;
         }

@@ -98,6 +98,9 @@ pub struct Config {
     /// Replicas of the MESH_* streams when they are created or updated.
     #[arg(long, env = "AGENTMESH_STREAM_REPLICAS", default_value_t = DEFAULT_STREAM_REPLICAS)]
     pub stream_replicas: usize,
+    /// Days events are kept in the `MESH_*` streams (their `max_age`; `MESH_AUDIT` is kept for good). Unset: a stream this service creates gets 7 days and an existing one keeps what it has; every service should say the same.
+    #[arg(long, env = "AGENTMESH_STREAM_MAX_AGE_DAYS")]
+    pub stream_max_age_days: Option<u64>,
     /// File created once the worker is consuming, removed on exit.
     #[arg(long, env = "AGENTMESH_READY_FILE")]
     pub ready_file: Option<PathBuf>,
@@ -148,6 +151,7 @@ impl Default for Config {
             ack_wait_secs: DEFAULT_ACK_WAIT_SECS,
             watch_policies: true,
             stream_replicas: DEFAULT_STREAM_REPLICAS,
+            stream_max_age_days: None,
             ready_file: None,
             shadow_policies: None,
             approval_timeout_secs: DEFAULT_APPROVAL_TIMEOUT_SECS,
@@ -191,6 +195,7 @@ impl Config {
             replicas: self.stream_replicas,
             ..Default::default()
         }
+        .with_max_age_days(self.stream_max_age_days)
     }
 }
 

@@ -273,7 +273,12 @@ pub(crate) async fn run(
         );
     }
     let js = async_nats::jetstream::new(endpoints.connect_nats().await?);
-    broker_config::apply(&js, &broker_config::Options::default()).await?;
+    // The streams as they are: an operator's max age stays.
+    broker_config::apply(
+        &js,
+        &broker_config::Options::default().with_max_age_days(None),
+    )
+    .await?;
     // Each demo agent connects with its own key on a stack with authorization.
     let seed_of = |id: &str| -> anyhow::Result<Option<String>> {
         let Some(state) = seeds else {

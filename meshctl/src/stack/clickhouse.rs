@@ -68,6 +68,7 @@ pub(super) async fn apply_streams_and_schema(
     home: &Home,
     endpoints: &Endpoints,
     replicas: usize,
+    max_age_days: Option<u64>,
     auth: Option<&Auth>,
     clickhouse_replicas: usize,
 ) -> anyhow::Result<()> {
@@ -76,7 +77,8 @@ pub(super) async fn apply_streams_and_schema(
     let broker = broker_config::Options {
         replicas,
         ..broker_config::Options::default()
-    };
+    }
+    .with_max_age_days(max_age_days);
     let changes = broker_config::apply(&js, &broker).await?;
     let created = changes
         .iter()

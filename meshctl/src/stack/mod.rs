@@ -79,6 +79,9 @@ pub(crate) struct UpOptions {
     /// Whether the NATS nodes this `up` starts fsync every write before
     /// acknowledging it.
     pub durability: broker_config::server::Durability,
+    /// Days events are kept in the `MESH_*` streams; `None` keeps what
+    /// existing streams have (7 days for new ones).
+    pub stream_max_age_days: Option<u64>,
 }
 
 impl UpOptions {
@@ -334,6 +337,7 @@ async fn bring_up(
         home,
         endpoints,
         options.stream_replicas(),
+        options.stream_max_age_days,
         auth,
         options.clickhouse_replicas,
     )

@@ -71,6 +71,9 @@ fn service_args(
         "--stream-replicas".to_owned(),
         options.stream_replicas().to_string(),
     ];
+    if let Some(days) = options.stream_max_age_days {
+        args.extend(["--stream-max-age-days".to_owned(), days.to_string()]);
+    }
     match name {
         "policy-worker" => {
             if let Some(dir) = policies {

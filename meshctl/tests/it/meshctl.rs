@@ -321,8 +321,15 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
         "--without",
         "gpu-scaler",
     ];
-    // The stack as it was before authorization: --insecure.
-    let mut args = vec!["up", "--detach", "--insecure"];
+    // The stack as it was before authorization: --insecure; events kept
+    // 200 days in the streams.
+    let mut args = vec![
+        "up",
+        "--detach",
+        "--insecure",
+        "--stream-max-age-days",
+        "200",
+    ];
     args.extend(without);
     let up = stack.run(&args).await?;
     let out = text(&up.stdout);
@@ -343,7 +350,11 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
 
         // Both answer, with JetStream streams and the audit tables in place.
         let js = async_nats::jetstream::new(async_nats::connect(&stack.nats_url).await?);
-        js.get_stream(schemas::subjects::STREAM_INGRESS).await?;
+        let mut ingress = js.get_stream(schemas::subjects::STREAM_INGRESS).await?;
+        assert_eq!(
+            ingress.info().await?.config.max_age,
+            std::time::Duration::from_secs(200 * 24 * 3600)
+        );
         let client = clickhouse::Client::default()
             .with_url(&stack.ch_url)
             .with_validation(false);
@@ -368,6 +379,19 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
             out.contains("nats-server        running")
                 && out.contains("clickhouse-server  running"),
             "{out}"
+        );
+
+        // An `up` without the flag keeps the streams' 200 days.
+        let plain: Vec<&str> = args
+            .iter()
+            .copied()
+            .filter(|a| *a != "--stream-max-age-days" && *a != "200")
+            .collect();
+        let again = stack.run(&plain).await?;
+        assert!(again.status.success(), "{}", text(&again.stdout));
+        assert_eq!(
+            ingress.info().await?.config.max_age,
+            std::time::Duration::from_secs(200 * 24 * 3600)
         );
 
         let status = stack.run(&["status"]).await?;
