@@ -105,7 +105,7 @@ async fn plain(js: &jetstream::Context, name: &str, n: u64) -> anyhow::Result<f6
 async fn sdk(url: &str, n: u64, concurrency: usize) -> anyhow::Result<f64> {
     // The backlog is stored unsigned, straight into MESH_DELIVER: this
     // measures draining (signing and verifying per event are measured in
-    // docs/benchmarks.md, "Signed decisions").
+    // git show b22b5ef:docs/benchmarks.md, "Signed decisions").
     let coder = Agent::builder("coder")
         .max_concurrent_deliveries(concurrency)
         .verify_deliveries(false)

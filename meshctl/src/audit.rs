@@ -57,6 +57,8 @@ pub(crate) enum AuditCommand {
         /// Only say what would be re-inserted.
         #[arg(long)]
         dry_run: bool,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
     },
 }
 
@@ -810,8 +812,20 @@ async fn unrecoverable(
 /// Runs `meshctl audit …`; `false` when anything was found.
 pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     match command {
-        AuditCommand::Repair { dry_run } => {
+        AuditCommand::Repair { dry_run, output } => {
             let repaired = repair(endpoints, dry_run).await?;
+            let ok = repaired.unrecoverable.is_empty() && repaired.still_missing == 0;
+            if output.json() {
+                crate::output::print_json(&serde_json::json!({
+                    "ok": ok,
+                    "dry_run": dry_run,
+                    "compared": repaired.compared,
+                    "reinserted": repaired.reinserted,
+                    "still_missing": repaired.still_missing,
+                    "unrecoverable": repaired.unrecoverable,
+                }))?;
+                return Ok(ok);
+            }
             let total: usize = repaired.reinserted.values().sum();
             let by_table: Vec<String> = repaired
                 .reinserted
@@ -840,7 +854,7 @@ pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow:
             for line in &repaired.unrecoverable {
                 println!("could not recover: {line}");
             }
-            Ok(repaired.unrecoverable.is_empty() && repaired.still_missing == 0)
+            Ok(ok)
         }
         AuditCommand::Verify {
             since,

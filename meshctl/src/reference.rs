@@ -68,6 +68,10 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
         "`{ok, decisions, checkpoints, pending, compared, findings: [{kind: altered, deleted, missing, inserted or checkpoint, ...the finding's fields}]}`; exit 1 unless `ok`",
     ),
     (
+        "audit repair",
+        "`{ok, dry_run, compared, reinserted: {events, decisions} (rows re-inserted, or to re-insert on a dry run), still_missing, unrecoverable: [line]}`; exit 1 unless `ok`",
+    ),
+    (
         "gpus",
         "`{at, scalers: [scaler status], leases: [{gpu, pool, holder, granted_at, expires_at}], lapsed: [lease], declared: [gpu], local_pools: [{pool, backlog, backlog_error, desired, min_gpus, max_gpus, target_backlog_per_gpu}]}`",
     ),

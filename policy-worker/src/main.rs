@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 /// mimalloc instead of glibc malloc: the per-event path allocates and frees
 /// from every runtime thread, where glibc's arenas cost a quarter of the
-/// worker's CPU (docs/benchmarks.md, "The worker's second pass").
+/// worker's CPU (the benchmarks log, `git show b22b5ef:docs/benchmarks.md`, "The worker's second pass").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -5,7 +5,7 @@
 //! encoded, one Ed25519 signature per batch) and verified as a recipient
 //! with the cache of verified roots does (each proof decoded and folded,
 //! one Ed25519 verification per batch). Prints µs per event;
-//! `docs/benchmarks.md` quotes it.
+//! `docs/performance.md` quotes it.
 //!
 //! `cargo run --release -p schemas --example signing_cost`
 

@@ -751,6 +751,12 @@ async fn heal_the_audit(run: &Run) -> anyhow::Result<()> {
         "{}",
         text(&again)
     );
+    // The same for a script: `-o json`.
+    let json = stack.meshctl(&["audit", "repair", "-o", "json"])?;
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    assert_eq!(json["ok"], true, "{json}");
+    assert_eq!(json["reinserted"]["events"], 0, "{json}");
+    assert_eq!(json["reinserted"]["decisions"], 0, "{json}");
     let verify = stack.meshctl(&["audit", "verify"])?;
     assert!(verify.status.success(), "{}", text(&verify));
     let after = score(&run.run, &run.outcomes, &found(stack).await?);
