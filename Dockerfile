@@ -10,12 +10,26 @@
 #
 # Runtime: distroless (glibc, CA certificates, no shell), user `nonroot`
 # (65532). Each service serves /healthz, /readyz and /metrics on 9090.
+#
+# Both bases are build arguments, so that the same file builds where the
+# public images cannot be pulled: BUILD_IMAGE (any bookworm image with
+# cargo) and RUNTIME_IMAGE (any bookworm image with glibc and CA
+# certificates). BINARIES=prebuilt skips the compile and takes the four
+# binaries from `.compose-bin/` in the build context instead (built on a
+# bookworm host: `scripts/compose-check.sh` does this).
+# With podman/buildah, pass BINARIES explicitly (`--build-arg
+# BINARIES=build`; the compose files always do): buildah 1.28 looks a
+# `FROM ${BINARIES}` stage up by the value given on its command line only,
+# and takes the default `build` for an image name.
 
 ARG RUST_VERSION=1.95
+ARG BUILD_IMAGE=rust:${RUST_VERSION}-slim-bookworm
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+ARG BINARIES=build
 
 # Bookworm, like the runtime (distroless cc-debian12): the binaries link
 # against glibc and must not need a newer one than the runtime has.
-FROM rust:${RUST_VERSION}-slim-bookworm AS build
+FROM ${BUILD_IMAGE} AS build
 WORKDIR /src
 COPY . .
 # Dependencies and build outputs are cached between builds (BuildKit);
@@ -33,27 +47,34 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && cp target/release/policy-worker target/release/audit-sink \
        target/release/gpu-scaler target/release/agentmesh-healthcheck /out/
 
-FROM gcr.io/distroless/cc-debian12:nonroot AS runtime
-COPY --from=build /out/agentmesh-healthcheck /usr/local/bin/
+# The same four binaries, built outside (BINARIES=prebuilt).
+FROM scratch AS prebuilt
+COPY .compose-bin/ /out/
+
+FROM ${BINARIES} AS binaries
+
+FROM ${RUNTIME_IMAGE} AS runtime
+COPY --from=binaries /out/agentmesh-healthcheck /usr/local/bin/
 ENV AGENTMESH_HTTP_PORT=9090 \
     AGENTMESH_LOG_FORMAT=json \
     RUST_LOG=info
 EXPOSE 9090
-USER nonroot
+# distroless's `nonroot`, by number: any runtime base has that user then.
+USER 65532:65532
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["/usr/local/bin/agentmesh-healthcheck", "/healthz"]
 
 FROM runtime AS policy-worker
-COPY --from=build /out/policy-worker /usr/local/bin/
+COPY --from=binaries /out/policy-worker /usr/local/bin/
 # The example policies; mount your own over /etc/agentmesh/policies.
 COPY policies /etc/agentmesh/policies
 ENV AGENTMESH_POLICIES=/etc/agentmesh/policies
 ENTRYPOINT ["/usr/local/bin/policy-worker"]
 
 FROM runtime AS audit-sink
-COPY --from=build /out/audit-sink /usr/local/bin/
+COPY --from=binaries /out/audit-sink /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/audit-sink"]
 
 FROM runtime AS gpu-scaler
-COPY --from=build /out/gpu-scaler /usr/local/bin/
+COPY --from=binaries /out/gpu-scaler /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/gpu-scaler"]

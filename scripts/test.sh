@@ -8,6 +8,8 @@
 # for the cluster tests) — among them the Python SDK's pytest suite
 # (sdk/python/tests), which tests/tests/it/python_sdk.rs runs against the mesh
 # it starts, and the cross-agent trace check (traces_across_agents.rs).
+# Then scripts/compose-check.sh runs both compose files for real (podman);
+# its `compose: …` count comes just above the closing `tests: …` line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,10 +71,24 @@ if [ "$status" -eq 0 ] && command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L
   cargo test -p gpu-scaler --test it nvml:: --locked -- --ignored 2>&1 | tee -a "$log"
   status=${PIPESTATUS[0]}
 fi
+# compose.yaml and compose.cluster.yaml for real (podman + docker-compose
+# with local stand-in images; see the script). Its own count, printed
+# again above the closing line; AGENTMESH_COMPOSE_CHECK=0 leaves it out.
+compose_log=$(mktemp)
+trap 'rm -f "$log" "$compose_log"' EXIT
+if [ "${AGENTMESH_COMPOSE_CHECK:-1}" = 0 ]; then
+  echo "compose: skipped (AGENTMESH_COMPOSE_CHECK=0)" >"$compose_log"
+else
+  echo "==> scripts/compose-check.sh"
+  ./scripts/compose-check.sh 2>&1 | tee "$compose_log"
+  compose_status=${PIPESTATUS[0]}
+  [ "$compose_status" -eq 0 ] || status=$compose_status
+fi
 set -e
 echo "==> target dir: $(du -sh "$target_dir" 2>/dev/null | cut -f1), disk: $(df -Ph . | awk 'NR == 2 { print $4 }') free"
 # One closing line for the whole run (cargo ends on the last doc-test
 # binary's own count, often 0).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
-     END { printf "\ntests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+     END { printf "\n%s\ntests: %d passed, %d failed, %d skipped\n", compose, p, f, s }' \
+  compose="$(grep '^compose: ' "$compose_log" | tail -1)" "$log"
 exit "$status"

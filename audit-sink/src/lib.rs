@@ -103,6 +103,14 @@ pub struct Config {
     /// Drop rows older than this many days (TTL; 0 keeps them; needs ClickHouse 20.1+).
     #[arg(long, env = "AGENTMESH_AUDIT_RETENTION_DAYS", default_value_t = DEFAULT_RETENTION_DAYS)]
     pub retention_days: u32,
+    /// Give up and exit when no ClickHouse of `--clickhouse-url` has taken
+    /// the schema within this many seconds of the start (0: wait for ever).
+    #[arg(
+        long,
+        env = "AGENTMESH_AUDIT_CLICKHOUSE_WAIT_SECS",
+        default_value_t = 0
+    )]
+    pub clickhouse_wait_secs: u64,
     /// On shutdown, keep trying to insert the open batch this long, in milliseconds.
     #[arg(
         long,
@@ -154,6 +162,7 @@ impl Config {
             ack_wait_ms: DEFAULT_ACK_WAIT_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
             retention_days: DEFAULT_RETENTION_DAYS,
+            clickhouse_wait_secs: 0,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             stream_replicas: DEFAULT_STREAM_REPLICAS,
             stream_max_age_days: None,
@@ -283,6 +292,18 @@ pub enum Error {
     /// The health and metrics server or the OTLP exporter could not start.
     #[error(transparent)]
     Telemetry(#[from] telemetry::Error),
+    /// No ClickHouse took the schema within `--clickhouse-wait-secs`.
+    #[error(
+        "no ClickHouse at {urls} answered within {secs} s (AGENTMESH_AUDIT_CLICKHOUSE_WAIT_SECS): {last}"
+    )]
+    ClickHouseNeverCame {
+        /// The URLs tried, comma-separated.
+        urls: String,
+        /// The wait.
+        secs: u64,
+        /// The last error.
+        last: String,
+    },
     /// The ready file could not be written.
     #[error("cannot write the ready file `{path}`: {source}")]
     ReadyFile {
@@ -333,7 +354,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     broker_config::apply(&js, &broker).await?;
 
     let endpoints = config.endpoints();
-    let Some(features) = wait_for_schema(&endpoints, &config, &shutdown).await else {
+    let Some(features) = wait_for_schema(&endpoints, &config, &shutdown).await? else {
         return Ok(());
     };
     clickhouse_up.set(true);
@@ -494,10 +515,13 @@ async fn wait_for_schema(
     endpoints: &[pipeline::Endpoint],
     config: &Config,
     shutdown: &CancellationToken,
-) -> Option<schema::ServerFeatures> {
+) -> Result<Option<schema::ServerFeatures>, Error> {
     let mut backoff = Duration::from_millis(100);
     let max = Duration::from_millis(config.retry_max_ms);
     let engine = config.engine();
+    let limit = (config.clickhouse_wait_secs > 0)
+        .then(|| tokio::time::Instant::now() + Duration::from_secs(config.clickhouse_wait_secs));
+    let mut last = String::new();
     loop {
         let mut features = None;
         for endpoint in endpoints {
@@ -512,19 +536,29 @@ async fn wait_for_schema(
                 Ok(found) => {
                     features.get_or_insert(found);
                 }
-                Err(e) => tracing::warn!(
-                    clickhouse = %endpoint.url,
-                    error = %e,
-                    retry_in = ?backoff,
-                    "Waiting for ClickHouse to create the audit schema."
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        clickhouse = %endpoint.url,
+                        error = %e,
+                        retry_in = ?backoff,
+                        "Waiting for ClickHouse to create the audit schema."
+                    );
+                    last = format!("{}: {e}", endpoint.url);
+                }
             }
         }
         if features.is_some() {
-            return features;
+            return Ok(features);
+        }
+        if limit.is_some_and(|limit| tokio::time::Instant::now() + backoff > limit) {
+            return Err(Error::ClickHouseNeverCame {
+                urls: config.clickhouse_urls().join(","),
+                secs: config.clickhouse_wait_secs,
+                last,
+            });
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return None,
+            _ = shutdown.cancelled() => return Ok(None),
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(max);

@@ -12,6 +12,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let command = <audit_sink::Config as clap::CommandFactory>::command();
+    if let Err(error) = telemetry::check_env(&command, &["AGENTMESH_AUDIT_"]) {
+        eprintln!("audit-sink: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
     let config = audit_sink::Config::parse();
     let tracing = match telemetry::init_tracing("audit-sink", &config.ops) {
         Ok(guard) => guard,

@@ -7,6 +7,8 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let command = <gpu_scaler::Config as clap::CommandFactory>::command();
+    telemetry::check_env(&command, &["GPU_SCALER_"]).context("gpu-scaler")?;
     let config = gpu_scaler::Config::parse();
     let tracing = telemetry::init_tracing("gpu-scaler", &config.ops)?;
     let shutdown = CancellationToken::new();

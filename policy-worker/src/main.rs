@@ -12,6 +12,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let command = <policy_worker::Config as clap::CommandFactory>::command();
+    if let Err(error) = telemetry::check_env(&command, &["AGENTMESH_WORKER_"]) {
+        eprintln!("policy-worker: {error}");
+        return std::process::ExitCode::FAILURE;
+    }
     let config = policy_worker::Config::parse();
     let tracing = match telemetry::init_tracing("policy-worker", &config.ops) {
         Ok(guard) => guard,

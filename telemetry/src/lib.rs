@@ -21,6 +21,7 @@
 //! none of it belongs to the event contract in `schemas`.
 
 mod config;
+mod env;
 mod health;
 mod instruments;
 mod logging;
@@ -33,6 +34,7 @@ pub mod spans;
 pub mod testing;
 
 pub use config::{LogFormat, OpsConfig};
+pub use env::{UnknownEnv, check_env, check_names};
 pub use health::{Health, ReadyFlag};
 pub use instruments::{
     CacheMetrics, ConsumerLag, NatsDurability, Published, ScalerMetrics, SinkMetrics, TableMetrics,

@@ -291,6 +291,37 @@ async fn a_dropped_table_is_created_again_and_the_held_batch_inserted() -> anyho
     sink.stop().await
 }
 
+/// With `--clickhouse-wait-secs`, a sink whose ClickHouse never answers
+/// stops after that long with an error that names the URL and the setting
+/// (compose.yaml's sink exits instead of waiting half-configured).
+#[tokio::test]
+async fn a_sink_whose_clickhouse_never_answers_gives_up_after_the_wait() -> anyhow::Result<()> {
+    let nats = testkit::NatsServer::start().await?;
+    // Nothing listens on port 1.
+    let mut config = audit_sink::Config::new(nats.url(), "http://127.0.0.1:1");
+    config.clickhouse_wait_secs = 1;
+    config.retry_max_ms = 200;
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(
+        WAIT,
+        audit_sink::run(config, tokio_util::sync::CancellationToken::new()),
+    )
+    .await?;
+    let error = result
+        .expect_err("the sink ran without ClickHouse")
+        .to_string();
+    assert!(
+        error.contains("no ClickHouse at http://127.0.0.1:1 answered within 1 s")
+            && error.contains("AGENTMESH_AUDIT_CLICKHOUSE_WAIT_SECS"),
+        "{error}"
+    );
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(700),
+        "{error}"
+    );
+    Ok(())
+}
+
 /// Waits until the sink's `events` consumer has nothing pending or unacked.
 async fn events_fully_acked(stream: &jetstream::stream::Stream) -> anyhow::Result<()> {
     eventually(WAIT, "the sink's consumer fully acked", || async {

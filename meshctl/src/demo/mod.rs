@@ -273,12 +273,9 @@ pub(crate) async fn run(
         );
     }
     let js = async_nats::jetstream::new(endpoints.connect_nats().await?);
-    // The streams as they are: an operator's max age stays.
-    broker_config::apply(
-        &js,
-        &broker_config::Options::default().with_max_age_days(None),
-    )
-    .await?;
+    // The streams as they are: their replica count (a cluster's 3) and an
+    // operator's max age stay.
+    broker_config::apply(&js, &broker_options(&js).await?.with_max_age_days(None)).await?;
     // Each demo agent connects with its own key on a stack with authorization.
     let seed_of = |id: &str| -> anyhow::Result<Option<String>> {
         let Some(state) = seeds else {
@@ -293,6 +290,33 @@ pub(crate) async fn run(
         Ok(Some(seed))
     };
     run_and_show(endpoints, &seed_of, timeout).await
+}
+
+/// The options the demo applies the streams with: the replica count the
+/// services gave them (3 on a cluster, `AGENTMESH_STREAM_REPLICAS`), so that
+/// the demo never moves a cluster's streams to one replica; one replica
+/// where they do not exist yet.
+async fn broker_options(
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<broker_config::Options> {
+    use async_nats::jetstream::{ErrorCode, context::GetStreamErrorKind};
+    let replicas = match js.get_stream(schemas::subjects::STREAM_INGRESS).await {
+        Ok(mut stream) => stream
+            .info()
+            .await
+            .context("reading the MESH_INGRESS stream's settings")?
+            .config
+            .num_replicas
+            .max(1),
+        Err(e) => match e.kind() {
+            GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => 1,
+            _ => return Err(anyhow::Error::new(e).context("looking up the MESH_INGRESS stream")),
+        },
+    };
+    Ok(broker_config::Options {
+        replicas,
+        ..broker_config::Options::default()
+    })
 }
 
 /// Runs the workflow, waits for its rows in ClickHouse and prints the
@@ -366,6 +390,28 @@ pub(crate) async fn wait_for_tree(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On a 3-node cluster whose services made the streams with 3 replicas,
+    /// the demo applies them with 3 too (the defaults would move them to 1).
+    #[tokio::test]
+    async fn the_demo_keeps_the_replicas_of_a_clusters_streams() -> anyhow::Result<()> {
+        let cluster = testkit::NatsCluster::start().await?;
+        let js = async_nats::jetstream::new(cluster.connect().await?);
+        assert_eq!(broker_options(&js).await?.replicas, 1, "no streams yet");
+        let three = broker_config::Options {
+            replicas: 3,
+            ..broker_config::Options::default()
+        };
+        broker_config::apply(&js, &three).await?;
+        let options = broker_options(&js).await?;
+        assert_eq!(options.replicas, 3);
+        broker_config::apply(&js, &options).await?;
+        for stream in broker_config::streams(&options) {
+            let mut stream = js.get_stream(&stream.name).await?;
+            assert_eq!(stream.info().await?.config.num_replicas, 3);
+        }
+        Ok(())
+    }
 
     #[test]
     fn the_agents_are_in_the_shipped_entities() {

@@ -3,6 +3,7 @@
 //! so the workspace links this crate's tests once.
 
 mod audit;
+mod docs;
 mod guardrails;
 mod meshctl;
 mod power_loss;

@@ -1,9 +1,12 @@
 //! The e2e integration tests, one test binary: each former test
 //! file is a module here (`cargo test -p e2e --test it <module>::`),
-//! so the workspace links this crate's tests once.
+//! so the workspace links this crate's tests once. `traces_across_agents`
+//! is a binary of its own: it installs the process-wide tracing
+//! subscriber.
 
 mod break_in;
 mod cluster_faults;
+mod compose_files;
 mod dependencies;
 mod guardrails_with_credentials;
 mod python_sdk;
@@ -18,4 +21,3 @@ mod sdk_support;
 mod sdk_with_credentials;
 mod signed_deliveries;
 mod tool_cache_with_credentials;
-mod traces_across_agents;

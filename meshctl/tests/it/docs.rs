@@ -39,7 +39,7 @@ use std::time::Duration;
 use clap::CommandFactory;
 
 /// The command that rewrites every generated block from the code.
-const REGENERATE: &str = "AGENTMESH_REGENERATE_DOCS=1 cargo test -p meshctl --test docs";
+const REGENERATE: &str = "AGENTMESH_REGENERATE_DOCS=1 cargo test -p meshctl --test it docs::";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

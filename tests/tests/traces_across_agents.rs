@@ -10,9 +10,11 @@
 
 // Test helpers outside `#[test]` fns panic to fail the test, too.
 
-use crate::sdk_support as support;
+#[path = "it/sdk_support/mod.rs"]
+mod support;
 
-use crate::python_support;
+#[path = "it/python_support/mod.rs"]
+mod python_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
