@@ -3,7 +3,8 @@
 //! process by `current_clickhouse.py` with testkit's Python. The DDL is the
 //! one [`schema::ddl`] generates for that version, the rows come from
 //! [`rows::event_row`] and [`rows::decision_row`], and the queries are
-//! rendered by [`queries::render`], as `meshctl` and the docs bind them.
+//! rendered by [`queries::render`], as `meshctl` and the docs bind them, and
+//! once more with ClickHouse binding the `{name:Type}` parameters itself.
 //! (ClickHouse 18.16, Debian's, runs the same queries in
 //! `audit-sink/tests/it/queries.rs`.)
 
@@ -257,8 +258,20 @@ fn ddl_rows_and_every_shipped_query_run_on_current_clickhouse() -> anyhow::Resul
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let mut rendered = serde_json::Map::new();
+    let mut native = serde_json::Map::new();
+    // The same range as UTC wall-clock times, the form ClickHouse binds.
+    let wall = |offset: i64| {
+        chrono::DateTime::from_timestamp(*T0 + offset, 0)
+            .unwrap_or_default()
+            .format("%Y-%m-%d %H:%M:%S")
+            .to_string()
+    };
+    let mut bound = params.clone();
+    bound.insert("from".into(), wall(0));
+    bound.insert("to".into(), wall(600));
     for q in queries::ALL {
         rendered.insert(q.name.to_owned(), json!(queries::render(q.sql, &params)?));
+        native.insert(q.name.to_owned(), json!({"sql": q.sql, "params": bound}));
     }
 
     // The features the code picks for this version (LowCardinality, TTL).
@@ -273,6 +286,7 @@ fn ddl_rows_and_every_shipped_query_run_on_current_clickhouse() -> anyhow::Resul
             schema::DECISIONS: lines(&decisions)?,
         },
         "queries": rendered,
+        "native": native,
     });
     let out = run_on_chdb(&job)?;
     // The pinned chdb-core, which the docs name.
@@ -301,6 +315,13 @@ fn ddl_rows_and_every_shipped_query_run_on_current_clickhouse() -> anyhow::Resul
         "chdb-core {pin} runs ClickHouse {version}"
     );
     let r = &out["results"];
+    for q in queries::ALL {
+        assert_eq!(
+            out["native"][q.name], r[q.name],
+            "{}: parameters bound by ClickHouse and rendered by queries::render give the same rows",
+            q.name
+        );
+    }
 
     let tree = &r[queries::DECISION_TREE.name];
     assert_eq!(col(tree, "event_id"), ["p1", "c1", "c2", "c3"], "{tree}");
