@@ -1,7 +1,8 @@
 //! The audit DDL and every shipped query on current ClickHouse: the engine
 //! of PyPI's `chdb-core` (pinned in `scripts/install-deps.sh`), run in
 //! process by `current_clickhouse.py` with testkit's Python. The DDL is the
-//! one [`schema::ddl`] generates for that version, the rows come from
+//! one [`schema::ddl`] generates for that version plus the migration
+//! statements of `schema::ensure` (added columns, retention), the rows come from
 //! [`rows::event_row`] and [`rows::decision_row`], and the queries are
 //! rendered by [`queries::render`], as `meshctl` and the docs bind them, and
 //! once more with ClickHouse binding the `{name:Type}` parameters itself.
@@ -278,9 +279,20 @@ fn ddl_rows_and_every_shipped_query_run_on_current_clickhouse() -> anyhow::Resul
     let features = schema::ServerFeatures::from_version("26.9.2.1");
     assert!(features.low_cardinality && features.ttl);
     let db = schema::DEFAULT_DATABASE;
+    let mut ddl = schema::ddl(db, &features, 30);
+    // The migrations `schema::ensure` runs on tables of older releases: each
+    // added column, dropped here to stand for a table that predates it, is
+    // added back by the code's statement; then the retention is set again.
+    for table in [schema::EVENTS, schema::DECISIONS] {
+        for (name, ty) in schema::added_columns(table, &features) {
+            ddl.push(format!("ALTER TABLE `{db}`.`{table}` DROP COLUMN {name}"));
+            ddl.push(schema::add_column(db, table, name, &ty));
+        }
+    }
+    ddl.extend(schema::TABLES.iter().map(|t| schema::modify_ttl(db, t, 30)));
     let job = json!({
         "database": db,
-        "ddl": schema::ddl(db, &features, 30),
+        "ddl": ddl,
         "rows": {
             schema::EVENTS: lines(&events)?,
             schema::DECISIONS: lines(&decisions)?,
