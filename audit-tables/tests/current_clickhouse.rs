@@ -270,6 +270,33 @@ fn ddl_rows_and_every_shipped_query_run_on_current_clickhouse() -> anyhow::Resul
     let mut bound = params.clone();
     bound.insert("from".into(), wall(0));
     bound.insert("to".into(), wall(600));
+    // `meshctl policy replay`'s reads, with `?fields` filled in as the
+    // `clickhouse` crate fills it: the row type's columns.
+    let fields = |names: &[&str]| {
+        names
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (from_us, to_us) = (
+        (*T0 - 1).unsigned_abs() * 1_000_000,
+        (*T0 + 600).unsigned_abs() * 1_000_000,
+    );
+    rendered.insert(
+        "replay_events".into(),
+        json!(queries::replay_events(from_us, to_us).replace(
+            "?fields",
+            &fields(<rows::EventRow as clickhouse::Row>::COLUMN_NAMES)
+        )),
+    );
+    rendered.insert(
+        "replay_receipts".into(),
+        json!(queries::replay_receipts(from_us, to_us).replace(
+            "?fields",
+            &fields(<rows::DecisionRow as clickhouse::Row>::COLUMN_NAMES)
+        )),
+    );
     for q in queries::ALL {
         rendered.insert(q.name.to_owned(), json!(queries::render(q.sql, &params)?));
         native.insert(q.name.to_owned(), json!({"sql": q.sql, "params": bound}));
@@ -352,6 +379,32 @@ fn ddl_rows_and_every_shipped_query_run_on_current_clickhouse() -> anyhow::Resul
     expected.sort_unstable();
     assert_eq!(names, expected);
     assert_eq!(tree[2]["reasons"], json!(["forbid-shell-exec"]));
+
+    // Replay reads the valid events, oldest first, and their receipts.
+    let replayed = &r["replay_events"];
+    assert_eq!(
+        col(replayed, "event_id"),
+        ["p1", "c1", "c2", "c3"],
+        "{replayed}"
+    );
+    // What rows::rebuild_event needs comes back as stored.
+    let stored = |f: fn(&rows::EventRow) -> &str| -> Vec<String> {
+        events[..4].iter().map(|e| f(e).to_owned()).collect()
+    };
+    assert_eq!(col(replayed, "data"), stored(|e| &e.data));
+    assert_eq!(col(replayed, "traceparent"), stored(|e| &e.traceparent));
+    assert_eq!(
+        col(replayed, "ingress_subject"),
+        stored(|e| &e.ingress_subject)
+    );
+    let mut receipts = col(&r["replay_receipts"], "event_id");
+    receipts.sort();
+    assert_eq!(
+        receipts,
+        ["", "c1", "c2", "c3", "p1"],
+        "{}",
+        r["replay_receipts"]
+    );
 
     let denials = &r[queries::DENIALS.name];
     assert_eq!(col(denials, "event_id"), ["c2"], "{denials}");
