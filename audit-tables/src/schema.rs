@@ -407,13 +407,23 @@ async fn retention_updates(
                 name == *t && has_retention(engine, ttl_column(t), retention_days)
             })
         })
-        .map(|t| {
-            format!(
-                "ALTER TABLE `{database}`.`{t}` MODIFY TTL {} + INTERVAL {retention_days} DAY",
-                ttl_column(t)
-            )
-        })
+        .map(|t| modify_ttl(database, t, retention_days))
         .collect())
+}
+
+/// The statement [`ensure`] runs to give an existing audit table the
+/// retention `ddl` would create it with (20.1+).
+pub fn modify_ttl(database: &str, table: &str, retention_days: u32) -> String {
+    format!(
+        "ALTER TABLE `{database}`.`{table}` MODIFY TTL {} + INTERVAL {retention_days} DAY",
+        ttl_column(table)
+    )
+}
+
+/// The statement [`ensure`] runs to add one of [`added_columns`] to a table
+/// created by an older release.
+pub fn add_column(database: &str, table: &str, name: &str, ty: &str) -> String {
+    format!("ALTER TABLE `{database}`.`{table}` ADD COLUMN {name} {ty}")
 }
 
 /// Whether a table's `engine_full` shows the TTL that [`ddl`] gives it
@@ -695,9 +705,7 @@ async fn add_missing_columns(
         for (name, ty) in added_columns(table, features) {
             if !existing.iter().any(|c| c == name) {
                 client
-                    .query_raw(&format!(
-                        "ALTER TABLE `{database}`.`{table}` ADD COLUMN {name} {ty}"
-                    ))
+                    .query_raw(&add_column(database, table, name, &ty))
                     .execute()
                     .await?;
                 tracing::info!(table, column = name, "Audit column added.");

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, consumer::DeliverPolicy};
+use audit_tables::queries;
 use audit_tables::rows::{self, DecisionRow, EventRow};
-use audit_tables::schema::{DECISIONS, EVENTS};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
@@ -508,17 +508,11 @@ async fn replay_clickhouse(
     until: DateTime<Utc>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    // Microseconds: a range ending now must include events of this second.
-    let (from, to) = (micros(since), micros(until));
     // The events table's own row type (audit-tables), and the receipts of
-    // those events; they match on agent + event id: two agents may use the
-    // same id.
-    let window = format!("received_us >= {from} AND received_us < {to}");
-    let receipts = receipts_of_events(endpoints, &window).await?;
-    let sql = format!(
-        "SELECT ?fields FROM {EVENTS} FINAL WHERE valid = 1 AND {window} \
-         ORDER BY received_us, event_id, agent"
-    );
+    // those events (audit_tables::queries::replay_*).
+    let (from, to) = (micros(since), micros(until));
+    let receipts = receipts_of_events(endpoints, from, to).await?;
+    let sql = queries::replay_events(from, to);
     let mut cursor = endpoints
         .audit_db()
         .query(&sql)
@@ -558,17 +552,15 @@ async fn replay_clickhouse(
     Ok(())
 }
 
-/// The receipts recorded for the events in `window` (a condition on
-/// `events`), by agent and event id; rows whose receipt does not parse are
-/// left out.
+/// The receipts recorded for the events received in `[from, to)`
+/// (microseconds), by agent and event id; rows whose receipt does not parse
+/// are left out.
 async fn receipts_of_events(
     endpoints: &Endpoints,
-    window: &str,
+    from: u64,
+    to: u64,
 ) -> anyhow::Result<HashMap<(String, String), DecisionReceipt>> {
-    let sql = format!(
-        "SELECT ?fields FROM {DECISIONS} FINAL WHERE valid = 1 \
-         AND (agent, event_id) IN (SELECT agent, event_id FROM {EVENTS} WHERE {window})"
-    );
+    let sql = queries::replay_receipts(from, to);
     let rows = endpoints
         .audit_db()
         .query(&sql)
