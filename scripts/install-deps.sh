@@ -89,7 +89,7 @@ if ! "$venv/bin/python" -c "$probe" 2>/dev/null; then
 fi
 
 # Current ClickHouse for the tests, pinned: PyPI's `chdb-core` runs the
-# ClickHouse engine in process (audit-tables/tests/current_clickhouse.rs
+# ClickHouse engine in process (audit-sink/tests/it/current_clickhouse.rs
 # runs the audit DDL and every shipped query on it; Debian's 18.16 server
 # runs them in audit-sink's tests).
 CHDB_PIN="chdb-core==26.9.0"

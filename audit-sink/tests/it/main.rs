@@ -3,6 +3,7 @@
 //! so the workspace links this crate's tests once.
 
 mod common;
+mod current_clickhouse;
 mod deployment_docs;
 mod guardrails;
 mod integrity;

@@ -11,7 +11,7 @@ and prints one JSON object:
 (`native`: the same queries with ClickHouse binding the parameters itself,
 as `clickhouse-client --param_<name>=...` does; the session is in UTC.)
 On any failure it prints which statement failed and exits 1. Used by
-audit-tables/tests/current_clickhouse.rs (the package: PyPI `chdb-core`).
+audit-sink/tests/it/current_clickhouse.rs (the package: PyPI `chdb-core`).
 """
 
 import json
