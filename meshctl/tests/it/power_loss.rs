@@ -282,7 +282,20 @@ impl Stack {
         }
         self.ch.start_again().await?;
         self.js = jetstream::new(self.broker.connect().await?);
-        broker_config::apply(&self.js, &self.broker.options()).await?;
+        // The buckets' streams (`KV_mesh-*`) elect their leaders after the
+        // restart too; until they have, an apply times out (seen in CI:
+        // `mesh-gpu-leases`). Poll it with the one deadline.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            match broker_config::apply(&self.js, &self.broker.options()).await {
+                Ok(_) => break,
+                Err(e) if std::time::Instant::now() < deadline => {
+                    eprintln!("applying the streams after the restart: {e}; again");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         self.start_services().await
     }
 
