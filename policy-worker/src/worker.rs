@@ -26,6 +26,7 @@ use crate::approval::forwardable_owned;
 use crate::cache::{Lookup, ToolCache};
 use crate::guard;
 use crate::signing::Sealer;
+use crate::watermarks::Watermarks;
 use crate::{Config, Error};
 use policy_engine::PolicyBundle;
 
@@ -79,6 +80,8 @@ pub(crate) struct Worker {
     calls: bool,
     /// Signs each decision once (receipt and copy share the signature).
     sealer: Sealer,
+    /// The last message stored per stream, checked for losses.
+    pub(crate) watermarks: Arc<Watermarks>,
 }
 
 impl Worker {
@@ -108,6 +111,7 @@ impl Worker {
             metrics,
             calls,
             sealer,
+            watermarks: Arc::default(),
         })
     }
 
@@ -473,12 +477,12 @@ impl Worker {
             ),
             None => None,
         };
-        receipt_ack.await?;
+        self.watermarks.stored(&receipt_ack.await?, dedup_id);
         if let Some(ack) = call_ack {
-            ack.await?;
+            self.watermarks.stored(&ack.await?, dedup_id);
         }
         if let Some(ack) = copy_ack {
-            ack.await?;
+            self.watermarks.stored(&ack.await?, dedup_id);
         }
         Ok(())
     }
