@@ -187,7 +187,7 @@ impl Approvals {
         self.sealer.seal_digest(&mut receipt).await?;
         let request = request.as_ref().map(|r| (&r.headers, r.payload.clone()));
         let plan = plan::released(state, &receipt, request)?;
-        publish::send(&self.js, plan.messages).await?;
+        publish::send(&self.js, plan.messages, None).await?;
         self.metrics.published(plan.published);
         Ok(())
     }

@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::cache::{Lookup, ToolCache};
 use crate::plan::{self, Ingress, Plan, Route, Settle};
 use crate::signing::Sealer;
+use crate::watermarks::Watermarks;
 use crate::{Config, Error};
 use crate::{guard, publish};
 use policy_engine::PolicyBundle;
@@ -77,6 +78,8 @@ pub(crate) struct Worker {
     calls: bool,
     /// Signs each decision once (receipt and copy share the signature).
     sealer: Sealer,
+    /// The last message stored per stream, checked for losses.
+    pub(crate) watermarks: Arc<Watermarks>,
 }
 
 impl Worker {
@@ -106,6 +109,7 @@ impl Worker {
             metrics,
             calls,
             sealer,
+            watermarks: Arc::default(),
         })
     }
 
@@ -373,17 +377,18 @@ impl Worker {
         })
     }
 
-    /// Stores the plan's messages, then the pending approval of a parked event.
+    /// Stores the plan's messages (marking where the routed copies went,
+    /// `watermarks`), then the pending approval of a parked event.
     async fn store(
         &self,
         messages: Vec<plan::Message>,
         pending: Option<Box<ApprovalState>>,
     ) -> Result<(), async_nats::Error> {
-        publish::send(&self.js, messages).await?;
-        if let Some(state) = pending {
-            self.guard.approvals.record(&state).await?;
-        }
-        Ok(())
+        let Some(state) = pending else {
+            return publish::send(&self.js, messages, Some(&self.watermarks)).await;
+        };
+        publish::send(&self.js, messages, None).await?;
+        self.guard.approvals.record(&state).await
     }
 
     /// Acks the ingress message once its plan is stored; naks it (it comes
