@@ -19,7 +19,11 @@ mod cache;
 mod durability;
 mod guard;
 mod limits;
+mod plan;
+mod publish;
 mod reload;
+#[cfg(test)]
+mod shape;
 mod signing;
 mod watermarks;
 mod worker;
