@@ -26,6 +26,10 @@ pub struct FlowRecord {
     /// Allowed events of the workflow so far.
     #[serde(default)]
     pub steps: u64,
+    /// Whether the record was lost (purged or deleted) and written again:
+    /// the workflow then holds every declared label for good (fail closed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lost: bool,
 }
 
 /// The key of a workflow's record: its trace id (32 lowercase hex
