@@ -19,8 +19,13 @@ mod cache;
 mod durability;
 mod guard;
 mod limits;
+mod plan;
+mod publish;
 mod reload;
+#[cfg(test)]
+mod shape;
 mod signing;
+mod watermarks;
 mod worker;
 
 use std::path::PathBuf;
@@ -362,6 +367,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "Stream missing; tool calls are routed as deliveries only."
         );
     }
+    let js_watch = js.clone();
     let worker = worker::Worker::new(
         js,
         policies_rx,
@@ -371,6 +377,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         metrics,
         calls,
         sealer,
+    );
+    // A stream that loses messages the worker stored (a node back with a
+    // damaged store) is reported, not passed over in silence.
+    let _watermarks = watermarks::spawn(
+        worker.watermarks.clone(),
+        js_watch,
+        telemetry::StreamLosses::new(ops.metrics()),
+        shutdown.clone(),
     );
     // The consume loop runs on the runtime's worker threads like the
     // events it spawns: in `main`'s `block_on` it was a third busy thread
