@@ -61,6 +61,11 @@ pub(crate) struct DrainArgs {
     /// Generated policies added to that set (`policy_worker::generated_policies`).
     #[arg(long, default_value_t = 0)]
     generated: usize,
+    /// Workflows (trace ids) the events are spread over, round robin; 1:
+    /// every event in one workflow. Matters to workflow labels
+    /// (`flows.toml`), which are kept per workflow.
+    #[arg(long, default_value_t = 1)]
+    workflows: u64,
     /// Pin the target process (forwarder or worker) to these CPUs with
     /// `taskset -c`, e.g. `0` or `0,1`; nats-server and the sink are not pinned.
     #[arg(long)]
@@ -133,9 +138,13 @@ impl Drain {
 }
 
 /// One preloaded event: nine `ce-*` headers and `Nats-Msg-Id`.
-fn event(run: &str, i: u64, size: usize) -> (HeaderMap, bytes::Bytes) {
+fn event(run: &str, i: u64, size: usize, workflows: u64) -> (HeaderMap, bytes::Bytes) {
     let id = format!("{run}-{i}");
     let mut headers = crate::load::handoff_headers();
+    if workflows > 1 {
+        let trace = format!("00-{:032x}-00f067aa0ba902b7-01", i % workflows + 1);
+        headers.insert("ce-traceparent", trace.as_str());
+    }
     headers.insert("ce-id", id.as_str());
     headers.insert("Nats-Msg-Id", format!("planner/{id}").as_str());
     let head = "{\"task\":\"";
@@ -148,6 +157,7 @@ pub(crate) async fn preload(
     run: &str,
     n: u64,
     size: usize,
+    workflows: u64,
 ) -> anyhow::Result<()> {
     let mut pending = FuturesUnordered::new();
     for i in 0..n {
@@ -156,7 +166,7 @@ pub(crate) async fn preload(
         {
             ack?;
         }
-        let (headers, payload) = event(run, i, size);
+        let (headers, payload) = event(run, i, size, workflows);
         let ack = js
             .send_publish(
                 subjects::ingress("planner", "handoff"),
@@ -340,7 +350,7 @@ impl Bench {
             bail!("consumers left over from an earlier target: {left:?}");
         }
         let tag = format!("r{run}{}", uuid::Uuid::now_v7().simple());
-        preload(js, &tag, n, self.args.size).await?;
+        preload(js, &tag, n, self.args.size, self.args.workflows).await?;
         let stored = messages(js, subjects::STREAM_INGRESS).await?;
         if stored != n {
             bail!("preloaded {stored} events instead of {n}");

@@ -84,7 +84,7 @@ pub(crate) async fn run(args: ScaleArgs) -> anyhow::Result<()> {
         for count in order {
             reset(&js).await?;
             let tag = format!("s{run}{}", uuid::Uuid::now_v7().simple());
-            preload(&js, &tag, n, args.size).await?;
+            preload(&js, &tag, n, args.size, 1).await?;
             let stored = messages(&js, subjects::STREAM_INGRESS).await?;
             if stored != n {
                 bail!("preloaded {stored} events instead of {n}");

@@ -9,28 +9,44 @@
 //! the event's delivery is published. A record that was purged or deleted
 //! (its last entry is a delete marker) is lost: the decision sees every
 //! declared label and the record is written back with all of them (fail
-//! closed); a read that fails is treated the same way.
+//! closed); a read that fails is treated the same way. A replica decides
+//! the events of one workflow in turn (read to write), so its own
+//! concurrent events never conflict; other replicas' are merged.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
 
 use async_nats::jetstream::kv;
 use policy_engine::{FlowRules, FlowState};
 use schemas::flows::{FlowRecord, LabelOrigin, key};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 /// How often a conflicting write is retried before the event is nakked.
 const ATTEMPTS: usize = 8;
 
+/// Turns: a replica decides the events of one workflow one at a time
+/// (read, decide, write), so its own events never conflict and each sees
+/// the labels of the one before; workflows share a turn only when their
+/// trace ids hash alike.
+const TURNS: usize = 1024;
+
 /// The `mesh-flows` bucket.
 pub(crate) struct Flows {
     store: kv::Store,
+    turns: Vec<Arc<Mutex<()>>>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
-/// A workflow's record as read for one decision.
-#[derive(Debug, Clone)]
+/// A workflow's record as read for one decision, holding the workflow's
+/// turn until it is dropped (after the write, or with a denial).
+#[derive(Debug)]
 pub(crate) struct Seen {
     /// What Cedar sees.
     pub(crate) state: FlowState,
     record: FlowRecord,
     /// The revision to write against (0: never written).
     revision: u64,
+    turn: Option<OwnedMutexGuard<()>>,
 }
 
 /// Why a workflow's labels could not be stored: the event is not
@@ -41,11 +57,26 @@ pub(crate) struct FlowError(String);
 
 impl Flows {
     pub(crate) fn new(store: kv::Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            turns: (0..TURNS).map(|_| Arc::new(Mutex::new(()))).collect(),
+            hasher: Default::default(),
+        }
     }
 
-    /// The record of workflow `trace` as `rules` see it.
+    /// The record of workflow `trace` as `rules` see it, once it is this
+    /// event's turn in the workflow.
     pub(crate) async fn read(&self, rules: &FlowRules, trace: &str) -> Seen {
+        let mut hasher = self.hasher.build_hasher();
+        trace.hash(&mut hasher);
+        let turn = self.turns[hasher.finish() as usize % TURNS].clone();
+        let turn = turn.lock_owned().await;
+        let mut seen = self.fetch(rules, trace).await;
+        seen.turn = Some(turn);
+        seen
+    }
+
+    async fn fetch(&self, rules: &FlowRules, trace: &str) -> Seen {
         match self.store.entry(key(trace)).await {
             Ok(None) => Seen::of(FlowRecord::default(), 0, rules),
             Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
@@ -82,7 +113,7 @@ impl Flows {
         for _ in 0..ATTEMPTS {
             if seen.revision == u64::MAX {
                 // The read failed: do not guess a revision, read again.
-                seen = self.read(rules, trace).await;
+                seen = self.refetch(rules, trace, seen).await;
                 if seen.revision == u64::MAX {
                     return Err(FlowError("the bucket cannot be read".into()));
                 }
@@ -114,7 +145,8 @@ impl Flows {
             };
             match written {
                 Ok(_) => return Ok(added),
-                Err((true, _)) => seen = self.read(rules, trace).await,
+                // Another replica wrote: merge into what it wrote.
+                Err((true, _)) => seen = self.refetch(rules, trace, seen).await,
                 Err((false, op)) => {
                     return Err(FlowError(format!("{op} of `{trace}` failed")));
                 }
@@ -123,6 +155,16 @@ impl Flows {
         Err(FlowError(format!(
             "{ATTEMPTS} conflicting writes on `{trace}`"
         )))
+    }
+}
+
+impl Flows {
+    /// Reads the record again, keeping the turn.
+    async fn refetch(&self, rules: &FlowRules, trace: &str, mut old: Seen) -> Seen {
+        let turn = old.turn.take();
+        let mut seen = self.fetch(rules, trace).await;
+        seen.turn = turn;
+        seen
     }
 }
 
@@ -143,6 +185,7 @@ impl Seen {
             state,
             record,
             revision,
+            turn: None,
         }
     }
 
@@ -162,6 +205,7 @@ impl Seen {
             state,
             record,
             revision,
+            turn: None,
         }
     }
 }

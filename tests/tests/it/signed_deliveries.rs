@@ -502,3 +502,65 @@ async fn a_burst_is_signed_in_batches_and_every_delivery_still_verifies() {
     assert_eq!((m.refused, m.handled), (2, 0), "{m:?}");
     reader.abort();
 }
+
+#[tokio::test]
+async fn a_redacted_delivery_verifies_in_the_rust_sdk_and_in_python() {
+    // The shipped policies plus the redaction example: messages to
+    // reviewers are delivered with personal data replaced.
+    let policies = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(sdk_support::shipped_policies()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, policies.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies/redact.cedar");
+    std::fs::copy(example, policies.path().join("redact.cedar")).unwrap();
+    let mut mesh = Mesh::start().await;
+    mesh.start_worker_on(None, policies.path().to_owned()).await;
+
+    let coder = mesh.agent(Agent::builder("coder")).await;
+    let sent = coder
+        .workflow()
+        .message(
+            "reviewer",
+            serde_json::json!({"note": "ask bob@example.com for the keys"}),
+        )
+        .await
+        .unwrap();
+    let copy = stored(
+        &mesh,
+        subjects::STREAM_DELIVER,
+        &subjects::deliver("reviewer", "coder"),
+        &sent.id,
+    )
+    .await;
+    assert_eq!(
+        copy.headers.get(headers::REDACTED).map(|v| v.as_str()),
+        Some("pii.email")
+    );
+    let receipt = mesh.receipt(&sent.id).await.unwrap();
+    assert_eq!(receipt.redacted, vec!["pii.email"]);
+
+    // A Python client verifies the redacted copy against mesh-signers.
+    let (ok, out) = python_verify(&mesh, copy.sequence);
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("verified {}", sent.id)), "{out}");
+
+    // The reviewer's agents-sdk verifies it and hands it over, redacted.
+    let reviewer = mesh.agent(Agent::builder("reviewer")).await;
+    let mut deliveries = reviewer.deliveries().await.unwrap();
+    let got = tokio::time::timeout(WAIT, deliveries.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    got.ack().await.unwrap();
+    assert_eq!(got.id(), sent.id);
+    let data: serde_json::Value = got.json().unwrap();
+    assert_eq!(
+        data["body"]["note"], "ask [REDACTED:pii.email] for the keys",
+        "{data}"
+    );
+    assert_eq!(reviewer.metrics().refused, 0);
+}
