@@ -9,7 +9,9 @@
 -- step of this trace has that id. cache is what the tool-result cache did
 -- for the step ('' when not asked; 'hit' means the worker answered the
 -- call from the cache), cache_source the call that first produced the
--- cached result (docs/cache.md).
+-- cached result (docs/cache.md). labels_added are the workflow labels the
+-- step added (where the workflow picked each up), redacted the detector
+-- kinds its redacted delivery replaced (docs/guardrails.md).
 -- Run in database agentmesh; see docs/audit.md for the parameter syntax.
 SELECT
     event_id,
@@ -28,12 +30,14 @@ SELECT
     error,
     parent_agent,
     cache,
-    cache_source
+    cache_source,
+    labels_added,
+    redacted
 FROM
 (
     SELECT
         event_id, parent_id, agent, type, target, subject, time, time_us, valid, error,
-        decision, reasons, errors, policy_hash, cache, cache_source
+        decision, reasons, errors, policy_hash, cache, cache_source, labels_added, redacted
     FROM
     (
         SELECT event_id, parent_id, agent, type, target, subject, time, time_us, valid, error
@@ -42,7 +46,7 @@ FROM
     ) AS e
     ANY LEFT JOIN
     (
-        SELECT agent, event_id, decision, reasons, errors, policy_hash, cache, cache_source
+        SELECT agent, event_id, decision, reasons, errors, policy_hash, cache, cache_source, labels_added, redacted
         FROM decisions FINAL
         WHERE (agent, event_id) IN (SELECT agent, event_id FROM events WHERE trace_id = {trace_id:String})
     ) AS d USING (agent, event_id)

@@ -94,6 +94,10 @@ pub struct TreeNode {
     /// On `hit` and `stored`: the call that first produced the cached
     /// result, `<agent>/<event id>`.
     pub cache_source: String,
+    /// The workflow labels this step added (docs/guardrails.md).
+    pub labels_added: Vec<String>,
+    /// The detector kinds its redacted delivery replaced.
+    pub redacted: Vec<String>,
 }
 
 /// Every shipped query.

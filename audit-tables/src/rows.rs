@@ -424,6 +424,14 @@ pub struct DecisionRow {
     pub batch_proof: String,
     /// On a decision signed in a batch: the signature of the batch root.
     pub batch_signature: String,
+    /// The workflow labels the decision saw.
+    pub labels: Vec<String>,
+    /// The labels this event added to its workflow.
+    pub labels_added: Vec<String>,
+    /// 1 when the workflow's label record was lost (fail closed).
+    pub labels_lost: u8,
+    /// The detector kinds a redacted delivery replaced.
+    pub redacted: Vec<String>,
 }
 
 /// The row for one message of `MESH_DECISION`.
@@ -476,6 +484,10 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
         batch_root: String::new(),
         batch_proof: String::new(),
         batch_signature: String::new(),
+        labels: Vec::new(),
+        labels_added: Vec::new(),
+        labels_lost: 0,
+        redacted: Vec::new(),
     };
     match serde_json::from_slice::<DecisionReceipt>(payload) {
         Ok(r) => {
@@ -525,6 +537,10 @@ pub fn decision_row(subject: &str, payload: &[u8], meta: &Meta) -> DecisionRow {
             row.batch_root = r.batch_root;
             row.batch_proof = r.batch_proof;
             row.batch_signature = r.batch_signature;
+            row.labels = r.labels;
+            row.labels_added = r.labels_added;
+            row.labels_lost = u8::from(r.labels_lost);
+            row.redacted = r.redacted;
             row.valid = 1;
         }
         Err(e) => row.error = format!("receipt is not a decision receipt: {e}"),
@@ -1000,6 +1016,19 @@ mod tests {
             ),
             ("a1", "rejected", "bob", "not now")
         );
+        assert!(row.labels.is_empty() && row.redacted.is_empty());
+
+        // Workflow labels and redaction.
+        let mut flowed = receipt.clone();
+        flowed["labels"] = json!(["private", "untrusted"]);
+        flowed["labels_added"] = json!(["untrusted"]);
+        flowed["labels_lost"] = json!(true);
+        flowed["redacted"] = json!(["pii.email"]);
+        let row = decision_row("mesh.decision.coder", flowed.to_string().as_bytes(), &m);
+        assert_eq!(row.labels, vec!["private", "untrusted"]);
+        assert_eq!(row.labels_added, vec!["untrusted"]);
+        assert_eq!(row.labels_lost, 1);
+        assert_eq!(row.redacted, vec!["pii.email"]);
 
         let row = decision_row("mesh.decision.coder", b"{oops", &m);
         assert_eq!(

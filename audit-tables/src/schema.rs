@@ -202,6 +202,11 @@ pub fn added_columns(table: &str, features: &ServerFeatures) -> Vec<(&'static st
             columns.push(("batch_root", "String".to_owned()));
             columns.push(("batch_proof", "String".to_owned()));
             columns.push(("batch_signature", "String".to_owned()));
+            // Workflow labels and redaction (docs/guardrails.md).
+            columns.push(("labels", "Array(String)".to_owned()));
+            columns.push(("labels_added", "Array(String)".to_owned()));
+            columns.push(("labels_lost", "UInt8".to_owned()));
+            columns.push(("redacted", "Array(String)".to_owned()));
             columns
         }
         _ => Vec::new(),

@@ -198,6 +198,8 @@ pub(crate) fn with_cached_answers(nodes: &[Node]) -> Vec<Node> {
             parent_agent: call.agent.clone(),
             cache: String::new(),
             cache_source: call.cache_source.clone(),
+            labels_added: Vec::new(),
+            redacted: Vec::new(),
         });
     }
     all
@@ -221,7 +223,19 @@ fn verdict(node: &Node) -> String {
             node.cache_source
         );
     }
-    verdict_of(node) + &cache_note(node)
+    verdict_of(node) + &cache_note(node) + &flow_note(node)
+}
+
+/// Where the workflow picked labels up, and what a delivery had redacted.
+fn flow_note(node: &Node) -> String {
+    let mut note = String::new();
+    if !node.labels_added.is_empty() {
+        note += &format!("  · labels +{}", node.labels_added.join(" +"));
+    }
+    if !node.redacted.is_empty() {
+        note += &format!("  · redacted {}", node.redacted.join(", "));
+    }
+    note
 }
 
 fn verdict_of(node: &Node) -> String {
@@ -414,6 +428,8 @@ mod tests {
             parent_agent: String::new(),
             cache: String::new(),
             cache_source: String::new(),
+            labels_added: Vec::new(),
+            redacted: Vec::new(),
         }
     }
 
@@ -463,6 +479,64 @@ Decision tree of trace t: 5 steps, 1 denied, 1 without decision
      └─ coder     tool.call shell.exec    DENY   by forbid-shell-exec
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn where_a_workflow_picked_its_labels_up_and_what_was_redacted() {
+        let mut read = node(
+            "r",
+            "",
+            "coder",
+            "tool.call",
+            "",
+            "repo.read_secret",
+            "allow",
+            &["p"],
+        );
+        read.labels_added = vec!["private".into()];
+        let mut fetch = node(
+            "f",
+            "r",
+            "coder",
+            "tool.call",
+            "",
+            "web.fetch",
+            "allow",
+            &["p"],
+        );
+        fetch.labels_added = vec!["untrusted".into()];
+        let post = node(
+            "x",
+            "f",
+            "coder",
+            "tool.call",
+            "",
+            "http.post",
+            "deny",
+            &["no-exfil"],
+        );
+        let mut note = node(
+            "m",
+            "x",
+            "coder",
+            "message",
+            "reviewer",
+            "",
+            "allow",
+            &["q"],
+        );
+        note.redacted = vec!["pii.email".into()];
+        let text = render("t", &[read, fetch, post, note]);
+        assert!(
+            text.contains("repo.read_secret") && text.contains("labels +private"),
+            "{text}"
+        );
+        assert!(
+            text.contains("web.fetch") && text.contains("labels +untrusted"),
+            "{text}"
+        );
+        assert!(text.contains("DENY   by no-exfil"), "{text}");
+        assert!(text.contains("redacted pii.email"), "{text}");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! the events of one workflow in turn (read to write), so its own
 //! concurrent events never conflict; other replicas' are merged.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use async_nats::jetstream::kv;
@@ -67,9 +67,7 @@ impl Flows {
     /// The record of workflow `trace` as `rules` see it, once it is this
     /// event's turn in the workflow.
     pub(crate) async fn read(&self, rules: &FlowRules, trace: &str) -> Seen {
-        let mut hasher = self.hasher.build_hasher();
-        trace.hash(&mut hasher);
-        let turn = self.turns[hasher.finish() as usize % TURNS].clone();
+        let turn = self.turns[self.hasher.hash_one(trace) as usize % TURNS].clone();
         let turn = turn.lock_owned().await;
         let mut seen = self.fetch(rules, trace).await;
         seen.turn = Some(turn);

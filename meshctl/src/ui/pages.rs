@@ -210,10 +210,24 @@ fn decision_label(node: &Node) -> (&'static str, String) {
 /// The shadow set's decision beside the live one, and an approval's answer.
 fn annotations(node: &Node, trace: &Trace) -> String {
     let key = (node.agent.clone(), node.event_id.clone());
-    let Some(r) = trace.receipts.get(&key) else {
-        return String::new();
-    };
     let mut out = String::new();
+    if !node.labels_added.is_empty() {
+        let _ = write!(
+            out,
+            " <span class=\"labels\" title=\"the workflow picked these labels up here\">labels +{}</span>",
+            esc(&node.labels_added.join(" +"))
+        );
+    }
+    if !node.redacted.is_empty() {
+        let _ = write!(
+            out,
+            " <span class=\"redacted\" title=\"delivered with these spans redacted\">redacted {}</span>",
+            esc(&node.redacted.join(", "))
+        );
+    }
+    let Some(r) = trace.receipts.get(&key) else {
+        return out;
+    };
     if !r.shadow_decision.is_empty() {
         let differs = r.shadow_decision != node.decision;
         let mut reasons = r.shadow_reasons.clone();
@@ -450,6 +464,8 @@ mod tests {
             },
             cache: String::new(),
             cache_source: String::new(),
+            labels_added: Vec::new(),
+            redacted: Vec::new(),
         }
     }
 
