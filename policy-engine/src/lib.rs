@@ -18,6 +18,7 @@ mod fields;
 mod guard;
 mod limits;
 mod policy;
+mod properties;
 mod replay;
 
 pub use cache::{CACHE_FILE, CacheRules, Scope as CacheScope, ToolRule, canonical};
@@ -29,4 +30,5 @@ pub use policy::{
     ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, UNREGISTERED_AGENT, Verdict,
     generated_policies,
 };
+pub use properties::{Check, PROPERTIES_FILE, Properties, Property};
 pub use replay::{Outcome, Replayed, Replayer};
