@@ -1115,7 +1115,7 @@ impl PolicyBundle {
         let response = self
             .authorizer
             .is_authorized(&request, candidates, &self.entities);
-        let errors: Vec<String> = response
+        let mut errors: Vec<String> = response
             .diagnostics()
             .errors()
             .map(|e| e.to_string())
@@ -1123,9 +1123,15 @@ impl PolicyBundle {
         // Cedar skips a policy whose evaluation errors; a skipped `forbid`
         // could let a `permit` through, so any error denies (fail closed).
         let allowed = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+        // Cedar keeps the determining policies in a hash set: sorted, the
+        // same event gets the same receipt (and `Mesh-Policies` header)
+        // from every worker and every run.
+        let mut reasons: Vec<String> = response.diagnostics().reason().map(reason).collect();
+        reasons.sort_unstable();
+        errors.sort_unstable();
         Verdict {
             allowed,
-            reasons: response.diagnostics().reason().map(reason).collect(),
+            reasons,
             errors,
         }
     }
@@ -1198,6 +1204,26 @@ mod tests {
             .unwrap();
         let (h, p) = encode_binary(&event);
         MeshEvent::from_message("mesh.ingress.coder.step", Some(&h), &p, Limits::default()).unwrap()
+    }
+
+    /// Cedar yields the determining policies from a hash set, in an order
+    /// that changes from one evaluation to the next: the verdict sorts
+    /// them, so receipts and `Mesh-Policies` are the same every time.
+    #[test]
+    fn reasons_come_sorted_on_every_evaluation() {
+        let ids = ["zeta", "alpha", "mu", "delta", "omega", "beta", "kappa"];
+        let policies: String = ids
+            .iter()
+            .map(|id| format!("@id(\"{id}\") forbid (principal, action, resource);\n"))
+            .collect();
+        let (_dir, bundle) = bundle_with(SMALL_SCHEMA, &policies);
+        let mut sorted: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        sorted.sort();
+        for _ in 0..20 {
+            let verdict = bundle.decide(&event("io.agentmesh.output"), "step");
+            assert!(!verdict.allowed, "{verdict:?}");
+            assert_eq!(verdict.reasons, sorted);
+        }
     }
 
     #[test]
