@@ -86,6 +86,7 @@ fn the_shipped_properties_are_proved() {
         stderr(&out)
     );
     let report = json(&out);
+    crate::support::json_shapes::check("policy prove", &report);
     for id in [
         "never-errors",
         "nobody-runs-shell-exec",
@@ -137,6 +138,7 @@ fn a_property_the_set_breaks_is_refuted_with_a_request_cedar_allows() {
         stderr(&out)
     );
     let report = json(&out);
+    crate::support::json_shapes::check("policy prove", &report);
     assert_eq!(report["failed"], 1, "{report:#}");
     assert_eq!(
         property(&report, "nobody-runs-shell-exec")["result"],
@@ -238,6 +240,7 @@ fn diff_prove_tells_narrowing_from_widening_and_equivalence() {
         stderr(&narrows)
     );
     let report = json(&narrows);
+    crate::support::json_shapes::check("policy diff", &report);
     assert_eq!(
         report["added"],
         serde_json::json!(["forbid-reviewers-calling-tools"])
