@@ -113,7 +113,7 @@ impl Plan {
 }
 
 /// A message that is published in a copy's place: subject, headers, payload.
-pub(crate) type Copy = (String, HeaderMap, Bytes);
+pub(crate) type Outgoing = (String, HeaderMap, Bytes);
 
 /// The ingress message as the plan needs it.
 #[derive(Debug)]
@@ -144,7 +144,7 @@ pub(crate) struct Route {
     /// Set when the allow waits for a human.
     pub(crate) parking: Option<Parking>,
     /// The cached answer of an allowed call, sealed.
-    pub(crate) answer: Option<Copy>,
+    pub(crate) answer: Option<Outgoing>,
     /// Whether `MESH_CALL` exists (approved tool calls are stored there too).
     pub(crate) calls: bool,
 }
@@ -508,7 +508,7 @@ mod tests {
         "coder".parse().unwrap()
     }
 
-    fn answer() -> Copy {
+    fn answer() -> Outgoing {
         let mut h = HeaderMap::new();
         h.insert(headers::CACHE, "hit");
         (
