@@ -556,135 +556,29 @@ mod tests {
         published: telemetry::Published::Delivery,
     };
 
+    /// One row per case; every field a row leaves out is [`ROW`]'s.
+    #[rustfmt::skip]
     fn cases() -> Vec<Case> {
         use Kind::*;
         use telemetry::Published as P;
         vec![
-            Case {
-                name: "allowed, targeted",
-                ..ROW
-            },
-            Case {
-                name: "allowed, no target",
-                target: false,
-                expect: &[Receipt],
-                published: P::ReceiptOnly,
-                ..ROW
-            },
-            Case {
-                name: "allowed tool call: call copy, then delivery",
-                event_type: EventType::ToolCall,
-                expect: &[Receipt, Call, Delivery],
-                ..ROW
-            },
-            Case {
-                name: "allowed tool call without MESH_CALL",
-                event_type: EventType::ToolCall,
-                calls: false,
-                ..ROW
-            },
-            Case {
-                name: "allowed tool call, no target",
-                event_type: EventType::ToolCall,
-                target: false,
-                expect: &[Receipt],
-                published: P::ReceiptOnly,
-                ..ROW
-            },
-            Case {
-                name: "cache miss: the call goes to the tool",
-                event_type: EventType::ToolCall,
-                cache: Some(CacheStatus::Miss),
-                expect: &[Receipt, Call, Delivery],
-                ..ROW
-            },
-            Case {
-                name: "cache bypass",
-                event_type: EventType::ToolCall,
-                cache: Some(CacheStatus::Bypass),
-                expect: &[Receipt, Call, Delivery],
-                ..ROW
-            },
-            Case {
-                name: "cache hit: the answer replaces delivery and call",
-                event_type: EventType::ToolCall,
-                cache: Some(CacheStatus::Hit),
-                hit: true,
-                expect: &[Receipt, CachedAnswer],
-                ..ROW
-            },
-            Case {
-                name: "cache stored: the result is delivered",
-                event_type: EventType::ToolResult,
-                cache: Some(CacheStatus::Stored),
-                ..ROW
-            },
-            Case {
-                name: "denied, targeted",
-                decision: Decision::Deny,
-                reasons: &["p-forbid", "p-2"],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
-            Case {
-                name: "denied, no policy permits",
-                decision: Decision::Deny,
-                target: false,
-                reasons: &[],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
-            Case {
-                name: "denied tool call: no call copy",
-                decision: Decision::Deny,
-                event_type: EventType::ToolCall,
-                errors: &["rate and budget counters unavailable: down"],
-                reasons: &[],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
-            Case {
-                name: "invalid",
-                decision: Decision::Invalid,
-                target: false,
-                errors: &["not a CloudEvent"],
-                reasons: &[],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
-            Case {
-                name: "parked for approval",
-                park: true,
-                expect: &[ApprovalRequest],
-                published: P::Parked,
-                ..ROW
-            },
-            Case {
-                name: "parked tool call: no call copy yet",
-                park: true,
-                event_type: EventType::ToolCall,
-                expect: &[ApprovalRequest],
-                published: P::Parked,
-                ..ROW
-            },
-            Case {
-                name: "shadow denies: no effect",
-                shadow: Some(Decision::Deny),
-                ..ROW
-            },
-            Case {
-                name: "shadow allows a denied event: no effect",
-                decision: Decision::Deny,
-                shadow: Some(Decision::Allow),
-                reasons: &[],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
+            Case { name: "allowed, targeted", ..ROW },
+            Case { name: "allowed, no target", target: false, expect: &[Receipt], published: P::ReceiptOnly, ..ROW },
+            Case { name: "allowed tool call: call copy, then delivery", event_type: EventType::ToolCall, expect: &[Receipt, Call, Delivery], ..ROW },
+            Case { name: "allowed tool call without MESH_CALL", event_type: EventType::ToolCall, calls: false, ..ROW },
+            Case { name: "allowed tool call, no target", event_type: EventType::ToolCall, target: false, expect: &[Receipt], published: P::ReceiptOnly, ..ROW },
+            Case { name: "cache miss: the call goes to the tool", event_type: EventType::ToolCall, cache: Some(CacheStatus::Miss), expect: &[Receipt, Call, Delivery], ..ROW },
+            Case { name: "cache bypass", event_type: EventType::ToolCall, cache: Some(CacheStatus::Bypass), expect: &[Receipt, Call, Delivery], ..ROW },
+            Case { name: "cache hit: the answer replaces delivery and call", event_type: EventType::ToolCall, cache: Some(CacheStatus::Hit), hit: true, expect: &[Receipt, CachedAnswer], ..ROW },
+            Case { name: "cache stored: the result is delivered", event_type: EventType::ToolResult, cache: Some(CacheStatus::Stored), ..ROW },
+            Case { name: "denied, targeted", decision: Decision::Deny, reasons: &["p-forbid", "p-2"], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
+            Case { name: "denied, no policy permits", decision: Decision::Deny, target: false, reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
+            Case { name: "denied tool call: no call copy", decision: Decision::Deny, event_type: EventType::ToolCall, errors: &["rate and budget counters unavailable: down"], reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
+            Case { name: "invalid", decision: Decision::Invalid, target: false, errors: &["not a CloudEvent"], reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
+            Case { name: "parked for approval", park: true, expect: &[ApprovalRequest], published: P::Parked, ..ROW },
+            Case { name: "parked tool call: no call copy yet", park: true, event_type: EventType::ToolCall, expect: &[ApprovalRequest], published: P::Parked, ..ROW },
+            Case { name: "shadow denies: no effect", shadow: Some(Decision::Deny), ..ROW },
+            Case { name: "shadow allows a denied event: no effect", decision: Decision::Deny, shadow: Some(Decision::Allow), reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
         ]
     }
 
