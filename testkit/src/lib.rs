@@ -138,6 +138,34 @@ pub fn nats_durability() -> broker_config::server::Durability {
     }
 }
 
+/// The message block files (`*.blk`, oldest first) of `stream` in the
+/// JetStream store directory `store` (a server's `-sd`, or a cluster
+/// node's [`Store::dir`]), for a test that damages them while the server
+/// is down.
+pub fn stream_blocks(store: &Path, stream: &str) -> anyhow::Result<Vec<PathBuf>> {
+    // `<store>/jetstream/<account>/streams/<stream>/msgs/<n>.blk`
+    let accounts = store.join("jetstream");
+    let mut blocks = Vec::new();
+    for account in
+        std::fs::read_dir(&accounts).with_context(|| format!("reading {}", accounts.display()))?
+    {
+        let msgs = account?.path().join("streams").join(stream).join("msgs");
+        for entry in std::fs::read_dir(&msgs).into_iter().flatten() {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "blk") {
+                blocks.push(path);
+            }
+        }
+    }
+    let index = |p: &PathBuf| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok())
+    };
+    blocks.sort_by_key(index);
+    Ok(blocks)
+}
+
 /// A `nats-server -js` of the test's own; its log is `nats-server.log` in
 /// [`NatsServer::log_path`].
 pub struct NatsServer {
@@ -288,27 +316,7 @@ impl NatsServer {
     /// The message block files (`*.blk`, oldest first) of `stream` in the
     /// store, for a test that damages them while the server is down.
     pub fn stream_blocks(&self, stream: &str) -> anyhow::Result<Vec<PathBuf>> {
-        // `<store>/jetstream/<account>/streams/<stream>/msgs/<n>.blk`
-        let accounts = self.store_dir().join("jetstream");
-        let mut blocks = Vec::new();
-        for account in std::fs::read_dir(&accounts)
-            .with_context(|| format!("reading {}", accounts.display()))?
-        {
-            let msgs = account?.path().join("streams").join(stream).join("msgs");
-            for entry in std::fs::read_dir(&msgs).into_iter().flatten() {
-                let path = entry?.path();
-                if path.extension().is_some_and(|e| e == "blk") {
-                    blocks.push(path);
-                }
-            }
-        }
-        let index = |p: &PathBuf| {
-            p.file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.parse::<u64>().ok())
-        };
-        blocks.sort_by_key(index);
-        Ok(blocks)
+        stream_blocks(&self.store_dir(), stream)
     }
 
     /// Starts the server again after [`NatsServer::kill`] (on the same port
