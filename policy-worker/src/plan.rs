@@ -542,6 +542,8 @@ mod tests {
         shadow: Option<Decision>,
         errors: &'static [&'static str],
         reasons: &'static [&'static str],
+        /// What an `@redact` allow replaced in the payload.
+        redacted: &'static [&'static str],
         expect: &'static [Kind],
         published: telemetry::Published,
     }
@@ -558,6 +560,7 @@ mod tests {
         shadow: None,
         errors: &[],
         reasons: &["p-allow"],
+        redacted: &[],
         expect: &[Kind::Receipt, Kind::Delivery],
         published: telemetry::Published::Delivery,
     };
@@ -584,6 +587,9 @@ mod tests {
             Case { name: "parked for approval", park: true, expect: &[ApprovalRequest], published: P::Parked, ..ROW },
             Case { name: "parked tool call: no call copy yet", park: true, event_type: EventType::ToolCall, expect: &[ApprovalRequest], published: P::Parked, ..ROW },
             Case { name: "shadow denies: no effect", shadow: Some(Decision::Deny), ..ROW },
+            Case { name: "redacted delivery", redacted: &["pii", "secret"], ..ROW },
+            Case { name: "redacted tool call", event_type: EventType::ToolCall, redacted: &["pii"], expect: &[Receipt, Call, Delivery], ..ROW },
+            Case { name: "redacted, parked", park: true, redacted: &["pii"], expect: &[ApprovalRequest], published: P::Parked, ..ROW },
             Case { name: "shadow allows a denied event: no effect", decision: Decision::Deny, shadow: Some(Decision::Allow), reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
         ]
     }
@@ -594,6 +600,7 @@ mod tests {
         r.reasons = case.reasons.iter().map(|e| e.to_string()).collect();
         r.cache = case.cache;
         r.shadow_decision = case.shadow;
+        r.redacted = case.redacted.iter().map(|k| k.to_string()).collect();
         r.target = case.target.then(|| "coder".to_owned());
         let now = DateTime::parse_from_rfc3339("2026-12-07T16:00:00Z")
             .unwrap()
@@ -691,6 +698,12 @@ mod tests {
             value(h, headers::CALL),
             (kind == Kind::Delivery && called).then_some(call.as_str()),
             "{name}: {kind:?}"
+        );
+        let redacted = r.redacted.join(",");
+        assert_eq!(
+            value(h, headers::REDACTED),
+            (!redacted.is_empty()).then_some(redacted.as_str()),
+            "{name}: {kind:?} says what was redacted"
         );
         let dead = kind == Kind::DeadLetter;
         assert_eq!(value(h, headers::REASON).is_some(), dead, "{name}");
