@@ -61,7 +61,8 @@ async fn a_workflow_that_read_a_secret_and_saw_untrusted_content_cannot_post() {
     examples(policies.path(), &["flows.toml", "exfiltration.cedar"]);
     let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
 
-    // Three agents, one workflow.
+    // Two agents, one workflow: the coder reads, the planner fetches, the
+    // coder posts (reviewers call no tools: forbid-reviewers-calling-tools).
     let read = step(&mesh, "s-read", "coder", SECRET_TRACE, "repo.read_secret").await;
     assert_eq!(read.decision, Decision::Allow, "{read:?}");
     assert!(read.labels.is_empty(), "{read:?}");
@@ -70,7 +71,7 @@ async fn a_workflow_that_read_a_secret_and_saw_untrusted_content_cannot_post() {
     assert_eq!(fetch.decision, Decision::Allow, "{fetch:?}");
     assert_eq!(fetch.labels, vec!["private"]);
     assert_eq!(fetch.labels_added, vec!["untrusted"]);
-    let post = step(&mesh, "s-post", "reviewer", SECRET_TRACE, "http.post").await;
+    let post = step(&mesh, "s-post", "coder", SECRET_TRACE, "http.post").await;
     assert_eq!(post.decision, Decision::Deny, "{post:?}");
     assert_eq!(post.reasons, vec![EXFIL]);
     assert_eq!(post.labels, vec!["private", "untrusted"]);
@@ -79,7 +80,7 @@ async fn a_workflow_that_read_a_secret_and_saw_untrusted_content_cannot_post() {
     // The same post in a workflow that never read the secret.
     let fetch = step(&mesh, "p-fetch", "planner", PLAIN_TRACE, "web.fetch").await;
     assert_eq!(fetch.labels_added, vec!["untrusted"]);
-    let post = step(&mesh, "p-post", "reviewer", PLAIN_TRACE, "http.post").await;
+    let post = step(&mesh, "p-post", "coder", PLAIN_TRACE, "http.post").await;
     assert_eq!(post.decision, Decision::Allow, "{post:?}");
     assert_eq!(post.labels, vec!["untrusted"]);
 
@@ -108,7 +109,7 @@ async fn a_second_replica_sees_the_labels_the_first_stored_and_a_purged_record_f
     // The replica that stored the labels goes; another decides the rest.
     first.kill();
     let _second = WorkerProcess::start(&url, policies.path(), &[]).await;
-    let post = step(&mesh, "r-post", "reviewer", SECRET_TRACE, "http.post").await;
+    let post = step(&mesh, "r-post", "coder", SECRET_TRACE, "http.post").await;
     assert_eq!(post.decision, Decision::Deny, "{post:?}");
     assert_eq!(post.reasons, vec![EXFIL]);
     assert_eq!(post.labels, vec!["private", "untrusted"]);
@@ -119,7 +120,7 @@ async fn a_second_replica_sees_the_labels_the_first_stored_and_a_purged_record_f
     step(&mesh, "l-read", "coder", PLAIN_TRACE, "repo.read_secret").await;
     let kv = mesh.js.get_key_value(subjects::BUCKET_FLOWS).await.unwrap();
     kv.purge(PLAIN_TRACE).await.unwrap();
-    let post = step(&mesh, "l-post", "reviewer", PLAIN_TRACE, "http.post").await;
+    let post = step(&mesh, "l-post", "coder", PLAIN_TRACE, "http.post").await;
     assert_eq!(post.decision, Decision::Deny, "{post:?}");
     assert_eq!(post.reasons, vec![EXFIL]);
     assert!(post.labels_lost, "{post:?}");
@@ -129,7 +130,7 @@ async fn a_second_replica_sees_the_labels_the_first_stored_and_a_purged_record_f
     let record: FlowRecord =
         serde_json::from_slice(&kv.get(PLAIN_TRACE).await.unwrap().unwrap()).unwrap();
     assert!(record.lost, "{record:?}");
-    let again = step(&mesh, "l-post-2", "reviewer", PLAIN_TRACE, "http.post").await;
+    let again = step(&mesh, "l-post-2", "coder", PLAIN_TRACE, "http.post").await;
     assert_eq!(again.decision, Decision::Deny, "{again:?}");
 }
 
