@@ -227,6 +227,10 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("$KV.{}.>", subjects::BUCKET_TOOL_CACHE),
                     format!("$JS.API.DIRECT.GET.{kv_cache}"),
                     format!("$JS.API.DIRECT.GET.{kv_cache}.>"),
+                    // Agent cards, read for their tools' input schemas
+                    // (a call's arguments are checked against them).
+                    format!("$JS.API.DIRECT.GET.{kv_agents}"),
+                    format!("$JS.API.DIRECT.GET.{kv_agents}.>"),
                 ],
                 subscribe: vec!["_INBOX.>".into()],
                 ..Grants::default()

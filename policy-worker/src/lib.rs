@@ -12,10 +12,13 @@
 //! approval for permits annotated `@approval("required")`.
 //!
 //! The tool-result cache (`docs/cache.md`, module `cache`) answers approved
-//! calls of tools declared in `cache.toml` from JetStream KV.
+//! calls of tools declared in `cache.toml` from JetStream KV. A tool call
+//! whose arguments break the input schema in its tool's agent card is
+//! invalid (module `cards`).
 
 mod approval;
 mod cache;
+mod cards;
 mod durability;
 mod guard;
 mod limits;
@@ -379,6 +382,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         telemetry::CacheMetrics::new(ops.metrics()),
     ));
     cache.watch_size(shutdown.clone());
+    let cards = cards::Cards::open(&js, shutdown.clone())
+        .await
+        .map_err(|source| Error::Bucket {
+            bucket: schemas::subjects::BUCKET_AGENTS.to_owned(),
+            source,
+        })?;
 
     if let Some(path) = &config.ready_file {
         std::fs::write(path, b"ready\n").map_err(|source| Error::ReadyFile {
@@ -403,6 +412,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         policies_rx,
         guard,
         cache,
+        cards,
         &config,
         metrics,
         calls,

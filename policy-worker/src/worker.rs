@@ -24,6 +24,7 @@ use tracing::Instrument;
 
 use crate::approval::forwardable_owned;
 use crate::cache::{Lookup, ToolCache};
+use crate::cards::Cards;
 use crate::guard;
 use crate::signing::Sealer;
 use crate::{Config, Error};
@@ -69,6 +70,8 @@ pub(crate) struct Worker {
     policies: watch::Receiver<Arc<PolicyBundle>>,
     guard: guard::Runtime,
     cache: Arc<ToolCache>,
+    /// The input schemas of the agents' cards.
+    cards: Arc<Cards>,
     limits: schemas::Limits,
     batch: usize,
     max_in_flight: usize,
@@ -91,6 +94,7 @@ impl Worker {
         policies: watch::Receiver<Arc<PolicyBundle>>,
         guard: guard::Runtime,
         cache: Arc<ToolCache>,
+        cards: Arc<Cards>,
         config: &Config,
         metrics: telemetry::WorkerMetrics,
         calls: bool,
@@ -101,6 +105,7 @@ impl Worker {
             policies,
             guard,
             cache,
+            cards,
             limits: config.limits(),
             batch: config.batch.max(1),
             max_in_flight: config.max_in_flight.max(1),
@@ -214,8 +219,22 @@ impl Worker {
             Ok(event) => {
                 let step = subjects::parse_ingress(&subject).map_or("", |p| p.step);
                 telemetry::spans::join_event(&span, event);
-                let verdict;
-                (verdict, park) = self.guard.decide(&bundle, event, step, &mut receipt).await;
+                // A call whose arguments break its tool's input schema is
+                // invalid and never reaches the guardrails or Cedar.
+                let verdict = match self.cards.check(event).await {
+                    Ok(()) => {
+                        let verdict;
+                        (verdict, park) =
+                            self.guard.decide(&bundle, event, step, &mut receipt).await;
+                        Some(verdict)
+                    }
+                    Err(violations) => {
+                        receipt.reasons = vec![policy_engine::INPUT_SCHEMA.to_owned()];
+                        receipt.errors = violations;
+                        self.guard.mark_invalid(&mut receipt);
+                        None
+                    }
+                };
                 receipt.event_id = event.id().to_owned();
                 receipt.trace_id = event.trace.trace_id_hex();
                 receipt.trace_derived = event.trace_derived;
@@ -225,15 +244,17 @@ impl Worker {
                     schemas::AttributesReader::subject(&event.event).map(str::to_owned);
                 receipt.causation_id = event.causation_id.clone();
                 receipt.causation_agent = event.causation_agent.clone();
-                receipt.decision = if verdict.allowed {
-                    Decision::Allow
-                } else {
-                    Decision::Deny
-                };
-                receipt.reasons = verdict.reasons;
-                receipt.errors = verdict.errors;
-                if verdict.allowed {
-                    target = event.target.clone();
+                if let Some(verdict) = verdict {
+                    receipt.decision = if verdict.allowed {
+                        Decision::Allow
+                    } else {
+                        Decision::Deny
+                    };
+                    receipt.reasons = verdict.reasons;
+                    receipt.errors = verdict.errors;
+                    if verdict.allowed {
+                        target = event.target.clone();
+                    }
                 }
             }
             Err(invalid) => {
