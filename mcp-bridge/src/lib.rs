@@ -30,6 +30,8 @@ pub use server::{Endpoint, Server, ServerError, result_value};
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// Default deadline of one MCP request, in seconds.
 pub const DEFAULT_CALL_TIMEOUT_SECS: u64 = 30;
+/// Default deadline of starting (or connecting to) a server, in seconds.
+pub const DEFAULT_START_TIMEOUT_SECS: u64 = 60;
 
 /// The `mcp-bridge` flags (or [`Config::default`] and struct update
 /// syntax in tests).
@@ -52,9 +54,12 @@ pub struct Config {
     /// Put before every tool name in the mesh (e.g. `fs.`), when the servers' names could clash with other agents' tools.
     #[arg(long, default_value = "")]
     pub tool_prefix: String,
-    /// Seconds one MCP request (start, list, call) may take before it is an error.
+    /// Seconds one MCP request (list, call) may take before it is an error.
     #[arg(long, env = "AGENTMESH_MCP_CALL_TIMEOUT_SECS", default_value_t = DEFAULT_CALL_TIMEOUT_SECS)]
     pub call_timeout_secs: u64,
+    /// Seconds starting a server (or connecting to it) and its MCP handshake may take.
+    #[arg(long, env = "AGENTMESH_MCP_START_TIMEOUT_SECS", default_value_t = DEFAULT_START_TIMEOUT_SECS)]
+    pub start_timeout_secs: u64,
     /// The agent card's description (default: the servers bridged).
     #[arg(long)]
     pub description: Option<String>,
@@ -74,6 +79,7 @@ impl Default for Config {
             http: Vec::new(),
             tool_prefix: String::new(),
             call_timeout_secs: DEFAULT_CALL_TIMEOUT_SECS,
+            start_timeout_secs: DEFAULT_START_TIMEOUT_SECS,
             description: None,
             nats_url: DEFAULT_NATS_URL.to_owned(),
             nkey_file: None,
@@ -95,6 +101,11 @@ impl Config {
     /// The deadline of one MCP request (at least 1 s).
     pub fn call_timeout(&self) -> Duration {
         Duration::from_secs(self.call_timeout_secs.max(1))
+    }
+
+    /// The deadline of starting a server and its handshake (at least 1 s).
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_secs(self.start_timeout_secs.max(1))
     }
 }
 
@@ -145,7 +156,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let mut servers = Vec::new();
     let mut tools: BTreeMap<String, Bridged> = BTreeMap::new();
     for endpoint in endpoints {
-        let server = Arc::new(Server::new(endpoint, config.call_timeout())?);
+        let server = Arc::new(Server::new(
+            endpoint,
+            config.call_timeout(),
+            config.start_timeout(),
+        )?);
         for tool in server.tools().await? {
             let name = format!("{}{}", config.tool_prefix, tool.name);
             if let Some(first) = tools.get(&name) {
@@ -222,6 +237,8 @@ mod tests {
             "fs.",
             "--call-timeout-secs",
             "0",
+            "--start-timeout-secs",
+            "5",
         ])
         .unwrap();
         assert_eq!(config.agent_id, "files");
@@ -242,6 +259,12 @@ mod tests {
         let plain = Config::try_parse_from(["mcp-bridge", "--agent-id", "a"]).unwrap();
         if std::env::var_os("AGENTMESH_MCP_CALL_TIMEOUT_SECS").is_none() {
             assert_eq!(plain.call_timeout_secs, Config::default().call_timeout_secs);
+        }
+        if std::env::var_os("AGENTMESH_MCP_START_TIMEOUT_SECS").is_none() {
+            assert_eq!(
+                plain.start_timeout_secs,
+                Config::default().start_timeout_secs
+            );
         }
         if std::env::var_os("NATS_URL").is_none() {
             assert_eq!(plain.nats_url, Config::default().nats_url);

@@ -89,12 +89,19 @@ type Client = RunningService<RoleClient, ()>;
 pub struct Server {
     endpoint: Endpoint,
     timeout: Duration,
+    start_timeout: Duration,
     client: Mutex<Option<Arc<Client>>>,
 }
 
 impl Server {
-    /// A server at `endpoint`; every request to it may take up to `timeout`.
-    pub fn new(endpoint: Endpoint, timeout: Duration) -> Result<Self, ServerError> {
+    /// A server at `endpoint`: starting it (or connecting, with the MCP
+    /// handshake) may take up to `start_timeout`, every request after that
+    /// up to `timeout`.
+    pub fn new(
+        endpoint: Endpoint,
+        timeout: Duration,
+        start_timeout: Duration,
+    ) -> Result<Self, ServerError> {
         if let Endpoint::Http(url) = &endpoint {
             if url.starts_with("https://") {
                 return Err(ServerError::Https(url.clone()));
@@ -106,6 +113,7 @@ impl Server {
         Ok(Self {
             endpoint,
             timeout,
+            start_timeout,
             client: Mutex::new(None),
         })
     }
@@ -129,11 +137,11 @@ impl Server {
                         endpoint: self.endpoint.clone(),
                         source,
                     })?;
-                tokio::time::timeout(self.timeout, ().serve(transport)).await
+                tokio::time::timeout(self.start_timeout, ().serve(transport)).await
             }
             Endpoint::Http(url) => {
                 let transport = StreamableHttpClientTransport::from_uri(url.as_str());
-                tokio::time::timeout(self.timeout, ().serve(transport)).await
+                tokio::time::timeout(self.start_timeout, ().serve(transport)).await
             }
         };
         match started {
@@ -144,7 +152,7 @@ impl Server {
             Ok(Err(e)) => Err(handshake(e.to_string())),
             Err(_) => Err(ServerError::TimedOut {
                 endpoint: self.endpoint.clone(),
-                after: self.timeout,
+                after: self.start_timeout,
             }),
         }
     }
@@ -350,11 +358,11 @@ mod tests {
     #[test]
     fn https_and_other_schemes_are_refused_with_what_to_do() {
         let timeout = Duration::from_secs(1);
-        let e = Server::new(Endpoint::Http("https://x/mcp".into()), timeout)
+        let e = Server::new(Endpoint::Http("https://x/mcp".into()), timeout, timeout)
             .err()
             .unwrap();
         assert!(e.to_string().contains("plain HTTP"), "{e}");
-        let e = Server::new(Endpoint::Http("ftp://x".into()), timeout)
+        let e = Server::new(Endpoint::Http("ftp://x".into()), timeout, timeout)
             .err()
             .unwrap();
         assert!(e.to_string().contains("not an HTTP URL"), "{e}");

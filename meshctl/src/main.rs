@@ -147,6 +147,9 @@ enum Command {
     Trace {
         /// The workflow's trace id (32 hex characters).
         trace_id: String,
+        /// How long to wait for the trace's steps and their decisions to reach ClickHouse (the audit sink writes them in batches, within about a second); then it draws what is there. `0s` answers at once.
+        #[arg(long, default_value = "10s", value_parser = output::parse_duration)]
+        wait: Duration,
         #[command(flatten)]
         output: output::OutputArg,
     },
@@ -352,12 +355,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gpus { config, output } => {
             gpus::run(&endpoints, config.as_deref(), output.json()).await?
         }
-        Command::Trace { trace_id, output } => {
-            tree::print(&endpoints, &trace_id, output.json()).await?
-        }
+        Command::Trace {
+            trace_id,
+            wait,
+            output,
+        } => tree::print(&endpoints, &trace_id, wait, output.json()).await?,
         Command::Ui { port, bind } => {
             let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
             ui::run(&endpoints, SocketAddr::new(bind, port), shutdown).await?
         }
         Command::Policy { command } => return exit(policy::run(command, &endpoints).await?),
@@ -374,7 +379,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pub(args) => return Ok(publish::run(&home, &endpoints, args).await?.into()),
         Command::Tail(args) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
             return Ok(tail::run(&home, &endpoints, args, shutdown).await?.into());
         }
     }
@@ -437,23 +442,6 @@ fn parse_nats_nodes(text: &str) -> Result<usize, String> {
             "`{text}`: a local stack runs 1 NATS node or a cluster of 3 [possible values: 1, 3]"
         )),
     }
-}
-
-/// Cancels `token` on Ctrl-C or SIGTERM.
-async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-    token.cancel();
 }
 
 /// [`exit::Exit::Ok`] when `ok`, else [`exit::Exit::Findings`].

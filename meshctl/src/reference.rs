@@ -45,7 +45,7 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     ),
     (
         "approvals list",
-        "`[{id, status, agent, request_subject, requested_at, expires_at, approver, comment, answered_at, receipt, decision_span}]`, oldest first (`schemas::ApprovalState`)",
+        "`[{id, status, agent, request_subject, requested_at, expires_at, approver, comment, answered_at, receipt, decision_span?}]`, oldest first (`schemas::ApprovalState`; `decision_span` only where spans are exported)",
     ),
     (
         "approvals show",
@@ -61,7 +61,7 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     ),
     (
         "signers list",
-        "`[{public_key, name, status, added_at, retired_at, revoked_at}]`",
+        "`[{public_key, name, status, added_at, retired_at?, revoked_at?}]` (`retired_at`, `revoked_at` only once it is retired or revoked)",
     ),
     (
         "audit verify",
