@@ -22,6 +22,7 @@ mod flows;
 mod guard;
 mod limits;
 mod policy;
+mod properties;
 mod redact;
 mod replay;
 
@@ -36,5 +37,6 @@ pub use policy::{
     ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, UNREGISTERED_AGENT, Verdict,
     generated_policies,
 };
+pub use properties::{Check, PROPERTIES_FILE, Properties, Property};
 pub use redact::{RedactError, Redacted, covers as redaction_covers, replacement as redaction_of};
 pub use replay::{Outcome, Replayed, Replayer};

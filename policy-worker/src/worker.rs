@@ -347,7 +347,7 @@ impl Worker {
         bundle: &PolicyBundle,
         event: &MeshEvent,
         receipt: &mut DecisionReceipt,
-    ) -> Option<plan::Copy> {
+    ) -> Option<plan::Outgoing> {
         let rules = bundle.cache();
         if rules.is_empty() {
             return None;
@@ -374,7 +374,7 @@ impl Worker {
     async fn seal(
         &self,
         receipt: &mut DecisionReceipt,
-        answer: &mut Option<plan::Copy>,
+        answer: &mut Option<plan::Outgoing>,
         payload: &[u8],
     ) -> bool {
         let mut sealed = self.sealer.seal(receipt, payload).await;
