@@ -517,7 +517,7 @@ async fn a_redacted_delivery_verifies_in_the_rust_sdk_and_in_python() {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies/redact.cedar");
     std::fs::copy(example, policies.path().join("redact.cedar")).unwrap();
     let mut mesh = Mesh::start().await;
-    mesh.start_worker_on(None, policies.path().to_owned()).await;
+    mesh.start_worker_on(policies.path().to_owned(), None).await;
 
     let coder = mesh.agent(Agent::builder("coder")).await;
     let sent = coder

@@ -135,14 +135,14 @@ impl Mesh {
         &mut self,
         key: Option<std::sync::Arc<schemas::signing::SigningKey>>,
     ) {
-        self.start_worker_on(key, shipped_policies()).await;
+        self.start_worker_on(shipped_policies(), key).await;
     }
 
     /// Starts the policy worker on the policy directory `policies`.
     pub(crate) async fn start_worker_on(
         &mut self,
-        key: Option<std::sync::Arc<schemas::signing::SigningKey>>,
         policies: PathBuf,
+        key: Option<std::sync::Arc<schemas::signing::SigningKey>>,
     ) {
         let ready = self._ready_dir.path().join("worker.ready");
         let _ = std::fs::remove_file(&ready);
