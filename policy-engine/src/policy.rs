@@ -71,6 +71,7 @@ pub struct PolicyBundle {
     names: Names,
     guard: GuardMeta,
     cache: crate::cache::CacheRules,
+    flows: crate::flows::FlowRules,
 }
 
 impl fmt::Debug for PolicyBundle {
@@ -905,7 +906,7 @@ impl PolicyBundle {
             ));
         }
 
-        let guard = GuardMeta::of(&schema, &policies).map_err(|(id, message)| {
+        let mut guard = GuardMeta::of(&schema, &policies).map_err(|(id, message)| {
             let path = origin
                 .get(&id)
                 .map_or_else(|| dir.to_owned(), |(p, _)| p.clone());
@@ -952,11 +953,50 @@ impl PolicyBundle {
             }
         };
 
+        // Workflow labels (docs/guardrails.md), reloaded with the policies
+        // like `cache.toml`; their tools must be `Tool` entities.
+        let flows_path = dir.join(crate::flows::FLOWS_FILE);
+        let flows = match std::fs::read_to_string(&flows_path) {
+            Ok(text) => {
+                hasher.update(crate::flows::FLOWS_FILE.as_bytes());
+                hasher.update(text.as_bytes());
+                let tool_type = Names::new().tool;
+                crate::flows::FlowRules::parse(&text, |tool| {
+                    entities
+                        .get(&EntityUid::from_type_name_and_id(
+                            tool_type.clone(),
+                            EntityId::new(tool),
+                        ))
+                        .is_some()
+                })
+                .map_err(|e| {
+                    let (line, column) = line_col(&text, e.offset);
+                    LoadError::Invalid {
+                        path: flows_path.clone(),
+                        line,
+                        column,
+                        message: e.message,
+                    }
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::flows::FlowRules::default()
+            }
+            Err(source) => {
+                return Err(LoadError::Read {
+                    path: flows_path,
+                    source,
+                });
+            }
+        };
+        guard.keeps_labels = !flows.is_empty();
+
         let digest = hasher.finalize();
         let names = Names::new();
         let index = PolicyIndex::build(&policies, &schema, &names);
         Ok(Self {
             cache,
+            flows,
             shape: Shape::build(&schema, index.reads.clone(), &guard, &names),
             index,
             policies,
@@ -981,8 +1021,14 @@ impl PolicyBundle {
         &self.cache
     }
 
+    /// The workflow labels (`flows.toml`; empty when the directory has
+    /// none).
+    pub fn flows(&self) -> &crate::flows::FlowRules {
+        &self.flows
+    }
+
     /// The hash of the schema, policy files and entities, and `cache.toml`
-    /// when there is one (16 hex characters).
+    /// and `flows.toml` when there are (16 hex characters).
     pub fn hash(&self) -> &str {
         &self.hash
     }

@@ -228,6 +228,9 @@ fn decided_headers(original: Option<HeaderMap>, r: &DecisionReceipt) -> HeaderMa
     h.insert(DECISION_ID, r.decision_id.as_str());
     h.insert(POLICY_HASH, r.policy_hash.as_str());
     h.insert(TRACE_ID, r.trace_id.as_str());
+    if !r.redacted.is_empty() {
+        h.insert(headers::REDACTED, r.redacted.join(","));
+    }
     SigningKey::stamp(r, &mut h);
     h
 }
@@ -312,6 +315,9 @@ fn parked(ingress: Ingress<'_>, r: &DecisionReceipt, parking: &Parking) -> Plan 
     h.insert(headers::APPROVAL_EXPIRES, rfc3339(parking.expires).as_str());
     h.insert(headers::POLICIES, r.reasons.join(",").as_str());
     h.insert(headers::INGRESS_SUBJECT, r.ingress_subject.as_str());
+    if !r.redacted.is_empty() {
+        h.insert(headers::REDACTED, r.redacted.join(","));
+    }
     let state = ApprovalState {
         id: approval,
         status: ApprovalStatus::Pending,
