@@ -16,6 +16,7 @@ mod identity;
 mod limits;
 mod output;
 mod policy;
+mod prove;
 mod publish;
 mod reference;
 mod signers;

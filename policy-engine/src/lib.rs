@@ -20,6 +20,7 @@ mod flows;
 mod guard;
 mod limits;
 mod policy;
+mod properties;
 mod redact;
 mod replay;
 
@@ -33,5 +34,6 @@ pub use policy::{
     ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, UNREGISTERED_AGENT, Verdict,
     generated_policies,
 };
+pub use properties::{Check, PROPERTIES_FILE, Properties, Property};
 pub use redact::{RedactError, Redacted, covers as redaction_covers, replacement as redaction_of};
 pub use replay::{Outcome, Replayed, Replayer};

@@ -784,7 +784,7 @@ impl Shape {
 }
 
 /// 1-based line and column of a byte offset in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
@@ -1031,6 +1031,21 @@ impl PolicyBundle {
     /// and `flows.toml` when there are (16 hex characters).
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// The validated policies, named by their `@id`.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// The schema they were validated against.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The operator's registry (`entities.json`).
+    pub fn entities(&self) -> &Entities {
+        &self.entities
     }
 
     /// How many policies the set has.

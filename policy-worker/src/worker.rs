@@ -341,7 +341,7 @@ impl Worker {
         bundle: &PolicyBundle,
         event: &MeshEvent,
         receipt: &mut DecisionReceipt,
-    ) -> Option<plan::Copy> {
+    ) -> Option<plan::Outgoing> {
         let rules = bundle.cache();
         if rules.is_empty() {
             return None;
@@ -368,7 +368,7 @@ impl Worker {
     async fn seal(
         &self,
         receipt: &mut DecisionReceipt,
-        answer: &mut Option<plan::Copy>,
+        answer: &mut Option<plan::Outgoing>,
         payload: &[u8],
     ) -> bool {
         let mut sealed = self.sealer.seal(receipt, payload).await;
