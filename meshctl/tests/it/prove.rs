@@ -493,13 +493,22 @@ fn a_solver_that_hangs_times_out_and_is_killed() {
     );
     assert!(!stdout(&out).contains("proved"));
     assert!(started.elapsed() < std::time::Duration::from_secs(60));
-    // The solver process went with meshctl.
+    // The solver process went with meshctl: it was sent SIGKILL, which takes
+    // effect once the kernel next runs it (a moment on a busy machine).
     let pid = std::fs::read_to_string(&pid_file).unwrap();
-    let alive = Path::new(&format!("/proc/{}", pid.trim())).exists()
-        && !std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
-            .unwrap_or_default()
-            .contains(") Z ");
-    assert!(!alive, "solver {} still runs", pid.trim());
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while alive() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        !alive(),
+        "solver {} still runs 20 s after meshctl ended",
+        pid.trim()
+    );
 }
 
 /// The lines of the ```` ``` ```` block of docs/guardrails.md that starts
@@ -600,4 +609,73 @@ fn the_worked_examples_in_guardrails_md_are_what_meshctl_prints() {
     let out = meshctl(&["policy", "prove", &dir]);
     let want = sample("meshctl policy prove /tmp/typo").join("\n");
     assert_eq!(stderr(&out).trim().replace(&dir, "/tmp/typo"), want);
+}
+
+/// The claim docs/guardrails.md adds for the exfiltration guard.
+const NO_EXFILTRATION: &str = r#"
+[[property]]
+id = "no-exfiltration"
+description = "A workflow holding private data and untrusted content calls no external tool."
+check = "never-allows"
+scope = 'principal, action == Action::"io.agentmesh.tool.call", resource'
+when = '''
+resource has external && resource.external &&
+context.workflow.labels.containsAll(["private", "untrusted"])
+'''
+"#;
+
+#[test]
+fn the_exfiltration_guard_is_proved_and_its_absence_refuted() {
+    let dir = copy_of_shipped();
+    let path = dir.path().join("properties.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}{NO_EXFILTRATION}")).unwrap();
+    let doc = std::fs::read_to_string(shipped().join("../docs/guardrails.md")).unwrap();
+    assert!(
+        doc.contains(NO_EXFILTRATION.trim()),
+        "docs/guardrails.md shows the claim as tested"
+    );
+
+    // The shipped set alone lets such a workflow call `http.post`.
+    let out = meshctl(&[
+        "policy",
+        "prove",
+        &dir.path().to_string_lossy(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let report = json(&out);
+    let p = property(&report, "no-exfiltration");
+    assert_eq!(p["result"], "failed", "{p:#}");
+    let labels = &p["counterexample"]["context"]["workflow"]["labels"];
+    assert!(
+        ["private", "untrusted"]
+            .iter()
+            .all(|l| labels.as_array().unwrap().iter().any(|x| x == l)),
+        "{labels}"
+    );
+    assert_eq!(p["counterexample"]["decision"], "allow");
+
+    // With examples/policies/exfiltration.cedar it holds.
+    std::fs::copy(
+        shipped().join("../examples/policies/exfiltration.cedar"),
+        dir.path().join("exfiltration.cedar"),
+    )
+    .unwrap();
+    let out = meshctl(&[
+        "policy",
+        "prove",
+        &dir.path().to_string_lossy(),
+        "-o",
+        "json",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert_eq!(property(&json(&out), "no-exfiltration")["result"], "proved");
 }
