@@ -9,6 +9,7 @@ mod cluster_faults;
 mod compose_files;
 mod dependencies;
 mod guardrails_with_credentials;
+mod mcp_gateway;
 mod python_sdk;
 mod python_support;
 mod receipts_from_the_stream;

@@ -1,0 +1,171 @@
+//! The HTTP side: HTTP/1.1 on hyper, `/mcp` only. Each request is
+//! authenticated here (`auth`) before MCP sees it: without a valid bearer
+//! token it is answered `401` with a JSON-RPC error body and a
+//! `WWW-Authenticate` challenge; with one, the caller rides in the request's
+//! extensions into rmcp's Streamable HTTP service, which hands them to the
+//! session's handler. A body over `--max-body-bytes` is refused with `413`
+//! before it is read (by `Content-Length`) or while it is (rmcp's limit).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Auth;
+use crate::session::{Gateway, Session};
+use crate::{Config, MCP_PATH};
+
+/// rmcp's Streamable HTTP service over the gateway's sessions.
+pub(crate) type Mcp = StreamableHttpService<Session, LocalSessionManager>;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// The MCP service: one [`Session`] per MCP session (or per request for a
+/// stateless client).
+pub(crate) fn mcp_service(gw: Arc<Gateway>, config: &Config, shutdown: CancellationToken) -> Mcp {
+    let mut http = StreamableHttpServerConfig::default()
+        .with_cancellation_token(shutdown.child_token())
+        .with_max_request_body_bytes(config.max_body_bytes);
+    if config.allowed_hosts.iter().any(|h| h == "*") {
+        http = http.disable_allowed_hosts();
+    } else if !config.allowed_hosts.is_empty() {
+        http = http.with_allowed_hosts(config.allowed_hosts.clone());
+    }
+    StreamableHttpService::new(
+        move || Ok(Session::new(gw.clone())),
+        Arc::new(LocalSessionManager::default()),
+        http,
+    )
+}
+
+/// What the HTTP layer checks before MCP, and where it counts refusals.
+#[derive(Clone)]
+pub(crate) struct Limits {
+    pub max_body_bytes: usize,
+    pub metrics: telemetry::McpMetrics,
+}
+
+/// Serves until `shutdown`, then closes open connections.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    mcp: Mcp,
+    auth: Arc<Auth>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    let connections = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "Accept failed.");
+                continue;
+            }
+        };
+        let (mcp, auth, limits, shutdown) =
+            (mcp.clone(), auth.clone(), limits.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let (mcp, auth, limits) = (mcp.clone(), auth.clone(), limits.clone());
+                async move { Ok::<_, Infallible>(handle(&mcp, &auth, &limits, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                result = connection => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "Connection failed.");
+                    }
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+async fn handle(
+    mcp: &Mcp,
+    auth: &Auth,
+    limits: &Limits,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
+    let max_body_bytes = limits.max_body_bytes;
+    if request.uri().path() != MCP_PATH {
+        limits.metrics.refused("not_found");
+        return error(
+            StatusCode::NOT_FOUND,
+            -32600,
+            &format!(
+                "no MCP endpoint at `{}`: use `{MCP_PATH}`",
+                request.uri().path()
+            ),
+        );
+    }
+    let authorization = request
+        .headers()
+        .get(AUTHORIZATION)
+        .map(|v| v.to_str().unwrap_or("invalid"));
+    let caller = match auth.authenticate(authorization) {
+        Ok(caller) => caller,
+        Err(refusal) => {
+            tracing::info!(reason = refusal.message(), "Request refused.");
+            limits.metrics.refused("unauthorized");
+            let mut response = error(StatusCode::UNAUTHORIZED, -32001, refusal.message());
+            response.headers_mut().insert(
+                WWW_AUTHENTICATE,
+                HeaderValue::from_static(refusal.challenge()),
+            );
+            return response;
+        }
+    };
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_body_bytes as u64) {
+        limits.metrics.refused("too_large");
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            -32600,
+            &format!(
+                "request body of {} bytes is over the gateway's limit of {max_body_bytes} (--max-body-bytes); a mesh event is at most 1 MiB",
+                declared.unwrap_or_default()
+            ),
+        );
+    }
+    request.extensions_mut().insert(caller);
+    mcp.handle(request).await
+}
+
+/// A JSON-RPC error response without an id, with `status`.
+fn error(status: StatusCode, code: i32, message: &str) -> Response<Body> {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": null,
+        "error": {"code": code, "message": message},
+    });
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
