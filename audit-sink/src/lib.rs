@@ -267,14 +267,10 @@ pub enum Error {
     /// A setting is wrong.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// NATS could not be reached.
-    #[error("cannot connect to NATS at `{url}`: {source}")]
-    Connect {
-        /// The URL tried.
-        url: String,
-        /// The client's error.
-        source: async_nats::ConnectError,
-    },
+    /// The service skeleton could not start: the health server, the NATS
+    /// connection or the ready file.
+    #[error(transparent)]
+    Start(#[from] telemetry::StartError),
     /// The NATS credentials could not be read.
     #[error("NATS credentials: {0}")]
     Credentials(#[from] broker_config::credentials::CredentialsError),
@@ -289,9 +285,6 @@ pub enum Error {
         /// The broker's answer.
         source: async_nats::Error,
     },
-    /// The health and metrics server or the OTLP exporter could not start.
-    #[error(transparent)]
-    Telemetry(#[from] telemetry::Error),
     /// No ClickHouse took the schema within `--clickhouse-wait-secs`.
     #[error(
         "no ClickHouse at {urls} answered within {secs} s (AGENTMESH_AUDIT_CLICKHOUSE_WAIT_SECS): {last}"
@@ -303,14 +296,6 @@ pub enum Error {
         secs: u64,
         /// The last error.
         last: String,
-    },
-    /// The ready file could not be written.
-    #[error("cannot write the ready file `{path}`: {source}")]
-    ReadyFile {
-        /// The path.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
     },
 }
 
@@ -327,24 +312,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         None => None,
     };
     // First, so /healthz answers while the sink waits for its servers.
-    let ops = telemetry::Ops::start("audit-sink", &config.ops).await?;
+    let mut ops = telemetry::Service::start("audit-sink", &config.ops).await?;
     let consuming = ops.health().flag("consumers", false);
     let clickhouse_up = ops.health().flag("clickhouse", false);
-    let options = config
-        .nats
-        .credentials
-        .apply(async_nats::ConnectOptions::new().name("audit-sink"))
-        .await?;
-    let nats = schemas::servers::connect(options, &config.nats.url)
-        .await
-        .map_err(|source| Error::Connect {
-            url: config.nats.url.clone(),
-            source,
-        })?;
-    let state = nats.clone();
-    ops.health().probe("nats", move || {
-        state.connection_state() == async_nats::connection::State::Connected
-    });
+    let nats = ops.connect(&config.nats).await?;
     let js = async_nats::jetstream::new(nats);
     let broker = broker_config::Options {
         replicas: config.stream_replicas.max(1),
@@ -443,14 +414,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
     tracker.close();
 
-    if let Some(path) = &config.ready_file {
-        std::fs::write(path, format!("{}\n", std::process::id())).map_err(|source| {
-            Error::ReadyFile {
-                path: path.clone(),
-                source,
-            }
-        })?;
-    }
+    ops.ready(config.ready_file.as_deref())?;
     tracing::info!(
         nats = %config.nats.url,
         clickhouse = %config.clickhouse_url,
@@ -466,9 +430,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         watcher.abort();
     }
     ops.shutdown().await;
-    if let Some(path) = &config.ready_file {
-        let _ = std::fs::remove_file(path);
-    }
     tracing::info!("Audit sink stopped.");
     Ok(())
 }

@@ -1,8 +1,6 @@
-//! `audit-sink`: parses the config, starts logging, turns SIGINT/SIGTERM into
-//! a shutdown token and runs [`audit_sink::run`].
-
-use clap::Parser;
-use tokio_util::sync::CancellationToken;
+//! `audit-sink`: the service skeleton's `main` (`telemetry::service::main`:
+//! flags into an [`audit_sink::Config`], logging, SIGINT/SIGTERM) around
+//! [`audit_sink::run`].
 
 /// mimalloc instead of glibc malloc: the per-event path allocates and frees
 /// from every runtime thread, where glibc's arenas cost a quarter of the
@@ -12,29 +10,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let command = <audit_sink::Config as clap::CommandFactory>::command();
-    if let Err(error) = telemetry::check_env(&command, &["AGENTMESH_AUDIT_"]) {
-        eprintln!("audit-sink: {error}");
-        return std::process::ExitCode::FAILURE;
-    }
-    let config = audit_sink::Config::parse();
-    let tracing = match telemetry::init_tracing("audit-sink", &config.ops) {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("audit-sink: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
-    let result = audit_sink::run(config, shutdown).await;
-    tracing.shutdown().await;
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "Audit sink failed.");
-            eprintln!("audit-sink: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    telemetry::service::main(
+        "audit-sink",
+        &["AGENTMESH_AUDIT_"],
+        |config: &audit_sink::Config| &config.ops,
+        audit_sink::run,
+    )
+    .await
 }

@@ -12,6 +12,12 @@
 //!   it; drained once the worker acked every event and the sink acked (so
 //!   inserted) both rows of every event.
 //!
+//! With `--durability always,interval` every run drains every target once
+//! under each setting (`jetstream { sync_interval: always }`, each write
+//! fsynced before its acknowledgement, against nats-server's own 2-minute
+//! flush), the two settings alternating in order from run to run, and the
+//! summary gives each target's interval/always ratio within each run.
+//!
 //! Every drain runs on a fresh private nats-server (nothing an earlier
 //! target stored, no heap it grew: nats-server's garbage-collector pauses
 //! grow with its heap) and starts from empty streams with no consumer on
@@ -27,6 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
+use broker_config::server::Durability;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use schemas::subjects;
@@ -58,6 +65,19 @@ pub(crate) struct DrainArgs {
     /// `taskset -c`, e.g. `0` or `0,1`; nats-server and the sink are not pinned.
     #[arg(long)]
     cpus: Option<String>,
+    /// The nats-server's durability for the drains: `always` (every write
+    /// fsynced before it is acknowledged, the stack's default), `interval`
+    /// (nats-server's 2-minute flush), or both (`always,interval`: every
+    /// run drains each target under both, alternating which goes first).
+    #[arg(long, value_delimiter = ',', default_value = "always")]
+    durability: Vec<Durability>,
+}
+
+/// The `sync_interval` the bench's nats-server runs with.
+pub(crate) fn sync_interval(durability: Durability) -> String {
+    // `interval` is nats-server's own default, said explicitly: the test
+    // harness would otherwise start its servers with `always`.
+    durability.sync_interval().unwrap_or("2m").to_owned()
 }
 
 /// A drain target.
@@ -90,6 +110,7 @@ impl Kind {
 #[derive(Debug, Clone, Copy)]
 struct Drain {
     kind: Kind,
+    durability: Durability,
     seconds: f64,
     /// Seconds until the target itself had acked everything (for `mesh`,
     /// before the sink finished).
@@ -247,8 +268,12 @@ struct Broker {
 }
 
 impl Broker {
-    async fn start() -> anyhow::Result<Self> {
-        let nats = testkit::NatsServer::start().await?;
+    async fn start(durability: Durability) -> anyhow::Result<Self> {
+        let nats = testkit::NatsServer::start_with(testkit::Store {
+            sync_interval: Some(sync_interval(durability)),
+            ..Default::default()
+        })
+        .await?;
         let js = jetstream::new(nats.connect().await?);
         broker_config::apply(&js, &broker_config::Options::default()).await?;
         Ok(Self { nats, js })
@@ -304,8 +329,8 @@ impl Bench {
         Service::spawn("audit-sink", c).await
     }
 
-    async fn drain(&self, run: usize, kind: Kind) -> anyhow::Result<Drain> {
-        let broker = Broker::start().await?;
+    async fn drain(&self, run: usize, kind: Kind, durability: Durability) -> anyhow::Result<Drain> {
+        let broker = Broker::start(durability).await?;
         let js = &broker.js;
         let url = broker.nats.url();
         let n = self.args.events;
@@ -362,6 +387,7 @@ impl Bench {
                     let elapsed = |after: f64, before: f64| (after - before) * 1e6 / n as f64;
                     let result = Drain {
                         kind,
+                        durability,
                         seconds,
                         target_seconds: done,
                         target_cpu_us: elapsed(cpu(Some(target.pid())), before.0),
@@ -500,12 +526,20 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
     let policies = generated
         .as_ref()
         .map_or_else(|| args.policies.clone(), |d| d.path().to_owned());
+    if args.durability.is_empty() {
+        bail!("nothing to run: give --durability always, interval or both");
+    }
     println!(
-        "mesh-bench drain: {} events of {} B per backlog, {} runs, each drain on a fresh nats-server ({}), policies `{}`{}{}",
+        "mesh-bench drain: {} events of {} B per backlog, {} runs, each drain on a fresh nats-server ({}; sync_interval {}), policies `{}`{}{}",
         args.events,
         args.size,
         args.runs,
         crate::gc_settings(),
+        args.durability
+            .iter()
+            .map(|d| sync_interval(*d))
+            .collect::<Vec<_>>()
+            .join(" and "),
         args.policies.display(),
         if args.generated > 0 {
             format!(" + {} generated", args.generated)
@@ -524,9 +558,10 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "{:<4} {:<28} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>10} {:>9}",
+        "{:<4} {:<28} {:<8} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>10} {:>9}",
         "run",
         "target",
+        "sync",
         "events/s",
         "secs",
         "target µs",
@@ -548,13 +583,22 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
         let mut order = bench.args.targets.clone();
         let shift = run % order.len();
         order.rotate_left(shift);
+        // Each target under each setting back to back, the setting that
+        // goes first alternating from run to run.
+        let mut settings = bench.args.durability.clone();
+        let shift = run % settings.len();
+        settings.rotate_left(shift);
         let mut round = Vec::new();
-        for kind in order {
-            let d = bench.drain(run, kind).await?;
+        for (kind, durability) in order
+            .iter()
+            .flat_map(|&kind| settings.iter().map(move |&d| (kind, d)))
+        {
+            let d = bench.drain(run, kind, durability).await?;
             println!(
-                "{:<4} {:<28} {:>10.0} {:>8.2} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>5.1} MiB{}",
+                "{:<4} {:<28} {:<8} {:>10.0} {:>8.2} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>5.1} MiB{}",
                 run + 1,
                 kind.label(),
+                durability.as_str(),
                 d.rate(n),
                 d.seconds,
                 d.target_cpu_us,
@@ -575,41 +619,49 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
     }
 
     println!("\nmedians over {} runs (min–max):", bench.args.runs);
-    let of = |kind: Kind| -> Vec<Drain> {
+    let of = |kind: Kind, durability: Durability| -> Vec<Drain> {
         results
             .iter()
             .flatten()
-            .filter(|d| d.kind == kind)
+            .filter(|d| d.kind == kind && d.durability == durability)
             .copied()
             .collect()
     };
-    for &kind in &bench.args.targets {
-        let ds = of(kind);
-        let rates: Vec<f64> = ds.iter().map(|d| d.rate(n)).collect();
-        let (lo, hi) = spread(&rates);
-        let field = |f: fn(&Drain) -> f64| median(ds.iter().map(f).collect());
-        println!(
-            "{:<28} {:>8.0} events/s ({:.0}–{:.0}); CPU µs/event: target {:.1} ({:.1} sys), nats-server {:.1}, sink {:.1}, ClickHouse {:.1}; peak RSS {:.1} MiB, nats-server {:.1} MiB",
-            kind.label(),
-            median(rates.clone()),
-            lo,
-            hi,
-            field(|d| d.target_cpu_us),
-            field(|d| d.target_sys_us),
-            field(|d| d.nats_cpu_us),
-            field(|d| d.sink_cpu_us),
-            field(|d| d.clickhouse_cpu_us),
-            field(|d| d.rss_mib),
-            field(|d| d.nats_rss_mib),
-        );
+    for &durability in &bench.args.durability {
+        for &kind in &bench.args.targets {
+            let ds = of(kind, durability);
+            let rates: Vec<f64> = ds.iter().map(|d| d.rate(n)).collect();
+            let (lo, hi) = spread(&rates);
+            let field = |f: fn(&Drain) -> f64| median(ds.iter().map(f).collect());
+            println!(
+                "{:<28} {:<8} {:>8.0} events/s ({:.0}–{:.0}); CPU µs/event: target {:.1} ({:.1} sys), nats-server {:.1}, sink {:.1}, ClickHouse {:.1}; peak RSS {:.1} MiB, nats-server {:.1} MiB",
+                kind.label(),
+                durability.as_str(),
+                median(rates.clone()),
+                lo,
+                hi,
+                field(|d| d.target_cpu_us),
+                field(|d| d.target_sys_us),
+                field(|d| d.nats_cpu_us),
+                field(|d| d.sink_cpu_us),
+                field(|d| d.clickhouse_cpu_us),
+                field(|d| d.rss_mib),
+                field(|d| d.nats_rss_mib),
+            );
+        }
     }
-    // Ratios within each run (same sitting), then their median.
-    let ratio = |a: Kind, b: Kind| -> Option<(f64, f64, f64)> {
+    // Ratios within each run (same sitting), then their median: drain
+    // time of `b` over drain time of `a`, i.e. a's rate over b's.
+    let ratio = |a: (Kind, Durability), b: (Kind, Durability)| -> Option<(f64, f64, f64)> {
         let per_run: Vec<f64> = results
             .iter()
             .filter_map(|round| {
-                let x = round.iter().find(|d| d.kind == a)?;
-                let y = round.iter().find(|d| d.kind == b)?;
+                let x = round
+                    .iter()
+                    .find(|d| d.kind == a.0 && d.durability == a.1)?;
+                let y = round
+                    .iter()
+                    .find(|d| d.kind == b.0 && d.durability == b.1)?;
                 Some(y.seconds / x.seconds)
             })
             .collect();
@@ -619,26 +671,37 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
         let (lo, hi) = spread(&per_run);
         Some((median(per_run), lo, hi))
     };
-    for (a, b, what) in [
-        (
-            Kind::Worker,
-            Kind::Raw2,
-            "policy worker / 2-write forwarder",
-        ),
-        (
-            Kind::Worker,
-            Kind::Raw1,
-            "policy worker / 1-write forwarder",
-        ),
-        (
-            Kind::Mesh,
-            Kind::Raw1,
-            "worker + sink (end to end) / 1-write forwarder",
-        ),
-        (Kind::Raw2, Kind::Raw1, "2-write / 1-write forwarder"),
-    ] {
-        if let Some((m, lo, hi)) = ratio(a, b) {
-            println!("{what:<48} {m:.2} (per run {lo:.2}–{hi:.2})");
+    for &durability in &bench.args.durability {
+        for (a, b, what) in [
+            (
+                Kind::Worker,
+                Kind::Raw2,
+                "policy worker / 2-write forwarder",
+            ),
+            (
+                Kind::Worker,
+                Kind::Raw1,
+                "policy worker / 1-write forwarder",
+            ),
+            (
+                Kind::Mesh,
+                Kind::Raw1,
+                "worker + sink (end to end) / 1-write forwarder",
+            ),
+            (Kind::Raw2, Kind::Raw1, "2-write / 1-write forwarder"),
+        ] {
+            if let Some((m, lo, hi)) = ratio((a, durability), (b, durability)) {
+                let what = format!("{what} [{durability}]");
+                println!("{what:<58} {m:.2} (per run {lo:.2}–{hi:.2})");
+            }
+        }
+    }
+    // What fsyncing every write costs each target: its drain rate under
+    // `always` over its rate under `interval`, run by run.
+    for &kind in &bench.args.targets {
+        if let Some((m, lo, hi)) = ratio((kind, Durability::Always), (kind, Durability::Interval)) {
+            let what = format!("{}: always / interval", kind.label());
+            println!("{what:<58} {m:.2} (per run {lo:.2}–{hi:.2})");
         }
     }
     Ok(())

@@ -100,6 +100,13 @@ struct RunArgs {
     /// e.g. `2000,5000`; each target gets the same offered load.
     #[arg(long, value_delimiter = ',')]
     open_rates: Vec<f64>,
+    /// The private nats-server's durability: `always` (every write
+    /// fsynced before it is acknowledged, the stack's default),
+    /// `interval` (nats-server's 2-minute flush), or both
+    /// (`always,interval`: each target runs under both, back to back,
+    /// alternating which goes first). Ignored with `--nats-url`.
+    #[arg(long, value_delimiter = ',', default_value = "always")]
+    durability: Vec<broker_config::server::Durability>,
 }
 
 #[tokio::main]
@@ -282,6 +289,7 @@ fn percentiles(h: &Histogram<u64>) -> String {
 
 struct Row {
     label: String,
+    durability: broker_config::server::Durability,
     closed: load::PhaseResult,
     open: load::PhaseResult,
     /// Open-loop phases at fixed offered rates.
@@ -310,10 +318,17 @@ pub(crate) fn gc_settings() -> String {
 async fn server_for(
     args: &RunArgs,
     target: &Target,
+    durability: broker_config::server::Durability,
 ) -> anyhow::Result<(Option<testkit::NatsServer>, String)> {
     let server = match &args.nats_url {
         Some(_) => None,
-        None => Some(testkit::NatsServer::start().await?),
+        None => Some(
+            testkit::NatsServer::start_with(testkit::Store {
+                sync_interval: Some(drain::sync_interval(durability)),
+                ..Default::default()
+            })
+            .await?,
+        ),
     };
     let nats_url = args
         .nats_url
@@ -345,7 +360,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
-    let private = format!("a fresh private nats-server per target ({})", gc_settings());
+    if args.durability.is_empty() {
+        bail!("nothing to run: give --durability always, interval or both");
+    }
+    let private = format!(
+        "a fresh private nats-server per target ({}; sync_interval {})",
+        gc_settings(),
+        args.durability
+            .iter()
+            .map(|d| drain::sync_interval(*d))
+            .collect::<Vec<_>>()
+            .join(" and ")
+    );
     println!(
         "mesh-bench: nats {}, {} events per closed-loop phase, {} s open loop, window {}",
         args.nats_url.as_deref().unwrap_or(&private),
@@ -373,8 +399,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "CPU s/10k"
         );
         let mut rows = Vec::new();
-        for target in &targets {
-            let (server, nats_url) = server_for(&args, target).await?;
+        // Each target under each setting back to back, the setting that
+        // goes first alternating from target to target.
+        let runs = targets.iter().enumerate().flat_map(|(i, target)| {
+            let mut settings = args.durability.clone();
+            let shift = i % settings.len();
+            settings.rotate_left(shift);
+            settings.into_iter().map(move |d| (target, d))
+        });
+        for (target, durability) in runs {
+            let (server, nats_url) = server_for(&args, target, durability).await?;
             let service = Service::start(target, &nats_url).await?;
             let cpu_before = procstat::cpu_seconds(service.pid()).unwrap_or(0.0);
             let receiver = load::Receiver::start(&nats_url, clock.clone()).await?;
@@ -407,7 +441,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 + open.events
                 + fixed.iter().map(|(_, p)| p.events).sum::<u64>();
             let row = Row {
-                label: target.label().to_owned(),
+                label: format!("{} [{durability}]", target.label()),
+                durability,
                 rss_mib: procstat::peak_rss(service.pid()).unwrap_or(0) as f64 / (1024.0 * 1024.0),
                 cpu_per_10k: cpu / total as f64 * 10_000.0,
                 closed,
@@ -448,10 +483,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             drop(service);
             drop(server);
         }
-        // Each worker row against each raw forwarder (1 and 2 writes).
+        // Each worker row against each raw forwarder (1 and 2 writes) under
+        // the same setting.
         let (raws, workers): (Vec<_>, Vec<_>) = rows.iter().partition(|(raw, _)| *raw);
         for (_, row) in &workers {
-            for (_, raw) in &raws {
+            for (_, raw) in raws.iter().filter(|(_, r)| r.durability == row.durability) {
                 let added = |q: f64| {
                     (row.open.latency_us.value_at_quantile(q) as f64
                         - raw.open.latency_us.value_at_quantile(q) as f64)
@@ -479,6 +515,43 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         added(0.99)
                     );
                 }
+            }
+        }
+        // What fsyncing every write costs each target: `always` against
+        // `interval`, throughput and latency.
+        use broker_config::server::Durability;
+        let under = |label: &str, d: Durability| {
+            rows.iter()
+                .map(|(_, r)| r)
+                .find(|r| r.durability == d && r.label == format!("{label} [{d}]"))
+        };
+        for target in &targets {
+            let (Some(always), Some(interval)) = (
+                under(target.label(), Durability::Always),
+                under(target.label(), Durability::Interval),
+            ) else {
+                continue;
+            };
+            let p99 = |p: &load::PhaseResult| p.latency_us.value_at_quantile(0.99) as f64 / 1000.0;
+            println!(
+                "{:<36} always / interval: closed-loop throughput {:.2}; p99 at half load {:.2} / {:.2} ms",
+                target.label(),
+                always.closed.rate() / interval.closed.rate(),
+                p99(&always.open),
+                p99(&interval.open),
+            );
+            for ((rate, a), (_, i)) in always.fixed.iter().zip(&interval.fixed) {
+                println!(
+                    "{:<36} always / interval at {rate:.0}/s offered: delivered {:.0} / {:.0}/s, p50 {:.2} / {:.2} ms, p99 {:.2} / {:.2} ms (ratio {:.2})",
+                    target.label(),
+                    a.rate(),
+                    i.rate(),
+                    a.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+                    i.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+                    p99(a),
+                    p99(i),
+                    p99(a) / p99(i),
+                );
             }
         }
     }

@@ -63,7 +63,8 @@ pub(crate) async fn run(args: ScaleArgs) -> anyhow::Result<()> {
     let node_pids: Vec<Option<u32>> = (0..cluster.len()).map(|i| cluster.pid(i)).collect();
     let nodes_cpu = || node_pids.iter().map(|p| cpu(*p)).sum::<f64>();
     println!(
-        "mesh-bench scale: 3-node NATS cluster, streams at 3 replicas; {} events of {} B per backlog, {} runs, policies `{}`, {} CPUs; time from the first worker's start until the backlog is acked",
+        "mesh-bench scale: 3-node NATS cluster, streams at 3 replicas, durability {} (AGENTMESH_DURABILITY); {} events of {} B per backlog, {} runs, policies `{}`, {} CPUs; time from the first worker's start until the backlog is acked",
+        testkit::nats_durability(),
         args.events,
         args.size,
         args.runs,

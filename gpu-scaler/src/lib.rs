@@ -28,14 +28,10 @@ pub use worker::{AssignedGpu, assigned_gpus, cuda_visible_devices, watch_pool};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The NATS server could not be reached.
-    #[error("connecting to NATS at `{url}`: {source}")]
-    Connect {
-        /// The URL tried.
-        url: String,
-        /// The client's error.
-        source: async_nats::Error,
-    },
+    /// The service skeleton could not start: the health server, the NATS
+    /// connection or the ready file.
+    #[error(transparent)]
+    Start(#[from] telemetry::StartError),
     /// A broker request failed.
     #[error("{what}: {source}")]
     Broker {
@@ -59,17 +55,6 @@ pub enum Error {
     /// The instance name cannot be used in a CloudEvents source.
     #[error("instance name `{0}` is invalid: use letters, digits, `.`, `_` or `-` (at most 64)")]
     InvalidInstance(String),
-    /// The health and metrics server or the OTLP exporter could not start.
-    #[error(transparent)]
-    Telemetry(#[from] telemetry::Error),
-    /// The ready file could not be written.
-    #[error("ready file `{path}`: {source}")]
-    ReadyFile {
-        /// The path.
-        path: String,
-        /// What the OS said.
-        source: std::io::Error,
-    },
 }
 
 /// Default replicas of the `MESH_*` streams.
@@ -182,28 +167,10 @@ pub fn default_instance() -> String {
 /// runs rounds every `poll_interval`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     // First, so /healthz answers while the scaler starts.
-    let ops = telemetry::Ops::start("gpu-scaler", &config.ops).await?;
+    let mut ops = telemetry::Service::start("gpu-scaler", &config.ops).await?;
     let pools_config = config.pools()?;
     let running = ops.health().flag("rounds", false);
-    let options = config
-        .nats
-        .credentials
-        .apply(async_nats::ConnectOptions::new().name("gpu-scaler"))
-        .await
-        .map_err(|e| Error::Connect {
-            url: config.nats.url.clone(),
-            source: e.into(),
-        })?;
-    let client = schemas::servers::connect(options, &config.nats.url)
-        .await
-        .map_err(|e| Error::Connect {
-            url: config.nats.url.clone(),
-            source: e.into(),
-        })?;
-    let state = client.clone();
-    ops.health().probe("nats", move || {
-        state.connection_state() == async_nats::connection::State::Connected
-    });
+    let client = ops.connect(&config.nats).await?;
     let js = async_nats::jetstream::new(client.clone());
     let broker = broker_config::Options {
         replicas: config.stream_replicas.max(1),
@@ -219,35 +186,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     if let Err(e) = scaler.round().await {
         tracing::warn!(error = %e, "First scaling round failed; retrying every interval.");
     }
-    let _ready = match &config.ready_file {
-        Some(path) => Some(ReadyFile::create(path.clone())?),
-        None => None,
-    };
+    ops.ready(config.ready_file.as_deref())?;
     running.set(true);
     tracing::info!(instance = %scaler.instance(), pools, "GPU scaler ready.");
     scaler.run(shutdown).await;
     running.set(false);
     ops.shutdown().await;
     Ok(())
-}
-
-/// A file that exists while the scaler runs.
-struct ReadyFile(PathBuf);
-
-impl ReadyFile {
-    fn create(path: PathBuf) -> Result<Self, Error> {
-        std::fs::write(&path, b"ready\n").map_err(|source| Error::ReadyFile {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Ok(Self(path))
-    }
-}
-
-impl Drop for ReadyFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 #[cfg(test)]

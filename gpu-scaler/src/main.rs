@@ -1,19 +1,14 @@
-//! `gpu-scaler`: parses the [`gpu_scaler::Config`] flags, starts logging, and
-//! runs [`gpu_scaler::run`] until SIGINT or SIGTERM.
-
-use anyhow::Context;
-use clap::Parser;
-use tokio_util::sync::CancellationToken;
+//! `gpu-scaler`: the service skeleton's `main` (`telemetry::service::main`:
+//! flags into a [`gpu_scaler::Config`], logging, SIGINT/SIGTERM) around
+//! [`gpu_scaler::run`].
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let command = <gpu_scaler::Config as clap::CommandFactory>::command();
-    telemetry::check_env(&command, &["GPU_SCALER_"]).context("gpu-scaler")?;
-    let config = gpu_scaler::Config::parse();
-    let tracing = telemetry::init_tracing("gpu-scaler", &config.ops)?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
-    let result = gpu_scaler::run(config, shutdown).await;
-    tracing.shutdown().await;
-    result.context("gpu-scaler")
+async fn main() -> std::process::ExitCode {
+    telemetry::service::main(
+        "gpu-scaler",
+        &["GPU_SCALER_"],
+        |config: &gpu_scaler::Config| &config.ops,
+        gpu_scaler::run,
+    )
+    .await
 }

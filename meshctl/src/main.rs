@@ -374,7 +374,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ui { port, bind } => {
             let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
             ui::run(&endpoints, SocketAddr::new(bind, port), shutdown).await?
         }
         Command::Policy { command } => return exit(policy::run(command, &endpoints).await?),
@@ -391,7 +391,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pub(args) => return Ok(publish::run(&home, &endpoints, args).await?.into()),
         Command::Tail(args) => {
             let shutdown = tokio_util::sync::CancellationToken::new();
-            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
             return Ok(tail::run(&home, &endpoints, args, shutdown).await?.into());
         }
     }
@@ -454,23 +454,6 @@ fn parse_nats_nodes(text: &str) -> Result<usize, String> {
             "`{text}`: a local stack runs 1 NATS node or a cluster of 3 [possible values: 1, 3]"
         )),
     }
-}
-
-/// Cancels `token` on Ctrl-C or SIGTERM.
-async fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
-    token.cancel();
 }
 
 /// [`exit::Exit::Ok`] when `ok`, else [`exit::Exit::Findings`].

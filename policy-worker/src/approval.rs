@@ -22,86 +22,19 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use async_nats::header::NATS_MESSAGE_ID;
-use async_nats::jetstream::{self, consumer::PullConsumer, kv, message::PublishMessage};
+use async_nats::jetstream::{self, consumer::PullConsumer, kv};
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::StreamExt;
-use schemas::approval::{Answer, AnswerAction, ApprovalState, approval_id};
-use schemas::{ApprovalStatus, Decision, DecisionReceipt, headers, subjects};
+use schemas::approval::{Answer, AnswerAction, ApprovalState};
+use schemas::{ApprovalStatus, Decision, subjects};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::plan::{self, Parking};
+use crate::publish;
+
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-/// Headers the worker adds to a parked event that a delivery does not carry.
-const REQUEST_ONLY: &[&str] = &[
-    headers::APPROVAL_EXPIRES,
-    headers::POLICIES,
-    headers::INGRESS_SUBJECT,
-];
-
-/// An ingress event's headers as the mesh forwards them: without JetStream's
-/// `Nats-*` (they belong to the agent's publish, not to the event) and
-/// without any `Mesh-*` header (any case): those are the mesh's own, and an
-/// agent must not be able to pass one off as the worker's.
-pub(crate) fn forwardable(original: Option<&HeaderMap>) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for (name, values) in original.into_iter().flat_map(HeaderMap::iter) {
-        if !forwarded(name.as_ref()) {
-            continue;
-        }
-        for value in values {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
-}
-
-/// [`forwardable`] for headers the caller owns and publishes with its own
-/// `Nats-Msg-Id` (which replaces the agent's): the map itself when nothing
-/// else in it has to go, so the event's headers are not copied name by name;
-/// a copy without what has to go otherwise.
-pub(crate) fn forwardable_owned(original: Option<HeaderMap>) -> HeaderMap {
-    match original {
-        Some(map)
-            if map
-                .iter()
-                .all(|(name, _)| *name == NATS_MESSAGE_ID || forwarded(name.as_ref())) =>
-        {
-            map
-        }
-        other => forwardable(other.as_ref()),
-    }
-}
-
-/// Whether a header of an agent's event is forwarded: neither JetStream's
-/// `Nats-*` nor the mesh's `Mesh-*` (any case).
-fn forwarded(name: &str) -> bool {
-    !(is_nats(name) || headers::is_mesh(name))
-}
-
-fn is_nats(name: &str) -> bool {
-    name.get(..5)
-        .is_some_and(|p| p.eq_ignore_ascii_case("nats-"))
-}
-
-/// `original` (a parked request, whose `Mesh-*` headers are the worker's)
-/// minus JetStream's `Nats-*` headers and the names in `drop`.
-pub(crate) fn headers_without(original: &HeaderMap, drop: &[&str]) -> HeaderMap {
-    let mut out = HeaderMap::new();
-    for (name, values) in original.iter() {
-        let key: &str = name.as_ref();
-        if is_nats(key) || drop.iter().any(|d| d.eq_ignore_ascii_case(key)) {
-            continue;
-        }
-        for value in values {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
 }
 
 /// Parks events and applies answers.
@@ -130,62 +63,26 @@ impl Approvals {
         }
     }
 
-    /// Stores the event and its pending state; the ingress message may be
-    /// acked once this returns `Ok`.
-    pub(crate) async fn park(
-        &self,
-        message: &jetstream::Message,
-        token: &str,
-        receipt: &DecisionReceipt,
-        decision_span: Option<schemas::TraceParent>,
-    ) -> Result<(), async_nats::Error> {
-        let id = approval_id(token, &receipt.event_id);
-        let now = Utc::now();
-        let expires = now + chrono::Duration::from_std(self.timeout).unwrap_or_default();
-        let subject = subjects::approval_request(token, &id);
+    /// When an event parked `now` expires (its plan stores the request).
+    pub(crate) fn parking(&self, now: DateTime<Utc>) -> Parking {
+        Parking {
+            now,
+            expires: now + chrono::Duration::from_std(self.timeout).unwrap_or_default(),
+            decision_span: None,
+        }
+    }
 
-        let mut h = forwardable(message.headers.as_ref());
-        h.insert(headers::DECISION_ID, receipt.decision_id.as_str());
-        h.insert(headers::POLICY_HASH, receipt.policy_hash.as_str());
-        h.insert(headers::TRACE_ID, receipt.trace_id.as_str());
-        h.insert(headers::APPROVAL_ID, id.as_str());
-        h.insert(headers::APPROVAL_EXPIRES, rfc3339(expires).as_str());
-        h.insert(headers::POLICIES, receipt.reasons.join(",").as_str());
-        h.insert(headers::INGRESS_SUBJECT, message.subject.as_str());
-        self.js
-            .send_publish(
-                subject.clone(),
-                PublishMessage::build()
-                    .headers(h)
-                    .payload(message.payload.clone())
-                    .message_id(format!(
-                        "approval-{}",
-                        subjects::event_key(token, &receipt.event_id)
-                    )),
-            )
-            .await?
-            .await?;
-
-        let state = ApprovalState {
-            id: id.clone(),
-            status: ApprovalStatus::Pending,
-            agent: token.to_owned(),
-            request_subject: subject,
-            requested_at: rfc3339(now),
-            expires_at: rfc3339(expires),
-            approver: String::new(),
-            comment: String::new(),
-            answered_at: String::new(),
-            receipt: receipt.clone(),
-            decision_span: decision_span.map(|tp| tp.to_string()).unwrap_or_default(),
-        };
+    /// Creates the pending state of a parked event once its request is
+    /// stored; the ingress message may be acked once this returns `Ok`.
+    pub(crate) async fn record(&self, state: &ApprovalState) -> Result<(), async_nats::Error> {
+        let receipt = &state.receipt;
         match self
             .kv
-            .create(&id, serde_json::to_vec(&state)?.into())
+            .create(&state.id, serde_json::to_vec(state)?.into())
             .await
         {
             Ok(_) => {
-                tracing::info!(approval_id = %id, event_id = %receipt.event_id, policies = ?receipt.reasons, expires_at = %state.expires_at, "Event parked for approval.");
+                tracing::info!(approval_id = %state.id, event_id = %receipt.event_id, policies = ?receipt.reasons, expires_at = %state.expires_at, "Event parked for approval.");
                 Ok(())
             }
             // A redelivered event: its request is already there (pending or answered).
@@ -288,53 +185,10 @@ impl Approvals {
         };
         // Signed as released: the outcome and its time are new.
         self.sealer.seal_digest(&mut receipt).await?;
-        let agent = state.agent.as_str();
-        let key = subjects::event_key(agent, &receipt.event_id);
-        let body = serde_json::to_vec(&receipt)?;
-        let receipt_ack = self
-            .js
-            .send_publish(
-                subjects::decision(agent),
-                PublishMessage::build()
-                    .payload(body.into())
-                    .message_id(key.as_str()),
-            )
-            .await?;
-        let mut published = telemetry::Published::ReceiptOnly;
-        let copy = match (&request, receipt.decision, &receipt.target) {
-            (Some(request), Decision::Allow, Some(target)) => {
-                let mut h = headers_without(&request.headers, REQUEST_ONLY);
-                h.insert(headers::APPROVER, state.approver.as_str());
-                crate::signing::Sealer::stamp(&receipt, &mut h);
-                published = telemetry::Published::Delivery;
-                Some((subjects::deliver(target, agent), h, request.payload.clone()))
-            }
-            (Some(request), Decision::Deny, _) => {
-                let mut h = headers_without(&request.headers, &[headers::APPROVAL_EXPIRES]);
-                crate::signing::Sealer::stamp(&receipt, &mut h);
-                h.insert(
-                    headers::REASON,
-                    schemas::percent_encode_header(&state.denial_reason()),
-                );
-                published = telemetry::Published::DeadLetter;
-                Some((subjects::dead(agent), h, request.payload.clone()))
-            }
-            _ => None,
-        };
-        if let Some((subject, h, payload)) = copy {
-            self.js
-                .send_publish(
-                    subject,
-                    PublishMessage::build()
-                        .headers(h)
-                        .payload(payload)
-                        .message_id(key.as_str()),
-                )
-                .await?
-                .await?;
-        }
-        receipt_ack.await?;
-        self.metrics.published(published);
+        let request = request.as_ref().map(|r| (&r.headers, r.payload.clone()));
+        let plan = plan::released(state, &receipt, request)?;
+        publish::send(&self.js, plan.messages, None).await?;
+        self.metrics.published(plan.published);
         Ok(())
     }
 }
@@ -409,8 +263,6 @@ async fn answers(
 /// broker authorization the worker creates none but its own durables).
 async fn expiries(approvals: std::sync::Arc<Approvals>, shutdown: CancellationToken) {
     let stream_name = format!("KV_{}", subjects::BUCKET_APPROVALS);
-    let prefix = format!("$KV.{}.", subjects::BUCKET_APPROVALS);
-    let filter = format!("{prefix}>");
     let mut pending: HashMap<String, ApprovalState> = HashMap::new();
     let mut next: u64 = 1;
     let mut stream = None;
@@ -430,65 +282,80 @@ async fn expiries(approvals: std::sync::Arc<Approvals>, shutdown: CancellationTo
             }
         }
         let Some(s) = &stream else { continue };
-        // Everything written since the last look, in order: the last write
-        // of a key wins.
-        loop {
-            match s
-                .direct_get_next_for_subject(filter.as_str(), Some(next))
-                .await
-            {
-                Ok(message) => {
-                    next = message.sequence + 1;
-                    let key = message
-                        .subject
-                        .strip_prefix(prefix.as_str())
-                        .unwrap_or_default()
-                        .to_owned();
-                    let removed = message
-                        .headers
-                        .get("KV-Operation")
-                        .is_some_and(|op| op.as_str() != "PUT");
-                    let state = (!removed)
-                        .then(|| serde_json::from_slice::<ApprovalState>(&message.payload).ok())
-                        .flatten()
-                        .filter(|s| s.status == ApprovalStatus::Pending);
-                    match state {
-                        Some(state) => {
-                            pending.insert(key, state);
-                        }
-                        None => {
-                            pending.remove(&key);
-                        }
+        read_requests(s, &mut next, &mut pending).await;
+        send_expiries(&approvals, &mut pending).await;
+    }
+}
+
+/// Reads every write to `mesh-approvals` from sequence `next` on, in order
+/// (the last write of a key wins), into the `pending` requests.
+async fn read_requests(
+    s: &jetstream::stream::Stream<()>,
+    next: &mut u64,
+    pending: &mut HashMap<String, ApprovalState>,
+) {
+    let prefix = format!("$KV.{}.", subjects::BUCKET_APPROVALS);
+    let filter = format!("{prefix}>");
+    loop {
+        match s
+            .direct_get_next_for_subject(filter.as_str(), Some(*next))
+            .await
+        {
+            Ok(message) => {
+                *next = message.sequence + 1;
+                let key = message
+                    .subject
+                    .strip_prefix(prefix.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                let removed = message
+                    .headers
+                    .get("KV-Operation")
+                    .is_some_and(|op| op.as_str() != "PUT");
+                let state = (!removed)
+                    .then(|| serde_json::from_slice::<ApprovalState>(&message.payload).ok())
+                    .flatten()
+                    .filter(|s| s.status == ApprovalStatus::Pending);
+                match state {
+                    Some(state) => {
+                        pending.insert(key, state);
+                    }
+                    None => {
+                        pending.remove(&key);
                     }
                 }
-                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
-                Err(error) => {
-                    tracing::warn!(%error, "Reading approval requests failed; retrying.");
-                    break;
-                }
+            }
+            Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => break,
+            Err(error) => {
+                tracing::warn!(%error, "Reading approval requests failed; retrying.");
+                break;
             }
         }
-        let now = Utc::now();
-        let due: Vec<ApprovalState> = pending
-            .values()
-            .filter(|s| s.expires().is_none_or(|t| t <= now))
-            .cloned()
-            .collect();
-        for state in due {
-            let answer = Answer {
-                id: state.id.clone(),
-                action: AnswerAction::Expire,
-                approver: String::new(),
-                comment: format!("no answer by {}", state.expires_at),
-                at: rfc3339(now),
-            };
-            match broker_config::admin::send_answer(&approvals.js, &state.agent, &answer).await {
-                Ok(()) => {
-                    pending.remove(&state.id);
-                }
-                Err(error) => {
-                    tracing::warn!(approval_id = %state.id, %error, "Cannot send the expiry; retrying.")
-                }
+    }
+}
+
+/// Sends an `expire` answer for every pending request past its deadline.
+async fn send_expiries(approvals: &Approvals, pending: &mut HashMap<String, ApprovalState>) {
+    let now = Utc::now();
+    let due: Vec<ApprovalState> = pending
+        .values()
+        .filter(|s| s.expires().is_none_or(|t| t <= now))
+        .cloned()
+        .collect();
+    for state in due {
+        let answer = Answer {
+            id: state.id.clone(),
+            action: AnswerAction::Expire,
+            approver: String::new(),
+            comment: format!("no answer by {}", state.expires_at),
+            at: rfc3339(now),
+        };
+        match broker_config::admin::send_answer(&approvals.js, &state.agent, &answer).await {
+            Ok(()) => {
+                pending.remove(&state.id);
+            }
+            Err(error) => {
+                tracing::warn!(approval_id = %state.id, %error, "Cannot send the expiry; retrying.")
             }
         }
     }
@@ -496,39 +363,7 @@ async fn expiries(approvals: std::sync::Arc<Approvals>, shutdown: CancellationTo
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn an_owned_map_is_forwarded_as_is_unless_something_in_it_has_to_go() {
-        let mut clean = HeaderMap::new();
-        clean.insert("ce-id", "e-1");
-        clean.insert("ce-source", "/agents/planner");
-        // The worker's publish replaces it with its own.
-        clean.insert("Nats-Msg-Id", "planner/e-1");
-        assert_eq!(forwardable_owned(Some(clean.clone())), clean);
-        assert!(forwardable_owned(None).is_empty());
-
-        // Any other `Nats-*` (or this one in another case) and any `Mesh-*`:
-        // a copy without them, as `forwardable` makes.
-        for name in [
-            "Mesh-Decision",
-            "mesh-signer",
-            "Nats-Expected-Stream",
-            "nats-msg-id",
-        ] {
-            let mut h = clean.clone();
-            h.insert(name, "from the agent");
-            let forwarded = forwardable_owned(Some(h.clone()));
-            assert_eq!(forwarded, forwardable(Some(&h)), "{name}");
-            assert!(
-                forwarded
-                    .iter()
-                    .all(|(n, _)| !is_nats(n.as_ref()) && !headers::is_mesh(n.as_ref())),
-                "{name}: {forwarded:?}"
-            );
-            assert_eq!(forwarded.get("ce-id").map(|v| v.as_str()), Some("e-1"));
-        }
-    }
+    use schemas::approval::approval_id;
 
     #[test]
     fn ids_are_stable_tokens() {

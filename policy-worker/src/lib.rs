@@ -19,8 +19,13 @@ mod cache;
 mod durability;
 mod guard;
 mod limits;
+mod plan;
+mod publish;
 mod reload;
+#[cfg(test)]
+mod shape;
 mod signing;
+mod watermarks;
 mod worker;
 
 use std::path::PathBuf;
@@ -211,17 +216,11 @@ pub enum Error {
         /// The first problem.
         source: LoadError,
     },
-    /// NATS could not be reached.
-    #[error(
-        "cannot connect to NATS at `{url}`: {source} (is nats-server running? `meshctl up` starts one; set NATS_URL or --nats-url to point elsewhere)"
-    )]
-    Connect {
-        /// The URL tried.
-        url: String,
-        /// The client error.
-        source: async_nats::ConnectError,
-    },
-    /// The NATS credentials could not be read.
+    /// The service skeleton could not start: the health server, the NATS
+    /// connection or the ready file.
+    #[error(transparent)]
+    Start(#[from] telemetry::StartError),
+    /// The signing key file could not be read.
     #[error("NATS credentials: {0}")]
     Credentials(#[from] broker_config::credentials::CredentialsError),
     /// Streams could not be applied.
@@ -257,23 +256,12 @@ pub enum Error {
         /// The broker's answer.
         source: async_nats::Error,
     },
-    /// The health and metrics server or the OTLP exporter could not start.
-    #[error(transparent)]
-    Telemetry(#[from] telemetry::Error),
-    /// The ready file could not be written.
-    #[error("cannot write the ready file `{}`: {source}", path.display())]
-    ReadyFile {
-        /// The path.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
 }
 
 /// Runs the worker until `shutdown` is cancelled.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     // First, so /healthz answers while the worker starts.
-    let ops = telemetry::Ops::start("policy-worker", &config.ops).await?;
+    let mut ops = telemetry::Service::start("policy-worker", &config.ops).await?;
     let consuming = ops.health().flag("consumer", false);
     let bundle = PolicyBundle::load(&config.policies).map_err(|source| Error::Policies {
         dir: config.policies.clone(),
@@ -284,21 +272,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     // A refused reload keeps the active set, so once loaded they stay loaded.
     ops.health().flag("policies", true);
 
-    let options = config
-        .nats
-        .credentials
-        .apply(async_nats::ConnectOptions::new().name("policy-worker"))
-        .await?;
-    let client = schemas::servers::connect(options, &config.nats.url)
-        .await
-        .map_err(|source| Error::Connect {
-            url: config.nats.url.clone(),
-            source,
-        })?;
-    let nats = client.clone();
-    ops.health().probe("nats", move || {
-        nats.connection_state() == async_nats::connection::State::Connected
-    });
+    let client = ops.connect(&config.nats).await?;
     let js = jetstream::ContextBuilder::new()
         .max_ack_inflight(config.max_in_flight * 2)
         .backpressure_on_inflight(true)
@@ -380,12 +354,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     ));
     cache.watch_size(shutdown.clone());
 
-    if let Some(path) = &config.ready_file {
-        std::fs::write(path, b"ready\n").map_err(|source| Error::ReadyFile {
-            path: path.clone(),
-            source,
-        })?;
-    }
+    ops.ready(config.ready_file.as_deref())?;
     consuming.set(true);
     tracing::info!(consumer = %config.consumer, signer = sealer.public_key(), "Policy worker ready.");
 
@@ -398,6 +367,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             "Stream missing; tool calls are routed as deliveries only."
         );
     }
+    let js_watch = js.clone();
     let worker = worker::Worker::new(
         js,
         policies_rx,
@@ -407,6 +377,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         metrics,
         calls,
         sealer,
+    );
+    // A stream that loses messages the worker stored (a node back with a
+    // damaged store) is reported, not passed over in silence.
+    let _watermarks = watermarks::spawn(
+        worker.watermarks.clone(),
+        js_watch,
+        telemetry::StreamLosses::new(ops.metrics()),
+        shutdown.clone(),
     );
     // The consume loop runs on the runtime's worker threads like the
     // events it spawns: in `main`'s `block_on` it was a third busy thread
@@ -421,9 +399,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     consuming.set(false);
     lag.abort();
 
-    if let Some(path) = &config.ready_file {
-        let _ = std::fs::remove_file(path);
-    }
     // Make sure every ack we sent reached the server before we go.
     let _ = client.flush().await;
     ops.shutdown().await;

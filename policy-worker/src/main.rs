@@ -1,8 +1,6 @@
-//! `policy-worker`: parse the [`policy_worker::Config`] flags, start logging,
-//! run until SIGINT/SIGTERM.
-
-use clap::Parser;
-use tokio_util::sync::CancellationToken;
+//! `policy-worker`: the service skeleton's `main` (`telemetry::service::main`:
+//! flags into a [`policy_worker::Config`], logging, SIGINT/SIGTERM) around
+//! [`policy_worker::run`].
 
 /// mimalloc instead of glibc malloc: the per-event path allocates and frees
 /// from every runtime thread, where glibc's arenas cost a quarter of the
@@ -12,28 +10,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let command = <policy_worker::Config as clap::CommandFactory>::command();
-    if let Err(error) = telemetry::check_env(&command, &["AGENTMESH_WORKER_"]) {
-        eprintln!("policy-worker: {error}");
-        return std::process::ExitCode::FAILURE;
-    }
-    let config = policy_worker::Config::parse();
-    let tracing = match telemetry::init_tracing("policy-worker", &config.ops) {
-        Ok(guard) => guard,
-        Err(error) => {
-            eprintln!("policy-worker: {error}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));
-    let result = policy_worker::run(config, shutdown).await;
-    tracing.shutdown().await;
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("policy-worker: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    telemetry::service::main(
+        "policy-worker",
+        &["AGENTMESH_WORKER_"],
+        |config: &policy_worker::Config| &config.ops,
+        policy_worker::run,
+    )
+    .await
 }

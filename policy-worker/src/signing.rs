@@ -132,11 +132,6 @@ impl Sealer {
         seal.write(receipt);
         Ok(())
     }
-
-    /// Puts a sealed receipt's signature headers on a copy.
-    pub(crate) fn stamp(receipt: &DecisionReceipt, h: &mut HeaderMap) {
-        SigningKey::stamp(receipt, h);
-    }
 }
 
 /// The signer task: waits for a decision, lets the tasks already runnable

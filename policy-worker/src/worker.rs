@@ -1,5 +1,8 @@
-//! The per-event path: decode and validate, decide, publish the receipt and
-//! the routed or dead-lettered copy, then ack the ingress message.
+//! The per-event path, in stages: read the message (decode and validate),
+//! decide (guardrails and Cedar, the cache, the signature) in the event's
+//! `policy.decision` span, plan what to publish where (`plan`, a plain
+//! value), publish it (`publish`) in the `policy.delivery` span, then settle
+//! (ack the ingress message once everything is stored, or nak it).
 //!
 //! Throughput comes from batched pulls and many events in flight at once:
 //! publishes are sent asynchronously and their JetStream acks awaited
@@ -13,26 +16,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::HeaderName;
-use async_nats::jetstream::{self, AckKind, consumer::PullConsumer, message::PublishMessage};
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures::StreamExt;
-use schemas::{Decision, DecisionReceipt, MeshEvent, RawAttributes, headers, subjects};
+use schemas::approval::ApprovalState;
+use schemas::{Decision, DecisionReceipt, MeshEvent, RawAttributes, subjects};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use crate::approval::forwardable_owned;
 use crate::cache::{Lookup, ToolCache};
-use crate::guard;
+use crate::plan::{self, Ingress, Plan, Route, Settle};
 use crate::signing::Sealer;
+use crate::watermarks::Watermarks;
 use crate::{Config, Error};
+use crate::{guard, publish};
 use policy_engine::PolicyBundle;
-
-// The names of the headers every copy gets, without parsing or allocating.
-const DECISION_ID: HeaderName = HeaderName::from_static(headers::DECISION_ID);
-const POLICY_HASH: HeaderName = HeaderName::from_static(headers::POLICY_HASH);
-const TRACE_ID: HeaderName = HeaderName::from_static(headers::TRACE_ID);
 
 /// Creates (or finds) the durable pull consumer on `MESH_INGRESS`.
 pub(crate) async fn ingress_consumer(
@@ -79,6 +78,8 @@ pub(crate) struct Worker {
     calls: bool,
     /// Signs each decision once (receipt and copy share the signature).
     sealer: Sealer,
+    /// The last message stored per stream, checked for losses.
+    pub(crate) watermarks: Arc<Watermarks>,
 }
 
 impl Worker {
@@ -108,6 +109,7 @@ impl Worker {
             metrics,
             calls,
             sealer,
+            watermarks: Arc::default(),
         })
     }
 
@@ -142,116 +144,66 @@ impl Worker {
                     continue;
                 }
             };
-            let this = self.clone();
-            let work = messages
-                .take_until(shutdown.clone().cancelled_owned())
-                .filter_map(|message| async move {
-                    match message {
-                        Ok(message) => Some(message),
-                        Err(error) => {
-                            tracing::warn!(%error, "Pull from MESH_INGRESS failed; continuing.");
-                            None
-                        }
-                    }
-                })
-                // Each event is decided on its own task, so decoding, Cedar
-                // and serialisation spread over every worker thread of the
-                // runtime; this loop only pulls and bounds what is in flight.
-                // Dropping the handle (grace period over) aborts the event,
-                // which JetStream then redelivers.
-                .map(|message| AbortOnDropHandle::new(tokio::spawn(this.clone().handle(message))))
-                .buffer_unordered(self.max_in_flight)
-                .for_each(|_joined| async {});
-            let grace = self.grace;
-            let deadline = async {
-                shutdown.cancelled().await;
-                tokio::time::sleep(grace).await;
-            };
-            tokio::select! {
-                () = work => {}
-                () = deadline => {
-                    tracing::warn!(?grace, "In-flight events did not finish within the grace period; terminating now (they will be redelivered).");
-                    break;
-                }
+            if !self.clone().work(messages, &shutdown).await {
+                break;
             }
         }
     }
 
-    /// Decides one ingress message and acks it once every publish is stored.
-    async fn handle(self: Arc<Self>, mut message: jetstream::Message) {
-        let started = Instant::now();
-        let subject = message.subject.as_str().to_owned();
-        self.metrics.received();
-        // Joined to the event's trace below, once its traceparent is read.
-        let span = telemetry::spans::decision(&subject);
-        let seq = message
-            .info()
-            .map(|i| i.stream_sequence)
-            .unwrap_or_default();
-        let token = subjects::parse_ingress(&subject)
-            .map_or("unknown", |p| p.agent)
-            .to_owned();
-        let bundle = self.policies.borrow().clone();
-        let parsed = MeshEvent::from_message(
-            &subject,
-            message.headers.as_ref(),
-            &message.payload,
-            self.limits,
-        );
-
-        let mut receipt = DecisionReceipt {
-            // Stays so when the event does not parse.
-            decision: Decision::Invalid,
-            policy_hash: bundle.hash().to_owned(),
-            decision_id: uuid::Uuid::now_v7().to_string(),
-            agent: token.clone(),
-            ingress_subject: subject.clone(),
-            ..Default::default()
-        };
-        let mut target = None;
-        let mut park = false;
-        match &parsed {
-            Ok(event) => {
-                let step = subjects::parse_ingress(&subject).map_or("", |p| p.step);
-                telemetry::spans::join_event(&span, event);
-                let verdict;
-                (verdict, park) = self.guard.decide(&bundle, event, step, &mut receipt).await;
-                receipt.event_id = event.id().to_owned();
-                receipt.trace_id = event.trace.trace_id_hex();
-                receipt.trace_derived = event.trace_derived;
-                receipt.event_type = event.event_type.as_str().to_owned();
-                receipt.target = event.target.as_ref().map(|t| t.to_string());
-                receipt.subject =
-                    schemas::AttributesReader::subject(&event.event).map(str::to_owned);
-                receipt.causation_id = event.causation_id.clone();
-                receipt.causation_agent = event.causation_agent.clone();
-                receipt.decision = if verdict.allowed {
-                    Decision::Allow
-                } else {
-                    Decision::Deny
-                };
-                receipt.reasons = verdict.reasons;
-                receipt.errors = verdict.errors;
-                if verdict.allowed {
-                    target = event.target.clone();
+    /// Decides the events of one pull until it ends or `shutdown`; `false`
+    /// when the events in flight did not finish within the grace period.
+    async fn work(
+        self: Arc<Self>,
+        messages: jetstream::consumer::pull::Stream,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let this = self.clone();
+        let work = messages
+            .take_until(shutdown.clone().cancelled_owned())
+            .filter_map(|message| async move {
+                match message {
+                    Ok(message) => Some(message),
+                    Err(error) => {
+                        tracing::warn!(%error, "Pull from MESH_INGRESS failed; continuing.");
+                        None
+                    }
                 }
-            }
-            Err(invalid) => {
-                // The id and trace the audit sink records for this message too.
-                let attrs = RawAttributes::read(message.headers.as_ref(), &message.payload);
-                let (trace, derived) = attrs.trace(&subject);
-                telemetry::spans::join(&span, &trace, None);
-                receipt.trace_id = trace.trace_id_hex();
-                receipt.trace_derived = derived;
-                receipt.event_id = attrs.id;
-                receipt.event_type = attrs.ty;
-                receipt.errors = vec![invalid.to_string()];
-                self.guard.mark_invalid(&mut receipt);
+            })
+            // Each event is decided on its own task, so decoding, Cedar
+            // and serialisation spread over every worker thread of the
+            // runtime; this loop only pulls and bounds what is in flight.
+            // Dropping the handle (grace period over) aborts the event,
+            // which JetStream then redelivers.
+            .map(|message| AbortOnDropHandle::new(tokio::spawn(this.clone().handle(message))))
+            .buffer_unordered(self.max_in_flight)
+            .for_each(|_joined| async {});
+        let grace = self.grace;
+        let deadline = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            () = work => true,
+            () = deadline => {
+                tracing::warn!(?grace, "In-flight events did not finish within the grace period; terminating now (they will be redelivered).");
+                false
             }
         }
-        let evaluation = started.elapsed();
-        receipt.eval_micros = evaluation.as_micros() as u64;
-        self.metrics.decided(receipt.decision, evaluation);
+    }
+
+    /// Decides one ingress message and acks it once every publish is
+    /// stored. The stages: read it, decide (in the event's
+    /// `policy.decision` span), plan what to publish, publish (in its
+    /// `policy.delivery` span), settle (ack or nak).
+    async fn handle(self: Arc<Self>, mut message: jetstream::Message) {
+        let started = Instant::now();
+        self.metrics.received();
+        let read = Read::of(&message, self.limits);
+        let span = read.span();
+        let (receipt, route) = self
+            .decide(&read, &message.payload, started)
+            .instrument(span.clone())
+            .await;
         telemetry::spans::record_decision(
             &span,
             &receipt.event_id,
@@ -259,227 +211,296 @@ impl Worker {
             receipt.decision.as_str(),
             &receipt.policy_hash,
         );
-        let published = match (receipt.decision, &target) {
-            _ if park => telemetry::Published::Parked,
-            (Decision::Allow, Some(_)) => telemetry::Published::Delivery,
-            (Decision::Allow, None) => telemetry::Published::ReceiptOnly,
-            (Decision::Deny | Decision::Invalid, _) => telemetry::Published::DeadLetter,
+        let plan = match route {
+            Some(mut route) => {
+                if let Some(parking) = &mut route.parking {
+                    parking.decision_span = telemetry::spans::traceparent(&span);
+                }
+                span.in_scope(|| self.plan(&mut message, &read, &receipt, route))
+            }
+            None => Plan::retry(),
         };
+        let stored = match plan.settle {
+            Settle::Ack => Some(
+                self.store(plan.messages, plan.pending)
+                    .instrument(telemetry::spans::delivery(&span))
+                    .await,
+            ),
+            Settle::Retry => None,
+        };
+        self.settle(message, stored, plan.published, &receipt).await;
+    }
+
+    /// The decision on `read`: the verdict of the active (and shadow) set,
+    /// the cache's answer for an allowed call, and the receipt sealed.
+    /// Without a route when the decision could not be signed: fail closed,
+    /// nothing is published or acked and JetStream redelivers the event.
+    async fn decide(
+        &self,
+        read: &Read,
+        payload: &[u8],
+        started: Instant,
+    ) -> (DecisionReceipt, Option<Route>) {
+        let bundle = self.policies.borrow().clone();
+        let mut receipt = read.receipt(&bundle);
+        let (target, park) = match &read.event {
+            Ok(event) => self.verdict(&bundle, event, read, &mut receipt).await,
+            Err(invalid) => {
+                invalid.record(&mut receipt);
+                self.guard.mark_invalid(&mut receipt);
+                (None, false)
+            }
+        };
+        let evaluation = started.elapsed();
+        receipt.eval_micros = evaluation.as_micros() as u64;
+        self.metrics.decided(receipt.decision, evaluation);
         // The cache is asked only about what is allowed and routed now: a
         // denied call never touches it, a parked one is released later.
         let mut answer = None;
-        if let (Ok(event), Decision::Allow, Some(_), false) =
-            (&parsed, receipt.decision, &target, park)
-        {
-            let rules = bundle.cache();
-            if !rules.is_empty() {
-                match self.cache.lookup(rules, event).await {
-                    Lookup::NotCacheable => {}
-                    Lookup::Deliver(status) => receipt.cache = Some(status),
-                    Lookup::Hit(hit) => {
-                        receipt.cache = Some(schemas::CacheStatus::Hit);
-                        receipt.cache_source = Some(hit.source().to_owned());
-                        answer = Some(hit.message(event, &receipt));
-                    }
-                }
-                if let Some(source) = self.cache.fill(rules, event).await {
-                    receipt.cache = Some(schemas::CacheStatus::Stored);
-                    receipt.cache_source = Some(source);
-                }
-            }
+        if let (Ok(event), Some(_), false) = (&read.event, &target, park) {
+            answer = self.consult_cache(&bundle, event, &mut receipt).await;
         }
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        // Fail closed: a decision that cannot be signed is neither published
-        // nor acked; JetStream redelivers the event.
-        let mut sealed = self.sealer.seal(&mut receipt, &message.payload).await;
-        if let (Ok(()), Some((_, h, payload))) = (&sealed, &mut answer) {
-            sealed = self.sealer.seal_answer(&receipt, h, payload).await;
+        if !self.seal(&mut receipt, &mut answer, payload).await {
+            return (receipt, None);
         }
-        if let Err(error) = sealed {
-            self.metrics.publish_failed();
-            tracing::error!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, %error, "Signing the decision failed; not publishing it (the event will be redelivered).");
-            let _ = message
-                .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                .await;
-            return;
-        }
+        let parking = park.then(|| self.guard.approvals.parking(chrono::Utc::now()));
+        let route = Route {
+            target,
+            parking,
+            answer,
+            calls: self.calls,
+        };
+        (receipt, Some(route))
+    }
 
-        // An event is its agent and id: the same agent's repeated event
-        // collapses to one receipt and one delivery via `Nats-Msg-Id`, and
-        // another agent's event with the same id does not. Invalid events
-        // may lack an id (or reuse one a later valid event needs), so theirs
-        // is keyed by the ingress sequence.
-        let dedup_id = match receipt.decision {
-            Decision::Invalid => format!("invalid-{seq}"),
-            _ => subjects::event_key(&token, &receipt.event_id),
-        };
-        // An event waiting for a human gets its receipt once answered.
-        let done = if park {
-            self.guard
-                .approvals
-                .park(
-                    &message,
-                    &token,
-                    &receipt,
-                    telemetry::spans::traceparent(&span),
-                )
-                .instrument(telemetry::spans::delivery(&span))
-                .await
+    /// Decides a valid event with the guardrails and records the verdict
+    /// on `receipt`; returns where an allowed event goes and whether it
+    /// waits for a human.
+    async fn verdict(
+        &self,
+        bundle: &PolicyBundle,
+        event: &MeshEvent,
+        read: &Read,
+        receipt: &mut DecisionReceipt,
+    ) -> (Option<schemas::AgentId>, bool) {
+        let step = subjects::parse_ingress(&read.subject).map_or("", |p| p.step);
+        let (verdict, park) = self.guard.decide(bundle, event, step, receipt).await;
+        receipt.event_id = event.id().to_owned();
+        receipt.trace_id = event.trace.trace_id_hex();
+        receipt.trace_derived = event.trace_derived;
+        receipt.event_type = event.event_type.as_str().to_owned();
+        receipt.target = event.target.as_ref().map(|t| t.to_string());
+        receipt.subject = schemas::AttributesReader::subject(&event.event).map(str::to_owned);
+        receipt.causation_id = event.causation_id.clone();
+        receipt.causation_agent = event.causation_agent.clone();
+        receipt.decision = if verdict.allowed {
+            Decision::Allow
         } else {
-            self.publish(
-                &mut message,
-                &token,
-                &receipt,
-                &dedup_id,
-                target.as_ref(),
-                answer,
-            )
-            .instrument(telemetry::spans::delivery(&span))
-            .await
+            Decision::Deny
         };
-        match done {
-            Ok(()) => {
+        receipt.reasons = verdict.reasons;
+        receipt.errors = verdict.errors;
+        let target = verdict.allowed.then(|| event.target.clone()).flatten();
+        (target, park)
+    }
+
+    /// Asks the cache about an allowed, routed event: records `miss`,
+    /// `bypass`, `hit` or `stored` on the receipt and returns the cached
+    /// answer of a hit.
+    async fn consult_cache(
+        &self,
+        bundle: &PolicyBundle,
+        event: &MeshEvent,
+        receipt: &mut DecisionReceipt,
+    ) -> Option<plan::Copy> {
+        let rules = bundle.cache();
+        if rules.is_empty() {
+            return None;
+        }
+        let mut answer = None;
+        match self.cache.lookup(rules, event).await {
+            Lookup::NotCacheable => {}
+            Lookup::Deliver(status) => receipt.cache = Some(status),
+            Lookup::Hit(hit) => {
+                receipt.cache = Some(schemas::CacheStatus::Hit);
+                receipt.cache_source = Some(hit.source().to_owned());
+                answer = Some(hit.message(event, receipt));
+            }
+        }
+        if let Some(source) = self.cache.fill(rules, event).await {
+            receipt.cache = Some(schemas::CacheStatus::Stored);
+            receipt.cache_source = Some(source);
+        }
+        answer
+    }
+
+    /// Signs the decision (and the cached answer, if any); `false` when it
+    /// could not be signed (counted and logged here).
+    async fn seal(
+        &self,
+        receipt: &mut DecisionReceipt,
+        answer: &mut Option<plan::Copy>,
+        payload: &[u8],
+    ) -> bool {
+        let mut sealed = self.sealer.seal(receipt, payload).await;
+        if let (Ok(()), Some((_, h, payload))) = (&sealed, answer) {
+            sealed = self.sealer.seal_answer(receipt, h, payload).await;
+        }
+        let Err(error) = sealed else { return true };
+        self.metrics.publish_failed();
+        tracing::error!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, %error, "Signing the decision failed; not publishing it (the event will be redelivered).");
+        false
+    }
+
+    /// The routing plan of a decided event; the copies take the message's
+    /// header map (what is left is enough to ack it).
+    fn plan(
+        &self,
+        message: &mut jetstream::Message,
+        read: &Read,
+        receipt: &DecisionReceipt,
+        route: Route,
+    ) -> Plan {
+        let ingress = Ingress {
+            token: &read.token,
+            seq: read.seq,
+            headers: message.message.headers.take(),
+            payload: message.payload.clone(),
+        };
+        plan::event(ingress, receipt, route).unwrap_or_else(|error| {
+            // INVARIANT: a receipt is plain strings and numbers; it always serialises.
+            self.metrics.publish_failed();
+            tracing::error!(event_id = %receipt.event_id, %error, "The receipt does not serialise; not publishing it (the event will be redelivered).");
+            Plan::retry()
+        })
+    }
+
+    /// Stores the plan's messages (marking where the routed copies went,
+    /// `watermarks`), then the pending approval of a parked event.
+    async fn store(
+        &self,
+        messages: Vec<plan::Message>,
+        pending: Option<Box<ApprovalState>>,
+    ) -> Result<(), async_nats::Error> {
+        let Some(state) = pending else {
+            return publish::send(&self.js, messages, Some(&self.watermarks)).await;
+        };
+        publish::send(&self.js, messages, None).await?;
+        self.guard.approvals.record(&state).await
+    }
+
+    /// Acks the ingress message once its plan is stored; naks it (it comes
+    /// again) when the plan failed (`Some(Err)`) or said to retry (`None`).
+    async fn settle(
+        &self,
+        message: jetstream::Message,
+        stored: Option<Result<(), async_nats::Error>>,
+        published: telemetry::Published,
+        receipt: &DecisionReceipt,
+    ) {
+        let (event_id, trace_id) = (&receipt.event_id, &receipt.trace_id);
+        match stored {
+            Some(Ok(())) => {
                 self.metrics.published(published);
                 if let Err(error) = message.ack().await {
-                    tracing::warn!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, %error, "Ack failed; the event will be redelivered and deduplicated.");
+                    tracing::warn!(%event_id, %trace_id, %error, "Ack failed; the event will be redelivered and deduplicated.");
                 }
-                tracing::debug!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, decision = %receipt.decision, "Event decided.");
+                tracing::debug!(%event_id, %trace_id, decision = %receipt.decision, "Event decided.");
+                return;
             }
-            Err(error) => {
+            Some(Err(error)) => {
                 self.metrics.publish_failed();
-                tracing::warn!(event_id = %receipt.event_id, trace_id = %receipt.trace_id, %error, "Publishing the decision failed; the event will be redelivered.");
-                let _ = message
-                    .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
-                    .await;
+                tracing::warn!(%event_id, %trace_id, %error, "Publishing the decision failed; the event will be redelivered.");
             }
+            None => {}
+        }
+        let _ = message
+            .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
+            .await;
+    }
+}
+
+/// Why an ingress message is invalid, with what the audit sink salvages
+/// from it (its id, type and trace).
+struct Invalid {
+    error: String,
+    attrs: RawAttributes,
+    trace: schemas::TraceParent,
+    derived: bool,
+}
+
+impl Invalid {
+    fn record(&self, receipt: &mut DecisionReceipt) {
+        receipt.trace_id = self.trace.trace_id_hex();
+        receipt.trace_derived = self.derived;
+        receipt.event_id = self.attrs.id.clone();
+        receipt.event_type = self.attrs.ty.clone();
+        receipt.errors = vec![self.error.clone()];
+    }
+}
+
+/// An ingress message as read: what the stages need of it.
+struct Read {
+    subject: String,
+    /// The agent's subject token (`unknown` when the subject has none).
+    token: String,
+    seq: u64,
+    event: Result<MeshEvent, Invalid>,
+}
+
+impl Read {
+    fn of(message: &jetstream::Message, limits: schemas::Limits) -> Self {
+        let subject = message.subject.as_str().to_owned();
+        let seq = message
+            .info()
+            .map(|i| i.stream_sequence)
+            .unwrap_or_default();
+        let token = subjects::parse_ingress(&subject)
+            .map_or("unknown", |p| p.agent)
+            .to_owned();
+        let headers = message.headers.as_ref();
+        let event = MeshEvent::from_message(&subject, headers, &message.payload, limits).map_err(
+            |invalid| {
+                // The id and trace the audit sink records for this message too.
+                let attrs = RawAttributes::read(headers, &message.payload);
+                let (trace, derived) = attrs.trace(&subject);
+                Invalid {
+                    error: invalid.to_string(),
+                    attrs,
+                    trace,
+                    derived,
+                }
+            },
+        );
+        Self {
+            subject,
+            token,
+            seq,
+            event,
         }
     }
 
-    /// Publishes the receipt and the delivery or dead letter, and waits until
-    /// JetStream has stored both. A call answered from the cache gets the
-    /// cached answer (`cached`, to the caller) instead of its delivery.
-    /// The copy takes the message's header map (what is left is enough to
-    /// ack it).
-    async fn publish(
-        &self,
-        message: &mut jetstream::Message,
-        token: &str,
-        receipt: &DecisionReceipt,
-        dedup_id: &str,
-        target: Option<&schemas::AgentId>,
-        cached: Option<(String, async_nats::HeaderMap, bytes::Bytes)>,
-    ) -> Result<(), async_nats::Error> {
-        // INVARIANT: a receipt is plain strings and numbers; it always serialises.
-        // A signed receipt is 1–2 KiB: one allocation, not a doubling series.
-        let mut body = Vec::with_capacity(2048);
-        serde_json::to_writer(&mut body, receipt)?;
-        let receipt_ack = self
-            .js
-            .send_publish(
-                subjects::decision(token),
-                PublishMessage::build()
-                    .payload(body.into())
-                    .message_id(dedup_id),
-            )
-            .await?;
+    /// The event's `policy.decision` span, a child of the event's trace.
+    fn span(&self) -> tracing::Span {
+        let span = telemetry::spans::decision(&self.subject);
+        match &self.event {
+            Ok(event) => telemetry::spans::join_event(&span, event),
+            Err(invalid) => telemetry::spans::join(&span, &invalid.trace, None),
+        }
+        span
+    }
 
-        // An approved tool call is also stored on `mesh.call.<target>.<source>`;
-        // its delivery names that subject, so an agent reading its calls
-        // there skips the delivery, and an older one answers the delivery.
-        // A call answered from the cache reaches the tool's agent neither way.
-        let call = match (receipt.decision, target) {
-            (Decision::Allow, Some(target))
-                if self.calls
-                    && cached.is_none()
-                    && receipt.event_type == schemas::EventType::ToolCall.as_str() =>
-            {
-                Some(subjects::call(target.as_str(), token))
-            }
-            _ => None,
-        };
-        // The event's headers minus JetStream's `Nats-*` and whatever the
-        // agent sent as `Mesh-*`, plus the decision's: built once for the
-        // copy (the call gets a clone), on the event's own map when nothing
-        // in it has to go.
-        let forward = match (receipt.decision, target) {
-            (Decision::Allow, None) => None,
-            (Decision::Allow, Some(_)) if cached.is_some() => None,
-            _ => {
-                let mut forward = forwardable_owned(message.message.headers.take());
-                forward.insert(DECISION_ID, receipt.decision_id.as_str());
-                forward.insert(POLICY_HASH, receipt.policy_hash.as_str());
-                forward.insert(TRACE_ID, receipt.trace_id.as_str());
-                Sealer::stamp(receipt, &mut forward);
-                Some(forward)
-            }
-        };
-        let call_ack = match (&call, &forward) {
-            (Some(subject), Some(forward)) => Some(
-                self.js
-                    .send_publish(
-                        subject.clone(),
-                        PublishMessage::build()
-                            .headers(forward.clone())
-                            .payload(message.payload.clone())
-                            .message_id(dedup_id),
-                    )
-                    .await?,
-            ),
-            _ => None,
-        };
-        let copy = match (receipt.decision, target, forward) {
-            (Decision::Allow, Some(target), Some(mut forward)) => {
-                if let Some(subject) = &call {
-                    forward.insert(headers::CALL, subject.as_str());
-                }
-                Some((
-                    subjects::deliver(target.as_str(), token),
-                    forward,
-                    message.payload.clone(),
-                ))
-            }
-            (Decision::Deny | Decision::Invalid, _, Some(mut forward)) => {
-                let reason = receipt.errors.first().cloned().unwrap_or_else(|| {
-                    if receipt.reasons.is_empty() {
-                        "no policy permits this event".to_owned()
-                    } else {
-                        format!("forbidden by {}", receipt.reasons.join(", "))
-                    }
-                });
-                forward.insert(headers::REASON, schemas::percent_encode_header(&reason));
-                if !receipt.reasons.is_empty() {
-                    forward.insert(headers::POLICIES, receipt.reasons.join(","));
-                }
-                forward.insert(headers::INGRESS_SUBJECT, message.subject.as_str());
-                Some((subjects::dead(token), forward, message.payload.clone()))
-            }
-            _ => None,
-        };
-        // The cached answer takes the delivery's place and its `Nats-Msg-Id`:
-        // a redelivered call gets one answer, from the tool or the cache.
-        let copy = cached.or(copy);
-        let copy_ack = match copy {
-            Some((subject, forward, payload)) => Some(
-                self.js
-                    .send_publish(
-                        subject,
-                        PublishMessage::build()
-                            .headers(forward)
-                            .payload(payload)
-                            .message_id(dedup_id),
-                    )
-                    .await?,
-            ),
-            None => None,
-        };
-        receipt_ack.await?;
-        if let Some(ack) = call_ack {
-            ack.await?;
+    /// The receipt before the decision: `invalid` until decided.
+    fn receipt(&self, bundle: &PolicyBundle) -> DecisionReceipt {
+        DecisionReceipt {
+            decision: Decision::Invalid,
+            policy_hash: bundle.hash().to_owned(),
+            decision_id: uuid::Uuid::now_v7().to_string(),
+            agent: self.token.clone(),
+            ingress_subject: self.subject.clone(),
+            ..Default::default()
         }
-        if let Some(ack) = copy_ack {
-            ack.await?;
-        }
-        Ok(())
     }
 }

@@ -452,6 +452,32 @@ impl NatsDurability {
     }
 }
 
+/// Messages a stream lost after acknowledging them, as the policy worker
+/// found them (its `watermarks` check).
+#[derive(Debug, Clone)]
+pub struct StreamLosses {
+    losses: Counter<u64>,
+}
+
+impl StreamLosses {
+    /// Creates the instrument on `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        Self {
+            losses: metrics
+                .meter()
+                .u64_counter("agentmesh.worker.stream_losses")
+                .with_description("Times a stream no longer held a message the worker had stored there (a NATS node back with a truncated or damaged store): the events of the lost messages were acknowledged.")
+                .build(),
+        }
+    }
+
+    /// `stream` lost messages.
+    pub fn add(&self, stream: &str) {
+        self.losses
+            .add(1, &[KeyValue::new("stream", stream.to_owned())]);
+    }
+}
+
 /// Consumer lag: what a durable consumer has not yet been handed
 /// (`num_pending`) and what it holds unacked (`num_ack_pending`), polled
 /// from the consumer's info.

@@ -5,8 +5,13 @@
 //! - [`OpsConfig`]: the `--http-port`, `--log-format` and
 //!   `--otlp-endpoint` flags (and their environment variables), flattened
 //!   into each binary's arguments.
-//! - [`shutdown_on_signal`]: the SIGINT/SIGTERM handling every binary has
-//!   (the NATS connection flags are `broker_config::NatsArgs`).
+//! - [`service`]: the service skeleton, written once for every service
+//!   ([`service::main`], [`Service`]: health server first, NATS with
+//!   failover, the ready file, [`StartError`]).
+//! - [`shutdown_on_signal`] and [`signal()`]: the SIGINT/SIGTERM handling of
+//!   every service and of `meshctl`'s long-running commands.
+//! - [`http`]: the one HTTP serving stack (hyper, HTTP/1.1), for the
+//!   services' endpoints and `meshctl ui`.
 //! - [`init_tracing`]: logs as text or JSON on stderr, and spans exported over
 //!   OTLP/HTTP when an endpoint is set.
 //! - [`Ops`]: the per-service bundle started by each `run`: [`Health`]
@@ -23,12 +28,14 @@
 mod config;
 mod env;
 mod health;
+pub mod http;
 mod instruments;
 mod logging;
 mod metrics;
 mod ops;
 mod server;
-mod service;
+pub mod service;
+mod signal;
 pub mod spans;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -38,12 +45,14 @@ pub use env::{UnknownEnv, check_env, check_names};
 pub use health::{Health, ReadyFlag};
 pub use instruments::{
     CacheMetrics, ConsumerLag, McpMetrics, NatsDurability, Published, ScalerMetrics, SinkMetrics,
+    StreamLosses,
     TableMetrics, WorkerMetrics,
 };
 pub use logging::{TracingGuard, init_tracing};
 pub use metrics::Metrics;
 pub use ops::Ops;
-pub use service::shutdown_on_signal;
+pub use service::{Service, StartError};
+pub use signal::{shutdown_on_signal, signal};
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]

@@ -128,13 +128,18 @@ impl NatsCluster {
         self.dir.path().join(format!("{}.log", self.nodes[i].name))
     }
 
-    fn write_config(&self, i: usize) -> anyhow::Result<()> {
+    /// Node `i`'s JetStream store directory (its `store_dir`).
+    pub fn store_dir(&self, i: usize) -> PathBuf {
         let node = &self.nodes[i];
-        let store = node
-            .store
+        node.store
             .dir
             .clone()
-            .unwrap_or_else(|| self.dir.path().join(&node.name).join("store"));
+            .unwrap_or_else(|| self.dir.path().join(&node.name).join("store"))
+    }
+
+    fn write_config(&self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let store = self.store_dir(i);
         // The node's own setting, else the stack's default durability.
         let sync = node
             .store

@@ -138,6 +138,34 @@ pub fn nats_durability() -> broker_config::server::Durability {
     }
 }
 
+/// The message block files (`*.blk`, oldest first) of `stream` in the
+/// JetStream store directory `store` (a server's `-sd`, or a cluster
+/// node's [`Store::dir`]), for a test that damages them while the server
+/// is down.
+pub fn stream_blocks(store: &Path, stream: &str) -> anyhow::Result<Vec<PathBuf>> {
+    // `<store>/jetstream/<account>/streams/<stream>/msgs/<n>.blk`
+    let accounts = store.join("jetstream");
+    let mut blocks = Vec::new();
+    for account in
+        std::fs::read_dir(&accounts).with_context(|| format!("reading {}", accounts.display()))?
+    {
+        let msgs = account?.path().join("streams").join(stream).join("msgs");
+        for entry in std::fs::read_dir(&msgs).into_iter().flatten() {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "blk") {
+                blocks.push(path);
+            }
+        }
+    }
+    let index = |p: &PathBuf| {
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.parse::<u64>().ok())
+    };
+    blocks.sort_by_key(index);
+    Ok(blocks)
+}
+
 /// A `nats-server -js` of the test's own; its log is `nats-server.log` in
 /// [`NatsServer::log_path`].
 pub struct NatsServer {
@@ -285,6 +313,12 @@ impl NatsServer {
             .unwrap_or_else(|| self.dir.path().join("store"))
     }
 
+    /// The message block files (`*.blk`, oldest first) of `stream` in the
+    /// store, for a test that damages them while the server is down.
+    pub fn stream_blocks(&self, stream: &str) -> anyhow::Result<Vec<PathBuf>> {
+        stream_blocks(&self.store_dir(), stream)
+    }
+
     /// Starts the server again after [`NatsServer::kill`] (on the same port
     /// and store); a no-op when it runs.
     pub async fn start_again(&mut self) -> anyhow::Result<()> {
@@ -300,6 +334,30 @@ impl NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Stops the server as an operator would (SIGTERM: it writes its
+    /// streams' and consumers' state and exits) and waits for it to exit,
+    /// within [`WAIT`].
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .context("running `kill`")?;
+        anyhow::ensure!(
+            status.success(),
+            "`kill -TERM` on nats-server failed: {status}"
+        );
+        eventually(WAIT, "nats-server to exit after SIGTERM", || {
+            let exited = child.try_wait().ok().flatten().is_some();
+            async move { exited.then_some(()) }
+        })
+        .await?;
+        self.child = None;
+        Ok(())
     }
 
     /// Kills and starts the server again on the same port and store.

@@ -348,19 +348,12 @@ async fn bring_up(
 }
 
 async fn wait_in_foreground(home: &Home, started: &mut Started) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        eprintln!("cannot listen for signals; use `meshctl down` to stop the stack");
-        return;
-    };
+    let signal = telemetry::signal();
+    tokio::pin!(signal);
     let mut check = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            () = &mut signal => break,
             _ = check.tick() => {
                 started.children.retain_mut(|(name, child)| match child.try_wait() {
                     Ok(Some(status)) => {

@@ -4,7 +4,8 @@
 //! embedded `live.js`, which polls `/api/trace/<id>` and swaps in the
 //! re-rendered tree when it changed. It reads ClickHouse as meshctl does
 //! (the read-only user on a local stack with authorization) and serves
-//! HTTP/1.1 on hyper, on 127.0.0.1 unless told otherwise.
+//! HTTP/1.1 with the services' stack (`telemetry::http`), on 127.0.0.1
+//! unless told otherwise.
 //!
 //! Routes: `/` (traces; `agent`, `decision`, `since`, `until`, `limit`),
 //! `/trace/<id>`, `/trace/<id>/tree` (the fragment), `/api/trace/<id>`
@@ -15,18 +16,14 @@ mod filter;
 mod html;
 mod pages;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::header::{CACHE_CONTROL, HeaderValue};
+use hyper::{Method, Request, StatusCode};
+use telemetry::http::Reply;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::servers::Endpoints;
 
@@ -94,45 +91,12 @@ pub(crate) async fn run(
         "Serving http://{local}/ : the audit of `{}` at {} (Ctrl-C stops it)",
         endpoints.database, endpoints.clickhouse_url
     );
-    serve(listener, state, shutdown).await;
-    Ok(())
-}
-
-async fn serve(listener: TcpListener, state: Arc<State>, shutdown: CancellationToken) {
-    let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::debug!(%error, "UI accept failed.");
-                continue;
-            }
-        };
+    let handler = move |request: Request<_>| {
         let state = state.clone();
-        let shutdown = shutdown.clone();
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "UI connection failed.");
-                    }
-                }
-            }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+        async move { respond(&state, &request).await }
+    };
+    telemetry::http::serve(listener, handler, shutdown, "UI").await;
+    Ok(())
 }
 
 /// A response body and its content type.
@@ -142,7 +106,7 @@ fn html(page: String) -> Body {
     Body("text/html; charset=utf-8", page)
 }
 
-async fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>> {
+async fn respond<B>(state: &State, request: &Request<B>) -> Reply {
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or_default().to_owned();
     let result = if request.method() == Method::GET || request.method() == Method::HEAD {
@@ -167,10 +131,8 @@ async fn respond<B>(state: &State, request: &Request<B>) -> Response<Full<Bytes>
             (status, body)
         }
     };
-    let mut response = Response::new(Full::new(Bytes::from(body.1)));
-    *response.status_mut() = status;
+    let mut response = telemetry::http::reply(status, body.0, body.1);
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(body.0));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(
         "x-content-type-options",

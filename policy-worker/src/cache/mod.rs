@@ -344,38 +344,9 @@ impl ToolCache {
             if let Some(entry) = self.fresh(key, rule).await? {
                 return Ok(Lookup::Hit(Hit { entry }));
             }
-            let flight = serde_json::to_vec(&Flight {
-                call: me.clone(),
-                at_ms: now_ms(),
-            })?;
-            let lead = match self.kv.create(key.flight(), flight.clone().into()).await {
-                Ok(_) => true,
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    match self.kv.entry(key.flight()).await? {
-                        Some(current) if current.operation == kv::Operation::Put => {
-                            let out = serde_json::from_slice::<Flight>(&current.value).ok();
-                            let stale = out.as_ref().is_none_or(|f| {
-                                f.at_ms.saturating_add(self.flight_wait.as_millis() as i64)
-                                    < now_ms()
-                            });
-                            if out.is_some_and(|f| f.call == me) {
-                                // This call, redelivered: it still leads.
-                                true
-                            } else if stale {
-                                // Its result never came: take the flight over.
-                                self.kv
-                                    .update(key.flight(), flight.into(), current.revision)
-                                    .await
-                                    .is_ok()
-                            } else {
-                                false
-                            }
-                        }
-                        // Landed between the create and the read: look again.
-                        _ => continue,
-                    }
-                }
-                Err(e) => return Err(e.into()),
+            // `None`: the flight landed between the create and the read.
+            let Some(lead) = self.claim(key, &me).await? else {
+                continue;
             };
             if lead && let Some(entry) = self.fresh(key, rule).await? {
                 // The flight before landed between the look and the create.
@@ -401,6 +372,46 @@ impl ToolCache {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Tries to lead the flight of `key` as the call `me`: `Some(true)` when
+    /// it leads (it created the flight, or leads it already, redelivered,
+    /// or took over a stale one), `Some(false)` when another call leads,
+    /// `None` when the flight landed meanwhile (look again).
+    async fn claim(&self, key: &Key, me: &str) -> Result<Option<bool>, async_nats::Error> {
+        let flight = serde_json::to_vec(&Flight {
+            call: me.to_owned(),
+            at_ms: now_ms(),
+        })?;
+        match self.kv.create(key.flight(), flight.clone().into()).await {
+            Ok(_) => return Ok(Some(true)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        let Some(current) = self
+            .kv
+            .entry(key.flight())
+            .await?
+            .filter(|current| current.operation == kv::Operation::Put)
+        else {
+            return Ok(None);
+        };
+        let out = serde_json::from_slice::<Flight>(&current.value).ok();
+        let stale = out
+            .as_ref()
+            .is_none_or(|f| f.at_ms.saturating_add(self.flight_wait.as_millis() as i64) < now_ms());
+        Ok(Some(if out.is_some_and(|f| f.call == me) {
+            // This call, redelivered: it still leads.
+            true
+        } else if stale {
+            // Its result never came: take the flight over.
+            self.kv
+                .update(key.flight(), flight.into(), current.revision)
+                .await
+                .is_ok()
+        } else {
+            false
+        }))
     }
 
     /// Records that `call` goes to the tool and its result fills `key`.

@@ -491,3 +491,153 @@ async fn reports_whether_each_nats_node_fsyncs_every_write() {
         "{log}"
     );
 }
+
+/// A node that comes back with the tail of a message block gone (a disk
+/// that lost it, a torn write): nats-server 2.15 restores the records
+/// before the damage, says only `Restored N messages` and hands the lost
+/// sequences out again, and the stream's info marks nothing lost. The
+/// worker, still running, finds that `MESH_DELIVER` no longer holds the
+/// last delivery it stored there: an error log that names the stream, and
+/// `agentmesh_worker_stream_losses_total{stream}`. It keeps its own
+/// guarantee after the restart: events published then are acked only once
+/// their receipt and delivery are stored.
+#[tokio::test]
+async fn a_stream_back_with_a_truncated_block_is_reported_not_passed_over() {
+    const BEFORE: u64 = 40;
+    const AFTER: u64 = 10;
+    let mut mesh = Mesh::start().await.unwrap();
+    let policies = policies_copy();
+    let worker = Worker::start(&mesh, policies.path(), &[], "info").await;
+    let losses = "agentmesh_worker_stream_losses_total{stream=\"MESH_DELIVER\"}";
+    for i in 0..BEFORE {
+        mesh.publish_event(
+            &subjects::ingress("planner", "handoff"),
+            &handoff(&format!("before-{i}")),
+        )
+        .await
+        .unwrap();
+    }
+    mesh.wait_messages(subjects::STREAM_DELIVER, BEFORE)
+        .await
+        .unwrap();
+    // Every event acked: the worker stored its receipt and its delivery.
+    all_acked(&mesh).await;
+    assert_eq!(worker.metric(losses).await, 0.0);
+
+    // The node stops (its consumers' state written, so nothing acked comes
+    // back as a redelivery that would store the copy again); its disk
+    // loses the second half of the stream's last block; the node starts on
+    // what is left.
+    mesh.nats.stop().await.unwrap();
+    let blocks = mesh.nats.stream_blocks(subjects::STREAM_DELIVER).unwrap();
+    let sizes: Vec<u64> = blocks
+        .iter()
+        .map(|b| std::fs::metadata(b).unwrap().len())
+        .collect();
+    let (last, size) = blocks
+        .iter()
+        .zip(&sizes)
+        .rfind(|(_, size)| **size > 0)
+        .unwrap_or_else(|| panic!("MESH_DELIVER has no message block with data: {blocks:?}"));
+    let file = std::fs::OpenOptions::new().write(true).open(last).unwrap();
+    file.set_len(size / 2).unwrap();
+    drop(file);
+    mesh.nats.start_again().await.unwrap();
+
+    // What the server reports: fewer messages restored, and no warning or
+    // error about it.
+    let log = std::fs::read_to_string(mesh.nats.log_path()).unwrap();
+    let restart = &log[log.rfind("Starting nats-server").unwrap()..];
+    let restored: u64 = restart
+        .lines()
+        .find_map(|l| {
+            l.split("Restored ")
+                .nth(1)?
+                .split_once(" messages for stream '$G > MESH_DELIVER'")
+                .map(|(n, _)| n.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no `Restored … MESH_DELIVER` line in\n{restart}"));
+    assert!(
+        restored < BEFORE,
+        "the truncation of {} ({size} bytes, blocks {sizes:?}) cost nothing: {restored} restored",
+        last.display()
+    );
+    let complaints: Vec<&str> = restart
+        .lines()
+        .filter(|l| l.contains("[WRN]") || l.contains("[ERR]"))
+        .collect();
+    println!(
+        "nats-server after the truncation: restored {restored} of {BEFORE} messages of MESH_DELIVER; warnings and errors: {complaints:?}"
+    );
+
+    // What the worker reports.
+    eventually(WAIT, "the worker to report the loss", || async {
+        (worker.metric(losses).await >= 1.0).then_some(())
+    })
+    .await
+    .unwrap();
+    let log = worker.service.log_text();
+    let error = log
+        .lines()
+        .find(|l| l.contains("Stream `MESH_DELIVER` lost messages it had acknowledged"))
+        .unwrap_or_else(|| panic!("no error in\n{log}"));
+    println!("the worker: {error}");
+    assert!(error.contains("ERROR"), "{error}");
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("lost messages") && !l.contains("MESH_DELIVER")),
+        "a stream that lost nothing reported:\n{log}"
+    );
+
+    // After the restart the worker stores before it acks, as before: each
+    // new event's receipt and delivery are there once it is acked.
+    for i in 0..AFTER {
+        mesh.publish_event(
+            &subjects::ingress("planner", "handoff"),
+            &handoff(&format!("after-{i}")),
+        )
+        .await
+        .unwrap();
+    }
+    all_acked(&mesh).await;
+    let deliveries = mesh.messages(subjects::STREAM_DELIVER).await.unwrap();
+    let receipts = mesh.receipts().await.unwrap();
+    let delivered = |id: &str| {
+        deliveries
+            .iter()
+            .any(|m| support::header(&m.headers, "ce-id").as_deref() == Some(id))
+    };
+    // The acknowledged events the truncation cost their delivery: lost,
+    // and reported above, not in silence.
+    let lost = (0..BEFORE)
+        .filter(|i| !delivered(&format!("before-{i}")))
+        .count() as u64;
+    println!("acknowledged events whose delivery is gone: {lost} of {BEFORE}");
+    assert_eq!(lost, BEFORE - restored);
+    for i in 0..AFTER {
+        let id = format!("after-{i}");
+        assert!(delivered(&id), "no delivery for {id}");
+        assert!(
+            receipts.iter().any(|r| r.event_id == id),
+            "no receipt for {id}"
+        );
+    }
+    // One report per loss: the new deliveries set a new mark.
+    assert_eq!(worker.metric(losses).await, 1.0);
+}
+
+/// Waits until the worker acked every event published so far.
+async fn all_acked(mesh: &Mesh) {
+    eventually(WAIT, "the worker to ack every event", || async {
+        let info = mesh
+            .stream(subjects::STREAM_INGRESS)
+            .await
+            .ok()?
+            .consumer_info("policy-worker")
+            .await
+            .ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(())
+    })
+    .await
+    .unwrap();
+}

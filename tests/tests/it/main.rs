@@ -7,6 +7,7 @@
 mod break_in;
 mod cluster_faults;
 mod compose_files;
+mod damaged_store;
 mod dependencies;
 mod guardrails_with_credentials;
 mod mcp_gateway;
