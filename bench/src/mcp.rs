@@ -230,13 +230,17 @@ pub(crate) async fn run(args: McpArgs) -> anyhow::Result<()> {
         anyhow::ensure!(!worker.is_finished(), "the policy worker stopped at start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let _coder = Agent::builder("coder")
+    let coder = Agent::builder("coder")
         .max_concurrent_tools(64)
         .tool(ToolSpec::new("code.search"), |call: ToolCall| async move {
             Ok(call.arguments().clone())
         })
         .connect(&url)
         .await?;
+    let serving = tokio::spawn({
+        let stop = stop.clone();
+        async move { coder.serve(stop.cancelled_owned()).await }
+    });
     // Two callers, so that the gateway's connection (as `planner`) and the
     // native one (`reviewer`) do not share a delivery consumer.
     let native_caller = Agent::connect("reviewer", &url).await?;
@@ -287,6 +291,7 @@ pub(crate) async fn run(args: McpArgs) -> anyhow::Result<()> {
         );
     }
     stop.cancel();
+    let _ = serving.await;
     let _ = worker.await;
     let _ = gateway.await;
     Ok(())

@@ -4,7 +4,8 @@
 //! `WWW-Authenticate` challenge; with one, the caller rides in the request's
 //! extensions into rmcp's Streamable HTTP service, which hands them to the
 //! session's handler. A body over `--max-body-bytes` is refused with `413`
-//! before it is read (by `Content-Length`) or while it is (rmcp's limit).
+//! before it is read (by `Content-Length`) or while it is; one that is not
+//! JSON-RPC with `400` and a JSON-RPC error (`-32700`, `-32600`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
@@ -140,7 +141,10 @@ async fn handle(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max_body_bytes as u64) {
+    // Past the limit a body is still read (and dropped) up to DRAIN_BYTES
+    // more, so the client reads the 413 rather than a reset connection;
+    // beyond that the connection is cut at once.
+    if declared.is_some_and(|n| n > (max_body_bytes + DRAIN_BYTES) as u64) {
         limits.metrics.refused("too_large");
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -152,7 +156,91 @@ async fn handle(
         );
     }
     request.extensions_mut().insert(caller);
-    mcp.handle(request).await
+    if request.method() != Method::POST {
+        // The SSE stream (GET) and session end (DELETE): no body to check.
+        return mcp.handle(request).await;
+    }
+    // A POST body is read here, within the limit, and checked to be
+    // JSON-RPC, so that a bad one gets a JSON-RPC error (rmcp would answer
+    // `415` in plain text); the same bytes then go to rmcp.
+    let (parts, body) = request.into_parts();
+    let bytes = match read_body(body, max_body_bytes).await {
+        Ok(bytes) => bytes,
+        Err(Some(size)) => {
+            limits.metrics.refused("too_large");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                -32600,
+                &format!(
+                    "request body of {size} bytes or more is over the gateway's limit of {max_body_bytes} (--max-body-bytes); a mesh event is at most 1 MiB"
+                ),
+            );
+        }
+        Err(None) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                -32700,
+                "the request body could not be read",
+            );
+        }
+    };
+    if let Err((code, message)) = check_json_rpc(&bytes) {
+        limits.metrics.refused("malformed");
+        return error(StatusCode::BAD_REQUEST, code, &message);
+    }
+    mcp.handle(Request::from_parts(parts, Full::new(bytes)))
+        .await
+}
+
+/// How much of a body past the limit is read and dropped before the 413.
+const DRAIN_BYTES: usize = 32 * 1024 * 1024;
+
+/// The body, when it is at most `max` bytes. `Err(Some(n))`: it is larger
+/// (`n` bytes were read, at most `max` + [`DRAIN_BYTES`]); `Err(None)`: it
+/// could not be read.
+async fn read_body(mut body: Incoming, max: usize) -> Result<Bytes, Option<usize>> {
+    let mut kept = bytes::BytesMut::new();
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| None)?.into_data() else {
+            continue;
+        };
+        total += data.len();
+        if total <= max {
+            kept.extend_from_slice(&data);
+        } else if total > max + DRAIN_BYTES {
+            return Err(Some(total));
+        }
+    }
+    if total > max {
+        Err(Some(total))
+    } else {
+        Ok(kept.freeze())
+    }
+}
+
+/// Whether `body` is a JSON-RPC 2.0 message (or a batch of them): `Err`
+/// with the JSON-RPC error code (`-32700` parse error, `-32600` invalid
+/// request) and a message that says what is wrong.
+fn check_json_rpc(body: &[u8]) -> Result<(), (i32, String)> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| (-32700, format!("parse error: the body is not JSON ({e})")))?;
+    let one = |m: &serde_json::Value| {
+        m.as_object()
+            .is_some_and(|o| o.get("jsonrpc").and_then(|v| v.as_str()) == Some("2.0"))
+    };
+    let valid = match &value {
+        serde_json::Value::Array(batch) => !batch.is_empty() && batch.iter().all(one),
+        message => one(message),
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err((
+            -32600,
+            "invalid request: the body is JSON but no JSON-RPC 2.0 message (an object with \"jsonrpc\": \"2.0\")".to_owned(),
+        ))
+    }
 }
 
 /// A JSON-RPC error response without an id, with `status`.
@@ -168,4 +256,32 @@ fn error(status: StatusCode, code: i32, message: &str) -> Response<Body> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_json_rpc_or_refused_with_the_json_rpc_code() {
+        let ok = [
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#,
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            r#"[{"jsonrpc":"2.0","id":1,"result":{}}]"#,
+        ];
+        for body in ok {
+            assert_eq!(check_json_rpc(body.as_bytes()), Ok(()), "{body}");
+        }
+        for (body, code) in [
+            ("{this is not json", -32700),
+            ("", -32700),
+            (r#"{"id":1,"method":"tools/list"}"#, -32600),
+            (r#"{"jsonrpc":"1.0","id":1}"#, -32600),
+            ("[]", -32600),
+            ("42", -32600),
+        ] {
+            let err = check_json_rpc(body.as_bytes()).unwrap_err();
+            assert_eq!(err.0, code, "{body}: {}", err.1);
+        }
+    }
 }

@@ -68,17 +68,9 @@ pub enum Error {
     /// The token file is unreadable.
     #[error(transparent)]
     Tokens(#[from] broker_config::mcp_tokens::TokenFileError),
-    /// The health and metrics server or the OTLP exporter could not start.
+    /// The health server, the metrics or the ready file could not start.
     #[error(transparent)]
-    Telemetry(#[from] telemetry::Error),
-    /// The ready file could not be written.
-    #[error("ready file `{}`: {source}", path.display())]
-    ReadyFile {
-        /// The path.
-        path: PathBuf,
-        /// What the OS said.
-        source: std::io::Error,
-    },
+    Start(#[from] telemetry::service::StartError),
 }
 
 /// Where the gateway listens unless told otherwise.
@@ -181,8 +173,7 @@ pub struct Running {
     pub addr: SocketAddr,
 }
 
-/// Binds the listener and serves until `shutdown`. `on_ready` is told the
-/// bound address once the gateway serves (tests start it on port 0).
+/// Binds the listener and serves until `shutdown`.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     run_with(config, shutdown, |_| {}).await
 }
@@ -193,7 +184,8 @@ pub async fn run_with(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(Running),
 ) -> Result<(), Error> {
-    let ops = telemetry::Ops::start("mcp-gateway", &config.ops).await?;
+    // First, so /healthz answers while the gateway starts.
+    let mut service = telemetry::service::Service::start("mcp-gateway", &config.ops).await?;
     let tokens = Tokens::open(config.tokens_file.clone())?;
     if config.insecure {
         tracing::warn!(
@@ -210,11 +202,12 @@ pub async fn run_with(
         config.call_timeout(),
         shutdown.clone(),
     );
+    let metrics = telemetry::McpMetrics::new(service.metrics());
     let gateway = Arc::new(session::Gateway {
         pool,
         policies,
         call_timeout: config.call_timeout(),
-        metrics: telemetry::McpMetrics::new(ops.metrics()),
+        metrics: metrics.clone(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -230,31 +223,64 @@ pub async fn run_with(
         tokens,
         insecure_agent: config.insecure.then(|| config.insecure_agent.clone()),
     };
-    let refusals = telemetry::McpMetrics::new(ops.metrics());
-    let service = http::mcp_service(gateway, &config, shutdown.clone());
-    if let Some(path) = &config.ready_file {
-        std::fs::write(path, format!("{addr}\n")).map_err(|source| Error::ReadyFile {
-            path: path.clone(),
-            source,
-        })?;
-    }
-    ops.health().flag("serving", true);
+    let mcp = http::mcp_service(gateway, &config, shutdown.clone());
+    service.ready(config.ready_file.as_deref())?;
+    service.health().flag("serving", true);
     tracing::info!(%addr, path = MCP_PATH, "MCP gateway serving.");
     on_ready(Running { addr });
     http::serve(
         listener,
-        service,
+        mcp,
         Arc::new(auth),
         http::Limits {
             max_body_bytes: config.max_body_bytes,
-            metrics: refusals,
+            metrics,
         },
         shutdown,
     )
     .await;
-    if let Some(path) = &config.ready_file {
-        let _ = std::fs::remove_file(path);
-    }
-    ops.shutdown().await;
+    service.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[test]
+    fn the_flags_default_to_the_named_constants_and_parse() {
+        let parsed = Config::try_parse_from(["mcp-gateway"]).unwrap();
+        let default = Config::default();
+        assert_eq!(parsed.listen, default.listen);
+        assert_eq!(parsed.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(parsed.tokens_file, default.tokens_file);
+        assert_eq!(parsed.agent_keys_dir, default.agent_keys_dir);
+        assert_eq!(parsed.policies, default.policies);
+        assert_eq!(parsed.call_timeout_ms, DEFAULT_CALL_TIMEOUT_MS);
+        assert_eq!(parsed.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(parsed.insecure_agent, DEFAULT_INSECURE_AGENT);
+        assert!(!parsed.insecure && parsed.allowed_hosts.is_empty());
+
+        let parsed = Config::try_parse_from([
+            "mcp-gateway",
+            "--listen",
+            "0.0.0.0:9000",
+            "--allowed-hosts",
+            "mcp.example.com,localhost",
+            "--insecure",
+            "--call-timeout-ms",
+            "1500",
+        ])
+        .unwrap();
+        assert_eq!(parsed.listen.port(), 9000);
+        assert_eq!(parsed.allowed_hosts, ["mcp.example.com", "localhost"]);
+        assert!(parsed.insecure);
+        assert_eq!(parsed.call_timeout(), Duration::from_millis(1500));
+        let err = Config::try_parse_from(["mcp-gateway", "--listen", "nowhere"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--listen"), "{err}");
+    }
 }

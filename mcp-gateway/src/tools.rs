@@ -86,14 +86,14 @@ pub(crate) fn mcp_tool(offered: &Offered) -> rmcp::model::Tool {
             o
         }
     };
-    let description = (!offered.spec.description.is_empty())
-        .then(|| offered.spec.description.clone())
-        .unwrap_or_else(|| {
-            format!(
-                "`{}`, served by mesh agent `{}`",
-                offered.spec.name, offered.provider
-            )
-        });
+    let description = if offered.spec.description.is_empty() {
+        format!(
+            "`{}`, served by mesh agent `{}`",
+            offered.spec.name, offered.provider
+        )
+    } else {
+        offered.spec.description.clone()
+    };
     rmcp::model::Tool::new(offered.spec.name.clone(), description, Arc::new(schema))
 }
 

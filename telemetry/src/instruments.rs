@@ -319,7 +319,7 @@ impl McpMetrics {
         Self {
             refused: meter
                 .u64_counter("agentmesh.mcp.requests.refused")
-                .with_description("HTTP requests refused before MCP, by reason (unauthorized, too_large, not_found).")
+                .with_description("HTTP requests refused before MCP, by reason (unauthorized, too_large, malformed, not_found).")
                 .with_unit("{request}")
                 .build(),
             calls: meter

@@ -45,8 +45,7 @@ pub use env::{UnknownEnv, check_env, check_names};
 pub use health::{Health, ReadyFlag};
 pub use instruments::{
     CacheMetrics, ConsumerLag, McpMetrics, NatsDurability, Published, ScalerMetrics, SinkMetrics,
-    StreamLosses,
-    TableMetrics, WorkerMetrics,
+    StreamLosses, TableMetrics, WorkerMetrics,
 };
 pub use logging::{TracingGuard, init_tracing};
 pub use metrics::Metrics;

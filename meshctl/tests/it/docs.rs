@@ -519,6 +519,7 @@ fn service_flags() -> BTreeMap<&'static str, Vec<Flag>> {
         ("policy-worker", read(policy_worker::Config::command())),
         ("audit-sink", read(audit_sink::Config::command())),
         ("gpu-scaler", read(gpu_scaler::Config::command())),
+        ("mcp-gateway", read(mcp_gateway::Config::command())),
     ])
 }
 
@@ -786,6 +787,7 @@ impl Scratch {
             "policy-worker",
             "audit-sink",
             "gpu-scaler",
+            "mcp-gateway",
             "examples/hello_agent",
         ] {
             if !bin.join(name).is_file() {
@@ -806,6 +808,7 @@ impl Scratch {
             "policy-worker",
             "audit-sink",
             "gpu-scaler",
+            "mcp-gateway",
             "examples/hello_agent",
         ] {
             std::os::unix::fs::symlink(bin.join(name), release.join(name))?;

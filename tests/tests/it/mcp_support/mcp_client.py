@@ -29,12 +29,22 @@ def emit(step, **fields):
     print(json.dumps({"step": step, **fields}), flush=True)
 
 
+def describe(error):
+    """Every message of an exception and of those it groups or wraps."""
+    parts = [f"{type(error).__name__}: {error}"]
+    for inner in getattr(error, "exceptions", ()):
+        parts.append(describe(inner))
+    if error.__cause__ is not None:
+        parts.append(describe(error.__cause__))
+    return " | ".join(parts)
+
+
 def result_fields(result):
     return {
-        "is_error": bool(result.isError),
+        "is_error": bool(result.is_error),
         "text": "".join(c.text for c in result.content if getattr(c, "type", "") == "text"),
-        "structured": result.structuredContent,
-        "meta": (result.meta or {}).get("io.agentmesh/call"),
+        "structured": result.structured_content,
+        "meta": (result.model_dump(by_alias=True).get("_meta") or {}).get("io.agentmesh/call"),
     }
 
 
@@ -53,12 +63,12 @@ async def calls(url, token):
             init = await session.initialize()
             emit(
                 "initialize",
-                protocol_version=init.protocolVersion,
-                server=init.serverInfo.name,
-                list_changed=bool(init.capabilities.tools and init.capabilities.tools.listChanged),
+                protocol_version=init.protocol_version,
+                server=init.server_info.name,
+                list_changed=bool(init.capabilities.tools and init.capabilities.tools.list_changed),
             )
             tools = await session.list_tools()
-            emit("list", tools={t.name: t.inputSchema for t in tools.tools})
+            emit("list", tools={t.name: t.input_schema for t in tools.tools})
             first = await session.call_tool("code.search", {"query": "parser"})
             emit("allowed", **result_fields(first))
             denied = await session.call_tool("shell.exec", {"cmd": "rm -rf /"})
@@ -74,7 +84,7 @@ async def calls(url, token):
 async def raw_post(http, url, body, headers):
     response = await http.post(
         url,
-        content=body,
+        content=body.encode(),
         headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream", **headers},
     )
     text = response.text
@@ -117,15 +127,17 @@ async def bad(url, token):
         )
         emit("unknown_method", status=response.status_code, body=payload)
 
-    http = create_mcp_http_client(headers=auth)
-    async with http, streamable_http_client(url, http_client=http) as (read, write):
-        async with ClientSession(read, write) as session:
-            await session.initialize()
-            try:
+    # The SDK raises what the transport or the server said, from the call or
+    # from the transport's task group.
+    try:
+        http = create_mcp_http_client(headers=auth)
+        async with http, streamable_http_client(url, http_client=http) as (read, write):
+            async with ClientSession(read, write, read_timeout_seconds=60) as session:
+                await session.initialize()
                 big = await session.call_tool("code.search", {"query": "x" * (10 * 1024 * 1024)})
                 emit("big", outcome="result", **result_fields(big))
-            except Exception as e:  # the SDK raises what the transport or server said
-                emit("big", outcome="error", error=f"{type(e).__name__}: {e}")
+    except Exception as e:
+        emit("big", outcome="error", error=describe(e))
     # The gateway keeps serving: a fresh session's call works.
     http = create_mcp_http_client(headers=auth)
     async with http, streamable_http_client(url, http_client=http) as (read, write):
