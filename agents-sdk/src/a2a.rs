@@ -18,24 +18,16 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 
-use crate::agent::Agent;
-use crate::delivery::Received;
-use crate::tools::ToolError;
-use crate::workflow::{BoxFuture, Workflow};
+pub use crate::card::{PROTOCOL_BINDING, PROTOCOL_VERSION, interface_url};
+use crate::error::{PublishError, ToolError};
+use crate::inner::{A2aService, Agent, BoxFuture};
+use crate::received::Received;
+use crate::workflow::Workflow;
 
 /// The CloudEvents `subject` of A2A requests and responses on the mesh.
 pub const SUBJECT: &str = "a2a";
-/// The `protocolBinding` of the interface entry in a mesh agent's card.
-pub const PROTOCOL_BINDING: &str = "AGENTMESH+NATS";
-/// The A2A protocol version of the interface entry.
-pub const PROTOCOL_VERSION: &str = "1.0";
 /// How many tasks an agent keeps for `GetTask`.
 pub const TASKS_KEPT: usize = 1024;
-
-/// The interface `url` of agent `id` on the mesh: `urn:agentmesh:agent:<id>`.
-pub fn interface_url(id: &str) -> String {
-    format!("urn:agentmesh:agent:{id}")
-}
 
 /// Whether `received` is an A2A request (or response) of this binding.
 pub fn is_a2a(received: &Received) -> bool {
@@ -90,11 +82,7 @@ impl A2aRequest {
     /// The caller's trace, continued after the request: steps published
     /// here join the caller's workflow.
     pub fn workflow(&self) -> Workflow {
-        self.agent.continue_after(
-            self.received.trace(),
-            self.received.id(),
-            self.received.sender().as_str(),
-        )
+        Workflow::after(&self.agent, &self.received)
     }
 }
 
@@ -422,23 +410,25 @@ impl A2aServer {
     }
 }
 
-impl Agent {
+impl A2aService for A2aServer {
     /// Answers one A2A request: runs it, publishes the JSON-RPC response
     /// to the caller (`causationid` = the request).
-    pub(crate) async fn answer_a2a(
-        &self,
-        server: &A2aServer,
-        received: &Received,
-    ) -> Result<(), crate::PublishError> {
-        let request: Value = received.json().unwrap_or(Value::Null);
-        let response = server.respond(self, received, &request).await;
-        self.continue_after(received.trace(), received.id(), received.sender().as_str())
-            .step(schemas::EventType::Message)
-            .target(received.sender().to_string())
-            .subject(SUBJECT)
-            .data(response)
-            .await?;
-        Ok(())
+    fn answer(
+        self: Arc<Self>,
+        agent: Agent,
+        received: Received,
+    ) -> BoxFuture<Result<(), PublishError>> {
+        Box::pin(async move {
+            let request: Value = received.json().unwrap_or(Value::Null);
+            let response = self.respond(&agent, &received, &request).await;
+            Workflow::after(&agent, &received)
+                .step(schemas::EventType::Message)
+                .target(received.sender().to_string())
+                .subject(SUBJECT)
+                .data(response)
+                .await?;
+            Ok(())
+        })
     }
 }
 

@@ -1,38 +1,39 @@
-//! The agent: a NATS connection under an agent id, its durable delivery
-//! consumer on `MESH_DELIVER`, its card in `mesh-agents`, its tool handlers,
-//! and the one place events are published to `mesh.ingress.<self>.<step>`.
+//! The agent as its author sees it: the builder that connects it (NATS
+//! credentials, its durable delivery consumer on `MESH_DELIVER`, its card
+//! in `mesh-agents`, its tool and A2A handlers), and every public method of
+//! [`Agent`], over the modules below (`delivery`, `call`, `workflow`) and
+//! the agent's shared state (`inner`).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, consumer};
 use async_nats::{Client, ConnectOptions};
-use schemas::{AgentId, AttributesReader, Event, EventType, TraceParent, subjects};
+use schemas::{AgentId, TraceParent, subjects};
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::a2a::{A2aHandler, A2aReply, A2aRequest, A2aServer};
+use crate::call::DecisionWait;
 use crate::card::{AgentCard, Directory, Skill, ToolSpec};
-use crate::error::{BoxError, ConnectError, ConnectErrorKind, PublishError, PublishErrorKind};
+use crate::delivery::{self, Deliveries, Delivery};
+use crate::error::{
+    BoxError, ConnectError, ConnectErrorKind, DeliveryError, DeliveryErrorKind, DirectoryErrorKind,
+    NKEY_FILE_ENV, ToolError,
+};
 use crate::inbox::Inbox;
-use crate::metrics::Counters;
+use crate::inner::{A2aService, Agent, AgentInner, Awaited, Settings, ToolHandler};
+use crate::metrics::{AgentMetrics, Counters, Pending};
 use crate::otel::Tracing;
-use crate::tools::{ToolCall, ToolError, ToolHandler};
+use crate::tools::ToolCall;
+use crate::trust::Trust;
 use crate::workflow::{Cause, Workflow};
-
-/// The default for [`AgentBuilder::ack_wait`].
-pub const DEFAULT_ACK_WAIT: Duration = Duration::from_secs(30);
-/// The default for [`AgentBuilder::call_timeout`].
-pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// The default for [`AgentBuilder::max_attempts`].
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
-/// The default for [`AgentBuilder::prefetch`].
-pub const DEFAULT_PREFETCH: usize = 64;
 
 /// How the agent authenticates to NATS.
 #[derive(Debug, Clone)]
@@ -44,40 +45,6 @@ enum Credentials {
     NKey(String),
     UserPassword(String, String),
     Token(String),
-}
-
-/// Tunables shared by every part of the agent.
-#[derive(Debug, Clone)]
-pub(crate) struct Settings {
-    pub(crate) ack_wait: Duration,
-    pub(crate) max_deliver: i64,
-    pub(crate) nak_delay: Duration,
-    pub(crate) call_timeout: Duration,
-    pub(crate) max_concurrent_tools: usize,
-    pub(crate) shutdown_grace: Duration,
-    pub(crate) max_attempts: u32,
-    pub(crate) max_backoff: Duration,
-    pub(crate) max_concurrent_deliveries: usize,
-    pub(crate) prefetch: usize,
-    pub(crate) verify_deliveries: bool,
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            ack_wait: DEFAULT_ACK_WAIT,
-            max_deliver: -1,
-            nak_delay: Duration::from_secs(1),
-            call_timeout: DEFAULT_CALL_TIMEOUT,
-            max_concurrent_tools: 16,
-            shutdown_grace: Duration::from_secs(10),
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
-            max_backoff: Duration::from_secs(60),
-            max_concurrent_deliveries: 1,
-            prefetch: DEFAULT_PREFETCH,
-            verify_deliveries: true,
-        }
-    }
 }
 
 /// Configures and connects an [`Agent`].
@@ -382,8 +349,7 @@ impl AgentBuilder {
         let id = AgentId::new(&self.id)
             .map_err(|_| ConnectErrorKind::InvalidAgentId(self.id.clone()))?;
         if matches!(self.credentials, Credentials::None)
-            && let Some(path) =
-                std::env::var_os(crate::error::NKEY_FILE_ENV).filter(|p| !p.is_empty())
+            && let Some(path) = std::env::var_os(NKEY_FILE_ENV).filter(|p| !p.is_empty())
         {
             self.credentials = Credentials::KeyFile(path.into());
         }
@@ -478,7 +444,7 @@ impl AgentBuilder {
             })?;
         let calls = self.calls_consumer(&js, &id, &consumer_name).await?;
         let directory = Directory::open(&js).await.map_err(|e| match e.kind_ref() {
-            crate::error::DirectoryErrorKind::MissingBucket => ConnectError::new(
+            DirectoryErrorKind::MissingBucket => ConnectError::new(
                 ConnectErrorKind::MissingStream(subjects::BUCKET_AGENTS.to_owned()),
             ),
             _ => ConnectError::with_source(ConnectErrorKind::Broker, e),
@@ -495,15 +461,24 @@ impl AgentBuilder {
                 .map_err(|e| ConnectError::with_source(ConnectErrorKind::Card, e))?;
         }
         let trust = if self.settings.verify_deliveries {
-            Some(crate::trust::Trust::open(&js).await)
+            Some(Trust::open(&js).await)
         } else {
             tracing::warn!(agent = %id, "Delivery signatures are not verified (verify_deliveries(false)).");
             None
         };
         tracing::debug!(agent = %id, consumer = %consumer_name, "Agent connected.");
         let otel = Tracing::start(id.as_str(), self.otlp_endpoint.as_deref());
+        let inbox = Inbox::default();
+        inbox
+            .start_receipts(&id, &js, &client)
+            .await
+            .map_err(|e| ConnectError::with_source(ConnectErrorKind::Broker, e))?;
+        let a2a = self.a2a.map(|handler| {
+            let server: Arc<dyn A2aService> = Arc::new(A2aServer::new(handler));
+            server
+        });
         let agent = Agent {
-            inner: Arc::new(Inner {
+            inner: Arc::new(AgentInner {
                 tool_slots: Arc::new(Semaphore::new(self.settings.max_concurrent_tools)),
                 id,
                 client,
@@ -514,20 +489,16 @@ impl AgentBuilder {
                 directory,
                 card,
                 tools: self.tools,
-                a2a: self.a2a.map(|handler| Arc::new(A2aServer::new(handler))),
+                a2a,
                 otel,
                 awaited: Mutex::new(Awaited::default()),
-                inbox: Inbox::default(),
+                inbox,
                 tasks: TaskTracker::new(),
                 counters: Counters::default(),
                 settings: self.settings,
                 trust,
             }),
         };
-        agent
-            .start_receipts()
-            .await
-            .map_err(|e| ConnectError::with_source(ConnectErrorKind::Broker, e))?;
         Ok(agent)
     }
 }
@@ -633,109 +604,6 @@ pub fn consumer_name(id: &AgentId) -> String {
     subjects::agent_consumer(id.as_str())
 }
 
-/// Ids of calls this process waits (or waited) for, with the type of the
-/// answer, so the delivery stream can drop the durable copy of an answer
-/// that a call already consumed. Bounded: the oldest ids are forgotten.
-#[derive(Debug, Default)]
-pub(crate) struct Awaited {
-    /// Call id -> (answer type, answering agent).
-    types: HashMap<String, (EventType, String)>,
-    order: VecDeque<String>,
-}
-
-const AWAITED_CAPACITY: usize = 4096;
-
-impl Awaited {
-    pub(crate) fn insert(&mut self, id: String, answer: EventType, from: String) {
-        if self.types.insert(id.clone(), (answer, from)).is_none() {
-            self.order.push_back(id);
-        }
-        while self.order.len() > AWAITED_CAPACITY {
-            if let Some(old) = self.order.pop_front() {
-                self.types.remove(&old);
-            }
-        }
-    }
-
-    pub(crate) fn answers(&self, causation: &str, ty: EventType, from: &str) -> bool {
-        self.types
-            .get(causation)
-            .is_some_and(|(answer, callee)| *answer == ty && callee == from)
-    }
-}
-
-pub(crate) struct Inner {
-    pub(crate) id: AgentId,
-    pub(crate) client: Client,
-    pub(crate) js: jetstream::Context,
-    pub(crate) consumer: consumer::PullConsumer,
-    /// The durable of tool calls on `MESH_CALL`, when the mesh has one.
-    pub(crate) calls: Option<consumer::PullConsumer>,
-    pub(crate) consumer_name: String,
-    pub(crate) directory: Directory,
-    pub(crate) card: AgentCard,
-    pub(crate) tools: HashMap<String, Arc<dyn ToolHandler>>,
-    /// The A2A handler and its tasks, when the agent answers A2A.
-    pub(crate) a2a: Option<Arc<A2aServer>>,
-    /// The exporter of step spans, when one is configured.
-    pub(crate) otel: Option<Tracing>,
-    pub(crate) awaited: Mutex<Awaited>,
-    pub(crate) inbox: Inbox,
-    pub(crate) tasks: TaskTracker,
-    pub(crate) tool_slots: Arc<Semaphore>,
-    pub(crate) counters: Counters,
-    pub(crate) settings: Settings,
-    /// The trusted signers, when deliveries are verified.
-    pub(crate) trust: Option<Arc<crate::trust::Trust>>,
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.inbox.stop();
-    }
-}
-
-/// A connected agent. Cheap to clone: clones share the connection.
-///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// let agent = agents_sdk::Agent::connect("planner", "nats://127.0.0.1:4222").await?;
-/// let workflow = agent.workflow();
-/// workflow.prompt("Add a test for the parser").await?;
-/// workflow.handoff("coder", "write the test").await?;
-/// # Ok(())
-/// # }
-/// ```
-#[derive(Clone)]
-pub struct Agent {
-    pub(crate) inner: Arc<Inner>,
-}
-
-impl std::fmt::Debug for Agent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent")
-            .field("id", &self.inner.id)
-            .field("consumer", &self.inner.consumer_name)
-            .field("tools", &self.inner.tools.keys().collect::<HashSet<_>>())
-            .finish()
-    }
-}
-
-/// What JetStream said about a published event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    /// The event id (a UUIDv7).
-    pub id: String,
-    /// The event's `traceparent`: the workflow's trace id and this step's span.
-    pub trace: TraceParent,
-    /// The ingress subject it was published on.
-    pub subject: String,
-    /// Its sequence in `MESH_INGRESS`.
-    pub sequence: u64,
-    /// Whether JetStream had already stored an event with this id.
-    pub duplicate: bool,
-}
-
 impl Agent {
     /// Starts configuring agent `id` (card, tools, credentials, tunables).
     pub fn builder(id: impl Into<String>) -> AgentBuilder {
@@ -804,12 +672,6 @@ impl Agent {
         Workflow::new(self.clone(), trace, after.map(Cause::id), Some(trace))
     }
 
-    /// Continues `trace` after event `id` of `agent` (a delivery or call
-    /// this agent received): the next step names both as its cause.
-    pub(crate) fn continue_after(&self, trace: TraceParent, id: &str, agent: &str) -> Workflow {
-        Workflow::new(self.clone(), trace, Some(Cause::of(id, agent)), Some(trace))
-    }
-
     /// Flushes what is buffered and waits for running tool calls (up to the
     /// shutdown grace).
     pub async fn close(&self) -> Result<(), BoxError> {
@@ -824,79 +686,165 @@ impl Agent {
         Ok(())
     }
 
-    /// Publishes `event` on `mesh.ingress.<self>.<step>` through JetStream
-    /// and waits for the stream's acknowledgement.
-    pub(crate) async fn publish_event(
-        &self,
-        step: &str,
-        event: &Event,
-        trace: TraceParent,
-        parent: Option<TraceParent>,
-    ) -> Result<Published, PublishError> {
-        let subject = subjects::ingress(self.inner.id.as_str(), step);
-        // The step's span, when spans are exported: ends once JetStream acked.
-        let _span = self.inner.otel.as_ref().and_then(|otel| {
-            let event_type = event.ty().parse::<EventType>().ok()?;
-            Some(otel.step(
-                self.inner.id.as_str(),
-                &subject,
-                event,
-                event_type,
-                trace,
-                parent,
-            ))
-        });
-        let (mut headers, payload) = schemas::encode_binary(event);
-        // Lets JetStream drop a re-sent copy of the same event.
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            subjects::event_key(self.inner.id.as_str(), event.id()),
-        );
-        let ack = self
-            .inner
-            .js
-            .publish_with_headers(subject.clone(), headers, payload)
-            .await
-            .map_err(|e| PublishError::with_source(PublishErrorKind::Publish(subject.clone()), e))?
-            .await
-            .map_err(|e| PublishError::with_source(PublishErrorKind::Ack(subject.clone()), e))?;
-        tracing::debug!(%subject, id = event.id(), r#type = event.ty(), "Event published.");
-        Ok(Published {
-            id: event.id().to_owned(),
-            trace,
-            subject,
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
-    }
-
-    pub(crate) fn tool_handler(&self, tool: &str) -> Option<Arc<dyn ToolHandler>> {
-        self.inner.tools.get(tool).cloned()
-    }
-
-    pub(crate) fn remember_call(&self, id: &str, answer: EventType, from: &str) {
-        if let Ok(mut awaited) = self.inner.awaited.lock() {
-            awaited.insert(id.to_owned(), answer, from.to_owned());
+    /// A snapshot of this agent's counters: its queue in this process,
+    /// running handlers and tools, retries and give-ups.
+    pub fn metrics(&self) -> AgentMetrics {
+        let c = &self.inner.counters;
+        AgentMetrics {
+            buffered_deliveries: c.buffered_deliveries.load(Ordering::Relaxed),
+            buffered_calls: c.buffered_calls.load(Ordering::Relaxed),
+            handlers_running: c.handlers_running.load(Ordering::Relaxed),
+            tools_running: c.tools_running.load(Ordering::Relaxed),
+            handled: c.handled.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            gave_up: c.gave_up.load(Ordering::Relaxed),
+            invalid: c.invalid.load(Ordering::Relaxed),
+            tool_calls: c.tool_calls.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
         }
     }
 
-    pub(crate) fn was_awaited(&self, causation: &str, answer: EventType, from: &str) -> bool {
-        self.inner
-            .awaited
-            .lock()
-            .map(|a| a.answers(causation, answer, from))
-            .unwrap_or(false)
+    /// What waits for this agent at the broker (one JetStream request per
+    /// durable).
+    pub async fn pending(&self) -> Result<Pending, DeliveryError> {
+        async fn counts(
+            consumer: &PullConsumer,
+            name: &str,
+        ) -> Result<(u64, usize), DeliveryError> {
+            let mut consumer = consumer.clone();
+            let info = consumer.info().await.map_err(|e| {
+                DeliveryError::with_source(DeliveryErrorKind::Pull(name.to_owned()), e)
+            })?;
+            Ok((info.num_pending, info.num_ack_pending))
+        }
+        let name = &self.inner.consumer_name;
+        let (deliveries, deliveries_unacked) = counts(&self.inner.consumer, name).await?;
+        let (calls, calls_unacked) = match &self.inner.calls {
+            Some(calls) => counts(calls, &format!("{}/{name}", subjects::STREAM_CALL)).await?,
+            None => (0, 0),
+        };
+        Ok(Pending {
+            deliveries,
+            deliveries_unacked,
+            calls,
+            calls_unacked,
+        })
     }
-}
 
-/// The JSON value of `data`, or why it could not be made.
-pub(crate) fn to_json(data: impl Serialize) -> Result<Value, String> {
-    serde_json::to_value(data).map_err(|e| e.to_string())
+    /// Waits for the decision receipt of event `event_id`, which this agent
+    /// published. Works whether the receipt came before or after the wait
+    /// (the agent keeps its most recent 4096 receipts), and whether the
+    /// agent was connected when it was written: receipts are read from the
+    /// agent's durable `receipts-<id>` on `MESH_DECISION`.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
+    /// let published = agent.workflow().handoff("coder", "write tests").await?;
+    /// let receipt = agent.await_decision(&published.id).await?;
+    /// println!("{}: {:?}", receipt.decision, receipt.reasons);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn await_decision(&self, event_id: impl Into<String>) -> DecisionWait {
+        DecisionWait::new(self.clone(), event_id.into())
+    }
+
+    /// The events the mesh delivers to this agent, as a stream.
+    ///
+    /// Deliveries are pulled ahead in batches (up to the agent's
+    /// [`prefetch`](crate::AgentBuilder::prefetch)); those waiting in this
+    /// process are kept alive at the broker, so none is delivered again for
+    /// having waited. `tool.call`s for tools registered on the builder are
+    /// answered by the SDK while the stream exists (concurrently, up to
+    /// `max_concurrent_tools`), read from the agent's own durable on
+    /// `MESH_CALL` where the mesh has one, so they never wait behind other
+    /// deliveries; answers to this process's own calls and requests are
+    /// consumed by those. Everything else is yielded, to be acknowledged by
+    /// the caller within the ack wait (or kept alive with
+    /// [`Delivery::in_progress`]). Errors are transient: the stream goes on.
+    pub async fn deliveries(&self) -> Result<Deliveries, DeliveryError> {
+        delivery::deliveries(self).await
+    }
+
+    /// Serves the registered tools until `shutdown` completes, then waits for
+    /// running calls (up to the shutdown grace).
+    ///
+    /// Tool calls for tools this agent does not serve are answered with an
+    /// error; any other delivery is logged and acknowledged. Use
+    /// [`serve_with`](Agent::serve_with) to handle those.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// use agents_sdk::{Agent, ToolCall, ToolSpec};
+    ///
+    /// let agent = Agent::builder("clock")
+    ///     .tool(ToolSpec::new("clock.now"), |_call: ToolCall| async move {
+    ///         Ok(std::time::SystemTime::now()
+    ///             .duration_since(std::time::UNIX_EPOCH)?
+    ///             .as_secs())
+    ///     })
+    ///     .connect("nats://127.0.0.1:4222")
+    ///     .await?;
+    /// agent.serve(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn serve(
+        &self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<(), DeliveryError> {
+        delivery::serve(self, shutdown).await
+    }
+
+    /// Handles every delivery with `handler` until `shutdown` completes:
+    /// acknowledged when it returns `Ok` (unless it settled the delivery
+    /// itself); when it returns `Err` (or panics), attempted again after a
+    /// backoff, and after the agent's
+    /// [`max_attempts`](crate::AgentBuilder::max_attempts) given up on and
+    /// reported (see [`Delivery::fail`]).
+    ///
+    /// Up to [`max_concurrent_deliveries`](crate::AgentBuilder::max_concurrent_deliveries)
+    /// handlers run at once (default 1: one at a time, in order), with
+    /// deliveries pulled ahead in batches. While a handler runs, its
+    /// delivery's ack wait is extended, so a slow handler (a model call) is
+    /// not raced by a redelivery, and registered tools go on being served.
+    /// On shutdown, running handlers get the shutdown grace to finish; what
+    /// is left is delivered again later.
+    ///
+    /// ```no_run
+    /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
+    /// use agents_sdk::{Delivery, EventType};
+    ///
+    /// agent
+    ///     .serve_with(async { let _ = tokio::signal::ctrl_c().await; }, |d: Delivery| async move {
+    ///         if d.event_type() == EventType::Message {
+    ///             d.reply(serde_json::json!({"seen": d.id()})).await?;
+    ///         }
+    ///         Ok::<_, agents_sdk::PublishError>(())
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn serve_with<F, Fut, E>(
+        &self,
+        shutdown: impl Future<Output = ()> + Send,
+        handler: F,
+    ) -> Result<(), DeliveryError>
+    where
+        F: FnMut(Delivery) -> Fut + Send,
+        Fut: Future<Output = Result<(), E>> + Send,
+        E: std::fmt::Display,
+    {
+        delivery::serve_with(self, shutdown, handler).await
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inner::AWAITED_CAPACITY;
+    use schemas::EventType;
 
     #[test]
     fn a_whole_card_keeps_the_served_tools() {

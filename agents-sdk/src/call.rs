@@ -12,12 +12,64 @@ use std::time::Duration;
 use schemas::{Decision, DecisionReceipt, EventType};
 use serde_json::Value;
 
-use crate::agent::Agent;
-use crate::delivery::Received;
-use crate::error::{CallError, CallErrorKind, DecisionError, DecisionErrorKind};
+use serde::Serialize;
+
+use crate::error::{CallError, CallErrorKind, DecisionError, DecisionErrorKind, PublishErrorKind};
 use crate::inbox::Arrival;
+use crate::inner::{Agent, BoxFuture};
 use crate::payload;
-use crate::workflow::{BoxFuture, Step, Workflow};
+use crate::received::Received;
+use crate::workflow::{Step, Workflow, to_json};
+
+/// The calls a workflow makes: each publishes a step and waits for its
+/// answer.
+impl Workflow {
+    /// Calls `tool` with `args` and waits for its result: the call goes to
+    /// the agent whose card lists the tool (or the one named with
+    /// [`on`](ToolCallRequest::on)), through policy.
+    ///
+    /// ```no_run
+    /// # async fn demo(wf: agents_sdk::Workflow) -> Result<(), Box<dyn std::error::Error>> {
+    /// use agents_sdk::CallErrorKind;
+    /// use serde_json::json;
+    /// use std::time::Duration;
+    ///
+    /// let text = wf.call_tool("repo.read", json!({"path": "README.md"})).await?;
+    /// match wf.call_tool("shell.exec", json!({"cmd": "rm -rf /"}))
+    ///     .timeout(Duration::from_secs(5))
+    ///     .await
+    /// {
+    ///     Err(e) if e.denial().is_some() => println!("denied: {:?}", e.denial().map(|r| &r.reasons)),
+    ///     Err(e) if matches!(e.kind(), CallErrorKind::TimedOut { .. }) => println!("{e}"),
+    ///     other => println!("{other:?}"),
+    /// }
+    /// # let _ = text;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn call_tool(&self, tool: impl Into<String>, args: impl Serialize) -> ToolCallRequest {
+        ToolCallRequest::new(self.clone(), tool.into(), to_json(args))
+    }
+
+    /// Sends `body` to agent `target` as an `io.agentmesh.message` and waits
+    /// for the reply (a message from `target` whose `causationid` is the
+    /// request's id; see [`Delivery::reply`](crate::Delivery::reply)).
+    ///
+    /// ```no_run
+    /// # async fn demo(wf: agents_sdk::Workflow) -> Result<(), Box<dyn std::error::Error>> {
+    /// use agents_sdk::payload;
+    /// use serde_json::json;
+    ///
+    /// let reply = wf.request("reviewer", json!({"diff": "+ fn parse() {}"})).await?;
+    /// let answer: payload::Message = reply.json()?;
+    /// println!("{} says {}", reply.sender(), answer.body);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn request(&self, target: impl Into<String>, body: impl Serialize) -> Request {
+        Request::new(self.message(target, body))
+    }
+}
 
 /// A tool call being prepared; await it for the tool's result.
 #[must_use = "a tool call is only made when awaited"]
@@ -61,7 +113,8 @@ impl ToolCallRequest {
             None => self
                 .wf
                 .agent
-                .directory()
+                .inner
+                .directory
                 .find_by_tool(&self.tool)
                 .await
                 .map_err(|e| CallError::with_source(CallErrorKind::Broker, e))?
@@ -69,9 +122,9 @@ impl ToolCallRequest {
                 .next()
                 .map(|card| card.id),
         };
-        let args = self.args.map_err(|e| {
-            CallError::new(CallErrorKind::Publish(crate::PublishErrorKind::Data(e)))
-        })?;
+        let args = self
+            .args
+            .map_err(|e| CallError::new(CallErrorKind::Publish(PublishErrorKind::Data(e))))?;
         let mut step = self
             .wf
             .step(EventType::ToolCall)
@@ -167,10 +220,11 @@ async fn exchange(
     let id = prepared.id().to_owned();
     let target = prepared.target.clone();
     if let Some(target) = &target {
-        agent.remember_call(&id, answer_type, target);
+        agent.inner.remember_call(&id, answer_type, target);
     }
     // Listen before publishing, so neither receipt nor answer can be missed.
     let mut waiting = agent
+        .inner
         .wait_for(&id, true)
         .await
         .map_err(|e| CallError::with_source(CallErrorKind::Broker, e))?;
@@ -222,6 +276,16 @@ pub struct DecisionWait {
 }
 
 impl DecisionWait {
+    /// A wait for the receipt of `event_id`, published by `agent`, for the
+    /// agent's call timeout.
+    pub(crate) fn new(agent: Agent, event_id: String) -> Self {
+        Self {
+            timeout: agent.inner.settings.call_timeout,
+            agent,
+            event_id,
+        }
+    }
+
     /// How long to wait (default: the agent's call timeout).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -234,6 +298,7 @@ impl DecisionWait {
         // handed over at once.
         let mut waiting = self
             .agent
+            .inner
             .wait_for(&self.event_id, false)
             .await
             .map_err(|e| DecisionError::with_source(DecisionErrorKind::Broker, e))?;
@@ -264,29 +329,5 @@ impl IntoFuture for DecisionWait {
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.run())
-    }
-}
-
-impl Agent {
-    /// Waits for the decision receipt of event `event_id`, which this agent
-    /// published. Works whether the receipt came before or after the wait
-    /// (the agent keeps its most recent 4096 receipts), and whether the
-    /// agent was connected when it was written: receipts are read from the
-    /// agent's durable `receipts-<id>` on `MESH_DECISION`.
-    ///
-    /// ```no_run
-    /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
-    /// let published = agent.workflow().handoff("coder", "write tests").await?;
-    /// let receipt = agent.await_decision(&published.id).await?;
-    /// println!("{}: {:?}", receipt.decision, receipt.reasons);
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn await_decision(&self, event_id: impl Into<String>) -> DecisionWait {
-        DecisionWait {
-            agent: self.clone(),
-            event_id: event_id.into(),
-            timeout: self.inner.settings.call_timeout,
-        }
     }
 }

@@ -20,6 +20,16 @@ use serde_json::Value;
 
 use crate::error::{DirectoryError, DirectoryErrorKind};
 
+/// The `protocolBinding` of the interface entry in a mesh agent's card.
+pub const PROTOCOL_BINDING: &str = "AGENTMESH+NATS";
+/// The A2A protocol version of the interface entry.
+pub const PROTOCOL_VERSION: &str = "1.0";
+
+/// The interface `url` of agent `id` on the mesh: `urn:agentmesh:agent:<id>`.
+pub fn interface_url(id: &str) -> String {
+    format!("urn:agentmesh:agent:{id}")
+}
+
 /// An agent card: what an agent says about itself (A2A agent-card fields,
 /// plus the tools it serves).
 ///
@@ -70,7 +80,7 @@ pub struct AgentCard {
     pub default_output_modes: Vec<String>,
     /// Where and how the agent answers A2A requests (A2A
     /// `supportedInterfaces`): on the mesh, one entry whose
-    /// `protocolBinding` is [`a2a::PROTOCOL_BINDING`](crate::a2a::PROTOCOL_BINDING).
+    /// `protocolBinding` is [`a2a::PROTOCOL_BINDING`](PROTOCOL_BINDING).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub supported_interfaces: Vec<AgentInterface>,
 }
@@ -129,9 +139,9 @@ impl AgentCard {
     pub fn a2a_interface(mut self) -> Self {
         if !self.serves_a2a() {
             self.supported_interfaces.push(AgentInterface {
-                url: crate::a2a::interface_url(&self.id),
-                protocol_binding: crate::a2a::PROTOCOL_BINDING.to_owned(),
-                protocol_version: crate::a2a::PROTOCOL_VERSION.to_owned(),
+                url: interface_url(&self.id),
+                protocol_binding: PROTOCOL_BINDING.to_owned(),
+                protocol_version: PROTOCOL_VERSION.to_owned(),
             });
         }
         self
@@ -141,7 +151,7 @@ impl AgentCard {
     pub fn serves_a2a(&self) -> bool {
         self.supported_interfaces
             .iter()
-            .any(|i| i.protocol_binding == crate::a2a::PROTOCOL_BINDING)
+            .any(|i| i.protocol_binding == PROTOCOL_BINDING)
     }
 
     /// Sets the human-readable name.

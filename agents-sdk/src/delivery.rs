@@ -20,114 +20,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, Stream, StreamExt};
-use schemas::{
-    AgentId, AttributesReader, Event, EventType, Invalid, MeshEvent, TraceParent, headers, subjects,
-};
+use schemas::{EventType, Invalid, headers, subjects};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::agent::{Agent, Published};
-use crate::error::{DeliveryError, DeliveryErrorKind, PublishError};
+use crate::a2a::is_a2a;
+use crate::error::{DeliveryError, DeliveryErrorKind, PublishError, ToolError};
 use crate::feed::Feed;
+use crate::inner::{A2aService, Agent, Published, ToolHandler};
 use crate::metrics::{Counters, Running};
 use crate::payload;
-use crate::tools::{ToolCall, ToolError, ToolHandler};
+use crate::received::Received;
 use crate::workflow::{Step, Workflow};
-
-/// A mesh event received by this agent: decoded, validated, typed.
-#[derive(Debug, Clone)]
-pub struct Received {
-    event: MeshEvent,
-}
-
-impl Received {
-    /// Decodes a message from `mesh.deliver.<target>.<source>` (or, for a
-    /// tool call, `mesh.call.<target>.<source>`).
-    pub fn from_delivery(
-        subject: &str,
-        headers: Option<&HeaderMap>,
-        payload: &[u8],
-    ) -> Result<Self, Invalid> {
-        let source = schemas::subjects::parse_routed(subject)
-            .map(|routed| routed.source)
-            .ok_or_else(|| Invalid::Subject(subject.to_owned()))?;
-        let size = schemas::message_size(headers, payload);
-        let (event, mode) = schemas::decode(headers, payload)?;
-        Ok(Self {
-            event: MeshEvent::validate(source, event, mode, size)?,
-        })
-    }
-
-    /// The event id.
-    pub fn id(&self) -> &str {
-        self.event.id()
-    }
-
-    /// The catalogue type.
-    pub fn event_type(&self) -> EventType {
-        self.event.event_type
-    }
-
-    /// The agent that sent it (its `source`).
-    pub fn sender(&self) -> &AgentId {
-        &self.event.agent
-    }
-
-    /// The `target` (this agent, for a delivery).
-    pub fn target(&self) -> Option<&AgentId> {
-        self.event.target.as_ref()
-    }
-
-    /// The event's trace (derived from its id when it had no `traceparent`,
-    /// as the policy worker derives it).
-    pub fn trace(&self) -> TraceParent {
-        self.event.trace
-    }
-
-    /// The trace id, 32 hex characters.
-    pub fn trace_id(&self) -> String {
-        self.event.trace.trace_id_hex()
-    }
-
-    /// The `causationid`: the event this one answers or follows.
-    pub fn causation_id(&self) -> Option<&str> {
-        self.event.causation_id.as_deref()
-    }
-
-    /// The CloudEvents `subject` (the tool of a tool call or result).
-    pub fn subject(&self) -> Option<&str> {
-        self.event.event.subject()
-    }
-
-    /// The CloudEvent.
-    pub fn event(&self) -> &Event {
-        &self.event.event
-    }
-
-    /// The validated mesh event.
-    pub fn mesh_event(&self) -> &MeshEvent {
-        &self.event
-    }
-
-    /// The data, as bytes.
-    pub fn data(&self) -> Vec<u8> {
-        self.event.data_bytes()
-    }
-
-    /// The data parsed as JSON into `T`, e.g. a [`payload`](crate::payload)
-    /// type: `received.json::<payload::TaskHandoff>()`.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        serde_json::from_slice(&self.data())
-    }
-}
 
 /// One delivery: a [`Received`] event and its JetStream acknowledgement.
 ///
@@ -233,11 +143,7 @@ impl Delivery {
     /// The sender's workflow, continued by this agent: steps published on it
     /// share the delivery's trace, and the first follows the delivery.
     pub fn workflow(&self) -> Workflow {
-        self.agent.continue_after(
-            self.received.trace(),
-            self.received.id(),
-            self.received.sender().as_str(),
-        )
+        Workflow::after(&self.agent, &self.received)
     }
 
     /// Answers the sender: an `io.agentmesh.message` to it, in the same
@@ -280,8 +186,7 @@ async fn answer_tool(
             error: Some(e.message().to_owned()),
         },
     };
-    agent
-        .continue_after(call.trace(), call.id(), call.sender().as_str())
+    Workflow::after(agent, call)
         .step(EventType::ToolResult)
         .target(call.sender().to_string())
         .subject(tool)
@@ -419,7 +324,7 @@ impl Delivery {
     /// delivery. If the report cannot be published the delivery is refused
     /// instead, so the next delivery reports it.
     async fn give_up(&self, attempts: u32, error: &str) -> Result<Failed, DeliveryError> {
-        let me = self.agent.id().to_string();
+        let me = self.agent.inner.id.to_string();
         let gave_up = payload::GaveUp {
             event_id: self.id().to_owned(),
             source: self.sender().to_string(),
@@ -485,499 +390,441 @@ pub enum Failed {
     },
 }
 
-impl Agent {
-    /// The events the mesh delivers to this agent, as a stream.
-    ///
-    /// Deliveries are pulled ahead in batches (up to the agent's
-    /// [`prefetch`](crate::AgentBuilder::prefetch)); those waiting in this
-    /// process are kept alive at the broker, so none is delivered again for
-    /// having waited. `tool.call`s for tools registered on the builder are
-    /// answered by the SDK while the stream exists (concurrently, up to
-    /// `max_concurrent_tools`), read from the agent's own durable on
-    /// `MESH_CALL` where the mesh has one, so they never wait behind other
-    /// deliveries; answers to this process's own calls and requests are
-    /// consumed by those. Everything else is yielded, to be acknowledged by
-    /// the caller within the ack wait (or kept alive with
-    /// [`Delivery::in_progress`]). Errors are transient: the stream goes on.
-    pub async fn deliveries(&self) -> Result<Deliveries, DeliveryError> {
-        let settings = &self.inner.settings;
-        let feed = Feed::start(
-            self.inner.consumer.clone(),
-            self.inner.consumer_name.clone(),
-            settings.prefetch,
-            settings.ack_wait,
-            self.inner.counters.buffered_deliveries.clone(),
-        );
-        let calls = self.inner.calls.clone().map(|calls| {
-            let stop = CancellationToken::new();
-            tokio::spawn(self.clone().serve_calls(calls, stop.clone()));
-            stop.drop_guard()
-        });
-        let stream = futures::stream::unfold((self.clone(), feed), |(agent, feed)| async move {
-            loop {
-                match feed.next().await {
-                    Err(e) => return Some((Err(e), (agent, feed))),
-                    Ok(message) => {
-                        if let Routed::Yield(delivery) = agent.route(message).await {
-                            return Some((Ok(*delivery), (agent, feed)));
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Deliveries {
-            inner: Box::pin(stream),
-            _calls: calls,
-        })
-    }
-
-    /// Answers the tool calls of the agent's `MESH_CALL` durable until
-    /// `stop`: a call is taken only when a tool slot is free, and calls
-    /// pulled ahead (at most `max_concurrent_tools`) are kept alive.
-    async fn serve_calls(self, calls: PullConsumer, stop: CancellationToken) {
-        let settings = &self.inner.settings;
-        let feed = Feed::start(
-            calls,
-            format!("{}/{}", subjects::STREAM_CALL, self.inner.consumer_name),
-            settings.max_concurrent_tools,
-            settings.ack_wait,
-            self.inner.counters.buffered_calls.clone(),
-        );
+/// What [`Agent::deliveries`] does: the agent's deliveries as a stream,
+/// its tool calls served meanwhile.
+pub(crate) async fn deliveries(agent: &Agent) -> Result<Deliveries, DeliveryError> {
+    let settings = &agent.inner.settings;
+    let feed = Feed::start(
+        agent.inner.consumer.clone(),
+        agent.inner.consumer_name.clone(),
+        settings.prefetch,
+        settings.ack_wait,
+        agent.inner.counters.buffered_deliveries.clone(),
+    );
+    let calls = agent.inner.calls.clone().map(|calls| {
+        let stop = CancellationToken::new();
+        tokio::spawn(serve_calls(agent.clone(), calls, stop.clone()));
+        stop.drop_guard()
+    });
+    let stream = futures::stream::unfold((agent.clone(), feed), |(agent, feed)| async move {
         loop {
-            let permit = tokio::select! {
-                () = stop.cancelled() => return,
-                permit = self.inner.tool_slots.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => return,
-                },
-            };
-            let message = tokio::select! {
-                () = stop.cancelled() => return,
-                message = feed.next() => message,
-            };
-            match message {
-                Ok(message) => self.route_call(message, permit).await,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Tool-call stream hiccup; it resumes by itself.")
-                }
-            }
-        }
-    }
-
-    /// Answers one message of the `MESH_CALL` durable: a call of a
-    /// registered tool runs; any other is acknowledged here, its copy on
-    /// `mesh.deliver` being yielded to the agent's own code as before.
-    async fn route_call(&self, message: jetstream::Message, permit: OwnedSemaphorePermit) {
-        let received = match Received::from_delivery(
-            &message.subject,
-            message.headers.as_ref(),
-            &message.payload,
-        ) {
-            Ok(received) => received,
-            Err(e) => {
-                self.terminate_invalid(&message, &e).await;
-                return;
-            }
-        };
-        if !self.verified(&message, &received).await {
-            return;
-        }
-        match received.subject().and_then(|tool| self.tool_handler(tool)) {
-            Some(handler) if received.event_type() == EventType::ToolCall => {
-                self.spawn_tool(message, received, handler, Some(permit))
-                    .await;
-            }
-            _ => {
-                if let Err(e) = message.ack().await {
-                    tracing::debug!(error = %e, "Could not acknowledge a call left to the delivery stream.");
-                }
-            }
-        }
-    }
-
-    /// Whether `message` carries a valid decision signature by a trusted
-    /// signer (always, when verification is off). One that does not is
-    /// logged, counted and acknowledged here: it never reaches a handler,
-    /// and it is not delivered again.
-    async fn verified(&self, message: &jetstream::Message, received: &Received) -> bool {
-        let Some(trust) = &self.inner.trust else {
-            return true;
-        };
-        let Err(reason) = trust
-            .verify(
-                received.mesh_event(),
-                message.headers.as_ref(),
-                &message.payload,
-            )
-            .await
-        else {
-            return true;
-        };
-        Counters::add(&self.inner.counters.refused);
-        tracing::warn!(subject = %message.subject, id = received.id(), from = %received.sender(), refused = reason.label(), %reason, "Refusing a delivery whose decision signature does not verify.");
-        if let Err(e) = message.ack().await {
-            tracing::warn!(error = %e, "Could not acknowledge the refused delivery.");
-        }
-        false
-    }
-
-    /// Terminates a message that is not a valid mesh event: it can never
-    /// succeed, so it is ended once rather than retried.
-    async fn terminate_invalid(&self, message: &jetstream::Message, error: &Invalid) {
-        tracing::warn!(subject = %message.subject, %error, "Terminating a delivery that is not a valid mesh event.");
-        Counters::add(&self.inner.counters.invalid);
-        if let Err(e) = message.ack_with(AckKind::Term).await {
-            tracing::warn!(error = %e, "Could not terminate the invalid delivery.");
-        }
-    }
-
-    async fn route(&self, message: jetstream::Message) -> Routed {
-        let received = match Received::from_delivery(
-            &message.subject,
-            message.headers.as_ref(),
-            &message.payload,
-        ) {
-            Ok(received) => received,
-            Err(e) => {
-                self.terminate_invalid(&message, &e).await;
-                return Routed::Handled;
-            }
-        };
-        if !self.verified(&message, &received).await {
-            return Routed::Handled;
-        }
-        if let Some(causation) = received.causation_id()
-            && self.was_awaited(causation, received.event_type(), received.sender().as_str())
-        {
-            tracing::debug!(id = received.id(), %causation, "Answer already consumed by its call; acknowledging.");
-            if let Err(e) = message.ack().await {
-                tracing::warn!(error = %e, "Could not acknowledge a consumed answer.");
-            }
-            return Routed::Handled;
-        }
-        if received.event_type() == EventType::ToolCall
-            && let Some(handler) = received.subject().and_then(|tool| self.tool_handler(tool))
-        {
-            let also_on_calls = message
-                .headers
-                .as_ref()
-                .is_some_and(|h| h.get(headers::CALL).is_some());
-            if also_on_calls && self.inner.calls.is_some() {
-                // The same call, stored on `mesh.call`: answered from there.
-                tracing::debug!(
-                    id = received.id(),
-                    "Tool call answered from MESH_CALL; acknowledging its delivery."
-                );
-                if let Err(e) = message.ack().await {
-                    tracing::debug!(error = %e, "Could not acknowledge the delivery copy of a tool call.");
-                }
-            } else {
-                self.spawn_tool(message, received, handler, None).await;
-            }
-            return Routed::Handled;
-        }
-        if let Some(server) = &self.inner.a2a
-            && crate::a2a::is_a2a(&received)
-            && received
-                .json::<Value>()
-                .is_ok_and(|request| request.get("method").is_some())
-        {
-            self.spawn_a2a(message, received, server.clone());
-            return Routed::Handled;
-        }
-        Routed::Yield(Box::new(Delivery {
-            agent: self.clone(),
-            message: Arc::new(message),
-            received: Arc::new(received),
-            acked: Arc::new(AtomicBool::new(false)),
-        }))
-    }
-
-    /// Answers an A2A request in its own task: acked once the response is
-    /// published, refused (delivered again) if it cannot be.
-    fn spawn_a2a(
-        &self,
-        message: jetstream::Message,
-        received: Received,
-        server: Arc<crate::a2a::A2aServer>,
-    ) {
-        let agent = self.clone();
-        self.inner.tasks.spawn(async move {
-            let answer = agent.answer_a2a(&server, &received);
-            match with_keepalive(&message, agent.inner.settings.ack_wait, answer).await {
-                Ok(()) => {
-                    if let Err(e) = message.ack().await {
-                        tracing::warn!(error = %e, "Could not acknowledge an answered A2A request.");
+            match feed.next().await {
+                Err(e) => return Some((Err(e), (agent, feed))),
+                Ok(message) => {
+                    if let Routed::Yield(delivery) = route(&agent, message).await {
+                        return Some((Ok(*delivery), (agent, feed)));
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(request = received.id(), error = %e, "Could not publish the A2A response; the request will be delivered again.");
-                    let _ = message.ack_with(AckKind::Nak(Some(agent.inner.settings.nak_delay))).await;
-                }
             }
-        });
-    }
+        }
+    });
+    Ok(Deliveries {
+        inner: Box::pin(stream),
+        _calls: calls,
+    })
+}
 
-    /// Runs a tool handler in its own task and answers the call: acked once
-    /// the result is published, refused (delivered again) if it cannot be.
-    async fn spawn_tool(
-        &self,
-        message: jetstream::Message,
-        received: Received,
-        handler: Arc<dyn ToolHandler>,
-        permit: Option<OwnedSemaphorePermit>,
-    ) {
-        // Waiting for a slot holds back the stream: no more pulls while full.
-        let permit = match permit {
-            Some(permit) => permit,
-            None => match self.inner.tool_slots.clone().acquire_owned().await {
+/// Answers the tool calls of the agent's `MESH_CALL` durable until
+/// `stop`: a call is taken only when a tool slot is free, and calls
+/// pulled ahead (at most `max_concurrent_tools`) are kept alive.
+async fn serve_calls(agent: Agent, calls: PullConsumer, stop: CancellationToken) {
+    let settings = &agent.inner.settings;
+    let feed = Feed::start(
+        calls,
+        format!("{}/{}", subjects::STREAM_CALL, agent.inner.consumer_name),
+        settings.max_concurrent_tools,
+        settings.ack_wait,
+        agent.inner.counters.buffered_calls.clone(),
+    );
+    loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => return,
+            permit = agent.inner.tool_slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return,
             },
         };
-        let agent = self.clone();
-        self.inner.tasks.spawn(async move {
-            let _permit = permit;
-            let _running = Running::start(&agent.inner.counters.tools_running);
-            let tool = received.subject().unwrap_or_default().to_owned();
-            let call = ToolCall {
-                agent: agent.clone(),
-                arguments: tool_arguments(&received),
-                received: received.clone(),
-                tool: tool.clone(),
-            };
-            let run = std::panic::AssertUnwindSafe(handler.call(call)).catch_unwind();
-            let result = with_keepalive(&message, agent.inner.settings.ack_wait, run).await;
-            let result = result.unwrap_or_else(|_| Err(ToolError::new(format!("tool `{tool}` panicked"))));
-            if let Err(e) = &result {
-                tracing::debug!(%tool, caller = %received.sender(), error = %e, "Tool failed.");
+        let message = tokio::select! {
+            () = stop.cancelled() => return,
+            message = feed.next() => message,
+        };
+        match message {
+            Ok(message) => route_call(&agent, message, permit).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "Tool-call stream hiccup; it resumes by itself.")
             }
-            match answer_tool(&agent, &received, result).await {
-                Ok(published) => {
-                    tracing::debug!(%tool, call = received.id(), result = %published.id, "Tool call answered.");
-                    Counters::add(&agent.inner.counters.tool_calls);
-                    if let Err(e) = message.ack().await {
-                        tracing::warn!(error = %e, "Could not acknowledge an answered tool call; it will be answered again.");
-                    }
+        }
+    }
+}
+
+/// Answers one message of the `MESH_CALL` durable: a call of a
+/// registered tool runs; any other is acknowledged here, its copy on
+/// `mesh.deliver` being yielded to the agent's own code as before.
+async fn route_call(agent: &Agent, message: jetstream::Message, permit: OwnedSemaphorePermit) {
+    let received =
+        match Received::from_delivery(&message.subject, message.headers.as_ref(), &message.payload)
+        {
+            Ok(received) => received,
+            Err(e) => {
+                terminate_invalid(agent, &message, &e).await;
+                return;
+            }
+        };
+    if !verified(agent, &message, &received).await {
+        return;
+    }
+    match received
+        .subject()
+        .and_then(|tool| agent.inner.tool_handler(tool))
+    {
+        Some(handler) if received.event_type() == EventType::ToolCall => {
+            spawn_tool(agent, message, received, handler, Some(permit)).await;
+        }
+        _ => {
+            if let Err(e) = message.ack().await {
+                tracing::debug!(error = %e, "Could not acknowledge a call left to the delivery stream.");
+            }
+        }
+    }
+}
+
+/// Whether `message` carries a valid decision signature by a trusted
+/// signer (always, when verification is off). One that does not is
+/// logged, counted and acknowledged here: it never reaches a handler,
+/// and it is not delivered again.
+async fn verified(agent: &Agent, message: &jetstream::Message, received: &Received) -> bool {
+    let Some(trust) = &agent.inner.trust else {
+        return true;
+    };
+    let Err(reason) = trust
+        .verify(
+            received.mesh_event(),
+            message.headers.as_ref(),
+            &message.payload,
+        )
+        .await
+    else {
+        return true;
+    };
+    Counters::add(&agent.inner.counters.refused);
+    tracing::warn!(subject = %message.subject, id = received.id(), from = %received.sender(), refused = reason.label(), %reason, "Refusing a delivery whose decision signature does not verify.");
+    if let Err(e) = message.ack().await {
+        tracing::warn!(error = %e, "Could not acknowledge the refused delivery.");
+    }
+    false
+}
+
+/// Terminates a message that is not a valid mesh event: it can never
+/// succeed, so it is ended once rather than retried.
+async fn terminate_invalid(agent: &Agent, message: &jetstream::Message, error: &Invalid) {
+    tracing::warn!(subject = %message.subject, %error, "Terminating a delivery that is not a valid mesh event.");
+    Counters::add(&agent.inner.counters.invalid);
+    if let Err(e) = message.ack_with(AckKind::Term).await {
+        tracing::warn!(error = %e, "Could not terminate the invalid delivery.");
+    }
+}
+
+async fn route(agent: &Agent, message: jetstream::Message) -> Routed {
+    let received =
+        match Received::from_delivery(&message.subject, message.headers.as_ref(), &message.payload)
+        {
+            Ok(received) => received,
+            Err(e) => {
+                terminate_invalid(agent, &message, &e).await;
+                return Routed::Handled;
+            }
+        };
+    if !verified(agent, &message, &received).await {
+        return Routed::Handled;
+    }
+    if let Some(causation) = received.causation_id()
+        && agent
+            .inner
+            .was_awaited(causation, received.event_type(), received.sender().as_str())
+    {
+        tracing::debug!(id = received.id(), %causation, "Answer already consumed by its call; acknowledging.");
+        if let Err(e) = message.ack().await {
+            tracing::warn!(error = %e, "Could not acknowledge a consumed answer.");
+        }
+        return Routed::Handled;
+    }
+    if received.event_type() == EventType::ToolCall
+        && let Some(handler) = received
+            .subject()
+            .and_then(|tool| agent.inner.tool_handler(tool))
+    {
+        let also_on_calls = message
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(headers::CALL).is_some());
+        if also_on_calls && agent.inner.calls.is_some() {
+            // The same call, stored on `mesh.call`: answered from there.
+            tracing::debug!(
+                id = received.id(),
+                "Tool call answered from MESH_CALL; acknowledging its delivery."
+            );
+            if let Err(e) = message.ack().await {
+                tracing::debug!(error = %e, "Could not acknowledge the delivery copy of a tool call.");
+            }
+        } else {
+            spawn_tool(agent, message, received, handler, None).await;
+        }
+        return Routed::Handled;
+    }
+    if let Some(server) = &agent.inner.a2a
+        && is_a2a(&received)
+        && received
+            .json::<Value>()
+            .is_ok_and(|request| request.get("method").is_some())
+    {
+        spawn_a2a(agent, message, received, server.clone());
+        return Routed::Handled;
+    }
+    Routed::Yield(Box::new(Delivery {
+        agent: agent.clone(),
+        message: Arc::new(message),
+        received: Arc::new(received),
+        acked: Arc::new(AtomicBool::new(false)),
+    }))
+}
+
+/// Answers an A2A request in its own task: acked once the response is
+/// published, refused (delivered again) if it cannot be.
+fn spawn_a2a(
+    agent: &Agent,
+    message: jetstream::Message,
+    received: Received,
+    server: Arc<dyn A2aService>,
+) {
+    let agent = agent.clone();
+    agent.inner.tasks.clone().spawn(async move {
+        let answer = server.answer(agent.clone(), received.clone());
+        match with_keepalive(&message, agent.inner.settings.ack_wait, answer).await {
+            Ok(()) => {
+                if let Err(e) = message.ack().await {
+                    tracing::warn!(error = %e, "Could not acknowledge an answered A2A request.");
                 }
-                Err(e) => {
-                    tracing::warn!(%tool, call = received.id(), error = %e, "Could not publish the tool result; the call will be delivered again.");
-                    let _ = message.ack_with(AckKind::Nak(Some(agent.inner.settings.nak_delay))).await;
+            }
+            Err(e) => {
+                tracing::warn!(request = received.id(), error = %e, "Could not publish the A2A response; the request will be delivered again.");
+                let _ = message.ack_with(AckKind::Nak(Some(agent.inner.settings.nak_delay))).await;
+            }
+        }
+    });
+}
+
+/// Runs a tool handler in its own task and answers the call: acked once
+/// the result is published, refused (delivered again) if it cannot be.
+async fn spawn_tool(
+    agent: &Agent,
+    message: jetstream::Message,
+    received: Received,
+    handler: Arc<dyn ToolHandler>,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    // Waiting for a slot holds back the stream: no more pulls while full.
+    let permit = match permit {
+        Some(permit) => permit,
+        None => match agent.inner.tool_slots.clone().acquire_owned().await {
+            Ok(permit) => permit,
+            Err(_) => return,
+        },
+    };
+    let agent = agent.clone();
+    agent.inner.tasks.clone().spawn(async move {
+        let _permit = permit;
+        let _running = Running::start(&agent.inner.counters.tools_running);
+        let tool = received.subject().unwrap_or_default().to_owned();
+        let call = handler.call(
+            agent.clone(),
+            received.clone(),
+            tool.clone(),
+            tool_arguments(&received),
+        );
+        let run = std::panic::AssertUnwindSafe(call).catch_unwind();
+        let result = with_keepalive(&message, agent.inner.settings.ack_wait, run).await;
+        let result = result.unwrap_or_else(|_| Err(ToolError::new(format!("tool `{tool}` panicked"))));
+        if let Err(e) = &result {
+            tracing::debug!(%tool, caller = %received.sender(), error = %e, "Tool failed.");
+        }
+        match answer_tool(&agent, &received, result).await {
+            Ok(published) => {
+                tracing::debug!(%tool, call = received.id(), result = %published.id, "Tool call answered.");
+                Counters::add(&agent.inner.counters.tool_calls);
+                if let Err(e) = message.ack().await {
+                    tracing::warn!(error = %e, "Could not acknowledge an answered tool call; it will be answered again.");
                 }
+            }
+            Err(e) => {
+                tracing::warn!(%tool, call = received.id(), error = %e, "Could not publish the tool result; the call will be delivered again.");
+                let _ = message.ack_with(AckKind::Nak(Some(agent.inner.settings.nak_delay))).await;
+            }
+        }
+    });
+}
+
+/// What [`Agent::serve`] does: [`serve_with`] a handler that refuses calls
+/// of tools the agent does not serve and acknowledges anything else.
+pub(crate) async fn serve(
+    agent: &Agent,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DeliveryError> {
+    serve_with(agent, shutdown, |delivery: Delivery| async move {
+        if delivery.event_type() == EventType::ToolCall {
+            let tool = delivery.subject().unwrap_or_default().to_owned();
+            let refusal = ToolError::new(format!("agent `{}` does not serve tool `{tool}`", delivery.agent.inner.id));
+            delivery.answer_tool(Err(refusal)).await.map(|_| ())
+        } else {
+            tracing::info!(id = delivery.id(), r#type = %delivery.event_type(), from = %delivery.sender(), "No handler for this delivery; acknowledging it.");
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// What [`Agent::serve_with`] does: every delivery handled by `handler`
+/// until `shutdown`, then the shutdown grace for what runs.
+pub(crate) async fn serve_with<F, Fut, E>(
+    agent: &Agent,
+    shutdown: impl Future<Output = ()> + Send,
+    mut handler: F,
+) -> Result<(), DeliveryError>
+where
+    F: FnMut(Delivery) -> Fut + Send,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let max = agent.inner.settings.max_concurrent_deliveries;
+    let mut deliveries = deliveries(agent).await?;
+    tokio::pin!(shutdown);
+    let mut running = FuturesUnordered::new();
+    // A delivery pulled while every handler slot was busy: polling on
+    // lets the stream serve tool calls that come as deliveries.
+    let mut waiting: Option<Delivery> = None;
+    let mut keepalive = keepalive_timer(agent.inner.settings.ack_wait);
+    let mut ended = false;
+    loop {
+        if (&mut shutdown).now_or_never().is_some() {
+            break;
+        }
+        if running.len() < max
+            && let Some(delivery) = waiting.take()
+        {
+            running.push(handle(agent, delivery, &mut handler));
+            continue;
+        }
+        if ended && waiting.is_none() && running.is_empty() {
+            return Err(DeliveryErrorKind::Pull(agent.inner.consumer_name.clone()).into());
+        }
+        // In this order: finishing handlers frees slots for the next.
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            Some(()) = running.next(), if !running.is_empty() => {}
+            next = deliveries.next(), if waiting.is_none() && !ended => match next {
+                None => ended = true,
+                Some(Err(e)) => tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself."),
+                Some(Ok(next)) => waiting = Some(next),
+            },
+            _ = keepalive.tick(), if waiting.is_some() => {
+                if let Some(next) = &waiting {
+                    progress(&next.message).await;
+                }
+            }
+        }
+    }
+    if let Some(left) = waiting.take() {
+        let _ = left.nak(None).await;
+    }
+    let grace = agent.inner.settings.shutdown_grace;
+    let finished =
+        tokio::time::timeout(grace, async { while running.next().await.is_some() {} }).await;
+    if finished.is_err() {
+        tracing::warn!(
+            ?grace,
+            "Handlers still running after the shutdown grace; their deliveries will be delivered again."
+        );
+    }
+    drop(running);
+    drop(deliveries);
+    agent.inner.tasks.close();
+    if tokio::time::timeout(grace, agent.inner.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "Tool calls still running after the shutdown grace; they will be delivered again."
+        );
+    }
+    agent.inner.tasks.reopen();
+    Ok(())
+}
+
+/// Runs `handler` on one delivery, keeping it alive meanwhile, then
+/// settles it: ack on `Ok`, [`Delivery::fail`] on `Err` or a panic.
+fn handle<'a, F, Fut, E>(
+    agent: &Agent,
+    delivery: Delivery,
+    handler: &mut F,
+) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>
+where
+    F: FnMut(Delivery) -> Fut + Send,
+    Fut: Future<Output = Result<(), E>> + Send + 'a,
+    E: std::fmt::Display + 'a,
+{
+    let twin = delivery.twin();
+    let max_attempts = agent.inner.settings.max_attempts;
+    let attempt = u32::try_from(twin.delivery_count()).unwrap_or(u32::MAX);
+    if attempt > max_attempts {
+        // Every attempt allowed has been made, and none ended with a
+        // result (the agent stopped, or the ack wait ran out): report it
+        // without a further one.
+        return Box::pin(async move {
+            let error = "the earlier attempts ended without a result (the agent stopped or the ack wait ran out)";
+            if let Err(e) = twin.give_up(attempt - 1, error).await {
+                tracing::warn!(id = twin.id(), error = %e, "Could not give up on a delivery; it will be delivered again.");
             }
         });
     }
-
-    /// Serves the registered tools until `shutdown` completes, then waits for
-    /// running calls (up to the shutdown grace).
-    ///
-    /// Tool calls for tools this agent does not serve are answered with an
-    /// error; any other delivery is logged and acknowledged. Use
-    /// [`serve_with`](Agent::serve_with) to handle those.
-    ///
-    /// ```no_run
-    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-    /// use agents_sdk::{Agent, ToolCall, ToolSpec};
-    ///
-    /// let agent = Agent::builder("clock")
-    ///     .tool(ToolSpec::new("clock.now"), |_call: ToolCall| async move {
-    ///         Ok(std::time::SystemTime::now()
-    ///             .duration_since(std::time::UNIX_EPOCH)?
-    ///             .as_secs())
-    ///     })
-    ///     .connect("nats://127.0.0.1:4222")
-    ///     .await?;
-    /// agent.serve(async { let _ = tokio::signal::ctrl_c().await; }).await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn serve(
-        &self,
-        shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), DeliveryError> {
-        self.serve_with(shutdown, |delivery: Delivery| async move {
-            if delivery.event_type() == EventType::ToolCall {
-                let tool = delivery.subject().unwrap_or_default().to_owned();
-                let refusal = ToolError::new(format!("agent `{}` does not serve tool `{tool}`", delivery.agent.id()));
-                delivery.answer_tool(Err(refusal)).await.map(|_| ())
-            } else {
-                tracing::info!(id = delivery.id(), r#type = %delivery.event_type(), from = %delivery.sender(), "No handler for this delivery; acknowledging it.");
-                Ok(())
-            }
-        })
-        .await
-    }
-
-    /// Handles every delivery with `handler` until `shutdown` completes:
-    /// acknowledged when it returns `Ok` (unless it settled the delivery
-    /// itself); when it returns `Err` (or panics), attempted again after a
-    /// backoff, and after the agent's
-    /// [`max_attempts`](crate::AgentBuilder::max_attempts) given up on and
-    /// reported (see [`Delivery::fail`]).
-    ///
-    /// Up to [`max_concurrent_deliveries`](crate::AgentBuilder::max_concurrent_deliveries)
-    /// handlers run at once (default 1: one at a time, in order), with
-    /// deliveries pulled ahead in batches. While a handler runs, its
-    /// delivery's ack wait is extended, so a slow handler (a model call) is
-    /// not raced by a redelivery, and registered tools go on being served.
-    /// On shutdown, running handlers get the shutdown grace to finish; what
-    /// is left is delivered again later.
-    ///
-    /// ```no_run
-    /// # async fn demo(agent: agents_sdk::Agent) -> Result<(), Box<dyn std::error::Error>> {
-    /// use agents_sdk::{Delivery, EventType};
-    ///
-    /// agent
-    ///     .serve_with(async { let _ = tokio::signal::ctrl_c().await; }, |d: Delivery| async move {
-    ///         if d.event_type() == EventType::Message {
-    ///             d.reply(serde_json::json!({"seen": d.id()})).await?;
-    ///         }
-    ///         Ok::<_, agents_sdk::PublishError>(())
-    ///     })
-    ///     .await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub async fn serve_with<F, Fut, E>(
-        &self,
-        shutdown: impl Future<Output = ()> + Send,
-        mut handler: F,
-    ) -> Result<(), DeliveryError>
-    where
-        F: FnMut(Delivery) -> Fut + Send,
-        Fut: Future<Output = Result<(), E>> + Send,
-        E: std::fmt::Display,
-    {
-        let max = self.inner.settings.max_concurrent_deliveries;
-        let mut deliveries = self.deliveries().await?;
-        tokio::pin!(shutdown);
-        let mut running = FuturesUnordered::new();
-        // A delivery pulled while every handler slot was busy: polling on
-        // lets the stream serve tool calls that come as deliveries.
-        let mut waiting: Option<Delivery> = None;
-        let mut keepalive = keepalive_timer(self.inner.settings.ack_wait);
-        let mut ended = false;
-        loop {
-            if (&mut shutdown).now_or_never().is_some() {
-                break;
-            }
-            if running.len() < max
-                && let Some(delivery) = waiting.take()
-            {
-                running.push(self.handle(delivery, &mut handler));
-                continue;
-            }
-            if ended && waiting.is_none() && running.is_empty() {
-                return Err(DeliveryErrorKind::Pull(self.inner.consumer_name.clone()).into());
-            }
-            // In this order: finishing handlers frees slots for the next.
-            tokio::select! {
-                biased;
-                () = &mut shutdown => break,
-                Some(()) = running.next(), if !running.is_empty() => {}
-                next = deliveries.next(), if waiting.is_none() && !ended => match next {
-                    None => ended = true,
-                    Some(Err(e)) => tracing::warn!(error = %e, "Delivery stream hiccup; it resumes by itself."),
-                    Some(Ok(next)) => waiting = Some(next),
-                },
-                _ = keepalive.tick(), if waiting.is_some() => {
-                    if let Some(next) = &waiting {
-                        progress(&next.message).await;
-                    }
+    let work = handler(delivery);
+    let ack_wait = agent.inner.settings.ack_wait;
+    let agent = agent.clone();
+    Box::pin(async move {
+        let failure: Option<String> = {
+            let _running = Running::start(&agent.inner.counters.handlers_running);
+            // The error becomes text as soon as the handler returns.
+            let work = async move {
+                match std::panic::AssertUnwindSafe(work).catch_unwind().await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some("the handler panicked".to_owned()),
                 }
-            }
-        }
-        if let Some(left) = waiting.take() {
-            let _ = left.nak(None).await;
-        }
-        let grace = self.inner.settings.shutdown_grace;
-        let finished =
-            tokio::time::timeout(grace, async { while running.next().await.is_some() {} }).await;
-        if finished.is_err() {
-            tracing::warn!(
-                ?grace,
-                "Handlers still running after the shutdown grace; their deliveries will be delivered again."
-            );
-        }
-        drop(running);
-        drop(deliveries);
-        self.inner.tasks.close();
-        if tokio::time::timeout(grace, self.inner.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                "Tool calls still running after the shutdown grace; they will be delivered again."
-            );
-        }
-        self.inner.tasks.reopen();
-        Ok(())
-    }
-
-    /// Runs `handler` on one delivery, keeping it alive meanwhile, then
-    /// settles it: ack on `Ok`, [`Delivery::fail`] on `Err` or a panic.
-    fn handle<'a, F, Fut, E>(
-        &self,
-        delivery: Delivery,
-        handler: &mut F,
-    ) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>
-    where
-        F: FnMut(Delivery) -> Fut + Send,
-        Fut: Future<Output = Result<(), E>> + Send + 'a,
-        E: std::fmt::Display + 'a,
-    {
-        let twin = delivery.twin();
-        let max_attempts = self.inner.settings.max_attempts;
-        let attempt = u32::try_from(twin.delivery_count()).unwrap_or(u32::MAX);
-        if attempt > max_attempts {
-            // Every attempt allowed has been made, and none ended with a
-            // result (the agent stopped, or the ack wait ran out): report it
-            // without a further one.
-            return Box::pin(async move {
-                let error = "the earlier attempts ended without a result (the agent stopped or the ack wait ran out)";
-                if let Err(e) = twin.give_up(attempt - 1, error).await {
-                    tracing::warn!(id = twin.id(), error = %e, "Could not give up on a delivery; it will be delivered again.");
-                }
-            });
-        }
-        let work = handler(delivery);
-        let ack_wait = self.inner.settings.ack_wait;
-        let agent = self.clone();
-        Box::pin(async move {
-            let failure: Option<String> = {
-                let _running = Running::start(&agent.inner.counters.handlers_running);
-                // The error becomes text as soon as the handler returns.
-                let work = async move {
-                    match std::panic::AssertUnwindSafe(work).catch_unwind().await {
-                        Ok(Ok(())) => None,
-                        Ok(Err(e)) => Some(e.to_string()),
-                        Err(_) => Some("the handler panicked".to_owned()),
-                    }
-                };
-                with_keepalive(&twin.message, ack_wait, work).await
             };
-            if twin.is_settled() {
-                return;
-            }
-            let Some(failure) = failure else {
-                match twin.ack().await {
-                    Ok(()) => Counters::add(&agent.inner.counters.handled),
-                    Err(e) => {
-                        tracing::warn!(id = twin.id(), error = %e, "Could not acknowledge a handled delivery; it will be delivered again.")
-                    }
+            with_keepalive(&twin.message, ack_wait, work).await
+        };
+        if twin.is_settled() {
+            return;
+        }
+        let Some(failure) = failure else {
+            match twin.ack().await {
+                Ok(()) => Counters::add(&agent.inner.counters.handled),
+                Err(e) => {
+                    tracing::warn!(id = twin.id(), error = %e, "Could not acknowledge a handled delivery; it will be delivered again.")
                 }
-                return;
-            };
-            if let Err(e) = twin.fail(failure).await {
-                tracing::warn!(id = twin.id(), error = %e, "Could not settle a failed delivery; it will be delivered again.");
             }
-        })
-    }
+            return;
+        };
+        if let Err(e) = twin.fail(failure).await {
+            tracing::warn!(id = twin.id(), error = %e, "Could not settle a failed delivery; it will be delivered again.");
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_nats::HeaderMap;
+    use schemas::AgentId;
     use schemas::EventBuilder;
     use schemas::EventBuilderV10;
 

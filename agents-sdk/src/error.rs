@@ -359,6 +359,73 @@ pub enum DirectoryErrorKind {
     Broker,
 }
 
+/// Why a tool failed; the caller receives the message as
+/// [`CallErrorKind::ToolFailed`](crate::CallErrorKind::ToolFailed).
+///
+/// Any `std::error::Error` converts into it, so `?` works in handlers:
+///
+/// ```
+/// use agents_sdk::ToolError;
+///
+/// fn parse(n: &str) -> Result<u32, ToolError> {
+///     if n.is_empty() {
+///         return Err(ToolError::new("`n` is empty"));
+///     }
+///     Ok(n.parse::<u32>()?)
+/// }
+/// assert_eq!(parse("x").unwrap_err().message(), "invalid digit found in string");
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct ToolError {
+    message: String,
+}
+
+impl ToolError {
+    /// A failure with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+
+    /// The message the caller receives.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl std::fmt::Debug for ToolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("ToolError").field(&self.message).finish()
+    }
+}
+
+impl std::fmt::Display for ToolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+// INVARIANT: `ToolError` does not implement `std::error::Error`, or this
+// blanket conversion would overlap `From<T> for T`.
+impl<E: std::error::Error> From<E> for ToolError {
+    fn from(err: E) -> Self {
+        let mut message = err.to_string();
+        let mut source = err.source();
+        while let Some(cause) = source {
+            // The SDK's `Error` and async-nats errors already print
+            // `kind: source`; appending that cause again would repeat it.
+            let text = cause.to_string();
+            if !message.ends_with(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            source = cause.source();
+        }
+        Self { message }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,16 +22,17 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::AckKind;
+use async_nats::Client;
 use async_nats::jetstream::consumer::{self, PullConsumer};
+use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
-use schemas::{DecisionReceipt, subjects};
+use schemas::{AgentId, DecisionReceipt, subjects};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::Agent;
-use crate::delivery::Received;
 use crate::error::BoxError;
+use crate::received::Received;
+use crate::trust::Trust;
 
 /// What the inbox hands to a waiting call.
 #[derive(Debug)]
@@ -118,16 +119,19 @@ fn hand_over(waiters: &Waiters, id: &str, arrival: Arrival) {
     }
 }
 
-impl Agent {
-    /// Starts reading the agent's receipts, from its durable and from its
-    /// receipts subject; called once, at connect, so every receipt of an
-    /// event this agent publishes is seen.
-    pub(crate) async fn start_receipts(&self) -> Result<(), BoxError> {
-        let me = self.id().as_str();
+impl Inbox {
+    /// Starts reading the receipts of agent `id`, from its durable and from
+    /// its receipts subject; called once, at connect, so every receipt of an
+    /// event the agent publishes is seen.
+    pub(crate) async fn start_receipts(
+        &self,
+        id: &AgentId,
+        js: &jetstream::Context,
+        client: &Client,
+    ) -> Result<(), BoxError> {
+        let me = id.as_str();
         let durable = subjects::receipts_consumer(me);
-        let consumer: PullConsumer = self
-            .inner
-            .js
+        let consumer: PullConsumer = js
             .create_consumer_on_stream(
                 consumer::pull::Config {
                     durable_name: Some(durable.clone()),
@@ -143,11 +147,11 @@ impl Agent {
                 subjects::STREAM_DECISION,
             )
             .await?;
-        let live = self.inner.client.subscribe(subjects::decision(me)).await?;
+        let live = client.subscribe(subjects::decision(me)).await?;
         let token = CancellationToken::new();
         let inbox = Arrivals {
-            waiters: self.inner.inbox.waiters.clone(),
-            recent: self.inner.inbox.recent.clone(),
+            waiters: self.waiters.clone(),
+            recent: self.recent.clone(),
         };
         tokio::spawn(read_durable(
             consumer,
@@ -156,57 +160,66 @@ impl Agent {
             token.clone(),
         ));
         tokio::spawn(read_live(live, inbox, token.clone()));
-        if let Ok(mut running) = self.inner.inbox.receipts.lock() {
+        if let Ok(mut running) = self.receipts.lock() {
             *running = Some(token);
         }
         Ok(())
     }
 
     /// Registers a wait for event `id`'s receipt (and, with `answers`, for
-    /// deliveries that answer it, starting that subscription first if it
-    /// is not running). A receipt that already came is handed over at once.
-    pub(crate) async fn wait_for(&self, id: &str, answers: bool) -> Result<Waiting, BoxError> {
-        let inbox = &self.inner.inbox;
+    /// deliveries to agent `me` that answer it, starting that subscription
+    /// on `client` first if it is not running; with `trust`, only answers
+    /// whose decision signature verifies). A receipt that already came is
+    /// handed over at once.
+    pub(crate) async fn wait_for(
+        &self,
+        client: &Client,
+        me: &AgentId,
+        trust: Option<Arc<Trust>>,
+        id: &str,
+        answers: bool,
+    ) -> Result<Waiting, BoxError> {
         if answers {
-            let mut running = inbox.answers.lock().await;
+            let mut running = self.answers.lock().await;
             if running.as_ref().is_none_or(CancellationToken::is_cancelled) {
-                *running = Some(self.start_answers().await?);
+                *running = Some(self.start_answers(client, me, trust).await?);
             }
         }
         let (tx, arrivals) = mpsc::unbounded_channel();
-        if let Ok(mut waiters) = inbox.waiters.lock() {
+        if let Ok(mut waiters) = self.waiters.lock() {
             waiters.insert(id.to_owned(), tx);
         }
         // A receipt that came before the registration (one that comes now
         // may be handed over twice; waits take the first).
-        let earlier = inbox
+        let earlier = self
             .recent
             .lock()
             .ok()
             .and_then(|recent| recent.receipts.get(id).cloned());
         if let Some(receipt) = earlier {
-            hand_over(&inbox.waiters, id, Arrival::Decision(Box::new(receipt)));
+            hand_over(&self.waiters, id, Arrival::Decision(Box::new(receipt)));
         }
         Ok(Waiting {
             id: id.to_owned(),
-            waiters: inbox.waiters.clone(),
+            waiters: self.waiters.clone(),
             arrivals,
         })
     }
 
-    async fn start_answers(&self) -> Result<CancellationToken, BoxError> {
-        let me = self.id().to_string();
-        let mut answers = self
-            .inner
-            .client
-            .subscribe(schemas::subjects::deliveries_to(&me))
+    async fn start_answers(
+        &self,
+        client: &Client,
+        me: &AgentId,
+        trust: Option<Arc<Trust>>,
+    ) -> Result<CancellationToken, BoxError> {
+        let mut answers = client
+            .subscribe(schemas::subjects::deliveries_to(me.as_str()))
             .await?;
         // The subscription is in place on the server before the call is
         // published (same connection, in order).
         let token = CancellationToken::new();
         let stop = token.clone();
-        let waiters = self.inner.inbox.waiters.clone();
-        let trust = self.inner.trust.clone();
+        let waiters = self.waiters.clone();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -333,11 +346,7 @@ async fn read_live(mut live: async_nats::Subscriber, inbox: Arrivals, stop: Canc
 }
 
 /// Whether an answer's decision signature verifies (always, without `trust`).
-async fn verified(
-    trust: Option<&crate::trust::Trust>,
-    answer: &Received,
-    message: &async_nats::Message,
-) -> bool {
+async fn verified(trust: Option<&Trust>, answer: &Received, message: &async_nats::Message) -> bool {
     match trust {
         Some(trust) => trust
             .verify(

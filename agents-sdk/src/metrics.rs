@@ -1,16 +1,10 @@
 //! What an agent is doing, as numbers: messages read ahead, handlers and
 //! tools running, deliveries handled, retried and given up on
-//! ([`Agent::metrics`]), and what still waits at the broker
-//! ([`Agent::pending`]).
+//! ([`Agent::metrics`](crate::Agent::metrics)), and what still waits at the broker
+//! ([`Agent::pending`](crate::Agent::pending)).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-
-use async_nats::jetstream::consumer::PullConsumer;
-use schemas::subjects;
-
-use crate::agent::Agent;
-use crate::error::{DeliveryError, DeliveryErrorKind};
 
 /// The counters an agent keeps; [`AgentMetrics`] is a copy of them.
 #[derive(Debug, Default)]
@@ -90,51 +84,4 @@ pub struct Pending {
     pub calls: u64,
     /// Tool calls pulled and not yet acknowledged.
     pub calls_unacked: usize,
-}
-
-impl Agent {
-    /// A snapshot of this agent's counters: its queue in this process,
-    /// running handlers and tools, retries and give-ups.
-    pub fn metrics(&self) -> AgentMetrics {
-        let c = &self.inner.counters;
-        AgentMetrics {
-            buffered_deliveries: c.buffered_deliveries.load(Ordering::Relaxed),
-            buffered_calls: c.buffered_calls.load(Ordering::Relaxed),
-            handlers_running: c.handlers_running.load(Ordering::Relaxed),
-            tools_running: c.tools_running.load(Ordering::Relaxed),
-            handled: c.handled.load(Ordering::Relaxed),
-            retries: c.retries.load(Ordering::Relaxed),
-            gave_up: c.gave_up.load(Ordering::Relaxed),
-            invalid: c.invalid.load(Ordering::Relaxed),
-            tool_calls: c.tool_calls.load(Ordering::Relaxed),
-            refused: c.refused.load(Ordering::Relaxed),
-        }
-    }
-
-    /// What waits for this agent at the broker (one JetStream request per
-    /// durable).
-    pub async fn pending(&self) -> Result<Pending, DeliveryError> {
-        async fn counts(
-            consumer: &PullConsumer,
-            name: &str,
-        ) -> Result<(u64, usize), DeliveryError> {
-            let mut consumer = consumer.clone();
-            let info = consumer.info().await.map_err(|e| {
-                DeliveryError::with_source(DeliveryErrorKind::Pull(name.to_owned()), e)
-            })?;
-            Ok((info.num_pending, info.num_ack_pending))
-        }
-        let name = &self.inner.consumer_name;
-        let (deliveries, deliveries_unacked) = counts(&self.inner.consumer, name).await?;
-        let (calls, calls_unacked) = match &self.inner.calls {
-            Some(calls) => counts(calls, &format!("{}/{name}", subjects::STREAM_CALL)).await?,
-            None => (0, 0),
-        };
-        Ok(Pending {
-            deliveries,
-            deliveries_unacked,
-            calls,
-            calls_unacked,
-        })
-    }
 }

@@ -1,16 +1,16 @@
-//! Serving tools: what a tool handler receives ([`ToolCall`]) and returns
-//! on failure ([`ToolError`]).
+//! Serving tools: what a tool handler receives ([`ToolCall`]); what it
+//! returns on failure is [`ToolError`] (`error`).
 
-use std::fmt;
 use std::future::Future;
 
 use schemas::{AgentId, TraceParent};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::agent::Agent;
-use crate::delivery::Received;
-use crate::workflow::{BoxFuture, Workflow};
+use crate::error::ToolError;
+use crate::inner::{Agent, BoxFuture, ToolHandler};
+use crate::received::Received;
+use crate::workflow::Workflow;
 
 /// One `tool.call` delivered to this agent, as its handler sees it.
 ///
@@ -108,93 +108,29 @@ impl ToolCall {
     /// on it (reasoning, its own tool calls) join the caller's trace and
     /// follow the call.
     pub fn workflow(&self) -> Workflow {
-        self.agent.continue_after(
-            self.received.trace(),
-            self.received.id(),
-            self.received.sender().as_str(),
-        )
+        Workflow::after(&self.agent, &self.received)
     }
 }
 
-/// Why a tool failed; the caller receives the message as
-/// [`CallErrorKind::ToolFailed`](crate::CallErrorKind::ToolFailed).
-///
-/// Any `std::error::Error` converts into it, so `?` works in handlers:
-///
-/// ```
-/// use agents_sdk::ToolError;
-///
-/// fn parse(n: &str) -> Result<u32, ToolError> {
-///     if n.is_empty() {
-///         return Err(ToolError::new("`n` is empty"));
-///     }
-///     Ok(n.parse::<u32>()?)
-/// }
-/// assert_eq!(parse("x").unwrap_err().message(), "invalid digit found in string");
-/// ```
-#[derive(Clone, PartialEq, Eq)]
-pub struct ToolError {
-    message: String,
-}
-
-impl ToolError {
-    /// A failure with this message.
-    pub fn new(message: impl Into<String>) -> Self {
-        Self {
-            message: message.into(),
-        }
-    }
-
-    /// The message the caller receives.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-impl fmt::Debug for ToolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ToolError").field(&self.message).finish()
-    }
-}
-
-impl fmt::Display for ToolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-// INVARIANT: `ToolError` does not implement `std::error::Error`, or this
-// blanket conversion would overlap `From<T> for T`.
-impl<E: std::error::Error> From<E> for ToolError {
-    fn from(err: E) -> Self {
-        let mut message = err.to_string();
-        let mut source = err.source();
-        while let Some(cause) = source {
-            // The SDK's `Error` and async-nats errors already print
-            // `kind: source`; appending that cause again would repeat it.
-            let text = cause.to_string();
-            if !message.ends_with(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            source = cause.source();
-        }
-        Self { message }
-    }
-}
-
-/// A registered tool handler, type-erased.
-pub(crate) trait ToolHandler: Send + Sync + 'static {
-    fn call(&self, call: ToolCall) -> BoxFuture<Result<Value, ToolError>>;
-}
-
+/// A tool handler as the builder takes it: a function of the [`ToolCall`].
 impl<F, Fut> ToolHandler for F
 where
     F: Fn(ToolCall) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Value, ToolError>> + Send + 'static,
 {
-    fn call(&self, call: ToolCall) -> BoxFuture<Result<Value, ToolError>> {
-        Box::pin(self(call))
+    fn call(
+        &self,
+        agent: Agent,
+        received: Received,
+        tool: String,
+        arguments: Value,
+    ) -> BoxFuture<Result<Value, ToolError>> {
+        Box::pin(self(ToolCall {
+            agent,
+            received,
+            tool,
+            arguments,
+        }))
     }
 }
 

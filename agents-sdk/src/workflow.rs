@@ -2,21 +2,17 @@
 //! `causationid`s between its steps, and a builder per step that publishes a
 //! binary-mode CloudEvent with `source`, `traceparent` and `causationid` set.
 
-use std::future::{Future, IntoFuture};
-use std::pin::Pin;
+use std::future::IntoFuture;
 use std::sync::{Arc, Mutex};
 
 use schemas::{EventBuilder, EventBuilderV10, EventType, TraceParent, ext};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::agent::{Agent, Published, to_json};
-use crate::call::{Request, ToolCallRequest};
 use crate::error::{PublishError, PublishErrorKind};
+use crate::inner::{Agent, BoxFuture, Published};
 use crate::payload;
-
-/// A boxed, sendable future: what the builders of this crate resolve to.
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+use crate::received::Received;
 
 /// One workflow of an agent: a trace and the steps published in it.
 ///
@@ -72,7 +68,7 @@ impl Cause {
 impl std::fmt::Debug for Workflow {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Workflow")
-            .field("agent", self.agent.id())
+            .field("agent", &self.agent.inner.id)
             .field("trace", &self.trace.to_string())
             .field("last", &self.last_event_id())
             .finish()
@@ -92,6 +88,19 @@ impl Workflow {
             last: Arc::new(Mutex::new(after)),
             parent: Arc::new(Mutex::new(parent)),
         }
+    }
+
+    /// The sender's workflow of `received` (a delivery, call or request
+    /// to `agent`), continued by `agent`: same trace, and the next step
+    /// follows `received`, naming its sender.
+    pub(crate) fn after(agent: &Agent, received: &Received) -> Self {
+        let trace = received.trace();
+        Self::new(
+            agent.clone(),
+            trace,
+            Some(Cause::of(received.id(), received.sender().as_str())),
+            Some(trace),
+        )
     }
 
     /// The agent publishing the steps.
@@ -232,52 +241,6 @@ impl Workflow {
                 .target(target),
             Err(e) => self.step(EventType::Message).target(target).invalid(e),
         }
-    }
-
-    /// Calls `tool` with `args` and waits for its result: the call goes to
-    /// the agent whose card lists the tool (or the one named with
-    /// [`on`](ToolCallRequest::on)), through policy.
-    ///
-    /// ```no_run
-    /// # async fn demo(wf: agents_sdk::Workflow) -> Result<(), Box<dyn std::error::Error>> {
-    /// use agents_sdk::CallErrorKind;
-    /// use serde_json::json;
-    /// use std::time::Duration;
-    ///
-    /// let text = wf.call_tool("repo.read", json!({"path": "README.md"})).await?;
-    /// match wf.call_tool("shell.exec", json!({"cmd": "rm -rf /"}))
-    ///     .timeout(Duration::from_secs(5))
-    ///     .await
-    /// {
-    ///     Err(e) if e.denial().is_some() => println!("denied: {:?}", e.denial().map(|r| &r.reasons)),
-    ///     Err(e) if matches!(e.kind(), CallErrorKind::TimedOut { .. }) => println!("{e}"),
-    ///     other => println!("{other:?}"),
-    /// }
-    /// # let _ = text;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn call_tool(&self, tool: impl Into<String>, args: impl Serialize) -> ToolCallRequest {
-        ToolCallRequest::new(self.clone(), tool.into(), to_json(args))
-    }
-
-    /// Sends `body` to agent `target` as an `io.agentmesh.message` and waits
-    /// for the reply (a message from `target` whose `causationid` is the
-    /// request's id; see [`Delivery::reply`](crate::Delivery::reply)).
-    ///
-    /// ```no_run
-    /// # async fn demo(wf: agents_sdk::Workflow) -> Result<(), Box<dyn std::error::Error>> {
-    /// use agents_sdk::payload;
-    /// use serde_json::json;
-    ///
-    /// let reply = wf.request("reviewer", json!({"diff": "+ fn parse() {}"})).await?;
-    /// let answer: payload::Message = reply.json()?;
-    /// println!("{} says {}", reply.sender(), answer.body);
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn request(&self, target: impl Into<String>, body: impl Serialize) -> Request {
-        Request::new(self.message(target, body))
     }
 }
 
@@ -425,7 +388,7 @@ impl Step {
         };
         let mut builder = EventBuilderV10::new()
             .id(id)
-            .source(self.wf.agent.id().source())
+            .source(self.wf.agent.inner.id.source())
             .ty(self.event_type.as_str())
             .time(chrono::Utc::now())
             .extension(ext::TRACEPARENT, trace.to_string())
@@ -465,10 +428,11 @@ impl Prepared {
         let published = self
             .wf
             .agent
+            .inner
             .publish_event(&self.step, &self.event, self.trace, self.parent)
             .await?;
         self.wf
-            .set_last(&published.id, self.wf.agent.id().as_str(), self.trace);
+            .set_last(&published.id, self.wf.agent.inner.id.as_str(), self.trace);
         Ok(published)
     }
 }
@@ -480,6 +444,11 @@ impl IntoFuture for Step {
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.publish())
     }
+}
+
+/// The JSON value of `data`, or why it could not be made.
+pub(crate) fn to_json(data: impl Serialize) -> Result<Value, String> {
+    serde_json::to_value(data).map_err(|e| e.to_string())
 }
 
 /// The `<step>` token of the ingress subject for a type: its short name with

@@ -139,7 +139,10 @@ impl Publisher {
         let client = async_nats::connect(nats_url)
             .await
             .context("publisher connect")?;
-        let js = jetstream::new(client);
+        let mut js = jetstream::new(client);
+        // With every write fsynced on a busy disk a full window of acks
+        // takes longer than the client's default 5 s.
+        js.set_timeout(crate::ACK_TIMEOUT);
         let template = handoff_headers();
         Ok(Self {
             js,

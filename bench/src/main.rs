@@ -27,6 +27,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 
+/// How long the bench's own publishers wait for a JetStream ack.
+pub(crate) const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Benchmarks for agentmesh.
 #[derive(Debug, Parser)]
 #[command(version, about)]

@@ -187,6 +187,7 @@ pub fn grants(principal: &Principal) -> Grants {
             let kv_limits = format!("KV_{}", subjects::BUCKET_LIMITS);
             let kv_approvals = format!("KV_{}", subjects::BUCKET_APPROVALS);
             let kv_cache = format!("KV_{}", subjects::BUCKET_TOOL_CACHE);
+            let kv_flows = format!("KV_{}", subjects::BUCKET_FLOWS);
             Grants {
                 account: MESH_ACCOUNT.to_owned(),
                 publish: vec![
@@ -227,6 +228,11 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("$KV.{}.>", subjects::BUCKET_TOOL_CACHE),
                     format!("$JS.API.DIRECT.GET.{kv_cache}"),
                     format!("$JS.API.DIRECT.GET.{kv_cache}.>"),
+                    // Workflow labels (docs/guardrails.md): read before each
+                    // decision, written with compare-and-set.
+                    format!("$KV.{}.>", subjects::BUCKET_FLOWS),
+                    format!("$JS.API.DIRECT.GET.{kv_flows}"),
+                    format!("$JS.API.DIRECT.GET.{kv_flows}.>"),
                 ],
                 subscribe: vec!["_INBOX.>".into()],
                 ..Grants::default()

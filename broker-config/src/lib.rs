@@ -235,6 +235,14 @@ pub fn buckets(options: &Options) -> Vec<stream::Config> {
             1,
             options.max_age,
         ),
+        // A workflow's labels outlive its last step by `max_age`; one that
+        // expired is a new workflow to the policies (docs/guardrails.md).
+        kv(
+            subjects::BUCKET_FLOWS,
+            "workflow labels and steps, key = trace id",
+            1,
+            options.max_age,
+        ),
         kv(
             subjects::BUCKET_APPROVALS,
             "approval requests and their state, key = approval id",

@@ -12,7 +12,7 @@ async fn apply_is_idempotent_and_keeps_data() {
     let js = jetstream::new(nats.connect().await.unwrap());
 
     let first = apply(&js, &Options::default()).await.unwrap();
-    assert_eq!(first.len(), 14);
+    assert_eq!(first.len(), 15);
     assert!(
         first.iter().all(|(_, c)| *c == Change::Created),
         "{first:?}"
@@ -118,7 +118,7 @@ async fn concurrent_applies_all_succeed() {
         let results = futures::future::join_all(applies).await;
         for result in results {
             let changes = result.unwrap_or_else(|e| panic!("round {round}: {e}"));
-            assert_eq!(changes.len(), 14, "{changes:?}");
+            assert_eq!(changes.len(), 15, "{changes:?}");
         }
         // A later apply finds everything in place.
         let again = apply(&contexts[0], &Options::default()).await.unwrap();

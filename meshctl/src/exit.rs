@@ -70,9 +70,13 @@ impl Exit {
                 "NATS or ClickHouse did not answer (start the stack: `meshctl up`)"
             }
             Exit::Refused => "NATS or ClickHouse refused the credentials or a permission",
-            Exit::NotFound => "what was named does not exist: an agent, a trace, a stream, a file",
-            Exit::TimedOut => "what meshctl waited for did not come in time (a receipt, a server)",
-            Exit::Failed => "any other failure",
+            Exit::NotFound => {
+                "what was named does not exist: an agent, a trace, a stream, a file, the SMT solver"
+            }
+            Exit::TimedOut => {
+                "what meshctl waited for did not come in time (a receipt, a server, a proof)"
+            }
+            Exit::Failed => "any other failure (e.g. an SMT solver that crashed or is too old)",
         }
     }
 }

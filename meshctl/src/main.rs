@@ -16,6 +16,7 @@ mod identity;
 mod limits;
 mod output;
 mod policy;
+mod prove;
 mod publish;
 mod reference;
 mod signers;
@@ -147,6 +148,9 @@ enum Command {
     Trace {
         /// The workflow's trace id (32 hex characters).
         trace_id: String,
+        /// How long to wait for the trace's steps and their decisions to reach ClickHouse (the audit sink writes them in batches, within about a second); then it draws what is there. `0s` answers at once.
+        #[arg(long, default_value = "10s", value_parser = output::parse_duration)]
+        wait: Duration,
         #[command(flatten)]
         output: output::OutputArg,
     },
@@ -369,9 +373,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Gpus { config, output } => {
             gpus::run(&endpoints, config.as_deref(), output.json()).await?
         }
-        Command::Trace { trace_id, output } => {
-            tree::print(&endpoints, &trace_id, output.json()).await?
-        }
+        Command::Trace {
+            trace_id,
+            wait,
+            output,
+        } => tree::print(&endpoints, &trace_id, wait, output.json()).await?,
         Command::Ui { port, bind } => {
             let shutdown = tokio_util::sync::CancellationToken::new();
             tokio::spawn(telemetry::shutdown_on_signal(shutdown.clone()));

@@ -15,7 +15,9 @@ use audit_tables::rows::{self, DecisionRow, EventRow};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
-use policy_engine::{ENTITIES_FILE, Outcome, PolicyBundle, Replayer, SCHEMA_FILE};
+use policy_engine::{
+    ENTITIES_FILE, Outcome, PROPERTIES_FILE, PolicyBundle, Properties, Replayer, SCHEMA_FILE,
+};
 use schemas::{DecisionReceipt, subjects};
 use serde::Serialize;
 
@@ -28,6 +30,30 @@ pub(crate) enum PolicyCommand {
     Check {
         /// The policy directory.
         dir: PathBuf,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
+    },
+    /// Prove the claims of the directory's `properties.toml` with the cvc5 SMT solver, or show a request that refutes each.
+    Prove {
+        /// The policy directory (with `properties.toml`).
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        #[command(flatten)]
+        solver: crate::prove::SolverArgs,
+        #[command(flatten)]
+        output: crate::output::OutputArg,
+    },
+    /// List the policies NEW adds, removes and changes; with --prove, whether NEW allows only what OLD allowed.
+    Diff {
+        /// The policy directory before the change.
+        old: PathBuf,
+        /// The policy directory after the change.
+        new: PathBuf,
+        /// Prove whether NEW is equivalent to OLD or narrows it (exit 1 when NEW allows a request OLD denied).
+        #[arg(long)]
+        prove: bool,
+        #[command(flatten)]
+        solver: crate::prove::SolverArgs,
         #[command(flatten)]
         output: crate::output::OutputArg,
     },
@@ -85,6 +111,9 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
     match command {
         PolicyCommand::Check { dir, output } => {
             let bundle = load(&dir)?;
+            let properties = Properties::load(&dir, bundle.schema(), bundle.entities())
+                .with_context(|| format!("properties in `{}` refused", dir.display()))?
+                .map_or(0, |p| p.properties.len());
             if output.json() {
                 crate::output::print_json(&serde_json::json!({
                     "dir": dir.display().to_string(),
@@ -93,6 +122,7 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
                     "require_approval": bundle.guard().approval_policies().collect::<Vec<_>>(),
                     "reads_detectors": bundle.guard().reads_detectors(),
                     "reads_counters": bundle.guard().reads_counters(),
+                    "properties": properties,
                 }))?;
                 return Ok(true);
             }
@@ -112,8 +142,25 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
             if bundle.guard().reads_counters() {
                 println!("  reads rate and budget counters (context.rate, context.budget)");
             }
+            if properties > 0 {
+                println!(
+                    "  {properties} properties in {PROPERTIES_FILE} (`meshctl policy prove` proves them)"
+                );
+            }
             Ok(true)
         }
+        PolicyCommand::Prove {
+            dir,
+            solver,
+            output,
+        } => crate::prove::prove(&dir, &solver, output.json()).await,
+        PolicyCommand::Diff {
+            old,
+            new,
+            prove,
+            solver,
+            output,
+        } => crate::prove::diff(&old, &new, prove, &solver, output.json()).await,
         PolicyCommand::Promote {
             shadow,
             policies,

@@ -37,7 +37,15 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     ),
     (
         "policy check",
-        "`{dir, policies, policy_hash, require_approval: [policy id], reads_detectors, reads_counters}`",
+        "`{dir, policies, policy_hash, require_approval: [policy id], reads_detectors, reads_counters, properties}` (`properties`: how many claims `properties.toml` holds, 0 without one)",
+    ),
+    (
+        "policy prove",
+        "`{dir, policy_hash, policies, properties_file, solver: {path, version}, request_kinds, proved, failed, millis, properties: [{id, description, check, result, line, counterexample?}]}`; `result` is `proved` or `failed`, and a failed one has `counterexample: {principal, action, resource, context, entities, decision, reasons, errors}` (a request, its context and entity store as Cedar JSON, and Cedar's decision of it with the set: for `never-errors`, `reasons` names the policy that errs); exit 1 when one fails",
+    ),
+    (
+        "policy diff",
+        "`{old, new, old_hash, new_hash, added, removed, changed, prove?}` (policy ids); with `--prove`, `prove: {verdict, implies, allowed_only_by_new?, denied_only_by_new?, solver: {path, version}, request_kinds, millis}`: `verdict` is `equivalent`, `narrows`, `widens` or `changes`, `implies` whether every request NEW allows OLD allowed, and each example is a counterexample as in `policy prove` with NEW's decision; exit 1 when `implies` is false",
     ),
     (
         "policy replay",
@@ -45,7 +53,7 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     ),
     (
         "approvals list",
-        "`[{id, status, agent, request_subject, requested_at, expires_at, approver, comment, answered_at, receipt, decision_span}]`, oldest first (`schemas::ApprovalState`)",
+        "`[{id, status, agent, request_subject, requested_at, expires_at, approver, comment, answered_at, receipt, decision_span?}]`, oldest first (`schemas::ApprovalState`; `decision_span` only where spans are exported)",
     ),
     (
         "approvals show",
@@ -61,7 +69,7 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     ),
     (
         "signers list",
-        "`[{public_key, name, status, added_at, retired_at, revoked_at}]`",
+        "`[{public_key, name, status, added_at, retired_at?, revoked_at?}]` (`retired_at`, `revoked_at` only once it is retired or revoked)",
     ),
     (
         "audit verify",

@@ -5,6 +5,7 @@
 //! id `1`): a child links to the step `(parent_agent, parent_id)`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Deserialize;
@@ -12,6 +13,9 @@ use serde::Deserialize;
 /// One step of the tree: a row of `audit-tables/sql/decision_tree.sql`,
 /// declared next to the query.
 pub(crate) use audit_tables::queries::TreeNode as Node;
+
+/// How often `meshctl trace --wait` asks ClickHouse again.
+const POLL: Duration = Duration::from_millis(250);
 
 /// Checks a trace id: 32 lowercase hex characters.
 pub(crate) fn check_trace_id(trace_id: &str) -> anyhow::Result<()> {
@@ -33,16 +37,31 @@ pub(crate) fn check_trace_id(trace_id: &str) -> anyhow::Result<()> {
 pub(crate) async fn print(
     endpoints: &crate::servers::Endpoints,
     trace_id: &str,
+    wait: Duration,
     json: bool,
 ) -> anyhow::Result<()> {
     check_trace_id(trace_id)?;
-    let nodes = fetch(&endpoints.audit_db(), trace_id).await?;
+    // A trace just published is in ClickHouse once the audit sink has
+    // written its batches (steps and decisions apart): poll until every
+    // step has its decision, up to `wait`; then draw what is there. A
+    // failed query is no reason to wait (ClickHouse down, a bad URL): it
+    // fails at once.
+    let deadline = Instant::now() + wait;
+    let nodes = loop {
+        let nodes = fetch(&endpoints.audit_db(), trace_id).await?;
+        let complete = !nodes.is_empty() && nodes.iter().all(|n| !n.decision.is_empty());
+        if complete || Instant::now() >= deadline {
+            break nodes;
+        }
+        tokio::time::sleep(POLL.min(deadline.saturating_duration_since(Instant::now()))).await;
+    };
     if nodes.is_empty() {
         return Err(crate::exit::fail(
             crate::exit::Exit::NotFound,
             format!(
-                "no steps of trace {trace_id} in `{}.events`: check the id (`meshctl tail receipts` shows live ones), or wait for the audit sink",
-                endpoints.database
+                "no steps of trace {trace_id} in `{}.events` after {}: check the id (`meshctl tail receipts --trace {trace_id} --since 1h` shows whether the mesh decided it), or give the audit sink longer (`--wait 1m`; `meshctl status` shows its backlog)",
+                endpoints.database,
+                crate::output::format_duration(wait),
             ),
         ));
     }
@@ -337,9 +356,10 @@ pub(crate) fn render_with(
         .unwrap_or(0);
     let denied = nodes.iter().filter(|n| n.decision == "deny").count();
     let undecided = nodes.iter().filter(|n| n.decision.is_empty()).count();
+    let steps = nodes.len() - cached;
     let mut out = format!(
-        "Decision tree of trace {trace_id}: {} steps, {denied} denied{}{}\n",
-        nodes.len() - cached,
+        "Decision tree of trace {trace_id}: {steps} step{}, {denied} denied{}{}\n",
+        if steps == 1 { "" } else { "s" },
         if undecided > 0 {
             format!(", {undecided} without decision")
         } else {
@@ -536,6 +556,17 @@ Decision tree of trace t: 2 steps, 0 denied
   └─ coder     gave up on task.handoff a from planner after 5 attempts: missing field `task`  allow
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn one_step_is_one_step() {
+        let nodes = vec![node("a", "", "planner", "prompt", "", "", "allow", &["p1"])];
+        let text = render("t", &nodes);
+        assert_eq!(
+            text.lines().next(),
+            Some("Decision tree of trace t: 1 step, 0 denied"),
+            "{text}"
+        );
     }
 
     /// `node` with a parent agent and a time.

@@ -277,6 +277,29 @@ impl Detector {
         kinds
     }
 
+    /// Where in `text` the detectors found something: each confirmed match
+    /// as a byte range with its kind, sorted by start (ranges may overlap).
+    /// The same patterns and checks as [`Detector::scan_bytes`].
+    pub fn spans(&self, text: &[u8]) -> Vec<(std::ops::Range<usize>, &'static str)> {
+        let mut spans = Vec::new();
+        for i in self.set.matches(text).iter() {
+            let p = &PATTERNS[i];
+            spans.extend(
+                self.each[i]
+                    .find_iter(text)
+                    .filter(|m| confirm(p.check, m.as_bytes()))
+                    .map(|m| (m.range(), p.kind)),
+            );
+        }
+        spans.extend(
+            self.markers
+                .find_iter(text)
+                .map(|m| (m.range(), "injection.chat_template")),
+        );
+        spans.sort_by_key(|(range, _)| (range.start, std::cmp::Reverse(range.end)));
+        spans
+    }
+
     /// Scans a payload: JSON with escapes is decoded first, anything else
     /// is scanned as it is.
     pub fn scan_payload(&self, payload: &[u8]) -> Findings {

@@ -16,13 +16,16 @@ pub struct Needs {
     pub scan: bool,
     /// Count the event in the rate and budget counters.
     pub count: bool,
+    /// Read the workflow's label record.
+    pub flow: bool,
 }
 
 impl Needs {
     /// What any of `metas` reads.
     pub fn of(metas: &[&GuardMeta]) -> Self {
         Self {
-            scan: metas.iter().any(|m| m.reads_detectors()),
+            scan: metas.iter().any(|m| m.reads_detectors() || m.redacts()),
+            flow: metas.iter().any(|m| m.reads_flow()),
             count: metas.iter().any(|m| m.reads_counters()),
         }
     }
@@ -35,6 +38,9 @@ pub struct Evaluation {
     pub verdict: Verdict,
     /// Whether the allow waits for a human approval.
     pub approval: bool,
+    /// On an allow by an `@redact` permit: the classes and kinds whose
+    /// spans the delivered copy has replaced (empty: none).
+    pub redact: Vec<String>,
 }
 
 /// Decides `event` with `bundle` and the prepared guards. `counter_error`
@@ -55,5 +61,14 @@ pub fn evaluate(
         verdict.errors.push(error.to_owned());
     }
     let approval = verdict.allowed && bundle.guard().requires_approval(&verdict.reasons);
-    Evaluation { verdict, approval }
+    let redact = if verdict.allowed {
+        bundle.guard().redaction(&verdict.reasons)
+    } else {
+        Vec::new()
+    };
+    Evaluation {
+        verdict,
+        approval,
+        redact,
+    }
 }

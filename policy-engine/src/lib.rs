@@ -2,7 +2,8 @@
 //! Cedar policy set ([`PolicyBundle`]) and its guardrails — payload
 //! detectors ([`Detector`]), the rate and budget records Cedar sees
 //! ([`Tallies`]), the permits that wait for a human
-//! ([`APPROVAL_ANNOTATION`]) — the evaluation of one event with them
+//! ([`APPROVAL_ANNOTATION`]), workflow labels (`flows.toml`: [`FlowRules`])
+//! and redacted allows ([`REDACT_ANNOTATION`]) — the evaluation of one event with them
 //! ([`evaluate`]), and [`Replayer`], which decides recorded events with a
 //! candidate set the way the worker would.
 //!
@@ -15,18 +16,24 @@ mod cache;
 mod detect;
 mod evaluate;
 mod fields;
+mod flows;
 mod guard;
 mod limits;
 mod policy;
+mod properties;
+mod redact;
 mod replay;
 
 pub use cache::{CACHE_FILE, CacheRules, Scope as CacheScope, ToolRule, canonical};
 pub use detect::{BuildError, Detector, Findings, KINDS as DETECTOR_KINDS};
 pub use evaluate::{Evaluation, Needs, evaluate};
-pub use guard::{APPROVAL_ANNOTATION, GuardMeta, Guards};
+pub use flows::{FLOWS_FILE, FlowRules, FlowState};
+pub use guard::{APPROVAL_ANNOTATION, GuardMeta, Guards, REDACT_ANNOTATION};
 pub use limits::{MemoryCounters, Tallies};
 pub use policy::{
     ENTITIES_FILE, LoadError, PolicyBundle, SCHEMA_FILE, UNREGISTERED_AGENT, Verdict,
     generated_policies,
 };
+pub use properties::{Check, PROPERTIES_FILE, Properties, Property};
+pub use redact::{RedactError, Redacted, covers as redaction_covers, replacement as redaction_of};
 pub use replay::{Outcome, Replayed, Replayer};

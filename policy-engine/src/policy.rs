@@ -71,6 +71,7 @@ pub struct PolicyBundle {
     names: Names,
     guard: GuardMeta,
     cache: crate::cache::CacheRules,
+    flows: crate::flows::FlowRules,
 }
 
 impl fmt::Debug for PolicyBundle {
@@ -783,7 +784,7 @@ impl Shape {
 }
 
 /// 1-based line and column of a byte offset in `text`.
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
+pub(crate) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
@@ -905,7 +906,7 @@ impl PolicyBundle {
             ));
         }
 
-        let guard = GuardMeta::of(&schema, &policies).map_err(|(id, message)| {
+        let mut guard = GuardMeta::of(&schema, &policies).map_err(|(id, message)| {
             let path = origin
                 .get(&id)
                 .map_or_else(|| dir.to_owned(), |(p, _)| p.clone());
@@ -952,11 +953,50 @@ impl PolicyBundle {
             }
         };
 
+        // Workflow labels (docs/guardrails.md), reloaded with the policies
+        // like `cache.toml`; their tools must be `Tool` entities.
+        let flows_path = dir.join(crate::flows::FLOWS_FILE);
+        let flows = match std::fs::read_to_string(&flows_path) {
+            Ok(text) => {
+                hasher.update(crate::flows::FLOWS_FILE.as_bytes());
+                hasher.update(text.as_bytes());
+                let tool_type = Names::new().tool;
+                crate::flows::FlowRules::parse(&text, |tool| {
+                    entities
+                        .get(&EntityUid::from_type_name_and_id(
+                            tool_type.clone(),
+                            EntityId::new(tool),
+                        ))
+                        .is_some()
+                })
+                .map_err(|e| {
+                    let (line, column) = line_col(&text, e.offset);
+                    LoadError::Invalid {
+                        path: flows_path.clone(),
+                        line,
+                        column,
+                        message: e.message,
+                    }
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                crate::flows::FlowRules::default()
+            }
+            Err(source) => {
+                return Err(LoadError::Read {
+                    path: flows_path,
+                    source,
+                });
+            }
+        };
+        guard.keeps_labels = !flows.is_empty();
+
         let digest = hasher.finalize();
         let names = Names::new();
         let index = PolicyIndex::build(&policies, &schema, &names);
         Ok(Self {
             cache,
+            flows,
             shape: Shape::build(&schema, index.reads.clone(), &guard, &names),
             index,
             policies,
@@ -981,10 +1021,31 @@ impl PolicyBundle {
         &self.cache
     }
 
+    /// The workflow labels (`flows.toml`; empty when the directory has
+    /// none).
+    pub fn flows(&self) -> &crate::flows::FlowRules {
+        &self.flows
+    }
+
     /// The hash of the schema, policy files and entities, and `cache.toml`
-    /// when there is one (16 hex characters).
+    /// and `flows.toml` when there are (16 hex characters).
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// The validated policies, named by their `@id`.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// The schema they were validated against.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// The operator's registry (`entities.json`).
+    pub fn entities(&self) -> &Entities {
+        &self.entities
     }
 
     /// How many policies the set has.
@@ -1100,7 +1161,7 @@ impl PolicyBundle {
         let response = self
             .authorizer
             .is_authorized(&request, candidates, &self.entities);
-        let errors: Vec<String> = response
+        let mut errors: Vec<String> = response
             .diagnostics()
             .errors()
             .map(|e| e.to_string())
@@ -1108,9 +1169,15 @@ impl PolicyBundle {
         // Cedar skips a policy whose evaluation errors; a skipped `forbid`
         // could let a `permit` through, so any error denies (fail closed).
         let allowed = response.decision() == cedar_policy::Decision::Allow && errors.is_empty();
+        // Cedar keeps the determining policies in a hash set: sorted, the
+        // same event gets the same receipt (and `Mesh-Policies` header)
+        // from every worker and every run.
+        let mut reasons: Vec<String> = response.diagnostics().reason().map(reason).collect();
+        reasons.sort_unstable();
+        errors.sort_unstable();
         Verdict {
             allowed,
-            reasons: response.diagnostics().reason().map(reason).collect(),
+            reasons,
             errors,
         }
     }
@@ -1183,6 +1250,26 @@ mod tests {
             .unwrap();
         let (h, p) = encode_binary(&event);
         MeshEvent::from_message("mesh.ingress.coder.step", Some(&h), &p, Limits::default()).unwrap()
+    }
+
+    /// Cedar yields the determining policies from a hash set, in an order
+    /// that changes from one evaluation to the next: the verdict sorts
+    /// them, so receipts and `Mesh-Policies` are the same every time.
+    #[test]
+    fn reasons_come_sorted_on_every_evaluation() {
+        let ids = ["zeta", "alpha", "mu", "delta", "omega", "beta", "kappa"];
+        let policies: String = ids
+            .iter()
+            .map(|id| format!("@id(\"{id}\") forbid (principal, action, resource);\n"))
+            .collect();
+        let (_dir, bundle) = bundle_with(SMALL_SCHEMA, &policies);
+        let mut sorted: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        sorted.sort();
+        for _ in 0..20 {
+            let verdict = bundle.decide(&event("io.agentmesh.output"), "step");
+            assert!(!verdict.allowed, "{verdict:?}");
+            assert_eq!(verdict.reasons, sorted);
+        }
     }
 
     #[test]

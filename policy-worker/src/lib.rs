@@ -17,6 +17,7 @@
 mod approval;
 mod cache;
 mod durability;
+mod flows;
 mod guard;
 mod limits;
 mod plan;
@@ -343,7 +344,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     )
     .await
     .map_err(|source| Error::Approvals { source })?;
-    let guard = guard::Runtime::new(counters, shadow, approvals);
+    let flows = flows::Flows::new(bucket(schemas::subjects::BUCKET_FLOWS).await?);
+    let guard = guard::Runtime::new(counters, flows, shadow, approvals);
     // Waiting calls may hold at most half the in-flight window, so the
     // results they wait for can always be decided.
     let cache = Arc::new(cache::ToolCache::new(

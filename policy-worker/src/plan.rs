@@ -113,7 +113,7 @@ impl Plan {
 }
 
 /// A message that is published in a copy's place: subject, headers, payload.
-pub(crate) type Copy = (String, HeaderMap, Bytes);
+pub(crate) type Outgoing = (String, HeaderMap, Bytes);
 
 /// The ingress message as the plan needs it.
 #[derive(Debug)]
@@ -144,7 +144,7 @@ pub(crate) struct Route {
     /// Set when the allow waits for a human.
     pub(crate) parking: Option<Parking>,
     /// The cached answer of an allowed call, sealed.
-    pub(crate) answer: Option<Copy>,
+    pub(crate) answer: Option<Outgoing>,
     /// Whether `MESH_CALL` exists (approved tool calls are stored there too).
     pub(crate) calls: bool,
 }
@@ -228,6 +228,9 @@ fn decided_headers(original: Option<HeaderMap>, r: &DecisionReceipt) -> HeaderMa
     h.insert(DECISION_ID, r.decision_id.as_str());
     h.insert(POLICY_HASH, r.policy_hash.as_str());
     h.insert(TRACE_ID, r.trace_id.as_str());
+    if !r.redacted.is_empty() {
+        h.insert(headers::REDACTED, r.redacted.join(","));
+    }
     SigningKey::stamp(r, &mut h);
     h
 }
@@ -312,6 +315,9 @@ fn parked(ingress: Ingress<'_>, r: &DecisionReceipt, parking: &Parking) -> Plan 
     h.insert(headers::APPROVAL_EXPIRES, rfc3339(parking.expires).as_str());
     h.insert(headers::POLICIES, r.reasons.join(",").as_str());
     h.insert(headers::INGRESS_SUBJECT, r.ingress_subject.as_str());
+    if !r.redacted.is_empty() {
+        h.insert(headers::REDACTED, r.redacted.join(","));
+    }
     let state = ApprovalState {
         id: approval,
         status: ApprovalStatus::Pending,
@@ -508,7 +514,7 @@ mod tests {
         "coder".parse().unwrap()
     }
 
-    fn answer() -> Copy {
+    fn answer() -> Outgoing {
         let mut h = HeaderMap::new();
         h.insert(headers::CACHE, "hit");
         (
@@ -536,6 +542,8 @@ mod tests {
         shadow: Option<Decision>,
         errors: &'static [&'static str],
         reasons: &'static [&'static str],
+        /// What an `@redact` allow replaced in the payload.
+        redacted: &'static [&'static str],
         expect: &'static [Kind],
         published: telemetry::Published,
     }
@@ -552,139 +560,37 @@ mod tests {
         shadow: None,
         errors: &[],
         reasons: &["p-allow"],
+        redacted: &[],
         expect: &[Kind::Receipt, Kind::Delivery],
         published: telemetry::Published::Delivery,
     };
 
+    /// One row per case; every field a row leaves out is [`ROW`]'s.
+    #[rustfmt::skip]
     fn cases() -> Vec<Case> {
         use Kind::*;
         use telemetry::Published as P;
         vec![
-            Case {
-                name: "allowed, targeted",
-                ..ROW
-            },
-            Case {
-                name: "allowed, no target",
-                target: false,
-                expect: &[Receipt],
-                published: P::ReceiptOnly,
-                ..ROW
-            },
-            Case {
-                name: "allowed tool call: call copy, then delivery",
-                event_type: EventType::ToolCall,
-                expect: &[Receipt, Call, Delivery],
-                ..ROW
-            },
-            Case {
-                name: "allowed tool call without MESH_CALL",
-                event_type: EventType::ToolCall,
-                calls: false,
-                ..ROW
-            },
-            Case {
-                name: "allowed tool call, no target",
-                event_type: EventType::ToolCall,
-                target: false,
-                expect: &[Receipt],
-                published: P::ReceiptOnly,
-                ..ROW
-            },
-            Case {
-                name: "cache miss: the call goes to the tool",
-                event_type: EventType::ToolCall,
-                cache: Some(CacheStatus::Miss),
-                expect: &[Receipt, Call, Delivery],
-                ..ROW
-            },
-            Case {
-                name: "cache bypass",
-                event_type: EventType::ToolCall,
-                cache: Some(CacheStatus::Bypass),
-                expect: &[Receipt, Call, Delivery],
-                ..ROW
-            },
-            Case {
-                name: "cache hit: the answer replaces delivery and call",
-                event_type: EventType::ToolCall,
-                cache: Some(CacheStatus::Hit),
-                hit: true,
-                expect: &[Receipt, CachedAnswer],
-                ..ROW
-            },
-            Case {
-                name: "cache stored: the result is delivered",
-                event_type: EventType::ToolResult,
-                cache: Some(CacheStatus::Stored),
-                ..ROW
-            },
-            Case {
-                name: "denied, targeted",
-                decision: Decision::Deny,
-                reasons: &["p-forbid", "p-2"],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
-            Case {
-                name: "denied, no policy permits",
-                decision: Decision::Deny,
-                target: false,
-                reasons: &[],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
-            Case {
-                name: "denied tool call: no call copy",
-                decision: Decision::Deny,
-                event_type: EventType::ToolCall,
-                errors: &["rate and budget counters unavailable: down"],
-                reasons: &[],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
-            Case {
-                name: "invalid",
-                decision: Decision::Invalid,
-                target: false,
-                errors: &["not a CloudEvent"],
-                reasons: &[],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
-            Case {
-                name: "parked for approval",
-                park: true,
-                expect: &[ApprovalRequest],
-                published: P::Parked,
-                ..ROW
-            },
-            Case {
-                name: "parked tool call: no call copy yet",
-                park: true,
-                event_type: EventType::ToolCall,
-                expect: &[ApprovalRequest],
-                published: P::Parked,
-                ..ROW
-            },
-            Case {
-                name: "shadow denies: no effect",
-                shadow: Some(Decision::Deny),
-                ..ROW
-            },
-            Case {
-                name: "shadow allows a denied event: no effect",
-                decision: Decision::Deny,
-                shadow: Some(Decision::Allow),
-                reasons: &[],
-                expect: &[Receipt, DeadLetter],
-                published: P::DeadLetter,
-                ..ROW
-            },
+            Case { name: "allowed, targeted", ..ROW },
+            Case { name: "allowed, no target", target: false, expect: &[Receipt], published: P::ReceiptOnly, ..ROW },
+            Case { name: "allowed tool call: call copy, then delivery", event_type: EventType::ToolCall, expect: &[Receipt, Call, Delivery], ..ROW },
+            Case { name: "allowed tool call without MESH_CALL", event_type: EventType::ToolCall, calls: false, ..ROW },
+            Case { name: "allowed tool call, no target", event_type: EventType::ToolCall, target: false, expect: &[Receipt], published: P::ReceiptOnly, ..ROW },
+            Case { name: "cache miss: the call goes to the tool", event_type: EventType::ToolCall, cache: Some(CacheStatus::Miss), expect: &[Receipt, Call, Delivery], ..ROW },
+            Case { name: "cache bypass", event_type: EventType::ToolCall, cache: Some(CacheStatus::Bypass), expect: &[Receipt, Call, Delivery], ..ROW },
+            Case { name: "cache hit: the answer replaces delivery and call", event_type: EventType::ToolCall, cache: Some(CacheStatus::Hit), hit: true, expect: &[Receipt, CachedAnswer], ..ROW },
+            Case { name: "cache stored: the result is delivered", event_type: EventType::ToolResult, cache: Some(CacheStatus::Stored), ..ROW },
+            Case { name: "denied, targeted", decision: Decision::Deny, reasons: &["p-forbid", "p-2"], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
+            Case { name: "denied, no policy permits", decision: Decision::Deny, target: false, reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
+            Case { name: "denied tool call: no call copy", decision: Decision::Deny, event_type: EventType::ToolCall, errors: &["rate and budget counters unavailable: down"], reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
+            Case { name: "invalid", decision: Decision::Invalid, target: false, errors: &["not a CloudEvent"], reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
+            Case { name: "parked for approval", park: true, expect: &[ApprovalRequest], published: P::Parked, ..ROW },
+            Case { name: "parked tool call: no call copy yet", park: true, event_type: EventType::ToolCall, expect: &[ApprovalRequest], published: P::Parked, ..ROW },
+            Case { name: "shadow denies: no effect", shadow: Some(Decision::Deny), ..ROW },
+            Case { name: "redacted delivery", redacted: &["pii", "secret"], ..ROW },
+            Case { name: "redacted tool call", event_type: EventType::ToolCall, redacted: &["pii"], expect: &[Receipt, Call, Delivery], ..ROW },
+            Case { name: "redacted, parked", park: true, redacted: &["pii"], expect: &[ApprovalRequest], published: P::Parked, ..ROW },
+            Case { name: "shadow allows a denied event: no effect", decision: Decision::Deny, shadow: Some(Decision::Allow), reasons: &[], expect: &[Receipt, DeadLetter], published: P::DeadLetter, ..ROW },
         ]
     }
 
@@ -694,6 +600,7 @@ mod tests {
         r.reasons = case.reasons.iter().map(|e| e.to_string()).collect();
         r.cache = case.cache;
         r.shadow_decision = case.shadow;
+        r.redacted = case.redacted.iter().map(|k| k.to_string()).collect();
         r.target = case.target.then(|| "coder".to_owned());
         let now = DateTime::parse_from_rfc3339("2026-12-07T16:00:00Z")
             .unwrap()
@@ -791,6 +698,12 @@ mod tests {
             value(h, headers::CALL),
             (kind == Kind::Delivery && called).then_some(call.as_str()),
             "{name}: {kind:?}"
+        );
+        let redacted = r.redacted.join(",");
+        assert_eq!(
+            value(h, headers::REDACTED),
+            (!redacted.is_empty()).then_some(redacted.as_str()),
+            "{name}: {kind:?} says what was redacted"
         );
         let dead = kind == Kind::DeadLetter;
         assert_eq!(value(h, headers::REASON).is_some(), dead, "{name}");

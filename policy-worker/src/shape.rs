@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 const MAX_LINES: usize = 60;
 
 /// The modules an ingress event (or an approval answer) goes through.
-const PER_EVENT: [&str; 6] = [
+const PER_EVENT: [&str; 7] = [
     "worker.rs",
     "plan.rs",
     "publish.rs",
     "guard.rs",
+    "flows.rs",
     "approval.rs",
     "cache/mod.rs",
 ];

@@ -200,10 +200,15 @@ impl Worker {
         self.metrics.received();
         let read = Read::of(&message, self.limits);
         let span = read.span();
-        let (receipt, route) = self
+        let (receipt, route, redacted) = self
             .decide(&read, &message.payload, started)
             .instrument(span.clone())
             .await;
+        // An `@redact` allow: every copy carries the redacted payload (the
+        // original stays in MESH_INGRESS, which the audit records).
+        if let Some(redacted) = redacted {
+            message.message.payload = redacted;
+        }
         telemetry::spans::record_decision(
             &span,
             &receipt.event_id,
@@ -232,25 +237,37 @@ impl Worker {
     }
 
     /// The decision on `read`: the verdict of the active (and shadow) set,
-    /// the cache's answer for an allowed call, and the receipt sealed.
-    /// Without a route when the decision could not be signed: fail closed,
-    /// nothing is published or acked and JetStream redelivers the event.
+    /// the cache's answer for an allowed call, the redacted payload of an
+    /// `@redact` allow, and the receipt sealed. Without a route when the
+    /// decision could not be signed or the workflow's labels not stored:
+    /// fail closed, nothing is published or acked and JetStream redelivers
+    /// the event.
     async fn decide(
         &self,
         read: &Read,
-        payload: &[u8],
+        payload: &bytes::Bytes,
         started: Instant,
-    ) -> (DecisionReceipt, Option<Route>) {
+    ) -> (DecisionReceipt, Option<Route>, Option<bytes::Bytes>) {
         let bundle = self.policies.borrow().clone();
         let mut receipt = read.receipt(&bundle);
-        let (target, park) = match &read.event {
+        let decided = match &read.event {
             Ok(event) => self.verdict(&bundle, event, read, &mut receipt).await,
             Err(invalid) => {
                 invalid.record(&mut receipt);
                 self.guard.mark_invalid(&mut receipt);
-                (None, false)
+                Some((None, false, Vec::new()))
             }
         };
+        let Some((mut target, park, redact)) = decided else {
+            return (receipt, None, None);
+        };
+        let mut redacted = None;
+        if let (Ok(event), Some(_), false) = (&read.event, &target, redact.is_empty()) {
+            redacted = redaction(event, payload, &redact, &mut receipt);
+            if receipt.decision != Decision::Allow {
+                target = None;
+            }
+        }
         let evaluation = started.elapsed();
         receipt.eval_micros = evaluation.as_micros() as u64;
         self.metrics.decided(receipt.decision, evaluation);
@@ -262,8 +279,9 @@ impl Worker {
         }
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        if !self.seal(&mut receipt, &mut answer, payload).await {
-            return (receipt, None);
+        let signed = redacted.as_ref().unwrap_or(payload);
+        if !self.seal(&mut receipt, &mut answer, signed).await {
+            return (receipt, None, None);
         }
         let parking = park.then(|| self.guard.approvals.parking(chrono::Utc::now()));
         let route = Route {
@@ -272,21 +290,29 @@ impl Worker {
             answer,
             calls: self.calls,
         };
-        (receipt, Some(route))
+        (receipt, Some(route), redacted)
     }
 
     /// Decides a valid event with the guardrails and records the verdict
-    /// on `receipt`; returns where an allowed event goes and whether it
-    /// waits for a human.
+    /// on `receipt`; returns where an allowed event goes, whether it waits
+    /// for a human and what it redacts. `None`: the workflow's labels
+    /// could not be stored (logged here).
     async fn verdict(
         &self,
         bundle: &PolicyBundle,
         event: &MeshEvent,
         read: &Read,
         receipt: &mut DecisionReceipt,
-    ) -> (Option<schemas::AgentId>, bool) {
+    ) -> Option<(Option<schemas::AgentId>, bool, Vec<String>)> {
         let step = subjects::parse_ingress(&read.subject).map_or("", |p| p.step);
-        let (verdict, park) = self.guard.decide(bundle, event, step, receipt).await;
+        let outcome = match self.guard.decide(bundle, event, step, receipt).await {
+            Ok(outcome) => outcome,
+            Err(error) => {
+                self.metrics.publish_failed();
+                tracing::warn!(event_id = %event.id(), %error, "Storing the workflow's labels failed; the event will be redelivered.");
+                return None;
+            }
+        };
         receipt.event_id = event.id().to_owned();
         receipt.trace_id = event.trace.trace_id_hex();
         receipt.trace_derived = event.trace_derived;
@@ -295,6 +321,7 @@ impl Worker {
         receipt.subject = schemas::AttributesReader::subject(&event.event).map(str::to_owned);
         receipt.causation_id = event.causation_id.clone();
         receipt.causation_agent = event.causation_agent.clone();
+        let verdict = outcome.verdict;
         receipt.decision = if verdict.allowed {
             Decision::Allow
         } else {
@@ -303,7 +330,7 @@ impl Worker {
         receipt.reasons = verdict.reasons;
         receipt.errors = verdict.errors;
         let target = verdict.allowed.then(|| event.target.clone()).flatten();
-        (target, park)
+        Some((target, outcome.park, outcome.redact))
     }
 
     /// Asks the cache about an allowed, routed event: records `miss`,
@@ -314,7 +341,7 @@ impl Worker {
         bundle: &PolicyBundle,
         event: &MeshEvent,
         receipt: &mut DecisionReceipt,
-    ) -> Option<plan::Copy> {
+    ) -> Option<plan::Outgoing> {
         let rules = bundle.cache();
         if rules.is_empty() {
             return None;
@@ -341,7 +368,7 @@ impl Worker {
     async fn seal(
         &self,
         receipt: &mut DecisionReceipt,
-        answer: &mut Option<plan::Copy>,
+        answer: &mut Option<plan::Outgoing>,
         payload: &[u8],
     ) -> bool {
         let mut sealed = self.sealer.seal(receipt, payload).await;
@@ -419,6 +446,31 @@ impl Worker {
         let _ = message
             .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
             .await;
+    }
+}
+
+/// The payload an `@redact` allow delivers, with the kinds replaced
+/// recorded on the receipt; `None` when nothing matched (the original is
+/// delivered). A payload that cannot be redacted denies the event (fail
+/// closed).
+fn redaction(
+    event: &MeshEvent,
+    payload: &bytes::Bytes,
+    redact: &[String],
+    receipt: &mut DecisionReceipt,
+) -> Option<bytes::Bytes> {
+    let structured = event.mode == schemas::ContentMode::Structured;
+    match policy_engine::Detector::shared().redact_message(payload, structured, redact) {
+        Ok(r) if r.kinds.is_empty() => None,
+        Ok(r) => {
+            receipt.redacted = r.kinds.iter().map(|k| (*k).to_owned()).collect();
+            Some(r.payload.into())
+        }
+        Err(error) => {
+            receipt.decision = Decision::Deny;
+            receipt.errors.push(error.to_string());
+            None
+        }
     }
 }
 

@@ -13,6 +13,7 @@ pub mod approval;
 mod binding;
 pub mod cache;
 mod catalogue;
+pub mod flows;
 pub mod gpu;
 pub mod limits;
 pub mod merkle;

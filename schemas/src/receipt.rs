@@ -113,8 +113,27 @@ pub struct DecisionReceipt {
     /// cached result, as `<agent>/<event id>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_source: Option<String>,
+    /// The workflow labels the decision saw (`context.workflow.labels`,
+    /// `docs/guardrails.md`); empty when the workflow held none or no labels
+    /// are kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// The labels this event added to its workflow (it was allowed and
+    /// `flows.toml` labels its tool or type), not already held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels_added: Vec<String>,
+    /// Whether the workflow's label record was lost (purged or deleted):
+    /// `labels` is then every declared label (fail closed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub labels_lost: bool,
+    /// On an allow by an `@redact` permit: the detector kinds replaced in
+    /// the delivered copy (e.g. `pii.email`); `data_sha256` is then the
+    /// digest of the redacted payload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redacted: Vec<String>,
     /// Lowercase hex SHA-256 of the event's message payload, as the
-    /// signature binds it (`docs/contract.md`, "Signed decisions").
+    /// signature binds it (`docs/contract.md`, "Signed decisions"); of the
+    /// delivered copy when it was redacted.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub data_sha256: String,
     /// The signing policy worker's public key (nkey, `N…`).
@@ -269,6 +288,9 @@ pub mod headers {
     /// subject where the same call was also stored, so an agent that reads
     /// its calls there skips this copy (older agents answer this one).
     pub const CALL: &str = "Mesh-Call";
+    /// On a redacted delivery: the detector kinds replaced in it,
+    /// comma-separated (e.g. `pii.email,secret.jwt`).
+    pub const REDACTED: &str = "Mesh-Redacted";
     /// When the decision was made (the receipt's `decided_at`), on
     /// deliveries and dead letters: a signed field.
     pub const DECIDED_AT: &str = "Mesh-Decided-At";

@@ -30,6 +30,10 @@ pub const BUCKET_APPROVALS: &str = "mesh-approvals";
 /// (`r.<tool hash>.<key hash>`), calls waiting for their result
 /// (`p.<call hash>`) and calls in flight (`f.<key hash>`).
 pub const BUCKET_TOOL_CACHE: &str = "mesh-tool-cache";
+/// KV bucket of workflow labels (`docs/guardrails.md`, "Workflow labels"),
+/// key = trace id, value = [`crate::flows::FlowRecord`] JSON. Only the
+/// policy worker reads and writes it.
+pub const BUCKET_FLOWS: &str = "mesh-flows";
 
 /// KV bucket of the trusted decision signers (`docs/contract.md`, "Signed
 /// decisions"), key = public key, value = [`crate::signing::SignerRecord`]

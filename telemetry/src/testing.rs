@@ -6,14 +6,12 @@
 //! metric point it was sent, for tests to assert on.
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -78,32 +76,17 @@ impl OtlpReceiver {
         let addr = listener.local_addr()?;
         let received = Arc::new(Mutex::new(Received::default()));
         let stop = CancellationToken::new();
-        let (state, token) = (received.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let stream = tokio::select! {
-                    _ = token.cancelled() => break,
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(_) => continue,
-                    },
-                };
-                let state = state.clone();
-                let token = token.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(handle(&state, request).await) }
-                    });
-                    let connection = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service);
-                    tokio::select! {
-                        _ = token.cancelled() => {}
-                        _ = connection => {}
-                    }
-                });
-            }
-        });
+        let state = received.clone();
+        let handler = move |request| {
+            let state = state.clone();
+            async move { handle(&state, request).await }
+        };
+        tokio::spawn(crate::http::serve(
+            listener,
+            handler,
+            stop.clone(),
+            "OTLP receiver",
+        ));
         Ok(Self {
             addr,
             received,

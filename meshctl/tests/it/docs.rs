@@ -283,6 +283,43 @@ fn generated_blocks_match_the_code() {
     }
 }
 
+/// The README is a landing page (what agentmesh is, the two commands, the
+/// quickstart, the contract in short, links): long material lives in
+/// `docs/`.
+#[test]
+fn the_readme_is_a_landing_page() {
+    let readme = std::fs::read_to_string(workspace().join("README.md")).unwrap();
+    let lines = readme.lines().count();
+    assert!(
+        lines <= 300,
+        "README.md has {lines} lines: keep it under 300 and move the long parts into docs/"
+    );
+    // The two commands, as `.ci/run` and a newcomer run them, and the
+    // quickstart, near the top.
+    let top: String = readme.lines().take(20).collect::<Vec<_>>().join("\n");
+    for wanted in [
+        "./scripts/demo.sh ",
+        "./scripts/test.sh ",
+        "(docs/quickstart.md)",
+    ] {
+        assert!(
+            top.contains(wanted),
+            "README.md's first 20 lines lack `{wanted}`"
+        );
+    }
+    let ci = std::fs::read_to_string(workspace().join(".ci/run")).unwrap();
+    assert!(ci.contains("./scripts/test.sh"), "{ci}");
+    // Every page of docs/ is linked from its documentation table.
+    for (doc, _) in user_docs() {
+        if doc.starts_with("docs/") {
+            assert!(
+                readme.contains(&format!("]({doc})")),
+                "README.md does not link {doc}"
+            );
+        }
+    }
+}
+
 /// Each word of `text` that starts with `prefix` at a word boundary (not
 /// after a letter, digit, `_`, `-`, `.` or `/`), extended by `more`.
 fn words(text: &str, prefix: &str, more: impl Fn(char) -> bool) -> BTreeSet<String> {

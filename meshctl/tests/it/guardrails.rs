@@ -517,6 +517,32 @@ async fn approvals_are_listed_approved_and_rejected_with_the_approver_audited() 
     let p2 = schemas::approval::approval_id("coder", "p2");
     let shown = ok(&stack.meshctl(&["approvals", "show", &p1[..8]]).await);
     assert!(shown.contains("for p1"), "{shown}");
+    // `-o json`: the documented shapes, with the parked event's data.
+    let listed: serde_json::Value = serde_json::from_str(&ok(&stack
+        .meshctl(&["approvals", "list", "-o", "json"])
+        .await))
+    .unwrap();
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    crate::support::json_shapes::check("approvals list", &listed);
+    let shown: serde_json::Value = serde_json::from_str(&ok(&stack
+        .meshctl(&["approvals", "show", &p1[..8], "-o", "json"])
+        .await))
+    .unwrap();
+    let mut shape = crate::support::json_shapes::documented("approvals list");
+    shape.array = false;
+    shape.fields.insert("data".to_owned());
+    crate::support::json_shapes::check_against("approvals show", &shape, &shown);
+    assert_eq!(shown["id"], p1.as_str(), "{shown}");
+    assert_eq!(shown["status"], "pending", "{shown}");
+    assert_eq!(shown["agent"], "coder", "{shown}");
+    assert_eq!(shown["receipt"]["event_id"], "p1", "{shown}");
+    assert!(
+        shown["receipt"]["reasons"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("deploys-need-approval"))),
+        "{shown}"
+    );
+    assert_eq!(shown["data"], json!({"args": "for p1"}), "{shown}");
 
     let approved = ok(&stack
         .meshctl(&[

@@ -7,6 +7,7 @@ mod docs;
 mod guardrails;
 mod meshctl;
 mod power_loss;
+mod prove;
 mod pub_tail;
 mod reference;
 mod replicas;

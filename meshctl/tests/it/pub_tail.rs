@@ -171,6 +171,7 @@ async fn pub_prints_receipts_and_tail_follows_them_with_filters() -> anyhow::Res
     .await?;
     assert_eq!(handoff.status.code(), Some(0), "{}", text(&handoff.stderr));
     let receipt = json(&handoff)?;
+    support::json_shapes::check("pub", &receipt);
     assert_eq!(receipt["decision"], "allow", "{receipt}");
     assert_eq!(receipt["agent"], "planner");
     assert_eq!(receipt["type"], "io.agentmesh.task.handoff");
@@ -257,8 +258,29 @@ async fn pub_prints_receipts_and_tail_follows_them_with_filters() -> anyhow::Res
     );
     assert!(
         out.lines()
-            .any(|l| l.starts_with("decision  deny    by ") && l.contains("forbid-shell-exec")),
+            .any(|l| l == "decision  deny    by forbid-high-risk-tools, forbid-shell-exec"),
         "{out}"
+    );
+    // Its tree at once, as the receipt says to: `trace` waits for the
+    // audit sink to write the step (no retry here).
+    let denied_trace = out
+        .lines()
+        .find_map(|l| l.strip_prefix("trace     "))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .to_owned();
+    let tree = meshctl(&env, &["trace", &denied_trace]).await?;
+    let tree_out = text(&tree.stdout);
+    assert_eq!(
+        tree.status.code(),
+        Some(0),
+        "{tree_out}{}",
+        text(&tree.stderr)
+    );
+    assert_eq!(
+        tree_out.lines().next(),
+        Some(format!("Decision tree of trace {denied_trace}: 1 step, 1 denied").as_str()),
+        "{tree_out}"
     );
 
     // Invalid: the worker's own receipt, with its errors.
@@ -344,24 +366,33 @@ async fn read_commands_print_json(env: &[(&str, &str)], trace: &str) -> anyhow::
             last.lock().map(|l| l.clone()).unwrap_or_default()
         )
     })?;
+    support::json_shapes::check("trace", &steps);
     assert_eq!(steps["trace_id"], trace);
     assert_eq!(steps["steps"][0]["type"], "io.agentmesh.task.handoff");
     assert_eq!(steps["steps"][0]["parent"], serde_json::Value::Null);
 
     let policies = workspace().join("policies");
     let policies = policies.to_string_lossy();
-    let cases: [(&[&str], &str); 11] = [
-        (&["status", "-o", "json"], "components"),
-        (&["status", "--output", "json"], "tables"),
+    // (arguments, the command as docs/meshctl.md names it, a field it
+    // must have: `0` an element, `` an array)
+    let cases: [(&[&str], &str, &str); 11] = [
+        (&["status", "-o", "json"], "status", "components"),
+        (&["status", "--output", "json"], "status", "tables"),
         (
             &["agents", "list", "--policies", &policies, "-o", "json"],
+            "agents list",
             "0",
         ),
         (
             &["audit", "verify", "--trace", trace, "-o", "json"],
+            "audit verify",
             "findings",
         ),
-        (&["policy", "check", &policies, "-o", "json"], "policy_hash"),
+        (
+            &["policy", "check", &policies, "-o", "json"],
+            "policy check",
+            "policy_hash",
+        ),
         (
             &[
                 "policy",
@@ -375,15 +406,24 @@ async fn read_commands_print_json(env: &[(&str, &str)], trace: &str) -> anyhow::
                 "-o",
                 "json",
             ],
+            "policy replay",
             "transitions",
         ),
-        (&["approvals", "list", "--all", "-o", "json"], ""),
-        (&["limits", "show", "-o", "json"], "agents"),
-        (&["cache", "status", "-o", "json"], "entries"),
-        (&["signers", "list", "-o", "json"], "0"),
-        (&["gpus", "-o", "json"], "leases"),
+        (
+            &["approvals", "list", "--all", "-o", "json"],
+            "approvals list",
+            "",
+        ),
+        (&["limits", "show", "-o", "json"], "limits show", "agents"),
+        (
+            &["cache", "status", "-o", "json"],
+            "cache status",
+            "entries",
+        ),
+        (&["signers", "list", "-o", "json"], "signers list", "0"),
+        (&["gpus", "-o", "json"], "gpus", "leases"),
     ];
-    for (args, field) in cases {
+    for (args, command, field) in cases {
         let out = meshctl(env, args).await?;
         let doc = json(&out).map_err(|e| anyhow::anyhow!("{args:?}: {e}"))?;
         let present = match field {
@@ -392,6 +432,7 @@ async fn read_commands_print_json(env: &[(&str, &str)], trace: &str) -> anyhow::
             f => doc.get(f).is_some(),
         };
         assert!(present, "{args:?}: no `{field}` in {doc}");
+        support::json_shapes::check(command, &doc);
     }
     Ok(())
 }

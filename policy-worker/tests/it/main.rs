@@ -3,6 +3,7 @@
 //! so the workspace links this crate's tests once.
 
 mod cache;
+mod flows;
 mod guardrails;
 mod interop;
 mod ops;

@@ -229,6 +229,78 @@ fn the_literal_scan_finds_code_and_skips_unit_tests() {
     assert_eq!(lines, [2, 4], "{found:?}");
 }
 
+/// What the service skeleton writes once, with the one file allowed to
+/// spell it: the HTTP serve loop, and SIGINT/SIGTERM handling (SIGHUP, the
+/// worker's policy reload, is not shutdown).
+const WRITTEN_ONCE: [(&str, &str, &str); 4] = [
+    (
+        "serve_connection(",
+        "telemetry/src/http.rs",
+        "an HTTP serve loop: use `telemetry::http::serve`",
+    ),
+    (
+        "SignalKind::terminate()",
+        "telemetry/src/signal.rs",
+        "SIGTERM: use `telemetry::signal` or `shutdown_on_signal`",
+    ),
+    (
+        "SignalKind::interrupt()",
+        "telemetry/src/signal.rs",
+        "SIGINT: use `telemetry::signal` or `shutdown_on_signal`",
+    ),
+    (
+        "signal::ctrl_c()",
+        "telemetry/src/signal.rs",
+        "Ctrl-C: use `telemetry::signal` or `shutdown_on_signal`",
+    ),
+];
+
+/// `(line number, reason)` for each thing of [`WRITTEN_ONCE`] that `source`
+/// (the file `path`) spells in code outside the file allowed to, before its
+/// unit tests; comments (doc examples) do not count.
+fn written_again(path: &str, source: &str) -> Vec<(usize, &'static str)> {
+    source
+        .lines()
+        .enumerate()
+        .take_while(|(_, line)| !line.starts_with("#[cfg(test)]"))
+        .flat_map(|(n, line)| {
+            let code = line.split("//").next().unwrap_or_default();
+            WRITTEN_ONCE
+                .iter()
+                .filter(move |(needle, home, _)| code.contains(needle) && !path.ends_with(home))
+                .map(move |(_, _, reason)| (n + 1, *reason))
+        })
+        .collect()
+}
+
+#[test]
+fn the_serve_loop_and_the_shutdown_signals_are_written_once() {
+    // The scan finds what it looks for, and only outside its home.
+    let sample = "/// tokio::signal::ctrl_c().await\nlet c = conn.serve_connection(io, svc);\n#[cfg(test)]\nlet s = signal::ctrl_c();";
+    assert_eq!(written_again("meshctl/src/ui/mod.rs", sample).len(), 1);
+    assert!(written_again("telemetry/src/http.rs", sample).is_empty());
+
+    let metadata = metadata();
+    let mut findings = Vec::new();
+    for package in metadata["packages"].as_array().unwrap() {
+        let manifest = std::path::Path::new(package["manifest_path"].as_str().unwrap());
+        let mut files = Vec::new();
+        rust_files(&manifest.parent().unwrap().join("src"), &mut files);
+        for file in files {
+            let path = file.display().to_string();
+            let source = std::fs::read_to_string(&file).unwrap();
+            for (line, reason) in written_again(&path, &source) {
+                findings.push(format!("{path}:{line}: {reason}"));
+            }
+        }
+    }
+    assert!(
+        findings.is_empty(),
+        "written again outside the service skeleton (`telemetry`):\n{}",
+        findings.join("\n")
+    );
+}
+
 /// The crate table of `ARCHITECTURE.md`: `(package, kind, owns)` per row
 /// naming a crate (`sdk/python` is not one).
 fn architecture_table() -> Vec<(String, String, String)> {
