@@ -16,12 +16,10 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::auth::Auth;
 use crate::session::{Gateway, Session};
@@ -57,7 +55,8 @@ pub(crate) struct Limits {
     pub metrics: telemetry::McpMetrics,
 }
 
-/// Serves until `shutdown`, then closes open connections.
+/// Serves until `shutdown` on the workspace's one HTTP stack
+/// (`telemetry::http::serve`), then closes open connections.
 pub(crate) async fn serve(
     listener: TcpListener,
     mcp: Mcp,
@@ -65,40 +64,11 @@ pub(crate) async fn serve(
     limits: Limits,
     shutdown: CancellationToken,
 ) {
-    let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::debug!(%error, "Accept failed.");
-                continue;
-            }
-        };
-        let (mcp, auth, limits, shutdown) =
-            (mcp.clone(), auth.clone(), limits.clone(), shutdown.clone());
-        connections.spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let (mcp, auth, limits) = (mcp.clone(), auth.clone(), limits.clone());
-                async move { Ok::<_, Infallible>(handle(&mcp, &auth, &limits, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                _ = shutdown.cancelled() => {}
-                result = connection => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "Connection failed.");
-                    }
-                }
-            }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+    let handler = move |request| {
+        let (mcp, auth, limits) = (mcp.clone(), auth.clone(), limits.clone());
+        async move { handle(&mcp, &auth, &limits, request).await }
+    };
+    telemetry::http::serve(listener, handler, shutdown, "MCP").await;
 }
 
 async fn handle(
