@@ -12,9 +12,9 @@
 #            chromium-driver (the `meshctl ui` browser test), fuse3
 #            (testkit's power-loss filesystem mounts with FUSE), and the
 #            SDK's test dependencies in the same venv (pytest, a2a-sdk,
-#            OpenTelemetry), the official MCP SDK (`mcp`, the MCP
-#            gateway's test client), and the cvc5 SMT solver (1.3 or newer)
-#            that `meshctl policy prove` needs, as /usr/local/bin/cvc5.
+#            OpenTelemetry, the MCP SDK `mcp`: the MCP gateway's test client
+#            and the bridge's test server), and the cvc5 SMT solver (1.3 or
+#            newer) that `meshctl policy prove` needs, as /usr/local/bin/cvc5.
 #
 # With `--replicated` (or AGENTMESH_REPLICATED=1) also ZooKeeper (Debian's
 # `zookeeper`, which pulls a JRE), for the replicated ClickHouse that the
@@ -71,8 +71,9 @@ fi
 
 # The Python SDK (sdk/python: nats-py, nkeys, pynacl) in its own virtual
 # environment; the test set adds pytest, the official a2a-sdk (the A2A
-# payloads are checked against its types) and OpenTelemetry's SDK with the
-# OTLP/HTTP exporter.
+# payloads are checked against its types), OpenTelemetry's SDK with the
+# OTLP/HTTP exporter and the official MCP SDK (PyPI `mcp`: the FastMCP
+# server the MCP bridge's tests run).
 if [ ! -x "$venv/bin/python" ]; then
   echo "==> creating the virtual environment .agentmesh/venv (python3 -m venv) for the Python SDK"
   mkdir -p "$root/.agentmesh"
@@ -80,7 +81,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$set_name" = test ]; then
   extras="[test,otel]"
-  probe='import agentmesh, nats, nkeys, nacl, pytest, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http'
+  probe='import agentmesh, nats, nkeys, nacl, pytest, opentelemetry.sdk, opentelemetry.exporter.otlp.proto.http, mcp.server'
 else
   extras=""
   probe='import agentmesh, nats, nkeys, nacl'

@@ -233,6 +233,10 @@ pub fn grants(principal: &Principal) -> Grants {
                     format!("$KV.{}.>", subjects::BUCKET_FLOWS),
                     format!("$JS.API.DIRECT.GET.{kv_flows}"),
                     format!("$JS.API.DIRECT.GET.{kv_flows}.>"),
+                    // Agent cards, read for their tools' input schemas
+                    // (a call's arguments are checked against them).
+                    format!("$JS.API.DIRECT.GET.{kv_agents}"),
+                    format!("$JS.API.DIRECT.GET.{kv_agents}.>"),
                 ],
                 subscribe: vec!["_INBOX.>".into()],
                 ..Grants::default()

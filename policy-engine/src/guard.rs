@@ -274,7 +274,7 @@ mod tests {
         std::fs::copy(example, dir.path().join("limits.cedar")).unwrap();
         let bundle = PolicyBundle::load(dir.path()).unwrap();
         assert!(bundle.guard().reads_counters());
-        assert_eq!(bundle.len(), 18);
+        assert_eq!(bundle.len(), 17);
     }
 
     #[test]

@@ -5,13 +5,15 @@
 //! ([`APPROVAL_ANNOTATION`]), workflow labels (`flows.toml`: [`FlowRules`])
 //! and redacted allows ([`REDACT_ANNOTATION`]) — the evaluation of one event with them
 //! ([`evaluate`]), and [`Replayer`], which decides recorded events with a
-//! candidate set the way the worker would.
+//! candidate set the way the worker would. [`CardSchemas`] checks a tool
+//! call's arguments against the input schema of its tool's agent card.
 //!
 //! The policy worker wraps it in the broker (counters in JetStream KV,
 //! parking, publishing); `meshctl` uses it to check and replay policies.
 //! Nothing here talks to NATS or needs a runtime: it reads a policy
 //! directory from disk and decides.
 
+mod arguments;
 mod cache;
 mod detect;
 mod evaluate;
@@ -24,6 +26,7 @@ mod properties;
 mod redact;
 mod replay;
 
+pub use arguments::{CardError, CardSchemas, INPUT_SCHEMA, MAX_VIOLATIONS};
 pub use cache::{CACHE_FILE, CacheRules, Scope as CacheScope, ToolRule, canonical};
 pub use detect::{BuildError, Detector, Findings, KINDS as DETECTOR_KINDS};
 pub use evaluate::{Evaluation, Needs, evaluate};

@@ -12,10 +12,13 @@
 //! approval for permits annotated `@approval("required")`.
 //!
 //! The tool-result cache (`docs/cache.md`, module `cache`) answers approved
-//! calls of tools declared in `cache.toml` from JetStream KV.
+//! calls of tools declared in `cache.toml` from JetStream KV. A tool call
+//! whose arguments break the input schema in its tool's agent card is
+//! invalid (module `cards`).
 
 mod approval;
 mod cache;
+mod cards;
 mod durability;
 mod flows;
 mod guard;
@@ -355,6 +358,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         telemetry::CacheMetrics::new(ops.metrics()),
     ));
     cache.watch_size(shutdown.clone());
+    let cards = cards::Cards::open(&js, shutdown.clone())
+        .await
+        .map_err(|source| Error::Bucket {
+            bucket: schemas::subjects::BUCKET_AGENTS.to_owned(),
+            source,
+        })?;
 
     ops.ready(config.ready_file.as_deref())?;
     consuming.set(true);
@@ -375,6 +384,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         policies_rx,
         guard,
         cache,
+        cards,
         &config,
         metrics,
         calls,

@@ -26,6 +26,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::cache::{Lookup, ToolCache};
+use crate::cards::Cards;
 use crate::plan::{self, Ingress, Plan, Route, Settle};
 use crate::signing::Sealer;
 use crate::watermarks::Watermarks;
@@ -68,6 +69,8 @@ pub(crate) struct Worker {
     policies: watch::Receiver<Arc<PolicyBundle>>,
     guard: guard::Runtime,
     cache: Arc<ToolCache>,
+    /// The input schemas of the agents' cards.
+    cards: Arc<Cards>,
     limits: schemas::Limits,
     batch: usize,
     max_in_flight: usize,
@@ -92,6 +95,7 @@ impl Worker {
         policies: watch::Receiver<Arc<PolicyBundle>>,
         guard: guard::Runtime,
         cache: Arc<ToolCache>,
+        cards: Arc<Cards>,
         config: &Config,
         metrics: telemetry::WorkerMetrics,
         calls: bool,
@@ -102,6 +106,7 @@ impl Worker {
             policies,
             guard,
             cache,
+            cards,
             limits: config.limits(),
             batch: config.batch.max(1),
             max_in_flight: config.max_in_flight.max(1),
@@ -305,6 +310,15 @@ impl Worker {
         receipt: &mut DecisionReceipt,
     ) -> Option<(Option<schemas::AgentId>, bool, Vec<String>)> {
         let step = subjects::parse_ingress(&read.subject).map_or("", |p| p.step);
+        record_event(event, receipt);
+        // A call whose arguments break its tool's input schema is invalid
+        // (the receipt's decision stays so) and reaches no guardrail or policy.
+        if let Err(violations) = self.cards.check(event).await {
+            receipt.reasons = vec![policy_engine::INPUT_SCHEMA.to_owned()];
+            receipt.errors = violations;
+            self.guard.mark_invalid(receipt);
+            return Some((None, false, Vec::new()));
+        }
         let outcome = match self.guard.decide(bundle, event, step, receipt).await {
             Ok(outcome) => outcome,
             Err(error) => {
@@ -313,14 +327,6 @@ impl Worker {
                 return None;
             }
         };
-        receipt.event_id = event.id().to_owned();
-        receipt.trace_id = event.trace.trace_id_hex();
-        receipt.trace_derived = event.trace_derived;
-        receipt.event_type = event.event_type.as_str().to_owned();
-        receipt.target = event.target.as_ref().map(|t| t.to_string());
-        receipt.subject = schemas::AttributesReader::subject(&event.event).map(str::to_owned);
-        receipt.causation_id = event.causation_id.clone();
-        receipt.causation_agent = event.causation_agent.clone();
         let verdict = outcome.verdict;
         receipt.decision = if verdict.allowed {
             Decision::Allow
@@ -555,4 +561,16 @@ impl Read {
             ..Default::default()
         }
     }
+}
+
+/// Records the decided event's attributes on its receipt.
+fn record_event(event: &MeshEvent, receipt: &mut DecisionReceipt) {
+    receipt.event_id = event.id().to_owned();
+    receipt.trace_id = event.trace.trace_id_hex();
+    receipt.trace_derived = event.trace_derived;
+    receipt.event_type = event.event_type.as_str().to_owned();
+    receipt.target = event.target.as_ref().map(|t| t.to_string());
+    receipt.subject = schemas::AttributesReader::subject(&event.event).map(str::to_owned);
+    receipt.causation_id = event.causation_id.clone();
+    receipt.causation_agent = event.causation_agent.clone();
 }

@@ -53,16 +53,53 @@ fn copy_of_shipped() -> tempfile::TempDir {
     dir
 }
 
-/// The shipped set without the guardrail that keeps reviewers off tools.
-fn without_reviewer_guardrail() -> tempfile::TempDir {
-    let dir = copy_of_shipped();
-    let path = dir.path().join("guardrails.cedar");
+/// The claim docs/guardrails.md adds about reviewers, which the shipped set
+/// does not keep (every member may call low-risk tools).
+const REVIEWERS_CLAIM: &str = r#"
+[[property]]
+id = "reviewers-never-call-tools"
+description = "An agent in role reviewer never calls a tool, whatever other roles it has."
+check = "never-allows"
+scope = '''
+principal in Role::"reviewer",
+action == Action::"io.agentmesh.tool.call",
+resource
+'''
+"#;
+
+/// A copy of the shipped set in `parent/before` with the reviewers claim
+/// added to its properties.
+fn with_reviewer_claim(parent: &Path) -> PathBuf {
+    let dir = parent.join("before");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(shipped()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let path = dir.join("properties.toml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let cut = text
-        .find("@id(\"forbid-reviewers-calling-tools\")")
-        .expect("the shipped guardrails keep reviewers off tools");
-    std::fs::write(&path, &text[..cut]).unwrap();
+    std::fs::write(&path, format!("{text}{REVIEWERS_CLAIM}")).unwrap();
     dir
+}
+
+/// `parent/before` and `parent/after`: the same, plus the example guardrail
+/// that keeps reviewers off tools (examples/policies/reviewers.cedar).
+fn with_reviewer_guardrail(parent: &Path) -> (PathBuf, PathBuf) {
+    let before = with_reviewer_claim(parent);
+    let after = parent.join("after");
+    std::fs::create_dir(&after).unwrap();
+    for entry in std::fs::read_dir(&before).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, after.join(path.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        shipped().join("../examples/policies/reviewers.cedar"),
+        after.join("reviewers.cedar"),
+    )
+    .unwrap();
+    (before, after)
 }
 
 fn property<'a>(report: &'a Value, id: &str) -> &'a Value {
@@ -90,7 +127,7 @@ fn the_shipped_properties_are_proved() {
     for id in [
         "never-errors",
         "nobody-runs-shell-exec",
-        "reviewers-never-call-tools",
+        "nobody-calls-high-risk-tools",
         "no-secrets-leave",
         "members-record-clean-steps",
     ] {
@@ -122,14 +159,9 @@ fn the_shipped_properties_are_proved() {
 
 #[test]
 fn a_property_the_set_breaks_is_refuted_with_a_request_cedar_allows() {
-    let dir = without_reviewer_guardrail();
-    let out = meshctl(&[
-        "policy",
-        "prove",
-        &dir.path().to_string_lossy(),
-        "-o",
-        "json",
-    ]);
+    let parent = tempfile::tempdir().unwrap();
+    let dir = with_reviewer_claim(parent.path());
+    let out = meshctl(&["policy", "prove", &dir.to_string_lossy(), "-o", "json"]);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -179,7 +211,7 @@ fn a_property_the_set_breaks_is_refuted_with_a_request_cedar_allows() {
         "{agent:#}"
     );
 
-    let text = meshctl(&["policy", "prove", &dir.path().to_string_lossy()]);
+    let text = meshctl(&["policy", "prove", &dir.to_string_lossy()]);
     assert_eq!(text.status.code(), Some(1));
     let text = stdout(&text);
     assert!(
@@ -188,7 +220,7 @@ fn a_property_the_set_breaks_is_refuted_with_a_request_cedar_allows() {
     );
     assert!(text.contains("counterexample (never-allows):"), "{text}");
     assert!(text.contains("io.agentmesh.tool.call"), "{text}");
-    assert!(text.contains("4 proved, 1 failed"), "{text}");
+    assert!(text.contains("5 proved, 1 failed"), "{text}");
 }
 
 #[test]
@@ -224,12 +256,13 @@ fn a_policy_that_can_err_fails_never_errors_and_names_the_policy() {
 
 #[test]
 fn diff_prove_tells_narrowing_from_widening_and_equivalence() {
-    let old = without_reviewer_guardrail();
-    let new = shipped();
+    let parent = tempfile::tempdir().unwrap();
+    let (old, new) = with_reviewer_guardrail(parent.path());
     let (old, new) = (
-        old.path().to_string_lossy().into_owned(),
+        old.to_string_lossy().into_owned(),
         new.to_string_lossy().into_owned(),
     );
+    let shipped_set = shipped().to_string_lossy().into_owned();
 
     let narrows = meshctl(&["policy", "diff", "--prove", &old, &new, "-o", "json"]);
     assert_eq!(
@@ -289,7 +322,7 @@ fn diff_prove_tells_narrowing_from_widening_and_equivalence() {
         "policy",
         "diff",
         "--prove",
-        &new,
+        &shipped_set,
         &same.path().to_string_lossy(),
         "-o",
         "json",
@@ -570,29 +603,40 @@ fn the_worked_examples_in_guardrails_md_are_what_meshctl_prints() {
 
     // The counterexample's details (its context, the entities) are the
     // solver's choice; the rest is compared.
-    let before = without_reviewer_guardrail();
-    let dir = before.path().to_string_lossy().into_owned();
-    let out = meshctl(&["policy", "prove", &dir]);
+    let parent = tempfile::tempdir().unwrap();
+    let (before, after) = with_reviewer_guardrail(parent.path());
+    let dir = parent.path().to_string_lossy().into_owned();
+    let out = meshctl(&["policy", "prove", &before.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(1));
     compare(
         "meshctl policy prove /tmp/before",
         &out,
         &dir,
-        "/tmp/before",
+        "/tmp",
         "            ",
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .args(["policy", "diff", "--prove", &dir, "policies"])
-        .current_dir(&root)
-        .env_remove("CVC5")
-        .output()
-        .unwrap();
+    let out = meshctl(&["policy", "prove", &after.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     compare(
-        "meshctl policy diff --prove /tmp/before policies",
+        "meshctl policy prove /tmp/after",
         &out,
         &dir,
-        "/tmp/before",
+        "/tmp",
+        "\u{0}",
+    );
+    let out = meshctl(&[
+        "policy",
+        "diff",
+        "--prove",
+        &before.to_string_lossy(),
+        &after.to_string_lossy(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    compare(
+        "meshctl policy diff --prove /tmp/before /tmp/after",
+        &out,
+        &dir,
+        "/tmp",
         "    ",
     );
 

@@ -1,7 +1,7 @@
 //! The workspace rules of `ARCHITECTURE.md`. From `cargo metadata`:
 //! `schemas` depends on no crate of ours; a service never depends on another
 //! service or on `meshctl`; `agents-sdk` never depends on a service, not
-//! even for its tests; `testkit` never links a service; `audit-tables`
+//! even for its tests, nor does `mcp-bridge`; `testkit` never links a service; `audit-tables`
 //! depends on `schemas` alone and `clickhouse-config` on nothing of ours;
 //! `policy-engine` links `schemas` alone (no broker, no service), and
 //! `meshctl` links no service (its tests may run one in-process).
@@ -93,6 +93,11 @@ fn forbidden(package: &str, dependency: &str, kind: &str) -> Option<&'static str
     if package == "agents-sdk" && (SERVICES.contains(&dependency) || dependency == "meshctl") {
         return Some(
             "an agent links the contract, not the enforcer: agents-sdk never depends on a service, dev-dependencies included (tests that need one belong in `tests/`)",
+        );
+    }
+    if package == "mcp-bridge" && (SERVICES.contains(&dependency) || dependency == "meshctl") {
+        return Some(
+            "`mcp-bridge` is an agent: it links the SDK, never a service or `meshctl` (tests that run the worker with it belong in `tests/`)",
         );
     }
     if package == "policy-engine" && kind != "dev" && dependency != "schemas" {

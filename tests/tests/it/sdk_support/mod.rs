@@ -135,11 +135,20 @@ impl Mesh {
         &mut self,
         key: Option<std::sync::Arc<schemas::signing::SigningKey>>,
     ) {
+        self.start_worker_on(shipped_policies(), key).await;
+    }
+
+    /// Starts the policy worker on the policy directory `policies`.
+    pub(crate) async fn start_worker_on(
+        &mut self,
+        policies: PathBuf,
+        key: Option<std::sync::Arc<schemas::signing::SigningKey>>,
+    ) {
         let ready = self._ready_dir.path().join("worker.ready");
         let _ = std::fs::remove_file(&ready);
         let config = policy_worker::Config {
             nats: broker_config::NatsArgs::url(self.nats.url()),
-            policies: shipped_policies(),
+            policies,
             watch_policies: false,
             ready_file: Some(ready.clone()),
             ack_wait_secs: 2,

@@ -1,0 +1,329 @@
+//! `mcp-bridge` with a real MCP server: a FastMCP server of the official
+//! Python `mcp` SDK (`tests/mcp/tools_server.py`), over stdio and over
+//! Streamable HTTP, bridged into the mesh as agent `tools` and called by a
+//! Rust SDK agent through the real policy worker. A server that crashes in
+//! the middle of a call or never answers is a tool error; the bridge keeps
+//! serving and every call has its receipt and its answer on record.
+
+// Test helpers outside `#[test]` fns panic to fail the test, too.
+#![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
+
+use crate::sdk_support as support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use agents_sdk::{Agent, CallErrorKind, Decision};
+use schemas::subjects;
+use serde_json::{Value, json};
+use support::*;
+use testkit::eventually;
+use tokio_util::sync::CancellationToken;
+
+/// The FastMCP server script.
+fn server_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tools_server.py")
+}
+
+/// Fails with how to install it unless the test Python has the `mcp` SDK.
+fn require_mcp() -> String {
+    let python = testkit::python();
+    let probe = Command::new(&python)
+        .args(["-c", "import mcp.server"])
+        .output();
+    assert!(
+        probe.as_ref().is_ok_and(|o| o.status.success()),
+        "the MCP bridge tests need the Python `mcp` SDK (PyPI `mcp`): run `scripts/install-deps.sh` \
+         (it installs it into `.agentmesh/venv`), or point AGENTMESH_PYTHON at such an interpreter ({})",
+        match &probe {
+            Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+            Err(e) => e.to_string(),
+        }
+    );
+    python
+}
+
+/// The shipped policies plus agent `tools` (a member) and the bridged
+/// tools: all low risk but `http.echo`, which is high risk.
+fn policies() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(shipped_policies()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let file = dir.path().join("entities.json");
+    let mut entities: Vec<Value> = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    entities.push(json!({
+        "uid": {"type": "Agent", "id": "tools"},
+        "attrs": {"role": "worker", "team": "platform"},
+        "parents": [{"type": "Role", "id": "member"}]
+    }));
+    for (tool, risk) in [
+        ("add", "low"),
+        ("echo", "low"),
+        ("fail", "low"),
+        ("crash", "low"),
+        ("hang", "low"),
+        ("calls", "low"),
+        ("http.add", "low"),
+        ("http.echo", "high"),
+    ] {
+        entities.push(
+            json!({"uid": {"type": "Tool", "id": tool}, "attrs": {"risk": risk}, "parents": []}),
+        );
+    }
+    std::fs::write(&file, serde_json::to_vec_pretty(&entities).unwrap()).unwrap();
+    dir
+}
+
+/// Runs the bridge in-process until the returned token is cancelled, and
+/// waits until agent `tools`' card lists `tools`.
+async fn bridge(
+    mesh: &Mesh,
+    config: mcp_bridge::Config,
+    tools: &[&str],
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let token = CancellationToken::new();
+    let agent_id = config.agent_id.clone();
+    let handle = tokio::spawn({
+        let token = token.clone();
+        async move {
+            if let Err(e) = mcp_bridge::run(config, token).await {
+                panic!("mcp-bridge failed: {e}");
+            }
+        }
+    });
+    let watcher = mesh
+        .agent(Agent::builder("reviewer").register_card(false))
+        .await;
+    eventually(WAIT, "the bridge's card to list its tools", || {
+        let directory = watcher.directory().clone();
+        let agent_id = agent_id.clone();
+        let finished = handle.is_finished();
+        async move {
+            assert!(!finished, "mcp-bridge stopped at start");
+            let card = directory.get(&agent_id).await.unwrap()?;
+            tools.iter().all(|t| card.serves(t)).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    (token, handle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fastmcp_server_over_stdio_is_a_mesh_tool_agent() {
+    let python = require_mcp();
+    let policies = policies();
+    let mut mesh = Mesh::start().await;
+    mesh.start_worker_on(policies.path().to_owned(), None).await;
+    let config = mcp_bridge::Config {
+        agent_id: "tools".into(),
+        stdio: vec![format!("{python} {} stdio", server_script().display())],
+        call_timeout_secs: 3,
+        nats_url: mesh.url(),
+        ..Default::default()
+    };
+    let (stop, served) = bridge(
+        &mesh,
+        config,
+        &["add", "echo", "fail", "crash", "hang", "calls"],
+    )
+    .await;
+    let planner = mesh.agent(Agent::builder("planner")).await;
+
+    // The card carries the server's descriptions and input schemas.
+    let card = planner.directory().get("tools").await.unwrap().unwrap();
+    let add = card.tools.iter().find(|t| t.name == "add").unwrap();
+    assert_eq!(add.description, "Adds two integers.");
+    assert_eq!(add.input_schema["properties"]["a"]["type"], "integer");
+    assert_eq!(add.input_schema["required"], json!(["a", "b"]));
+
+    let wf = planner.workflow();
+    let sum = wf
+        .call_tool("add", json!({"a": 2, "b": 3}))
+        .on("tools")
+        .await
+        .unwrap();
+    assert_eq!(sum, json!({"result": 5}));
+    let echoed = wf
+        .call_tool("echo", json!({"text": "héllo"}))
+        .on("tools")
+        .await
+        .unwrap();
+    assert_eq!(echoed, json!({"result": "héllo"}));
+
+    // Arguments the server's schema refuses are invalid at the worker.
+    let err = wf
+        .call_tool("add", json!({"a": "two", "b": 3}))
+        .on("tools")
+        .await
+        .unwrap_err();
+    let receipt = err.denial().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(receipt.decision, Decision::Invalid);
+    assert!(
+        receipt.errors[0].contains("`add` at `/a`"),
+        "{:?}",
+        receipt.errors
+    );
+
+    // The tool's own error is a tool error with its message.
+    let err = wf
+        .call_tool("fail", json!({"message": "disk full"}))
+        .on("tools")
+        .await
+        .unwrap_err();
+    match err.kind() {
+        CallErrorKind::ToolFailed { tool, message } => {
+            assert_eq!(tool, "fail");
+            assert!(message.contains("disk full"), "{message}");
+        }
+        other => panic!("not a tool error: {other:?}"),
+    }
+
+    // A server that dies in the middle of a call: a tool error that says so...
+    let err = wf
+        .call_tool("crash", json!({}))
+        .on("tools")
+        .await
+        .unwrap_err();
+    match err.kind() {
+        CallErrorKind::ToolFailed { message, .. } => {
+            assert!(message.contains("went away"), "{message}");
+        }
+        other => panic!("not a tool error: {other:?}"),
+    }
+    // ...and the next call starts it again.
+    let sum = wf
+        .call_tool("add", json!({"a": 1, "b": 1}))
+        .on("tools")
+        .await
+        .unwrap();
+    assert_eq!(sum, json!({"result": 2}));
+    let answered = wf.call_tool("calls", json!({})).on("tools").await.unwrap();
+    assert_eq!(answered, json!({"result": 1}), "a fresh process answered");
+
+    // A call that never ends: a timeout that says so, and the server keeps
+    // answering the next.
+    let err = wf
+        .call_tool("hang", json!({}))
+        .on("tools")
+        .await
+        .unwrap_err();
+    match err.kind() {
+        CallErrorKind::ToolFailed { message, .. } => {
+            assert!(message.contains("did not answer"), "{message}");
+            assert!(message.contains("3s"), "{message}");
+        }
+        other => panic!("not a tool error: {other:?}"),
+    }
+    let sum = wf
+        .call_tool("add", json!({"a": 20, "b": 22}))
+        .on("tools")
+        .await
+        .unwrap();
+    assert_eq!(sum, json!({"result": 42}));
+
+    // Nothing lost: every call has its receipt, and every allowed one its
+    // answer from the bridge, in the audit's streams.
+    let calls = mesh
+        .messages_on(subjects::STREAM_INGRESS, "mesh.ingress.planner.tool_call")
+        .await
+        .unwrap();
+    assert_eq!(calls.len(), 9);
+    let answers = mesh
+        .messages_on(subjects::STREAM_INGRESS, "mesh.ingress.tools.tool_result")
+        .await
+        .unwrap();
+    let answered: Vec<String> = answers
+        .iter()
+        .map(|m| header(m, "ce-causationid").unwrap())
+        .collect();
+    for call in &calls {
+        let id = header(call, "ce-id").unwrap();
+        let receipt = mesh.receipt(&id).await.unwrap();
+        match receipt.decision {
+            Decision::Allow => assert!(answered.contains(&id), "no answer to {id}"),
+            Decision::Invalid => assert!(!answered.contains(&id)),
+            Decision::Deny => panic!("denied: {receipt:?}"),
+        }
+    }
+    assert_eq!(answers.len(), 8);
+
+    stop.cancel();
+    served.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fastmcp_server_over_streamable_http_is_bridged_and_policies_name_its_tools() {
+    let python = require_mcp();
+    let port = testkit::free_port().unwrap();
+    let server = testkit::process::Service::spawn(
+        Command::new(&python)
+            .arg(server_script())
+            .args(["http", &port.to_string()]),
+    )
+    .unwrap();
+    eventually(WAIT, "the FastMCP server to listen", || async move {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_ok()
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log_text()));
+
+    let policies = policies();
+    let mut mesh = Mesh::start().await;
+    mesh.start_worker_on(policies.path().to_owned(), None).await;
+    let config = mcp_bridge::Config {
+        agent_id: "tools".into(),
+        http: vec![format!("http://127.0.0.1:{port}/mcp")],
+        tool_prefix: "http.".into(),
+        call_timeout_secs: 10,
+        nats_url: mesh.url(),
+        ..Default::default()
+    };
+    let (stop, served) = bridge(&mesh, config, &["http.add", "http.echo"]).await;
+    let planner = mesh.agent(Agent::builder("planner")).await;
+    let wf = planner.workflow();
+
+    // The mesh's name has the prefix; the server is called by its own.
+    let sum = wf
+        .call_tool("http.add", json!({"a": 1, "b": 2}))
+        .on("tools")
+        .await
+        .unwrap();
+    assert_eq!(sum, json!({"result": 3}));
+
+    // `http.echo` is high risk in the entities: the shipped guardrail
+    // forbids it, and the server never sees the call.
+    let err = wf
+        .call_tool("http.echo", json!({"text": "over http"}))
+        .on("tools")
+        .await
+        .unwrap_err();
+    let receipt = err.denial().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(receipt.decision, Decision::Deny);
+    assert!(
+        receipt
+            .reasons
+            .contains(&"forbid-high-risk-tools".to_owned()),
+        "{:?}",
+        receipt.reasons
+    );
+    let answered = wf
+        .call_tool("http.calls", json!({}))
+        .on("tools")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(answered.kind(), CallErrorKind::Denied(_)),
+        "`http.calls` is in no entity, so no policy permits it: {answered}"
+    );
+
+    stop.cancel();
+    served.await.unwrap();
+    drop(server);
+}
