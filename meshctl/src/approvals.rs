@@ -58,10 +58,7 @@ pub(crate) struct AnswerArgs {
 
 /// Runs a `meshctl approvals` command; `Ok(false)` means exit status 1.
 pub(crate) async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
-    let client = endpoints
-        .connect_nats()
-        .await
-        .context("start the stack with `meshctl up --detach`")?;
+    let client = endpoints.connect_nats().await?;
     let js = jetstream::new(client);
     let store = js
         .get_key_value(subjects::BUCKET_APPROVALS)

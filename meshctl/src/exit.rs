@@ -159,7 +159,7 @@ pub(crate) fn classify(error: &anyhow::Error) -> Exit {
 /// The line meshctl prints for `error`: its message, and for an
 /// unreachable server or refused credentials, the fix.
 pub(crate) fn line(error: &anyhow::Error, exit: Exit) -> String {
-    let message = format!("{error:#}");
+    let message = chain_text(error);
     let explicit = error.chain().any(|c| c.downcast_ref::<Fail>().is_some());
     let message = message.replace('\n', " ");
     let from_a_server = error.chain().any(|c| {
@@ -178,6 +178,24 @@ pub(crate) fn line(error: &anyhow::Error, exit: Exit) -> String {
         ),
         _ => message,
     }
+}
+
+/// `error` and its causes joined by `: `, as `{error:#}` writes them, but
+/// without a cause that its wrapper already printed: async-nats and hyper
+/// end their message with their source's (`IO error: Connection refused`
+/// over `Connection refused`), which would otherwise show twice.
+fn chain_text(error: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut previous = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if previous.ends_with(&text) {
+            continue;
+        }
+        parts.push(text.clone());
+        previous = text;
+    }
+    parts.join(": ")
 }
 
 #[cfg(test)]
@@ -204,6 +222,33 @@ mod tests {
         let e = anyhow::Error::new(io).context("reading `x.nk`");
         assert_eq!(classify(&e), Exit::Refused);
         assert_eq!(line(&e, Exit::Refused), "reading `x.nk`: permission denied");
+    }
+
+    /// A cause that its wrapper already quotes is said once.
+    #[test]
+    fn a_cause_is_not_repeated() {
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "IO error: {}", self.0)
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+        let e = anyhow::Error::new(Wrapper(io)).context("connecting to NATS at nats://127.0.0.1:1");
+        assert_eq!(classify(&e), Exit::Unreachable);
+        let line = line(&e, Exit::Unreachable);
+        assert!(
+            line.starts_with(
+                "connecting to NATS at nats://127.0.0.1:1: IO error: connection refused: nothing answers there"
+            ),
+            "{line}"
+        );
     }
 
     #[test]

@@ -8,8 +8,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context;
-
 /// How long answers from running scalers are collected.
 const STATUS_WAIT: Duration = Duration::from_millis(300);
 
@@ -21,10 +19,7 @@ pub(crate) async fn run(
     json: bool,
 ) -> anyhow::Result<()> {
     let config = config.map(gpu_pools::ConfigFile::load).transpose()?;
-    let client = endpoints
-        .connect_nats()
-        .await
-        .context("is the mesh up? `meshctl up`")?;
+    let client = endpoints.connect_nats().await?;
     let overview = gpu_pools::overview::gather(&client, config.as_ref(), STATUS_WAIT).await?;
     if json {
         let lease = |l: &gpu_pools::overview::LeaseRow| {

@@ -202,7 +202,10 @@ impl AuthState {
             .iter()
             .any(|e| e.name == id && e.role == Role::Agent.as_str())
         {
-            bail!("no agent `{id}` is registered (`meshctl agents list`)");
+            return Err(crate::exit::fail(
+                crate::exit::Exit::NotFound,
+                format!("no agent `{id}` is registered (`meshctl agents list` shows who is)"),
+            ));
         }
         self.new_key(&mut registry, Role::Agent, id)?;
         self.save(&registry)

@@ -274,13 +274,21 @@ enum AgentsCommand {
     },
 }
 
+/// meshctl's log filter unless `RUST_LOG` says otherwise. async-nats logs
+/// every refused connection attempt as an `ERROR` (`authorization
+/// violation`), also from the tasks it spawns to reconnect and when it
+/// gives up (`connection closed`): `agents add|rotate|remove` probe keys
+/// the broker is about to accept or refuse, and a connection that meshctl
+/// needs and loses ends the command with meshctl's own one line.
+const DEFAULT_LOG: &str = "warn,async_nats=off";
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
         )
         .with_writer(std::io::stderr)
         .init();

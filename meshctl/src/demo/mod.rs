@@ -254,23 +254,36 @@ pub(crate) async fn run(
     let seeds = seeds.as_ref();
     match servers::nats_state(endpoints).await {
         servers::NatsState::JetStream => {}
-        servers::NatsState::Refused => anyhow::bail!(
-            "the NATS server at {} refuses meshctl's credentials: is it the stack of this `.agentmesh/` (`meshctl status`)?",
-            endpoints.nats_url
-        ),
-        _ => anyhow::bail!(
-            "no NATS server with JetStream answers at {}: start the stack with `meshctl up --detach`",
-            endpoints.nats_url
-        ),
+        servers::NatsState::Refused => {
+            return Err(crate::exit::fail(
+                crate::exit::Exit::Refused,
+                format!(
+                    "the NATS server at {} refuses meshctl's credentials: is it the stack of this `.agentmesh/` (`meshctl status`)?",
+                    endpoints.nats_url
+                ),
+            ));
+        }
+        _ => {
+            return Err(crate::exit::fail(
+                crate::exit::Exit::Unreachable,
+                format!(
+                    "no NATS server with JetStream answers at {}: start the stack with `meshctl up --detach`",
+                    endpoints.nats_url
+                ),
+            ));
+        }
     }
     if servers::clickhouse_version(&endpoints.clickhouse())
         .await
         .is_none()
     {
-        anyhow::bail!(
-            "no ClickHouse answers at {}: start the stack with `meshctl up --detach`",
-            endpoints.clickhouse_url
-        );
+        return Err(crate::exit::fail(
+            crate::exit::Exit::Unreachable,
+            format!(
+                "no ClickHouse answers at {}: start the stack with `meshctl up --detach`",
+                endpoints.clickhouse_url
+            ),
+        ));
     }
     let js = async_nats::jetstream::new(endpoints.connect_nats().await?);
     // The streams as they are: their replica count (a cluster's 3) and an

@@ -202,7 +202,7 @@ pub(crate) async fn can_reach_jetstream(url: &str, seed: &str) -> bool {
         .nkey(seed.to_owned())
         .connection_timeout(Duration::from_secs(2))
         .max_reconnects(1);
-    let connect = quiet(schemas::servers::connect(options, url));
+    let connect = schemas::servers::connect(options, url);
     let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(3), connect).await else {
         return false;
     };
@@ -223,17 +223,9 @@ pub(crate) async fn is_refused(url: &str, seed: &str) -> bool {
         .nkey(seed.to_owned())
         .connection_timeout(Duration::from_secs(2))
         .max_reconnects(1);
-    let connect = quiet(schemas::servers::connect(options, url));
+    let connect = schemas::servers::connect(options, url);
     matches!(
         tokio::time::timeout(Duration::from_secs(3), connect).await,
         Ok(Err(_))
     )
-}
-
-/// `probe` without its logs: async-nats logs a refused key as an `ERROR`
-/// (`authorization violation`), which is what a probe of a key not yet
-/// (or no longer) accepted expects, not a failure to show the user.
-fn quiet<F: Future>(probe: F) -> tracing::instrument::WithDispatch<F> {
-    use tracing::instrument::WithSubscriber as _;
-    probe.with_subscriber(tracing::subscriber::NoSubscriber::default())
 }

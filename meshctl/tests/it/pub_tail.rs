@@ -450,7 +450,7 @@ async fn bad_input_gets_one_line_that_names_the_fix_and_its_exit_code() -> anyho
         ("CLICKHOUSE_URL", ch_nowhere.as_str()),
         ("AGENTMESH_HOME", home.as_str()),
     ];
-    let cases: [(&[&str], i32, &str); 14] = [
+    let cases: [(&[&str], i32, &str); 18] = [
         // Wrong flags: clap's usage error.
         (&["pub", "--agent", "planner"], 2, "--type"),
         (
@@ -493,6 +493,10 @@ async fn bad_input_gets_one_line_that_names_the_fix_and_its_exit_code() -> anyho
         ),
         (&["tail", "receipts"], 3, "meshctl up"),
         (&["limits", "show", "-o", "json"], 3, "meshctl up"),
+        (&["approvals", "list"], 3, "meshctl up"),
+        (&["demo"], 3, "meshctl up"),
+        // An agent that is not registered.
+        (&["agents", "rotate", "nobody"], 5, "no agent `nobody`"),
         // ClickHouse, likewise.
         (
             &["trace", "0123456789abcdef0123456789abcdef", "-o", "json"],
@@ -508,6 +512,11 @@ async fn bad_input_gets_one_line_that_names_the_fix_and_its_exit_code() -> anyho
         (&["up", "--nats-nodes", "2"], 2, "possible values: 1, 3"),
         (&["trace", "not-a-trace"], 2, "is not a trace id"),
         (&["status", "-o", "yaml"], 2, "possible values: text, json"),
+        (
+            &["tail", "receipts", "--decision", "maybe"],
+            2,
+            "possible values: allow, deny, invalid",
+        ),
     ];
     for (args, code, says) in cases {
         let out = meshctl(&env, args).await?;
@@ -517,6 +526,12 @@ async fn bad_input_gets_one_line_that_names_the_fix_and_its_exit_code() -> anyho
         if !err.starts_with("error:") {
             assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
             assert!(err.starts_with("meshctl: "), "{args:?}: {err}");
+            // Each cause once (`IO error: refused: refused` says it twice).
+            let parts: Vec<&str> = err.trim_end().split(": ").collect();
+            assert!(
+                parts.windows(2).all(|w| !w[0].ends_with(w[1])),
+                "{args:?}: {err}"
+            );
         }
     }
     Ok(())
