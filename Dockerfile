@@ -1,12 +1,14 @@
 # syntax=docker/dockerfile:1
 #
-# One image build for the three agentmesh services. The `build` stage
-# compiles policy-worker, audit-sink, gpu-scaler and the healthcheck once;
+# One image build for the four agentmesh services. The `build` stage
+# compiles policy-worker, audit-sink, gpu-scaler, mcp-gateway and the
+# healthcheck once;
 # each service is a small runtime target on top of the same base:
 #
 #   docker build --target policy-worker -t agentmesh/policy-worker .
 #   docker build --target audit-sink    -t agentmesh/audit-sink .
 #   docker build --target gpu-scaler    -t agentmesh/gpu-scaler .
+#   docker build --target mcp-gateway   -t agentmesh/mcp-gateway .
 #
 # Runtime: distroless (glibc, CA certificates, no shell), user `nonroot`
 # (65532). Each service serves /healthz, /readyz and /metrics on 9090.
@@ -14,7 +16,7 @@
 # Both bases are build arguments, so that the same file builds where the
 # public images cannot be pulled: BUILD_IMAGE (any bookworm image with
 # cargo) and RUNTIME_IMAGE (any bookworm image with glibc and CA
-# certificates). BINARIES=prebuilt skips the compile and takes the four
+# certificates). BINARIES=prebuilt skips the compile and takes the five
 # binaries from `.compose-bin/` in the build context instead (built on a
 # bookworm host: `scripts/compose-check.sh` does this).
 # With podman/buildah, pass BINARIES explicitly (`--build-arg
@@ -42,12 +44,13 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false \
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-        -p policy-worker -p audit-sink -p gpu-scaler -p telemetry --bins \
+        -p policy-worker -p audit-sink -p gpu-scaler -p mcp-gateway -p telemetry --bins \
  && mkdir -p /out \
  && cp target/release/policy-worker target/release/audit-sink \
-       target/release/gpu-scaler target/release/agentmesh-healthcheck /out/
+       target/release/gpu-scaler target/release/mcp-gateway \
+       target/release/agentmesh-healthcheck /out/
 
-# The same four binaries, built outside (BINARIES=prebuilt).
+# The same five binaries, built outside (BINARIES=prebuilt).
 FROM scratch AS prebuilt
 COPY .compose-bin/ /out/
 
@@ -78,3 +81,13 @@ ENTRYPOINT ["/usr/local/bin/audit-sink"]
 FROM runtime AS gpu-scaler
 COPY --from=binaries /out/gpu-scaler /usr/local/bin/
 ENTRYPOINT ["/usr/local/bin/gpu-scaler"]
+
+FROM runtime AS mcp-gateway
+COPY --from=binaries /out/mcp-gateway /usr/local/bin/
+# The example policies (tools/list shows what they allow); mount the
+# worker's own over /etc/agentmesh/policies.
+COPY policies /etc/agentmesh/policies
+ENV AGENTMESH_POLICIES=/etc/agentmesh/policies \
+    MCP_GATEWAY_LISTEN=0.0.0.0:8790
+EXPOSE 8790
+ENTRYPOINT ["/usr/local/bin/mcp-gateway"]

@@ -13,14 +13,15 @@
 #
 # The stand-ins are built once and kept (podman's image store, tagged with
 # a hash of their sources, so a change rebuilds them). The services are
-# built from ./Dockerfile with BINARIES=prebuilt: the four binaries come
+# built from ./Dockerfile with BINARIES=prebuilt: the five binaries come
 # from this checkout's cargo build (compiling the workspace inside the
 # image as well would double the CI's build time).
 #
 # What it checks, each counted:
 #   compose.yaml: up with --build; every healthcheck healthy; `meshctl demo`
 #   against the published ports and its decision tree in ClickHouse;
-#   /metrics and /readyz of every service through its published port;
+#   /metrics and /readyz of every service through its published port; an
+#   MCP session's tools/list through the MCP gateway's published port;
 #   --scale policy-worker=2 and both replicas consume; a bad NATS_URL stops
 #   the worker with its own error in `docker-compose logs`; a misspelt
 #   variable stops the sink; `down -v` leaves no container, volume or
@@ -261,10 +262,10 @@ build_binaries() {
   log "cargo build: the services, the healthcheck and meshctl"
   # shellcheck disable=SC2086 # COMPOSE_CHECK_CARGO_FLAGS: words for cargo
   cargo build --locked -q ${COMPOSE_CHECK_CARGO_FLAGS:-} \
-    -p policy-worker -p audit-sink -p gpu-scaler -p telemetry -p meshctl --bins
+    -p policy-worker -p audit-sink -p gpu-scaler -p mcp-gateway -p telemetry -p meshctl --bins
   rm -rf .compose-bin
   mkdir -p .compose-bin
-  for bin in policy-worker audit-sink gpu-scaler agentmesh-healthcheck; do
+  for bin in policy-worker audit-sink gpu-scaler mcp-gateway agentmesh-healthcheck; do
     # No line tables in the image (a debug build's would be most of it).
     strip -o ".compose-bin/$bin" "$target_dir/debug/$bin"
   done
@@ -305,6 +306,30 @@ published() { dc port --index="$2" "$1" "$3" 2>/dev/null | tail -1; }
 
 ch_query() { # url sql
   curl -sf -u "agentmesh:agentmesh" "$1/" --data-binary "$2"
+}
+
+# The MCP gateway through its published port: an MCP session (initialize,
+# notifications/initialized, tools/list) answered, and a wrong path refused
+# (counted in its /metrics).
+check_mcp() { # name
+  local name=$1 url="http://127.0.0.1:$MCP_GATEWAY_PORT/mcp" headers="$state/mcp-headers-$project" session list
+  local accept="application/json, text/event-stream"
+  if ! eventually 60 curl -sf -o /dev/null -D "$headers" -H "Content-Type: application/json" -H "Accept: $accept" \
+    --data '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"compose-check","version":"0"}}}' "$url"; then
+    bad "$name: MCP initialize on 127.0.0.1:$MCP_GATEWAY_PORT/mcp" "$(dc logs --tail 10 mcp-gateway 2>&1)"
+    return 1
+  fi
+  session=$(awk 'tolower($1) == "mcp-session-id:" { print $2 }' "$headers" | tr -d '\r')
+  curl -sf -o /dev/null -H "Content-Type: application/json" -H "Accept: $accept" -H "Mcp-Session-Id: $session" \
+    -H "Mcp-Protocol-Version: 2025-11-25" --data '{"jsonrpc":"2.0","method":"notifications/initialized"}' "$url" || true
+  list=$(curl -sf -H "Content-Type: application/json" -H "Accept: $accept" -H "Mcp-Session-Id: $session" \
+    -H "Mcp-Protocol-Version: 2025-11-25" --data '{"jsonrpc":"2.0","id":2,"method":"tools/list"}' "$url") || true
+  if grep -q '"tools":\[' <<<"$list"; then
+    ok "$name: an MCP session lists the mesh's tools through the gateway's published port"
+  else
+    bad "$name: MCP tools/list through the gateway" "$(head -c 400 <<<"$list")"
+  fi
+  curl -s -o /dev/null "http://127.0.0.1:$MCP_GATEWAY_PORT/not-mcp" || true
 }
 
 # Runs the demo against the stack and checks its tree in ClickHouse.
@@ -399,14 +424,15 @@ single() {
   compose="$repo/compose.yaml"
   projects+=("$project")
   dc down -v --remove-orphans >/dev/null 2>&1 || true
-  NATS_PORT=$(free_port) NATS_MONITOR_PORT=$(free_port) CLICKHOUSE_HTTP_PORT=$(free_port)
-  export NATS_PORT NATS_MONITOR_PORT CLICKHOUSE_HTTP_PORT
+  NATS_PORT=$(free_port) NATS_MONITOR_PORT=$(free_port) CLICKHOUSE_HTTP_PORT=$(free_port) MCP_GATEWAY_PORT=$(free_port)
+  export NATS_PORT NATS_MONITOR_PORT CLICKHOUSE_HTTP_PORT MCP_GATEWAY_PORT
   local nats_url="nats://127.0.0.1:$NATS_PORT" ch_url="http://127.0.0.1:$CLICKHOUSE_HTTP_PORT"
   if up compose.yaml; then
     check_demo compose.yaml "$nats_url" "$ch_url" || true
     check_endpoints policy-worker agentmesh_worker_ 1
     check_endpoints audit-sink agentmesh_sink_ 1
     check_endpoints gpu-scaler agentmesh_gpu_ 1
+    check_mcp compose.yaml && check_endpoints mcp-gateway agentmesh_mcp_ 1
     if curl -sf "http://127.0.0.1:$NATS_MONITOR_PORT/healthz?js-enabled-only=true" -o /dev/null &&
       [ "$(curl -sf "$ch_url/ping")" = "Ok." ]; then
       ok "compose.yaml: NATS /healthz and ClickHouse /ping through their published ports"
@@ -495,8 +521,8 @@ cluster() {
   projects+=("$project")
   dc down -v --remove-orphans >/dev/null 2>&1 || true
   NATS_PORT=$(free_port) NATS_2_PORT=$(free_port) NATS_3_PORT=$(free_port) NATS_MONITOR_PORT=$(free_port)
-  CLICKHOUSE_HTTP_PORT=$(free_port) CLICKHOUSE_2_HTTP_PORT=$(free_port)
-  export NATS_PORT NATS_2_PORT NATS_3_PORT NATS_MONITOR_PORT CLICKHOUSE_HTTP_PORT CLICKHOUSE_2_HTTP_PORT
+  CLICKHOUSE_HTTP_PORT=$(free_port) CLICKHOUSE_2_HTTP_PORT=$(free_port) MCP_GATEWAY_PORT=$(free_port)
+  export NATS_PORT NATS_2_PORT NATS_3_PORT NATS_MONITOR_PORT CLICKHOUSE_HTTP_PORT CLICKHOUSE_2_HTTP_PORT MCP_GATEWAY_PORT
   local nats_urls="nats://127.0.0.1:$NATS_PORT,nats://127.0.0.1:$NATS_2_PORT,nats://127.0.0.1:$NATS_3_PORT"
   local ch1="http://127.0.0.1:$CLICKHOUSE_HTTP_PORT" ch2="http://127.0.0.1:$CLICKHOUSE_2_HTTP_PORT"
   if up compose.cluster.yaml; then
@@ -518,6 +544,7 @@ print(" ".join(sorted("%s=%s" % (s["name"], s["config"]["num_replicas"]) for a i
         gpu-scaler*) check_endpoints "$service" agentmesh_gpu_ 1 ;;
       esac
     done
+    check_mcp compose.cluster.yaml && check_endpoints mcp-gateway agentmesh_mcp_ 1
 
     # The load; a third of the way in, the MESH_INGRESS leader's NATS
     # container and clickhouse-1 are killed.

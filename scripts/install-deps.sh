@@ -12,7 +12,8 @@
 #            chromium-driver (the `meshctl ui` browser test), fuse3
 #            (testkit's power-loss filesystem mounts with FUSE), and the
 #            SDK's test dependencies in the same venv (pytest, a2a-sdk,
-#            OpenTelemetry, the MCP SDK `mcp`), and the cvc5 SMT solver (1.3 or
+#            OpenTelemetry, the MCP SDK `mcp`: the MCP gateway's test client
+#            and the bridge's test server), and the cvc5 SMT solver (1.3 or
 #            newer) that `meshctl policy prove` needs, as /usr/local/bin/cvc5.
 #
 # With `--replicated` (or AGENTMESH_REPLICATED=1) also ZooKeeper (Debian's
@@ -90,6 +91,15 @@ if ! "$venv/bin/python" -c "$probe" 2>/dev/null; then
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root/sdk/python$extras"
 fi
 
+# The official MCP SDK for the tests, pinned: its client talks to the MCP
+# gateway over Streamable HTTP (tests/tests/it/mcp_gateway.rs).
+MCP_PIN="mcp==2.3.0"
+if [ "$set_name" = test ] &&
+  [ "$("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("mcp"))' 2>/dev/null)" != "${MCP_PIN#*==}" ]; then
+  echo "==> installing $MCP_PIN (PyPI; the MCP client of the MCP gateway's tests) into .agentmesh/venv"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check "$MCP_PIN"
+fi
+
 # Current ClickHouse for the tests, pinned: PyPI's `chdb-core` runs the
 # ClickHouse engine in process (audit-sink/tests/it/current_clickhouse.rs
 # runs the audit DDL and every shipped query on it; Debian's 18.16 server
@@ -162,6 +172,7 @@ echo "==> dependencies ready ($set_name set): $(/usr/local/bin/nats-server --ver
 echo "==> Python SDK: .agentmesh/venv/bin/python (a virtual environment; the system's Python is left alone)"
 if [ "$set_name" = test ]; then
   echo "==> current ClickHouse for the tests: $CHDB_PIN in .agentmesh/venv"
+  echo "==> MCP client for the tests: $MCP_PIN in .agentmesh/venv"
   echo "==> SMT solver for \`meshctl policy prove\`: $(cvc5 --version | head -1) ($(command -v cvc5))"
 fi
 if [ "$replicated" = 1 ]; then

@@ -14,6 +14,7 @@ mod drain;
 mod faults;
 mod forwarder;
 mod load;
+mod mcp;
 mod procstat;
 mod scale;
 mod sink;
@@ -49,6 +50,8 @@ enum Cmd {
     Cache(cache::CacheArgs),
     /// An SDK agent draining a backlog (against a plain JetStream consumer) and answering tool calls meanwhile.
     Agents(agents::AgentsArgs),
+    /// MCP tools/call round trip through the MCP gateway beside the same call with the SDK, at 1 and 10 concurrent clients.
+    Mcp(mcp::McpArgs),
     /// Fault run: kill -9 the policy worker, stop ClickHouse, restart nats-server, under load; count what arrived.
     Faults(faults::FaultArgs),
     /// Worker scale-out on a local 3-node NATS cluster (streams at 3 replicas): a backlog drained by 1, 2 and 3 policy-worker replicas.
@@ -126,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Scale(args) => scale::run(args).await,
         Cmd::Cache(args) => cache::run(args).await,
         Cmd::Agents(args) => agents::run(args).await,
+        Cmd::Mcp(args) => mcp::run(args).await,
     }
 }
 

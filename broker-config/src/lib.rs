@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod auth;
 pub mod credentials;
+pub mod mcp_tokens;
 mod provision;
 pub mod server;
 

@@ -14,6 +14,7 @@ use std::path::Path;
 use anyhow::bail;
 use broker_config::auth::{self, Role};
 use broker_config::credentials::read_seed_file;
+use broker_config::mcp_tokens;
 
 use crate::entities::{
     entity_agents, read_entities, validate, with_agent, without_agent, write_entities,
@@ -105,6 +106,48 @@ fn run_lines(id: &str, seed_file: &Path, nats_url: &str) -> [String; 4] {
     ]
 }
 
+/// `meshctl agents mcp-token`: a new bearer token for the MCP clients of
+/// agent `id` (replacing any old one). The MCP gateway reads only the
+/// token's SHA-256 (`mcp-tokens.json`); the token itself is printed and
+/// written next to the agent's seed (`agents/<id>.mcp-token`, mode 0600) for
+/// the operator to hand to the client.
+pub(crate) fn mcp_token(home: &Home, id: &str, json: bool) -> anyhow::Result<()> {
+    let state = AuthState::new(home);
+    if !state.agents()?.iter().any(|e| e.name == id) {
+        return Err(fail(
+            Exit::NotFound,
+            format!("no agent `{id}` is registered: `meshctl agents add {id} --role <role>` first"),
+        ));
+    }
+    let token = mcp_tokens::new_token();
+    let token_file = state.mcp_token_file(id);
+    broker_config::credentials::write_private_file(&token_file, format!("{token}\n").as_bytes())
+        .map_err(|e| anyhow::anyhow!("`{}`: {e}", token_file.display()))?;
+    let tokens_path = state.mcp_tokens_path();
+    let mut tokens = mcp_tokens::TokenFile::read(&tokens_path)?;
+    tokens.set(id, &token);
+    tokens.write(&tokens_path)?;
+    if json {
+        return crate::output::print_json(&serde_json::json!({
+            "agent": id,
+            "token": token,
+            "token_file": token_file.display().to_string(),
+            "tokens_file": tokens_path.display().to_string(),
+        }));
+    }
+    println!(
+        "MCP token of `{id}` written to {} (any older token of `{id}` is refused from now on)",
+        token_file.display()
+    );
+    println!("point an MCP client at the gateway with it (docs/mcp.md):");
+    println!("  url: http://127.0.0.1:8790/mcp");
+    println!(
+        "  header: Authorization: Bearer $(cat {})",
+        token_file.display()
+    );
+    Ok(())
+}
+
 /// `meshctl agents rotate`: a new key for agent `id`; the old one is
 /// refused (and its connections closed) once the server reloaded. The
 /// agent's entity, durable consumer and card stay.
@@ -158,6 +201,14 @@ pub(crate) async fn remove(
         None => false,
     };
     let registered = state.remove_agent(id)?;
+    // Its MCP token goes with it.
+    let tokens_path = state.mcp_tokens_path();
+    let mut tokens = mcp_tokens::TokenFile::read(&tokens_path)?;
+    if tokens.remove(id) {
+        tokens.write(&tokens_path)?;
+        println!("MCP token of `{id}` revoked");
+    }
+    let _ = std::fs::remove_file(state.mcp_token_file(id));
     if !registered && !in_entities {
         return Err(fail(
             Exit::NotFound,

@@ -1,8 +1,9 @@
 //! The identities of the local stack, under `.agentmesh/auth/` (mode 0700):
 //! `registry.json` (name, role and public nkey of the operator, each service
 //! and each agent), one seed file per identity (`keys/<service>.nk`,
-//! `agents/<id>.nk`, mode 0600) and `clickhouse.json` (the passwords of the
-//! local ClickHouse users). From the registry `broker-config` renders the
+//! `agents/<id>.nk`, mode 0600), `clickhouse.json` (the passwords of the
+//! local ClickHouse users) and `mcp-tokens.json` (the MCP gateway's bearer
+//! tokens, as digests; each token itself in `agents/<id>.mcp-token`). From the registry `broker-config` renders the
 //! nats-server config (`.agentmesh/nats/nats-server.conf`), which a running
 //! server picks up on reload, without a restart (`stack::nats::reload`).
 
@@ -101,6 +102,16 @@ impl AuthState {
             Role::Agent => self.dir.join("agents").join(format!("{name}.nk")),
             _ => self.dir.join("keys").join(format!("{name}.nk")),
         }
+    }
+
+    /// The MCP gateway's token file (`mcp-tokens.json`: digests only).
+    pub(crate) fn mcp_tokens_path(&self) -> PathBuf {
+        self.dir.join(broker_config::mcp_tokens::TOKEN_FILE)
+    }
+
+    /// Where agent `id`'s MCP bearer token is written for the operator.
+    pub(crate) fn mcp_token_file(&self, id: &str) -> PathBuf {
+        self.dir.join("agents").join(format!("{id}.mcp-token"))
     }
 
     /// The operator's seed file (what `meshctl` connects with).

@@ -240,6 +240,16 @@ enum AgentsCommand {
         /// Policy directory whose entities.json gets the agent.
         #[arg(long, env = "AGENTMESH_POLICIES", default_value = "policies")]
         policies: PathBuf,
+        /// Also issue a bearer token for MCP clients of the MCP gateway (`meshctl agents mcp-token`).
+        #[arg(long)]
+        mcp_token: bool,
+    },
+    /// Issue a new bearer token with which an MCP client calls the mesh's tools through the MCP gateway as this agent (docs/mcp.md); the old token stops working.
+    McpToken {
+        /// The agent id (registered with `meshctl agents add`).
+        id: String,
+        #[command(flatten)]
+        output: output::OutputArg,
     },
     /// Revoke an agent: its key (open connections are closed), its entity, its durable consumer and its card.
     Remove {
@@ -351,7 +361,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 role,
                 attrs,
                 policies,
-            } => agents::add(&home, &endpoints, &policies, &id, &role, &attrs).await?,
+                mcp_token,
+            } => {
+                agents::add(&home, &endpoints, &policies, &id, &role, &attrs).await?;
+                if mcp_token {
+                    agents::mcp_token(&home, &id, false)?;
+                }
+            }
+            AgentsCommand::McpToken { id, output } => agents::mcp_token(&home, &id, output.json())?,
             AgentsCommand::Remove { id, policies } => {
                 agents::remove(&home, &endpoints, &policies, &id).await?
             }

@@ -23,14 +23,20 @@ pub type Reply = Response<Full<Bytes>>;
 /// with `handler`; then closes the open connections and returns once they
 /// are gone. `what` names the server in the debug logs of failed accepts
 /// and connections (`"UI"`, `"Health server"`).
-pub async fn serve<H, F>(
+///
+/// A handler's response body may be any hyper body ([`Reply`]'s in-memory
+/// one, or a stream such as the MCP gateway's server-sent events).
+pub async fn serve<H, F, B>(
     listener: TcpListener,
     handler: H,
     shutdown: CancellationToken,
     what: &'static str,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-    F: Future<Output = Reply> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let connections = TaskTracker::new();
     loop {

@@ -304,6 +304,51 @@ impl ScalerMetrics {
     }
 }
 
+/// The MCP gateway's instruments (`docs/mcp.md`).
+#[derive(Debug, Clone)]
+pub struct McpMetrics {
+    refused: Counter<u64>,
+    calls: Counter<u64>,
+    duration: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl McpMetrics {
+    /// Creates the instruments on `metrics`.
+    pub fn new(metrics: &Metrics) -> Self {
+        let meter = metrics.meter();
+        Self {
+            refused: meter
+                .u64_counter("agentmesh.mcp.requests.refused")
+                .with_description("HTTP requests refused before MCP, by reason (unauthorized, too_large, malformed, not_found).")
+                .with_unit("{request}")
+                .build(),
+            calls: meter
+                .u64_counter("agentmesh.mcp.tool.calls")
+                .with_description("MCP tools/call answered, by result (ok, denied, timed_out, error).")
+                .with_unit("{call}")
+                .build(),
+            duration: meter
+                .f64_histogram("agentmesh.mcp.tool.call.duration")
+                .with_description("A tools/call from its arrival to its answer: publish, decision, the tool, the result.")
+                .with_unit("s")
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
+                .build(),
+        }
+    }
+
+    /// A request was refused before MCP saw it.
+    pub fn refused(&self, reason: &'static str) {
+        self.refused.add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    /// A `tools/call` was answered with `result` after `took`.
+    pub fn call(&self, result: &'static str, took: Duration) {
+        let attrs = [KeyValue::new("result", result)];
+        self.calls.add(1, &attrs);
+        self.duration.record(took.as_secs_f64(), &attrs);
+    }
+}
+
 /// The policy worker's tool-result cache (`docs/cache.md`).
 #[derive(Debug, Clone)]
 pub struct CacheMetrics {

@@ -19,7 +19,7 @@
 //!   over OTLP when configured and always rendered as Prometheus text on
 //!   `/metrics`) and the small HTTP server that serves them.
 //! - The instruments of each service ([`WorkerMetrics`], [`SinkMetrics`],
-//!   [`ScalerMetrics`], [`ConsumerLag`]) and its spans ([`spans`]), so the
+//!   [`ScalerMetrics`], [`McpMetrics`], [`ConsumerLag`]) and its spans ([`spans`]), so the
 //!   names in `docs/operations.md` are defined in one place.
 //!
 //! It is its own crate because all three binaries need the same plumbing and
@@ -44,8 +44,8 @@ pub use config::{LogFormat, OpsConfig};
 pub use env::{UnknownEnv, check_env, check_names};
 pub use health::{Health, ReadyFlag};
 pub use instruments::{
-    CacheMetrics, ConsumerLag, NatsDurability, Published, ScalerMetrics, SinkMetrics, StreamLosses,
-    TableMetrics, WorkerMetrics,
+    CacheMetrics, ConsumerLag, McpMetrics, NatsDurability, Published, ScalerMetrics, SinkMetrics,
+    StreamLosses, TableMetrics, WorkerMetrics,
 };
 pub use logging::{TracingGuard, init_tracing};
 pub use metrics::Metrics;

@@ -2,8 +2,8 @@
 //!
 //! `up` starts what is missing — nats-server (JetStream) and
 //! clickhouse-server from `PATH`, data under `.agentmesh/` — applies the
-//! streams and the audit schema, then runs policy-worker, audit-sink and
-//! gpu-scaler (found next to `meshctl` first, then on `PATH`). Whatever it
+//! streams and the audit schema, then runs policy-worker, audit-sink,
+//! gpu-scaler and mcp-gateway (found next to `meshctl` first, then on `PATH`). Whatever it
 //! starts gets a pid file, which is how `down` finds it again.
 //!
 //! Authorization is on unless `--insecure`: `up` gives the operator, every
@@ -37,12 +37,13 @@ mod status;
 pub(crate) use status::status;
 
 /// The services, in start order.
-pub(crate) const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scaler"];
+pub(crate) const SERVICES: [&str; 4] = ["policy-worker", "audit-sink", "gpu-scaler", "mcp-gateway"];
 /// Services the stack runs without when they cannot start.
-const OPTIONAL: [&str; 1] = ["gpu-scaler"];
+const OPTIONAL: [&str; 2] = ["gpu-scaler", "mcp-gateway"];
 /// Everything `down` may stop, in stop order: services (the sink last, so
 /// it flushes what the others produced), then the servers.
-const STOP_ORDER: [&str; 10] = [
+const STOP_ORDER: [&str; 11] = [
+    "mcp-gateway",
     "gpu-scaler",
     "policy-worker",
     "audit-sink",

@@ -1,5 +1,5 @@
-//! The services step of `meshctl up`: start policy-worker, audit-sink and
-//! gpu-scaler (each with its own credentials in the environment), then wait
+//! The services step of `meshctl up`: start policy-worker, audit-sink,
+//! gpu-scaler and mcp-gateway (each with its own credentials in the environment), then wait
 //! for their ready files.
 
 use std::path::PathBuf;
@@ -92,6 +92,30 @@ fn service_args(
                 args.extend(["--config".to_owned(), config.display().to_string()]);
             }
         }
+        "mcp-gateway" => {
+            // It connects as each calling agent with the agent's own key
+            // (docs/mcp.md); the tokens are `meshctl agents mcp-token`'s.
+            args.truncate(2);
+            let auth = home.root().join("auth");
+            args.extend([
+                "--tokens-file".to_owned(),
+                auth.join(broker_config::mcp_tokens::TOKEN_FILE)
+                    .display()
+                    .to_string(),
+                "--agent-keys-dir".to_owned(),
+                auth.join("agents").display().to_string(),
+            ]);
+            if let Some(dir) = policies {
+                args.extend(["--policies".to_owned(), dir.display().to_string()]);
+            }
+            if options.insecure {
+                args.push("--insecure".to_owned());
+            }
+            args.extend([
+                "--listen".to_owned(),
+                format!("127.0.0.1:{}", mcp_port(endpoints)),
+            ]);
+        }
         "audit-sink" => {
             // Every replica's URL: the sink fails over between them.
             let urls = super::replicas::urls(endpoints, options.clickhouse_replicas)?;
@@ -111,6 +135,19 @@ fn service_args(
     Ok(args)
 }
 
+/// How far above the NATS client port the MCP gateway listens (4222: 8790),
+/// so that two local stacks on different ports do not collide.
+const MCP_PORT_OFFSET: u16 = 4568;
+
+/// The port of the local stack's MCP gateway: the NATS client port +
+/// [`MCP_PORT_OFFSET`] (8790 for the default 4222).
+pub(crate) fn mcp_port(endpoints: &Endpoints) -> u16 {
+    let first = endpoints.nats_url.split(',').next().unwrap_or_default();
+    super::servers::loopback_port(first, 4222)
+        .and_then(|p| p.checked_add(MCP_PORT_OFFSET))
+        .unwrap_or(4222 + MCP_PORT_OFFSET)
+}
+
 /// The environment of service `name`: its credentials, which go there
 /// rather than on the command line.
 fn service_env(
@@ -120,7 +157,8 @@ fn service_env(
     auth: Option<&Auth>,
 ) -> anyhow::Result<Vec<(&'static str, Option<String>)>> {
     let mut env: Vec<(&'static str, Option<String>)> = Vec::new();
-    if let Some(auth) = auth {
+    // The MCP gateway has no identity of its own: it acts as the agents.
+    if let Some(auth) = auth.filter(|_| name != "mcp-gateway") {
         let seed = auth
             .state
             .service_seed_file(name)

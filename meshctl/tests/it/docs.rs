@@ -556,6 +556,7 @@ fn service_flags() -> BTreeMap<&'static str, Vec<Flag>> {
         ("policy-worker", read(policy_worker::Config::command())),
         ("audit-sink", read(audit_sink::Config::command())),
         ("gpu-scaler", read(gpu_scaler::Config::command())),
+        ("mcp-gateway", read(mcp_gateway::Config::command())),
     ])
 }
 
@@ -823,6 +824,7 @@ impl Scratch {
             "policy-worker",
             "audit-sink",
             "gpu-scaler",
+            "mcp-gateway",
             "examples/hello_agent",
         ] {
             if !bin.join(name).is_file() {
@@ -843,6 +845,7 @@ impl Scratch {
             "policy-worker",
             "audit-sink",
             "gpu-scaler",
+            "mcp-gateway",
             "examples/hello_agent",
         ] {
             std::os::unix::fs::symlink(bin.join(name), release.join(name))?;

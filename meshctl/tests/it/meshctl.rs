@@ -330,6 +330,8 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
         "audit-sink",
         "--without",
         "gpu-scaler",
+        "--without",
+        "mcp-gateway",
     ];
     // The stack as it was before authorization: --insecure; events kept
     // 200 days in the streams.
@@ -898,6 +900,86 @@ async fn up_runs_the_services_built_beside_meshctl() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn agents_mcp_token_issues_replaces_and_revokes_a_bearer_token() -> anyhow::Result<()> {
+    use broker_config::mcp_tokens::{TokenFile, token_digest};
+    let tmp = tempfile::tempdir()?;
+    let policies = tmp.path().join("policies");
+    std::fs::create_dir_all(&policies)?;
+    for entry in std::fs::read_dir(workspace().join("policies"))? {
+        let path = entry?.path();
+        if let Some(name) = path.file_name() {
+            std::fs::copy(&path, policies.join(name))?;
+        }
+    }
+    let policies_arg = policies.display().to_string();
+    // No broker runs: the keys and tokens are files, the reload is skipped.
+    let stack = LocalStack::new(&tmp.path().join("state"))?;
+    let home = PathBuf::from(&stack.home);
+    let tokens_file = home.join("auth/mcp-tokens.json");
+
+    let add = stack
+        .run(&[
+            "agents",
+            "add",
+            "assistant",
+            "--role",
+            "orchestrator",
+            "--attr",
+            "team=platform",
+            "--policies",
+            &policies_arg,
+            "--mcp-token",
+        ])
+        .await?;
+    assert!(add.status.success(), "{}", text(&add.stderr));
+    let token_path = home.join("auth/agents/assistant.mcp-token");
+    assert!(
+        text(&add.stdout).contains(&token_path.display().to_string()),
+        "{}",
+        text(&add.stdout)
+    );
+    let first = std::fs::read_to_string(&token_path)?.trim().to_owned();
+    assert!(first.starts_with("amt_"), "{first}");
+    let tokens = TokenFile::read(&tokens_file)?;
+    assert_eq!(tokens.agent_for(&first), Some("assistant"));
+    // The gateway's file holds the digest, never the token.
+    assert!(!std::fs::read_to_string(&tokens_file)?.contains(&first));
+    assert_eq!(tokens.agents["assistant"], token_digest(&first));
+
+    // A new token replaces the old one.
+    let again = stack
+        .run(&["agents", "mcp-token", "assistant", "-o", "json"])
+        .await?;
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&again.stdout)?;
+    let second = json["token"].as_str().unwrap_or_default().to_owned();
+    assert_ne!(second, first);
+    assert_eq!(json["agent"], "assistant");
+    let tokens = TokenFile::read(&tokens_file)?;
+    assert_eq!(tokens.agent_for(&second), Some("assistant"));
+    assert_eq!(tokens.agent_for(&first), None);
+
+    // Only a registered agent gets one.
+    let stranger = stack.run(&["agents", "mcp-token", "stranger"]).await?;
+    assert!(!stranger.status.success());
+    assert!(
+        text(&stranger.stderr).contains("meshctl agents add stranger"),
+        "{}",
+        text(&stranger.stderr)
+    );
+
+    // Removing the agent revokes its token.
+    let remove = stack
+        .run(&["agents", "remove", "assistant", "--policies", &policies_arg])
+        .await?;
+    assert!(remove.status.success(), "{}", text(&remove.stderr));
+    assert!(text(&remove.stdout).contains("MCP token of `assistant` revoked"));
+    assert_eq!(TokenFile::read(&tokens_file)?.agent_for(&second), None);
+    assert!(!token_path.exists());
+    Ok(())
+}
+
+#[tokio::test]
 async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let policies = tmp.path().join("policies");
@@ -922,6 +1004,8 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
             "audit-sink",
             "--without",
             "gpu-scaler",
+            "--without",
+            "mcp-gateway",
         ])
         .await?;
     if !up.status.success() {
@@ -1320,6 +1404,8 @@ async fn up_with_three_nats_nodes_runs_a_cluster_that_status_shows_node_by_node(
         "audit-sink",
         "--without",
         "gpu-scaler",
+        "--without",
+        "mcp-gateway",
     ];
     let up = stack.run(&args).await?;
     let out = text(&up.stdout);

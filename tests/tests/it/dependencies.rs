@@ -21,7 +21,7 @@
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const SERVICES: [&str; 3] = ["policy-worker", "audit-sink", "gpu-scaler"];
+const SERVICES: [&str; 4] = ["policy-worker", "audit-sink", "gpu-scaler", "mcp-gateway"];
 
 fn metadata() -> serde_json::Value {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

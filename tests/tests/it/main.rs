@@ -11,6 +11,7 @@ mod damaged_store;
 mod dependencies;
 mod fastmcp_bridged;
 mod guardrails_with_credentials;
+mod mcp_gateway;
 mod python_sdk;
 mod python_support;
 mod receipts_from_the_stream;
