@@ -24,6 +24,10 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
         "`[{agent, role, in_entities, public_key, seed_file}]` (`role`, `public_key`, `seed_file` null where there is none)",
     ),
     (
+        "agents mcp-token",
+        "`{agent, token, token_file, tokens_file}`: the new bearer token for the MCP gateway, the file it was written to, and the gateway's token file (digests only)",
+    ),
+    (
         "trace",
         "`{trace_id, steps: [{event_id, agent, type, target, subject, time_us, decision, reasons, errors, policy_hash, valid, cache, parent}]}`, oldest first; `parent` is the index of the step it follows, null for a root",
     ),
