@@ -559,7 +559,12 @@ print(next((s["cluster"]["leader"] for a in d.get("account_details", []) for s i
     PYTHONPATH="$repo/sdk/python" python3 scripts/compose-load.py --nats-url "$nats_urls" \
       --clickhouse-url "$ch2,$ch1" --events 300 --rate 30 --wait-secs 180 --progress "$progress" >"$result" 2>&1 &
     local load=$!
-    published_100() { [ "$(cat "$progress" 2>/dev/null || echo 0)" -ge 100 ]; }
+    # The load rewrites the file as it goes: an empty read counts as 0.
+    published_100() {
+      local n
+      n=$(cat "$progress" 2>/dev/null) || n=0
+      [ "${n:-0}" -ge 100 ] 2>/dev/null
+    }
     local killed=""
     if eventually 60 published_100; then
       dc kill "$leader" clickhouse-1 >"$state/kill.log" 2>&1 || true

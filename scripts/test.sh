@@ -58,6 +58,11 @@ for compose in compose.yaml compose.cluster.yaml; do
 done
 echo "==> cargo doc (warnings are errors)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+# `meshctl up` (and the quickstart test) runs every service binary found
+# beside meshctl; `cargo test` builds a binary only for crates that have
+# integration tests, so the rest (mcp-gateway, mcp-bridge) are built here.
+echo "==> cargo build --bins"
+cargo build --workspace --bins --locked --quiet
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

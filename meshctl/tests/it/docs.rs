@@ -833,7 +833,7 @@ impl Scratch {
         }
         anyhow::ensure!(
             missing.is_empty(),
-            "{} not built beside meshctl in `{}`: run `cargo build --bins` and `cargo build -p agents-sdk --example hello_agent` (`cargo test --workspace` builds both)",
+            "{} not built beside meshctl in `{}`: run `cargo build --workspace --bins` and `cargo build -p agents-sdk --example hello_agent` (`scripts/test.sh` builds both before `cargo test`)",
             missing.join(", "),
             bin.display()
         );
