@@ -48,7 +48,10 @@ pub fn module_graph(dir: &Path) -> std::io::Result<(Graph, Vec<String>)> {
 pub fn named_modules(source: &str, modules: &BTreeSet<String>) -> (BTreeSet<String>, Vec<String>) {
     let mut found = BTreeSet::new();
     let mut unknown = Vec::new();
-    for line in source.lines().take_while(|l| !l.starts_with("#[cfg(test)]")) {
+    for line in source
+        .lines()
+        .take_while(|l| !l.starts_with("#[cfg(test)]"))
+    {
         let code = line.split("//").next().unwrap_or_default();
         for (at, _) in code.match_indices("crate::") {
             let rest = &code[at + "crate::".len()..];
@@ -146,7 +149,11 @@ mod tests {
     fn the_graph_has_file_and_folder_modules_but_not_the_root() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("lib.rs"), "mod a;\nmod b;\n").unwrap();
-        std::fs::write(dir.path().join("a.rs"), "use crate::b::Y;\nuse crate::Root;\n").unwrap();
+        std::fs::write(
+            dir.path().join("a.rs"),
+            "use crate::b::Y;\nuse crate::Root;\n",
+        )
+        .unwrap();
         std::fs::create_dir(dir.path().join("b")).unwrap();
         std::fs::write(dir.path().join("b/mod.rs"), "pub struct Y;\n").unwrap();
         let (graph, root_paths) = module_graph(dir.path()).unwrap();

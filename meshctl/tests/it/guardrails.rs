@@ -361,10 +361,15 @@ fn promote_carries_the_cache_and_flow_rules_and_the_properties_with_the_policies
     );
     let now = |name: &str| std::fs::read_to_string(active.path().join(name)).ok();
     assert_eq!(now("flows.toml"), Some(read("flows.toml")));
-    assert_eq!(now("properties.toml").as_deref(), Some("# no claims in this set\n"));
+    assert_eq!(
+        now("properties.toml").as_deref(),
+        Some("# no claims in this set\n")
+    );
     assert_eq!(now("cache.toml"), None, "the shadow set has no cache rules");
     assert_eq!(
-        policy_engine::PolicyBundle::load(active.path()).unwrap().hash(),
+        policy_engine::PolicyBundle::load(active.path())
+            .unwrap()
+            .hash(),
         shadow_hash
     );
 }
