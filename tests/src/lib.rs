@@ -371,6 +371,15 @@ impl SecureNats {
 /// Starts the policy worker in-process with its own key and the shipped
 /// policies; returns its stop token once it is ready.
 pub async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken> {
+    start_worker_on(mesh, testkit::shipped_policies()).await
+}
+
+/// [`start_worker`] with the policy directory `policies` (its
+/// `cache.toml`, entities, …).
+pub async fn start_worker_on(
+    mesh: &SecureNats,
+    policies: std::path::PathBuf,
+) -> anyhow::Result<CancellationToken> {
     let ready = mesh
         .dir
         .path()
@@ -383,7 +392,7 @@ pub async fn start_worker(mesh: &SecureNats) -> anyhow::Result<CancellationToken
                 creds_file: None,
             },
         },
-        policies: testkit::shipped_policies(),
+        policies,
         watch_policies: false,
         ready_file: Some(ready.clone()),
         signing_key: Some(mesh.trusted_signing_key().await?),

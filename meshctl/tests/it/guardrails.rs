@@ -339,6 +339,49 @@ async fn shadow_disagreements_reach_clickhouse_and_promote_enforces_the_shadow_s
     stack.stop().await;
 }
 
+#[test]
+fn promote_carries_the_cache_and_flow_rules_and_the_properties_with_the_policies() {
+    let examples = workspace().join("examples/policies");
+    let read = |name: &str| std::fs::read_to_string(examples.join(name)).unwrap();
+    let active = policies(&[("cache.toml", &read("cache.toml"))]);
+    let shadow = policies(&[
+        ("flows.toml", &read("flows.toml")),
+        ("exfiltration.cedar", &read("exfiltration.cedar")),
+        ("properties.toml", "# no claims in this set\n"),
+    ]);
+    let shadow_hash = policy_engine::PolicyBundle::load(shadow.path())
+        .unwrap()
+        .hash()
+        .to_owned();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .args(["policy", "promote", "--shadow"])
+        .arg(shadow.path())
+        .arg("--policies")
+        .arg(active.path())
+        .env_remove("AGENTMESH_POLICIES")
+        .env_remove("AGENTMESH_SHADOW_POLICIES")
+        .output()
+        .unwrap();
+    let promoted = ok(&out);
+    assert!(
+        promoted.contains(&format!("policy hash {shadow_hash}")),
+        "{promoted}"
+    );
+    let now = |name: &str| std::fs::read_to_string(active.path().join(name)).ok();
+    assert_eq!(now("flows.toml"), Some(read("flows.toml")));
+    assert_eq!(
+        now("properties.toml").as_deref(),
+        Some("# no claims in this set\n")
+    );
+    assert_eq!(now("cache.toml"), None, "the shadow set has no cache rules");
+    assert_eq!(
+        policy_engine::PolicyBundle::load(active.path())
+            .unwrap()
+            .hash(),
+        shadow_hash
+    );
+}
+
 #[tokio::test]
 async fn replay_reports_what_a_candidate_set_would_change() {
     let shipped = policies(&[]);

@@ -12,6 +12,9 @@ usage: mcp_client.py <scenario> <url>   (the token in MCP_TOKEN)
          method, a 10 MB argument; then a good call still works.
   slow   call `tests.run`, whose agent answers after the gateway's
          timeout; then a good call.
+  bridged  against tools_server.py bridged into the mesh: tools/list, call
+         `add` twice with the same arguments (`cache.toml` caches it), then
+         `calls` (how many `add`/`echo` calls the server answered).
 """
 
 import asyncio
@@ -156,10 +159,22 @@ async def slow(url, token):
             emit("after", **result_fields(await session.call_tool("code.search", {"query": "q"})))
 
 
+async def bridged(url, token):
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    async with http, streamable_http_client(url, http_client=http) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            tools = await session.list_tools()
+            emit("list", tools={t.name: t.input_schema for t in tools.tools})
+            emit("first", **result_fields(await session.call_tool("add", {"a": 2, "b": 3})))
+            emit("repeat", **result_fields(await session.call_tool("add", {"a": 2, "b": 3})))
+            emit("calls", **result_fields(await session.call_tool("calls", {})))
+
+
 def main():
     scenario, url = sys.argv[1], sys.argv[2]
     token = os.environ.get("MCP_TOKEN", "")
-    asyncio.run({"calls": calls, "bad": bad, "slow": slow}[scenario](url, token))
+    asyncio.run({"calls": calls, "bad": bad, "slow": slow, "bridged": bridged}[scenario](url, token))
 
 
 if __name__ == "__main__":
