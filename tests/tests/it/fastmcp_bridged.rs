@@ -344,3 +344,55 @@ async fn an_mcp_client_calls_a_bridged_fastmcp_server_through_the_gateway_and_th
     watcher.close().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
+
+/// A bridged server that adds a tool at run time and says so
+/// (`notifications/tools/list_changed`): the bridge lists its tools again
+/// and writes the agent's card with the new tool, and the gateway's
+/// `tools/list` follows, so the Python MCP client sees the tool and calls
+/// it through the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tool_a_bridged_server_adds_at_run_time_reaches_the_card_and_the_gateways_tools_list()
+-> anyhow::Result<()> {
+    let python = require_mcp();
+    let stack = Stack::start_on(20_000, Some(bridged_policies(None)?)).await?;
+    let config = mcp_bridge::Config {
+        agent_id: "tools".into(),
+        stdio: vec![format!("{python} {} stdio", server_script().display())],
+        call_timeout_secs: 10,
+        nats_url: stack.mesh.url(),
+        nkey_file: Some(stack.mesh.seed_file("tools")?),
+        ..Default::default()
+    };
+    let watcher = Agent::builder("reviewer")
+        .register_card(false)
+        .nkey(stack.mesh.seed("reviewer")?)
+        .connect(stack.mesh.url())
+        .await?;
+    let (stop, served) = mcp_support::bridge(watcher.directory(), config, &["learn"]).await?;
+    let card = watcher.directory().get("tools").await?.unwrap();
+    assert!(!card.serves("shout"), "{card:?}");
+
+    let steps = stack.client("learn", async |_| Ok(())).await?;
+    let before = steps["before"]["tools"].as_array().unwrap();
+    assert!(before.contains(&json!("learn")), "{before:?}");
+    assert!(!before.contains(&json!("shout")), "{before:?}");
+    assert_eq!(steps["learn"]["is_error"], false, "{}", steps["learn"]);
+    let after = steps["after"]["tools"].as_array().unwrap();
+    assert!(after.contains(&json!("shout")), "{after:?}");
+    let shout = &steps["shout"];
+    assert_eq!(shout["is_error"], false, "{shout}");
+    assert_eq!(shout["structured"], json!({"result": "HEY"}), "{shout}");
+
+    // The card in `mesh-agents` carries the new tool's description and
+    // schema, and still the others.
+    let card = watcher.directory().get("tools").await?.unwrap();
+    let spec = card.tools.iter().find(|t| t.name == "shout").unwrap();
+    assert_eq!(spec.description, "Returns the text in capitals.");
+    assert_eq!(spec.input_schema["required"], json!(["text"]));
+    assert!(card.serves("add") && card.serves("learn"), "{card:?}");
+
+    stop.cancel();
+    served.await?;
+    watcher.close().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
