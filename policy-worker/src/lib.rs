@@ -125,6 +125,12 @@ pub struct Config {
     /// Milliseconds a call of a cacheable tool waits for an identical call's result already in flight.
     #[arg(long, env = "AGENTMESH_CACHE_FLIGHT_WAIT_MS", default_value_t = DEFAULT_CACHE_FLIGHT_WAIT_MS)]
     pub cache_flight_wait_ms: u64,
+    /// What becomes of the original of a redacted delivery: `keep` (in
+    /// `MESH_INGRESS` and the audit's `events` row) or `drop` (erased from
+    /// `MESH_INGRESS` once the redacted copies are stored; give the audit
+    /// sink the same setting).
+    #[arg(long, env = "AGENTMESH_REDACTED_ORIGINAL", value_enum, default_value_t = broker_config::RedactedOriginal::Keep)]
+    pub redacted_original: broker_config::RedactedOriginal,
     /// How long in-flight events may take to finish at shutdown (no flag).
     #[arg(skip = DEFAULT_GRACE)]
     pub grace: Duration,
@@ -175,6 +181,7 @@ impl Default for Config {
             shadow_policies: None,
             approval_timeout_secs: DEFAULT_APPROVAL_TIMEOUT_SECS,
             cache_flight_wait_ms: DEFAULT_CACHE_FLIGHT_WAIT_MS,
+            redacted_original: broker_config::RedactedOriginal::Keep,
             grace: DEFAULT_GRACE,
             ops: telemetry::OpsConfig::default(),
             signing_key_file: None,
