@@ -55,6 +55,9 @@ pub const DEFAULT_BATCH: usize = 256;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
 /// Default most decisions signed under one Merkle root.
 pub const DEFAULT_SIGN_BATCH: usize = 256;
+/// Default longest time the signer collects decisions for one signature,
+/// in microseconds.
+pub const DEFAULT_SIGN_WINDOW_US: u64 = 1_000;
 /// Default JetStream ack wait, in seconds.
 pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
 /// Default wait of a parked event for its approval, in seconds.
@@ -151,6 +154,13 @@ pub struct Config {
     /// waits alone is signed alone. `1` signs every decision alone.
     #[arg(long, env = "AGENTMESH_SIGN_BATCH", default_value_t = DEFAULT_SIGN_BATCH)]
     pub sign_batch: usize,
+    /// Longest time the signer keeps collecting decisions after the first
+    /// of a batch, in microseconds (closed early by a full batch): what a
+    /// decision may wait for others to share its signature. `0` signs
+    /// whatever is waiting at once. Tokio's timer rounds it up to whole
+    /// milliseconds.
+    #[arg(long, env = "AGENTMESH_SIGN_WINDOW_US", default_value_t = DEFAULT_SIGN_WINDOW_US)]
+    pub sign_window_us: u64,
 }
 
 impl Default for Config {
@@ -177,6 +187,7 @@ impl Default for Config {
             signing_key_file: None,
             signing_key: None,
             sign_batch: DEFAULT_SIGN_BATCH,
+            sign_window_us: DEFAULT_SIGN_WINDOW_US,
         }
     }
 }
@@ -338,7 +349,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         )?)),
         (None, None) => None,
     };
-    let sealer = signing::Sealer::start(key, &js, config.sign_batch, metrics.clone()).await;
+    let sealer = signing::Sealer::start(
+        key,
+        &js,
+        config.sign_batch,
+        Duration::from_micros(config.sign_window_us),
+        metrics.clone(),
+    )
+    .await;
     let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
     let approvals = Arc::new(approval::Approvals::new(
         js.clone(),
