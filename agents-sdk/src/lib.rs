@@ -110,103 +110,19 @@ pub struct WriteAnAgent;
 /// graph of those names has no cycle.
 #[cfg(test)]
 mod layering {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    type Graph = BTreeMap<String, BTreeSet<String>>;
-
-    /// The modules `source` names as `crate::<module>` before its unit
-    /// tests (a top-level `#[cfg(test)]`), comments left out; an error for a
-    /// `crate::<Name>` that does not go through a module.
-    fn named(source: &str, modules: &BTreeSet<String>) -> Result<BTreeSet<String>, String> {
-        let mut found = BTreeSet::new();
-        for line in source
-            .lines()
-            .take_while(|l| !l.starts_with("#[cfg(test)]"))
-        {
-            let code = line.split("//").next().unwrap_or_default();
-            for (at, _) in code.match_indices("crate::") {
-                let rest = &code[at + "crate::".len()..];
-                let names: Vec<&str> = match rest.strip_prefix('{') {
-                    Some(list) => list
-                        .split('}')
-                        .next()
-                        .unwrap_or_default()
-                        .split(',')
-                        .map(|n| n.trim().split("::").next().unwrap_or_default())
-                        .collect(),
-                    None => vec![
-                        rest.split(|c: char| !c.is_alphanumeric() && c != '_')
-                            .next()
-                            .unwrap_or_default(),
-                    ],
-                };
-                for name in names.into_iter().filter(|n| !n.is_empty()) {
-                    if !modules.contains(name) {
-                        return Err(format!(
-                            "`crate::{name}` in `{}`: name the module it is defined in",
-                            line.trim()
-                        ));
-                    }
-                    found.insert(name.to_owned());
-                }
-            }
-        }
-        Ok(found)
-    }
-
-    /// A cycle of `graph`, as the modules along it, if there is one.
-    fn cycle(graph: &Graph) -> Option<Vec<String>> {
-        fn visit(
-            node: &str,
-            graph: &Graph,
-            path: &mut Vec<String>,
-            done: &mut BTreeSet<String>,
-        ) -> Option<Vec<String>> {
-            if let Some(start) = path.iter().position(|n| n == node) {
-                let mut found = path[start..].to_vec();
-                found.push(node.to_owned());
-                return Some(found);
-            }
-            if done.contains(node) {
-                return None;
-            }
-            path.push(node.to_owned());
-            for next in graph.get(node).into_iter().flatten() {
-                if let Some(found) = visit(next, graph, path, done) {
-                    return Some(found);
-                }
-            }
-            path.pop();
-            done.insert(node.to_owned());
-            None
-        }
-        let mut done = BTreeSet::new();
-        graph
-            .keys()
-            .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
-    }
+    use testkit::shape::{circle, module_graph};
 
     #[test]
     fn modules_depend_downward_only() {
         let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let mut files = BTreeMap::new();
-        for entry in std::fs::read_dir(&src).unwrap() {
-            let path = entry.unwrap().path();
-            let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
-            if path.extension().is_some_and(|e| e == "rs") && stem != "lib" {
-                files.insert(stem, std::fs::read_to_string(&path).unwrap());
-            }
-        }
-        assert!(files.len() > 10, "only {} modules found", files.len());
-        let modules: BTreeSet<String> = files.keys().cloned().collect();
-        let mut graph = Graph::new();
-        for (module, source) in &files {
-            let mut uses = named(source, &modules).unwrap_or_else(|e| panic!("{module}: {e}"));
-            uses.remove(module);
-            graph.insert(module.clone(), uses);
-        }
+        let (graph, root_paths) = module_graph(&src).unwrap();
+        assert!(graph.len() > 10, "only {} modules found", graph.len());
+        assert!(
+            root_paths.is_empty(),
+            "name the module a name is defined in: {root_paths:?}"
+        );
         assert_eq!(
-            cycle(&graph),
+            circle(&graph),
             None,
             "modules of agents-sdk import each other in a circle: {graph:?}"
         );
@@ -214,31 +130,5 @@ mod layering {
         for module in ["workflow", "call", "tools", "a2a", "delivery"] {
             assert!(graph[module].contains("inner"), "{module} uses `inner`");
         }
-    }
-
-    #[test]
-    fn the_check_finds_circles_and_root_paths() {
-        let modules: BTreeSet<String> = ["a", "b", "c"].map(String::from).into();
-        let named_by = |source: &str| named(source, &modules);
-        assert_eq!(
-            named_by("use crate::a::X;\n// crate::c\nfn f() { crate::b::g() }\n#[cfg(test)]\nuse crate::c;")
-                .unwrap(),
-            ["a", "b"].map(String::from).into()
-        );
-        assert_eq!(
-            named_by("use crate::{a::X, b};").unwrap(),
-            ["a", "b"].map(String::from).into()
-        );
-        assert!(named_by("fn f() -> crate::X {}").is_err());
-        let mut graph = Graph::new();
-        graph.insert("a".into(), ["b".to_owned()].into());
-        graph.insert("b".into(), ["c".to_owned()].into());
-        graph.insert("c".into(), BTreeSet::new());
-        assert_eq!(cycle(&graph), None);
-        graph.insert("c".into(), ["a".to_owned()].into());
-        assert_eq!(
-            cycle(&graph),
-            Some(["a", "b", "c", "a"].map(String::from).to_vec())
-        );
     }
 }

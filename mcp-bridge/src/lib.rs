@@ -17,11 +17,12 @@
 mod server;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use agents_sdk::{Agent, ToolCall, ToolSpec};
+use agents_sdk::{Agent, Delivery, EventType, ToolCall, ToolError, ToolSpec};
 use serde_json::Value;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use server::{Endpoint, Server, ServerError, result_value};
@@ -139,80 +140,206 @@ pub enum Error {
     Serve(String),
 }
 
-/// One bridged tool: the server that lists it and its MCP name.
-struct Bridged {
+/// Where a mesh tool name goes: the server that lists it and its MCP name.
+#[derive(Clone)]
+struct Route {
     server: Arc<Server>,
     mcp_name: String,
+}
+
+/// One bridged tool: its route and its card entry.
+struct Bridged {
+    route: Route,
     spec: ToolSpec,
 }
 
-/// Starts every server, lists their tools into the agent's card, and serves
-/// the mesh's calls of them until `shutdown`.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let endpoints = config.endpoints();
-    if endpoints.is_empty() {
-        return Err(Error::NoServers);
-    }
-    let mut servers = Vec::new();
+/// The routes of the tools the card lists, replaced when the servers' tools
+/// change.
+type Routes = Arc<RwLock<BTreeMap<String, Route>>>;
+
+/// Lists every server's tools under their mesh names (`prefix` + the MCP
+/// name); a name listed twice is an error.
+async fn list(servers: &[Arc<Server>], prefix: &str) -> Result<BTreeMap<String, Bridged>, Error> {
     let mut tools: BTreeMap<String, Bridged> = BTreeMap::new();
-    for endpoint in endpoints {
-        let server = Arc::new(Server::new(
-            endpoint,
-            config.call_timeout(),
-            config.start_timeout(),
-        )?);
+    for server in servers {
         for tool in server.tools().await? {
-            let name = format!("{}{}", config.tool_prefix, tool.name);
+            let name = format!("{prefix}{}", tool.name);
             if let Some(first) = tools.get(&name) {
                 return Err(Error::Clash {
                     tool: name,
-                    first: first.server.endpoint().clone(),
+                    first: first.route.server.endpoint().clone(),
                     second: server.endpoint().clone(),
                 });
             }
             let spec = ToolSpec::new(name.clone())
                 .description(tool.description.as_deref().unwrap_or_default())
                 .input_schema(Value::Object((*tool.input_schema).clone()));
-            tools.insert(
-                name,
-                Bridged {
-                    server: server.clone(),
-                    mcp_name: tool.name.into_owned(),
-                    spec,
-                },
-            );
+            let route = Route {
+                server: server.clone(),
+                mcp_name: tool.name.into_owned(),
+            };
+            tools.insert(name, Bridged { route, spec });
         }
-        servers.push(server);
     }
+    Ok(tools)
+}
+
+/// Calls the mesh tool `tool` on the server that lists it now.
+async fn call(routes: &Routes, tool: &str, arguments: &Value) -> Result<Value, ToolError> {
+    let route = routes
+        .read()
+        .map_err(|_| ToolError::new("the bridge's tool table is poisoned"))?
+        .get(tool)
+        .cloned();
+    match route {
+        Some(route) => route.server.call(&route.mcp_name, arguments).await,
+        None => Err(ToolError::new(format!(
+            "no MCP server bridged here lists the tool `{tool}` (any more)"
+        ))),
+    }
+}
+
+/// Starts every server, lists their tools into the agent's card, and serves
+/// the mesh's calls of them until `shutdown`. When a server's tools change
+/// (`notifications/tools/list_changed`), they are listed again and the card
+/// in `mesh-agents` is written again with the new list.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let endpoints = config.endpoints();
+    if endpoints.is_empty() {
+        return Err(Error::NoServers);
+    }
+    let changed = Arc::new(Notify::new());
+    let servers = endpoints
+        .into_iter()
+        .map(|endpoint| {
+            Server::new(endpoint, config.call_timeout(), config.start_timeout())
+                .map(|server| Arc::new(server.with_tools_changed(changed.clone())))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let listed = list(&servers, &config.tool_prefix).await?;
+    let routes: Routes = Arc::new(RwLock::new(
+        listed
+            .iter()
+            .map(|(name, bridged)| (name.clone(), bridged.route.clone()))
+            .collect(),
+    ));
     let description = config.description.clone().unwrap_or_else(|| {
         let list: Vec<String> = servers.iter().map(|s| s.endpoint().to_string()).collect();
         format!("MCP servers bridged into the mesh: {}", list.join(", "))
     });
-    let mut builder = Agent::builder(config.agent_id.clone()).description(description);
+    let mut builder = Agent::builder(config.agent_id.clone())
+        .description(description)
+        // Tools listed after the start are answered by `serve_with`'s
+        // handler: as many at once as the registered ones.
+        .max_concurrent_deliveries(MAX_CONCURRENT_LATER_TOOLS);
     if let Some(path) = &config.nkey_file {
         builder = builder.nkey_file(path);
     }
-    for (name, bridged) in tools {
-        let Bridged {
-            server,
-            mcp_name,
-            spec,
-        } = bridged;
-        tracing::info!(tool = %name, server = %server.endpoint(), "Bridging an MCP tool.");
-        builder = builder.tool(spec, move |call: ToolCall| {
-            let server = server.clone();
-            let mcp_name = mcp_name.clone();
-            async move { server.call(&mcp_name, call.arguments()).await }
+    for (name, bridged) in listed {
+        tracing::info!(tool = %name, server = %bridged.route.server.endpoint(), "Bridging an MCP tool.");
+        let routes = routes.clone();
+        builder = builder.tool(bridged.spec, move |tool_call: ToolCall| {
+            let routes = routes.clone();
+            let name = name.clone();
+            async move { call(&routes, &name, tool_call.arguments()).await }
         });
     }
     let agent = builder.connect(&config.nats_url).await?;
     tracing::info!(agent = %agent.id(), tools = agent.card().tools.len(), "MCP bridge serving.");
-    let served = agent.serve(shutdown.cancelled_owned()).await;
+    let relisting = shutdown.child_token();
+    let relister = tokio::spawn(relist(
+        agent.clone(),
+        servers.clone(),
+        config.tool_prefix.clone(),
+        routes.clone(),
+        changed,
+        relisting.clone(),
+    ));
+    let served = agent
+        .serve_with(shutdown.cancelled_owned(), |delivery: Delivery| {
+            let routes = routes.clone();
+            async move { answer(&routes, delivery).await }
+        })
+        .await;
+    relisting.cancel();
+    let _ = relister.await;
     for server in &servers {
         server.close().await;
     }
     let _ = agent.close().await;
     served.map_err(|e| Error::Serve(e.to_string()))
+}
+
+/// How many calls of tools listed after the start run at once.
+const MAX_CONCURRENT_LATER_TOOLS: usize = 16;
+
+/// A delivery the SDK did not answer itself: a call of a tool a server
+/// listed after the start is answered from `routes`; anything else is
+/// acknowledged.
+async fn answer(routes: &Routes, delivery: Delivery) -> Result<(), agents_sdk::PublishError> {
+    if delivery.event_type() != EventType::ToolCall {
+        tracing::info!(id = delivery.id(), r#type = %delivery.event_type(), from = %delivery.sender(), "Not a tool call; acknowledging it.");
+        return Ok(());
+    }
+    let tool = delivery.subject().unwrap_or_default().to_owned();
+    // The SDK's shape (`{"tool", "arguments"}`), or bare arguments.
+    let arguments = match delivery.json::<Value>() {
+        Ok(Value::Object(mut map)) if map.contains_key("arguments") => {
+            map.remove("arguments").unwrap_or(Value::Null)
+        }
+        Ok(other) => other,
+        Err(_) => Value::Null,
+    };
+    let result = call(routes, &tool, &arguments).await;
+    delivery.answer_tool(result).await.map(|_| ())
+}
+
+/// Lists the servers' tools again each time one says they changed, and
+/// writes the agent's card with the new list (the routes first, so a
+/// caller that read the new card finds its tool). A listing that fails
+/// keeps the previous card.
+async fn relist(
+    agent: Agent,
+    servers: Vec<Arc<Server>>,
+    prefix: String,
+    routes: Routes,
+    changed: Arc<Notify>,
+    shutdown: CancellationToken,
+) {
+    let mut card = agent.card().clone();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = changed.notified() => {}
+        }
+        let listed = match list(&servers, &prefix).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not list the MCP servers' tools again; the card keeps the previous list.");
+                continue;
+            }
+        };
+        let specs: Vec<ToolSpec> = listed.values().map(|b| b.spec.clone()).collect();
+        if specs == card.tools {
+            continue;
+        }
+        if let Ok(mut current) = routes.write() {
+            *current = listed
+                .into_iter()
+                .map(|(name, bridged)| (name, bridged.route))
+                .collect();
+        }
+        card.tools = specs;
+        match agent.directory().register(&card).await {
+            Ok(_) => {
+                let names: Vec<&str> = card.tools.iter().map(|t| t.name.as_str()).collect();
+                tracing::info!(agent = %agent.id(), tools = ?names, "The MCP servers' tools changed; the card lists them.");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not write the agent's card with the new tools.");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

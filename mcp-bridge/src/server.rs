@@ -2,18 +2,20 @@
 //! speaking stdio) or connected (a Streamable HTTP URL) with `rmcp`, its
 //! tools listed, and calls made with a deadline. A server that went away
 //! (a crashed process, a closed session) is started or connected again on
-//! the next call.
+//! the next call. A server's `notifications/tools/list_changed` (and a
+//! server started again) wakes the [`Notify`] given with
+//! [`Server::with_tools_changed`], so the bridge lists its tools again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use agents_sdk::ToolError;
-use rmcp::ServiceExt;
 use rmcp::model::{CallToolRequestParams, CallToolResult, JsonObject, Tool};
-use rmcp::service::{RoleClient, RunningService, ServiceError};
+use rmcp::service::{NotificationContext, RoleClient, RunningService, ServiceError};
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::{ClientHandler, ServiceExt};
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 /// Where an MCP server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,7 +85,25 @@ pub enum ServerError {
     },
 }
 
-type Client = RunningService<RoleClient, ()>;
+type Client = RunningService<RoleClient, Notices>;
+
+/// The bridge's side of one connection: a server's
+/// `notifications/tools/list_changed` wakes `changed`.
+struct Notices {
+    endpoint: Endpoint,
+    changed: Arc<Notify>,
+}
+
+impl ClientHandler for Notices {
+    fn on_tool_list_changed(
+        &self,
+        _context: NotificationContext<RoleClient>,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        tracing::info!(server = %self.endpoint, "The MCP server's tools changed.");
+        self.changed.notify_one();
+        std::future::ready(())
+    }
+}
 
 /// One MCP server and its current connection.
 pub struct Server {
@@ -91,6 +111,7 @@ pub struct Server {
     timeout: Duration,
     start_timeout: Duration,
     client: Mutex<Option<Arc<Client>>>,
+    changed: Arc<Notify>,
 }
 
 impl Server {
@@ -115,7 +136,17 @@ impl Server {
             timeout,
             start_timeout,
             client: Mutex::new(None),
+            changed: Arc::new(Notify::new()),
         })
+    }
+
+    /// Wakes `changed` when the server says its tools changed
+    /// (`notifications/tools/list_changed`) and when it went away (a
+    /// server started again may list other tools).
+    #[must_use]
+    pub fn with_tools_changed(mut self, changed: Arc<Notify>) -> Self {
+        self.changed = changed;
+        self
     }
 
     /// Where it is.
@@ -128,6 +159,10 @@ impl Server {
             endpoint: self.endpoint.clone(),
             reason,
         };
+        let notices = Notices {
+            endpoint: self.endpoint.clone(),
+            changed: self.changed.clone(),
+        };
         let started = match &self.endpoint {
             Endpoint::Stdio(command) => {
                 let mut cmd = tokio::process::Command::new("sh");
@@ -137,11 +172,11 @@ impl Server {
                         endpoint: self.endpoint.clone(),
                         source,
                     })?;
-                tokio::time::timeout(self.start_timeout, ().serve(transport)).await
+                tokio::time::timeout(self.start_timeout, notices.serve(transport)).await
             }
             Endpoint::Http(url) => {
                 let transport = StreamableHttpClientTransport::from_uri(url.as_str());
-                tokio::time::timeout(self.start_timeout, ().serve(transport)).await
+                tokio::time::timeout(self.start_timeout, notices.serve(transport)).await
             }
         };
         match started {
@@ -168,6 +203,7 @@ impl Server {
         }
         if slot.take().is_some() {
             tracing::warn!(server = %self.endpoint, "The MCP server's connection closed; starting it again.");
+            self.changed.notify_one();
         }
         let client = Arc::new(self.start().await?);
         *slot = Some(client.clone());
@@ -180,6 +216,7 @@ impl Server {
         let mut slot = self.client.lock().await;
         if slot.as_ref().is_some_and(|c| Arc::ptr_eq(c, client)) {
             slot.take();
+            self.changed.notify_one();
         }
     }
 

@@ -16,7 +16,8 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
 use policy_engine::{
-    ENTITIES_FILE, Outcome, PROPERTIES_FILE, PolicyBundle, Properties, Replayer, SCHEMA_FILE,
+    CACHE_FILE, ENTITIES_FILE, FLOWS_FILE, Outcome, PROPERTIES_FILE, PolicyBundle, Properties,
+    Replayer, SCHEMA_FILE,
 };
 use schemas::{DecisionReceipt, subjects};
 use serde::Serialize;
@@ -256,8 +257,17 @@ pub(crate) fn parse_time(text: &str, now: DateTime<Utc>) -> anyhow::Result<DateT
     )
 }
 
-/// The files a policy directory is made of.
+/// The files a policy directory is made of: its policies, schema and
+/// entities, the cache and flow rules (both in the policy hash) and the
+/// properties `policy prove` checks.
 fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    const WITH_THE_POLICIES: [&str; 5] = [
+        SCHEMA_FILE,
+        ENTITIES_FILE,
+        CACHE_FILE,
+        FLOWS_FILE,
+        PROPERTIES_FILE,
+    ];
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("reading `{}`", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -265,7 +275,8 @@ fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             p.is_file()
                 && (p.extension().is_some_and(|e| e == "cedar")
                     || p.file_name()
-                        .is_some_and(|n| n == SCHEMA_FILE || n == ENTITIES_FILE))
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| WITH_THE_POLICIES.contains(&n)))
         })
         .collect();
     files.sort();

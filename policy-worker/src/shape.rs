@@ -3,8 +3,9 @@
 //! or of `policy-engine` imports one that imports it back (directly or
 //! around a circle).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+use testkit::shape::{circle, module_graph};
 
 /// The most lines a function on the per-event path may span, its
 /// signature and closing brace included.
@@ -132,77 +133,10 @@ fn the_length_check_counts_bodies_not_braces_in_strings() {
     );
 }
 
-/// The modules of the crate under `dir` and, for each, the modules of the
-/// same crate it names (`crate::x`, `super::x` in a submodule).
-fn imports(dir: &Path) -> BTreeMap<String, BTreeSet<String>> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.push((path.join("mod.rs"), path));
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            files.push((path.clone(), path));
-        }
-    }
-    let name = |p: &Path| p.file_stem().unwrap().to_string_lossy().into_owned();
-    let modules: BTreeSet<String> = files.iter().map(|(_, p)| name(p)).collect();
-    let mut graph = BTreeMap::new();
-    for (file, module) in &files {
-        let Ok(source) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        let me = name(module);
-        let named: BTreeSet<String> = code(&source)
-            .split("crate::")
-            .skip(1)
-            .map(|rest| {
-                rest.chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect::<String>()
-            })
-            .filter(|m| modules.contains(m) && *m != me && m != "lib" && m != "main")
-            .collect();
-        graph.insert(me, named);
-    }
-    graph
-}
-
-/// A circle in `graph`, as the modules around it, if there is one.
-fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
-    fn visit(
-        graph: &BTreeMap<String, BTreeSet<String>>,
-        node: &str,
-        path: &mut Vec<String>,
-        done: &mut BTreeSet<String>,
-    ) -> Option<Vec<String>> {
-        if let Some(at) = path.iter().position(|n| n == node) {
-            let mut around = path.get(at..).unwrap_or_default().to_vec();
-            around.push(node.to_owned());
-            return Some(around);
-        }
-        if done.contains(node) {
-            return None;
-        }
-        path.push(node.to_owned());
-        for next in graph.get(node).into_iter().flatten() {
-            if let Some(c) = visit(graph, next, path, done) {
-                return Some(c);
-            }
-        }
-        path.pop();
-        done.insert(node.to_owned());
-        None
-    }
-    let mut done = BTreeSet::new();
-    graph
-        .keys()
-        .find_map(|node| visit(graph, node, &mut Vec::new(), &mut done))
-}
-
 #[test]
 fn no_module_of_the_worker_or_the_engine_imports_its_importer() {
     for dir in [src(), src().join("../../policy-engine/src")] {
-        let graph = imports(&dir);
+        let (graph, _root_paths) = module_graph(&dir).unwrap();
         assert!(graph.len() > 5, "{}: {graph:?}", dir.display());
         let around = circle(&graph).unwrap_or_default();
         assert!(
@@ -212,17 +146,4 @@ fn no_module_of_the_worker_or_the_engine_imports_its_importer() {
             around.join(" -> ")
         );
     }
-}
-
-#[test]
-fn the_circle_check_finds_a_circle() {
-    let graph: BTreeMap<String, BTreeSet<String>> =
-        [("a", &["b"][..]), ("b", &["c"]), ("c", &["a"]), ("d", &[])]
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v.iter().map(|s| s.to_string()).collect()))
-            .collect();
-    assert_eq!(circle(&graph).unwrap(), ["a", "b", "c", "a"]);
-    let mut acyclic = graph.clone();
-    acyclic.get_mut("c").unwrap().clear();
-    assert_eq!(circle(&acyclic), None);
 }

@@ -15,6 +15,7 @@ use anyhow::{Context, bail};
 pub mod clickhouse;
 mod cluster;
 pub mod lazyfs;
+pub mod shape;
 pub mod zookeeper;
 pub use self::clickhouse::ClickHouseServer;
 pub use self::cluster::NatsCluster;

@@ -6,7 +6,8 @@
 
 Its tools: `add` and `echo` answer; `fail` raises (an MCP tool error);
 `crash` ends the process in the middle of the call; `hang` never answers;
-`calls` says how many calls this process has answered.
+`calls` says how many calls this process has answered; `learn` adds the
+tool `shout` at run time and sends `notifications/tools/list_changed`.
 """
 
 import asyncio
@@ -14,12 +15,13 @@ import os
 import sys
 
 try:  # mcp 2.x: FastMCP is now `MCPServer`
+    from mcp.server.mcpserver import Context
     from mcp.server.mcpserver import MCPServer as FastMCP
     from mcp.server.mcpserver.exceptions import ToolError
 
     V2 = True
 except ImportError:  # mcp 1.x
-    from mcp.server.fastmcp import FastMCP
+    from mcp.server.fastmcp import Context, FastMCP
     from mcp.server.fastmcp.exceptions import ToolError
 
     V2 = False
@@ -76,6 +78,24 @@ async def hang() -> str:
 def calls() -> int:
     """How many calls of `add` and `echo` this process has answered."""
     return answered
+
+
+def shout(text: str) -> str:
+    """Returns the text in capitals."""
+    return text.upper()
+
+
+@mcp.tool()
+async def learn(ctx: Context) -> str:
+    """Adds the tool `shout` to this server and tells the client."""
+    mcp.add_tool(shout)
+    # Sessions of the handshake era (what the bridge opens) get the
+    # notification on their stream; 2026-07-28 clients on their
+    # `subscriptions/listen` stream.
+    await ctx.session.send_tool_list_changed()
+    if hasattr(ctx, "notify_tools_changed"):
+        await ctx.notify_tools_changed()
+    return "learned `shout`"
 
 
 if __name__ == "__main__":

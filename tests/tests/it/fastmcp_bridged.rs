@@ -3,27 +3,24 @@
 //! Streamable HTTP, bridged into the mesh as agent `tools` and called by a
 //! Rust SDK agent through the real policy worker. A server that crashes in
 //! the middle of a call or never answers is a tool error; the bridge keeps
-//! serving and every call has its receipt and its answer on record.
+//! serving and every call has its receipt and its answer on record. And
+//! the whole chain from the Python MCP client through the gateway to the
+//! bridged server, with the tool cache answering a repeat.
 
 // Test helpers outside `#[test]` fns panic to fail the test, too.
 #![expect(clippy::unwrap_used, reason = "a panic is how a test or bench fails")]
 
+use crate::mcp_support::{self, Stack, bridged_policies, server_script};
 use crate::sdk_support as support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use agents_sdk::{Agent, CallErrorKind, Decision};
 use schemas::subjects;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::*;
 use testkit::eventually;
 use tokio_util::sync::CancellationToken;
-
-/// The FastMCP server script.
-fn server_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("mcp/tools_server.py")
-}
 
 /// Fails with how to install it unless the test Python has the `mcp` SDK.
 fn require_mcp() -> String {
@@ -43,41 +40,6 @@ fn require_mcp() -> String {
     python
 }
 
-/// The shipped policies plus agent `tools` (a member) and the bridged
-/// tools: all low risk but `http.echo`, which is high risk.
-fn policies() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(shipped_policies()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_file() {
-            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
-        }
-    }
-    let file = dir.path().join("entities.json");
-    let mut entities: Vec<Value> = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
-    entities.push(json!({
-        "uid": {"type": "Agent", "id": "tools"},
-        "attrs": {"role": "worker", "team": "platform"},
-        "parents": [{"type": "Role", "id": "member"}]
-    }));
-    for (tool, risk) in [
-        ("add", "low"),
-        ("echo", "low"),
-        ("fail", "low"),
-        ("crash", "low"),
-        ("hang", "low"),
-        ("calls", "low"),
-        ("http.add", "low"),
-        ("http.echo", "high"),
-    ] {
-        entities.push(
-            json!({"uid": {"type": "Tool", "id": tool}, "attrs": {"risk": risk}, "parents": []}),
-        );
-    }
-    std::fs::write(&file, serde_json::to_vec_pretty(&entities).unwrap()).unwrap();
-    dir
-}
-
 /// Runs the bridge in-process until the returned token is cancelled, and
 /// waits until agent `tools`' card lists `tools`.
 async fn bridge(
@@ -85,38 +47,18 @@ async fn bridge(
     config: mcp_bridge::Config,
     tools: &[&str],
 ) -> (CancellationToken, tokio::task::JoinHandle<()>) {
-    let token = CancellationToken::new();
-    let agent_id = config.agent_id.clone();
-    let handle = tokio::spawn({
-        let token = token.clone();
-        async move {
-            if let Err(e) = mcp_bridge::run(config, token).await {
-                panic!("mcp-bridge failed: {e}");
-            }
-        }
-    });
     let watcher = mesh
         .agent(Agent::builder("reviewer").register_card(false))
         .await;
-    eventually(WAIT, "the bridge's card to list its tools", || {
-        let directory = watcher.directory().clone();
-        let agent_id = agent_id.clone();
-        let finished = handle.is_finished();
-        async move {
-            assert!(!finished, "mcp-bridge stopped at start");
-            let card = directory.get(&agent_id).await.unwrap()?;
-            tools.iter().all(|t| card.serves(t)).then_some(())
-        }
-    })
-    .await
-    .unwrap();
-    (token, handle)
+    mcp_support::bridge(watcher.directory(), config, tools)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fastmcp_server_over_stdio_is_a_mesh_tool_agent() {
     let python = require_mcp();
-    let policies = policies();
+    let policies = bridged_policies(None).unwrap();
     let mut mesh = Mesh::start().await;
     mesh.start_worker_on(policies.path().to_owned(), None).await;
     let config = mcp_bridge::Config {
@@ -274,7 +216,7 @@ async fn a_fastmcp_server_over_streamable_http_is_bridged_and_policies_name_its_
     .await
     .unwrap_or_else(|e| panic!("{e}; log:\n{}", server.log_text()));
 
-    let policies = policies();
+    let policies = bridged_policies(None).unwrap();
     let mut mesh = Mesh::start().await;
     mesh.start_worker_on(policies.path().to_owned(), None).await;
     let config = mcp_bridge::Config {
@@ -326,4 +268,131 @@ async fn a_fastmcp_server_over_streamable_http_is_bridged_and_policies_name_its_
     stop.cancel();
     served.await.unwrap();
     drop(server);
+}
+
+/// The whole chain: the official Python MCP client → the gateway → the
+/// policy worker → the bridge → the FastMCP server and back, on a broker
+/// with authorization, `cache.toml` caching `add`: the repeat is answered
+/// by the mesh from its cache, and the server answers `add` once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mcp_client_calls_a_bridged_fastmcp_server_through_the_gateway_and_the_cache_answers_the_repeat()
+-> anyhow::Result<()> {
+    let python = require_mcp();
+    let policies = bridged_policies(Some("[tools.add]\nttl_secs = 600\nscope = \"shared\"\n"))?;
+    let stack = Stack::start_on(20_000, Some(policies)).await?;
+    let config = mcp_bridge::Config {
+        agent_id: "tools".into(),
+        stdio: vec![format!("{python} {} stdio", server_script().display())],
+        call_timeout_secs: 10,
+        nats_url: stack.mesh.url(),
+        nkey_file: Some(stack.mesh.seed_file("tools")?),
+        ..Default::default()
+    };
+    let watcher = Agent::builder("reviewer")
+        .register_card(false)
+        .nkey(stack.mesh.seed("reviewer")?)
+        .connect(stack.mesh.url())
+        .await?;
+    let (stop, served) =
+        mcp_support::bridge(watcher.directory(), config, &["add", "calls"]).await?;
+
+    let steps = stack.client("bridged", async |_| Ok(())).await?;
+    // tools/list has the server's tools, with their schemas.
+    let listed = &steps["list"]["tools"];
+    assert_eq!(listed["add"]["required"], json!(["a", "b"]), "{listed}");
+    assert_eq!(listed["add"]["properties"]["a"]["type"], "integer");
+    // The server's answer, then the same answer from the mesh's cache...
+    for step in ["first", "repeat"] {
+        let result = &steps[step];
+        assert_eq!(result["is_error"], false, "{result}");
+        assert_eq!(result["structured"], json!({"result": 5}), "{result}");
+    }
+    // ...so the server answered `add` once.
+    let calls = &steps["calls"];
+    assert_eq!(calls["structured"], json!({"result": 1}), "{calls}");
+    let trace = steps["first"]["meta"]["trace_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(steps["repeat"]["meta"]["trace_id"], trace.as_str());
+
+    // The audit: the first call missed the cache and its result filled
+    // it; the repeat is a hit; `calls` is not cacheable. One trace.
+    let want = [
+        "planner\tio.agentmesh.tool.call\tadd\tallow\thit",
+        "planner\tio.agentmesh.tool.call\tadd\tallow\tmiss",
+        "planner\tio.agentmesh.tool.call\tcalls\tallow\t",
+        "tools\tio.agentmesh.tool.result\tadd\tallow\tstored",
+        "tools\tio.agentmesh.tool.result\tcalls\tallow\t",
+    ];
+    let sql = format!(
+        "SELECT agent, type, subject, decision, cache FROM `{{db}}`.decisions FINAL \
+         WHERE trace_id = '{trace}' ORDER BY agent, type, subject, cache FORMAT TabSeparated"
+    );
+    let rows = eventually(WAIT, "the session's decisions in ClickHouse", || async {
+        stack
+            .rows(&sql)
+            .await
+            .ok()
+            .filter(|r| r.len() >= want.len())
+    })
+    .await?;
+    assert_eq!(rows, want);
+
+    stop.cancel();
+    served.await?;
+    watcher.close().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// A bridged server that adds a tool at run time and says so
+/// (`notifications/tools/list_changed`): the bridge lists its tools again
+/// and writes the agent's card with the new tool, and the gateway's
+/// `tools/list` follows, so the Python MCP client sees the tool and calls
+/// it through the mesh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tool_a_bridged_server_adds_at_run_time_reaches_the_card_and_the_gateways_tools_list()
+-> anyhow::Result<()> {
+    let python = require_mcp();
+    let stack = Stack::start_on(20_000, Some(bridged_policies(None)?)).await?;
+    let config = mcp_bridge::Config {
+        agent_id: "tools".into(),
+        stdio: vec![format!("{python} {} stdio", server_script().display())],
+        call_timeout_secs: 10,
+        nats_url: stack.mesh.url(),
+        nkey_file: Some(stack.mesh.seed_file("tools")?),
+        ..Default::default()
+    };
+    let watcher = Agent::builder("reviewer")
+        .register_card(false)
+        .nkey(stack.mesh.seed("reviewer")?)
+        .connect(stack.mesh.url())
+        .await?;
+    let (stop, served) = mcp_support::bridge(watcher.directory(), config, &["learn"]).await?;
+    let card = watcher.directory().get("tools").await?.unwrap();
+    assert!(!card.serves("shout"), "{card:?}");
+
+    let steps = stack.client("learn", async |_| Ok(())).await?;
+    let before = steps["before"]["tools"].as_array().unwrap();
+    assert!(before.contains(&json!("learn")), "{before:?}");
+    assert!(!before.contains(&json!("shout")), "{before:?}");
+    assert_eq!(steps["learn"]["is_error"], false, "{}", steps["learn"]);
+    let after = steps["after"]["tools"].as_array().unwrap();
+    assert!(after.contains(&json!("shout")), "{after:?}");
+    let shout = &steps["shout"];
+    assert_eq!(shout["is_error"], false, "{shout}");
+    assert_eq!(shout["structured"], json!({"result": "HEY"}), "{shout}");
+
+    // The card in `mesh-agents` carries the new tool's description and
+    // schema, and still the others.
+    let card = watcher.directory().get("tools").await?.unwrap();
+    let spec = card.tools.iter().find(|t| t.name == "shout").unwrap();
+    assert_eq!(spec.description, "Returns the text in capitals.");
+    assert_eq!(spec.input_schema["required"], json!(["text"]));
+    assert!(card.serves("add") && card.serves("learn"), "{card:?}");
+
+    stop.cancel();
+    served.await?;
+    watcher.close().await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
 }

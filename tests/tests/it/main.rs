@@ -12,6 +12,7 @@ mod dependencies;
 mod fastmcp_bridged;
 mod guardrails_with_credentials;
 mod mcp_gateway;
+mod mcp_support;
 mod python_sdk;
 mod python_support;
 mod receipts_from_the_stream;

@@ -12,6 +12,12 @@ usage: mcp_client.py <scenario> <url>   (the token in MCP_TOKEN)
          method, a 10 MB argument; then a good call still works.
   slow   call `tests.run`, whose agent answers after the gateway's
          timeout; then a good call.
+  bridged  against tools_server.py bridged into the mesh: tools/list, call
+         `add` twice with the same arguments (`cache.toml` caches it), then
+         `calls` (how many `add`/`echo` calls the server answered).
+  learn  against tools_server.py bridged into the mesh: tools/list, call
+         `learn` (the server adds `shout`), wait for
+         notifications/tools/list_changed until `shout` is listed, call it.
 """
 
 import asyncio
@@ -48,7 +54,9 @@ def result_fields(result):
     }
 
 
-async def calls(url, token):
+def tools_changed():
+    """An event set by `notifications/tools/list_changed`, and the session's
+    message handler that sets it."""
     changed = asyncio.Event()
 
     async def on_message(message):
@@ -57,6 +65,11 @@ async def calls(url, token):
         ):
             changed.set()
 
+    return changed, on_message
+
+
+async def calls(url, token):
+    changed, on_message = tools_changed()
     http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
     async with http, streamable_http_client(url, http_client=http) as (read, write):
         async with ClientSession(read, write, message_handler=on_message) as session:
@@ -156,10 +169,41 @@ async def slow(url, token):
             emit("after", **result_fields(await session.call_tool("code.search", {"query": "q"})))
 
 
+async def bridged(url, token):
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    async with http, streamable_http_client(url, http_client=http) as (read, write):
+        async with ClientSession(read, write) as session:
+            await session.initialize()
+            tools = await session.list_tools()
+            emit("list", tools={t.name: t.input_schema for t in tools.tools})
+            emit("first", **result_fields(await session.call_tool("add", {"a": 2, "b": 3})))
+            emit("repeat", **result_fields(await session.call_tool("add", {"a": 2, "b": 3})))
+            emit("calls", **result_fields(await session.call_tool("calls", {})))
+
+
+async def learn(url, token):
+    changed, on_message = tools_changed()
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {token}"})
+    async with http, streamable_http_client(url, http_client=http) as (read, write):
+        async with ClientSession(read, write, message_handler=on_message) as session:
+            await session.initialize()
+            names = sorted(t.name for t in (await session.list_tools()).tools)
+            emit("before", tools=names)
+            emit("learn", **result_fields(await session.call_tool("learn", {})))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while "shout" not in names:
+                await asyncio.wait_for(changed.wait(), timeout=max(0.1, deadline - loop.time()))
+                changed.clear()
+                names = sorted(t.name for t in (await session.list_tools()).tools)
+            emit("after", tools=names)
+            emit("shout", **result_fields(await session.call_tool("shout", {"text": "hey"})))
+
+
 def main():
     scenario, url = sys.argv[1], sys.argv[2]
     token = os.environ.get("MCP_TOKEN", "")
-    asyncio.run({"calls": calls, "bad": bad, "slow": slow}[scenario](url, token))
+    asyncio.run({"calls": calls, "bad": bad, "slow": slow, "bridged": bridged, "learn": learn}[scenario](url, token))
 
 
 if __name__ == "__main__":
