@@ -830,7 +830,7 @@ fn side_by_side(args: &DrainArgs, sittings: &[(Method, Vec<Vec<Drain>>)]) {
             Method::Outside => "outside",
         })
         .collect();
-    println!("{:<50} {:>12} {:>12}", "", methods[0], methods[1]);
+    println!("{:<58} {:>12} {:>12}", "", methods[0], methods[1]);
     for &durability in &args.durability {
         for &kind in &args.targets {
             let rate = |results: &Vec<Vec<Drain>>| {
@@ -845,7 +845,7 @@ fn side_by_side(args: &DrainArgs, sittings: &[(Method, Vec<Vec<Drain>>)]) {
             };
             let what = format!("{} [{durability}], events/s", kind.label());
             println!(
-                "{what:<50} {:>12.0} {:>12.0}",
+                "{what:<58} {:>12.0} {:>12.0}",
                 rate(&sittings[0].1),
                 rate(&sittings[1].1)
             );
@@ -857,7 +857,7 @@ fn side_by_side(args: &DrainArgs, sittings: &[(Method, Vec<Vec<Drain>>)]) {
             };
             let what = format!("{what} [{durability}]");
             println!(
-                "{what:<50} {:>12} {:>12}",
+                "{what:<58} {:>12} {:>12}",
                 r(&sittings[0].1),
                 r(&sittings[1].1)
             );
