@@ -167,7 +167,20 @@ impl Bench {
         };
         // Every event delivered and receipted once (and, for the mesh,
         // every row in ClickHouse once through FINAL) before the figure
-        // counts; the sink acks a row only once it is inserted.
+        // counts. The last delivery can be stored before the last receipts
+        // (each stream stores on its own), so first wait, untimed, until
+        // the target acked everything: it acks an event only once both its
+        // copies are stored. The sink acks a row only once it is inserted.
+        testkit::eventually(
+            Duration::from_secs(600),
+            "the target to ack every event",
+            || async {
+                drained(js, subjects::STREAM_INGRESS, kind.consumer())
+                    .await
+                    .then_some(())
+            },
+        )
+        .await?;
         if kind == Kind::Mesh {
             testkit::eventually(
                 Duration::from_secs(600),
