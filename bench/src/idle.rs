@@ -76,7 +76,18 @@ async fn register(js: &jetstream::Context, n: usize) -> anyhow::Result<()> {
         .buffer_unordered(64);
     futures::pin_mut!(creations);
     while let Some(created) = creations.next().await {
-        created?;
+        if let Err(error) = created {
+            let info = js
+                .get_stream(subjects::STREAM_DELIVER)
+                .await?
+                .get_info()
+                .await?;
+            bail!(
+                "registering {n} idle agents: {error} ({} consumers on MESH_DELIVER, its max_consumers {})",
+                info.state.consumer_count,
+                info.config.max_consumers
+            );
+        }
     }
     let consumers = deliver.get_info().await?.state.consumer_count;
     if consumers < n {
