@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod chain;
+mod originals;
 mod pipeline;
 /// The tables' declarations live in `audit-tables`, shared with the readers.
 pub use audit_tables::{queries, rows, schema};
@@ -134,6 +135,16 @@ pub struct Config {
     /// are written, and `meshctl audit verify` cannot find deleted rows.
     #[arg(long, env = "AGENTMESH_SIGNING_KEY_FILE")]
     pub signing_key_file: Option<PathBuf>,
+    /// What becomes of the original of a redacted delivery, as the policy
+    /// worker was told: `keep` (the `events` row keeps it) or `drop` (no
+    /// event row is written before the worker decided the event, and the
+    /// row of an original the worker erased has no data).
+    #[arg(long, env = "AGENTMESH_REDACTED_ORIGINAL", value_enum, default_value_t = broker_config::RedactedOriginal::Keep)]
+    pub redacted_original: broker_config::RedactedOriginal,
+    /// The policy worker's durable consumer on `MESH_INGRESS`, which
+    /// `--redacted-original drop` waits for.
+    #[arg(long, env = "AGENTMESH_WORKER_CONSUMER", default_value = broker_config::auth::POLICY_WORKER_CONSUMER)]
+    pub worker_consumer: String,
     /// Health and metrics server, log format, OTLP export.
     #[command(flatten)]
     pub ops: telemetry::OpsConfig,
@@ -168,6 +179,8 @@ impl Config {
             stream_max_age_days: None,
             ready_file: None,
             signing_key_file: None,
+            redacted_original: broker_config::RedactedOriginal::Keep,
+            worker_consumer: broker_config::auth::POLICY_WORKER_CONSUMER.to_owned(),
             ops: telemetry::OpsConfig::default(),
         }
     }
@@ -394,22 +407,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     } else {
         tracing::warn!("No signing key (--signing-key-file): no audit checkpoints are written.");
     }
+    let gate = (config.redacted_original == broker_config::RedactedOriginal::Drop).then(|| {
+        originals::Gate::new(
+            &js,
+            &config.worker_consumer,
+            Duration::from_millis(config.ack_wait_ms),
+        )
+    });
     tracker.spawn(pipeline::run::<pipeline::Events>(
         events,
         endpoints.clone(),
         settings.clone(),
+        gate,
         shutdown.clone(),
     ));
     tracker.spawn(pipeline::run::<pipeline::Decisions>(
         decisions,
         endpoints.clone(),
         settings.clone(),
+        None,
         shutdown.clone(),
     ));
     tracker.spawn(pipeline::run::<pipeline::GpuLeases>(
         gpu,
         endpoints,
         settings,
+        None,
         shutdown.clone(),
     ));
     tracker.close();

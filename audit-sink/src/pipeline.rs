@@ -78,6 +78,8 @@ pub(crate) trait Table: Send + Sync + 'static {
     fn traceparent(_row: &Self::Row) -> Option<schemas::TraceParent> {
         None
     }
+    /// Takes the message's data out of its row (`--redacted-original drop`).
+    fn drop_data(_row: &mut Self::Row) {}
 }
 
 /// `events` from `MESH_INGRESS`.
@@ -92,6 +94,9 @@ impl Table for Events {
     }
     fn traceparent(row: &Self::Row) -> Option<schemas::TraceParent> {
         row.traceparent.parse().ok()
+    }
+    fn drop_data(row: &mut Self::Row) {
+        row.drop_data();
     }
 }
 
@@ -797,11 +802,14 @@ async fn quarantine<R: serde::Serialize>(
     Ok(())
 }
 
-/// Runs one table's pipeline until `shutdown`.
+/// Runs one table's pipeline until `shutdown`. With a `gate` (the
+/// `events` table under `--redacted-original drop`), each message waits for
+/// the policy worker's decision, and the row of one it erased has no data.
 pub(crate) async fn run<T: Table>(
     consumer: jetstream::consumer::Consumer<pull::Config>,
     endpoints: Vec<Endpoint>,
     settings: Settings,
+    mut gate: Option<crate::originals::Gate>,
     shutdown: CancellationToken,
 ) {
     let mut writer = Writer::<T::Row>::new(endpoints, T::TABLE, settings.clone());
@@ -856,12 +864,35 @@ pub(crate) async fn run<T: Table>(
                         Err(_) => Meta { stream: T::STREAM.to_owned(), stream_seq: 0, received_us: 0 },
                     };
                     let (message, acker) = message.split();
-                    let row = T::row(message.subject.as_str(), message.headers.as_ref(), &message.payload, &meta);
+                    let mut dropped = false;
+                    if let Some(gate) = gate.as_mut() {
+                        // What is open goes in before a wait for the worker.
+                        if !gate.decided(meta.stream_seq)
+                            && let Err(e) = writer.commit(true).await
+                        {
+                            // This message stays unacked: it comes again.
+                            if !writer.recover(e, &shutdown, None).await {
+                                break;
+                            }
+                            continue;
+                        }
+                        match gate.erased(meta.stream_seq, &acker, &shutdown).await {
+                            Some(erased) => dropped = erased,
+                            None => break,
+                        }
+                    }
+                    let mut row = T::row(message.subject.as_str(), message.headers.as_ref(), &message.payload, &meta);
                     let trace = T::traceparent(&row);
+                    let payload = if dropped {
+                        T::drop_data(&mut row);
+                        Default::default()
+                    } else {
+                        message.payload
+                    };
                     let origin = Origin {
                         subject: message.subject.to_string(),
                         headers: message.headers,
-                        payload: message.payload,
+                        payload,
                         meta,
                     };
                     writer.push(row, origin, acker, trace).await

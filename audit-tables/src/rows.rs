@@ -36,6 +36,9 @@ impl Meta {
 pub const ENCODING_UTF8: &str = "utf8";
 /// Payloads that are not UTF-8, stored as lowercase hex.
 pub const ENCODING_HEX: &str = "hex";
+/// No data: the original of a redacted delivery, which the policy worker
+/// erased and the audit sink never wrote (`--redacted-original drop`).
+pub const ENCODING_DROPPED: &str = "dropped";
 
 /// A payload as a `String` column: UTF-8 text as is, anything else as hex.
 pub fn encode_bytes(bytes: &[u8]) -> (String, &'static str) {
@@ -82,6 +85,14 @@ fn parse_rfc3339_us(s: &str) -> Option<i64> {
     DateTime::parse_from_rfc3339(s.trim())
         .ok()
         .map(|t| t.with_timezone(&Utc).timestamp_micros())
+}
+
+impl EventRow {
+    /// The row without its data (`data_encoding` [`ENCODING_DROPPED`]).
+    pub fn drop_data(&mut self) {
+        self.data = String::new();
+        self.data_encoding = ENCODING_DROPPED.to_owned();
+    }
 }
 
 /// One row of `events`: one ingress event. (`Deserialize` too: `meshctl
@@ -153,6 +164,15 @@ pub enum RebuildError {
         /// What the hex decoder said.
         why: String,
     },
+    /// Its data was dropped (`data_encoding` `dropped`): the original of a
+    /// redacted delivery is kept nowhere, so the event cannot be decided again.
+    #[error(
+        "event `{id}` has no data to replay: it was delivered redacted and its original dropped (--redacted-original drop)"
+    )]
+    Dropped {
+        /// The event id.
+        id: String,
+    },
     /// The attributes do not make a CloudEvent.
     #[error("event `{id}` cannot be rebuilt: {why}")]
     Invalid {
@@ -189,6 +209,11 @@ pub fn rebuild_event(row: &EventRow) -> Result<(HeaderMap, bytes::Bytes), Rebuil
     }
     if !row.subject.is_empty() {
         builder = builder.subject(row.subject.clone());
+    }
+    if row.data_encoding == ENCODING_DROPPED {
+        return Err(RebuildError::Dropped {
+            id: row.event_id.clone(),
+        });
     }
     let data = if row.data_encoding == ENCODING_HEX {
         hex::decode(&row.data).map_err(|e| RebuildError::BadHex {

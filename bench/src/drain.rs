@@ -25,6 +25,12 @@
 //! each target once, in an order that rotates from run to run, and the
 //! summary gives medians and the spread. CPU is per process over the drain: the target, nats-server,
 //! the audit sink and ClickHouse, in µs per event. Never fails on timing.
+//!
+//! `--method outside` (module `outside`) measures the same targets as issue
+//! 34 did from outside: one nats-server for the whole sitting, each target
+//! stopped (SIGSTOP) while its backlog is preloaded, then resumed, and timed
+//! by JetStream's timestamps from the first to the last delivery stored;
+//! `--method fresh,outside` runs both and prints them side by side.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -39,6 +45,8 @@ use futures::stream::FuturesUnordered;
 use schemas::subjects;
 
 use crate::{Service, forwarder, generate_policies, procstat, sibling};
+
+mod outside;
 
 /// Options of `mesh-bench drain`.
 #[derive(Debug, clap::Args)]
@@ -76,6 +84,35 @@ pub(crate) struct DrainArgs {
     /// run drains each target under both, alternating which goes first).
     #[arg(long, value_delimiter = ',', default_value = "always")]
     durability: Vec<Durability>,
+    /// How each drain is set up and timed: `fresh` (a fresh nats-server per
+    /// drain, the target started on the preloaded backlog, timed from its
+    /// start until its consumer has nothing pending or unacked) and/or
+    /// `outside` (one nats-server for the sitting, the target stopped with
+    /// SIGSTOP during the preload and resumed, timed from the first to the
+    /// last delivery stored; the mesh until every decision row is
+    /// queryable).
+    #[arg(long, value_delimiter = ',', default_value = "fresh")]
+    method: Vec<Method>,
+}
+
+/// How a drain is set up and timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Method {
+    Fresh,
+    Outside,
+}
+
+impl Method {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Fresh => {
+                "fresh nats-server per drain, from the target's start until its consumer is drained"
+            }
+            Self::Outside => {
+                "outside: one nats-server per setting, target SIGSTOPped while preloaded, first → last delivery stored (mesh: resume → every decision row queryable)"
+            }
+        }
+    }
 }
 
 /// The `sync_interval` the bench's nats-server runs with.
@@ -528,6 +565,9 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
     if args.targets.is_empty() || args.runs == 0 {
         bail!("nothing to run: give --targets and --runs");
     }
+    if args.method.is_empty() {
+        bail!("nothing to run: give --method fresh, outside or both");
+    }
     let clickhouse = if args.targets.contains(&Kind::Mesh) {
         Some(testkit::ClickHouseServer::start().await?)
     } else {
@@ -543,7 +583,7 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
         bail!("nothing to run: give --durability always, interval or both");
     }
     println!(
-        "mesh-bench drain: {} events of {} B per backlog, {} runs, each drain on a fresh nats-server ({}; sync_interval {}), policies `{}`{}{}",
+        "mesh-bench drain: {} events of {} B per backlog, {} runs, nats-server {}; sync_interval {}, policies `{}`{}{}",
         args.events,
         args.size,
         args.runs,
@@ -570,68 +610,162 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
             ch.version().await.unwrap_or_default()
         );
     }
-    println!(
-        "{:<4} {:<28} {:<8} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>10} {:>9}",
-        "run",
-        "target",
-        "sync",
-        "events/s",
-        "secs",
-        "target µs",
-        "of it sys",
-        "nats µs",
-        "sink µs",
-        "CH µs",
-        "peak RSS"
-    );
     let bench = Bench {
         me: std::env::current_exe()?,
         policies,
         args,
         clickhouse,
     };
-    let n = bench.args.events;
-    let mut results: Vec<Vec<Drain>> = Vec::new();
-    for run in 0..bench.args.runs {
-        let mut order = bench.args.targets.clone();
-        let shift = run % order.len();
-        order.rotate_left(shift);
-        // Each target under each setting back to back, the setting that
-        // goes first alternating from run to run.
-        let mut settings = bench.args.durability.clone();
-        let shift = run % settings.len();
-        settings.rotate_left(shift);
-        let mut round = Vec::new();
-        for (kind, durability) in order
-            .iter()
-            .flat_map(|&kind| settings.iter().map(move |&d| (kind, d)))
-        {
-            let d = bench.drain(run, kind, durability).await?;
-            println!(
-                "{:<4} {:<28} {:<8} {:>10.0} {:>8.2} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>5.1} MiB{}",
-                run + 1,
-                kind.label(),
-                durability.as_str(),
-                d.rate(n),
-                d.seconds,
-                d.target_cpu_us,
-                d.target_sys_us,
-                d.nats_cpu_us,
-                d.sink_cpu_us,
-                d.clickhouse_cpu_us,
-                d.rss_mib,
-                if kind == Kind::Mesh {
-                    format!(" (worker done at {:.2} s)", d.target_seconds)
-                } else {
-                    String::new()
-                }
-            );
-            round.push(d);
-        }
-        results.push(round);
+    let mut sittings = Vec::new();
+    for &method in &bench.args.method {
+        println!("\n== method {}", method.label());
+        println!(
+            "{:<4} {:<28} {:<8} {:>10} {:>8} {:>10} {:>8} {:>10} {:>10} {:>10} {:>9}",
+            "run",
+            "target",
+            "sync",
+            "events/s",
+            "secs",
+            "target µs",
+            "of it sys",
+            "nats µs",
+            "sink µs",
+            "CH µs",
+            "peak RSS"
+        );
+        let results = bench.runs(method).await?;
+        sittings.push((method, results));
     }
+    for (method, results) in &sittings {
+        println!(
+            "\n== {}: medians over {} runs (min–max)",
+            method.label(),
+            bench.args.runs
+        );
+        summarize(&bench.args, results);
+    }
+    if sittings.len() > 1 {
+        side_by_side(&bench.args, &sittings);
+    }
+    Ok(())
+}
 
-    println!("\nmedians over {} runs (min–max):", bench.args.runs);
+impl Bench {
+    /// Every run of every target under every setting, by `method`: each
+    /// run in a rotated order of the targets, each target under each
+    /// setting back to back, the setting that goes first alternating from
+    /// run to run.
+    async fn runs(&self, method: Method) -> anyhow::Result<Vec<Vec<Drain>>> {
+        let n = self.args.events;
+        // The outside method's servers: one per setting, for the sitting.
+        let mut brokers = Vec::new();
+        if method == Method::Outside {
+            for &durability in &self.args.durability {
+                brokers.push((durability, Broker::start(durability).await?));
+            }
+        }
+        let mut results: Vec<Vec<Drain>> = Vec::new();
+        for run in 0..self.args.runs {
+            let mut order = self.args.targets.clone();
+            let shift = run % order.len();
+            order.rotate_left(shift);
+            let mut settings = self.args.durability.clone();
+            let shift = run % settings.len();
+            settings.rotate_left(shift);
+            let mut round = Vec::new();
+            for (kind, durability) in order
+                .iter()
+                .flat_map(|&kind| settings.iter().map(move |&d| (kind, d)))
+            {
+                let d = match method {
+                    Method::Fresh => self.drain(run, kind, durability).await?,
+                    Method::Outside => {
+                        let broker = brokers
+                            .iter()
+                            .find(|(d, _)| *d == durability)
+                            .map(|(_, b)| b)
+                            .context("no nats-server for this setting")?;
+                        self.outside(broker, run, kind, durability).await?
+                    }
+                };
+                println!(
+                    "{:<4} {:<28} {:<8} {:>10.0} {:>8.2} {:>10.1} {:>8.1} {:>10.1} {:>10.1} {:>10.1} {:>5.1} MiB{}",
+                    run + 1,
+                    kind.label(),
+                    durability.as_str(),
+                    d.rate(n),
+                    d.seconds,
+                    d.target_cpu_us,
+                    d.target_sys_us,
+                    d.nats_cpu_us,
+                    d.sink_cpu_us,
+                    d.clickhouse_cpu_us,
+                    d.rss_mib,
+                    match (kind, method) {
+                        (Kind::Mesh, Method::Fresh) =>
+                            format!(" (worker done at {:.2} s)", d.target_seconds),
+                        (Kind::Mesh, Method::Outside) =>
+                            format!(" (first → last delivery {:.2} s)", d.target_seconds),
+                        _ => String::new(),
+                    }
+                );
+                round.push(d);
+            }
+            results.push(round);
+        }
+        Ok(results)
+    }
+}
+
+/// Ratios within each run (same sitting), then their median: drain time
+/// of `b` over drain time of `a`, i.e. a's rate over b's.
+fn ratio(
+    results: &[Vec<Drain>],
+    a: (Kind, Durability),
+    b: (Kind, Durability),
+) -> Option<(f64, f64, f64)> {
+    let per_run: Vec<f64> = results
+        .iter()
+        .filter_map(|round| {
+            let x = round
+                .iter()
+                .find(|d| d.kind == a.0 && d.durability == a.1)?;
+            let y = round
+                .iter()
+                .find(|d| d.kind == b.0 && d.durability == b.1)?;
+            Some(y.seconds / x.seconds)
+        })
+        .collect();
+    if per_run.is_empty() {
+        return None;
+    }
+    let (lo, hi) = spread(&per_run);
+    Some((median(per_run), lo, hi))
+}
+
+/// The ratios the summaries print: worker and mesh against the forwarders.
+const RATIOS: [(Kind, Kind, &str); 4] = [
+    (
+        Kind::Worker,
+        Kind::Raw2,
+        "policy worker / 2-write forwarder",
+    ),
+    (
+        Kind::Worker,
+        Kind::Raw1,
+        "policy worker / 1-write forwarder",
+    ),
+    (
+        Kind::Mesh,
+        Kind::Raw1,
+        "worker + sink (end to end) / 1-write forwarder",
+    ),
+    (Kind::Raw2, Kind::Raw1, "2-write / 1-write forwarder"),
+];
+
+/// Medians and spreads of one method's runs, and the ratios run by run.
+fn summarize(args: &DrainArgs, results: &[Vec<Drain>]) {
+    let n = args.events;
     let of = |kind: Kind, durability: Durability| -> Vec<Drain> {
         results
             .iter()
@@ -640,8 +774,8 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
             .copied()
             .collect()
     };
-    for &durability in &bench.args.durability {
-        for &kind in &bench.args.targets {
+    for &durability in &args.durability {
+        for &kind in &args.targets {
             let ds = of(kind, durability);
             let rates: Vec<f64> = ds.iter().map(|d| d.rate(n)).collect();
             let (lo, hi) = spread(&rates);
@@ -663,47 +797,9 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
             );
         }
     }
-    // Ratios within each run (same sitting), then their median: drain
-    // time of `b` over drain time of `a`, i.e. a's rate over b's.
-    let ratio = |a: (Kind, Durability), b: (Kind, Durability)| -> Option<(f64, f64, f64)> {
-        let per_run: Vec<f64> = results
-            .iter()
-            .filter_map(|round| {
-                let x = round
-                    .iter()
-                    .find(|d| d.kind == a.0 && d.durability == a.1)?;
-                let y = round
-                    .iter()
-                    .find(|d| d.kind == b.0 && d.durability == b.1)?;
-                Some(y.seconds / x.seconds)
-            })
-            .collect();
-        if per_run.is_empty() {
-            return None;
-        }
-        let (lo, hi) = spread(&per_run);
-        Some((median(per_run), lo, hi))
-    };
-    for &durability in &bench.args.durability {
-        for (a, b, what) in [
-            (
-                Kind::Worker,
-                Kind::Raw2,
-                "policy worker / 2-write forwarder",
-            ),
-            (
-                Kind::Worker,
-                Kind::Raw1,
-                "policy worker / 1-write forwarder",
-            ),
-            (
-                Kind::Mesh,
-                Kind::Raw1,
-                "worker + sink (end to end) / 1-write forwarder",
-            ),
-            (Kind::Raw2, Kind::Raw1, "2-write / 1-write forwarder"),
-        ] {
-            if let Some((m, lo, hi)) = ratio((a, durability), (b, durability)) {
+    for &durability in &args.durability {
+        for (a, b, what) in RATIOS {
+            if let Some((m, lo, hi)) = ratio(results, (a, durability), (b, durability)) {
                 let what = format!("{what} [{durability}]");
                 println!("{what:<58} {m:.2} (per run {lo:.2}–{hi:.2})");
             }
@@ -711,11 +807,60 @@ pub(crate) async fn run(args: DrainArgs) -> anyhow::Result<()> {
     }
     // What fsyncing every write costs each target: its drain rate under
     // `always` over its rate under `interval`, run by run.
-    for &kind in &bench.args.targets {
-        if let Some((m, lo, hi)) = ratio((kind, Durability::Always), (kind, Durability::Interval)) {
+    for &kind in &args.targets {
+        if let Some((m, lo, hi)) = ratio(
+            results,
+            (kind, Durability::Always),
+            (kind, Durability::Interval),
+        ) {
             let what = format!("{}: always / interval", kind.label());
             println!("{what:<58} {m:.2} (per run {lo:.2}–{hi:.2})");
         }
     }
-    Ok(())
+}
+
+/// The two methods' medians and ratios next to each other.
+fn side_by_side(args: &DrainArgs, sittings: &[(Method, Vec<Vec<Drain>>)]) {
+    let n = args.events;
+    println!("\n== the two methods side by side (medians; ratios: median of per-run ratios)");
+    let methods: Vec<&str> = sittings
+        .iter()
+        .map(|(m, _)| match m {
+            Method::Fresh => "fresh",
+            Method::Outside => "outside",
+        })
+        .collect();
+    println!("{:<58} {:>12} {:>12}", "", methods[0], methods[1]);
+    for &durability in &args.durability {
+        for &kind in &args.targets {
+            let rate = |results: &Vec<Vec<Drain>>| {
+                median(
+                    results
+                        .iter()
+                        .flatten()
+                        .filter(|d| d.kind == kind && d.durability == durability)
+                        .map(|d| d.rate(n))
+                        .collect(),
+                )
+            };
+            let what = format!("{} [{durability}], events/s", kind.label());
+            println!(
+                "{what:<58} {:>12.0} {:>12.0}",
+                rate(&sittings[0].1),
+                rate(&sittings[1].1)
+            );
+        }
+        for (a, b, what) in RATIOS {
+            let r = |results: &Vec<Vec<Drain>>| {
+                ratio(results, (a, durability), (b, durability))
+                    .map_or_else(|| "—".to_owned(), |(m, _, _)| format!("{m:.2}"))
+            };
+            let what = format!("{what} [{durability}]");
+            println!(
+                "{what:<58} {:>12} {:>12}",
+                r(&sittings[0].1),
+                r(&sittings[1].1)
+            );
+        }
+    }
 }

@@ -13,10 +13,12 @@ mod cache;
 mod drain;
 mod faults;
 mod forwarder;
+mod idle;
 mod load;
 mod mcp;
 mod procstat;
 mod scale;
+mod signwin;
 mod sink;
 
 use std::path::{Path, PathBuf};
@@ -56,6 +58,10 @@ enum Cmd {
     Faults(faults::FaultArgs),
     /// Worker scale-out on a local 3-node NATS cluster (streams at 3 replicas): a backlog drained by 1, 2 and 3 policy-worker replicas.
     Scale(scale::ScaleArgs),
+    /// The worker's backlog drain with 0 / 1,000 / 10,000 idle registered agents (their durables on MESH_DELIVER and MESH_CALL), alternating, on fresh servers.
+    IdleAgents(idle::IdleArgs),
+    /// The policy worker's signing window: sign-batch sizes, signing CPU per event and open-loop latency for several `--sign-window-us`, alternating, on fresh servers.
+    SignWindow(signwin::SignWindowArgs),
     /// Run the raw forwarder (used by `run` as a child process).
     Forward {
         /// NATS server URL.
@@ -130,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Cache(args) => cache::run(args).await,
         Cmd::Agents(args) => agents::run(args).await,
         Cmd::Mcp(args) => mcp::run(args).await,
+        Cmd::IdleAgents(args) => idle::run(args).await,
+        Cmd::SignWindow(args) => signwin::run(args).await,
     }
 }
 

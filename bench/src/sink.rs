@@ -84,7 +84,10 @@ async fn count(ch: &testkit::ClickHouseServer, sql: &str) -> u64 {
 pub(crate) async fn run(args: SinkArgs) -> anyhow::Result<()> {
     let nats = testkit::NatsServer::start().await?;
     let ch = testkit::ClickHouseServer::start().await?;
-    let js = jetstream::new(nats.connect().await?);
+    let mut js = jetstream::new(nats.connect().await?);
+    // With every write fsynced on a busy disk, the backlog's 2,048 open
+    // publishes wait longer than the client's default 5 s for their acks.
+    js.set_timeout(crate::ACK_TIMEOUT);
     broker_config::apply(&js, &broker_config::Options::default()).await?;
     let me = std::env::current_exe()?;
     let sink_cmd = || -> anyhow::Result<Command> {

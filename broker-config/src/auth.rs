@@ -166,8 +166,28 @@ pub struct Grants {
 /// The JetStream API prefix every account imports from `MESH`.
 const JS_API: &str = "$JS.API.>";
 
-/// The grants of `principal`: the per-role templates, filled in.
+/// The grants of `principal`: the per-role templates, filled in, for a
+/// mesh that keeps the originals of redacted deliveries (the default).
 pub fn grants(principal: &Principal) -> Grants {
+    grants_with(principal, crate::RedactedOriginal::Keep)
+}
+
+/// [`grants`] for a mesh whose policy worker does `redacted_original` with
+/// the original of a redacted delivery: to drop it, the worker may delete
+/// (erase) a message of `MESH_INGRESS`, which it may not otherwise.
+pub fn grants_with(principal: &Principal, redacted_original: crate::RedactedOriginal) -> Grants {
+    let mut g = role_grants(principal);
+    if principal.role == Role::PolicyWorker && redacted_original == crate::RedactedOriginal::Drop {
+        g.publish.push(format!(
+            "$JS.API.STREAM.MSG.DELETE.{}",
+            subjects::STREAM_INGRESS
+        ));
+    }
+    g
+}
+
+/// The per-role templates, filled in.
+fn role_grants(principal: &Principal) -> Grants {
     let name = principal.name.as_str();
     let info = |stream: &str| format!("$JS.API.STREAM.INFO.{stream}");
     let kv_agents = format!("KV_{}", subjects::BUCKET_AGENTS);
@@ -267,6 +287,15 @@ pub fn grants(principal: &Principal) -> Grants {
                 format!("$JS.API.STREAM.MSG.GET.{}", subjects::STREAM_AUDIT),
             ]);
             service_imports.push(format!("$JS.ACK.{decision}.{chain}.>"));
+            // `--redacted-original drop`: the worker's progress on
+            // MESH_INGRESS, and whether it erased a message there.
+            publish.extend([
+                format!(
+                    "$JS.API.CONSUMER.INFO.{}.{POLICY_WORKER_CONSUMER}",
+                    subjects::STREAM_INGRESS
+                ),
+                format!("$JS.API.STREAM.MSG.GET.{}", subjects::STREAM_INGRESS),
+            ]);
             service_imports.push(subjects::AUDIT_CHECKPOINTS.to_owned());
             Grants {
                 account: "AUDIT".to_owned(),
@@ -494,6 +523,14 @@ pub fn validate(principals: &[Principal]) -> Result<(), AuthError> {
 /// The `accounts { … }` block for these principals (JSON syntax, which
 /// nats-server's config format accepts).
 pub fn render_accounts(principals: &[Principal]) -> Result<Value, AuthError> {
+    render_accounts_with(principals, crate::RedactedOriginal::Keep)
+}
+
+/// [`render_accounts`] with the grants of [`grants_with`].
+pub fn render_accounts_with(
+    principals: &[Principal],
+    redacted_original: crate::RedactedOriginal,
+) -> Result<Value, AuthError> {
     validate(principals)?;
     let mut mesh_users = Vec::new();
     let mut mesh_exports = vec![json!({"service": JS_API, "response_type": "stream"})];
@@ -503,7 +540,7 @@ pub fn render_accounts(principals: &[Principal]) -> Result<Value, AuthError> {
     let mut sorted: Vec<&Principal> = principals.iter().collect();
     sorted.sort_by(|a, b| (a.role, &a.name).cmp(&(b.role, &b.name)));
     for p in sorted {
-        let g = grants(p);
+        let g = grants_with(p, redacted_original);
         let user = user_entry(p, &g);
         if g.account == MESH_ACCOUNT {
             mesh_users.push(user);
@@ -578,6 +615,9 @@ pub struct ServerConfig {
     pub http_port: Option<u16>,
     /// Whether JetStream fsyncs every write before acknowledging it.
     pub durability: crate::server::Durability,
+    /// What the policy worker does with the original of a redacted
+    /// delivery (to drop it, it may erase it from `MESH_INGRESS`).
+    pub redacted_original: crate::RedactedOriginal,
 }
 
 /// One node of a nats-server cluster with JetStream (every node names the
@@ -630,7 +670,7 @@ pub fn render_server_config(config: &ServerConfig) -> Result<String, AuthError> 
         );
     }
     if let Some(principals) = &config.principals {
-        let accounts = render_accounts(principals)?;
+        let accounts = render_accounts_with(principals, config.redacted_original)?;
         let text = serde_json::to_string_pretty(&accounts).unwrap_or_default();
         let _ = writeln!(out, "accounts: {text}");
     }
@@ -806,6 +846,7 @@ mod tests {
             cluster: None,
             http_port: None,
             durability: crate::server::Durability::Always,
+            redacted_original: crate::RedactedOriginal::Keep,
         })
         .unwrap();
         assert!(text.contains("listen: \"127.0.0.1:4222\""), "{text}");
@@ -851,6 +892,7 @@ mod tests {
             }),
             http_port: Some(8223),
             durability: crate::server::Durability::Interval,
+            redacted_original: crate::RedactedOriginal::Keep,
         })
         .unwrap();
         assert!(

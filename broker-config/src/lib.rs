@@ -84,6 +84,50 @@ impl Options {
     }
 }
 
+/// What becomes of the original of an event that an `@redact` allow
+/// delivered redacted (`docs/guardrails.md`, "Redaction"): the policy
+/// worker and the audit sink read the same setting
+/// (`AGENTMESH_REDACTED_ORIGINAL`), and both must say the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RedactedOriginal {
+    /// The original stays in `MESH_INGRESS` (until its `max_age`) and the
+    /// audit's `events` row keeps it whole.
+    #[default]
+    Keep,
+    /// Kept nowhere: the worker erases it from `MESH_INGRESS` once the
+    /// redacted copies are stored, and the audit sink writes no event row
+    /// before the worker decided the event, so the row of an erased event
+    /// has no data.
+    Drop,
+}
+
+impl RedactedOriginal {
+    /// The environment variable both services read it from.
+    pub const ENV: &'static str = "AGENTMESH_REDACTED_ORIGINAL";
+
+    /// The setting of [`RedactedOriginal::ENV`] in this process's
+    /// environment (unset or empty: `keep`).
+    ///
+    /// # Errors
+    /// The variable holds something else than `keep` or `drop`.
+    pub fn from_env() -> Result<Self, String> {
+        let value = std::env::var(Self::ENV).unwrap_or_default();
+        match value.trim() {
+            "" => Ok(Self::Keep),
+            v => <Self as clap::ValueEnum>::from_str(v, true)
+                .map_err(|_| format!("{} is `{v}`: say `keep` or `drop`", Self::ENV)),
+        }
+    }
+
+    /// Its name as the flag takes it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Keep => "keep",
+            Self::Drop => "drop",
+        }
+    }
+}
+
 /// What [`apply`] did to one stream or bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {

@@ -38,6 +38,8 @@ pub struct GuardMeta {
     reads_counters: bool,
     provides_workflow: bool,
     reads_workflow: bool,
+    /// A policy reads an attribute named `steps` (`context.workflow.steps`).
+    reads_steps: bool,
     /// `flows.toml` declares labels (set by the bundle after loading it).
     pub(crate) keeps_labels: bool,
     approval_policies: BTreeSet<String>,
@@ -88,6 +90,7 @@ impl GuardMeta {
             meta.reads_counters |=
                 json.contains(r#""attr":"rate""#) || json.contains(r#""attr":"budget""#);
             meta.reads_workflow |= json.contains(r#""attr":"workflow""#);
+            meta.reads_steps |= json.contains(r#""attr":"steps""#);
             if let Some(value) = policy.annotation(REDACT_ANNOTATION) {
                 if policy.effect() != Effect::Permit {
                     return Err((
@@ -133,6 +136,13 @@ impl GuardMeta {
     /// record is read from KV).
     pub fn reads_workflow(&self) -> bool {
         self.reads_workflow && self.provides_workflow
+    }
+
+    /// Whether a policy reads `context.workflow.steps`: the worker then
+    /// writes the workflow's record on every allowed step (to count it),
+    /// else only when a step adds a label.
+    pub fn counts_steps(&self) -> bool {
+        self.reads_steps && self.reads_workflow()
     }
 
     /// Whether the worker reads (and keeps) the workflow's label record:

@@ -4,9 +4,11 @@
 //!
 //! Before a decision the worker reads the record (one KV read, only when
 //! the policy sets keep labels: `flows.toml` declares some or a policy
-//! reads `context.workflow`); after an allow it writes the labels the event
-//! adds and the step with compare-and-set, re-reading on a conflict, before
-//! the event's delivery is published. A record that was purged or deleted
+//! reads `context.workflow`); after an allow that adds a label it writes
+//! the labels and the step with compare-and-set, re-reading on a conflict,
+//! before the event's delivery is published. An allow that adds no label
+//! writes nothing, unless a policy reads `context.workflow.steps` (then
+//! every allowed step is written, to be counted). A record that was purged or deleted
 //! (its last entry is a delete marker) is lost: the decision sees every
 //! declared label and the record is written back with all of them (fail
 //! closed); a read that fails is treated the same way. A replica decides
@@ -20,6 +22,11 @@ use async_nats::jetstream::kv;
 use policy_engine::{FlowRules, FlowState};
 use schemas::flows::{FlowRecord, LabelOrigin, key};
 use tokio::sync::{Mutex, OwnedMutexGuard};
+
+/// A record that no step wrote for this long is written by the next
+/// allowed step even when it adds no label, so that it stays `max_age`
+/// (at least a day) after the workflow's last step, not its last label.
+const REFRESH_SECS: i64 = 3600;
 
 /// How often a conflicting write is retried before the event is nakked.
 const ATTEMPTS: usize = 8;
@@ -46,6 +53,8 @@ pub(crate) struct Seen {
     record: FlowRecord,
     /// The revision to write against (0: never written).
     revision: u64,
+    /// When that revision was written (Unix seconds; 0: never).
+    written: i64,
     turn: Option<OwnedMutexGuard<()>>,
 }
 
@@ -79,7 +88,11 @@ impl Flows {
             Ok(None) => Seen::of(FlowRecord::default(), 0, rules),
             Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
                 match serde_json::from_slice::<FlowRecord>(&entry.value) {
-                    Ok(record) => Seen::of(record, entry.revision, rules),
+                    Ok(record) => {
+                        let mut seen = Seen::of(record, entry.revision, rules);
+                        seen.written = entry.created.unix_timestamp();
+                        seen
+                    }
                     Err(error) => {
                         tracing::warn!(%trace, %error, "Workflow label record unreadable; treating it as lost (fail closed).");
                         Seen::lost(rules, entry.revision)
@@ -107,7 +120,18 @@ impl Flows {
         mut seen: Seen,
         adds: &std::collections::BTreeSet<String>,
         origin: &LabelOrigin,
+        count_steps: bool,
     ) -> Result<Vec<String>, FlowError> {
+        // Nothing to store: no new label, no step count a policy reads, and
+        // a record that is not lost (a lost one is written back as such).
+        if !count_steps
+            && !seen.record.lost
+            && seen.revision != u64::MAX
+            && (seen.revision == 0 || chrono::Utc::now().timestamp() - seen.written < REFRESH_SECS)
+            && adds.iter().all(|l| seen.record.labels.contains_key(l))
+        {
+            return Ok(Vec::new());
+        }
         for _ in 0..ATTEMPTS {
             if seen.revision == u64::MAX {
                 // The read failed: do not guess a revision, read again.
@@ -183,6 +207,7 @@ impl Seen {
             state,
             record,
             revision,
+            written: 0,
             turn: None,
         }
     }
@@ -203,6 +228,7 @@ impl Seen {
             state,
             record,
             revision,
+            written: 0,
             turn: None,
         }
     }

@@ -144,7 +144,14 @@ impl Runtime {
         };
         let trace = event.trace.trace_id_hex();
         self.flows
-            .add(bundle.flows(), &trace, seen, &adds, &origin)
+            .add(
+                bundle.flows(),
+                &trace,
+                seen,
+                &adds,
+                &origin,
+                bundle.guard().counts_steps(),
+            )
             .await
     }
 

@@ -55,6 +55,9 @@ pub const DEFAULT_BATCH: usize = 256;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 512;
 /// Default most decisions signed under one Merkle root.
 pub const DEFAULT_SIGN_BATCH: usize = 256;
+/// Default longest time the signer collects decisions for one signature,
+/// in microseconds.
+pub const DEFAULT_SIGN_WINDOW_US: u64 = 1_000;
 /// Default JetStream ack wait, in seconds.
 pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
 /// Default wait of a parked event for its approval, in seconds.
@@ -122,6 +125,12 @@ pub struct Config {
     /// Milliseconds a call of a cacheable tool waits for an identical call's result already in flight.
     #[arg(long, env = "AGENTMESH_CACHE_FLIGHT_WAIT_MS", default_value_t = DEFAULT_CACHE_FLIGHT_WAIT_MS)]
     pub cache_flight_wait_ms: u64,
+    /// What becomes of the original of a redacted delivery: `keep` (in
+    /// `MESH_INGRESS` and the audit's `events` row) or `drop` (erased from
+    /// `MESH_INGRESS` once the redacted copies are stored; give the audit
+    /// sink the same setting).
+    #[arg(long, env = "AGENTMESH_REDACTED_ORIGINAL", value_enum, default_value_t = broker_config::RedactedOriginal::Keep)]
+    pub redacted_original: broker_config::RedactedOriginal,
     /// How long in-flight events may take to finish at shutdown (no flag).
     #[arg(skip = DEFAULT_GRACE)]
     pub grace: Duration,
@@ -145,6 +154,13 @@ pub struct Config {
     /// waits alone is signed alone. `1` signs every decision alone.
     #[arg(long, env = "AGENTMESH_SIGN_BATCH", default_value_t = DEFAULT_SIGN_BATCH)]
     pub sign_batch: usize,
+    /// Longest time the signer keeps collecting decisions after the first
+    /// of a batch, in microseconds (closed early by a full batch): what a
+    /// decision may wait for others to share its signature. `0` signs
+    /// whatever is waiting at once. Tokio's timer rounds it up to whole
+    /// milliseconds.
+    #[arg(long, env = "AGENTMESH_SIGN_WINDOW_US", default_value_t = DEFAULT_SIGN_WINDOW_US)]
+    pub sign_window_us: u64,
 }
 
 impl Default for Config {
@@ -165,11 +181,13 @@ impl Default for Config {
             shadow_policies: None,
             approval_timeout_secs: DEFAULT_APPROVAL_TIMEOUT_SECS,
             cache_flight_wait_ms: DEFAULT_CACHE_FLIGHT_WAIT_MS,
+            redacted_original: broker_config::RedactedOriginal::Keep,
             grace: DEFAULT_GRACE,
             ops: telemetry::OpsConfig::default(),
             signing_key_file: None,
             signing_key: None,
             sign_batch: DEFAULT_SIGN_BATCH,
+            sign_window_us: DEFAULT_SIGN_WINDOW_US,
         }
     }
 }
@@ -331,7 +349,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         )?)),
         (None, None) => None,
     };
-    let sealer = signing::Sealer::start(key, &js, config.sign_batch, metrics.clone()).await;
+    let sealer = signing::Sealer::start(
+        key,
+        &js,
+        config.sign_batch,
+        Duration::from_micros(config.sign_window_us),
+        metrics.clone(),
+    )
+    .await;
     let counters = limits::Counters::kv(bucket(schemas::subjects::BUCKET_LIMITS).await?);
     let approvals = Arc::new(approval::Approvals::new(
         js.clone(),

@@ -7,15 +7,19 @@
 //! waits; the signer takes whatever is queued, up to the configured batch
 //! size, and signs it at once — a decision that waited alone gets its own
 //! signature (`Mesh-Signature`), two or more a Merkle root signed once and
-//! an inclusion proof each (`Mesh-Batch-*`). No decision waits on a timer
-//! for others to arrive: woken by the first, the signer yields once so the
-//! events already runnable reach their signing point too, then signs what
-//! is queued. At low load nothing else is runnable and every batch is one;
-//! under load the Ed25519 signature is shared by up to the batch size
-//! (`agentmesh.worker.sign.batch` shows the sizes). Everything else here
-//! runs at start.
+//! an inclusion proof each (`Mesh-Batch-*`). Woken by the first decision,
+//! the signer yields once so the events already runnable reach their
+//! signing point too, then — with a collection window (`--sign-window-us`)
+//! — keeps collecting until the window since that first decision is over
+//! or the batch is full, and signs what it has. So no decision waits
+//! longer than the window (plus the timer's granularity, about a
+//! millisecond) for others, and under a steady trickle of events the
+//! Ed25519 signature is still shared (`agentmesh.worker.sign.batch` shows
+//! the sizes). A window of 0 signs whatever is queued after the yield.
+//! Everything else here runs at start.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
@@ -42,16 +46,22 @@ impl Sealer {
     /// broker without authorization lets it (a development stack); with
     /// authorization recipients refuse its deliveries until the operator
     /// adds the key (`meshctl signers add`). With `batch` above 1 the
-    /// signer task starts.
+    /// signer task starts, collecting decisions for up to `window`.
     pub(crate) async fn start(
         key: Option<Arc<SigningKey>>,
         js: &jetstream::Context,
         batch: usize,
+        window: Duration,
         metrics: telemetry::WorkerMetrics,
     ) -> Self {
         let key = match key {
             Some(key) => {
-                tracing::info!(signer = key.public_key(), batch, "Signing decisions.");
+                tracing::info!(
+                    signer = key.public_key(),
+                    batch,
+                    window_us = window.as_micros() as u64,
+                    "Signing decisions."
+                );
                 key
             }
             None => {
@@ -60,18 +70,26 @@ impl Sealer {
                 key
             }
         };
-        Self::new(key, batch, metrics)
+        Self::new(key, batch, window, metrics)
     }
 
-    /// Signs with `key`, up to `batch` decisions at once.
+    /// Signs with `key`, up to `batch` decisions at once, collected for up
+    /// to `window` after the first.
     pub(crate) fn new(
         key: Arc<SigningKey>,
         batch: usize,
+        window: Duration,
         metrics: telemetry::WorkerMetrics,
     ) -> Self {
         let queue = (batch > 1).then(|| {
             let (queue, requests) = mpsc::channel(batch * 4);
-            tokio::spawn(signer(key.clone(), requests, batch, metrics.clone()));
+            tokio::spawn(signer(
+                key.clone(),
+                requests,
+                batch,
+                window,
+                metrics.clone(),
+            ));
             queue
         });
         Self {
@@ -135,22 +153,22 @@ impl Sealer {
 }
 
 /// The signer task: waits for a decision, lets the tasks already runnable
-/// run, takes every decision queued by then (up to `batch` in all) and
-/// signs them together.
+/// run, collects what comes within `window` of the first (up to `batch` in
+/// all) and signs them together.
 async fn signer(
     key: Arc<SigningKey>,
     mut requests: mpsc::Receiver<Request>,
     batch: usize,
+    window: Duration,
     metrics: telemetry::WorkerMetrics,
 ) {
     let mut waiting = Vec::with_capacity(batch);
     while requests.recv_many(&mut waiting, batch).await > 0 {
+        let deadline = tokio::time::Instant::now() + window;
         // The first decision's task woke this one, which the runtime runs
         // next on the same thread: signing now would sign that decision
         // alone while the other events in flight are a step behind. One
-        // yield lets them reach their signing point first; when nothing
-        // else is runnable it returns at once, so no decision waits on a
-        // timer.
+        // yield lets them reach their signing point first.
         if waiting.len() < batch {
             tokio::task::yield_now().await;
             while waiting.len() < batch {
@@ -158,6 +176,16 @@ async fn signer(
                     Ok(request) => waiting.push(request),
                     Err(_) => break,
                 }
+            }
+        }
+        // Then the window: decisions arriving until it closes share the
+        // signature; a full batch closes it early. Bounded, so a lone
+        // decision waits the window and no longer.
+        while waiting.len() < batch && !window.is_zero() {
+            let room = batch - waiting.len();
+            match tokio::time::timeout_at(deadline, requests.recv_many(&mut waiting, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
             }
         }
         metrics.signed(waiting.len());
@@ -303,7 +331,12 @@ mod tests {
             revoked_at: String::new(),
         }]);
         let metrics = telemetry::Metrics::local("test");
-        let sealer = Sealer::new(key.clone(), 64, telemetry::WorkerMetrics::new(&metrics));
+        let sealer = Sealer::new(
+            key.clone(),
+            64,
+            Duration::ZERO,
+            telemetry::WorkerMetrics::new(&metrics),
+        );
         let tasks: Vec<_> = (0..500)
             .map(|i| {
                 let sealer = sealer.clone();
@@ -331,10 +364,140 @@ mod tests {
         );
 
         // A batch size of 1 signs each alone, on the caller's task.
-        let alone = Sealer::new(key, 1, telemetry::WorkerMetrics::new(&metrics));
+        let alone = Sealer::new(
+            key,
+            1,
+            Duration::from_secs(60),
+            telemetry::WorkerMetrics::new(&metrics),
+        );
         let mut r = receipt(0);
         alone.seal(&mut r, b"{}").await.unwrap();
         assert!(!r.signature.is_empty() && r.batch_signature.is_empty());
         assert_eq!(signers.verify_receipt(&r), Ok(()));
+    }
+
+    fn signers_of(key: &SigningKey) -> Signers {
+        Signers::new([SignerRecord {
+            public_key: key.public_key().to_owned(),
+            name: "w".into(),
+            status: SignerStatus::Active,
+            added_at: String::new(),
+            retired_at: String::new(),
+            revoked_at: String::new(),
+        }])
+    }
+
+    /// Decisions trickling in about one per millisecond, as at 1,000
+    /// events/s with nothing else in flight: with a 20 ms window they share
+    /// signatures (each alone without one), every one verifies, and none
+    /// waits for ever.
+    #[tokio::test]
+    async fn a_window_fills_batches_from_a_trickle_and_bounds_the_wait() {
+        let key = Arc::new(SigningKey::generate());
+        let signers = signers_of(&key);
+        let metrics = telemetry::Metrics::local("test");
+        let window = Duration::from_millis(20);
+        let sealer = Sealer::new(
+            key.clone(),
+            256,
+            window,
+            telemetry::WorkerMetrics::new(&metrics),
+        );
+        let trickle = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let sealer = sealer.clone();
+            tasks.push(tokio::spawn(async move {
+                let asked = std::time::Instant::now();
+                let mut r = receipt(i);
+                sealer
+                    .seal(&mut r, b"{}")
+                    .await
+                    .map(|()| (r, asked.elapsed()))
+            }));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for task in tasks {
+            let (r, waited) = task.await.unwrap().unwrap();
+            assert_eq!(signers.verify_receipt(&r), Ok(()), "{r:?}");
+            // Generous for a busy machine; a decision left waiting for a
+            // full batch would wait for ever.
+            assert!(
+                waited < window + Duration::from_secs(2),
+                "a decision waited {waited:?} with a {window:?} window"
+            );
+        }
+        let took = trickle.elapsed();
+        let (signatures, decisions) = signatures(&metrics);
+        assert_eq!(decisions, 200);
+        // One signature per window the trickle lasted (sleeps of 1 ms last
+        // 1–2 ms, longer on a busy machine: 10–20 decisions a window), and
+        // at least two decisions a signature in any case.
+        let windows = (took.as_secs_f64() / window.as_secs_f64()).ceil() as u64;
+        assert!(
+            signatures <= windows + 5 && signatures < 100,
+            "200 decisions over {took:?}, about one a millisecond, took {signatures} signatures with a {window:?} window"
+        );
+    }
+
+    /// A lone decision is signed once the window is over (no hang waiting
+    /// for company), on its own; a full batch does not wait for the window.
+    #[tokio::test]
+    async fn a_lone_decision_is_signed_after_the_window_and_a_full_batch_at_once() {
+        let key = Arc::new(SigningKey::generate());
+        let signers = signers_of(&key);
+        let metrics = telemetry::Metrics::local("test");
+        let window = Duration::from_millis(50);
+        let sealer = Sealer::new(
+            key.clone(),
+            8,
+            window,
+            telemetry::WorkerMetrics::new(&metrics),
+        );
+        let asked = std::time::Instant::now();
+        let mut r = receipt(0);
+        sealer.seal(&mut r, b"{}").await.unwrap();
+        let waited = asked.elapsed();
+        assert!(
+            waited >= window && waited < window + Duration::from_secs(2),
+            "a lone decision waited {waited:?} with a {window:?} window"
+        );
+        assert!(
+            !r.signature.is_empty() && r.batch_signature.is_empty(),
+            "{r:?}"
+        );
+        assert_eq!(signers.verify_receipt(&r), Ok(()));
+
+        // Eight at once fill the batch: signed without waiting an hour.
+        let long = Sealer::new(
+            key,
+            8,
+            Duration::from_secs(3600),
+            telemetry::WorkerMetrics::new(&metrics),
+        );
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let sealer = long.clone();
+                tokio::spawn(async move {
+                    let mut r = receipt(i);
+                    sealer.seal(&mut r, b"{}").await.map(|()| r)
+                })
+            })
+            .collect();
+        let all = async {
+            for task in tasks {
+                let r = task.await.unwrap().unwrap();
+                assert_eq!(signers.verify_receipt(&r), Ok(()), "{r:?}");
+                assert_eq!(
+                    r.batch_proof.split('.').nth(1),
+                    Some("8"),
+                    "{}",
+                    r.batch_proof
+                );
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), all)
+            .await
+            .expect("a full batch waited for its window");
     }
 }

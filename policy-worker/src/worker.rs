@@ -83,6 +83,9 @@ pub(crate) struct Worker {
     sealer: Sealer,
     /// The last message stored per stream, checked for losses.
     pub(crate) watermarks: Arc<Watermarks>,
+    /// Whether the originals of redacted deliveries are erased from
+    /// `MESH_INGRESS` (`--redacted-original drop`).
+    erase_originals: bool,
 }
 
 impl Worker {
@@ -102,7 +105,6 @@ impl Worker {
         sealer: Sealer,
     ) -> Arc<Self> {
         Arc::new(Self {
-            js,
             policies,
             guard,
             cache,
@@ -115,6 +117,8 @@ impl Worker {
             calls,
             sealer,
             watermarks: Arc::default(),
+            erase_originals: config.redacted_original == broker_config::RedactedOriginal::Drop,
+            js,
         })
     }
 
@@ -238,6 +242,12 @@ impl Worker {
             ),
             Settle::Retry => None,
         };
+        let stored = match stored {
+            Some(Ok(())) if self.erase_originals && !receipt.redacted.is_empty() => {
+                Some(erase_original(&self.js, read.seq, &receipt).await)
+            }
+            stored => stored,
+        };
         self.settle(message, stored, plan.published, &receipt).await;
     }
 
@@ -280,7 +290,10 @@ impl Worker {
         // denied call never touches it, a parked one is released later.
         let mut answer = None;
         if let (Ok(event), Some(_), false) = (&read.event, &target, park) {
-            answer = self.consult_cache(&bundle, event, &mut receipt).await;
+            let storable = redacted.is_none();
+            answer = self
+                .consult_cache(&bundle, event, storable, &mut receipt)
+                .await;
         }
         receipt.decided_at =
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
@@ -341,11 +354,14 @@ impl Worker {
 
     /// Asks the cache about an allowed, routed event: records `miss`,
     /// `bypass`, `hit` or `stored` on the receipt and returns the cached
-    /// answer of a hit.
+    /// answer of a hit. A result that is not `storable` (delivered
+    /// redacted: the cache would keep and serve its original) ends its
+    /// call's flight without being stored.
     async fn consult_cache(
         &self,
         bundle: &PolicyBundle,
         event: &MeshEvent,
+        storable: bool,
         receipt: &mut DecisionReceipt,
     ) -> Option<plan::Outgoing> {
         let rules = bundle.cache();
@@ -362,7 +378,7 @@ impl Worker {
                 answer = Some(hit.message(event, receipt));
             }
         }
-        if let Some(source) = self.cache.fill(rules, event).await {
+        if let Some(source) = self.cache.fill(rules, event, storable).await {
             receipt.cache = Some(schemas::CacheStatus::Stored);
             receipt.cache_source = Some(source);
         }
@@ -452,6 +468,29 @@ impl Worker {
         let _ = message
             .ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
             .await;
+    }
+}
+
+/// Erases the original of a redacted event from `MESH_INGRESS` (its
+/// redacted copies are stored): `Err` leaves the event unacked, so it comes
+/// again, is decided again (the copies collapse by their ids) and erased then.
+async fn erase_original(
+    js: &jetstream::Context,
+    seq: u64,
+    receipt: &DecisionReceipt,
+) -> Result<(), async_nats::Error> {
+    // A handle only: nothing is asked of the broker until the delete.
+    let ingress = js.get_stream_no_info(subjects::STREAM_INGRESS).await?;
+    match ingress.delete_message(seq).await {
+        Ok(_) => {
+            tracing::debug!(event_id = %receipt.event_id, seq, "Original of a redacted event erased from MESH_INGRESS.");
+            Ok(())
+        }
+        // Erased already (a redelivery after the erase, before the ack).
+        Err(e) if matches!(e.kind(), jetstream::stream::DeleteMessageErrorKind::JetStream(ref j) if j.error_code() == jetstream::ErrorCode::NO_MESSAGE_FOUND) => {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -40,6 +40,9 @@ pub struct SecureNats {
     /// The `server_name` in its config: readiness checks it, so a server of
     /// another test on the same port cannot pass for this one.
     name: String,
+    /// What the services are told to do with redacted originals (the
+    /// worker's grants follow it).
+    redacted_original: broker_config::RedactedOriginal,
 }
 
 /// Server and client errors a connection received (permission violations
@@ -79,6 +82,15 @@ impl SecureNats {
     /// `agents`; applies the streams and provisions the durables as the
     /// operator.
     pub async fn start(agents: &[&str]) -> anyhow::Result<Self> {
+        Self::start_with(agents, broker_config::RedactedOriginal::Keep).await
+    }
+
+    /// [`SecureNats::start`] with the grants of a mesh whose services do
+    /// `redacted_original` with the originals of redacted deliveries.
+    pub async fn start_with(
+        agents: &[&str],
+        redacted_original: broker_config::RedactedOriginal,
+    ) -> anyhow::Result<Self> {
         let binary = testkit::nats_server_binary()?;
         let mut keys = BTreeMap::new();
         for role in SERVICES {
@@ -95,6 +107,7 @@ impl SecureNats {
             dir: tempfile::tempdir()?,
             keys,
             name: format!("e2e-{}", uuid::Uuid::new_v4().simple()),
+            redacted_original,
         };
         // The port is picked before the server binds it; should another
         // process take it in between, the server exits and gets a new one.
@@ -186,6 +199,7 @@ impl SecureNats {
             cluster: None,
             http_port: None,
             durability: testkit::nats_durability(),
+            redacted_original: self.redacted_original,
         })?;
         let text = format!("{text}\nserver_name: \"{}\"\n", self.name);
         std::fs::write(self.config_path(), text)?;

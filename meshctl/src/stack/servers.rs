@@ -384,6 +384,9 @@ pub(crate) fn write_node_configs(
             cluster,
             http_port: Some(http_port),
             durability: recorded_durability(home),
+            // The services `up` starts inherit the same environment.
+            redacted_original: broker_config::RedactedOriginal::from_env()
+                .map_err(anyhow::Error::msg)?,
         })?;
         let path = store.join("nats-server.conf");
         broker_config::credentials::write_private_file(&path, text.as_bytes())

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::process::Output;
 
+use broker_config::RedactedOriginal;
 use schemas::{Decision, EventBuilder, EventBuilderV10, subjects};
 use serde_json::json;
 use testkit::{Mesh, WAIT, eventually, workspace};
@@ -46,6 +47,12 @@ impl std::ops::Deref for Stack {
 
 impl Stack {
     async fn start(worker: policy_worker::Config, with_sink: bool) -> Self {
+        Self::start_with(worker, with_sink.then_some(RedactedOriginal::Keep)).await
+    }
+
+    /// [`Stack::start`] with an audit sink told `sink` about redacted
+    /// originals (`None`: no sink).
+    async fn start_with(worker: policy_worker::Config, sink: Option<RedactedOriginal>) -> Self {
         let mesh = Mesh::with_clickhouse("guard").await.unwrap();
         let (nats, ch, db) = (&mesh.nats, mesh.ch(), mesh.db().to_owned());
         let tmp = tempfile::tempdir().unwrap();
@@ -64,9 +71,10 @@ impl Stack {
             policy_worker::run(config, token).await.unwrap();
         }));
         ready.push(worker_ready);
-        if with_sink {
+        if let Some(redacted_original) = sink {
             let sink_ready = tmp.path().join("sink.ready");
             let mut sink = audit_sink::Config::new(nats.url(), ch.url());
+            sink.redacted_original = redacted_original;
             sink.database = db.clone();
             sink.batch_period_ms = 100;
             sink.ready_file = Some(sink_ready.clone());
@@ -894,5 +902,180 @@ async fn the_tool_cache_is_shown_purged_per_tool_and_whole_and_follows_cache_tom
     })
     .await
     .unwrap();
+    stack.stop().await;
+}
+
+/// The messages of the `@redact` example (coder to reviewer): an address in
+/// JSON, a phone number and an address in plain text, and a clean one.
+const REDACTED_MESSAGES: [(&str, &str, &str); 3] = [
+    (
+        "r-json",
+        "application/json",
+        r#"{"text":"mail bob@example.com","n":1}"#,
+    ),
+    (
+        "r-text",
+        "text/plain",
+        "call +44 20 7946 0958 or write to carol@example.org",
+    ),
+    ("r-clean", "text/plain", "looks good to me"),
+];
+
+/// The stack (worker and sink both told `mode`) on the shipped policies plus
+/// `examples/policies/redact.cedar`, once the three [`REDACTED_MESSAGES`]
+/// are decided and their rows are in `events`; returns the rows' `id`,
+/// `data`, `data_encoding` (and the policy directory, kept while it runs).
+async fn redacted_messages(
+    mode: RedactedOriginal,
+) -> (Stack, Vec<(String, String, String)>, tempfile::TempDir) {
+    let redact =
+        std::fs::read_to_string(workspace().join("examples/policies/redact.cedar")).unwrap();
+    let dir = policies(&[("redact.cedar", &redact)]);
+    let stack = Stack::start_with(
+        policy_worker::Config {
+            policies: dir.path().to_owned(),
+            redacted_original: mode,
+            ..Default::default()
+        },
+        Some(mode),
+    )
+    .await;
+    for (id, content_type, data) in REDACTED_MESSAGES {
+        let event = EventBuilderV10::new()
+            .id(id)
+            .source("/agents/coder")
+            .ty("io.agentmesh.message")
+            .extension("target", "reviewer")
+            .extension("traceparent", TRACE)
+            .data(content_type, data.to_owned())
+            .build()
+            .unwrap();
+        stack.publish("coder", "message", &event).await;
+    }
+    stack.wait_decisions(&["r-json", "r-text", "r-clean"]).await;
+    for (id, kinds) in [
+        ("r-json", vec!["pii.email"]),
+        ("r-text", vec!["pii.email", "pii.phone"]),
+        ("r-clean", vec![]),
+    ] {
+        let receipt = stack.receipt(id).await.unwrap();
+        assert_eq!(receipt.decision, Decision::Allow, "{receipt:?}");
+        assert_eq!(receipt.redacted, kinds, "{id}");
+    }
+    let rows = eventually(WAIT, "the three rows in `events`", || async {
+        let tsv = stack
+            .query("SELECT event_id, data, data_encoding FROM events FINAL ORDER BY event_id")
+            .await;
+        let rows: Vec<(String, String, String)> = tsv
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.splitn(3, '\t').map(str::to_owned);
+                Some((f.next()?, f.next()?, f.next()?))
+            })
+            .collect();
+        (rows.len() == 3).then_some(rows)
+    })
+    .await
+    .unwrap();
+    (stack, rows, dir)
+}
+
+/// Whether any of the originals' personal data is in `text`.
+fn holds_an_original(text: &str) -> bool {
+    ["bob@example.com", "carol@example.org", "7946 0958"]
+        .iter()
+        .any(|p| text.contains(p))
+}
+
+#[tokio::test]
+async fn a_kept_original_is_in_the_audit_row_and_the_ingress_stream() {
+    let (stack, rows, _dir) = redacted_messages(RedactedOriginal::Keep).await;
+    let row = |id: &str| rows.iter().find(|r| r.0 == id).unwrap().clone();
+    assert_eq!(
+        row("r-json"),
+        (
+            "r-json".to_owned(),
+            REDACTED_MESSAGES[0].2.to_owned(),
+            "utf8".to_owned()
+        )
+    );
+    assert!(holds_an_original(&row("r-text").1), "{rows:?}");
+    let ingress = stack.messages(subjects::STREAM_INGRESS).await.unwrap();
+    assert_eq!(ingress.len(), 3);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_dropped_original_reaches_neither_the_audit_nor_any_stream() {
+    let (stack, rows, dir) = redacted_messages(RedactedOriginal::Drop).await;
+    // The rows of the redacted events have no data; the clean one is whole.
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "r-clean".to_owned(),
+                "looks good to me".to_owned(),
+                "utf8".to_owned()
+            ),
+            ("r-json".to_owned(), String::new(), "dropped".to_owned()),
+            ("r-text".to_owned(), String::new(), "dropped".to_owned()),
+        ]
+    );
+    // Nothing else in ClickHouse holds them: no quarantined row, no receipt.
+    for sql in [
+        "SELECT count() FROM rejected",
+        "SELECT count() FROM events WHERE data LIKE '%example.%' OR data LIKE '%7946%'",
+    ] {
+        assert_eq!(stack.query(sql).await.trim(), "0", "{sql}");
+    }
+    assert!(!holds_an_original(
+        &stack.query("SELECT * FROM decisions").await
+    ));
+    // Erased from MESH_INGRESS; every stream the worker wrote holds the
+    // redacted copies only.
+    let ingress = stack.messages(subjects::STREAM_INGRESS).await.unwrap();
+    assert_eq!(ingress.len(), 1, "only the clean message stays");
+    for stream in [
+        subjects::STREAM_INGRESS,
+        subjects::STREAM_DELIVER,
+        subjects::STREAM_DEAD,
+        subjects::STREAM_DECISION,
+    ] {
+        for m in stack.messages(stream).await.unwrap() {
+            assert!(
+                !holds_an_original(&String::from_utf8_lossy(&m.payload)),
+                "{stream}"
+            );
+        }
+    }
+    assert_eq!(
+        stack
+            .messages(subjects::STREAM_DELIVER)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // Replay cannot decide a dropped event again, and says why.
+    let dir = dir.path().to_string_lossy().into_owned();
+    let out = ok(&stack
+        .meshctl(&[
+            "policy",
+            "replay",
+            "--policies",
+            &dir,
+            "--since",
+            "1h",
+            "--from",
+            "clickhouse",
+            "--json",
+        ])
+        .await);
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["events"], 3, "{out}");
+    assert!(
+        out.contains("its original dropped (--redacted-original drop)"),
+        "{out}"
+    );
     stack.stop().await;
 }

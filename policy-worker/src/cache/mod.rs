@@ -443,7 +443,12 @@ impl ToolCache {
     /// result is a success) and the call's flight ends. Returns the
     /// producing call when the result was stored. A failure is logged: the
     /// result is delivered all the same.
-    pub(crate) async fn fill(&self, rules: &CacheRules, result: &MeshEvent) -> Option<String> {
+    pub(crate) async fn fill(
+        &self,
+        rules: &CacheRules,
+        result: &MeshEvent,
+        storable: bool,
+    ) -> Option<String> {
         if result.event_type != EventType::ToolResult {
             return None;
         }
@@ -453,7 +458,7 @@ impl ToolCache {
             .clone()
             .or_else(|| result.target.as_ref().map(|t| t.to_string()))?;
         let call = subjects::event_key(&caller, call_id);
-        match self.try_fill(rules, result, &call).await {
+        match self.try_fill(rules, result, &call, storable).await {
             Ok(stored) => stored,
             Err(error) => {
                 tracing::warn!(%call, result_id = result.id(), %error, "Storing a tool result in the cache failed; delivered uncached.");
@@ -467,6 +472,7 @@ impl ToolCache {
         rules: &CacheRules,
         result: &MeshEvent,
         call: &str,
+        storable: bool,
     ) -> Result<Option<String>, async_nats::Error> {
         let token = call_token(call);
         let Some(value) = self.kv.get(&token).await? else {
@@ -486,7 +492,7 @@ impl ToolCache {
             return Ok(None);
         }
         let mut stored = None;
-        if rules.rule(&pending.tool).is_some() && succeeded(result) {
+        if storable && rules.rule(&pending.tool).is_some() && succeeded(result) {
             let entry = Entry {
                 tool: pending.tool.clone(),
                 agent: pending.agent.clone(),

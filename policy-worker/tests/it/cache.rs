@@ -496,3 +496,61 @@ async fn calls_waiting_for_a_result_that_never_comes_go_to_the_tool() {
     }
     wait_deliveries(&mesh, "mesh.deliver.coder.planner", 3).await;
 }
+
+#[tokio::test]
+async fn a_result_delivered_redacted_is_never_cached() {
+    // Results with personal data reach their caller redacted: the cache
+    // must not keep the original and hand it to the next identical call.
+    let mesh = Mesh::start().await.unwrap();
+    let policies = policies_with_cache(CACHE_TOML);
+    std::fs::write(
+        policies.path().join("redact-results.cedar"),
+        "@id(\"results-without-pii\")\n@redact(\"pii\")\npermit (principal in Role::\"member\", action == Action::\"io.agentmesh.tool.result\", resource in Role::\"member\")\nwhen { context.detectors.pii };\n",
+    )
+    .unwrap();
+    let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+
+    send(
+        &mesh,
+        "planner",
+        "tool_call",
+        &search("c1", "planner", "owner"),
+    )
+    .await;
+    assert_eq!(
+        mesh.receipt("c1").await.unwrap().cache,
+        Some(CacheStatus::Miss)
+    );
+    let owner = json!({"tool": "code.search", "ok": true, "result": {"owner": "bob@example.com"}});
+    send(
+        &mesh,
+        "coder",
+        "tool_result",
+        &result("r1", "coder", "planner", "c1", owner),
+    )
+    .await;
+    let answered = mesh.receipt("r1").await.unwrap();
+    assert_eq!(answered.decision, Decision::Allow, "{answered:?}");
+    assert_eq!(answered.redacted, vec!["pii.email"]);
+    assert_eq!(answered.cache, None, "not stored: {answered:?}");
+    let delivered = wait_deliveries(&mesh, "mesh.deliver.planner.coder", 1).await;
+    let data = String::from_utf8_lossy(&delivered[0].payload).into_owned();
+    assert!(data.contains("[REDACTED:pii.email]"), "{data}");
+
+    // The same call again goes to the tool, not to a cached original.
+    send(
+        &mesh,
+        "reviewer",
+        "tool_call",
+        &search("c2", "reviewer", "owner"),
+    )
+    .await;
+    let again = mesh.receipt("c2").await.unwrap();
+    assert_eq!(again.cache, Some(CacheStatus::Miss), "{again:?}");
+    wait_deliveries(&mesh, "mesh.deliver.coder.reviewer", 1).await;
+    assert!(
+        deliveries(&mesh, "mesh.deliver.reviewer.coder")
+            .await
+            .is_empty()
+    );
+}

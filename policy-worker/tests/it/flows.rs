@@ -214,3 +214,46 @@ async fn a_redact_permit_delivers_a_signed_redacted_copy() {
             .any(|m| &m.payload[..] == json_data.as_bytes())
     );
 }
+
+#[tokio::test]
+async fn a_step_that_adds_no_label_writes_nothing_unless_a_policy_counts_steps() {
+    const QUIET: &str = "4bf92f3577b34da6a3ce929d0e0e4703";
+    const COUNTED: &str = "4bf92f3577b34da6a3ce929d0e0e4704";
+    let mesh = Mesh::start().await.unwrap();
+    let kv = mesh.js.get_key_value(subjects::BUCKET_FLOWS).await.unwrap();
+    let policies = policies_copy();
+    examples(policies.path(), &["flows.toml", "exfiltration.cedar"]);
+    let mut worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+
+    // Steps that add no label are decided on the record read, never written.
+    for id in ["q-1", "q-2"] {
+        let r = step(&mesh, id, "coder", QUIET, "code.search").await;
+        assert_eq!(r.decision, Decision::Allow, "{r:?}");
+    }
+    assert!(kv.entry(QUIET).await.unwrap().is_none());
+    step(&mesh, "q-read", "coder", QUIET, "repo.read_secret").await;
+    let written = kv.entry(QUIET).await.unwrap().unwrap();
+    let r = step(&mesh, "q-3", "coder", QUIET, "code.search").await;
+    assert_eq!(r.labels, vec!["private"]);
+    assert_eq!(
+        kv.entry(QUIET).await.unwrap().unwrap().revision,
+        written.revision
+    );
+    worker.kill();
+
+    // A policy that reads `context.workflow.steps`: every allowed step counts.
+    std::fs::write(
+        policies.path().join("runaway.cedar"),
+        "@id(\"no-runaway-workflows\")\nforbid (principal, action, resource) when { context.workflow.steps > 100 };\n",
+    )
+    .unwrap();
+    let _worker = WorkerProcess::start(&mesh.nats.url(), policies.path(), &[]).await;
+    for id in ["c-1", "c-2", "c-3"] {
+        let r = step(&mesh, id, "coder", COUNTED, "code.search").await;
+        assert_eq!(r.decision, Decision::Allow, "{r:?}");
+    }
+    let record: FlowRecord =
+        serde_json::from_slice(&kv.get(COUNTED).await.unwrap().unwrap()).unwrap();
+    assert_eq!(record.steps, 3);
+    assert!(record.labels.is_empty());
+}

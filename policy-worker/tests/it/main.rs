@@ -8,5 +8,6 @@ mod guardrails;
 mod interop;
 mod ops;
 mod resilience;
+mod signing;
 mod support;
 mod worker;

@@ -476,6 +476,47 @@ async fn no_agent_or_service_can_delete_purge_or_change_streams() -> anyhow::Res
 }
 
 #[tokio::test]
+async fn dropping_redacted_originals_lets_the_worker_erase_ingress_and_the_sink_follow_it()
+-> anyhow::Result<()> {
+    // `--redacted-original drop` (docs/guardrails.md, "Redaction"): the
+    // worker erases an original from MESH_INGRESS; the sink reads the
+    // worker's progress there and whether a message is still stored. Without
+    // it the worker may delete nothing (`no_agent_or_service_can_delete_…`).
+    let mesh = SecureNats::start_with(&["coder"], broker_config::RedactedOriginal::Drop).await?;
+    let admin = mesh.jetstream(ADMIN).await?;
+    let coder = js_of(mesh.connect_as("coder").await?.0);
+    let seq = coder
+        .publish("mesh.ingress.coder.step", "{}".into())
+        .await?
+        .await?
+        .sequence;
+    let worker = mesh.jetstream(POLICY_WORKER).await?;
+    let ingress = worker.get_stream_no_info("MESH_INGRESS").await?;
+    assert!(ingress.delete_message(seq).await?);
+    assert_eq!(messages(&admin, "MESH_INGRESS").await?, 0);
+    let sink = mesh.jetstream(AUDIT_SINK).await?;
+    let ingress = sink.get_stream_no_info("MESH_INGRESS").await?;
+    let info = ingress.consumer_info("policy-worker").await?;
+    assert_eq!(info.name, "policy-worker");
+    // The broker answers (a refused request would get no answer at all).
+    let gone = ingress.get_raw_message(seq).await.err().map(|e| e.kind());
+    assert_eq!(
+        gone,
+        Some(jetstream::stream::RawMessageErrorKind::NoMessageFound)
+    );
+    // Still nothing more: the worker cannot purge or delete the stream.
+    let (client, events) = mesh.connect_as(POLICY_WORKER).await?;
+    for subject in [
+        "$JS.API.STREAM.PURGE.MESH_INGRESS",
+        "$JS.API.STREAM.DELETE.MESH_INGRESS",
+        "$JS.API.STREAM.MSG.DELETE.MESH_DELIVER",
+    ] {
+        refused(&client, &events, subject, vec![]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn an_agent_cannot_overwrite_another_agents_card() -> anyhow::Result<()> {
     let mesh = SecureNats::start(&["coder", "mallory"]).await?;
     let coder = mesh.jetstream("coder").await?;

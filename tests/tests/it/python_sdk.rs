@@ -5,6 +5,10 @@
 //! URL through `AGENTMESH_NATS_URL`. A second test does the same on a
 //! broker with authorization on, the planner connecting with its nkey.
 //!
+//! `the_python_sdk_verifies_a_redacted_delivery_and_refuses_it_unredacted`
+//! runs `test_redacted.py` on copies the worker redacted (JSON and plain
+//! text) and on one put back to its original after signing.
+//!
 //! `the_readmes_python_pair_runs_as_printed` runs the README's Python pair
 //! (the blocks marked `<!-- readme-test: NAME -->`, read from README.md)
 //! as a reader would after `./scripts/demo.sh`, authorization on.
@@ -471,4 +475,111 @@ async fn the_readmes_python_pair_runs_as_printed() {
         "{out}"
     );
     handed_off.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_verifies_a_redacted_delivery_and_refuses_it_unredacted() {
+    use schemas::{EventBuilder, EventBuilderV10, headers, subjects};
+    use testkit::eventually;
+    // The shipped policies plus the redaction example.
+    let policies = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(shipped_policies()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, policies.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies/redact.cedar");
+    std::fs::copy(example, policies.path().join("redact.cedar")).unwrap();
+    let mut mesh = Mesh::start().await;
+    mesh.start_worker_on(policies.path().to_owned(), None).await;
+
+    // JSON through the Rust SDK, plain text as a raw event.
+    let coder = mesh.agent(agents_sdk::Agent::builder("coder")).await;
+    let json_id = coder
+        .workflow()
+        .message(
+            "reviewer",
+            serde_json::json!({"note": "ask bob@example.com for the keys"}),
+        )
+        .await
+        .unwrap()
+        .id;
+    let text = EventBuilderV10::new()
+        .id("redacted-text")
+        .source("/agents/coder")
+        .ty("io.agentmesh.message")
+        .extension("target", "reviewer")
+        .data(
+            "text/plain",
+            "call +44 20 7946 0958 or write to carol@example.org".to_owned(),
+        )
+        .build()
+        .unwrap();
+    mesh.publish_event(&subjects::ingress("coder", "message"), &text)
+        .await
+        .unwrap();
+
+    let deliver = subjects::deliver("reviewer", "coder");
+    let copies = eventually(WAIT, "both redacted copies", || async {
+        let stored = mesh
+            .messages_on(subjects::STREAM_DELIVER, &deliver)
+            .await
+            .ok()?;
+        (stored.len() == 2).then_some(stored)
+    })
+    .await
+    .unwrap();
+    let mut expect = serde_json::Map::new();
+    let mut original = None;
+    for copy in &copies {
+        let id = copy.headers.get("ce-id").unwrap().as_str().to_owned();
+        let data = String::from_utf8(copy.payload.to_vec()).unwrap();
+        let kinds = copy
+            .headers
+            .get(headers::REDACTED)
+            .unwrap()
+            .as_str()
+            .to_owned();
+        assert!(!data.contains("example."), "{id}: {data}");
+        if id == json_id {
+            assert_eq!(kinds, "pii.email");
+            // The attack: the same signed copy with the address put back.
+            let unredacted = data.replace("[REDACTED:pii.email]", "bob@example.com");
+            assert_ne!(unredacted, data);
+            original = Some((copy.headers.clone(), unredacted));
+        } else {
+            assert_eq!(id, "redacted-text");
+            assert_eq!(kinds, "pii.email,pii.phone");
+        }
+        expect.insert(id, serde_json::json!([data, kinds]));
+    }
+    let (mut h, unredacted) = original.unwrap();
+    h.insert(async_nats::header::NATS_MESSAGE_ID, "unredacted-copy");
+    mesh.js
+        .publish_with_headers(deliver.clone(), h, unredacted.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let out = pytest(
+        &["test_redacted.py"],
+        vec![
+            ("AGENTMESH_REDACTED_NATS_URL", mesh.url()),
+            (
+                "AGENTMESH_REDACTED_EXPECT",
+                serde_json::Value::Object(expect).to_string(),
+            ),
+            ("AGENTMESH_REDACTED_REFUSED", "1".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    println!("{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("PASSED")
+            && l.ends_with("test_a_redacted_delivery_verifies_and_an_unredacted_copy_is_refused")),
+        "{out}"
+    );
 }
