@@ -49,7 +49,22 @@ pub struct Options {
     pub tool_cache_max_bytes: i64,
     /// Longest life of anything in `mesh-tool-cache`, whatever a tool's TTL.
     pub tool_cache_max_age: Duration,
+    /// Most consumers on each `MESH_*` stream. Every registered agent has
+    /// its own durable consumers on `MESH_DELIVER`, `MESH_CALL` and
+    /// `MESH_DECISION`, so this bounds the agents a mesh can register.
+    /// It is set explicitly because a stream without it takes the server's
+    /// default, which nats-server 2.15 sets to 1,000
+    /// (`jetstream { limits { default_max_consumers } }`). An existing
+    /// stream without a limit (0 or -1, made by an older agentmesh) is moved
+    /// to it; a positive value an operator set is kept.
+    pub max_consumers: i32,
 }
+
+/// The default [`Options::max_consumers`]: room for 100,000 agents (less the
+/// few service consumers), ten times the largest mesh measured
+/// (`mesh-bench idle-agents`, docs/performance.md), yet still a bound on a
+/// runaway registration loop.
+pub const DEFAULT_MAX_CONSUMERS: i32 = 100_000;
 
 impl Default for Options {
     fn default() -> Self {
@@ -60,6 +75,7 @@ impl Default for Options {
             duplicate_window: Duration::from_secs(10 * 60),
             tool_cache_max_bytes: 256 * 1024 * 1024,
             tool_cache_max_age: Duration::from_secs(24 * 3600),
+            max_consumers: DEFAULT_MAX_CONSUMERS,
         }
     }
 }
@@ -173,6 +189,7 @@ pub fn streams(options: &Options) -> Vec<stream::Config> {
         max_age: options.max_age,
         duplicate_window: options.duplicate_window,
         discard: stream::DiscardPolicy::Old,
+        max_consumers: options.max_consumers,
         ..Default::default()
     };
     vec![
@@ -322,6 +339,7 @@ fn matches(current: &stream::Config, wanted: &stream::Config) -> bool {
         && current.duplicate_window == wanted.duplicate_window
         && current.discard == wanted.discard
         && current.description == wanted.description
+        && current.max_consumers == wanted.max_consumers
 }
 
 /// Brings the broker in line with the definitions: creates missing streams
@@ -400,6 +418,12 @@ async fn apply_stream(
     if keep_max_age {
         wanted.max_age = info.config.max_age;
     }
+    // A positive limit is the operator's (or ours): kept. Only a stream
+    // without one (0 or -1: the server's default, which may be as low as
+    // 1,000) is moved to ours.
+    if info.config.max_consumers > 0 {
+        wanted.max_consumers = info.config.max_consumers;
+    }
     if matches(&info.config, &wanted) {
         return Ok(Change::Unchanged);
     }
@@ -413,9 +437,38 @@ async fn apply_stream(
         duplicate_window: wanted.duplicate_window,
         discard: wanted.discard,
         description: wanted.description.clone(),
+        max_consumers: wanted.max_consumers,
         ..info.config.clone()
     };
-    js.update_stream(updated).await?;
+    match js.update_stream(updated.clone()).await {
+        Ok(_) => {}
+        // Some servers refuse to change the limit of an existing stream:
+        // warn, and move the other settings without it.
+        Err(error) if updated.max_consumers != info.config.max_consumers => {
+            tracing::warn!(
+                stream = %name,
+                current = info.config.max_consumers,
+                wanted = updated.max_consumers,
+                %error,
+                "The broker refused to set the stream's max_consumers (nats-server 2.9 cannot change it \
+                 on an existing stream); the stream keeps the server's default: no limit on 2.9, \
+                 1,000 consumers (about 1,000 agents) on nats-server 2.15. Start the services once \
+                 against nats-server 2.15 or later, which sets it, or raise \
+                 `jetstream {{ limits {{ default_max_consumers }} }}` in the server config \
+                 (docs/operations.md, \"Consumer limit\")."
+            );
+            wanted.max_consumers = info.config.max_consumers;
+            if matches(&info.config, &wanted) {
+                return Ok(Change::Unchanged);
+            }
+            js.update_stream(stream::Config {
+                max_consumers: info.config.max_consumers,
+                ..updated
+            })
+            .await?;
+        }
+        Err(error) => return Err(error.into()),
+    }
     tracing::info!(stream = %name, "Stream settings updated.");
     Ok(Change::Updated)
 }

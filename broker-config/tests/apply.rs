@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream;
-use broker_config::{Change, Options, apply};
+use broker_config::{Change, DEFAULT_MAX_CONSUMERS, Options, apply};
 
 #[tokio::test]
 async fn apply_is_idempotent_and_keeps_data() {
@@ -127,4 +127,129 @@ async fn concurrent_applies_all_succeed() {
             "{again:?}"
         );
     }
+}
+
+/// Every `MESH_*` stream gets an explicit consumer limit: one left to the
+/// server takes its default, 1,000 on nats-server 2.15, which is 1,000
+/// agents.
+#[tokio::test]
+async fn every_mesh_stream_gets_an_explicit_consumer_limit() {
+    let nats = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    apply(&js, &Options::default()).await.unwrap();
+    let streams = broker_config::streams(&Options::default());
+    assert!(streams.iter().any(|s| s.name == "MESH_DELIVER"));
+    for wanted in streams {
+        let mut stream = js.get_stream(&wanted.name).await.unwrap();
+        assert_eq!(
+            stream.info().await.unwrap().config.max_consumers,
+            DEFAULT_MAX_CONSUMERS,
+            "{}",
+            wanted.name
+        );
+    }
+    let smaller = Options {
+        max_consumers: 2_000,
+        ..Options::default()
+    };
+    let other = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(other.connect().await.unwrap());
+    apply(&js, &smaller).await.unwrap();
+    let mut call = js.get_stream("MESH_CALL").await.unwrap();
+    assert_eq!(call.info().await.unwrap().config.max_consumers, 2_000);
+}
+
+/// A stream an older agentmesh made has no limit of its own (the server
+/// reports -1: its default); the next start moves it to ours, keeping its
+/// messages. A positive limit an operator set is kept. nats-server 2.9
+/// refuses to change the limit of an existing stream: there the start goes
+/// on (with a warning) and still moves the other settings.
+#[tokio::test]
+async fn a_stream_without_a_consumer_limit_is_moved_and_an_operators_is_kept() {
+    let nats = testkit::NatsServer::start().await.unwrap();
+    let client = nats.connect().await.unwrap();
+    let version = client.server_info().version;
+    let refuses = version.starts_with("2.9.") || version.starts_with("2.8.");
+    let js = jetstream::new(client);
+    let day = Duration::from_secs(24 * 3600);
+    let wanted = broker_config::streams(&Options::default());
+    let mut old = wanted.clone();
+    for stream in &mut old {
+        stream.max_consumers = if stream.name == "MESH_CALL" { 5_000 } else { 0 };
+        if stream.name == "MESH_DELIVER" || stream.name == "MESH_CALL" {
+            stream.max_age = day;
+        }
+        js.create_stream(stream.clone()).await.unwrap();
+    }
+    let mut deliver = js.get_stream("MESH_DELIVER").await.unwrap();
+    assert_eq!(deliver.info().await.unwrap().config.max_consumers, -1);
+    js.publish("mesh.deliver.coder.planner", "kept".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let changes = apply(&js, &Options::default()).await.unwrap();
+    let change = |name: &str| changes.iter().find(|(n, _)| n == name).unwrap().1;
+    assert_eq!(change("MESH_DELIVER"), Change::Updated, "{changes:?}");
+    assert_eq!(change("MESH_CALL"), Change::Updated, "{changes:?}");
+    let moved = if refuses {
+        Change::Unchanged
+    } else {
+        Change::Updated
+    };
+    assert_eq!(change("MESH_INGRESS"), moved, "{version}: {changes:?}");
+    let info = deliver.info().await.unwrap();
+    assert_eq!(info.state.messages, 1, "update must not lose data");
+    assert_eq!(info.config.max_age, Options::default().max_age);
+    for stream in &wanted {
+        let mut now = js.get_stream(&stream.name).await.unwrap();
+        let config = now.info().await.unwrap().config.clone();
+        let limit = match stream.name.as_str() {
+            "MESH_CALL" => 5_000,
+            _ if refuses => -1,
+            _ => DEFAULT_MAX_CONSUMERS,
+        };
+        assert_eq!(config.max_consumers, limit, "{version}: {}", stream.name);
+        assert_eq!(config.max_age, stream.max_age, "{}", stream.name);
+    }
+    let again = apply(&js, &Options::default()).await.unwrap();
+    assert!(
+        again.iter().all(|(_, c)| *c == Change::Unchanged),
+        "{again:?}"
+    );
+}
+
+/// More agents than the server's default consumer limit (1,000 on
+/// nats-server 2.15) register: each has its own durable on MESH_DELIVER.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_a_thousand_agents_register() {
+    use futures::StreamExt;
+    let nats = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    apply(&js, &Options::default()).await.unwrap();
+    const AGENTS: usize = 1_001;
+    let started = std::time::Instant::now();
+    let results: Vec<_> = futures::stream::iter(0..AGENTS)
+        .map(|i| {
+            let js = js.clone();
+            async move {
+                let id = format!("agent-{i}");
+                broker_config::ensure_consumer(
+                    &js,
+                    "MESH_DELIVER",
+                    broker_config::agent_consumer_config(&id),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    for result in results {
+        assert_eq!(result.unwrap(), Change::Created);
+    }
+    eprintln!("{AGENTS} consumers in {:?}", started.elapsed());
+    let mut deliver = js.get_stream("MESH_DELIVER").await.unwrap();
+    assert_eq!(deliver.info().await.unwrap().state.consumer_count, AGENTS);
 }

@@ -110,16 +110,31 @@ fn cell(text: &str) -> String {
 }
 
 fn streams_block() -> String {
-    let mut out = "| stream | subjects | kept | what |\n|---|---|---|---|\n".to_owned();
+    let mut out =
+        "| stream | subjects | kept | max consumers | what |\n|---|---|---|---|---|\n".to_owned();
     for s in broker_config::streams(&broker_config::Options::default()) {
         let _ = writeln!(
             out,
-            "| `{}` | `{}` | {} | {} |",
+            "| `{}` | `{}` | {} | {} | {} |",
             s.name,
             s.subjects.join("`, `"),
             kept(s.max_age),
+            thousands(s.max_consumers),
             cell(&s.description.unwrap_or_default())
         );
+    }
+    out
+}
+
+/// `n` with a comma every three digits: `100,000`.
+fn thousands(n: i32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) && c.is_ascii_digit() {
+            out.push(',');
+        }
+        out.push(c);
     }
     out
 }
