@@ -322,30 +322,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn concurrent_decisions_share_batches_and_all_verify() {
         let key = Arc::new(SigningKey::generate());
-        let signers = Signers::new([SignerRecord {
-            public_key: key.public_key().to_owned(),
-            name: "w".into(),
-            status: SignerStatus::Active,
-            added_at: String::new(),
-            retired_at: String::new(),
-            revoked_at: String::new(),
-        }]);
+        let signers = signers_of(&key);
         let metrics = telemetry::Metrics::local("test");
-        let sealer = Sealer::new(
-            key.clone(),
-            64,
-            Duration::ZERO,
-            telemetry::WorkerMetrics::new(&metrics),
-        );
-        let tasks: Vec<_> = (0..500)
-            .map(|i| {
-                let sealer = sealer.clone();
-                tokio::spawn(async move {
-                    let mut r = receipt(i);
-                    sealer.seal(&mut r, b"{}").await.map(|()| r)
-                })
-            })
-            .collect();
+        let sealer = new_sealer(&key, 64, Duration::ZERO, &metrics);
+        let tasks = seal_at_once(&sealer, 500);
         let mut batched = 0;
         for task in tasks {
             let r = task.await.unwrap().unwrap();
@@ -364,16 +344,41 @@ mod tests {
         );
 
         // A batch size of 1 signs each alone, on the caller's task.
-        let alone = Sealer::new(
-            key,
-            1,
-            Duration::from_secs(60),
-            telemetry::WorkerMetrics::new(&metrics),
-        );
+        let alone = new_sealer(&key, 1, Duration::from_secs(60), &metrics);
         let mut r = receipt(0);
         alone.seal(&mut r, b"{}").await.unwrap();
         assert!(!r.signature.is_empty() && r.batch_signature.is_empty());
         assert_eq!(signers.verify_receipt(&r), Ok(()));
+    }
+
+    fn new_sealer(
+        key: &Arc<SigningKey>,
+        batch: usize,
+        window: Duration,
+        metrics: &telemetry::Metrics,
+    ) -> Sealer {
+        Sealer::new(
+            key.clone(),
+            batch,
+            window,
+            telemetry::WorkerMetrics::new(metrics),
+        )
+    }
+
+    /// `n` decisions sealed at once, each on its own task.
+    fn seal_at_once(
+        sealer: &Sealer,
+        n: usize,
+    ) -> Vec<tokio::task::JoinHandle<Result<DecisionReceipt, SignFailed>>> {
+        (0..n)
+            .map(|i| {
+                let sealer = sealer.clone();
+                tokio::spawn(async move {
+                    let mut r = receipt(i);
+                    sealer.seal(&mut r, b"{}").await.map(|()| r)
+                })
+            })
+            .collect()
     }
 
     fn signers_of(key: &SigningKey) -> Signers {
@@ -397,12 +402,7 @@ mod tests {
         let signers = signers_of(&key);
         let metrics = telemetry::Metrics::local("test");
         let window = Duration::from_millis(20);
-        let sealer = Sealer::new(
-            key.clone(),
-            256,
-            window,
-            telemetry::WorkerMetrics::new(&metrics),
-        );
+        let sealer = new_sealer(&key, 256, window, &metrics);
         let trickle = std::time::Instant::now();
         let mut tasks = Vec::new();
         for i in 0..200 {
@@ -448,12 +448,7 @@ mod tests {
         let signers = signers_of(&key);
         let metrics = telemetry::Metrics::local("test");
         let window = Duration::from_millis(50);
-        let sealer = Sealer::new(
-            key.clone(),
-            8,
-            window,
-            telemetry::WorkerMetrics::new(&metrics),
-        );
+        let sealer = new_sealer(&key, 8, window, &metrics);
         let asked = std::time::Instant::now();
         let mut r = receipt(0);
         sealer.seal(&mut r, b"{}").await.unwrap();
@@ -469,21 +464,8 @@ mod tests {
         assert_eq!(signers.verify_receipt(&r), Ok(()));
 
         // Eight at once fill the batch: signed without waiting an hour.
-        let long = Sealer::new(
-            key,
-            8,
-            Duration::from_secs(3600),
-            telemetry::WorkerMetrics::new(&metrics),
-        );
-        let tasks: Vec<_> = (0..8)
-            .map(|i| {
-                let sealer = long.clone();
-                tokio::spawn(async move {
-                    let mut r = receipt(i);
-                    sealer.seal(&mut r, b"{}").await.map(|()| r)
-                })
-            })
-            .collect();
+        let long = new_sealer(&key, 8, Duration::from_secs(3600), &metrics);
+        let tasks = seal_at_once(&long, 8);
         let all = async {
             for task in tasks {
                 let r = task.await.unwrap().unwrap();
