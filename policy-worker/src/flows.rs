@@ -152,21 +152,8 @@ impl Flows {
             let bytes = serde_json::to_vec(&record)
                 .map_err(|e| FlowError(e.to_string()))?
                 .into();
-            let written = if seen.revision == 0 {
-                self.store
-                    .create(key(trace), bytes)
-                    .await
-                    .map_err(|e| e.kind() == kv::CreateErrorKind::AlreadyExists)
-                    .map_err(|conflict| (conflict, "create"))
-            } else {
-                self.store
-                    .update(key(trace), bytes, seen.revision)
-                    .await
-                    .map_err(|e| e.kind() == kv::UpdateErrorKind::WrongLastRevision)
-                    .map_err(|conflict| (conflict, "update"))
-            };
-            match written {
-                Ok(_) => return Ok(added),
+            match self.put(trace, bytes, seen.revision).await {
+                Ok(()) => return Ok(added),
                 // Another replica wrote: merge into what it wrote.
                 Err((true, _)) => seen = self.refetch(rules, trace, seen).await,
                 Err((false, op)) => {
@@ -181,6 +168,29 @@ impl Flows {
 }
 
 impl Flows {
+    /// Writes `trace`'s record over `revision` (creates it at 0): a
+    /// conflict (another replica wrote first) is `Err((true, op))`.
+    async fn put(
+        &self,
+        trace: &str,
+        bytes: bytes::Bytes,
+        revision: u64,
+    ) -> Result<(), (bool, &'static str)> {
+        if revision == 0 {
+            self.store
+                .create(key(trace), bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| (e.kind() == kv::CreateErrorKind::AlreadyExists, "create"))
+        } else {
+            self.store
+                .update(key(trace), bytes, revision)
+                .await
+                .map(|_| ())
+                .map_err(|e| (e.kind() == kv::UpdateErrorKind::WrongLastRevision, "update"))
+        }
+    }
+
     /// Reads the record again, keeping the turn.
     async fn refetch(&self, rules: &FlowRules, trace: &str, mut old: Seen) -> Seen {
         let turn = old.turn.take();
