@@ -55,6 +55,22 @@ async fn bridge(
         .unwrap()
 }
 
+/// The message of the tool error that calling `tool` on the bridged agent
+/// gets (a panic for any other outcome, or a tool error naming another tool).
+async fn tool_failure(wf: &agents_sdk::Workflow, tool: &str, args: serde_json::Value) -> String {
+    let err = wf.call_tool(tool, args).on("tools").await.unwrap_err();
+    match err.kind() {
+        CallErrorKind::ToolFailed {
+            tool: failed,
+            message,
+        } => {
+            assert_eq!(failed, tool);
+            message.clone()
+        }
+        other => panic!("`{tool}` did not fail as a tool: {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fastmcp_server_over_stdio_is_a_mesh_tool_agent() {
     let python = require_mcp();
@@ -112,31 +128,12 @@ async fn a_fastmcp_server_over_stdio_is_a_mesh_tool_agent() {
     );
 
     // The tool's own error is a tool error with its message.
-    let err = wf
-        .call_tool("fail", json!({"message": "disk full"}))
-        .on("tools")
-        .await
-        .unwrap_err();
-    match err.kind() {
-        CallErrorKind::ToolFailed { tool, message } => {
-            assert_eq!(tool, "fail");
-            assert!(message.contains("disk full"), "{message}");
-        }
-        other => panic!("not a tool error: {other:?}"),
-    }
+    let message = tool_failure(&wf, "fail", json!({"message": "disk full"})).await;
+    assert!(message.contains("disk full"), "{message}");
 
     // A server that dies in the middle of a call: a tool error that says so...
-    let err = wf
-        .call_tool("crash", json!({}))
-        .on("tools")
-        .await
-        .unwrap_err();
-    match err.kind() {
-        CallErrorKind::ToolFailed { message, .. } => {
-            assert!(message.contains("went away"), "{message}");
-        }
-        other => panic!("not a tool error: {other:?}"),
-    }
+    let message = tool_failure(&wf, "crash", json!({})).await;
+    assert!(message.contains("went away"), "{message}");
     // ...and the next call starts it again.
     let sum = wf
         .call_tool("add", json!({"a": 1, "b": 1}))
@@ -149,18 +146,9 @@ async fn a_fastmcp_server_over_stdio_is_a_mesh_tool_agent() {
 
     // A call that never ends: a timeout that says so, and the server keeps
     // answering the next.
-    let err = wf
-        .call_tool("hang", json!({}))
-        .on("tools")
-        .await
-        .unwrap_err();
-    match err.kind() {
-        CallErrorKind::ToolFailed { message, .. } => {
-            assert!(message.contains("did not answer"), "{message}");
-            assert!(message.contains("3s"), "{message}");
-        }
-        other => panic!("not a tool error: {other:?}"),
-    }
+    let message = tool_failure(&wf, "hang", json!({})).await;
+    assert!(message.contains("did not answer"), "{message}");
+    assert!(message.contains("3s"), "{message}");
     let sum = wf
         .call_tool("add", json!({"a": 20, "b": 22}))
         .on("tools")
