@@ -69,7 +69,7 @@ impl Cards {
         let target = target.as_str();
         let entry = match self.cached(target) {
             Some(entry) => entry,
-            None => match self.read(target).await {
+            None => match Box::pin(self.read(target)).await {
                 Some(entry) => entry,
                 None => return Ok(()),
             },

@@ -87,7 +87,7 @@ impl Runtime {
             receipt.labels = seen.state.labels.iter().cloned().collect();
             receipt.labels_lost = seen.state.lost;
             if active.verdict.allowed {
-                receipt.labels_added = self.label(bundle, event, seen, receipt).await?;
+                receipt.labels_added = Box::pin(self.label(bundle, event, seen, receipt)).await?;
             }
         }
         Ok(Outcome {
@@ -112,17 +112,14 @@ impl Runtime {
         let mut error = None;
         if needs.count {
             let now = chrono::Utc::now().timestamp();
-            match self.counters.add(event, now).await {
+            match Box::pin(self.counters.add(event, now)).await {
                 Ok(tallies) => guards.tallies = tallies,
                 Err(e) => error = Some(e.to_string()),
             }
         }
         let mut seen = None;
         if needs.flow {
-            let read = self
-                .flows
-                .read(bundle.flows(), &event.trace.trace_id_hex())
-                .await;
+            let read = Box::pin(self.flows.read(bundle.flows(), &event.trace.trace_id_hex())).await;
             guards.flow = read.state.clone();
             seen = Some(read);
         }
