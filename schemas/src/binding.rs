@@ -6,6 +6,8 @@
 //! `Content-Type: application/cloudevents+json` and the JSON event format as
 //! payload. The receiver tells them apart by that `Content-Type`.
 
+use std::borrow::Cow;
+
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use cloudevents::event::{SpecVersion, UriReference};
@@ -94,7 +96,7 @@ pub fn percent_decode_header(name: &str, value: &str) -> Result<String, BindingE
         name: name.to_owned(),
         reason: reason.to_owned(),
     };
-    let trimmed = value.trim_matches([' ', '\t']);
+    let trimmed = trim_ows(value);
     let unquoted;
     let value = if trimmed.len() >= 2 && trimmed.starts_with('"') && trimmed.ends_with('"') {
         let inner = &trimmed[1..trimmed.len() - 1];
@@ -137,6 +139,16 @@ pub fn percent_decode_header(name: &str, value: &str) -> Result<String, BindingE
         }
     }
     String::from_utf8(out).map_err(|_| malformed("percent-decoded bytes are not valid UTF-8"))
+}
+
+/// `value` without the spaces and tabs around it (RFC 7230 OWS), by bytes:
+/// both are ASCII, so the cuts fall on character boundaries.
+fn trim_ows(value: &str) -> &str {
+    let ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let bytes = value.as_bytes();
+    let start = bytes.iter().position(|b| !ows(b)).unwrap_or(bytes.len());
+    let end = bytes.iter().rposition(|b| !ows(b)).map_or(start, |i| i + 1);
+    value.get(start..end).unwrap_or_default()
 }
 
 pub(crate) fn is_structured(headers: Option<&HeaderMap>) -> bool {
@@ -203,12 +215,23 @@ fn is_extension_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
+/// `name` in ASCII lowercase, borrowed when it is already.
+fn lowercase(name: &str) -> Cow<'_, str> {
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
+}
+
 fn decode_binary(headers: &HeaderMap, payload: &[u8]) -> Result<Event, BindingError> {
     let mut specversion = None;
     let mut builder = EventBuilderV10::new();
     let (mut id, mut source, mut ty) = (None, None, None);
     let (mut datacontenttype, mut dataschema) = (None, None);
-    let mut seen: Vec<String> = Vec::with_capacity(12);
+    // Attribute names as lowercase, borrowed from the header name when it
+    // is lowercase already (as agents send them): no copy per header.
+    let mut seen: Vec<Cow<'_, str>> = Vec::with_capacity(12);
     for (name, values) in headers.iter() {
         let name: &str = name.as_ref();
         let Some(prefix) = name.get(..3) else {
@@ -217,13 +240,13 @@ fn decode_binary(headers: &HeaderMap, payload: &[u8]) -> Result<Event, BindingEr
         if !prefix.eq_ignore_ascii_case("ce-") {
             continue;
         }
-        let attr = name[3..].to_ascii_lowercase();
+        let attr = lowercase(&name[3..]);
         if values.len() != 1 || seen.contains(&attr) {
             return Err(BindingError::DuplicateHeader(format!("ce-{attr}")));
         }
         let raw = values.first().map(|v| v.as_str()).unwrap_or_default();
         let value = percent_decode_header(name, raw)?;
-        match attr.as_str() {
+        match attr.as_ref() {
             "specversion" => specversion = Some(value),
             "id" => id = Some(value),
             "source" => source = Some(value),
