@@ -161,7 +161,7 @@ fn receipt_message(
 ) -> Result<Message, serde_json::Error> {
     // A signed receipt is 1–2 KiB: one allocation, not a doubling series.
     let mut body = Vec::with_capacity(2048);
-    serde_json::to_writer(&mut body, receipt)?;
+    receipt.write_json(&mut body)?;
     Ok(Message {
         kind: Kind::Receipt,
         subject: subjects::decision(token),

@@ -311,3 +311,271 @@ pub mod headers {
     /// base64) of the batch's signed bytes.
     pub const BATCH_SIGNATURE: &str = "Mesh-Batch-Signature";
 }
+
+impl DecisionReceipt {
+    /// Appends the receipt's JSON to `out`: byte for byte what
+    /// `serde_json::to_writer` writes (the same fields, order, omissions
+    /// and escaping), without going through serde for the plain strings —
+    /// the worker writes one per event, and most of a receipt is hex,
+    /// base64 and ids that need no escaping.
+    pub fn write_json(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        let mut w = JsonObject::new(out);
+        w.str("event_id", &self.event_id);
+        w.str("trace_id", &self.trace_id);
+        w.str("decision", self.decision.as_str());
+        w.strs("reasons", &self.reasons);
+        w.strs("errors", &self.errors);
+        w.str("policy_hash", &self.policy_hash);
+        w.str("decision_id", &self.decision_id);
+        w.str("agent", &self.agent);
+        w.str("type", &self.event_type);
+        w.some_str("target", self.target.as_deref());
+        w.some_str("subject", self.subject.as_deref());
+        w.some_str("causation_id", self.causation_id.as_deref());
+        w.some_str("causation_agent", self.causation_agent.as_deref());
+        w.raw(
+            "trace_derived",
+            if self.trace_derived { "true" } else { "false" },
+        );
+        w.str("decided_at", &self.decided_at);
+        w.raw("eval_micros", itoa(self.eval_micros, &mut [0; 20]));
+        w.str("ingress_subject", &self.ingress_subject);
+        self.write_extensions(&mut w)?;
+        w.end();
+        Ok(())
+    }
+
+    /// The optional fields, each left out when empty.
+    fn write_extensions(&self, w: &mut JsonObject<'_>) -> Result<(), serde_json::Error> {
+        w.some_strs("findings", &self.findings);
+        w.some_str(
+            "shadow_decision",
+            self.shadow_decision.map(Decision::as_str),
+        );
+        w.some_strs("shadow_reasons", &self.shadow_reasons);
+        w.some_strs("shadow_errors", &self.shadow_errors);
+        w.some_str("shadow_policy_hash", self.shadow_policy_hash.as_deref());
+        if let Some(approval) = &self.approval {
+            w.key("approval");
+            serde_json::to_writer(&mut *w.out, approval)?;
+        }
+        w.some_str("cache", self.cache.map(CacheStatus::as_str));
+        w.some_str("cache_source", self.cache_source.as_deref());
+        w.some_strs("labels", &self.labels);
+        w.some_strs("labels_added", &self.labels_added);
+        if self.labels_lost {
+            w.raw("labels_lost", "true");
+        }
+        w.some_strs("redacted", &self.redacted);
+        for (key, value) in [
+            ("data_sha256", &self.data_sha256),
+            ("signer", &self.signer),
+            ("signature", &self.signature),
+            ("batch_root", &self.batch_root),
+            ("batch_proof", &self.batch_proof),
+            ("batch_signature", &self.batch_signature),
+        ] {
+            if !value.is_empty() {
+                w.str(key, value);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &str {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // INVARIANT: only ASCII digits were written.
+    std::str::from_utf8(&buf[at..]).unwrap_or("0")
+}
+
+/// A JSON object written field by field, as compact serde_json writes it.
+struct JsonObject<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> JsonObject<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Self { out, first: true }
+    }
+
+    /// `"key":` (the keys are plain ASCII identifiers).
+    fn key(&mut self, key: &str) {
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    fn raw(&mut self, key: &str, value: &str) {
+        self.key(key);
+        self.out.extend_from_slice(value.as_bytes());
+    }
+
+    fn str(&mut self, key: &str, value: &str) {
+        self.key(key);
+        json_string(self.out, value);
+    }
+
+    fn some_str(&mut self, key: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.str(key, value);
+        }
+    }
+
+    fn strs(&mut self, key: &str, values: &[String]) {
+        self.key(key);
+        self.out.push(b'[');
+        for (i, value) in values.iter().enumerate() {
+            if i > 0 {
+                self.out.push(b',');
+            }
+            json_string(self.out, value);
+        }
+        self.out.push(b']');
+    }
+
+    fn some_strs(&mut self, key: &str, values: &[String]) {
+        if !values.is_empty() {
+            self.strs(key, values);
+        }
+    }
+
+    fn end(self) {
+        self.out.push(b'}');
+    }
+}
+
+/// `value` as a JSON string: copied as is when no byte needs escaping
+/// (serde_json escapes control characters, `"` and `\` only), else
+/// serde_json's own escaping.
+fn json_string(out: &mut Vec<u8>, value: &str) {
+    // No early exit, so the check runs over whole vectors of bytes.
+    let escape = value
+        .bytes()
+        .fold(false, |e, b| e | (b < 0x20) | (b == b'"') | (b == b'\\'));
+    if escape {
+        // INVARIANT: writing a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, value);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every field set (no `..Default::default()`: a new field must be
+    /// added here, and so to `write_json`, or this does not compile).
+    fn full(text: &str) -> DecisionReceipt {
+        let s = |x: &str| format!("{x}{text}");
+        DecisionReceipt {
+            event_id: s("e-1"),
+            trace_id: s("4bf92f3577b34da6a3ce929d0e0e4736"),
+            decision: Decision::Deny,
+            reasons: vec![s("p-1"), s("p-2")],
+            errors: vec![s("counters down")],
+            policy_hash: s("ph"),
+            decision_id: s("d-1"),
+            agent: s("planner"),
+            event_type: s("io.agentmesh.tool.call"),
+            target: Some(s("coder")),
+            subject: Some(s("git.diff")),
+            causation_id: Some(s("c-1")),
+            causation_agent: Some(s("reviewer")),
+            trace_derived: true,
+            decided_at: s("2026-12-07T16:00:00.000000Z"),
+            eval_micros: 18_446_744_073_709_551_615,
+            ingress_subject: s("mesh.ingress.planner.plan"),
+            findings: vec![s("pii.email")],
+            shadow_decision: Some(Decision::Allow),
+            shadow_reasons: vec![s("s-1")],
+            shadow_errors: vec![s("s-e")],
+            shadow_policy_hash: Some(s("sph")),
+            approval: Some(Approval {
+                id: s("a-1"),
+                status: ApprovalStatus::Approved,
+                approver: s("alice"),
+                comment: s("ok"),
+                requested_at: s("t1"),
+                answered_at: s("t2"),
+            }),
+            cache: Some(CacheStatus::Stored),
+            cache_source: Some(s("coder/e-0")),
+            labels: vec![s("secret")],
+            labels_added: vec![s("pii")],
+            labels_lost: true,
+            redacted: vec![s("pii.email"), s("secret")],
+            data_sha256: s("ab"),
+            signer: s("N"),
+            signature: s("sig"),
+            batch_root: s("root"),
+            batch_proof: s("proof"),
+            batch_signature: s("bsig"),
+        }
+    }
+
+    fn both(r: &DecisionReceipt) -> (String, String) {
+        let mut ours = Vec::new();
+        r.write_json(&mut ours).unwrap();
+        let serde = serde_json::to_string(r).unwrap();
+        (String::from_utf8(ours).unwrap(), serde)
+    }
+
+    #[test]
+    fn write_json_is_serde_json_byte_for_byte() {
+        let tricky = [
+            "",
+            " plain",
+            "\"quoted\" \\ back",
+            "\n\t\r\u{0}\u{1f} controls",
+            "\u{7f} del / slash",
+            "héllo wörld ✓ 𝄞",
+        ];
+        for text in tricky {
+            let (ours, serde) = both(&full(text));
+            assert_eq!(ours, serde, "{text:?}");
+        }
+        let mut sparse = DecisionReceipt::default();
+        for _ in 0..2 {
+            let (ours, serde) = both(&sparse);
+            assert_eq!(ours, serde, "{sparse:?}");
+            sparse.eval_micros = 7;
+            sparse.decision = Decision::Allow;
+            sparse.target = Some("coder".into());
+            sparse.approval = Some(Approval {
+                id: "a".into(),
+                status: ApprovalStatus::Expired,
+                approver: String::new(),
+                comment: String::new(),
+                requested_at: String::new(),
+                answered_at: String::new(),
+            });
+        }
+        for n in [0, 9, 10, 99, 100, 1_234_567] {
+            let r = DecisionReceipt {
+                eval_micros: n,
+                ..Default::default()
+            };
+            let (ours, serde) = both(&r);
+            assert_eq!(ours, serde, "{n}");
+        }
+    }
+}
