@@ -127,7 +127,7 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
                 }))?;
                 return Ok(true);
             }
-            println!(
+            outln!(
                 "{}: {} policies, policy hash {}",
                 dir.display(),
                 bundle.len(),
@@ -135,16 +135,16 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
             );
             let approvals: Vec<&str> = bundle.guard().approval_policies().collect();
             if !approvals.is_empty() {
-                println!("  require approval: {}", approvals.join(", "));
+                outln!("  require approval: {}", approvals.join(", "));
             }
             if bundle.guard().reads_detectors() {
-                println!("  reads payload detectors (context.detectors)");
+                outln!("  reads payload detectors (context.detectors)");
             }
             if bundle.guard().reads_counters() {
-                println!("  reads rate and budget counters (context.rate, context.budget)");
+                outln!("  reads rate and budget counters (context.rate, context.budget)");
             }
             if properties > 0 {
-                println!(
+                outln!(
                     "  {properties} properties in {PROPERTIES_FILE} (`meshctl policy prove` proves them)"
                 );
             }
@@ -210,7 +210,7 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
                 policies: policies.display().to_string(),
                 policy_hash: replayer.bundle().hash().to_owned(),
             };
-            let mut out = std::io::stdout().lock();
+            let mut out = crate::output::stdout();
             if json {
                 serde_json::to_writer_pretty(&mut out, &report.json(&header))?;
                 writeln!(out)?;
@@ -293,7 +293,7 @@ fn promote(shadow: &Path, active: &Path, backup: Option<&Path>) -> anyhow::Resul
     let new = load(shadow)?;
     let old_hash = PolicyBundle::load(active).ok().map(|b| b.hash().to_owned());
     if old_hash.as_deref() == Some(new.hash()) {
-        println!(
+        outln!(
             "`{}` already holds the shadow set (policy hash {}); nothing to promote.",
             active.display(),
             new.hash()
@@ -342,14 +342,14 @@ fn promote(shadow: &Path, active: &Path, backup: Option<&Path>) -> anyhow::Resul
             new.hash()
         );
     }
-    println!(
+    outln!(
         "Promoted `{}` to `{}`: policy hash {} (was {}).",
         shadow.display(),
         active.display(),
         new.hash(),
         old_hash.as_deref().unwrap_or("none")
     );
-    println!(
+    outln!(
         "A running policy worker reloads it within a second; receipts then carry policy_hash {}.",
         new.hash()
     );

@@ -116,6 +116,11 @@ pub(crate) fn markdown(root: &Command) -> String {
         out,
         "\nA failure prints one line on stderr, `meshctl: <what failed>: <the fix>`.\n"
     );
+    let _ = writeln!(
+        out,
+        "When stdout is closed before meshctl has written everything (its reader stopped early, as in `meshctl policy check policies | head -1`), meshctl stops at once, prints nothing more (no error either) and exits {}, as a program ended by SIGPIPE does.\n",
+        crate::output::STDOUT_CLOSED
+    );
 
     let _ = writeln!(out, "## Durations\n");
     let _ = writeln!(
