@@ -53,7 +53,7 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     ),
     (
         "policy replay",
-        "`{source, since, until, policies, policy_hash, events, without_recorded_decision, unchanged, changed, recorded_policy_hashes, transitions: [{recorded, candidate, events}], examples}` (`--json` is the older spelling)",
+        "`{source, since, until, policies, policy_hash, cards, events, without_recorded_decision, unchanged, changed, recorded_policy_hashes, transitions: [{recorded, candidate, events}], examples}` (`--json` is the older spelling); `cards` is `{bucket, agents, tools_with_input_schema, unreadable}`, the cards tool calls were checked against, or null with `--cards none`",
     ),
     (
         "approvals list",
