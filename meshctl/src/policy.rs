@@ -84,9 +84,9 @@ pub(crate) enum PolicyCommand {
         /// Where the recorded events and decisions come from.
         #[arg(long, value_enum, default_value_t = Source::Clickhouse)]
         from: Source,
-        /// The agent cards whose input schemas tool calls' arguments are checked against first, as the worker checks them: `current` reads every card in `mesh-agents` now (NATS needed also with `--from clickhouse`), `none` checks no arguments.
-        #[arg(long, value_enum, default_value_t = CardsFrom::Current)]
-        cards: CardsFrom,
+        /// The agent cards whose input schemas tool calls' arguments are checked against first, as the worker checks them: `current` reads every card in `mesh-agents` now (NATS needed also with `--from clickhouse`), `none` checks no arguments. Unset: `current`, or `none` with a warning when NATS cannot be reached.
+        #[arg(long, value_enum)]
+        cards: Option<CardsFrom>,
         /// Examples printed per kind of change.
         #[arg(long, default_value_t = 5)]
         examples: usize,
@@ -205,8 +205,19 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
                 bail!("--since {since} is not before --until {until}");
             }
             let mut replayer = Replayer::new(load(&policies)?, schemas::Limits::default());
-            if cards == CardsFrom::Current {
-                replayer = replayer.with_cards(read_cards(endpoints).await?);
+            match cards {
+                Some(CardsFrom::Current) => {
+                    replayer = replayer.with_cards(read_cards(endpoints).await?);
+                }
+                Some(CardsFrom::Unchecked) => {}
+                // Unset: a replay that needs no NATS otherwise still runs
+                // without it, saying so.
+                None => match read_cards(endpoints).await {
+                    Ok(read) => replayer = replayer.with_cards(read),
+                    Err(error) => eprintln!(
+                        "warning: {error:#}; replaying without checking tool calls' arguments (`--cards current` makes this an error)"
+                    ),
+                },
             }
             let mut report = Report::new(examples);
             match from {
@@ -585,7 +596,7 @@ impl Report {
             }
             None => writeln!(
                 out,
-                "Tool calls' arguments not checked against input schemas (`--cards none`)."
+                "Tool calls' arguments not checked against input schemas (`--cards none`, or no NATS to read the cards from)."
             )?,
         }
         writeln!(out, "  unchanged  {:>6}", self.unchanged())?;

@@ -113,7 +113,15 @@ impl Stack {
 
     /// `meshctl <args>` against this stack.
     async fn meshctl(&self, args: &[&str]) -> Output {
-        let env = self.env();
+        self.meshctl_with(args, Vec::new()).await
+    }
+
+    /// `meshctl <args>` against this stack, with `overrides` of its
+    /// environment.
+    async fn meshctl_with(&self, args: &[&str], overrides: Vec<(String, String)>) -> Output {
+        let mut env = self.env();
+        env.retain(|(k, _)| overrides.iter().all(|(o, _)| o != k));
+        env.extend(overrides);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         tokio::task::spawn_blocking(move || {
             let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
@@ -701,6 +709,43 @@ async fn replay_checks_tool_call_arguments_as_the_worker_does() {
         errors.contains("arguments of `code.search` at `/`") && errors.contains("limit"),
         "{errors}"
     );
+
+    // No NATS to read the cards from: a replay from ClickHouse still runs
+    // without them, saying so, unless `--cards current` asks for them.
+    let no_nats = || {
+        let port = testkit::free_port().unwrap();
+        vec![("NATS_URL".to_owned(), format!("nats://127.0.0.1:{port}"))]
+    };
+    let args = [
+        "policy",
+        "replay",
+        "--policies",
+        &shipped_dir,
+        "--since",
+        "1h",
+        "--from",
+        "clickhouse",
+        "-o",
+        "json",
+    ];
+    let out = stack.meshctl_with(&args, no_nats()).await;
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(report["cards"], serde_json::Value::Null, "{report}");
+    assert_eq!(
+        transitions(&report),
+        ["allow -> allow: 1", "invalid -> allow: 1"],
+        "{report}"
+    );
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warning.contains("mesh-agents") && warning.contains("--cards current"),
+        "{warning}"
+    );
+    let strict = [&args[..], &["--cards", "current"]].concat();
+    let out = stack.meshctl_with(&strict, no_nats()).await;
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{error}");
+    assert!(error.contains("--cards none"), "{error}");
     stack.stop().await;
 }
 
