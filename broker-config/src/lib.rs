@@ -49,9 +49,11 @@ pub struct Options {
     pub tool_cache_max_bytes: i64,
     /// Longest life of anything in `mesh-tool-cache`, whatever a tool's TTL.
     pub tool_cache_max_age: Duration,
-    /// Most consumers on each `MESH_*` stream. Every registered agent has
-    /// its own durable consumers on `MESH_DELIVER`, `MESH_CALL` and
-    /// `MESH_DECISION`, so this bounds the agents a mesh can register.
+    /// Most consumers on each `MESH_*` stream and each KV bucket's stream
+    /// (`KV_<bucket>`). Every registered agent has its own durable
+    /// consumers on `MESH_DELIVER`, `MESH_CALL` and `MESH_DECISION`, so
+    /// this bounds the agents a mesh can register; every watcher of a
+    /// bucket is an ordered consumer on its stream.
     /// It is set explicitly because a stream without it takes the server's
     /// default, which nats-server 2.15 sets to 1,000
     /// (`jetstream { limits { default_max_consumers } }`). An existing
@@ -266,6 +268,10 @@ pub fn buckets(options: &Options) -> Vec<stream::Config> {
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
+        // Every watcher of a bucket (`nats kv watch`, a client's
+        // `watch()`: an ordered consumer each) counts against it, as the
+        // agents' durables count against the `MESH_*` streams'.
+        max_consumers: options.max_consumers,
         ..Default::default()
     };
     let forever = Duration::ZERO;
@@ -344,7 +350,9 @@ fn matches(current: &stream::Config, wanted: &stream::Config) -> bool {
 
 /// Brings the broker in line with the definitions: creates missing streams
 /// and buckets, updates streams whose owned settings differ (keeping every
-/// other setting and all data), and returns what changed, by name.
+/// other setting and all data), gives an existing bucket without a
+/// consumer limit [`Options::max_consumers`], and returns what changed, by
+/// name.
 pub async fn apply(
     js: &jetstream::Context,
     options: &Options,
@@ -370,7 +378,9 @@ pub async fn apply(
             .await
             .map_err(|e| err(e.into()))?
         {
-            Some(_) => Change::Unchanged,
+            Some(mut existing) => apply_bucket_limit(js, &mut existing, wanted.max_consumers)
+                .await
+                .map_err(err)?,
             None => match js.create_stream(wanted.clone()).await {
                 Ok(_) => {
                     tracing::info!(%bucket, "KV bucket created.");
@@ -471,6 +481,49 @@ async fn apply_stream(
     }
     tracing::info!(stream = %name, "Stream settings updated.");
     Ok(Change::Updated)
+}
+
+/// Moves the stream of an existing bucket without a consumer limit (0 or
+/// -1: made by an older agentmesh) to `limit`, keeping every other setting
+/// and all its keys; a positive limit (ours, or an operator's) is kept.
+/// Nothing else of an existing bucket is changed. A refused change
+/// (nats-server 2.9 cannot change the limit of an existing stream; with
+/// authorization only the operator may change a stream) leaves the bucket
+/// as it is, with a warning: the service starts anyway.
+async fn apply_bucket_limit(
+    js: &jetstream::Context,
+    existing: &mut stream::Stream,
+    limit: i32,
+) -> Result<Change, async_nats::Error> {
+    let info = existing.info().await?;
+    if info.config.max_consumers > 0 || limit <= 0 {
+        return Ok(Change::Unchanged);
+    }
+    let name = info.config.name.clone();
+    let updated = stream::Config {
+        max_consumers: limit,
+        ..info.config.clone()
+    };
+    match js.update_stream(updated).await {
+        Ok(_) => {
+            tracing::info!(stream = %name, limit, "KV bucket's consumer limit set.");
+            Ok(Change::Updated)
+        }
+        Err(error) => {
+            tracing::warn!(
+                stream = %name,
+                current = info.config.max_consumers,
+                wanted = limit,
+                %error,
+                "The broker refused to set the KV bucket's max_consumers (nats-server 2.9 cannot change it \
+                 on an existing stream; with authorization only the operator may, as `meshctl up` does); \
+                 the bucket keeps the server's default: no limit on 2.9, 1,000 watchers on nats-server \
+                 2.15. Run `meshctl up` (or start a service with the operator's key) against nats-server \
+                 2.15 or later, which sets it (docs/operations.md, \"Consumer limit\")."
+            );
+            Ok(Change::Unchanged)
+        }
+    }
 }
 
 /// The stream called `name`, or `None` when the broker says it does not exist.

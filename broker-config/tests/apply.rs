@@ -253,3 +253,118 @@ async fn more_than_a_thousand_agents_register() {
     let mut deliver = js.get_stream("MESH_DELIVER").await.unwrap();
     assert_eq!(deliver.info().await.unwrap().state.consumer_count, AGENTS);
 }
+
+/// Every KV bucket's stream (`KV_<bucket>`) gets the consumer limit of
+/// the `MESH_*` streams: each watcher of a bucket is an ordered consumer
+/// on it, and one left to the server takes its default (1,000 on
+/// nats-server 2.15). A bucket an older agentmesh made (no limit) is moved
+/// to it, keeping its keys and every other setting; a positive limit an
+/// operator set is kept. nats-server 2.9 refuses to change the limit of an
+/// existing stream: there the start goes on and the bucket stays as it is.
+#[tokio::test]
+async fn every_bucket_gets_the_consumer_limit_and_an_older_one_is_moved() {
+    let nats = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    apply(&js, &Options::default()).await.unwrap();
+    let buckets = broker_config::buckets(&Options::default());
+    assert!(buckets.iter().any(|b| b.name == "KV_mesh-agents"));
+    for wanted in &buckets {
+        let mut stream = js.get_stream(&wanted.name).await.unwrap();
+        assert_eq!(
+            stream.info().await.unwrap().config.max_consumers,
+            DEFAULT_MAX_CONSUMERS,
+            "{}",
+            wanted.name
+        );
+    }
+
+    let older = testkit::NatsServer::start().await.unwrap();
+    let client = older.connect().await.unwrap();
+    let version = client.server_info().version;
+    let refuses = version.starts_with("2.9.") || version.starts_with("2.8.");
+    let js = jetstream::new(client);
+    for bucket in &buckets {
+        let mut old = bucket.clone();
+        old.max_consumers = if bucket.name == "KV_mesh-flows" {
+            5_000
+        } else {
+            0
+        };
+        js.create_stream(old).await.unwrap();
+    }
+    let mut agents = js.get_stream("KV_mesh-agents").await.unwrap();
+    let before = agents.info().await.unwrap().config.clone();
+    assert_eq!(before.max_consumers, -1);
+    let kv = js.get_key_value("mesh-agents").await.unwrap();
+    kv.put("planner", "card".into()).await.unwrap();
+
+    let changes = apply(&js, &Options::default()).await.unwrap();
+    let change = |name: &str| changes.iter().find(|(n, _)| n == name).unwrap().1;
+    let moved = if refuses {
+        Change::Unchanged
+    } else {
+        Change::Updated
+    };
+    assert_eq!(change("mesh-agents"), moved, "{version}: {changes:?}");
+    assert_eq!(change("mesh-flows"), Change::Unchanged, "{changes:?}");
+    for bucket in &buckets {
+        let mut now = js.get_stream(&bucket.name).await.unwrap();
+        let config = now.info().await.unwrap().config.clone();
+        let limit = match bucket.name.as_str() {
+            "KV_mesh-flows" => 5_000,
+            _ if refuses => -1,
+            _ => DEFAULT_MAX_CONSUMERS,
+        };
+        assert_eq!(config.max_consumers, limit, "{version}: {}", bucket.name);
+    }
+    // Only the limit changes.
+    let after = agents.info().await.unwrap().config.clone();
+    assert_eq!(
+        jetstream::stream::Config {
+            max_consumers: before.max_consumers,
+            ..after
+        },
+        before,
+        "{version}"
+    );
+    assert_eq!(kv.get("planner").await.unwrap().unwrap(), "card");
+    let again = apply(&js, &Options::default()).await.unwrap();
+    assert!(
+        again.iter().all(|(_, c)| *c == Change::Unchanged),
+        "{again:?}"
+    );
+}
+
+/// More watchers of `mesh-agents` than the server's default consumer limit
+/// (1,000 on nats-server 2.15) all start: each is an ordered consumer on
+/// the bucket's stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_a_thousand_watchers_follow_a_bucket() {
+    use futures::StreamExt;
+    let nats = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    apply(&js, &Options::default()).await.unwrap();
+    let kv = js.get_key_value("mesh-agents").await.unwrap();
+    const WATCHERS: usize = 1_001;
+    let started = std::time::Instant::now();
+    let watchers: Vec<_> = futures::stream::iter(0..WATCHERS)
+        .map(|_| kv.watch_all())
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let mut watches = Vec::new();
+    for (i, watcher) in watchers.into_iter().enumerate() {
+        watches.push(watcher.unwrap_or_else(|e| panic!("watcher {i}: {e}")));
+    }
+    eprintln!("{WATCHERS} watchers in {:?}", started.elapsed());
+    let mut stream = js.get_stream("KV_mesh-agents").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.consumer_count, WATCHERS);
+    kv.put("planner", "card".into()).await.unwrap();
+    let last = watches.last_mut().unwrap();
+    let entry = tokio::time::timeout(testkit::WAIT, last.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(entry.key, "planner");
+}

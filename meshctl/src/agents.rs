@@ -54,7 +54,7 @@ pub(crate) async fn add(
     state.ensure_agent(id)?;
     write_entities(policies, &entities)?;
     let seed_file = state.seed_file(Role::Agent, id);
-    println!(
+    outln!(
         "agent `{id}` registered: role `{role}`, key in {}",
         seed_file.display()
     );
@@ -67,22 +67,22 @@ pub(crate) async fn add(
     .await?
     {
         Applied::Reloaded => {
-            println!("nats-server reloaded: `{id}` may connect");
+            outln!("nats-server reloaded: `{id}` may connect");
             let js = async_nats::jetstream::new(endpoints.connect_nats().await?);
             match broker_config::provision_agent(&js, id).await {
-                Ok(_) => println!("durable consumer `{}` ready", auth::agent_consumer(id)),
-                Err(e) => println!(
+                Ok(_) => outln!("durable consumer `{}` ready", auth::agent_consumer(id)),
+                Err(e) => outln!(
                     "durable consumer `{}` not created yet ({e}); `meshctl up` creates it",
                     auth::agent_consumer(id)
                 ),
             }
         }
         Applied::NotRunning => {
-            println!("no nats-server of `meshctl up` runs: the next `meshctl up` lets `{id}` in")
+            outln!("no nats-server of `meshctl up` runs: the next `meshctl up` lets `{id}` in")
         }
     }
     for line in run_lines(id, &seed_file, &endpoints.nats_url) {
-        println!("{line}");
+        outln!("{line}");
     }
     Ok(())
 }
@@ -135,13 +135,13 @@ pub(crate) fn mcp_token(home: &Home, id: &str, json: bool) -> anyhow::Result<()>
             "tokens_file": tokens_path.display().to_string(),
         }));
     }
-    println!(
+    outln!(
         "MCP token of `{id}` written to {} (any older token of `{id}` is refused from now on)",
         token_file.display()
     );
-    println!("point an MCP client at the gateway with it (docs/mcp.md):");
-    println!("  url: http://127.0.0.1:8790/mcp");
-    println!(
+    outln!("point an MCP client at the gateway with it (docs/mcp.md):");
+    outln!("  url: http://127.0.0.1:8790/mcp");
+    outln!(
         "  header: Authorization: Bearer $(cat {})",
         token_file.display()
     );
@@ -157,7 +157,7 @@ pub(crate) async fn rotate(home: &Home, endpoints: &Endpoints, id: &str) -> anyh
     let old = read_seed_file(&seed_file).ok().map(|(seed, _)| seed);
     state.rotate_agent(id)?;
     let (seed, _) = read_seed_file(&seed_file)?;
-    println!("agent `{id}`: new key in {}", seed_file.display());
+    outln!("agent `{id}`: new key in {}", seed_file.display());
     let url = endpoints.nats_url.clone();
     let switched = || {
         let (url, seed, old) = (url.clone(), seed.clone(), old.clone());
@@ -170,11 +170,11 @@ pub(crate) async fn rotate(home: &Home, endpoints: &Endpoints, id: &str) -> anyh
         }
     };
     match nats_server::reload(home, endpoints, &state, switched).await? {
-        Applied::Reloaded => println!(
+        Applied::Reloaded => outln!(
             "nats-server reloaded: the old key is refused and its connections closed; restart `{id}` with the new seed"
         ),
         Applied::NotRunning => {
-            println!("no nats-server of `meshctl up` runs: the next `meshctl up` uses the new key")
+            outln!("no nats-server of `meshctl up` runs: the next `meshctl up` uses the new key")
         }
     }
     Ok(())
@@ -206,7 +206,7 @@ pub(crate) async fn remove(
     let mut tokens = mcp_tokens::TokenFile::read(&tokens_path)?;
     if tokens.remove(id) {
         tokens.write(&tokens_path)?;
-        println!("MCP token of `{id}` revoked");
+        outln!("MCP token of `{id}` revoked");
     }
     let _ = std::fs::remove_file(state.mcp_token_file(id));
     if !registered && !in_entities {
@@ -215,7 +215,7 @@ pub(crate) async fn remove(
             format!("no agent `{id}` is registered (`meshctl agents list` shows who is)"),
         ));
     }
-    println!(
+    outln!(
         "agent `{id}` removed from {}",
         match (registered, in_entities) {
             (true, true) => "the registry and entities.json",
@@ -236,20 +236,20 @@ pub(crate) async fn remove(
     };
     match nats_server::reload(home, endpoints, &state, refused).await? {
         Applied::Reloaded => {
-            println!("nats-server reloaded: `{id}`'s key is refused and its connections closed");
+            outln!("nats-server reloaded: `{id}`'s key is refused and its connections closed");
             let js = async_nats::jetstream::new(endpoints.connect_nats().await?);
             if broker_config::remove_agent(&js, id).await.unwrap_or(false) {
-                println!("durable consumer `{}` deleted", auth::agent_consumer(id));
+                outln!("durable consumer `{}` deleted", auth::agent_consumer(id));
             }
             if let Ok(kv) = js.get_key_value(schemas::subjects::BUCKET_AGENTS).await
                 && matches!(kv.get(id).await, Ok(Some(_)))
                 && kv.delete(id).await.is_ok()
             {
-                println!("card of `{id}` deleted from `mesh-agents`");
+                outln!("card of `{id}` deleted from `mesh-agents`");
             }
         }
         Applied::NotRunning => {
-            println!(
+            outln!(
                 "no nats-server of `meshctl up` runs: the next `meshctl up` no longer has `{id}`"
             )
         }
@@ -290,10 +290,10 @@ pub(crate) fn list(home: &Home, policies: &Path, json: bool) -> anyhow::Result<(
         return crate::output::print_json(&rows);
     }
     if ids.is_empty() {
-        println!("No agents: `meshctl agents add <id> --role <role>` registers one.");
+        outln!("No agents: `meshctl agents add <id> --role <role>` registers one.");
         return Ok(());
     }
-    println!("{:<20} {:<14} {:<10} key", "agent", "role", "entities");
+    outln!("{:<20} {:<14} {:<10} key", "agent", "role", "entities");
     for id in ids {
         let role = entities
             .iter()
@@ -313,7 +313,7 @@ pub(crate) fn list(home: &Home, policies: &Path, json: bool) -> anyhow::Result<(
             ),
             None => "none (no broker access; `meshctl up` creates one)".into(),
         };
-        println!("{id:<20} {role:<14} {in_entities:<10} {key}");
+        outln!("{id:<20} {role:<14} {in_entities:<10} {key}");
     }
     Ok(())
 }

@@ -79,7 +79,7 @@ pub(crate) async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> any
                 crate::output::print_json(&states)?;
                 return Ok(true);
             }
-            print!("{}", render_list(&states, Utc::now()));
+            out!("{}", render_list(&states, Utc::now()));
             Ok(true)
         }
         ApprovalsCommand::Show { id, output } => {
@@ -113,20 +113,20 @@ pub(crate) async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> any
                 crate::output::print_json(&value)?;
                 return Ok(true);
             }
-            println!("approval  {}", state.id);
-            println!("status    {}", state.status);
-            println!("event     {} ({})", state.receipt.event_id, what(&state));
-            println!("trace     {}", state.receipt.trace_id);
-            println!("policies  {}", state.receipt.reasons.join(", "));
+            outln!("approval  {}", state.id);
+            outln!("status    {}", state.status);
+            outln!("event     {} ({})", state.receipt.event_id, what(&state));
+            outln!("trace     {}", state.receipt.trace_id);
+            outln!("policies  {}", state.receipt.reasons.join(", "));
             if !state.receipt.findings.is_empty() {
-                println!("findings  {}", state.receipt.findings.join(", "));
+                outln!("findings  {}", state.receipt.findings.join(", "));
             }
-            println!("requested {}", state.requested_at);
-            println!("expires   {}", state.expires_at);
+            outln!("requested {}", state.requested_at);
+            outln!("expires   {}", state.expires_at);
             if state.status != ApprovalStatus::Pending {
-                println!("answered  {} {}", state.answered_at, state.approver);
+                outln!("answered  {} {}", state.answered_at, state.approver);
                 if !state.comment.is_empty() {
-                    println!("comment   {}", state.comment);
+                    outln!("comment   {}", state.comment);
                 }
             }
             let request = js
@@ -151,9 +151,9 @@ pub(crate) async fn run(command: ApprovalsCommand, endpoints: &Endpoints) -> any
                         }
                         None => "(no data)".into(),
                     };
-                    println!("data\n{data}");
+                    outln!("data\n{data}");
                 }
-                Err(e) => println!("data      (no longer stored: {e})"),
+                Err(e) => outln!("data      (no longer stored: {e})"),
             }
             Ok(true)
         }
@@ -336,7 +336,7 @@ async fn answer(
         _ => ApprovalStatus::Rejected,
     };
     let outcome = outcome(store, &state.id, args.timeout).await?;
-    println!("{}", outcome_line(&outcome, wanted));
+    outln!("{}", outcome_line(&outcome, wanted));
     Ok(outcome.status == wanted)
 }
 

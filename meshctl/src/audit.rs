@@ -833,18 +833,18 @@ pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow:
                 .map(|(table, n)| format!("{n} into {table}"))
                 .collect();
             if total == 0 {
-                println!(
+                outln!(
                     "nothing to repair: every message the streams hold has its row ({} compared)",
                     repaired.compared
                 );
             } else if dry_run {
-                println!(
+                outln!(
                     "would re-insert {total} rows from the streams ({}; {} messages compared)",
                     by_table.join(", "),
                     repaired.compared
                 );
             } else {
-                println!(
+                outln!(
                     "repaired: re-inserted {total} rows from the streams ({}; {} messages compared); {} still missing",
                     by_table.join(", "),
                     repaired.compared,
@@ -852,7 +852,7 @@ pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow:
                 );
             }
             for line in &repaired.unrecoverable {
-                println!("could not recover: {line}");
+                outln!("could not recover: {line}");
             }
             Ok(ok)
         }
@@ -886,13 +886,16 @@ pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow:
                 return Ok(report.findings.is_empty());
             }
             if report.findings.is_empty() {
-                println!(
+                outln!(
                     "ok: {} decisions verified against {} checkpoints ({} newer than the last checkpoint: signature checked only); {} stream messages have their rows",
-                    report.rows, report.checkpoints, report.pending, report.compared
+                    report.rows,
+                    report.checkpoints,
+                    report.pending,
+                    report.compared
                 );
                 return Ok(true);
             }
-            println!(
+            outln!(
                 "FAILED: {} findings in {} decisions and {} checkpoints; first: {}",
                 report.findings.len(),
                 report.rows,
@@ -900,7 +903,7 @@ pub(crate) async fn run(command: AuditCommand, endpoints: &Endpoints) -> anyhow:
                 report.findings[0]
             );
             for finding in &report.findings {
-                println!("  {finding}");
+                outln!("  {finding}");
             }
             Ok(false)
         }

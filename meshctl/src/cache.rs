@@ -60,7 +60,7 @@ pub(crate) async fn run(command: CacheCommand, endpoints: &Endpoints) -> anyhow:
                 }))?;
                 return Ok(true);
             }
-            println!(
+            outln!(
                 "{}: {entries} entries, {bytes} bytes (max {} bytes, oldest evicted first; max age {}s)",
                 subjects::BUCKET_TOOL_CACHE,
                 limit(info.config.max_bytes),
@@ -73,10 +73,10 @@ pub(crate) async fn run(command: CacheCommand, endpoints: &Endpoints) -> anyhow:
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(context)?;
             match tool {
-                Some(tool) => println!(
+                Some(tool) => outln!(
                     "Purged {purged} cached results of `{tool}`: its next calls go to the tool."
                 ),
-                None => println!(
+                None => outln!(
                     "Purged the tool cache ({purged} messages): every tool's next calls go to the tool."
                 ),
             }

@@ -55,6 +55,6 @@ pub(crate) async fn run(
             "local_pools": pools,
         }));
     }
-    print!("{overview}");
+    out!("{overview}");
     Ok(())
 }

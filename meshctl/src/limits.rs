@@ -103,14 +103,19 @@ pub(crate) async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow
                 }))?;
                 return Ok(true);
             }
-            println!(
+            outln!(
                 "{:<20} {:>8} {:>8} {:>8} {:>14} {:>12}",
-                "AGENT", "MINUTE", "HOUR", "DAY", "TOKENS TODAY", "USD TODAY"
+                "AGENT",
+                "MINUTE",
+                "HOUR",
+                "DAY",
+                "TOKENS TODAY",
+                "USD TODAY"
             );
             for a in agents {
                 let tally: AgentTally = read(&store, &agent_key(&a)).await?.unwrap_or_default();
                 let t = tally.at(now);
-                println!(
+                outln!(
                     "{:<20} {:>8} {:>8} {:>8} {:>14} {:>12.4}",
                     a,
                     t.per_minute,
@@ -122,7 +127,7 @@ pub(crate) async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow
             }
             if let Some(w) = workflow {
                 let t: WorkflowTally = read(&store, &workflow_key(&w)).await?.unwrap_or_default();
-                println!(
+                outln!(
                     "\nworkflow {w}: {} events, {} tool calls, {} tokens, {:.4} USD",
                     t.events,
                     t.tool_calls,
@@ -146,7 +151,7 @@ pub(crate) async fn run(command: LimitsCommand, endpoints: &Endpoints) -> anyhow
                     .purge(&key)
                     .await
                     .with_context(|| format!("resetting `{key}`"))?;
-                println!("Reset `{key}`: its counters start again from zero.");
+                outln!("Reset `{key}`: its counters start again from zero.");
             }
             Ok(true)
         }

@@ -4,6 +4,30 @@
 //! guardrails (`policy`, `approvals`, `limits`), and the tool-result cache
 //! (`cache`).
 
+// Everything meshctl prints goes through `out!` / `outln!` (or
+// `output::stdout()`): `print!` and `println!` panic when the reader of a
+// pipe has gone (`meshctl … | head -1`).
+#![deny(clippy::print_stdout)]
+
+/// `print!` for meshctl: a closed stdout ends meshctl quietly
+/// ([`output::write_out`]).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!($($arg)*))
+    };
+}
+
+/// `println!` for meshctl: a closed stdout ends meshctl quietly
+/// ([`output::write_out`]).
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod agents;
 mod approvals;
 mod audit;
@@ -306,14 +330,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut command, "meshctl", &mut std::io::stdout());
+            clap_complete::generate(shell, &mut command, "meshctl", &mut output::stdout());
             return Ok(ExitCode::SUCCESS);
         }
         Command::Docs {
             command: DocsCommand::Reference,
         } => {
             let command = <Cli as clap::CommandFactory>::command();
-            print!("{}", reference::markdown(&command));
+            out!("{}", reference::markdown(&command));
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}

@@ -1,7 +1,12 @@
 //! What every read command shares: `-o text|json` (the JSON shapes are
-//! documented in `docs/meshctl.md`), and the one duration syntax of meshctl
-//! (`30s`, `5m`, `2h`, `1h30m`, `250ms`).
+//! documented in `docs/meshctl.md`), the one duration syntax of meshctl
+//! (`30s`, `5m`, `2h`, `1h30m`, `250ms`), and stdout itself: everything
+//! meshctl prints goes through [`write_out`] (the `out!` and `outln!`
+//! macros) or [`stdout`], which end meshctl quietly when the reader of a
+//! pipe has gone (`meshctl … | head -1`) instead of panicking as `outln!`
+//! does.
 
+use std::io::{self, Write};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -33,14 +38,66 @@ impl OutputArg {
 
 /// Prints `value` as one JSON document (pretty) on stdout.
 pub(crate) fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+    outln!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }
 
 /// Prints `value` as one line of JSON on stdout.
 pub(crate) fn print_json_line(value: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    outln!("{}", serde_json::to_string(value)?);
     Ok(())
+}
+
+/// meshctl's exit status when its stdout was closed before it wrote
+/// everything (the reader of a pipe stopped early: `meshctl … | head -1`):
+/// 128 + SIGPIPE, what a shell reports for a program that signal ended.
+pub(crate) const STDOUT_CLOSED: u8 = 141;
+
+/// Writes `args` on stdout: what `out!` and `outln!` expand to.
+pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    let written = io::stdout().write_fmt(args);
+    if let Err(e) = written {
+        stdout_failed(&e);
+    }
+}
+
+/// Stdout as a [`Write`] (for what writes into one: serde_json, clap's
+/// completions, a report), with [`write_out`]'s handling of a closed pipe.
+pub(crate) fn stdout() -> Stdout {
+    Stdout
+}
+
+/// See [`stdout`].
+pub(crate) struct Stdout;
+
+impl Write for Stdout {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match io::stdout().write(buf) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => stdout_failed(&e),
+            result => result,
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match io::stdout().flush() {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => stdout_failed(&e),
+            result => result,
+        }
+    }
+}
+
+/// Ends meshctl after a write to stdout failed: silently with
+/// [`STDOUT_CLOSED`] when the reader has gone (nobody is left to read a
+/// message, and a script sees the status), else (a full disk under
+/// `> file`) with one line on stderr and [`crate::exit::Exit::Failed`].
+/// Either way at once, as the default action of SIGPIPE would: what was
+/// to be printed has nowhere to go.
+fn stdout_failed(error: &io::Error) -> ! {
+    if error.kind() == io::ErrorKind::BrokenPipe {
+        std::process::exit(i32::from(STDOUT_CLOSED));
+    }
+    let _ = writeln!(io::stderr(), "meshctl: writing to stdout: {error}");
+    std::process::exit(i32::from(crate::exit::Exit::Failed.code()));
 }
 
 /// Parses a duration: a number and a unit (`ms`, `s`, `m`, `h`, `d`),

@@ -16,8 +16,8 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
 use clap::{Subcommand, ValueEnum};
 use futures::StreamExt;
 use policy_engine::{
-    CACHE_FILE, ENTITIES_FILE, FLOWS_FILE, Outcome, PROPERTIES_FILE, PolicyBundle, Properties,
-    Replayer, SCHEMA_FILE,
+    AgentCards, CACHE_FILE, ENTITIES_FILE, FLOWS_FILE, Outcome, PROPERTIES_FILE, PolicyBundle,
+    Properties, Replayer, SCHEMA_FILE,
 };
 use schemas::{DecisionReceipt, subjects};
 use serde::Serialize;
@@ -84,6 +84,9 @@ pub(crate) enum PolicyCommand {
         /// Where the recorded events and decisions come from.
         #[arg(long, value_enum, default_value_t = Source::Clickhouse)]
         from: Source,
+        /// The agent cards whose input schemas tool calls' arguments are checked against first, as the worker checks them: `current` reads every card in `mesh-agents` now (NATS needed also with `--from clickhouse`), `none` checks no arguments. Unset: `current`, or `none` with a warning when NATS cannot be reached.
+        #[arg(long, value_enum)]
+        cards: Option<CardsFrom>,
         /// Examples printed per kind of change.
         #[arg(long, default_value_t = 5)]
         examples: usize,
@@ -107,6 +110,16 @@ pub(crate) enum Source {
     Jetstream,
 }
 
+/// Which agent cards replay checks tool calls' arguments against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum CardsFrom {
+    /// The cards in `mesh-agents` now (not as they were when the events were decided).
+    Current,
+    /// None: no call's arguments are checked.
+    #[value(name = "none")]
+    Unchecked,
+}
+
 /// Runs a `meshctl policy` command; `Ok(false)` means exit status 1.
 pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow::Result<bool> {
     match command {
@@ -127,7 +140,7 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
                 }))?;
                 return Ok(true);
             }
-            println!(
+            outln!(
                 "{}: {} policies, policy hash {}",
                 dir.display(),
                 bundle.len(),
@@ -135,16 +148,16 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
             );
             let approvals: Vec<&str> = bundle.guard().approval_policies().collect();
             if !approvals.is_empty() {
-                println!("  require approval: {}", approvals.join(", "));
+                outln!("  require approval: {}", approvals.join(", "));
             }
             if bundle.guard().reads_detectors() {
-                println!("  reads payload detectors (context.detectors)");
+                outln!("  reads payload detectors (context.detectors)");
             }
             if bundle.guard().reads_counters() {
-                println!("  reads rate and budget counters (context.rate, context.budget)");
+                outln!("  reads rate and budget counters (context.rate, context.budget)");
             }
             if properties > 0 {
-                println!(
+                outln!(
                     "  {properties} properties in {PROPERTIES_FILE} (`meshctl policy prove` proves them)"
                 );
             }
@@ -175,6 +188,7 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
             since,
             until,
             from,
+            cards,
             examples,
             output,
             json,
@@ -190,7 +204,21 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
             if since >= until {
                 bail!("--since {since} is not before --until {until}");
             }
-            let replayer = Replayer::new(load(&policies)?, schemas::Limits::default());
+            let mut replayer = Replayer::new(load(&policies)?, schemas::Limits::default());
+            match cards {
+                Some(CardsFrom::Current) => {
+                    replayer = replayer.with_cards(read_cards(endpoints).await?);
+                }
+                Some(CardsFrom::Unchecked) => {}
+                // Unset: a replay that needs no NATS otherwise still runs
+                // without it, saying so.
+                None => match read_cards(endpoints).await {
+                    Ok(read) => replayer = replayer.with_cards(read),
+                    Err(error) => eprintln!(
+                        "warning: {error:#}; replaying without checking tool calls' arguments (`--cards current` makes this an error)"
+                    ),
+                },
+            }
             let mut report = Report::new(examples);
             match from {
                 Source::Clickhouse => {
@@ -209,8 +237,13 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
                 until: until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 policies: policies.display().to_string(),
                 policy_hash: replayer.bundle().hash().to_owned(),
+                cards: replayer.cards().map(|c| CardsRead {
+                    agents: c.len(),
+                    tools: c.tools_with_schema(),
+                    unreadable: c.unreadable(),
+                }),
             };
-            let mut out = std::io::stdout().lock();
+            let mut out = crate::output::stdout();
             if json {
                 serde_json::to_writer_pretty(&mut out, &report.json(&header))?;
                 writeln!(out)?;
@@ -293,7 +326,7 @@ fn promote(shadow: &Path, active: &Path, backup: Option<&Path>) -> anyhow::Resul
     let new = load(shadow)?;
     let old_hash = PolicyBundle::load(active).ok().map(|b| b.hash().to_owned());
     if old_hash.as_deref() == Some(new.hash()) {
-        println!(
+        outln!(
             "`{}` already holds the shadow set (policy hash {}); nothing to promote.",
             active.display(),
             new.hash()
@@ -342,14 +375,14 @@ fn promote(shadow: &Path, active: &Path, backup: Option<&Path>) -> anyhow::Resul
             new.hash()
         );
     }
-    println!(
+    outln!(
         "Promoted `{}` to `{}`: policy hash {} (was {}).",
         shadow.display(),
         active.display(),
         new.hash(),
         old_hash.as_deref().unwrap_or("none")
     );
-    println!(
+    outln!(
         "A running policy worker reloads it within a second; receipts then carry policy_hash {}.",
         new.hash()
     );
@@ -363,6 +396,46 @@ struct Header {
     until: String,
     policies: String,
     policy_hash: String,
+    /// The cards tool calls were checked against (`None`: `--cards none`).
+    cards: Option<CardsRead>,
+}
+
+/// What was read of `mesh-agents` for the replay.
+struct CardsRead {
+    /// Cards that parse.
+    agents: usize,
+    /// Their tools with an input schema.
+    tools: usize,
+    /// Cards that do not parse (they check nothing, as in the worker).
+    unreadable: usize,
+}
+
+/// Every card in `mesh-agents` now, compiled: what the worker checks tool
+/// calls against.
+async fn read_cards(endpoints: &Endpoints) -> anyhow::Result<AgentCards> {
+    let bucket = subjects::BUCKET_AGENTS;
+    let hint = "(`--cards none` replays without checking tool calls' arguments against them)";
+    let client = endpoints
+        .connect_nats()
+        .await
+        .with_context(|| format!("reading the agent cards in `{bucket}` {hint}"))?;
+    let js = jetstream::new(client);
+    let read = async {
+        let kv = js.get_key_value(bucket).await?;
+        let mut cards = AgentCards::new();
+        let mut keys = kv.keys().await?;
+        while let Some(key) = keys.next().await {
+            let key = key?;
+            if let Some(card) = kv.get(&key).await?
+                && let Err(error) = cards.insert(&key, &card)
+            {
+                tracing::warn!(agent = %key, %error, "The agent's card does not parse; its tool calls are not checked against an input schema (as in the worker).");
+            }
+        }
+        anyhow::Ok(cards)
+    };
+    read.await
+        .with_context(|| format!("reading the agent cards in `{bucket}` {hint}"))
 }
 
 /// One changed decision, for the examples.
@@ -471,6 +544,12 @@ impl Report {
             "until": h.until,
             "policies": h.policies,
             "policy_hash": h.policy_hash,
+            "cards": h.cards.as_ref().map(|c| serde_json::json!({
+                "bucket": subjects::BUCKET_AGENTS,
+                "agents": c.agents,
+                "tools_with_input_schema": c.tools,
+                "unreadable": c.unreadable,
+            })),
             "events": self.events,
             "without_recorded_decision": self.unrecorded,
             "unchanged": self.unchanged(),
@@ -496,6 +575,29 @@ impl Report {
                 .map(|(hash, n)| format!("{hash} ({n})"))
                 .collect();
             writeln!(out, "Recorded under policy hash {}.", hashes.join(", "))?;
+        }
+        match &h.cards {
+            Some(c) => {
+                write!(
+                    out,
+                    "Tool calls checked against the input schemas of {} agent cards in `{}` as they are now ({} tools)",
+                    c.agents,
+                    subjects::BUCKET_AGENTS,
+                    c.tools
+                )?;
+                if c.unreadable > 0 {
+                    write!(
+                        out,
+                        "; {} cards that do not parse check nothing",
+                        c.unreadable
+                    )?;
+                }
+                writeln!(out, ".")?;
+            }
+            None => writeln!(
+                out,
+                "Tool calls' arguments not checked against input schemas (`--cards none`, or no NATS to read the cards from)."
+            )?,
         }
         writeln!(out, "  unchanged  {:>6}", self.unchanged())?;
         writeln!(out, "  changed    {:>6}", self.changed())?;

@@ -531,7 +531,7 @@ pub(crate) async fn prove(dir: &Path, args: &SolverArgs, json: bool) -> anyhow::
     if json {
         crate::output::print_json(&report)?;
     } else {
-        println!(
+        outln!(
             "{}: {} policies, policy hash {}; {} properties over {} request kinds, with cvc5 {}",
             report.dir,
             report.policies,
@@ -547,15 +547,15 @@ pub(crate) async fn prove(dir: &Path, args: &SolverArgs, json: bool) -> anyhow::
             .max()
             .unwrap_or(0);
         for r in &report.properties {
-            println!("  {:<6}  {:<width$}  {}", r.result, r.id, r.description);
+            outln!("  {:<6}  {:<width$}  {}", r.result, r.id, r.description);
             if let Some(cex) = &r.counterexample {
-                println!("          counterexample ({}):", r.check);
+                outln!("          counterexample ({}):", r.check);
                 for line in cex.lines("            ") {
-                    println!("{line}");
+                    outln!("{line}");
                 }
             }
         }
-        println!(
+        outln!(
             "{} proved, {} failed ({:.1} s)",
             report.proved,
             report.failed,
@@ -694,9 +694,12 @@ pub(crate) async fn diff(
         crate::output::print_json(&report)?;
         return Ok(ok);
     }
-    println!(
+    outln!(
         "{} ({}) → {} ({})",
-        report.old, report.old_hash, report.new, report.new_hash
+        report.old,
+        report.old_hash,
+        report.new,
+        report.new_hash
     );
     for (label, ids) in [
         ("added", &report.added),
@@ -704,11 +707,11 @@ pub(crate) async fn diff(
         ("changed", &report.changed),
     ] {
         if !ids.is_empty() {
-            println!("  {label:<8} {}", ids.join(", "));
+            outln!("  {label:<8} {}", ids.join(", "));
         }
     }
     if report.added.is_empty() && report.removed.is_empty() && report.changed.is_empty() {
-        println!("  no policy added, removed or changed");
+        outln!("  no policy added, removed or changed");
     }
     if let Some(p) = &report.prove {
         let says = match p.verdict {
@@ -723,20 +726,21 @@ pub(crate) async fn diff(
                 "NEW changes OLD both ways: it allows a request OLD denied, and denies one OLD allowed"
             }
         };
-        println!(
+        outln!(
             "proved with cvc5 {} over {} request kinds: {says}",
-            p.solver.version, p.request_kinds
+            p.solver.version,
+            p.request_kinds
         );
         if let Some(cex) = &p.allowed_only_by_new {
-            println!("  a request NEW allows and OLD denied:");
+            outln!("  a request NEW allows and OLD denied:");
             for line in cex.lines("    ") {
-                println!("{line}");
+                outln!("{line}");
             }
         }
         if let Some(cex) = &p.denied_only_by_new {
-            println!("  a request OLD allowed and NEW denies:");
+            outln!("  a request OLD allowed and NEW denies:");
             for line in cex.lines("    ") {
-                println!("{line}");
+                outln!("{line}");
             }
         }
     }

@@ -374,15 +374,16 @@ pub(crate) async fn run(home: &Home, endpoints: &Endpoints, args: PubArgs) -> an
                 sequence: ack.sequence,
             })?;
         } else {
-            println!(
+            outln!(
                 "published {event_type} `{id}` as {agent} on {subject} (trace {trace_id}, {} #{})",
-                ack.stream, ack.sequence
+                ack.stream,
+                ack.sequence
             );
         }
         return Ok(Exit::Ok);
     }
     if !args.output.json() {
-        println!("published {event_type} `{id}` as {agent} on {subject} (trace {trace_id})");
+        outln!("published {event_type} `{id}` as {agent} on {subject} (trace {trace_id})");
     }
     let Some(receipts) = receipts.as_mut() else {
         return Ok(Exit::Ok);
@@ -473,21 +474,21 @@ fn print_receipt(r: &DecisionReceipt) {
     if !r.reasons.is_empty() {
         decision.push_str(&format!("by {}", r.reasons.join(", ")));
     }
-    println!("decision  {}", decision.trim_end());
+    outln!("decision  {}", decision.trim_end());
     if !r.errors.is_empty() {
-        println!("errors    {}", r.errors.join("; "));
+        outln!("errors    {}", r.errors.join("; "));
     }
     if let (schemas::Decision::Allow, Some(target)) = (r.decision, &r.target) {
-        println!(
+        outln!(
             "routed    to {target} on {}",
             schemas::subjects::deliver(target, &r.agent)
         );
     }
     if !r.findings.is_empty() {
-        println!("findings  {}", r.findings.join(", "));
+        outln!("findings  {}", r.findings.join(", "));
     }
-    println!("trace     {}  (`meshctl trace {}`)", r.trace_id, r.trace_id);
-    println!(
+    outln!("trace     {}  (`meshctl trace {}`)", r.trace_id, r.trace_id);
+    outln!(
         "decided   {} by policy set {}",
         r.decided_at,
         short(&r.policy_hash)

@@ -53,7 +53,7 @@ pub(crate) const JSON_SHAPES: &[(&str, &str)] = &[
     ),
     (
         "policy replay",
-        "`{source, since, until, policies, policy_hash, events, without_recorded_decision, unchanged, changed, recorded_policy_hashes, transitions: [{recorded, candidate, events}], examples}` (`--json` is the older spelling)",
+        "`{source, since, until, policies, policy_hash, cards, events, without_recorded_decision, unchanged, changed, recorded_policy_hashes, transitions: [{recorded, candidate, events}], examples}` (`--json` is the older spelling); `cards` is `{bucket, agents, tools_with_input_schema, unreadable}`, the cards tool calls were checked against, or null with `--cards none`",
     ),
     (
         "approvals list",
@@ -115,6 +115,11 @@ pub(crate) fn markdown(root: &Command) -> String {
     let _ = writeln!(
         out,
         "\nA failure prints one line on stderr, `meshctl: <what failed>: <the fix>`.\n"
+    );
+    let _ = writeln!(
+        out,
+        "When stdout is closed before meshctl has written everything (its reader stopped early, as in `meshctl policy check policies | head -1`), meshctl stops at once, prints nothing more (no error either) and exits {}, as a program ended by SIGPIPE does.\n",
+        crate::output::STDOUT_CLOSED
     );
 
     let _ = writeln!(out, "## Durations\n");

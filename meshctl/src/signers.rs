@@ -190,7 +190,7 @@ pub(crate) async fn run(
                 return Ok(true);
             }
             if records.is_empty() {
-                println!("no signers in `{}`", subjects::BUCKET_SIGNERS);
+                outln!("no signers in `{}`", subjects::BUCKET_SIGNERS);
             }
             for r in records {
                 let since = match r.status {
@@ -198,18 +198,18 @@ pub(crate) async fn run(
                     SignerStatus::Retired => format!("retired {}", r.retired_at),
                     SignerStatus::Revoked => format!("revoked {}", r.revoked_at),
                 };
-                println!("{}  {:<8} {:<20} {since}", r.public_key, r.status, r.name);
+                outln!("{}  {:<8} {:<20} {since}", r.public_key, r.status, r.name);
             }
         }
         SignersCommand::Add { public_key, name } => {
             nkeys::KeyPair::from_public_key(&public_key)
                 .map_err(|e| anyhow::anyhow!("`{public_key}` is not an nkey public key: {e}"))?;
             put(&kv, &active(&public_key, &name)).await?;
-            println!("signer {public_key} added (active)");
+            outln!("signer {public_key} added (active)");
         }
         SignersCommand::Retire { public_key } => {
             let r = retire(&kv, &public_key).await?;
-            println!("signer {public_key} {} at {}", r.status, r.retired_at);
+            outln!("signer {public_key} {} at {}", r.status, r.retired_at);
         }
         SignersCommand::Revoke { public_key } => {
             let r = update(&kv, &public_key, |r| {
@@ -217,7 +217,7 @@ pub(crate) async fn run(
                 r.revoked_at = now();
             })
             .await?;
-            println!("signer {public_key} revoked at {}", r.revoked_at);
+            outln!("signer {public_key} revoked at {}", r.revoked_at);
         }
         SignersCommand::Rotate { service } => {
             anyhow::ensure!(
@@ -237,12 +237,12 @@ async fn rotate(home: &Home, kv: &kv::Store, service: &str) -> anyhow::Result<()
     let key = SigningKey::generate();
     put(kv, &active(key.public_key(), service)).await?;
     broker_config::credentials::write_seed_file(&file, &key.seed())?;
-    println!("{service}: new signing key {} (active)", key.public_key());
+    outln!("{service}: new signing key {} (active)", key.public_key());
     if let Some(old) = old {
         let r = retire(kv, &old).await?;
-        println!("{service}: old key {old} {} at {}", r.status, r.retired_at);
+        outln!("{service}: old key {old} {} at {}", r.status, r.retired_at);
     }
-    println!("restart {service} to sign with the new key (`meshctl down`, `meshctl up`)");
+    outln!("restart {service} to sign with the new key (`meshctl down`, `meshctl up`)");
     Ok(())
 }
 

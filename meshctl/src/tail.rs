@@ -242,7 +242,7 @@ pub(crate) async fn run(
         if args.output.json() {
             print_json_line(&entry)?;
         } else {
-            println!("{}", text_line(&entry));
+            outln!("{}", text_line(&entry));
         }
         printed += 1;
     }

@@ -94,7 +94,7 @@ pub(crate) async fn print(
         }));
     }
     let reports = reports(&endpoints.audit_db(), trace_id).await?;
-    print!("{}", render_with(trace_id, &nodes, &reports));
+    out!("{}", render_with(trace_id, &nodes, &reports));
     Ok(())
 }
 

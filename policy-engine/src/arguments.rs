@@ -152,6 +152,79 @@ impl CardSchemas {
     }
 }
 
+/// The agent whose card's input schemas govern `event`'s arguments: a
+/// `tool.call`'s target (the agent serving the tool). `None` for any other
+/// event and for a call without a target: nothing is checked.
+pub fn card_agent(event: &MeshEvent) -> Option<&str> {
+    event.tool()?;
+    event.target.as_ref().map(|target| target.as_str())
+}
+
+/// The compiled cards of many agents, by agent id: a snapshot of
+/// `mesh-agents`, with which [`crate::Replayer`] checks tool calls as the
+/// worker does (the worker keeps its own, following the bucket).
+#[derive(Debug, Default)]
+pub struct AgentCards {
+    cards: HashMap<String, CardSchemas>,
+    unreadable: usize,
+}
+
+impl AgentCards {
+    /// No cards: every call passes.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `agent`'s card (the JSON stored under its key in
+    /// `mesh-agents`). A card that does not parse checks nothing, as in
+    /// the worker: `Err` says why, and it is counted
+    /// ([`AgentCards::unreadable`]).
+    pub fn insert(&mut self, agent: &str, card: &[u8]) -> Result<(), CardError> {
+        match CardSchemas::compile(card) {
+            Ok(schemas) => {
+                self.cards.insert(agent.to_owned(), schemas);
+                Ok(())
+            }
+            Err(e) => {
+                self.cards.remove(agent);
+                self.unreadable += 1;
+                Err(e)
+            }
+        }
+    }
+
+    /// How many cards were read (those that parse).
+    pub fn len(&self) -> usize {
+        self.cards.len()
+    }
+
+    /// Whether no card was read.
+    pub fn is_empty(&self) -> bool {
+        self.cards.is_empty()
+    }
+
+    /// How many tools, over every card, have an input schema.
+    pub fn tools_with_schema(&self) -> usize {
+        self.cards.values().map(CardSchemas::len).sum()
+    }
+
+    /// How many cards did not parse (and so check nothing).
+    pub fn unreadable(&self) -> usize {
+        self.unreadable
+    }
+
+    /// Checks a `tool.call`'s arguments against the input schema its
+    /// target's card ([`card_agent`]) gives the tool, as the worker does:
+    /// `Err` with the first violations. Anything else, and a call whose
+    /// target has no card here, passes.
+    pub fn check(&self, event: &MeshEvent) -> Result<(), Vec<String>> {
+        match card_agent(event).and_then(|agent| self.cards.get(agent)) {
+            Some(schemas) => schemas.check_event(event),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The arguments in a tool call's data: its `arguments` member when it is an
 /// object with one, else the whole data.
 pub(crate) fn arguments(data: &Value) -> &Value {

@@ -6,7 +6,9 @@
 //! and redacted allows ([`REDACT_ANNOTATION`]) — the evaluation of one event with them
 //! ([`evaluate`]), and [`Replayer`], which decides recorded events with a
 //! candidate set the way the worker would. [`CardSchemas`] checks a tool
-//! call's arguments against the input schema of its tool's agent card.
+//! call's arguments against the input schema of its tool's agent card
+//! (the card of the call's target, [`card_agent`]; [`AgentCards`] holds
+//! many agents' cards for the replay).
 //!
 //! The policy worker wraps it in the broker (counters in JetStream KV,
 //! parking, publishing); `meshctl` uses it to check and replay policies.
@@ -26,7 +28,7 @@ mod properties;
 mod redact;
 mod replay;
 
-pub use arguments::{CardError, CardSchemas, INPUT_SCHEMA, MAX_VIOLATIONS};
+pub use arguments::{AgentCards, CardError, CardSchemas, INPUT_SCHEMA, MAX_VIOLATIONS, card_agent};
 pub use cache::{CACHE_FILE, CacheRules, Scope as CacheScope, ToolRule, canonical};
 pub use detect::{BuildError, Detector, Findings, KINDS as DETECTOR_KINDS};
 pub use evaluate::{Evaluation, Needs, evaluate};

@@ -6,12 +6,18 @@
 //! The counters are simulated in memory over the replayed events in the
 //! order given, with each event's recorded arrival time as the clock; events
 //! before the replayed range are not counted, so counts start low.
+//!
+//! Given the agents' cards ([`Replayer::with_cards`]), a tool call is first
+//! checked against its tool's input schema, as the worker checks it before
+//! any guardrail or policy: one that breaks it is `invalid` with reason
+//! [`INPUT_SCHEMA`] and the violations as errors, whatever the policies say.
 
 use std::sync::Mutex;
 
 use async_nats::HeaderMap;
 use schemas::{DecisionReceipt, Limits, MeshEvent, subjects};
 
+use crate::arguments::{AgentCards, INPUT_SCHEMA};
 use crate::detect::Detector;
 use crate::evaluate::{Needs, evaluate};
 use crate::guard::Guards;
@@ -80,12 +86,14 @@ pub struct Replayer {
     bundle: PolicyBundle,
     limits: Limits,
     counters: Mutex<MemoryCounters>,
+    cards: Option<AgentCards>,
 }
 
 impl std::fmt::Debug for Replayer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Replayer")
             .field("bundle", &self.bundle)
+            .field("cards", &self.cards)
             .finish()
     }
 }
@@ -97,12 +105,28 @@ impl Replayer {
             bundle,
             limits,
             counters: Mutex::default(),
+            cards: None,
+        }
+    }
+
+    /// Checks tool calls' arguments against the input schemas of `cards`
+    /// (the agents' cards, as in `mesh-agents`) before deciding them, as
+    /// the worker does. Without, no call is checked.
+    pub fn with_cards(self, cards: AgentCards) -> Self {
+        Self {
+            cards: Some(cards),
+            ..self
         }
     }
 
     /// The candidate set.
     pub fn bundle(&self) -> &PolicyBundle {
         &self.bundle
+    }
+
+    /// The cards tool calls are checked against, if any.
+    pub fn cards(&self) -> Option<&AgentCards> {
+        self.cards.as_ref()
     }
 
     /// Decides a recorded ingress message that arrived on `subject` at
@@ -130,6 +154,19 @@ impl Replayer {
 
     /// Decides a validated event of ingress step `step` at `at`.
     pub fn replay_event(&self, event: &MeshEvent, step: &str, at: i64) -> Replayed {
+        // As in the worker: a call whose arguments break its tool's input
+        // schema is invalid and reaches no guardrail (it is not counted) or
+        // policy.
+        if let Some(cards) = &self.cards
+            && let Err(violations) = cards.check(event)
+        {
+            return Replayed {
+                outcome: Outcome::Invalid,
+                reasons: vec![INPUT_SCHEMA.to_owned()],
+                errors: violations,
+                findings: Vec::new(),
+            };
+        }
         let needs = Needs::of(&[self.bundle.guard()]);
         let mut guards = Guards::default();
         if needs.scan {
@@ -154,5 +191,102 @@ impl Replayer {
             errors: evaluation.verdict.errors,
             findings: guards.findings.names(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use schemas::{EventBuilder, EventBuilderV10, encode_binary};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// The coder's `code.search` call on itself with `arguments`.
+    fn call(arguments: Value) -> MeshEvent {
+        let event = EventBuilderV10::new()
+            .id("c1")
+            .source("/agents/coder")
+            .ty("io.agentmesh.tool.call")
+            .subject("code.search")
+            .extension("target", "coder")
+            .data(
+                "application/json",
+                json!({"tool": "code.search", "arguments": arguments}),
+            )
+            .build()
+            .unwrap();
+        let (h, p) = encode_binary(&event);
+        MeshEvent::from_message(
+            "mesh.ingress.coder.tool_call",
+            Some(&h),
+            &p,
+            Limits::default(),
+        )
+        .unwrap()
+    }
+
+    fn cards() -> AgentCards {
+        let card = json!({"name": "coder", "tools": [{"name": "code.search", "inputSchema": {
+            "type": "object",
+            "properties": {"query": {"type": "string", "minLength": 1}},
+            "required": ["query"]
+        }}]});
+        let mut cards = AgentCards::new();
+        cards
+            .insert("coder", &serde_json::to_vec(&card).unwrap())
+            .unwrap();
+        cards
+    }
+
+    fn replayer() -> Replayer {
+        let bundle = PolicyBundle::load(&testkit::shipped_policies()).unwrap();
+        Replayer::new(bundle, Limits::default())
+    }
+
+    /// With the cards, a call that breaks its tool's input schema replays
+    /// as the worker decides it: `invalid`, reason `input-schema`, the
+    /// check's violations as errors; one that keeps it is decided by the
+    /// policies. Without the cards, nothing is checked.
+    #[test]
+    fn a_call_that_breaks_its_input_schema_replays_invalid() {
+        let bad = call(json!({"query": ""}));
+        let violations = cards().check(&bad).unwrap_err();
+        assert!(
+            violations[0].contains("`code.search` at `/query`"),
+            "{violations:?}"
+        );
+
+        let checked = replayer().with_cards(cards());
+        assert_eq!(
+            checked.replay_event(&bad, "tool_call", 0),
+            Replayed {
+                outcome: Outcome::Invalid,
+                reasons: vec![INPUT_SCHEMA.to_owned()],
+                errors: violations,
+                findings: Vec::new(),
+            }
+        );
+        let good = checked.replay_event(&call(json!({"query": "q"})), "tool_call", 0);
+        assert_eq!(good.outcome, Outcome::Allow, "{good:?}");
+        assert_eq!(good.reasons, ["members-call-low-risk-tools"]);
+
+        let unchecked = replayer().replay_event(&bad, "tool_call", 0);
+        assert_eq!(unchecked.outcome, Outcome::Allow, "{unchecked:?}");
+    }
+
+    /// Only a tool call's target's card applies: another agent's card
+    /// checks nothing; a card that does not parse is counted and checks
+    /// nothing.
+    #[test]
+    fn only_the_targets_card_applies() {
+        let mut others = AgentCards::new();
+        let card = json!({"name": "reviewer", "tools": [{"name": "code.search", "inputSchema": {"type": "string"}}]});
+        others
+            .insert("reviewer", &serde_json::to_vec(&card).unwrap())
+            .unwrap();
+        assert!(others.check(&call(json!({"query": ""}))).is_ok());
+        assert!(others.insert("broken", b"not json").is_err());
+        assert_eq!((others.len(), others.unreadable()), (1, 1));
+        assert_eq!(others.tools_with_schema(), 1);
     }
 }

@@ -63,10 +63,9 @@ impl Cards {
     /// Anything else, and a call whose target's card cannot be read now
     /// (logged), passes.
     pub(crate) async fn check(&self, event: &MeshEvent) -> Result<(), Vec<String>> {
-        let (Some(_), Some(target)) = (event.tool(), &event.target) else {
+        let Some(target) = policy_engine::card_agent(event) else {
             return Ok(());
         };
-        let target = target.as_str();
         let entry = match self.cached(target) {
             Some(entry) => entry,
             None => match Box::pin(self.read(target)).await {

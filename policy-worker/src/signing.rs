@@ -9,13 +9,14 @@
 //! signature (`Mesh-Signature`), two or more a Merkle root signed once and
 //! an inclusion proof each (`Mesh-Batch-*`). Woken by the first decision,
 //! the signer yields once so the events already runnable reach their
-//! signing point too, then — with a collection window (`--sign-window-us`)
-//! — keeps collecting until the window since that first decision is over
-//! or the batch is full, and signs what it has. So no decision waits
-//! longer than the window (plus the timer's granularity, about a
-//! millisecond) for others, and under a steady trickle of events the
-//! Ed25519 signature is still shared (`agentmesh.worker.sign.batch` shows
-//! the sizes). A window of 0 signs whatever is queued after the yield.
+//! signing point too, and signs whatever is queued then (the default: under
+//! load decisions queue while a batch is being signed, so batches fill by
+//! themselves). With a collection window (`--sign-window-us` above 0) it
+//! keeps collecting until the window since that first decision is over or
+//! the batch is full, and signs what it has: no decision waits longer than
+//! the window (plus the timer's granularity, about a millisecond) for
+//! others, and under a steady trickle of events the Ed25519 signature is
+//! still shared. `agentmesh.worker.sign.batch` shows the sizes.
 //! Everything else here runs at start.
 
 use std::sync::Arc;

@@ -186,7 +186,7 @@ async fn plan(
 ) -> anyhow::Result<()> {
     let remaining = || deadline.saturating_duration_since(Instant::now());
     let trace_id = wf.trace_id();
-    println!("Trace {trace_id}: {PLANNER} → {CODER} → {REVIEWER}, agents-sdk agents");
+    outln!("Trace {trace_id}: {PLANNER} → {CODER} → {REVIEWER}, agents-sdk agents");
     let prompt = wf.prompt(TASK).with("role", "user").await?;
     ledger.record(prompt.id);
     let thought = wf
@@ -239,7 +239,7 @@ async fn plan(
 }
 
 fn print_note(agent: &str, line: &str) {
-    println!("  {agent:<9} {line}");
+    outln!("  {agent:<9} {line}");
 }
 
 /// `meshctl demo`: checks that NATS and ClickHouse answer, gives each
@@ -341,16 +341,16 @@ async fn run_and_show(
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let ran = run_workflow(&endpoints.nats_url, seed_of, deadline).await?;
-    println!(
+    outln!(
         "Published {} steps of trace {}; waiting for their decisions in ClickHouse…",
         ran.ids.len(),
         ran.trace_id
     );
     let left = deadline.saturating_duration_since(Instant::now());
     let nodes = wait_for_tree(endpoints, &ran.trace_id, &ran.ids, left).await?;
-    println!();
-    print!("{}", tree::render(&ran.trace_id, &nodes));
-    println!("\nAgain: meshctl trace {}", ran.trace_id);
+    outln!();
+    out!("{}", tree::render(&ran.trace_id, &nodes));
+    outln!("\nAgain: meshctl trace {}", ran.trace_id);
     Ok(())
 }
 

@@ -129,7 +129,7 @@ impl Started {
 }
 
 fn line(name: &str, state: &str, detail: impl std::fmt::Display) {
-    println!("{name:<18} {state:<8} {detail}");
+    outln!("{name:<18} {state:<8} {detail}");
 }
 
 /// `meshctl up`.
@@ -178,11 +178,11 @@ pub(crate) async fn up(
         }
     }
     if options.detach {
-        println!("\nThe stack is up. `meshctl demo` runs the demo; `meshctl down` stops it.");
+        outln!("\nThe stack is up. `meshctl demo` runs the demo; `meshctl down` stops it.");
         // The children run on in their own process groups.
         return Ok(());
     }
-    println!("\nThe stack is up. Ctrl-C stops what this command started.");
+    outln!("\nThe stack is up. Ctrl-C stops what this command started.");
     wait_in_foreground(home, &mut started).await;
     started.stop_all(home);
     Ok(())
@@ -366,7 +366,7 @@ async fn wait_in_foreground(home: &Home, started: &mut Started) {
             }
         }
     }
-    println!();
+    outln!();
 }
 
 /// `meshctl down`: stops what `up` started, as its pid files record.
@@ -390,7 +390,7 @@ pub(crate) fn down(home: &Home) -> anyhow::Result<()> {
         }
     }
     if !any {
-        println!(
+        outln!(
             "Nothing to stop: `meshctl up` started nothing under {}.",
             home.root().display()
         );

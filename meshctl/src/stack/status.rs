@@ -87,7 +87,7 @@ pub(crate) async fn status(home: &Home, endpoints: &Endpoints, json: bool) -> an
     };
     let report = &mut report;
     if !json {
-        println!("{:<18} {:<8} detail", "component", "state");
+        outln!("{:<18} {:<8} detail", "component", "state");
     }
     let nats = servers::nats_state(endpoints).await;
     let nodes = servers::recorded_nodes(home);
@@ -493,9 +493,10 @@ fn print_streams(report: &mut Report, streams: &[(String, u64)], consumers: &[Co
             .collect();
         return;
     }
-    println!(
+    outln!(
         "\n{:<18} {:>8}  consumers (pending / unacked)",
-        "stream", "messages"
+        "stream",
+        "messages"
     );
     for (stream, messages) in streams {
         let mut of_stream: Vec<String> = consumers
@@ -504,18 +505,20 @@ fn print_streams(report: &mut Report, streams: &[(String, u64)], consumers: &[Co
             .map(|(_, name, pending, unacked, _)| format!("{name} {pending}/{unacked}"))
             .collect();
         of_stream.sort();
-        println!("{stream:<18} {messages:>8}  {}", of_stream.join(", "));
+        outln!("{stream:<18} {messages:>8}  {}", of_stream.join(", "));
     }
     let agents = agent_queues(consumers);
     if !agents.is_empty() {
-        println!(
+        outln!(
             "\n{:<18} {:>22}  {:>18}",
-            "agent", "deliveries pending/unacked", "calls pending/unacked"
+            "agent",
+            "deliveries pending/unacked",
+            "calls pending/unacked"
         );
         for (agent, deliveries, calls) in agents {
             let pair =
                 |q: Option<Queue>| q.map_or_else(|| "-".to_owned(), |(p, u)| format!("{p}/{u}"));
-            println!("{agent:<18} {:>26}  {:>21}", pair(deliveries), pair(calls));
+            outln!("{agent:<18} {:>26}  {:>21}", pair(deliveries), pair(calls));
         }
     }
 }
@@ -536,7 +539,7 @@ async fn print_tables(report: &mut Report, endpoints: &Endpoints) {
         }
         return;
     }
-    println!(
+    outln!(
         "\n{:<18} {:>8}",
         format!("table ({})", endpoints.database),
         "rows"
@@ -548,8 +551,8 @@ async fn print_tables(report: &mut Report, endpoints: &Endpoints) {
             .fetch_one::<u64>()
             .await;
         match rows {
-            Ok(n) => println!("{table:<18} {n:>8}"),
-            Err(_) => println!("{table:<18} {:>8}", "missing"),
+            Ok(n) => outln!("{table:<18} {n:>8}"),
+            Err(_) => outln!("{table:<18} {:>8}", "missing"),
         }
     }
 }

@@ -87,9 +87,10 @@ pub(crate) async fn run(
         audit: data::Audit::new(endpoints.audit_db(), endpoints.clickhouse_url.clone()),
         database: endpoints.database.clone(),
     });
-    println!(
+    outln!(
         "Serving http://{local}/ : the audit of `{}` at {} (Ctrl-C stops it)",
-        endpoints.database, endpoints.clickhouse_url
+        endpoints.database,
+        endpoints.clickhouse_url
     );
     let handler = move |request: Request<_>| {
         let state = state.clone();

@@ -113,7 +113,15 @@ impl Stack {
 
     /// `meshctl <args>` against this stack.
     async fn meshctl(&self, args: &[&str]) -> Output {
-        let env = self.env();
+        self.meshctl_with(args, Vec::new()).await
+    }
+
+    /// `meshctl <args>` against this stack, with `overrides` of its
+    /// environment.
+    async fn meshctl_with(&self, args: &[&str], overrides: Vec<(String, String)>) -> Output {
+        let mut env = self.env();
+        env.retain(|(k, _)| overrides.iter().all(|(o, _)| o != k));
+        env.extend(overrides);
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         tokio::task::spawn_blocking(move || {
             let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"));
@@ -526,6 +534,218 @@ async fn replay_reports_what_a_candidate_set_would_change() {
         ])
         .await);
     assert!(same.contains("No decision would change."), "{same}");
+    stack.stop().await;
+}
+
+/// A `code.search` call from the coder to itself with these arguments.
+fn search_call(id: &str, arguments: serde_json::Value) -> schemas::Event {
+    EventBuilderV10::new()
+        .id(id)
+        .source("/agents/coder")
+        .ty("io.agentmesh.tool.call")
+        .subject("code.search")
+        .extension("target", "coder")
+        .extension("traceparent", TRACE)
+        .data(
+            "application/json",
+            json!({"tool": "code.search", "arguments": arguments}),
+        )
+        .build()
+        .unwrap()
+}
+
+/// `meshctl policy replay -o json` of the last hour against `dir`.
+async fn replay_json(stack: &Stack, dir: &str, from: &str, more: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "policy",
+        "replay",
+        "--policies",
+        dir,
+        "--since",
+        "1h",
+        "--from",
+        from,
+        "-o",
+        "json",
+    ];
+    args.extend_from_slice(more);
+    let out = ok(&stack.meshctl(&args).await);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The transitions of a replay report as `recorded -> candidate: events`.
+fn transitions(report: &serde_json::Value) -> Vec<String> {
+    report["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            format!(
+                "{} -> {}: {}",
+                t["recorded"].as_str().unwrap(),
+                t["candidate"].as_str().unwrap(),
+                t["events"]
+            )
+        })
+        .collect()
+}
+
+/// Replay checks a tool call's arguments against the input schema in its
+/// target's card, as the worker does: the call the worker found invalid
+/// for its arguments replays `invalid` (not `allow`), from ClickHouse and
+/// from JetStream; with `--cards none` it would be allowed, and the report
+/// says no arguments were checked; a card changed since the decision
+/// changes the outcome, with the worker's reason and violations.
+#[tokio::test]
+async fn replay_checks_tool_call_arguments_as_the_worker_does() {
+    let shipped = policies(&[]);
+    let stack = Stack::start(
+        policy_worker::Config {
+            policies: shipped.path().to_owned(),
+            ..Default::default()
+        },
+        true,
+    )
+    .await;
+    let card = |required: serde_json::Value| {
+        json!({"name": "coder", "tools": [{"name": "code.search", "inputSchema": {
+            "type": "object",
+            "properties": {"query": {"type": "string", "minLength": 1}, "limit": {"type": "integer"}},
+            "required": required
+        }}]})
+    };
+    let js = async_nats::jetstream::new(async_nats::connect(stack.nats.url()).await.unwrap());
+    let agents = js.get_key_value(subjects::BUCKET_AGENTS).await.unwrap();
+    agents
+        .put(
+            "coder",
+            serde_json::to_vec(&card(json!(["query"]))).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    stack
+        .publish(
+            "coder",
+            "tool_call",
+            &search_call("bad", json!({"query": ""})),
+        )
+        .await;
+    stack
+        .publish(
+            "coder",
+            "tool_call",
+            &search_call("good", json!({"query": "q"})),
+        )
+        .await;
+    stack.wait_steps(&["bad", "good"]).await;
+    let recorded = stack
+        .query("SELECT event_id, decision FROM decisions FINAL ORDER BY event_id")
+        .await;
+    assert_eq!(recorded, "bad\tinvalid\ngood\tallow\n");
+
+    let shipped_dir = shipped.path().to_string_lossy().into_owned();
+    let replay = |more: &'static [&'static str], from: &'static str| {
+        replay_json(&stack, &shipped_dir, from, more)
+    };
+    for from in ["clickhouse", "jetstream"] {
+        let report = replay(&[], from).await;
+        assert_eq!(report["changed"], 0, "{from}: {report}");
+        assert_eq!(
+            transitions(&report),
+            ["allow -> allow: 1", "invalid -> invalid: 1"],
+            "{from}: {report}"
+        );
+        assert_eq!(
+            report["cards"],
+            json!({"bucket": "mesh-agents", "agents": 1, "tools_with_input_schema": 1, "unreadable": 0}),
+            "{from}"
+        );
+
+        let unchecked = replay(&["--cards", "none"], from).await;
+        assert_eq!(unchecked["cards"], serde_json::Value::Null, "{from}");
+        assert_eq!(
+            transitions(&unchecked),
+            ["allow -> allow: 1", "invalid -> allow: 1"],
+            "{from}: {unchecked}"
+        );
+    }
+    let text = ok(&stack
+        .meshctl(&[
+            "policy",
+            "replay",
+            "--policies",
+            &shipped_dir,
+            "--since",
+            "1h",
+        ])
+        .await);
+    assert!(
+        text.contains("Tool calls checked against the input schemas of 1 agent cards in `mesh-agents` as they are now (1 tools)."),
+        "{text}"
+    );
+    assert!(text.contains("No decision would change."), "{text}");
+
+    // The card now also requires `limit`: the good call would break it.
+    agents
+        .put(
+            "coder",
+            serde_json::to_vec(&card(json!(["query", "limit"])))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let report = replay(&[], "clickhouse").await;
+    assert_eq!(
+        transitions(&report),
+        ["allow -> invalid: 1", "invalid -> invalid: 1"],
+        "{report}"
+    );
+    let example = &report["examples"][0];
+    assert_eq!(example["event_id"], "good", "{report}");
+    assert_eq!(example["candidate_reasons"], json!(["input-schema"]));
+    let errors = example["candidate_errors"].to_string();
+    assert!(
+        errors.contains("arguments of `code.search` at `/`") && errors.contains("limit"),
+        "{errors}"
+    );
+
+    // No NATS to read the cards from: a replay from ClickHouse still runs
+    // without them, saying so, unless `--cards current` asks for them.
+    let no_nats = || {
+        let port = testkit::free_port().unwrap();
+        vec![("NATS_URL".to_owned(), format!("nats://127.0.0.1:{port}"))]
+    };
+    let args = [
+        "policy",
+        "replay",
+        "--policies",
+        &shipped_dir,
+        "--since",
+        "1h",
+        "--from",
+        "clickhouse",
+        "-o",
+        "json",
+    ];
+    let out = stack.meshctl_with(&args, no_nats()).await;
+    let report: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(report["cards"], serde_json::Value::Null, "{report}");
+    assert_eq!(
+        transitions(&report),
+        ["allow -> allow: 1", "invalid -> allow: 1"],
+        "{report}"
+    );
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warning.contains("mesh-agents") && warning.contains("--cards current"),
+        "{warning}"
+    );
+    let strict = [&args[..], &["--cards", "current"]].concat();
+    let out = stack.meshctl_with(&strict, no_nats()).await;
+    let error = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{error}");
+    assert!(error.contains("--cards none"), "{error}");
     stack.stop().await;
 }
 

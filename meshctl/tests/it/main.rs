@@ -11,5 +11,6 @@ mod prove;
 mod pub_tail;
 mod reference;
 mod replicas;
+mod stdout;
 mod support;
 mod ui;
