@@ -338,7 +338,7 @@ impl DecisionReceipt {
             if self.trace_derived { "true" } else { "false" },
         );
         w.str("decided_at", &self.decided_at);
-        w.raw("eval_micros", itoa(self.eval_micros, &mut [0; 20]));
+        w.raw("eval_micros", decimal(self.eval_micros, &mut [0; 20]));
         w.str("ingress_subject", &self.ingress_subject);
         self.write_extensions(&mut w)?;
         w.end();
@@ -383,8 +383,9 @@ impl DecisionReceipt {
     }
 }
 
-/// `n` in decimal, in `buf`.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &str {
+/// `n` in decimal, written into `buf` (no allocation: the receipt's
+/// `eval_micros`, the signed bytes' netstring lengths).
+pub(crate) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
     let mut at = buf.len();
     loop {
         at -= 1;

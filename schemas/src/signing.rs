@@ -65,7 +65,9 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Appends `value` as a netstring: `<byte length>:<bytes>,`.
 fn netstring(out: &mut Vec<u8>, value: &str) {
-    out.extend_from_slice(value.len().to_string().as_bytes());
+    let mut digits = [0; 20];
+    let length = crate::receipt::decimal(value.len() as u64, &mut digits);
+    out.extend_from_slice(length.as_bytes());
     out.push(b':');
     out.extend_from_slice(value.as_bytes());
     out.push(b',');
