@@ -1,10 +1,60 @@
 //! `apply` against a real nats-server: creates, is idempotent, updates in
 //! place without losing data.
+#![expect(clippy::unwrap_used, reason = "a panic is how a test fails")]
 
 use std::time::Duration;
 
 use async_nats::jetstream;
 use broker_config::{Change, DEFAULT_MAX_CONSUMERS, Options, apply};
+
+/// Whether nats-server `version` refuses to change an existing stream's
+/// consumer limit (2.9 and older).
+fn refuses_limit_change(version: &str) -> bool {
+    version.starts_with("2.9.") || version.starts_with("2.8.")
+}
+
+/// What `apply` reports for a stream or bucket whose consumer limit it
+/// moves: unchanged where the server refuses.
+fn moved(refuses: bool) -> Change {
+    if refuses {
+        Change::Unchanged
+    } else {
+        Change::Updated
+    }
+}
+
+/// Checks the consumer limit of each of `streams` after `apply` on an
+/// older layout: `kept` keeps the operator's 5,000, the rest have the
+/// mesh's limit, or none where the server refuses to change it.
+async fn assert_consumer_limits<'a>(
+    js: &jetstream::Context,
+    streams: impl IntoIterator<Item = &'a str>,
+    kept: &str,
+    refuses: bool,
+    version: &str,
+) {
+    for name in streams {
+        let mut now = js.get_stream(name).await.unwrap();
+        let limit = if name == kept {
+            5_000
+        } else if refuses {
+            -1
+        } else {
+            DEFAULT_MAX_CONSUMERS
+        };
+        let config = &now.info().await.unwrap().config;
+        assert_eq!(config.max_consumers, limit, "{version}: {name}");
+    }
+}
+
+/// A second `apply` changes nothing.
+async fn assert_applied_again_unchanged(js: &jetstream::Context) {
+    let again = apply(js, &Options::default()).await.unwrap();
+    assert!(
+        again.iter().all(|(_, c)| *c == Change::Unchanged),
+        "{again:?}"
+    );
+}
 
 #[tokio::test]
 async fn apply_is_idempotent_and_keeps_data() {
@@ -121,11 +171,7 @@ async fn concurrent_applies_all_succeed() {
             assert_eq!(changes.len(), 15, "{changes:?}");
         }
         // A later apply finds everything in place.
-        let again = apply(&contexts[0], &Options::default()).await.unwrap();
-        assert!(
-            again.iter().all(|(_, c)| *c == Change::Unchanged),
-            "{again:?}"
-        );
+        assert_applied_again_unchanged(&contexts[0]).await;
     }
 }
 
@@ -169,7 +215,7 @@ async fn a_stream_without_a_consumer_limit_is_moved_and_an_operators_is_kept() {
     let nats = testkit::NatsServer::start().await.unwrap();
     let client = nats.connect().await.unwrap();
     let version = client.server_info().version;
-    let refuses = version.starts_with("2.9.") || version.starts_with("2.8.");
+    let refuses = refuses_limit_change(&version);
     let js = jetstream::new(client);
     let day = Duration::from_secs(24 * 3600);
     let wanted = broker_config::streams(&Options::default());
@@ -193,31 +239,22 @@ async fn a_stream_without_a_consumer_limit_is_moved_and_an_operators_is_kept() {
     let change = |name: &str| changes.iter().find(|(n, _)| n == name).unwrap().1;
     assert_eq!(change("MESH_DELIVER"), Change::Updated, "{changes:?}");
     assert_eq!(change("MESH_CALL"), Change::Updated, "{changes:?}");
-    let moved = if refuses {
-        Change::Unchanged
-    } else {
-        Change::Updated
-    };
-    assert_eq!(change("MESH_INGRESS"), moved, "{version}: {changes:?}");
+    assert_eq!(
+        change("MESH_INGRESS"),
+        moved(refuses),
+        "{version}: {changes:?}"
+    );
     let info = deliver.info().await.unwrap();
     assert_eq!(info.state.messages, 1, "update must not lose data");
     assert_eq!(info.config.max_age, Options::default().max_age);
+    let names = wanted.iter().map(|stream| stream.name.as_str());
+    assert_consumer_limits(&js, names, "MESH_CALL", refuses, &version).await;
     for stream in &wanted {
         let mut now = js.get_stream(&stream.name).await.unwrap();
-        let config = now.info().await.unwrap().config.clone();
-        let limit = match stream.name.as_str() {
-            "MESH_CALL" => 5_000,
-            _ if refuses => -1,
-            _ => DEFAULT_MAX_CONSUMERS,
-        };
-        assert_eq!(config.max_consumers, limit, "{version}: {}", stream.name);
+        let config = &now.info().await.unwrap().config;
         assert_eq!(config.max_age, stream.max_age, "{}", stream.name);
     }
-    let again = apply(&js, &Options::default()).await.unwrap();
-    assert!(
-        again.iter().all(|(_, c)| *c == Change::Unchanged),
-        "{again:?}"
-    );
+    assert_applied_again_unchanged(&js).await;
 }
 
 /// More agents than the server's default consumer limit (1,000 on
@@ -281,7 +318,7 @@ async fn every_bucket_gets_the_consumer_limit_and_an_older_one_is_moved() {
     let older = testkit::NatsServer::start().await.unwrap();
     let client = older.connect().await.unwrap();
     let version = client.server_info().version;
-    let refuses = version.starts_with("2.9.") || version.starts_with("2.8.");
+    let refuses = refuses_limit_change(&version);
     let js = jetstream::new(client);
     for bucket in &buckets {
         let mut old = bucket.clone();
@@ -300,23 +337,14 @@ async fn every_bucket_gets_the_consumer_limit_and_an_older_one_is_moved() {
 
     let changes = apply(&js, &Options::default()).await.unwrap();
     let change = |name: &str| changes.iter().find(|(n, _)| n == name).unwrap().1;
-    let moved = if refuses {
-        Change::Unchanged
-    } else {
-        Change::Updated
-    };
-    assert_eq!(change("mesh-agents"), moved, "{version}: {changes:?}");
+    assert_eq!(
+        change("mesh-agents"),
+        moved(refuses),
+        "{version}: {changes:?}"
+    );
     assert_eq!(change("mesh-flows"), Change::Unchanged, "{changes:?}");
-    for bucket in &buckets {
-        let mut now = js.get_stream(&bucket.name).await.unwrap();
-        let config = now.info().await.unwrap().config.clone();
-        let limit = match bucket.name.as_str() {
-            "KV_mesh-flows" => 5_000,
-            _ if refuses => -1,
-            _ => DEFAULT_MAX_CONSUMERS,
-        };
-        assert_eq!(config.max_consumers, limit, "{version}: {}", bucket.name);
-    }
+    let names = buckets.iter().map(|bucket| bucket.name.as_str());
+    assert_consumer_limits(&js, names, "KV_mesh-flows", refuses, &version).await;
     // Only the limit changes.
     let after = agents.info().await.unwrap().config.clone();
     assert_eq!(
@@ -328,11 +356,7 @@ async fn every_bucket_gets_the_consumer_limit_and_an_older_one_is_moved() {
         "{version}"
     );
     assert_eq!(kv.get("planner").await.unwrap().unwrap(), "card");
-    let again = apply(&js, &Options::default()).await.unwrap();
-    assert!(
-        again.iter().all(|(_, c)| *c == Change::Unchanged),
-        "{again:?}"
-    );
+    assert_applied_again_unchanged(&js).await;
 }
 
 /// More watchers of `mesh-agents` than the server's default consumer limit

@@ -217,7 +217,7 @@ pub struct Guards {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
 
     use schemas::{EventBuilder, EventBuilderV10, Limits, MeshEvent, encode_binary};
@@ -238,14 +238,26 @@ mod tests {
     }
 
     fn tool_call(tool: &str, data: serde_json::Value) -> MeshEvent {
-        let event = EventBuilderV10::new()
+        tool_call_to(tool, None, data)
+    }
+
+    /// A tool call of `tool` from the coder, with `data`, sent to
+    /// `target` (the `target` extension) when given.
+    pub(crate) fn tool_call_to(
+        tool: &str,
+        target: Option<&str>,
+        data: serde_json::Value,
+    ) -> MeshEvent {
+        let mut builder = EventBuilderV10::new()
             .id("e1")
             .source("/agents/coder")
             .ty("io.agentmesh.tool.call")
             .subject(tool)
-            .data("application/json", data)
-            .build()
-            .unwrap();
+            .data("application/json", data);
+        if let Some(target) = target {
+            builder = builder.extension("target", target);
+        }
+        let event = builder.build().unwrap();
         let (h, p) = encode_binary(&event);
         MeshEvent::from_message(
             "mesh.ingress.coder.tool_call",

@@ -196,33 +196,17 @@ impl Replayer {
 
 #[cfg(test)]
 mod tests {
-    use schemas::{EventBuilder, EventBuilderV10, encode_binary};
     use serde_json::{Value, json};
 
     use super::*;
 
     /// The coder's `code.search` call on itself with `arguments`.
     fn call(arguments: Value) -> MeshEvent {
-        let event = EventBuilderV10::new()
-            .id("c1")
-            .source("/agents/coder")
-            .ty("io.agentmesh.tool.call")
-            .subject("code.search")
-            .extension("target", "coder")
-            .data(
-                "application/json",
-                json!({"tool": "code.search", "arguments": arguments}),
-            )
-            .build()
-            .unwrap();
-        let (h, p) = encode_binary(&event);
-        MeshEvent::from_message(
-            "mesh.ingress.coder.tool_call",
-            Some(&h),
-            &p,
-            Limits::default(),
+        crate::guard::tests::tool_call_to(
+            "code.search",
+            Some("coder"),
+            json!({"tool": "code.search", "arguments": arguments}),
         )
-        .unwrap()
     }
 
     fn cards() -> AgentCards {

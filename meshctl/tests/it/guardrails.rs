@@ -46,6 +46,17 @@ impl std::ops::Deref for Stack {
 }
 
 impl Stack {
+    /// A stack whose worker runs a copy of the shipped policies (the
+    /// directory, kept alive with it), with the audit sink.
+    async fn with_shipped_policies() -> (tempfile::TempDir, Self) {
+        let shipped = policies(&[]);
+        let worker = policy_worker::Config {
+            policies: shipped.path().to_owned(),
+            ..Default::default()
+        };
+        (shipped, Self::start(worker, true).await)
+    }
+
     async fn start(worker: policy_worker::Config, with_sink: bool) -> Self {
         Self::start_with(worker, with_sink.then_some(RedactedOriginal::Keep)).await
     }
@@ -392,15 +403,7 @@ fn promote_carries_the_cache_and_flow_rules_and_the_properties_with_the_policies
 
 #[tokio::test]
 async fn replay_reports_what_a_candidate_set_would_change() {
-    let shipped = policies(&[]);
-    let stack = Stack::start(
-        policy_worker::Config {
-            policies: shipped.path().to_owned(),
-            ..Default::default()
-        },
-        true,
-    )
-    .await;
+    let (shipped, stack) = Stack::with_shipped_policies().await;
     stack
         .publish(
             "coder",
@@ -598,15 +601,7 @@ fn transitions(report: &serde_json::Value) -> Vec<String> {
 /// changes the outcome, with the worker's reason and violations.
 #[tokio::test]
 async fn replay_checks_tool_call_arguments_as_the_worker_does() {
-    let shipped = policies(&[]);
-    let stack = Stack::start(
-        policy_worker::Config {
-            policies: shipped.path().to_owned(),
-            ..Default::default()
-        },
-        true,
-    )
-    .await;
+    let (shipped, stack) = Stack::with_shipped_policies().await;
     let card = |required: serde_json::Value| {
         json!({"name": "coder", "tools": [{"name": "code.search", "inputSchema": {
             "type": "object",
@@ -751,15 +746,7 @@ async fn replay_checks_tool_call_arguments_as_the_worker_does() {
 
 #[tokio::test]
 async fn approvals_are_listed_approved_and_rejected_with_the_approver_audited() {
-    let shipped = policies(&[]);
-    let stack = Stack::start(
-        policy_worker::Config {
-            policies: shipped.path().to_owned(),
-            ..Default::default()
-        },
-        true,
-    )
-    .await;
+    let (_shipped, stack) = Stack::with_shipped_policies().await;
     stack
         .publish(
             "coder",
