@@ -30,6 +30,10 @@ pub const DEFAULT_BATCH_ROWS: u64 = 10_000;
 pub const DEFAULT_BATCH_BYTES: u64 = 8 * 1024 * 1024;
 /// Default longest time a batch stays open, in milliseconds.
 pub const DEFAULT_BATCH_PERIOD_MS: u64 = 1000;
+/// Default quiet time after which the open batch is flushed, in
+/// milliseconds: each such flush needs that long without a message, so it
+/// adds at most five inserts per table per second.
+pub const DEFAULT_BATCH_IDLE_MS: u64 = 200;
 /// Default time one insert may take, in milliseconds.
 pub const DEFAULT_INSERT_TIMEOUT_MS: u64 = 30_000;
 /// Default JetStream ack wait of the sink's consumers, in milliseconds.
@@ -88,6 +92,12 @@ pub struct Config {
     /// Flush a batch at least this often, in milliseconds.
     #[arg(long, env = "AGENTMESH_AUDIT_BATCH_PERIOD_MS", default_value_t = DEFAULT_BATCH_PERIOD_MS)]
     pub batch_period_ms: u64,
+    /// Flush a batch once no message came for it for this long, in
+    /// milliseconds (0: only by rows, bytes and period): rows are queryable
+    /// soon after traffic pauses, and a busy stream is still cut by the
+    /// other limits alone.
+    #[arg(long, env = "AGENTMESH_AUDIT_BATCH_IDLE_MS", default_value_t = DEFAULT_BATCH_IDLE_MS)]
+    pub batch_idle_ms: u64,
     /// Give up on one insert after this long, in milliseconds (then retry).
     #[arg(
         long,
@@ -169,6 +179,7 @@ impl Config {
             batch_rows: DEFAULT_BATCH_ROWS,
             batch_bytes: DEFAULT_BATCH_BYTES,
             batch_period_ms: DEFAULT_BATCH_PERIOD_MS,
+            batch_idle_ms: DEFAULT_BATCH_IDLE_MS,
             insert_timeout_ms: DEFAULT_INSERT_TIMEOUT_MS,
             ack_wait_ms: DEFAULT_ACK_WAIT_MS,
             retry_max_ms: DEFAULT_RETRY_MAX_MS,
@@ -358,6 +369,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         batch_rows: config.batch_rows,
         batch_bytes: config.batch_bytes,
         batch_period: Duration::from_millis(config.batch_period_ms),
+        batch_idle: Duration::from_millis(config.batch_idle_ms),
         insert_timeout: Duration::from_millis(config.insert_timeout_ms),
         ack_wait: Duration::from_millis(config.ack_wait_ms),
         retry_max: Duration::from_millis(config.retry_max_ms),
@@ -625,6 +637,11 @@ mod tests {
                 "AGENTMESH_AUDIT_BATCH_PERIOD_MS",
                 plain.batch_period_ms,
                 default.batch_period_ms,
+            ),
+            (
+                "AGENTMESH_AUDIT_BATCH_IDLE_MS",
+                plain.batch_idle_ms,
+                default.batch_idle_ms,
             ),
             (
                 "AGENTMESH_AUDIT_INSERT_TIMEOUT_MS",

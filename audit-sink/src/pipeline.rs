@@ -55,6 +55,8 @@ pub(crate) struct Settings {
     pub batch_rows: u64,
     pub batch_bytes: u64,
     pub batch_period: Duration,
+    /// Flush once no message came for this long (zero: never for this reason).
+    pub batch_idle: Duration,
     pub insert_timeout: Duration,
     pub ack_wait: Duration,
     pub retry_max: Duration,
@@ -260,6 +262,8 @@ struct Writer<R: RowOwned + RowWrite + serde::Serialize> {
     insert: Option<Insert<R>>,
     /// When the open batch got its first row.
     opened: Option<Instant>,
+    /// When the open batch got its latest row.
+    latest: Option<Instant>,
     /// Bytes of the messages in the open batch (the rows are about as big).
     bytes: u64,
     rows: Vec<R>,
@@ -294,6 +298,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             settings,
             insert: None,
             opened: None,
+            latest: None,
             bytes: 0,
             rows: Vec::new(),
             origins: Vec::new(),
@@ -324,11 +329,18 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             .ok_or_else(|| clickhouse::error::Error::Custom("no insert open".into()))
     }
 
-    /// Time until the period flush of the open batch is due.
+    /// Time until the open batch is due by the clock: its period is up, or
+    /// no message came for the idle time.
     fn time_left(&self) -> Duration {
-        self.opened.map_or(self.settings.batch_period, |opened| {
-            self.settings.batch_period.saturating_sub(opened.elapsed())
-        })
+        match (self.opened, self.latest) {
+            (Some(opened), Some(latest)) => flush_in(
+                opened.elapsed(),
+                latest.elapsed(),
+                self.settings.batch_period,
+                self.settings.batch_idle,
+            ),
+            _ => self.settings.batch_period,
+        }
     }
 
     /// Whether a batch is committing.
@@ -372,7 +384,9 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             Err(e) => Err(e),
         };
         // Kept before anything can fail, so a replay includes it.
-        self.opened.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        self.opened.get_or_insert(now);
+        self.latest = Some(now);
         self.bytes += origin.payload.len() as u64
             + origin
                 .headers
@@ -391,7 +405,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
         self.commit(false).await
     }
 
-    /// Whether the open batch reached a limit (rows, bytes, period).
+    /// Whether the open batch reached a limit (rows, bytes, period, idle).
     fn due(&self) -> bool {
         !self.rows.is_empty()
             && (self.rows.len() as u64 >= self.settings.batch_rows
@@ -732,6 +746,21 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
     }
 }
 
+/// Time until a batch open for `open_for`, whose latest message came
+/// `quiet_for` ago, is due by the clock: when its `period` is up, or once
+/// the stream was quiet for `idle` (zero: never for that reason). The idle
+/// flush makes rows queryable soon after traffic pauses; under steady
+/// traffic messages keep coming and the period and size limits alone cut
+/// the batches, so ClickHouse sees no more inserts for it.
+fn flush_in(open_for: Duration, quiet_for: Duration, period: Duration, idle: Duration) -> Duration {
+    let by_period = period.saturating_sub(open_for);
+    if idle.is_zero() {
+        by_period
+    } else {
+        by_period.min(idle.saturating_sub(quiet_for))
+    }
+}
+
 /// Acks the messages of a batch that is stored.
 async fn acknowledge(table: &'static str, acks: Vec<Acker>) {
     for ack in acks {
@@ -921,6 +950,23 @@ pub(crate) async fn run<T: Table>(
 mod tests {
     use super::*;
     use clickhouse::error::Error;
+
+    #[test]
+    fn a_batch_is_due_when_its_period_is_up_or_the_stream_went_quiet() {
+        let ms = Duration::from_millis;
+        let (period, idle) = (ms(1000), ms(200));
+        // Messages still coming: the period decides.
+        assert_eq!(flush_in(ms(100), ms(0), period, idle), ms(200));
+        assert_eq!(flush_in(ms(900), ms(10), period, idle), ms(100));
+        assert_eq!(flush_in(ms(1000), ms(0), period, idle), ms(0));
+        // Quiet for a while: due once the idle time has passed.
+        assert_eq!(flush_in(ms(300), ms(150), period, idle), ms(50));
+        assert_eq!(flush_in(ms(300), ms(200), period, idle), ms(0));
+        assert_eq!(flush_in(ms(50), ms(250), period, idle), ms(0));
+        // Without an idle time only the period counts.
+        assert_eq!(flush_in(ms(300), ms(300), period, ms(0)), ms(700));
+        assert_eq!(flush_in(ms(1200), ms(300), period, ms(0)), ms(0));
+    }
 
     #[test]
     fn refusals_are_server_exceptions_about_the_data() {

@@ -323,3 +323,23 @@ async fn restart_with_other_consumer_settings_keeps_the_cursor() -> anyhow::Resu
     assert_eq!(info.config.max_ack_pending, 100);
     sink.stop().await
 }
+
+#[tokio::test]
+async fn a_batch_is_flushed_once_its_stream_goes_quiet() -> anyhow::Result<()> {
+    let h = Harness::start().await?;
+    // The period alone would hold these rows for an hour, far past the
+    // test's wait: the idle flush must insert them.
+    let mut config = h.config();
+    config.batch_period_ms = 3_600_000;
+    config.batch_idle_ms = 100;
+    let sink = h.spawn_sink(config).await?;
+    let trace = TraceParent::mint();
+    for step in &chain("quiet", 3) {
+        h.publish(&step.message(&trace)).await?;
+        h.publish(&step.receipt(&trace, Decision::Allow, &["allow-all"], 10))
+            .await?;
+    }
+    h.wait_rows("events", 3).await?;
+    h.wait_rows("decisions", 3).await?;
+    sink.stop().await
+}
