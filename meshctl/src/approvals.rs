@@ -305,7 +305,7 @@ async fn answer(
         .context("name the approver with --approver NAME (or AGENTMESH_APPROVER)")?;
     let (_, state) = resolve(store, &args.id).await?;
     if state.status != ApprovalStatus::Pending {
-        eprintln!(
+        errln!(
             "meshctl: approval {} is already {} ({}{})",
             state.id,
             state.status,

@@ -7,7 +7,7 @@
 // Everything meshctl prints goes through `out!` / `outln!` (or
 // `output::stdout()`): `print!` and `println!` panic when the reader of a
 // pipe has gone (`meshctl … | head -1`).
-#![deny(clippy::print_stdout)]
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 /// `print!` for meshctl: a closed stdout ends meshctl quietly
 /// ([`output::write_out`]).
@@ -25,6 +25,14 @@ macro_rules! outln {
     };
     ($($arg:tt)*) => {
         $crate::output::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `errln!` for meshctl: a closed stderr is no panic
+/// ([`output::write_err`]).
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::output::write_err(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
 
@@ -317,10 +325,12 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match run(cli).await {
+        // `up` or `down` finished after its stdout was closed.
+        Ok(_) if output::stdout_closed() => ExitCode::from(output::STDOUT_CLOSED),
         Ok(code) => code,
         Err(e) => {
             let code = exit::classify(&e);
-            eprintln!("meshctl: {}", exit::line(&e, code));
+            errln!("meshctl: {}", exit::line(&e, code));
             code.into()
         }
     }

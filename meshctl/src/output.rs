@@ -3,10 +3,13 @@
 //! (`30s`, `5m`, `2h`, `1h30m`, `250ms`), and stdout itself: everything
 //! meshctl prints goes through [`write_out`] (the `out!` and `outln!`
 //! macros) or [`stdout`], which end meshctl quietly when the reader of a
-//! pipe has gone (`meshctl … | head -1`) instead of panicking as `outln!`
-//! does.
+//! pipe has gone (`meshctl … | head -1`) instead of panicking as `println!`
+//! does; the commands that start or stop processes finish first
+//! ([`finish_despite_closed_stdout`]). Stderr goes through [`write_err`]
+//! (`errln!`), which never panics either.
 
 use std::io::{self, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -53,12 +56,41 @@ pub(crate) fn print_json_line(value: &impl Serialize) -> anyhow::Result<()> {
 /// 128 + SIGPIPE, what a shell reports for a program that signal ended.
 pub(crate) const STDOUT_CLOSED: u8 = 141;
 
+/// Set by [`finish_despite_closed_stdout`].
+static FINISH: AtomicBool = AtomicBool::new(false);
+/// Whether stdout was found closed while [`FINISH`] was set.
+static CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// For a command that starts or stops processes (`up`, `down`): a closed
+/// stdout no longer ends meshctl at once, half way through (a stack half
+/// started, or half stopped, or a foreground `up` gone with its services
+/// left running). What would have been printed is dropped, the command
+/// finishes (a foreground `up` then stops what it started), and meshctl
+/// ends with [`STDOUT_CLOSED`] ([`stdout_closed`]).
+pub(crate) fn finish_despite_closed_stdout() {
+    FINISH.store(true, Ordering::Relaxed);
+}
+
+/// Whether stdout was found closed under [`finish_despite_closed_stdout`].
+pub(crate) fn stdout_closed() -> bool {
+    CLOSED.load(Ordering::Relaxed)
+}
+
 /// Writes `args` on stdout: what `out!` and `outln!` expand to.
 pub(crate) fn write_out(args: std::fmt::Arguments<'_>) {
+    if stdout_closed() {
+        return;
+    }
     let written = io::stdout().write_fmt(args);
     if let Err(e) = written {
-        stdout_failed(&e);
+        let _ = stdout_failed(e);
     }
+}
+
+/// Writes `args` on stderr: what `errln!` expands to. A failed write is
+/// dropped: stderr is where meshctl would report it.
+pub(crate) fn write_err(args: std::fmt::Arguments<'_>) {
+    let _ = io::stderr().write_fmt(args);
 }
 
 /// Stdout as a [`Write`] (for what writes into one: serde_json, clap's
@@ -72,15 +104,23 @@ pub(crate) struct Stdout;
 
 impl Write for Stdout {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if stdout_closed() {
+            return Ok(buf.len());
+        }
         match io::stdout().write(buf) {
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => stdout_failed(&e),
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => {
+                stdout_failed(e).map(|()| buf.len())
+            }
             result => result,
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if stdout_closed() {
+            return Ok(());
+        }
         match io::stdout().flush() {
-            Err(e) if e.kind() != io::ErrorKind::Interrupted => stdout_failed(&e),
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => stdout_failed(e),
             result => result,
         }
     }
@@ -91,9 +131,14 @@ impl Write for Stdout {
 /// message, and a script sees the status), else (a full disk under
 /// `> file`) with one line on stderr and [`crate::exit::Exit::Failed`].
 /// Either way at once, as the default action of SIGPIPE would: what was
-/// to be printed has nowhere to go.
-fn stdout_failed(error: &io::Error) -> ! {
+/// to be printed has nowhere to go. Under [`finish_despite_closed_stdout`]
+/// a closed pipe is only noted (`Ok`), and the rest of the output dropped.
+fn stdout_failed(error: io::Error) -> io::Result<()> {
     if error.kind() == io::ErrorKind::BrokenPipe {
+        if FINISH.load(Ordering::Relaxed) {
+            CLOSED.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
         std::process::exit(i32::from(STDOUT_CLOSED));
     }
     let _ = writeln!(io::stderr(), "meshctl: writing to stdout: {error}");

@@ -214,7 +214,7 @@ pub(crate) async fn run(command: PolicyCommand, endpoints: &Endpoints) -> anyhow
                 // without it, saying so.
                 None => match read_cards(endpoints).await {
                     Ok(read) => replayer = replayer.with_cards(read),
-                    Err(error) => eprintln!(
+                    Err(error) => errln!(
                         "warning: {error:#}; replaying without checking tool calls' arguments (`--cards current` makes this an error)"
                     ),
                 },

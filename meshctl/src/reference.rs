@@ -118,7 +118,7 @@ pub(crate) fn markdown(root: &Command) -> String {
     );
     let _ = writeln!(
         out,
-        "When stdout is closed before meshctl has written everything (its reader stopped early, as in `meshctl policy check policies | head -1`), meshctl stops at once, prints nothing more (no error either) and exits {}, as a program ended by SIGPIPE does.\n",
+        "When stdout is closed before meshctl has written everything (its reader stopped early, as in `meshctl policy check policies | head -1`), meshctl stops at once, prints nothing more (no error either) and exits {0}, as a program ended by SIGPIPE does. `up` and `down` finish first, so that no stack is left half started or half stopped: `up --detach` and `down` then exit {0}; a foreground `up` stops what it started, as on Ctrl-C, and exits {0}.\n",
         crate::output::STDOUT_CLOSED
     );
 

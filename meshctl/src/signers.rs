@@ -135,7 +135,7 @@ pub(crate) async fn ensure_local_keys(
             Some(value) => {
                 let record: SignerRecord = serde_json::from_slice(&value)?;
                 if record.status != SignerStatus::Active {
-                    eprintln!(
+                    errln!(
                         "warning: the signing key of `{service}` ({public}) is {} in `{}`: recipients refuse what it signs now (`meshctl signers rotate {service}`)",
                         record.status,
                         subjects::BUCKET_SIGNERS

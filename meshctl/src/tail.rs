@@ -198,7 +198,7 @@ pub(crate) async fn run(
         .with_context(|| format!("following {stream_name}"))?
         .messages()
         .await?;
-    eprintln!(
+    errln!(
         "following {stream_name}{} (Ctrl-C to stop)",
         args.agent
             .as_deref()

@@ -23,6 +23,7 @@ use policy_engine::SCHEMA_FILE;
 
 use crate::entities;
 use crate::identity::{AuthState, ClickHouseSecrets};
+use crate::output;
 use procs::{Home, Stopped};
 use servers::Endpoints;
 
@@ -120,7 +121,7 @@ impl Started {
                     }
                     Ok(Some(Stopped::NotRunning)) => line(name, "exited", ""),
                     Ok(_) => line(name, "stopped", ""),
-                    Err(e) => eprintln!("{name:<18} {e:#}"),
+                    Err(e) => errln!("{name:<18} {e:#}"),
                 }
                 let _ = child.wait();
             }
@@ -139,6 +140,9 @@ pub(crate) async fn up(
     options: &UpOptions,
 ) -> anyhow::Result<()> {
     let policies = checked_options(options)?;
+    // A reader that goes (`meshctl up | head -3`) must not leave a stack
+    // half started, nor a foreground stack running without its `up`.
+    output::finish_despite_closed_stdout();
     home.create()?;
     let mut endpoints = endpoints.clone();
     endpoints.nats_url = nats_url(home, &endpoints.nats_url, options.nats_nodes)?;
@@ -171,7 +175,7 @@ pub(crate) async fn up(
         Ok(()) => {}
         Err(e) => {
             if !started.children.is_empty() {
-                eprintln!("Start failed; stopping what this command started.");
+                errln!("Start failed; stopping what this command started.");
                 started.stop_all(home);
             }
             return Err(e);
@@ -355,9 +359,13 @@ async fn wait_in_foreground(home: &Home, started: &mut Started) {
         tokio::select! {
             () = &mut signal => break,
             _ = check.tick() => {
+                if output::stdout_closed() {
+                    // Nobody reads this `up` any more: stop what it started.
+                    break;
+                }
                 started.children.retain_mut(|(name, child)| match child.try_wait() {
                     Ok(Some(status)) => {
-                        eprintln!("{name} exited ({status}); see {}", home.log_file(name).display());
+                        errln!("{name} exited ({status}); see {}", home.log_file(name).display());
                         let _ = std::fs::remove_file(home.pid_file(name));
                         false
                     }
@@ -371,6 +379,8 @@ async fn wait_in_foreground(home: &Home, started: &mut Started) {
 
 /// `meshctl down`: stops what `up` started, as its pid files record.
 pub(crate) fn down(home: &Home) -> anyhow::Result<()> {
+    // Every service is stopped even when the reader has gone.
+    output::finish_despite_closed_stdout();
     let mut any = false;
     for name in STOP_ORDER {
         match procs::stop(home, name, Duration::from_secs(15))? {

@@ -244,7 +244,7 @@ pub(super) async fn wait_ready(
                     let _ = child.wait();
                 }
                 line(name, "failed", "warning: continuing without it (optional)");
-                eprintln!("{why}");
+                errln!("{why}");
             }
             Some(why) => bail!(why),
         }

@@ -16,6 +16,11 @@ use testkit::{WAIT, eventually, free_port};
 
 /// `meshctl <args>` with the environment pointing at the test's servers.
 fn meshctl(env: &[(&str, &str)], args: &[&str]) -> std::io::Result<Output> {
+    meshctl_command(env, args).output()
+}
+
+/// [`meshctl`]'s command, not yet run.
+fn meshctl_command(env: &[(&str, &str)], args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_meshctl"));
     cmd.args(args).current_dir(workspace());
     for var in [
@@ -39,7 +44,7 @@ fn meshctl(env: &[(&str, &str)], args: &[&str]) -> std::io::Result<Output> {
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output()
+    cmd
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -292,6 +297,39 @@ impl LocalStack {
         .await??)
     }
 
+    /// Runs `meshctl args` with its stdout a pipe nobody reads any more
+    /// (`meshctl … | head -0`); killed if it runs past [`WAIT`].
+    async fn run_into_closed_pipe(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let env: Vec<(String, String)> = self
+            .env()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Output> {
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (reader, writer) = std::io::pipe()?;
+            drop(reader);
+            let mut child = meshctl_command(&env, &args)
+                .stdin(std::process::Stdio::null())
+                .stdout(writer)
+                .stderr(std::process::Stdio::piped())
+                .spawn()?;
+            let deadline = std::time::Instant::now() + WAIT;
+            while child.try_wait()?.is_none() {
+                if std::time::Instant::now() >= deadline {
+                    let _ = child.kill();
+                    anyhow::bail!("`meshctl {}` still ran after {WAIT:?}", args.join(" "));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Ok(child.wait_with_output()?)
+        })
+        .await?
+    }
+
     /// Runs `meshctl args`: whether it succeeded, and its stdout then stderr.
     async fn run_text(&self, args: &[&str]) -> anyhow::Result<(bool, String)> {
         let out = self.run(args).await?;
@@ -487,6 +525,61 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
         out.contains("nats-server        down") && out.contains("clickhouse-server  down"),
         "{out}"
     );
+    Ok(())
+}
+
+/// A reader that goes before `up` printed a line cuts nothing short: a
+/// foreground `up` brings the stack up, finds nobody reading, stops what it
+/// started and ends with 141; a detached one leaves the whole stack up and
+/// ends with 141; so does `down`, with everything stopped.
+#[tokio::test]
+async fn a_closed_stdout_cuts_neither_up_nor_down_short() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let stack = LocalStack::new(&tmp.path().join("state"))?;
+    let mut args = vec![
+        "up",
+        "--insecure",
+        "--without",
+        "policy-worker",
+        "--without",
+        "audit-sink",
+        "--without",
+        "gpu-scaler",
+        "--without",
+        "mcp-gateway",
+    ];
+    let up = stack.run_into_closed_pipe(&args).await;
+    let down = stack.run(&["down"]).await?;
+    let up = up?;
+    assert_eq!(up.status.code(), Some(141), "{}", text(&up.stderr));
+    assert!(
+        text(&down.stdout).contains("Nothing to stop"),
+        "the foreground `up` left servers running: {}",
+        text(&down.stdout)
+    );
+
+    args.push("--detach");
+    let up = stack.run_into_closed_pipe(&args).await?;
+    let checks = async {
+        assert_eq!(up.status.code(), Some(141), "{}", text(&up.stderr));
+        let status = stack.run(&["status"]).await?;
+        let out = text(&status.stdout);
+        assert!(status.status.success(), "{out}");
+        assert!(
+            out.contains("nats-server        up") && out.contains("clickhouse-server  up"),
+            "{out}"
+        );
+        let down = stack.run_into_closed_pipe(&["down"]).await?;
+        assert_eq!(down.status.code(), Some(141), "{}", text(&down.stderr));
+        let again = stack.run(&["down"]).await?;
+        assert!(
+            text(&again.stdout).contains("Nothing to stop"),
+            "{}",
+            text(&again.stdout)
+        );
+        Ok(())
+    };
+    stack.down_after(checks).await?;
     Ok(())
 }
 

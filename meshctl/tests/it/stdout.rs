@@ -1,7 +1,8 @@
 //! meshctl writing into a pipe whose reader has gone (`meshctl … | head
 //! -1`): it stops quietly, no panic and no message, with status 141 (as a
 //! program ended by SIGPIPE), whichever way it prints: lines, one whole
-//! page, `-o json`, a table, clap's completions.
+//! page, `-o json`, a table, clap's completions; and a closed stderr is
+//! no panic either.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitStatus, Stdio};
@@ -87,5 +88,27 @@ fn a_reader_that_stops_after_one_line_ends_meshctl_quietly() -> anyhow::Result<(
         let out = child.wait_with_output()?;
         check(args, out.status, &out.stderr, &[0, STDOUT_CLOSED]);
     }
+    Ok(())
+}
+
+/// A failure's one line goes to a stderr whose reader is gone: meshctl
+/// still ends with the failure's status, not a panic's.
+#[test]
+fn a_closed_stderr_keeps_the_failures_status() -> anyhow::Result<()> {
+    let home = tempfile::tempdir()?;
+    let args = ["policy", "check", "/nonexistent-policy-dir"];
+    let open = meshctl(&args, home.path()).output()?;
+    assert!(
+        String::from_utf8_lossy(&open.stderr).starts_with("meshctl: "),
+        "{open:?}"
+    );
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    let closed = meshctl(&args, home.path())
+        .stdout(Stdio::null())
+        .stderr(writer)
+        .status()?;
+    assert_eq!(closed.code(), open.status.code(), "101 is a panic");
+    assert_ne!(closed.code(), Some(0));
     Ok(())
 }
