@@ -28,6 +28,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer::pull, message::Acker};
 use clickhouse::{Client, RowOwned, RowWrite, insert::Insert};
 use futures::StreamExt;
+use telemetry::BatchCut;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -405,12 +406,24 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
         self.commit(false).await
     }
 
-    /// Whether the open batch reached a limit (rows, bytes, period, idle).
-    fn due(&self) -> bool {
-        !self.rows.is_empty()
-            && (self.rows.len() as u64 >= self.settings.batch_rows
-                || self.bytes >= self.settings.batch_bytes
-                || self.time_left().is_zero())
+    /// The limit the open batch reached, if any (rows, bytes, period, idle).
+    fn due(&self) -> Option<BatchCut> {
+        if self.rows.is_empty() {
+            None
+        } else if self.rows.len() as u64 >= self.settings.batch_rows {
+            Some(BatchCut::Rows)
+        } else if self.bytes >= self.settings.batch_bytes {
+            Some(BatchCut::Bytes)
+        } else if !self.time_left().is_zero() {
+            None
+        } else if self
+            .opened
+            .is_some_and(|opened| opened.elapsed() >= self.settings.batch_period)
+        {
+            Some(BatchCut::Period)
+        } else {
+            Some(BatchCut::Idle)
+        }
     }
 
     /// Ends the open batch's insert when a limit is reached (now when
@@ -418,9 +431,11 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
     /// first, then this one commits on its own task while the next is
     /// pulled.
     async fn commit(&mut self, force: bool) -> Result<(), clickhouse::error::Error> {
-        if !force && !self.due() {
-            return Ok(());
-        }
+        let why = match self.due() {
+            Some(why) => why,
+            None if force => BatchCut::Forced,
+            None => return Ok(()),
+        };
         self.settle().await?;
         if !self.rows.is_empty() {
             if self.insert.is_none() {
@@ -432,6 +447,7 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             };
             self.opened = None;
             self.bytes = 0;
+            self.metrics.batch_cut(why);
             self.committing = Some(Committing {
                 done: tokio::spawn(insert.end()),
                 result: None,

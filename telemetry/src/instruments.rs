@@ -165,6 +165,45 @@ pub struct SinkMetrics {
     errors: Counter<u64>,
     quarantined: Counter<u64>,
     batch_rows: opentelemetry::metrics::Histogram<u64>,
+    batches: Counter<u64>,
+}
+
+/// Why the audit sink ended a batch and started its insert: the `reason`
+/// of `agentmesh.sink.batches`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchCut {
+    /// It held `--batch-rows` rows.
+    Rows,
+    /// It held `--batch-bytes` bytes.
+    Bytes,
+    /// It was open for `--batch-period-ms`.
+    Period,
+    /// No message came for `--batch-idle-ms`.
+    Idle,
+    /// Something had to be in first: shutdown, a retry after a failed
+    /// insert, or `--redacted-original drop` waiting for the worker.
+    Forced,
+}
+
+impl BatchCut {
+    const ALL: [BatchCut; 5] = [
+        BatchCut::Rows,
+        BatchCut::Bytes,
+        BatchCut::Period,
+        BatchCut::Idle,
+        BatchCut::Forced,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchCut::Rows => "rows",
+            BatchCut::Bytes => "bytes",
+            BatchCut::Period => "period",
+            BatchCut::Idle => "idle",
+            BatchCut::Forced => "forced",
+        }
+    }
 }
 
 /// The audit sink's instruments bound to one table.
@@ -175,6 +214,8 @@ pub struct TableMetrics {
     errors: BoundCounter<u64>,
     quarantined: BoundCounter<u64>,
     batch_rows: BoundHistogram<u64>,
+    /// One per [`BatchCut`], in [`BatchCut::ALL`]'s order.
+    batches: [BoundCounter<u64>; 5],
 }
 
 impl SinkMetrics {
@@ -210,6 +251,13 @@ impl SinkMetrics {
                 .with_unit("{row}")
                 .with_boundaries(BATCH_BUCKETS.to_vec())
                 .build(),
+            batches: meter
+                .u64_counter("agentmesh.sink.batches")
+                .with_description(
+                    "Batches ended and sent to ClickHouse, by why: rows, bytes, period, idle or forced.",
+                )
+                .with_unit("{batch}")
+                .build(),
         }
     }
 
@@ -222,6 +270,12 @@ impl SinkMetrics {
             errors: self.errors.bind(&attrs),
             quarantined: self.quarantined.bind(&attrs),
             batch_rows: self.batch_rows.bind(&attrs),
+            batches: BatchCut::ALL.map(|cut| {
+                self.batches.bind(&[
+                    KeyValue::new("table", table),
+                    KeyValue::new("reason", cut.as_str()),
+                ])
+            }),
         }
     }
 }
@@ -236,6 +290,11 @@ impl TableMetrics {
     pub fn inserted(&self, rows: u64) {
         self.inserted.add(rows);
         self.batch_rows.record(rows);
+    }
+
+    /// One batch ended, for `why`.
+    pub fn batch_cut(&self, why: BatchCut) {
+        self.batches[why as usize].add(1);
     }
 
     /// One insert attempt failed.
@@ -573,6 +632,32 @@ mod tests {
             "agentmesh_worker_events_published_total{kind=\"parked\"} 1\n",
             "agentmesh_worker_evaluation_duration_seconds_bucket{le=\"0.00005\"} 1\n",
             "agentmesh_worker_evaluation_duration_seconds_count 2\n",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn sink_batches_render_by_table_and_reason() {
+        let metrics = Metrics::local("test");
+        let sink = SinkMetrics::new(&metrics);
+        let events = sink.table("events");
+        for (i, cut) in BatchCut::ALL.into_iter().enumerate() {
+            // `batch_cut` indexes its counters by the variant.
+            assert_eq!(cut as usize, i);
+            for _ in 0..=i {
+                events.batch_cut(cut);
+            }
+        }
+        sink.table("decisions").batch_cut(BatchCut::Idle);
+        let text = metrics.prometheus_text();
+        for line in [
+            "agentmesh_sink_batches_total{reason=\"rows\",table=\"events\"} 1\n",
+            "agentmesh_sink_batches_total{reason=\"bytes\",table=\"events\"} 2\n",
+            "agentmesh_sink_batches_total{reason=\"period\",table=\"events\"} 3\n",
+            "agentmesh_sink_batches_total{reason=\"idle\",table=\"events\"} 4\n",
+            "agentmesh_sink_batches_total{reason=\"forced\",table=\"events\"} 5\n",
+            "agentmesh_sink_batches_total{reason=\"idle\",table=\"decisions\"} 1\n",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

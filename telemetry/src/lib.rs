@@ -44,8 +44,8 @@ pub use config::{LogFormat, OpsConfig};
 pub use env::{UnknownEnv, check_env, check_names};
 pub use health::{Health, ReadyFlag};
 pub use instruments::{
-    CacheMetrics, ConsumerLag, McpMetrics, NatsDurability, Published, ScalerMetrics, SinkMetrics,
-    StreamLosses, TableMetrics, WorkerMetrics,
+    BatchCut, CacheMetrics, ConsumerLag, McpMetrics, NatsDurability, Published, ScalerMetrics,
+    SinkMetrics, StreamLosses, TableMetrics, WorkerMetrics,
 };
 pub use logging::{TracingGuard, init_tracing};
 pub use metrics::Metrics;

@@ -329,9 +329,10 @@ async fn a_batch_is_flushed_once_its_stream_goes_quiet() -> anyhow::Result<()> {
     let h = Harness::start().await?;
     // The period alone would hold these rows for an hour, far past the
     // test's wait: the idle flush must insert them.
-    let mut config = h.config();
+    let mut config = Harness::with_metrics(h.config())?;
     config.batch_period_ms = 3_600_000;
     config.batch_idle_ms = 100;
+    let metrics = Harness::metrics_addr(&config).expect("metrics port");
     let sink = h.spawn_sink(config).await?;
     let trace = TraceParent::mint();
     for step in &chain("quiet", 3) {
@@ -341,5 +342,17 @@ async fn a_batch_is_flushed_once_its_stream_goes_quiet() -> anyhow::Result<()> {
     }
     h.wait_rows("events", 3).await?;
     h.wait_rows("decisions", 3).await?;
+    // Each table's batches were ended by the quiet, none by the period.
+    let (_, body) = telemetry::testing::http_get(metrics, "/metrics").await?;
+    for table in ["events", "decisions"] {
+        let cut = |reason: &str| {
+            testkit::sample_value(
+                &body,
+                &format!("agentmesh_sink_batches_total{{reason=\"{reason}\",table=\"{table}\"}}"),
+            )
+        };
+        assert!(cut("idle") >= 1.0, "{table}: {body}");
+        assert_eq!(cut("period"), 0.0, "{table}");
+    }
     sink.stop().await
 }
