@@ -28,7 +28,7 @@ macro_rules! outln {
     };
 }
 
-/// `errln!` for meshctl: a closed stderr is no panic
+/// `eprintln!` for meshctl: a closed stderr is no panic
 /// ([`output::write_err`]).
 macro_rules! errln {
     ($($arg:tt)*) => {
