@@ -330,13 +330,14 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
             .ok_or_else(|| clickhouse::error::Error::Custom("no insert open".into()))
     }
 
-    /// Time until the open batch is due by the clock: its period is up, or
-    /// no message came for the idle time.
-    fn time_left(&self) -> Duration {
+    /// Time from `now` until the open batch is due by the clock: its period
+    /// is up, or no message came for the idle time. One clock reading for
+    /// both: this runs for every message.
+    fn time_left(&self, now: Instant) -> Duration {
         match (self.opened, self.latest) {
             (Some(opened), Some(latest)) => flush_in(
-                opened.elapsed(),
-                latest.elapsed(),
+                now.saturating_duration_since(opened),
+                now.saturating_duration_since(latest),
                 self.settings.batch_period,
                 self.settings.batch_idle,
             ),
@@ -409,17 +410,22 @@ impl<R: RowOwned + RowWrite + serde::Serialize + Send + Sync> Writer<R> {
     /// The limit the open batch reached, if any (rows, bytes, period, idle).
     fn due(&self) -> Option<BatchCut> {
         if self.rows.is_empty() {
-            None
-        } else if self.rows.len() as u64 >= self.settings.batch_rows {
-            Some(BatchCut::Rows)
-        } else if self.bytes >= self.settings.batch_bytes {
-            Some(BatchCut::Bytes)
-        } else if !self.time_left().is_zero() {
-            None
-        } else if self
+            return None;
+        }
+        if self.rows.len() as u64 >= self.settings.batch_rows {
+            return Some(BatchCut::Rows);
+        }
+        if self.bytes >= self.settings.batch_bytes {
+            return Some(BatchCut::Bytes);
+        }
+        let now = Instant::now();
+        if !self.time_left(now).is_zero() {
+            return None;
+        }
+        let open_for = self
             .opened
-            .is_some_and(|opened| opened.elapsed() >= self.settings.batch_period)
-        {
+            .map(|opened| now.saturating_duration_since(opened));
+        if open_for.is_some_and(|d| d >= self.settings.batch_period) {
             Some(BatchCut::Period)
         } else {
             Some(BatchCut::Idle)
@@ -890,7 +896,7 @@ pub(crate) async fn run<T: Table>(
         let Some(stream) = messages.as_mut() else {
             continue;
         };
-        let tick = writer.time_left();
+        let tick = writer.time_left(Instant::now());
         let committing = writer.is_committing();
         let outcome = tokio::select! {
             biased;

@@ -7,6 +7,23 @@ use std::time::Duration;
 use async_nats::jetstream;
 use broker_config::{Change, DEFAULT_MAX_CONSUMERS, Options, apply};
 
+/// One more consumer than nats-server 2.15 allows a stream by default.
+const PAST_THE_DEFAULT_LIMIT: usize = 1_001;
+
+/// A fresh nats-server with the mesh's streams and buckets applied.
+async fn applied() -> (testkit::NatsServer, jetstream::Context) {
+    let nats = testkit::NatsServer::start().await.unwrap();
+    let js = jetstream::new(nats.connect().await.unwrap());
+    apply(&js, &Options::default()).await.unwrap();
+    (nats, js)
+}
+
+/// The consumers `stream` has.
+async fn consumer_count(js: &jetstream::Context, stream: &str) -> usize {
+    let mut stream = js.get_stream(stream).await.unwrap();
+    stream.info().await.unwrap().state.consumer_count
+}
+
 /// Whether nats-server `version` refuses to change an existing stream's
 /// consumer limit (2.9 and older).
 fn refuses_limit_change(version: &str) -> bool {
@@ -180,9 +197,7 @@ async fn concurrent_applies_all_succeed() {
 /// agents.
 #[tokio::test]
 async fn every_mesh_stream_gets_an_explicit_consumer_limit() {
-    let nats = testkit::NatsServer::start().await.unwrap();
-    let js = jetstream::new(nats.connect().await.unwrap());
-    apply(&js, &Options::default()).await.unwrap();
+    let (_nats, js) = applied().await;
     let streams = broker_config::streams(&Options::default());
     assert!(streams.iter().any(|s| s.name == "MESH_DELIVER"));
     for wanted in streams {
@@ -262,10 +277,8 @@ async fn a_stream_without_a_consumer_limit_is_moved_and_an_operators_is_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_than_a_thousand_agents_register() {
     use futures::StreamExt;
-    let nats = testkit::NatsServer::start().await.unwrap();
-    let js = jetstream::new(nats.connect().await.unwrap());
-    apply(&js, &Options::default()).await.unwrap();
-    const AGENTS: usize = 1_001;
+    let (_nats, js) = applied().await;
+    const AGENTS: usize = PAST_THE_DEFAULT_LIMIT;
     let started = std::time::Instant::now();
     let results: Vec<_> = futures::stream::iter(0..AGENTS)
         .map(|i| {
@@ -287,8 +300,7 @@ async fn more_than_a_thousand_agents_register() {
         assert_eq!(result.unwrap(), Change::Created);
     }
     eprintln!("{AGENTS} consumers in {:?}", started.elapsed());
-    let mut deliver = js.get_stream("MESH_DELIVER").await.unwrap();
-    assert_eq!(deliver.info().await.unwrap().state.consumer_count, AGENTS);
+    assert_eq!(consumer_count(&js, "MESH_DELIVER").await, AGENTS);
 }
 
 /// Every KV bucket's stream (`KV_<bucket>`) gets the consumer limit of
@@ -300,9 +312,7 @@ async fn more_than_a_thousand_agents_register() {
 /// existing stream: there the start goes on and the bucket stays as it is.
 #[tokio::test]
 async fn every_bucket_gets_the_consumer_limit_and_an_older_one_is_moved() {
-    let nats = testkit::NatsServer::start().await.unwrap();
-    let js = jetstream::new(nats.connect().await.unwrap());
-    apply(&js, &Options::default()).await.unwrap();
+    let (_nats, js) = applied().await;
     let buckets = broker_config::buckets(&Options::default());
     assert!(buckets.iter().any(|b| b.name == "KV_mesh-agents"));
     for wanted in &buckets {
@@ -365,11 +375,9 @@ async fn every_bucket_gets_the_consumer_limit_and_an_older_one_is_moved() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_than_a_thousand_watchers_follow_a_bucket() {
     use futures::StreamExt;
-    let nats = testkit::NatsServer::start().await.unwrap();
-    let js = jetstream::new(nats.connect().await.unwrap());
-    apply(&js, &Options::default()).await.unwrap();
+    let (_nats, js) = applied().await;
     let kv = js.get_key_value("mesh-agents").await.unwrap();
-    const WATCHERS: usize = 1_001;
+    const WATCHERS: usize = PAST_THE_DEFAULT_LIMIT;
     let started = std::time::Instant::now();
     let watchers: Vec<_> = futures::stream::iter(0..WATCHERS)
         .map(|_| kv.watch_all())
@@ -381,8 +389,7 @@ async fn more_than_a_thousand_watchers_follow_a_bucket() {
         watches.push(watcher.unwrap_or_else(|e| panic!("watcher {i}: {e}")));
     }
     eprintln!("{WATCHERS} watchers in {:?}", started.elapsed());
-    let mut stream = js.get_stream("KV_mesh-agents").await.unwrap();
-    assert_eq!(stream.info().await.unwrap().state.consumer_count, WATCHERS);
+    assert_eq!(consumer_count(&js, "KV_mesh-agents").await, WATCHERS);
     kv.put("planner", "card".into()).await.unwrap();
     let last = watches.last_mut().unwrap();
     let entry = tokio::time::timeout(testkit::WAIT, last.next())

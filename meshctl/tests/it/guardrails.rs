@@ -618,20 +618,15 @@ async fn replay_checks_tool_call_arguments_as_the_worker_does() {
         )
         .await
         .unwrap();
-    stack
-        .publish(
-            "coder",
-            "tool_call",
-            &search_call("bad", json!({"query": ""})),
-        )
-        .await;
-    stack
-        .publish(
-            "coder",
-            "tool_call",
-            &search_call("good", json!({"query": "q"})),
-        )
-        .await;
+    for (id, query) in [("bad", ""), ("good", "q")] {
+        stack
+            .publish(
+                "coder",
+                "tool_call",
+                &search_call(id, json!({"query": query})),
+            )
+            .await;
+    }
     stack.wait_steps(&["bad", "good"]).await;
     let recorded = stack
         .query("SELECT event_id, decision FROM decisions FINAL ORDER BY event_id")

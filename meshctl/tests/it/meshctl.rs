@@ -254,6 +254,18 @@ reviewer\tmesh.ingress.reviewer.output
     services.stop().await
 }
 
+/// `up`'s flags for the servers alone, without any service.
+const SERVERS_ONLY: [&str; 8] = [
+    "--without",
+    "policy-worker",
+    "--without",
+    "audit-sink",
+    "--without",
+    "gpu-scaler",
+    "--without",
+    "mcp-gateway",
+];
+
 /// Environment for a stack of the test's own under `home`.
 struct LocalStack {
     nats_url: String,
@@ -281,13 +293,18 @@ impl LocalStack {
         ]
     }
 
-    async fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let env: Vec<(String, String)> = self
+    /// The environment and `args` as owned strings, for a blocking task.
+    fn owned(&self, args: &[&str]) -> (Vec<(String, String)>, Vec<String>) {
+        let env = self
             .env()
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        (env, args.iter().map(|s| s.to_string()).collect())
+    }
+
+    async fn run(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let (env, args) = self.owned(args);
         Ok(tokio::task::spawn_blocking(move || {
             let env: Vec<(&str, &str)> =
                 env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -300,12 +317,7 @@ impl LocalStack {
     /// Runs `meshctl args` with its stdout a pipe nobody reads any more
     /// (`meshctl … | head -0`); killed if it runs past [`WAIT`].
     async fn run_into_closed_pipe(&self, args: &[&str]) -> anyhow::Result<Output> {
-        let env: Vec<(String, String)> = self
-            .env()
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let (env, args) = self.owned(args);
         tokio::task::spawn_blocking(move || -> anyhow::Result<Output> {
             let env: Vec<(&str, &str)> =
                 env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -361,16 +373,6 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
 -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let stack = LocalStack::new(&tmp.path().join("state"))?;
-    let without = [
-        "--without",
-        "policy-worker",
-        "--without",
-        "audit-sink",
-        "--without",
-        "gpu-scaler",
-        "--without",
-        "mcp-gateway",
-    ];
     // The stack as it was before authorization: --insecure; events kept
     // 200 days in the streams.
     let mut args = vec![
@@ -380,7 +382,7 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
         "--stream-max-age-days",
         "200",
     ];
-    args.extend(without);
+    args.extend(SERVERS_ONLY);
     let up = stack.run(&args).await?;
     let out = text(&up.stdout);
     if !up.status.success() {
@@ -536,18 +538,8 @@ async fn up_detach_starts_servers_applies_streams_and_schema_and_down_stops_them
 async fn a_closed_stdout_cuts_neither_up_nor_down_short() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let stack = LocalStack::new(&tmp.path().join("state"))?;
-    let mut args = vec![
-        "up",
-        "--insecure",
-        "--without",
-        "policy-worker",
-        "--without",
-        "audit-sink",
-        "--without",
-        "gpu-scaler",
-        "--without",
-        "mcp-gateway",
-    ];
+    let mut args = vec!["up", "--insecure"];
+    args.extend(SERVERS_ONLY);
     let up = stack.run_into_closed_pipe(&args).await;
     let down = stack.run(&["down"]).await?;
     let up = up?;
@@ -1085,22 +1077,9 @@ async fn agents_add_and_remove_change_the_running_broker_and_the_entities() -> a
     }
     let policies_arg = policies.display().to_string();
     let stack = LocalStack::new(&tmp.path().join("state"))?;
-    let up = stack
-        .run(&[
-            "up",
-            "--detach",
-            "--policies",
-            &policies_arg,
-            "--without",
-            "policy-worker",
-            "--without",
-            "audit-sink",
-            "--without",
-            "gpu-scaler",
-            "--without",
-            "mcp-gateway",
-        ])
-        .await?;
+    let mut args = vec!["up", "--detach", "--policies", &policies_arg];
+    args.extend(SERVERS_ONLY);
+    let up = stack.run(&args).await?;
     if !up.status.success() {
         let _ = stack.run(&["down"]).await;
         panic!(
@@ -1484,22 +1463,15 @@ async fn up_with_three_nats_nodes_runs_a_cluster_that_status_shows_node_by_node(
     stack.nats_url = format!("nats://127.0.0.1:{first}");
     // The operator's choice of the faster setting: every node runs it and
     // status says what each loses.
-    let args = [
+    let mut args = vec![
         "up",
         "--detach",
         "--nats-nodes",
         "3",
         "--durability",
         "interval",
-        "--without",
-        "policy-worker",
-        "--without",
-        "audit-sink",
-        "--without",
-        "gpu-scaler",
-        "--without",
-        "mcp-gateway",
     ];
+    args.extend(SERVERS_ONLY);
     let up = stack.run(&args).await?;
     let out = text(&up.stdout);
     if !up.status.success() {
